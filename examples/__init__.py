@@ -1,0 +1,1 @@
+"""Runnable examples of torch-rewrite; `examples.models` holds the built-in targets of the CLI."""

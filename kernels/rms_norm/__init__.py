@@ -1,0 +1,5 @@
+"""Fused RMSNorm."""
+
+from .op import rms_norm
+
+__all__ = ["rms_norm"]

@@ -1,0 +1,90 @@
+"""Triton kernels for RMSNorm and their launchers (plain functions taking tensors).
+
+The launchers run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before
+this module was imported.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..alloc import new_empty
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    y = x * rstd * w
+    tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, rows_per_program, eps,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    first = pid * rows_per_program
+    for i in range(0, rows_per_program):
+        row = (first + i).to(tl.int64)
+        if row < n_rows:
+            x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+            xhat = x * rstd
+            dxhat = dy * w
+            dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / n_cols))
+            tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=mask)
+
+
+def _block(n_cols: int) -> int:
+    block = triton.next_power_of_2(n_cols)
+    if block > 65536:
+        raise ValueError(f"rms_norm supports a last dimension of at most 65536, got {n_cols}")
+    return block
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = RMSNorm(x) * weight over the last dimension."""
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols).contiguous()
+    y = new_empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0] > 0:
+        _rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, n_cols, eps, BLOCK=_block(n_cols))
+    return y.view(x.shape)
+
+
+def rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dweight) of `rms_norm_forward` given the output gradient dy."""
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols).contiguous()
+    dy2 = dy.reshape(-1, n_cols).contiguous()
+    n_rows = x2.shape[0]
+    if x.is_cuda:
+        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    else:
+        programs = 4
+    programs = max(1, min(programs, n_rows))
+    rows_per_program = triton.cdiv(n_rows, programs)
+    dx = new_empty(x2.shape, dtype=x.dtype, device=x.device)
+    dw_partial = new_empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return dx.view(x.shape), torch.zeros_like(weight)
+    _rms_norm_bwd_kernel[(programs,)](
+        dy2, x2, weight.contiguous(), dx, dw_partial, n_rows, n_cols, rows_per_program, eps,
+        BLOCK=_block(n_cols),
+    )
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)

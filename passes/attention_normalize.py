@@ -1,0 +1,78 @@
+"""Pass `attention_normalize`: every attention form becomes one canonical `rewrite.attention` node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from rewrite.analysis import AttentionSite
+from rewrite.analysis.nodes import is_op
+from rewrite.ir_ops import SDPA, attention
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
+
+aten = torch.ops.aten
+
+
+@dataclass
+class AttentionNormalizeOptions:
+    unfused: bool = field(default=True, metadata={"help": "also fold matmul→softmax→matmul chains"})
+
+
+def _replace_fused(gm: fx.GraphModule, site: AttentionSite) -> None:
+    site.node.target = attention
+
+
+def _replace_unfused(gm: fx.GraphModule, site: AttentionSite) -> None:
+    graph = gm.graph
+    final = site.node
+    with graph.inserting_before(final):
+        mask = site.mask
+        if mask is not None and site.mask_negated:
+            mask = graph.call_function(aten.logical_not.default, (mask,))
+            mask.meta = dict(site.mask.meta)
+        new = graph.call_function(
+            attention,
+            (site.q, site.k, site.v),
+            {"attn_mask": mask, "dropout_p": site.dropout_p, "is_causal": False, "scale": site.scale},
+        )
+    new.meta = dict(final.meta)
+    final.replace_all_uses_with(new)
+    for node in reversed(site.chain):
+        for user in list(node.users):
+            if is_op(user, aten._assert_tensor_metadata.default):
+                graph.erase_node(user)
+        if not node.users and node.graph is graph:
+            graph.erase_node(node)
+
+
+@register_pass
+class AttentionNormalize(GraphPass):
+    """Rewrite SDPA calls and unfused softmax-attention chains into the canonical attention op."""
+
+    name = "attention_normalize"
+    summary = "rewrite every attention form (SDPA, matmul-softmax-matmul) into one canonical attention node"
+    Options = AttentionNormalizeOptions
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(self.name)
+        for site in ctx.analysis().sites:
+            where = f"{site.name} ({site.module_path or '<root>'})"
+            if site.form == "canonical":
+                continue
+            result.matched += 1
+            if site.problem is not None:
+                result.messages.append(f"left {where} unfused: {site.problem}")
+                continue
+            if site.form == "sdpa" and is_op(site.node, SDPA):
+                _replace_fused(gm, site)
+            elif site.form == "unfused" and self.options.unfused:
+                _replace_unfused(gm, site)
+            else:
+                continue
+            result.changed.append(where)
+        gm.graph.lint()
+        ctx.invalidate()
+        return result

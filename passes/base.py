@@ -1,0 +1,109 @@
+"""What every pass is: a name, an options dataclass, and `run(graph_module, context) -> PassResult`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from rewrite.analysis import GraphAnalysis, analyze
+from rewrite.analysis.nodes import op_name
+
+
+@dataclass
+class PassResult:
+    """What one pass did to the graph."""
+
+    name: str
+    matched: int = 0
+    changed: list[str] = field(default_factory=list)
+    added_parameters: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    op_counts_before: Counter = field(default_factory=Counter)
+    op_counts_after: Counter = field(default_factory=Counter)
+
+    def op_count_diff(self) -> dict[str, int]:
+        """Ops whose count changed, with the change (+ added, - removed)."""
+        keys = set(self.op_counts_before) | set(self.op_counts_after)
+        diff = {k: self.op_counts_after[k] - self.op_counts_before[k] for k in keys}
+        return {k: v for k, v in sorted(diff.items()) if v}
+
+    def summary(self) -> str:
+        parts = [f"{self.name}: matched {self.matched}, changed {len(self.changed)}"]
+        if self.added_parameters:
+            parts.append(f"added {len(self.added_parameters)} parameters")
+        parts.append(f"{self.seconds * 1000:.1f} ms")
+        return ", ".join(parts)
+
+
+def op_counts(gm: fx.GraphModule) -> Counter:
+    """How many nodes of each op the graph holds (placeholders and output excluded)."""
+    return Counter(op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))
+
+
+class PassContext:
+    """Shared state of one pipeline run: analysis cache, new parameters, options of the whole plan."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        *,
+        kernels: str = "auto",
+        existing_state: dict[str, torch.Tensor] | None = None,
+    ):
+        self.gm = gm
+        self.kernels = kernels
+        self.existing_state = existing_state or {}
+        self._analysis: GraphAnalysis | None = None
+
+    def analysis(self) -> GraphAnalysis:
+        """Analysis of the current graph, recomputed after `invalidate()`."""
+        if self._analysis is None:
+            self._analysis = analyze(self.gm)
+        return self._analysis
+
+    def invalidate(self) -> None:
+        self._analysis = None
+
+    def add_parameter(self, owner: str, name: str, init: torch.Tensor, requires_grad: bool = True) -> str:
+        """Register a new parameter at `owner.name` (reusing one of that name kept from an earlier run)."""
+        target = f"{owner}.{name}" if owner else name
+        existing = self.existing_state.get(target)
+        param = existing if isinstance(existing, torch.nn.Parameter) else torch.nn.Parameter(init, requires_grad)
+        module = self.gm
+        for part in owner.split(".") if owner else []:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(name, param)
+        return target
+
+
+class GraphPass:
+    """Base class: subclasses set `name`, `Options`, `summary` and implement `run`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any | None = None):
+        self.options = options if options is not None else self.Options()
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def option_docs(options_cls: type) -> list[tuple[str, Any, str, list | None]]:
+    """(name, default, help, choices) for each option of a pass."""
+    out = []
+    for f in dataclasses.fields(options_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        out.append((f.name, default, f.metadata.get("help", ""), f.metadata.get("choices")))
+    return out

@@ -1,0 +1,54 @@
+"""Analysis every pass uses: attention sites, blocks, symbolic dims, a networkx view."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from rewrite.analysis.attention_sites import AttentionSite, find_attention_sites
+from rewrite.analysis.blocks import Block, find_blocks
+from rewrite.analysis.graph_view import to_networkx
+from rewrite.analysis.projections import Projection, find_projection
+from rewrite.analysis.shapes import BATCH, SEQ, SymbolicDims, infer_dims
+
+
+@dataclass
+class GraphAnalysis:
+    """What the analysis found in one graph."""
+
+    sites: list[AttentionSite]
+    blocks: list[Block]
+    dims: SymbolicDims
+    notes: list[str] = field(default_factory=list)
+
+    def block_of(self, site: AttentionSite) -> Block | None:
+        for block in self.blocks:
+            if any(s is site for s in block.sites):
+                return block
+        return None
+
+
+def analyze(gm: fx.GraphModule) -> GraphAnalysis:
+    """Analyze `gm` afresh (cheap: linear in the number of nodes)."""
+    sites = find_attention_sites(gm)
+    blocks = find_blocks(gm, sites)
+    dims = infer_dims(gm, sites)
+    return GraphAnalysis(sites=sites, blocks=blocks, dims=dims)
+
+
+__all__ = [
+    "BATCH",
+    "SEQ",
+    "AttentionSite",
+    "Block",
+    "GraphAnalysis",
+    "Projection",
+    "SymbolicDims",
+    "analyze",
+    "find_attention_sites",
+    "find_blocks",
+    "find_projection",
+    "infer_dims",
+    "to_networkx",
+]

@@ -1,0 +1,106 @@
+"""`rewrite.optimize`: capture → analyze → passes → lower → emit."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+
+from rewrite.capture import capture
+from rewrite.errors import RewriteError
+from rewrite.optimized_module import OptimizedModule
+from rewrite.pipeline import run_pipeline
+from rewrite.plan import Plan
+
+
+def _as_args(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+class LazyOptimizedModule(torch.nn.Module):
+    """Optimizes on the first call, when example inputs are known; then behaves as the OptimizedModule."""
+
+    def __init__(self, model: torch.nn.Module, plan: Plan, verify: bool):
+        super().__init__()
+        self.__dict__["_model"] = model
+        self.__dict__["_plan"] = plan
+        self.__dict__["_verify"] = verify
+        self.__dict__["_optimized"] = None
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model._parameters.items():
+            if p is not None:
+                self.register_parameter(name, p)
+        for name, b in model._buffers.items():
+            if b is not None:
+                self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+
+    @property
+    def optimized(self) -> OptimizedModule | None:
+        """The OptimizedModule once the first call has captured the model."""
+        return self.__dict__["_optimized"]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.optimized is None:
+            self._model.train(self.training)
+            om = optimize(self._model, self._plan, args, example_kwargs=kwargs, verify=self._verify)
+            self.__dict__["_optimized"] = om
+        self.optimized.train(self.training)
+        return self.optimized(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            om = self.__dict__.get("_optimized")
+            if om is not None and name in ("code", "graph", "program", "report", "plan", "save"):
+                return getattr(om, name)
+            raise
+
+
+def optimize(
+    model: torch.nn.Module,
+    plan: Any = None,
+    example_inputs: Any = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    verify: bool = False,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> OptimizedModule | LazyOptimizedModule:
+    """Rewrite `model` by `plan` (dict, YAML/TOML/JSON path, list of passes or Plan).
+
+    With example inputs, captures now and returns an OptimizedModule; without, returns a module
+    that captures on its first call. `verify=True` compares the result with `model` on the example
+    inputs and raises VerificationError naming the first diverging node if they differ.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise RewriteError(f"optimize() takes an nn.Module, got {type(model).__name__}")
+    plan = Plan.parse(plan) if isinstance(plan, str) else Plan.from_data(plan)
+    args = _as_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    if not args and not kwargs:
+        return LazyOptimizedModule(model, plan, verify)
+    start = time.perf_counter()
+    captured = capture(model, args, kwargs)
+    gm = captured.graph_module
+    captured_graph = copy.deepcopy(gm.graph)
+    capture_seconds = time.perf_counter() - start
+    report = run_pipeline(gm, plan)
+    report.capture_seconds = capture_seconds
+    om = OptimizedModule(gm, captured, plan, report, model, captured_graph=captured_graph)
+    if verify:
+        from rewrite.verify import verify as run_verify
+
+        outcome = run_verify(model, om, args, kwargs, atol=atol, rtol=rtol)
+        om.__dict__["verification"] = outcome
+        outcome.raise_if_failed()
+    return om

@@ -1,0 +1,153 @@
+"""Capture a model as an ATen-level FX graph with `torch.export` (non-strict, dynamic dims)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from rewrite.errors import CaptureError
+
+
+@dataclass
+class Captured:
+    """A captured graph plus what is needed to call it and to tell when it must be captured again."""
+
+    graph_module: fx.GraphModule
+    injected_kwargs: dict[str, Any] = field(default_factory=dict)
+    static_dims: list[tuple[int, int, int]] = field(default_factory=list)  # (flat input, dim, size)
+    constants: dict[int, Any] = field(default_factory=dict)  # flat input -> value fixed at capture
+    in_spec: Any = None
+
+
+def _hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments a Hugging Face model needs to be capturable (no cache objects as outputs)."""
+    injected: dict[str, Any] = {}
+    config = getattr(model, "config", None)
+    if config is None:
+        return injected
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" in params and "use_cache" not in kwargs:
+        injected["use_cache"] = False
+    if "return_dict" in params and "return_dict" not in kwargs:
+        injected["return_dict"] = True
+    return injected
+
+
+def _dynamic_spec(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return {i: Dim.AUTO for i in range(x.dim())}
+    if isinstance(x, list | tuple):
+        return type(x)(_dynamic_spec(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _dynamic_spec(v) for k, v in x.items()}
+    return None
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor dim dynamic (Dim.AUTO: export keeps it symbolic unless the model fixes it)."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: _dynamic_spec(value) for name, value in bound.arguments.items()}
+
+
+@contextlib.contextmanager
+def _capture_context():
+    """Turn off fused fast paths (nn.MultiheadAttention / TransformerEncoder) that hide attention."""
+    mha = torch.backends.mha
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+def _explain(model: torch.nn.Module, exc: BaseException) -> str:
+    name = type(model).__name__
+    text = str(exc).strip().splitlines()
+    first = next((line for line in text if line.strip()), type(exc).__name__)
+    lower = str(exc).lower()
+    if "data-dependent" in lower or "guardondatadependent" in type(exc).__name__.lower() or "could not guard on data-dependent" in lower:
+        hint = (
+            "the model branches or sizes a tensor on tensor *values* (data-dependent control flow). "
+            "Make the branch depend on shapes or flags instead, mark it with torch.cond, or pass example "
+            "inputs that take the branch you deploy and keep it fixed"
+        )
+    elif "unsupported" in lower and ("output" in lower or "pytree" in lower or "type" in lower):
+        hint = (
+            "the model returns or takes a type torch.export cannot flatten. Return tensors, tuples, "
+            "lists, dicts or dataclasses registered with torch.utils._pytree; for Hugging Face models pass "
+            "use_cache=False"
+        )
+    else:
+        hint = "see the cause below; simplify the forward or pass example inputs that exercise the path you deploy"
+    return f"could not capture {name} as a graph: {first}\n  what to do: {hint}"
+
+
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> Captured:
+    """Export `model` on the example inputs with every tensor dim dynamic where the model allows it."""
+    kwargs = dict(kwargs or {})
+    injected = _hf_defaults(model, kwargs)
+    kwargs.update(injected)
+    if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs))):
+        raise CaptureError(
+            f"could not capture {type(model).__name__}: the example inputs hold no tensor. "
+            "Pass example_inputs (a tuple of positional arguments) or example_kwargs (a dict)."
+        )
+    try:
+        with _capture_context(), torch.no_grad():
+            program = torch.export.export(
+                model, tuple(args), kwargs, dynamic_shapes=_dynamic_shapes(model, tuple(args), kwargs), strict=False
+            )
+    except CaptureError:
+        raise
+    except Exception as exc:  # torch.export raises many types; translate them all
+        raise CaptureError(_explain(model, exc)) from exc
+    gm = program.module()
+    _drop_guard_calls(gm)
+    flat, in_spec = pytree.tree_flatten((tuple(args), kwargs))
+    static_dims = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (leaf, node) in enumerate(zip(flat, placeholders)):
+        val = node.meta.get("val")
+        if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if not isinstance(size, torch.SymInt):
+                    static_dims.append((i, d, int(size)))
+    constants = {i: leaf for i, leaf in enumerate(flat) if not isinstance(leaf, torch.Tensor)}
+    return Captured(
+        graph_module=gm, injected_kwargs=injected, static_dims=static_dims, constants=constants, in_spec=in_spec
+    )
+
+
+def _drop_guard_calls(gm: fx.GraphModule) -> None:
+    """Remove export's `_guards_fn` call: the optimized module checks its inputs itself."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
+
+
+def check_inputs(captured: Captured, args: tuple, kwargs: dict[str, Any]) -> str | None:
+    """Why these inputs do not fit the captured graph (so it must be captured again), or None."""
+    kwargs = {**captured.injected_kwargs, **kwargs}
+    flat, spec = pytree.tree_flatten((tuple(args), kwargs))
+    if captured.in_spec is not None and spec != captured.in_spec:
+        return "the call passes different arguments than the capture did"
+    for i, fixed in captured.constants.items():
+        if flat[i] != fixed:
+            return f"input {i} is {flat[i]!r} but the capture fixed it to {fixed!r}"
+    for i, d, size in captured.static_dims:
+        leaf = flat[i]
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() <= d or leaf.shape[d] != size:
+            got = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+            return f"input {i} has shape {got} but the capture fixed dim {d} to {size}"
+    return None
