@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
+from rewrite.analysis.mask_probe import annotate_mask_causality
 from rewrite.errors import CaptureError
 
 
@@ -112,6 +113,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
     gm = program.module()
     _drop_guard_calls(gm)
     flat, in_spec = pytree.tree_flatten((tuple(args), kwargs))
+    annotate_mask_causality(gm, flat)
     static_dims = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, (leaf, node) in enumerate(zip(flat, placeholders)):

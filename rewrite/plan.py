@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,7 @@ def _check_type(hint: Any, val: Any, where: str) -> None:
     if hint is None or hint is Any:
         return
     origin = typing.get_origin(hint)
-    allowed = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType")) else (hint,)
+    allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     for typ in allowed:
         base = typing.get_origin(typ) or typ
         if typ is type(None) and val is None:

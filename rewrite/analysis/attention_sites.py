@@ -45,11 +45,17 @@ class AttentionSite:
     k_projection: Projection | None = None
     v_projection: Projection | None = None
     problem: str | None = None  # why this site cannot be canonicalized, if it cannot
+    mask_is_causal: bool | None = None  # the mask hides every future key (probed on example inputs)
     mask_negated: bool = False  # the mask marks positions to hide (masked_fill), not to keep
 
     @property
     def name(self) -> str:
         return self.node.name
+
+    @property
+    def causal(self) -> bool:
+        """Whether queries see only earlier keys (by flag, or by a mask probed to be causal)."""
+        return self.is_causal or bool(self.mask_is_causal)
 
     @property
     def gqa_groups(self) -> int | None:
@@ -59,7 +65,12 @@ class AttentionSite:
 
     def summary(self) -> str:
         heads = f"{self.q_heads}q/{self.kv_heads}kv heads" if self.q_heads else "heads ?"
-        mask = "causal" if self.is_causal else ("mask" if self.mask is not None else "no mask")
+        if self.is_causal:
+            mask = "causal"
+        elif self.mask is None:
+            mask = "no mask"
+        else:
+            mask = {True: "causal mask", False: "non-causal mask", None: "mask"}[self.mask_is_causal]
         return f"{self.form} attention at {self.module_path or '<root>'} ({heads}, dim {self.head_dim}, {mask})"
 
 
@@ -70,6 +81,8 @@ def _scalar(x) -> float | None:
 
 
 def _fill_shape_facts(site: AttentionSite) -> None:
+    if isinstance(site.mask, fx.Node):
+        site.mask_is_causal = site.mask.meta.get("rewrite_mask_causal")
     q, k = tensor_meta(site.q), tensor_meta(site.k)
     if q is not None and q.dim() >= 3:
         site.head_dim = _int_or_none(q.shape[-1])

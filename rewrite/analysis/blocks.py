@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -10,8 +9,6 @@ import torch.fx as fx
 
 from rewrite.analysis.attention_sites import AttentionSite
 from rewrite.analysis.nodes import module_stack
-
-_INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
 
 @dataclass
@@ -26,11 +23,22 @@ class Block:
 
 
 def _indexed_entries(node: fx.Node) -> list[tuple[str, str, str, int]]:
-    out = []
+    """(container, block path, class, index) for every numbered module on `node`'s stack, outermost first.
+
+    A numbered module need not be called itself (a ModuleDict inside a ModuleList is only indexed),
+    so every prefix of a stack path that ends in a number counts.
+    """
+    out: list[tuple[str, str, str, int]] = []
+    seen: set[str] = set()
     for path, cls in module_stack(node):
-        m = _INDEXED.match(path)
-        if m:
-            out.append((m.group(1), path, cls, int(m.group(2))))
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            if parts[i].isdigit():
+                block_path = ".".join(parts[: i + 1])
+                if block_path not in seen:
+                    seen.add(block_path)
+                    owner_cls = cls if block_path == path else ""
+                    out.append((".".join(parts[:i]), block_path, owner_cls, int(parts[i])))
     return out
 
 
@@ -52,7 +60,9 @@ def find_blocks(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[Block]:
     for node in gm.graph.nodes:
         for cont, path, cls, idx in _indexed_entries(node):
             if cont == container:
-                block = blocks.setdefault(path, Block(index=idx, path=path, cls=cls.rsplit(".", 1)[-1]))
+                block = blocks.setdefault(path, Block(index=idx, path=path, cls=""))
+                if cls and not block.cls:
+                    block.cls = cls.rsplit(".", 1)[-1]
                 block.nodes.append(node)
                 break
     for site in sites:

@@ -15,7 +15,6 @@ aten = torch.ops.aten
 
 _LINEAR = (aten.linear.default, aten.addmm.default, aten.matmul.default, aten.mm.default)
 _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
-_ROPE_HINTS = ("aten.cos", "aten.sin", "aten.cat", "aten.neg")
 _NORM_HINTS = ("aten.rsqrt", "aten.layer_norm", "aten.rms_norm", "aten.pow")
 
 
@@ -28,14 +27,16 @@ class Projection:
     bias: str | None
     input: fx.Node | None
     part: tuple[int, int] | None = None  # (index, parts) when one fused projection feeds q, k and v
-    through: list[str] = field(default_factory=list)
+    through: list[str] = field(default_factory=list)  # ops computed from the projection on the way to use
 
     @property
     def has_rope(self) -> bool:
-        return any(op.startswith(h) for op in self.through for h in _ROPE_HINTS)
+        """Rotary embedding between projection and use (rotate-half: a negation and a concatenation)."""
+        return {"aten.neg", "aten.cat"} <= set(self.through) or "aten.view_as_complex" in self.through
 
     @property
     def has_norm(self) -> bool:
+        """A normalization (QK-norm) between projection and use."""
         return any(op.startswith(h) for op in self.through for h in _NORM_HINTS)
 
 
@@ -88,19 +89,42 @@ def find_projection(node: fx.Node, max_nodes: int = 64) -> Projection | None:
                 between.append(step)
                 step = child[step]
             weight, bias, x = found
+            cone = _cone(cur, node)
             return Projection(
                 node=cur,
                 weight=weight,
                 bias=bias,
                 input=x,
                 part=_part_of(between),
-                through=[op_name(n) for n in between],
+                through=sorted({op_name(n) for n in cone}),
             )
         for arg in cur.all_input_nodes:
             if arg not in child and arg.op == "call_function":
                 child[arg] = cur
                 queue.append(arg)
     return None
+
+
+def _cone(source: fx.Node, sink: fx.Node) -> list[fx.Node]:
+    """Nodes computed from `source` that `sink` depends on (sink included, source excluded)."""
+    order = {n: i for i, n in enumerate(sink.graph.nodes)}
+    lo, hi = order[source], order[sink]
+    ancestors: set[fx.Node] = set()
+    stack = [sink]
+    while stack:
+        cur = stack.pop()
+        for arg in cur.all_input_nodes:
+            if lo < order[arg] < hi and arg not in ancestors:
+                ancestors.add(arg)
+                stack.append(arg)
+    ancestors.add(sink)
+    reached = {source}
+    cone = []
+    for n in sorted(ancestors, key=order.__getitem__):
+        if any(a in reached for a in n.all_input_nodes):
+            reached.add(n)
+            cone.append(n)
+    return cone
 
 
 def strip_kv_repeat(node: fx.Node) -> tuple[fx.Node, int]:
