@@ -4,6 +4,20 @@ Each op has a CPU implementation in plain PyTorch (the reference) and a CUDA imp
 Triton; Triton is imported only when a CUDA tensor reaches a Triton path.
 """
 
+from .delta_rule import delta_rule, delta_rule_step
+from .linear_attention import linear_attention, linear_attention_step
 from .rms_norm import rms_norm
+from .short_conv import short_conv
+from .sliding_window import fill_ring_cache, sliding_window_attention, sliding_window_attention_step
 
-__all__ = ["rms_norm"]
+__all__ = [
+    "delta_rule",
+    "delta_rule_step",
+    "fill_ring_cache",
+    "linear_attention",
+    "linear_attention_step",
+    "rms_norm",
+    "short_conv",
+    "sliding_window_attention",
+    "sliding_window_attention_step",
+]

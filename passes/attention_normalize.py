@@ -19,10 +19,26 @@ aten = torch.ops.aten
 @dataclass
 class AttentionNormalizeOptions:
     unfused: bool = field(default=True, metadata={"help": "also fold matmul→softmax→matmul chains"})
+    causal_masks: bool = field(
+        default=True,
+        metadata={"help": "replace a mask built from shapes alone and proven causal by is_causal=True (flash-eligible)"},
+    )
 
 
 def _replace_fused(gm: fx.GraphModule, site: AttentionSite) -> None:
     site.node.target = attention
+
+
+def _use_is_causal(node: fx.Node, site: AttentionSite) -> None:
+    """Drop a purely causal, input-independent mask in favour of `is_causal=True`."""
+    node.args = (site.q, site.k, site.v)
+    node.kwargs = {
+        "attn_mask": None,
+        "dropout_p": site.dropout_p,
+        "is_causal": True,
+        "scale": site.scale,
+        "enable_gqa": site.enable_gqa,
+    }
 
 
 def _replace_unfused(gm: fx.GraphModule, site: AttentionSite) -> None:
@@ -40,6 +56,7 @@ def _replace_unfused(gm: fx.GraphModule, site: AttentionSite) -> None:
         )
     new.meta = dict(final.meta)
     final.replace_all_uses_with(new)
+    site.node = new
     for node in reversed(site.chain):
         for user in list(node.users):
             if is_op(user, aten._assert_tensor_metadata.default):
@@ -72,7 +89,11 @@ class AttentionNormalize(GraphPass):
                 _replace_unfused(gm, site)
             else:
                 continue
-            result.changed.append(where)
+            note = ""
+            if self.options.causal_masks and site.mask is not None and site.mask_is_causal and site.mask_shape_only:
+                _use_is_causal(site.node, site)
+                note = " (causal mask -> is_causal)"
+            result.changed.append(where + note)
         gm.graph.lint()
         ctx.invalidate()
         return result

@@ -25,6 +25,45 @@ class Captured:
     static_dims: list[tuple[int, int, int]] = field(default_factory=list)  # (flat input, dim, size)
     constants: dict[int, Any] = field(default_factory=dict)  # flat input -> value fixed at capture
     in_spec: Any = None
+    kwarg_order: list[str] = field(default_factory=list)  # keyword names in the order the capture saw them
+    example_specs: Any = None  # (args, kwargs) with each tensor replaced by a TensorSpec
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one example tensor input (enough to rebuild an example input)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def example(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """An input of this spec: ones for integers and bools (valid ids and masks), randn for floats."""
+        if self.dtype.is_floating_point or self.dtype.is_complex:
+            return torch.randn(self.shape, dtype=self.dtype, device=device)
+        return torch.ones(self.shape, dtype=self.dtype, device=device)
+
+
+def example_specs(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """(args, kwargs) with every tensor replaced by its TensorSpec."""
+    return pytree.tree_map(
+        lambda x: TensorSpec(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x, (tuple(args), kwargs)
+    )
+
+
+def examples_from_specs(specs: Any, device: torch.device | str = "cpu") -> tuple[tuple, dict[str, Any]]:
+    """Example (args, kwargs) rebuilt from `example_specs` output."""
+    args, kwargs = pytree.tree_map(
+        lambda x: x.example(device) if isinstance(x, TensorSpec) else x,
+        specs,
+        is_leaf=lambda x: isinstance(x, TensorSpec),
+    )
+    return tuple(args), dict(kwargs)
+
+
+def order_kwargs(kwargs: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """`kwargs` with names in `order` first, in that order (the pytree spec depends on key order)."""
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(kwargs.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
 def _hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +135,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
     kwargs = dict(kwargs or {})
     injected = _hf_defaults(model, kwargs)
     kwargs.update(injected)
+    kwargs = order_kwargs(kwargs, list(inspect.signature(model.forward).parameters))
     if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs))):
         raise CaptureError(
             f"could not capture {type(model).__name__}: the example inputs hold no tensor. "
@@ -111,24 +151,36 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
     except Exception as exc:  # torch.export raises many types; translate them all
         raise CaptureError(_explain(model, exc)) from exc
     gm = program.module()
-    _drop_guard_calls(gm)
+    drop_guard_calls(gm)
     flat, in_spec = pytree.tree_flatten((tuple(args), kwargs))
     annotate_mask_causality(gm, flat)
-    static_dims = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, (leaf, node) in enumerate(zip(flat, placeholders)):
-        val = node.meta.get("val")
-        if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
-            for d, size in enumerate(val.shape):
-                if not isinstance(size, torch.SymInt):
-                    static_dims.append((i, d, int(size)))
+    static_dims = fixed_dims(gm, flat)
     constants = {i: leaf for i, leaf in enumerate(flat) if not isinstance(leaf, torch.Tensor)}
     return Captured(
-        graph_module=gm, injected_kwargs=injected, static_dims=static_dims, constants=constants, in_spec=in_spec
+        graph_module=gm,
+        injected_kwargs=injected,
+        static_dims=static_dims,
+        constants=constants,
+        in_spec=in_spec,
+        kwarg_order=list(kwargs),
+        example_specs=example_specs(tuple(args), kwargs),
     )
 
 
-def _drop_guard_calls(gm: fx.GraphModule) -> None:
+def fixed_dims(gm: fx.GraphModule, flat: list[Any]) -> list[tuple[int, int, int]]:
+    """(flat input, dim, size) for every tensor input dim the captured graph specialized."""
+    out = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (leaf, node) in enumerate(zip(flat, placeholders)):
+        val = node.meta.get("val")
+        if isinstance(leaf, torch.Tensor | TensorSpec) and isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if not isinstance(size, torch.SymInt):
+                    out.append((i, d, int(size)))
+    return out
+
+
+def drop_guard_calls(gm: fx.GraphModule) -> None:
     """Remove export's `_guards_fn` call: the optimized module checks its inputs itself."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
@@ -140,7 +192,7 @@ def _drop_guard_calls(gm: fx.GraphModule) -> None:
 
 def check_inputs(captured: Captured, args: tuple, kwargs: dict[str, Any]) -> str | None:
     """Why these inputs do not fit the captured graph (so it must be captured again), or None."""
-    kwargs = {**captured.injected_kwargs, **kwargs}
+    kwargs = order_kwargs({**captured.injected_kwargs, **kwargs}, captured.kwarg_order)
     flat, spec = pytree.tree_flatten((tuple(args), kwargs))
     if captured.in_spec is not None and spec != captured.in_spec:
         return "the call passes different arguments than the capture did"

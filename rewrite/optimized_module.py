@@ -24,7 +24,8 @@ class _SourceRef:
         self.module = module
 
 
-def _ensure_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+def ensure_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at `path`, creating empty modules along the way."""
     module = root
     for part in path.split(".") if path else []:
         child = module._modules.get(part)
@@ -38,7 +39,7 @@ def _ensure_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
 def adopt_state(target: torch.nn.Module, source: torch.nn.Module) -> None:
     """Give `target` every parameter and buffer of `source` (same objects, same names, same persistence)."""
     for mod_path, module in source.named_modules(remove_duplicate=False):
-        holder = _ensure_module(target, mod_path)
+        holder = ensure_module(target, mod_path)
         for name, param in module._parameters.items():
             if param is not None:
                 holder.register_parameter(name, param)
@@ -61,7 +62,7 @@ def _copy_new_attrs(target: torch.nn.Module, gm: fx.GraphModule) -> None:
         if existing is not None:
             continue
         value = _resolve(gm, str(node.target))
-        holder = _ensure_module(target, owner_path)
+        holder = ensure_module(target, owner_path)
         if isinstance(value, torch.nn.Parameter):
             holder.register_parameter(name, value)
         elif isinstance(value, torch.Tensor):

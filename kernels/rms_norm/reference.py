@@ -4,17 +4,19 @@ import torch
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x / sqrt(mean(x**2, last dim) + eps) * weight, computed in float32, returned in x's dtype."""
-    xf = x.float()
+    """y = x / sqrt(mean(x**2, last dim) + eps) * weight, computed in at least float32, in x's dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(x.dtype)
+    return (xf * rstd * weight.to(compute)).to(x.dtype)
 
 
 def rms_norm_backward_reference(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (dx, dweight) of `rms_norm_reference` given the output gradient dy."""
-    xf, dyf, wf = x.float(), dy.float(), weight.float()
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf, dyf, wf = x.to(compute), dy.to(compute), weight.to(compute)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     xhat = xf * rstd
     dxhat = dyf * wf

@@ -25,7 +25,15 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, n_cols, eps, BLOCK: tl.constexpr):
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, rows_per_program, eps,
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    eps,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -84,7 +92,15 @@ def rms_norm_backward(
     if n_rows == 0:
         return dx.view(x.shape), torch.zeros_like(weight)
     _rms_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight.contiguous(), dx, dw_partial, n_rows, n_cols, rows_per_program, eps,
+        dy2,
+        x2,
+        weight.contiguous(),
+        dx,
+        dw_partial,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        eps,
         BLOCK=_block(n_cols),
     )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)

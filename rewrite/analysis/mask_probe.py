@@ -3,7 +3,9 @@
 Hugging Face models fold causality and padding into one mask tensor; the graph that builds it is
 small (it reads only the inputs' shapes and the padding mask), so running it once is cheap and
 exact for those inputs. A mask is called causal when every key after its query is hidden and no
-row is fully hidden for queries whose own position is visible.
+row is fully hidden for queries whose own position is visible. A mask built from input *shapes*
+alone (no padding mask among the inputs) is the same for every input of those shapes, so a
+causal one can be replaced by SDPA's `is_causal=True`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,30 @@ import torch.fx as fx
 from rewrite.analysis.attention_sites import find_attention_sites
 
 CAUSAL_KEY = "rewrite_mask_causal"
+SHAPE_ONLY_KEY = "rewrite_mask_shape_only"
+
+
+def _reads_input_values(mask: fx.Node) -> bool:
+    """Whether the mask is computed from the *values* of a model input (not only from shapes)."""
+    seen: set[fx.Node] = set()
+    stack = [mask]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "placeholder" and not cur.meta.get("state_name"):
+            return True
+        for arg in cur.all_input_nodes:
+            if arg.op == "placeholder" and cur.op == "call_function" and _is_shape_read(cur):
+                continue
+            stack.append(arg)
+    return False
+
+
+def _is_shape_read(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.startswith("sym_size") or name.startswith("sym_numel") or name.startswith("sym_stride")
 
 
 def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
@@ -67,5 +93,6 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
             if negated[node]:
                 val = ~val if val.dtype == torch.bool else val
             node.meta[CAUSAL_KEY] = _is_causal_mask(val)
+            node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
             out[node.name] = node.meta[CAUSAL_KEY]
     return out

@@ -1,0 +1,292 @@
+"""Linear-attention kernels next to SDPA (flash) and flash-linear-attention, in one run.
+
+bf16, H=16, D=128, B=1 at L in {2K, 8K, 32K, 128K}, plus B=4 at L=8K; forward and forward+backward.
+In order: first-call time of each decay kind, each in a fresh subprocess with an empty Triton
+cache (so it includes every compile); a check of each decay kind on the GPU against a float64
+reference; kernel launches per call; the timing table; optionally (--sweep) launch-shape variants.
+Run: python -m benchmarks.linear_attention [--lengths 2048,8192] [--out runs/linear_attention.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from rewrite.kernels import linear_attention
+
+from benchmarks.runner import Measurement, environment, measure, write_results
+
+H, D = 16, 128
+
+
+def _inputs(b: int, t: int, decay: str, requires_grad: bool):
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(b, t, H, D, device=dev, dtype=dt) * 0.5
+    k = F.normalize(torch.randn(b, t, H, D, device=dev, dtype=torch.float32), dim=-1).to(dt)
+    v = torch.randn(b, t, H, D, device=dev, dtype=dt)
+    g = None
+    if decay == "scalar":
+        g = F.logsigmoid(torch.randn(b, t, H, device=dev) + 4.0)
+    elif decay == "vector":
+        g = F.logsigmoid(torch.randn(b, t, H, D, device=dev) + 4.0)
+    elif decay == "constant":
+        g = -torch.rand(H, device=dev) * 0.1
+    tensors = [q, k, v] + ([g] if g is not None else [])
+    for x in tensors:
+        x.requires_grad_(requires_grad)
+    return q, k, v, g
+
+
+def _ours(decay: str) -> Callable:
+    def run(q, k, v, g):
+        return linear_attention(q, k, v, g, decay=decay)[0]
+
+    return run
+
+
+def _fwd_bwd(fn: Callable, args: tuple) -> Callable[[], None]:
+    out = fn(*args)
+    grad = torch.randn_like(out)
+
+    def step():
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.grad is not None:
+                a.grad = None
+        fn(*args).backward(grad)
+
+    return step
+
+
+def first_call_child(decay: str, length: int) -> None:
+    """(In a fresh process) seconds of the first forward+backward call at B=1, L=length."""
+    q, k, v, g = _inputs(1, length, decay, True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    linear_attention(q, k, v, g, decay=decay)[0].sum().backward()
+    torch.cuda.synchronize()
+    print(f"FIRST_CALL {decay} {time.perf_counter() - t0:.2f}", flush=True)
+
+
+def first_call_seconds(decay: str, length: int = 4096) -> float:
+    """First-call time (compiles included) in a subprocess with an empty Triton cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        cmd = [sys.executable, "-m", "benchmarks.linear_attention", "--first-call-child", f"{decay}:{length}"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for line in out.stdout.splitlines():
+        if line.startswith("FIRST_CALL"):
+            return float(line.split()[-1])
+    raise RuntimeError(f"first-call child failed: {out.stderr[-2000:]}")
+
+
+def check_against_fp64(lengths=(1000, 2048), decays=("none", "constant", "scalar", "vector")) -> list[str]:
+    """Relative error (2-norm) of output and gradients vs a float64 run of the same op (CPU reference)."""
+    lines = []
+    for decay in decays:
+        for t in lengths:
+            q, k, v, g = _inputs(1, t, decay, True)
+            o = linear_attention(q, k, v, g, decay=decay)[0]
+            do = torch.randn_like(o)
+            o.backward(do)
+            ref_args = [x.detach().double().cpu().requires_grad_(True) for x in (q, k, v)]
+            rg = g.detach().double().cpu().requires_grad_(True) if g is not None else None
+            ro = linear_attention(*ref_args, rg, decay=decay)[0]
+            ro.backward(do.double().cpu())
+            errs = {"o": _rel(o, ro)}
+            for name, a, r in zip("qkv", (q, k, v), ref_args):
+                errs["d" + name] = _rel(a.grad, r.grad)
+            if g is not None:
+                errs["dg"] = _rel(g.grad, rg.grad)
+            worst = max(errs.values())
+            lines.append(
+                f"check {decay:8s} L={t:5d} "
+                + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                + ("  OK" if worst < 1e-2 else "  FAIL")
+            )
+    return lines
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def launch_counts(decay: str, length: int = 2048) -> tuple[int, int]:
+    """(CUDA kernels launched by one forward, by one forward+backward) at B=1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, g = _inputs(1, length, decay, True)
+    fn = _ours(decay)
+    counts = []
+    for backward in (False, True):
+        step = _fwd_bwd(fn, (q, k, v, g)) if backward else functools.partial(fn, q, k, v, g)
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        counts.append(sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA"))
+    return counts[0], counts[1]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    row = measure("copy", lambda: y.copy_(x), warmup=3, runs=20)
+    return 2 * x.numel() / (row.median_ms * 1e-3)
+
+
+# launch-shape variants for --sweep: (module attribute, value) pairs applied in turn
+SWEEP = {
+    "base": [],
+    "out bv128 w8": [("triton_forward", "OUTPUT_TILES", {2: (32, 128, 8)})],
+    "out bk64 bv128 w8": [("triton_forward", "OUTPUT_TILES", {2: (64, 128, 8)})],
+    "bwd w8": [
+        ("triton_backward", "DQK_TILES", {2: (32, 64, 8)}),
+        ("triton_backward", "DV_TILES", {2: (32, 64, 8)}),
+    ],
+    "bwd dqk bk64 w8": [("triton_backward", "DQK_TILES", {2: (64, 64, 8)})],
+    "states 64x64": [
+        ("triton_forward", "STATE_TILES", (64, 64)),
+        ("triton_backward", "DSTATE_TILES", (64, 64)),
+    ],
+    "states 32x32": [
+        ("triton_forward", "STATE_TILES", (32, 32)),
+        ("triton_backward", "DSTATE_TILES", (32, 32)),
+    ],
+}
+
+
+def _apply_variant(changes) -> list:
+    import importlib
+
+    undo = []
+    for module, attr, value in changes:
+        mod = importlib.import_module(f"rewrite.kernels.linear_attention.{module}")
+        old = getattr(mod, attr)
+        new = {**old, **value} if isinstance(old, dict) else value
+        setattr(mod, attr, new)
+        undo.append((mod, attr, old))
+    return undo
+
+
+def sweep(shapes=((1, 8192), (1, 32768)), decays=("scalar", "vector")) -> list[str]:
+    lines = []
+    for name, changes in SWEEP.items():
+        undo = _apply_variant(changes)
+        try:
+            for decay in decays:
+                for b, t in shapes:
+                    q, k, v, g = _inputs(b, t, decay, True)
+                    fn = _ours(decay)
+                    with torch.no_grad():
+                        fwd = measure(name, functools.partial(fn, q, k, v, g), warmup=3, runs=10)
+                    both = measure(name, _fwd_bwd(fn, (q, k, v, g)), warmup=2, runs=10)
+                    lines.append(
+                        f"sweep {name:20s} {decay:7s} B={b} L={t:6d} fwd {fwd.median_ms:7.3f} "
+                        f"fwd+bwd {both.median_ms:7.3f} ms"
+                    )
+                    print(lines[-1], flush=True)
+        except Exception as exc:
+            lines.append(f"sweep {name}: {type(exc).__name__}: {str(exc)[:300]}")
+            print(lines[-1], flush=True)
+        finally:
+            for mod, attr, old in undo:
+                setattr(mod, attr, old)
+        torch.cuda.empty_cache()
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="2048,8192,32768,131072")
+    parser.add_argument("--decays", default="none,scalar,vector")
+    parser.add_argument("--out", default="runs/linear_attention.json")
+    parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--no-table", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time the launch-shape variants in SWEEP")
+    parser.add_argument("--first-call-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.first_call_child:
+        decay, length = args.first_call_child.split(":")
+        first_call_child(decay, int(length))
+        return
+    decays = args.decays.split(",")
+    first_call = {d: first_call_seconds(d) for d in decays}  # before anything compiles here
+    print("first call s (fresh process, empty Triton cache, B=1 L=4096 fwd+bwd): " + str(first_call))
+    if not args.no_check:
+        for line in check_against_fp64():
+            print(line, flush=True)
+    for decay in decays:
+        fwd_n, both_n = launch_counts(decay)
+        print(f"launches {decay:8s} fwd {fwd_n}  fwd+bwd {both_n}", flush=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    sweep_lines = sweep() if args.sweep else []
+    if args.no_table:
+        return
+    fla = {}
+    if not args.no_fla:
+        try:
+            from fla.ops.gla import chunk_gla
+
+            fla["fla chunk_gla (vector)"] = ("vector", lambda q, k, v, g: chunk_gla(q, k, v, g)[0])
+        except Exception as exc:  # report, do not hide
+            print(f"fla chunk_gla unavailable: {type(exc).__name__}: {exc}")
+    shapes = [(1, int(x)) for x in args.lengths.split(",")] + [(4, 8192)]
+    rows: list[Measurement] = []
+    for b, t in shapes:
+        runs = 20 if t <= 32768 else 5
+        variants: dict[str, tuple[str, Callable]] = {
+            "sdpa flash causal": ("none", None),
+            **{f"ours {d}": (d, _ours(d)) for d in decays},
+            **fla,
+        }
+        for name, (decay, fn) in variants.items():
+            try:
+                q, k, v, g = _inputs(b, t, decay, True)
+                if fn is None:
+                    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+                    call = functools.partial(F.scaled_dot_product_attention, is_causal=True)
+                    call_args = (qh, kh, vh)
+                else:
+                    call, call_args = fn, (q, k, v, g)
+                params = {"B": b, "L": t}
+                with torch.no_grad():
+                    fwd = measure(
+                        name, functools.partial(call, *call_args), {**params, "pass": "fwd"}, warmup=3, runs=runs
+                    )
+                floor_ms = 4 * b * t * H * D * 2 / bw * 1e3
+                fwd.extra["x memory floor"] = f"{fwd.median_ms / floor_ms:.1f}"
+                step = _fwd_bwd(call, call_args)
+                both = measure(name, step, {**params, "pass": "fwd+bwd"}, warmup=2, runs=runs)
+                rows += [fwd, both]
+                print(
+                    f"{name:32s} B={b} L={t:6d} fwd {fwd.median_ms:8.3f} ms  fwd+bwd {both.median_ms:8.3f} ms",
+                    flush=True,
+                )
+            except Exception as exc:
+                print(f"{name} B={b} L={t}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            torch.cuda.empty_cache()
+    env = environment()
+    env["copy TB/s"] = f"{bw / 1e12:.2f}"
+    env["first call s (fresh process)"] = ", ".join(f"{k} {v:.1f}" for k, v in first_call.items())
+    print(write_results(args.out, "Linear attention vs SDPA and FLA (bf16, H=16, D=128)", rows, env))
+    for line in sweep_lines:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

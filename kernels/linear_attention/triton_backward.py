@@ -1,0 +1,448 @@
+"""Chunked linear attention backward in Triton (causal); the math is `chunked_reference._backward_equal`.
+
+Kernels: states at chunk starts (recomputed, `triton_forward`), state gradients at chunk starts
+(reverse over chunks), dq and dk (per kv head, looping over its q heads, so k is never repeated),
+dv, then the log-decay gradient as a reverse cumsum of sum_g q * dq - k * dk per sequence.
+
+That cumsum cancels heavily (its terms sum to about zero over a sequence), so with a decay the
+dq / dk kernel computes every term in float32 operands (TF32 products for 16-bit inputs) rather
+than rounding states and score gradients to the input dtype first. Transposed score matrices
+are computed directly (see `triton_forward` on the Hopper miscompile).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..alloc import new_empty
+from .triton_common import block, chunk_log_decay, chunk_of_program, sequence_rows
+from .triton_forward import _load_tile, chunk_states, precision, prepare
+from .triton_gated import lower_apply, sub_chunk, upper_apply, upper_scores
+
+# (BK, BV, num_warps) per decay mode for the dq/dk kernel and the dv kernel
+DQK_TILES = {0: (64, 64, 4), 1: (64, 64, 4), 2: (32, 64, 4)}
+DV_TILES = {0: (64, 64, 4), 1: (64, 64, 4), 2: (32, 64, 4)}
+DSTATE_TILES = (64, 32)
+
+
+@triton.jit
+def _chunk_dstates_kernel(
+    q_ptr,
+    do_ptr,
+    g_ptr,
+    dht_ptr,
+    dh_ptr,
+    dh0_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    T,
+    heads,
+    kv_heads,
+    dk,
+    dv,
+    scale,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    MODE: tl.constexpr,
+    CONST: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, hk = i_nh // kv_heads, i_nh % kv_heads
+    group = heads // kv_heads
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    kcols = i_k * BK + tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    state_offs = kcols[:, None] * dv + vcols[None, :]
+    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+    dstate = tl.load(dht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, mask=state_mask, other=0.0)
+    n_chunks = tl.cdiv(eos - bos, C)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        tl.store(
+            dh_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + state_offs,
+            dstate.to(dh_ptr.dtype.element_ty),
+            mask=state_mask,
+        )
+        rows = bos + c * C + tl.arange(0, C)
+        row_mask = rows < eos
+        if MODE != 0:
+            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            if MODE == 1:
+                dstate = dstate * tl.exp(b_last)
+            else:
+                dstate = dstate * tl.exp(b_last)[:, None]
+        for j in range(0, group):
+            h = hk * group + j
+            q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
+            do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+            if MODE == 1:
+                q = (q * tl.exp(b)[:, None]).to(do.dtype)
+            if MODE == 2:
+                q = (q * tl.exp(b)).to(do.dtype)
+            dstate += scale * tl.dot(tl.trans(q), do, input_precision=PRECISION)
+    tl.store(dh0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, dstate, mask=state_mask)
+
+
+@triton.jit
+def _chunk_dqk_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    g_ptr,
+    h_ptr,
+    dh_ptr,
+    dq_ptr,
+    dk_ptr,
+    dlog_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    T,
+    heads,
+    kv_heads,
+    dk,
+    dv,
+    scale,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    MODE: tl.constexpr,
+    CONST: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
+):
+    i_c, i_k, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    group = heads // kv_heads
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = i_k * BK + tl.arange(0, BK)
+    idx = tl.arange(0, C)
+    causal = idx[:, None] >= idx[None, :]
+    causal_t = idx[:, None] <= idx[None, :]
+    k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+    kf = k.to(tl.float32)
+    if MODE != 0:
+        b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+    if MODE == 1:
+        pair = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        pair_t = tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf")))
+    state_base = (i_c.to(tl.int64) * kv_heads + hk) * dk * dv
+    dk_acc = tl.zeros([C, BK], dtype=tl.float32)
+    q_dq = tl.zeros([C, BK], dtype=tl.float32)
+    for j in range(0, group):
+        h = hk * group + j
+        q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
+        dq = tl.zeros([C, BK], dtype=tl.float32)
+        dscores = tl.zeros([C, C], dtype=tl.float32)
+        dscores_t = tl.zeros([C, C], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(dv, BV)):
+            vcols = i_v * BV + tl.arange(0, BV)
+            do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+            v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+            state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
+            state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+            state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
+            if MODE == 0:
+                dq += tl.dot(do, tl.trans(state.to(do.dtype)), input_precision=PRECISION)
+            else:
+                dq += tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
+            dscores += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dscores_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dq = dq * scale
+        dscores = tl.where(causal, dscores * scale, 0.0)
+        dscores_t = tl.where(causal_t, dscores_t * scale, 0.0)
+        if MODE == 0:
+            dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION)
+            dk_acc += tl.dot(dscores_t.to(q.dtype), q, input_precision=PRECISION)
+        if MODE == 1:
+            dq = dq * tl.exp(b)[:, None]
+            dq += tl.dot(dscores * pair, kf, input_precision=F32_PRECISION)
+            dk_acc += tl.dot(dscores_t * pair_t, q.to(tl.float32), input_precision=F32_PRECISION)
+        if MODE == 2:
+            dq = dq * tl.exp(b)
+            dq += lower_apply(dscores, kf, b, C, SUB, F32_PRECISION)
+            dk_acc += upper_apply(dscores_t, q.to(tl.float32), b, C, SUB, F32_PRECISION)
+        q_dq += q.to(tl.float32) * dq
+        offs = rows.to(tl.int64)[:, None] * (heads * dk) + h * dk + kcols[None, :]
+        mask = row_mask[:, None] & (kcols < dk)[None, :]
+        tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=mask)
+    dk_end = tl.zeros([C, BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(dv, BV)):
+        vcols = i_v * BV + tl.arange(0, BV)
+        v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+        state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
+        state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+        dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0)
+        if MODE == 0:
+            dk_end += tl.dot(v, tl.trans(dstate.to(v.dtype)), input_precision=PRECISION)
+        else:
+            dk_end += tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=F32_PRECISION)
+    if MODE == 1:
+        dk_end = dk_end * tl.exp(b_last - b)[:, None]
+    if MODE == 2:
+        dk_end = dk_end * tl.exp(b_last[None, :] - b)
+    dk_acc += dk_end
+    offs = rows.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
+    mask = row_mask[:, None] & (kcols < dk)[None, :]
+    tl.store(dk_ptr + offs, dk_acc.to(dk_ptr.dtype.element_ty), mask=mask)
+    if MODE != 0:
+        tl.store(dlog_ptr + offs, q_dq - kf * dk_acc, mask=mask)
+
+
+@triton.jit
+def _chunk_dv_kernel(
+    q_ptr,
+    k_ptr,
+    do_ptr,
+    g_ptr,
+    dh_ptr,
+    dv_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    T,
+    heads,
+    kv_heads,
+    dk,
+    dv,
+    scale,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    MODE: tl.constexpr,
+    CONST: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
+):
+    i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    group = heads // kv_heads
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    vcols = i_v * BV + tl.arange(0, BV)
+    idx = tl.arange(0, C)
+    causal_t = idx[:, None] <= idx[None, :]
+    dv_acc = tl.zeros([C, BV], dtype=tl.float32)
+    for j in range(0, group):
+        h = hk * group + j
+        scores_t = tl.zeros([C, C], dtype=tl.float32)  # scores_t[j, i] = score of query i on key j
+        for i_k in range(0, tl.cdiv(dk, BK)):
+            kcols = i_k * BK + tl.arange(0, BK)
+            q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
+            k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+            if MODE == 2:
+                b, _ = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+                scores_t += upper_scores(k.to(tl.float32), q.to(tl.float32), b, C, SUB, F32_PRECISION)
+            else:
+                scores_t += tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        if MODE == 1:
+            b, _ = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST)
+            scores_t = scores_t * tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf")))
+        else:
+            scores_t = tl.where(causal_t, scores_t, 0.0)
+        do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+        dv_acc += tl.dot(scores_t.to(do.dtype), do, input_precision=PRECISION)
+    dv_acc = dv_acc * scale
+    state_base = (i_c.to(tl.int64) * kv_heads + hk) * dk * dv
+    for i_k in range(0, tl.cdiv(dk, BK)):
+        kcols = i_k * BK + tl.arange(0, BK)
+        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        if MODE == 1:
+            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            k = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)
+        if MODE == 2:
+            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            k = (k * tl.exp(b_last[None, :] - b)).to(k.dtype)
+        state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
+        state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+        dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0).to(k.dtype)
+        dv_acc += tl.dot(k, dstate, input_precision=PRECISION)
+    offs = rows.to(tl.int64)[:, None] * (kv_heads * dv) + hk * dv + vcols[None, :]
+    tl.store(
+        dv_ptr + offs, dv_acc.to(dv_ptr.dtype.element_ty), mask=row_mask[:, None] & (vcols < dv)[None, :]
+    )
+
+
+@triton.jit
+def _reverse_cumsum_kernel(
+    x_ptr,
+    carry_ptr,
+    out_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    T,
+    heads,
+    feat,
+    C: tl.constexpr,
+    BF: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    seq, hk, i_f = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    cols = i_f * BF + tl.arange(0, BF)
+    col_mask = cols < feat
+    carry = tl.load(carry_ptr + (seq * heads + hk) * feat + cols, mask=col_mask, other=0.0)
+    n_chunks = tl.cdiv(eos - bos, C)
+    for i in range(0, n_chunks):
+        rows = bos + (n_chunks - 1 - i) * C + tl.arange(0, C)
+        mask = (rows < eos)[:, None] & col_mask[None, :]
+        offs = (rows.to(tl.int64) * heads + hk)[:, None] * feat + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        total = tl.sum(x, axis=0)
+        tl.store(out_ptr + offs, carry[None, :] + total[None, :] - tl.cumsum(x, axis=0) + x, mask=mask)
+        carry += total
+
+
+def _log_decay_grad(dlog, final, d_final, g, decay, chunks):
+    """dg from dB = sum_g q * dq - k * dk ([B * T, Hkv, K]) and the final-state term."""
+    carry = (final * d_final).sum(-1)  # [N, Hkv, K]
+    if decay != "vector":
+        dlog, carry = dlog.sum(-1, keepdim=True), carry.sum(-1, keepdim=True)
+    _, heads, feat = dlog.shape
+    out = new_empty(dlog.shape, dtype=torch.float32, device=dlog.device)
+    bf = min(64, triton.next_power_of_2(feat))
+    bounds, chunk_start, _, _, length = chunks.args(dlog)
+    _reverse_cumsum_kernel[(chunks.n, heads, triton.cdiv(feat, bf))](
+        dlog,
+        carry.contiguous(),
+        out,
+        bounds,
+        chunk_start,
+        length,
+        heads,
+        feat,
+        C=chunks.chunk,
+        BF=bf,
+        VARLEN=chunks.varlen,
+    )
+    if decay == "constant":
+        return out.sum((0, 2)).to(g.dtype)
+    return out.view(g.shape).to(g.dtype)
+
+
+def chunk_backward(
+    do: torch.Tensor,
+    d_final_state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    decay: str,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dq, dk, dv, dg, d_initial_state) of `triton_forward.chunk_forward`."""
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    d_final_state = d_final_state.float().contiguous()
+    batch, length, heads, dk = q.shape
+    kv_heads, dv = k.shape[2], v.shape[-1]
+    prec, device = precision(q.dtype), q.device
+    chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens)
+    mode, const = decay_kw["MODE"], decay_kw["CONST"]
+    h, final = chunk_states(k, v, decay_kw, initial_state, chunks)
+    dh = new_empty(h.shape, dtype=torch.float32, device=device)
+    dh0 = new_empty(final.shape, dtype=torch.float32, device=device)
+    bounds, chunk_start, table, n, length = chunks.args(q)
+    bk, bv = block(dk, DSTATE_TILES[0]), block(dv, DSTATE_TILES[1])
+    _chunk_dstates_kernel[(chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+        q,
+        do,
+        decay_kw["g"],
+        d_final_state,
+        dh,
+        dh0,
+        bounds,
+        chunk_start,
+        length,
+        heads,
+        kv_heads,
+        dk,
+        dv,
+        scale,
+        C=chunks.chunk,
+        BK=bk,
+        BV=bv,
+        MODE=mode,
+        CONST=const,
+        VARLEN=chunks.varlen,
+        PRECISION=prec,
+    )
+    dq = new_empty(q.shape, dtype=q.dtype, device=device)
+    dk_ = new_empty(k.shape, dtype=k.dtype, device=device)
+    dv_ = new_empty(v.shape, dtype=v.dtype, device=device)
+    dlog = new_empty((batch * length, kv_heads, dk), dtype=torch.float32, device=device) if mode else q
+    common = dict(C=chunks.chunk, SUB=sub_chunk(chunks.chunk), MODE=mode, CONST=const, VARLEN=chunks.varlen)
+    common.update(PRECISION=prec, F32_PRECISION=prec)
+    bk, bv, warps = DQK_TILES[mode]
+    bk, bv = block(dk, bk), block(dv, bv)
+    _chunk_dqk_kernel[(chunks.max_chunks, triton.cdiv(dk, bk), kv_heads)](
+        q,
+        k,
+        v,
+        do,
+        decay_kw["g"],
+        h,
+        dh,
+        dq,
+        dk_,
+        dlog,
+        bounds,
+        chunk_start,
+        table,
+        n,
+        length,
+        heads,
+        kv_heads,
+        dk,
+        dv,
+        scale,
+        BK=bk,
+        BV=bv,
+        num_warps=warps,
+        **common,
+    )
+    bk, bv, warps = DV_TILES[mode]
+    bk, bv = block(dk, bk), block(dv, bv)
+    _chunk_dv_kernel[(chunks.max_chunks, triton.cdiv(dv, bv), kv_heads)](
+        q,
+        k,
+        do,
+        decay_kw["g"],
+        dh,
+        dv_,
+        bounds,
+        chunk_start,
+        table,
+        n,
+        length,
+        heads,
+        kv_heads,
+        dk,
+        dv,
+        scale,
+        BK=bk,
+        BV=bv,
+        num_warps=warps,
+        **common,
+    )
+    dg = None if mode == 0 else _log_decay_grad(dlog, final, d_final_state, g, decay, chunks)
+    dh0 = None if initial_state is None else dh0.to(initial_state.dtype)
+    return dq, dk_, dv_, dg, dh0

@@ -1,0 +1,155 @@
+"""Pieces shared by the chunked Triton kernels: where chunks are, and the in-chunk decay cumsum.
+
+Tokens are addressed flat: token t of batch row b is row b * T + t of q.view(B * T, H, K), so
+batches and packed varlen inputs are both "sequence n covers rows bounds[n]:bounds[n + 1]".
+Dense batches need no tables (`Chunks` with varlen False): chunk i is chunk i % NT of sequence
+i // NT, computed in the kernels, so a call launches no small index-building ops.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..alloc import new_empty
+from .chunked_reference import chunk_size_for
+
+
+class ChunkLayout:
+    """Sequence bounds [N + 1], first chunk of each sequence [N + 1], and (sequence, chunk) per program."""
+
+    def __init__(self, batch: int, length: int, cu_seqlens: torch.Tensor | None, chunk: int, device):
+        if cu_seqlens is None:
+            self.bounds = torch.arange(batch + 1, dtype=torch.int32, device=device) * length
+            self.max_chunks = batch * triton.cdiv(length, chunk)
+        else:
+            self.bounds = cu_seqlens.to(device=device, dtype=torch.int32)
+            self.max_chunks = triton.cdiv(length, chunk) + cu_seqlens.numel() - 1  # no host sync needed
+        self.n = self.bounds.numel() - 1
+        self.chunk = chunk
+        counts = (self.bounds[1:] - self.bounds[:-1] + chunk - 1) // chunk
+        self.chunk_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        ids = torch.arange(self.max_chunks, dtype=torch.int32, device=device)
+        seq = torch.searchsorted(self.chunk_start[1:], ids, right=True).to(torch.int32)
+        local = ids - self.chunk_start[seq.clamp(max=self.n - 1).long()]
+        self.table = torch.stack([seq, local], 1).contiguous()  # seq == N: no chunk, the program exits
+
+
+@triton.jit
+def _chunk_cumsum_kernel(
+    g_ptr, b_ptr, bounds_ptr, table_ptr, n_seqs, heads, feat, C: tl.constexpr, BF: tl.constexpr
+):
+    i_c, i_h, i_f = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq = tl.load(table_ptr + 2 * i_c)
+    if seq >= n_seqs:
+        return
+    local = tl.load(table_ptr + 2 * i_c + 1)
+    bos, eos = tl.load(bounds_ptr + seq), tl.load(bounds_ptr + seq + 1)
+    rows = bos + local * C + tl.arange(0, C)
+    cols = i_f * BF + tl.arange(0, BF)
+    mask = (rows < eos)[:, None] & (cols < feat)[None, :]
+    offs = (rows.to(tl.int64) * heads + i_h)[:, None] * feat + cols[None, :]
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(b_ptr + offs, tl.cumsum(g, axis=0), mask=mask)
+
+
+def token_log_decay(
+    g: torch.Tensor | None, decay: str, batch: int, length: int, kv_heads: int
+) -> torch.Tensor:
+    """Per-token log-decay as [B * T, Hkv, F] (F = K for "vector", else 1)."""
+    if decay == "constant":
+        return g.view(1, kv_heads, 1).expand(batch * length, kv_heads, 1).contiguous()
+    if decay == "scalar":
+        return g.reshape(batch * length, kv_heads, 1).contiguous()
+    return g.reshape(batch * length, kv_heads, -1).contiguous()
+
+
+def chunk_cumsum(g: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    """Log-decay summed from each chunk's first token, in float32: [B * T, Hkv, F] -> same shape."""
+    rows, heads, feat = g.shape
+    b = new_empty(g.shape, dtype=torch.float32, device=g.device)
+    bf = min(64, triton.next_power_of_2(feat))
+    grid = (layout.max_chunks, heads, triton.cdiv(feat, bf))
+    _chunk_cumsum_kernel[grid](
+        g, b, layout.bounds, layout.table, layout.n, heads, feat, C=layout.chunk, BF=bf
+    )
+    return b
+
+
+class Chunks:
+    """Chunks of a dense batch (no tables) or of packed sequences (the `ChunkLayout` tables)."""
+
+    def __init__(self, batch: int, length: int, cu_seqlens: torch.Tensor | None, chunk: int, device):
+        self.chunk, self.length, self.varlen = chunk, length, cu_seqlens is not None
+        if self.varlen:
+            layout = ChunkLayout(batch, length, cu_seqlens, chunk, device)
+            self.n, self.max_chunks = layout.n, layout.max_chunks
+            self.tables = (layout.bounds, layout.chunk_start, layout.table)
+        else:
+            self.n, self.max_chunks = batch, batch * triton.cdiv(length, chunk)
+            self.tables = None
+
+    def args(self, dummy: torch.Tensor) -> tuple:
+        """(bounds, chunk_start, table, n, T) kernel arguments; `dummy` stands in for absent tables."""
+        bounds, chunk_start, table = self.tables or (dummy, dummy, dummy)
+        return bounds, chunk_start, table, self.n, self.length
+
+
+@triton.jit
+def chunk_of_program(i_c, table_ptr, T, C: tl.constexpr, VARLEN: tl.constexpr):
+    """(sequence, chunk within the sequence) of flat chunk i_c; sequence == N: no chunk there."""
+    if VARLEN:
+        seq = tl.load(table_ptr + 2 * i_c)
+        local = tl.load(table_ptr + 2 * i_c + 1)
+    else:
+        n_chunks = tl.cdiv(T, C)
+        seq = i_c // n_chunks
+        local = i_c % n_chunks
+    return seq, local
+
+
+@triton.jit
+def sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C: tl.constexpr, VARLEN: tl.constexpr):
+    """(first row, end row, first flat chunk) of sequence `seq`."""
+    if VARLEN:
+        bos = tl.load(bounds_ptr + seq)
+        eos = tl.load(bounds_ptr + seq + 1)
+        first = tl.load(chunk_start_ptr + seq)
+    else:
+        bos = seq * T
+        eos = bos + T
+        first = seq * tl.cdiv(T, C)
+    return bos, eos, first
+
+
+@triton.jit
+def chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE: tl.constexpr, CONST: tl.constexpr):
+    """(in-chunk inclusive cumsum of the log-decay, its chunk total), float32.
+
+    MODE 1: [C] and a scalar, from g [rows, Hkv] or, with CONST, g [Hkv] for every token.
+    MODE 2: [C, BK] and [BK], from g [rows, Hkv, K]. Rows past the sequence add nothing.
+    """
+    if MODE == 1:
+        if CONST:
+            g = tl.where(row_mask, tl.load(g_ptr + hk).to(tl.float32), 0.0)
+        else:
+            g = tl.load(g_ptr + rows.to(tl.int64) * kv_heads + hk, mask=row_mask, other=0.0).to(tl.float32)
+    else:
+        offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dk + kcols[None, :]
+        g = tl.load(g_ptr + offs, mask=row_mask[:, None] & (kcols < dk)[None, :], other=0.0).to(tl.float32)
+    return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+
+
+def block(dim: int, cap: int = 64) -> int:
+    """Tile size for a head dim: a power of two in [16, cap]."""
+    return max(16, min(cap, triton.next_power_of_2(dim)))
+
+
+def check_head_dims(dk: int, dv: int) -> None:
+    if dk > 256 or dv > 256:
+        raise ValueError(
+            f"linear_attention: the Triton kernels support head dims up to 256, got K={dk}, V={dv}"
+        )
+
+
+def chunk_for(decay: str) -> int:
+    return chunk_size_for(decay)

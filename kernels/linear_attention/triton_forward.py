@@ -1,0 +1,264 @@
+"""Chunked linear attention forward in Triton (causal); see `chunked_reference.py` for the math.
+
+Two kernels: states at every chunk start (sequential over the chunks of one sequence, parallel
+over sequences, kv heads and state tiles), then outputs (parallel over chunks, q heads and V
+tiles). Chunks are 64 tokens for every decay kind. The in-chunk decay cumsum is computed inside
+each kernel from g (no extra pass). Decay modes: 0 none, 1 per-head scalar (constant and
+scalar), 2 per key dim (vector; in-chunk products through `triton_gated`).
+
+Never feed `tl.trans` of a `tl.dot` result to another `tl.dot`: triton 3.4-3.7.0 miscompiles
+that on Hopper (wrong values; flash-linear-attention issue 640). Transposed score matrices are
+computed directly as their own products instead.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..alloc import new_empty
+from .triton_common import Chunks, block, check_head_dims, chunk_log_decay, chunk_of_program, sequence_rows
+from .triton_gated import lower_scores, sub_chunk
+
+DECAY_MODE = {"none": 0, "constant": 1, "scalar": 1, "vector": 2}
+CHUNK = 64
+# launch shapes, per decay mode: (BK, BV, num_warps) of the output kernel; (BK, BV) of the states kernel
+OUTPUT_TILES = {0: (64, 64, 4), 1: (64, 64, 4), 2: (32, 64, 4)}
+STATE_TILES = (64, 32)
+
+
+@triton.jit
+def _load_tile(ptr, rows, row_mask, row_stride, cols, n_cols):
+    offs = rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
+    return tl.load(ptr + offs, mask=row_mask[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def _chunk_states_kernel(
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    h0_ptr,
+    h_ptr,
+    ht_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    T,
+    kv_heads,
+    dk,
+    dv,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    MODE: tl.constexpr,
+    CONST: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, hk = i_nh // kv_heads, i_nh % kv_heads
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    kcols = i_k * BK + tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    state_offs = kcols[:, None] * dv + vcols[None, :]
+    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(h0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, mask=state_mask, other=0.0)
+    for c in range(0, tl.cdiv(eos - bos, C)):
+        tl.store(
+            h_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + state_offs,
+            state.to(h_ptr.dtype.element_ty),
+            mask=state_mask,
+        )
+        rows = bos + c * C + tl.arange(0, C)
+        row_mask = rows < eos
+        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+        if MODE == 1:
+            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            k = (k * tl.exp(b_last - b)[:, None]).to(v.dtype)
+            state = state * tl.exp(b_last)
+        if MODE == 2:
+            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            k = (k * tl.exp(b_last[None, :] - b)).to(v.dtype)
+            state = state * tl.exp(b_last)[:, None]
+        state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
+    tl.store(ht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, state, mask=state_mask)
+
+
+@triton.jit
+def _chunk_output_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    h_ptr,
+    o_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    T,
+    heads,
+    kv_heads,
+    dk,
+    dv,
+    scale,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    MODE: tl.constexpr,
+    CONST: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
+):
+    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    hk = i_h // (heads // kv_heads)
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    vcols = i_v * BV + tl.arange(0, BV)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    o = tl.zeros([C, BV], dtype=tl.float32)
+    scores = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(dk, BK)):
+        kcols = i_k * BK + tl.arange(0, BK)
+        q = _load_tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk)
+        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        state_offs = ((i_c.to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
+        state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+        state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(q.dtype)
+        if MODE == 2:
+            b, _ = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            o += tl.dot((q * tl.exp(b)).to(q.dtype), state, input_precision=PRECISION)
+            scores += lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION)
+        else:
+            o += tl.dot(q, state, input_precision=PRECISION)
+            scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if MODE == 1:
+        b, _ = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST)
+        o = o * tl.exp(b)[:, None]
+        scores = scores * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+    else:
+        scores = tl.where(causal, scores, 0.0)
+    v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+    o += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
+    offs = rows.to(tl.int64)[:, None] * (heads * dv) + i_h * dv + vcols[None, :]
+    tl.store(
+        o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & (vcols < dv)[None, :]
+    )
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact float32 for float32 inputs (no TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def decay_args(g: torch.Tensor | None, decay: str, dummy: torch.Tensor) -> dict:
+    """g as the kernels read it (no copy for contiguous g) and its mode flags."""
+    return {
+        "g": dummy if g is None else g.contiguous(),
+        "MODE": DECAY_MODE[decay],
+        "CONST": decay == "constant",
+    }
+
+
+def prepare(q, k, g, decay, cu_seqlens):
+    """(chunks, decay arguments) for the chunked kernels."""
+    batch, length, _, dk = q.shape
+    check_head_dims(dk, k.shape[-1])
+    return Chunks(batch, length, cu_seqlens, CHUNK, q.device), decay_args(g, decay, q)
+
+
+def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float32):
+    """(states before every chunk [chunks, Hkv, K, V] in state_dtype, final states [N, Hkv, K, V] float32)."""
+    kv_heads, dk, dv = k.shape[2], k.shape[-1], v.shape[-1]
+    h = new_empty((chunks.max_chunks, kv_heads, dk, dv), dtype=state_dtype, device=k.device)
+    ht = new_empty((chunks.n, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
+    bk, bv = block(dk, STATE_TILES[0]), block(dv, STATE_TILES[1])
+    bounds, chunk_start, _, _, length = chunks.args(k)
+    grid = (chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))
+    _chunk_states_kernel[grid](
+        k,
+        v,
+        decay_kw["g"],
+        initial_state.contiguous() if initial_state is not None else ht,
+        h,
+        ht,
+        bounds,
+        chunk_start,
+        length,
+        kv_heads,
+        dk,
+        dv,
+        C=chunks.chunk,
+        BK=bk,
+        BV=bv,
+        MODE=decay_kw["MODE"],
+        CONST=decay_kw["CONST"],
+        HAS_H0=initial_state is not None,
+        VARLEN=chunks.varlen,
+        PRECISION=precision(k.dtype),
+    )
+    return h, ht
+
+
+def chunk_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    decay: str,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal chunked linear attention: (o [B, T, H, V] in q's dtype, final state [N, Hkv, K, V] float32)."""
+    if q.dtype == torch.float64:
+        raise ValueError("linear_attention: the Triton kernels take float32/float16/bfloat16, got float64")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    batch, length, heads, dk = q.shape
+    kv_heads, dv = k.shape[2], v.shape[-1]
+    chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens)
+    h, ht = chunk_states(k, v, decay_kw, initial_state, chunks)
+    o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
+    mode = decay_kw["MODE"]
+    bk, bv, warps = OUTPUT_TILES[mode]
+    bk, bv = block(dk, bk), block(dv, bv)
+    bounds, chunk_start, table, n, length = chunks.args(q)
+    grid = (chunks.max_chunks, triton.cdiv(dv, bv), heads)
+    _chunk_output_kernel[grid](
+        q,
+        k,
+        v,
+        decay_kw["g"],
+        h,
+        o,
+        bounds,
+        chunk_start,
+        table,
+        n,
+        length,
+        heads,
+        kv_heads,
+        dk,
+        dv,
+        scale,
+        C=chunks.chunk,
+        SUB=sub_chunk(chunks.chunk),
+        BK=bk,
+        BV=bv,
+        MODE=mode,
+        CONST=decay_kw["CONST"],
+        VARLEN=chunks.varlen,
+        PRECISION=precision(q.dtype),
+        F32_PRECISION=precision(q.dtype),
+        num_warps=warps,
+    )
+    return o, ht

@@ -1,0 +1,115 @@
+"""The `rewrite::sliding_window_*` ops: schemas, fakes, autograd, CPU references, CUDA Triton kernels.
+
+Low-level: arguments are assumed valid (the public functions in `api.py` check them).
+"""
+
+import torch
+
+from .._triton import load_triton_module
+from .reference import (
+    sliding_window_backward_reference,
+    sliding_window_decode_reference,
+    sliding_window_reference,
+)
+
+_FORWARD = "rewrite.kernels.sliding_window.triton_forward"
+_BACKWARD = "rewrite.kernels.sliding_window.triton_backward"
+_DECODE = "rewrite.kernels.sliding_window.triton_decode"
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the log-sum-exp output: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.library.custom_op("rewrite::sliding_window_attention", mutates_args=())
+def sliding_window_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sinks: int,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, V], lse [B, T, H]); see `reference.py` for the definition."""
+    return sliding_window_reference(q, k, v, window, sinks, scale, cu_seqlens)
+
+
+@sliding_window_op.register_kernel("cuda")
+def _forward_cuda(q, k, v, window, sinks, scale, cu_seqlens):
+    return load_triton_module(_FORWARD).sliding_window_forward(q, k, v, window, sinks, scale, cu_seqlens)
+
+
+@sliding_window_op.register_fake
+def _forward_fake(q, k, v, window, sinks, scale, cu_seqlens):
+    o = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return o, q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("rewrite::sliding_window_attention_backward", mutates_args=())
+def sliding_window_backward_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    window: int,
+    sinks: int,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `rewrite::sliding_window_attention` given do (o and lse from the forward)."""
+    return sliding_window_backward_reference(do, q, k, v, window, sinks, scale, cu_seqlens)
+
+
+@sliding_window_backward_op.register_kernel("cuda")
+def _backward_cuda(do, q, k, v, o, lse, window, sinks, scale, cu_seqlens):
+    return load_triton_module(_BACKWARD).sliding_window_backward(
+        do, q, k, v, o, lse, window, sinks, scale, cu_seqlens
+    )
+
+
+@sliding_window_backward_op.register_fake
+def _backward_fake(do, q, k, v, o, lse, window, sinks, scale, cu_seqlens):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, window, sinks, scale, cu_seqlens = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.window, ctx.sinks, ctx.scale = window, sinks, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    if do is None:
+        return None, None, None, None, None, None, None
+    dq, dk, dv = sliding_window_backward_op(
+        do.contiguous(), q, k, v, o, lse, ctx.window, ctx.sinks, ctx.scale, cu_seqlens
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+sliding_window_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("rewrite::sliding_window_decode", mutates_args=())
+def sliding_window_decode_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per batch row over a ring-buffer KV cache: o [B, 1, H, V]. Inference only."""
+    return sliding_window_decode_reference(q, k_cache, v_cache, positions, scale)
+
+
+@sliding_window_decode_op.register_kernel("cuda")
+def _decode_cuda(q, k_cache, v_cache, positions, scale):
+    return load_triton_module(_DECODE).sliding_window_decode(q, k_cache, v_cache, positions, scale)
+
+
+@sliding_window_decode_op.register_fake
+def _decode_fake(q, k_cache, v_cache, positions, scale):
+    return q.new_empty(*q.shape[:-1], v_cache.shape[-1])

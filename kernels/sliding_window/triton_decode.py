@@ -1,0 +1,91 @@
+"""Sliding-window decode step in Triton: one query per batch row over a ring-buffer KV cache.
+
+Split-KV ("flash decoding"): programs run over (batch row x kv head, slice of cache slots); each
+takes the G q heads that share its kv head as the rows of one tile, so k/v are read once per
+group. Slot i is visible when i <= the query's position (see `reference.py`). The partial
+results (normalised output and log-sum-exp per slice) are merged with a log-sum-exp weighting.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..alloc import new_empty
+from .triton_forward import LOG2E, check_dtype, head_block, precision
+
+BLOCK_N = 64
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, lse_ptr,
+    slots, heads, kv_heads, dk, dv, qk_scale, slots_per_split, n_splits,
+    BG: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    b, hk = i_bh // kv_heads, i_bh % kv_heads
+    group = heads // kv_heads
+    g = tl.arange(0, BG)
+    g_mask = g < group
+    head = hk * group + g
+    kcols, vcols = tl.arange(0, BK), tl.arange(0, BV)
+    q_offs = (b.to(tl.int64) * heads + head)[:, None] * dk + kcols[None, :]
+    q = tl.load(q_ptr + q_offs, mask=g_mask[:, None] & (kcols < dk)[None, :], other=0.0)
+    t = tl.load(pos_ptr + b).to(tl.int32)
+    first = i_s * slots_per_split
+    last = tl.minimum(tl.minimum(first + slots_per_split, t + 1), slots)
+    acc = tl.zeros([BG, BV], dtype=tl.float32)
+    m_i = tl.full([BG], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BG], dtype=tl.float32)
+    for start in range(first, last, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_mask = keys < last
+        rows = (b.to(tl.int64) * slots + keys) * kv_heads + hk
+        k = tl.load(kc_ptr + rows[:, None] * dk + kcols[None, :], mask=key_mask[:, None] & (kcols < dk)[None, :],
+                    other=0.0)
+        v = tl.load(vc_ptr + rows[:, None] * dv + vcols[None, :], mask=key_mask[:, None] & (vcols < dv)[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(key_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    part = (b.to(tl.int64) * heads + head) * n_splits + i_s
+    o_mask = g_mask[:, None] & (vcols < dv)[None, :]
+    tl.store(o_ptr + part[:, None] * dv + vcols[None, :], acc / l_safe[:, None], mask=o_mask)
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+    tl.store(lse_ptr + part, lse, mask=g_mask)
+
+
+def _splits(slots: int, programs: int) -> int:
+    """Slices of the cache per (row, kv head): enough programs to fill a GPU, at least BLOCK_N slots each."""
+    return max(1, min(triton.cdiv(slots, BLOCK_N), triton.cdiv(256, max(programs, 1))))
+
+
+def sliding_window_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """o [B, 1, H, V] for q [B, 1, H, K] over caches [B, S, Hkv, D] (slots <= positions[b] visible)."""
+    check_dtype(q)
+    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    batch, _, heads, dk = q.shape
+    slots, kv_heads, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    n_splits = _splits(slots, batch * kv_heads)
+    per_split = triton.cdiv(triton.cdiv(slots, n_splits), BLOCK_N) * BLOCK_N
+    n_splits = triton.cdiv(slots, per_split)
+    o_part = new_empty((batch, heads, n_splits, dv), dtype=torch.float32, device=q.device)
+    lse_part = new_empty((batch, heads, n_splits), dtype=torch.float32, device=q.device)
+    group = heads // kv_heads
+    _decode_kernel[(batch * kv_heads, n_splits)](
+        q, k_cache, v_cache, positions.contiguous(), o_part, lse_part,
+        slots, heads, kv_heads, dk, dv, scale * LOG2E, per_split, n_splits,
+        BG=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BK=head_block(dk), BV=head_block(dv),
+        PRECISION=precision(q.dtype),
+    )
+    weights = torch.softmax(lse_part, dim=-1)  # exp(lse_s - logsumexp(lse)); empty slices weigh 0
+    o = (weights[..., None] * o_part).sum(2)
+    return o[:, None].to(q.dtype)

@@ -1,0 +1,152 @@
+"""Sliding-window attention forward in Triton (flash-attention style); see `reference.py` for the math.
+
+One program per (query block of BM rows, q head). It walks the key blocks that hold the sink
+tokens and then only the key blocks inside the window of its rows, so work per query is
+O(window + sinks) and total time is linear in T. Softmax runs online in base 2; the row
+log-sum-exp is saved for the backward pass. Tokens are addressed flat (row b * T + t), and
+`ChunkLayout` maps programs to (sequence, block), so batched and packed inputs share the kernel.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..alloc import new_empty
+from ..linear_attention.triton_common import ChunkLayout
+
+LOG2E = 1.4426950408889634
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def load_rows(ptr, rows, row_mask, row_stride, cols, n_cols):
+    """A [rows, cols] tile; rows are flat tokens of stride `row_stride`, zero outside the masks."""
+    offs = rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
+    return tl.load(ptr + offs, mask=row_mask[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def visible(q_pos, k_pos, window, sinks):
+    """[M, N] mask: query position q_pos sees key position k_pos (positions local to the sequence)."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    return (kp <= qp) & ((qp - kp < window) | (kp < sinks))
+
+
+@triton.jit
+def key_ranges(q_first, q_last, bos, window, sinks, BLOCK_N: tl.constexpr):
+    """(sink_end, lo, hi): sink key blocks start at bos and stop before sink_end; window blocks run lo..hi.
+
+    lo is q_first's window start rounded down to a block boundary (counted from bos); sink blocks
+    cover [bos, min(bos + sinks, lo)) in whole blocks, which all end at or before lo.
+    """
+    lo = bos + (tl.maximum(q_first - window + 1 - bos, 0) // BLOCK_N) * BLOCK_N
+    sink_end = tl.minimum(bos + sinks, lo)
+    return sink_end, lo, q_last + 1
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_stride, dk, dv, kcols, vcols,
+                  window, sinks, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    keys = start + tl.arange(0, BLOCK_N)
+    key_mask = keys < eos
+    k = load_rows(k_ptr, keys, key_mask, kv_stride * dk, kcols, dk)
+    v = load_rows(v_ptr, keys, key_mask, kv_stride * dv, vcols, dv)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    mask = visible(q_pos, keys - bos, window, sinks) & key_mask[None, :]
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bounds_ptr, table_ptr,
+    n_seqs, heads, kv_heads, dk, dv, window, sinks, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_m, i_h = tl.program_id(0), tl.program_id(1)
+    seq = tl.load(table_ptr + 2 * i_m)
+    if seq >= n_seqs:
+        return
+    local = tl.load(table_ptr + 2 * i_m + 1)
+    hk = i_h // (heads // kv_heads)
+    bos, eos = tl.load(bounds_ptr + seq), tl.load(bounds_ptr + seq + 1)
+    q_first = bos + local * BLOCK_M
+    rows = q_first + tl.arange(0, BLOCK_M)
+    row_mask = rows < eos
+    q_pos = rows - bos
+    kcols, vcols = tl.arange(0, BK), tl.arange(0, BV)
+    q = load_rows(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk)
+    k_ptr += hk * dk
+    v_ptr += hk * dv
+    acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked blocks give p = 0, not NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sink_end, lo, hi = key_ranges(q_first, tl.minimum(q_first + BLOCK_M, eos) - 1, bos, window, sinks, BLOCK_N)
+    for start in range(bos, sink_end, BLOCK_N):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
+                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION)
+    for start in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
+                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    o_offs = rows.to(tl.int64)[:, None] * (heads * dv) + i_h * dv + vcols[None, :]
+    tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & (vcols < dv)[None, :])
+    lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
+    tl.store(lse_ptr + rows.to(tl.int64) * heads + i_h, lse, mask=row_mask)
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact float32 for float32 inputs (no TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def head_block(dim: int) -> int:
+    """Tile width for a head dim (whole head per tile): a power of two >= 16, at most 256."""
+    if dim > 256:
+        raise ValueError(f"sliding_window_attention: the Triton kernels support head dims up to 256, got {dim}")
+    return max(16, triton.next_power_of_2(dim))
+
+
+def num_warps(block_m: int, dk: int) -> int:
+    return 8 if block_m * max(dk, 64) >= 128 * 128 else 4
+
+
+def check_dtype(q: torch.Tensor) -> None:
+    if q.dtype == torch.float64:
+        raise ValueError("sliding_window_attention: the Triton kernels take float32/float16/bfloat16, got float64")
+
+
+def sliding_window_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sinks: int,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, V] in q's dtype, lse [B, T, H] float32)."""
+    check_dtype(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    batch, length, heads, dk = q.shape
+    kv_heads, dv = k.shape[2], v.shape[-1]
+    layout = ChunkLayout(batch, length, cu_seqlens, block_m, q.device)
+    o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
+    lse = new_empty((batch, length, heads), dtype=torch.float32, device=q.device)
+    if layout.max_chunks > 0:
+        _forward_kernel[(layout.max_chunks, heads)](
+            q, k, v, o, lse, layout.bounds, layout.table,
+            layout.n, heads, kv_heads, dk, dv, window, sinks, scale * LOG2E,
+            BLOCK_M=block_m, BLOCK_N=block_n, BK=head_block(dk), BV=head_block(dv), PRECISION=precision(q.dtype),
+            num_warps=num_warps(block_m, dk),
+        )
+    return o, lse

@@ -1,0 +1,347 @@
+"""Pass `mixer`: replace softmax attention by a linear mixer, reusing the pretrained q/k/v/o projections.
+
+For every attention site in the selected layers, the attention node (SDPA, canonical
+`rewrite.attention`, or an unfused matmul-softmax-matmul chain) becomes one call to a mixer function
+from `rewrite.mixers` with the same inputs (k / v before GQA repetition) and an output of the same
+shape [B, H, L, Dv]; the q/k/v producers and the output projection stay as they are.
+
+- Causal sites get the chosen causal kind (`auto`: `gla`); non-causal sites (encoders) get
+  `bidirectional`. A causal kind on a non-causal site, or `bidirectional` on a causal one, is an
+  error naming the layer.
+- Masks: only causal and key-padding masks are carried (see `rewrite.mixers.masks` for the exact
+  rule); a mask computed from model parameters (a learned position bias) is refused here, and any
+  other mask is checked when it is evaluated in eager mode.
+- Scale: the mixers use the site's softmax scale (1/sqrt(head dim) when the site has none), so with
+  identity features and no decay o_t = scale * sum_{s <= t} (q_t . k_s) v_s.
+- Cross-attention (queries and keys of different lengths) is left alone and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from rewrite.analysis import AttentionSite, Block, GraphAnalysis
+from rewrite.analysis.nodes import is_op, tensor_meta
+from rewrite.analysis.shapes import to_expr
+from rewrite.errors import PassError, PlanError
+from rewrite.mixers import KINDS, POSITIVE_FEATURE_MAPS, MixerKind, SiteShape
+from rewrite.mixers.common import FEATURE_MAPS
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
+from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
+
+aten = torch.ops.aten
+
+KIND_CHOICES = ["auto", *KINDS]
+CAUSAL_DEFAULT = "gla"
+"""The kind `auto` picks for causal sites (non-causal sites get `bidirectional`)."""
+
+_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
+_MATMUL = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default)
+
+
+@dataclass
+class MixerOptions:
+    """Options of the `mixer` pass."""
+
+    kind: str = field(
+        default="auto",
+        metadata={
+            "help": "mixer for the selected layers; auto: gla on causal sites, bidirectional on non-causal ones",
+            "choices": KIND_CHOICES,
+        },
+    )
+    layers: Selector = field(
+        default="all",
+        metadata={"help": f"layers to linearize ({describe_selector_syntax()}); the rest keep softmax"},
+    )
+    feature_map: str = field(
+        default="elu1",
+        metadata={"help": "phi applied to q and k (elu1 = elu(x) + 1)", "choices": list(FEATURE_MAPS)},
+    )
+    normalize: bool | None = field(
+        default=None,
+        metadata={"help": "divide by phi(q) . sum phi(k); default: on for positive feature maps, off for identity"},
+    )
+    decay_min: float = field(
+        default=1 - 2**-5,
+        metadata={"help": "retention: initial decay of the fastest-forgetting kv head (0 < decay_min < 1)"},
+    )
+    decay_max: float = field(
+        default=1 - 2**-9,
+        metadata={"help": "retention: initial decay of the slowest-forgetting kv head (decay_min <= decay_max < 1)"},
+    )
+    gate: str = field(
+        default="vector",
+        metadata={"help": "gla: one gate per key dim (vector) or per head (scalar)", "choices": ["vector", "scalar"]},
+    )
+    gate_normalizer: float = field(
+        default=16.0, metadata={"help": "gla: log-gate = logsigmoid(k) / gate_normalizer (> 0)"}
+    )
+    check_masks: bool = field(
+        default=True,
+        metadata={"help": "check in eager mode that each mask is causal / key padding (costs one pass over it)"},
+    )
+
+    def validate(self, where: str = "mixer") -> None:
+        """Raise PlanError naming the first bad field."""
+        if self.kind not in KIND_CHOICES:
+            raise PlanError(f"{where}.kind", f"unknown mixer kind {self.kind!r}", KIND_CHOICES)
+        if self.feature_map not in FEATURE_MAPS:
+            raise PlanError(f"{where}.feature_map", f"unknown feature map {self.feature_map!r}", list(FEATURE_MAPS))
+        validate_selector(self.layers, f"{where}.layers")
+        if self.normalize and self.feature_map not in POSITIVE_FEATURE_MAPS:
+            raise PlanError(
+                f"{where}.normalize",
+                f"normalising needs a positive feature map (the denominator of {self.feature_map!r} can be 0)",
+                list(POSITIVE_FEATURE_MAPS),
+            )
+        if not 0 < self.decay_min < 1:
+            raise PlanError(f"{where}.decay_min", f"must lie in (0, 1), got {self.decay_min!r}")
+        if not self.decay_min <= self.decay_max < 1:
+            raise PlanError(f"{where}.decay_max", f"must lie in [decay_min, 1), got {self.decay_max!r}")
+        if self.gate not in ("vector", "scalar"):
+            raise PlanError(f"{where}.gate", f"unknown gate {self.gate!r}", ["vector", "scalar"])
+        if not self.gate_normalizer > 0:
+            raise PlanError(f"{where}.gate_normalizer", f"must be > 0, got {self.gate_normalizer!r}")
+
+    @property
+    def normalized(self) -> bool:
+        """Whether the mixers normalise (the `normalize` option resolved)."""
+        return self.feature_map in POSITIVE_FEATURE_MAPS if self.normalize is None else bool(self.normalize)
+
+
+@dataclass
+class _Job:
+    """One site to replace, with what the pass decided for it."""
+
+    site: AttentionSite
+    layer: str
+    kind: MixerKind
+    shape: SiteShape
+
+
+def _layer_name(site: AttentionSite, block: Block | None) -> str:
+    path = site.module_path or "<root>"
+    return f"layer {block.index} ({path})" if block is not None else path
+
+
+def _selected_blocks(options: MixerOptions, analysis: GraphAnalysis) -> list[Block]:
+    paths = [b.path for b in analysis.blocks]
+    try:
+        return [analysis.blocks[i] for i in select_layers(options.layers, paths)]
+    except (IndexError, ValueError) as exc:
+        raise PlanError("mixer.layers", f"{exc} (layers: {paths})") from exc
+
+
+def _reads_parameter(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The name of a parameter `node` is computed from, if any (a learned bias)."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "get_attr":
+            try:
+                value = gm.get_parameter(str(cur.target))
+            except AttributeError:
+                value = None
+            if value is not None:
+                return str(cur.target)
+        if cur.op == "placeholder" and isinstance(cur.meta.get("state_name"), str):
+            if isinstance(tensor_meta(cur), torch.nn.Parameter) or cur.meta.get("state_kind") == "parameter":
+                return cur.meta["state_name"]
+        stack.extend(cur.all_input_nodes)
+    return None
+
+
+def _softcapped_softmax(node: fx.Node, depth: int = 6) -> bool:
+    """Whether a softmax's scores come from a matmul through tanh (logit softcapping)."""
+    seen_tanh = False
+    frontier = [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+    for _ in range(depth):
+        nxt = []
+        for cur in frontier:
+            if is_op(cur, aten.tanh.default):
+                seen_tanh = True
+            if is_op(cur, *_MATMUL) and seen_tanh:
+                return True
+            nxt.extend(n for n in cur.all_input_nodes if n.op == "call_function")
+        frontier = nxt
+    return False
+
+
+def _check_block(block: Block, sites: list[AttentionSite]) -> None:
+    """Refuse attention forms the analysis did not turn into sites (softcapping) in a selected block."""
+    chained = {n for s in sites for n in s.chain}
+    for node in block.nodes:
+        if is_op(node, *_SOFTMAX) and node not in chained and _softcapped_softmax(node):
+            raise PassError(
+                "mixer",
+                f"layer {block.index} ({block.path}) applies logit softcapping (tanh) before softmax; "
+                "the linear mixers cannot model it",
+                node=node.name,
+                module_path=block.path,
+            )
+
+
+def _site_shape(site: AttentionSite, layer: str) -> SiteShape:
+    q = tensor_meta(site.q)
+    if q is None or site.q_heads is None or site.kv_heads is None or site.head_dim is None:
+        raise PassError("mixer", f"{layer}: head counts or head dim are not known", site.name, site.module_path)
+    return SiteShape(site.q_heads, site.kv_heads, site.head_dim, q.dtype, q.device)
+
+
+def _is_cross_attention(site: AttentionSite) -> bool:
+    q, k = tensor_meta(site.q), tensor_meta(site.k)
+    if q is None or k is None or q.dim() < 2 or k.dim() < 2:
+        return False
+    return to_expr(q.shape[-2]) != to_expr(k.shape[-2])
+
+
+def _choose_kind(options: MixerOptions, site: AttentionSite, layer: str) -> MixerKind:
+    if site.mask is not None and not site.is_causal and site.mask_is_causal is None:
+        raise PassError(
+            "mixer",
+            f"{layer}: cannot tell whether the attention mask is causal (it could not be evaluated on "
+            "the example inputs), so neither a causal nor a bidirectional mixer is known to be right",
+            site.name,
+            site.module_path,
+        )
+    causal = site.causal
+    name = options.kind
+    if name == "auto":
+        name = CAUSAL_DEFAULT if causal else "bidirectional"
+    kind = KINDS[name]
+    if kind.causal and not causal:
+        raise PassError(
+            "mixer",
+            f"{layer}: attention is not causal (every token sees the whole sequence) but kind {name!r} is "
+            "causal; use kind 'bidirectional' or 'auto' for encoder layers, or leave this layer out of `layers`",
+            site.name,
+            site.module_path,
+        )
+    if causal and not kind.causal:
+        raise PassError(
+            "mixer",
+            f"{layer}: attention is causal but kind {name!r} lets every token see future tokens; "
+            f"use a causal kind ({', '.join(k for k, v in KINDS.items() if v.causal)})",
+            site.name,
+            site.module_path,
+        )
+    return kind
+
+
+def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str) -> None:
+    if site.problem is not None:
+        raise PassError("mixer", f"{layer}: cannot replace this attention: {site.problem}", site.name, site.module_path)
+    mask = site.mask
+    if mask is None:
+        return
+    if not isinstance(mask, fx.Node):
+        raise PassError("mixer", f"{layer}: attention mask {mask!r} is not a tensor", site.name, site.module_path)
+    val = tensor_meta(mask)
+    if val is not None and val.is_floating_point():
+        param = _reads_parameter(gm, mask)
+        if param is not None:
+            raise PassError(
+                "mixer",
+                f"{layer}: the additive attention mask is computed from the parameter {param!r} (a learned "
+                "position bias such as ALiBi or a relative position bias); a linear mixer cannot carry it",
+                site.name,
+                site.module_path,
+            )
+
+
+def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase the nodes of a replaced attention chain (and their metadata asserts) once nothing uses them."""
+    pending = list(dict.fromkeys(n for n in nodes if n.graph is graph))
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            for user in list(node.users):
+                if is_op(user, aten._assert_tensor_metadata.default):
+                    graph.erase_node(user)
+            if not node.users:
+                graph.erase_node(node)
+                pending.remove(node)
+                changed = True
+
+
+def _rewrite(gm: fx.GraphModule, ctx: PassContext, job: _Job, options: MixerOptions) -> list[str]:
+    """Put the mixer call in place of the attention node; returns the new parameters' names."""
+    site, kind = job.site, job.kind
+    added = [
+        ctx.add_parameter(site.module_path, name, init)
+        for name, init in kind.parameters(job.shape, options).items()
+    ]
+    k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
+    kwargs: dict = {}
+    if site.mask is not None:
+        kwargs["mask"] = site.mask
+        if site.mask_negated:
+            kwargs["mask_negated"] = True
+        if not options.check_masks:
+            kwargs["check_mask"] = False
+    kwargs.update(scale=site.scale, feature_map=options.feature_map, normalize=options.normalized)
+    kwargs.update(kind.kwargs(options))
+    kwargs["layer"] = job.layer
+    graph = gm.graph
+    with graph.inserting_before(site.node):
+        params = [graph.get_attr(name) for name in added]
+        new = graph.call_function(kind.fn, (site.q, k, v, *params), kwargs)
+    new.meta = dict(site.node.meta)
+    new.meta["rewrite_mixer"] = kind.name
+    site.node.replace_all_uses_with(new)
+    _erase_dead(graph, [site.node, *site.chain])
+    return added
+
+
+@register_pass
+class Mixer(GraphPass):
+    """Replace softmax attention in the selected layers by linear mixers (see the module docstring)."""
+
+    name = "mixer"
+    summary = "replace softmax attention by linear / gated / bidirectional mixers, reusing q/k/v/o weights"
+    Options = MixerOptions
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        options: MixerOptions = self.options
+        options.validate()
+        result = PassResult(self.name)
+        analysis = ctx.analysis()
+        selected_blocks = _selected_blocks(options, analysis)
+        jobs: list[_Job] = []
+        for block in selected_blocks:
+            _check_block(block, block.sites)
+        for site in analysis.sites:
+            block = analysis.block_of(site)
+            if block is None:
+                selected = options.layers in ("all", "*", None)
+            else:
+                selected = any(b is block for b in selected_blocks)
+            if not selected:
+                continue
+            layer = _layer_name(site, block)
+            result.matched += 1
+            if _is_cross_attention(site):
+                result.messages.append(f"left {layer} as softmax: cross-attention (queries and keys differ in length)")
+                continue
+            _check_site(gm, site, layer)
+            jobs.append(_Job(site, layer, _choose_kind(options, site, layer), _site_shape(site, layer)))
+        for job in jobs:  # every site is checked before any is changed
+            result.added_parameters.extend(_rewrite(gm, ctx, job, options))
+            result.changed.append(f"{job.layer}: {job.kind.name}")
+            if job.site.dropout_p:
+                result.messages.append(f"{job.layer}: attention dropout p={job.site.dropout_p} dropped (no scores)")
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        ctx.invalidate()
+        return result

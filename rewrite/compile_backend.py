@@ -1,0 +1,135 @@
+"""The `torch.compile` backend: `torch.compile(model, backend="rewrite", options={"plan": plan})`.
+
+Dynamo's graph is normalized into the same ATen IR that `rewrite.optimize` captures
+(`rewrite.dynamo_ir.to_aten_ir`), the plan's passes run on it and canonical ops are lowered, then
+the graph goes to Inductor (`options={"inductor": False}` runs it eagerly instead). The name
+`rewrite` is registered through the `torch_dynamo_backends` entry point, so it works without
+importing this package first.
+
+Options (all optional):
+  plan       the plan: a dict, list of passes, YAML/JSON text or file path, or a `rewrite.Plan`
+  inductor   compile the rewritten graph with Inductor (default True); False runs it eagerly
+  on_report  called with a `CompileReport` after each graph Dynamo compiles
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from rewrite import ir_ops as _ir_ops  # noqa: F401  (registers the IR's abstract ops)
+from rewrite.dynamo_ir import STATE_KEY, to_aten_ir
+from rewrite.errors import PlanError
+from rewrite.pipeline import PipelineReport, run_pipeline
+from rewrite.plan import Plan
+
+OPTION_KEYS = ["plan", "inductor", "on_report"]
+
+last_reports: collections.deque[CompileReport] = collections.deque(maxlen=16)
+"""The reports of the most recent graphs this backend compiled, newest last (for interactive use)."""
+
+
+@dataclass
+class BackendOptions:
+    """The validated `options` of `torch.compile(..., backend="rewrite", options=...)`."""
+
+    plan: Plan = field(default_factory=Plan)
+    inductor: bool = True
+    on_report: Callable[[CompileReport], None] | None = None
+
+    @classmethod
+    def from_data(cls, options: dict[str, Any] | None) -> BackendOptions:
+        """Check option names and types; raise PlanError naming the field at fault."""
+        options = dict(options or {})
+        for key in options:
+            if key not in OPTION_KEYS:
+                raise PlanError(f"options.{key}", "unknown option of the rewrite backend", OPTION_KEYS)
+        raw_plan = options.get("plan")
+        plan = Plan.parse(raw_plan) if isinstance(raw_plan, str) else Plan.from_data(raw_plan)
+        inductor = options.get("inductor", True)
+        if not isinstance(inductor, bool):
+            raise PlanError("options.inductor", f"must be a bool, got {inductor!r}")
+        on_report = options.get("on_report")
+        if on_report is not None and not callable(on_report):
+            raise PlanError("options.on_report", f"must be callable, got {on_report!r}")
+        return cls(plan=plan, inductor=inductor, on_report=on_report)
+
+
+@dataclass
+class CompileReport:
+    """What the backend did with one graph Dynamo handed it."""
+
+    pipeline: PipelineReport
+    graph_module: fx.GraphModule  # the rewritten ATen graph (what Inductor compiles or what runs)
+    state_names: list[str]  # parameters and buffers among the graph's inputs, in input order
+    inductor: bool
+    normalize_seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    @property
+    def code(self) -> str:
+        """The rewritten program as Python."""
+        return self.graph_module.code
+
+    @property
+    def added_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Parameters the passes added; they live on `graph_module`, not on the compiled model."""
+        names = [name for r in self.pipeline.results for name in r.added_parameters]
+        return {name: self.graph_module.get_parameter(name) for name in names}
+
+    def summary(self) -> str:
+        where = "inductor" if self.inductor else "eager"
+        return f"{self.pipeline.summary()}\nnormalize {self.normalize_seconds:.2f} s, backend {where}"
+
+
+def _compile_inductor(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None
+) -> Callable[..., Any]:
+    """Inductor's own entry (AOT autograd, decompositions, codegen) on a copy: compile_fx mutates its input."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    patches = list_mode_options(mode) if mode else None
+    return compile_fx(fx.GraphModule(gm, graph), list(example_inputs), config_patches=patches)
+
+
+def rewrite_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """Dynamo backend: normalize `gm` into the rewriter's IR, run the plan, compile or run eagerly."""
+    opts = BackendOptions.from_data(options)
+    start = time.perf_counter()
+    aten_gm = to_aten_ir(gm, example_inputs)
+    normalized = time.perf_counter()
+    pipeline = run_pipeline(aten_gm, opts.plan)
+    pipeline.capture_seconds = normalized - start
+    state = [n.meta[STATE_KEY] for n in aten_gm.graph.nodes if n.op == "placeholder" and STATE_KEY in n.meta]
+    report = CompileReport(
+        pipeline=pipeline,
+        graph_module=aten_gm,
+        state_names=state,
+        inductor=opts.inductor,
+        normalize_seconds=normalized - start,
+    )
+    compiled: Callable[..., Any] = aten_gm
+    if opts.inductor:
+        compiled = _compile_inductor(aten_gm, example_inputs, mode)
+    report.compile_seconds = time.perf_counter() - start
+    last_reports.append(report)
+    if opts.on_report is not None:
+        opts.on_report(report)
+    return compiled
+
+
+__all__ = ["BackendOptions", "CompileReport", "last_reports", "rewrite_backend"]

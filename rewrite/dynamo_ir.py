@@ -1,0 +1,158 @@
+"""Normalize a Dynamo graph into the rewriter's IR: an ATen pre-dispatch FX graph.
+
+Dynamo hands a backend a torch-level graph (`torch.nn.functional.linear`, `F.scaled_dot_product_attention`,
+method calls) whose placeholders are the user inputs, the model's parameters and buffers, and
+symbolic sizes. `rewrite.optimize` captures with `torch.export`, whose graph holds ATen ops. Passes
+match one IR only, so this module retraces Dynamo's graph into ATen pre-dispatch form (the level of
+export's training IR: `aten.linear`, `aten.scaled_dot_product_attention`, autograd left to run
+later), keeping each node's `nn_module_stack` and Dynamo's symbolic sizes. Parameters and buffers
+stay placeholders (Dynamo passes them in on every call) and are tagged `meta['state_name']` with
+their dotted name, which `rewrite.analysis.nodes.state_name` reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from rewrite.analysis.mask_probe import annotate_mask_causality
+
+STATE_KEY = "state_name"
+SOURCE_KEY = "dynamo_source"
+
+_ACCESS = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)")
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+_ROOT = re.compile(r"^[LG]\['([^']*)'\]")
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What one placeholder of Dynamo's graph is."""
+
+    kind: str  # "state" (parameter / buffer), "input" (user tensor or value) or "size" (a SymInt)
+    name: str  # dotted state name, or a readable input name
+    source: str  # Dynamo's source expression, e.g. "L['self']._modules['lm_head']._parameters['weight']"
+
+
+def _source_text(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return ""
+    name = source.name
+    return name() if callable(name) else str(name)
+
+
+def _accessors(source: str) -> tuple[str, list[str]]:
+    """Split `L['self']._modules['a']._parameters['w']` into its root ('self') and accessors."""
+    root = _ROOT.match(source)
+    if root is None:
+        return "", []
+    parts = [a or b or c for a, b, c in _ACCESS.findall(source[root.end() :])]
+    return root.group(1), parts
+
+
+def state_name_from_source(source: str) -> str | None:
+    """`L['self']._modules['layers']._modules['0']._parameters['weight']` -> `layers.0.weight`.
+
+    None unless the source reads a module's parameter or buffer. State of the compiled module
+    itself (`L['self']`) is named as in its `named_parameters()`; state reached from another root
+    (a global module, say) keeps that root's name as the first part.
+    """
+    root, parts = _accessors(source)
+    if len(parts) < 2 or parts[-2] not in ("_parameters", "_buffers"):
+        return None
+    dotted = [p for p in parts if p not in _CONTAINERS]
+    return ".".join(dotted if root == "self" else [root, *dotted])
+
+
+def describe_input(node: fx.Node) -> InputInfo:
+    """Classify one placeholder of Dynamo's graph from its source (see InputInfo)."""
+    source = _source_text(node)
+    if isinstance(node.meta.get("example_value"), torch.SymInt):
+        return InputInfo("size", node.name, source)
+    state = state_name_from_source(source)
+    if state is not None:
+        return InputInfo("state", state, source)
+    root, parts = _accessors(source)
+    tail = [p for p in parts if p not in _CONTAINERS]
+    if root == "kwargs" and tail:  # L['kwargs']['input_ids'] -> input_ids
+        return InputInfo("input", "_".join(tail), source)
+    return InputInfo("input", "_".join([root, *tail]) if root else node.name, source)
+
+
+def _identifier(text: str) -> str:
+    name = re.sub(r"\W", "_", text).strip("_") or "arg"
+    return name if not name[0].isdigit() else f"_{name}"
+
+
+def _tracing_values(placeholders: list[fx.Node], example_inputs: Sequence[Any]) -> list[Any]:
+    """Dynamo's fake values (symbolic sizes) for each input; the real input where Dynamo kept none."""
+    vals = []
+    for node, real in zip(placeholders, example_inputs):
+        fake = node.meta.get("example_value")
+        vals.append(fake if fake is not None else real)
+    return vals
+
+
+def _concrete(x: Any) -> Any:
+    """A real value to probe masks with: real tensors as they are, SymInts by their hint, fakes -> None."""
+    if isinstance(x, FakeTensor):
+        return None
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        return int(hint) if hint is not None else None
+    return x
+
+
+def _probe_masks(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Record which attention masks are causal, as `capture` does, when the inputs are real."""
+    values = [_concrete(x) for x in example_inputs]
+    if any(v is None for v, x in zip(values, example_inputs) if x is not None):
+        return
+    annotate_mask_causality(gm, values)
+
+
+def to_aten_ir(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """Retrace Dynamo's `gm` into the ATen pre-dispatch IR that `rewrite.optimize`'s passes read.
+
+    The result takes the same positional inputs in the same order as `gm` and returns the same
+    outputs. Placeholders get readable names; parameters and buffers carry `meta['state_name']`.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise ValueError(
+            f"Dynamo graph has {len(placeholders)} inputs but {len(example_inputs)} example inputs"
+        )
+    infos = [describe_input(n) for n in placeholders]
+    vals = _tracing_values(placeholders, example_inputs)
+    with torch.fx.traceback.preserve_node_meta():
+        traced = make_fx(
+            fx.Interpreter(gm).run, pre_dispatch=True, record_module_stack=True, tracing_mode="symbolic"
+        )(*vals)
+    new_placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    for node, old, info in zip(new_placeholders, placeholders, infos):
+        node._rename(_identifier(info.name) if info.kind != "size" else old.name)
+        node.target = node.name
+        node.meta[SOURCE_KEY] = info.source
+        if info.kind == "state":
+            node.meta[STATE_KEY] = info.name
+    traced.graph.lint()
+    traced.recompile()
+    _probe_masks(traced, example_inputs)
+    return traced
+
+
+def state_placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Dotted state name -> placeholder, for graphs made by `to_aten_ir`."""
+    return {n.meta[STATE_KEY]: n for n in gm.graph.nodes if n.op == "placeholder" and STATE_KEY in n.meta}
+
+
+__all__ = ["InputInfo", "describe_input", "state_name_from_source", "state_placeholders", "to_aten_ir"]

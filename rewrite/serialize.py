@@ -1,0 +1,241 @@
+"""Save an OptimizedModule to a folder (plan, weights, exported program, meta) and load it back.
+
+Layout of the folder:
+
+- `plan.yaml`: the plan, as `Plan.dump_yaml()` writes it;
+- `weights.safetensors`: the module's state dict (tied weights stored once);
+- `program.pt2`: the rewritten program as a `torch.export` program, re-exported on example inputs
+  rebuilt from the capture's recorded shapes and dtypes, every dim dynamic where the graph allows;
+- `meta.json`: format version, source class, mode, example input specs, what the capture injected.
+
+`load_optimized(folder, model)` optimizes `model` again by the saved plan and loads the weights into
+it; `load_optimized(folder)` runs `program.pt2` without the source model (it cannot capture again).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.utils._pytree as pytree
+
+from rewrite.capture import (
+    Captured,
+    TensorSpec,
+    _dynamic_shapes,
+    drop_guard_calls,
+    examples_from_specs,
+    fixed_dims,
+)
+from rewrite.errors import RewriteError
+from rewrite.optimized_module import OptimizedModule, ensure_module
+from rewrite.pipeline import PipelineReport
+from rewrite.plan import Plan
+
+FORMAT = 1
+PLAN_FILE = "plan.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+PROGRAM_FILE = "program.pt2"
+META_FILE = "meta.json"
+
+
+def _specs_to_json(specs: Any) -> dict[str, Any]:
+    leaves, spec = pytree.tree_flatten(specs, is_leaf=lambda x: isinstance(x, TensorSpec))
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, TensorSpec):
+            out.append({"shape": list(leaf.shape), "dtype": str(leaf.dtype).removeprefix("torch.")})
+        elif leaf is None or isinstance(leaf, bool | int | float | str):
+            out.append({"value": leaf})
+        else:
+            raise RewriteError(f"cannot save an example input of type {type(leaf).__name__}")
+    return {"spec": pytree.treespec_dumps(spec), "leaves": out}
+
+
+def _specs_from_json(data: dict[str, Any]) -> Any:
+    leaves = [
+        TensorSpec(tuple(x["shape"]), getattr(torch, x["dtype"])) if "shape" in x else x["value"]
+        for x in data["leaves"]
+    ]
+    return pytree.tree_unflatten(leaves, pytree.treespec_loads(data["spec"]))
+
+
+def _tied_groups(module: torch.nn.Module) -> list[list[str]]:
+    """Names of state entries that share one tensor (tied weights), groups of two or more."""
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(tensor), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _export_program(om: OptimizedModule, captured: Captured) -> torch.export.ExportedProgram:
+    device = next((p.device for p in om.parameters()), torch.device("cpu"))
+    args, kwargs = examples_from_specs(captured.example_specs, device)
+    program = om.program
+    with torch.no_grad():
+        return torch.export.export(
+            program, args, kwargs, dynamic_shapes=_dynamic_shapes(program, args, kwargs), strict=False
+        )
+
+
+def save_optimized(om: OptimizedModule, directory: Path) -> Path:
+    """Write plan, weights, program and meta of `om` into `directory` (created if missing)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    captured: Captured = om.__dict__["_captured"]
+    (directory / PLAN_FILE).write_text(om.plan.dump_yaml())
+    safetensors.torch.save_model(om, str(directory / WEIGHTS_FILE))
+    program_error = None
+    try:
+        torch.export.save(_export_program(om, captured), str(directory / PROGRAM_FILE))
+    except Exception as exc:  # the plan and weights are still useful with the source model
+        program_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        warnings.warn(f"could not export the program; saved plan and weights only ({program_error})", stacklevel=2)
+        (directory / PROGRAM_FILE).unlink(missing_ok=True)
+    source = om.source
+    from rewrite import __version__
+
+    meta = {
+        "format": FORMAT,
+        "rewrite_version": __version__,
+        "torch_version": torch.__version__,
+        "source_class": f"{type(source).__module__}.{type(source).__qualname__}" if source is not None else None,
+        "source_module": type(source).__module__ if source is not None else None,
+        "training": om.training,
+        "injected_kwargs": captured.injected_kwargs,
+        "kwarg_order": captured.kwarg_order,
+        "example_inputs": _specs_to_json(captured.example_specs),
+        "state_keys": list(om.state_dict()),
+        "tied": _tied_groups(om),
+        "program_error": program_error,
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / META_FILE
+    if not path.exists():
+        raise RewriteError(f"{directory} holds no {META_FILE}: not a folder written by OptimizedModule.save")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise RewriteError(f"{path}: format {meta.get('format')!r}, this version reads format {FORMAT}")
+    return meta
+
+
+def _user_examples(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Example inputs as the user passed them (without the keywords the capture injected)."""
+    args, kwargs = examples_from_specs(_specs_from_json(meta["example_inputs"]))
+    for name in meta["injected_kwargs"]:
+        kwargs.pop(name, None)
+    return args, kwargs
+
+
+def _load_with_model(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> OptimizedModule:
+    from rewrite.api import optimize
+
+    plan = Plan.load(directory / PLAN_FILE)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    args, kwargs = _user_examples(meta)
+    args, kwargs = pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, (args, kwargs))
+    om = optimize(model, plan, args, example_kwargs=kwargs)
+    missing, unexpected = safetensors.torch.load_model(om, str(directory / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise RewriteError(
+            f"the weights in {directory} do not fit this model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return om
+
+
+def _load_program(directory: Path, meta: dict[str, Any]) -> OptimizedModule:
+    path = directory / PROGRAM_FILE
+    if not path.exists():
+        why = meta.get("program_error") or "the file is missing"
+        raise RewriteError(f"{directory} has no program to run ({why}); load it with rewrite.load(path, model=...)")
+    if meta.get("source_module"):
+        try:  # output classes (Hugging Face ModelOutput) register their pytree names on import
+            importlib.import_module(meta["source_module"])
+        except ImportError:
+            pass
+    gm = torch.export.load(str(path)).module()
+    drop_guard_calls(gm)
+    specs = _specs_from_json(meta["example_inputs"])
+    flat_specs = pytree.tree_leaves(specs, is_leaf=lambda x: isinstance(x, TensorSpec))
+    args, kwargs = examples_from_specs(specs)
+    captured = Captured(
+        graph_module=gm,
+        injected_kwargs=dict(meta["injected_kwargs"]),
+        static_dims=fixed_dims(gm, flat_specs),
+        constants={i: leaf for i, leaf in enumerate(flat_specs) if not isinstance(leaf, TensorSpec)},
+        in_spec=pytree.tree_flatten((args, kwargs))[1],
+        kwarg_order=list(meta["kwarg_order"]),
+        example_specs=specs,
+    )
+    report = PipelineReport()
+    om = OptimizedModule(gm, captured, Plan.load(directory / PLAN_FILE), report, source=None)
+    om.train(bool(meta["training"]))
+    om.__dict__["_captured_training"] = om.training
+    _restore_ties(om, meta["tied"])
+    _restore_persistence(om, set(meta["state_keys"]))
+    _load_weights(om, directory / WEIGHTS_FILE, meta["tied"])
+    return om
+
+
+def _restore_ties(om: torch.nn.Module, tied: list[list[str]]) -> None:
+    """Register tied names the exported program dropped (it keeps one name per shared tensor)."""
+    for group in tied:
+        state = dict(om.named_parameters(remove_duplicate=False)) | dict(om.named_buffers(remove_duplicate=False))
+        present = [n for n in group if n in state]
+        if not present:
+            continue
+        tensor = state[present[0]]
+        for name in group:
+            if name in state:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            holder = ensure_module(om, owner)
+            if isinstance(tensor, torch.nn.Parameter):
+                holder.register_parameter(leaf, tensor)
+            else:
+                holder.register_buffer(leaf, tensor)
+
+
+def _restore_persistence(om: torch.nn.Module, state_keys: set[str]) -> None:
+    """Buffers the saved module kept out of its state dict stay out of it (export forgets the flag)."""
+    for name, _ in list(om.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        module = om.get_submodule(owner) if owner else om
+        if name in state_keys:
+            module._non_persistent_buffers_set.discard(leaf)
+        else:
+            module._non_persistent_buffers_set.add(leaf)
+
+
+def _load_weights(om: torch.nn.Module, path: Path, tied: list[list[str]]) -> None:
+    """Copy saved tensors into `om` by name; a tied name saved under another name of its group counts."""
+    saved = safetensors.torch.load_file(str(path), device=str(next(om.parameters()).device))
+    for group in tied:
+        present = [n for n in group if n in saved]
+        for name in group:
+            if present:
+                saved.setdefault(name, saved[present[0]])
+    wanted = om.state_dict(keep_vars=True)
+    missing = [name for name, p in om.named_parameters() if name not in saved]
+    if missing:
+        raise RewriteError(f"{path} lacks parameters the program reads: {missing[:5]}")
+    om.load_state_dict({k: saved[k] for k in wanted if k in saved}, strict=False)
+
+
+def load_optimized(directory: str | Path, model: torch.nn.Module | None = None) -> OptimizedModule:
+    """Load what `save_optimized` wrote: with `model`, optimize it again; without, run the saved program."""
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    if model is not None:
+        return _load_with_model(directory, model, meta)
+    return _load_program(directory, meta)

@@ -1,0 +1,140 @@
+"""Resolve a target spec (what the CLI rewrites) into a model and its example inputs.
+
+A spec is one of:
+
+- a built-in name from `examples.models.TARGETS`: `llama`, `bert`, `gpt2`, ...
+- `path/to/file.py:factory`: a function in a Python file;
+- `package.module:factory`: a function in an importable module.
+
+Each may end with `?key=value,key=value` (`&` also separates) to pass keyword arguments to the
+factory: `llama?batch=4,length=128`. Values are read as YAML scalars (`4` is an int, `true` a
+bool, `sdpa` a string). Quote the spec in a shell: `?` is a glob character.
+
+A factory returns `(model, example_inputs)`, where example_inputs is a dict of keyword arguments,
+a tuple/list of positional arguments or a single tensor; or `(model, args, kwargs)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from rewrite.errors import RewriteError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TargetError(RewriteError):
+    """A target spec names nothing loadable, or its factory failed or returned the wrong thing."""
+
+
+def builtin_targets() -> dict[str, Callable[..., Any]]:
+    """`examples.models.TARGETS`, importing it from the repository checkout when not on sys.path."""
+    try:
+        module = importlib.import_module("examples.models")
+        if hasattr(module, "TARGETS"):
+            return dict(module.TARGETS)
+    except ImportError:
+        pass
+    path = REPO_ROOT / "examples" / "models.py"
+    if not path.exists():
+        return {}
+    return dict(getattr(_load_file(path, "rewrite_builtin_targets"), "TARGETS", {}))
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split `ref?key=value,...` into the reference and the factory's keyword arguments."""
+    ref, _, query = spec.partition("?")
+    params: dict[str, Any] = {}
+    for item in query.replace("&", ",").split(","):
+        if not item.strip():
+            continue
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise TargetError(f"target {spec!r}: expected key=value after '?', got {item!r}")
+        params[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return ref.strip(), params
+
+
+def _load_file(path: Path, name: str) -> Any:
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise TargetError(f"cannot import {str(path)!r} as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _resolve(ref: str, spec: str) -> Callable[..., Any]:
+    builtins = builtin_targets()
+    if ":" not in ref:
+        if ref in builtins:
+            return builtins[ref]
+        names = ", ".join(sorted(builtins)) or "(none: examples/models.py not found)"
+        raise TargetError(
+            f"unknown target {spec!r}: not a built-in name; use path/to/file.py:factory or "
+            f"package.module:factory, or one of: {names}"
+        )
+    where, _, attr = ref.rpartition(":")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        if not path.exists():
+            raise TargetError(f"target {spec!r}: no file {where!r}")
+        module = _load_file(path.resolve(), f"rewrite_target_{path.stem}")
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise TargetError(f"target {spec!r}: cannot import module {where!r} ({exc})") from exc
+    if not hasattr(module, attr):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise TargetError(f"target {spec!r}: {where!r} has no {attr!r}; callables there: {', '.join(found)}")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise TargetError(f"target {spec!r}: {attr!r} is not callable")
+    return factory
+
+
+def _split_inputs(result: Any, spec: str) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise TargetError(
+            f"target {spec!r}: the factory must return (model, example_inputs) or (model, args, kwargs), "
+            f"got {type(result).__name__}"
+        )
+    model = result[0]
+    if not isinstance(model, torch.nn.Module):
+        raise TargetError(f"target {spec!r}: the factory's model is a {type(model).__name__}, not an nn.Module")
+    if len(result) == 3:
+        return model, tuple(result[1] or ()), dict(result[2] or {})
+    inputs = result[1]
+    if isinstance(inputs, dict):
+        return model, (), dict(inputs)
+    if isinstance(inputs, list | tuple):
+        return model, tuple(inputs), {}
+    return model, (inputs,), {}
+
+
+def load_target(spec: str) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:
+    """The model, positional and keyword example inputs named by `spec` (see the module docstring)."""
+    ref, params = parse_spec(spec)
+    factory = _resolve(ref, spec)
+    try:
+        inspect.signature(factory).bind(**params)
+    except TypeError as exc:
+        accepted = ", ".join(inspect.signature(factory).parameters) or "none"
+        raise TargetError(f"target {spec!r}: {exc} (the factory takes: {accepted})") from exc
+    except ValueError:  # no signature (a builtin): let the call decide
+        pass
+    return _split_inputs(factory(**params), spec)
+
+
+__all__ = ["TargetError", "builtin_targets", "load_target", "parse_spec"]

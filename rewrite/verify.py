@@ -1,0 +1,274 @@
+"""Check an optimized module against its original: every output within tolerance, and if not, where
+the two programs first diverge (the first graph node whose value differs, with its module path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.fx._pytree import tree_flatten_spec
+
+from rewrite.analysis.nodes import module_path, op_name
+from rewrite.capture import order_kwargs
+from rewrite.errors import VerificationError
+
+
+@dataclass
+class OutputCheck:
+    """How one output leaf of the optimized module compares with the original's."""
+
+    path: str
+    shape: tuple[int, ...] | None
+    max_abs: float
+    max_rel: float
+    passed: bool
+    problem: str | None = None  # a mismatch that is not numeric (shape, dtype, type, value)
+
+
+@dataclass
+class Divergence:
+    """The first node (in the captured program's execution order) whose value differs."""
+
+    node: str
+    op: str
+    module_path: str
+    max_abs: float
+    max_rel: float
+    beyond_tolerance: bool  # False: nothing exceeds tolerance, this is merely the first nonzero difference
+    new_op: str | None = None  # what the optimized program computes at this node, if the op changed
+    new_inputs: list[str] = field(default_factory=list)  # inputs that exist only in the optimized program
+
+    def describe(self) -> str:
+        where = self.module_path or "<root>"
+        kind = "diverges" if self.beyond_tolerance else "is the first to differ at all (within tolerance)"
+        op = self.op if self.new_op is None else f"{self.op}, now {self.new_op}"
+        text = f"node {self.node!r} ({op}, module {where}) {kind}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
+        if self.new_inputs:
+            text += f"; it reads node(s) added by the passes: {', '.join(self.new_inputs)}"
+        return text
+
+
+@dataclass
+class VerifyReport:
+    """Per-output errors of optimized vs original, and where they first diverge if they do."""
+
+    outputs: list[OutputCheck]
+    atol: float
+    rtol: float
+    divergence: Divergence | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    def __str__(self) -> str:
+        head = f"{'output':<36} {'shape':<18} {'max abs':>10} {'max rel':>10}  ok"
+        lines = [head, "-" * len(head)]
+        for o in self.outputs:
+            shape = "x".join(map(str, o.shape)) if o.shape is not None else "-"
+            lines.append(f"{o.path:<36} {shape:<18} {o.max_abs:>10.3g} {o.max_rel:>10.3g}  {'yes' if o.passed else 'NO'}")
+            if o.problem:
+                lines.append(f"    {o.problem}")
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines.append(f"{verdict} (atol {self.atol:g}, rtol {self.rtol:g})")
+        if self.divergence is not None:
+            lines.append("first divergence: " + self.divergence.describe())
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        """Raise VerificationError carrying this report's table if any output is out of tolerance."""
+        if not self.passed:
+            raise VerificationError("the optimized module's outputs differ from the original's\n" + str(self))
+
+
+def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """(max abs error, max rel error, |got - want|) in float64; NaN where both are NaN counts as equal."""
+    a, b = got.detach().double(), want.detach().double()
+    diff = (a - b).abs()
+    both_nan = a.isnan() & b.isnan()
+    same_inf = a.isinf() & (a == b)
+    diff = torch.where(both_nan | same_inf, torch.zeros_like(diff), diff)
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    if diff.numel() == 0:
+        return 0.0, 0.0, diff
+    rel = diff / b.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    rel = torch.where(diff == 0, torch.zeros_like(rel), rel)
+    return float(diff.max()), float(rel.max()), diff
+
+
+def _close(diff: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> bool:
+    return bool((diff <= atol + rtol * want.detach().double().abs().nan_to_num(0.0)).all())
+
+
+def compare_values(got: Any, want: Any, atol: float, rtol: float, path: str = "") -> OutputCheck:
+    """Compare one output leaf (tensor or Python value)."""
+    if isinstance(want, torch.Tensor) != isinstance(got, torch.Tensor):
+        return OutputCheck(path, None, float("inf"), float("inf"), False,
+                           f"type {type(got).__name__}, expected {type(want).__name__}")
+    if not isinstance(want, torch.Tensor):
+        ok = got == want
+        return OutputCheck(path, None, 0.0 if ok else float("inf"), 0.0 if ok else float("inf"), bool(ok),
+                           None if ok else f"value {got!r}, expected {want!r}")
+    shape = tuple(want.shape)
+    if got.shape != want.shape:
+        return OutputCheck(path, shape, float("inf"), float("inf"), False,
+                           f"shape {tuple(got.shape)}, expected {shape}")
+    if got.dtype != want.dtype:
+        return OutputCheck(path, shape, float("inf"), float("inf"), False, f"dtype {got.dtype}, expected {want.dtype}")
+    max_abs, max_rel, diff = _errors(got, want)
+    return OutputCheck(path, shape, max_abs, max_rel, _close(diff, want, atol, rtol))
+
+
+def compare_outputs(got: Any, want: Any, atol: float, rtol: float) -> tuple[list[OutputCheck], list[str]]:
+    """Compare two output trees leaf by leaf (HF ModelOutput, tuples, dicts...)."""
+    want_leaves, want_spec = pytree.tree_flatten_with_path(want)
+    got_leaves, got_spec = pytree.tree_flatten_with_path(got)
+    notes = []
+    if [p for p, _ in want_leaves] != [p for p, _ in got_leaves]:
+        notes.append(f"output structure differs: {got_spec} vs {want_spec}")
+        want_map = {pytree.keystr(p): v for p, v in want_leaves}
+        got_map = {pytree.keystr(p): v for p, v in got_leaves}
+        checks = []
+        for key in sorted(set(want_map) | set(got_map)):
+            if key in want_map and key in got_map:
+                checks.append(compare_values(got_map[key], want_map[key], atol, rtol, key))
+            else:
+                side = "optimized" if key in got_map else "original"
+                checks.append(OutputCheck(key or "<output>", None, float("inf"), float("inf"), False,
+                                          f"only the {side} module returns this"))
+        return checks, notes
+    checks = [
+        compare_values(g, w, atol, rtol, pytree.keystr(p) or "<output>")
+        for (p, w), (_, g) in zip(want_leaves, got_leaves)
+    ]
+    return checks, notes
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps every node's tensor value by node name."""
+
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor) and n.op != "output":
+            self.values[n.name] = result.detach()
+        return result
+
+
+def _flat_inputs(graph: fx.Graph, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        return list(tree_flatten_spec((tuple(args), kwargs), info.in_spec))
+    return pytree.tree_leaves((tuple(args), kwargs))
+
+
+def _record(root: torch.nn.Module, graph: fx.Graph, flat: list[Any]) -> dict[str, torch.Tensor]:
+    plain = fx.Graph()
+    plain.graph_copy(graph, {})  # nodes keep their names; default codegen takes flat placeholders
+    plain.output(None)  # values are recorded as they are computed; every node runs
+    gm = fx.GraphModule(root, plain)
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(*flat)
+    return recorder.values
+
+
+def find_divergence(
+    root: torch.nn.Module,
+    reference: fx.Graph,
+    candidate: fx.Graph,
+    args: tuple,
+    kwargs: dict[str, Any],
+    *,
+    atol: float,
+    rtol: float,
+    seed: int = 0,
+) -> Divergence | None:
+    """Run both graphs on the inputs (state from `root`); the first common node whose values differ."""
+    flat_ref = _flat_inputs(reference, args, kwargs)
+    flat_new = _flat_inputs(candidate, args, kwargs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        ref_values = _record(root, reference, flat_ref)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        new_values = _record(root, candidate, flat_new)
+    new_nodes = {n.name: n for n in candidate.nodes}
+    first_nonzero: Divergence | None = None
+    for node in reference.nodes:
+        want, got = ref_values.get(node.name), new_values.get(node.name)
+        if want is None or got is None or want.shape != got.shape or want.dtype != got.dtype:
+            continue
+        max_abs, max_rel, diff = _errors(got, want)
+        if max_abs == 0.0:
+            continue
+        beyond = not _close(diff, want, atol, rtol)
+        new_node = new_nodes[node.name]
+        added = [a.name for a in new_node.all_input_nodes if a.name not in ref_values and a.op != "get_attr"]
+        new_op = op_name(new_node) if op_name(new_node) != op_name(node) else None
+        found = Divergence(node.name, op_name(node), module_path(node), max_abs, max_rel, beyond, new_op, added)
+        if beyond:
+            return found
+        if first_nonzero is None:
+            first_nonzero = found
+    return first_nonzero
+
+
+def _run(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], seed: int) -> Any:
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        return module(*args, **kwargs)
+
+
+def verify(
+    original: torch.nn.Module,
+    optimized: Any,
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    seed: int = 0,
+) -> VerifyReport:
+    """Run both modules on the inputs (same RNG seed) and compare every output leaf.
+
+    When outputs differ and `optimized` keeps its captured (pre-pass) graph, both programs are run
+    node by node and the report names the first node where they diverge.
+    """
+    kwargs = dict(kwargs or {})
+    captured = optimized.__dict__.get("_captured")
+    injected = dict(captured.injected_kwargs) if captured is not None else {}
+    want = _run(original, tuple(args), {**injected, **kwargs}, seed)
+    got = _run(optimized, tuple(args), kwargs, seed)
+    checks, notes = compare_outputs(got, want, atol, rtol)
+    report = VerifyReport(outputs=checks, atol=atol, rtol=rtol, notes=notes)
+    if report.passed:
+        return report
+    reference = getattr(optimized, "captured_graph", None)
+    if reference is None:
+        report.notes.append("no captured graph kept: cannot locate the first diverging node")
+        return report
+    captured = optimized.__dict__.get("_captured", captured)
+    full = order_kwargs({**captured.injected_kwargs, **kwargs}, captured.kwarg_order)
+    try:
+        report.divergence = find_divergence(
+            optimized, reference, optimized.graph, tuple(args), full, atol=atol, rtol=rtol, seed=seed
+        )
+    except Exception as exc:  # localization is a diagnostic: never hide the output table behind it
+        report.notes.append(f"could not run the graphs node by node: {type(exc).__name__}: {exc}")
+        return report
+    if report.divergence is None:
+        report.notes.append("no node present in both programs differs; the difference is in nodes the passes added")
+    return report

@@ -1,0 +1,205 @@
+"""rewrite::delta_rule*: naive recurrence vs chunked form, op gradients, Triton launchers, varlen, states, decode."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rewrite.kernels.delta_rule import delta_rule, delta_rule_step
+from rewrite.kernels.delta_rule.chunked_reference import autodiff_backward, chunked_backward, chunked_forward
+from rewrite.kernels.delta_rule.naive import naive_delta_rule
+from rewrite.kernels.testing import assert_close, check_launcher, kernel_device, load_launchers
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+FORWARD = "rewrite.kernels.delta_rule.triton_forward"
+STEP = "rewrite.kernels.delta_rule.triton_step"
+
+
+def make_inputs(dtype, device, *, batch=2, length=21, heads=4, kv_heads=2, dk=16, dv=16, gated=True,
+                with_state=True, cu_seqlens=None, beta_max=1.0):
+    """q, k (unit rows), v, beta in [0, beta_max], g (log-decays) or None, initial state or None, cu_seqlens."""
+    n = batch if cu_seqlens is None else len(cu_seqlens) - 1
+    q = torch.randn(batch, length, heads, dk, device=device).to(dtype)
+    k = F.normalize(torch.randn(batch, length, kv_heads, dk, device=device), dim=-1).to(dtype)
+    v = torch.randn(batch, length, kv_heads, dv, device=device).to(dtype)
+    beta = (torch.rand(batch, length, kv_heads, device=device) * beta_max).to(dtype)
+    g = (-0.5 * torch.rand(batch, length, kv_heads, device=device)).to(dtype) if gated else None
+    state_dtype = torch.promote_types(dtype, torch.float32)
+    h0 = torch.randn(n, kv_heads, dk, dv, device=device, dtype=state_dtype) if with_state else None
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    return q, k, v, beta, g, h0, cu
+
+
+CASES = [
+    dict(batch=2, length=21, heads=4, kv_heads=2, gated=True, with_state=True),
+    dict(batch=1, length=19, heads=2, kv_heads=1, dk=8, dv=12, gated=False, with_state=True,
+         cu_seqlens=[0, 1, 9, 9, 10, 19], beta_max=2.0),
+    dict(batch=3, length=1, heads=2, kv_heads=2, gated=True, with_state=False),
+]
+
+
+def naive_grads(inputs, scale, do, dht):
+    q, k, v, beta, g, h0, cu = inputs
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
+    o, final = naive_delta_rule(*leaves[:5], scale=scale, initial_state=leaves[5], cu_seqlens=cu)
+    present = [x for x in leaves if x is not None]
+    grads = iter(torch.autograd.grad((o, final), present, (do, dht)))
+    return o, final, [None if x is None else next(grads) for x in leaves]
+
+
+def output_grads(inputs):
+    q, k, v, _, _, _, cu = inputs
+    n = q.shape[0] if cu is None else cu.numel() - 1
+    do = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    dht = torch.randn(n, k.shape[2], k.shape[-1], v.shape[-1], dtype=torch.promote_types(q.dtype, torch.float32))
+    return do, dht
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_chunked_forward_matches_naive(case, chunk):
+    q, k, v, beta, g, h0, cu = make_inputs(torch.float64, "cpu", **case)
+    o, final = chunked_forward(q, k, v, beta, g, 0.3, h0, cu, chunk)
+    o_ref, final_ref = naive_delta_rule(q, k, v, beta, g, scale=0.3, initial_state=h0, cu_seqlens=cu)
+    assert_close(o, o_ref, 1e-12, "o")
+    assert_close(final, final_ref, 1e-12, "final state")
+
+
+NAMES = ("dq", "dk", "dv", "dbeta", "dg", "d_initial_state")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_op_output_and_grads_match_naive(case):
+    inputs = make_inputs(torch.float64, "cpu", **case)
+    do, dht = output_grads(inputs)
+    o_ref, final_ref, grads_ref = naive_grads(inputs, 0.3, do, dht)
+    q, k, v, beta, g, h0, cu = inputs
+    leaves = [None if x is None else x.clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
+    o, final = delta_rule(*leaves[:5], scale=0.3, initial_state=leaves[5], output_final_state=True, cu_seqlens=cu)
+    present = [x for x in leaves if x is not None]
+    grads = iter(torch.autograd.grad((o, final), present, (do, dht)))
+    assert_close(o, o_ref, 1e-12, "o")
+    assert_close(final, final_ref, 1e-12, "final state")
+    for name, leaf, expected in zip(NAMES, leaves, grads_ref):
+        if leaf is not None:
+            assert_close(next(grads), expected, 1e-10, name)
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_backward_functions_match_naive(case):
+    inputs = make_inputs(torch.float64, "cpu", **case)
+    do, dht = output_grads(inputs)
+    _, _, grads_ref = naive_grads(inputs, 0.3, do, dht)
+    q, k, v, beta, g, h0, cu = inputs
+    by_loop = chunked_backward(do, dht, q, k, v, beta, g, 0.3, h0, cu)
+    by_autodiff = autodiff_backward(do, dht, q, k, v, beta, g, 0.3, h0, cu, 8)  # the CUDA op's backward
+    for name, a, b, expected in zip(NAMES, by_loop, by_autodiff, grads_ref):
+        if expected is not None:
+            assert_close(a, expected, 1e-10, name)
+            assert_close(b, expected, 1e-10, name + " (autodiff)")
+
+
+def test_allow_neg_eigval_doubles_beta():
+    q, k, v, beta, g, h0, _ = make_inputs(torch.float64, "cpu")
+    o, _ = delta_rule(q, k, v, beta, g, allow_neg_eigval=True)
+    o_ref, _ = naive_delta_rule(q, k, v, 2 * beta, g)
+    assert_close(o, o_ref, 1e-12)
+
+
+def test_steps_match_one_call():
+    q, k, v, beta, g, h0, _ = make_inputs(torch.float64, "cpu", length=9)
+    o, final = delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True)
+    state, outs = h0, []
+    for start, end in ((0, 4), (4, 5), (5, 9)):
+        part = slice(start, end)
+        o_t, state = delta_rule_step(q[:, part], k[:, part], v[:, part], beta[:, part], g[:, part], state=state)
+        outs.append(o_t)
+    assert_close(torch.cat(outs, 1), o, 1e-12, "o")
+    assert_close(state, final, 1e-12, "state")
+
+
+TRITON_CASES = [
+    dict(batch=2, length=37, heads=4, kv_heads=2, dk=16, dv=32, gated=True, with_state=True),
+    dict(batch=1, length=40, heads=2, kv_heads=1, dk=24, dv=16, gated=True, with_state=False,
+         cu_seqlens=[0, 1, 20, 20, 21, 40], beta_max=2.0),
+    dict(batch=1, length=18, heads=2, kv_heads=2, gated=False, with_state=True),
+]
+
+
+def _naive_for_launcher(q, k, v, beta, g, h0, cu):
+    return naive_delta_rule(q, k, v, beta, g, scale=0.3, initial_state=h0, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_forward_matches_naive(case):
+    launchers = load_launchers(FORWARD)
+    check_launcher(
+        lambda q, k, v, beta, g, h0, cu: launchers.chunk_forward(q, k, v, beta, g, 0.3, h0, cu, 16),
+        _naive_for_launcher,
+        lambda dtype, device: make_inputs(dtype, device, **case),
+        trials=1,
+    )
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_triton_step_matches_naive(gated):
+    launchers = load_launchers(STEP)
+
+    def inputs(dtype, device):
+        q, k, v, beta, g, h0, _ = make_inputs(dtype, device, batch=2, length=3, dk=24, dv=40, gated=gated,
+                                              beta_max=2.0)
+        return q, k, v, beta, g, h0
+
+    check_launcher(
+        lambda q, k, v, beta, g, h0: launchers.recurrent_step(q, k, v, beta, g, 0.3, h0.float()),
+        lambda q, k, v, beta, g, h0: _naive_for_launcher(q, k, v, beta, g, h0, None),
+        inputs,
+        trials=1,
+    )
+
+
+def test_opcheck():
+    q, k, v, beta, g, h0, cu = make_inputs(torch.float32, "cpu", **CASES[1])
+    args = [x.requires_grad_() for x in (q, k, v, beta)]
+    torch.library.opcheck(torch.ops.rewrite.delta_rule, (*args, None, 0.3, h0.requires_grad_(), cu))
+    q, k, v, beta, g, h0, _ = make_inputs(torch.float32, "cpu", length=5)
+    o, final = torch.ops.rewrite.delta_rule(q, k, v, beta, g, 0.3, h0, None)
+    torch.library.opcheck(torch.ops.rewrite.delta_rule_backward,
+                          (torch.randn_like(o), torch.randn_like(final), q, k, v, beta, g, 0.3, h0, None))
+    torch.library.opcheck(torch.ops.rewrite.delta_rule_step, (q[:, :2], k[:, :2], v[:, :2], beta[:, :2], g[:, :2], 0.3, h0))
+
+
+class Mixer(torch.nn.Module):
+    def forward(self, q, k, v, beta, g):
+        o, final = delta_rule(q * 2, F.normalize(k, dim=-1), v, beta.sigmoid(), g, output_final_state=True)
+        return o + 1, final
+
+
+def test_compile_fullgraph_without_graph_breaks():
+    q, k, v, beta, g, _, _ = make_inputs(torch.float32, "cpu", length=9)
+    q.requires_grad_()
+    compiled = torch.compile(Mixer(), fullgraph=True, backend="aot_eager")
+    o, final = compiled(q, k, v, beta, g)
+    (o.sum() + final.sum()).backward()
+    o_ref, final_ref = Mixer()(q, k, v, beta, g)
+    assert_close(o, o_ref, 1e-6)
+    assert_close(final, final_ref, 1e-6)
+
+
+@gpu
+def test_cuda_bfloat16_against_float64():
+    inputs = make_inputs(torch.bfloat16, kernel_device(), batch=1, length=700, heads=8, kv_heads=4, dk=128, dv=128,
+                         cu_seqlens=[0, 1, 300, 699, 700])
+    q, k, v, beta, g, h0, cu = inputs
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
+    o, final = delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu)
+    do, dht = torch.randn_like(o), torch.randn_like(final)
+    grads = torch.autograd.grad((o, final), leaves, (do, dht))
+    inputs64 = [None if x is None else x.double() for x in inputs[:6]] + [cu]
+    o64, final64, grads64 = naive_grads(inputs64, 128**-0.5, do.double(), dht.double())
+    assert_close(o, o64, 1e-2, "o")
+    assert_close(final, final64, 1e-2, "final state")
+    for name, a, e in zip(NAMES, grads, grads64):
+        assert_close(a, e, 1e-2, name)
+    o_step, state = delta_rule_step(q[:, :5], k[:, :5], v[:, :5], beta[:, :5], g[:, :5], state=h0[:1])
+    o_ref, state_ref = naive_delta_rule(*[x[:, :5].double() for x in (q, k, v, beta, g)], initial_state=h0[:1])
+    assert_close(o_step, o_ref, 1e-2, "step o")
+    assert_close(state, state_ref, 1e-2, "step state")

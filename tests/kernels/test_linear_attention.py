@@ -1,0 +1,304 @@
+"""Linear attention: chunked reference and Triton kernels against the naive recurrence.
+
+The Triton launchers run on CUDA when present, else on CPU tensors in Triton's interpreter
+(tiny shapes: the interpreter is slow).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from rewrite.kernels import linear_attention, linear_attention_step
+from rewrite.kernels.alloc import poisoned
+from rewrite.kernels.linear_attention.feature_maps import apply_feature_map, log_decay_from_keys
+from rewrite.kernels.linear_attention.naive import naive_linear_attention
+from rewrite.kernels.testing import TOLERANCE, assert_close, kernel_device, load_launchers
+
+from .linear_attention_cases import DIFFERENTIABLE, Case, make_inputs, naive_with_grads
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SCALE = 0.3
+
+REFERENCE_CASES = [
+    Case("none"),
+    Case("none", heads=3, kv_heads=1, dk=100, dv=32),
+    Case("constant", dk=64, dv=64),
+    Case("scalar", heads=2, kv_heads=2, dk=128, dv=128, initial_state=False),
+    Case("vector", dk=100, dv=40),
+    Case("vector", length=33, heads=6, kv_heads=3, dk=32, dv=64),
+    Case("none", batch=1, cu_seqlens=(0, 1, 3, 40, 70)),
+    Case("scalar", batch=1, cu_seqlens=(0, 2, 3, 70)),
+    Case("vector", batch=1, cu_seqlens=(0, 1, 2, 19, 70), dk=64, dv=32),
+    Case("constant", batch=1, cu_seqlens=(0, 66, 67, 70), initial_state=False),
+    Case("none", causal=False),
+    Case("none", batch=1, cu_seqlens=(0, 1, 30, 70), causal=False),
+]
+
+
+def run_public(case: Case, inputs: dict, *, leaves: bool):
+    """Outputs and, with `leaves`, the leaf tensors of `linear_attention` called like the tests call it."""
+    args = {n: inputs[n].detach().clone().requires_grad_() for n in DIFFERENTIABLE if inputs[n] is not None}
+    o, final = linear_attention(
+        args["q"],
+        args["k"],
+        args["v"],
+        args.get("g"),
+        decay=case.decay,
+        scale=SCALE,
+        initial_state=args.get("initial_state"),
+        output_final_state=True,
+        cu_seqlens=inputs["cu_seqlens"],
+        causal=case.causal,
+    )
+    return o, final, args
+
+
+def check_grads(grads: dict, expected: dict, scales: dict, tol: float, label: str) -> None:
+    assert set(grads) == set(expected), f"{label}: gradients for {sorted(grads)}, expected {sorted(expected)}"
+    for name, grad in grads.items():
+        assert_close(grad, expected[name], tol, f"{label} d{name}", scale=scales.get(name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=str)
+def test_chunked_reference_matches_naive(case, dtype):
+    inputs = make_inputs(case, dtype, "cpu")
+    o, final, leaves = run_public(case, inputs, leaves=True)
+    do, dht = torch.randn_like(o), torch.randn_like(final)
+    grads = dict(
+        zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
+    )
+    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, inputs, SCALE, do, dht)
+    tol = TOLERANCE[dtype]
+    assert o.dtype == dtype and final.dtype == dtype
+    assert_close(o, o_ref, tol, "o")
+    assert_close(final, final_ref, tol, "final state")
+    check_grads(grads, grads_ref, scales, tol, str(case))
+
+
+TRITON_CASES = [
+    Case("none", length=40, dk=32, dv=48),
+    Case("constant", length=40, dk=32, dv=16),
+    Case("scalar", length=40, dk=100, dv=32),
+    Case("vector", length=21, dk=32, dv=40),
+    Case("none", batch=1, length=70, heads=3, kv_heads=1, dk=64, dv=16, cu_seqlens=(0, 1, 3, 70)),
+    Case(
+        "scalar",
+        batch=1,
+        length=40,
+        heads=2,
+        kv_heads=2,
+        dk=16,
+        dv=128,
+        cu_seqlens=(0, 2, 3, 40),
+        initial_state=False,
+    ),
+    Case("vector", batch=1, length=20, dk=16, dv=16, cu_seqlens=(0, 1, 2, 20)),
+    # four 16-token sub-chunks per 64-token chunk, a partial key tile, a partial last chunk
+    Case("vector", batch=1, length=80, heads=2, kv_heads=1, dk=100, dv=24),
+    # log-decays down to -8 per token: some sub-chunks spread past the fast path's limit
+    Case("vector", batch=1, length=72, heads=2, kv_heads=2, dk=32, dv=16, decay_strength=8.0),
+    Case("scalar", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16, decay_strength=8.0),
+]
+
+
+def triton_module(name: str):
+    return load_launchers(f"rewrite.kernels.linear_attention.{name}")
+
+
+def on_device(inputs: dict, device) -> dict:
+    return {n: None if x is None else x.to(device) for n, x in inputs.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_forward_and_backward_match_naive(case, dtype):
+    forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
+    x = make_inputs(case, dtype, kernel_device())
+    args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
+    with poisoned():
+        o, final = forward.chunk_forward(*args)
+    do = torch.randn_like(o)
+    dht = torch.randn_like(final)
+    with poisoned():
+        dq, dk, dv, dg, dh0 = backward.chunk_backward(do, dht, *args)
+    cpu = on_device(x, "cpu")
+    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, cpu, SCALE, do.cpu(), dht.cpu())
+    tol = TOLERANCE[dtype]
+    assert_close(o.cpu(), o_ref, tol, "o")
+    assert_close(final.cpu(), final_ref, tol, "final state")
+    grads = {"q": dq, "k": dk, "v": dv, "g": dg, "initial_state": dh0}
+    grads = {n: g.cpu() for n, g in grads.items() if g is not None}
+    check_grads(grads, grads_ref, scales, tol, str(case))
+
+
+@pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
+def test_triton_step_chained_equals_chunked_forward(decay):
+    step, forward = triton_module("triton_step"), triton_module("triton_forward")
+    case = Case(decay, length=7, heads=4, kv_heads=2, dk=40, dv=24)
+    for dtype in (torch.float32, torch.float16):
+        x = make_inputs(case, dtype, kernel_device())
+        with poisoned():
+            o_full, final_full = forward.chunk_forward(
+                x["q"], x["k"], x["v"], x["g"], decay, SCALE, x["initial_state"], None
+            )
+        state, outputs = x["initial_state"], []
+        for start, end in ((0, 1), (1, 4), (4, 5), (5, 7)):  # one token and a few at a time
+            g = x["g"] if decay in ("none", "constant") else x["g"][:, start:end]
+            sl = slice(start, end)
+            with poisoned():
+                o, state = step.recurrent_step(
+                    x["q"][:, sl], x["k"][:, sl], x["v"][:, sl], g, decay, SCALE, state
+                )
+            outputs.append(o)
+        tol = TOLERANCE[dtype]
+        assert_close(torch.cat(outputs, 1), o_full, tol, f"o {dtype}")
+        assert_close(state, final_full, tol, f"state {dtype}")
+
+
+@pytest.mark.parametrize("decay", ["none", "vector"])
+def test_public_step_chained_equals_linear_attention(decay):
+    case = Case(decay, length=9, dk=16, dv=8)
+    x = make_inputs(case, torch.float32, "cpu")
+    o_full, final_full = linear_attention(
+        x["q"], x["k"], x["v"], x["g"], scale=SCALE, initial_state=x["initial_state"], output_final_state=True
+    )
+    state, outputs = x["initial_state"], []
+    for t in range(case.length):
+        g = None if x["g"] is None else x["g"][:, t : t + 1]
+        o, state = linear_attention_step(
+            x["q"][:, t : t + 1], x["k"][:, t : t + 1], x["v"][:, t : t + 1], g, scale=SCALE, state=state
+        )
+        outputs.append(o)
+    assert_close(torch.cat(outputs, 1), o_full, 1e-5, "o")
+    assert_close(state, final_full, 1e-5, "state")
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
+@pytest.mark.parametrize("decay", ["scalar", "vector"])
+def test_feature_maps_and_key_gate(feature_map, decay):
+    case = Case(decay, length=20, dk=16, dv=8)
+    x = make_inputs(case, torch.float64, "cpu")
+    o, final = linear_attention(
+        x["q"],
+        x["k"],
+        x["v"],
+        decay=decay,
+        feature_map=feature_map,
+        key_gate_normalizer=16.0,
+        output_final_state=True,
+        initial_state=x["initial_state"],
+    )
+    g = torch.nn.functional.logsigmoid(x["k"] if decay == "vector" else x["k"].mean(-1)) / 16
+    assert_close(log_decay_from_keys(x["k"], decay, 16.0), g.float(), 1e-6, "gate")
+    phi = {
+        "softmax": lambda t: t.softmax(-1),
+        "elu": lambda t: torch.nn.functional.elu(t) + 1,
+        "relu": torch.relu,
+    }[feature_map]
+    assert_close(apply_feature_map(x["q"], feature_map), phi(x["q"]), 1e-12, "feature map")
+    o_ref, final_ref = naive_linear_attention(
+        phi(x["q"]), phi(x["k"]), x["v"], g, decay=decay, initial_state=x["initial_state"]
+    )
+    assert_close(o, o_ref, 1e-6, "o")
+    assert_close(final, final_ref, 1e-6, "final state")
+
+
+def test_opcheck():
+    case = Case("vector", length=20, dk=16, dv=8, batch=1, cu_seqlens=(0, 3, 20))
+    x = make_inputs(case, torch.float32, "cpu")
+    args = (x["q"], x["k"], x["v"], x["g"], "vector", SCALE, x["initial_state"], x["cu_seqlens"], True)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention, args)
+    leaf = tuple(
+        a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
+    torch.library.opcheck(torch.ops.rewrite.linear_attention, leaf)
+    do, dht = torch.randn(1, 20, 4, 8), torch.randn(2, 2, 16, 8)
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_backward, (do, dht, *plain))
+    first_two = [t.detach()[:, :2] for t in plain[:4]]
+    step_args = (*first_two, "vector", SCALE, torch.randn(1, 2, 16, 8))
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_step, step_args)
+
+
+class Mixer(torch.nn.Module):
+    def forward(self, q, k, v, g, cu_seqlens):
+        o, state = linear_attention(q.sigmoid(), k, v, g, cu_seqlens=cu_seqlens, output_final_state=True)
+        return o * 2, state
+
+
+def test_compile_fullgraph_and_export_keep_the_op():
+    case = Case("scalar", batch=1, length=20, dk=16, dv=8, cu_seqlens=(0, 5, 20), initial_state=False)
+    x = make_inputs(case, torch.float32, "cpu")
+    args = [x["q"].requires_grad_(), x["k"], x["v"], x["g"], x["cu_seqlens"]]
+    compiled = torch.compile(Mixer(), fullgraph=True, backend="aot_eager")
+    o, state = compiled(*args)
+    (o.sum() + state.sum()).backward()
+    o_eager, state_eager = Mixer()(*args)
+    assert_close(o, o_eager, 1e-6, "o")
+    exported = torch.export.export(Mixer(), tuple(a.detach() for a in args))
+    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+    assert torch.ops.rewrite.linear_attention.default in targets
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"decay": "cosine"}, "decay must be one of"),
+        ({"feature_map": "tanh"}, "feature_map must be one of"),
+        ({"g": torch.zeros(2, 5, 2, 3)}, "g must have shape"),
+        ({"k": torch.zeros(2, 5, 3, 8)}, r"heads \(3\) must divide"),
+        ({"causal": False, "g": torch.zeros(2)}, "causal=False is defined only"),
+        ({"cu_seqlens": torch.tensor([0, 2, 4])}, "cu_seqlens needs packed inputs"),
+        ({"initial_state": torch.zeros(2, 2, 8, 4)}, "initial_state must have shape"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(change, message):
+    kwargs = {
+        "q": torch.zeros(2, 5, 4, 8),
+        "k": torch.zeros(2, 5, 2, 8),
+        "v": torch.zeros(2, 5, 2, 6),
+        **change,
+    }
+    if "v" not in change and kwargs["k"].shape[2] != 2:
+        kwargs["v"] = torch.zeros(2, 5, kwargs["k"].shape[2], 6)
+    with pytest.raises(ValueError, match=message):
+        linear_attention(**kwargs)
+
+
+def test_bad_cu_seqlens_values():
+    q, k, v = torch.zeros(1, 5, 2, 8), torch.zeros(1, 5, 2, 8), torch.zeros(1, 5, 2, 4)
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to T"):
+        linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 4]))
+
+
+@gpu
+@pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
+def test_cuda_bfloat16_against_float64(decay):
+    case = Case(decay, batch=2, length=300, heads=8, kv_heads=2, dk=128, dv=96)
+    x = make_inputs(case, torch.bfloat16, "cuda")
+    o, final, leaves = run_public(case, x, leaves=True)
+    do, dht = torch.randn_like(o), torch.randn_like(final)
+    grads = dict(
+        zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
+    )
+    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
+    assert_close(o, o_ref, 1e-2, "o")
+    assert_close(final, final_ref, 1e-2, "final state")
+    check_grads(grads, grads_ref, scales, 1e-2, str(case))
+
+
+@gpu
+def test_cuda_varlen_long_sequences():
+    case = dataclasses.replace(
+        Case("vector", batch=1, length=1000, cu_seqlens=(0, 1, 2, 500, 1000)), dk=64, dv=64
+    )
+    x = make_inputs(case, torch.float16, "cuda")
+    o, final, leaves = run_public(case, x, leaves=True)
+    do, dht = torch.randn_like(o), torch.randn_like(final)
+    grads = dict(
+        zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
+    )
+    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
+    assert_close(o, o_ref, 5e-3, "o")
+    check_grads(grads, grads_ref, scales, 5e-3, str(case))
