@@ -3,7 +3,10 @@
 bf16, B=1, H=16, D=128 at L in {2K, 8K, 32K, 128K}: gated delta rule fwd+bwd; sliding-window
 attention (w = 512, 4096) fwd and fwd+bwd; short causal conv (hidden 4096, width 4) against its
 memory floor. Checks each kernel on the GPU against a float64 run first.
-Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--out runs/delta_conv_swa.json]
+Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv] [--sweep]
+     [--out runs/delta_conv_swa.json]
+--sweep also times the sliding-window kernels at L = 32K under several block configurations
+(forward: BLOCK_M, BLOCK_N, warps, stages; backward: the dq and dk/dv kernels' blocks).
 """
 
 from __future__ import annotations
@@ -90,15 +93,63 @@ def _fwd_bwd(fn, args):
     return step
 
 
+FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2)]
+BWD_CONFIGS = [  # (dq blocks, dk/dv blocks), each (BLOCK_M, BLOCK_N, warps, stages)
+    ((64, 64, 4, 3), (64, 64, 4, 3)),
+    ((128, 64, 8, 3), (64, 128, 8, 3)),
+    ((128, 32, 8, 3), (32, 128, 8, 3)),
+    ((64, 64, 4, 2), (64, 128, 8, 2)),
+    ((128, 64, 8, 2), (64, 128, 4, 3)),
+]
+
+
+def sweep(t: int = 32768) -> list[Measurement]:
+    """Sliding-window kernels under several block configurations (launchers called directly)."""
+    from rewrite.kernels.sliding_window.triton_backward import sliding_window_backward
+    from rewrite.kernels.sliding_window.triton_forward import sliding_window_forward
+
+    rows = []
+    q, k, v = _qkv(t)
+    scale = D**-0.5
+    for window in (512, 4096):
+        o, lse = sliding_window_forward(q, k, v, window, 0, scale, None)
+        do = torch.randn_like(o)
+        for cfg in FWD_CONFIGS:
+            try:
+                m = measure("swa fwd kernel", functools.partial(sliding_window_forward, q, k, v, window, 0, scale, None,
+                                                                *cfg), {"L": t, "w": window, "cfg": str(cfg)},
+                            warmup=3, runs=20)
+                rows.append(m)
+                print(f"sweep fwd w={window} {cfg}: {m.median_ms:.3f} ms", flush=True)
+            except Exception as exc:
+                print(f"sweep fwd w={window} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        for dq_cfg, dkdv_cfg in BWD_CONFIGS:
+            try:
+                fn = functools.partial(sliding_window_backward, do, q, k, v, o, lse, window, 0, scale, None,
+                                       dq_cfg, dkdv_cfg)
+                m = measure("swa bwd kernels", fn, {"L": t, "w": window, "cfg": f"{dq_cfg}/{dkdv_cfg}"},
+                            warmup=3, runs=20)
+                rows.append(m)
+                print(f"sweep bwd w={window} dq {dq_cfg} dkdv {dkdv_cfg}: {m.median_ms:.3f} ms", flush=True)
+            except Exception as exc:
+                print(f"sweep bwd w={window} {dq_cfg}/{dkdv_cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192,32768,131072")
+    parser.add_argument("--only", default="delta,swa,conv", help="comma list of delta, swa, conv")
+    parser.add_argument("--sweep", action="store_true", help="also time sliding-window block configurations")
     parser.add_argument("--out", default="runs/delta_conv_swa.json")
     args = parser.parse_args(argv)
+    only = set(args.only.split(","))
     for line in checks():
         print(line, flush=True)
     bw = copy_bandwidth()
     rows: list[Measurement] = []
+    if args.sweep:
+        rows += sweep()
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception as exc:
@@ -111,13 +162,14 @@ def main(argv: list[str] | None = None) -> None:
         g = F.logsigmoid(torch.randn(1, t, H, device="cuda") + 4).requires_grad_()
         qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True)
-        variants = {
-            "sdpa flash causal": (sdpa, (qh, kh, vh)),
-            "ours gated delta rule": (lambda *a: delta_rule(*a)[0], (q, k, v, beta, g)),
-            "ours sliding window w=512": (functools.partial(sliding_window_attention, window=512), (q, k, v)),
-            "ours sliding window w=4096": (functools.partial(sliding_window_attention, window=4096), (q, k, v)),
-        }
-        if chunk_gated_delta_rule is not None:
+        variants = {"sdpa flash causal": (sdpa, (qh, kh, vh))}
+        if "delta" in only:
+            variants["ours gated delta rule"] = (lambda *a: delta_rule(*a)[0], (q, k, v, beta, g))
+        if "swa" in only:
+            variants["ours sliding window w=512"] = (functools.partial(sliding_window_attention, window=512), (q, k, v))
+            variants["ours sliding window w=4096"] = (functools.partial(sliding_window_attention, window=4096),
+                                                      (q, k, v))
+        if chunk_gated_delta_rule is not None and "delta" in only:
             variants["fla chunk_gated_delta_rule"] = (lambda *a: chunk_gated_delta_rule(*a)[0], (q, k, v, g, beta))
         for name, (fn, fargs) in variants.items():
             try:
@@ -131,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         del q, k, v, qh, kh, vh, beta, g
         torch.cuda.empty_cache()
     # short conv at hidden 4096
-    for t in (8192, 32768):
+    for t in (8192, 32768) if "conv" in only else ():
         x = torch.randn(1, t, 4096, device="cuda", dtype=torch.bfloat16).requires_grad_()
         w = torch.randn(4096, 4, device="cuda", dtype=torch.bfloat16).requires_grad_()
         bias = torch.randn(4096, device="cuda", dtype=torch.bfloat16).requires_grad_()

@@ -139,6 +139,73 @@ def launch_counts(decay: str, length: int = 2048) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
+def kernel_breakdown(decay: str, b: int, t: int, backward: bool = True) -> list[str]:
+    """GPU time per kernel of one call (profiler), and the call's wall time: what launches cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, g = _inputs(b, t, decay, True)
+    fn = _ours(decay)
+    step = _fwd_bwd(fn, (q, k, v, g)) if backward else functools.partial(fn, q, k, v, g)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    pass_ = "fwd+bwd" if backward else "fwd"
+    lines = [f"breakdown {decay} B={b} L={t} {pass_}: wall {wall:.3f} ms (profiled), kernels {total:.3f} ms"]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total):
+        lines.append(f"    {e.self_device_time_total / 1e3:8.3f} ms  x{e.count}  {e.key[:90]}")
+    return lines
+
+
+def diagnose_dv() -> list[str]:
+    """The fp16 scalar-decay dv error (K=100, V=32): which part, which dtype, which dv-kernel tiles."""
+    from rewrite.kernels.linear_attention import triton_backward as tb
+    from rewrite.kernels.linear_attention.naive import naive_linear_attention
+
+    lines = []
+    tiles = {"64,64,4": (64, 64, 4), "32,64,4": (32, 64, 4), "128,64,4": (128, 64, 4), "64,64,8": (64, 64, 8)}
+    base = dict(tb.DV_TILES)
+    for dtype in (torch.float16, torch.bfloat16):
+        for dk, dv in ((100, 32), (128, 32), (100, 64)):
+            for tile_name, tile in tiles.items():
+                if (dk, dv) != (100, 32) and tile_name != "64,64,4":
+                    continue
+                tb.DV_TILES = {**base, 1: tile}
+                for part in ("intra", "state"):
+                    torch.manual_seed(0)
+                    q = torch.randn(2, 40, 4, dk, device="cuda").to(dtype)
+                    k = torch.randn(2, 40, 2, dk, device="cuda").to(dtype)
+                    v = torch.randn(2, 40, 2, dv, device="cuda").to(dtype)
+                    g = -torch.rand(2, 40, 2, device="cuda")
+                    h0 = torch.randn(2, 2, dk, dv, device="cuda")
+                    do = torch.randn(2, 40, 4, dv, device="cuda").to(dtype)
+                    dht = torch.randn(2, 2, dk, dv, device="cuda")
+                    if part == "intra":
+                        dht.zero_()
+                    else:
+                        do.zero_()
+                    dv_ = tb.chunk_backward(do, dht, q, k, v, g, "scalar", 0.3, h0, None)[2]
+                    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+                    o, final = naive_linear_attention(
+                        *leaves, g.double().cpu(), decay="scalar", scale=0.3, initial_state=h0.double().cpu()
+                    )
+                    ((o * do.double().cpu()).sum() + (final * dht.double().cpu()).sum()).backward()
+                    ref = leaves[2].grad
+                    err = ((dv_.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                    lines.append(
+                        f"diag dv {str(dtype)[6:]:8s} K={dk} V={dv} {part:5s} tiles {tile_name:9s} err {err:.2e}"
+                    )
+                    print(lines[-1], flush=True)
+    tb.DV_TILES = base
+    return lines
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write)."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -181,13 +248,13 @@ def _apply_variant(changes) -> list:
     return undo
 
 
-def sweep(shapes=((1, 8192), (1, 32768)), decays=("scalar", "vector")) -> list[str]:
+def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar")) -> list[str]:
     lines = []
     for name, changes in SWEEP.items():
         undo = _apply_variant(changes)
         try:
             for decay in decays:
-                for b, t in shapes:
+                for b, t in shapes if decay == "vector" else shapes[:1]:
                     q, k, v, g = _inputs(b, t, decay, True)
                     fn = _ours(decay)
                     with torch.no_grad():
@@ -217,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time the launch-shape variants in SWEEP")
+    parser.add_argument("--diagnose", action="store_true", help="dv diagnosis and per-kernel breakdowns only")
     parser.add_argument("--first-call-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.first_call_child:
@@ -224,6 +292,17 @@ def main(argv: list[str] | None = None) -> None:
         first_call_child(decay, int(length))
         return
     decays = args.decays.split(",")
+    if args.diagnose:
+        diag = diagnose_dv()
+        for decay, b, t, bwd in (
+            ("none", 1, 2048, False),
+            ("scalar", 1, 8192, True),
+            ("vector", 1, 8192, True),
+        ):
+            print("\n".join(kernel_breakdown(decay, b, t, bwd)), flush=True)
+        sweep_lines = sweep() if args.sweep else []
+        print("\n".join(diag + sweep_lines))
+        return
     first_call = {d: first_call_seconds(d) for d in decays}  # before anything compiles here
     print("first call s (fresh process, empty Triton cache, B=1 L=4096 fwd+bwd): " + str(first_call))
     if not args.no_check:
@@ -266,7 +345,11 @@ def main(argv: list[str] | None = None) -> None:
                 params = {"B": b, "L": t}
                 with torch.no_grad():
                     fwd = measure(
-                        name, functools.partial(call, *call_args), {**params, "pass": "fwd"}, warmup=3, runs=runs
+                        name,
+                        functools.partial(call, *call_args),
+                        {**params, "pass": "fwd"},
+                        warmup=3,
+                        runs=runs,
                     )
                 floor_ms = 4 * b * t * H * D * 2 / bw * 1e3
                 fwd.extra["x memory floor"] = f"{fwd.median_ms / floor_ms:.1f}"

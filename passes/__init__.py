@@ -14,5 +14,6 @@ def register_pass(cls: type[GraphPass]) -> type[GraphPass]:
 
 
 from rewrite.passes import attention_normalize as _attention_normalize  # noqa: E402,F401
+from rewrite.passes import mixer as _mixer  # noqa: E402,F401
 
 __all__ = ["PASSES", "GraphPass", "PassContext", "PassResult", "register_pass"]

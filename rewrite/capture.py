@@ -119,7 +119,9 @@ def _explain(model: torch.nn.Module, exc: BaseException) -> str:
             "Make the branch depend on shapes or flags instead, mark it with torch.cond, or pass example "
             "inputs that take the branch you deploy and keep it fixed"
         )
-    elif "unsupported" in lower and ("output" in lower or "pytree" in lower or "type" in lower):
+    elif ("unsupported" in lower and ("output" in lower or "pytree" in lower or "type" in lower)) or (
+        "not a known type" in lower or "register a pytree" in lower
+    ):
         hint = (
             "the model returns or takes a type torch.export cannot flatten. Return tensors, tuples, "
             "lists, dicts or dataclasses registered with torch.utils._pytree; for Hugging Face models pass "
@@ -127,7 +129,17 @@ def _explain(model: torch.nn.Module, exc: BaseException) -> str:
         )
     else:
         hint = "see the cause below; simplify the forward or pass example inputs that exercise the path you deploy"
-    return f"could not capture {name} as a graph: {first}\n  what to do: {hint}"
+    where = _user_line(text)
+    at = f"\n  at: {where}" if where else ""
+    return f"could not capture {name} as a graph: {first}{at}\n  what to do: {hint}"
+
+
+def _user_line(lines: list[str]) -> str | None:
+    """The model's source line torch.export blames ('File "m.py", line 7, in forward: if x.sum() > 0:')."""
+    for i, line in enumerate(lines):
+        if "the following call raised this error" in line.lower() and i + 2 < len(lines):
+            return f"{lines[i + 1].strip()}: {lines[i + 2].strip()}"
+    return None
 
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> Captured:

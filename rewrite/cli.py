@@ -115,9 +115,9 @@ def prepare(target: str, plan: Plan, log: Log) -> Prepared:
         report = run_pipeline(gm, plan, keep_stages=True)
     for result in report.results:
         log(f"pass {result.summary()}")
-    for w in caught:
-        if issubclass(w.category, UserWarning) and "rewrite" in str(w.filename):
-            log(f"warning: {w.message}")
+    for w in caught:  # shown even with --quiet: a pass that matched nothing is worth knowing
+        if issubclass(w.category, UserWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
     if report.lowered:
         log(f"lowered {len(report.lowered)} nodes")
     return Prepared(target, model, gm, report, plan)
@@ -127,6 +127,7 @@ def prepare(target: str, plan: Plan, log: Log) -> Prepared:
 
 
 def cmd_dump(args: argparse.Namespace, log: Log) -> int:
+    """`rewrite dump`: render one stage (or all) of the target rewritten by the plan."""
     plan = parse_plan(args.plan)
     names = stage_labels(plan)
     if args.stage != "all" and args.stage not in names:
@@ -254,6 +255,7 @@ def explain_data(prepared: Prepared, lengths: list[int], batch: int) -> dict[str
 
 
 def cmd_explain(args: argparse.Namespace, log: Log) -> int:
+    """`rewrite explain`: attention sites, per-block and total cost formulas and values."""
     plan = parse_plan(args.plan)
     prepared = prepare(args.target, plan, log)
     log("estimating costs")
@@ -315,6 +317,7 @@ def pass_docs() -> list[dict[str, Any]]:
 
 
 def cmd_passes(args: argparse.Namespace, log: Log) -> int:
+    """`rewrite passes`: every registered pass with its summary and options."""
     docs = pass_docs()
     if args.json:
         sys.stdout.write(json.dumps(docs, indent=1, default=str) + "\n")

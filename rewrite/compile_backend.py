@@ -10,6 +10,12 @@ Options (all optional):
   plan       the plan: a dict, list of passes, YAML/JSON text or file path, or a `rewrite.Plan`
   inductor   compile the rewritten graph with Inductor (default True); False runs it eagerly
   on_report  called with a `CompileReport` after each graph Dynamo compiles
+  parameters a dict you own, {name: Parameter}: parameters that passes add are put there, and a
+             recompile (a new shape, say) reuses them instead of making fresh ones
+
+`torch.compile`'s `mode` is passed on to Inductor. Parameters that passes add live on the rewritten
+graph, not on the compiled model: train them by handing `parameters` (or each report's
+`added_parameters`) to the optimizer.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from rewrite.errors import PlanError
 from rewrite.pipeline import PipelineReport, run_pipeline
 from rewrite.plan import Plan
 
-OPTION_KEYS = ["plan", "inductor", "on_report"]
+OPTION_KEYS = ["plan", "inductor", "on_report", "parameters"]
 
 last_reports: collections.deque[CompileReport] = collections.deque(maxlen=16)
 """The reports of the most recent graphs this backend compiled, newest last (for interactive use)."""
@@ -42,6 +48,7 @@ class BackendOptions:
     plan: Plan = field(default_factory=Plan)
     inductor: bool = True
     on_report: Callable[[CompileReport], None] | None = None
+    parameters: dict[str, torch.nn.Parameter] | None = None
 
     @classmethod
     def from_data(cls, options: dict[str, Any] | None) -> BackendOptions:
@@ -58,7 +65,10 @@ class BackendOptions:
         on_report = options.get("on_report")
         if on_report is not None and not callable(on_report):
             raise PlanError("options.on_report", f"must be callable, got {on_report!r}")
-        return cls(plan=plan, inductor=inductor, on_report=on_report)
+        parameters = options.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise PlanError("options.parameters", f"must be a dict, got {type(parameters).__name__}")
+        return cls(plan=plan, inductor=inductor, on_report=on_report, parameters=parameters)
 
 
 @dataclass
@@ -112,7 +122,7 @@ def rewrite_backend(
     start = time.perf_counter()
     aten_gm = to_aten_ir(gm, example_inputs)
     normalized = time.perf_counter()
-    pipeline = run_pipeline(aten_gm, opts.plan)
+    pipeline = run_pipeline(aten_gm, opts.plan, existing_state=opts.parameters)
     pipeline.capture_seconds = normalized - start
     state = [n.meta[STATE_KEY] for n in aten_gm.graph.nodes if n.op == "placeholder" and STATE_KEY in n.meta]
     report = CompileReport(
@@ -122,6 +132,8 @@ def rewrite_backend(
         inductor=opts.inductor,
         normalize_seconds=normalized - start,
     )
+    if opts.parameters is not None:
+        opts.parameters.update(report.added_parameters)
     compiled: Callable[..., Any] = aten_gm
     if opts.inductor:
         compiled = _compile_inductor(aten_gm, example_inputs, mode)

@@ -441,8 +441,9 @@ def _block_costs(graph: fx.Graph, analysis: GraphAnalysis, node_costs: dict[str,
     out = [
         BlockCost(b.path, b.cls, s.simplified(), n) for b, s, n in zip(analysis.blocks, sums, counts)
     ]
-    if rest_count and (len(out) != 1 or out[0].nodes != len(graph.nodes)):
-        out.append(BlockCost("", "", rest.simplified(), rest_count))
+    rest = rest.simplified()
+    if rest_count and any(x != 0 for x in (rest.flops, rest.bytes, rest.activations)):
+        out.append(BlockCost("", "", rest, rest_count))
     return out
 
 

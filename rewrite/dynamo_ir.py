@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._guards import TracingContext, detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from rewrite.analysis.mask_probe import annotate_mask_causality
+from rewrite.errors import RewriteError
 
 STATE_KEY = "state_name"
 SOURCE_KEY = "dynamo_source"
@@ -93,13 +95,36 @@ def _identifier(text: str) -> str:
     return name if not name[0].isdigit() else f"_{name}"
 
 
-def _tracing_values(placeholders: list[fx.Node], example_inputs: Sequence[Any]) -> list[Any]:
-    """Dynamo's fake values (symbolic sizes) for each input; the real input where Dynamo kept none."""
+def _fake_inputs(placeholders: list[fx.Node], example_inputs: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """The fake mode to trace in and each input as a fake value of it.
+
+    Inside `torch.compile` the backend's fake mode (TracingContext) shares Dynamo's shape env but
+    not its tensors, so real inputs are fakified as AOT autograd does it: with the symbolic context
+    Dynamo recorded for them, which gives the same size symbols and the same memoized scalars
+    (`.item()` of an unspecialized float attribute). Outside it, Dynamo's recorded fake values are used.
+    """
+    context = TracingContext.try_get()
+    fake_mode = context.fake_mode if context is not None else None
+    if fake_mode is None:
+        vals = [n.meta.get("example_value", x) for n, x in zip(placeholders, example_inputs)]
+        fake_mode = detect_fake_mode(vals)
+        if fake_mode is None:
+            raise RewriteError(
+                "the rewrite backend takes graphs from torch.compile (Dynamo), whose inputs carry fake "
+                "values; to rewrite an nn.Module directly use rewrite.optimize"
+            )
+        return fake_mode, vals
     vals = []
-    for node, real in zip(placeholders, example_inputs):
-        fake = node.meta.get("example_value")
-        vals.append(fake if fake is not None else real)
-    return vals
+    for x in example_inputs:
+        if not isinstance(x, torch.Tensor) or (isinstance(x, FakeTensor) and x.fake_mode is fake_mode):
+            vals.append(x)
+        elif isinstance(x, FakeTensor):
+            vals.append(fake_mode.from_tensor(x))
+        else:
+            symbolic = context.tensor_to_context.get(x)
+            source = symbolic.tensor_source if symbolic is not None else None
+            vals.append(fake_mode.from_tensor(x, symbolic_context=symbolic, source=source, trace=False))
+    return fake_mode, vals
 
 
 def _concrete(x: Any) -> Any:
@@ -132,11 +157,9 @@ def to_aten_ir(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
             f"Dynamo graph has {len(placeholders)} inputs but {len(example_inputs)} example inputs"
         )
     infos = [describe_input(n) for n in placeholders]
-    vals = _tracing_values(placeholders, example_inputs)
-    with torch.fx.traceback.preserve_node_meta():
-        traced = make_fx(
-            fx.Interpreter(gm).run, pre_dispatch=True, record_module_stack=True, tracing_mode="symbolic"
-        )(*vals)
+    fake_mode, vals = _fake_inputs(placeholders, example_inputs)
+    with torch.fx.traceback.preserve_node_meta(), fake_mode:  # the inputs are fake already: trace "real"
+        traced = make_fx(fx.Interpreter(gm).run, pre_dispatch=True, record_module_stack=True)(*vals)
     new_placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     for node, old, info in zip(new_placeholders, placeholders, infos):
         node._rename(_identifier(info.name) if info.kind != "size" else old.name)
@@ -150,9 +173,4 @@ def to_aten_ir(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
     return traced
 
 
-def state_placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    """Dotted state name -> placeholder, for graphs made by `to_aten_ir`."""
-    return {n.meta[STATE_KEY]: n for n in gm.graph.nodes if n.op == "placeholder" and STATE_KEY in n.meta}
-
-
-__all__ = ["InputInfo", "describe_input", "state_name_from_source", "state_placeholders", "to_aten_ir"]
+__all__ = ["InputInfo", "describe_input", "state_name_from_source", "to_aten_ir"]

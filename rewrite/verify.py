@@ -206,6 +206,7 @@ def find_divergence(
         torch.manual_seed(seed)
         new_values = _record(root, candidate, flat_new)
     new_nodes = {n.name: n for n in candidate.nodes}
+    ref_names = {n.name for n in reference.nodes}
     first_nonzero: Divergence | None = None
     for node in reference.nodes:
         want, got = ref_values.get(node.name), new_values.get(node.name)
@@ -216,7 +217,7 @@ def find_divergence(
             continue
         beyond = not _close(diff, want, atol, rtol)
         new_node = new_nodes[node.name]
-        added = [a.name for a in new_node.all_input_nodes if a.name not in ref_values and a.op != "get_attr"]
+        added = [a.name for a in new_node.all_input_nodes if a.name not in ref_names]
         new_op = op_name(new_node) if op_name(new_node) != op_name(node) else None
         found = Divergence(node.name, op_name(node), module_path(node), max_abs, max_rel, beyond, new_op, added)
         if beyond:

@@ -98,14 +98,28 @@ def parameter_grads(
     return {n: g for (n, _), g in zip(named, grads)}
 
 
-def assert_outputs_close(got: Any, want: Any, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
-    """Same output structure and every tensor leaf within tolerance."""
+def _real(leaf: Any, mask: torch.Tensor | None) -> Any:
+    if mask is None or not isinstance(leaf, torch.Tensor) or leaf.dim() < 2:
+        return leaf
+    if tuple(leaf.shape[:2]) != tuple(mask.shape):
+        return leaf
+    return leaf[mask.bool()]
+
+
+def assert_outputs_close(
+    got: Any, want: Any, *, mask: torch.Tensor | None = None, atol: float = 1e-5, rtol: float = 1e-5
+) -> None:
+    """Same output structure and every tensor leaf within tolerance.
+
+    With `mask` ([batch, seq]), per-token outputs are compared at real (unpadded) tokens only: what a
+    padded query computes is unspecified (Hugging Face's eager and SDPA attentions differ there).
+    """
     got_leaves, got_spec = pytree.tree_flatten(got)
     want_leaves, want_spec = pytree.tree_flatten(want)
     assert got_spec == want_spec, f"output structure differs:\n{got_spec}\nvs\n{want_spec}"
     for g, w in zip(got_leaves, want_leaves):
         if isinstance(w, torch.Tensor):
-            torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+            torch.testing.assert_close(_real(g, mask), _real(w, mask), atol=atol, rtol=rtol)
         else:
             assert g == w
 

@@ -6,10 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +23,7 @@ from rewrite.analysis import analyze
 from rewrite.compile_backend import CompileReport
 from rewrite.dynamo_ir import state_name_from_source
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:pass .* matched nothing")
 NORMALIZE = {"passes": ["attention_normalize"]}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -44,7 +42,6 @@ CASES: dict[str, tuple[Callable[..., models.Target], int]] = {
 def _fresh_dynamo():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    warnings.filterwarnings("ignore", message=".*matched nothing.*")
     yield
     torch._dynamo.reset()
 
@@ -92,7 +89,7 @@ def _compile(model: torch.nn.Module, plan: Any, reports: list[CompileReport], in
 
 
 def _shorter(args: tuple, kwargs: dict, length: int) -> tuple[tuple, dict]:
-    cut = lambda v: v[:, :length] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    cut = lambda v: v[:, :length].contiguous() if isinstance(v, torch.Tensor) else v  # noqa: E731
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
@@ -131,6 +128,24 @@ def test_attention_normalize_matches_eager_and_rewrites_every_site(name: str):
     assert len(reports) == 2
     assert reports[1].pipeline.results[0].matched == n_sites
     assert compile_backend.last_reports[-1] is reports[1]
+
+
+def test_dynamic_true_keeps_sizes_symbolic():
+    """`dynamic=True`: the first graph is already symbolic (and BERT's dropout p an unspecialized float)."""
+    model, example = models.bert()
+    args, kwargs = _call(model, example)
+    reports: list[CompileReport] = []
+    options = {"plan": NORMALIZE, "inductor": False, "on_report": reports.append}
+    compiled = torch.compile(model, backend="rewrite", dynamic=True, options=options)
+    _assert_matches_eager(compiled, model, args, kwargs)
+    _assert_matches_eager(compiled, model, *_shorter(args, kwargs, 7))
+    assert len(reports) == 1 and reports[0].pipeline.results[0].matched == 2
+    sdpa = [
+        n
+        for n in reports[0].graph_module.graph.nodes
+        if n.target is torch.ops.aten.scaled_dot_product_attention.default
+    ]
+    assert len(sdpa) == 2 and all(isinstance(n.args[0].meta["val"].shape[2], torch.SymInt) for n in sdpa)
 
 
 @pytest.mark.parametrize("name", ["llama", "handwritten"])
@@ -204,6 +219,19 @@ def test_pass_added_parameters_train(monkeypatch, inductor: bool):
     added = reports[0].added_parameters
     assert sorted(added) == ["blocks.0.attn.gain", "blocks.1.attn.gain"]
     assert all(p.grad is not None and p.grad.abs() > 0 for p in added.values())
+
+
+def test_added_parameters_are_reused_across_recompiles(monkeypatch):
+    monkeypatch.setitem(PASSES, "test_gain", _Gain)
+    model, (x,) = models.handwritten()
+    reports: list[CompileReport] = []
+    store: dict[str, torch.nn.Parameter] = {}
+    options = {"plan": ["test_gain"], "inductor": False, "on_report": reports.append, "parameters": store}
+    compiled = torch.compile(model, backend="rewrite", options=options)
+    compiled(x)
+    compiled(x[:, :9].contiguous())  # a new shape: Dynamo recompiles, the pass runs again
+    assert len(reports) == 2 and sorted(store) == ["blocks.0.attn.gain", "blocks.1.attn.gain"]
+    assert all(reports[1].added_parameters[name] is param for name, param in store.items())
 
 
 def test_bad_plan_raises_plan_error_naming_the_field():

@@ -88,43 +88,60 @@ def sdpa_twin(name: str) -> torch.nn.Module:
     return twin
 
 
-def reference(name: str, attn: str, plan_name: str) -> torch.nn.Module:
-    """The model whose outputs and gradients the optimized module must reproduce."""
-    unfused = attn == "eager" or name in EAGER_FORM
-    if plan_name == "attention_normalize" and unfused:
-        return sdpa_twin(name)
-    return build(name, attn)[0]
-
-
-def assert_grads_equal(got: dict, want: dict) -> None:
+def assert_grads_equal(got: dict, want: dict, atol: float = TOL["atol"]) -> None:
     assert set(got) == set(want)
     assert any(g is not None for g in want.values())
     for pname, grad in want.items():
         if grad is None:
             assert got[pname] is None, pname
         else:
-            torch.testing.assert_close(got[pname], grad, **TOL, msg=lambda m, p=pname: f"grad of {p}: {m}")
+            torch.testing.assert_close(
+                got[pname], grad, atol=atol, rtol=TOL["rtol"], msg=lambda m, p=pname: f"grad of {p}: {m}"
+            )
+
+
+def _grad_scale(grads: dict) -> float:
+    return max(float(g.abs().max()) for g in grads.values() if g is not None)
 
 
 @pytest.mark.parametrize("plan_name", list(PLANS))
 @pytest.mark.parametrize(("name", "attn"), CASES, ids=[f"{n}-{a}" for n, a in CASES])
 def test_family_matches_original(name: str, attn: str, plan_name: str) -> None:
+    """Outputs and gradients equal the original's (fp32, atol = rtol = 1e-5).
+
+    Where `attention_normalize` turns an unfused softmax chain into SDPA, the arithmetic changes
+    order: outputs at real tokens still equal the original's; gradients (which reach ~100 here) equal
+    the SDPA form of the same model exactly, and the original's up to fp32 rounding of their size.
+    """
     model, example = build(name, attn)
-    ref = reference(name, attn, plan_name)
     args, kwargs = split_example(example)
     mask = kwargs.get("attention_mask")
     om = rewrite.optimize(model, PLANS[plan_name], args, example_kwargs=kwargs)
+    unfused = attn == "eager" or name in EAGER_FORM
+    rewritten = plan_name == "attention_normalize" and unfused
 
-    want = run_original(ref, example)
+    want = run_original(model, example)
     got = run(om, example)
-    assert_outputs_close(got, want, **TOL)
-    assert_grads_equal(parameter_grads(om, got, mask), parameter_grads(ref, want, mask))
+    assert_outputs_close(got, want, mask=mask if rewritten else None, **TOL)
+    got_grads = parameter_grads(om, got, mask)
+    want_grads = parameter_grads(model, want, mask)
+    if rewritten:
+        twin = sdpa_twin(name)
+        twin_out = run_original(twin, example)
+        assert_outputs_close(got, twin_out, mask=mask, **TOL)
+        assert_grads_equal(got_grads, parameter_grads(twin, twin_out, mask))
+        assert_grads_equal(got_grads, want_grads, atol=TOL["atol"] * _grad_scale(want_grads))
+    else:
+        assert_grads_equal(got_grads, want_grads)
 
     # another batch size and length: the dynamic graph is reused, not captured again
     report = om.report
     _, other = build(name, attn, batch=3, length=12)
+    other_mask = other.get("attention_mask") if isinstance(other, dict) else None
     with torch.no_grad():
-        assert_outputs_close(run(om, other), run_original(ref, other), **TOL)
+        assert_outputs_close(
+            run(om, other), run_original(model, other), mask=other_mask if rewritten else None, **TOL
+        )
     assert om.report is report, f"{name} captured again for a new shape"
 
     if plan_name == "attention_normalize":
@@ -133,7 +150,6 @@ def test_family_matches_original(name: str, attn: str, plan_name: str) -> None:
         assert softmax_count(om) == 0
     else:
         assert om.report.results == []
-        unfused = attn == "eager" or name in EAGER_FORM
         assert softmax_count(om) == (layer_count(model) if unfused else 0)
 
 

@@ -16,7 +16,7 @@ so with T = (I + A)^{-1} (the UT transform; A is strictly lower triangular):
 W and U~ depend only on the chunk (parallel over chunks); the state pass is sequential.
 Zero-padded tokens (beta = 0, g = 0) change nothing. The backward pass here runs the token
 recurrence in reverse (exact, written out by hand); `autodiff_backward` differentiates the
-chunked form with torch.func and serves the CUDA op until a Triton backward exists.
+chunked form with torch.func (a cross-check in the tests; the CUDA op uses `triton_backward`).
 """
 
 import torch
@@ -209,10 +209,10 @@ def autodiff_backward(
     cu_seqlens: torch.Tensor | None,
     chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, ...]:
-    """Same result as `chunked_backward`, by torch.func.vjp through `chunked_forward` (fast on a GPU).
+    """Same result as `chunked_backward`, by torch.func.vjp through `chunked_forward`.
 
-    Not usable inside a CPU op implementation that `torch.library.opcheck` inspects; the CUDA op
-    calls it in eager mode.
+    Not usable inside a CPU op implementation that `torch.library.opcheck` inspects. It was the
+    CUDA op's backward before `triton_backward` (about 100x slower on the GPU).
     """
     primals = [x for x in (q, k, v, beta, g, initial_state)]
     present = [i for i, x in enumerate(primals) if x is not None]

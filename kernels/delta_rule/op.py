@@ -6,10 +6,11 @@ Low-level: arguments are assumed valid (the public functions in `api.py` check t
 import torch
 
 from .._triton import load_triton_module
-from .chunked_reference import autodiff_backward, chunked_backward, chunked_forward
+from .chunked_reference import chunked_backward, chunked_forward
 from .naive import naive_delta_rule
 
 _FORWARD = "rewrite.kernels.delta_rule.triton_forward"
+_BACKWARD = "rewrite.kernels.delta_rule.triton_backward"
 _STEP = "rewrite.kernels.delta_rule.triton_step"
 
 
@@ -70,8 +71,9 @@ def delta_rule_backward_op(
 
 @delta_rule_backward_op.register_kernel("cuda")
 def _backward_cuda(do, d_final_state, q, k, v, beta, g, scale, initial_state, cu_seqlens):
-    # No Triton backward yet: differentiate the chunked PyTorch form (batched matmuls on the GPU).
-    grads = autodiff_backward(do, d_final_state, q, k, v, beta, g, scale, initial_state, cu_seqlens)
+    grads = load_triton_module(_BACKWARD).chunk_backward(
+        do, d_final_state, q, k, v, beta, g, scale, initial_state, cu_seqlens
+    )
     dq, dk, dv, dbeta, dg, dh0 = grads
     return dq, dk, dv, dbeta, _empty_if_none(dg, q), _empty_if_none(dh0, q)
 

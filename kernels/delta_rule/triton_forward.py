@@ -1,13 +1,18 @@
 """Chunked delta rule forward in Triton; see `chunked_reference.py` for the math (WY / UT form).
 
-Three kernels over flat tokens (row b * T + t; `ChunkLayout` maps programs to (sequence, chunk)):
+Three kernels over flat tokens (row b * T + t; `Layout` maps programs to (sequence, chunk), with
+no index tables for dense batches):
 1. per (chunk, kv head): the chunk-local log-decay cumsum b, A = beta_i exp(b_i - b_j) k_i.k_j
-   (j < i), T = (I + A)^{-1} by forward substitution in float32, W = T (beta gamma K) and
-   U~ = T (beta V);
+   (j < i), T = (I + A)^{-1} (`unit_inverse`: blocked, on the tensor cores), W = T (beta gamma K)
+   and U~ = T (beta V);
 2. per (V tile, sequence x kv head), sequential over the sequence's chunks: states before every
-   chunk, U = U~ - W h, h' = gamma_C h + (K exp(b_C - b))^T U, and the final state;
+   chunk, U = U~ - W h, h' = gamma_C h + (K exp(b_C - b))^T U, and the final state. V columns
+   of the state are independent, so narrow V tiles give the sequential pass more programs;
 3. per (chunk, V tile, q head): o = scale (gamma (Q h) + ((Q K^T) * exp(b_i - b_j), j <= i) U).
 The whole key dim is one tile (K <= 256); intermediates are float32.
+
+Never feed `tl.trans` of a `tl.dot` result to another `tl.dot` (triton 3.4-3.7.0 miscompiles it
+on Hopper); transposed products are computed directly.
 """
 
 import torch
@@ -15,68 +20,154 @@ import triton
 import triton.language as tl
 
 from ..alloc import new_empty
-from ..linear_attention.triton_common import ChunkLayout
 
 CHUNK = 64
+SUB = 16  # diagonal block of the blocked inverse
+
+
+class Layout:
+    """Sequences and chunks of a dense batch (no tables: chunk i is chunk i % NT of sequence i // NT)
+    or of packed sequences (tables: bounds [N + 1], first chunk per sequence [N + 1], (seq, chunk) per program)."""
+
+    def __init__(self, batch: int, length: int, cu_seqlens: torch.Tensor | None, chunk: int, device):
+        self.chunk, self.length, self.varlen = chunk, length, cu_seqlens is not None
+        if cu_seqlens is None:
+            self.n, self.max_chunks = batch, batch * triton.cdiv(length, chunk)
+            self.tables = None
+            return
+        bounds = cu_seqlens.to(device=device, dtype=torch.int32)
+        self.n = bounds.numel() - 1
+        self.max_chunks = triton.cdiv(length, chunk) + self.n  # an upper bound, no host sync
+        counts = (bounds[1:] - bounds[:-1] + chunk - 1) // chunk
+        chunk_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        ids = torch.arange(self.max_chunks, dtype=torch.int32, device=device)
+        seq = torch.searchsorted(chunk_start[1:], ids, right=True).to(torch.int32)
+        local = ids - chunk_start[seq.clamp(max=self.n - 1).long()]
+        self.tables = (bounds, chunk_start, torch.stack([seq, local], 1).contiguous())
+
+    def args(self, dummy: torch.Tensor) -> tuple:
+        """(bounds, chunk_start, table, n, T) kernel arguments; `dummy` stands in for absent tables."""
+        bounds, chunk_start, table = self.tables or (dummy, dummy, dummy)
+        return bounds, chunk_start, table, self.n, self.length
 
 
 @triton.jit
-def _tile(ptr, rows, row_mask, row_stride, cols, n_cols):
+def chunk_of_program(i_c, table_ptr, T, C: tl.constexpr, VARLEN: tl.constexpr):
+    """(sequence, chunk within the sequence) of flat chunk i_c; sequence >= N: no chunk there."""
+    if VARLEN:
+        seq = tl.load(table_ptr + 2 * i_c)
+        local = tl.load(table_ptr + 2 * i_c + 1)
+    else:
+        n_chunks = tl.cdiv(T, C)
+        seq = i_c // n_chunks
+        local = i_c % n_chunks
+    return seq, local
+
+
+@triton.jit
+def sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C: tl.constexpr, VARLEN: tl.constexpr):
+    """(first row, end row, first flat chunk) of sequence `seq`."""
+    if VARLEN:
+        bos = tl.load(bounds_ptr + seq)
+        eos = tl.load(bounds_ptr + seq + 1)
+        first = tl.load(chunk_start_ptr + seq)
+    else:
+        bos = seq * T
+        eos = bos + T
+        first = seq * tl.cdiv(T, C)
+    return bos, eos, first
+
+
+@triton.jit
+def tile(ptr, rows, row_mask, row_stride, cols, n_cols):
     offs = rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
     return tl.load(ptr + offs, mask=row_mask[:, None] & (cols < n_cols)[None, :], other=0.0)
 
 
 @triton.jit
+def chunk_gates(beta_ptr, g_ptr, rows, row_mask, hk, kv_heads, C: tl.constexpr, HAS_G: tl.constexpr):
+    """(beta [C], in-chunk inclusive cumsum b [C] of the log-decay, float32; zero past the sequence)."""
+    gate = rows.to(tl.int64) * kv_heads + hk
+    beta = tl.load(beta_ptr + gate, mask=row_mask, other=0.0).to(tl.float32)
+    g = tl.zeros([C], dtype=tl.float32)
+    if HAS_G:
+        g = tl.load(g_ptr + gate, mask=row_mask, other=0.0).to(tl.float32)
+    return beta, tl.cumsum(g, axis=0)
+
+
+@triton.jit
+def unit_inverse(a, C: tl.constexpr, SB: tl.constexpr, LOWER: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + a)^{-1} for a strictly lower (LOWER) or strictly upper [C, C] float32 matrix.
+
+    Blocked: with D the SB x SB diagonal blocks of I + a and N the rest, I + a = D (I + X),
+    X = D^{-1} N; X is strictly block-triangular with C / SB <= 4 blocks, so X^4 = 0 and
+    (I + a)^{-1} = (I - X)(I + X^2) D^{-1}. D^{-1} comes from substitution over the SB rows of
+    all diagonal blocks at once (SB - 1 steps, each one [C, C] product on the tensor cores).
+    """
+    tl.static_assert(C <= 4 * SB)
+    i = tl.arange(0, C)
+    eye = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
+    same = (i[:, None] // SB) == (i[None, :] // SB)
+    inner = tl.where(same, a, 0.0)
+    t = eye
+    for s in tl.static_range(1, SB):
+        if LOWER:
+            sel = (i % SB) == s
+        else:
+            sel = (i % SB) == (SB - 1 - s)
+        # rows r in sel: T_r = e_r - sum_j a_rj T_j over rows j already final (same block, before r)
+        part = tl.dot(tl.where(sel[:, None], inner, 0.0), t, input_precision=PRECISION)
+        t = tl.where(sel[:, None], t - part, t)
+    if C > SB:
+        x = tl.dot(t, tl.where(same, 0.0, a), input_precision=PRECISION)
+        x2 = tl.dot(x, x, input_precision=PRECISION)
+        t = tl.dot(tl.dot(eye - x, eye + x2, input_precision=PRECISION), t, input_precision=PRECISION)
+    return t
+
+
+@triton.jit
 def _prepare_kernel(
-    k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, b_ptr, bounds_ptr, table_ptr,
-    n_seqs, kv_heads, dk, dv,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PRECISION: tl.constexpr,
+    k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, b_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    n_seqs, T, kv_heads, dk, dv,
+    C: tl.constexpr, SB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_c, hk = tl.program_id(0), tl.program_id(1)
-    seq = tl.load(table_ptr + 2 * i_c)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    local = tl.load(table_ptr + 2 * i_c + 1)
-    bos, eos = tl.load(bounds_ptr + seq), tl.load(bounds_ptr + seq + 1)
+    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     rows = bos + local * C + tl.arange(0, C)
     row_mask = rows < eos
-    kcols, vcols = tl.arange(0, BK), tl.arange(0, BV)
+    kcols = tl.arange(0, BK)
     gate = rows.to(tl.int64) * kv_heads + hk
-    k = _tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
-    beta = tl.load(beta_ptr + gate, mask=row_mask, other=0.0).to(tl.float32)
+    k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+    beta, b = chunk_gates(beta_ptr, g_ptr, rows, row_mask, hk, kv_heads, C, HAS_G)
     if HAS_G:
-        b = tl.cumsum(tl.load(g_ptr + gate, mask=row_mask, other=0.0).to(tl.float32), axis=0)
         tl.store(b_ptr + gate, b, mask=row_mask)
-    else:
-        b = tl.zeros([C], dtype=tl.float32)
     i = tl.arange(0, C)
-    below = i[:, None] > i[None, :]
-    decay = tl.exp(tl.where(below, b[:, None] - b[None, :], float("-inf")))
+    decay = tl.exp(tl.where(i[:, None] > i[None, :], b[:, None] - b[None, :], float("-inf")))
     a = beta[:, None] * decay * tl.dot(k, tl.trans(k), input_precision=PRECISION)
-    # T = (I + A)^{-1}: row r of T is e_r - sum_{j < r} A_rj T_j, rows filled top to bottom.
-    t = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
-    for r in range(1, C):
-        a_row = tl.sum(tl.where(i[:, None] == r, a, 0.0), axis=0)  # A[r, :], zero from column r on
-        t_row = tl.sum(a_row[:, None] * t, axis=0)
-        t = tl.where(i[:, None] == r, t - t_row[None, :], t)
+    t = unit_inverse(a, C, SB, True, PRECISION)
     w = tl.dot(t, (beta * tl.exp(b))[:, None] * k, input_precision=PRECISION)
-    v = _tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv).to(tl.float32)
-    u = tl.dot(t, beta[:, None] * v, input_precision=PRECISION)
     tl.store(w_ptr + gate[:, None] * dk + kcols[None, :], w, mask=row_mask[:, None] & (kcols < dk)[None, :])
-    tl.store(u_ptr + gate[:, None] * dv + vcols[None, :], u, mask=row_mask[:, None] & (vcols < dv)[None, :])
+    for v0 in range(0, dv, BV):
+        vcols = v0 + tl.arange(0, BV)
+        v = tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv).to(tl.float32)
+        u = tl.dot(t, beta[:, None] * v, input_precision=PRECISION)
+        tl.store(u_ptr + gate[:, None] * dv + vcols[None, :], u, mask=row_mask[:, None] & (vcols < dv)[None, :])
 
 
 @triton.jit
 def _states_kernel(
     k_ptr, w_ptr, u_ptr, b_ptr, h0_ptr, h_ptr, ht_ptr, bounds_ptr, chunk_start_ptr,
-    kv_heads, dk, dv,
+    T, kv_heads, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
-    PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     seq, hk = i_nh // kv_heads, i_nh % kv_heads
-    bos, eos = tl.load(bounds_ptr + seq), tl.load(bounds_ptr + seq + 1)
-    first = tl.load(chunk_start_ptr + seq)
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     kcols = tl.arange(0, BK)
     vcols = i_v * BV + tl.arange(0, BV)
     state_offs = kcols[:, None] * dv + vcols[None, :]
@@ -89,12 +180,12 @@ def _states_kernel(
         start = bos + c * C
         rows = start + tl.arange(0, C)
         row_mask = rows < eos
-        w = _tile(w_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
-        u = _tile(u_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+        w = tile(w_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        u = tile(u_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+        k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
         u -= tl.dot(w, state, input_precision=PRECISION)
         offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dv + vcols[None, :]
         tl.store(u_ptr + offs, u, mask=row_mask[:, None] & (vcols < dv)[None, :])
-        k = _tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
         if HAS_G:
             last = tl.minimum(start + C, eos) - 1
             b = tl.load(b_ptr + rows.to(tl.int64) * kv_heads + hk, mask=row_mask, other=0.0)
@@ -107,25 +198,25 @@ def _states_kernel(
 
 @triton.jit
 def _output_kernel(
-    q_ptr, k_ptr, u_ptr, b_ptr, h_ptr, o_ptr, bounds_ptr, table_ptr,
-    n_seqs, heads, kv_heads, dk, dv, scale,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr, k_ptr, u_ptr, b_ptr, h_ptr, o_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    n_seqs, T, heads, kv_heads, dk, dv, scale,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq = tl.load(table_ptr + 2 * i_c)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    local = tl.load(table_ptr + 2 * i_c + 1)
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     hk = i_h // (heads // kv_heads)
-    bos, eos = tl.load(bounds_ptr + seq), tl.load(bounds_ptr + seq + 1)
     rows = bos + local * C + tl.arange(0, C)
     row_mask = rows < eos
     kcols = tl.arange(0, BK)
     vcols = i_v * BV + tl.arange(0, BV)
-    q = _tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
-    k = _tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
-    u = _tile(u_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-    state_offs = ((i_c.to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
+    q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
+    k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+    u = tile(u_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+    state_offs = (((first + local).to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
     state = tl.load(h_ptr + state_offs, mask=(kcols < dk)[:, None] & (vcols < dv)[None, :], other=0.0)
     i = tl.arange(0, C)
     causal = i[:, None] >= i[None, :]
@@ -147,13 +238,47 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _dims(dk: int, dv: int) -> tuple[int, int, int]:
-    """(BK, BV of the state kernel, BV of the output kernel)."""
+def head_block(dk: int, dv: int) -> int:
+    """BK: the whole key dim as one tile."""
     if dk > 256 or dv > 256:
         raise ValueError(f"delta_rule: the Triton kernels support head dims up to 256, got K={dk}, V={dv}")
-    bk = max(16, triton.next_power_of_2(dk))
-    bv = max(16, min(64 if bk <= 128 else 32, triton.next_power_of_2(dv)))
-    return bk, bv, bv
+    return max(16, triton.next_power_of_2(dk))
+
+
+def state_block(sequences: int, dv: int) -> int:
+    """V tile of the sequential state passes: narrow enough for ~128 programs (V columns are independent)."""
+    bv = max(16, min(64, triton.next_power_of_2(dv)))
+    while bv > 16 and sequences * triton.cdiv(dv, bv) < 128:
+        bv //= 2
+    return bv
+
+
+def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: int, store_states: bool = True):
+    """Kernels 1 and 2: (w [rows, Hkv, K], u [rows, Hkv, V] (corrected), b or None, h per chunk, final state)."""
+    batch_rows, kv_heads, dk = k.shape[0] * k.shape[1], k.shape[2], k.shape[-1]
+    dv = v.shape[-1]
+    bk = head_block(dk, dv)
+    w = new_empty((batch_rows, kv_heads, dk), dtype=torch.float32, device=k.device)
+    u = new_empty((batch_rows, kv_heads, dv), dtype=torch.float32, device=k.device)
+    b = new_empty((batch_rows, kv_heads), dtype=torch.float32, device=k.device) if g is not None else None
+    h = new_empty((layout.max_chunks, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
+    ht = new_empty((layout.n, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
+    bounds, chunk_start, table, n, length = layout.args(w)
+    has_g, has_h0 = g is not None, initial_state is not None
+    if layout.max_chunks > 0:
+        _prepare_kernel[(layout.max_chunks, kv_heads)](
+            k, v, beta, g if has_g else beta, w, u, b if has_g else w, bounds, chunk_start, table,
+            n, length, kv_heads, dk, dv,
+            C=chunk, SB=min(SUB, chunk), BK=bk, BV=max(16, min(64, triton.next_power_of_2(dv))), HAS_G=has_g,
+            VARLEN=layout.varlen, PRECISION=prec, num_warps=4,
+        )
+    bv = state_block(layout.n * kv_heads, dv)
+    _states_kernel[(triton.cdiv(dv, bv), layout.n * kv_heads)](
+        k, w, u, b if has_g else w, initial_state.contiguous() if has_h0 else ht, h, ht, bounds, chunk_start,
+        length, kv_heads, dk, dv, C=chunk, BK=bk, BV=bv, HAS_G=has_g, HAS_H0=has_h0, VARLEN=layout.varlen,
+        PRECISION=prec, num_warps=4,
+    )
+    return w, u, b, h, ht
 
 
 def chunk_forward(
@@ -174,31 +299,15 @@ def chunk_forward(
     g = None if g is None else g.contiguous()
     batch, length, heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[-1]
-    bk, bv, bv_out = _dims(dk, dv)
     prec = precision(q.dtype)
-    layout = ChunkLayout(batch, length, cu_seqlens, chunk, q.device)
-    rows = batch * length
-    w = new_empty((rows, kv_heads, dk), dtype=torch.float32, device=q.device)
-    u = new_empty((rows, kv_heads, dv), dtype=torch.float32, device=q.device)
-    b = new_empty((rows, kv_heads), dtype=torch.float32, device=q.device) if g is not None else w
-    h = new_empty((layout.max_chunks, kv_heads, dk, dv), dtype=torch.float32, device=q.device)
-    ht = new_empty((layout.n, kv_heads, dk, dv), dtype=torch.float32, device=q.device)
+    layout = Layout(batch, length, cu_seqlens, chunk, q.device)
+    _, u, b, h, ht = recompute(k, v, beta, g, initial_state, layout, prec, chunk)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
-    has_g, has_h0 = g is not None, initial_state is not None
     if layout.max_chunks > 0:
-        _prepare_kernel[(layout.max_chunks, kv_heads)](
-            k, v, beta, g if has_g else beta, w, u, b, layout.bounds, layout.table, layout.n, kv_heads, dk, dv,
-            C=chunk, BK=bk, BV=max(16, triton.next_power_of_2(dv)), HAS_G=has_g, PRECISION=prec,
-            num_warps=8 if bk >= 128 else 4,
-        )
-    _states_kernel[(triton.cdiv(dv, bv), layout.n * kv_heads)](
-        k, w, u, b, initial_state.contiguous() if has_h0 else ht, h, ht, layout.bounds, layout.chunk_start,
-        kv_heads, dk, dv, C=chunk, BK=bk, BV=bv, HAS_G=has_g, HAS_H0=has_h0, PRECISION=prec,
-        num_warps=8 if bk >= 128 else 4,
-    )
-    if layout.max_chunks > 0:
-        _output_kernel[(layout.max_chunks, triton.cdiv(dv, bv_out), heads)](
-            q, k, u, b, h, o, layout.bounds, layout.table, layout.n, heads, kv_heads, dk, dv, scale,
-            C=chunk, BK=bk, BV=bv_out, HAS_G=has_g, PRECISION=prec,
+        bv = max(16, min(64, triton.next_power_of_2(dv)))
+        _output_kernel[(layout.max_chunks, triton.cdiv(dv, bv), heads)](
+            q, k, u, b if b is not None else u, h, o, *layout.args(u), heads, kv_heads, dk, dv, scale,
+            C=chunk, BK=head_block(dk, dv), BV=bv, HAS_G=g is not None, VARLEN=layout.varlen, PRECISION=prec,
+            num_warps=4,
         )
     return o, ht

@@ -24,7 +24,7 @@ VECTOR_CHUNK = 16  # the per-key-dim decay builds a [C, C, K] tensor per chunk
 
 
 def chunk_size_for(decay: str) -> int:
-    """Chunk length used for a decay kind (the Triton kernels use the same)."""
+    """Chunk length of this CPU reference for a decay kind (the Triton kernels use 64 for every kind)."""
     return VECTOR_CHUNK if decay == "vector" else CHUNK
 
 

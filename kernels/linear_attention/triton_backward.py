@@ -19,9 +19,11 @@ from .triton_common import block, chunk_log_decay, chunk_of_program, sequence_ro
 from .triton_forward import _load_tile, chunk_states, precision, prepare
 from .triton_gated import lower_apply, sub_chunk, upper_apply, upper_scores
 
-# (BK, BV, num_warps) per decay mode for the dq/dk kernel and the dv kernel
+# (BK, BV, num_warps) per decay mode for the dq/dk kernel and the dv kernel. The dv kernel's
+# in-chunk part came out wrong on H200 / triton 3.6 with BK 64 or 128 and 4 warps at K=100, V=32
+# (fp16 and bf16; right with BK 32, or with 8 warps; NOTES.md): keep BK 32 there.
 DQK_TILES = {0: (64, 64, 4), 1: (64, 64, 4), 2: (32, 64, 4)}
-DV_TILES = {0: (64, 64, 4), 1: (64, 64, 4), 2: (32, 64, 4)}
+DV_TILES = {0: (32, 64, 4), 1: (32, 64, 4), 2: (32, 64, 4)}
 DSTATE_TILES = (64, 32)
 
 
@@ -48,6 +50,7 @@ def _chunk_dstates_kernel(
     CONST: tl.constexpr,
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
 ):
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, hk = i_nh // kv_heads, i_nh % kv_heads
@@ -69,7 +72,7 @@ def _chunk_dstates_kernel(
         rows = bos + c * C + tl.arange(0, C)
         row_mask = rows < eos
         if MODE != 0:
-            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
             if MODE == 1:
                 dstate = dstate * tl.exp(b_last)
             else:
@@ -78,11 +81,14 @@ def _chunk_dstates_kernel(
             h = hk * group + j
             q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
             do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
-            if MODE == 1:
-                q = (q * tl.exp(b)[:, None]).to(do.dtype)
-            if MODE == 2:
-                q = (q * tl.exp(b)).to(do.dtype)
-            dstate += scale * tl.dot(tl.trans(q), do, input_precision=PRECISION)
+            if MODE == 0:
+                dstate += scale * tl.dot(tl.trans(q), do, input_precision=PRECISION)
+            else:  # float32 operands: dg needs the state gradients exact
+                if MODE == 1:
+                    q = q * tl.exp(b)[:, None]
+                else:
+                    q = q * tl.exp(b)
+                dstate += scale * tl.dot(tl.trans(q), do.to(tl.float32), input_precision=F32_PRECISION)
     tl.store(dh0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, dstate, mask=state_mask)
 
 
@@ -122,7 +128,7 @@ def _chunk_dqk_kernel(
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     group = heads // kv_heads
     rows = bos + local * C + tl.arange(0, C)
     row_mask = rows < eos
@@ -133,7 +139,7 @@ def _chunk_dqk_kernel(
     k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
     kf = k.to(tl.float32)
     if MODE != 0:
-        b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
     if MODE == 1:
         pair = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
         pair_t = tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf")))
@@ -189,9 +195,9 @@ def _chunk_dqk_kernel(
         else:
             dk_end += tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=F32_PRECISION)
     if MODE == 1:
-        dk_end = dk_end * tl.exp(b_last - b)[:, None]
+        dk_end = dk_end * tl.exp(to_end)[:, None]
     if MODE == 2:
-        dk_end = dk_end * tl.exp(b_last[None, :] - b)
+        dk_end = dk_end * tl.exp(to_end)
     dk_acc += dk_end
     offs = rows.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
     mask = row_mask[:, None] & (kcols < dk)[None, :]
@@ -232,7 +238,7 @@ def _chunk_dv_kernel(
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     group = heads // kv_heads
     rows = bos + local * C + tl.arange(0, C)
     row_mask = rows < eos
@@ -248,12 +254,14 @@ def _chunk_dv_kernel(
             q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
             k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
             if MODE == 2:
-                b, _ = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+                b, to_end, b_last = chunk_log_decay(
+                    g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST
+                )
                 scores_t += upper_scores(k.to(tl.float32), q.to(tl.float32), b, C, SUB, F32_PRECISION)
             else:
                 scores_t += tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if MODE == 1:
-            b, _ = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST)
             scores_t = scores_t * tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf")))
         else:
             scores_t = tl.where(causal_t, scores_t, 0.0)
@@ -265,11 +273,11 @@ def _chunk_dv_kernel(
         kcols = i_k * BK + tl.arange(0, BK)
         k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
         if MODE == 1:
-            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
-            k = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            k = (k * tl.exp(to_end)[:, None]).to(k.dtype)
         if MODE == 2:
-            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
-            k = (k * tl.exp(b_last[None, :] - b)).to(k.dtype)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            k = (k * tl.exp(to_end)).to(k.dtype)
         state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
         state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
         dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0).to(k.dtype)
@@ -295,7 +303,7 @@ def _reverse_cumsum_kernel(
     VARLEN: tl.constexpr,
 ):
     seq, hk, i_f = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     cols = i_f * BF + tl.arange(0, BF)
     col_mask = cols < feat
     carry = tl.load(carry_ptr + (seq * heads + hk) * feat + cols, mask=col_mask, other=0.0)
@@ -357,7 +365,7 @@ def chunk_backward(
     prec, device = precision(q.dtype), q.device
     chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens)
     mode, const = decay_kw["MODE"], decay_kw["CONST"]
-    h, final = chunk_states(k, v, decay_kw, initial_state, chunks)
+    h, final = chunk_states(k, v, decay_kw, initial_state, chunks, wide=mode != 0)
     dh = new_empty(h.shape, dtype=torch.float32, device=device)
     dh0 = new_empty(final.shape, dtype=torch.float32, device=device)
     bounds, chunk_start, table, n, length = chunks.args(q)
@@ -384,6 +392,7 @@ def chunk_backward(
         CONST=const,
         VARLEN=chunks.varlen,
         PRECISION=prec,
+        F32_PRECISION=prec,
     )
     dq = new_empty(q.shape, dtype=q.dtype, device=device)
     dk_ = new_empty(k.shape, dtype=k.dtype, device=device)

@@ -10,9 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..alloc import new_empty
-from .chunked_reference import chunk_size_for
-
 
 class ChunkLayout:
     """Sequence bounds [N + 1], first chunk of each sequence [N + 1], and (sequence, chunk) per program."""
@@ -34,24 +31,6 @@ class ChunkLayout:
         self.table = torch.stack([seq, local], 1).contiguous()  # seq == N: no chunk, the program exits
 
 
-@triton.jit
-def _chunk_cumsum_kernel(
-    g_ptr, b_ptr, bounds_ptr, table_ptr, n_seqs, heads, feat, C: tl.constexpr, BF: tl.constexpr
-):
-    i_c, i_h, i_f = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq = tl.load(table_ptr + 2 * i_c)
-    if seq >= n_seqs:
-        return
-    local = tl.load(table_ptr + 2 * i_c + 1)
-    bos, eos = tl.load(bounds_ptr + seq), tl.load(bounds_ptr + seq + 1)
-    rows = bos + local * C + tl.arange(0, C)
-    cols = i_f * BF + tl.arange(0, BF)
-    mask = (rows < eos)[:, None] & (cols < feat)[None, :]
-    offs = (rows.to(tl.int64) * heads + i_h)[:, None] * feat + cols[None, :]
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(b_ptr + offs, tl.cumsum(g, axis=0), mask=mask)
-
-
 def token_log_decay(
     g: torch.Tensor | None, decay: str, batch: int, length: int, kv_heads: int
 ) -> torch.Tensor:
@@ -61,18 +40,6 @@ def token_log_decay(
     if decay == "scalar":
         return g.reshape(batch * length, kv_heads, 1).contiguous()
     return g.reshape(batch * length, kv_heads, -1).contiguous()
-
-
-def chunk_cumsum(g: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
-    """Log-decay summed from each chunk's first token, in float32: [B * T, Hkv, F] -> same shape."""
-    rows, heads, feat = g.shape
-    b = new_empty(g.shape, dtype=torch.float32, device=g.device)
-    bf = min(64, triton.next_power_of_2(feat))
-    grid = (layout.max_chunks, heads, triton.cdiv(feat, bf))
-    _chunk_cumsum_kernel[grid](
-        g, b, layout.bounds, layout.table, layout.n, heads, feat, C=layout.chunk, BF=bf
-    )
-    return b
 
 
 class Chunks:
@@ -123,10 +90,11 @@ def sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C: tl.constexpr, VARLEN: 
 
 @triton.jit
 def chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE: tl.constexpr, CONST: tl.constexpr):
-    """(in-chunk inclusive cumsum of the log-decay, its chunk total), float32.
+    """(in-chunk inclusive cumsum b of the log-decay, b_last - b as a suffix sum, chunk total), float32.
 
-    MODE 1: [C] and a scalar, from g [rows, Hkv] or, with CONST, g [Hkv] for every token.
-    MODE 2: [C, BK] and [BK], from g [rows, Hkv, K]. Rows past the sequence add nothing.
+    The suffix sum keeps the decay to the chunk end exact for the latest tokens (a difference of
+    two long prefix sums would lose it to rounding). MODE 1: [C], [C] and a scalar, from g [rows, Hkv] or, with CONST, g [Hkv] for every token.
+    MODE 2: [C, BK], [C, BK] and [BK], from g [rows, Hkv, K]. Rows past the sequence add nothing.
     """
     if MODE == 1:
         if CONST:
@@ -136,7 +104,7 @@ def chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE: tl.con
     else:
         offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dk + kcols[None, :]
         g = tl.load(g_ptr + offs, mask=row_mask[:, None] & (kcols < dk)[None, :], other=0.0).to(tl.float32)
-    return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+    return tl.cumsum(g, axis=0), tl.cumsum(g, axis=0, reverse=True) - g, tl.sum(g, axis=0)
 
 
 def block(dim: int, cap: int = 64) -> int:
@@ -149,7 +117,3 @@ def check_head_dims(dk: int, dv: int) -> None:
         raise ValueError(
             f"linear_attention: the Triton kernels support head dims up to 256, got K={dk}, V={dv}"
         )
-
-
-def chunk_for(decay: str) -> int:
-    return chunk_size_for(decay)

@@ -54,6 +54,8 @@ def _chunk_states_kernel(
     HAS_H0: tl.constexpr,
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
 ):
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, hk = i_nh // kv_heads, i_nh % kv_heads
@@ -75,15 +77,20 @@ def _chunk_states_kernel(
         row_mask = rows < eos
         k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
         v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-        if MODE == 1:
-            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
-            k = (k * tl.exp(b_last - b)[:, None]).to(v.dtype)
-            state = state * tl.exp(b_last)
-        if MODE == 2:
-            b, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
-            k = (k * tl.exp(b_last[None, :] - b)).to(v.dtype)
-            state = state * tl.exp(b_last)[:, None]
-        state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
+        if MODE == 0:
+            state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
+        else:
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            if MODE == 1:
+                k = k * tl.exp(to_end)[:, None]
+                state = state * tl.exp(b_last)
+            else:
+                k = k * tl.exp(to_end)
+                state = state * tl.exp(b_last)[:, None]
+            if WIDE:  # float32 operands: states for the backward, where dg needs them exact
+                state += tl.dot(tl.trans(k), v.to(tl.float32), input_precision=F32_PRECISION)
+            else:
+                state += tl.dot(tl.trans(k.to(v.dtype)), v, input_precision=PRECISION)
     tl.store(ht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, state, mask=state_mask)
 
 
@@ -119,7 +126,7 @@ def _chunk_output_kernel(
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     hk = i_h // (heads // kv_heads)
     rows = bos + local * C + tl.arange(0, C)
     row_mask = rows < eos
@@ -135,14 +142,14 @@ def _chunk_output_kernel(
         state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
         state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(q.dtype)
         if MODE == 2:
-            b, _ = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
             o += tl.dot((q * tl.exp(b)).to(q.dtype), state, input_precision=PRECISION)
             scores += lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION)
         else:
             o += tl.dot(q, state, input_precision=PRECISION)
             scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MODE == 1:
-        b, _ = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST)
+        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST)
         o = o * tl.exp(b)[:, None]
         scores = scores * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
     else:
@@ -176,8 +183,11 @@ def prepare(q, k, g, decay, cu_seqlens):
     return Chunks(batch, length, cu_seqlens, CHUNK, q.device), decay_args(g, decay, q)
 
 
-def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float32):
-    """(states before every chunk [chunks, Hkv, K, V] in state_dtype, final states [N, Hkv, K, V] float32)."""
+def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float32, wide=False):
+    """(states before every chunk [chunks, Hkv, K, V] in state_dtype, final states [N, Hkv, K, V] float32).
+
+    wide: decayed keys enter the products as float32 (TF32 for 16-bit inputs), not rounded to k's dtype.
+    """
     kv_heads, dk, dv = k.shape[2], k.shape[-1], v.shape[-1]
     h = new_empty((chunks.max_chunks, kv_heads, dk, dv), dtype=state_dtype, device=k.device)
     ht = new_empty((chunks.n, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
@@ -205,6 +215,8 @@ def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float3
         HAS_H0=initial_state is not None,
         VARLEN=chunks.varlen,
         PRECISION=precision(k.dtype),
+        WIDE=wide,
+        F32_PRECISION=precision(k.dtype),
     )
     return h, ht
 

@@ -37,7 +37,7 @@ def fast_path_ok(b, C: tl.constexpr, SUB: tl.constexpr):
     """Whether b spreads by at most LIMIT inside every sub-chunk (then the fast path is exact)."""
     spread = tl.max(tl.zeros_like(b), axis=0)
     for s in tl.static_range(C // SUB):
-        _, hi, lo = _refs(b, s, C, SUB)
+        in_s, hi, lo = _refs(b, s, C, SUB)
         spread = tl.maximum(spread, hi - lo)
     return tl.max(spread, axis=0) <= LIMIT
 
@@ -58,7 +58,7 @@ def lower_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.cons
     out = tl.zeros([C, C], dtype=tl.float32)
     if fast_path_ok(b, C, SUB):
         for s in tl.static_range(C // SUB):
-            in_s, hi, _ = _refs(b, s, C, SUB)
+            in_s, hi, lo = _refs(b, s, C, SUB)
             xs = tl.where(in_s[:, None], x * tl.exp(tl.minimum(b - hi[None, :], 0.0)), 0.0)
             ys = tl.where((idx < (s + 1) * SUB)[:, None], y * tl.exp(tl.minimum(hi[None, :] - b, LIMIT)), 0.0)
             out += tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
@@ -76,7 +76,7 @@ def upper_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.cons
     out = tl.zeros([C, C], dtype=tl.float32)
     if fast_path_ok(b, C, SUB):
         for s in tl.static_range(C // SUB):
-            in_s, _, lo = _refs(b, s, C, SUB)
+            in_s, hi, lo = _refs(b, s, C, SUB)
             xs = tl.where(in_s[:, None], x * tl.exp(tl.minimum(lo[None, :] - b, 0.0)), 0.0)
             ys = tl.where((idx >= s * SUB)[:, None], y * tl.exp(tl.minimum(b - lo[None, :], LIMIT)), 0.0)
             out += tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
@@ -94,7 +94,7 @@ def lower_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.const
     out = tl.zeros_like(y)
     if fast_path_ok(b, C, SUB):
         for s in tl.static_range(C // SUB):
-            in_s, hi, _ = _refs(b, s, C, SUB)
+            in_s, hi, lo = _refs(b, s, C, SUB)
             ys = tl.where((idx < (s + 1) * SUB)[:, None], y * tl.exp(tl.minimum(hi[None, :] - b, LIMIT)), 0.0)
             scale = tl.where(in_s[:, None], tl.exp(tl.minimum(b - hi[None, :], 0.0)), 0.0)
             out += scale * tl.dot(p, ys, input_precision=PRECISION)
@@ -111,7 +111,7 @@ def upper_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.const
     out = tl.zeros_like(y)
     if fast_path_ok(b, C, SUB):
         for s in tl.static_range(C // SUB):
-            in_s, _, lo = _refs(b, s, C, SUB)
+            in_s, hi, lo = _refs(b, s, C, SUB)
             ys = tl.where((idx >= s * SUB)[:, None], y * tl.exp(tl.minimum(b - lo[None, :], LIMIT)), 0.0)
             scale = tl.where(in_s[:, None], tl.exp(tl.minimum(lo[None, :] - b, 0.0)), 0.0)
             out += scale * tl.dot(p, ys, input_precision=PRECISION)
@@ -124,4 +124,3 @@ def upper_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.const
 
 def sub_chunk(chunk: int) -> int:
     return min(16, chunk)
-

@@ -1,8 +1,13 @@
 """Triton kernels for the short causal conv and their launchers; see `reference.py` for the math.
 
 Tokens are addressed flat (row r of x.view(B * T, D)); every row knows its sequence and the
-sequence's first row, so batched and packed (cu_seqlens) inputs share one kernel. Tiles are
-[BT tokens, BD channels]; the W taps are unrolled (W is a constexpr).
+sequence's first row (computed for dense batches, looked up for packed cu_seqlens inputs), so
+both share one kernel. Tiles are [BT tokens, BD channels]; the W taps are unrolled (W is a
+constexpr), and shifted tiles are re-read from L1/L2, so device memory sees each input once.
+
+The backward is one pass: each program recomputes dz = dy * act'(z) at its rows and the W - 1
+rows after them (W shifted recomputations instead of storing dz in float32 and reading it back),
+so it moves x, dy in and dx out plus small per-tile partial sums for dweight and dbias.
 """
 
 import torch
@@ -12,7 +17,8 @@ import triton.language as tl
 from ..alloc import new_empty
 
 BT = 64
-BD = 64
+BD = 128
+WARPS = 8
 
 
 @triton.jit
@@ -20,10 +26,12 @@ def _row_sequence(rows, row_mask, seq_ptr, bounds_ptr, length, VARLEN: tl.conste
     """(sequence id, first row, end row) of every row."""
     if VARLEN:
         seq = tl.load(seq_ptr + rows, mask=row_mask, other=0)
+        start = tl.load(bounds_ptr + seq, mask=row_mask, other=0)
+        end = tl.load(bounds_ptr + seq + 1, mask=row_mask, other=0)
     else:
         seq = rows // length
-    start = tl.load(bounds_ptr + seq, mask=row_mask, other=0)
-    end = tl.load(bounds_ptr + seq + 1, mask=row_mask, other=0)
+        start = seq * length
+        end = start + length
     return seq, start, end
 
 
@@ -75,56 +83,48 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_dz_kernel(
-    dy_ptr, x_ptr, w_ptr, b_ptr, c_ptr, dz_ptr, dw_ptr, db_ptr, seq_ptr, bounds_ptr, n_rows, length, dim,
+def _conv_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, b_ptr, c_ptr, dfc_ptr, dx_ptr, dz_ptr, dw_ptr, db_ptr, seq_ptr, bounds_ptr,
+    n_rows, length, dim,
     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr,
     SILU: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """dz = dy * act'(pre) (float32), and this tile's partial sums of dweight [W, D] and dbias [D]."""
+    """dx_s = sum_j weight[:, j] dz_{s + W-1-j} (inside the sequence) + d_final_cache where x_s is cached,
+    with dz = dy * act'(pre) recomputed at each shifted row; this tile's partial sums of dweight
+    [W, D] and dbias [D]; with a cache, dz at each sequence's first W - 1 rows (for d cache)."""
     i_t = tl.program_id(0)
     rows = i_t * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     row_mask, col_mask = rows < n_rows, cols < dim
-    tile_mask = row_mask[:, None] & col_mask[None, :]
-    seq, start, _ = _row_sequence(rows, row_mask, seq_ptr, bounds_ptr, length, VARLEN)
-    offs = rows.to(tl.int64)[:, None] * dim + cols[None, :]
-    dz = tl.load(dy_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
-    if SILU:
-        pre = _preactivation(x_ptr, w_ptr, b_ptr, c_ptr, rows, row_mask, seq, start, cols, col_mask, dim,
-                             W, BT, BD, HAS_BIAS, HAS_CACHE)
-        sig = tl.sigmoid(pre)
-        dz = dz * sig * (1.0 + pre * (1.0 - sig))
-    tl.store(dz_ptr + offs, dz, mask=tile_mask)
-    for j in tl.static_range(W):
-        xv = _tap(x_ptr, c_ptr, rows, row_mask, seq, start, cols, col_mask, dim, W - 1 - j, W, HAS_CACHE)
-        tl.store(dw_ptr + (i_t * W + j).to(tl.int64) * dim + cols, tl.sum(dz * xv, axis=0), mask=col_mask)
-    if HAS_BIAS:
-        tl.store(db_ptr + i_t.to(tl.int64) * dim + cols, tl.sum(dz, axis=0), mask=col_mask)
-
-
-@triton.jit
-def _conv_bwd_dx_kernel(
-    dz_ptr, dfc_ptr, w_ptr, dx_ptr, seq_ptr, bounds_ptr, n_rows, length, dim,
-    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, VARLEN: tl.constexpr,
-):
-    """dx_s = sum_j weight[:, j] dz_{s + W-1-j} (inside the sequence) + d_final_cache where x_s is cached."""
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    row_mask, col_mask = rows < n_rows, cols < dim
-    seq, _, end = _row_sequence(rows, row_mask, seq_ptr, bounds_ptr, length, VARLEN)
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in tl.static_range(W):
-        dst = rows + (W - 1 - j)
-        mask = (row_mask & (dst < end))[:, None] & col_mask[None, :]
-        dz = tl.load(dz_ptr + dst.to(tl.int64)[:, None] * dim + cols[None, :], mask=mask, other=0.0)
-        w = tl.load(w_ptr + cols * W + j, mask=col_mask, other=0.0).to(tl.float32)
-        acc += dz * w[None, :]
+    seq, start, end = _row_sequence(rows, row_mask, seq_ptr, bounds_ptr, length, VARLEN)
+    dx = tl.zeros([BT, BD], dtype=tl.float32)
+    for m in tl.static_range(W):
+        r = rows + m  # dz_r reaches x_rows through weight[:, W-1-m]
+        r_mask = row_mask & (r < end)
+        offs = r.to(tl.int64)[:, None] * dim + cols[None, :]
+        dz = tl.load(dy_ptr + offs, mask=r_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        if SILU:
+            pre = _preactivation(x_ptr, w_ptr, b_ptr, c_ptr, r, r_mask, seq, start, cols, col_mask, dim,
+                                 W, BT, BD, HAS_BIAS, HAS_CACHE)
+            sig = tl.sigmoid(pre)
+            dz = dz * sig * (1.0 + pre * (1.0 - sig))
+        w = tl.load(w_ptr + cols * W + (W - 1 - m), mask=col_mask, other=0.0).to(tl.float32)
+        dx += dz * w[None, :]
+        if m == 0:
+            if HAS_CACHE:
+                head = r_mask & (rows - start < W - 1)
+                tl.store(dz_ptr + offs, dz, mask=head[:, None] & col_mask[None, :])
+            for j in tl.static_range(W):
+                xv = _tap(x_ptr, c_ptr, rows, row_mask, seq, start, cols, col_mask, dim, W - 1 - j, W, HAS_CACHE)
+                tl.store(dw_ptr + (i_t * W + j).to(tl.int64) * dim + cols, tl.sum(dz * xv, axis=0), mask=col_mask)
+            if HAS_BIAS:
+                tl.store(db_ptr + i_t.to(tl.int64) * dim + cols, tl.sum(dz, axis=0), mask=col_mask)
     slot = (W - 1) + rows - end  # position of x_s in the final cache, if >= 0
     mask = (row_mask & (slot >= 0))[:, None] & col_mask[None, :]
     cache_offs = (seq * (W - 1) + slot).to(tl.int64)[:, None] * dim + cols[None, :]
-    acc += tl.load(dfc_ptr + cache_offs, mask=mask, other=0.0).to(tl.float32)
+    dx += tl.load(dfc_ptr + cache_offs, mask=mask, other=0.0).to(tl.float32)
     offs = rows.to(tl.int64)[:, None] * dim + cols[None, :]
-    tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 class _Rows:
@@ -181,7 +181,7 @@ def short_conv_forward(
             x2, weight, x2 if bias is None else bias.contiguous(), x2 if cache is None else cache, y,
             rows.seq, rows.bounds, rows.n_rows, rows.length, dim,
             W=width, BT=BT, BD=BD, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None, SILU=silu,
-            VARLEN=rows.varlen,
+            VARLEN=rows.varlen, num_warps=WARPS,
         )
     return y, _final_cache(x2, cache, rows, width)
 
@@ -218,19 +218,17 @@ def short_conv_backward(
     weight, cache = weight.contiguous(), None if cache is None else cache.contiguous()
     d_final_cache = d_final_cache.contiguous()
     grid = _grid(rows, dim)
-    dz = new_empty((rows.n_rows, dim), dtype=torch.float32, device=x.device)
+    # dz is only read back at each sequence's first W - 1 rows, for the cache gradient
+    dz = new_empty((rows.n_rows, dim), dtype=torch.float32, device=x.device) if cache is not None else x2
     dw_part = new_empty((grid[0], width, dim), dtype=torch.float32, device=x.device)
     db_part = new_empty((grid[0], dim), dtype=torch.float32, device=x.device)
     dx = new_empty(x.shape, dtype=x.dtype, device=x.device)
     if rows.n_rows > 0:
-        common = dict(W=width, BT=BT, BD=BD, VARLEN=rows.varlen)
-        _conv_bwd_dz_kernel[grid](
+        _conv_bwd_kernel[grid](
             dy2, x2, weight, x2 if bias is None else bias.contiguous(), x2 if cache is None else cache,
-            dz, dw_part, db_part, rows.seq, rows.bounds, rows.n_rows, rows.length, dim,
-            HAS_BIAS=bias is not None, HAS_CACHE=cache is not None, SILU=silu, **common,
-        )
-        _conv_bwd_dx_kernel[grid](
-            dz, d_final_cache, weight, dx, rows.seq, rows.bounds, rows.n_rows, rows.length, dim, **common
+            d_final_cache, dx, dz, dw_part, db_part, rows.seq, rows.bounds, rows.n_rows, rows.length, dim,
+            W=width, BT=BT, BD=BD, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None, SILU=silu,
+            VARLEN=rows.varlen, num_warps=WARPS,
         )
     dw = dw_part.sum(0).t().to(weight.dtype)
     db = None if bias is None else db_part.sum(0).to(bias.dtype)

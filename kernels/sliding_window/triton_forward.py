@@ -2,9 +2,11 @@
 
 One program per (query block of BM rows, q head). It walks the key blocks that hold the sink
 tokens and then only the key blocks inside the window of its rows, so work per query is
-O(window + sinks) and total time is linear in T. Softmax runs online in base 2; the row
-log-sum-exp is saved for the backward pass. Tokens are addressed flat (row b * T + t), and
-`ChunkLayout` maps programs to (sequence, block), so batched and packed inputs share the kernel.
+O(window + sinks) and total time is linear in T. Only the blocks on the window's two edges
+(and the sink blocks) build the visibility mask; the blocks between them are wholly visible to
+every row of the query block and skip it. Softmax runs online in base 2; the row log-sum-exp
+is saved for the backward pass. Tokens are addressed flat (row b * T + t); dense batches need no
+index tables (`Layout`), packed inputs map programs to (sequence, block) through tables.
 """
 
 import torch
@@ -12,11 +14,13 @@ import triton
 import triton.language as tl
 
 from ..alloc import new_empty
-from ..linear_attention.triton_common import ChunkLayout
+from ..delta_rule.triton_forward import Layout, chunk_of_program, sequence_rows
 
 LOG2E = 1.4426950408889634
-BLOCK_M = 64
+BLOCK_M = 128
 BLOCK_N = 64
+WARPS = 8
+STAGES = 3
 
 
 @triton.jit
@@ -46,15 +50,30 @@ def key_ranges(q_first, q_last, bos, window, sinks, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def full_blocks(q_first, q_last, lo, window, BLOCK_N: tl.constexpr):
+    """(mid_lo, mid_hi): window blocks starting in [mid_lo, mid_hi) are seen whole by rows q_first..q_last.
+
+    A block [s, s + BLOCK_N) is: inside every row's window when s >= q_last - window + 1, and
+    causal for every row when s + BLOCK_N <= q_first + 1. Blocks from lo up to mid_lo and from
+    mid_hi on need the mask; mid_lo <= mid_hi always, so the three ranges cover lo..hi.
+    """
+    full_lo = lo + tl.cdiv(tl.maximum(q_last - window + 1 - lo, 0), BLOCK_N) * BLOCK_N
+    causal_end = lo + ((q_first + 1 - lo) // BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(full_lo, causal_end)
+    return mid_lo, causal_end
+
+
+@triton.jit
 def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_stride, dk, dv, kcols, vcols,
-                  window, sinks, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                  window, sinks, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     keys = start + tl.arange(0, BLOCK_N)
     key_mask = keys < eos
     k = load_rows(k_ptr, keys, key_mask, kv_stride * dk, kcols, dk)
     v = load_rows(v_ptr, keys, key_mask, kv_stride * dv, vcols, dv)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    mask = visible(q_pos, keys - bos, window, sinks) & key_mask[None, :]
-    s = tl.where(mask, s, float("-inf"))
+    if MASKED:
+        mask = visible(q_pos, keys - bos, window, sinks) & key_mask[None, :]
+        s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -65,17 +84,17 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_str
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bounds_ptr, table_ptr,
-    n_seqs, heads, kv_heads, dk, dv, window, sinks, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    n_seqs, T, heads, kv_heads, dk, dv, window, sinks, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_m, i_h = tl.program_id(0), tl.program_id(1)
-    seq = tl.load(table_ptr + 2 * i_m)
+    seq, local = chunk_of_program(i_m, table_ptr, T, BLOCK_M, VARLEN)
     if seq >= n_seqs:
         return
-    local = tl.load(table_ptr + 2 * i_m + 1)
     hk = i_h // (heads // kv_heads)
-    bos, eos = tl.load(bounds_ptr + seq), tl.load(bounds_ptr + seq + 1)
+    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, BLOCK_M, VARLEN)
     q_first = bos + local * BLOCK_M
     rows = q_first + tl.arange(0, BLOCK_M)
     row_mask = rows < eos
@@ -87,13 +106,21 @@ def _forward_kernel(
     acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked blocks give p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sink_end, lo, hi = key_ranges(q_first, tl.minimum(q_first + BLOCK_M, eos) - 1, bos, window, sinks, BLOCK_N)
+    q_last = tl.minimum(q_first + BLOCK_M, eos) - 1
+    sink_end, lo, hi = key_ranges(q_first, q_last, bos, window, sinks, BLOCK_N)
+    mid_lo, mid_hi = full_blocks(q_first, q_last, lo, window, BLOCK_N)
     for start in range(bos, sink_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION)
-    for start in range(lo, hi, BLOCK_N):
+                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, True)
+    for start in range(lo, mid_lo, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION)
+                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, True)
+    for start in range(mid_lo, mid_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
+                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, False)
+    for start in range(mid_hi, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
+                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, True)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     o_offs = rows.to(tl.int64)[:, None] * (heads * dv) + i_h * dv + vcols[None, :]
@@ -114,10 +141,6 @@ def head_block(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def num_warps(block_m: int, dk: int) -> int:
-    return 8 if block_m * max(dk, 64) >= 128 * 128 else 4
-
-
 def check_dtype(q: torch.Tensor) -> None:
     if q.dtype == torch.float64:
         raise ValueError("sliding_window_attention: the Triton kernels take float32/float16/bfloat16, got float64")
@@ -133,20 +156,22 @@ def sliding_window_forward(
     cu_seqlens: torch.Tensor | None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
+    warps: int = WARPS,
+    stages: int = STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T, H, V] in q's dtype, lse [B, T, H] float32)."""
     check_dtype(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, length, heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[-1]
-    layout = ChunkLayout(batch, length, cu_seqlens, block_m, q.device)
+    layout = Layout(batch, length, cu_seqlens, block_m, q.device)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     lse = new_empty((batch, length, heads), dtype=torch.float32, device=q.device)
     if layout.max_chunks > 0:
         _forward_kernel[(layout.max_chunks, heads)](
-            q, k, v, o, lse, layout.bounds, layout.table,
-            layout.n, heads, kv_heads, dk, dv, window, sinks, scale * LOG2E,
-            BLOCK_M=block_m, BLOCK_N=block_n, BK=head_block(dk), BV=head_block(dv), PRECISION=precision(q.dtype),
-            num_warps=num_warps(block_m, dk),
+            q, k, v, o, lse, *layout.args(lse),
+            heads, kv_heads, dk, dv, window, sinks, scale * LOG2E,
+            BLOCK_M=block_m, BLOCK_N=block_n, BK=head_block(dk), BV=head_block(dv), VARLEN=layout.varlen,
+            PRECISION=precision(q.dtype), num_warps=warps, num_stages=stages,
         )
     return o, lse

@@ -26,6 +26,8 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for value in stack.values():
         path, cls = value
+        if str(path).startswith("_empty_nn_module_stack"):
+            continue  # export's placeholder for nodes outside any module
         name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
         norm = normalize_module_path(path)
         if norm or not out:

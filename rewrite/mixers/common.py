@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.kernels.linear_attention import linear_attention
 from rewrite.mixers.masks import check_mask_form, key_validity
 
 FEATURE_MAPS = {"identity": "identity", "elu1": "elu", "relu": "relu", "softmax": "softmax"}
@@ -47,6 +46,8 @@ def mix(
     valid [B, L] (bool) marks real tokens: padded ones neither write the state nor decay it.
     g is in the kernel's layout ([Hkv], [B, L, Hkv] or [B, L, Hkv, K]).
     """
+    from rewrite.kernels.linear_attention import linear_attention  # loaded on first use, not with the pass
+
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if normalize:
         vt = torch.cat([vt, vt.new_ones(*vt.shape[:-1], 1)], dim=-1)

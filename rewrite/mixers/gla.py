@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.kernels.linear_attention.feature_maps import log_decay_from_keys
 from rewrite.mixers.common import mask_log_decay, mix, padding_validity
 
 
@@ -32,6 +31,8 @@ def gla_mixer(
 
     Shapes as SDPA: q [B, H, L, D], k / v [B, Hkv, L, D], o [B, H, L, Dv].
     """
+    from rewrite.kernels.linear_attention.feature_maps import log_decay_from_keys  # loaded on first use
+
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
     g = mask_log_decay(log_decay_from_keys(k.transpose(1, 2), gate, gate_normalizer), valid)
     return mix(

@@ -10,6 +10,7 @@ from rewrite.kernels.testing import assert_close, check_launcher, kernel_device,
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 FORWARD = "rewrite.kernels.delta_rule.triton_forward"
+BACKWARD = "rewrite.kernels.delta_rule.triton_backward"
 STEP = "rewrite.kernels.delta_rule.triton_step"
 
 
@@ -128,13 +129,41 @@ def _naive_for_launcher(q, k, v, beta, g, h0, cu):
     return naive_delta_rule(q, k, v, beta, g, scale=0.3, initial_state=h0, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("case", TRITON_CASES)
-def test_triton_forward_matches_naive(case):
+# (case, chunk): chunk 16 is one diagonal block of the blocked inverse; 32 and 64 use 2 and 4 blocks
+TRITON_RUNS = [(TRITON_CASES[0], 16), (TRITON_CASES[1], 16), (TRITON_CASES[2], 16),
+               (dict(TRITON_CASES[0], batch=1, length=45), 32),
+               (dict(TRITON_CASES[1], length=82, cu_seqlens=[0, 1, 67, 67, 68, 82]), 64)]
+
+
+@pytest.mark.parametrize(("case", "chunk"), TRITON_RUNS)
+def test_triton_forward_matches_naive(case, chunk):
     launchers = load_launchers(FORWARD)
     check_launcher(
-        lambda q, k, v, beta, g, h0, cu: launchers.chunk_forward(q, k, v, beta, g, 0.3, h0, cu, 16),
+        lambda q, k, v, beta, g, h0, cu: launchers.chunk_forward(q, k, v, beta, g, 0.3, h0, cu, chunk),
         _naive_for_launcher,
         lambda dtype, device: make_inputs(dtype, device, **case),
+        trials=1,
+    )
+
+
+@pytest.mark.parametrize(("case", "chunk"), TRITON_RUNS)
+def test_triton_backward_matches_naive(case, chunk):
+    """Every gradient (q, k, v, beta, g, initial state) of the Triton backward against the naive recurrence."""
+    launchers = load_launchers(BACKWARD)
+
+    def inputs(dtype, device):
+        q, k, v, beta, g, h0, cu = make_inputs(dtype, device, **case)
+        do, dht = output_grads((q, k, v, beta, g, h0, cu))
+        return do.to(dtype), dht, q, k, v, beta, g, h0, cu
+
+    def reference(do, dht, q, k, v, beta, g, h0, cu):
+        return naive_grads((q, k, v, beta, g, h0, cu), 0.3, do, dht)[2]
+
+    check_launcher(
+        lambda do, dht, q, k, v, beta, g, h0, cu: launchers.chunk_backward(do, dht, q, k, v, beta, g, 0.3, h0, cu,
+                                                                             chunk),
+        reference,
+        inputs,
         trials=1,
     )
 

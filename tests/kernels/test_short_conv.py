@@ -118,6 +118,42 @@ def test_triton_handles_more_rows_and_channels_than_one_tile():
     )
 
 
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_triton_backward_handles_more_rows_and_channels_than_one_tile(silu, with_cache):
+    """The one-pass backward recomputes dz at shifted rows across tile and sequence boundaries."""
+    launchers = load_launchers(TRITON)
+
+    def inputs(dtype, device):
+        x, weight, bias, cache, cu = make_inputs(dtype, device, batch=1, length=150, dim=140, width=4,
+                                                 with_cache=with_cache, cu_seqlens=[0, 63, 64, 66, 130, 150])
+        dfc = torch.randn(cu.numel() - 1, weight.shape[1] - 1, x.shape[2], dtype=dtype, device=device)
+        return torch.randn_like(x), dfc, x, weight, bias, cache, cu
+
+    check_launcher(
+        lambda *a: launchers.short_conv_backward(*a[:5], silu, *a[5:]),
+        lambda *a: short_conv_backward_reference(*a[:5], silu, *a[5:]),
+        inputs,
+        dtypes=(torch.float32,), trials=1,
+    )
+
+
+def test_triton_backward_dense_batch_over_tiles():
+    launchers = load_launchers(TRITON)
+
+    def inputs(dtype, device):
+        x, weight, bias, cache, cu = make_inputs(dtype, device, batch=3, length=70, dim=20, width=3, with_cache=False)
+        dfc = torch.randn(3, 2, 20, dtype=dtype, device=device)
+        return torch.randn_like(x), dfc, x, weight, bias, cache, cu
+
+    check_launcher(
+        lambda *a: launchers.short_conv_backward(*a[:5], True, *a[5:]),
+        lambda *a: short_conv_backward_reference(*a[:5], True, *a[5:]),
+        inputs,
+        dtypes=(torch.float32,), trials=1,
+    )
+
+
 def test_opcheck():
     x, weight, bias, cache, cu = make_inputs(torch.float32, "cpu", **CASES[3])
     args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), True, cache.requires_grad_(), cu)

@@ -73,12 +73,18 @@ def test_op_output_and_grads_match_query_loop(case):
         assert_close(a, e, 1e-12, name)
 
 
-BLOCKS = [dict(block_m=16, block_n=16), dict(block_m=16, block_n=32)]
+BLOCKS = [dict(block_m=16, block_n=16), dict(block_m=16, block_n=32), dict(block_m=32, block_n=16)]
+# (dq_blocks, dkdv_blocks): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+BACKWARD_BLOCKS = [dict(dq_blocks=(16, 16, 4, 1), dkdv_blocks=(16, 16, 4, 1)),
+                   dict(dq_blocks=(32, 16, 4, 2), dkdv_blocks=(16, 32, 4, 2))]
 TRITON_CASES = [
     dict(shape=dict(batch=2, length=37, heads=4, kv_heads=2), window=7, sinks=0),
     dict(shape=dict(batch=1, length=70, heads=2, kv_heads=1, dk=24, dv=32, cu_seqlens=[0, 1, 40, 41, 70]),
          window=9, sinks=3),
     dict(shape=dict(batch=1, length=45, heads=2, kv_heads=2), window=4, sinks=20),
+    # windows of several blocks: unmasked blocks between the window's edges
+    dict(shape=dict(batch=1, length=150, heads=2, kv_heads=1, cu_seqlens=[0, 1, 101, 150]), window=50, sinks=2),
+    dict(shape=dict(batch=1, length=120, heads=2, kv_heads=2), window=70, sinks=0),
 ]
 
 
@@ -95,7 +101,7 @@ def test_triton_forward_matches_reference(case, blocks):
     )
 
 
-@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("blocks", BACKWARD_BLOCKS)
 @pytest.mark.parametrize("case", TRITON_CASES)
 def test_triton_backward_matches_reference(case, blocks):
     launchers = load_launchers(BACKWARD)

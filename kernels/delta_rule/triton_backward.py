@@ -1,0 +1,350 @@
+"""Chunked delta rule backward in Triton (WY / UT form); the forward's notation (`chunked_reference.py`).
+
+Per chunk, with h the state before it, b the in-chunk log-decay cumsum, gamma = exp(b), X = diag(beta
+gamma) K, Y = diag(beta) V, T = (I + A)^{-1}, W = T X, U = T Y - W h, Kd = diag(exp(b_C - b)) K:
+
+    o_g = scale (diag(gamma) Q_g h + (Q_g K^T * Dc) U)        Dc_ij = exp(b_i - b_j), j <= i
+    h'  = gamma_C h + Kd^T U
+
+Given dO and dh' (the gradient of the state after the chunk):
+    dU  = scale sum_g (Q_g K^T * Dc)^T dO_g + Kd dh'
+    dh  = gamma_C dh' + scale sum_g (diag(gamma) Q_g)^T dO_g - W^T dU
+    dQ_g = scale (diag(gamma) dO_g h^T + (dO_g U^T * Dc) K)
+    dW = -dU h^T,  dT = dW X^T + dU Y^T,  dX = T^T dW,  dY = T^T dU,  dA = -T^T dT T^T (strictly lower)
+and the chain through A_ij = beta_i exp(b_i - b_j) k_i.k_j, X, Y, Kd and gamma_C to k, v, beta and b;
+dg is the in-chunk reverse cumsum of db.
+
+Kernels (after recomputing W, U, b and the chunk states with the forward's kernels 1-2):
+1. `_du_local_kernel` per (chunk, V tile, kv head): scale sum_g (Q_g K^T * Dc)^T dO_g;
+2. `_dstates_kernel` per (V tile, sequence x kv head), reverse over chunks: dh' of every chunk,
+   dU (in place of 1's output) and d initial state;
+3. `_dqk_kernel` per (chunk, kv head), looping over its q heads: dq, the o-part of dk and of db;
+4. `_dwy_kernel` per (chunk, kv head): the WY part; dk, dv, dbeta, dg.
+Transposed products are computed directly, never as `tl.trans` of a `tl.dot` result (see
+`triton_forward`): the kernels form both T and T^T = (I + A^T)^{-1}, and both dT and dT^T.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..alloc import new_empty
+from .triton_forward import (
+    CHUNK,
+    SUB,
+    Layout,
+    chunk_gates,
+    chunk_of_program,
+    head_block,
+    precision,
+    recompute,
+    sequence_rows,
+    state_block,
+    tile,
+    unit_inverse,
+)
+
+
+@triton.jit
+def _du_local_kernel(
+    q_ptr, k_ptr, do_ptr, b_ptr, du_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    n_seqs, T, heads, kv_heads, dk, dv, scale,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    group = heads // kv_heads
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+    i = tl.arange(0, C)
+    upper = i[:, None] <= i[None, :]
+    if HAS_G:
+        b = tl.load(b_ptr + rows.to(tl.int64) * kv_heads + hk, mask=row_mask, other=0.0)
+        decay_t = tl.exp(tl.where(upper, b[None, :] - b[:, None], float("-inf")))  # [j, i] = exp(b_i - b_j)
+    else:
+        decay_t = tl.where(upper, 1.0, 0.0)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for j in range(0, group):
+        i_h = hk * group + j
+        q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
+        do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * decay_t
+        acc += tl.dot(st, do, input_precision=PRECISION)
+    offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dv + vcols[None, :]
+    tl.store(du_ptr + offs, acc * scale, mask=row_mask[:, None] & (vcols < dv)[None, :])
+
+
+@triton.jit
+def _dstates_kernel(
+    q_ptr, k_ptr, w_ptr, b_ptr, do_ptr, du_ptr, dht_ptr, dh_ptr, dh0_ptr, bounds_ptr, chunk_start_ptr,
+    T, heads, kv_heads, dk, dv, scale,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    seq, hk = i_nh // kv_heads, i_nh % kv_heads
+    group = heads // kv_heads
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    state_offs = kcols[:, None] * dv + vcols[None, :]
+    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+    dh = tl.load(dht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, mask=state_mask, other=0.0)
+    n_chunks = tl.cdiv(eos - bos, C)
+    for ii in range(0, n_chunks):
+        c = n_chunks - 1 - ii
+        tl.store(dh_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + state_offs, dh, mask=state_mask)
+        start = bos + c * C
+        rows = start + tl.arange(0, C)
+        row_mask = rows < eos
+        k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+        w = tile(w_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dv + vcols[None, :]
+        tile_mask = row_mask[:, None] & (vcols < dv)[None, :]
+        du = tl.load(du_ptr + offs, mask=tile_mask, other=0.0)
+        gamma = tl.full([C], 1.0, dtype=tl.float32)
+        if HAS_G:
+            last = tl.minimum(start + C, eos) - 1
+            b = tl.load(b_ptr + rows.to(tl.int64) * kv_heads + hk, mask=row_mask, other=0.0)
+            b_last = tl.load(b_ptr + last.to(tl.int64) * kv_heads + hk)
+            k = k * tl.exp(b_last - b)[:, None]
+            gamma = tl.exp(b)
+        du += tl.dot(k, dh, input_precision=PRECISION)
+        tl.store(du_ptr + offs, du, mask=tile_mask)
+        if HAS_G:
+            dh = dh * tl.exp(b_last)
+        dh -= tl.dot(tl.trans(w), du, input_precision=PRECISION)
+        for j in range(0, group):
+            i_h = hk * group + j
+            q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
+            do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
+            dh += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
+    tl.store(dh0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, dh, mask=state_mask)
+
+
+@triton.jit
+def _dqk_kernel(
+    q_ptr, k_ptr, u_ptr, b_ptr, h_ptr, do_ptr, dq_ptr, dko_ptr, dbo_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    n_seqs, T, heads, kv_heads, dk, dv, scale,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_c, hk = tl.program_id(0), tl.program_id(1)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    group = heads // kv_heads
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+    i = tl.arange(0, C)
+    lower, upper = i[:, None] >= i[None, :], i[:, None] <= i[None, :]
+    gate = rows.to(tl.int64) * kv_heads + hk
+    if HAS_G:
+        b = tl.load(b_ptr + gate, mask=row_mask, other=0.0)
+        gamma = tl.exp(b)
+        decay = tl.exp(tl.where(lower, b[:, None] - b[None, :], float("-inf")))
+        decay_t = tl.exp(tl.where(upper, b[None, :] - b[:, None], float("-inf")))
+    else:
+        gamma = tl.full([C], 1.0, dtype=tl.float32)
+        decay = tl.where(lower, 1.0, 0.0)
+        decay_t = tl.where(upper, 1.0, 0.0)
+    h_base = h_ptr + ((first + local).to(tl.int64) * kv_heads + hk) * dk * dv
+    dko = tl.zeros([C, BK], dtype=tl.float32)
+    db = tl.zeros([C], dtype=tl.float32)
+    for j in range(0, group):
+        i_h = hk * group + j
+        q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
+        ds = tl.zeros([C, C], dtype=tl.float32)
+        dst = tl.zeros([C, C], dtype=tl.float32)
+        dqi = tl.zeros([C, BK], dtype=tl.float32)
+        for v0 in range(0, dv, BV):
+            vcols = v0 + tl.arange(0, BV)
+            do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
+            u = tile(u_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+            h = tl.load(h_base + kcols[:, None] * dv + vcols[None, :],
+                        mask=(kcols < dk)[:, None] & (vcols < dv)[None, :], other=0.0)
+            ds += tl.dot(do, tl.trans(u), input_precision=PRECISION)
+            dst += tl.dot(u, tl.trans(do), input_precision=PRECISION)
+            dqi += tl.dot(do, tl.trans(h), input_precision=PRECISION)
+        ds = ds * (decay * scale)  # dS_ij exp(b_i - b_j), j <= i
+        dst = dst * (decay_t * scale)
+        dq = (scale * gamma)[:, None] * dqi + tl.dot(ds, k, input_precision=PRECISION)
+        dq_offs = rows.to(tl.int64)[:, None] * (heads * dk) + i_h * dk + kcols[None, :]
+        tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & (kcols < dk)[None, :])
+        dko += tl.dot(dst, q, input_precision=PRECISION)
+        if HAS_G:
+            p = ds * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # dS_ij * score_ij
+            db += (scale * gamma) * tl.sum(dqi * q, axis=1) + tl.sum(p, axis=1) - tl.sum(p, axis=0)
+    tl.store(dko_ptr + gate[:, None] * dk + kcols[None, :], dko, mask=row_mask[:, None] & (kcols < dk)[None, :])
+    if HAS_G:
+        tl.store(dbo_ptr + gate, db, mask=row_mask)
+
+
+@triton.jit
+def _dwy_kernel(
+    k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, du_ptr, h_ptr, dh_ptr, dko_ptr, dbo_ptr,
+    dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    n_seqs, T, kv_heads, dk, dv,
+    C: tl.constexpr, SB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_c, hk = tl.program_id(0), tl.program_id(1)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    k_mask = row_mask[:, None] & (kcols < dk)[None, :]
+    gate = rows.to(tl.int64) * kv_heads + hk
+    k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+    beta, b = chunk_gates(beta_ptr, g_ptr, rows, row_mask, hk, kv_heads, C, HAS_G)
+    i = tl.arange(0, C)
+    is_last = i == C - 1  # padded rows past the sequence end carry b_last too
+    b_last = tl.sum(tl.where(is_last, b, 0.0), axis=0)
+    gamma = tl.exp(b)
+    to_end = tl.exp(b_last - b)
+    x = (beta * gamma)[:, None] * k
+    h_base = ((first + local).to(tl.int64) * kv_heads + hk) * dk * dv
+    dw = tl.zeros([C, BK], dtype=tl.float32)
+    dwt = tl.zeros([BK, C], dtype=tl.float32)
+    dkd = tl.zeros([C, BK], dtype=tl.float32)
+    d_t = tl.zeros([C, C], dtype=tl.float32)
+    d_tt = tl.zeros([C, C], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, dv, BV):
+        vcols = v0 + tl.arange(0, BV)
+        v_mask = row_mask[:, None] & (vcols < dv)[None, :]
+        offs = gate[:, None] * dv + vcols[None, :]
+        u = tl.load(u_ptr + offs, mask=v_mask, other=0.0)
+        du = tl.load(du_ptr + offs, mask=v_mask, other=0.0)
+        y = beta[:, None] * tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv).to(tl.float32)
+        s_offs = h_base + kcols[:, None] * dv + vcols[None, :]
+        s_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+        h = tl.load(h_ptr + s_offs, mask=s_mask, other=0.0)
+        dh = tl.load(dh_ptr + s_offs, mask=s_mask, other=0.0)
+        dw -= tl.dot(du, tl.trans(h), input_precision=PRECISION)
+        dwt -= tl.dot(h, tl.trans(du), input_precision=PRECISION)
+        dkd += tl.dot(u, tl.trans(dh), input_precision=PRECISION)
+        d_t += tl.dot(du, tl.trans(y), input_precision=PRECISION)
+        d_tt += tl.dot(y, tl.trans(du), input_precision=PRECISION)
+        hdh += tl.sum(h * dh, axis=1)
+    d_t += tl.dot(dw, tl.trans(x), input_precision=PRECISION)
+    d_tt += tl.dot(x, dwt, input_precision=PRECISION)
+    # T and T^T after the V loop (shorter live ranges)
+    below, above = i[:, None] > i[None, :], i[:, None] < i[None, :]
+    decay = tl.exp(tl.where(below, b[:, None] - b[None, :], float("-inf")))  # strict
+    decay_t = tl.exp(tl.where(above, b[None, :] - b[:, None], float("-inf")))
+    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
+    a = beta[:, None] * decay * kk
+    t = unit_inverse(a, C, SB, True, PRECISION)
+    tt = unit_inverse(beta[None, :] * decay_t * kk, C, SB, False, PRECISION)  # A^T: k k^T is symmetric
+    dx = tl.dot(tt, dw, input_precision=PRECISION)
+    da = -tl.dot(tl.dot(tt, d_t, input_precision=PRECISION), tt, input_precision=PRECISION)
+    da = tl.where(below, da, 0.0)
+    dat = -tl.dot(tl.dot(t, d_tt, input_precision=PRECISION), t, input_precision=PRECISION)
+    dat = tl.where(above, dat, 0.0)
+    e = da * beta[:, None] * decay
+    et = dat * beta[None, :] * decay_t
+    d_k = tl.load(dko_ptr + gate[:, None] * dk + kcols[None, :], mask=k_mask, other=0.0)
+    d_k += (beta * gamma)[:, None] * dx + to_end[:, None] * dkd
+    d_k += tl.dot(e, k, input_precision=PRECISION) + tl.dot(et, k, input_precision=PRECISION)
+    tl.store(dk_ptr + gate[:, None] * dk + kcols[None, :], d_k.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    xk = tl.sum(dx * k, axis=1)
+    dbeta = tl.sum(da * decay * kk, axis=1) + gamma * xk
+    for v0 in range(0, dv, BV):
+        vcols = v0 + tl.arange(0, BV)
+        v_mask = row_mask[:, None] & (vcols < dv)[None, :]
+        du = tl.load(du_ptr + gate[:, None] * dv + vcols[None, :], mask=v_mask, other=0.0)
+        v = tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv).to(tl.float32)
+        dy = tl.dot(tt, du, input_precision=PRECISION)
+        dbeta += tl.sum(dy * v, axis=1)
+        tl.store(dv_ptr + gate[:, None] * dv + vcols[None, :], (beta[:, None] * dy).to(dv_ptr.dtype.element_ty),
+                 mask=v_mask)
+    tl.store(dbeta_ptr + gate, dbeta.to(dbeta_ptr.dtype.element_ty), mask=row_mask)
+    if HAS_G:
+        fa = da * a
+        r = to_end * tl.sum(dkd * k, axis=1)  # gradient of b_C - b_j through Kd
+        db = tl.load(dbo_ptr + gate, mask=row_mask, other=0.0)
+        db += tl.sum(fa, axis=1) - tl.sum(fa, axis=0) + beta * gamma * xk - r
+        db += tl.where(is_last, tl.sum(r, axis=0) + tl.exp(b_last) * tl.sum(hdh, axis=0), 0.0)
+        dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db  # sum over i >= t in the chunk
+        tl.store(dg_ptr + gate, dg.to(dg_ptr.dtype.element_ty), mask=row_mask)
+
+
+def chunk_backward(
+    do: torch.Tensor,
+    d_final_state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    chunk: int = CHUNK,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq, dk, dv, dbeta, dg or None, d_initial_state or None) of `chunk_forward`."""
+    if q.dtype == torch.float64:
+        raise ValueError("delta_rule: the Triton kernels take float32/float16/bfloat16, got float64")
+    q, k, v, beta, do = (x.contiguous() for x in (q, k, v, beta, do))
+    g = None if g is None else g.contiguous()
+    d_final_state = d_final_state.float().contiguous()
+    batch, length, heads, dk = q.shape
+    kv_heads, dv = k.shape[2], v.shape[-1]
+    prec = precision(q.dtype)
+    layout = Layout(batch, length, cu_seqlens, chunk, q.device)
+    h0 = None if initial_state is None else initial_state.float()
+    w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk)
+    has_g = g is not None
+    bk = head_block(dk, dv)
+    bv = max(16, min(64, triton.next_power_of_2(dv)))
+    rows = batch * length
+    warps = 8 if bk >= 128 else 4
+    b_arg = b if has_g else w
+    du = new_empty((rows, kv_heads, dv), dtype=torch.float32, device=q.device)
+    dh = new_empty(h.shape, dtype=torch.float32, device=q.device)
+    dh0 = new_empty((layout.n, kv_heads, dk, dv), dtype=torch.float32, device=q.device)
+    dq = new_empty(q.shape, dtype=q.dtype, device=q.device)
+    dko = new_empty((rows, kv_heads, dk), dtype=torch.float32, device=q.device)
+    dbo = new_empty((rows, kv_heads), dtype=torch.float32, device=q.device) if has_g else dko
+    d_k = new_empty(k.shape, dtype=k.dtype, device=q.device)
+    d_v = new_empty(v.shape, dtype=v.dtype, device=q.device)
+    dbeta = new_empty(beta.shape, dtype=beta.dtype, device=q.device)
+    dg = new_empty(g.shape, dtype=g.dtype, device=q.device) if has_g else None
+    args = layout.args(w)
+    common = dict(C=chunk, BK=bk, HAS_G=has_g, VARLEN=layout.varlen, PRECISION=prec)
+    if layout.max_chunks > 0:
+        _du_local_kernel[(layout.max_chunks, triton.cdiv(dv, bv), kv_heads)](
+            q, k, do, b_arg, du, *args, heads, kv_heads, dk, dv, scale, BV=bv, num_warps=4, **common,
+        )
+        _dqk_kernel[(layout.max_chunks, kv_heads)](
+            q, k, u, b_arg, h, do, dq, dko, dbo, *args, heads, kv_heads, dk, dv, scale,
+            BV=min(bv, 32), num_warps=warps, num_stages=2, **common,
+        )
+    bvs = state_block(layout.n * kv_heads, dv)
+    _dstates_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
+        q, k, w, b_arg, do, du, d_final_state, dh, dh0, args[0], args[1], length, heads, kv_heads, dk, dv, scale,
+        BV=bvs, num_warps=4, **common,
+    )
+    if layout.max_chunks > 0:
+        # BV 16 and two stages keep shared memory under Hopper's 227 KiB at head dim 128: triton 3.6
+        # asked 312 KiB for BV 32 with three stages (measured on an H200)
+        _dwy_kernel[(layout.max_chunks, kv_heads)](
+            k, v, beta, g if has_g else beta, u, du, h, dh, dko, dbo, d_k, d_v, dbeta, dg if has_g else dbeta,
+            *args, kv_heads, dk, dv, SB=min(SUB, chunk), BV=min(bv, 16), num_warps=warps, num_stages=2, **common,
+        )
+    d_h0 = None if initial_state is None else dh0.to(initial_state.dtype)
+    return dq, d_k, d_v, dbeta, dg, d_h0
