@@ -25,8 +25,9 @@ from .triton_forward import (
     visible,
 )
 
-DQ_BLOCKS = (128, 64, 8, 3)  # (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dq kernel
-DKDV_BLOCKS = (64, 128, 8, 3)  # of the dk / dv kernel
+# defaults from the H200 sweep in benchmarks/delta_conv_swa.py --sweep (bf16, D=128, w=512 and 4096)
+DQ_BLOCKS = (64, 64, 4, 2)  # (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dq kernel
+DKDV_BLOCKS = (64, 128, 8, 2)  # of the dk / dv kernel
 
 
 @triton.jit

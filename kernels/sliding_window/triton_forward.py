@@ -17,9 +17,10 @@ from ..alloc import new_empty
 from ..delta_rule.triton_forward import Layout, chunk_of_program, sequence_rows
 
 LOG2E = 1.4426950408889634
-BLOCK_M = 128
+# defaults from the H200 sweep in benchmarks/delta_conv_swa.py --sweep (bf16, D=128, w=512 and 4096)
+BLOCK_M = 64
 BLOCK_N = 64
-WARPS = 8
+WARPS = 4
 STAGES = 3
 
 

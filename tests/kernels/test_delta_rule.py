@@ -49,8 +49,9 @@ def naive_grads(inputs, scale, do, dht):
 def output_grads(inputs):
     q, k, v, _, _, _, cu = inputs
     n = q.shape[0] if cu is None else cu.numel() - 1
-    do = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
-    dht = torch.randn(n, k.shape[2], k.shape[-1], v.shape[-1], dtype=torch.promote_types(q.dtype, torch.float32))
+    do = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    dht = torch.randn(n, k.shape[2], k.shape[-1], v.shape[-1], dtype=torch.promote_types(q.dtype, torch.float32),
+                      device=q.device)
     return do, dht
 
 
