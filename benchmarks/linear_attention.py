@@ -217,21 +217,12 @@ def copy_bandwidth() -> float:
 # launch-shape variants for --sweep: (module attribute, value) pairs applied in turn
 SWEEP = {
     "base": [],
-    "out bv128 w8": [("triton_forward", "OUTPUT_TILES", {2: (32, 128, 8)})],
-    "out bk64 bv128 w8": [("triton_forward", "OUTPUT_TILES", {2: (64, 128, 8)})],
-    "bwd w8": [
-        ("triton_backward", "DQK_TILES", {2: (32, 64, 8)}),
-        ("triton_backward", "DV_TILES", {2: (32, 64, 8)}),
-    ],
-    "bwd dqk bk64 w8": [("triton_backward", "DQK_TILES", {2: (64, 64, 8)})],
-    "states 64x64": [
-        ("triton_forward", "STATE_TILES", (64, 64)),
-        ("triton_backward", "DSTATE_TILES", (64, 64)),
-    ],
-    "states 32x32": [
-        ("triton_forward", "STATE_TILES", (32, 32)),
-        ("triton_backward", "DSTATE_TILES", (32, 32)),
-    ],
+    "v3 states (no scan)": [("triton_forward", "SCAN", False)],
+    "scan 64x32": [("triton_forward", "SCAN_TILES", (64, 32))],
+    "scan 32x64 terms w8": [("triton_forward", "SCAN_TILES", (32, 64)), ("triton_forward", "TERM_WARPS", 8)],
+    "scan 16x32": [("triton_forward", "SCAN_TILES", (16, 32))],
+    "dqk bk128 w8": [("triton_backward", "DQK_TILES", {1: (128, 64, 8), 2: (64, 64, 8)})],
+    "dqk bk64 w8": [("triton_backward", "DQK_TILES", {1: (64, 64, 8), 2: (32, 64, 8)})],
 }
 
 

@@ -14,6 +14,10 @@ def register_pass(cls: type[GraphPass]) -> type[GraphPass]:
 
 
 from rewrite.passes import attention_normalize as _attention_normalize  # noqa: E402,F401
+from rewrite.passes import layer_skip as _layer_skip  # noqa: E402,F401
 from rewrite.passes import mixer as _mixer  # noqa: E402,F401
+from rewrite.passes import sequence_parallel as _sequence_parallel  # noqa: E402,F401
+from rewrite.passes import stateful as _stateful  # noqa: E402,F401
+from rewrite.passes import varlen as _varlen  # noqa: E402,F401
 
 __all__ = ["PASSES", "GraphPass", "PassContext", "PassResult", "register_pass"]

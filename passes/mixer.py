@@ -5,6 +5,10 @@ For every attention site in the selected layers, the attention node (SDPA, canon
 from `rewrite.mixers` with the same inputs (k / v before GQA repetition) and an output of the same
 shape [B, H, L, Dv]; the q/k/v producers and the output projection stay as they are.
 
+- Kinds (`rewrite.mixers.KINDS`): `linear`, `retention`, `gla`, `gated_deltanet`, `mamba2`,
+  `lawcat`, `hybrid_swa`, `sliding_window` (causal) and `bidirectional` (encoders). New parameters
+  (decays, gates, convs, a learned `hedgehog` feature map) are registered next to the attention
+  module under readable names (`model.layers.3.self_attn.deltanet_beta_bias`).
 - Causal sites get the chosen causal kind (`auto`: `gla`); non-causal sites (encoders) get
   `bidirectional`. A causal kind on a non-causal site, or `bidirectional` on a causal one, is an
   error naming the layer.
@@ -29,7 +33,7 @@ from rewrite.analysis import AttentionSite, Block, GraphAnalysis
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.errors import PassError, PlanError
-from rewrite.mixers import KINDS, POSITIVE_FEATURE_MAPS, MixerKind, SiteShape
+from rewrite.mixers import KINDS, LEARNED_FEATURE_MAPS, POSITIVE_FEATURE_MAPS, MixerKind, SiteShape
 from rewrite.mixers.common import FEATURE_MAPS
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
 
@@ -60,7 +64,11 @@ class MixerOptions:
     )
     feature_map: str = field(
         default="elu1",
-        metadata={"help": "phi applied to q and k (elu1 = elu(x) + 1)", "choices": list(FEATURE_MAPS)},
+        metadata={
+            "help": "phi applied to q and k (elu1 = elu(x) + 1; hedgehog = learned per-head softmax map, "
+            "new parameters feature_map_q / feature_map_k)",
+            "choices": list(FEATURE_MAPS),
+        },
     )
     normalize: bool | None = field(
         default=None,
@@ -81,6 +89,26 @@ class MixerOptions:
     gate_normalizer: float = field(
         default=16.0, metadata={"help": "gla: log-gate = logsigmoid(k) / gate_normalizer (> 0)"}
     )
+    window: int = field(
+        default=64, metadata={"help": "sliding_window / hybrid_swa: tokens each query sees by softmax (>= 1)"}
+    )
+    sinks: int = field(
+        default=4, metadata={"help": "sliding_window / hybrid_swa: first tokens every query also sees (>= 0)"}
+    )
+    linear_weight: float = field(
+        default=0.1,
+        metadata={"help": "hybrid_swa: initial weight of the linear branch beyond the window per head (0 < w < 1)"},
+    )
+    conv_width: int = field(
+        default=4, metadata={"help": "mamba2 / lawcat: taps of the causal short conv (2..8), initialised to identity"}
+    )
+    beta_init: float = field(
+        default=0.5, metadata={"help": "gated_deltanet: initial write strength beta (0 < beta_init < 1)"}
+    )
+    dt_min: float = field(default=1e-3, metadata={"help": "mamba2: smallest initial step dt (> 0)"})
+    dt_max: float = field(default=0.1, metadata={"help": "mamba2: largest initial step dt (>= dt_min)"})
+    a_min: float = field(default=1.0, metadata={"help": "mamba2: smallest initial decay rate -A (> 0)"})
+    a_max: float = field(default=16.0, metadata={"help": "mamba2: largest initial decay rate -A (>= a_min)"})
     check_masks: bool = field(
         default=True,
         metadata={"help": "check in eager mode that each mask is causal / key padding (costs one pass over it)"},
@@ -107,6 +135,43 @@ class MixerOptions:
             raise PlanError(f"{where}.gate", f"unknown gate {self.gate!r}", ["vector", "scalar"])
         if not self.gate_normalizer > 0:
             raise PlanError(f"{where}.gate_normalizer", f"must be > 0, got {self.gate_normalizer!r}")
+        self._validate_new_kinds(where)
+
+    def _validate_new_kinds(self, where: str) -> None:
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not is_int(self.window) or self.window < 1:
+            raise PlanError(f"{where}.window", f"must be an int >= 1, got {self.window!r}")
+        if not is_int(self.sinks) or self.sinks < 0:
+            raise PlanError(f"{where}.sinks", f"must be an int >= 0, got {self.sinks!r}")
+        if not is_int(self.conv_width) or not 2 <= self.conv_width <= 8:
+            raise PlanError(f"{where}.conv_width", f"must be an int in 2..8, got {self.conv_width!r}")
+        for name in ("linear_weight", "beta_init"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value < 1:
+                raise PlanError(f"{where}.{name}", f"must lie in (0, 1), got {value!r}")
+        for low, high in (("dt_min", "dt_max"), ("a_min", "a_max")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if not isinstance(lo, int | float) or not lo > 0:
+                raise PlanError(f"{where}.{low}", f"must be > 0, got {lo!r}")
+            if not isinstance(hi, int | float) or not hi >= lo:
+                raise PlanError(f"{where}.{high}", f"must be >= {low} ({lo}), got {hi!r}")
+        kind = KINDS.get(self.kind)
+        if kind is None:
+            return
+        if not kind.feature_maps and self.feature_map in LEARNED_FEATURE_MAPS:
+            users = [k for k, v in KINDS.items() if v.feature_maps]
+            raise PlanError(f"{where}.feature_map", f"kind {self.kind!r} takes no feature map", users)
+        if self.kind == "hybrid_swa" and self.feature_map not in POSITIVE_FEATURE_MAPS:
+            raise PlanError(
+                f"{where}.feature_map",
+                "hybrid_swa normalises its softmax and linear branches together, which needs a positive feature map",
+                list(POSITIVE_FEATURE_MAPS),
+            )
+        if not kind.normalizable and self.normalize:
+            users = [k for k, v in KINDS.items() if v.normalizable]
+            raise PlanError(f"{where}.normalize", f"kind {self.kind!r} has no normaliser to turn on", users)
 
     @property
     def normalized(self) -> bool:
@@ -194,7 +259,9 @@ def _site_shape(site: AttentionSite, layer: str) -> SiteShape:
     q = tensor_meta(site.q)
     if q is None or site.q_heads is None or site.kv_heads is None or site.head_dim is None:
         raise PassError("mixer", f"{layer}: head counts or head dim are not known", site.name, site.module_path)
-    return SiteShape(site.q_heads, site.kv_heads, site.head_dim, q.dtype, q.device)
+    v = tensor_meta(site.v)
+    value_dim = int(v.shape[-1]) if v is not None and v.dim() >= 1 else None
+    return SiteShape(site.q_heads, site.kv_heads, site.head_dim, q.dtype, q.device, value_dim)
 
 
 def _is_cross_attention(site: AttentionSite) -> bool:
@@ -289,7 +356,11 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, job: _Job, options: MixerOpti
             kwargs["mask_negated"] = True
         if not options.check_masks:
             kwargs["check_mask"] = False
-    kwargs.update(scale=site.scale, feature_map=options.feature_map, normalize=options.normalized)
+    kwargs["scale"] = site.scale
+    if kind.feature_maps:
+        kwargs["feature_map"] = options.feature_map
+    if kind.normalizable:
+        kwargs["normalize"] = options.normalized
     kwargs.update(kind.kwargs(options))
     kwargs["layer"] = job.layer
     graph = gm.graph

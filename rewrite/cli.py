@@ -251,6 +251,7 @@ def explain_data(prepared: Prepared, lengths: list[int], batch: int) -> dict[str
         "attention": cost_data(_attention_cost(cost, analysis)),
         "total": cost_data(cost.total),
         "total_before_plan": cost_data(before.total) if before else None,
+        "pass_messages": {r.name: list(r.messages) for r in prepared.report.results},
     }
 
 
@@ -290,6 +291,9 @@ def cmd_explain(args: argparse.Namespace, log: Log) -> int:
     if plan.enabled_passes:
         before = estimate(prepared.report.stage("captured").graph, root=prepared.gm).total
         lines += ["", *_cost_lines("total before the plan (captured graph)", before, args.seq, args.batch)]
+    notes = [f"  {r.name}: {m}" for r in prepared.report.results for m in r.messages]
+    if notes:  # per-layer choices the passes made (e.g. sequence_parallel's strategy per layer)
+        lines += ["", "what the passes decided:", *notes]
     _emit("\n".join(lines) + "\n", args.output, log)
     return 0
 
@@ -370,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     passes = sub.add_parser("passes", parents=[common], help="list every pass and its options")
     passes.add_argument("--json", action="store_true")
     passes.set_defaults(run=cmd_passes)
+
+    from rewrite.distill.cli import add_distill_command  # the recipe's command lives with the recipe
+
+    add_distill_command(sub, common)
+
+    from rewrite.routing.cli import add_layer_skip_command  # layer skip: train routers, report decisions
+
+    add_layer_skip_command(sub, common)
     return parser
 
 

@@ -227,6 +227,8 @@ def _lookup(table: dict | set, node: fx.Node) -> Any:
     packet = _packet(node)
     if packet in table:
         return packet if isinstance(table, set) else table[packet]
+    if not isinstance(table, set) and type(node.target) in table:  # callables registered by their class
+        return table[type(node.target)]
     return None
 
 

@@ -220,6 +220,12 @@ class OptimizedModule(torch.nn.Module):
                 self.__dict__["_needs_capture"] = "the module was moved or cast"
         return out
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
+        """Continue the prompts token by token with the rewritten model (see `rewrite.decode.generate`)."""
+        from rewrite.decode import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
     # -- saving ----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write the plan (plan.yaml), the weights (weights.safetensors) and the program (program.pt2)."""

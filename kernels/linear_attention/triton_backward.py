@@ -1,7 +1,7 @@
 """Chunked linear attention backward in Triton (causal); the math is `chunked_reference._backward_equal`.
 
 Kernels: states at chunk starts (recomputed, `triton_forward`), state gradients at chunk starts
-(reverse over chunks), dq and dk (per kv head, looping over its q heads, so k is never repeated),
+(reverse over chunks; with a decay as parallel chunk terms plus a sequential scan, like the states), dq and dk (per kv head, looping over its q heads, so k is never repeated),
 dv, then the log-decay gradient as a reverse cumsum of sum_g q * dq - k * dk per sequence.
 
 That cumsum cancels heavily (its terms sum to about zero over a sequence), so with a decay the
@@ -15,16 +15,18 @@ import triton
 import triton.language as tl
 
 from ..alloc import new_empty
+from . import triton_forward
 from .triton_common import block, chunk_log_decay, chunk_of_program, sequence_rows
-from .triton_forward import _load_tile, chunk_states, precision, prepare
+from .triton_forward import _load_tile, chunk_states, precision, prepare, scan_states, scan_terms
 from .triton_gated import lower_apply, sub_chunk, upper_apply, upper_scores
 
 # (BK, BV, num_warps) per decay mode for the dq/dk kernel and the dv kernel. The dv kernel's
 # in-chunk part came out wrong on H200 / triton 3.6 with BK 64 or 128 and 4 warps at K=100, V=32
 # (fp16 and bf16; right with BK 32, or with 8 warps; NOTES.md): keep BK 32 there.
-DQK_TILES = {0: (64, 64, 4), 1: (64, 64, 4), 2: (32, 64, 4)}
+DQK_TILES = {0: (64, 64, 4), 1: (64, 64, 8), 2: (32, 64, 4)}
 DV_TILES = {0: (32, 64, 4), 1: (32, 64, 4), 2: (32, 64, 4)}
 DSTATE_TILES = (64, 32)
+CUMSUM_TILE = (4096, 16)  # elements per step and most columns per program of the dg reverse cumsum
 
 
 @triton.jit
@@ -202,7 +204,11 @@ def _chunk_dqk_kernel(
     offs = rows.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
     mask = row_mask[:, None] & (kcols < dk)[None, :]
     tl.store(dk_ptr + offs, dk_acc.to(dk_ptr.dtype.element_ty), mask=mask)
-    if MODE != 0:
+    if MODE == 1:  # one number per row and K tile: the scalar decay's gradient sums over K anyway
+        n_k = tl.num_programs(1)
+        dlog_offs = (rows.to(tl.int64) * kv_heads + hk) * n_k + i_k
+        tl.store(dlog_ptr + dlog_offs, tl.sum(q_dq - kf * dk_acc, axis=1), mask=row_mask)
+    if MODE == 2:
         tl.store(dlog_ptr + offs, q_dq - kf * dk_acc, mask=mask)
 
 
@@ -299,23 +305,24 @@ def _reverse_cumsum_kernel(
     heads,
     feat,
     C: tl.constexpr,
+    ROWS: tl.constexpr,
     BF: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
+    """out_t = carry + sum_{s >= t} x_s within each sequence, ROWS rows per step from the end."""
     seq, hk, i_f = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     cols = i_f * BF + tl.arange(0, BF)
     col_mask = cols < feat
     carry = tl.load(carry_ptr + (seq * heads + hk) * feat + cols, mask=col_mask, other=0.0)
-    n_chunks = tl.cdiv(eos - bos, C)
-    for i in range(0, n_chunks):
-        rows = bos + (n_chunks - 1 - i) * C + tl.arange(0, C)
+    n_blocks = tl.cdiv(eos - bos, ROWS)
+    for i in range(0, n_blocks):
+        rows = bos + (n_blocks - 1 - i) * ROWS + tl.arange(0, ROWS)
         mask = (rows < eos)[:, None] & col_mask[None, :]
         offs = (rows.to(tl.int64) * heads + hk)[:, None] * feat + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        total = tl.sum(x, axis=0)
-        tl.store(out_ptr + offs, carry[None, :] + total[None, :] - tl.cumsum(x, axis=0) + x, mask=mask)
-        carry += total
+        tl.store(out_ptr + offs, carry[None, :] + tl.cumsum(x, axis=0, reverse=True), mask=mask)
+        carry += tl.sum(x, axis=0)
 
 
 def _log_decay_grad(dlog, final, d_final, g, decay, chunks):
@@ -325,7 +332,8 @@ def _log_decay_grad(dlog, final, d_final, g, decay, chunks):
         dlog, carry = dlog.sum(-1, keepdim=True), carry.sum(-1, keepdim=True)
     _, heads, feat = dlog.shape
     out = new_empty(dlog.shape, dtype=torch.float32, device=dlog.device)
-    bf = min(64, triton.next_power_of_2(feat))
+    bf = min(CUMSUM_TILE[1], triton.next_power_of_2(feat))
+    rows = max(16, CUMSUM_TILE[0] // bf)
     bounds, chunk_start, _, _, length = chunks.args(dlog)
     _reverse_cumsum_kernel[(chunks.n, heads, triton.cdiv(feat, bf))](
         dlog,
@@ -337,6 +345,7 @@ def _log_decay_grad(dlog, final, d_final, g, decay, chunks):
         heads,
         feat,
         C=chunks.chunk,
+        ROWS=rows,
         BF=bf,
         VARLEN=chunks.varlen,
     )
@@ -369,39 +378,45 @@ def chunk_backward(
     dh = new_empty(h.shape, dtype=torch.float32, device=device)
     dh0 = new_empty(final.shape, dtype=torch.float32, device=device)
     bounds, chunk_start, table, n, length = chunks.args(q)
-    bk, bv = block(dk, DSTATE_TILES[0]), block(dv, DSTATE_TILES[1])
-    _chunk_dstates_kernel[(chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
-        q,
-        do,
-        decay_kw["g"],
-        d_final_state,
-        dh,
-        dh0,
-        bounds,
-        chunk_start,
-        length,
-        heads,
-        kv_heads,
-        dk,
-        dv,
-        scale,
-        C=chunks.chunk,
-        BK=bk,
-        BV=bv,
-        MODE=mode,
-        CONST=const,
-        VARLEN=chunks.varlen,
-        PRECISION=prec,
-        F32_PRECISION=prec,
-    )
+    if mode in triton_forward.SCAN_MODES:  # chunk terms in parallel (float32 operands for dg), then the scan
+        terms, decays = scan_terms(q, do, decay_kw, chunks, kv_heads, scale, query=True, wide=True)
+        scan_states(terms, decays, mode, chunks, dh, d_final_state, dh0, reverse=True)
+    else:
+        bk, bv = block(dk, DSTATE_TILES[0]), block(dv, DSTATE_TILES[1])
+        _chunk_dstates_kernel[(chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+            q,
+            do,
+            decay_kw["g"],
+            d_final_state,
+            dh,
+            dh0,
+            bounds,
+            chunk_start,
+            length,
+            heads,
+            kv_heads,
+            dk,
+            dv,
+            scale,
+            C=chunks.chunk,
+            BK=bk,
+            BV=bv,
+            MODE=mode,
+            CONST=const,
+            VARLEN=chunks.varlen,
+            PRECISION=prec,
+            F32_PRECISION=prec,
+        )
     dq = new_empty(q.shape, dtype=q.dtype, device=device)
     dk_ = new_empty(k.shape, dtype=k.dtype, device=device)
     dv_ = new_empty(v.shape, dtype=v.dtype, device=device)
-    dlog = new_empty((batch * length, kv_heads, dk), dtype=torch.float32, device=device) if mode else q
     common = dict(C=chunks.chunk, SUB=sub_chunk(chunks.chunk), MODE=mode, CONST=const, VARLEN=chunks.varlen)
     common.update(PRECISION=prec, F32_PRECISION=prec)
     bk, bv, warps = DQK_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
+    # per key dim for "vector"; else summed over each K tile's columns in the kernel
+    feat = dk if mode == 2 else triton.cdiv(dk, bk)
+    dlog = new_empty((batch * length, kv_heads, feat), dtype=torch.float32, device=device) if mode else q
     _chunk_dqk_kernel[(chunks.max_chunks, triton.cdiv(dk, bk), kv_heads)](
         q,
         k,

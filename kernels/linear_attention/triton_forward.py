@@ -1,8 +1,8 @@
 """Chunked linear attention forward in Triton (causal); see `chunked_reference.py` for the math.
 
-Two kernels: states at every chunk start (sequential over the chunks of one sequence, parallel
-over sequences, kv heads and state tiles), then outputs (parallel over chunks, q heads and V
-tiles). Chunks are 64 tokens for every decay kind. The in-chunk decay cumsum is computed inside
+States at every chunk start, then outputs (parallel over chunks, q heads and V tiles). Without
+a decay the states come from one kernel, sequential over the chunks of one sequence; with a decay
+from two: every chunk's own term in parallel, then a sequential scan that only decays and adds. Chunks are 64 tokens for every decay kind. The in-chunk decay cumsum is computed inside
 each kernel from g (no extra pass). Decay modes: 0 none, 1 per-head scalar (constant and
 scalar), 2 per key dim (vector; in-chunk products through `triton_gated`).
 
@@ -24,6 +24,11 @@ CHUNK = 64
 # launch shapes, per decay mode: (BK, BV, num_warps) of the output kernel; (BK, BV) of the states kernel
 OUTPUT_TILES = {0: (64, 64, 4), 1: (64, 64, 4), 2: (32, 64, 4)}
 STATE_TILES = (64, 32)
+# decay modes whose states are chunk terms in parallel, then a sequential scan (v4); the others use
+# the single sequential kernel of v3. (BK, BV) tiles of the scan, warps of the chunk-term kernel.
+SCAN_MODES = (2,)
+SCAN_TILES = (64, 32)
+TERM_WARPS = 8
 
 
 @triton.jit
@@ -92,6 +97,152 @@ def _chunk_states_kernel(
             else:
                 state += tl.dot(tl.trans(k.to(v.dtype)), v, input_precision=PRECISION)
     tl.store(ht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, state, mask=state_mask)
+
+
+@triton.jit
+def _chunk_contrib_kernel(
+    x_ptr,
+    y_ptr,
+    g_ptr,
+    d_ptr,
+    a_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    n_chunks,
+    T,
+    x_heads,
+    kv_heads,
+    dk,
+    dv,
+    scale,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    MODE: tl.constexpr,
+    CONST: tl.constexpr,
+    VARLEN: tl.constexpr,
+    SV: tl.constexpr,
+    QUERY: tl.constexpr,
+    WIDE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
+):
+    """One chunk's own term of the state recurrence, for every chunk at once, and its decay.
+
+    D_c = scale * sum over the kv head's group of (x * exp(f))^T y on a [BK, V] tile, with f the
+    decay to the chunk end (keys, QUERY False) or from the chunk start (queries, QUERY True);
+    a_c = exp(b_last), the whole chunk's decay ([K] per kv head, or one number for MODE 1).
+    D is stored tile-major, [Hkv, K tiles, V tiles, chunks, BK, BV]: the scan reads it contiguously.
+    """
+    i_c, i_k, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = i_k * BK + tl.arange(0, BK)
+    vcols = tl.arange(0, BV)
+    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+    if QUERY:
+        factor = tl.exp(b)
+    else:
+        factor = tl.exp(to_end)
+    group = x_heads // kv_heads
+    acc = tl.zeros([BK, BV], dtype=tl.float32)
+    for j in range(0, group):
+        h = hk * group + j
+        x = _load_tile(x_ptr + h * dk, rows, row_mask, x_heads * dk, kcols, dk)
+        y = _load_tile(y_ptr + h * dv, rows, row_mask, x_heads * dv, vcols, dv)
+        if MODE == 1:
+            xd = x * factor[:, None]
+        else:
+            xd = x * factor
+        if WIDE:  # float32 operands (TF32 for 16-bit inputs): the backward's dg needs them
+            acc += tl.dot(tl.trans(xd), y.to(tl.float32), input_precision=F32_PRECISION)
+        else:
+            acc += tl.dot(tl.trans(xd.to(y.dtype)), y, input_precision=PRECISION)
+    base = i_c.to(tl.int64) * kv_heads + hk
+    # the scan's [SK, SV] tiles: this program's K tile is one row of them (BK == SK, BV >= dv)
+    n_sv = tl.cdiv(dv, SV)
+    i_sv = vcols // SV
+    tile = (((hk * tl.cdiv(dk, BK) + i_k) * n_sv + i_sv).to(tl.int64) * n_chunks + i_c) * (BK * SV)
+    offs = tile[None, :] + tl.arange(0, BK)[:, None] * SV + (vcols % SV)[None, :]
+    tl.store(d_ptr + offs, acc * scale, mask=(vcols < n_sv * SV)[None, :])
+    if MODE == 1:
+        if i_k == 0:
+            tl.store(a_ptr + base, tl.exp(b_last))
+    else:
+        tl.store(a_ptr + base * dk + kcols, tl.exp(b_last), mask=kcols < dk)
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    d_ptr,
+    a_ptr,
+    h_ptr,
+    init_ptr,
+    final_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    n_chunks_all,
+    T,
+    kv_heads,
+    dk,
+    dv,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """h[c] = S, then S = a_c * S + D_c, over the chunks of one sequence in order (or reversed), with
+    the chunk terms D from `_chunk_contrib_kernel`; S starts at init (or zero) and ends in final.
+    The next chunk's term and decay are loaded one step ahead, so the loop waits on no load."""
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, hk = i_nh // kv_heads, i_nh % kv_heads
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    kcols = i_k * BK + tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    tile = kcols[:, None] * dv + vcols[None, :]
+    mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+    local_offs = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    d_base = ((hk * tl.cdiv(dk, BK) + i_k) * tl.cdiv(dv, BV) + i_v).to(tl.int64) * n_chunks_all + first
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        state += tl.load(init_ptr + i_nh.to(tl.int64) * dk * dv + tile, mask=mask, other=0.0)
+    n_chunks = tl.cdiv(eos - bos, C)
+    if REVERSE:
+        c = n_chunks - 1
+        step = -1
+    else:
+        c = n_chunks * 0
+        step = 1
+    if MODE == 1:  # one decay per chunk, read into every row of the tile
+        a_step, a_cols = kv_heads, kcols * 0
+    else:
+        a_step, a_cols = kv_heads * dk, kcols
+    a_base = hk.to(tl.int64) * (a_step // kv_heads) + a_cols
+    # masks as integer comparisons (0 or 1 chunks left to read): the interpreter rejects scalar-bool masks
+    left = tl.minimum(n_chunks, 1)
+    term = tl.load(d_ptr + (d_base + c) * (BK * BV) + local_offs, mask=local_offs < left * (BK * BV), other=0.0)
+    decay = tl.load(a_ptr + (first + c).to(tl.int64) * a_step + a_base, mask=kcols < left * dk, other=0.0)
+    for i in range(0, n_chunks):
+        nxt = c + step
+        left = tl.minimum(tl.maximum(n_chunks - 1 - i, 0), 1)
+        next_term = tl.load(d_ptr + (d_base + nxt) * (BK * BV) + local_offs, mask=local_offs < left * (BK * BV),
+                            other=0.0)
+        next_decay = tl.load(a_ptr + (first + nxt).to(tl.int64) * a_step + a_base, mask=kcols < left * dk, other=0.0)
+        tl.store(h_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + tile, state, mask=mask)
+        state = state * decay[:, None] + term
+        term = next_term
+        decay = next_decay
+        c = nxt
+    tl.store(final_ptr + i_nh.to(tl.int64) * dk * dv + tile, state, mask=mask)
 
 
 @triton.jit
@@ -187,12 +338,21 @@ def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float3
     """(states before every chunk [chunks, Hkv, K, V] in state_dtype, final states [N, Hkv, K, V] float32).
 
     wide: decayed keys enter the products as float32 (TF32 for 16-bit inputs), not rounded to k's dtype.
+    With a decay, every chunk's own term is computed in parallel first (`_chunk_contrib_kernel`) and
+    only the decay-and-add runs sequentially (`_chunk_scan_kernel`); states are float32 then.
     """
     kv_heads, dk, dv = k.shape[2], k.shape[-1], v.shape[-1]
+    bounds, chunk_start, table, n, length = chunks.args(k)
+    mode = decay_kw["MODE"]
+    if mode in SCAN_MODES:
+        h = new_empty((chunks.max_chunks, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
+        ht = new_empty((chunks.n, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
+        terms, decays = scan_terms(k, v, decay_kw, chunks, kv_heads, 1.0, query=False, wide=wide)
+        scan_states(terms, decays, mode, chunks, h, initial_state, ht, reverse=False)
+        return h, ht
     h = new_empty((chunks.max_chunks, kv_heads, dk, dv), dtype=state_dtype, device=k.device)
     ht = new_empty((chunks.n, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
     bk, bv = block(dk, STATE_TILES[0]), block(dv, STATE_TILES[1])
-    bounds, chunk_start, _, _, length = chunks.args(k)
     grid = (chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))
     _chunk_states_kernel[grid](
         k,
@@ -210,7 +370,7 @@ def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float3
         C=chunks.chunk,
         BK=bk,
         BV=bv,
-        MODE=decay_kw["MODE"],
+        MODE=mode,
         CONST=decay_kw["CONST"],
         HAS_H0=initial_state is not None,
         VARLEN=chunks.varlen,
@@ -219,6 +379,79 @@ def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float3
         F32_PRECISION=precision(k.dtype),
     )
     return h, ht
+
+
+def scan_terms(x, y, decay_kw, chunks, kv_heads, scale, *, query, wide):
+    """(every chunk's own state term in the scan's tile-major layout, see `_chunk_contrib_kernel`;
+    the per-chunk decays a [chunks, Hkv, K or 1] float32), both for `scan_states`."""
+    dk, dv = x.shape[-1], y.shape[-1]
+    mode = decay_kw["MODE"]
+    bk, bv = block(dk, SCAN_TILES[0]), block(dv, SCAN_TILES[1])
+    n_k, n_v = triton.cdiv(dk, bk), triton.cdiv(dv, bv)
+    terms = new_empty((kv_heads * n_k * n_v, chunks.max_chunks, bk, bv), dtype=torch.float32, device=x.device)
+    shape = (chunks.max_chunks, kv_heads, dk if mode == 2 else 1)
+    decays = new_empty(shape, dtype=torch.float32, device=x.device)
+    bounds, chunk_start, table, n, length = chunks.args(x)
+    full_v = max(bv, triton.next_power_of_2(dv))
+    _chunk_contrib_kernel[(chunks.max_chunks, n_k, kv_heads)](
+        x,
+        y,
+        decay_kw["g"],
+        terms,
+        decays,
+        bounds,
+        chunk_start,
+        table,
+        n,
+        chunks.max_chunks,
+        length,
+        x.shape[2],
+        kv_heads,
+        dk,
+        dv,
+        float(scale),
+        C=chunks.chunk,
+        BK=bk,
+        BV=full_v,
+        MODE=mode,
+        CONST=decay_kw["CONST"],
+        VARLEN=chunks.varlen,
+        SV=bv,
+        QUERY=query,
+        WIDE=wide,
+        PRECISION=precision(x.dtype),
+        F32_PRECISION=precision(x.dtype),
+        num_warps=TERM_WARPS,
+    )
+    return terms, decays
+
+
+def scan_states(terms, decays, mode, chunks, h, init, final, *, reverse):
+    """Fill h [chunks, Hkv, K, V] with the running state before each chunk (after it, when reverse)."""
+    kv_heads, dk, dv = h.shape[1:]
+    bounds, chunk_start, _, _, length = chunks.args(h)
+    bk, bv = terms.shape[-2:]
+    _chunk_scan_kernel[(chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+        terms,
+        decays,
+        h,
+        final if init is None else init.contiguous(),
+        final,
+        bounds,
+        chunk_start,
+        chunks.max_chunks,
+        length,
+        kv_heads,
+        dk,
+        dv,
+        C=chunks.chunk,
+        BK=bk,
+        BV=bv,
+        MODE=mode,
+        HAS_INIT=init is not None,
+        REVERSE=reverse,
+        VARLEN=chunks.varlen,
+    )
 
 
 def chunk_forward(

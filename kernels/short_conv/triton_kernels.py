@@ -4,6 +4,7 @@ Tokens are addressed flat (row r of x.view(B * T, D)); every row knows its seque
 sequence's first row (computed for dense batches, looked up for packed cu_seqlens inputs), so
 both share one kernel. Tiles are [BT tokens, BD channels]; the W taps are unrolled (W is a
 constexpr), and shifted tiles are re-read from L1/L2, so device memory sees each input once.
+The forward launch also writes the final cache: one extra program per sequence (no torch ops).
 
 The backward is one pass: each program recomputes dz = dy * act'(z) at its rows and the W - 1
 rows after them (W shifted recomputations instead of storing dz in float32 and reading it back),
@@ -16,9 +17,10 @@ import triton.language as tl
 
 from ..alloc import new_empty
 
-BT = 64
+BT = 64  # backward tile: rows, channels, warps
 BD = 128
 WARPS = 8
+FWD_TILES = (32, 256, 4)  # forward tile (rows, channels, warps); NOTES_delta_swa_conv.md has the sweep
 
 
 @triton.jit
@@ -65,21 +67,52 @@ def _preactivation(x_ptr, w_ptr, b_ptr, c_ptr, rows, row_mask, seq, start, cols,
 
 
 @triton.jit
+def _final_cache_tile(x_ptr, c_ptr, f_ptr, seq, start, end, cols, col_mask, dim, W: tl.constexpr,
+                      WP: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """Final cache rows of sequence `seq` at these channels: x's last W-1 rows, older cache rows before."""
+    slot = tl.arange(0, WP)
+    slot_mask = slot < W - 1
+    src = end - (W - 1) + slot  # flat row of x that slot stands for
+    from_x = slot_mask & (src >= start)
+    mask = from_x[:, None] & col_mask[None, :]
+    val = tl.load(x_ptr + src.to(tl.int64)[:, None] * dim + cols[None, :], mask=mask, other=0.0)
+    if HAS_CACHE:
+        old = (seq * (W - 1) + (end - start) + slot).to(tl.int64)  # the old cache row it stands for
+        cmask = (slot_mask & (src < start))[:, None] & col_mask[None, :]
+        val += tl.load(c_ptr + old[:, None] * dim + cols[None, :], mask=cmask, other=0.0)
+    offs = (seq * (W - 1) + slot).to(tl.int64)[:, None] * dim + cols[None, :]
+    tl.store(f_ptr + offs, val.to(f_ptr.dtype.element_ty), mask=slot_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, c_ptr, y_ptr, seq_ptr, bounds_ptr, n_rows, length, dim,
-    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr,
-    SILU: tl.constexpr, VARLEN: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, c_ptr, y_ptr, f_ptr, seq_ptr, bounds_ptr, n_rows, n_tiles, length, dim,
+    W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_CACHE: tl.constexpr, SILU: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    """y at one [BT, BD] tile; programs past the row tiles write the final cache of one sequence each."""
+    i_t = tl.program_id(0)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    row_mask, col_mask = rows < n_rows, cols < dim
-    seq, start, _ = _row_sequence(rows, row_mask, seq_ptr, bounds_ptr, length, VARLEN)
-    acc = _preactivation(x_ptr, w_ptr, b_ptr, c_ptr, rows, row_mask, seq, start, cols, col_mask, dim,
-                         W, BT, BD, HAS_BIAS, HAS_CACHE)
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
-    offs = rows.to(tl.int64)[:, None] * dim + cols[None, :]
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    col_mask = cols < dim
+    if i_t >= n_tiles:  # names differ from the else branch: triton 3.6 rejects a scalar/tensor mix
+        n_id = i_t - n_tiles
+        if VARLEN:
+            n_start = tl.load(bounds_ptr + n_id)
+            n_end = tl.load(bounds_ptr + n_id + 1)
+        else:
+            n_start = n_id * length
+            n_end = n_start + length
+        _final_cache_tile(x_ptr, c_ptr, f_ptr, n_id, n_start, n_end, cols, col_mask, dim, W, WP, HAS_CACHE)
+    else:
+        rows = i_t * BT + tl.arange(0, BT)
+        row_mask = rows < n_rows
+        seq, start, _ = _row_sequence(rows, row_mask, seq_ptr, bounds_ptr, length, VARLEN)
+        acc = _preactivation(x_ptr, w_ptr, b_ptr, c_ptr, rows, row_mask, seq, start, cols, col_mask, dim,
+                             W, BT, BD, HAS_BIAS, HAS_CACHE)
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        offs = rows.to(tl.int64)[:, None] * dim + cols[None, :]
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -128,38 +161,40 @@ def _conv_bwd_kernel(
 
 
 class _Rows:
-    """Flat-row view of a batch or a packed varlen input: bounds [N + 1] and (if varlen) sequence per row."""
+    """Flat-row view of a batch or a packed varlen input: N sequences, and for varlen their bounds [N + 1]
+    and the sequence of every row. Dense batches build no device tensors unless `starts`/`ends` are read."""
 
     def __init__(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None):
         batch, length, _ = x.shape
-        self.n_rows, self.length = batch * length, length
+        self.n_rows, self.length, self.device = batch * length, length, x.device
+        self.varlen = cu_seqlens is not None
         if cu_seqlens is None:
-            self.bounds = torch.arange(batch + 1, dtype=torch.int32, device=x.device) * length
-            self.seq = self.bounds  # unused
+            self.n = batch
+            self.bounds = self.seq = x  # unused by the kernels (VARLEN False)
         else:
+            self.n = cu_seqlens.shape[0] - 1
             self.bounds = cu_seqlens.to(device=x.device, dtype=torch.int32)
             rows = torch.arange(self.n_rows, dtype=torch.int32, device=x.device)
             self.seq = torch.searchsorted(self.bounds[1:], rows, right=True).to(torch.int32)
-        self.varlen = cu_seqlens is not None
-        self.n = self.bounds.numel() - 1
-        self.starts, self.ends = self.bounds[:-1].long(), self.bounds[1:].long()
+
+    def _bounds(self) -> torch.Tensor:
+        if self.varlen:
+            return self.bounds.long()
+        return torch.arange(self.n + 1, device=self.device) * self.length
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """First flat row of every sequence [N] (int64)."""
+        return self._bounds()[:-1]
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """End flat row of every sequence [N] (int64)."""
+        return self._bounds()[1:]
 
 
-def _grid(rows: _Rows, dim: int) -> tuple[int, int]:
-    return triton.cdiv(rows.n_rows, BT), triton.cdiv(dim, BD)
-
-
-def _final_cache(x2: torch.Tensor, cache: torch.Tensor | None, rows: _Rows, width: int) -> torch.Tensor:
-    """The last W-1 inputs of each sequence [N, W-1, D], from x or (for short sequences) the old cache."""
-    offsets = torch.arange(width - 1, device=x2.device)
-    src = rows.ends[:, None] - (width - 1) + offsets  # [N, W-1] flat rows of x
-    from_x = (src >= rows.starts[:, None])[..., None]
-    xs = x2[src.clamp(min=0)]
-    if cache is None:
-        return torch.where(from_x, xs, torch.zeros((), dtype=x2.dtype, device=x2.device))
-    slot = (rows.ends - rows.starts)[:, None] + offsets  # position in the old cache when not from x
-    old = torch.gather(cache, 1, slot.clamp(max=width - 2)[..., None].expand(-1, -1, x2.shape[1]))
-    return torch.where(from_x, xs, old)
+def _grid(rows: _Rows, dim: int, bt: int, bd: int) -> tuple[int, int]:
+    return triton.cdiv(rows.n_rows, bt), triton.cdiv(dim, bd)
 
 
 def short_conv_forward(
@@ -176,14 +211,20 @@ def short_conv_forward(
     x2 = x.contiguous().view(-1, dim)
     weight, cache = weight.contiguous(), None if cache is None else cache.contiguous()
     y = new_empty(x.shape, dtype=x.dtype, device=x.device)
-    if rows.n_rows > 0:
-        _conv_fwd_kernel[_grid(rows, dim)](
-            x2, weight, x2 if bias is None else bias.contiguous(), x2 if cache is None else cache, y,
-            rows.seq, rows.bounds, rows.n_rows, rows.length, dim,
-            W=width, BT=BT, BD=BD, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None, SILU=silu,
-            VARLEN=rows.varlen, num_warps=WARPS,
+    final = new_empty((rows.n, width - 1, dim), dtype=x.dtype, device=x.device)
+    if rows.n_rows == 0:  # no tokens: every final-cache slot is the old cache's (or zero)
+        return y, (torch.zeros_like(final) if cache is None else final.copy_(cache))
+    bt, bd, warps = FWD_TILES
+    tiles, col_tiles = _grid(rows, dim, bt, bd)
+    if rows.n > 0 and dim > 0:
+        # row tiles first, then one program per sequence for its final cache
+        _conv_fwd_kernel[(tiles + rows.n, col_tiles)](
+            x2, weight, x2 if bias is None else bias.contiguous(), x2 if cache is None else cache, y, final,
+            rows.seq, rows.bounds, rows.n_rows, tiles, rows.length, dim,
+            W=width, WP=max(2, triton.next_power_of_2(width - 1)), BT=bt, BD=bd, HAS_BIAS=bias is not None,
+            HAS_CACHE=cache is not None, SILU=silu, VARLEN=rows.varlen, num_warps=warps,
         )
-    return y, _final_cache(x2, cache, rows, width)
+    return y, final
 
 
 def _cache_grad(dz: torch.Tensor, d_final_cache: torch.Tensor, weight: torch.Tensor, rows: _Rows) -> torch.Tensor:
@@ -217,7 +258,7 @@ def short_conv_backward(
     x2, dy2 = x.contiguous().view(-1, dim), dy.contiguous().view(-1, dim)
     weight, cache = weight.contiguous(), None if cache is None else cache.contiguous()
     d_final_cache = d_final_cache.contiguous()
-    grid = _grid(rows, dim)
+    grid = _grid(rows, dim, BT, BD)
     # dz is only read back at each sequence's first W - 1 rows, for the cache gradient
     dz = new_empty((rows.n_rows, dim), dtype=torch.float32, device=x.device) if cache is not None else x2
     dw_part = new_empty((grid[0], width, dim), dtype=torch.float32, device=x.device)

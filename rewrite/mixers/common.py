@@ -14,11 +14,60 @@ import torch
 
 from rewrite.mixers.masks import check_mask_form, key_validity
 
-FEATURE_MAPS = {"identity": "identity", "elu1": "elu", "relu": "relu", "softmax": "softmax"}
-"""Feature-map names of the pass -> names of the kernel (`elu1` is elu(x) + 1)."""
+FEATURE_MAPS = {"identity": "identity", "elu1": "elu", "relu": "relu", "softmax": "softmax", "hedgehog": "identity"}
+"""Feature-map names of the pass -> names of the kernel (`elu1` is elu(x) + 1; `hedgehog` is applied
+here, before the kernel, see `hedgehog`)."""
 
-POSITIVE_FEATURE_MAPS = ("elu1", "relu", "softmax")
+POSITIVE_FEATURE_MAPS = ("elu1", "relu", "softmax", "hedgehog")
+LEARNED_FEATURE_MAPS = ("hedgehog",)
+"""Feature maps with parameters of their own: one [heads, D, D] matrix for q and one for k per site."""
 EPS = 1e-6
+
+
+def hedgehog_init(heads: int, head_dim: int) -> torch.Tensor:
+    """[heads, D, D] identity matrices: the starting point of a learned Hedgehog feature map."""
+    return torch.eye(head_dim).expand(heads, head_dim, head_dim).clone()
+
+
+def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """phi(x) = [softmax(x W_h), softmax(-x W_h)] per head h: x [B, H, L, D], W [H, D, D] -> [B, H, L, 2D].
+
+    Positive and spiky like softmax attention's exp(q . k) (Hedgehog, as LoLCATs uses it).
+    """
+    z = torch.einsum("bhld,hde->bhle", x, weight.to(x.dtype))
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).to(x.dtype)
+
+
+def featurize(x: torch.Tensor, feature_map: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """phi(x) over the head dim of x [B, heads, L, D] (SDPA layout); `weight` for learned maps."""
+    if feature_map in LEARNED_FEATURE_MAPS:
+        if weight is None:
+            raise ValueError(f"feature map {feature_map!r} needs its weight [heads, D, D]")
+        return hedgehog(x, weight)
+    from rewrite.kernels.linear_attention.feature_maps import apply_feature_map  # loaded on first use
+
+    return apply_feature_map(x, FEATURE_MAPS[feature_map])
+
+
+def split_feature_weights(
+    feature_map: str, params: tuple[torch.Tensor, ...], layer: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (q, k) weights of a learned feature map from a mixer's trailing parameters, else (None, None)."""
+    if feature_map in LEARNED_FEATURE_MAPS:
+        if len(params) != 2:
+            raise ValueError(f"{layer}: feature map {feature_map!r} needs 2 weights (q, k), got {len(params)}")
+        return params[0], params[1]
+    if params:
+        raise ValueError(f"{layer}: feature map {feature_map!r} takes no weights, got {len(params)}")
+    return None, None
+
+
+def repeat_gate(g: torch.Tensor, width: int) -> torch.Tensor:
+    """A per-key-dim gate [..., K] widened to `width` feature dims (a Hedgehog map doubles K)."""
+    if g.shape[-1] == width:
+        return g
+    return torch.cat([g] * (width // g.shape[-1]), dim=-1)
 
 
 def default_scale(q: torch.Tensor, scale: float | None) -> float:
@@ -38,24 +87,33 @@ def mix(
     feature_map: str = "identity",
     normalize: bool = False,
     valid: torch.Tensor | None = None,
+    feature_weights: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> torch.Tensor:
     """Linear attention in SDPA layout: q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] -> [B, H, L, Dv].
 
     o_t = scale * phi(q_t) S_t with S_t = diag(exp(g_t)) S_{t-1} + phi(k_t)^T v_t (causal) or the
     sum over every token (not causal); divided by the same with v = 1 when `normalize`.
     valid [B, L] (bool) marks real tokens: padded ones neither write the state nor decay it.
-    g is in the kernel's layout ([Hkv], [B, L, Hkv] or [B, L, Hkv, K]).
+    g is in the kernel's layout ([Hkv], [B, L, Hkv] or [B, L, Hkv, K]). feature_weights holds the
+    (q, k) matrices of a learned feature map.
     """
     from rewrite.kernels.linear_attention import linear_attention  # loaded on first use, not with the pass
 
+    scale = default_scale(q, scale)
+    kernel_map = FEATURE_MAPS[feature_map]
+    if feature_map in LEARNED_FEATURE_MAPS:
+        q, k = featurize(q, feature_map, feature_weights[0]), featurize(k, feature_map, feature_weights[1])
+        kernel_map = "identity"
+        if g is not None and g.dim() == 4:
+            g = repeat_gate(g, k.shape[-1])
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if normalize:
         vt = torch.cat([vt, vt.new_ones(*vt.shape[:-1], 1)], dim=-1)
     if valid is not None:
         vt = vt * valid[:, :, None, None].to(vt.dtype)
     o, _ = linear_attention(
-        qt, kt, vt, g, decay=decay, scale=default_scale(q, scale), causal=causal,
-        feature_map=FEATURE_MAPS[feature_map],
+        qt, kt, vt, g, decay=decay, scale=scale, causal=causal,
+        feature_map=kernel_map,
     )
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + EPS)
@@ -80,3 +138,56 @@ def padding_validity(
     if check:
         check_mask_form(mask, valid, causal, layer, negated)
     return valid
+
+
+def mix_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor | None,
+    *,
+    g: torch.Tensor | None = None,
+    decay: str = "none",
+    scale: float | None = None,
+    feature_map: str = "identity",
+    normalize: bool = False,
+    feature_weights: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mix` (causal) for a few new tokens from a recurrent state; returns (o [B, H, t, Dv], new state).
+
+    The state is the kernel's [B, Hkv, K', Dv (+ 1 when normalising)] float32 state; None starts
+    from zeros. Inference only.
+    """
+    from rewrite.kernels.linear_attention import linear_attention_step  # loaded on first use
+
+    scale = default_scale(q, scale)
+    kernel_map = FEATURE_MAPS[feature_map]
+    if feature_map in LEARNED_FEATURE_MAPS:
+        q, k = featurize(q, feature_map, feature_weights[0]), featurize(k, feature_map, feature_weights[1])
+        kernel_map = "identity"
+        if g is not None and g.dim() == 4:
+            g = repeat_gate(g, k.shape[-1])
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if normalize:
+        vt = torch.cat([vt, vt.new_ones(*vt.shape[:-1], 1)], dim=-1)
+    o, state = linear_attention_step(qt, kt, vt, g, decay=decay, scale=scale, state=state, feature_map=kernel_map)
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + EPS)
+    return o.transpose(1, 2), state
+
+
+def flatten_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, L, D] -> [B, L, heads * D] (the channel layout of the short-conv kernel)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def unflatten_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, heads * D] -> [B, heads, L, D]."""
+    return x.unflatten(2, (heads, -1)).transpose(1, 2)
+
+
+def zero_padding(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """x [B, heads, L, D] with padded tokens (valid [B, L] False) set to 0."""
+    if valid is None:
+        return x
+    return x * valid[:, None, :, None].to(x.dtype)

@@ -2,22 +2,31 @@
 
 The log-gate is `rewrite.kernels.linear_attention`'s key gate: logsigmoid(k) / normalizer per key dim
 ("vector") or logsigmoid(mean_K k) / normalizer per head ("scalar"), from the keys as the attention
-site sees them (after RoPE / QK-norm where the model applies them), before the feature map.
+site sees them (after RoPE / QK-norm where the model applies them), before the feature map. A
+learned feature map that widens the keys repeats the per-dim gate over the new dims.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rewrite.mixers.common import mask_log_decay, mix, padding_validity
+from rewrite.mixers.common import mask_log_decay, mix, mix_step, padding_validity, split_feature_weights
+from rewrite.mixers.transfer import observe
+
+
+def key_gate(k: torch.Tensor, gate: str, gate_normalizer: float) -> torch.Tensor:
+    """Log-decays from keys k [B, Hkv, L, D]: [B, L, Hkv, D] ("vector") or [B, L, Hkv] ("scalar")."""
+    from rewrite.kernels.linear_attention.feature_maps import log_decay_from_keys  # loaded on first use
+
+    return log_decay_from_keys(k.transpose(1, 2), gate, gate_normalizer)
 
 
 def gla_mixer(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *feature_weights: torch.Tensor,
     mask: torch.Tensor | None = None,
-    *,
     gate: str = "vector",
     gate_normalizer: float = 16.0,
     scale: float | None = None,
@@ -31,11 +40,29 @@ def gla_mixer(
 
     Shapes as SDPA: q [B, H, L, D], k / v [B, Hkv, L, D], o [B, H, L, Dv].
     """
-    from rewrite.kernels.linear_attention.feature_maps import log_decay_from_keys  # loaded on first use
-
+    weights = split_feature_weights(feature_map, feature_weights, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
-    g = mask_log_decay(log_decay_from_keys(k.transpose(1, 2), gate, gate_normalizer), valid)
-    return mix(
+    g = mask_log_decay(key_gate(k, gate, gate_normalizer), valid)
+    out = mix(
         q, k, v, g=g, decay=gate, causal=True, scale=scale, feature_map=feature_map, normalize=normalize,
-        valid=valid,
+        valid=valid, feature_weights=weights,
     )
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+
+
+def gla_mixer_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *feature_weights: torch.Tensor,
+    state: torch.Tensor | None = None,
+    gate: str = "vector",
+    gate_normalizer: float = 16.0,
+    scale: float | None = None,
+    feature_map: str = "identity",
+    normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gla_mixer` for a few new tokens (SDPA layout) from `state`; returns (o, new state)."""
+    weights = split_feature_weights(feature_map, feature_weights, "gla step")
+    return mix_step(q, k, v, state, g=key_gate(k, gate, gate_normalizer), decay=gate, scale=scale,
+                    feature_map=feature_map, normalize=normalize, feature_weights=weights)

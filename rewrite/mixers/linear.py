@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.mixers.common import mix, padding_validity
+from rewrite.mixers.common import mix, mix_step, padding_validity, split_feature_weights
+from rewrite.mixers.transfer import observe
 
 
 def linear_mixer(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *feature_weights: torch.Tensor,
     mask: torch.Tensor | None = None,
-    *,
     scale: float | None = None,
     feature_map: str = "identity",
     normalize: bool = False,
@@ -23,6 +24,29 @@ def linear_mixer(
     """o_t = scale * sum_{s <= t} (phi(q_t) . phi(k_s)) v_s over real keys (normalised if asked).
 
     Shapes as SDPA: q [B, H, L, D], k / v [B, Hkv, L, D] (GQA without repeating), o [B, H, L, Dv].
+    feature_weights: the (q, k) matrices of a learned feature map (`hedgehog`), else nothing.
     """
+    weights = split_feature_weights(feature_map, feature_weights, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
-    return mix(q, k, v, causal=True, scale=scale, feature_map=feature_map, normalize=normalize, valid=valid)
+    out = mix(q, k, v, causal=True, scale=scale, feature_map=feature_map, normalize=normalize, valid=valid,
+              feature_weights=weights)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+
+
+def linear_mixer_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *feature_weights: torch.Tensor,
+    state: torch.Tensor | None = None,
+    scale: float | None = None,
+    feature_map: str = "identity",
+    normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear_mixer` for a few new tokens (SDPA layout, t tokens) from `state`; returns (o, new state).
+
+    The state is [B, Hkv, K, Dv (+ 1 when normalising)] float32; None starts a sequence.
+    """
+    weights = split_feature_weights(feature_map, feature_weights, "linear step")
+    return mix_step(q, k, v, state, scale=scale, feature_map=feature_map, normalize=normalize,
+                    feature_weights=weights)

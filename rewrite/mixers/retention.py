@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rewrite.mixers.common import mask_log_decay, mix, padding_validity
+from rewrite.mixers.common import mask_log_decay, mix, mix_step, padding_validity, split_feature_weights
+from rewrite.mixers.transfer import observe
 
 
 def init_decay_logit(kv_heads: int, decay_min: float, decay_max: float) -> torch.Tensor:
@@ -27,8 +28,8 @@ def retention_mixer(
     k: torch.Tensor,
     v: torch.Tensor,
     decay_logit: torch.Tensor,
+    *feature_weights: torch.Tensor,
     mask: torch.Tensor | None = None,
-    *,
     scale: float | None = None,
     feature_map: str = "identity",
     normalize: bool = False,
@@ -41,6 +42,7 @@ def retention_mixer(
     Shapes as SDPA: q [B, H, L, D], k / v [B, Hkv, L, D], decay_logit [Hkv], o [B, H, L, Dv]. With
     padding, the decay becomes per token so padded tokens do not decay the state.
     """
+    weights = split_feature_weights(feature_map, feature_weights, layer)
     log_decay = F.logsigmoid(decay_logit.float())
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
     if valid is None:
@@ -48,7 +50,25 @@ def retention_mixer(
     else:
         batch, _, length, _ = k.shape
         g, decay = mask_log_decay(log_decay.expand(batch, length, -1), valid), "scalar"
-    return mix(
+    out = mix(
         q, k, v, g=g, decay=decay, causal=True, scale=scale, feature_map=feature_map, normalize=normalize,
-        valid=valid,
+        valid=valid, feature_weights=weights,
     )
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+
+
+def retention_mixer_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_logit: torch.Tensor,
+    *feature_weights: torch.Tensor,
+    state: torch.Tensor | None = None,
+    scale: float | None = None,
+    feature_map: str = "identity",
+    normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`retention_mixer` for a few new tokens (SDPA layout) from `state`; returns (o, new state)."""
+    weights = split_feature_weights(feature_map, feature_weights, "retention step")
+    return mix_step(q, k, v, state, g=F.logsigmoid(decay_logit.float()), decay="constant", scale=scale,
+                    feature_map=feature_map, normalize=normalize, feature_weights=weights)

@@ -100,6 +100,8 @@ TRITON_CASES = [
     # log-decays down to -8 per token: some sub-chunks spread past the fast path's limit
     Case("vector", batch=1, length=72, heads=2, kv_heads=2, dk=32, dv=16, decay_strength=8.0),
     Case("scalar", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16, decay_strength=8.0),
+    # vector states by chunk terms + scan: an empty sequence, several chunks, K and V tiles, GQA
+    Case("vector", batch=1, length=150, heads=4, kv_heads=2, dk=72, dv=80, cu_seqlens=(0, 0, 70, 150)),
 ]
 
 

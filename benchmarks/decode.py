@@ -1,0 +1,297 @@
+"""Decode speed and state memory: a linearized Llama-shaped model (OptimizedModule.generate's decode
+program) next to the original with an SDPA KV cache.
+
+Llama-shaped causal LM (hidden 2048, intermediate 5632, 16 layers, 32 q / 8 kv heads, vocab 32000),
+bf16, random init. Checks first that token-by-token logits equal the full forward (both models) and
+that the CUDA-graph step equals the eager one. Then, per context length and batch:
+
+- linearized: the prompt is prefilled for real (in chunks) and one decode step is timed, replayed
+  from a CUDA graph (and eagerly);
+- original (HF, SDPA, DynamicCache): the KV cache is filled with random keys / values of the context
+  length (values do not change the time) and one decode step is timed; where the cache does not fit
+  in the free GPU memory the row says so instead of running;
+- rewrite softmax (the original through the stateful pass, KV cache, CUDA graph), same random fill.
+
+Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
+once at the measured copy bandwidth next to the batch-1 decode step.
+Run: python -m benchmarks.decode [--lengths 8192,32768] [--batches 1,64] [--out runs/decode.json] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from typing import Any
+
+import torch
+
+import rewrite
+from benchmarks.runner import Measurement, environment, measure, write_results
+from rewrite.decode import decode_program
+from rewrite.decode.cuda_graph import GraphedStep
+
+
+def build_model(tiny: bool, device: str, dtype: torch.dtype) -> Any:
+    import transformers
+
+    size = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=32000)
+    if tiny:
+        size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=128)
+    cfg = transformers.LlamaConfig(**size, max_position_embeddings=131072, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check(model: Any, lin: Any, soft: Any, device: str) -> dict[str, str]:
+    """Relative errors of token-by-token decoding against the full forward, and graph vs eager."""
+    out = {}
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), device=device)
+    for name, om in (("linearized", lin), ("rewrite softmax", soft)):
+        program = decode_program(om)
+        full = om(input_ids=ids).logits
+        state = program.new_state(2, 48)
+        state.begin(32)
+        steps = [program(ids[:, :32], torch.arange(32, device=device).expand(2, -1), state)]
+        state.advance()
+        for t in range(32, 48):
+            state.begin(1)
+            steps.append(program(ids[:, t : t + 1], torch.full((2, 1), t, device=device), state))
+            state.advance()
+        out[f"{name}: step vs full rel err"] = f"{rel_err(torch.cat(steps, 1), full):.1e}"
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    ref = model(input_ids=ids).logits
+    first = model(input_ids=ids[:, :32], past_key_values=cache, use_cache=True).logits
+    rest = [model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(32, 48)]
+    out["original: KV cache vs full rel err"] = f"{rel_err(torch.cat([first, *rest], 1), ref):.1e}"
+    if device == "cuda":
+        eager = lin.generate(ids[:, :32], max_new_tokens=16, cuda_graph="never")
+        graphed = lin.generate(ids[:, :32], max_new_tokens=16, cuda_graph="always")
+        out["linearized: graph tokens == eager tokens"] = str(bool(torch.equal(eager, graphed)))
+    return out
+
+
+def prefill(program: Any, batch: int, length: int, chunk: int, device: str, vocab: int) -> Any:
+    """A decode state of `batch` rows after a real prefill of `length` random tokens, in chunks."""
+    state = program.new_state(batch, length + 256)
+    for start in range(0, length, chunk):
+        stop = min(length, start + chunk)
+        ids = torch.randint(0, vocab, (batch, stop - start), device=device)
+        state.begin(stop - start)
+        program(ids, torch.arange(start, stop, device=device).expand(batch, -1), state)
+        state.advance()
+    return state
+
+
+def random_kv(program: Any, batch: int, length: int, device: str, vocab: int) -> Any:
+    """A decode state whose KV caches hold `length` random keys / values (allocated by a 1-token call)."""
+    state = program.new_state(batch, length + 256)
+    state.begin(1)
+    program(torch.zeros(batch, 1, dtype=torch.long, device=device), torch.zeros(batch, 1, dtype=torch.long,
+                                                                               device=device), state)
+    for cache in state.layers.values():
+        for t in (cache.keys, cache.values):
+            t[:, :, :length].normal_()
+    state.valid[:, :length] = True
+    state.length = length
+    return state
+
+
+def time_step(program: Any, state: Any, graphed: bool, device: str, runs: int) -> Measurement:
+    ids = torch.zeros(state.batch, 1, dtype=torch.long, device=device)
+    step = GraphedStep(program, state) if graphed else None
+    if step is not None:
+        step.start()
+
+    def one() -> None:
+        state.begin(1)
+        pos = torch.full((state.batch, 1), state.length, device=device)
+        if step is not None:
+            step(ids, pos)
+        else:
+            program(ids, pos, state)
+        state.advance()
+
+    return measure("", one, warmup=3, runs=runs)
+
+
+ORIGINAL = "original (HF, SDPA, DynamicCache)"
+
+
+def failed(name: str, params: dict[str, Any], exc: BaseException) -> Measurement:
+    """A row for a variant that could not run, saying why."""
+    return Measurement(name, params, float("nan"), float("nan"), float("nan"), 0,
+                       {"note": f"failed: {type(exc).__name__}: {str(exc)[:160]}"})
+
+
+def attempt(name: str, params: dict[str, Any], fn: Any, *args: Any) -> Measurement:
+    """`fn(*args)`'s Measurement named `name`, or a failed row (the run goes on with the other variants)."""
+    try:
+        row = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - report it in the table
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return failed(name, params, exc)
+    row.name, row.params = name, params
+    return row
+
+
+def with_rate(row: Measurement, batch: int) -> Measurement:
+    if row.runs:
+        row.extra["tokens/s"] = f"{batch / row.median_ms * 1e3:.0f}"
+    return row
+
+
+def time_random_kv(program: Any, batch: int, length: int, graphed: bool, device: str, vocab: int,
+                   runs: int) -> Measurement:
+    """One decode step of a softmax program over `length` random cached keys / values."""
+    return time_step(program, random_kv(program, batch, length, device, vocab), graphed, device, runs)
+
+
+def kv_bytes(model: Any, batch: int, length: int) -> int:
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * head_dim * length * 2
+
+
+def time_original(model: Any, batch: int, length: int, device: str, runs: int) -> Measurement | str:
+    """One HF decode step over a DynamicCache of `length` random keys / values, or why it cannot run."""
+    from transformers import DynamicCache
+
+    need = kv_bytes(model, batch, length)
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        if need > 0.85 * free:
+            return f"KV cache {need / 2**30:.1f} GiB does not fit ({free / 2**30:.1f} GiB free)"
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache()
+    try:
+        for layer in range(cfg.num_hidden_layers):
+            k = torch.randn(batch, cfg.num_key_value_heads, length, head_dim, device=device, dtype=model.dtype)
+            cache.update(k, torch.randn_like(k), layer)
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        pos = torch.full((batch, 1), length, device=device)
+
+        def one() -> None:
+            model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
+            cache.crop(-1)  # back to `length` tokens
+
+        return measure("", one, warmup=2, runs=runs)
+    except torch.cuda.OutOfMemoryError:
+        return f"out of memory with a {need / 2**30:.1f} GiB KV cache"
+    finally:
+        cache = None  # free the cache before the next variant
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bandwidth_gbs(device: str) -> float:
+    """Copy bandwidth (bytes read + written per second) of a 1 GiB buffer, in GB/s."""
+    n = (1 << 30) // 2 if device == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    row = measure("copy", lambda: dst.copy_(src), warmup=3, runs=20)
+    return 2 * src.nbytes / (row.median_ms / 1e3) / 1e9
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="8192,32768")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--memory-lengths", default="1024,65536")
+    parser.add_argument("--kind", default="gla")
+    parser.add_argument("--feature-map", default="elu1", help="mixer feature map (elu1 normalises: V + 1 state columns)")
+    parser.add_argument("--chunk-tokens", type=int, default=65536, help="prefill tokens per call (batch x chunk)")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true", help="tiny model and lengths (a CPU smoke run)")
+    parser.add_argument("--out", default="runs/decode.json")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.tiny:
+        args.lengths, args.batches, args.memory_lengths, args.runs = "64,128", "1,4", "32,256", 3
+    model = build_model(args.tiny, device, dtype)
+    vocab = model.config.vocab_size
+    example = {"input_ids": torch.randint(0, vocab, (1, 64), device=device)}
+    t0 = time.perf_counter()
+    lin = rewrite.optimize(model, [{"mixer": {"kind": args.kind, "feature_map": args.feature_map}}, "stateful"], example_kwargs=example)
+    soft = rewrite.optimize(model, ["stateful"], example_kwargs=example)
+    lin_program, soft_program = decode_program(lin), decode_program(soft)
+    env = environment()
+    env["optimize + decode programs s"] = f"{time.perf_counter() - t0:.1f}"
+    with torch.inference_mode():
+        env.update(check(model, lin, soft, device))
+        print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+        rows: list[Measurement] = []
+        graphs = device == "cuda"
+        for length in [int(x) for x in args.lengths.split(",")]:
+            for batch in [int(x) for x in args.batches.split(",")]:
+                params = {"context": length, "batch": batch}
+                chunk = max(1, min(length, args.chunk_tokens // batch))
+                lin_ms = float("nan")
+                try:
+                    state = prefill(lin_program, batch, length, chunk, device, vocab)
+                except Exception as exc:  # noqa: BLE001 - a failed variant is a row, not the end of the run
+                    rows.append(failed("linearized (prefill)", params, exc))
+                    state = None
+                variants = [("linearized (graph)", True), ("linearized (eager)", False)] if graphs else [
+                    ("linearized", False)]
+                for name, graphed in variants if state is not None else []:
+                    row = attempt(name, params, time_step, lin_program, state, graphed, device, args.runs)
+                    row.extra["state GiB"] = f"{sum(state.nbytes().values()) / 2**30:.3f}"
+                    rows.append(with_rate(row, batch))
+                    lin_ms = row.median_ms if lin_ms != lin_ms else min(lin_ms, row.median_ms)
+                    print(rows[-1], flush=True)
+                state = None
+                original = time_original(model, batch, length, device, args.runs)
+                if isinstance(original, str):
+                    rows.append(Measurement(ORIGINAL, params, float("nan"), float("nan"), float("nan"), 0,
+                                            {"note": original}))
+                else:
+                    original.name, original.params = ORIGINAL, params
+                    with_rate(original, batch).extra["linearized speedup"] = f"{original.median_ms / lin_ms:.1f}x"
+                    rows.append(original)
+                print(rows[-1], flush=True)
+                free = torch.cuda.mem_get_info()[0] if graphs else 1 << 34
+                if kv_bytes(model, batch, length) < 0.6 * free:
+                    row = attempt("rewrite softmax (KV cache)", params, time_random_kv, soft_program, batch, length,
+                                  graphs, device, vocab, args.runs)
+                    rows.append(with_rate(row, batch))
+                    print(rows[-1], flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        for length in [int(x) for x in args.memory_lengths.split(",")]:
+            state = prefill(lin_program, 1, length, min(length, args.chunk_tokens), device, vocab)
+            sizes = state.nbytes()
+            env[f"linearized state bytes at {length} (recurrent / valid mask)"] = f"{sizes['recurrent']} / {sizes['valid']}"
+            env[f"original KV cache bytes at {length}"] = str(kv_bytes(model, 1, length))
+            del state
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        embed = model.get_input_embeddings().weight
+        if embed is not model.get_output_embeddings().weight:
+            weights -= embed.numel() * embed.element_size()  # a step reads one row of the input embedding
+        bandwidth = bandwidth_gbs(device)
+        floor_ms = weights / (bandwidth * 1e9) * 1e3
+        env["weights read per step GB"] = f"{weights / 1e9:.2f}"
+        env["copy bandwidth GB/s"] = f"{bandwidth:.0f}"
+        env["read weights once ms"] = f"{floor_ms:.3f}"
+        batch1 = [r for r in rows if r.params.get("batch") == 1 and r.name.startswith("linearized") and r.runs]
+        if batch1:
+            best = min(r.median_ms for r in batch1)
+            env["batch-1 linearized step / weight read"] = f"{best / floor_ms:.2f}x"
+    title = f"Decode step, Llama-shaped {'(tiny) ' if args.tiny else ''}model, linearized ({args.kind}) vs original"
+    print(write_results(args.out, title, rows, env))
+
+
+if __name__ == "__main__":
+    main()

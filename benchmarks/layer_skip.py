@@ -1,0 +1,200 @@
+"""Layer skipping on the GPU: latency of prefill and of a decode-sized step against the ideal saving.
+
+A Llama-shaped model (hidden 2048, 16 layers, 32 q / 8 kv heads, bf16, random init) gets the
+`layer_skip` pass. Decisions are fixed with `skip_controls(skip_mask=...)` so every variant skips
+exactly the fraction it names:
+
+- `none`: decisions held, nothing skipped (the routing overhead), checked equal to the original;
+- `none, routers deciding`: the routers run (fused kernel, one row-count read per block), none skip;
+- `all`: every block skipped (embeddings + final norm; the floor);
+- `f=<x> spread`: every sequence skips x of the blocks, a different set per sequence, so each block
+  runs on part of the batch (gather, compute, scatter);
+- `f=<x> shared`: every sequence skips the same blocks, so those blocks are not launched.
+
+ideal ms = none - x * (none - all); `of ideal` = (none - measured) / (none - ideal), the share of the
+ideal saving obtained (goal: >= 0.8). Skipped variants are checked against the original model run
+with the same blocks replaced by the identity, per sequence. The decode-sized step is one token per
+sequence with held decisions (a full decode also needs the `stateful` pass for its KV cache).
+The fused router kernel is timed against its PyTorch reference as well.
+
+Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fractions 0.25,0.5] --out runs/layer_skip.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import warnings
+
+import torch
+from rewrite.kernels.router import route
+from rewrite.kernels.router.reference import route_reference
+
+import rewrite
+from benchmarks.runner import Measurement, environment, measure, write_results
+from rewrite.routing import skip_controls
+
+FAILURES: list[str] = []
+"""Correctness checks that failed; the table is still printed, then the script exits with status 1."""
+
+
+def build_model(layers: int, hidden: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), vocab_size=32000,
+        max_position_embeddings=131072, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaModel(cfg).to(device=device, dtype=dtype).eval()
+
+
+def spread_mask(batch: int, layers: int, fraction: float) -> torch.Tensor:
+    """Each sequence skips round(fraction * layers) blocks, shifted per sequence so blocks see part of the batch."""
+    k = round(fraction * layers)
+    mask = torch.zeros(batch, layers, dtype=torch.bool)
+    stride = max(1, layers // max(1, batch))
+    for b in range(batch):
+        for j in range(k):
+            mask[b, (b * stride + j * max(1, layers // max(1, k))) % layers] = True
+    return mask
+
+
+def shared_mask(batch: int, layers: int, fraction: float) -> torch.Tensor:
+    """Every sequence skips the same evenly spaced blocks."""
+    k = round(fraction * layers)
+    mask = torch.zeros(batch, layers, dtype=torch.bool)
+    if k:
+        mask[:, torch.linspace(0, layers - 1, k).round().long()] = True
+    return mask
+
+
+def skipped_reference(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The original model, one sequence at a time, with the masked layers replaced by the identity."""
+
+    def identity(module, args, kwargs, out):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
+
+    outs = []
+    for b in range(ids.shape[0]):
+        handles = [model.layers[j].register_forward_hook(identity, with_kwargs=True) for j in range(mask.shape[1]) if mask[b, j]]
+        try:
+            outs.append(model(input_ids=ids[b : b + 1]).last_hidden_state)
+        finally:
+            for h in handles:
+                h.remove()
+    return torch.cat(outs)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def call_with(om: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with skip_controls(skip_mask=mask):
+        return om(input_ids=ids).last_hidden_state
+
+
+def call_routed(om: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The routers decide (fused router kernel and one row count read per block); threshold 1: none skip."""
+    with skip_controls(threshold=1.0):
+        return om(input_ids=ids).last_hidden_state
+
+
+def time_shape(model, om, batch: int, length: int, fractions: list[float], runs: int, label: str, check: bool) -> list[Measurement]:
+    device = next(model.parameters()).device
+    layers = len(model.layers)
+    ids = torch.randint(0, 32000, (batch, length), device=device)
+    variants = {"none": torch.zeros(batch, layers, dtype=torch.bool), "all": torch.ones(batch, layers, dtype=torch.bool)}
+    for f in fractions:
+        variants[f"f={f} spread"] = spread_mask(batch, layers, f)
+        variants[f"f={f} shared"] = shared_mask(batch, layers, f)
+    rows: list[Measurement] = []
+    with torch.inference_mode():
+        original = model(input_ids=ids).last_hidden_state
+        rows.append(measure(f"{label} original", functools.partial(model, input_ids=ids), {"B": batch, "L": length}, warmup=2, runs=runs))
+        timed: dict[str, float] = {}
+        for name, mask in variants.items():  # masks stay on the host: launching needs no device sync
+            out = call_with(om, ids, mask)
+            err = None
+            if name == "none":
+                err = relative_error(out, original)
+                if err > 1e-3:
+                    FAILURES.append(f"{label} {name}: routed output differs from the original (rel err {err:.2e})")
+            elif check and name != "all":
+                err = relative_error(out, skipped_reference(model, ids, mask))
+                if err > 2e-2:
+                    FAILURES.append(f"{label} {name}: output differs from the skipped reference (rel err {err:.2e})")
+            row = measure(f"{label} {name}", functools.partial(call_with, om, ids, mask), {"B": batch, "L": length}, warmup=2, runs=runs)
+            row.extra["skipped"] = f"{mask.float().mean().item():.0%}"
+            if err is not None:
+                row.extra["rel err"] = f"{err:.1e}"
+            timed[name] = row.median_ms
+            rows.append(row)
+        decided = measure(
+            f"{label} none, routers deciding", functools.partial(call_routed, om, ids), {"B": batch, "L": length},
+            warmup=2, runs=runs,
+        )
+        decided.extra["skipped"] = "0%"
+        rows.append(decided)
+        for row in rows[-len(variants) - 1 : -1]:
+            name = row.name.removeprefix(f"{label} ")
+            if name in ("none", "all"):
+                continue
+            fraction = float(name.split()[0].removeprefix("f="))
+            ideal = timed["none"] - fraction * (timed["none"] - timed["all"])
+            row.extra["ideal ms"] = f"{ideal:.3f}"
+            saved, ideal_saved = timed["none"] - row.median_ms, timed["none"] - ideal
+            row.extra["of ideal"] = f"{saved / ideal_saved:.2f}" if ideal_saved > 0 else "n/a"
+    return rows
+
+
+def time_router(batch: int, length: int, hidden: int, device: str, dtype: torch.dtype, runs: int) -> list[Measurement]:
+    x = torch.randn(batch, length, hidden, device=device, dtype=dtype)
+    w = torch.randn(hidden, device=device, dtype=dtype) / hidden**0.5
+    b = torch.zeros(1, device=device, dtype=dtype)
+    prob, order, count = route(x, w, b, 0.5)
+    want = route_reference(x, w, b, 0.5)
+    err = relative_error(prob, want[0])
+    if err > 1e-2 or int(count) != int(want[2]):
+        FAILURES.append(f"router kernel differs from the reference (rel err {err:.2e})")
+    params = {"B": batch, "L": length}
+    fused = measure("router: fused rewrite::route", functools.partial(route, x, w, b, 0.5), params, warmup=3, runs=runs)
+    eager = measure("router: PyTorch reference", functools.partial(route_reference, x, w, b, 0.5), params, warmup=3, runs=runs)
+    fused.extra["rel err"] = f"{err:.1e}"
+    return [fused, eager]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lengths", default="2048,8192")
+    parser.add_argument("--decode-batch", type=int, default=32)
+    parser.add_argument("--fractions", default="0.25,0.5")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--no-check", action="store_true", help="skip the per-sequence reference check")
+    parser.add_argument("--out", default="runs/layer_skip.json")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_model(args.layers, args.hidden, device, dtype)
+    example = {"input_ids": torch.randint(0, 32000, (2, 64), device=device)}
+    om = rewrite.optimize(model, {"passes": [{"layer_skip": {}}]}, example_kwargs=example)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    rows: list[Measurement] = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        rows += time_shape(model, om, args.batch, length, fractions, args.runs, "prefill", not args.no_check)
+    rows += time_shape(model, om, args.decode_batch, 1, fractions, max(args.runs, 30), "decode step", not args.no_check)
+    rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype, args.runs)
+    print(write_results(args.out, "Layer skipping: latency against the ideal saving", rows, environment()))
+    if FAILURES:
+        raise SystemExit("correctness checks failed:\n  " + "\n  ".join(FAILURES))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""Pass `stateful`: thread decode state through the graph so one program prefills and generates.
+
+Every remaining softmax attention site becomes `stateful_attention` (a KV cache), every linear mixer
+site the `mixer` pass placed becomes `stateful_mixer` (the kind's recurrent state), and positions the
+model computes from the sequence length (`arange(T)`) continue from the tokens already seen. The
+state is one extra graph input, `decode_state` (a `rewrite.decode.DecodeState`), updated in place
+by the sites; the program's outputs are unchanged.
+
+Kept softmax layers in `window_layers` see only their last `sliding_window` tokens (generate()
+fills both from a Hugging Face config when the plan sets no window).
+
+With `thread: false` (the default, as in a user's plan) the pass only checks that every site can
+decode — a non-causal (encoder) or cross-attention site, a site whose probabilities escape, a mixer
+kind without a recurrent step, or a block lifted into a sub-program (`layer_skip`) is an error
+naming the layer — and leaves the forward program as it is. A program threaded in a user's plan
+(`thread: true`) needs a `decode_state` on every call. `OptimizedModule.generate` captures the model a second time and runs the plan with
+`thread: true` to build its decode program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
+
+from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims
+from rewrite.analysis.nodes import is_op, tensor_meta
+from rewrite.analysis.shapes import to_expr
+from rewrite.decode.program_meta import DecodeSignature
+from rewrite.decode.sites import continued_positions, stateful_attention, stateful_mixer
+from rewrite.decode.steps import kind_step
+from rewrite.errors import PassError, PlanError, RewriteError
+from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
+
+aten = torch.ops.aten
+
+CUDA_GRAPH_CHOICES = ["auto", "always", "never"]
+_ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
+
+
+@dataclass
+class StatefulOptions:
+    """Options of the `stateful` pass."""
+
+    thread: bool = field(
+        default=False,
+        metadata={"help": "thread the decode state through this graph now (generate() sets it on its own "
+                          "program); off: only check that every site can decode"},
+    )
+    sliding_window: int | None = field(
+        default=None,
+        metadata={"help": "kept softmax layers in `window_layers` see only their last N tokens (the model's own "
+                          "window); generate() reads it from a Hugging Face config when unset"},
+    )
+    window_layers: Selector = field(
+        default="all",
+        metadata={"help": f"layers the sliding window applies to ({describe_selector_syntax()})"},
+    )
+    cuda_graph: str = field(
+        default="auto",
+        metadata={"help": "capture the one-token decode step as a CUDA graph: auto (on CUDA), always, never",
+                  "choices": CUDA_GRAPH_CHOICES},
+    )
+
+    def validate(self, where: str = "stateful") -> None:
+        """Raise PlanError naming the first bad field."""
+        if not isinstance(self.thread, bool):
+            raise PlanError(f"{where}.thread", f"must be true or false, got {self.thread!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise PlanError(f"{where}.sliding_window", f"must be a positive number of tokens, got {self.sliding_window!r}")
+        validate_selector(self.window_layers, f"{where}.window_layers")
+        if self.cuda_graph not in CUDA_GRAPH_CHOICES:
+            raise PlanError(f"{where}.cuda_graph", f"unknown mode {self.cuda_graph!r}", CUDA_GRAPH_CHOICES)
+
+
+@dataclass
+class _SoftmaxJob:
+    site: AttentionSite
+    layer: str
+    key: str
+    window: int | None = None
+
+
+@dataclass
+class _MixerJob:
+    node: fx.Node
+    kind: str
+    layer: str
+    key: str
+
+
+def _layer_label(site: AttentionSite, analysis: GraphAnalysis) -> str:
+    block = analysis.block_of(site)
+    path = site.module_path or "<root>"
+    return f"layer {block.index} ({path})" if block is not None else path
+
+
+def _check_softmax_site(site: AttentionSite, layer: str) -> None:
+    def refuse(why: str) -> PassError:
+        return PassError("stateful", f"{layer}: {why}", site.name, site.module_path)
+
+    if site.problem is not None:
+        raise refuse(f"cannot carry a KV cache for this attention: {site.problem}")
+    q, k = tensor_meta(site.q), tensor_meta(site.k)
+    if q is not None and k is not None and q.dim() >= 2 and k.dim() >= 2 and to_expr(q.shape[-2]) != to_expr(k.shape[-2]):
+        raise refuse("cross-attention (queries and keys of different lengths) has no self-attention cache to grow")
+    if site.mask is not None and not site.is_causal and site.mask_is_causal is None:
+        raise refuse("cannot tell whether the attention mask is causal (it could not be evaluated on the example "
+                     "inputs); decoding needs causal attention")
+    if not site.causal:
+        raise refuse("attention is not causal (every token sees the whole sequence, as in an encoder); "
+                     "token-by-token decoding needs causal attention")
+
+
+def _check_no_hidden_graphs(gm: fx.GraphModule) -> None:
+    """Refuse sub-programs the pass cannot see into (blocks lifted out of the graph, e.g. by
+    `layer_skip`): their attention would run without state, attending to the new tokens only."""
+    for node in gm.graph.nodes:
+        body = getattr(node.target, "body", None) if node.op == "call_function" else None
+        if node.op == "call_module" or isinstance(body, fx.GraphModule):
+            layer = getattr(node.target, "layer", None) or str(node.target)
+            raise PassError(
+                "stateful", f"{layer}: this block runs as a separate sub-program (a layer_skip routed block); the "
+                "stateful pass cannot thread decode state into it, so a model with routed blocks cannot decode "
+                "token by token yet (run generate() on a plan without layer_skip)", node.name,
+            )
+
+
+def _unique_key(path: str, node: fx.Node, taken: set[str]) -> str:
+    key = path or node.name
+    if key in taken:
+        key = f"{key}:{node.name}"
+    taken.add(key)
+    return key
+
+
+def _windowed_blocks(options: StatefulOptions, analysis: GraphAnalysis) -> set[int]:
+    if options.sliding_window is None:
+        return set()
+    try:
+        return set(select_layers(options.window_layers, [b.path for b in analysis.blocks]))
+    except (IndexError, ValueError) as exc:
+        raise PlanError("stateful.window_layers", f"{exc} (layers: {[b.path for b in analysis.blocks]})") from exc
+
+
+def _collect(
+    gm: fx.GraphModule, analysis: GraphAnalysis, options: StatefulOptions
+) -> tuple[list[_SoftmaxJob], list[_MixerJob]]:
+    from rewrite.mixers import KINDS
+
+    taken: set[str] = set()
+    softmax = []
+    windowed = _windowed_blocks(options, analysis)
+    for site in analysis.sites:
+        layer = _layer_label(site, analysis)
+        _check_softmax_site(site, layer)
+        block = analysis.block_of(site)
+        window = options.sliding_window if block is not None and block.index in windowed else None
+        softmax.append(_SoftmaxJob(site, layer, _unique_key(site.module_path, site.node, taken), window))
+    mixers = []
+    for node in gm.graph.nodes:
+        kind = node.meta.get("rewrite_mixer") if node.op == "call_function" else None
+        if kind is None:
+            continue
+        layer = str(node.kwargs.get("layer") or node.name)
+        spec = KINDS.get(kind)
+        if spec is not None and not spec.causal:
+            raise PassError("stateful", f"{layer}: mixer kind {kind!r} is not causal; decoding needs a causal kind",
+                            node.name)
+        try:
+            kind_step(kind, layer)
+        except RewriteError as exc:
+            raise PassError("stateful", str(exc), node.name) from exc
+        path = str(layer.split("(")[-1].rstrip(")")) if "(" in layer else layer
+        mixers.append(_MixerJob(node, kind, layer, _unique_key(path, node, taken)))
+    return softmax, mixers
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase replaced nodes (and the metadata asserts hanging off them) once nothing reads them."""
+    pending = list(dict.fromkeys(n for n in nodes if n.graph is graph))
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            for user in list(node.users):
+                if is_op(user, aten._assert_tensor_metadata.default):
+                    graph.erase_node(user)
+            if not node.users:
+                graph.erase_node(node)
+                pending.remove(node)
+                changed = True
+
+
+def _add_state_input(gm: fx.GraphModule) -> tuple[fx.Node, DecodeSignature]:
+    """Append the `decode_state` input; the program switches to flat inputs and outputs."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    info = getattr(graph._codegen, "pytree_info", None)
+    signature = DecodeSignature(
+        inputs=[n.name for n in placeholders],
+        in_spec=info.in_spec if info is not None else None,
+        out_spec=info.out_spec if info is not None else None,
+    )
+    graph._codegen = fx.graph.CodeGen()
+    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
+    with graph.inserting_after(anchor) if placeholders else graph.inserting_before(anchor):
+        state = graph.placeholder("decode_state")
+    return state, signature
+
+
+def _mask_ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [n for n in nodes if isinstance(n, fx.Node)]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        stack.extend(cur.all_input_nodes)
+    return seen
+
+
+def _continue_positions(graph: fx.Graph, state: fx.Node, masks: list[fx.Node], dims: SymbolicDims) -> list[str]:
+    """Offset every integer `arange` over the sequence length that feeds more than masks."""
+    mask_side = _mask_ancestors(masks)
+    moved = []
+    for node in list(graph.nodes):
+        if not is_op(node, *_ARANGE):
+            continue
+        val = tensor_meta(node)
+        start = node.args[0] if node.target is not aten.arange.default else 0
+        end = node.args[0] if node.target is aten.arange.default else node.args[1]
+        if val is None or val.is_floating_point() or not isinstance(end, fx.Node) or start != 0:
+            continue
+        if dims.role_of(end.meta.get("val")) != "seq":
+            continue
+        users = [u for u in node.users if u not in mask_side]
+        if not users:
+            continue
+        with graph.inserting_after(node):
+            shifted = graph.call_function(continued_positions, (state, node))
+        shifted.meta = dict(node.meta)
+        for user in users:
+            user.replace_input_with(node, shifted)
+        moved.append(node.name)
+    return moved
+
+
+def _thread(
+    gm: fx.GraphModule, softmax: list[_SoftmaxJob], mixers: list[_MixerJob], dims: SymbolicDims
+) -> tuple[list[str], list[str]]:
+    graph = gm.graph
+    state, signature = _add_state_input(gm)
+    changed, masks = [], []
+    for job in softmax:
+        site = job.site
+        k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
+        kwargs = {"site": job.key, "scale": site.scale, "layer": job.layer}
+        if job.window is not None:
+            kwargs["window"] = job.window
+        if site.mask_negated:
+            kwargs["mask_negated"] = True
+        with graph.inserting_before(site.node):
+            new = graph.call_function(stateful_attention, (state, site.q, k, v, site.mask), kwargs)
+        new.meta = dict(site.node.meta)
+        new.meta["rewrite_stateful"] = "kv_cache"
+        site.node.replace_all_uses_with(new)
+        _erase_unused(graph, [site.node, *site.chain])
+        if isinstance(site.mask, fx.Node):
+            masks.append(site.mask)
+        changed.append(f"{job.layer}: kv cache" + (f" (window {job.window})" if job.window else ""))
+    for job in mixers:
+        node = job.node
+        kwargs = {"site": job.key, "kind": job.kind, **node.kwargs}
+        with graph.inserting_before(node):
+            new = graph.call_function(stateful_mixer, (state, *node.args), kwargs)
+        new.meta = dict(node.meta)
+        new.meta["rewrite_stateful"] = f"{job.kind} state"
+        if isinstance(node.kwargs.get("mask"), fx.Node):
+            masks.append(node.kwargs["mask"])
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed.append(f"{job.layer}: {job.kind} state")
+    signature.positions_in_graph = _continue_positions(graph, state, masks, dims)
+    gm.meta["decode"] = signature
+    return changed, signature.positions_in_graph
+
+
+@register_pass
+class Stateful(GraphPass):
+    """Thread KV caches and recurrent states through the graph (see the module docstring)."""
+
+    name = "stateful"
+    summary = "thread KV caches / recurrent states through the graph so one program prefills and decodes"
+    Options = StatefulOptions
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        options: StatefulOptions = self.options
+        options.validate()
+        result = PassResult(self.name)
+        analysis = ctx.analysis()
+        _check_no_hidden_graphs(gm)
+        softmax, mixers = _collect(gm, analysis, options)
+        result.matched = len(softmax) + len(mixers)
+        if not options.thread:
+            result.messages.extend(
+                f"{j.layer}: can decode with a KV cache" + (f" (window {j.window})" if j.window else "") for j in softmax
+            )
+            result.messages.extend(f"{j.layer}: can decode with a {j.kind} state" for j in mixers)
+            return result
+        if not result.matched:
+            return result
+        result.changed, moved = _thread(gm, softmax, mixers, analysis.dims)
+        if moved:
+            result.messages.append(f"positions computed in the graph continue from the state: {', '.join(moved)}")
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        ctx.invalidate()
+        return result

@@ -1,0 +1,380 @@
+"""Pass `varlen`: padding-free execution of a padded batch.
+
+The emitted module takes the same padded inputs and returns the same padded outputs, but it
+unpads once at the start (every [batch, seq, ...] input is packed to its real tokens), runs every
+token-wise op on packed tokens, runs attention per sequence with the varlen kernel
+(`rewrite.kernels.varlen_attention`, cu_seqlens), restarts positions per sequence (arange and
+position-table slices over the sequence become per-token positions), and repads once where
+packed values leave the graph.
+
+What the pass proves before it changes anything:
+- each attention mask is key padding of one padding-mask input, optionally causal (the mask
+  graph is run on a probe with right, left, full, one-token and holed rows);
+- every op that touches packed tokens is token-wise (`rewrite.varlen.tokenwise`); an op that is
+  not, and that feeds attention, is an error naming the node and module; one that only reads the
+  final states (a pooler taking the first token) reads the repadded tensor instead.
+
+Packed layout: a packed tensor keeps its padded rank and dim order with batch size 1 and sequence
+size T, so the model's own views and transposes run unchanged once their sizes are rewritten.
+Padded positions of repadded outputs hold 0; a row with no real token is an empty sequence whose
+outputs are all 0.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx as fx
+from rewrite.kernels.varlen_attention.api import BACKENDS
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
+
+from rewrite.analysis import AttentionSite
+from rewrite.analysis.nodes import is_op, module_path, tensor_meta
+from rewrite.errors import PlanError
+from rewrite.varlen import runtime
+from rewrite.varlen.mask_check import MaskUse, prove_packed_masks, prove_padding_masks
+from rewrite.varlen.symbols import TokenDims, TokenSymbols, expr_of, find_symbols
+from rewrite.varlen.walk import PackedGraphWalk, fail, is_sym
+
+aten = torch.ops.aten
+PASS = "varlen"
+MASK_NAMES = ("attention_mask", "src_key_padding_mask", "key_padding_mask", "padding_mask", "mask")
+CU_SEQLENS_NAMES = ("cu_seqlens", "cu_seq_lens_q", "cu_seq_lens")
+POSITION_NAMES = ("position_ids", "positions")
+
+
+@dataclass
+class VarlenOptions:
+    """Options of the `varlen` pass."""
+
+    mask_input: str = field(
+        default="auto",
+        metadata={"help": "name of the [batch, seq] padding-mask input; auto: the one the attention masks read "
+                          f"(or the first of {', '.join(MASK_NAMES)})"},
+    )
+    attention_backend: str = field(
+        default="auto",
+        metadata={"help": "varlen attention kernel: auto (PyTorch's flash varlen where it runs, else ours), kernel "
+                          "(Triton on CUDA, reference on CPU), torch, reference", "choices": list(BACKENDS)},
+    )
+
+    def validate(self, where: str = PASS) -> None:
+        """Raise PlanError naming the first bad field."""
+        if not isinstance(self.mask_input, str) or not self.mask_input:
+            raise PlanError(f"{where}.mask_input", f"must be an input name or 'auto', got {self.mask_input!r}")
+        if self.attention_backend not in BACKENDS:
+            raise PlanError(f"{where}.attention_backend", f"unknown backend {self.attention_backend!r}", list(BACKENDS))
+
+
+def _choose_padding(option: str, token_inputs: list[fx.Node], sites: list[MaskUse]) -> fx.Node:
+    by_name = {p.name: p for p in token_inputs}
+    if option != "auto":
+        if option not in by_name:
+            raise PlanError(f"{PASS}.mask_input", f"no [batch, seq] input named {option!r}", sorted(by_name))
+        return by_name[option]
+    read: list[fx.Node] = []
+    for site in sites:
+        if isinstance(site.mask, fx.Node):
+            for p in _ancestor_placeholders(site.mask):
+                if p in by_name.values() and p not in read:
+                    read.append(p)
+    if len(read) == 1:
+        return read[0]
+    if len(read) > 1:
+        raise fail(
+            f"the attention masks read several [batch, seq] inputs ({', '.join(p.name for p in read)}); "
+            f"name the padding mask with the plan field '{PASS}.mask_input'")
+    for name in MASK_NAMES:
+        if name in by_name:
+            return by_name[name]
+    raise fail(
+        "no padding-mask input found: the model takes no [batch, seq] mask that its attention reads "
+        f"(inputs: {', '.join(by_name) or 'none'}); pass the padding mask (e.g. attention_mask) in the example "
+        f"inputs or name it with '{PASS}.mask_input'")
+
+
+def _ancestor_placeholders(node: fx.Node) -> list[fx.Node]:
+    seen: set[fx.Node] = set()
+    out: list[fx.Node] = []
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "placeholder":
+            out.append(cur)
+        if not is_sym(cur):  # a size read does not read values
+            stack.extend(cur.all_input_nodes)
+    return out
+
+
+def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[str, bool], padded: bool) -> bool:
+    """Whether the site is causal; raises PassError for sites the varlen kernel cannot run."""
+    where = f"attention at {site.module_path or '<root>'}"
+    if site.problem is not None:
+        raise fail(f"{where}: {site.problem}", site.node)
+    q, k = tensor_meta(site.q), tensor_meta(site.k)
+    if q is None or k is None or q.dim() != 4 or k.dim() != 4:
+        raise fail(f"{where}: q and k must be [batch, heads, seq, dim] tensors", site.node)
+    if {symbols.dims(q.shape), symbols.dims(k.shape)} - {TokenDims(0, 2), TokenDims(None, 2)}:
+        raise fail(f"{where}: q / k are not [batch, heads, seq, dim] in the input's batch and sequence "
+                    "(cross-attention or a fixed length is not supported)", site.node)
+    if site.mask is None and padded:
+        raise fail(f"{where} reads no attention mask, so on padded rows it attends to padding; the padded model's "
+                    "outputs then depend on the padding and a padding-free module cannot match them", site.node)
+    return masked_causal[site.name]
+
+
+def _replace_site(graph: fx.Graph, site: AttentionSite, causal: bool, layout: dict[str, fx.Node], backend: str
+                  ) -> fx.Node:
+    k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
+    with graph.inserting_before(site.node):
+        new = graph.call_function(
+            runtime.packed_attention, (site.q, k, v, layout["cu_seqlens"], layout["max_seqlen"]),
+            {"causal": causal, "scale": site.scale, "backend": backend,
+             **({"dropout_p": site.dropout_p} if site.dropout_p else {})},
+        )
+    new.meta = dict(site.node.meta)
+    site.node.replace_all_uses_with(new)
+    for node in dict.fromkeys([site.node, *reversed(site.chain)]):
+        for user in list(node.users):
+            if is_op(user, aten._assert_tensor_metadata.default):
+                graph.erase_node(user)
+        if not node.users:
+            graph.erase_node(node)
+    return new
+
+
+MIXER_MASK_KWARGS = ("mask", "mask_negated", "check_mask")
+
+
+def _mixer_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """Linear mixers the `mixer` pass placed (tagged `rewrite_mixer` in their metadata)."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.meta.get("rewrite_mixer")]
+
+
+def _mixer_use(node: fx.Node) -> MaskUse:
+    mask = node.kwargs.get("mask")
+    return MaskUse(node.name, module_path(node), mask if isinstance(mask, fx.Node) else None,
+                   bool(node.kwargs.get("mask_negated", False)), False)
+
+
+def _replace_mixer(graph: fx.Graph, node: fx.Node, layout: dict[str, fx.Node]) -> fx.Node:
+    kwargs = {k: v for k, v in node.kwargs.items() if k not in MIXER_MASK_KWARGS}
+    with graph.inserting_before(node):
+        new = graph.call_function(
+            runtime.packed_mixer, (node.meta["rewrite_mixer"], layout["cu_seqlens"], *node.args), kwargs)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _writes_unread(node: fx.Node) -> bool:
+    """An in-place op whose result and whose target nothing else reads (dead, though impure)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or node.users:
+        return False
+    if not target._schema.name.endswith("_") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    return set(node.args[0].users) == {node} and node.args[0].op == "call_function"
+
+
+def _remove_dead_code(graph: fx.Graph) -> None:
+    """Dead code elimination that also drops metadata asserts on values nothing else uses."""
+    while True:
+        graph.eliminate_dead_code()
+        lone = [n for n in graph.nodes if is_op(n, aten._assert_tensor_metadata.default)
+                and all(is_op(u, aten._assert_tensor_metadata.default) for u in n.args[0].users)]
+        lone += [n for n in graph.nodes if _writes_unread(n)]
+        if not lone:
+            return
+        for node in lone:
+            graph.erase_node(node)
+
+
+def _other_sizes(graph: fx.Graph, inputs: list[fx.Node], symbols: TokenSymbols) -> dict[sympy.Symbol, fx.Node]:
+    """A size node for every dynamic input dim that is neither batch nor sequence (a feature size, say)."""
+    out: dict[sympy.Symbol, fx.Node] = {}
+    for node in inputs:
+        for dim, size in enumerate(tensor_meta(node).shape):
+            e = expr_of(size)
+            if isinstance(e, sympy.Symbol) and e not in symbols.all and e not in out:
+                out[e] = graph.call_function(aten.sym_size.int, (node, dim))
+    return out
+
+
+@register_pass
+class Varlen(GraphPass):
+    """Run a padded batch padding-free: unpad once, varlen attention, repad once (see the module docstring)."""
+
+    name = PASS
+    summary = "padding-free execution: packed tokens, varlen attention with cu_seqlens, per-sequence positions"
+    Options = VarlenOptions
+    plan_kernels = "auto"  # the plan's `kernels` field, read at run time
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        options: VarlenOptions = self.options
+        options.validate()
+        self.plan_kernels = ctx.kernels
+        result = PassResult(self.name)
+        graph = gm.graph
+        sites = ctx.analysis().sites
+        user_inputs = [p for p in graph.nodes if p.op == "placeholder" and not p.meta.get("state_name")
+                       and tensor_meta(p) is not None]
+        symbols = find_symbols(user_inputs)
+        if not symbols.seq:
+            raise fail("no input has a dynamic sequence dim (dim 1 of a [batch, seq, ...] input); capture with "
+                        "inputs of at least two tokens")
+        mixers = _mixer_nodes(graph)
+        if not sites and not mixers:
+            raise fail("the model has no attention the pass can find, so nothing tells tokens apart by sequence; "
+                        "padding-free execution needs varlen attention sites")
+        uses = [MaskUse.of_site(s) for s in sites] + [_mixer_use(n) for n in mixers]
+        token_inputs = [p for p in user_inputs if symbols.node_dims(p) == TokenDims(0, 1)]
+        packed_source = _packed_source(user_inputs)
+        if packed_source is not None and (options.mask_input == "auto" or not token_inputs):
+            return self._run_packed(gm, ctx, result, sites, mixers, uses, user_inputs, symbols, packed_source)
+        if not token_inputs:
+            raise fail("no input is [batch, seq, ...] with both dims dynamic and no packed input (cu_seqlens or "
+                        "restarting position_ids) was given; capture with a padded batch of two or more rows")
+        padding = _choose_padding(options.mask_input, token_inputs, uses)
+        facts = prove_padding_masks(gm, uses, padding, symbols)
+        causal = {site.name: _check_site(site, symbols, facts.causal, True) for site in sites}
+        for node in mixers:
+            if node.kwargs.get("mask") is None:
+                raise fail("this mixer reads no attention mask, so on padded rows it mixes in padding; a "
+                            "padding-free module cannot match the padded one", node)
+        result.matched = len(sites) + len(mixers)
+
+        body = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+        with graph.inserting_before(body):
+            keep = graph.call_function(runtime.padding_keep, (padding, facts.pads_are_true))
+            unpadded = graph.call_function(runtime.unpad_layout, (keep,))
+            layout = {name: graph.call_function(operator.getitem, (unpadded, i))
+                      for i, name in enumerate(("indices", "cu_seqlens", "max_seqlen"))}
+            packed_inputs = {p: graph.call_function(runtime.pack_tokens, (p, layout["indices"])) for p in token_inputs}
+        own = {keep, unpadded, *layout.values()}
+        for p, packed in packed_inputs.items():
+            packed.meta["val"] = p.meta["val"]
+            for user in list(p.users):
+                if user not in own and user is not packed and not is_sym(user):
+                    user.replace_input_with(p, packed)
+
+        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result)
+        _remove_dead_code(graph)
+
+        with graph.inserting_before(layout["max_seqlen"].next):  # what the walk needs, made after dead-code removal
+            layout["positions"] = graph.call_function(operator.getitem, (unpadded, 3))
+            padded_sizes = (graph.call_function(aten.sym_size.int, (padding, 0)),
+                            graph.call_function(aten.sym_size.int, (padding, 1)))
+            layout["total"] = graph.call_function(aten.sym_size.int, (layout["indices"], 0))
+            other_sizes = _other_sizes(graph, user_inputs, symbols)
+        own.update({layout["positions"], layout["total"], *padded_sizes, *other_sizes.values()})
+        rewriter = PackedGraphWalk(gm, symbols, layout, padded_sizes, other_sizes)
+        rewriter.kind.update({n: "sym" for n in own})
+        rewriter.kind.update({n: "token" for n in packed_inputs.values()})
+        rewriter.kind.update({p: "padded" for p in token_inputs})
+        if not facts.pads_are_true and padding in packed_inputs:  # 1 = real token: the mask is 0 at padding
+            rewriter.zero_at_pads.add(packed_inputs[padding])
+        rewriter.run(mixing)
+        _remove_dead_code(graph)
+        graph.lint()
+        gm.recompile()
+        ctx.invalidate()
+
+        result.messages.append(
+            f"padding mask: input {padding.name!r} ({'True = padding' if facts.pads_are_true else '1 = real token'}); "
+            f"packed inputs: {', '.join(p.name for p in token_inputs)}")
+        if rewriter.positions_rewritten:
+            result.messages.append("per-sequence positions: " + ", ".join(rewriter.positions_rewritten))
+        if rewriter.exits:
+            result.messages.append("read the repadded tensor (padded tokens hold 0): " + ", ".join(rewriter.exits))
+        return result
+
+    def _replace_mixing(self, graph: fx.Graph, sites: list[AttentionSite], mixers: list[fx.Node],
+                        causal: dict[str, bool], layout: dict[str, fx.Node], result: PassResult) -> set[fx.Node]:
+        """Put varlen attention / per-sequence mixers in place of every token-mixing node."""
+        options: VarlenOptions = self.options
+        backend = options.attention_backend
+        if backend == "auto":  # the plan's `kernels` field: reference everywhere, or our Triton kernel on CUDA
+            backend = {"reference": "reference", "triton": "kernel"}.get(self.plan_kernels, "auto")
+        mixing = set()
+        for site in sites:
+            mixing.add(_replace_site(graph, site, causal[site.name], layout, backend))
+            result.changed.append(f"{site.name} ({site.module_path or '<root>'}): varlen "
+                                  f"{'causal' if causal[site.name] else 'bidirectional'} attention")
+        for node in mixers:
+            where = f"{node.name} ({module_path(node) or '<root>'})"
+            mixing.add(_replace_mixer(graph, node, layout))
+            result.changed.append(f"{where}: {node.meta['rewrite_mixer']} mixer per sequence")
+        return mixing
+
+    def _run_packed(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult, sites: list[AttentionSite],
+                    mixers: list[fx.Node], uses: list[MaskUse], user_inputs: list[fx.Node], symbols: TokenSymbols,
+                    source: fx.Node) -> PassResult:
+        """Already-packed input ([1, T] tokens, sequences given by cu_seqlens or restarting position_ids)."""
+        graph = gm.graph
+        token_inputs = [p for p in user_inputs if symbols.node_dims(p) in (TokenDims(None, 1), TokenDims(0, 1))]
+        if not token_inputs:
+            raise fail("no [1, T] token input found beside the packed sequence boundaries", source)
+        for p in token_inputs:
+            if tensor_meta(p).shape[0] != 1:
+                raise fail(f"packed input {p.name!r} must hold one row [1, T]; pass several sequences back to "
+                            f"back and mark them with {source.name!r}", p)
+        facts = prove_packed_masks(gm, uses, source if source.name in POSITION_NAMES else None, symbols)
+        causal = {site.name: _check_site(site, symbols, facts, False) for site in sites}
+        result.matched = len(sites) + len(mixers)
+        body = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+        with graph.inserting_before(body):
+            total = graph.call_function(aten.sym_size.int, (token_inputs[0], 1))
+            if source.name in POSITION_NAMES:
+                unpacked = graph.call_function(runtime.packed_layout, (source,))
+            else:
+                unpacked = graph.call_function(runtime.cu_seqlens_layout, (source, total))
+            layout = {name: graph.call_function(operator.getitem, (unpacked, i))
+                      for i, name in enumerate(("cu_seqlens", "max_seqlen"))}
+        own = {unpacked, total, *layout.values()}
+        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result)
+        _remove_dead_code(graph)
+        with graph.inserting_after(layout["max_seqlen"]):
+            layout["positions"] = graph.call_function(operator.getitem, (unpacked, 2))
+            layout["total"] = graph.call_function(aten.sym_size.int, (token_inputs[0], 1))
+        own.update({layout["positions"], layout["total"]})
+        rewriter = PackedGraphWalk(gm, symbols, layout, None, {})
+        rewriter.kind.update({n: "sym" for n in own})
+        rewriter.kind.update({p: "token" for p in token_inputs})
+        rewriter.run(mixing)
+        _remove_dead_code(graph)
+        graph.lint()
+        gm.recompile()
+        ctx.invalidate()
+        result.messages.append(f"packed input: sequences from {source.name!r}; tokens: "
+                               f"{', '.join(p.name for p in token_inputs)}")
+        if rewriter.positions_rewritten:
+            result.messages.append("per-sequence positions: " + ", ".join(rewriter.positions_rewritten))
+        if rewriter.exits:
+            result.messages.append("read the packed row as a whole: " + ", ".join(rewriter.exits))
+        return result
+
+
+def _packed_source(inputs: list[fx.Node]) -> fx.Node | None:
+    """The input that marks packed sequences: a cu_seqlens tensor, else position_ids of one packed row."""
+    by_name = {p.name: p for p in inputs}
+    for name in CU_SEQLENS_NAMES:
+        if name in by_name:
+            return by_name[name]
+    for name in POSITION_NAMES:
+        node = by_name.get(name)
+        val = tensor_meta(node) if node is not None else None
+        if val is not None and val.dim() == 2 and val.shape[0] == 1:
+            return node
+    return None
+
+
+__all__ = ["Varlen", "VarlenOptions"]

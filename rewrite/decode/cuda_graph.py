@@ -1,0 +1,59 @@
+"""The one-token decode step replayed from a CUDA graph (one graph per decode state).
+
+Capturing records the step's kernels once; each replay reruns them on the same memory, which
+removes the per-op launch and Python cost that dominates a small batch's decode step. The state
+switches to `static` mode first: sites attend over every slot (unfilled slots are masked), and the
+slot of the new token lives in a device tensor the loop updates before each replay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rewrite.decode.program import DecodeProgram
+from rewrite.decode.state import DecodeState
+from rewrite.errors import RewriteError
+
+
+class GraphedStep:
+    """Runs `program` on one new token per sequence; the first call warms up eagerly, the second
+    captures the graph, later calls replay it. Call `state.begin(1)` before and `state.advance()`
+    after each call, as for the eager program."""
+
+    def __init__(self, program: DecodeProgram, state: DecodeState):
+        if state.device.type != "cuda":
+            raise RewriteError(f"CUDA graphs need the model on a CUDA device, not {state.device}")
+        self.program = program
+        self.state = state
+        self.ids = torch.zeros(state.batch, 1, dtype=torch.long, device=state.device)
+        self.positions = torch.zeros_like(self.ids)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.calls = 0
+
+    def start(self) -> None:
+        """Switch the state to static mode (after the prefill, before the first `begin(1)`)."""
+        state = self.state
+        state.slots = torch.full((1,), state.length, dtype=torch.long, device=state.device)
+        state.step_valid = torch.ones(state.batch, 1, dtype=torch.bool, device=state.device)
+        state.padded = False
+        state.static = True
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.calls += 1
+        if self.calls == 1:  # warm-up: real work, on a side stream as capture requires
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self.program(self.ids, self.positions, self.state)
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.program(self.ids, self.positions, self.state)
+        self.graph.replay()
+        assert self.logits is not None
+        return self.logits

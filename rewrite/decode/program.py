@@ -1,0 +1,145 @@
+"""The decode program of an optimized module: a second capture of the source model, run through
+the same plan with `stateful` threading, called with token ids, positions and a `DecodeState`."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+
+from rewrite.capture import capture, order_kwargs
+from rewrite.decode.program_meta import DecodeSignature
+from rewrite.decode.state import DecodeState
+from rewrite.errors import CaptureError, RewriteError
+
+EXAMPLE_BATCH = 2
+EXAMPLE_LENGTH = 8
+"""Shape of the token ids the decode program is captured with (both dims stay dynamic)."""
+
+
+def model_window(source: torch.nn.Module) -> tuple[int | None, list[int] | str]:
+    """(sliding window, layers it applies to) from a Hugging Face config, (None, "all") without one."""
+    config = getattr(source, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
+        return None, "all"
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list | tuple):
+        return window, [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    return window, "all"
+
+
+def _decode_plan(plan: Any, source: torch.nn.Module) -> Any:
+    """`plan` with the `stateful` pass last and threading (its other options kept; the model's own
+    sliding window filled in when the plan sets none)."""
+    from rewrite.passes import PASSES
+    from rewrite.plan import PassSpec
+
+    passes, options = [], None
+    for spec in plan.enabled_passes:
+        if spec.name == "stateful":
+            options = spec.options
+        else:
+            passes.append(spec)
+    options = PASSES["stateful"].Options() if options is None else options
+    changes: dict[str, Any] = {"thread": True}
+    if options.sliding_window is None:
+        window, layers = model_window(source)
+        if window is not None:
+            changes.update(sliding_window=window, window_layers=layers)
+    passes.append(PassSpec("stateful", dataclasses.replace(options, **changes)))
+    return dataclasses.replace(plan, passes=passes, strict=False, debug=False, disable=[])
+
+
+def _logits(out: Any, where: str) -> torch.Tensor:
+    """The logits tensor [B, T, V] of a language model's output (a tensor, `.logits`, or a tuple's first)."""
+    if isinstance(out, torch.Tensor):
+        found = out
+    elif getattr(out, "logits", None) is not None:
+        found = out.logits
+    elif isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        found = out[0]
+    else:
+        raise RewriteError(f"{where}: the model returned {type(out).__name__}; generate() needs logits [B, T, vocab] "
+                           "(a tensor, an output with .logits, or a tuple whose first item is the logits)")
+    if found.dim() != 3:
+        raise RewriteError(f"{where}: the model's logits have shape {tuple(found.shape)}; generate() needs "
+                           "[batch, tokens, vocab]")
+    return found
+
+
+class DecodeProgram:
+    """Calls the threaded program: `(token ids [B, T], positions [B, T], state) -> logits [B, T, V]`."""
+
+    def __init__(self, source: torch.nn.Module, plan: Any, parameters: dict[str, torch.Tensor]):
+        from rewrite.pipeline import run_pipeline
+
+        self.model_name = type(source).__name__
+        params = inspect.signature(source.forward).parameters
+        self.ids_keyword = "input_ids" if "input_ids" in params else None
+        self.takes_positions = "position_ids" in params
+        device = next(iter(parameters.values())).device if parameters else torch.device("cpu")
+        ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_LENGTH, dtype=torch.long, device=device)
+        args, kwargs = self._inputs(ids, torch.arange(EXAMPLE_LENGTH, device=device).expand(EXAMPLE_BATCH, -1))
+        was_training = source.training
+        source.train(False)
+        try:
+            captured = capture(source, args, kwargs)
+        except CaptureError as exc:
+            raise RewriteError(
+                f"generate() could not capture {self.model_name} on token ids [batch, tokens]: {exc}. It needs a "
+                "language model taking token ids (as `input_ids` or its first argument) and returning logits"
+            ) from exc
+        finally:
+            source.train(was_training)
+        gm = captured.graph_module
+        self.report = run_pipeline(gm, _decode_plan(plan, source), existing_state=parameters)
+        signature = gm.meta.get("decode")
+        if not isinstance(signature, DecodeSignature):
+            raise RewriteError(f"{self.model_name} has no attention or mixer site to carry state; generate() has "
+                               "nothing to decode incrementally")
+        # a plain GraphModule over the same state: export's module checks its inputs against the capture's
+        self.graph_module: fx.GraphModule = fx.GraphModule(gm, gm.graph, class_name="DecodeProgram")
+        self.signature = signature
+        self.injected = captured.injected_kwargs
+        self.kwarg_order = captured.kwarg_order
+
+    @property
+    def positions_in_graph(self) -> bool:
+        """Whether the model computes positions itself (then all rows of a batch share them)."""
+        return bool(self.signature.positions_in_graph)
+
+    @property
+    def code(self) -> str:
+        """The threaded program as readable Python."""
+        return self.graph_module.code
+
+    def _inputs(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        kwargs: dict[str, Any] = {}
+        if self.takes_positions:
+            kwargs["position_ids"] = positions
+        if self.ids_keyword is None:
+            return (ids,), kwargs
+        return (), {self.ids_keyword: ids, **kwargs}
+
+    def new_state(self, batch: int, capacity: int) -> DecodeState:
+        """An empty state for `batch` sequences of up to `capacity` tokens (prompt and new ones)."""
+        device = next(iter(self.graph_module.parameters()), torch.zeros(0)).device
+        return DecodeState(batch=batch, capacity=capacity, device=device)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        args, kwargs = self._inputs(ids, positions)
+        kwargs = order_kwargs({**self.injected, **kwargs}, self.kwarg_order)
+        if self.signature.in_spec is not None:
+            flat = fx_pytree.tree_flatten_spec((args, kwargs), self.signature.in_spec)
+        else:
+            flat = list(args) + list(kwargs.values())
+        out = self.graph_module(*flat, state)
+        if self.signature.out_spec is not None:
+            out = pytree.tree_unflatten(list(out) if isinstance(out, tuple | list) else [out], self.signature.out_spec)
+        return _logits(out, self.model_name)

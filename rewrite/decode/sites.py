@@ -1,0 +1,190 @@
+"""The functions the `stateful` pass puts in the graph: attention and mixer sites that read and
+write a `DecodeState`, and positions that continue from the tokens already seen.
+
+Each takes the program's `decode_state` input first. They are plain functions (not ops) because
+the state is a Python object; the tensors they compute with go through the kernels' ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rewrite.decode.state import DecodeState
+from rewrite.decode.steps import can_chunk, chunked_prefill, kind_step, rowwise_prefill, step_kwargs
+from rewrite.errors import RewriteError
+
+
+def _check_prefill_mask(
+    state: DecodeState, mask: torch.Tensor | None, negated: bool, check: bool, layer: str, window: int | None = None
+) -> None:
+    """In a prefill call, refuse a mask that is not causal among the real tokens (a sliding window,
+    a block pattern, an additive bias): the state carries only which slots are real, so any other
+    pattern would be lost. Padded tokens are the state's business and are not compared."""
+    if mask is None or not check or state.static or state.tokens < 2:
+        return
+    from rewrite.mixers.masks import HIDDEN_BELOW, visible
+
+    def refuse(why: str) -> RewriteError:
+        return RewriteError(f"stateful decode at {layer}: {why}; a decode state carries only causal attention "
+                            "over real tokens")
+
+    if mask.is_floating_point() and not negated and bool(((mask != 0) & (mask > HIDDEN_BELOW)).any()):
+        raise refuse("the attention mask holds additive bias values (neither 0 nor hidden)")
+    vis = visible(mask, negated)
+    while vis.dim() < 4:
+        vis = vis.unsqueeze(0)
+    count = state.tokens
+    if vis.shape[-1] != count or vis.shape[-2] not in (1, count):
+        raise refuse(f"the attention mask has shape {tuple(mask.shape)} for {count} new tokens")
+    causal = torch.ones(count, count, dtype=torch.bool, device=vis.device).tril()
+    if window is not None:
+        causal = causal & ~torch.ones_like(causal).tril(-window)
+    real = state.step_valid.to(vis.device)
+    compared = real[:, None, :, None] & real[:, None, None, :]
+    if bool(((vis != causal) & compared).any()):
+        form = f"causal within a window of {window} tokens" if window is not None else "causal"
+        raise refuse(f"the attention mask is not {form} among the real tokens (a sliding window or a block "
+                     "pattern? set the `stateful` pass's sliding_window / window_layers)")
+
+
+def stateful_attention(
+    decode_state: DecodeState,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    site: str,
+    scale: float | None = None,
+    mask_negated: bool = False,
+    check_mask: bool = True,
+    window: int | None = None,
+    layer: str = "",
+) -> torch.Tensor:
+    """Causal softmax attention of the new tokens over every real token so far, through a KV cache.
+
+    q [B, H, T, D], k / v [B, Hkv, T, D] (GQA without repeating) -> o [B, H, T, Dv]. The new keys and
+    values are written into `site`'s cache at the call's slots; a padded query sees only itself, so
+    its (unused) output stays finite. With `window`, a query sees only the last `window` tokens and the
+cache is a ring of `window` slots.
+    `layer` names the site in errors.
+    """
+    _check_prefill_mask(decode_state, mask, mask_negated, check_mask, layer or site, window)
+    slots = decode_state.slots
+    fresh = decode_state.length == 0 and not decode_state.padded and not decode_state.static
+    if window is not None:
+        return _windowed_attention(decode_state, q, k, v, site=site, scale=scale, window=window, fresh=fresh)
+    cache = decode_state.kv_cache(site, k, v)
+    cache.keys.index_copy_(2, slots, k.to(cache.keys.dtype))
+    cache.values.index_copy_(2, slots, v.to(cache.values.dtype))
+    if fresh:  # a fresh, unpadded prompt: plain causal attention over its own keys (the fused kernels apply)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
+    end = decode_state.visible_end()
+    key_slots = torch.arange(end, device=q.device)
+    visible = decode_state.valid[:, None, None, :end] & (key_slots <= slots[:, None])
+    visible = visible | (key_slots == slots[:, None])
+    return _grouped_attention(q, cache.keys[:, :, :end], cache.values[:, :, :end], visible, scale)
+
+
+def _grouped_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """SDPA of q [B, H, T, D] over keys / values [B, Hkv, S, D] with visible [B, 1, T, S]; the query
+    heads of one kv head attend together, so the cache is never copied per query head."""
+    batch, heads, count, _ = q.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    groups = heads // kv_heads
+    grouped = q.reshape(batch, kv_heads, groups * count, q.shape[-1])
+    if groups > 1:
+        visible = visible.expand(batch, groups, count, slots).reshape(batch, 1, groups * count, slots)
+    o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible, scale=scale)
+    return o.reshape(batch, heads, count, values.shape[-1])
+
+
+def _windowed_attention(
+    state: DecodeState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, site: str, scale: float | None,
+    window: int, fresh: bool,
+) -> torch.Tensor:
+    """Causal attention over the last `window` tokens through a ring cache of `window` slots."""
+    ring = state.ring_cache(site, k, v, window)
+    slots, count = state.slots, q.shape[2]
+    k, v = k.to(ring.keys.dtype), v.to(ring.values.dtype)
+    if fresh and count <= window:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
+    elif count == 1:  # decoding: write the token, then attend over the ring
+        _ring_write(ring, state, k, v, slots, window)
+        return _grouped_attention(q, ring.keys, ring.values, _window_mask(ring.slot, ring.valid, slots, window), scale)
+    else:  # a prompt (chunk): the ring's past slots and the chunk's own
+        key_slots = torch.cat([ring.slot, slots])
+        valid = torch.cat([ring.valid, state.step_valid], dim=1)
+        visible = _window_mask(key_slots, valid, slots, window)
+        o = _grouped_attention(q, torch.cat([ring.keys, k], 2), torch.cat([ring.values, v], 2), visible, scale)
+    _ring_write(ring, state, k, v, slots, window)
+    return o
+
+
+def _window_mask(key_slots: torch.Tensor, valid: torch.Tensor, query_slots: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, 1, T, S]: a query sees the real keys of the last `window` slots up to its own (and itself)."""
+    near = (key_slots <= query_slots[:, None]) & (key_slots > query_slots[:, None] - window)
+    return (valid[:, None, None, :] & near) | (key_slots == query_slots[:, None])
+
+
+def _ring_write(ring: Any, state: DecodeState, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                window: int) -> None:
+    """Store the last `window` of the new tokens at their ring positions (slot % window)."""
+    keep = min(slots.numel(), window)
+    slots, k, v = slots[-keep:], k[:, :, -keep:], v[:, :, -keep:]
+    index = slots % window
+    ring.keys.index_copy_(2, index, k)
+    ring.values.index_copy_(2, index, v)
+    ring.slot.index_copy_(0, index, slots)
+    ring.valid.index_copy_(1, index, state.step_valid[:, -keep:])
+
+
+def stateful_mixer(
+    decode_state: DecodeState,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *params: torch.Tensor,
+    site: str,
+    kind: str,
+    **site_kwargs: Any,
+) -> torch.Tensor:
+    """A linear mixer site of kind `kind` over the new tokens, from and into `site`'s recurrent state.
+
+    Same arguments as the mixer the `mixer` pass placed (SDPA layout, its new parameters, its
+    keyword arguments); padded tokens of a prefill leave the state as it was.
+    """
+    layer = site_kwargs.get("layer") or site
+    _check_prefill_mask(
+        decode_state, site_kwargs.get("mask"), bool(site_kwargs.get("mask_negated", False)),
+        bool(site_kwargs.get("check_mask", True)), layer,
+    )
+    step = kind_step(kind, layer)
+    held = decode_state.recurrent(site)
+    previous = held.value if held is not None else None
+    padded = decode_state.padded
+    if can_chunk(kind, params, site_kwargs) and (padded or decode_state.tokens > 1):
+        o, new = chunked_prefill(kind, q, k, v, params, site_kwargs,
+                                 decode_state.step_valid if padded else None, previous)
+    elif not padded:
+        o, new = step(q, k, v, *params, state=previous, **step_kwargs(step, site_kwargs))
+    elif previous is None:
+        o, new = rowwise_prefill(step, q, k, v, params, step_kwargs(step, site_kwargs), decode_state.step_valid)
+    else:
+        raise RewriteError(
+            f"{layer}: mixer kind {kind!r} cannot take padded tokens after its state has started; "
+            "pad only the first call (the prompt)"
+        )
+    decode_state.set_recurrent(site, new)
+    return o
+
+
+def continued_positions(decode_state: DecodeState, positions: torch.Tensor) -> torch.Tensor:
+    """Positions the model computes from the sequence length (0..T-1), moved past the tokens seen."""
+    offset = decode_state.slots[:1] if decode_state.static else decode_state.length
+    return positions + offset

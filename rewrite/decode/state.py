@@ -1,0 +1,188 @@
+"""Decode state of one batch: a KV cache per softmax site, a recurrent state per linear mixer site.
+
+The state lives in slots: every token a sequence has seen, padding included, holds one slot, and
+all sequences of a batch advance together (left padding lines their last tokens up). `valid`
+marks the slots that hold real tokens, so padded slots are never attended to. Tensors are
+allocated on first use by the site that owns them and updated in place afterwards, so a captured
+CUDA graph of the decode step reads and writes the same memory on every replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from rewrite.errors import RewriteError
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one softmax site: [B, Hkv, capacity, D] each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+@dataclass
+class RingKVCache:
+    """Keys and values of a sliding-window softmax site: the last `size` slots only.
+
+    keys / values [B, Hkv, size, D]; `slot` [size] is the slot each entry holds (-1: empty) and
+    `valid` [B, size] whether that entry is a real token of its row. Slot s lives at s % size.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slot: torch.Tensor
+    valid: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.slot.nbytes + self.valid.nbytes
+
+
+@dataclass
+class RecurrentState:
+    """The recurrent state of one linear mixer site (a tensor or a tuple of tensors, kind-specific)."""
+
+    value: Any
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in pytree.tree_leaves(self.value) if isinstance(t, torch.Tensor))
+
+    def update(self, new: Any) -> None:
+        """Write `new` into the held tensors (same structure, shapes and dtypes)."""
+        for old, fresh in zip(pytree.tree_leaves(self.value), pytree.tree_leaves(new), strict=True):
+            old.copy_(fresh)
+
+
+@dataclass
+class DecodeState:
+    """Everything a stateful program carries from one call to the next, for `batch` sequences.
+
+    `capacity` bounds the slots of KV caches (prompt plus new tokens); programs without softmax
+    sites never allocate per-slot memory beyond the `valid` mask.
+    """
+
+    batch: int
+    capacity: int
+    device: torch.device
+    length: int = 0
+    layers: dict[str, KVCache | RingKVCache | RecurrentState] = field(default_factory=dict)
+    static: bool = False
+    """Set while a CUDA graph of the step is captured or replayed: sites attend over every slot."""
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.valid = torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=self.device)
+        self.slots = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.step_valid = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
+        self.padded = False
+        """Whether the current call holds padded tokens."""
+
+    # -- the loop's side ---------------------------------------------------------------------
+    def begin(self, count: int, valid: torch.Tensor | None = None) -> None:
+        """Open a call over `count` new tokens per sequence; `valid` [B, count] bool marks the real
+        ones (None: all real, as in decoding)."""
+        if self.length + count > self.capacity:
+            raise RewriteError(
+                f"decode state is full: {self.length} slots used + {count} new tokens > capacity {self.capacity}; "
+                "allocate the state with a larger capacity (prompt length + max_new_tokens)"
+            )
+        if self.static:  # under a CUDA graph: one token per sequence, written into the captured buffers
+            if count != 1:
+                raise RewriteError(f"a CUDA-graph decode step takes one token per sequence, got {count}")
+            self.slots.fill_(self.length)
+            self.valid[:, self.length] = True
+            return
+        if valid is not None and tuple(valid.shape) != (self.batch, count):
+            raise RewriteError(f"decode state holds {self.batch} sequences of {count} new tokens, got a mask of "
+                               f"shape {tuple(valid.shape)}")
+        self.slots = torch.arange(self.length, self.length + count, device=self.device)
+        self.padded = valid is not None and not bool(valid.all())
+        if valid is None:
+            valid = torch.ones(self.batch, count, dtype=torch.bool, device=self.device)
+        self.valid[:, self.length : self.length + count] = valid
+        self.step_valid = valid
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge every slot buffer to `capacity` slots, keeping their content (not under a CUDA graph)."""
+        if self.static:
+            raise RewriteError("a decode state cannot grow while a CUDA graph replays it")
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, extra)], dim=1)
+        for layer in self.layers.values():
+            if isinstance(layer, KVCache):
+                pad = (0, 0, 0, extra)
+                layer.keys = torch.nn.functional.pad(layer.keys, pad)
+                layer.values = torch.nn.functional.pad(layer.values, pad)
+        self.capacity = capacity
+
+    def advance(self) -> None:
+        """Close the call opened by `begin`: its tokens now belong to the past."""
+        self.length += self.slots.numel()
+
+    # -- the sites' side -----------------------------------------------------------------------
+    @property
+    def tokens(self) -> int:
+        """New tokens per sequence in the current call."""
+        return self.slots.numel()
+
+    def visible_end(self) -> int:
+        """Slots a site attends over: those filled so far (every slot under a CUDA graph)."""
+        return self.capacity if self.static else self.length + self.tokens
+
+    def kv_cache(self, site: str, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """The KV cache of `site`, allocated on first use from the new keys / values [B, Hkv, T, D]."""
+        cache = self.layers.get(site)
+        if cache is None:
+            keys = k.new_zeros(self.batch, k.shape[1], self.capacity, k.shape[-1])
+            values = v.new_zeros(self.batch, v.shape[1], self.capacity, v.shape[-1])
+            cache = self.layers[site] = KVCache(keys, values)
+        if not isinstance(cache, KVCache):
+            raise RewriteError(f"decode state of {site} is a {type(cache).__name__}, not a KV cache")
+        return cache
+
+    def ring_cache(self, site: str, k: torch.Tensor, v: torch.Tensor, size: int) -> RingKVCache:
+        """The ring cache of `size` slots of `site`, allocated on first use from keys / values [B, Hkv, T, D]."""
+        cache = self.layers.get(site)
+        if cache is None:
+            cache = self.layers[site] = RingKVCache(
+                k.new_zeros(self.batch, k.shape[1], size, k.shape[-1]),
+                v.new_zeros(self.batch, v.shape[1], size, v.shape[-1]),
+                torch.full((size,), -1, dtype=torch.long, device=k.device),
+                torch.zeros(self.batch, size, dtype=torch.bool, device=k.device),
+            )
+        if not isinstance(cache, RingKVCache):
+            raise RewriteError(f"decode state of {site} is a {type(cache).__name__}, not a ring cache")
+        return cache
+
+    def recurrent(self, site: str) -> RecurrentState | None:
+        """The recurrent state of `site`, or None before its first call."""
+        state = self.layers.get(site)
+        if state is not None and not isinstance(state, RecurrentState):
+            raise RewriteError(f"decode state of {site} is a {type(state).__name__}, not a recurrent state")
+        return state
+
+    def set_recurrent(self, site: str, value: Any) -> None:
+        """Store the new recurrent state of `site` (in place once it exists)."""
+        state = self.layers.get(site)
+        if state is None:
+            self.layers[site] = RecurrentState(value)
+        else:
+            assert isinstance(state, RecurrentState)
+            state.update(value)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held: per kind of state ("kv_cache", "recurrent") and the slot mask ("valid")."""
+        out = {"kv_cache": 0, "recurrent": 0, "valid": self.valid.nbytes}
+        for layer in self.layers.values():
+            out["recurrent" if isinstance(layer, RecurrentState) else "kv_cache"] += layer.nbytes()
+        return out

@@ -1,0 +1,187 @@
+"""What a routed graph calls at run time: the router decision and the block that runs only active rows.
+
+A routed block `i` reads, in the graph:
+
+    route_i = layer_skip_route(hidden, router_weight, router_bias, column=j, n_routed=n, ...)
+    skip_i, order_i, count_i = route_i[0], route_i[1], route_i[2]
+    hidden_out = <RoutedBlock for block i>(skip_i, order_i, count_i, hidden, *other inputs)
+
+`skip_i` [B] is the skip weight (0 or 1 in hard mode, the probability in training modes), `order_i`
+[B] lists the rows that run first and `count_i` counts them. A decode program that holds prefill's
+decisions replaces the route node by `routes_from_mask(mask[:, j])`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from rewrite.kernels.router import route
+from rewrite.routing.controls import begin_call, call_state, current_controls
+
+
+def compact(skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, count) for a [B] bool skip mask: running rows first, then skipped, each ascending."""
+    order = torch.argsort(skip.to(torch.int8), stable=True)
+    return order, (~skip).sum()
+
+
+def routes_from_mask(skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The route triple (skip weight, order, count) for given [B] bool decisions."""
+    skip = skip.bool()
+    order, count = compact(skip)
+    return skip.float(), order, count
+
+
+@dataclass(frozen=True)
+class HeldDecisions:
+    """A call's held [B, n_routed] decisions, prepared once so that no block launches work to route."""
+
+    skip: torch.Tensor  # bool, on the device
+    weights: torch.Tensor  # float 0 / 1, on the device
+    orders: torch.Tensor  # [B, n_routed]: running rows first, per column
+    counts: torch.Tensor  # [n_routed] running rows per column, on the host
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, device: torch.device) -> HeldDecisions:
+        on_device = mask.to(device, non_blocking=True)
+        orders = torch.argsort(on_device.to(torch.int8), dim=0, stable=True)
+        return cls(on_device, on_device.float(), orders, (~mask.cpu()).sum(0))
+
+    def column(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(skip, weight, order, count) of routed block j; count is a host tensor (launching needs no sync)."""
+        return self.skip[:, j], self.weights[:, j], self.orders[:, j], self.counts[j]
+
+
+def _as_rows(hidden: torch.Tensor, batch_dim: int, seq_dim: int) -> torch.Tensor:
+    """`hidden` as [B, L, D] (a view where it can be)."""
+    if (batch_dim, seq_dim) == (0, 1):
+        return hidden
+    return hidden.movedim((batch_dim, seq_dim), (0, 1))
+
+
+def layer_skip_route(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    column: int,
+    n_routed: int,
+    layer: str,
+    batch_dim: int,
+    seq_dim: int,
+    threshold: float,
+    budget: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decide, for each sequence, whether the routed block `layer` runs (see the module docstring)."""
+    controls = current_controls()
+    batch = hidden.shape[batch_dim]
+    state = begin_call(batch, hidden.device) if column == 0 else call_state()
+    threshold = controls.threshold if controls.threshold is not None else threshold
+    budget = controls.budget if controls.budget is not None else budget
+    prob: torch.Tensor | None = None
+    if controls.skip_mask is not None:
+        mask = controls.skip_mask
+        if tuple(mask.shape) != (batch, n_routed):
+            raise ValueError(
+                f"layer skip: skip_mask has shape {tuple(mask.shape)} but {layer} needs [batch, routed blocks] = "
+                f"[{batch}, {n_routed}]"
+            )
+        if state.held is None:
+            state.held = HeldDecisions.of(mask, hidden.device)
+        skip, weight_out, order, count = state.held.column(column)
+    else:
+        rows = _as_rows(hidden, batch_dim, seq_dim)
+        if budget is None and controls.mode == "hard":
+            prob, order, count = route(rows, weight, bias, float(threshold))
+            skip = prob > threshold
+        else:
+            prob, _, _ = route(rows, weight, bias, float(threshold))
+            skip = prob.detach() > threshold
+            if budget is not None:
+                quota = round(float(budget) * n_routed)
+                remaining = quota - state.skipped_so_far
+                skip = (remaining > 0) & (skip | (remaining >= n_routed - column))
+            order, count = compact(skip)
+        if controls.mode == "soft":
+            weight_out = prob
+        elif controls.mode == "straight_through":
+            weight_out = skip.to(prob.dtype) + prob - prob.detach()
+        else:
+            weight_out = skip.to(prob.dtype)
+        if controls.mode != "hard":
+            state.probabilities.append(prob)
+            state.weights.append(weight_out)
+            order = torch.arange(batch, device=hidden.device)
+            count = torch.tensor(batch, device=hidden.device)
+    if budget is not None and controls.skip_mask is None:
+        state.skipped_so_far = state.skipped_so_far + skip.to(torch.int64)
+    if state.record is not None:
+        state.record.layers.append(layer)
+        state.record.skipped.append(skip.detach().cpu())
+        state.record.probabilities.append(None if prob is None else prob.detach().cpu())
+    return weight_out, order, count
+
+
+@dataclass(frozen=True)
+class InputRule:
+    """How one block input follows a smaller batch: gather along `dim`, rescale a size, or keep."""
+
+    kind: str  # "gather" | "scale" | "keep"
+    dim: int = 0
+
+
+class RoutedBlock:
+    """A block body that runs on the active rows only; skipped rows pass their input through.
+
+    `body` is a GraphModule holding no state: its inputs are the block's hidden state followed by
+    every other value the block read (tensors, sizes, parameters), in `rules` order.
+    """
+
+    def __init__(self, body: fx.GraphModule, rules: list[InputRule], *, layer: str, batch_dim: int, gatherable: bool):
+        self.body = body
+        self.rules = rules
+        self.layer = layer
+        self.batch_dim = batch_dim
+        self.gatherable = gatherable
+        self.__name__ = "layer_skip_block_" + layer.replace(".", "_")
+        self.__qualname__ = self.__name__
+
+    def __repr__(self) -> str:
+        return f"RoutedBlock({self.layer})"
+
+    def __call__(
+        self, skip: torch.Tensor, order: torch.Tensor, count: torch.Tensor, hidden: torch.Tensor, *others: Any
+    ) -> torch.Tensor:
+        mode = current_controls().mode
+        batch = hidden.shape[self.batch_dim]
+        if mode != "hard":
+            out = self.body(hidden, *others)
+            shape = [1] * hidden.dim()
+            shape[self.batch_dim] = batch
+            weight = skip.to(out.dtype).reshape(shape)
+            return out + weight * (hidden - out)
+        active = int(count)
+        if active == 0:
+            return hidden
+        if active == batch:
+            return self.body(hidden, *others)
+        if not self.gatherable:
+            out = self.body(hidden, *others)
+            shape = [1] * hidden.dim()
+            shape[self.batch_dim] = batch
+            return torch.where(skip.bool().reshape(shape), hidden, out)
+        rows = order[:active]
+        inputs = [hidden.index_select(self.batch_dim, rows)]
+        for rule, value in zip(self.rules, others, strict=True):
+            if rule.kind == "gather":
+                inputs.append(value.index_select(rule.dim, rows))
+            elif rule.kind == "scale":
+                inputs.append(value // batch * active)
+            else:
+                inputs.append(value)
+        out = self.body(*inputs)
+        return hidden.index_copy(self.batch_dim, rows, out.to(hidden.dtype))

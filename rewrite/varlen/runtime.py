@@ -1,0 +1,183 @@
+"""Functions the varlen pass puts in the graph: unpad once, pack token inputs, repad outputs, attend.
+
+A packed tensor keeps the rank and dim order of the padded tensor it stands for, with the batch dim
+of size 1 and the sequence dim of size T (the real tokens of every row, row after row). So views,
+transposes and broadcasts of the model run unchanged on packed tensors once their sizes say 1 and T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def padding_keep(mask: torch.Tensor, pads_are_true: bool) -> torch.Tensor:
+    """[B, L] bool, True at real tokens, from a padding mask (1 = real, or True = padding when `pads_are_true`)."""
+    if mask.dim() != 2:
+        raise ValueError(f"varlen: the padding mask must be [batch, seq], got shape {tuple(mask.shape)}")
+    return mask == 0 if pads_are_true else mask != 0
+
+
+def unpad_layout(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(indices [T], cu_seqlens [B + 1] int32, max_seqlen, positions [T]) of the real tokens in `keep` [B, L].
+
+    indices are flat positions b * L + l of real tokens in row order; row b's tokens are packed rows
+    cu_seqlens[b] .. cu_seqlens[b + 1] - 1; positions count each row's real tokens from 0. A row
+    without real tokens is an empty sequence (its outputs are repadded as zeros).
+    """
+    flat = keep.reshape(-1)
+    indices = flat.nonzero().squeeze(1)
+    lengths = keep.sum(dim=1)
+    cu_seqlens = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    max_seqlen = lengths.max().item() if keep.shape[0] > 0 else 0
+    positions = (keep.cumsum(dim=1) - 1).reshape(-1).index_select(0, indices)
+    return indices, cu_seqlens, max_seqlen, positions
+
+
+def packed_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(cu_seqlens, max_seqlen, positions [T]) of already-packed tokens whose positions restart at 0 per sequence.
+
+    position_ids is [1, T] (or [T]); a new sequence starts wherever the position is 0.
+    """
+    positions = position_ids.reshape(-1)
+    if positions.dim() != 1 or (position_ids.dim() == 2 and position_ids.shape[0] != 1):
+        raise ValueError(f"varlen: packed position_ids must be [1, T], got shape {tuple(position_ids.shape)}")
+    total = positions.shape[0]
+    starts = (positions == 0).nonzero().squeeze(1)
+    if total > 0 and (starts.numel() == 0 or int(starts[0]) != 0):
+        raise ValueError("varlen: packed position_ids must start each sequence at 0 (the first token's is not 0)")
+    bounds = torch.cat([starts, torch.tensor([total], device=positions.device)])
+    lengths = bounds[1:] - bounds[:-1]
+    expected = torch.arange(total, device=positions.device) - torch.repeat_interleave(bounds[:-1], lengths)
+    if not torch.equal(expected, positions.to(expected.dtype)):
+        raise ValueError("varlen: packed position_ids must count 0, 1, 2, ... within each sequence")
+    cu_seqlens = bounds.to(torch.int32)
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    return cu_seqlens, max_seqlen, positions
+
+
+def pack_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x [B, L, ...] -> [1, T, ...]: the real tokens, row after row."""
+    return x.flatten(0, 1).index_select(0, indices).unsqueeze(0)
+
+
+def repad_tokens(
+    x: torch.Tensor, indices: torch.Tensor, batch: int, seq: int, batch_dim: int | None, seq_dim: int,
+    *, seq_outer: bool = False,
+) -> torch.Tensor:
+    """The padded tensor a packed `x` stands for, with zeros at padded tokens.
+
+    x has size 1 at `batch_dim` and T at `seq_dim`; batch_dim None means the two are merged into
+    one dim of size T at `seq_dim` (the padded tensor then has B * L there, batch outer, or sequence
+    outer when `seq_outer`).
+    """
+    if batch_dim is None:
+        if seq_outer:
+            indices = (indices % seq) * batch + indices // seq
+        rows = x.movedim(seq_dim, 0)
+        out = rows.new_zeros(batch * seq, *rows.shape[1:]).index_copy(0, indices, rows)
+        return out.movedim(0, seq_dim)
+    rows = x.squeeze(batch_dim)
+    s = seq_dim - (1 if batch_dim < seq_dim else 0)
+    rows = rows.movedim(s, 0)
+    out = rows.new_zeros(batch * seq, *rows.shape[1:]).index_copy(0, indices, rows)
+    out = out.view(batch, seq, *rows.shape[1:])
+    return out.movedim((0, 1), (batch_dim, seq_dim))
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool,
+    scale: float | None,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """SDPA's layout on packed tensors: q [1, H, T, D], k / v [1, Hkv, T, D] -> o [1, H, T, Dv], per sequence.
+
+    With attention dropout (a model in training mode) each sequence runs through SDPA on its own, since
+    the varlen kernels have no dropout.
+    """
+    from rewrite.kernels.varlen_attention import varlen_attention  # loaded on first use
+
+    if dropout_p > 0:
+        return _attention_per_sequence(q, k, v, cu_seqlens, causal, scale, dropout_p)
+
+    def tokens_first(x: torch.Tensor) -> torch.Tensor:
+        return x.squeeze(0).transpose(0, 1)
+
+    o = varlen_attention(
+        tokens_first(q), tokens_first(k), tokens_first(v), cu_seqlens, max_seqlen,
+        causal=causal, scale=scale, backend=backend, check_bounds=False,
+    )
+    return o.transpose(0, 1).unsqueeze(0)
+
+
+def _attention_per_sequence(q, k, v, cu_seqlens, causal: bool, scale: float | None, dropout_p: float):
+    bounds = cu_seqlens.tolist()
+    gqa = q.shape[1] != k.shape[1]
+    pieces = [torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa)
+        for s, e in zip(bounds, bounds[1:]) if e > s]
+    if not pieces:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    return torch.cat(pieces, dim=2)
+
+
+def shifted_positions(positions: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-token positions [T] offset by `start`, in `dtype` (what `arange(start, start + L)` becomes)."""
+    return (positions + start).to(dtype)
+
+
+def cu_seqlens_layout(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(cu_seqlens int32, max_seqlen, positions [T]) of packed tokens whose sequences cu_seqlens [N + 1] gives."""
+    bounds = cu_seqlens.reshape(-1).to(torch.int64)
+    lengths = bounds[1:] - bounds[:-1]
+    if bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != total or bool((lengths < 0).any()):
+        raise ValueError(f"varlen: cu_seqlens must rise from 0 to the {total} packed tokens, got {bounds.tolist()}")
+    positions = torch.arange(total, device=bounds.device) - torch.repeat_interleave(bounds[:-1], lengths)
+    return bounds.to(torch.int32), int(lengths.max()) if lengths.numel() else 0, positions
+
+
+def packed_mixer(kind: str, cu_seqlens: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *params,
+                 **kwargs) -> torch.Tensor:
+    """The linear mixer `kind` of the `mixer` pass (SDPA layout, packed [1, H, T, D]) run within each sequence.
+
+    A mixer that takes `cu_seqlens` gets it (one kernel call over all sequences); any other runs once per
+    sequence on its slice of the tokens, so state never flows from one sequence into the next.
+    """
+    from rewrite.mixers import KINDS  # the mixer registry, loaded on first use
+
+    fn = KINDS[kind].fn
+    if "cu_seqlens" in _parameters_of(fn):
+        return fn(q, k, v, *params, cu_seqlens=cu_seqlens, **kwargs)
+    bounds = cu_seqlens.tolist()
+    pieces = [fn(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], *params, **kwargs)
+              for s, e in zip(bounds, bounds[1:]) if e > s]
+    if not pieces:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    return torch.cat(pieces, dim=2)
+
+
+def _parameters_of(fn) -> frozenset[str]:
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def segmented_cumsum(x: torch.Tensor, dim: int, cu_seqlens: torch.Tensor, dtype: torch.dtype | None = None
+                     ) -> torch.Tensor:
+    """cumsum of packed `x` along its token dim `dim`, restarting at each sequence of cu_seqlens."""
+    total = x.cumsum(dim, dtype=dtype)
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    before = total.index_select(dim, (starts - 1).clamp(min=0))
+    before = before * (starts > 0).view(*([1] * (dim % x.dim())), -1, *([1] * (x.dim() - dim % x.dim() - 1)))
+    return total - before.repeat_interleave(lengths, dim=dim)

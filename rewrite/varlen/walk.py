@@ -1,0 +1,278 @@
+"""The walk of the varlen pass over an unpadded graph: classify every node, rewrite sizes, positions and exits.
+
+Every node gets a kind: `token` (a packed per-token tensor), `positional` (built from the sequence length
+alone, now per packed token), `free` (no batch or sequence dim), `padded` (the padded inputs, and what
+reads repadded values), `sym` (a size) or `unproven` (built from the sequence length in a way no rule
+covers). A node with token inputs must pass `tokenwise.check`; one that does not, and feeds attention,
+is an error; one that does not and feeds no attention reads the repadded tensor (an exit).
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+import torch.fx as fx
+
+from rewrite.analysis.nodes import is_op, module_path, tensor_meta
+from rewrite.errors import PassError
+from rewrite.varlen import runtime
+from rewrite.varlen.symbols import SizeBuilder, TokenDims, TokenSymbols, expr_of
+from rewrite.varlen.tokenwise import SEQ_OUTER, check
+
+aten = torch.ops.aten
+PASS = "varlen"
+FACTORIES = (
+    aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.new_zeros.default,
+    aten.new_ones.default, aten.new_full.default, aten.new_empty.default,
+)
+ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step)
+ZERO_KEEPING = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default,
+                aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default)
+
+
+def fail(message: str, node: fx.Node | None = None) -> PassError:
+    """A PassError of the varlen pass naming `node` and its module path."""
+    if node is None:
+        return PassError(PASS, message)
+    return PassError(PASS, message, node.name, module_path(node) or "<root>")
+
+
+def is_sym(node) -> bool:
+    """Whether `node` computes a size (a SymInt / SymBool)."""
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.SymInt | torch.SymBool)
+
+
+class PackedGraphWalk:
+    """The walk that classifies every node after unpadding and rewrites sizes, positions and exits."""
+
+    def __init__(self, gm: fx.GraphModule, symbols: TokenSymbols, layout: dict[str, fx.Node],
+                 padded_sizes: tuple[fx.Node, fx.Node] | None, other_sizes: dict[sympy.Symbol, fx.Node]):
+        self.gm, self.graph, self.symbols, self.layout = gm, gm.graph, symbols, layout
+        self.kind: dict[fx.Node, str] = {}
+        total = layout["total"]
+        packed = {**other_sizes, **{s: 1 for s in symbols.batch}, **{s: total for s in symbols.seq}}
+        padded = {**other_sizes, **{s: padded_sizes[0] for s in symbols.batch},
+                  **{s: padded_sizes[1] for s in symbols.seq}} if padded_sizes is not None else packed
+        self.packed = SizeBuilder(self.graph, packed, "packed sizes")
+        self.padded = SizeBuilder(self.graph, padded, "padded sizes")
+        self.padded_sizes = padded_sizes
+        self.repad = padded_sizes is not None  # False for already-packed inputs: nothing to pad back
+        self.repadded: dict[fx.Node, fx.Node] = {}
+        self.zero_at_pads: set[fx.Node] = set()  # values known to be 0 at every padded token
+        self.exits: list[str] = []
+        self.positions_rewritten: list[str] = []
+
+    def kind_of(self, node: fx.Node) -> str:
+        return self.kind.get(node, "free")
+
+    # sizes ---------------------------------------------------------------------------------------
+    def _sizes(self, node: fx.Node, builder: SizeBuilder, keep_placeholder_sizes: bool) -> None:
+        if not self.repad:
+            return  # packed input: sizes already count packed tokens
+
+        def swap(arg):
+            if not is_sym(arg):
+                return arg
+            if keep_placeholder_sizes and is_op(arg, aten.sym_size.int) and arg.args[0].op == "placeholder":
+                return arg
+            try:
+                return builder.build(expr_of(arg.meta["val"]))
+            except KeyError as exc:
+                raise fail(f"cannot rewrite size argument {arg.name!r}: {exc.args[0]}", node) from None
+
+        node.args = fx.node.map_arg(node.args, swap)
+        node.kwargs = fx.node.map_arg(node.kwargs, swap)
+
+    # positions -----------------------------------------------------------------------------------
+    def _span(self, start, end) -> int | None:
+        """`start` as an int when end - start is the sequence length, else None."""
+        s = expr_of(start.meta["val"]) if is_sym(start) else expr_of(start if start is not None else 0)
+        e = expr_of(end.meta["val"]) if is_sym(end) else expr_of(end)
+        if s.free_symbols or (e - s).free_symbols - self.symbols.seq or (e - s) not in self.symbols.seq:
+            return None
+        return int(s)
+
+    def _position_source(self, node: fx.Node) -> bool:
+        """Rewrite arange over the sequence / a table sliced to the sequence as per-token positions."""
+        val = tensor_meta(node)
+        if is_op(node, *ARANGES):
+            args = list(node.args)
+            if is_op(node, aten.arange.default):
+                start, end, step = 0, args[0], 1
+            else:
+                start, end = args[0], args[1]
+                step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
+            begin = self._span(start, end) if step == 1 else None
+            if begin is None:
+                return False
+            with self.graph.inserting_before(node):
+                new = self.graph.call_function(
+                    runtime.shifted_positions, (self.layout["positions"], begin, val.dtype))
+        elif is_op(node, aten.slice.Tensor) and self.kind_of(node.args[0]) == "free":
+            dim = node.args[1] if len(node.args) > 1 else 0
+            start = node.args[2] if len(node.args) > 2 else 0
+            end = node.args[3] if len(node.args) > 3 else None
+            step = node.args[4] if len(node.args) > 4 else 1
+            begin = self._span(start, end) if end is not None and step == 1 else None
+            if begin is None:
+                return False
+            with self.graph.inserting_before(node):
+                index = self.graph.call_function(
+                    runtime.shifted_positions, (self.layout["positions"], begin, torch.int64))
+                new = self.graph.call_function(aten.index_select.default, (node.args[0], dim, index))
+        else:
+            return False
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.kind[new] = "positional"
+        self.positions_rewritten.append(f"{node.name} ({module_path(new) or '<root>'})")
+        return True
+
+    # exits ---------------------------------------------------------------------------------------
+    def _repad(self, value: fx.Node, user: fx.Node) -> fx.Node:
+        if value in self.repadded:
+            return self.repadded[value]
+        dims = self.symbols.node_dims(value)
+        if (self.kind_of(value) != "token" or not isinstance(dims, TokenDims) or dims.factored
+                or (dims.batch is None and not dims.merged)):
+            raise fail(f"{value.name!r} leaves the packed region but is not a [batch, seq]-shaped per-token tensor, "
+                        "so it cannot be repadded", user)
+        args = (value, self.layout["indices"], *self.padded_sizes, dims.batch, dims.seq)
+        with self.graph.inserting_after(value):
+            new = self.graph.call_function(
+                runtime.repad_tokens, args, {"seq_outer": True} if dims.merged and value.meta.get(SEQ_OUTER) else {})
+        new.meta = dict(value.meta)
+        self.kind[new] = "padded"
+        self.repadded[value] = new
+        return new
+
+    def _exit(self, node: fx.Node) -> None:
+        self.exits.append(f"{node.name} ({module_path(node) or '<root>'})")
+        self.kind[node] = "padded"
+        if not self.repad:  # packed input: the op reads the packed row, as the original model does
+            return
+
+        def swap(arg):
+            if isinstance(arg, fx.Node) and self.kind_of(arg) in ("token", "positional"):
+                return self._repad(arg, node)
+            return arg
+
+        node.args = fx.node.map_arg(node.args, swap)
+        node.kwargs = fx.node.map_arg(node.kwargs, swap)
+        self._sizes(node, self.padded, keep_placeholder_sizes=True)
+
+    # the walk ------------------------------------------------------------------------------------
+    def run(self, mixing: set[fx.Node]) -> None:
+        feeds_mixing = ancestors(mixing)
+        for node in list(self.graph.nodes):
+            if node in self.kind or node.op in ("placeholder", "get_attr"):
+                continue
+            if node.op == "output":
+                self._output(node)
+                continue
+            if is_sym(node) or node.op != "call_function":
+                self.kind.setdefault(node, "sym" if is_sym(node) else "free")
+                continue
+            kinds = {self.kind_of(a) for a in node.all_input_nodes} - {"sym"}
+            if node in mixing:
+                self._attention(node)
+            elif self._restart_cumsum(node):
+                pass
+            elif kinds & {"token", "positional"}:
+                reason = check(node, self.symbols, self.kind_of)
+                if reason is None:
+                    self._sizes(node, self.packed, keep_placeholder_sizes=False)
+                    self.kind[node] = "token" if "token" in kinds else "positional"
+                    self._track_zero_at_pads(node)
+                elif node in feeds_mixing:
+                    raise fail(f"cannot prove this op token-wise on packed tokens: {reason}; it feeds attention, "
+                                "so it cannot run on repadded values either", node)
+                else:
+                    self._exit(node)
+            else:
+                self._classify_source(node, kinds)
+
+    def _restart_cumsum(self, node: fx.Node) -> bool:
+        """cumsum over the tokens of a value that is 0 at every padded token -> the same cumsum per sequence.
+
+        On the padded row such a cumsum adds only zeros at padding, so at each real token it equals the
+        sum over the earlier real tokens of its own row (how OPT counts positions from the mask).
+        """
+        if not is_op(node, aten.cumsum.default) or self.kind_of(node.args[0]) != "token":
+            return False
+        x = node.args[0]
+        dims = self.symbols.node_dims(x)
+        if not isinstance(dims, TokenDims) or dims.merged or x not in self.zero_at_pads:
+            return False
+        if node.args[1] % tensor_meta(x).dim() != dims.seq:
+            return False
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(
+                runtime.segmented_cumsum, (x, node.args[1], self.layout["cu_seqlens"]), dict(node.kwargs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.kind[new] = "token"
+        self.positions_rewritten.append(f"{node.name} ({module_path(new) or '<root>'}): cumsum per sequence")
+        return True
+
+    def _track_zero_at_pads(self, node: fx.Node) -> None:
+        """A product with, or a cast of, a value that is 0 at padded tokens is 0 there too."""
+        if is_op(node, aten.mul.Tensor) and any(a in self.zero_at_pads for a in node.args):
+            self.zero_at_pads.add(node)
+        elif is_op(node, *ZERO_KEEPING) and node.args[0] in self.zero_at_pads:
+            self.zero_at_pads.add(node)
+
+    def _classify_source(self, node: fx.Node, kinds: set[str]) -> None:
+        val = node.meta.get("val")
+        shapes = [val] if isinstance(val, torch.Tensor) else [v for v in val if isinstance(v, torch.Tensor)] \
+            if isinstance(val, list | tuple) else []
+        seq_shaped = any(any(self.symbols.mentions_seq(d) for d in t.shape) for t in shapes)
+        if "padded" in kinds or "unproven" in kinds:
+            self._sizes(node, self.padded, keep_placeholder_sizes=True)
+            self.kind[node] = "padded"
+        elif not seq_shaped:
+            batch_shaped = any(any(self.symbols.mentions_tokens(d) for d in t.shape) for t in shapes)
+            self.kind[node] = "padded" if batch_shaped else "free"
+            if batch_shaped:
+                self._sizes(node, self.padded, keep_placeholder_sizes=True)
+        elif self._position_source(node):
+            pass
+        elif is_op(node, *FACTORIES):
+            self._sizes(node, self.packed, keep_placeholder_sizes=False)
+            self.kind[node] = "positional"  # the same value at every token
+        else:
+            self.kind[node] = "unproven"
+
+    def _attention(self, node: fx.Node) -> None:
+        qkv = node.args[2:5] if node.target is runtime.packed_mixer else node.args[:3]
+        for arg in qkv:
+            if self.kind_of(arg) != "token":
+                raise fail(f"attention input {arg.name!r} is not a per-token tensor of the packed input", node)
+        self.kind[node] = "token"
+
+    def _output(self, node: fx.Node) -> None:
+        def swap(arg):
+            if self.repad and isinstance(arg, fx.Node) and self.kind_of(arg) in ("token", "positional"):
+                return self._repad(arg, node)
+            if isinstance(arg, fx.Node) and self.kind_of(arg) == "unproven":
+                raise fail(f"output {arg.name!r} is built from the sequence length alone in a way the pass "
+                            "cannot rewrite", arg)
+            return arg
+
+        node.args = fx.node.map_arg(node.args, swap)
+
+
+def ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        cur = stack.pop()
+        for arg in cur.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+

@@ -1,0 +1,453 @@
+"""Pass `layer_skip` against the original run with the same layers skipped by hand; router training,
+evaluation, the CLI command and the example at tiny sizes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import sympy
+import torch
+import torch.fx as fx
+from conftest import main_output, reference_kwargs, split_example
+
+import rewrite
+from examples import layer_skip as example
+from examples import models
+from rewrite.analysis import BATCH, SEQ
+from rewrite.cli import main as cli_main
+from rewrite.cost_model import estimate
+from rewrite.errors import PassError, PlanError
+from rewrite.routing import RoutedBlock, last_call_probabilities, record_skips, skip_controls
+from rewrite.routing.evaluation import best_static_skip, continuation_perplexity
+from rewrite.routing.training import LoraSettings, RouterTrainingConfig, train_routers
+
+PLAN = {"passes": [{"layer_skip": {}}]}
+
+
+def optimize(model, example, plan=PLAN):
+    args, kwargs = split_example(example)
+    return rewrite.optimize(model, plan, args, example_kwargs=kwargs)
+
+
+def call(module, example, **controls):
+    args, kwargs = split_example(example)
+    with torch.no_grad(), skip_controls(**controls), record_skips() as report:
+        out = module(*args, **kwargs)
+    return main_output(out), report
+
+
+def randomize_routers(om, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in om.named_parameters():
+            if ".router." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (3.0 if name.endswith("bias") else 1.0))
+
+
+def row(example, b):
+    """Row b of every tensor input (batch is dim 0)."""
+    args, kwargs = split_example(example)
+    pick = lambda x: x[b : b + 1] if isinstance(x, torch.Tensor) else x  # noqa: E731
+    if args:
+        return tuple(pick(a) for a in args)
+    return {k: pick(v) for k, v in kwargs.items()}
+
+
+def _pass_through(module, args, kwargs, out):
+    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("src"))
+    return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
+
+
+def reference_with_skips(model, layers, example, skip):
+    """The original model run one sequence at a time, each layer it skips replaced by the identity."""
+    outs = []
+    for b in range(skip.shape[0]):
+        handles = [
+            layer.register_forward_hook(_pass_through, with_kwargs=True)
+            for layer, skipped in zip(layers, skip[b].tolist())
+            if skipped
+        ]
+        try:
+            args, kwargs = split_example(row(example, b))
+            with torch.no_grad():
+                outs.append(main_output(model(*args, **reference_kwargs(model, kwargs))))
+        finally:
+            for h in handles:
+                h.remove()
+    return torch.cat(outs)
+
+
+def handwritten_with_skips(model, ids, skip):
+    """HandwrittenLM's forward written out, with skipped blocks left out per sequence."""
+    outs = []
+    for b in range(ids.shape[0]):
+        x = model.embed(ids[b : b + 1])
+        for block, skipped in zip(model.blocks, skip[b].tolist()):
+            if not skipped:
+                x = x + block["attn"](block["norm1"](x))
+                x = x + block["mlp"](block["norm2"](x))
+        outs.append(model.norm(x) @ model.embed.weight.T)
+    return torch.cat(outs)
+
+
+FAMILIES = {
+    "llama": (lambda: models.llama(batch=3, length=10), lambda m: m.model.layers),
+    "gpt2": (lambda: models.gpt2(batch=3, length=10), lambda m: m.transformer.h),
+    "bert": (lambda: models.bert(batch=3, length=10), lambda m: m.encoder.layer),
+    "transformer_encoder": (lambda: models.transformer_encoder(batch=3, length=10), lambda m: m.layers),
+    "minilm": (lambda: models.minilm(batch=3, length=12), lambda m: m.encoder.layer),
+}
+
+MASK = torch.tensor([[True, False], [False, False], [False, True]])
+MINILM_MASK = torch.tensor([[True, False, True, False, False, True], [False] * 6, [False, True, True, True, True, False]])
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "handwritten"])
+def test_threshold_that_never_skips_gives_the_original_outputs_exactly(family):
+    model, example = models.handwritten(batch=3, length=10) if family == "handwritten" else FAMILIES[family][0]()
+    om = optimize(model, example)
+    randomize_routers(om)
+    got, report = call(om, example, threshold=1.0)
+    args, kwargs = split_example(example)
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused nn.TransformerEncoder path rounds differently
+    try:
+        with torch.no_grad():
+            want = main_output(model(*args, **reference_kwargs(model, kwargs)))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    assert torch.equal(got, want)
+    assert not report.decisions.any()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_skip_mask_matches_the_original_with_those_layers_skipped(family):
+    build, layers_of = FAMILIES[family]
+    model, example = build()
+    om = optimize(model, example)
+    mask = MINILM_MASK if family == "minilm" else MASK
+    got, report = call(om, example, skip_mask=mask)
+    assert torch.equal(report.decisions, mask)
+    want = reference_with_skips(model, list(layers_of(model)), example, mask)
+    if "attention_mask" in split_example(example)[1]:
+        keep = split_example(example)[1]["attention_mask"].bool()
+        got, want = got[keep], want[keep]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_handwritten_module_skips_per_sequence():
+    model, (ids,) = models.handwritten(batch=3, length=10)
+    om = optimize(model, (ids,))
+    got, _ = call(om, (ids,), skip_mask=MASK)
+    with torch.no_grad():
+        want = handwritten_with_skips(model, ids, MASK)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_everything_skipped_reduces_llama_to_embeddings_and_head():
+    model, example = models.llama(batch=2, length=10)
+    om = optimize(model, example)
+    got, report = call(om, example, threshold=-1.0)
+    assert report.decisions.all()
+    with torch.no_grad():
+        want = model.lm_head(model.model.norm(model.model.embed_tokens(example["input_ids"])))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_everything_skipped_reduces_gpt2_to_embeddings_and_head():
+    model, example = models.gpt2(batch=2, length=10)
+    om = optimize(model, example)
+    got, _ = call(om, example, budget=1.0)
+    ids = example["input_ids"]
+    with torch.no_grad():
+        t = model.transformer
+        want = model.lm_head(t.ln_f(t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_decisions_follow_the_routers_on_each_blocks_pooled_input():
+    model, example = models.llama(batch=4, length=10)
+    om = optimize(model, example)
+    randomize_routers(om, seed=3)
+    _, report = call(om, example, threshold=1.0)
+    with torch.no_grad():
+        states = model(**example, use_cache=False, output_hidden_states=True).hidden_states
+    params = dict(om.named_parameters())
+    for j, layer in enumerate(report.layers):
+        w, b = params[f"{layer}.router.weight"], params[f"{layer}.router.bias"]
+        want = torch.sigmoid(states[j].double().mean(1) @ w.double() + b.double())
+        torch.testing.assert_close(report.last.probabilities[j].double(), want, atol=1e-6, rtol=1e-6)
+    threshold = float(torch.stack(report.last.probabilities).median())
+    _, thresholded = call(om, example, threshold=threshold)
+    probs = torch.stack(report.last.probabilities, dim=1)
+    first = probs[:, 0] > threshold
+    assert torch.equal(thresholded.decisions[:, 0], first)
+
+
+def count_block_calls(om):
+    """Wrap every routed block's body so that each call records the batch size it ran on."""
+    calls: dict[str, list[int]] = {}
+    for node in om.graph.nodes:
+        if isinstance(node.target, RoutedBlock):
+            block = node.target
+            body = block.body
+            calls[block.layer] = []
+
+            def counted(*inputs, _body=body, _log=calls[block.layer]):
+                _log.append(inputs[0].shape[0])
+                return _body(*inputs)
+
+            block.body = counted
+    return calls
+
+
+def test_skipped_rows_are_not_computed_and_a_fully_skipped_block_is_not_called():
+    model, example = models.llama(batch=3, length=10)
+    om = optimize(model, example)
+    calls = count_block_calls(om)
+    call(om, example, skip_mask=torch.tensor([[True, True], [False, True], [True, True]]))
+    assert calls == {"model.layers.0": [1], "model.layers.1": []}
+
+
+def test_decisions_made_at_prefill_hold_during_decode():
+    model, example = models.llama(batch=3, length=8)
+    om = optimize(model, example)
+    randomize_routers(om, seed=1)
+    _, prefill = call(om, example)
+    decisions = prefill.decisions
+    ids, mask = example["input_ids"], example["attention_mask"]
+    for _ in range(3):
+        logits, step = call(om, {"input_ids": ids, "attention_mask": mask}, skip_mask=decisions)
+        assert torch.equal(step.decisions, decisions)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    want = reference_with_skips(model, list(model.model.layers), {"input_ids": ids, "attention_mask": mask}, decisions)
+    got, _ = call(om, {"input_ids": ids, "attention_mask": mask}, skip_mask=decisions)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_budget_skips_the_same_number_of_blocks_in_every_sequence():
+    model, example = models.bert(batch=4, length=10)
+    om = optimize(model, example)
+    randomize_routers(om, seed=2)
+    for budget, per_row in ((0.5, 1), (1.0, 2), (0.0, 0)):
+        _, report = call(om, example, budget=budget)
+        assert report.decisions.sum(1).tolist() == [per_row] * 4
+
+
+def test_router_parameters_have_readable_names_and_survive_save_and_load(tmp_path):
+    model, example = models.gpt2(batch=3, length=10)
+    om = optimize(model, example)
+    randomize_routers(om, seed=4)
+    names = [n for n, _ in om.named_parameters() if "router" in n]
+    assert names == [f"transformer.h.{i}.router.{p}" for i in (0, 1) for p in ("weight", "bias")]
+    assert set(names) <= set(om.state_dict())
+    got, report = call(om, example)
+    with pytest.warns(UserWarning, match="could not export the program"):
+        om.save(tmp_path)
+    loaded = rewrite.load(tmp_path, model=copy.deepcopy(model))
+    for name in names:
+        assert torch.equal(loaded.state_dict()[name], om.state_dict()[name])
+    again, report2 = call(loaded, example)
+    assert torch.equal(report2.decisions, report.decisions)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
+def test_selected_layers_only():
+    model, example = models.llama(batch=2, length=8)
+    om = optimize(model, {**example}, {"passes": [{"layer_skip": {"layers": [-1]}}]})
+    _, report = call(om, example, threshold=-1.0)
+    assert report.layers == ["model.layers.1"]
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [({"layers": [5]}, "layer_skip.layers"), ({"budget": 1.5}, "budget"), ({"threshold": "high"}, "threshold")],
+)
+def test_bad_options_name_the_plan_field(options, field):
+    model, example = models.llama(batch=2, length=8)
+    with pytest.raises(PlanError, match=field):
+        optimize(model, example, {"passes": [{"layer_skip": options}]})
+
+
+def test_model_without_numbered_layers_is_refused_naming_the_module():
+    model, example = models.multihead_attention()
+    with pytest.raises(PassError, match="no numbered layers"):
+        optimize(model, example)
+
+
+def test_skip_mask_of_the_wrong_shape_is_refused():
+    model, example = models.llama(batch=2, length=8)
+    om = optimize(model, example)
+    with pytest.raises(ValueError, match=r"\[batch, routed blocks\] = \[2, 2\]"):
+        call(om, example, skip_mask=torch.zeros(2, 3, dtype=torch.bool))
+
+
+# --- training, evaluation, CLI, example ---------------------------------------------------------
+
+
+def batches(step: int) -> torch.Tensor:
+    return torch.randint(0, 128, (4, 13), generator=torch.Generator().manual_seed(step))
+
+
+def config(**kw) -> RouterTrainingConfig:
+    return RouterTrainingConfig(**{"steps": 8, "lr": 0.1, "target_skip": 0.6, "progress": False, **kw})
+
+
+@pytest.mark.parametrize("mode", ["straight_through", "soft"])
+def test_training_moves_routers_toward_the_budget_and_leaves_the_model_alone(mode):
+    model, _ = models.llama(batch=4, length=12)
+    before = copy.deepcopy(model.state_dict())
+    result = train_routers(model, batches, config(mode=mode))
+    assert result.trained_parameters == [f"model.layers.{i}.router.{p}" for i in (0, 1) for p in ("weight", "bias")]
+    first, last = result.history[0], result.history[-1]
+    assert abs(last["mean_probability"] - 0.6) < abs(first["mean_probability"] - 0.6)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_soft_mode_mixes_block_output_by_the_router_probability():
+    model, (ids,) = models.handwritten(batch=2, length=8)
+    result = train_routers(model, lambda s: torch.randint(0, 128, (2, 9)), config(steps=1, target_skip=0.9))
+    om = result.module
+    with skip_controls(mode="soft"):
+        got = om(ids)
+        probs = last_call_probabilities()
+    with torch.no_grad():
+        x = model.embed(ids)
+        for j, block in enumerate(model.blocks):
+            y = x + block["attn"](block["norm1"](x))
+            y = y + block["mlp"](block["norm2"](y))
+            p = probs[:, j].reshape(-1, 1, 1)
+            x = p * x + (1 - p) * y
+        want = model.norm(x) @ model.embed.weight.T
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert all(p.grad is not None for n, p in om.named_parameters() if ".router." in n)
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_routers(tmp_path):
+    model, _ = models.llama(batch=4, length=12)
+    straight = train_routers(copy.deepcopy(model), batches, config(steps=6))
+    part = train_routers(copy.deepcopy(model), batches, config(steps=3, checkpoint_dir=str(tmp_path), checkpoint_every=3))
+    assert [p.name for p in part.checkpoints] == ["step_000003.pt", "final.pt"]
+    resumed = train_routers(copy.deepcopy(model), batches, config(steps=6), resume_from=part.checkpoints[0])
+    want = dict(straight.module.named_parameters())
+    for name, value in resumed.module.named_parameters():
+        if ".router." in name:
+            torch.testing.assert_close(value, want[name], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_with_distillation_trains_adapters_and_routers():
+    model, _ = models.llama(batch=4, length=12)
+    result = train_routers(model, batches, config(steps=3, loss="distill", lora=LoraSettings(rank=2, target_modules=["q_proj"])))
+    names = result.trained_parameters
+    assert any("lora_B" in n for n in names) and any(".router." in n for n in names)
+    assert result.history[0]["quality"] == pytest.approx(0.0, abs=1e-6)  # nothing skipped yet: equal to the teacher
+    lora_b = [p for n, p in result.module.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_bad_training_settings_are_named():
+    model, _ = models.llama(batch=4, length=12)
+    with pytest.raises(ValueError, match="unknown loss 'mse'"):
+        train_routers(model, batches, config(loss="mse"))
+    with pytest.raises(Exception, match="LoRA target modules \\['nope'\\]"):
+        train_routers(model, batches, config(lora=LoraSettings(target_modules=["nope"])))
+
+
+def test_static_baseline_is_the_best_fixed_layer_set():
+    model, _ = models.llama(batch=4, length=12)
+    om = train_routers(model, batches, config(steps=1)).module
+    windows = torch.randint(0, 128, (6, 17), generator=torch.Generator().manual_seed(5))
+    layers, best = best_static_skip(om, windows, 8, 1)
+    others = [continuation_perplexity(om, windows, 8, static_skip=[j]).perplexity for j in range(2)]
+    assert best.perplexity == min(others) and layers == [others.index(min(others))]
+    assert best.skip_rate == 0.5
+    full = continuation_perplexity(om, windows, 8, threshold=math.inf)
+    assert full.skip_rate == 0.0
+
+
+def test_example_runs_at_tiny_size(tmp_path):
+    result = example.main(["--tiny", "--out", str(tmp_path / "r.json")])
+    assert (tmp_path / "r.json").exists()
+    rows = {r["variant"].split(",")[0].split(" ")[0]: r for r in result["rows"]}
+    assert rows["full"]["skip_rate"] == 0.0 and rows["static"]["skip_rate"] == 0.25
+    assert result["rows"][1]["skip_rate"] == 0.25
+
+
+def test_cli_trains_and_reports(tmp_path, capsys):
+    target = "examples.layer_skip:target?layers=2,dim=16,heads=2"
+    out = tmp_path / "routed"
+    status = cli_main(["layer-skip", "train", target, "--steps", "2", "--batch", "2", "--length", "24",
+                       "--eval-windows", "2", "--out", str(out), "-q"])
+    assert status == 0
+    assert (out / "history.json").exists() and (out / "checkpoints" / "final.pt").exists()
+    status = cli_main(["layer-skip", "report", target, "--routers", str(out / "checkpoints" / "final.pt"),
+                       "--budget", "0.5", "--sequences", "3", "--length", "24", "-q"])
+    assert status == 0
+    text = capsys.readouterr().out
+    assert "skipped 50.0% of layer executions" in text
+
+
+def test_cli_refuses_a_model_with_a_small_vocabulary(capsys):
+    status = cli_main(["layer-skip", "train", "llama", "--steps", "1", "--out", "unused", "-q"])
+    assert status == 2
+    assert "needs at least 256" in capsys.readouterr().err
+
+
+def test_cost_model_counts_routed_blocks_in_full_plus_the_routers():
+    model, example = models.handwritten(batch=2, length=8)
+    om = optimize(model, example)
+    before = estimate(fx.GraphModule(om, om.captured_graph)).total
+    after = estimate(om.program).total
+    routers = 2 * 2 * BATCH * SEQ * 64  # two routers, one multiply-add per element of a [B, L, 64] input
+    assert sympy.simplify(after.flops - before.flops - routers) == 0
+
+
+def test_routers_survive_a_recapture():
+    model, example = models.handwritten(batch=3, length=8)
+    om = optimize(model, example)
+    randomize_routers(om, seed=6)
+    _, before = call(om, example)
+    routers = {n: p for n, p in om.named_parameters() if ".router." in n}
+    om.train()
+    call(om, example)  # train mode: captured again, the plan re-run
+    om.eval()
+    _, after = call(om, example)
+    assert torch.equal(after.decisions, before.decisions)
+    assert all(p is routers[n] for n, p in om.named_parameters() if ".router." in n)
+
+
+def test_skip_cost_loss_fits_routers_to_the_cheapest_blocks_of_each_sequence():
+    model, example = models.llama(batch=4, length=12)
+    om = optimize(model, example)
+    randomize_routers(om, seed=7)
+    params = {n: p.detach().clone() for n, p in om.named_parameters() if ".router." in n}
+    batch = batches(0)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    result = train_routers(om, batch, config(steps=1, loss="skip_cost", target_skip=0.5))
+    layers = list(model.model.layers)
+    with torch.no_grad():
+        states = model(input_ids=inputs, use_cache=False, output_hidden_states=True).hidden_states
+
+        def per_sequence_ce(skip):
+            logits = reference_with_skips(model, layers, {"input_ids": inputs}, skip)
+            return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+        base = per_sequence_ce(torch.zeros(4, 2, dtype=torch.bool))
+        costs = torch.stack([per_sequence_ce(torch.tensor([[j == 0, j == 1]] * 4)) - base for j in (0, 1)], 1)
+        labels = (costs == costs.min(1, keepdim=True).values).float()  # the cheaper of the two blocks
+        probs = torch.stack(
+            [
+                torch.sigmoid(states[j].mean(1) @ params[f"model.layers.{j}.router.weight"] + params[f"model.layers.{j}.router.bias"])
+                for j in (0, 1)
+            ],
+            1,
+        )
+        want = torch.nn.functional.binary_cross_entropy(probs, labels).item()
+    assert result.history[0]["quality"] == pytest.approx(want, rel=1e-4)

@@ -1,0 +1,375 @@
+"""Pass `stateful` and `OptimizedModule.generate`: token-by-token logits equal the full-sequence
+forward for softmax, linear and hybrid models of several families; batched prompts of different
+lengths give the same tokens as one-by-one generation; sampling, eos, streaming and errors."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import rewrite
+from examples.models import TARGETS
+from rewrite.decode import decode_program
+from rewrite.decode.sampling import Sampling, filter_logits, next_tokens
+from rewrite.decode.state import RingKVCache
+from rewrite.errors import PassError, PlanError, RewriteError
+
+torch.set_grad_enabled(False)
+ATOL, RTOL = 1e-5, 1e-5
+
+
+class LearnedPositionLM(nn.Module):
+    """A causal LM that computes its positions itself (arange over the length, learned embeddings)."""
+
+    def __init__(self, vocab: int = 96, dim: int = 32, heads: int = 2, layers: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(64, dim)
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
+        self.out = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        x = self.tokens(ids) + self.positions(torch.arange(t, device=ids.device))
+        for qkv, out in zip(self.qkv, self.out, strict=True):
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in qkv(x).chunk(3, dim=-1))
+            o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + out(o.transpose(1, 2).reshape(b, t, -1))
+        return self.head(x)
+
+
+def _target(family: str):
+    if family == "positions":
+        torch.manual_seed(0)
+        return LearnedPositionLM().eval(), (torch.randint(0, 96, (2, 12)),)
+    return TARGETS[family]()
+
+
+@functools.cache
+def optimized(family: str, plan_key: str):
+    """(original model, optimized module, token ids [2, L]) for a family and a plan, built once."""
+    plan = PLANS[plan_key]
+    model, inputs = _target(family)
+    if isinstance(inputs, dict):
+        ids = inputs["input_ids"]
+        om = rewrite.optimize(model, plan, example_kwargs={"input_ids": ids})
+    else:
+        ids = inputs[0]
+        om = rewrite.optimize(model, plan, (ids,))
+    return model, om, ids
+
+
+PLANS = {
+    "softmax": [],
+    "gla": [{"mixer": {"kind": "gla"}}],
+    "linear": [{"mixer": {"kind": "linear"}}],
+    "retention": [{"mixer": {"kind": "retention"}}],
+    "hybrid": [{"mixer": {"kind": "gla", "layers": [0]}}],
+    "gated_deltanet": [{"mixer": {"kind": "gated_deltanet"}}],
+    "mamba2": [{"mixer": {"kind": "mamba2"}}],
+    "lawcat": [{"mixer": {"kind": "lawcat"}}],
+    "hybrid_swa": [{"mixer": {"kind": "hybrid_swa", "window": 4, "sinks": 1}}],
+}
+
+
+def logits_of(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def full_forward(module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the full-sequence forward of a model or an optimized module."""
+    base = getattr(module, "source", None) or module
+    return logits_of(module(input_ids=ids)) if hasattr(base, "config") else module(ids)
+
+
+def stepwise_logits(om, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of a prefill of `prefill` tokens, then one decode step per remaining token."""
+    program = decode_program(om)
+    batch, length = ids.shape
+    state = program.new_state(batch, length)
+    positions = torch.arange(length).expand(batch, -1)
+    outs = []
+    for start, stop in [(0, prefill), *((t, t + 1) for t in range(prefill, length))]:
+        state.begin(stop - start)
+        outs.append(program(ids[:, start:stop], positions[:, start:stop], state))
+        state.advance()
+    return torch.cat(outs, dim=1)
+
+
+STEP_CASES = [
+    ("llama", "softmax"), ("llama", "gla"), ("llama", "hybrid"), ("gpt2", "linear"),
+    ("qwen3", "retention"), ("handwritten", "hybrid"), ("positions", "retention"),
+]
+
+
+@pytest.mark.parametrize("family,plan", STEP_CASES)
+def test_token_by_token_logits_equal_full_forward(family, plan):
+    model, om, ids = optimized(family, plan)
+    reference = full_forward(model if plan == "softmax" else om, ids)  # the original itself for softmax
+    torch.testing.assert_close(stepwise_logits(om, ids, prefill=5), reference, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", ["gated_deltanet", "mamba2", "lawcat", "hybrid_swa"])
+def test_other_mixer_kinds_decode_like_their_full_forward(kind):
+    _, om, ids = optimized("llama", kind)
+    torch.testing.assert_close(stepwise_logits(om, ids, prefill=6), full_forward(om, ids), atol=ATOL, rtol=RTOL)
+    prompt, mask = _ragged(ids)
+    batched = om.generate(prompt, mask, max_new_tokens=3)
+    assert torch.equal(batched[0, 4:], om.generate(prompt[:1, 4:], max_new_tokens=3)[0])
+
+
+def _ragged(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch with row 0 left-padded by 4 tokens (its prompt is shorter)."""
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    return ids, mask
+
+
+def greedy_reference(module, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy continuation by re-running the full forward on the whole sequence at every step."""
+    seq = ids
+    for _ in range(new):
+        nxt = full_forward(module, seq)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("family,plan", [("llama", "softmax"), ("llama", "hybrid"), ("gpt2", "linear"),
+                                         ("positions", "retention")])
+def test_generate_greedy_matches_full_forward_loop_and_batches_ragged_prompts(family, plan):
+    model, om, ids = optimized(family, plan)
+    reference_module = model if plan == "softmax" else om
+    prompt, mask = _ragged(ids)
+    batched = om.generate(prompt, mask, max_new_tokens=5)
+    for row, start in ((0, 4), (1, 0)):
+        alone = om.generate(prompt[row : row + 1, start:], max_new_tokens=5)
+        assert torch.equal(batched[row, start:], alone[0])
+        assert torch.equal(alone, greedy_reference(reference_module, prompt[row : row + 1, start:], 5))
+
+
+def test_padded_prefill_logits_match_the_original_with_its_mask():
+    model, om, ids = optimized("llama", "softmax")
+    _, mask = _ragged(ids)
+    program = decode_program(om)
+    state = program.new_state(2, ids.shape[1])
+    state.begin(ids.shape[1], mask.bool())
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    got = program(ids, positions, state)
+    expected = logits_of(model(input_ids=ids, attention_mask=mask, position_ids=positions))
+    torch.testing.assert_close(got[0, 4:], expected[0, 4:], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[1], expected[1], atol=ATOL, rtol=RTOL)
+
+
+def test_right_padded_prompts_are_left_aligned():
+    _, om, ids = optimized("llama", "hybrid")
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    out = om.generate(ids, mask, max_new_tokens=3)
+    alone = om.generate(ids[:1, :-4], max_new_tokens=3)
+    assert torch.equal(out[0, 4:], alone[0])
+
+
+def test_filter_logits_matches_a_naive_reference():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 20)
+    for top_k, top_p in [(5, None), (None, 0.7), (8, 0.5), (None, 1.0), (1, None)]:
+        got = filter_logits(logits, top_k, top_p)
+        for row in range(3):
+            order = logits[row].argsort(descending=True).tolist()
+            keep = set(order[:top_k] if top_k else order)
+            if top_p is not None and top_p < 1:
+                probs = logits[row].masked_fill(
+                    torch.tensor([i not in keep for i in range(20)]), float("-inf")).softmax(-1)
+                total, nucleus = 0.0, set()
+                for i in probs.argsort(descending=True).tolist():
+                    if total >= top_p:
+                        break
+                    nucleus.add(i)
+                    total += float(probs[i])
+                keep &= nucleus
+            assert {i for i in range(20) if got[row, i] > float("-inf")} == keep
+
+
+def test_sampling_is_seeded_stays_in_top_k_and_top_k_1_is_greedy():
+    _, om, ids = optimized("llama", "gla")
+    greedy = om.generate(ids, max_new_tokens=4)
+    assert torch.equal(om.generate(ids, max_new_tokens=4, do_sample=True, top_k=1), greedy)
+    runs = [om.generate(ids, max_new_tokens=4, do_sample=True, temperature=1.5, top_p=0.9,
+                        generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    draws = torch.stack([next_tokens(logits, Sampling(True, 1.0, 3, None)) for _ in range(50)])
+    allowed = logits.topk(3, dim=-1).indices
+    assert all(bool((allowed[r] == draws[:, r, None]).any(-1).all()) for r in range(4))
+
+
+def test_eos_stops_rows_and_streaming_reports_every_token():
+    _, om, ids = optimized("llama", "hybrid")
+    free = om.generate(ids, max_new_tokens=6)
+    eos = int(free[0, ids.shape[1] + 1])  # row 0's second new token
+    seen = []
+    out = om.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=-1, streamer=seen.append)
+    row0 = out[0, ids.shape[1]:]
+    assert int(row0[1]) == eos and bool((row0[2:] == -1).all())
+    first_eos = (free[1, ids.shape[1]:] == eos).nonzero()
+    stop = int(first_eos[0]) + 1 if len(first_eos) else 6
+    assert torch.equal(out[1, ids.shape[1]: ids.shape[1] + stop], free[1, ids.shape[1]: ids.shape[1] + stop])
+    streamed = torch.stack([s.tokens for s in seen], dim=1)
+    assert torch.equal(streamed, out[:, ids.shape[1]: ids.shape[1] + streamed.shape[1]])
+
+
+def test_stateful_in_a_plan_checks_sites_and_keeps_the_forward():
+    model, om, ids = optimized("llama", "hybrid")
+    checked = rewrite.optimize(model, [*PLANS["hybrid"], "stateful"], example_kwargs={"input_ids": ids})
+    torch.testing.assert_close(logits_of(checked(input_ids=ids)), logits_of(om(input_ids=ids)), atol=0, rtol=0)
+    messages = checked.report.results[-1].messages
+    assert any("gla state" in m for m in messages) and any("KV cache" in m for m in messages)
+    assert "decode_state" in decode_program(om).code
+
+
+def test_errors_name_the_layer_or_field():
+    model, inputs = TARGETS["bert"]()
+    with pytest.raises(PassError, match=r"layer 0 .*not causal"):
+        rewrite.optimize(model, ["stateful"], example_kwargs=inputs)
+    with pytest.raises(PlanError, match="cuda_graph"):
+        rewrite.optimize(model, [{"stateful": {"cuda_graph": "sometimes"}}], example_kwargs=inputs)
+    _, om, ids = optimized("llama", "gla")
+    with pytest.raises(ValueError, match="temperature"):
+        om.generate(ids, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        om.generate(ids, do_sample=True, top_p=1.5)
+    with pytest.raises(RewriteError, match="CUDA"):
+        om.generate(ids, max_new_tokens=1, cuda_graph="always")
+    gap = torch.ones_like(ids)
+    gap[0, 3] = 0
+    with pytest.raises(RewriteError, match="row 0 has padding between"):
+        om.generate(ids, gap, max_new_tokens=1)
+    program = decode_program(om)
+    state = program.new_state(2, 4)
+    with pytest.raises(RewriteError, match="capacity 4"):
+        state.begin(5)
+
+
+def _windowed_hf(family: str):
+    import transformers
+
+    torch.manual_seed(0)
+    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=64, sliding_window=4, attn_implementation="sdpa")
+    if family == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**size)).eval()
+    cfg = transformers.Qwen2Config(**size, use_sliding_window=True, max_window_layers=1)  # layers 1, 2 windowed
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_layers_of_the_model_keep_their_window(family):
+    model = _windowed_hf(family)
+    ids = torch.randint(0, 64, (2, 11))
+    om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
+    torch.testing.assert_close(stepwise_logits(om, ids, prefill=6), logits_of(model(input_ids=ids)),
+                               atol=ATOL, rtol=RTOL)
+    program = decode_program(om)
+    state = program.new_state(2, 11)
+    state.begin(11)
+    program(ids, torch.arange(11).expand(2, -1), state)
+    rings = [layer for layer in state.layers.values() if isinstance(layer, RingKVCache)]
+    assert len(rings) == (3 if family == "mistral" else 2) and all(r.keys.shape[2] == 4 for r in rings)
+    prompt, mask = _ragged(ids)
+    batched = om.generate(prompt, mask, max_new_tokens=6)
+    alone = om.generate(prompt[:1, 4:], max_new_tokens=6)
+    assert torch.equal(batched[0, 4:], alone[0])
+    assert torch.equal(alone, greedy_reference(model, prompt[:1, 4:], 6))
+
+
+class BandAttentionLM(nn.Module):
+    """A hand-written LM whose unfused attention sees only the last 3 tokens (a band mask)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        x = self.embed(ids)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        i = torch.arange(t, device=ids.device)
+        hide = (i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        o = scores.masked_fill(hide, float("-inf")).softmax(-1) @ v
+        return self.head(x + o.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_window_the_plan_does_not_declare_is_refused_and_declared_it_decodes():
+    torch.manual_seed(0)
+    model = BandAttentionLM().eval()
+    ids = torch.randint(0, 64, (2, 9))
+    om = rewrite.optimize(model, [], (ids,))
+    with pytest.raises(RewriteError, match=r"<root>.*not causal among the real tokens.*sliding_window"):
+        om.generate(ids, max_new_tokens=1)
+    declared = rewrite.optimize(model, [{"stateful": {"sliding_window": 3}}], (ids,))
+    torch.testing.assert_close(stepwise_logits(declared, ids, prefill=5), model(ids), atol=ATOL, rtol=RTOL)
+    with pytest.raises(PlanError, match="sliding_window"):
+        rewrite.optimize(model, [{"stateful": {"sliding_window": 0}}], (ids,))
+
+
+def test_blocks_lifted_into_sub_programs_are_refused_by_name():
+    from rewrite.passes import PASSES
+
+    if "layer_skip" not in PASSES:
+        pytest.skip("no layer_skip pass in this tree")
+    model, _, ids = optimized("llama", "softmax")
+    with pytest.raises(PassError, match=r"model.layers.0: this block runs as a separate sub-program"):
+        rewrite.optimize(model, ["layer_skip", "stateful"], example_kwargs={"input_ids": ids})
+
+
+def test_decode_state_memory_is_constant_in_context_for_linear_mixers():
+    _, om, ids = optimized("llama", "gla")
+    program = decode_program(om)
+    sizes = []
+    for length in (4, 12):
+        state = program.new_state(2, length)
+        state.begin(length)
+        program(ids[:, :length], torch.arange(length).expand(2, -1), state)
+        sizes.append(state.nbytes())
+    assert sizes[0]["recurrent"] == sizes[1]["recurrent"] > 0 and sizes[0]["kv_cache"] == 0
+
+
+@pytest.mark.parametrize("plan", ["hybrid", "gla"])
+def test_hugging_face_generate_drives_the_decode_program(plan, monkeypatch):
+    import rewrite.decode.hf as hf_adapter
+
+    monkeypatch.setattr(hf_adapter, "INITIAL_CAPACITY", 2)  # the cache must grow while generating
+    _, om, ids = optimized("llama", plan)
+    prompt, mask = _ragged(ids)
+    hf = hf_adapter.hf_generation_model(om)
+    out = hf.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:, -6:], om.generate(prompt, mask, max_new_tokens=6)[:, -6:])
+    assert om.source.config._attn_implementation == "sdpa"  # the source's config is left alone
+
+
+def test_generate_example_runs():
+    from examples import generate as example
+
+    assert example.main(["--tiny"]) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_gives_the_eager_tokens():
+    model, inputs = TARGETS["llama"]()
+    model = model.cuda()
+    ids = inputs["input_ids"].cuda()
+    om = rewrite.optimize(model, PLANS["hybrid"], example_kwargs={"input_ids": ids})
+    _, mask = _ragged(ids)
+    eager = om.generate(ids, mask, max_new_tokens=8, cuda_graph="never")
+    graphed = om.generate(ids, mask, max_new_tokens=8, cuda_graph="always")
+    assert torch.equal(eager, graphed)

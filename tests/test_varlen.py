@@ -1,0 +1,448 @@
+"""Pass `varlen`: padded batches run padding-free and match the padded model on real tokens, with gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import main_output, parameter_grads, reference_kwargs
+from torch import nn
+
+import rewrite
+from examples.models import TARGETS
+from rewrite.errors import PassError, PlanError
+
+FAMILIES = ["bert", "llama", "qwen2", "qwen3", "gpt2"]
+ROPE = {"llama", "qwen2", "qwen3"}  # relative positions: the padded model's offsets do not change real tokens
+
+
+def padded_batch(vocab: int, lengths: list[int], max_len: int, left: set[int] = frozenset(), seed: int = 0):
+    """input_ids + attention_mask with the given real lengths; rows in `left` padded on the left."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (len(lengths), max_len), generator=g)
+    mask = torch.zeros(len(lengths), max_len, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if row in left:
+            mask[row, max_len - n:] = 1
+        else:
+            mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def restarted_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The positions the varlen module gives each real token (0, 1, ... per row)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def reference_output(model: nn.Module, name: str, batch: dict):
+    """The padded model on the batch; models with absolute positions get the per-row positions explicitly."""
+    kwargs = dict(batch)
+    if name not in ROPE:
+        kwargs["position_ids"] = restarted_positions(batch["attention_mask"])
+    return model(**reference_kwargs(model, kwargs))
+
+
+def assert_real_tokens_close(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor, atol: float = 1e-5) -> None:
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=atol, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    """One optimized module per family, captured on a batch with left and right padding."""
+    built = {}
+    for name in FAMILIES:
+        model, _ = TARGETS[name]()
+        batch = padded_batch(128, [5, 9, 3], 9, left={2})
+        built[name] = (model, rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=batch))
+    return built
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_outputs_match_padded_model_on_real_tokens(name, optimized):
+    model, om = optimized[name]
+    # another batch shape than the capture's: one long row among short ones, a one-token row, left padding
+    batch = padded_batch(128, [1, 23, 4, 2, 7], 23, left={2, 4}, seed=1)
+    with torch.no_grad():
+        got = om(**batch)
+        want = reference_output(model, name, batch)
+    assert_real_tokens_close(main_output(got), main_output(want), batch["attention_mask"])
+    summary = om.report.summary()
+    assert "varlen: matched 2, changed 2" in summary
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+def test_gradients_match_padded_model(name, optimized):
+    model, om = optimized[name]
+    batch = padded_batch(128, [6, 2, 9], 9, left={1}, seed=2)
+    mask = batch["attention_mask"]
+    got = parameter_grads(om, main_output(om(**batch)), mask)
+    want = parameter_grads(model, main_output(reference_output(model, name, batch)), mask)
+    assert got.keys() == want.keys()
+    for key, g in want.items():
+        if g is None:
+            assert got[key] is None or not got[key].any(), key
+            continue
+        torch.testing.assert_close(got[key], g, atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_padded_positions_are_zero_and_pooler_matches_on_right_padding(optimized):
+    model, om = optimized["bert"]
+    batch = padded_batch(128, [4, 8, 6], 8, seed=3)
+    with torch.no_grad():
+        got, want = om(**batch), reference_output(model, "bert", batch)
+    pads = ~batch["attention_mask"].bool()
+    assert torch.equal(got.last_hidden_state[pads], torch.zeros_like(got.last_hidden_state[pads]))
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_all_padding_row_gives_zeros_and_leaves_other_rows_alone(optimized):
+    model, om = optimized["llama"]
+    batch = padded_batch(128, [5, 0, 7], 7, seed=4)
+    with torch.no_grad():
+        got = om(**batch).logits
+        want = reference_output(model, "llama", {k: v[[0, 2]] for k, v in batch.items()}).logits
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert_real_tokens_close(got[[0, 2]], want, batch["attention_mask"][[0, 2]])
+
+
+def test_minilm_sentence_embeddings_match():
+    model, batch = TARGETS["minilm"](batch=4, length=24)
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=batch)
+    with torch.no_grad():
+        got, want = om(**batch), model(**batch)
+    mask = batch["attention_mask"]
+    assert_real_tokens_close(got.last_hidden_state, want.last_hidden_state, mask)
+
+    def mean_pool(h):
+        return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+    torch.testing.assert_close(mean_pool(got.last_hidden_state), mean_pool(want.last_hidden_state), atol=1e-5,
+                               rtol=1e-5)
+
+
+class PerSequenceSummary(nn.Module):
+    """Mixes tokens through a mean over the sequence before attention: not token-wise."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(64, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads = heads
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        x = x + x.mean(dim=1, keepdim=True)
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, dim=-1))
+        m = attention_mask[:, None, None, :].bool()
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+class BiasedMask(nn.Module):
+    """Attention with an additive distance bias: not a key-padding mask."""
+
+    def forward(self, x, attention_mask):
+        b, t, _ = x.shape
+        q = x.view(b, t, 2, -1).transpose(1, 2)
+        pos = torch.arange(t, device=x.device)
+        bias = -(pos[:, None] - pos[None, :]).abs().float()
+        mask = bias + (1.0 - attention_mask[:, None, None, :].float()) * -1e9
+        return nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+def test_op_that_is_not_token_wise_is_reported_with_node_and_module():
+    batch = padded_batch(64, [3, 5], 5)
+    with pytest.raises(PassError, match=r"node 'mean' \(module '<root>'\).*reduces or selects over the tokens"):
+        rewrite.optimize(PerSequenceSummary().eval(), {"passes": ["varlen"]}, example_kwargs=batch)
+
+
+def test_mask_that_is_not_key_padding_is_refused():
+    batch = {"x": torch.randn(2, 5, 8), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    with pytest.raises(PassError, match="bias values|not key padding|cannot prove the attention masks"):
+        rewrite.optimize(BiasedMask(), {"passes": ["varlen"]}, example_kwargs=batch)
+
+
+def test_plan_fields_are_checked():
+    model, _ = TARGETS["bert"]()
+    batch = padded_batch(128, [3, 5], 5)
+    with pytest.raises(PlanError, match="varlen.mask_input"):
+        rewrite.optimize(model, {"passes": [{"varlen": {"mask_input": "pad_mask"}}]}, example_kwargs=batch)
+    with pytest.raises(PlanError, match="varlen.attention_backend"):
+        rewrite.optimize(model, {"passes": [{"varlen": {"attention_backend": "fast"}}]}, example_kwargs=batch)
+
+
+def split_by(x: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(x, lengths, dim=1))
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_packed_position_ids_never_pad_and_match_each_sequence_alone(name):
+    model, _ = TARGETS[name]()
+    lengths = [5, 3, 4]
+    ids = torch.randint(1, 128, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs={"input_ids": ids, "position_ids": positions})
+    assert "packed input: sequences from 'position_ids'" in om.report.summary()
+    assert "repad_tokens" not in om.code and "unpad_layout" not in om.code
+    lengths = [2, 7, 1, 6]
+    ids = torch.randint(1, 128, (1, sum(lengths)), generator=torch.Generator().manual_seed(6))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = main_output(om(input_ids=ids, position_ids=positions))
+        for piece, seq_ids in zip(split_by(got, lengths), split_by(ids, lengths)):
+            want = main_output(model(**reference_kwargs(model, {"input_ids": seq_ids})))
+            torch.testing.assert_close(piece, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="restart|start each sequence at 0"):
+        om(input_ids=ids, position_ids=positions + 1)
+
+
+class CausalLM(nn.Module):
+    """A small causal LM that takes `cu_seqlens` but does not use it (the varlen pass does)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, vocab)
+        self.heads = heads
+
+    def forward(self, input_ids, cu_seqlens=None):
+        x = self.embed(input_ids)
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, dim=-1))
+        h = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(x + h.transpose(1, 2).reshape(b, t, c))
+
+
+def test_packed_cu_seqlens_input():
+    torch.manual_seed(0)
+    model = CausalLM().eval()
+    ids = torch.randint(0, 64, (1, 12))
+    om = rewrite.optimize(model, {"passes": ["varlen"]},
+                          example_kwargs={"input_ids": ids, "cu_seqlens": torch.tensor([0, 5, 12], dtype=torch.int32)})
+    lengths = [4, 1, 9]
+    ids = torch.randint(0, 64, (1, 14))
+    with torch.no_grad():
+        got = om(input_ids=ids, cu_seqlens=torch.tensor([0, 4, 5, 14], dtype=torch.int32))
+        for piece, seq_ids in zip(split_by(got, lengths), split_by(ids, lengths)):
+            torch.testing.assert_close(piece, model(seq_ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_linear_mixers_run_per_sequence(name):
+    model, _ = TARGETS[name]()
+    batch = padded_batch(128, [6, 9, 3], 9, left={0}, seed=7)
+    padded = rewrite.optimize(model, {"passes": ["mixer"]}, example_kwargs=batch)
+    packed = rewrite.optimize(model, {"passes": ["mixer", "varlen"]}, example_kwargs=batch)
+    assert all("mixer per sequence" in line for line in packed.report.results[-1].changed)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        want = main_output(padded(**batch, position_ids=restarted_positions(mask)))
+        got = main_output(packed(**batch))
+    assert_real_tokens_close(got, want, mask)
+
+
+def test_pack_lengths_fills_budgets_and_keeps_every_sequence():
+    from rewrite.packing import pack_lengths
+
+    g = torch.Generator().manual_seed(8)
+    lengths = torch.randint(1, 200, (300,), generator=g).tolist()
+    bins = pack_lengths(lengths, 512)
+    assert sorted(i for b in bins for i in b) == list(range(300))
+    assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
+    lower_bound = -(-sum(lengths) // 512)
+    assert len(bins) <= lower_bound + 2  # best fit decreasing is near the bound on such lengths
+    with pytest.raises(ValueError, match="sequence 1 has 600 tokens"):
+        pack_lengths([3, 600], 512)
+
+
+def test_packed_collator_feeds_a_varlen_module():
+    from rewrite.packing import PackedCollator, TokenBudgetSampler
+
+    model, _ = TARGETS["llama"]()
+    g = torch.Generator().manual_seed(9)
+    examples = [{"input_ids": torch.randint(1, 128, (n,), generator=g), "labels": torch.randint(1, 128, (n,))}
+                for n in (5, 9, 2, 7, 4)]
+    sampler = TokenBudgetSampler([len(e["input_ids"]) for e in examples], 16, shuffle=True)
+    collate = PackedCollator(pad_to_multiple_of=8)
+    lengths = [4, 1, 9]
+    first = collate([{"input_ids": torch.arange(1, n + 1), "labels": torch.arange(n)} for n in lengths])
+    assert first["cu_seqlens"].tolist() == [0, 4, 5, 14, 16]
+    assert first["position_ids"][0, :6].tolist() == [0, 1, 2, 3, 0, 0]
+    assert first["labels"][0, [0, 4, 5]].tolist() == [-100, -100, -100]
+    om = rewrite.optimize(model, {"passes": ["varlen"]},
+                          example_kwargs={"input_ids": first["input_ids"], "position_ids": first["position_ids"]})
+    for bin_ in sampler:
+        batch = collate([examples[i] for i in bin_])
+        with torch.no_grad():
+            got = om(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+            bounds = batch["cu_seqlens"].tolist()
+            for i, start, end in zip(bin_, bounds, bounds[1:]):
+                want = model(input_ids=examples[i]["input_ids"][None], use_cache=False).logits[0]
+                torch.testing.assert_close(got[0, start:end], want, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_free_example_runs_at_tiny_size():
+    from examples.padding_free import main
+
+    result = main(["--tiny"])
+    assert result["padded_error"] < 1e-5
+    assert result["packed_error"] < 1e-5
+    assert result["real_fraction"] < 0.5
+
+
+class UnfusedEncoder(nn.Module):
+    """Hand-written pre-norm encoder: unfused attention with masked_fill of a key-padding mask, learned positions."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, layers: int = 2, max_len: int = 64):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim),
+                                                   "proj": nn.Linear(dim, dim), "mlp": nn.Linear(dim, dim)})
+                                    for _ in range(layers))
+        self.heads = heads
+
+    def forward(self, input_ids, attention_mask):
+        b, t = input_ids.shape
+        x = self.tok(input_ids) + self.pos(torch.arange(t, device=input_ids.device))
+        hidden = ~attention_mask.bool()[:, None, None, :]
+        for blk in self.blocks:
+            h = blk["norm"](x)
+            q, k, v = (z.reshape(b, t, self.heads, -1).permute(0, 2, 1, 3) for z in blk["qkv"](h).chunk(3, dim=-1))
+            scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+            scores = scores.masked_fill(hidden, float("-inf"))
+            a = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(b, t, -1)
+            x = x + blk["proj"](a)
+            x = x + torch.relu(blk["mlp"](x))
+        return x
+
+
+def test_hand_written_unfused_encoder_matches_with_gradients():
+    torch.manual_seed(0)
+    model = UnfusedEncoder().eval()
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=padded_batch(64, [4, 7, 2], 7, left={1}))
+    batch = padded_batch(64, [11, 1, 5, 8], 11, seed=10)
+    mask = batch["attention_mask"]
+    got = om(**batch)
+    want = model(**batch)
+    assert_real_tokens_close(got, want, mask)
+    got_grads, want_grads = parameter_grads(om, got, mask), parameter_grads(model, want, mask)
+    for key, g in want_grads.items():
+        torch.testing.assert_close(got_grads[key], g, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_transformer_encoder_with_key_padding_mask():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    pad = torch.tensor([[0, 0, 0, 0, 0, 1, 1], [0] * 7, [1, 1, 0, 0, 0, 0, 0]]).bool()
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_inputs=(torch.randn(3, 7, 32),),
+                          example_kwargs={"src_key_padding_mask": pad})
+    assert "True = padding" in om.report.summary()
+    x = torch.randn(4, 9, 32)
+    pad = torch.zeros(4, 9, dtype=torch.bool)
+    pad[0, 5:], pad[2, :3], pad[3, 1:] = True, True, True
+    got, want = om(x, src_key_padding_mask=pad), model(x, src_key_padding_mask=pad)
+    assert_real_tokens_close(got, want, ~pad)
+    grads = torch.autograd.grad((got * (~pad)[..., None]).sum(), list(model.parameters()))
+    want_grads = torch.autograd.grad((want * (~pad)[..., None]).sum(), list(model.parameters()))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def _other_family(name: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                 attn_implementation="sdpa")
+    if name == "opt":  # positions counted from the mask with cumsum
+        return transformers.OPTModel(transformers.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **small)).eval()
+    if name == "phi3":
+        return transformers.Phi3Model(transformers.Phi3Config(intermediate_size=128, num_key_value_heads=2,
+                                                              pad_token_id=0, **small)).eval()
+    return transformers.RobertaModel(transformers.RobertaConfig(intermediate_size=128, max_position_embeddings=64,
+                                                                **small)).eval()
+
+
+@pytest.mark.parametrize("name", ["opt", "phi3"])
+def test_families_the_pass_was_not_written_around(name):
+    model = _other_family(name)
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=padded_batch(128, [4, 6, 2], 6, left={1}))
+    batch = padded_batch(128, [3, 10, 1, 7], 10, left={0, 3}, seed=11)
+    with torch.no_grad():
+        got, want = om(**batch).last_hidden_state, model(**batch, use_cache=False).last_hidden_state
+    assert_real_tokens_close(got, want, batch["attention_mask"])
+
+
+def test_positions_counted_from_token_values_are_refused():
+    model = _other_family("roberta")  # positions: cumsum(input_ids != pad_id), not provably 0 at padding
+    with pytest.raises(PassError, match=r"node 'cumsum' \(module 'embeddings'\).*reduces over the tokens"):
+        rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=padded_batch(128, [4, 6], 6))
+
+
+def test_plan_kernels_reference_is_used_for_attention():
+    model, _ = TARGETS["bert"]()
+    batch = padded_batch(128, [3, 5], 5)
+    om = rewrite.optimize(model, {"passes": ["varlen"], "kernels": "reference"}, example_kwargs=batch)
+    assert "backend = 'reference'" in om.code
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_gpu_half_precision_bert_and_llama(backend):
+    from rewrite.kernels.varlen_attention.torch_backend import torch_varlen_available
+
+    if backend == "torch" and not torch_varlen_available(torch.empty(1, device="cuda", dtype=torch.float16)):
+        pytest.skip("this PyTorch has no varlen_attn")
+    for name in ("bert", "llama"):
+        model, _ = TARGETS[name]()
+        model = model.to("cuda", torch.float16)
+        batch = {k: v.cuda() for k, v in padded_batch(128, [40, 3, 77, 1], 77, left={1}, seed=12).items()}
+        om = rewrite.optimize(model, {"passes": [{"varlen": {"attention_backend": backend}}]}, example_kwargs=batch)
+        with torch.no_grad():
+            got = main_output(om(**batch)).float()
+            want = main_output(reference_output(model, name, batch)).float()
+        keep = batch["attention_mask"].bool()
+        err = ((got[keep] - want[keep]).norm() / want[keep].norm()).item()
+        assert err < 5e-3, f"{name} ({backend}): relative error {err:.2e}"
+
+
+def test_saved_program_runs_padding_free_without_the_source_model(tmp_path, optimized):
+    model, om = optimized["bert"]
+    om.save(tmp_path / "bert_varlen")
+    loaded = rewrite.load(tmp_path / "bert_varlen")
+    batch = padded_batch(128, [2, 8, 5], 8, seed=13)
+    with torch.no_grad():
+        got, want = loaded(**batch).last_hidden_state, om(**batch).last_hidden_state
+    assert_real_tokens_close(got, want, batch["attention_mask"])
+
+
+def test_training_mode_with_attention_dropout_runs_per_sequence():
+    model, _ = TARGETS["bert"]()
+    model.train()
+    batch = padded_batch(128, [3, 6, 2], 6, seed=14)
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=batch)
+    assert "dropout_p = 0.1" in om.code
+    out = om(**batch).last_hidden_state
+    assert torch.isfinite(out).all()
+    grads = parameter_grads(om, out, batch["attention_mask"])
+    assert all(g is not None and torch.isfinite(g).all() for name, g in grads.items() if "pooler" not in name)
+    om.eval()  # the next call captures again in eval mode: no dropout, one varlen kernel call per layer
+    with torch.no_grad():
+        got = om(**batch).last_hidden_state
+        want = reference_output(model.eval(), "bert", batch).last_hidden_state
+    assert "dropout_p" not in om.code
+    assert_real_tokens_close(got, want, batch["attention_mask"])
+
+
+def test_compile_backend_runs_the_varlen_plan():
+    model, _ = TARGETS["bert"]()
+    batch = padded_batch(128, [3, 7, 5], 7, left={2}, seed=15)
+    compiled = torch.compile(model, backend="rewrite", dynamic=True,
+                             options={"plan": {"passes": ["varlen"]}, "inductor": False})
+    with torch.no_grad():
+        got = compiled(**batch).last_hidden_state
+        want = reference_output(model, "bert", batch).last_hidden_state
+    assert_real_tokens_close(got, want, batch["attention_mask"])
