@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import rewrite.passes.mixer  # noqa: F401  (registers the pass until passes/__init__ imports it)
+import rewrite.passes.mixer  # noqa: F401  (registers the pass until rewrite/passes/__init__ imports it)
 import torch
 import torch.nn.functional as F
 from rewrite.passes.mixer import KIND_CHOICES

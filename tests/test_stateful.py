@@ -17,8 +17,14 @@ from rewrite.decode.sampling import Sampling, filter_logits, next_tokens
 from rewrite.decode.state import RingKVCache
 from rewrite.errors import PassError, PlanError, RewriteError
 
-torch.set_grad_enabled(False)
 ATOL, RTOL = 1e-5, 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Decode is inference: every test here runs without autograd (scoped, not process-wide)."""
+    with torch.no_grad():
+        yield
 
 
 class LearnedPositionLM(nn.Module):
