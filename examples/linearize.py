@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import rewrite.passes.mixer  # noqa: F401  (registers the pass until rewrite/passes/__init__ imports it)
 import torch
 import torch.nn.functional as F
-from rewrite.passes.mixer import KIND_CHOICES
 
 import rewrite
+import rewrite.passes.mixer  # noqa: F401  (registers the pass until rewrite/passes/__init__ imports it)
 from examples.models import TARGETS
 from rewrite.mixers.common import FEATURE_MAPS
+from rewrite.passes.mixer import KIND_CHOICES
 
 
 def main_tensor(out: Any) -> torch.Tensor:

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 from rewrite.analysis import AttentionSite
 from rewrite.analysis.nodes import is_op
 from rewrite.ir_ops import SDPA, attention
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 aten = torch.ops.aten
 

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 import torch.fx as fx
-from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 from rewrite.analysis import BATCH, SEQ, Block, SymbolicDims
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.cost_model import NodeCost, Shapes, estimate, register_cost
 from rewrite.errors import PassError, PlanError
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
 from rewrite.routing.runtime import InputRule, RoutedBlock, layer_skip_route
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
 

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 from rewrite.analysis import AttentionSite, Block, GraphAnalysis
 from rewrite.analysis.nodes import is_op, tensor_meta
@@ -35,6 +33,8 @@ from rewrite.analysis.shapes import to_expr
 from rewrite.errors import PassError, PlanError
 from rewrite.mixers import KINDS, LEARNED_FEATURE_MAPS, POSITIVE_FEATURE_MAPS, MixerKind, SiteShape
 from rewrite.mixers.common import FEATURE_MAPS
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
 
 aten = torch.ops.aten

@@ -25,8 +25,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 from rewrite.analysis import SEQ, AttentionSite, GraphAnalysis
 from rewrite.analysis.nodes import is_op, module_path, op_name, state_name, tensor_meta
@@ -39,6 +37,8 @@ from rewrite.distributed.layout import LAYOUTS
 from rewrite.distributed.softmax_attention import check_ulysses, ulysses_group_sizes
 from rewrite.distributed.state_prefix import LINEAR_STRATEGIES
 from rewrite.errors import PassError, PlanError
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 aten = torch.ops.aten
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims
 from rewrite.analysis.nodes import is_op, tensor_meta
@@ -33,6 +31,8 @@ from rewrite.decode.program_meta import DecodeSignature
 from rewrite.decode.sites import continued_positions, stateful_attention, stateful_mixer
 from rewrite.decode.steps import kind_step
 from rewrite.errors import PassError, PlanError, RewriteError
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
 
 aten = torch.ops.aten

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 import torch.fx as fx
-from rewrite.kernels.varlen_attention.api import BACKENDS
-from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 from rewrite.analysis import AttentionSite
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PlanError
+from rewrite.kernels.varlen_attention.api import BACKENDS
+from rewrite.passes import register_pass
+from rewrite.passes.base import GraphPass, PassContext, PassResult
 from rewrite.varlen import runtime
 from rewrite.varlen.mask_check import MaskUse, prove_packed_masks, prove_padding_masks
 from rewrite.varlen.symbols import TokenDims, TokenSymbols, expr_of, find_symbols

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 import torch
+
 from rewrite.kernels.linear_attention.naive import naive_linear_attention
 
 

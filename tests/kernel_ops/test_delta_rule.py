@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from rewrite.kernels.delta_rule import delta_rule, delta_rule_step
 from rewrite.kernels.delta_rule.chunked_reference import autodiff_backward, chunked_backward, chunked_forward
 from rewrite.kernels.delta_rule.naive import naive_delta_rule

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from rewrite.kernels import linear_attention, linear_attention_step
 from rewrite.kernels.alloc import poisoned
 from rewrite.kernels.linear_attention.feature_maps import apply_feature_map, log_decay_from_keys

@@ -1,8 +1,9 @@
 """rewrite::rms_norm: op vs an independent reference, Triton launchers, opcheck, compile and export."""
 
 import pytest
-import rewrite.kernels  # noqa: F401  (registers the ops)
 import torch
+
+import rewrite.kernels  # noqa: F401  (registers the ops)
 from rewrite.kernels import rms_norm
 from rewrite.kernels.rms_norm.reference import rms_norm_backward_reference, rms_norm_reference
 from rewrite.kernels.testing import assert_close, check_launcher, load_launchers

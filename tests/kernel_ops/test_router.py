@@ -1,8 +1,9 @@
 """rewrite::route: op and Triton launcher vs a float64 loop, gradients, opcheck, export."""
 
 import pytest
-import rewrite.kernels.router  # noqa: F401  (registers the op)
 import torch
+
+import rewrite.kernels.router  # noqa: F401  (registers the op)
 from rewrite.kernels.alloc import poisoned
 from rewrite.kernels.router import route
 from rewrite.kernels.router.naive import route_naive

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from rewrite.kernels.short_conv import short_conv
 from rewrite.kernels.short_conv.reference import short_conv_backward_reference, short_conv_reference
 from rewrite.kernels.testing import assert_close, check_launcher, kernel_device, load_launchers

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from rewrite.kernels.sliding_window import (
     fill_ring_cache,
     sliding_window_attention,

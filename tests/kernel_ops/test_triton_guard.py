@@ -1,6 +1,7 @@
 """Without triton installed, the Triton paths raise a clear error (CPU paths never import triton)."""
 
 import pytest
+
 from rewrite.kernels import _triton
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from rewrite.kernels.testing import assert_close, check_launcher, kernel_device, load_launchers
 from rewrite.kernels.varlen_attention import varlen_attention
 from rewrite.kernels.varlen_attention.reference import (
