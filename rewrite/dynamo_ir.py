@@ -58,6 +58,8 @@ def _accessors(source: str) -> tuple[str, list[str]]:
     if root is None:
         return "", []
     parts = [a or b or c for a, b, c in _ACCESS.findall(source[root.end() :])]
+    if root.group(1) == "args" and parts[:1] == ["0"] and parts[1:2] and parts[1] in _CONTAINERS:
+        return "self", parts[1:]  # a decorated forward: its first argument is the compiled module
     return root.group(1), parts
 
 

@@ -8,12 +8,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-_DYNAMO_PREFIX = re.compile(r"^L\['self'\]\.?")
+# The compiled module is `L['self']`, or `L['args'][0]` when Dynamo enters through a decorated
+# forward (a wrapper whose first positional argument is the module).
+_DYNAMO_PREFIX = re.compile(r"^L\[(?:'self'\]|'args'\]\[0\])\.?")
 _DYNAMO_INDEX = re.compile(r"\[(\d+)\]")
 
 
 def normalize_module_path(path: str) -> str:
-    """`L['self'].model.layers[0].mlp` or `model.layers.0.mlp` -> `model.layers.0.mlp`."""
+    """`L['self'].model.layers[0].mlp`, `L['args'][0].model.layers[0].mlp` or `model.layers.0.mlp`
+    -> `model.layers.0.mlp`."""
     path = _DYNAMO_PREFIX.sub("", path)
     path = _DYNAMO_INDEX.sub(r".\1", path)
     path = path.replace("._modules['", ".").replace("']", "")
