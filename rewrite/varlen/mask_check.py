@@ -113,7 +113,17 @@ def _evaluate(gm: fx.GraphModule, masks: list[fx.Node], inputs: dict[fx.Node, ob
     sub.output(tuple(env[m] for m in masks))
     runner = fx.GraphModule(gm, sub)
     with torch.no_grad():
-        return list(runner(*[inputs[p] for p in order]))
+        values = runner(*[inputs[p] for p in order])
+    return [v.cpu() if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def _probe_device(placeholders: set[fx.Node]) -> torch.device:
+    """The device the captured graph runs on (a graph captured on CUDA may hold CUDA constants)."""
+    for node in placeholders:
+        val = tensor_meta(node)
+        if val is not None:
+            return val.device
+    return torch.device("cpu")
 
 
 def prove_padding_masks(
@@ -124,6 +134,7 @@ def prove_padding_masks(
     keep = torch.tensor(PATTERN, dtype=torch.bool)
     batch, seq = keep.shape
     placeholders = {p for s in masked for p in _placeholders_of(s.mask)}
+    device = _probe_device(placeholders)
     failures: list[str] = []
     for pads_are_true in (False, True):
         inputs: dict[fx.Node, object] = {}
@@ -134,9 +145,9 @@ def prove_padding_masks(
                 continue
             if node is padding:
                 marks = ~keep if pads_are_true else keep
-                inputs[node] = marks.to(val.dtype)
+                inputs[node] = marks.to(device=device, dtype=val.dtype)
                 continue
-            inputs[node] = torch.zeros(_concrete_shape(node, symbols, batch, seq), dtype=val.dtype)
+            inputs[node] = torch.zeros(_concrete_shape(node, symbols, batch, seq), dtype=val.dtype, device=device)
         try:
             values = _evaluate(gm, [s.mask for s in masked], inputs)
         except Exception as exc:  # noqa: BLE001 - any failure means the masks are not built from this input alone
@@ -229,14 +240,16 @@ def prove_packed_masks(
     same = segment[:, None] == segment[None, :]
     tril = torch.ones(seq, seq, dtype=torch.bool).tril()
     inputs: dict[fx.Node, object] = {}
-    for node in {p for s in masked for p in _placeholders_of(s.mask)}:
+    placeholders = {p for s in masked for p in _placeholders_of(s.mask)}
+    device = _probe_device(placeholders)
+    for node in placeholders:
         val = tensor_meta(node)
         if val is None:
             inputs[node] = _size_value(node, symbols, 1, seq)
         elif node is positions:
-            inputs[node] = pos.to(val.dtype)
+            inputs[node] = pos.to(device=device, dtype=val.dtype)
         else:
-            inputs[node] = torch.zeros(_concrete_shape(node, symbols, 1, seq), dtype=val.dtype)
+            inputs[node] = torch.zeros(_concrete_shape(node, symbols, 1, seq), dtype=val.dtype, device=device)
     try:
         values = _evaluate(gm, [s.mask for s in masked], inputs)
     except Exception as exc:  # noqa: BLE001 - the masks need inputs other than the packed ones
