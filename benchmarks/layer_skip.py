@@ -27,11 +27,11 @@ import functools
 import warnings
 
 import torch
-from rewrite.kernels.router import route
-from rewrite.kernels.router.reference import route_reference
 
 import rewrite
 from benchmarks.runner import Measurement, environment, measure, write_results
+from rewrite.kernels.router import route
+from rewrite.kernels.router.reference import route_reference
 from rewrite.routing import skip_controls
 
 FAILURES: list[str] = []
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = build_model(args.layers, args.hidden, device, dtype)
     example = {"input_ids": torch.randint(0, 32000, (2, 64), device=device)}
-    om = rewrite.optimize(model, {"passes": [{"layer_skip": {}}]}, example_kwargs=example)
+    om = rewrite.optimize(model, {"passes": ["attention_normalize", {"layer_skip": {}}]}, example_kwargs=example)
     fractions = [float(f) for f in args.fractions.split(",")]
     rows: list[Measurement] = []
     for length in (int(x) for x in args.lengths.split(",")):

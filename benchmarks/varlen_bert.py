@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import traceback
 import warnings
 
 import torch
@@ -113,6 +114,7 @@ def run_scenario(name: str, spec: dict, args, device: str, dtype: torch.dtype) -
                 got = om(**inputs).last_hidden_state
             except Exception as exc:  # noqa: BLE001 - a backend missing here is a row that says so
                 print(f"  {name}: varlen ({backend}) unavailable: {type(exc).__name__}: {str(exc)[:160]}")
+                print("    " + "".join(traceback.format_exception(exc)[-6:]).replace("\n", "\n    "))
                 continue
             err = relative_error(got, want, inputs["attention_mask"])
             if err > 2e-2:
