@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> str:
             print(f"  skipped {name}: {exc}")
         if device == "cuda":
             torch.cuda.empty_cache()
-    table = write_results(args.out, "Padding-free varlen vs padded Hugging Face (SDPA)", rows, environment())
+        # written after every scenario, so a run cut short keeps what it measured
+        table = write_results(args.out, "Padding-free varlen vs padded Hugging Face (SDPA)", rows, environment())
+        print("\n".join(line for line in table.splitlines() if f"| {name} |" in line), flush=True)
     print(table)
     return table
 
