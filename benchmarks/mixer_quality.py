@@ -31,7 +31,12 @@ import torch.nn.functional as F
 import rewrite
 from benchmarks.runner import environment
 from rewrite.distill import DistillConfig, FinetuneConfig, TransferConfig, distill, main_output
-from rewrite.distill.sentences import stdlib_sentences
+from rewrite.distill.sentences import (
+    encode_sentences,
+    sentence_batches,
+    sentence_embeddings,
+    stdlib_sentences,
+)
 from rewrite.text_corpus import VOCAB_SIZE, ByteCorpus
 
 FEATURE_MAP_KINDS = ("linear", "retention", "gla", "gated_deltanet", "lawcat", "hybrid_swa")
@@ -41,15 +46,9 @@ ALL_KINDS = ("linear", "retention", "gla", "gated_deltanet", "mamba2", "lawcat",
 # -- MiniLM ----------------------------------------------------------------------------------------
 
 
-def sentence_embeddings(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean-pooled, L2-normalised last hidden states over real tokens (how all-MiniLM-L6-v2 is used)."""
-    out = []
-    with torch.no_grad():
-        for batch in batches:
-            hidden = main_output(module(**batch)).float()
-            mask = batch["attention_mask"][..., None].float()
-            out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+def embed_all(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """`sentence_embeddings` of every batch, concatenated."""
+    return torch.cat([sentence_embeddings(module, batch) for batch in batches])
 
 
 def minilm_experiment(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,20 +62,13 @@ def minilm_experiment(args: argparse.Namespace) -> dict[str, Any]:
     train = stdlib_sentences("train")
     heldout = stdlib_sentences("heldout")[: args.heldout_sentences]
 
-    def encode(sentences: list[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(sentences, padding="max_length", truncation=True, max_length=args.max_tokens,
-                        return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    def data(step: int) -> dict[str, torch.Tensor]:
-        start = (step * args.batch) % (len(train) - args.batch)
-        return encode(train[start : start + args.batch])
-
-    eval_batches = [encode(heldout[i : i + 32]) for i in range(0, len(heldout), 32)]
-    reference = sentence_embeddings(teacher, eval_batches)
+    data = sentence_batches(tokenizer, train, args.batch, args.max_tokens)
+    eval_batches = [encode_sentences(tokenizer, heldout[i : i + 32], args.max_tokens)
+                    for i in range(0, len(heldout), 32)]
+    reference = embed_all(teacher, eval_batches)
     plan = [{"mixer": {"kind": "bidirectional", "feature_map": args.feature_map}}]
     before = rewrite.optimize(copy.deepcopy(teacher), plan, example_kwargs=data(0))
-    cos_before = (sentence_embeddings(before, eval_batches) * reference).sum(-1)
+    cos_before = (embed_all(before, eval_batches) * reference).sum(-1)
     rows = [{"stage": "linearized, no training", "mean_cosine": cos_before.mean().item(),
              "min_cosine": cos_before.min().item(), "steps": 0}]
     config = DistillConfig(
@@ -85,7 +77,7 @@ def minilm_experiment(args: argparse.Namespace) -> dict[str, Any]:
     )
     t0 = time.perf_counter()
     result = distill(teacher, plan, data, config)
-    cos = (sentence_embeddings(result.module, eval_batches) * reference).sum(-1)
+    cos = (embed_all(result.module, eval_batches) * reference).sum(-1)
     rows.append({"stage": "after attention transfer", "mean_cosine": cos.mean().item(), "min_cosine": cos.min().item(),
                  "steps": args.transfer_steps, "seconds": round(time.perf_counter() - t0, 1)})
     if args.finetune_steps:
@@ -96,7 +88,7 @@ def minilm_experiment(args: argparse.Namespace) -> dict[str, Any]:
         )
         t0 = time.perf_counter()
         result = distill(teacher, plan, data, config)
-        cos = (sentence_embeddings(result.module, eval_batches) * reference).sum(-1)
+        cos = (embed_all(result.module, eval_batches) * reference).sum(-1)
         rows.append({"stage": "after transfer + fine-tune (MSE to teacher)", "mean_cosine": cos.mean().item(),
                      "min_cosine": cos.min().item(), "steps": args.transfer_steps + args.finetune_steps,
                      "seconds": round(time.perf_counter() - t0, 1)})

@@ -6,6 +6,7 @@ layers keep softmax attention: layers 3, 7, 11, ...). `--tiny` shrinks them for 
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import sympy
@@ -16,6 +17,14 @@ from rewrite.distributed import cost
 BASE = {"hidden": 2048, "intermediate": 5632, "layers": 16, "heads": 32, "kv_heads": 8, "vocab": 32000}
 TINY = {"hidden": 64, "intermediate": 128, "layers": 4, "heads": 8, "kv_heads": 4, "vocab": 128}
 MODELS = ("linearized", "hybrid")
+
+
+def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments both benchmarks take: --models, the --softmax / --linear strategies and the --layout."""
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--softmax", default="ulysses", choices=["ulysses", "ring"])
+    parser.add_argument("--linear", default="lasp2", choices=["lasp2", "allscan"])
+    parser.add_argument("--layout", default="contiguous", choices=["contiguous", "zigzag"])
 
 
 def build_model(shape: dict[str, int], device: str, dtype: torch.dtype) -> torch.nn.Module:

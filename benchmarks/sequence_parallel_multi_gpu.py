@@ -28,8 +28,8 @@ import rewrite
 from benchmarks.runner import environment, measure
 from benchmarks.sequence_parallel_common import (
     BASE,
-    MODELS,
     TINY,
+    add_strategy_arguments,
     build_model,
     has_masked_softmax,
     plans,
@@ -45,10 +45,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32768,131072", help="total sequence lengths")
     parser.add_argument("--check-length", type=int, default=4096, help="length of the check against one GPU")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--softmax", default="ulysses", choices=["ulysses", "ring"])
-    parser.add_argument("--linear", default="lasp2", choices=["lasp2", "allscan"])
-    parser.add_argument("--layout", default="contiguous", choices=["contiguous", "zigzag"])
+    add_strategy_arguments(parser)
     parser.add_argument("--backward", action="store_true", help="also time forward + backward")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="tiny model, short lengths (CPU check with gloo)")

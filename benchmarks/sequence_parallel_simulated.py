@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,14 @@ import rewrite
 from benchmarks.runner import Measurement, environment, measure, write_results
 from benchmarks.sequence_parallel_common import (
     BASE,
-    MODELS,
     TINY,
+    add_strategy_arguments,
     build_model,
     has_masked_softmax,
     plans,
     predicted_bytes,
 )
-from rewrite.distributed import CountingGroup, bind_group, shard, threaded_groups, unshard
+from rewrite.distributed import CountingGroup, bind_group, run_on_threads, shard, threaded_groups, unshard
 from rewrite.distributed.groups import RecordingGroup, ReplayGroup
 
 GROUP = "simulated"
@@ -65,24 +64,12 @@ def record(module, ids: torch.Tensor, size: int, layout: str):
     groups = threaded_groups(size)
     counters = [CountingGroup(g) for g in groups]
     recorders = [RecordingGroup(c) for c in counters]
-    outputs: list[Any] = [None] * size
-    errors: list[BaseException] = []
 
-    def run(rank: int) -> None:
-        try:
-            with torch.inference_mode(), bind_group(GROUP, recorders[rank]):
-                outputs[rank] = module(input_ids=shard(ids, rank, size, layout)).last_hidden_state
-        except BaseException as error:  # re-raised below
-            errors.append(error)
-            groups[rank].state.barrier.abort()
+    def run(rank: int) -> torch.Tensor:
+        with torch.inference_mode(), bind_group(GROUP, recorders[rank]):
+            return module(input_ids=shard(ids, rank, size, layout)).last_hidden_state
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    outputs = run_on_threads(groups, run)
     return outputs, [r.delivered for r in recorders], counters
 
 
@@ -161,10 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=32768, help="total sequence length")
     parser.add_argument("--sizes", default="2,4,8", help="group sizes P to simulate")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--softmax", default="ulysses", choices=["ulysses", "ring"])
-    parser.add_argument("--linear", default="lasp2", choices=["lasp2", "allscan"])
-    parser.add_argument("--layout", default="contiguous", choices=["contiguous", "zigzag"])
+    add_strategy_arguments(parser)
     parser.add_argument("--link-gb-s", type=float, default=100.0, help="link bandwidth per rank for the comm time")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="tiny model and few runs (CPU check)")

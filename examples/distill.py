@@ -13,20 +13,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from examples.models import minilm_path
-from rewrite.distill import DistillConfig, FinetuneConfig, TransferConfig, distill, main_output
-from rewrite.distill.sentences import stdlib_sentences
-
-
-def embed(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean-pooled, L2-normalised sentence embeddings (how all-MiniLM-L6-v2 is used)."""
-    with torch.no_grad():
-        hidden = main_output(module(**batch)).float()
-    mask = batch["attention_mask"][..., None].float()
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+from rewrite.distill import DistillConfig, FinetuneConfig, TransferConfig, distill
+from rewrite.distill.sentences import (
+    encode_sentences,
+    sentence_batches,
+    sentence_embeddings,
+    stdlib_sentences,
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -48,23 +42,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher = transformers.BertModel.from_pretrained(path, attn_implementation="sdpa").eval()
     train, heldout = stdlib_sentences("train"), stdlib_sentences("heldout")[: args.heldout]
 
-    def encode(sentences: list[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(sentences, padding="max_length", truncation=True, max_length=args.max_tokens,
-                        return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    def data(step: int) -> dict[str, torch.Tensor]:
-        start = (step * args.batch) % (len(train) - args.batch)
-        return encode(train[start : start + args.batch])
-
+    data = sentence_batches(tokenizer, train, args.batch, args.max_tokens)
     plan = [{"mixer": {"kind": "bidirectional", "feature_map": "hedgehog"}}]
-    test = encode(heldout)
-    reference = embed(teacher, test)
+    test = encode_sentences(tokenizer, heldout, args.max_tokens)
+    reference = sentence_embeddings(teacher, test)
     untrained = distill(teacher, plan, data, DistillConfig(TransferConfig(steps=0), FinetuneConfig(steps=0)))
-    before = (embed(untrained.module, test) * reference).sum(-1).mean().item()
+    before = (sentence_embeddings(untrained.module, test) * reference).sum(-1).mean().item()
     result = distill(teacher, plan, data, DistillConfig(TransferConfig(steps=args.steps, mode="layer"),
                                                         progress=not args.tiny))
-    after = (embed(result.module, test) * reference).sum(-1).mean().item()
+    after = (sentence_embeddings(result.module, test) * reference).sum(-1).mean().item()
     print(f"linearized {len(result.module.report.results[0].changed)} layers of all-MiniLM-L6-v2 (bidirectional, hedgehog)")
     print(f"attention transfer: {args.steps} steps, loss {result.history['transfer'][0]:.4g} -> "
           f"{result.history['transfer'][-1]:.4g}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import threading
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from examples.models import TARGETS
 from rewrite.distributed import (
     all_reduce_gradients,
     bind_group,
+    run_on_threads,
     sequence_parallel_loss,
     shard_inputs,
     shift_labels,
@@ -108,24 +108,12 @@ def main(argv: list[str] | None = None) -> float | None:
     if args.threads:
         split, batch, expected, _ = _setup(args, args.threads)
         groups = threaded_groups(args.threads)
-        losses: list[Any] = [None] * args.threads
-        errors: list[BaseException] = []
 
-        def rank_thread(rank: int) -> None:
-            try:
-                with bind_group("world", groups[rank]):
-                    losses[rank] = train_step(split, batch, args.layout)  # gradients sum in the shared module
-            except BaseException as error:  # re-raised below
-                errors.append(error)
-                groups[rank].state.barrier.abort()
+        def rank_thread(rank: int) -> Any:
+            with bind_group("world", groups[rank]):
+                return train_step(split, batch, args.layout)  # gradients sum in the shared module
 
-        threads = [threading.Thread(target=rank_thread, args=(r,)) for r in range(args.threads)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        losses = run_on_threads(groups, rank_thread)
         return _summary(split, float(losses[0]), expected)
     if "RANK" in os.environ:  # under torchrun
         _process(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None)

@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import tempfile
-import threading
 import traceback
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from rewrite.distributed import (
     gather_sequence,
     get_group,
     register_group,
+    run_on_threads,
     sequence_parallel_loss,
     shard,
     shard_inputs,
@@ -246,25 +246,12 @@ def test_multi_gpu_benchmark_runs_on_gloo_with_exact_byte_predictions(gloo_resul
 
 def _on_threads(size: int, work) -> list:
     groups = threaded_groups(size)
-    results: list = [None] * size
-    errors: list = []
 
-    def run(rank: int) -> None:
-        try:
-            with bind_group("world", groups[rank]):
-                results[rank] = work(groups[rank])
-        except BaseException as error:  # surfaced below
-            errors.append(error)
-            groups[rank].state.barrier.abort()
+    def run(rank: int):
+        with bind_group("world", groups[rank]):
+            return work(groups[rank])
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
+    return run_on_threads(groups, run)
 
 
 @pytest.mark.parametrize(("size", "name"), THREAD_CASES, ids=[f"P{s}-{n}" for s, n in THREAD_CASES])
@@ -301,9 +288,8 @@ def test_counted_bytes_equal_the_cost_model(strategy: str) -> None:
 
 @pytest.mark.parametrize("strategy", ["lasp2", "allscan"])
 def test_counted_state_bytes_equal_the_cost_model(strategy: str) -> None:
-    from rewrite.kernels.linear_attention import linear_attention
-
     from rewrite.distributed.recurrent_kernels import SequenceParallelKernels
+    from rewrite.kernels.linear_attention import linear_attention
 
     batch, heads, kv_heads, length, dim, size = 1, 4, 2, 16, 8, 4
     q, k, v = torch.randn(batch, length, heads, dim), torch.randn(batch, length, kv_heads, dim), torch.randn(

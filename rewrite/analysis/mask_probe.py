@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis.attention_sites import find_attention_sites
+from rewrite.analysis.graph_utils import ancestors, subgraph_module, walk_inputs
 
 CAUSAL_KEY = "rewrite_mask_causal"
 SHAPE_ONLY_KEY = "rewrite_mask_shape_only"
@@ -23,37 +24,18 @@ SHAPE_ONLY_KEY = "rewrite_mask_shape_only"
 
 def _reads_input_values(mask: fx.Node) -> bool:
     """Whether the mask is computed from the *values* of a model input (not only from shapes)."""
-    seen: set[fx.Node] = set()
-    stack = [mask]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if cur.op == "placeholder" and not cur.meta.get("state_name"):
-            return True
-        for arg in cur.all_input_nodes:
-            if arg.op == "placeholder" and cur.op == "call_function" and _is_shape_read(cur):
-                continue
-            stack.append(arg)
-    return False
+    return any(n.op == "placeholder" and not n.meta.get("state_name") for n in walk_inputs([mask], _value_inputs))
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs of `node` whose values it reads: a size read (`sym_size`) of a model input reads no value."""
+    shape_read = node.op == "call_function" and _is_shape_read(node)
+    return [a for a in node.all_input_nodes if not (shape_read and a.op == "placeholder")]
 
 
 def _is_shape_read(node: fx.Node) -> bool:
     name = getattr(node.target, "__name__", str(node.target))
     return name.startswith("sym_size") or name.startswith("sym_numel") or name.startswith("sym_stride")
-
-
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        stack.extend(cur.all_input_nodes)
-    return seen
 
 
 def _is_causal_mask(mask: torch.Tensor) -> bool:
@@ -72,16 +54,9 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
     masks = list(negated)
     if not masks:
         return {}
-    keep = _ancestors(masks)
-    if any(n.op == "call_module" for n in keep):
+    if any(n.op == "call_module" for n in ancestors(masks)):
         return {}
-    sub = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node in keep or node.op == "placeholder":
-            env[node] = sub.node_copy(node, lambda n: env[n])
-    sub.output(tuple(env[m] for m in masks))
-    runner = fx.GraphModule(gm, sub)
+    runner, _ = subgraph_module(gm, masks, every_input=True)
     with torch.no_grad():
         try:
             values = runner(*flat_inputs)

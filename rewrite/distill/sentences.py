@@ -1,7 +1,8 @@
 """Real English sentences that need no download: the first sentences of the standard library's docstrings.
 
 Split by file like `rewrite.text_corpus.ByteCorpus` (every `heldout_every`-th file is held out),
-so held-out sentences come from modules never seen in training.
+so held-out sentences come from modules never seen in training. `sentence_batches` and
+`sentence_embeddings` feed them to a sentence encoder (all-MiniLM-L6-v2) and read its embeddings.
 """
 
 from __future__ import annotations
@@ -9,7 +10,13 @@ from __future__ import annotations
 import ast
 import functools
 import re
+from collections.abc import Callable
+from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from rewrite.distill.recipe import main_output
 from rewrite.text_corpus import stdlib_sources
 
 _SENTENCE = re.compile(r"^[A-Z][^\n]{30,200}?[.!?]$")
@@ -56,3 +63,29 @@ def _split_sentences(split: str, heldout_every: int) -> tuple[str, ...]:
             if sentence not in exclude:
                 seen.setdefault(sentence, None)
     return tuple(seen)
+
+
+def encode_sentences(tokenizer: Any, sentences: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` [len(sentences), max_tokens]: padded (and truncated) to max_tokens."""
+    enc = tokenizer(sentences, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def sentence_batches(
+    tokenizer: Any, sentences: list[str], batch: int, max_tokens: int
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """The `data` of a distill run: step -> the encoded batch of `batch` sentences at that step, cycling."""
+
+    def data(step: int) -> dict[str, torch.Tensor]:
+        start = (step * batch) % (len(sentences) - batch)
+        return encode_sentences(tokenizer, sentences[start : start + batch], max_tokens)
+
+    return data
+
+
+def sentence_embeddings(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean-pooled (over real tokens), L2-normalised last hidden states: how all-MiniLM-L6-v2 is used."""
+    with torch.no_grad():
+        hidden = main_output(module(**batch)).float()
+    mask = batch["attention_mask"][..., None].float()
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)

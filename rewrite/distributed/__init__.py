@@ -12,6 +12,7 @@ from rewrite.distributed.groups import (
     bind_group,
     get_group,
     register_group,
+    run_on_threads,
     threaded_groups,
 )
 from rewrite.distributed.inputs import (
@@ -36,6 +37,7 @@ __all__ = [
     "global_positions",
     "pad_to_multiple",
     "register_group",
+    "run_on_threads",
     "sequence_parallel_loss",
     "shard",
     "shard_inputs",

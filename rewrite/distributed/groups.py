@@ -15,14 +15,16 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from rewrite.errors import RewriteError
+
+T = TypeVar("T")
 
 
 class GroupError(RewriteError):
@@ -292,6 +294,33 @@ def threaded_groups(size: int) -> list[ThreadedSequenceGroup]:
     """`size` ranks that meet through a barrier: run rank r's work in thread r with `bind_group`."""
     state = ThreadedGroupState(size)
     return [ThreadedSequenceGroup(state, r) for r in range(size)]
+
+
+def run_on_threads(groups: list[ThreadedSequenceGroup], work: Callable[[int], T]) -> list[T]:
+    """Run `work(rank)` for every rank of `groups` on a thread of its own; returns the results by rank.
+
+    `work` binds the rank's group itself (`bind_group`). An error on one rank aborts the group's
+    barrier, so the other ranks stop at their next collective instead of waiting for ever; the
+    first error is raised once every thread has ended.
+    """
+    results: list[Any] = [None] * len(groups)
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = work(rank)
+        except BaseException as error:  # re-raised below, in the caller's thread
+            errors.append(error)
+            groups[rank].state.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(groups))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 class ReplayGroup(SequenceGroup):

@@ -75,6 +75,49 @@ def default_scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+def repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [B, Hkv, L, D] repeated to the query heads of q [B, H, L, D] (kv head h // (H / Hkv) per q head)."""
+    groups = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+
+
+def ones_column(x: torch.Tensor) -> torch.Tensor:
+    """x [..., V] with a column of ones appended: [..., V + 1] (its output column is the normaliser)."""
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+def _kernel_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    feature_map: str,
+    normalize: bool,
+    feature_weights: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+    """(q, k, v, g, kernel feature map) for the linear-attention kernel from SDPA-layout q, k, v.
+
+    A learned feature map is applied here (the kernel then maps with `identity`, and a per-dim gate
+    is widened to the new key width); q, k, v move to [B, L, heads, D]; normalising appends a
+    column of ones to v.
+    """
+    kernel_map = FEATURE_MAPS[feature_map]
+    if feature_map in LEARNED_FEATURE_MAPS:
+        q, k = featurize(q, feature_map, feature_weights[0]), featurize(k, feature_map, feature_weights[1])
+        kernel_map = "identity"
+        if g is not None and g.dim() == 4:
+            g = repeat_gate(g, k.shape[-1])
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if normalize:
+        vt = ones_column(vt)
+    return qt, kt, vt, g, kernel_map
+
+
+def _normalized(o: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The kernel's output o [..., Dv (+ 1)] divided by its last column when normalising."""
+    return o[..., :-1] / (o[..., -1:] + EPS) if normalize else o
+
+
 def mix(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,24 +143,14 @@ def mix(
     from rewrite.kernels.linear_attention import linear_attention  # loaded on first use, not with the pass
 
     scale = default_scale(q, scale)
-    kernel_map = FEATURE_MAPS[feature_map]
-    if feature_map in LEARNED_FEATURE_MAPS:
-        q, k = featurize(q, feature_map, feature_weights[0]), featurize(k, feature_map, feature_weights[1])
-        kernel_map = "identity"
-        if g is not None and g.dim() == 4:
-            g = repeat_gate(g, k.shape[-1])
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if normalize:
-        vt = torch.cat([vt, vt.new_ones(*vt.shape[:-1], 1)], dim=-1)
+    qt, kt, vt, g, kernel_map = _kernel_inputs(q, k, v, g, feature_map, normalize, feature_weights)
     if valid is not None:
         vt = vt * valid[:, :, None, None].to(vt.dtype)
     o, _ = linear_attention(
         qt, kt, vt, g, decay=decay, scale=scale, causal=causal,
         feature_map=kernel_map,
     )
-    if normalize:
-        o = o[..., :-1] / (o[..., -1:] + EPS)
-    return o.transpose(1, 2)
+    return _normalized(o, normalize).transpose(1, 2)
 
 
 def mask_log_decay(g: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -161,19 +194,9 @@ def mix_step(
     from rewrite.kernels.linear_attention import linear_attention_step  # loaded on first use
 
     scale = default_scale(q, scale)
-    kernel_map = FEATURE_MAPS[feature_map]
-    if feature_map in LEARNED_FEATURE_MAPS:
-        q, k = featurize(q, feature_map, feature_weights[0]), featurize(k, feature_map, feature_weights[1])
-        kernel_map = "identity"
-        if g is not None and g.dim() == 4:
-            g = repeat_gate(g, k.shape[-1])
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if normalize:
-        vt = torch.cat([vt, vt.new_ones(*vt.shape[:-1], 1)], dim=-1)
+    qt, kt, vt, g, kernel_map = _kernel_inputs(q, k, v, g, feature_map, normalize, feature_weights)
     o, state = linear_attention_step(qt, kt, vt, g, decay=decay, scale=scale, state=state, feature_map=kernel_map)
-    if normalize:
-        o = o[..., :-1] / (o[..., -1:] + EPS)
-    return o.transpose(1, 2), state
+    return _normalized(o, normalize).transpose(1, 2), state
 
 
 def flatten_heads(x: torch.Tensor) -> torch.Tensor:

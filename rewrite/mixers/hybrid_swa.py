@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.mixers.common import featurize, padding_validity, repeat_gate, split_feature_weights
+from rewrite.mixers.common import (
+    featurize,
+    mask_log_decay,
+    ones_column,
+    padding_validity,
+    repeat_gate,
+    split_feature_weights,
+)
 from rewrite.mixers.gla import key_gate
 from rewrite.mixers.transfer import observe
 from rewrite.mixers.window import WindowState, window_attention_lse, window_step_lse
@@ -70,13 +77,12 @@ def hybrid_swa_mixer(
     o_w, lse = window_attention_lse(q, k, v, window=window, sinks=sinks, scale=scale, valid=valid)
     qf, kf = featurize(q, feature_map, weights[0]), featurize(k, feature_map, weights[1])
     g = key_gate(k, gate, gate_normalizer)
-    vt = torch.cat([v.transpose(1, 2), v.new_ones(v.shape[0], v.shape[2], v.shape[1], 1)], dim=-1)
+    vt = ones_column(v.transpose(1, 2))
     keep = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if valid is None else valid
     rank = keep.long().cumsum(-1) - 1
     keep = keep & (rank >= sinks)  # sinks stay in the softmax branch
     vt = vt * keep[:, :, None, None].to(vt.dtype)
-    if valid is not None:
-        g = g * valid.view(*valid.shape, *([1] * (g.dim() - 2))).to(g.dtype)
+    g = mask_log_decay(g, valid)
     if g.dim() == 4:
         g = repeat_gate(g, kf.shape[-1])
     lin, _ = linear_attention(
@@ -121,7 +127,7 @@ def hybrid_swa_mixer_step(
         kf = featurize(ek, feature_map, weights[1])
         if g.dim() == 4:
             g = repeat_gate(g, kf.shape[-1])
-        evf = torch.cat([ev, ev.new_ones(*ev.shape[:-1], 1)], dim=-1) * leaving[:, None, None, None].to(ev.dtype)
+        evf = ones_column(ev) * leaving[:, None, None, None].to(ev.dtype)
         qf = featurize(qt, feature_map, weights[0])
         lin, la_state = linear_attention_step(qf.transpose(1, 2), kf.transpose(1, 2), evf.transpose(1, 2), g,
                                               decay=gate, scale=1.0, state=la_state)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from rewrite.mixers.common import repeat_kv
+
 
 @dataclass
 class TransferRecord:
@@ -60,8 +62,7 @@ def softmax_teacher(
     scale: float | None,
 ) -> torch.Tensor:
     """Softmax attention in SDPA layout over real keys (valid [B, L]), causal or not, GQA by groups."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    k, v = repeat_kv(q, k, v)
     length = q.shape[2]
     if valid is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)

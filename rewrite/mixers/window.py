@@ -12,11 +12,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rewrite.mixers.common import default_scale, padding_validity
+from rewrite.mixers.common import default_scale, padding_validity, repeat_kv
 from rewrite.mixers.transfer import observe
 
 WindowState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(k ring cache [B, sinks + window, Hkv, D], v ring cache [B, sinks + window, Hkv, Dv], positions [B])."""
+
+
+def empty_window_state(k: torch.Tensor, v: torch.Tensor, window: int, sinks: int) -> WindowState:
+    """The state before any token: zero ring caches of `sinks + window` slots for k / v [B, Hkv, t, D], positions 0."""
+    batch, kv_heads, slots = k.shape[0], k.shape[1], sinks + window
+    return (
+        k.new_zeros(batch, slots, kv_heads, k.shape[-1]),
+        v.new_zeros(batch, slots, kv_heads, v.shape[-1]),
+        torch.zeros(batch, dtype=torch.long, device=k.device),
+    )
 
 
 def window_keep(valid: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
@@ -49,8 +59,7 @@ def window_attention(
         o = sliding_window_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window,
                                      sinks=sinks, scale=scale)
         return o.transpose(1, 2)
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    k, v = repeat_kv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_keep(valid, window, sinks), scale=scale)
 
 
@@ -70,15 +79,7 @@ def window_step(
     """
     from rewrite.kernels.sliding_window import sliding_window_attention_step  # loaded on first use
 
-    batch, kv_heads = k.shape[0], k.shape[1]
-    if state is None:
-        slots = sinks + window
-        state = (
-            k.new_zeros(batch, slots, kv_heads, k.shape[-1]),
-            v.new_zeros(batch, slots, kv_heads, v.shape[-1]),
-            torch.zeros(batch, dtype=torch.long, device=q.device),
-        )
-    k_cache, v_cache, positions = state
+    k_cache, v_cache, positions = state if state is not None else empty_window_state(k, v, window, sinks)
     outs = []
     for t in range(q.shape[2]):
         o = sliding_window_attention_step(
@@ -172,8 +173,7 @@ def window_attention_lse(
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             lse = _WindowLogSumExp.apply(qt, kt, window, sinks, scale)
         return o.transpose(1, 2), lse.transpose(1, 2)
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    k, v = repeat_kv(q, k, v)
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~window_keep(valid, window, sinks), float("-inf"))
@@ -201,13 +201,7 @@ def window_step_lse(
 
     batch, kv_heads = k.shape[0], k.shape[1]
     slots = sinks + window
-    if state is None:
-        state = (
-            k.new_zeros(batch, slots, kv_heads, k.shape[-1]),
-            v.new_zeros(batch, slots, kv_heads, v.shape[-1]),
-            torch.zeros(batch, dtype=torch.long, device=q.device),
-        )
-    k_cache, v_cache, positions = state
+    k_cache, v_cache, positions = state if state is not None else empty_window_state(k, v, window, sinks)
     rows = torch.arange(batch, device=q.device)
     slot = ring_slots(positions, window, sinks)
     leaving = positions >= slots

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, Block, GraphAnalysis
+from rewrite.analysis.graph_utils import erase_unused, walk_inputs
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.errors import PassError, PlanError
@@ -204,13 +205,7 @@ def _selected_blocks(options: MixerOptions, analysis: GraphAnalysis) -> list[Blo
 
 def _reads_parameter(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The name of a parameter `node` is computed from, if any (a learned bias)."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
+    for cur in walk_inputs([node]):
         if cur.op == "get_attr":
             try:
                 value = gm.get_parameter(str(cur.target))
@@ -221,7 +216,6 @@ def _reads_parameter(gm: fx.GraphModule, node: fx.Node) -> str | None:
         if cur.op == "placeholder" and isinstance(cur.meta.get("state_name"), str):
             if isinstance(tensor_meta(cur), torch.nn.Parameter) or cur.meta.get("state_kind") == "parameter":
                 return cur.meta["state_name"]
-        stack.extend(cur.all_input_nodes)
     return None
 
 
@@ -325,22 +319,6 @@ def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str) -> None:
             )
 
 
-def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    """Erase the nodes of a replaced attention chain (and their metadata asserts) once nothing uses them."""
-    pending = list(dict.fromkeys(n for n in nodes if n.graph is graph))
-    changed = True
-    while changed:
-        changed = False
-        for node in list(pending):
-            for user in list(node.users):
-                if is_op(user, aten._assert_tensor_metadata.default):
-                    graph.erase_node(user)
-            if not node.users:
-                graph.erase_node(node)
-                pending.remove(node)
-                changed = True
-
-
 def _rewrite(gm: fx.GraphModule, ctx: PassContext, job: _Job, options: MixerOptions) -> list[str]:
     """Put the mixer call in place of the attention node; returns the new parameters' names."""
     site, kind = job.site, job.kind
@@ -370,7 +348,7 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, job: _Job, options: MixerOpti
     new.meta = dict(site.node.meta)
     new.meta["rewrite_mixer"] = kind.name
     site.node.replace_all_uses_with(new)
-    _erase_dead(graph, [site.node, *site.chain])
+    erase_unused(graph, [site.node, *site.chain])
     return added
 
 

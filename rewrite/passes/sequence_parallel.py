@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import SEQ, AttentionSite, GraphAnalysis
+from rewrite.analysis.graph_utils import ancestors, descendants, erase_unused
 from rewrite.analysis.nodes import is_op, module_path, op_name, state_name, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.cost_model import NodeCost, Shapes, register_cost
@@ -134,22 +135,6 @@ def _layer(site_path: str, analysis: GraphAnalysis, node: fx.Node) -> str:
     return site_path or "<root>"
 
 
-def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    """Erase replaced nodes (and the metadata asserts on them) once nothing uses them."""
-    pending = list(dict.fromkeys(n for n in nodes if n.graph is graph))
-    changed = True
-    while changed:
-        changed = False
-        for node in list(pending):
-            for user in list(node.users):
-                if is_op(user, aten._assert_tensor_metadata.default):
-                    graph.erase_node(user)
-            if not node.users:
-                graph.erase_node(node)
-                pending.remove(node)
-                changed = True
-
-
 def _is_seq(analysis: GraphAnalysis, x: Any) -> bool:
     if isinstance(x, fx.Node):
         x = x.meta.get("val")
@@ -166,25 +151,7 @@ def _mask_ancestors(gm: fx.GraphModule) -> set[fx.Node]:
             masks.append(node.args[3])
         elif node.target is sp_mixer:
             masks.append(node.kwargs.get("mask"))
-    seen: set[fx.Node] = set()
-    stack = [m for m in masks if isinstance(m, fx.Node)]
-    while stack:
-        cur = stack.pop()
-        if cur not in seen:
-            seen.add(cur)
-            stack.extend(cur.all_input_nodes)
-    return seen
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.users)
-    while stack:
-        cur = stack.pop()
-        if cur not in seen:
-            seen.add(cur)
-            stack.extend(cur.users)
-    return seen
+    return ancestors(masks)
 
 
 _ALONG_DIM = {  # ops that read along one dim (argument index of the dim)
@@ -356,7 +323,7 @@ class SequenceParallel(GraphPass):
         if self.size is not None:
             new.meta["rewrite_sequence_parallel_size"] = self.size
         site.node.replace_all_uses_with(new)
-        _erase_unused(gm.graph, [site.node, *site.chain])
+        erase_unused(gm.graph, [site.node, *site.chain])
 
     # --- linear mixers --------------------------------------------------------------------------
 
@@ -437,7 +404,7 @@ def _give_global_positions(graph: fx.Graph, source: fx.Node, make: tuple, kwargs
     Nodes between `source` and a mask keep the local values; a node that also feeds a non-mask
     consumer is copied, the copy computed from the global positions. Returns whether anything changed.
     """
-    downstream = _descendants(source) | {source}
+    downstream = descendants(source) | {source}
     copies: dict[fx.Node, fx.Node] = {}
 
     def global_version(node: fx.Node) -> fx.Node:

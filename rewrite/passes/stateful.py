@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims
+from rewrite.analysis.graph_utils import ancestors, erase_unused
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.decode.program_meta import DecodeSignature
@@ -179,22 +180,6 @@ def _collect(
     return softmax, mixers
 
 
-def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    """Erase replaced nodes (and the metadata asserts hanging off them) once nothing reads them."""
-    pending = list(dict.fromkeys(n for n in nodes if n.graph is graph))
-    changed = True
-    while changed:
-        changed = False
-        for node in list(pending):
-            for user in list(node.users):
-                if is_op(user, aten._assert_tensor_metadata.default):
-                    graph.erase_node(user)
-            if not node.users:
-                graph.erase_node(node)
-                pending.remove(node)
-                changed = True
-
-
 def _add_state_input(gm: fx.GraphModule) -> tuple[fx.Node, DecodeSignature]:
     """Append the `decode_state` input; the program switches to flat inputs and outputs."""
     graph = gm.graph
@@ -212,21 +197,9 @@ def _add_state_input(gm: fx.GraphModule) -> tuple[fx.Node, DecodeSignature]:
     return state, signature
 
 
-def _mask_ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [n for n in nodes if isinstance(n, fx.Node)]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        stack.extend(cur.all_input_nodes)
-    return seen
-
-
 def _continue_positions(graph: fx.Graph, state: fx.Node, masks: list[fx.Node], dims: SymbolicDims) -> list[str]:
     """Offset every integer `arange` over the sequence length that feeds more than masks."""
-    mask_side = _mask_ancestors(masks)
+    mask_side = ancestors(masks)
     moved = []
     for node in list(graph.nodes):
         if not is_op(node, *_ARANGE):
@@ -269,7 +242,7 @@ def _thread(
         new.meta = dict(site.node.meta)
         new.meta["rewrite_stateful"] = "kv_cache"
         site.node.replace_all_uses_with(new)
-        _erase_unused(graph, [site.node, *site.chain])
+        erase_unused(graph, [site.node, *site.chain])
         if isinstance(site.mask, fx.Node):
             masks.append(site.mask)
         changed.append(f"{job.layer}: kv cache" + (f" (window {job.window})" if job.window else ""))

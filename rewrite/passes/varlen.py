@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite
+from rewrite.analysis.graph_utils import ancestor_placeholders
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PlanError
 from rewrite.kernels.varlen_attention.api import BACKENDS
@@ -98,19 +99,8 @@ def _choose_padding(option: str, token_inputs: list[fx.Node], sites: list[MaskUs
 
 
 def _ancestor_placeholders(node: fx.Node) -> list[fx.Node]:
-    seen: set[fx.Node] = set()
-    out: list[fx.Node] = []
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if cur.op == "placeholder":
-            out.append(cur)
-        if not is_sym(cur):  # a size read does not read values
-            stack.extend(cur.all_input_nodes)
-    return out
+    # a size read does not read values
+    return ancestor_placeholders(node, lambda n: () if is_sym(n) else n.all_input_nodes)
 
 
 def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[str, bool], padded: bool) -> bool:

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite
+from rewrite.analysis.graph_utils import ancestor_placeholders, subgraph_module
 from rewrite.analysis.nodes import tensor_meta
 from rewrite.errors import PassError
 from rewrite.varlen.symbols import TokenSymbols, expr_of
@@ -95,23 +96,7 @@ def _size_value(node: fx.Node, symbols: TokenSymbols, batch: int, seq: int) -> o
 
 
 def _evaluate(gm: fx.GraphModule, masks: list[fx.Node], inputs: dict[fx.Node, object]) -> list[torch.Tensor]:
-    keep: set[fx.Node] = set()
-    stack = list(masks)
-    while stack:
-        cur = stack.pop()
-        if cur not in keep:
-            keep.add(cur)
-            stack.extend(cur.all_input_nodes)
-    sub = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    order = []
-    for node in gm.graph.nodes:
-        if node in keep:
-            env[node] = sub.node_copy(node, lambda n: env[n])
-            if node.op == "placeholder":
-                order.append(node)
-    sub.output(tuple(env[m] for m in masks))
-    runner = fx.GraphModule(gm, sub)
+    runner, order = subgraph_module(gm, masks)
     with torch.no_grad():
         values = runner(*[inputs[p] for p in order])
     return [v.cpu() if isinstance(v, torch.Tensor) else v for v in values]
@@ -133,7 +118,7 @@ def prove_padding_masks(
     masked = [s for s in sites if isinstance(s.mask, fx.Node)]
     keep = torch.tensor(PATTERN, dtype=torch.bool)
     batch, seq = keep.shape
-    placeholders = {p for s in masked for p in _placeholders_of(s.mask)}
+    placeholders = {p for s in masked for p in ancestor_placeholders(s.mask)}
     device = _probe_device(placeholders)
     failures: list[str] = []
     for pads_are_true in (False, True):
@@ -177,21 +162,6 @@ def prove_padding_masks(
         site.name if site else None,
         (site.module_path or "<root>") if site else None,
     )
-
-
-def _placeholders_of(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    out: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if cur.op == "placeholder":
-            out.add(cur)
-        stack.extend(cur.all_input_nodes)
-    return out
 
 
 def _judge(value: torch.Tensor, site: MaskUse, keep: torch.Tensor) -> bool | str:
@@ -240,7 +210,7 @@ def prove_packed_masks(
     same = segment[:, None] == segment[None, :]
     tril = torch.ones(seq, seq, dtype=torch.bool).tril()
     inputs: dict[fx.Node, object] = {}
-    placeholders = {p for s in masked for p in _placeholders_of(s.mask)}
+    placeholders = {p for s in masked for p in ancestor_placeholders(s.mask)}
     device = _probe_device(placeholders)
     for node in placeholders:
         val = tensor_meta(node)

@@ -13,6 +13,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from rewrite.analysis.graph_utils import ancestors as graph_ancestors
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PassError
 from rewrite.varlen import runtime
@@ -265,14 +266,7 @@ class PackedGraphWalk:
 
 
 def ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        cur = stack.pop()
-        for arg in cur.all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return seen
+    """Every node that `nodes` are computed from (one of `nodes` only where it feeds another)."""
+    return graph_ancestors(a for n in nodes for a in n.all_input_nodes)
 
 

@@ -5,6 +5,7 @@ Low-level: arguments are assumed valid (the public functions in `api.py` check t
 
 import torch
 
+from .._lse_attention import register_lse_attention_autograd
 from .._triton import load_triton_module
 from .reference import (
     sliding_window_backward_reference,
@@ -71,30 +72,7 @@ def _backward_cuda(do, q, k, v, o, lse, window, sinks, scale, cu_seqlens):
     )
 
 
-@sliding_window_backward_op.register_fake
-def _backward_fake(do, q, k, v, o, lse, window, sinks, scale, cu_seqlens):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, window, sinks, scale, cu_seqlens = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-    ctx.window, ctx.sinks, ctx.scale = window, sinks, scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-    if do is None:
-        return None, None, None, None, None, None, None
-    dq, dk, dv = sliding_window_backward_op(
-        do.contiguous(), q, k, v, o, lse, ctx.window, ctx.sinks, ctx.scale, cu_seqlens
-    )
-    return dq, dk, dv, None, None, None, None
-
-
-sliding_window_op.register_autograd(_backward, setup_context=_setup_context)
+register_lse_attention_autograd(sliding_window_op, sliding_window_backward_op)
 
 
 @torch.library.custom_op("rewrite::sliding_window_decode", mutates_args=())

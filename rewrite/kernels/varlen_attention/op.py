@@ -6,6 +6,7 @@ longest sequence, passed in so the CUDA launchers size their grids without readi
 
 import torch
 
+from .._lse_attention import register_lse_attention_autograd
 from .._triton import load_triton_module
 from .reference import accumulation_dtype, varlen_attention_backward_reference, varlen_attention_reference
 
@@ -62,27 +63,4 @@ def _backward_cuda(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale):
     )
 
 
-@varlen_attention_backward_op.register_fake
-def _backward_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, max_seqlen, causal, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-    if do is None:
-        return None, None, None, None, None, None, None
-    dq, dk, dv = varlen_attention_backward_op(
-        do.contiguous(), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None, None
-
-
-varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_lse_attention_autograd(varlen_attention_op, varlen_attention_backward_op)

@@ -30,6 +30,13 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> tor
     return s
 
 
+def _sequence_kv(
+    k: torch.Tensor, v: torch.Tensor, start: int, end: int, acc: torch.dtype, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v of the sequence in rows start .. end - 1, in `acc`, repeated to the query heads."""
+    return k[start:end].to(acc).repeat_interleave(group, dim=1), v[start:end].to(acc).repeat_interleave(group, dim=1)
+
+
 def varlen_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,8 +47,7 @@ def varlen_attention_reference(
     lse = torch.zeros(q.shape[1], q.shape[0], dtype=acc, device=q.device)
     for start, end in _segments(cu_seqlens):
         qs = q[start:end].to(acc)
-        ks = k[start:end].to(acc).repeat_interleave(group, dim=1)
-        vs = v[start:end].to(acc).repeat_interleave(group, dim=1)
+        ks, vs = _sequence_kv(k, v, start, end, acc, group)
         s = _scores(qs, ks, causal, scale)
         row_lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - row_lse[..., None])
@@ -70,8 +76,7 @@ def varlen_attention_backward_reference(
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for start, end in _segments(cu_seqlens):
         qs, dos, os_ = (x[start:end].to(acc) for x in (q, do, o))
-        ks = k[start:end].to(acc).repeat_interleave(group, dim=1)
-        vs = v[start:end].to(acc).repeat_interleave(group, dim=1)
+        ks, vs = _sequence_kv(k, v, start, end, acc, group)
         p = torch.exp(_scores(qs, ks, causal, scale) - lse[:, start:end, None])  # [H, L, L]
         dv_h = torch.einsum("hlm,lhd->mhd", p, dos)
         dp = torch.einsum("lhd,mhd->hlm", dos, vs)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import new_empty
-from .triton_forward import LOG2E, check_layout, head_block, load_tile, precision
+from .triton_forward import LOG2E, check_layout, head_block, load_tile, precision, rows_contiguous
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -136,7 +136,7 @@ def varlen_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtypes."""
     check_layout(q)
-    q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
+    q, k, v, do = (rows_contiguous(x) for x in (q, k, v, do))
     total, heads, dk_dim = q.shape
     kv_heads, dv_dim = k.shape[1], v.shape[-1]
     delta = (do.float() * o.float()).sum(-1).transpose(0, 1).contiguous()  # [H, T]

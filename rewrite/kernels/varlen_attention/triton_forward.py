@@ -98,7 +98,8 @@ def check_layout(*tensors: torch.Tensor) -> None:
             raise ValueError("varlen_attention: the Triton kernels take float32/float16/bfloat16, got float64")
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x, copied only if its last dim is not contiguous (the kernels read rows by stride)."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -117,7 +118,7 @@ def varlen_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [T, H, Dv] in q's dtype, lse [H, T] float32)."""
     check_layout(q)
-    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     total, heads, dk = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     o = new_empty((total, heads, dv), dtype=q.dtype, device=q.device)

@@ -1,0 +1,117 @@
+"""Walking and editing FX graphs: what every pass shares instead of keeping its own copy.
+
+- `walk_inputs` / `ancestors` / `ancestor_placeholders`: the nodes a value is computed from;
+- `descendants`: the nodes computed from a node;
+- `subgraph_module`: a module that computes some nodes of a graph from the graph's inputs;
+- `erase_unused`: erase the nodes a rewrite replaced once nothing reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from rewrite.analysis.nodes import is_op
+
+aten = torch.ops.aten
+
+Inputs = Callable[[fx.Node], Iterable[fx.Node]]
+"""Which inputs of a node a walk follows (default: all of them, `node.all_input_nodes`)."""
+
+
+def _all_inputs(node: fx.Node) -> Iterable[fx.Node]:
+    return node.all_input_nodes
+
+
+def walk_inputs(nodes: Iterable[Any], inputs: Inputs | None = None) -> Iterator[fx.Node]:
+    """Every node that `nodes` are computed from, `nodes` included, each once, depth first.
+
+    `inputs(node)` names the inputs followed from `node` (all of them by default). Items of `nodes`
+    that are not graph nodes (None, constants) are skipped.
+    """
+    follow = inputs or _all_inputs
+    seen: set[fx.Node] = set()
+    stack = [n for n in nodes if isinstance(n, fx.Node)]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        yield cur
+        stack.extend(follow(cur))
+
+
+def ancestors(nodes: Iterable[Any], inputs: Inputs | None = None) -> set[fx.Node]:
+    """The set of nodes that `nodes` are computed from, `nodes` included (see `walk_inputs`)."""
+    return set(walk_inputs(nodes, inputs))
+
+
+def ancestor_placeholders(node: fx.Node, inputs: Inputs | None = None) -> list[fx.Node]:
+    """The graph inputs (placeholders) that `node` is computed from, in walk order (see `walk_inputs`)."""
+    return [n for n in walk_inputs([node], inputs) if n.op == "placeholder"]
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node computed from `node`, `node` itself excluded."""
+    seen: set[fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        cur = stack.pop()
+        if cur not in seen:
+            seen.add(cur)
+            stack.extend(cur.users)
+    return seen
+
+
+def subgraph_module(
+    gm: fx.GraphModule, outputs: list[fx.Node], *, every_input: bool = False
+) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """A module computing the tuple of `outputs` (nodes of `gm`), sharing gm's state, and its inputs.
+
+    The module takes the placeholders of `gm` that `outputs` are computed from, in graph order (every
+    placeholder of `gm` with `every_input`, so it takes gm's own flat inputs); they are returned with it.
+    """
+    keep = ancestors(outputs)
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = []
+    for node in gm.graph.nodes:
+        if node in keep or (every_input and node.op == "placeholder"):
+            env[node] = sub.node_copy(node, lambda n: env[n])
+            if node.op == "placeholder":
+                placeholders.append(node)
+    sub.output(tuple(env[m] for m in outputs))
+    return fx.GraphModule(gm, sub), placeholders
+
+
+def erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase `nodes` of `graph` (a replaced chain) and the metadata asserts on them once nothing else reads them.
+
+    Nodes that still have other users stay; nodes no longer in `graph` are ignored.
+    """
+    pending = list(dict.fromkeys(n for n in nodes if n.graph is graph))
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            for user in list(node.users):
+                if is_op(user, aten._assert_tensor_metadata.default):
+                    graph.erase_node(user)
+            if not node.users:
+                graph.erase_node(node)
+                pending.remove(node)
+                changed = True
+
+
+__all__ = [
+    "Inputs",
+    "ancestor_placeholders",
+    "ancestors",
+    "descendants",
+    "erase_unused",
+    "subgraph_module",
+    "walk_inputs",
+]
