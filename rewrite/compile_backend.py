@@ -13,6 +13,12 @@ Options (all optional):
   parameters a dict you own, {name: Parameter}: parameters that passes add are put there, and a
              recompile (a new shape, say) reuses them instead of making fresh ones
 
+With Inductor, a plan that runs the `varlen` pass needs Dynamo to allow data-dependent sizes (unpadding
+counts the real tokens): set `torch._dynamo.config.capture_dynamic_output_shape_ops` and
+`capture_scalar_outputs` to True while the compiled model is first called, or compile with
+`fullgraph=True`; otherwise the backend raises an error naming these settings (see
+`check_data_dependent_sizes`).
+
 `torch.compile`'s `mode` is passed on to Inductor. Parameters that passes add live on the rewritten
 graph, not on the compiled model: train them by handing `parameters` (or each report's
 `added_parameters`) to the optimizer.
@@ -28,10 +34,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 
 from rewrite import ir_ops as _ir_ops  # noqa: F401  (registers the IR's abstract ops)
 from rewrite.dynamo_ir import STATE_KEY, to_aten_ir
-from rewrite.errors import PlanError
+from rewrite.errors import PlanError, RewriteError
 from rewrite.pipeline import PipelineReport, run_pipeline
 from rewrite.plan import Plan
 
@@ -111,6 +118,40 @@ def _compile_inductor(
     return compile_fx(fx.GraphModule(gm, graph), list(example_inputs), config_patches=patches)
 
 
+DATA_DEPENDENT_PASSES = ("varlen",)
+"""Passes whose graphs have sizes that depend on input values (the number of real tokens)."""
+
+
+def check_data_dependent_sizes(plan: Plan, example_inputs: Sequence[Any], inductor: bool) -> None:
+    """Raise RewriteError naming the Dynamo settings when Inductor would have to trace data-dependent sizes that
+    Dynamo's shape environment forbids.
+
+    Dynamo fixes whether sizes may depend on data (`capture_dynamic_output_shape_ops`, `capture_scalar_outputs`,
+    both implied by `fullgraph=True`) when it starts tracing a frame, before the backend runs, so the backend
+    cannot turn them on for its own graph; it can only say what to set. Eager runs (`inductor: False`) need
+    neither.
+    """
+    passes = [spec.name for spec in plan.enabled_passes if spec.name in DATA_DEPENDENT_PASSES]
+    if not inductor or not passes:
+        return
+    fake_mode = detect_fake_mode(list(example_inputs))
+    shape_env = getattr(fake_mode, "shape_env", None)
+    missing = [name for name, allowed in (
+        ("capture_dynamic_output_shape_ops", getattr(shape_env, "allow_dynamic_output_shape_ops", False)),
+        ("capture_scalar_outputs", getattr(shape_env, "allow_scalar_outputs", False)),
+    ) if not allowed]
+    if not missing:
+        return
+    settings = ", ".join(f"{name}=True" for name in missing)
+    raise RewriteError(
+        f"the {' and '.join(passes)} pass makes sizes that depend on the inputs' values (unpadding counts the real "
+        f"tokens), and Dynamo was tracing with {' and '.join(f'torch._dynamo.config.{m} = False' for m in missing)}, "
+        "so Inductor cannot compile the rewritten graph. Call the compiled model inside "
+        f"`with torch._dynamo.config.patch({settings}):` (Dynamo reads these when it traces, at the first call), "
+        "compile with fullgraph=True (which allows both), or run the rewritten graph eagerly with "
+        "options={'inductor': False}")
+
+
 def rewrite_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -119,6 +160,7 @@ def rewrite_backend(
 ) -> Callable[..., Any]:
     """Dynamo backend: normalize `gm` into the rewriter's IR, run the plan, compile or run eagerly."""
     opts = BackendOptions.from_data(options)
+    check_data_dependent_sizes(opts.plan, example_inputs, opts.inductor)
     start = time.perf_counter()
     aten_gm = to_aten_ir(gm, example_inputs)
     normalized = time.perf_counter()
@@ -144,4 +186,4 @@ def rewrite_backend(
     return compiled
 
 
-__all__ = ["BackendOptions", "CompileReport", "last_reports", "rewrite_backend"]
+__all__ = ["BackendOptions", "CompileReport", "check_data_dependent_sizes", "last_reports", "rewrite_backend"]

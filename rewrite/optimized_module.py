@@ -15,6 +15,7 @@ from rewrite.capture import Captured, capture, check_inputs
 from rewrite.errors import RewriteError
 from rewrite.pipeline import PipelineReport, run_pipeline
 from rewrite.plan import Plan
+from rewrite.real_tokens import RealTokens
 
 
 class _SourceRef:
@@ -151,6 +152,12 @@ class OptimizedModule(torch.nn.Module):
     def report(self) -> PipelineReport:
         """What each pass did at the last capture."""
         return self.__dict__["_report"]
+
+    @property
+    def real_tokens(self) -> RealTokens | None:
+        """Which inputs and outputs hold real tokens when the plan changes padded positions (the `varlen`
+        pass), for `rewrite.verify`; None when every output value is comparable with the original's."""
+        return self.report.real_tokens
 
     @property
     def source(self) -> torch.nn.Module | None:

@@ -14,6 +14,7 @@ from rewrite.lower import lower
 from rewrite.passes import PASSES
 from rewrite.passes.base import PassContext, PassResult, op_counts
 from rewrite.plan import Plan
+from rewrite.real_tokens import RealTokens
 
 
 @dataclass
@@ -42,6 +43,11 @@ class PipelineReport:
         if self.lowered:
             lines.append(f"lower: {len(self.lowered)} nodes")
         return "\n".join(lines) if lines else "no passes"
+
+    @property
+    def real_tokens(self) -> RealTokens | None:
+        """The real-token description the last pass that published one left (None: every value comparable)."""
+        return next((r.real_tokens for r in reversed(self.results) if r.real_tokens is not None), None)
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:

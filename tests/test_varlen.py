@@ -376,10 +376,88 @@ def test_families_the_pass_was_not_written_around(name):
     assert_real_tokens_close(got, want, batch["attention_mask"])
 
 
-def test_positions_counted_from_token_values_are_refused():
-    model = _other_family("roberta")  # positions: cumsum(input_ids != pad_id), not provably 0 at padding
-    with pytest.raises(PassError, match=r"node 'cumsum' \(module 'embeddings'\).*reduces over the tokens"):
-        rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=padded_batch(128, [4, 6], 6))
+def roberta_batch(pad: int, lengths: list[int], max_len: int, left: set[int] = frozenset(), seed: int = 0):
+    """A padded batch whose padded positions hold the pad token, as a RoBERTa tokenizer pads."""
+    batch = padded_batch(128, lengths, max_len, left=left, seed=seed)
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, pad)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def roberta():
+    """RoBERTa (positions: padding_idx + cumsum(input_ids != padding_idx)) and its varlen module."""
+    model = _other_family("roberta")
+    pad = model.config.pad_token_id
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=roberta_batch(pad, [4, 6, 2], 6, left={1}))
+    return model, om, pad
+
+
+@pytest.mark.parametrize("left", [set(), {0, 3}], ids=["right", "left"])
+def test_roberta_positions_counted_from_token_values_match_with_gradients(roberta, left):
+    model, om, pad = roberta
+    summary = om.report.summary()
+    assert "cumsum (embeddings): cumsum per sequence" in summary
+    assert "checked at run time: cumsum (embeddings): to(ne(input_ids, 1), torch.int32) is 0 at padding" in summary
+    batch = roberta_batch(pad, [3, 10, 1, 7], 10, left=left, seed=11)
+    batch["input_ids"][1, 4] = pad  # a real token that happens to be the pad token: both count it the same way
+    mask = batch["attention_mask"]
+    got, want = om(**batch).last_hidden_state, model(**batch, use_cache=False).last_hidden_state
+    assert_real_tokens_close(got, want, mask)
+    got_grads, want_grads = parameter_grads(om, got, mask), parameter_grads(model, want, mask)
+    assert got_grads.keys() == want_grads.keys()
+    for key, g in want_grads.items():
+        if g is None:
+            assert got_grads[key] is None or not got_grads[key].any(), key
+            continue
+        torch.testing.assert_close(got_grads[key], g, atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_roberta_checks_at_run_time_that_padding_holds_the_pad_token(roberta):
+    model, om, pad = roberta
+    batch = roberta_batch(pad, [3, 6, 5], 6, left={0}, seed=12)
+    batch["input_ids"][1, :] = torch.randint(2, 128, (6,))  # a full row: no padding to check
+    with torch.no_grad():
+        bad = dict(batch, input_ids=batch["input_ids"].clone())
+        bad["input_ids"][2, 5] = 7  # after the row's last real token: counts nowhere, so it is accepted
+        assert_real_tokens_close(om(**bad).last_hidden_state, model(**bad, use_cache=False).last_hidden_state,
+                                 bad["attention_mask"])
+        bad["input_ids"][0, 1] = 7  # before row 0's real tokens: the padded model shifts every position after it
+        with pytest.raises(ValueError, match=r"Row 0, position 1 is padding .*input_ids = 7.*pass position_ids"):
+            om(**bad)
+
+
+def test_roberta_verify_passes_on_real_tokens():
+    model = _other_family("roberta")
+    batch = roberta_batch(model.config.pad_token_id, [5, 2, 7], 7, left={1})
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=batch, verify=True)
+    assert om.verification.passed
+    assert not any("position_ids" in note for note in om.verification.notes)  # counted per row by the model itself
+
+
+class CountsHiddenValues(nn.Module):
+    """Positions counted from a learned gate over the tokens: not an element-wise function of the inputs."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(64, dim)
+        self.pos = nn.Embedding(64, dim)
+        self.gate = nn.Linear(dim, 1)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads = heads
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        x = x + self.pos((self.gate(x).squeeze(-1) > 0).long().cumsum(dim=1))
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, dim=-1))
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[:, None, None, :].bool())
+
+
+def test_cumsum_of_values_not_zero_at_padding_is_refused_saying_what_is_supported():
+    batch = padded_batch(64, [3, 5], 5)
+    with pytest.raises(PassError, match=r"node 'cumsum' \(module '<root>'\).*restarts per sequence only when what it "
+                                        r"sums is 0 at padding.*\(squeeze.dim\) is not element-wise.*position_ids"):
+        rewrite.optimize(CountsHiddenValues().eval(), {"passes": ["varlen"]}, example_kwargs=batch)
 
 
 def test_plan_kernels_reference_is_used_for_attention():
@@ -437,6 +515,71 @@ def test_training_mode_with_attention_dropout_runs_per_sequence():
     assert_real_tokens_close(got, want, batch["attention_mask"])
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("left", [set(), {0, 2}], ids=["right", "left"])
+def test_verify_compares_real_tokens_only(name, left):
+    model, _ = TARGETS[name]()
+    batch = padded_batch(128, [5, 9, 3], 9, left=left)
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=batch, verify=True)
+    report = om.verification
+    assert report.passed
+    assert report.outputs[0].compared == f"real tokens, {int(batch['attention_mask'].sum()) * report.outputs[0].shape[-1]} "\
+                                         f"of {batch['input_ids'].numel() * report.outputs[0].shape[-1]} values"
+    given_positions = any("the original was given position_ids" in note for note in report.notes)
+    assert given_positions == bool(left)  # restarted positions equal the padded model's only on right padding
+    if name == "bert":  # the pooler reads the first slot, padding on a left-padded row: rows without padding only
+        assert report.outputs[1].compared.startswith("rows without padding")
+
+
+def test_verify_ignores_padded_positions_but_names_a_wrong_real_token(monkeypatch):
+    from rewrite.errors import VerificationError
+    from rewrite.varlen import runtime
+
+    model, _ = TARGETS["llama"]()
+    batch = padded_batch(128, [5, 9, 3], 9, left={2})
+    repad = runtime.repad_tokens
+
+    def garbage_at_padding(x, indices, batch_size, seq, *args, **kwargs):
+        out = repad(x, indices, batch_size, seq, *args, **kwargs)
+        return torch.where(out == 0, torch.full_like(out, 123.0), out)  # what an unpadded model never computes
+
+    monkeypatch.setattr(runtime, "repad_tokens", garbage_at_padding)
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=batch, verify=True)
+    assert om.verification.passed and om(**batch).logits[0, 6].eq(123.0).all()
+
+    def wrong_real_token(x, indices, batch_size, seq, *args, **kwargs):
+        out = repad(x, indices, batch_size, seq, *args, **kwargs)
+        return out.index_put((torch.tensor(2), torch.tensor(8)), out[2, 8] + 0.5)  # row 2's last real token
+
+    monkeypatch.setattr(runtime, "repad_tokens", wrong_real_token)
+    with pytest.raises(VerificationError) as info:
+        rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=batch, verify=True)
+    message = str(info.value)
+    assert "['logits']" in message and "FAILED" in message
+    assert "128 of 2176 compared values out of tolerance, the first at index [2, 8, 0]" in message
+
+
+def test_verify_names_the_node_after_a_broken_varlen_attention(monkeypatch):
+    from rewrite.errors import VerificationError
+    from rewrite.varlen import runtime
+
+    model, _ = TARGETS["bert"]()
+    attention = runtime.packed_attention
+
+    def off_by_one_token(q, k, v, *args, **kwargs):
+        o = attention(q, k, v, *args, **kwargs)
+        return o.index_add(2, torch.tensor([7]), torch.ones_like(o[:, :, :1]))  # packed token 7: row 1, position 2
+
+    monkeypatch.setattr(runtime, "packed_attention", off_by_one_token)
+    with pytest.raises(VerificationError) as info:
+        rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=padded_batch(128, [5, 9, 3], 9), verify=True)
+    message = str(info.value)
+    assert "['last_hidden_state']" in message and "the first at index [1, " in message
+    assert ("first divergence: node 'reshape' (aten.reshape, module encoder.layer.0.attention.self) diverges"
+            in message)
+    assert "added by the passes: off_by_one_token" in message
+
+
 def test_compile_backend_runs_the_varlen_plan():
     model, _ = TARGETS["bert"]()
     batch = padded_batch(128, [3, 7, 5], 7, left={2}, seed=15)
@@ -446,3 +589,29 @@ def test_compile_backend_runs_the_varlen_plan():
         got = compiled(**batch).last_hidden_state
         want = reference_output(model, "bert", batch).last_hidden_state
     assert_real_tokens_close(got, want, batch["attention_mask"])
+
+
+def test_compile_backend_with_inductor_names_the_dynamo_settings():
+    torch._dynamo.reset()
+    model, _ = TARGETS["bert"]()
+    batch = padded_batch(128, [3, 7, 5], 7, left={2}, seed=15)
+    compiled = torch.compile(model, backend="rewrite", dynamic=True, options={"plan": {"passes": ["varlen"]}})
+    with pytest.raises(Exception, match=r"capture_dynamic_output_shape_ops = False and "
+                                        r"torch._dynamo.config.capture_scalar_outputs = False.*fullgraph=True"):
+        with torch.no_grad():
+            compiled(**batch)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compile_backend_with_inductor_runs_under_the_dynamo_settings():
+    torch._dynamo.reset()
+    model, _ = TARGETS["bert"]()
+    batch = padded_batch(128, [3, 7, 5], 7, left={2}, seed=15)
+    compiled = torch.compile(model, backend="rewrite", dynamic=True, options={"plan": {"passes": ["varlen"]}})
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                                     capture_scalar_outputs=True):
+        got = compiled(**batch).last_hidden_state
+        want = reference_output(model, "bert", batch).last_hidden_state
+    assert_real_tokens_close(got, want, batch["attention_mask"])
+    torch._dynamo.reset()

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from rewrite.analysis import GraphAnalysis, analyze
 from rewrite.analysis.nodes import op_name
+from rewrite.real_tokens import RealTokens
 
 
 @dataclass
@@ -26,6 +27,9 @@ class PassResult:
     seconds: float = 0.0
     op_counts_before: Counter = field(default_factory=Counter)
     op_counts_after: Counter = field(default_factory=Counter)
+    real_tokens: RealTokens | None = None
+    """Set by a pass whose module differs from the original at padded positions by design (the `varlen`
+    pass): which inputs and outputs hold real tokens, for `rewrite.verify` (see `rewrite.real_tokens`)."""
 
     def op_count_diff(self) -> dict[str, int]:
         """Ops whose count changed, with the change (+ added, - removed)."""

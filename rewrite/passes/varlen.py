@@ -14,10 +14,15 @@ What the pass proves before it changes anything:
   not, and that feeds attention, is an error naming the node and module; one that only reads the
   final states (a pooler taking the first token) reads the repadded tensor instead.
 
+- a cumsum over the tokens restarts per sequence when what it sums is 0 at padding: proven for values
+  multiplied by the padding mask (OPT), checked at run time for element-wise functions of the token
+  inputs (RoBERTa's `input_ids != pad_id`; a clear ValueError when a padded position holds another token).
+
 Packed layout: a packed tensor keeps its padded rank and dim order with batch size 1 and sequence
 size T, so the model's own views and transposes run unchanged once their sizes are rewritten.
 Padded positions of repadded outputs hold 0; a row with no real token is an empty sequence whose
-outputs are all 0.
+outputs are all 0. The pass result carries a `RealTokens` description (`result.real_tokens`) of the
+padding mask and of each output's token dims, so `rewrite.verify` compares real tokens only.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from rewrite.errors import PlanError
 from rewrite.kernels.varlen_attention.api import BACKENDS
 from rewrite.passes import register_pass
 from rewrite.passes.base import GraphPass, PassContext, PassResult
+from rewrite.real_tokens import OutputTokens, RealTokens
 from rewrite.varlen import runtime
 from rewrite.varlen.mask_check import MaskUse, prove_packed_masks, prove_padding_masks
 from rewrite.varlen.symbols import TokenDims, TokenSymbols, expr_of, find_symbols
@@ -266,10 +272,12 @@ class Varlen(GraphPass):
             layout["total"] = graph.call_function(aten.sym_size.int, (layout["indices"], 0))
             other_sizes = _other_sizes(graph, user_inputs, symbols)
         own.update({layout["positions"], layout["total"], *padded_sizes, *other_sizes.values()})
+        layout["keep"] = keep
         rewriter = PackedGraphWalk(gm, symbols, layout, padded_sizes, other_sizes)
         rewriter.kind.update({n: "sym" for n in own})
         rewriter.kind.update({n: "token" for n in packed_inputs.values()})
         rewriter.kind.update({p: "padded" for p in token_inputs})
+        rewriter.padded_inputs = {packed: p for p, packed in packed_inputs.items()}
         if not facts.pads_are_true and padding in packed_inputs:  # 1 = real token: the mask is 0 at padding
             rewriter.zero_at_pads.add(packed_inputs[padding])
         rewriter.run(mixing)
@@ -283,8 +291,11 @@ class Varlen(GraphPass):
             f"packed inputs: {', '.join(p.name for p in token_inputs)}")
         if rewriter.positions_rewritten:
             result.messages.append("per-sequence positions: " + ", ".join(rewriter.positions_rewritten))
+        if rewriter.checked_at_runtime:
+            result.messages.append("checked at run time: " + ", ".join(rewriter.checked_at_runtime))
         if rewriter.exits:
             result.messages.append("read the repadded tensor (padded tokens hold 0): " + ", ".join(rewriter.exits))
+        result.real_tokens = _real_tokens(graph, padding, facts.pads_are_true, symbols, rewriter.restarts_positions)
         return result
 
     def _replace_mixing(self, graph: fx.Graph, sites: list[AttentionSite], mixers: list[fx.Node],
@@ -351,6 +362,46 @@ class Varlen(GraphPass):
         if rewriter.exits:
             result.messages.append("read the packed row as a whole: " + ", ".join(rewriter.exits))
         return result
+
+
+def _real_tokens(graph: fx.Graph, padding: fx.Node, pads_are_true: bool, symbols: TokenSymbols,
+                 restarts_positions: bool) -> RealTokens:
+    """What `rewrite.verify` needs to compare the padding-free module with the original on real tokens only.
+
+    Outputs the pass repads are per-token ("tokens", with the dims `repad_tokens` put them back at); outputs
+    computed from a repadded tensor ("rows": a pooler reading the first slot) are comparable on rows
+    without padding; every other output is the original's computation and is compared in full.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    leaves = output.args[0] if isinstance(output.args[0], list | tuple) else [output.args[0]]
+    repads = {n for n in graph.nodes if n.op == "call_function" and n.target is runtime.repad_tokens}
+    outputs: dict[int, OutputTokens] = {}
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, fx.Node):
+            continue
+        if leaf in repads:
+            batch_dim, seq_dim = leaf.args[4], leaf.args[5]
+            outputs[i] = OutputTokens("tokens", batch_dim, seq_dim, bool(leaf.kwargs.get("seq_outer", False)))
+        elif repads & _ancestors(leaf):
+            val = tensor_meta(leaf)
+            batch = [d for d, size in enumerate(val.shape) if symbols.kind(size) == "batch"] if val is not None else []
+            outputs[i] = OutputTokens("rows", batch[0] if len(batch) == 1 else None)
+    return RealTokens(
+        mask_input=padding.name, mask_index=placeholders.index(padding), pads_are_true=pads_are_true,
+        outputs=outputs, batch_symbols=frozenset(map(str, symbols.batch)),
+        seq_symbols=frozenset(map(str, symbols.seq)), restarts_positions=restarts_positions)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
 
 
 def _packed_source(inputs: list[fx.Node]) -> fx.Node | None:

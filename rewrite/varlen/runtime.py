@@ -181,3 +181,36 @@ def segmented_cumsum(x: torch.Tensor, dim: int, cu_seqlens: torch.Tensor, dtype:
     before = total.index_select(dim, (starts - 1).clamp(min=0))
     before = before * (starts > 0).view(*([1] * (dim % x.dim())), -1, *([1] * (x.dim() - dim % x.dim() - 1)))
     return total - before.repeat_interleave(lengths, dim=dim)
+
+
+def check_zero_at_padding(
+    packed: torch.Tensor, padded: torch.Tensor, keep: torch.Tensor, batch_dim: int, seq_dim: int, what: str,
+    names: tuple[str, ...], sources: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """`packed`, once `padded` (the same value on the padded batch) is checked to be 0 at every padded token that
+    precedes a real token of its row; raises ValueError naming the first one that is not.
+
+    A cumsum over the tokens of such a value adds only zeros at padding before each real token, so at real
+    tokens it equals the cumsum restarted per sequence (RoBERTa's positions, `cumsum(input_ids != pad_id)`).
+    Under tracing (export, Inductor) the check becomes a run-time assert without the details.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    nonzero = padded.movedim((batch_dim, seq_dim), (0, 1)) != 0
+    nonzero = nonzero.reshape(*nonzero.shape[:2], -1).any(dim=2)
+    before_real = keep.flip(1).cumsum(1).flip(1) > 0  # a real token at or after this position
+    bad = nonzero & ~keep & before_real
+    if torch.compiler.is_compiling() or is_fake(bad):
+        torch._assert_async(bad.any().logical_not(), f"varlen: {what}: the counted value must be 0 at padding before "
+                            "a real token (put the pad token there, or pass position_ids explicitly)")
+        return packed
+    if not bool(bad.any()):
+        return packed
+    row, pos = (int(i) for i in bad.nonzero()[0])
+    held = ", ".join(f"{name} = {src[row, pos].tolist()}" for name, src in zip(names, sources)
+                     if src.dim() >= 2 and src.shape[:2] == keep.shape)
+    raise ValueError(
+        f"varlen: {what}; the padding-free module restarts that count per sequence, which equals the padded "
+        f"model only where the counted value is 0 at padding before a row's real tokens. Row {row}, position {pos} "
+        f"is padding but the value is not 0 there ({held or 'see the inputs'}). Put the pad token at padded "
+        "positions (e.g. input_ids[attention_mask == 0] = pad_token_id) or pass position_ids explicitly")

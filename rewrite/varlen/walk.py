@@ -62,6 +62,10 @@ class PackedGraphWalk:
         self.zero_at_pads: set[fx.Node] = set()  # values known to be 0 at every padded token
         self.exits: list[str] = []
         self.positions_rewritten: list[str] = []
+        self.restarts_positions = False  # an arange / position table now counts from each row's first real token
+        self.padded_inputs: dict[fx.Node, fx.Node] = {}  # packed token input -> the padded placeholder it packs
+        self.checked_at_runtime: list[str] = []
+        self.cumsum_problems: dict[fx.Node, str] = {}  # cumsums over the tokens that could not restart, and why
 
     def kind_of(self, node: fx.Node) -> str:
         return self.kind.get(node, "free")
@@ -109,6 +113,7 @@ class PackedGraphWalk:
             with self.graph.inserting_before(node):
                 new = self.graph.call_function(
                     runtime.shifted_positions, (self.layout["positions"], begin, val.dtype))
+            self.restarts_positions = True
         elif is_op(node, aten.slice.Tensor) and self.kind_of(node.args[0]) == "free":
             dim = node.args[1] if len(node.args) > 1 else 0
             start = node.args[2] if len(node.args) > 2 else 0
@@ -121,6 +126,7 @@ class PackedGraphWalk:
                 index = self.graph.call_function(
                     runtime.shifted_positions, (self.layout["positions"], begin, torch.int64))
                 new = self.graph.call_function(aten.index_select.default, (node.args[0], dim, index))
+            self.restarts_positions |= not self._constant_along(node.args[0], dim)
         else:
             return False
         new.meta = dict(node.meta)
@@ -129,6 +135,18 @@ class PackedGraphWalk:
         self.kind[new] = "positional"
         self.positions_rewritten.append(f"{node.name} ({module_path(new) or '<root>'})")
         return True
+
+    def _constant_along(self, table: fx.Node, dim: int) -> bool:
+        """Whether a model constant holds the same values at every index of `dim` (a buffer of zeros, say), so
+        reading it at restarted positions changes nothing; False when unknown."""
+        if table.op != "get_attr":
+            return False
+        value = self.gm
+        for part in str(table.target).split("."):
+            value = getattr(value, part, None)
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[dim] == 0:
+            return False
+        return bool((value == value.narrow(dim, 0, 1)).all())
 
     # exits ---------------------------------------------------------------------------------------
     def _repad(self, value: fx.Node, user: fx.Node) -> fx.Node:
@@ -186,6 +204,14 @@ class PackedGraphWalk:
                     self._sizes(node, self.packed, keep_placeholder_sizes=False)
                     self.kind[node] = "token" if "token" in kinds else "positional"
                     self._track_zero_at_pads(node)
+                elif node in feeds_mixing and node in self.cumsum_problems:
+                    raise fail(
+                        "a cumsum over the tokens (positions counted per row, say) restarts per sequence only when "
+                        "what it sums is 0 at padding. The pass proves that for values multiplied by the padding mask "
+                        "(OPT's cumsum(attention_mask)) and checks it at run time for element-wise functions of the "
+                        f"token inputs (RoBERTa's input_ids != pad_token_id); here {self.cumsum_problems[node]}. It "
+                        "feeds attention, so it cannot run on repadded values either. Pass the values as an input "
+                        "instead (e.g. position_ids), which the pass packs", node)
                 elif node in feeds_mixing:
                     raise fail(f"cannot prove this op token-wise on packed tokens: {reason}; it feeds attention, "
                                 "so it cannot run on repadded values either", node)
@@ -204,10 +230,18 @@ class PackedGraphWalk:
             return False
         x = node.args[0]
         dims = self.symbols.node_dims(x)
-        if not isinstance(dims, TokenDims) or dims.merged or x not in self.zero_at_pads:
+        if not isinstance(dims, TokenDims) or dims.merged:
             return False
         if node.args[1] % tensor_meta(x).dim() != dims.seq:
             return False
+        if x not in self.zero_at_pads:
+            if dims.batch is None:
+                self.cumsum_problems[node] = "the summed value has no batch dim"
+                return False
+            checked = self._checked_zero_at_pads(x, node, dims)
+            if checked is None:
+                return False
+            x = checked
         with self.graph.inserting_before(node):
             new = self.graph.call_function(
                 runtime.segmented_cumsum, (x, node.args[1], self.layout["cu_seqlens"]), dict(node.kwargs))
@@ -217,6 +251,68 @@ class PackedGraphWalk:
         self.kind[new] = "token"
         self.positions_rewritten.append(f"{node.name} ({module_path(new) or '<root>'}): cumsum per sequence")
         return True
+
+    def _checked_zero_at_pads(self, x: fx.Node, cumsum: fx.Node, dims: TokenDims) -> fx.Node | None:
+        """`x` behind a run-time check that it is 0 at every padded token that precedes a real token of its row.
+
+        That is what makes the padded cumsum equal the per-sequence one at real tokens. The check needs `x` at
+        padded tokens, which the packed graph never computes, so `x` must be an element-wise function of the
+        token inputs (RoBERTa: `input_ids != padding_idx`); those ops are run once more on the padded inputs.
+        None when it is not (the reason is kept in `cumsum_problems` for the error message).
+        """
+        chain, sources, problem = self._elementwise_chain(x)
+        where = f"{cumsum.name} ({module_path(cumsum) or '<root>'})"
+        if problem is not None:
+            self.cumsum_problems[cumsum] = problem
+            return None
+        expr = _describe(x, chain, {packed: p.name for packed, p in self.padded_inputs.items()})
+        mapping = dict(self.padded_inputs)
+        with self.graph.inserting_before(cumsum):
+            for n in chain:
+                copy = self.graph.node_copy(n, lambda a: mapping.get(a, a))
+                mapping[n] = copy
+                self.kind[copy] = "padded"
+            checked = self.graph.call_function(
+                runtime.check_zero_at_padding,
+                (x, mapping[x], self.layout["keep"], dims.batch, dims.seq, f"{where} counts {expr} over the tokens",
+                 tuple(self.padded_inputs[s].name for s in sources), tuple(self.padded_inputs[s] for s in sources)))
+        checked.meta = dict(x.meta)
+        self.kind[checked] = "token"
+        self.checked_at_runtime.append(f"{where}: {expr} is 0 at padding")
+        return checked
+
+    def _elementwise_chain(self, x: fx.Node) -> tuple[list[fx.Node], list[fx.Node], str | None]:
+        """(nodes from the token inputs to `x` in graph order, the packed inputs they read, why not if they are not
+        element-wise ops on the token inputs and model constants)."""
+        seen: set[fx.Node] = set()
+        sources: list[fx.Node] = []
+        stack = [x]
+        while stack:
+            cur = stack.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            if cur in self.padded_inputs:
+                sources.append(cur)
+                continue
+            target = cur.target
+            tagged = isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+            if cur.op != "call_function" or not (tagged or is_op(cur, *ZERO_KEEPING)):
+                return [], [], f"{cur.name!r} ({getattr(target, '__name__', target)}) is not element-wise"
+            if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+                return [], [], f"{cur.name!r} ({target.__name__}) writes in place or draws random numbers"
+            if len(seen) > 16:
+                return [], [], "the value is more than 16 element-wise ops away from the token inputs"
+            for arg in cur.all_input_nodes:
+                if is_sym(arg) or self.kind_of(arg) not in ("token", "free"):
+                    return [], [], f"{cur.name!r} reads {arg.name!r}, which is neither a token input nor a constant"
+                if self.kind_of(arg) == "token":
+                    stack.append(arg)
+        if not sources:
+            return [], [], "the value reads no token input"
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        chain = sorted(seen - set(sources), key=order.__getitem__)
+        return chain, sources, None
 
     def _track_zero_at_pads(self, node: fx.Node) -> None:
         """A product with, or a cast of, a value that is 0 at padded tokens is 0 there too."""
@@ -235,6 +331,10 @@ class PackedGraphWalk:
             self.kind[node] = "padded"
         elif not seq_shaped:
             batch_shaped = any(any(self.symbols.mentions_tokens(d) for d in t.shape) for t in shapes)
+            if batch_shaped and self._broadcast_over_batch(node):
+                self._sizes(node, self.packed, keep_placeholder_sizes=False)  # one row stands for all
+                self.kind[node] = "free"
+                return
             self.kind[node] = "padded" if batch_shaped else "free"
             if batch_shaped:
                 self._sizes(node, self.padded, keep_placeholder_sizes=True)
@@ -245,6 +345,14 @@ class PackedGraphWalk:
             self.kind[node] = "positional"  # the same value at every token
         else:
             self.kind[node] = "unproven"
+
+    def _broadcast_over_batch(self, node: fx.Node) -> bool:
+        """A model constant expanded over the batch (`buffer.expand(batch, -1)`): every row holds the same values,
+        so one row of it (batch size 1) serves the packed tokens (RoBERTa's buffered token_type_ids)."""
+        val = tensor_meta(node)
+        if not is_op(node, aten.expand.default) or val is None or self.kind_of(node.args[0]) != "free":
+            return False
+        return all(not self.symbols.mentions_tokens(d) or self.symbols.kind(d) == "batch" for d in val.shape)
 
     def _attention(self, node: fx.Node) -> None:
         qkv = node.args[2:5] if node.target is runtime.packed_mixer else node.args[:3]
@@ -263,6 +371,24 @@ class PackedGraphWalk:
             return arg
 
         node.args = fx.node.map_arg(node.args, swap)
+
+
+def _describe(x: fx.Node, chain: list[fx.Node], names: dict[fx.Node, str]) -> str:
+    """`x` as a readable expression of the inputs it is computed from, e.g. `to(ne(input_ids, 1), torch.int32)`."""
+    inside = set(chain)
+
+    def show(arg) -> str:
+        if isinstance(arg, fx.Node):
+            return render(arg) if arg in inside else names.get(arg, arg.name)
+        if isinstance(arg, list | tuple):
+            return "[" + ", ".join(show(a) for a in arg) + "]"
+        return str(arg)
+
+    def render(node: fx.Node) -> str:
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        return f"{name}({', '.join(show(a) for a in node.args)})"
+
+    return render(x) if x in inside else x.name
 
 
 def ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
