@@ -27,11 +27,11 @@ import functools
 import warnings
 
 import torch
-from rewrite.kernels.router import route
-from rewrite.kernels.router.reference import route_reference
 
 import rewrite
 from benchmarks.runner import Measurement, environment, measure, write_results
+from rewrite.kernels.router import route
+from rewrite.kernels.router.reference import route_reference
 from rewrite.routing import skip_controls
 
 FAILURES: list[str] = []

@@ -301,9 +301,8 @@ def test_counted_bytes_equal_the_cost_model(strategy: str) -> None:
 
 @pytest.mark.parametrize("strategy", ["lasp2", "allscan"])
 def test_counted_state_bytes_equal_the_cost_model(strategy: str) -> None:
-    from rewrite.kernels.linear_attention import linear_attention
-
     from rewrite.distributed.recurrent_kernels import SequenceParallelKernels
+    from rewrite.kernels.linear_attention import linear_attention
 
     batch, heads, kv_heads, length, dim, size = 1, 4, 2, 16, 8, 4
     q, k, v = torch.randn(batch, length, heads, dim), torch.randn(batch, length, kv_heads, dim), torch.randn(
