@@ -19,10 +19,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from rewrite.kernels import delta_rule, short_conv, sliding_window_attention
 
 from benchmarks.linear_attention import copy_bandwidth
 from benchmarks.runner import Measurement, environment, measure, write_results
+from rewrite.kernels import delta_rule, short_conv, sliding_window_attention
 
 H, D = 16, 128
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from rewrite.kernels import linear_attention
 
 from benchmarks.runner import Measurement, environment, measure, write_results
+from rewrite.kernels import linear_attention
 
 H, D = 16, 128
 

@@ -25,6 +25,16 @@ def _as_args(example_inputs: Any) -> tuple:
     return (example_inputs,)
 
 
+def _prompt_example(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+    """(example args, example kwargs) that call `model` on token ids: `input_ids=` when its forward
+    takes that keyword, else the first positional argument."""
+    import inspect
+
+    if "input_ids" in inspect.signature(model.forward).parameters:
+        return (), {"input_ids": input_ids}
+    return (input_ids,), {}
+
+
 class LazyOptimizedModule(torch.nn.Module):
     """Optimizes on the first call, when example inputs are known; then behaves as the OptimizedModule."""
 
@@ -48,13 +58,24 @@ class LazyOptimizedModule(torch.nn.Module):
         """The OptimizedModule once the first call has captured the model."""
         return self.__dict__["_optimized"]
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.optimized is None:
+    def _ensure(self, args: tuple, kwargs: dict[str, Any]) -> OptimizedModule:
+        """The OptimizedModule, captured now with `args` / `kwargs` as example inputs if it does not exist."""
+        om = self.optimized
+        if om is None:
             self._model.train(self.training)
             om = optimize(self._model, self._plan, args, example_kwargs=kwargs, verify=self._verify)
+            assert isinstance(om, OptimizedModule)
             self.__dict__["_optimized"] = om
-        self.optimized.train(self.training)
-        return self.optimized(*args, **kwargs)
+        om.train(self.training)
+        return om
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ensure(args, kwargs)(*args, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
+        """Continue the prompts token by token (see `rewrite.decode.generate`); before the first call,
+        the model is captured with the prompt's token ids as example inputs."""
+        return self._ensure(*_prompt_example(self._model, input_ids)).generate(input_ids, attention_mask, **options)
 
     def __getattr__(self, name: str) -> Any:
         try:

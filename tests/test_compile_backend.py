@@ -13,8 +13,6 @@ from typing import Any
 import pytest
 import torch
 import torch.fx as fx
-from rewrite.passes import PASSES
-from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 import rewrite
 from examples import models
@@ -22,6 +20,8 @@ from rewrite import compile_backend
 from rewrite.analysis import analyze
 from rewrite.compile_backend import CompileReport
 from rewrite.dynamo_ir import state_name_from_source
+from rewrite.passes import PASSES
+from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 pytestmark = pytest.mark.filterwarnings("ignore:pass .* matched nothing")
 NORMALIZE = {"passes": ["attention_normalize"]}

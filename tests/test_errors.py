@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import split_example
-from rewrite.passes import PASSES
-from rewrite.passes.base import GraphPass, PassResult
 
 import rewrite
 from examples.models import handwritten, llama
 from rewrite.analysis.nodes import is_op, module_path
 from rewrite.errors import CaptureError, RewriteError, VerificationError
+from rewrite.passes import PASSES
+from rewrite.passes.base import GraphPass, PassResult
 from rewrite.verify import verify
 
 aten = torch.ops.aten

@@ -7,12 +7,12 @@ import functools
 import math
 
 import pytest
-import rewrite.passes.mixer  # noqa: F401  (registers the pass)
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import rewrite
+import rewrite.passes.mixer  # noqa: F401  (registers the pass)
 from examples import linearize
 from examples.models import FAMILIES, TARGETS
 from rewrite.capture import capture

@@ -8,11 +8,11 @@ import functools
 import math
 
 import pytest
-import rewrite.passes.mixer  # noqa: F401  (registers the pass)
 import torch
 import torch.nn.functional as F
 
 import rewrite
+import rewrite.passes.mixer  # noqa: F401  (registers the pass)
 from examples import linearize
 from examples.models import FAMILIES, TARGETS
 from rewrite.analysis import analyze

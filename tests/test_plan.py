@@ -12,12 +12,12 @@ from typing import Literal
 import pytest
 import torch
 import yaml
-from rewrite.passes import PASSES
-from rewrite.passes.attention_normalize import AttentionNormalizeOptions
-from rewrite.passes.base import GraphPass, PassResult
 
 import rewrite
 from rewrite.errors import PlanError
+from rewrite.passes import PASSES
+from rewrite.passes.attention_normalize import AttentionNormalizeOptions
+from rewrite.passes.base import GraphPass, PassResult
 from rewrite.plan import TOP_LEVEL_KEYS, PassSpec, Plan
 from rewrite.selectors import select_layers, validate_selector
 

@@ -1,9 +1,12 @@
 """Pass `stateful` and `OptimizedModule.generate`: token-by-token logits equal the full-sequence
 forward for softmax, linear and hybrid models of several families; batched prompts of different
-lengths give the same tokens as one-by-one generation; sampling, eos, streaming and errors."""
+lengths give the same tokens as one-by-one generation; sampling, eos, streaming and errors; layer-skip
+routed models decode with prefill's decisions held (against the model without the skipped layers);
+the lazy module's generate."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -16,6 +19,7 @@ from rewrite.decode import decode_program
 from rewrite.decode.sampling import Sampling, filter_logits, next_tokens
 from rewrite.decode.state import RingKVCache
 from rewrite.errors import PassError, PlanError, RewriteError
+from rewrite.routing import record_skips, skip_controls
 
 ATOL, RTOL = 1e-5, 1e-5
 
@@ -328,14 +332,191 @@ def test_a_window_the_plan_does_not_declare_is_refused_and_declared_it_decodes()
         rewrite.optimize(model, [{"stateful": {"sliding_window": 0}}], (ids,))
 
 
-def test_blocks_lifted_into_sub_programs_are_refused_by_name():
-    from rewrite.passes import PASSES
+# -- layer-skip routed blocks -----------------------------------------------------------------------
 
-    if "layer_skip" not in PASSES:
-        pytest.skip("no layer_skip pass in this tree")
-    model, _, ids = optimized("llama", "softmax")
-    with pytest.raises(PassError, match=r"model.layers.0: this block runs as a separate sub-program"):
-        rewrite.optimize(model, ["layer_skip", "stateful"], example_kwargs={"input_ids": ids})
+ROUTED_PLANS = {
+    "softmax": [{"layer_skip": {}}],
+    "gla": [{"mixer": {"kind": "gla", "layers": [0, 2]}}, {"layer_skip": {}}],
+    "windowed": [{"layer_skip": {}}],
+}
+GLA_LAYERS = {"softmax": [], "gla": [0, 2], "windowed": []}
+"""Layers that the plan turns into gla mixers (the others keep softmax)."""
+
+
+def _llama4():
+    """A tiny 4-layer Llama, so that routed softmax and gla layers mix."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=256, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@functools.cache
+def routed(plan_key: str):
+    """(original model, routed optimized module with spread routers, token ids [3, 10]): a 4-layer
+    Llama, or a 3-layer Mistral whose layers see a window of 4 tokens (`windowed`)."""
+    model = _windowed_hf("mistral") if plan_key == "windowed" else _llama4()
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(3))
+    om = rewrite.optimize(model, ROUTED_PLANS[plan_key], example_kwargs={"input_ids": ids})
+    g = torch.Generator().manual_seed(0)
+    for name, p in om.named_parameters():  # routers that read the prompt: decisions differ per sequence
+        if ".router." in name:
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("bias") else 30.0))
+    return model, om, ids
+
+
+def _assert_mixed(decisions: torch.Tensor) -> None:
+    """The decisions exercise the routed paths: a block some rows skip and others run, and rows that differ."""
+    partial = [j for j in range(decisions.shape[1]) if 0 < int(decisions[:, j].sum()) < decisions.shape[0]]
+    assert partial, f"no block is skipped by only some sequences: {decisions}"
+    assert any(not torch.equal(decisions[0], decisions[b]) for b in range(1, decisions.shape[0])), decisions
+
+
+def without_skipped_layers(model, gla_layers: list[int], skipped: list[bool]):
+    """The original model with the layers a sequence skipped removed (optimized with the same mixer
+    layers when the plan has any): an independent reference for that sequence."""
+    kept = [i for i, s in enumerate(skipped) if not s]
+    pruned = copy.deepcopy(model)
+    pruned.model.layers = nn.ModuleList(pruned.model.layers[i] for i in kept)
+    for j, layer in enumerate(pruned.model.layers):
+        layer.self_attn.layer_idx = j
+    pruned.config.num_hidden_layers = len(kept)
+    pruned.config.use_cache = False
+    mixed = [j for j, i in enumerate(kept) if i in gla_layers]
+    if not mixed:
+        return pruned
+    example = torch.zeros(1, 4, dtype=torch.long)
+    return rewrite.optimize(pruned, [{"mixer": {"kind": "gla", "layers": mixed}}], example_kwargs={"input_ids": example})
+
+
+@pytest.mark.parametrize("plan", ["softmax", "gla", "windowed"])
+def test_routed_token_by_token_logits_equal_the_model_without_the_skipped_layers(plan):
+    model, om, ids = routed(plan)
+    with record_skips() as report:
+        got = stepwise_logits(om, ids, prefill=5)
+    held = report.calls[0].decisions
+    _assert_mixed(held)
+    assert len(report.calls) == 1 + ids.shape[1] - 5
+    assert all(torch.equal(call.decisions, held) for call in report.calls)  # decided once, at prefill
+    for b in range(ids.shape[0]):
+        reference = without_skipped_layers(model, GLA_LAYERS[plan], held[b].tolist())
+        torch.testing.assert_close(got[b : b + 1], full_forward(reference, ids[b : b + 1]), atol=ATOL, rtol=RTOL)
+    with skip_controls(skip_mask=held):  # the routed forward with the same decisions held
+        torch.testing.assert_close(got, logits_of(om(input_ids=ids)), atol=ATOL, rtol=RTOL)
+
+
+def test_routed_generate_holds_prefill_decisions_and_batches_ragged_prompts():
+    model, om, ids = routed("gla")
+    prompt, mask = _ragged(ids)
+    with record_skips() as report:
+        batched = om.generate(prompt, mask, max_new_tokens=5)
+    held = report.calls[0].decisions
+    _assert_mixed(held)
+    assert len(report.calls) == 5 and all(torch.equal(c.decisions, held) for c in report.calls)
+    from rewrite.decode.hf import hf_generation_model
+
+    with record_skips() as hf_report:
+        hf = hf_generation_model(om).generate(prompt, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                              pad_token_id=0)
+    assert torch.equal(hf[:, -5:], batched[:, -5:])
+    assert all(torch.equal(c.decisions, held) for c in hf_report.calls)
+    for row, start in ((0, 4), (1, 0), (2, 0)):
+        alone_prompt = prompt[row : row + 1, start:]
+        with record_skips() as forward:
+            om(input_ids=alone_prompt)  # the routed model's own decision on the prompt
+        with record_skips() as alone_report:
+            alone = om.generate(alone_prompt, max_new_tokens=5)
+        assert torch.equal(forward.decisions[0], held[row])
+        assert torch.equal(alone_report.calls[0].decisions[0], held[row])
+        # the routers pool the prompt's real tokens only: the padded row scores as it does alone
+        torch.testing.assert_close(torch.stack(report.calls[0].probabilities, 1)[row],
+                                   torch.stack(alone_report.calls[0].probabilities, 1)[0], atol=ATOL, rtol=RTOL)
+        assert torch.equal(batched[row, start:], alone[0])
+        reference = without_skipped_layers(model, GLA_LAYERS["gla"], held[row].tolist())
+        assert torch.equal(alone, greedy_reference(reference, alone_prompt, 5))
+
+
+def test_routed_generate_that_skips_nothing_equals_the_unrouted_model_exactly():
+    model, om, ids = routed("gla")
+    unrouted = rewrite.optimize(model, ROUTED_PLANS["gla"][:1], example_kwargs={"input_ids": ids})
+    prompt, mask = _ragged(ids)
+    with skip_controls(threshold=1.0), record_skips() as report:
+        got = om.generate(prompt, mask, max_new_tokens=6)
+        logits = stepwise_logits(om, ids, prefill=5)
+    assert not bool(report.calls[0].decisions.any())
+    with record_skips() as spread:
+        om.generate(prompt, mask, max_new_tokens=1)
+    assert bool(spread.calls[0].decisions.any())  # the routers alone would skip: the threshold made the difference
+    assert torch.equal(got, unrouted.generate(prompt, mask, max_new_tokens=6))
+    torch.testing.assert_close(logits, stepwise_logits(unrouted, ids, prefill=5), atol=0, rtol=0)
+
+
+def _block_states(state, layer: str) -> list[torch.Tensor]:
+    """Every tensor of the decode state that belongs to routed block `layer`."""
+    found = [value for key, value in state.layers.items() if key.startswith(layer + ".")]
+    assert found, f"no state for {layer} in {list(state.layers)}"
+    return [t for value in found for t in torch.utils._pytree.tree_leaves(vars(value)) if isinstance(t, torch.Tensor)
+            and t.dim() > 0 and t.shape[0] == state.batch]
+
+
+def test_a_skipped_sequence_never_writes_nor_reads_the_blocks_state():
+    _, om, ids = routed("gla")
+    program = decode_program(om)
+    layers = program.routed_layers
+    assert layers == [f"model.layers.{i}" for i in range(4)]
+
+    def run(poison: bool):
+        state = program.new_state(3, ids.shape[1])
+        positions = torch.arange(ids.shape[1]).expand(3, -1)
+        state.begin(5)
+        outs = [program(ids[:, :5], positions[:, :5], state)]
+        state.advance()
+        skipped = [(b, j) for b in range(3) for j in range(4) if state.skips[b, j]]
+        for b, j in skipped:
+            for t in _block_states(state, layers[j]):
+                assert not bool(t[b].any()), f"row {b} skips {layers[j]} but its state was written at prefill"
+                if poison:
+                    t[b] = float("nan") if t.is_floating_point() else -1
+        for t in range(5, ids.shape[1]):
+            state.begin(1)
+            outs.append(program(ids[:, t : t + 1], positions[:, t : t + 1], state))
+            state.advance()
+        return torch.cat(outs, dim=1), state, skipped
+
+    clean, _, skipped = run(poison=False)
+    poisoned, state, _ = run(poison=True)
+    assert skipped
+    torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)  # a poisoned row was never read
+    for b, j in skipped:
+        for t in _block_states(state, layers[j]):
+            if t.is_floating_point():
+                assert bool(t[b].isnan().all()), f"row {b} skips {layers[j]} but its state was written while decoding"
+    running = [(b, j) for b in range(3) for j in range(4) if not state.skips[b, j]]
+    assert all(any(bool(t[b].any()) for t in _block_states(state, layers[j])) for b, j in running)
+
+
+def test_routed_blocks_in_a_plan_are_checked_and_soft_decisions_are_refused():
+    model, om, ids = routed("gla")
+    checked = rewrite.optimize(model, [*ROUTED_PLANS["gla"], "stateful"], example_kwargs={"input_ids": ids})
+    messages = checked.report.results[-1].messages
+    assert sum("routed; decodes with the decision made at prefill" in m for m in messages) == 4
+    assert any("gla state" in m for m in messages) and any("KV cache" in m for m in messages)
+    with skip_controls(mode="soft"), pytest.raises(RewriteError, match="model.layers.0: layer skipping decodes with hard"):
+        om.generate(ids, max_new_tokens=1)
+
+
+def test_lazy_module_generates_by_capturing_from_the_prompt():
+    model, om, ids = optimized("llama", "hybrid")
+    lazy = rewrite.optimize(model, PLANS["hybrid"])
+    assert lazy.optimized is None
+    prompt, mask = _ragged(ids)
+    got = lazy.generate(prompt, mask, max_new_tokens=5)
+    assert lazy.optimized is not None
+    assert torch.equal(got, om.generate(prompt, mask, max_new_tokens=5))
+    assert torch.equal(lazy.generate(ids, max_new_tokens=3), greedy_reference(om, ids, 3))
 
 
 def test_decode_state_memory_is_constant_in_context_for_linear_mixers():
@@ -355,11 +536,15 @@ def test_hugging_face_generate_drives_the_decode_program(plan, monkeypatch):
     import rewrite.decode.hf as hf_adapter
 
     monkeypatch.setattr(hf_adapter, "INITIAL_CAPACITY", 2)  # the cache must grow while generating
+    seen, real_open = [], hf_adapter.DecodeStateCache.open
+    monkeypatch.setattr(hf_adapter.DecodeStateCache, "open",
+                        lambda cache, *args: seen.append(cache.get_seq_length()) or real_open(cache, *args))
     _, om, ids = optimized("llama", plan)
     prompt, mask = _ragged(ids)
     hf = hf_adapter.hf_generation_model(om)
     out = hf.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(out[:, -6:], om.generate(prompt, mask, max_new_tokens=6)[:, -6:])
+    assert seen == [0, *range(ids.shape[1], ids.shape[1] + 5)]  # one prefill, then one token a step
     assert om.source.config._attn_implementation == "sdpa"  # the source's config is left alone
 
 

@@ -68,6 +68,11 @@ def hf_generation_model(om: Any) -> Any:
     transformers = _transformers()
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    # transformers >= 5.x names the cache `cache` (it was `past_key_values`); generate hands it back under
+    # that name, and a forward that misses it would prefill the whole sequence again at every step
+    fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    CACHE_FIELD = "cache" if "cache" in fields else "past_key_values"  # noqa: N806
+
     class RewriteGenerationModel(transformers.PreTrainedModel, transformers.GenerationMixin):
         """Hugging Face's generation loop over an optimized module's decode program."""
 
@@ -86,16 +91,18 @@ def hf_generation_model(om: Any) -> Any:
             return False  # the forward makes its own DecodeStateCache
 
         def prepare_inputs_for_generation(self, input_ids: torch.Tensor, past_key_values: Any = None,
-                                          attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict:
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            return {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask,
-                    "past_key_values": past_key_values}
+                                          attention_mask: torch.Tensor | None = None, cache: Any = None,
+                                          **kwargs: Any) -> dict:
+            cache = cache if cache is not None else past_key_values
+            seen = cache.get_seq_length() if cache is not None else 0
+            return {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask, CACHE_FIELD: cache}
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    past_key_values: Any = None, **kwargs: Any) -> Any:
-            if past_key_values is not None and not isinstance(past_key_values, DecodeStateCache):
-                raise RewriteError(f"this model decodes with a DecodeStateCache, got {type(past_key_values).__name__}")
-            cache = past_key_values if past_key_values is not None else DecodeStateCache()
+                    past_key_values: Any = None, cache: Any = None, **kwargs: Any) -> Any:
+            cache = cache if cache is not None else past_key_values
+            if cache is not None and not isinstance(cache, DecodeStateCache):
+                raise RewriteError(f"this model decodes with a DecodeStateCache, got {type(cache).__name__}")
+            cache = cache if cache is not None else DecodeStateCache()
             program = decode_program(om)
             batch, tokens = input_ids.shape
             state = cache.open(program, batch, tokens)
@@ -106,6 +113,6 @@ def hf_generation_model(om: Any) -> Any:
             state.begin(tokens, None if bool(valid.all()) else valid)
             logits = program(input_ids, positions, state)
             state.advance()
-            return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
 
     return RewriteGenerationModel()

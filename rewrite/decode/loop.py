@@ -137,7 +137,10 @@ def stream(
     device = program.new_state(1, 1).device
     if mode == "always" and device.type != "cuda":
         raise RewriteError(f"cuda_graph='always' needs the model on a CUDA device, it is on {device}")
-    graphs = mode != "never" and device.type == "cuda"
+    if mode == "always" and program.routed_layers:
+        raise RewriteError("cuda_graph='always': a decode program with layer-skip routed blocks "
+                           f"({', '.join(program.routed_layers)}) runs eagerly; CUDA-graph replay of it is not supported")
+    graphs = mode != "never" and device.type == "cuda" and not program.routed_layers
     eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     eos = torch.tensor(eos_list, device=device) if eos_list else None
     pad = pad_token_id if pad_token_id is not None else (eos_list[0] if eos_list else 0)

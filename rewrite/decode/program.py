@@ -115,6 +115,11 @@ class DecodeProgram:
         return bool(self.signature.positions_in_graph)
 
     @property
+    def routed_layers(self) -> list[str]:
+        """The layer-skip routed blocks, whose decisions are made at prefill and held while decoding."""
+        return list(self.signature.routed_layers)
+
+    @property
     def code(self) -> str:
         """The threaded program as readable Python."""
         return self.graph_module.code

@@ -14,10 +14,11 @@ class DecodeSignature:
     `in_spec` / `out_spec` are the pytree specs the capture used to flatten the call's arguments and
     to rebuild its outputs; `positions_in_graph` lists the `arange` nodes whose positions now
     continue from the state (the model computes positions itself, so all sequences of a batch
-    share them).
+    share them); `routed_layers` the layer-skip routed blocks whose decisions are held from prefill.
     """
 
     inputs: list[str]
     in_spec: Any = None
     out_spec: Any = None
     positions_in_graph: list[str] = field(default_factory=list)
+    routed_layers: list[str] = field(default_factory=list)

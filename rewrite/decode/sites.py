@@ -78,15 +78,15 @@ cache is a ring of `window` slots.
     if window is not None:
         return _windowed_attention(decode_state, q, k, v, site=site, scale=scale, window=window, fresh=fresh)
     cache = decode_state.kv_cache(site, k, v)
-    cache.keys.index_copy_(2, slots, k.to(cache.keys.dtype))
-    cache.values.index_copy_(2, slots, v.to(cache.values.dtype))
+    decode_state.write_kv(cache, slots, k, v)
     if fresh:  # a fresh, unpadded prompt: plain causal attention over its own keys (the fused kernels apply)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
     end = decode_state.visible_end()
     key_slots = torch.arange(end, device=q.device)
     visible = decode_state.valid[:, None, None, :end] & (key_slots <= slots[:, None])
     visible = visible | (key_slots == slots[:, None])
-    return _grouped_attention(q, cache.keys[:, :, :end], cache.values[:, :, :end], visible, scale)
+    keys, values = decode_state.read_kv(cache, end)
+    return _grouped_attention(q, keys, values, visible, scale)
 
 
 def _grouped_attention(
@@ -116,12 +116,14 @@ def _windowed_attention(
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
     elif count == 1:  # decoding: write the token, then attend over the ring
         _ring_write(ring, state, k, v, slots, window)
-        return _grouped_attention(q, ring.keys, ring.values, _window_mask(ring.slot, ring.valid, slots, window), scale)
+        keys, values = state.read_kv(ring)
+        return _grouped_attention(q, keys, values, _window_mask(ring.slot, state.ring_valid(ring), slots, window), scale)
     else:  # a prompt (chunk): the ring's past slots and the chunk's own
         key_slots = torch.cat([ring.slot, slots])
-        valid = torch.cat([ring.valid, state.step_valid], dim=1)
+        valid = torch.cat([state.ring_valid(ring), state.step_valid], dim=1)
         visible = _window_mask(key_slots, valid, slots, window)
-        o = _grouped_attention(q, torch.cat([ring.keys, k], 2), torch.cat([ring.values, v], 2), visible, scale)
+        keys, values = state.read_kv(ring)
+        o = _grouped_attention(q, torch.cat([keys, k], 2), torch.cat([values, v], 2), visible, scale)
     _ring_write(ring, state, k, v, slots, window)
     return o
 
@@ -138,10 +140,9 @@ def _ring_write(ring: Any, state: DecodeState, k: torch.Tensor, v: torch.Tensor,
     keep = min(slots.numel(), window)
     slots, k, v = slots[-keep:], k[:, :, -keep:], v[:, :, -keep:]
     index = slots % window
-    ring.keys.index_copy_(2, index, k)
-    ring.values.index_copy_(2, index, v)
-    ring.slot.index_copy_(0, index, slots)
-    ring.valid.index_copy_(1, index, state.step_valid[:, -keep:])
+    state.write_kv(ring, index, k, v)
+    ring.slot.index_copy_(0, index, slots)  # the slot an entry holds is the same for every row
+    state.write_ring_valid(ring, index, state.step_valid[:, -keep:])
 
 
 def stateful_mixer(
@@ -188,3 +189,38 @@ def continued_positions(decode_state: DecodeState, positions: torch.Tensor) -> t
     """Positions the model computes from the sequence length (0..T-1), moved past the tokens seen."""
     offset = decode_state.slots[:1] if decode_state.static else decode_state.length
     return positions + offset
+
+
+def held_route(
+    decode_state: DecodeState, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, **route_kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A routed block's decision in a decode program: made by its router from the prompt at prefill
+    (the first call of the state; pooled over real tokens only) and held for every later call.
+
+    Same arguments and result as `rewrite.routing.layer_skip_route` with the state first. The
+    decisions are kept in `decode_state.skips`; per-call knobs (`skip_controls`) apply at prefill.
+    """
+    from rewrite.routing.controls import current_controls
+    from rewrite.routing.runtime import HeldDecisions, layer_skip_route
+
+    layer, column, n_routed = route_kwargs["layer"], int(route_kwargs["column"]), int(route_kwargs["n_routed"])
+    if current_controls().mode != "hard":
+        raise RewriteError(f"stateful decode at {layer}: layer skipping decodes with hard decisions only, not mode "
+                           f"{current_controls().mode!r}")
+    if decode_state.rows is not None:
+        raise RewriteError(f"stateful decode at {layer}: a routed block inside another routed block is not supported")
+    if decode_state.length == 0 and not decode_state.static:  # prefill: the routers decide from the prompt
+        if column == 0:
+            decode_state.skips = torch.zeros(decode_state.batch, n_routed, dtype=torch.bool)
+            decode_state.held = None
+        elif decode_state.skips is None:
+            raise RewriteError(f"stateful decode at {layer}: the first routed block did not run at prefill")
+        valid = decode_state.step_valid if decode_state.padded else None
+        skip, order, count = layer_skip_route(hidden, weight, bias, valid=valid, **route_kwargs)
+        decode_state.skips[:, column] = skip.detach().to("cpu", torch.bool)
+        return skip, order, count
+    if decode_state.skips is None:
+        raise RewriteError(f"stateful decode at {layer}: no decisions were made at prefill (the state's first call)")
+    if decode_state.held is None:
+        decode_state.held = HeldDecisions.of(decode_state.skips, hidden.device)
+    return layer_skip_route(hidden, weight, bias, held=decode_state.held, **route_kwargs)

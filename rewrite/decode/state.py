@@ -5,10 +5,15 @@ all sequences of a batch advance together (left padding lines their last tokens 
 marks the slots that hold real tokens, so padded slots are never attended to. Tensors are
 allocated on first use by the site that owns them and updated in place afterwards, so a captured
 CUDA graph of the decode step reads and writes the same memory on every replay.
+
+A routed block (the `layer_skip` pass) runs only some sequences; it sees the state through
+`select_rows(rows)`, a view whose sites read and write only those sequences' rows of the shared
+caches and recurrent states. The decisions made at prefill are held in `skips`.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +81,10 @@ class DecodeState:
     layers: dict[str, KVCache | RingKVCache | RecurrentState] = field(default_factory=dict)
     static: bool = False
     """Set while a CUDA graph of the step is captured or replayed: sites attend over every slot."""
+    skips: torch.Tensor | None = None
+    """[batch, routed blocks] bool on the CPU: the layer-skip decisions made at prefill and held."""
+    held: Any = None
+    """`skips` prepared for the routed blocks (rewrite.routing.runtime.HeldDecisions), made once."""
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -84,6 +93,8 @@ class DecodeState:
         self.step_valid = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
         self.padded = False
         """Whether the current call holds padded tokens."""
+        self.rows: torch.Tensor | None = None
+        """On a view from `select_rows`: the sequences it covers (None: all)."""
 
     # -- the loop's side ---------------------------------------------------------------------
     def begin(self, count: int, valid: torch.Tensor | None = None) -> None:
@@ -127,7 +138,54 @@ class DecodeState:
 
     def advance(self) -> None:
         """Close the call opened by `begin`: its tokens now belong to the past."""
+        if self.rows is not None:
+            raise RewriteError("a row view of a decode state cannot advance; advance the state itself")
         self.length += self.slots.numel()
+
+    # -- row views (routed blocks) ---------------------------------------------------------------
+    def select_rows(self, rows: torch.Tensor) -> DecodeState:
+        """A view for the sequences `rows` [R] (ascending): its `valid` / `step_valid` hold those rows,
+        its sites read and write only those rows of the caches and states it shares with this state
+        (a state a view allocates first is allocated for the whole batch)."""
+        view = copy.copy(self)
+        view.rows = rows if self.rows is None else self.rows.index_select(0, rows)
+        view.valid = self.valid.index_select(0, rows)
+        view.step_valid = self.step_valid.index_select(0, rows)
+        return view
+
+    def _mine(self, t: torch.Tensor) -> torch.Tensor:
+        """This view's rows of a whole-batch tensor (dim 0)."""
+        return t if self.rows is None else t.index_select(0, self.rows)
+
+    def write_kv(self, cache: KVCache | RingKVCache, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys / values [R, Hkv, T, D] of this view's rows at cache positions `index` [T]."""
+        k, v = k.to(cache.keys.dtype), v.to(cache.values.dtype)
+        if self.rows is None:
+            cache.keys.index_copy_(2, index, k)
+            cache.values.index_copy_(2, index, v)
+            return
+        heads = torch.arange(k.shape[1], device=k.device)
+        where = (self.rows[:, None, None], heads[None, :, None], index[None, None, :])
+        cache.keys.index_put_(where, k)
+        cache.values.index_put_(where, v)
+
+    def read_kv(self, cache: KVCache | RingKVCache, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This view's rows of the cache's keys and values, up to position `end` (all when None)."""
+        keys, values = cache.keys, cache.values
+        if end is not None:
+            keys, values = keys[:, :, :end], values[:, :, :end]
+        return self._mine(keys), self._mine(values)
+
+    def ring_valid(self, ring: RingKVCache) -> torch.Tensor:
+        """This view's rows of the ring's validity [R, size]."""
+        return self._mine(ring.valid)
+
+    def write_ring_valid(self, ring: RingKVCache, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Mark ring entries `index` [T] of this view's rows real or not (`valid` [R, T])."""
+        if self.rows is None:
+            ring.valid.index_copy_(1, index, valid)
+        else:
+            ring.valid.index_put_((self.rows[:, None], index[None, :]), valid)
 
     # -- the sites' side -----------------------------------------------------------------------
     @property
@@ -165,20 +223,34 @@ class DecodeState:
         return cache
 
     def recurrent(self, site: str) -> RecurrentState | None:
-        """The recurrent state of `site`, or None before its first call."""
+        """The recurrent state of `site` (this view's rows of it), or None before its first call."""
         state = self.layers.get(site)
         if state is not None and not isinstance(state, RecurrentState):
             raise RewriteError(f"decode state of {site} is a {type(state).__name__}, not a recurrent state")
-        return state
+        if state is None or self.rows is None:
+            return state
+        return RecurrentState(pytree.tree_map(lambda t: self._mine(t) if isinstance(t, torch.Tensor) else t,
+                                              state.value))
 
     def set_recurrent(self, site: str, value: Any) -> None:
-        """Store the new recurrent state of `site` (in place once it exists)."""
+        """Store the new recurrent state of `site` (in place once it exists). On a view, only its rows
+        are written; every tensor of a recurrent state holds the batch in its first dim."""
         state = self.layers.get(site)
+        if self.rows is None:
+            if state is None:
+                self.layers[site] = RecurrentState(value)
+            else:
+                assert isinstance(state, RecurrentState)
+                state.update(value)
+            return
         if state is None:
-            self.layers[site] = RecurrentState(value)
-        else:
-            assert isinstance(state, RecurrentState)
-            state.update(value)
+            whole = pytree.tree_map(
+                lambda t: t.new_zeros(self.batch, *t.shape[1:]) if isinstance(t, torch.Tensor) else t, value)
+            state = self.layers[site] = RecurrentState(whole)
+        assert isinstance(state, RecurrentState)
+        rows = self.rows
+        for old, fresh in zip(pytree.tree_leaves(state.value), pytree.tree_leaves(value), strict=True):
+            old.index_copy_(0, rows, fresh.to(old.dtype))
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held: per kind of state ("kv_cache", "recurrent") and the slot mask ("valid")."""

@@ -9,12 +9,19 @@ by the sites; the program's outputs are unchanged.
 Kept softmax layers in `window_layers` see only their last `sliding_window` tokens (generate()
 fills both from a Hugging Face config when the plan sets no window).
 
+Blocks the `layer_skip` pass routed (found through `rewrite.routing.graph`) are threaded too: the
+state enters each routed block as one more input that follows its running rows
+(`DecodeState.select_rows`), so a sequence that skips the block never writes nor reads that block's
+caches; each block's router is replaced by `held_route`, which decides from the prompt at prefill
+and holds the decision for every later call.
+
 With `thread: false` (the default, as in a user's plan) the pass only checks that every site can
 decode — a non-causal (encoder) or cross-attention site, a site whose probabilities escape, a mixer
-kind without a recurrent step, or a block lifted into a sub-program (`layer_skip`) is an error
-naming the layer — and leaves the forward program as it is. A program threaded in a user's plan
-(`thread: true`) needs a `decode_state` on every call. `OptimizedModule.generate` captures the model a second time and runs the plan with
-`thread: true` to build its decode program.
+kind without a recurrent step, a routed block whose batch size the capture fixed, or a sub-program
+that is not a routed block is an error naming the layer — and leaves the forward program as it is.
+A program threaded in a user's plan (`thread: true`) needs a `decode_state` on every call.
+`OptimizedModule.generate` captures the model a second time and runs the plan with `thread: true`
+to build its decode program.
 """
 
 from __future__ import annotations
@@ -24,16 +31,25 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims
+from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims, analyze
 from rewrite.analysis.graph_utils import ancestors, erase_unused
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.decode.program_meta import DecodeSignature
-from rewrite.decode.sites import continued_positions, stateful_attention, stateful_mixer
+from rewrite.decode.sites import continued_positions, held_route, stateful_attention, stateful_mixer
 from rewrite.decode.steps import kind_step
 from rewrite.errors import PassError, PlanError, RewriteError
 from rewrite.passes import register_pass
 from rewrite.passes.base import GraphPass, PassContext, PassResult
+from rewrite.routing.graph import (
+    RoutedCall,
+    add_block_input,
+    is_routed_block,
+    outer_value,
+    replace_route,
+    routed_calls,
+)
+from rewrite.routing.runtime import InputRule
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
 
 aten = torch.ops.aten
@@ -117,17 +133,26 @@ def _check_softmax_site(site: AttentionSite, layer: str) -> None:
 
 
 def _check_no_hidden_graphs(gm: fx.GraphModule) -> None:
-    """Refuse sub-programs the pass cannot see into (blocks lifted out of the graph, e.g. by
-    `layer_skip`): their attention would run without state, attending to the new tokens only."""
+    """Refuse sub-programs the pass cannot see into (other than routed blocks, which it threads):
+    their attention would run without state, attending to the new tokens only."""
     for node in gm.graph.nodes:
+        if is_routed_block(node):
+            continue
         body = getattr(node.target, "body", None) if node.op == "call_function" else None
         if node.op == "call_module" or isinstance(body, fx.GraphModule):
             layer = getattr(node.target, "layer", None) or str(node.target)
             raise PassError(
-                "stateful", f"{layer}: this block runs as a separate sub-program (a layer_skip routed block); the "
-                "stateful pass cannot thread decode state into it, so a model with routed blocks cannot decode "
-                "token by token yet (run generate() on a plan without layer_skip)", node.name,
+                "stateful", f"{layer}: this block runs as a separate sub-program the stateful pass cannot thread "
+                "decode state into, so this model cannot decode token by token", node.name,
             )
+
+
+def _check_routed(call: RoutedCall) -> None:
+    if not call.block.gatherable:
+        raise PassError(
+            "stateful", f"{call.layer}: this routed block runs every row (the capture fixed the batch size), so a "
+            "sequence that skips it would still write its decode state; capture with a dynamic batch", call.node.name,
+        )
 
 
 def _unique_key(path: str, node: fx.Node, taken: set[str]) -> str:
@@ -138,28 +163,38 @@ def _unique_key(path: str, node: fx.Node, taken: set[str]) -> str:
     return key
 
 
-def _windowed_blocks(options: StatefulOptions, analysis: GraphAnalysis) -> set[int]:
+def _block_paths(analysis: GraphAnalysis, calls: list[RoutedCall]) -> list[str]:
+    """The model's block paths in layer order: the analysis's blocks and the routed ones (whose nodes
+    live in their bodies)."""
+    index = {b.path: b.index for b in analysis.blocks}
+    for call in calls:
+        last = call.layer.rsplit(".", 1)[-1]
+        index.setdefault(call.layer, int(last) if last.isdigit() else len(index))
+    return sorted(index, key=index.__getitem__)
+
+
+def _windowed_blocks(options: StatefulOptions, paths: list[str]) -> set[str]:
+    """Paths of the blocks whose kept softmax layers see only the last `sliding_window` tokens."""
     if options.sliding_window is None:
         return set()
     try:
-        return set(select_layers(options.window_layers, [b.path for b in analysis.blocks]))
+        return {paths[i] for i in select_layers(options.window_layers, paths)}
     except (IndexError, ValueError) as exc:
-        raise PlanError("stateful.window_layers", f"{exc} (layers: {[b.path for b in analysis.blocks]})") from exc
+        raise PlanError("stateful.window_layers", f"{exc} (layers: {paths})") from exc
 
 
 def _collect(
-    gm: fx.GraphModule, analysis: GraphAnalysis, options: StatefulOptions
+    gm: fx.GraphModule, analysis: GraphAnalysis, options: StatefulOptions, windowed: set[str], taken: set[str]
 ) -> tuple[list[_SoftmaxJob], list[_MixerJob]]:
+    """The sites of one graph (the program or a routed block's body) with every check made."""
     from rewrite.mixers import KINDS
 
-    taken: set[str] = set()
     softmax = []
-    windowed = _windowed_blocks(options, analysis)
     for site in analysis.sites:
         layer = _layer_label(site, analysis)
         _check_softmax_site(site, layer)
         block = analysis.block_of(site)
-        window = options.sliding_window if block is not None and block.index in windowed else None
+        window = options.sliding_window if block is not None and block.path in windowed else None
         softmax.append(_SoftmaxJob(site, layer, _unique_key(site.module_path, site.node, taken), window))
     mixers = []
     for node in gm.graph.nodes:
@@ -224,10 +259,9 @@ def _continue_positions(graph: fx.Graph, state: fx.Node, masks: list[fx.Node], d
 
 
 def _thread(
-    gm: fx.GraphModule, softmax: list[_SoftmaxJob], mixers: list[_MixerJob], dims: SymbolicDims
-) -> tuple[list[str], list[str]]:
-    graph = gm.graph
-    state, signature = _add_state_input(gm)
+    graph: fx.Graph, state: fx.Node, softmax: list[_SoftmaxJob], mixers: list[_MixerJob]
+) -> tuple[list[str], list[fx.Node]]:
+    """Replace the sites of `graph` by stateful ones reading `state`; returns (what changed, the masks they read)."""
     changed, masks = [], []
     for job in softmax:
         site = job.site
@@ -258,9 +292,35 @@ def _thread(
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         changed.append(f"{job.layer}: {job.kind} state")
-    signature.positions_in_graph = _continue_positions(graph, state, masks, dims)
-    gm.meta["decode"] = signature
-    return changed, signature.positions_in_graph
+    return changed, masks
+
+
+@dataclass
+class _Body:
+    """A routed block and the sites of its body."""
+
+    call: RoutedCall
+    analysis: GraphAnalysis
+    softmax: list[_SoftmaxJob]
+    mixers: list[_MixerJob]
+
+
+def _thread_body(body: _Body, state: fx.Node) -> tuple[list[str], list[str], list[fx.Node]]:
+    """Hand the state to a routed block (following its running rows) and thread its body's sites.
+
+    Returns (what changed, positions moved inside the body, the outer values the body's masks come from).
+    """
+    if not body.softmax and not body.mixers:
+        return [], [], []
+    inner = add_block_input(body.call, state, "decode_state", InputRule("rows"))
+    module = body.call.block.body
+    changed, masks = _thread(module.graph, inner, body.softmax, body.mixers)
+    moved = _continue_positions(module.graph, inner, masks, body.analysis.dims)
+    outer = [outer_value(body.call, n) for n in ancestors(masks) if n.op == "placeholder"]
+    module.graph.eliminate_dead_code()
+    module.graph.lint()
+    module.recompile()
+    return changed, moved, [n for n in outer if isinstance(n, fx.Node)]
 
 
 @register_pass
@@ -277,17 +337,49 @@ class Stateful(GraphPass):
         result = PassResult(self.name)
         analysis = ctx.analysis()
         _check_no_hidden_graphs(gm)
-        softmax, mixers = _collect(gm, analysis, options)
-        result.matched = len(softmax) + len(mixers)
+        try:
+            calls = routed_calls(gm)
+        except ValueError as exc:
+            raise PassError("stateful", str(exc)) from exc
+        for call in calls:
+            _check_routed(call)
+        windowed = _windowed_blocks(options, _block_paths(analysis, calls))
+        taken: set[str] = set()
+        softmax, mixers = _collect(gm, analysis, options, windowed, taken)
+        bodies = []
+        for call in calls:
+            body_analysis = analyze(call.block.body)
+            bodies.append(_Body(call, body_analysis, *_collect(call.block.body, body_analysis, options, windowed, taken)))
+        every_softmax = softmax + [j for b in bodies for j in b.softmax]
+        every_mixer = mixers + [j for b in bodies for j in b.mixers]
+        result.matched = len(every_softmax) + len(every_mixer)
         if not options.thread:
             result.messages.extend(
-                f"{j.layer}: can decode with a KV cache" + (f" (window {j.window})" if j.window else "") for j in softmax
+                f"{j.layer}: can decode with a KV cache" + (f" (window {j.window})" if j.window else "")
+                for j in every_softmax
             )
-            result.messages.extend(f"{j.layer}: can decode with a {j.kind} state" for j in mixers)
+            result.messages.extend(f"{j.layer}: can decode with a {j.kind} state" for j in every_mixer)
+            result.messages.extend(
+                f"{c.layer}: routed; decodes with the decision made at prefill, its state kept for the sequences "
+                "that run it" for c in calls
+            )
             return result
         if not result.matched:
             return result
-        result.changed, moved = _thread(gm, softmax, mixers, analysis.dims)
+        state, signature = _add_state_input(gm)
+        result.changed, masks = _thread(gm.graph, state, softmax, mixers)
+        moved_in_bodies = []
+        for body in bodies:
+            changed, body_moved, body_masks = _thread_body(body, state)
+            result.changed.extend(changed)
+            moved_in_bodies.extend(body_moved)
+            masks.extend(body_masks)
+            replace_route(body.call, held_route, state)
+            result.changed.append(f"{body.call.layer}: routed; decision made at prefill and held")
+        moved = _continue_positions(gm.graph, state, masks, analysis.dims) + moved_in_bodies
+        signature.positions_in_graph = moved
+        signature.routed_layers = [c.layer for c in calls]
+        gm.meta["decode"] = signature
         if moved:
             result.messages.append(f"positions computed in the graph continue from the state: {', '.join(moved)}")
         gm.graph.eliminate_dead_code()

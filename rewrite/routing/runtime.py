@@ -7,14 +7,15 @@ A routed block `i` reads, in the graph:
     hidden_out = <RoutedBlock for block i>(skip_i, order_i, count_i, hidden, *other inputs)
 
 `skip_i` [B] is the skip weight (0 or 1 in hard mode, the probability in training modes), `order_i`
-[B] lists the rows that run first and `count_i` counts them. A decode program that holds prefill's
-decisions replaces the route node by `routes_from_mask(mask[:, j])`.
+[B] lists the rows that run first and `count_i` counts them. A decode program holds prefill's
+decisions by passing them as `held` (see `rewrite.routing.graph` for how another pass finds and
+rewires these nodes); `valid` makes the router pool over real tokens only (a left-padded prompt).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx as fx
@@ -63,6 +64,17 @@ def _as_rows(hidden: torch.Tensor, batch_dim: int, seq_dim: int) -> torch.Tensor
     return hidden.movedim((batch_dim, seq_dim), (0, 1))
 
 
+def _pool_real(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """rows [B, L, D] averaged over the tokens `valid` [B, L] marks, as [B, 1, D] (the router then pools
+    one position, which leaves it as it is)."""
+    if tuple(valid.shape) != tuple(rows.shape[:2]):
+        raise ValueError(f"layer skip: valid has shape {tuple(valid.shape)} for hidden rows {tuple(rows.shape[:2])}")
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    weight = valid.to(device=rows.device, dtype=acc)[..., None]
+    total = (rows.to(acc) * weight).sum(1, keepdim=True)
+    return (total / weight.sum(1, keepdim=True).clamp(min=1)).to(rows.dtype)
+
+
 def layer_skip_route(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -75,26 +87,36 @@ def layer_skip_route(
     seq_dim: int,
     threshold: float,
     budget: float | None,
+    valid: torch.Tensor | None = None,
+    held: torch.Tensor | HeldDecisions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decide, for each sequence, whether the routed block `layer` runs (see the module docstring)."""
+    """Decide, for each sequence, whether the routed block `layer` runs (see the module docstring).
+
+    `held` ([B, n_routed] bool, or those prepared as HeldDecisions) are decisions to apply instead of
+    the routers and of `skip_controls(skip_mask=)`; `valid` ([B, L] bool) restricts the router's
+    pooling to the tokens it marks.
+    """
     controls = current_controls()
     batch = hidden.shape[batch_dim]
     state = begin_call(batch, hidden.device) if column == 0 else call_state()
     threshold = controls.threshold if controls.threshold is not None else threshold
     budget = controls.budget if controls.budget is not None else budget
     prob: torch.Tensor | None = None
-    if controls.skip_mask is not None:
-        mask = controls.skip_mask
-        if tuple(mask.shape) != (batch, n_routed):
+    mask = held if held is not None else controls.skip_mask
+    if mask is not None:
+        shape = tuple(mask.skip.shape if isinstance(mask, HeldDecisions) else mask.shape)
+        if shape != (batch, n_routed):
+            what = "held decisions have" if held is not None else "skip_mask has"
             raise ValueError(
-                f"layer skip: skip_mask has shape {tuple(mask.shape)} but {layer} needs [batch, routed blocks] = "
-                f"[{batch}, {n_routed}]"
+                f"layer skip: {what} shape {shape} but {layer} needs [batch, routed blocks] = [{batch}, {n_routed}]"
             )
         if state.held is None:
-            state.held = HeldDecisions.of(mask, hidden.device)
+            state.held = mask if isinstance(mask, HeldDecisions) else HeldDecisions.of(mask, hidden.device)
         skip, weight_out, order, count = state.held.column(column)
     else:
         rows = _as_rows(hidden, batch_dim, seq_dim)
+        if valid is not None:
+            rows = _pool_real(rows, valid)
         if budget is None and controls.mode == "hard":
             prob, order, count = route(rows, weight, bias, float(threshold))
             skip = prob > threshold
@@ -117,7 +139,7 @@ def layer_skip_route(
             state.weights.append(weight_out)
             order = torch.arange(batch, device=hidden.device)
             count = torch.tensor(batch, device=hidden.device)
-    if budget is not None and controls.skip_mask is None:
+    if budget is not None and mask is None:
         state.skipped_so_far = state.skipped_so_far + skip.to(torch.int64)
     if state.record is not None:
         state.record.layers.append(layer)
@@ -128,10 +150,19 @@ def layer_skip_route(
 
 @dataclass(frozen=True)
 class InputRule:
-    """How one block input follows a smaller batch: gather along `dim`, rescale a size, or keep."""
+    """How one block input follows a smaller batch: gather along `dim`, rescale a size, keep, or
+    (`rows`) ask a RowSelectable value for the running rows."""
 
-    kind: str  # "gather" | "scale" | "keep"
+    kind: str  # "gather" | "scale" | "keep" | "rows"
     dim: int = 0
+
+
+@runtime_checkable
+class RowSelectable(Protocol):
+    """A block input that is not a tensor but follows the batch (a decode state): `select_rows(rows)`
+    returns the same kind of value for the sequences `rows` [R] (int64, ascending) only."""
+
+    def select_rows(self, rows: torch.Tensor) -> Any: ...
 
 
 class RoutedBlock:
@@ -143,7 +174,7 @@ class RoutedBlock:
 
     def __init__(self, body: fx.GraphModule, rules: list[InputRule], *, layer: str, batch_dim: int, gatherable: bool):
         self.body = body
-        self.rules = rules
+        self.rules = list(rules)
         self.layer = layer
         self.batch_dim = batch_dim
         self.gatherable = gatherable
@@ -152,6 +183,17 @@ class RoutedBlock:
 
     def __repr__(self) -> str:
         return f"RoutedBlock({self.layer})"
+
+    def add_input(self, name: str, rule: InputRule) -> fx.Node:
+        """Append one input to the body (after the others) that follows the running rows by `rule`;
+        returns its placeholder. The caller passes the value as the call's last argument."""
+        graph = self.body.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        with graph.inserting_after(placeholders[-1]):
+            node = graph.placeholder(name)
+        self.rules.append(rule)
+        self.body.recompile()
+        return node
 
     def __call__(
         self, skip: torch.Tensor, order: torch.Tensor, count: torch.Tensor, hidden: torch.Tensor, *others: Any
@@ -181,6 +223,10 @@ class RoutedBlock:
                 inputs.append(value.index_select(rule.dim, rows))
             elif rule.kind == "scale":
                 inputs.append(value // batch * active)
+            elif rule.kind == "rows":
+                if not isinstance(value, RowSelectable):
+                    raise TypeError(f"{self.layer}: input {type(value).__name__} has no select_rows(rows)")
+                inputs.append(value.select_rows(rows))
             else:
                 inputs.append(value)
         out = self.body(*inputs)
