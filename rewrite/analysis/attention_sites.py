@@ -46,6 +46,7 @@ class AttentionSite:
     v_projection: Projection | None = None
     problem: str | None = None  # why this site cannot be canonicalized, if it cannot
     mask_is_causal: bool | None = None  # the mask hides every future key (probed on example inputs)
+    mask_exactly_causal: bool = False  # the mask is the plain causal mask (no window, no padding) on the probe
     mask_shape_only: bool = False  # the mask depends on input shapes only, never on input values
     mask_negated: bool = False  # the mask marks positions to hide (masked_fill), not to keep
 
@@ -84,6 +85,7 @@ def _scalar(x) -> float | None:
 def _fill_shape_facts(site: AttentionSite) -> None:
     if isinstance(site.mask, fx.Node):
         site.mask_is_causal = site.mask.meta.get("rewrite_mask_causal")
+        site.mask_exactly_causal = bool(site.mask.meta.get("rewrite_mask_exactly_causal", False))
         site.mask_shape_only = bool(site.mask.meta.get("rewrite_mask_shape_only", False))
     q, k = tensor_meta(site.q), tensor_meta(site.k)
     if q is not None and q.dim() >= 3:

@@ -106,11 +106,19 @@ def erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
                 changed = True
 
 
+def erase_unused_computation(graph: fx.Graph, roots: list[fx.Node]) -> None:
+    """Erase what `roots` were computed from (graph inputs and state excepted) where nothing but metadata
+    asserts reads it any more, e.g. a mask builder once every attention that read the mask is gone."""
+    computed = [n for n in ancestors(roots) if n.op in ("call_function", "call_method")]
+    erase_unused(graph, computed)
+
+
 __all__ = [
     "Inputs",
     "ancestor_placeholders",
     "ancestors",
     "descendants",
+    "erase_unused_computation",
     "erase_unused",
     "subgraph_module",
     "walk_inputs",

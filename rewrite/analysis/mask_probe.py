@@ -19,6 +19,7 @@ from rewrite.analysis.attention_sites import find_attention_sites
 from rewrite.analysis.graph_utils import ancestors, subgraph_module, walk_inputs
 
 CAUSAL_KEY = "rewrite_mask_causal"
+EXACTLY_CAUSAL_KEY = "rewrite_mask_exactly_causal"
 SHAPE_ONLY_KEY = "rewrite_mask_shape_only"
 
 
@@ -38,13 +39,27 @@ def _is_shape_read(node: fx.Node) -> bool:
     return name.startswith("sym_size") or name.startswith("sym_numel") or name.startswith("sym_stride")
 
 
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def _is_causal_mask(mask: torch.Tensor) -> bool:
+    """Every future key is hidden (more may be: padding, a window)."""
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
         return False
-    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    visible = _visible(mask)
     n = visible.shape[-1]
     future = torch.ones(n, n, dtype=torch.bool, device=visible.device).triu(1)
     return not bool((visible & future).any())
+
+
+def _is_exactly_causal_mask(mask: torch.Tensor) -> bool:
+    """The mask is the plain causal mask: every earlier key visible, no later one (no window, no padding)."""
+    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    n = mask.shape[-1]
+    lower = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    return bool((_visible(mask) == lower).all())
 
 
 def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[str, bool]:
@@ -68,6 +83,7 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
             if negated[node]:
                 val = ~val if val.dtype == torch.bool else val
             node.meta[CAUSAL_KEY] = _is_causal_mask(val)
+            node.meta[EXACTLY_CAUSAL_KEY] = _is_exactly_causal_mask(val)
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
             out[node.name] = node.meta[CAUSAL_KEY]
     return out

@@ -90,7 +90,7 @@ class AttentionNormalize(GraphPass):
             else:
                 continue
             note = ""
-            if self.options.causal_masks and site.mask is not None and site.mask_is_causal and site.mask_shape_only:
+            if self.options.causal_masks and site.mask is not None and site.mask_exactly_causal and site.mask_shape_only:
                 _use_is_causal(site.node, site)
                 note = " (causal mask -> is_causal)"
             result.changed.append(where + note)

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, Block, GraphAnalysis
-from rewrite.analysis.graph_utils import erase_unused, walk_inputs
+from rewrite.analysis.graph_utils import erase_unused, erase_unused_computation, walk_inputs
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.errors import PassError, PlanError
@@ -319,6 +319,19 @@ def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str) -> None:
             )
 
 
+def _mask_carries_padding(site: AttentionSite, kind: MixerKind) -> bool:
+    """Whether the mixer must read the site's mask.
+
+    A causal mask built from the input shapes alone (what Hugging Face builds for an unpadded batch
+    once the capture makes its size symbolic) says nothing a causal mixer does not already do, and
+    reading it costs an [L, L] tensor per layer; such a mask is left out, and dead once every site
+    drops it.
+    """
+    if site.mask is None:
+        return False
+    return not (kind.causal and site.mask_shape_only and site.mask_exactly_causal)
+
+
 def _rewrite(gm: fx.GraphModule, ctx: PassContext, job: _Job, options: MixerOptions) -> list[str]:
     """Put the mixer call in place of the attention node; returns the new parameters' names."""
     site, kind = job.site, job.kind
@@ -328,7 +341,7 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, job: _Job, options: MixerOpti
     ]
     k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
     kwargs: dict = {}
-    if site.mask is not None:
+    if _mask_carries_padding(site, kind):
         kwargs["mask"] = site.mask
         if site.mask_negated:
             kwargs["mask_negated"] = True
@@ -389,6 +402,8 @@ class Mixer(GraphPass):
             result.changed.append(f"{job.layer}: {job.kind.name}")
             if job.site.dropout_p:
                 result.messages.append(f"{job.layer}: attention dropout p={job.site.dropout_p} dropped (no scores)")
+        dropped = [j.site.mask for j in jobs if isinstance(j.site.mask, fx.Node) and not _mask_carries_padding(j.site, j.kind)]
+        erase_unused_computation(gm.graph, dropped)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()

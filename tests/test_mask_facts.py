@@ -1,0 +1,76 @@
+"""Mask facts probed on example inputs: a causal-looking band (sliding-window) mask is not the plain
+causal mask, so neither `attention_normalize` nor the `mixer` pass may drop it; the plain causal mask
+of an unpadded Hugging Face batch is dropped, and no [L, L] tensor is left in the linearized graph."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import rewrite
+from examples.models import TARGETS
+from rewrite.analysis import analyze
+from rewrite.analysis.nodes import tensor_meta
+from rewrite.capture import capture
+
+
+class BandAttention(nn.Module):
+    """Causal attention over the last `width` keys, its mask built from the length alone."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, width: int = 3):
+        super().__init__()
+        self.heads, self.width = heads, width
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, -1))
+        i = torch.arange(t)
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.width)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return o.transpose(1, 2).reshape(b, t, c)
+
+
+def test_band_mask_hides_the_future_but_is_not_the_causal_mask() -> None:
+    x = torch.randn(2, 8, 32)
+    (site,) = analyze(capture(BandAttention(), (x,)).graph_module).sites
+    assert site.mask_is_causal is True and site.mask_shape_only
+    assert not site.mask_exactly_causal
+
+
+def test_attention_normalize_keeps_a_band_mask() -> None:
+    torch.manual_seed(0)
+    model = BandAttention().eval()
+    x = torch.randn(2, 8, 32)
+    om = rewrite.optimize(model, ["attention_normalize"], (x,))
+    y = torch.randn(3, 11, 32)
+    torch.testing.assert_close(om(y), model(y), atol=1e-6, rtol=1e-6)
+
+
+def _square_seq_tensors(gm: fx.GraphModule) -> list[str]:
+    """Nodes whose value ends in two equal symbolic dims (an [L, L] mask)."""
+    out = []
+    for node in gm.graph.nodes:
+        val = tensor_meta(node)
+        if val is None or val.dim() < 2:
+            continue
+        a, b = val.shape[-2], val.shape[-1]
+        if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and str(a) == str(b):
+            out.append(node.name)
+    return out
+
+
+def test_mixer_drops_the_plain_causal_mask_of_an_unpadded_batch() -> None:
+    model, inputs = TARGETS["llama"]()
+    ids = inputs["input_ids"]
+    plain = rewrite.optimize(model, [{"mixer": {"kind": "gla"}}], example_kwargs={"input_ids": ids})
+    assert _square_seq_tensors(plain.program) == []
+    # with a padding mask the mask is read (it carries the padding) and the two agree on an unpadded batch
+    padded = rewrite.optimize(model, [{"mixer": {"kind": "gla"}}],
+                              example_kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    other = torch.randint(0, 100, (3, 13))
+    want = padded(input_ids=other, attention_mask=torch.ones_like(other))
+    got = plain(input_ids=other)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
