@@ -71,7 +71,10 @@ def naive_with_grads(case: Case, inputs: dict, scale: float, do: torch.Tensor, d
     """(o, final state, {name: grad}, {name: error scale}) from the naive reference in float64.
 
     The error scale of the constant decay's gradient is the sum of |per-token gradients|: that
-    gradient is a sum over every token, with cancellation.
+    gradient is a sum over every token, with cancellation. A data-dependent decay's gradient is also a
+    sum with cancellation (over later tokens, and over dims for the scalar kind); its error scale is the
+    same gradient computed from |q|, |k|, |v|, |initial state| and |output grads|, where every term of
+    the sum is non-negative, so it is the sum of the terms' magnitudes.
     """
     leaves = {
         n: inputs[n].detach().double().requires_grad_() for n in DIFFERENTIABLE if inputs[n] is not None
@@ -97,8 +100,29 @@ def naive_with_grads(case: Case, inputs: dict, scale: float, do: torch.Tensor, d
     grads = torch.autograd.grad((o * do.double()).sum() + (final * dht.double()).sum(), list(leaves.values()))
     grads = dict(zip(leaves, grads))
     scales = {}
+    if case.decay in ("scalar", "vector"):
+        scales["g"] = _term_magnitudes_of_dg(case, inputs, scale, do, dht).abs().max().item()
     if case.decay == "constant":
         per_token = grads.pop("g_per_token")
         grads["g"] = per_token.sum((0, 1))
         scales["g"] = per_token.abs().sum((0, 1)).max().item()
     return o.detach(), final.detach(), grads, scales
+
+
+def _term_magnitudes_of_dg(case: Case, inputs: dict, scale: float, do: torch.Tensor, dht: torch.Tensor) -> torch.Tensor:
+    """d loss / d g computed on absolute values: per element, the sum of |terms| of the true dg."""
+    g = inputs["g"].detach().double().requires_grad_()
+    h0 = inputs["initial_state"]
+    o, final = naive_linear_attention(
+        inputs["q"].double().abs(),
+        inputs["k"].double().abs(),
+        inputs["v"].double().abs(),
+        g,
+        decay=case.decay,
+        scale=abs(scale),
+        initial_state=None if h0 is None else h0.double().abs(),
+        cu_seqlens=inputs["cu_seqlens"],
+        causal=case.causal,
+    )
+    (dg,) = torch.autograd.grad((o * do.double().abs()).sum() + (final * dht.double().abs()).sum(), [g])
+    return dg
