@@ -20,6 +20,7 @@ from rewrite.capture import capture
 from rewrite.errors import PassError, PlanError
 from rewrite.mixers import KINDS
 from rewrite.mixers.gated_deltanet import gated_deltanet_mixer
+from rewrite.mixers.gla import gla_mixer
 from rewrite.mixers.hybrid_swa import hybrid_swa_mixer
 from rewrite.mixers.lawcat import lawcat_mixer
 from rewrite.mixers.linear import linear_mixer
@@ -445,3 +446,124 @@ def test_window_covering_the_sequence_equals_softmax_attention():
         got, want = linearize.main_tensor(om(**inputs)), linearize.main_tensor(model(**inputs))
     torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
     assert math.isfinite(got.sum().item())
+
+
+# -- packed sequences (cu_seqlens): one call equals each sequence on its own --------------------
+
+ALL_KINDS = tuple(KINDS)
+
+
+def _packed_case(kind: str, g: torch.Generator, dtype: torch.dtype):
+    """(new parameters, keyword arguments) of a kind at the test shapes, parameters off their neutral start."""
+    if kind == "bidirectional":
+        rand = functools.partial(torch.randn, generator=g, dtype=torch.float64)
+        params, kwargs = (rand(H, D, D), rand(HKV, D, D)), {"feature_map": "hedgehog", "normalize": True}
+    else:
+        params, kwargs = _step_case(kind, g)
+    return tuple(p.to(dtype).requires_grad_() for p in params), kwargs
+
+
+def _packed_inputs(lengths: list[int], dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q = torch.randn(1, H, total, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    k = torch.randn(1, HKV, total, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    v = torch.randn(1, HKV, total, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu_seqlens, g
+
+
+def _one_by_one(fn, q, k, v, params, cu_seqlens, kwargs):
+    """The reference: `fn` on each sequence alone (batch 1, no cu_seqlens), outputs concatenated."""
+    bounds = cu_seqlens.tolist()
+    return torch.cat([fn(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], *params, **kwargs)
+                      for s, e in zip(bounds, bounds[1:]) if e > s], dim=2)
+
+
+# float64 agrees to float32 rounding only: gates, dt and decays are computed in float32 (`.float()`)
+PACKED_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("lengths", [[1, 5, 17, 2], [2, 0, 70, 3]], ids=["short", "empty-and-long"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_packed_sequences_equal_each_sequence_alone(kind, dtype, lengths):
+    q, k, v, cu_seqlens, g = _packed_inputs(lengths, dtype, seed=11)
+    params, kwargs = _packed_case(kind, g, dtype)
+    fn = KINDS[kind].fn
+    got = fn(q, k, v, *params, scale=SCALE, cu_seqlens=cu_seqlens, **kwargs)
+    want = _one_by_one(fn, q, k, v, params, cu_seqlens, {"scale": SCALE, **kwargs})
+    tol = PACKED_TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    weights = torch.randn(got.shape, generator=g, dtype=torch.float64).to(dtype)
+    inputs = (q, k, v, *params)
+    got_grads = torch.autograd.grad((got * weights).sum(), inputs)
+    want_grads = torch.autograd.grad((want * weights).sum(), inputs)
+    for name, a, b in zip(["q", "k", "v", *(f"param {i}" for i in range(len(params)))], got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_packed_sequences_do_not_see_each_other(kind):
+    """Changing one sequence leaves every other sequence's outputs as they were (states reset at each start)."""
+    q, k, v, cu_seqlens, g = _packed_inputs([6, 9, 4], torch.float64, seed=12)
+    params, kwargs = _packed_case(kind, g, torch.float64)
+    fn = KINDS[kind].fn
+    with torch.no_grad():
+        before = fn(q, k, v, *params, scale=SCALE, cu_seqlens=cu_seqlens, **kwargs)
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for x in (q2, k2, v2):
+            x[:, :, 6:15] += 1.0  # the middle sequence
+        after = fn(q2, k2, v2, *params, scale=SCALE, cu_seqlens=cu_seqlens, **kwargs)
+    outside = torch.ones(19, dtype=torch.bool)
+    outside[6:15] = False
+    torch.testing.assert_close(after[:, :, outside], before[:, :, outside], rtol=0, atol=0)
+    assert not torch.allclose(after[:, :, 6:15], before[:, :, 6:15])
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_packed_mixer_is_one_kernel_chain(kind):
+    """One call over 4 packed sequences issues each kernel op as often as one call on one sequence."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountRewriteOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "rewrite":
+                self.calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, cu_seqlens, g = _packed_inputs([1, 5, 17, 2], torch.float64, seed=13)
+    params, kwargs = _packed_case(kind, g, torch.float64)
+    fn = KINDS[kind].fn
+    with torch.no_grad(), CountRewriteOps() as packed:
+        fn(q, k, v, *params, scale=SCALE, cu_seqlens=cu_seqlens, **kwargs)
+    with torch.no_grad(), CountRewriteOps() as single:
+        fn(q[:, :, :5], k[:, :, :5], v[:, :, :5], *params, scale=SCALE, **kwargs)
+    assert packed.calls and sorted(packed.calls) == sorted(single.calls)
+
+
+def test_packed_mixer_refuses_a_mask_or_a_batch():
+    q, k, v, cu_seqlens, _ = _packed_inputs([3, 4], torch.float64, seed=14)
+    mask = torch.ones(1, 1, 7, 7, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="either an attention mask or cu_seqlens"):
+        linear_mixer(q, k, v, mask=mask, cu_seqlens=cu_seqlens, layer="layers.0")
+    with pytest.raises(ValueError, match="batch size 1, got batch size 2"):
+        linear_mixer(*(x.expand(2, -1, -1, -1) for x in (q, k, v)), cu_seqlens=cu_seqlens)
+
+
+def test_packed_attention_transfer_teaches_within_each_sequence():
+    from rewrite.mixers.transfer import record_transfer
+
+    q, k, v, cu_seqlens, _ = _packed_inputs([4, 7, 2], torch.float64, seed=15)
+    with torch.no_grad(), record_transfer(teacher_forcing=True) as record:
+        got = gla_mixer(q, k, v, scale=SCALE, cu_seqlens=cu_seqlens, layer="l0")
+    bounds = cu_seqlens.tolist()
+    want = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e].repeat_interleave(GROUPS, 1),
+                                                     v[:, :, s:e].repeat_interleave(GROUPS, 1), is_causal=True,
+                                                     scale=SCALE) for s, e in zip(bounds, bounds[1:])], dim=2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert set(record.losses) == {"l0"} and record.losses["l0"].item() > 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import main_output, parameter_grads, reference_kwargs
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rewrite
 from examples.models import TARGETS
@@ -228,18 +231,89 @@ def test_packed_cu_seqlens_input():
             torch.testing.assert_close(piece, model(seq_ids), atol=1e-5, rtol=1e-5)
 
 
+class CountRewriteOps(TorchDispatchMode):
+    """Counts the `rewrite::` kernel ops dispatched inside it, by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "rewrite":
+            self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("name", ["llama", "bert"])
-def test_linear_mixers_run_per_sequence(name):
+def test_linear_mixers_run_in_one_call_per_layer(name):
     model, _ = TARGETS[name]()
     batch = padded_batch(128, [6, 9, 3], 9, left={0}, seed=7)
     padded = rewrite.optimize(model, {"passes": ["mixer"]}, example_kwargs=batch)
     packed = rewrite.optimize(model, {"passes": ["mixer", "varlen"]}, example_kwargs=batch)
-    assert all("mixer per sequence" in line for line in packed.report.results[-1].changed)
+    changed = packed.report.results[-1].changed
+    assert len(changed) == model.config.num_hidden_layers
+    assert all("mixer one call over the packed sequences" in line for line in changed)
+    batch = padded_batch(128, [1, 5, 17, 2], 17, left={1}, seed=8)  # four sequences, one a single token
     mask = batch["attention_mask"]
+    with torch.no_grad(), CountRewriteOps() as ops:
+        got = main_output(packed(**batch))
     with torch.no_grad():
         want = main_output(padded(**batch, position_ids=restarted_positions(mask)))
-        got = main_output(packed(**batch))
     assert_real_tokens_close(got, want, mask)
+    # gla (llama) and bidirectional (bert) each end in one linear-attention kernel call: one per layer, not per sequence
+    assert ops.calls == {"rewrite.linear_attention.default": model.config.num_hidden_layers}
+
+
+def _count_mixer_calls(monkeypatch: pytest.MonkeyPatch, kind: str) -> list[int]:
+    """Patch mixer kind `kind` so that each call of its function appends its number of sequences to the list."""
+    import dataclasses
+    import functools
+
+    from rewrite.mixers import KINDS
+
+    calls: list[int] = []
+    fn = KINDS[kind].fn
+
+    @functools.wraps(fn)
+    def counted(*args, **kwargs):
+        cu_seqlens = kwargs.get("cu_seqlens")
+        calls.append(1 if cu_seqlens is None else cu_seqlens.numel() - 1)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setitem(KINDS, kind, dataclasses.replace(KINDS[kind], fn=counted))
+    return calls
+
+
+CAUSAL_MIXER_KINDS = ["linear", "retention", "gla", "gated_deltanet", "mamba2", "lawcat", "hybrid_swa", "sliding_window"]
+
+
+@pytest.mark.parametrize("kind", CAUSAL_MIXER_KINDS)
+def test_each_causal_mixer_packed_matches_the_padded_linearized_llama(kind, monkeypatch):
+    model, _ = TARGETS["llama"]()
+    mixer = {"mixer": {"kind": kind, "window": 4, "sinks": 1}}
+    capture_batch = padded_batch(128, [6, 9, 3], 9, left={0}, seed=9)
+    padded = rewrite.optimize(model, [mixer], example_kwargs=capture_batch)
+    packed = rewrite.optimize(model, [mixer, "varlen"], example_kwargs=capture_batch)
+    own = {name for name, _ in model.named_parameters()}
+    g = torch.Generator().manual_seed(10)
+    with torch.no_grad():  # move the mixer's new parameters off their neutral start, the same in both modules
+        for name, p in padded.named_parameters():
+            if name not in own:
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    packed.load_state_dict(padded.state_dict())
+    calls = _count_mixer_calls(monkeypatch, kind)
+    batch = padded_batch(128, [1, 5, 17, 2], 17, left={1, 3}, seed=11)
+    mask = batch["attention_mask"]
+    got = main_output(packed(**batch))
+    assert calls == [4] * model.config.num_hidden_layers  # one call per layer over the 4 sequences
+    want = main_output(padded(**batch, position_ids=restarted_positions(mask)))
+    assert_real_tokens_close(got, want, mask)
+    got_grads, want_grads = parameter_grads(packed, got, mask), parameter_grads(padded, want, mask)
+    assert got_grads.keys() == want_grads.keys()
+    assert any(name not in own for name in got_grads) == (kind not in ("linear", "gla", "sliding_window"))
+    for name, grad in want_grads.items():
+        assert grad is not None and got_grads[name] is not None, name
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, k=name: f"{k}: {m}")
 
 
 def test_pack_lengths_fills_budgets_and_keeps_every_sequence():

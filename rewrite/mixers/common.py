@@ -131,6 +131,7 @@ def mix(
     normalize: bool = False,
     valid: torch.Tensor | None = None,
     feature_weights: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Linear attention in SDPA layout: q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] -> [B, H, L, Dv].
 
@@ -138,7 +139,8 @@ def mix(
     sum over every token (not causal); divided by the same with v = 1 when `normalize`.
     valid [B, L] (bool) marks real tokens: padded ones neither write the state nor decay it.
     g is in the kernel's layout ([Hkv], [B, L, Hkv] or [B, L, Hkv, K]). feature_weights holds the
-    (q, k) matrices of a learned feature map.
+    (q, k) matrices of a learned feature map. cu_seqlens [N + 1] packs N sequences into B == 1: the
+    state (and the normaliser's running sum) starts from zero at each sequence.
     """
     from rewrite.kernels.linear_attention import linear_attention  # loaded on first use, not with the pass
 
@@ -148,7 +150,7 @@ def mix(
         vt = vt * valid[:, :, None, None].to(vt.dtype)
     o, _ = linear_attention(
         qt, kt, vt, g, decay=decay, scale=scale, causal=causal,
-        feature_map=kernel_map,
+        feature_map=kernel_map, cu_seqlens=cu_seqlens,
     )
     return _normalized(o, normalize).transpose(1, 2)
 
@@ -159,6 +161,35 @@ def mask_log_decay(g: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         return g
     shape = valid.shape + (1,) * (g.dim() - 2)
     return g * valid.view(shape).to(g.dtype)
+
+
+def check_packed(q: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, layer: str) -> None:
+    """Raise ValueError unless packed input (`cu_seqlens` given) has batch size 1 and comes without a mask.
+
+    Packed sequences hold no padding, and a mask over the packed row would mix sequences up, so a mixer
+    takes either a padding mask or cu_seqlens, never both.
+    """
+    if cu_seqlens is None:
+        return
+    where = f"{layer}: " if layer else ""
+    if mask is not None:
+        raise ValueError(f"{where}a mixer takes either an attention mask or cu_seqlens (packed sequences), not both")
+    if q.shape[0] != 1:
+        raise ValueError(f"{where}cu_seqlens needs packed input with batch size 1, got batch size {q.shape[0]}")
+
+
+def sequence_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[T] int64: each packed token's position within its sequence (0 at every sequence start)."""
+    bounds = cu_seqlens.to(torch.int64)
+    starts = torch.repeat_interleave(bounds[:-1], bounds[1:] - bounds[:-1], output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[T] int64: the index of the sequence each packed token belongs to."""
+    bounds = cu_seqlens.to(torch.int64)
+    n = torch.arange(bounds.shape[0] - 1, device=cu_seqlens.device)
+    return torch.repeat_interleave(n, bounds[1:] - bounds[:-1], output_size=total)
 
 
 def padding_validity(

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rewrite.mixers.common import default_scale, featurize, padding_validity, split_feature_weights
+from rewrite.mixers.common import (
+    check_packed,
+    default_scale,
+    featurize,
+    padding_validity,
+    split_feature_weights,
+)
 from rewrite.mixers.transfer import observe
 
 
@@ -62,19 +68,23 @@ def gated_deltanet_mixer(
     mask_negated: bool = False,
     check_mask: bool = True,
     layer: str = "",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated delta rule in SDPA layout: q [B, H, L, D], k / v [B, Hkv, L, D] -> o [B, H, L, Dv].
 
     beta_weight / gate_weight [Hkv, D], beta_bias / gate_bias [Hkv]; padded tokens (from `mask`)
-    neither write nor decay the state.
+    neither write nor decay the state. cu_seqlens [N + 1]: packed sequences in B == 1 (no mask), the
+    state reset at each sequence start.
     """
     from rewrite.kernels.delta_rule import delta_rule  # loaded on first use
 
     weights = split_feature_weights(feature_map, feature_weights, layer)
+    check_packed(q, mask, cu_seqlens, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
     qk, kk, beta, g = delta_inputs(q, k, beta_weight, beta_bias, gate_weight, gate_bias, feature_map, weights, valid)
-    o, _ = delta_rule(qk, kk, v.transpose(1, 2), beta, g, scale=default_scale(q, scale))
-    return observe(o.transpose(1, 2), q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+    o, _ = delta_rule(qk, kk, v.transpose(1, 2), beta, g, scale=default_scale(q, scale), cu_seqlens=cu_seqlens)
+    return observe(o.transpose(1, 2), q, k, v, valid=valid, causal=True, scale=scale, layer=layer,
+                   cu_seqlens=cu_seqlens)
 
 
 def gated_deltanet_mixer_step(

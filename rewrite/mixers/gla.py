@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.mixers.common import mask_log_decay, mix, mix_step, padding_validity, split_feature_weights
+from rewrite.mixers.common import (
+    check_packed,
+    mask_log_decay,
+    mix,
+    mix_step,
+    padding_validity,
+    split_feature_weights,
+)
 from rewrite.mixers.transfer import observe
 
 
@@ -35,19 +42,22 @@ def gla_mixer(
     mask_negated: bool = False,
     check_mask: bool = True,
     layer: str = "",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """S_t = diag(exp(g_t)) S_{t-1} + phi(k_t)^T v_t, o_t = scale * phi(q_t) S_t, g_t from k_t.
 
-    Shapes as SDPA: q [B, H, L, D], k / v [B, Hkv, L, D], o [B, H, L, Dv].
+    Shapes as SDPA: q [B, H, L, D], k / v [B, Hkv, L, D], o [B, H, L, Dv]. cu_seqlens [N + 1]: packed
+    sequences in B == 1 (no mask), the state reset at each sequence start.
     """
     weights = split_feature_weights(feature_map, feature_weights, layer)
+    check_packed(q, mask, cu_seqlens, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
     g = mask_log_decay(key_gate(k, gate, gate_normalizer), valid)
     out = mix(
         q, k, v, g=g, decay=gate, causal=True, scale=scale, feature_map=feature_map, normalize=normalize,
-        valid=valid, feature_weights=weights,
+        valid=valid, feature_weights=weights, cu_seqlens=cu_seqlens,
     )
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
 
 
 def gla_mixer_step(

@@ -19,11 +19,13 @@ from __future__ import annotations
 import torch
 
 from rewrite.mixers.common import (
+    check_packed,
     featurize,
     mask_log_decay,
     ones_column,
     padding_validity,
     repeat_gate,
+    sequence_positions,
     split_feature_weights,
 )
 from rewrite.mixers.gla import key_gate
@@ -43,9 +45,17 @@ def _combine(o_w, lse, lin, linear_logit):
     return out.to(o_w.dtype)
 
 
-def _delayed(x: torch.Tensor, window: int) -> torch.Tensor:
-    """x [B, L, ...] shifted `window` tokens later along L (zeros first)."""
+def _delayed(x: torch.Tensor, window: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, L, ...] shifted `window` tokens later along L (zeros first).
+
+    With `positions` [L] (each packed token's position in its sequence, B == 1) the shift stays inside
+    each sequence: a token gets the one `window` before it when that is in its sequence, else zeros.
+    """
     length = x.shape[1]
+    if positions is not None:
+        source = (torch.arange(length, device=x.device) - window).clamp(min=0)
+        inside = (positions >= window).view(1, length, *([1] * (x.dim() - 2)))
+        return torch.where(inside, x.index_select(1, source), x.new_zeros(()))
     if window >= length:
         return torch.zeros_like(x)
     pad = x.new_zeros(x.shape[0], window, *x.shape[2:])
@@ -68,29 +78,40 @@ def hybrid_swa_mixer(
     mask_negated: bool = False,
     check_mask: bool = True,
     layer: str = "",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Window softmax plus linear attention beyond the window, one normalisation; SDPA layout, linear_logit [H]."""
+    """Window softmax plus linear attention beyond the window, one normalisation; SDPA layout, linear_logit [H].
+
+    cu_seqlens [N + 1]: packed sequences in B == 1 (no mask); windows, sinks, the delay of the linear
+    branch and its state all restart at each sequence start.
+    """
     from rewrite.kernels.linear_attention import linear_attention  # loaded on first use
 
     weights = split_feature_weights(feature_map, feature_weights, layer)
+    check_packed(q, mask, cu_seqlens, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
-    o_w, lse = window_attention_lse(q, k, v, window=window, sinks=sinks, scale=scale, valid=valid)
+    o_w, lse = window_attention_lse(q, k, v, window=window, sinks=sinks, scale=scale, valid=valid,
+                                    cu_seqlens=cu_seqlens)
     qf, kf = featurize(q, feature_map, weights[0]), featurize(k, feature_map, weights[1])
     g = key_gate(k, gate, gate_normalizer)
     vt = ones_column(v.transpose(1, 2))
-    keep = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if valid is None else valid
-    rank = keep.long().cumsum(-1) - 1
+    positions = None if cu_seqlens is None else sequence_positions(cu_seqlens, k.shape[2])
+    if positions is not None:  # rank of each token in its sequence
+        keep, rank = torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device), positions[None]
+    else:
+        keep = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if valid is None else valid
+        rank = keep.long().cumsum(-1) - 1
     keep = keep & (rank >= sinks)  # sinks stay in the softmax branch
     vt = vt * keep[:, :, None, None].to(vt.dtype)
     g = mask_log_decay(g, valid)
     if g.dim() == 4:
         g = repeat_gate(g, kf.shape[-1])
     lin, _ = linear_attention(
-        qf.transpose(1, 2), _delayed(kf.transpose(1, 2), window), _delayed(vt, window), _delayed(g, window),
-        decay=gate, scale=1.0,
+        qf.transpose(1, 2), _delayed(kf.transpose(1, 2), window, positions), _delayed(vt, window, positions),
+        _delayed(g, window, positions), decay=gate, scale=1.0, cu_seqlens=cu_seqlens,
     )
     out = _combine(o_w, lse, lin.transpose(1, 2), linear_logit)
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
 
 
 def hybrid_swa_mixer_step(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from rewrite.mixers.common import (
+    check_packed,
     flatten_heads,
     mask_log_decay,
     mix,
@@ -24,10 +25,14 @@ from rewrite.mixers.gla import key_gate
 from rewrite.mixers.transfer import observe
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _conv(
+    x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal depthwise conv over the channels of x [B, heads, L, D] (within each sequence of cu_seqlens)."""
     from rewrite.kernels.short_conv import short_conv  # loaded on first use
 
-    y, final = short_conv(flatten_heads(x), weight.to(x.dtype), cache=cache, output_final_cache=cache is not None)
+    y, final = short_conv(flatten_heads(x), weight.to(x.dtype), cache=cache, output_final_cache=cache is not None,
+                          cu_seqlens=cu_seqlens)
     return unflatten_heads(y, x.shape[1]), final
 
 
@@ -47,19 +52,23 @@ def lawcat_mixer(
     mask_negated: bool = False,
     check_mask: bool = True,
     layer: str = "",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q' = conv(q), k' = conv(k), then `gla` on (q', k', v); SDPA layout in and out.
 
     Padded tokens (from `mask`) enter the convs as zeros and neither write nor decay the state.
+    cu_seqlens [N + 1]: packed sequences in B == 1 (no mask); each sequence's conv window starts with
+    zeros and its state from zero.
     """
     weights = split_feature_weights(feature_map, feature_weights, layer)
+    check_packed(q, mask, cu_seqlens, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
-    qc, _ = _conv(zero_padding(q, valid), q_conv)
-    kc, _ = _conv(zero_padding(k, valid), k_conv)
+    qc, _ = _conv(zero_padding(q, valid), q_conv, cu_seqlens=cu_seqlens)
+    kc, _ = _conv(zero_padding(k, valid), k_conv, cu_seqlens=cu_seqlens)
     g = mask_log_decay(key_gate(kc, gate, gate_normalizer), valid)
     out = mix(qc, kc, v, g=g, decay=gate, causal=True, scale=scale, feature_map=feature_map, normalize=normalize,
-              valid=valid, feature_weights=weights)
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+              valid=valid, feature_weights=weights, cu_seqlens=cu_seqlens)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
 
 
 def lawcat_mixer_step(

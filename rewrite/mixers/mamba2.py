@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rewrite.mixers.common import (
+    check_packed,
     default_scale,
     flatten_heads,
     padding_validity,
@@ -94,22 +95,26 @@ def mamba2_mixer(
     mask_negated: bool = False,
     check_mask: bool = True,
     layer: str = "",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mamba-2 SSM in SDPA layout: q (C) [B, H, L, D], k (B) / v (x) [B, Hkv, L, D] -> o [B, H, L, D].
 
     Padded tokens (from `mask`) enter the conv as zeros and neither write nor decay the state.
+    cu_seqlens [N + 1]: packed sequences in B == 1 (no mask); each sequence's conv window starts with
+    zeros and its SSM state from zero.
     """
     from rewrite.kernels.linear_attention import linear_attention  # loaded on first use
     from rewrite.kernels.short_conv import short_conv
 
+    check_packed(q, mask, cu_seqlens, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
     heads, kv_heads = q.shape[1], k.shape[1]
     xbc = _channels(zero_padding(q, valid), zero_padding(k, valid), zero_padding(v, valid))
-    xbc, _ = short_conv(xbc, conv_weight.to(xbc.dtype))
+    xbc, _ = short_conv(xbc, conv_weight.to(xbc.dtype), cu_seqlens=cu_seqlens)
     x, b, c, g = _ssm(xbc, kv_heads, heads, k.shape[-1], dt_weight, dt_bias, a_log, valid)
-    o, _ = linear_attention(c, b, x, g, decay="scalar", scale=default_scale(q, scale))
+    o, _ = linear_attention(c, b, x, g, decay="scalar", scale=default_scale(q, scale), cu_seqlens=cu_seqlens)
     o = _skip(o, x, skip).transpose(1, 2)
-    return observe(o, q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+    return observe(o, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
 
 
 def mamba2_mixer_step(

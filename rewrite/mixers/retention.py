@@ -11,7 +11,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rewrite.mixers.common import mask_log_decay, mix, mix_step, padding_validity, split_feature_weights
+from rewrite.mixers.common import (
+    check_packed,
+    mask_log_decay,
+    mix,
+    mix_step,
+    padding_validity,
+    split_feature_weights,
+)
 from rewrite.mixers.transfer import observe
 
 
@@ -36,13 +43,16 @@ def retention_mixer(
     mask_negated: bool = False,
     check_mask: bool = True,
     layer: str = "",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """o_t = scale * sum_{s <= t} gamma^(t - s) (phi(q_t) . phi(k_s)) v_s, gamma per kv head.
 
     Shapes as SDPA: q [B, H, L, D], k / v [B, Hkv, L, D], decay_logit [Hkv], o [B, H, L, Dv]. With
-    padding, the decay becomes per token so padded tokens do not decay the state.
+    padding, the decay becomes per token so padded tokens do not decay the state. cu_seqlens [N + 1]:
+    packed sequences in B == 1 (no mask), the state reset at each sequence start.
     """
     weights = split_feature_weights(feature_map, feature_weights, layer)
+    check_packed(q, mask, cu_seqlens, layer)
     log_decay = F.logsigmoid(decay_logit.float())
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
     if valid is None:
@@ -52,9 +62,9 @@ def retention_mixer(
         g, decay = mask_log_decay(log_decay.expand(batch, length, -1), valid), "scalar"
     out = mix(
         q, k, v, g=g, decay=decay, causal=True, scale=scale, feature_map=feature_map, normalize=normalize,
-        valid=valid, feature_weights=weights,
+        valid=valid, feature_weights=weights, cu_seqlens=cu_seqlens,
     )
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
 
 
 def retention_mixer_step(

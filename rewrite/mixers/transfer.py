@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rewrite.mixers.common import repeat_kv
+from rewrite.mixers.common import repeat_kv, sequence_ids
 
 
 @dataclass
@@ -60,10 +60,20 @@ def softmax_teacher(
     valid: torch.Tensor | None,
     causal: bool,
     scale: float | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax attention in SDPA layout over real keys (valid [B, L]), causal or not, GQA by groups."""
+    """Softmax attention in SDPA layout over real keys (valid [B, L]), causal or not, GQA by groups.
+
+    With cu_seqlens (packed sequences, B == 1) each query sees only the keys of its own sequence.
+    """
     k, v = repeat_kv(q, k, v)
     length = q.shape[2]
+    if cu_seqlens is not None:
+        seq = sequence_ids(cu_seqlens, length)
+        keep = seq[:, None] == seq[None, :]
+        if causal:
+            keep = keep & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
     if valid is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     keep = valid[:, None, None, :].expand(-1, 1, length, -1)
@@ -83,15 +93,19 @@ def observe(
     causal: bool,
     scale: float | None,
     layer: str,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """What a mixer returns: `out`, or (teacher forcing) its softmax teacher; records the error."""
+    """What a mixer returns: `out`, or (teacher forcing) its softmax teacher; records the error.
+
+    cu_seqlens: packed sequences (B == 1); the teacher then attends within each sequence.
+    """
     if torch.compiler.is_compiling() or type(out) is not torch.Tensor:  # traced or compiled: nothing to record
         return out
     record = _ACTIVE.get()
     if record is None:
         return out
     with torch.no_grad():
-        teacher = softmax_teacher(q, k, v, valid=valid, causal=causal, scale=scale)
+        teacher = softmax_teacher(q, k, v, valid=valid, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
     err = (out.float() - teacher.float()).pow(2).mean(dim=(1, 3))  # [B, L]
     if valid is not None:
         weights = valid.to(err.dtype)

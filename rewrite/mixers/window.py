@@ -4,7 +4,8 @@ The training-free baseline of linearization (constant memory per token, no new p
 the softmax branch of `hybrid_swa`. Without a padding mask it runs the sliding-window kernel
 (linear in L); with one it runs a dense masked softmax (quadratic in L, exact): the kernel counts
 positions from each row's start, which a left-padded row does not share. With padding, the sinks
-are the first real tokens of each row.
+are the first real tokens of each row. Packed sequences (`cu_seqlens`, no padding) run the kernel,
+which counts positions and sinks from each sequence's start.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rewrite.mixers.common import default_scale, padding_validity, repeat_kv
+from rewrite.mixers.common import check_packed, default_scale, padding_validity, repeat_kv
 from rewrite.mixers.transfer import observe
 
 WindowState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -50,14 +51,19 @@ def window_attention(
     sinks: int,
     scale: float | None,
     valid: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sliding-window softmax with sinks in SDPA layout (q [B, H, L, D], k / v [B, Hkv, L, D])."""
+    """Sliding-window softmax with sinks in SDPA layout (q [B, H, L, D], k / v [B, Hkv, L, D]).
+
+    valid [B, L] marks real tokens (a dense masked softmax then); cu_seqlens [N + 1] packs sequences
+    into B == 1 (the kernel, windows and sinks within each sequence); not both.
+    """
     scale = default_scale(q, scale)
     if valid is None:
         from rewrite.kernels.sliding_window import sliding_window_attention  # loaded on first use
 
         o = sliding_window_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window,
-                                     sinks=sinks, scale=scale)
+                                     sinks=sinks, scale=scale, cu_seqlens=cu_seqlens)
         return o.transpose(1, 2)
     k, v = repeat_kv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_keep(valid, window, sinks), scale=scale)
@@ -103,11 +109,16 @@ def sliding_window_mixer(
     mask_negated: bool = False,
     check_mask: bool = True,
     layer: str = "",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Query t attends (softmax) to keys (t - window, t] and the first `sinks` keys; SDPA layout."""
+    """Query t attends (softmax) to keys (t - window, t] and the first `sinks` keys; SDPA layout.
+
+    cu_seqlens [N + 1]: packed sequences in B == 1 (no mask); t and the sinks count from each sequence's start.
+    """
+    check_packed(q, mask, cu_seqlens, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
-    out = window_attention(q, k, v, window=window, sinks=sinks, scale=scale, valid=valid)
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer)
+    out = window_attention(q, k, v, window=window, sinks=sinks, scale=scale, valid=valid, cu_seqlens=cu_seqlens)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
 
 
 def sliding_window_mixer_step(
@@ -132,12 +143,12 @@ class _WindowLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, window, sinks, scale):  # q [B, T, H, K], k [B, T, Hkv, K]
+    def forward(ctx, q, k, window, sinks, scale, cu_seqlens):  # q [B, T, H, K], k [B, T, Hkv, K]
         from rewrite.kernels.sliding_window.op import sliding_window_op
 
-        o_k, lse = sliding_window_op(q, k, k, window, sinks, scale, None)
+        o_k, lse = sliding_window_op(q, k, k, window, sinks, scale, cu_seqlens)
         ctx.save_for_backward(q, k, o_k, lse)
-        ctx.window, ctx.sinks, ctx.scale = window, sinks, scale
+        ctx.window, ctx.sinks, ctx.scale, ctx.cu_seqlens = window, sinks, scale, cu_seqlens
         return lse
 
     @staticmethod
@@ -149,8 +160,9 @@ class _WindowLogSumExp(torch.autograd.Function):
         g = grad.to(compute)[..., None] * ctx.scale
         dq = (g * o_k.to(compute)).to(q.dtype)
         do = (g * q.to(compute)).to(q.dtype).contiguous()
-        _, _, dk = sliding_window_backward_op(do, q, k, k, o_k, lse, ctx.window, ctx.sinks, ctx.scale, None)
-        return dq, dk, None, None, None
+        _, _, dk = sliding_window_backward_op(do, q, k, k, o_k, lse, ctx.window, ctx.sinks, ctx.scale,
+                                              ctx.cu_seqlens)
+        return dq, dk, None, None, None, None
 
 
 def window_attention_lse(
@@ -162,16 +174,21 @@ def window_attention_lse(
     sinks: int,
     scale: float | None,
     valid: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, H, L, Dv], lse [B, H, L]) of window softmax with sinks in SDPA layout; both differentiable."""
+    """(o [B, H, L, Dv], lse [B, H, L]) of window softmax with sinks in SDPA layout; both differentiable.
+
+    valid [B, L] marks real tokens (dense masked softmax); cu_seqlens [N + 1] packs sequences into
+    B == 1 (the kernel, within each sequence); not both.
+    """
     scale = default_scale(q, scale)
     if valid is None:
         from rewrite.kernels.sliding_window.op import sliding_window_op  # loaded on first use
 
         qt, kt, vt = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-        o, lse = sliding_window_op(qt, kt, vt, window, sinks, scale, None)
+        o, lse = sliding_window_op(qt, kt, vt, window, sinks, scale, cu_seqlens)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            lse = _WindowLogSumExp.apply(qt, kt, window, sinks, scale)
+            lse = _WindowLogSumExp.apply(qt, kt, window, sinks, scale, cu_seqlens)
         return o.transpose(1, 2), lse.transpose(1, 2)
     k, v = repeat_kv(q, k, v)
     compute = torch.promote_types(q.dtype, torch.float32)

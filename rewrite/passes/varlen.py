@@ -300,7 +300,7 @@ class Varlen(GraphPass):
 
     def _replace_mixing(self, graph: fx.Graph, sites: list[AttentionSite], mixers: list[fx.Node],
                         causal: dict[str, bool], layout: dict[str, fx.Node], result: PassResult) -> set[fx.Node]:
-        """Put varlen attention / per-sequence mixers in place of every token-mixing node."""
+        """Put varlen attention / packed (or per-sequence) mixers in place of every token-mixing node."""
         options: VarlenOptions = self.options
         backend = options.attention_backend
         if backend == "auto":  # the plan's `kernels` field: reference everywhere, or our Triton kernel on CUDA
@@ -312,8 +312,10 @@ class Varlen(GraphPass):
                                   f"{'causal' if causal[site.name] else 'bidirectional'} attention")
         for node in mixers:
             where = f"{node.name} ({module_path(node) or '<root>'})"
+            kind = node.meta["rewrite_mixer"]
             mixing.add(_replace_mixer(graph, node, layout))
-            result.changed.append(f"{where}: {node.meta['rewrite_mixer']} mixer per sequence")
+            how = "one call over the packed sequences" if runtime.mixer_takes_cu_seqlens(kind) else "per sequence"
+            result.changed.append(f"{where}: {kind} mixer {how}")
         return mixing
 
     def _run_packed(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult, sites: list[AttentionSite],

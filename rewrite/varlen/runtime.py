@@ -147,13 +147,14 @@ def packed_mixer(kind: str, cu_seqlens: torch.Tensor, q: torch.Tensor, k: torch.
                  **kwargs) -> torch.Tensor:
     """The linear mixer `kind` of the `mixer` pass (SDPA layout, packed [1, H, T, D]) run within each sequence.
 
-    A mixer that takes `cu_seqlens` gets it (one kernel call over all sequences); any other runs once per
+    A mixer that takes `cu_seqlens` (every built-in kind) gets it: one call over all sequences, whose
+    kernels reset states, conv windows and normalisers at each sequence start. Any other runs once per
     sequence on its slice of the tokens, so state never flows from one sequence into the next.
     """
     from rewrite.mixers import KINDS  # the mixer registry, loaded on first use
 
     fn = KINDS[kind].fn
-    if "cu_seqlens" in _parameters_of(fn):
+    if mixer_takes_cu_seqlens(kind):
         return fn(q, k, v, *params, cu_seqlens=cu_seqlens, **kwargs)
     bounds = cu_seqlens.tolist()
     pieces = [fn(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], *params, **kwargs)
@@ -161,6 +162,13 @@ def packed_mixer(kind: str, cu_seqlens: torch.Tensor, q: torch.Tensor, k: torch.
     if not pieces:
         return q.new_zeros(*q.shape[:-1], v.shape[-1])
     return torch.cat(pieces, dim=2)
+
+
+def mixer_takes_cu_seqlens(kind: str) -> bool:
+    """Whether the function of mixer kind `kind` takes `cu_seqlens` (packed sequences in one call)."""
+    from rewrite.mixers import KINDS  # the mixer registry, loaded on first use
+
+    return "cu_seqlens" in _parameters_of(KINDS[kind].fn)
 
 
 def _parameters_of(fn) -> frozenset[str]:

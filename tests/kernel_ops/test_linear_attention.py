@@ -33,6 +33,9 @@ REFERENCE_CASES = [
     Case("constant", batch=1, cu_seqlens=(0, 66, 67, 70), initial_state=False),
     Case("none", causal=False),
     Case("none", batch=1, cu_seqlens=(0, 1, 30, 70), causal=False),
+    # empty sequences (an all-padding row under varlen): no outputs, the state passes through
+    Case("scalar", batch=1, cu_seqlens=(0, 0, 5, 5, 70)),
+    Case("vector", batch=1, length=20, cu_seqlens=(0, 3, 3, 20), dk=32, dv=16),
 ]
 
 

@@ -191,7 +191,9 @@ def chunked_forward(
     for rows, tokens, states in _segments(q, cu_seqlens):
         qs, ks, vs = (x[rows, tokens].to(compute) for x in (q, k, v))
         initial = _state_or_zeros(initial_state, states, qs.shape[0], kv_heads, dk, dv, compute, q.device)
-        if causal:
+        if qs.shape[1] == 0:  # an empty sequence: no output, the state passes through
+            final = initial
+        elif causal:
             log_decay = token_log_decay(_slice_decay(g, decay, rows, tokens), decay, ks)
             o[rows, tokens], final = _forward_equal(qs, ks, vs, log_decay, scale, initial, size)
         else:
@@ -231,7 +233,9 @@ def chunked_backward(
         qs, ks, vs, dos = (x[rows, tokens].to(compute) for x in (q, k, v, do))
         dhts = dht[states].to(compute)
         initial = _state_or_zeros(initial_state, states, qs.shape[0], kv_heads, dk_, dv_, compute, q.device)
-        if causal:
+        if qs.shape[1] == 0:  # an empty sequence: no token gradients, the state's gradient passes through
+            dstate = dhts
+        elif causal:
             log_decay = token_log_decay(_slice_decay(g, decay, rows, tokens), decay, ks)
             grads = _backward_equal(dos, dhts, qs, ks, vs, log_decay, scale, initial, size)
             dq[rows, tokens], dk[rows, tokens], dv[rows, tokens], dg[rows, tokens], dstate = grads
