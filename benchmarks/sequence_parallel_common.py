@@ -22,7 +22,9 @@ MODELS = ("linearized", "hybrid")
 def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments both benchmarks take: --models, the --softmax / --linear strategies and the --layout."""
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--softmax", default="ulysses", choices=["ulysses", "ring"])
+    parser.add_argument("--softmax", default="ulysses", choices=["ulysses", "ring", "ulysses_ring"])
+    parser.add_argument("--ulysses-size", type=int, default=None,
+                        help="ulysses_ring: ranks of each inner Ulysses group (default: the pass's choice)")
     parser.add_argument("--linear", default="lasp2", choices=["lasp2", "allscan"])
     parser.add_argument("--layout", default="contiguous", choices=["contiguous", "zigzag"])
 
@@ -45,6 +47,14 @@ def softmax_layers(model_name: str, layers: int) -> list[int]:
     return [] if model_name == "linearized" else list(range(3, layers, 4))
 
 
+def sp_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sequence_parallel options the strategy arguments ask for (group and sizes added by the caller)."""
+    sp: dict[str, Any] = {"strategy": {"softmax": args.softmax, "linear": args.linear}, "layout": args.layout}
+    if args.ulysses_size is not None:
+        sp["ulysses_size"] = args.ulysses_size
+    return sp
+
+
 def plans(model_name: str, layers: int, sp: dict[str, Any] | None) -> dict[str, Any]:
     """The plan of a model: the mixer pass on its linear layers, then (if given) sequence_parallel."""
     keep = set(softmax_layers(model_name, layers))
@@ -56,17 +66,24 @@ def plans(model_name: str, layers: int, sp: dict[str, Any] | None) -> dict[str, 
 
 def predicted_bytes(model_name: str, shape: dict[str, int], size: int, seq: int, batch: int,
                     element_size: int, softmax_strategy: str, linear_strategy: str, rank: int | None = None,
-                    masked: bool = False) -> int:
+                    masked: bool = False, ulysses_size: int | None = None) -> int:
     """Bytes the cost model predicts one rank receives in one forward (rank None: the busiest rank).
 
     gla with the default elu1 feature map normalises, so each state carries one extra value column.
     `masked`: the softmax layers get a mask from the model (their key validity is gathered).
+    `ulysses_size`: the inner size of ulysses_ring (default: the pass's, `default_inner_size`).
     """
+    from rewrite.distributed.softmax_attention import default_inner_size
+
     head_dim = shape["hidden"] // shape["heads"]
     n_softmax = len(softmax_layers(model_name, shape["layers"]))
     n_linear = shape["layers"] - n_softmax
     attn = cost.AttentionShape(shape["heads"], shape["kv_heads"], head_dim, head_dim, element_size, True)
-    softmax = {"ulysses": cost.ulysses_bytes, "ring": cost.ring_bytes}[softmax_strategy](attn, size, masked)
+    if softmax_strategy == "ulysses_ring":
+        inner = ulysses_size or default_inner_size(shape["heads"], shape["kv_heads"], size)
+        softmax = cost.ulysses_ring_bytes(attn, inner, size, masked)
+    else:
+        softmax = {"ulysses": cost.ulysses_bytes, "ring": cost.ring_bytes}[softmax_strategy](attn, size, masked)
     if linear_strategy == "lasp2":
         linear = cost.lasp2_bytes(shape["kv_heads"], head_dim, head_dim + 1, size)
     else:

@@ -34,6 +34,7 @@ from benchmarks.sequence_parallel_common import (
     has_masked_softmax,
     plans,
     predicted_bytes,
+    sp_options,
 )
 from rewrite.distributed import CountingGroup, gather_sequence, register_group, shard
 from rewrite.distributed.groups import ProcessGroupSequenceGroup
@@ -71,7 +72,7 @@ def run_rank(args: argparse.Namespace) -> list[dict[str, Any]] | None:
         model = build_model(shape, device, dtype)
         gen = torch.Generator().manual_seed(0)
         example = {"input_ids": torch.randint(0, shape["vocab"], (1, 64), generator=gen).to(device)}
-        sp = {"group": GROUP, "strategy": {"softmax": args.softmax, "linear": args.linear}, "layout": args.layout}
+        sp = {"group": GROUP, **sp_options(args)}
         split = rewrite.optimize(model, plans(model_name, shape["layers"], sp), example_kwargs=example)
         single = rewrite.optimize(model, plans(model_name, shape["layers"], None), example_kwargs=example)
         check_ids = torch.randint(0, shape["vocab"], (1, args.check_length), generator=gen).to(device)
@@ -91,7 +92,7 @@ def run_rank(args: argparse.Namespace) -> list[dict[str, Any]] | None:
                 forward()
             counted = counting.total_bytes()
             predicted = predicted_bytes(model_name, shape, size, length, 1, torch.finfo(dtype).bits // 8,
-                                        args.softmax, args.linear, rank, masked)
+                                        args.softmax, args.linear, rank, masked, args.ulysses_size)
             dist.barrier()
             with torch.inference_mode():
                 fwd = measure("forward", forward, warmup=1, runs=args.runs)

@@ -39,6 +39,7 @@ from benchmarks.sequence_parallel_common import (
     has_masked_softmax,
     plans,
     predicted_bytes,
+    sp_options,
 )
 from rewrite.distributed import CountingGroup, bind_group, run_on_threads, shard, threaded_groups, unshard
 from rewrite.distributed.groups import RecordingGroup, ReplayGroup
@@ -109,8 +110,7 @@ def run(args: argparse.Namespace) -> tuple[list[Measurement], list[dict[str, Any
         base.extra.update(peak_mib=round(peak_single / 2**20, 1))
         rows.append(base)
         for size in args.sizes:
-            sp = {"group": GROUP, "group_size": size, "strategy": {"softmax": args.softmax, "linear": args.linear},
-                  "layout": args.layout}
+            sp = {"group": GROUP, "group_size": size, **sp_options(args)}
             split = rewrite.optimize(model, plans(model_name, shape["layers"], sp), example_kwargs=example)
             masked = has_masked_softmax(split)
             outputs, delivered, counters = record(split, ids, size, args.layout)
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> tuple[list[Measurement], list[dict[str, Any
                 row, peak = replay_rank(split, ids, rank, size, args.layout, delivered[rank], args.runs)
                 counted = counters[rank].total_bytes()
                 predicted = predicted_bytes(model_name, shape, size, args.length, 1, torch.finfo(dtype).bits // 8,
-                                            args.softmax, args.linear, rank, masked)
+                                            args.softmax, args.linear, rank, masked, args.ulysses_size)
                 row.name = f"{model_name} P={size} rank {rank}"
                 row.params = {"P": size, "L": args.length}
                 row.extra.update(

@@ -46,9 +46,10 @@ from rewrite.errors import PassError, PlanError
 SP = "sequence_parallel"
 
 
-def _case(family: str, strategy: str, layout: str = "contiguous", kind: str | None = None,
-          mixer_layers: object = "all") -> dict:
-    return {"family": family, "strategy": strategy, "layout": layout, "kind": kind, "mixer_layers": mixer_layers}
+def _case(family: str, strategy: object, layout: str = "contiguous", kind: str | None = None,
+          mixer_layers: object = "all", packed: bool = False, **options: object) -> dict:
+    return {"family": family, "strategy": strategy, "layout": layout, "kind": kind, "mixer_layers": mixer_layers,
+            "packed": packed, "options": options}
 
 
 CASES = {
@@ -65,11 +66,26 @@ CASES = {
     "handwritten-unfused-softmax-ulysses": _case("handwritten", "ulysses"),
     "transformer_encoder-softmax-ring": _case("transformer_encoder", "ring", "zigzag"),
     "minilm-pretrained-ulysses": _case("minilm", "ulysses"),
+    "llama-softmax-ulysses_ring-zigzag": _case("llama", "ulysses_ring", "zigzag", ulysses_size=2),
+    # packed rows (position_ids restarting per sequence), sequences crossing rank boundaries
+    "llama-packed-softmax-ulysses": _case("llama", "ulysses", packed=True),
+    "llama-packed-softmax-ring-zigzag": _case("llama", "ring", "zigzag", packed=True),
+    "llama-packed-softmax-ulysses_ring": _case("llama", "ulysses_ring", packed=True, ulysses_size=2),
+    "llama-packed-gla-lasp2": _case("llama", "lasp2", kind="gla", packed=True),
+    "llama-packed-hybrid-ulysses_ring-allscan": _case(
+        "llama", {"softmax": "ulysses_ring", "linear": "allscan"}, kind="gla", mixer_layers=[0], packed=True,
+        ulysses_size=2),
 }
+PACKED_LENGTHS = [5, 1, 2, 1, 7]
+"""16 tokens: at 4 ranks (shards of 4) sequences cross the boundaries at 4 and 12, one of one token starts rank 2,
+and rank 1 holds a one-token sequence inside; at 2 ranks the second rank starts with a one-token sequence."""
 GLOO_CASES = {  # (group size, case): 4 processes, the size-2 cases on two pairs of them at once
     (4, "llama-softmax-ulysses"): "kv heads (2) < ranks (4)",
     (2, "llama-gla-lasp2-zigzag"): "vector gates, zigzag",
     (2, "loss"): "loss helper",
+    (4, "llama-softmax-ulysses_ring-zigzag"): "Ulysses x ring 2 x 2, kv heads (2) < ranks (4)",
+    (4, "llama-packed-softmax-ulysses_ring"): "packed rows, Ulysses x ring 2 x 2",
+    (2, "llama-packed-gla-lasp2"): "packed rows, gla state passing",
 }
 THREAD_CASES = [(2, name) for name in (
     "llama-softmax-ring-zigzag", "gpt2-softmax-ring-absolute-positions",
@@ -78,6 +94,8 @@ THREAD_CASES = [(2, name) for name in (
 )] + [(4, name) for name in (
     "llama-hybrid-auto", "llama-gated_deltanet-lasp2-zigzag", "llama-mamba2-lasp2",
 )]
+PACKED_THREAD_CASES = [(2, "llama-packed-softmax-ulysses"), (4, "llama-packed-softmax-ring-zigzag"),
+                       (4, "llama-packed-hybrid-ulysses_ring-allscan")]
 LENGTH = 16
 
 
@@ -85,7 +103,10 @@ def _plan(case: dict, group: str) -> dict:
     passes: list = []
     if case["kind"] is not None:
         passes.append({"mixer": {"kind": case["kind"], "layers": case["mixer_layers"]}})
-    passes.append({SP: {"strategy": case["strategy"], "layout": case["layout"], "group": group}})
+    sp = {"strategy": case["strategy"], "layout": case["layout"], "group": group, **case["options"]}
+    if case["packed"]:
+        sp["packed"] = "position_ids"
+    passes.append({SP: sp})
     return {"passes": passes}
 
 
@@ -145,6 +166,38 @@ class Prepared:
         assert checked > 0
 
 
+class PackedPrepared(Prepared):
+    """A packed row of `PACKED_LENGTHS` sequences: the reference runs the model on each sequence alone."""
+
+    def __init__(self, case: dict, group: str, size: int):
+        model, inputs = TARGETS[case["family"]](batch=1, length=LENGTH)
+        ids = inputs["input_ids"]
+        positions = torch.cat([torch.arange(n) for n in PACKED_LENGTHS])[None]
+        self.case, self.group = case, group
+        self.inputs = {"input_ids": ids, "position_ids": positions}
+        plan = _plan(case, group)
+        self.split = rewrite.optimize(copy.deepcopy(model), plan, example_kwargs=self.inputs)
+        reference_plan = {"passes": plan["passes"][:-1]}
+        reference = (rewrite.optimize(copy.deepcopy(model), reference_plan,
+                                      example_kwargs={"input_ids": ids[:, :PACKED_LENGTHS[0]]})
+                     if reference_plan["passes"] else copy.deepcopy(model))
+        extra = {"use_cache": False} if "use_cache" in reference.forward.__code__.co_varnames else {}
+        starts = [sum(PACKED_LENGTHS[:i]) for i in range(len(PACKED_LENGTHS))]
+        full = torch.cat([_main_output(reference(input_ids=ids[:, a: a + n], **extra))
+                          for a, n in zip(starts, PACKED_LENGTHS)], dim=1)
+        self.real = torch.ones(full.shape[:2], dtype=torch.bool)
+        self.weight = torch.randn(full.shape, generator=torch.Generator().manual_seed(1))
+        (full * self.weight).sum().backward()
+        self.full = full.detach()
+        self.grads = {n: p.grad for n, p in reference.named_parameters()}
+
+
+def prepare(name: str, group: str, size: int) -> Prepared:
+    """The case's split module and reference (packed rows: each sequence alone)."""
+    case = CASES[name]
+    return (PackedPrepared if case["packed"] else Prepared)(case, group, size)
+
+
 def run_loss_case(group: str) -> None:
     """The loss helper: global mean over real tokens, and its gradients summed over ranks, equal one process's."""
     model, inputs = TARGETS["llama"](batch=2, length=LENGTH)
@@ -184,7 +237,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 if name == "loss":
                     run_loss_case(group)
                 else:
-                    prepared = Prepared(CASES[name], group, size)
+                    prepared = prepare(name, group, size)
                     local = prepared.step(dist.get_rank(get_group(group).group), size)
                     all_reduce_gradients(prepared.split, group=group)
                     prepared.check(gather_sequence(local, group=group, layout=prepared.case["layout"]))
@@ -254,34 +307,44 @@ def _on_threads(size: int, work) -> list:
     return run_on_threads(groups, run)
 
 
-@pytest.mark.parametrize(("size", "name"), THREAD_CASES, ids=[f"P{s}-{n}" for s, n in THREAD_CASES])
+@pytest.mark.parametrize(("size", "name"), THREAD_CASES + PACKED_THREAD_CASES,
+                         ids=[f"P{s}-{n}" for s, n in THREAD_CASES + PACKED_THREAD_CASES])
 def test_ranks_as_threads_match_single_process(size: int, name: str) -> None:
-    """Every strategy x mixer kind: ranks as threads sharing one split module (gradients sum in place)."""
+    """Every strategy x mixer kind: ranks as threads sharing one split module (gradients sum in place).
+
+    Packed rows are compared with the model run on each sequence alone."""
     torch.manual_seed(0)
-    prepared = Prepared(CASES[name], "world", size)
+    prepared = prepare(name, "world", size)
     outputs = _on_threads(size, lambda group: prepared.step(group.rank, size))
     prepared.check(unshard(outputs, CASES[name]["layout"]))
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
-def test_counted_bytes_equal_the_cost_model(strategy: str) -> None:
-    batch, heads, kv_heads, length, dim, size = 2, 4, 2, 16, 8, 4
+@pytest.mark.parametrize(("strategy", "packed"), [("ulysses", False), ("ring", False), ("ulysses_ring", False),
+                                                   ("ulysses_ring", True), ("ring", True)])
+def test_counted_bytes_equal_the_cost_model(strategy: str, packed: bool) -> None:
+    """Masked (key validity gathered) or packed (sequence starts gathered): one byte per token either way."""
+    batch, heads, kv_heads, length, dim, size, inner = 2, 4, 2, 16, 8, 4, 2
     q, k, v = torch.randn(batch, heads, length, dim), torch.randn(batch, kv_heads, length, dim), torch.randn(
         batch, kv_heads, length, dim)
     mask = torch.ones(batch, 1, length // size, length // size, dtype=torch.bool).tril()
+    positions = torch.cat([torch.arange(n) for n in PACKED_LENGTHS])[None].expand(batch, length)
 
     def work(group):
         counting = CountingGroup(group)
         with bind_group("counted", counting):
             from rewrite.distributed.graph_functions import sp_attention
 
+            extra = {"positions": shard(positions, group.rank, size), "check_mask": False} if packed else {}
             sp_attention(*(shard(x, group.rank, size, dim=2) for x in (q, k, v)), mask, causal=True,
-                         strategy=strategy, group="counted")
+                         strategy=strategy, group="counted", inner=inner, **extra)
         return counting.total_bytes()
 
     counted = _on_threads(size, work)
     shape = sp_cost.AttentionShape(heads, kv_heads, dim, dim, 4, True)
-    formula = {"ulysses": sp_cost.ulysses_bytes, "ring": sp_cost.ring_bytes}[strategy](shape, size, masked=True)
+    if strategy == "ulysses_ring":
+        formula = sp_cost.ulysses_ring_bytes(shape, inner, size, masked=True)
+    else:
+        formula = {"ulysses": sp_cost.ulysses_bytes, "ring": sp_cost.ring_bytes}[strategy](shape, size, masked=True)
     predicted = int(formula.subs({sp_cost.SEQ: length, sp_cost.BATCH: batch}))
     assert counted == [predicted] * size
 
@@ -330,6 +393,41 @@ def test_group_size_that_does_not_fit_ulysses_lists_valid_sizes() -> None:
         rewrite.optimize(model, {"passes": [{SP: {"strategy": "ulysses", "group_size": 3}}]}, example_kwargs=inputs)
 
 
+def test_ulysses_ring_factorisation_that_does_not_fit_lists_valid_choices() -> None:
+    model, inputs = TARGETS["llama"](batch=1, length=12)  # 4 query heads, 2 kv heads
+    plan = {"passes": [{SP: {"strategy": "ulysses_ring", "group_size": 4, "ulysses_size": 3}}]}
+    with pytest.raises(PassError, match=r"valid ulysses x ring factorisations: 1 x 4, 2 x 2, 4 x 1"):
+        rewrite.optimize(model, plan, example_kwargs=inputs)
+    plan = {"passes": [{SP: {"strategy": "ulysses_ring", "group_size": 12, "ulysses_size": 8}}]}
+    with pytest.raises(PassError, match=r"factorisations: 1 x 12, 2 x 6, 4 x 3\)"):
+        rewrite.optimize(model, plan, example_kwargs=inputs)
+
+
+def test_auto_takes_ulysses_ring_where_ulysses_cannot_split_the_heads() -> None:
+    model, inputs = TARGETS["llama"](batch=1, length=16)  # 4 query heads: Ulysses alone cannot use 8 ranks
+    om = rewrite.optimize(model, {"passes": [{SP: {"group_size": 8, "expected_seq": 4096}}]}, example_kwargs=inputs)
+    (result,) = [r for r in om.report.results if r.name == SP]
+    # 2 x 4 exposes the least: its all-to-alls are smaller than 4 x 2's and its ring steps are mostly hidden
+    assert result.changed == [f"layer {i} (model.layers.{i}): softmax attention -> ulysses_ring (2 x 4)"
+                              for i in range(2)], result.changed
+    assert all(f"{name} " in result.messages[0] for name in ("ring", "ulysses_ring 2x4", "ulysses_ring 4x2"))
+    assert "ulysses " not in result.messages[0]  # 8 ranks cannot split 4 heads
+    from rewrite.distributed.graph_functions import sp_attention
+
+    assert [n.kwargs["inner"] for n in om.program.graph.nodes if n.target is sp_attention] == [2, 2]
+
+
+def test_packed_option_errors_name_the_input_and_the_kind() -> None:
+    model, inputs = TARGETS["llama"](batch=1, length=16)
+    with pytest.raises(PlanError, match="sequence_parallel.packed.*position_ids"):
+        rewrite.optimize(model, {"passes": [{SP: {"group_size": 2, "strategy": "ring", "packed": "position_ids"}}]},
+                         example_kwargs={"input_ids": inputs["input_ids"]})
+    packed = {"input_ids": inputs["input_ids"], "position_ids": torch.cat([torch.arange(8), torch.arange(8)])[None]}
+    plan = {"passes": [{"mixer": {"kind": "mamba2"}}, {SP: {"group_size": 2, "packed": "position_ids"}}]}
+    with pytest.raises(PassError, match="'mamba2' has no sequence-parallel form for packed sequences"):
+        rewrite.optimize(model, plan, example_kwargs=packed)
+
+
 def test_bad_plan_fields_are_named() -> None:
     model, inputs = TARGETS["llama"](batch=1, length=8)
     with pytest.raises(PlanError, match="sequence_parallel.strategy"):
@@ -358,7 +456,8 @@ def test_simulated_ranks_benchmark_matches_single_model_and_predicted_bytes(tmp_
     from benchmarks import sequence_parallel_simulated
 
     checks = sequence_parallel_simulated.main(
-        ["--tiny", "--sizes", "4", "--models", "hybrid", "--out", str(tmp_path / "sim.json")])
+        ["--tiny", "--sizes", "4", "--models", "hybrid", "--softmax", "ulysses_ring", "--ulysses-size", "2",
+         "--out", str(tmp_path / "sim.json")])
     assert [c["P"] for c in checks] == [4]
     assert checks[0]["bytes_match"]
     assert checks[0]["rel_err_vs_single"] < 1e-5

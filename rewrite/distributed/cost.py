@@ -50,6 +50,26 @@ def ring_bytes(s: AttentionShape, size: int | sympy.Expr = P, masked: bool = Fal
     return sympy.simplify(total)
 
 
+def ulysses_ring_bytes(s: AttentionShape, inner: int, size: int | sympy.Expr = P, masked: bool = False) -> sympy.Expr:
+    """Ulysses over `inner` ranks (all-to-alls of q, k, v and the output, on shards of seq / P tokens), then a
+    ring over size / inner ranks whose k / v blocks hold the inner group's kv heads for inner x seq / P tokens."""
+    local = SEQ / sympy.sympify(size)
+    kv_sent = max(1, s.kv_heads // inner)
+    per_peer = sympy.Integer(s.heads) / inner * (s.head_dim + s.value_dim) + kv_sent * (s.head_dim + s.value_dim)
+    total = (inner - 1) * BATCH * local * per_peer * s.element_size
+    total += (sympy.sympify(size) / inner - 1) * BATCH * kv_sent * inner * local * (s.head_dim + s.value_dim) * s.element_size
+    if masked:
+        total += (size - 1) * BATCH * local  # key validity (or packed sequence starts), gathered over the group
+    return sympy.simplify(total)
+
+
+def ulysses_ring_ring_bytes(s: AttentionShape, inner: int, size: int | sympy.Expr = P) -> sympy.Expr:
+    """The ring part of `ulysses_ring_bytes` (what the ring steps can hide behind compute)."""
+    kv_sent = max(1, s.kv_heads // inner)
+    return sympy.simplify((sympy.sympify(size) / inner - 1) * BATCH * kv_sent * inner * (SEQ / size) * (s.head_dim + s.value_dim)
+                          * s.element_size)
+
+
 def lasp2_bytes(kv_heads: int, key_dim: int, value_dim: int, size: int | sympy.Expr = P, *,
                 chunks_per_rank: int = 1, matrix_transition: bool = False) -> sympy.Expr:
     """One all-gather of every chunk's state [B, Hkv, K, V] and transition ([B, Hkv, K] or [B, Hkv, K, K])."""
@@ -85,6 +105,7 @@ class Choice:
     strategy: str
     bytes: dict[str, float]
     exposed_seconds: dict[str, float]
+    inner: int | None = None  # the Ulysses size when the strategy is ulysses_ring
 
     def describe(self) -> str:
         parts = [f"{name} {self.bytes[name] / 2**20:.3g} MiB ({self.exposed_seconds[name] * 1e3:.3g} ms exposed)"
@@ -97,16 +118,26 @@ def _value(expr: sympy.Expr, size: int, seq: int, batch: int) -> float:
 
 
 def choose_softmax(s: AttentionShape, size: int, seq: int, batch: int, *, link_bytes_per_s: float,
-                   flops_per_s: float, ulysses_ok: bool) -> Choice:
-    """Ulysses or ring for one softmax layer: the one whose communication is least exposed."""
+                   flops_per_s: float, ulysses_ok: bool, inner_sizes: tuple[int, ...] = ()) -> Choice:
+    """Ulysses, ring or Ulysses x ring (one option per inner size in `inner_sizes`) for one softmax layer: the
+    one whose communication is least exposed (Ulysses' all-to-alls are; ring steps hide behind the compute),
+    then the fewest bytes."""
     ring_b = _value(ring_bytes(s, size), size, seq, batch)
     compute = _value(attention_flops(s, size), size, seq, batch) / flops_per_s
     options = {"ring": (ring_b, max(0.0, ring_b / link_bytes_per_s - compute))}
     if ulysses_ok:
         uly_b = _value(ulysses_bytes(s, size), size, seq, batch)
         options["ulysses"] = (uly_b, uly_b / link_bytes_per_s)
+    for inner in inner_sizes:
+        total = _value(ulysses_ring_bytes(s, inner, size), size, seq, batch)
+        ring_part = _value(ulysses_ring_ring_bytes(s, inner, size), size, seq, batch)
+        exposed = (total - ring_part) / link_bytes_per_s + max(0.0, ring_part / link_bytes_per_s - compute)
+        options[f"ulysses_ring {inner}x{size // inner}"] = (total, exposed)
     best = min(options, key=lambda k: (options[k][1], options[k][0]))
-    return Choice(best, {k: v[0] for k, v in options.items()}, {k: v[1] for k, v in options.items()})
+    strategy, inner = best, None
+    if best.startswith("ulysses_ring"):
+        strategy, inner = "ulysses_ring", int(best.split()[1].split("x")[0])
+    return Choice(strategy, {k: v[0] for k, v in options.items()}, {k: v[1] for k, v in options.items()}, inner)
 
 
 def choose_linear(kv_heads: int, key_dim: int, value_dim: int, size: int, batch: int, *, link_bytes_per_s: float,

@@ -25,6 +25,16 @@ import torch.distributed as dist
 from rewrite.errors import RewriteError
 
 T = TypeVar("T")
+Partition = tuple[tuple[int, ...], ...]
+"""Disjoint tuples of a group's ranks that together cover it (see `SequenceGroup.subgroup`)."""
+
+
+def own_part(partition: Partition, rank: int) -> tuple[int, ...]:
+    """The part of `partition` that holds `rank` (GroupError when the partition does not cover it)."""
+    for part in partition:
+        if rank in part:
+            return part
+    raise GroupError(f"rank {rank} is in no part of the partition {partition}")
 
 
 class GroupError(RewriteError):
@@ -78,6 +88,14 @@ class SequenceGroup:
         """Send x to dst, receive from src (shaped like `like`, default x); None where nothing is received."""
         return self.exchange_start(x, dst, src, like=like).wait()
 
+    def subgroup(self, partition: Partition) -> SequenceGroup:
+        """The group, among `partition` (disjoint tuples of this group's ranks covering it), that holds this rank.
+
+        Every rank of the group calls it together with the same partition. A rank's index in its part is
+        its rank in the subgroup.
+        """
+        raise GroupError(f"{type(self).__name__} cannot form subgroups")
+
 
 class ProcessGroupSequenceGroup(SequenceGroup):
     """A torch.distributed process group (gloo, NCCL, ...)."""
@@ -126,6 +144,18 @@ class ProcessGroupSequenceGroup(SequenceGroup):
         works = dist.batch_isend_irecv(ops) if ops else []
         return _Waiting(works, received)
 
+    def subgroup(self, partition: Partition) -> SequenceGroup:
+        part = own_part(partition, self.rank)
+        key = (id(self.group), part)
+        if key not in _PROCESS_SUBGROUPS:  # only the part's members meet to create it
+            ranks = [self._global(r) for r in part]
+            _PROCESS_SUBGROUPS[key] = dist.new_group(ranks, use_local_synchronization=True)
+        return ProcessGroupSequenceGroup(_PROCESS_SUBGROUPS[key])
+
+
+_PROCESS_SUBGROUPS: dict[tuple[int, tuple[int, ...]], Any] = {}
+"""Process subgroups already created, by (parent group id, member ranks in the parent)."""
+
 
 @dataclass
 class _Waiting:
@@ -149,10 +179,11 @@ class CollectiveRecord:
 class CountingGroup(SequenceGroup):
     """Wraps a group and counts, per collective kind, the bytes this rank receives from other ranks."""
 
-    def __init__(self, inner: SequenceGroup):
+    def __init__(self, inner: SequenceGroup, root: CountingGroup | None = None):
         self.inner = inner
         self.rank, self.size = inner.rank, inner.size
-        self.records: dict[str, CollectiveRecord] = defaultdict(CollectiveRecord)
+        self.root = root  # a subgroup counts into the records (and under the label) of the group it came from
+        self.records: dict[str, CollectiveRecord] = root.records if root is not None else defaultdict(CollectiveRecord)
         self.label = ""
 
     @contextlib.contextmanager
@@ -164,8 +195,12 @@ class CountingGroup(SequenceGroup):
         finally:
             self.label = old
 
+    def subgroup(self, partition: Partition) -> SequenceGroup:
+        return CountingGroup(self.inner.subgroup(partition), root=self.root or self)
+
     def _count(self, kind: str, nbytes: int) -> None:
-        rec = self.records[f"{self.label}/{kind}" if self.label else kind]
+        label = (self.root or self).label
+        rec = self.records[f"{label}/{kind}" if label else kind]
         rec.calls += 1
         rec.bytes_received += int(nbytes)
 
@@ -253,10 +288,20 @@ class ThreadedGroupState:
     barrier: threading.Barrier = field(init=False)
     slots: list[Any] = field(init=False)
     p2p: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    subgroups: dict[tuple[int, ...], ThreadedGroupState] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.barrier = threading.Barrier(self.size)
         self.slots = [None] * self.size
+
+    def abort(self) -> None:
+        """Abort this barrier and every subgroup's, so no rank waits for one that failed."""
+        self.barrier.abort()
+        with self.lock:
+            children = list(self.subgroups.values())
+        for child in children:
+            child.abort()
 
 
 class ThreadedSequenceGroup(SequenceGroup):
@@ -289,6 +334,14 @@ class ThreadedSequenceGroup(SequenceGroup):
         self.state.barrier.wait()
         return _Done(received)
 
+    def subgroup(self, partition: Partition) -> SequenceGroup:
+        part = own_part(partition, self.rank)
+        with self.state.lock:
+            state = self.state.subgroups.get(part)
+            if state is None:
+                state = self.state.subgroups[part] = ThreadedGroupState(len(part))
+        return ThreadedSequenceGroup(state, part.index(self.rank))
+
 
 def threaded_groups(size: int) -> list[ThreadedSequenceGroup]:
     """`size` ranks that meet through a barrier: run rank r's work in thread r with `bind_group`."""
@@ -311,7 +364,7 @@ def run_on_threads(groups: list[ThreadedSequenceGroup], work: Callable[[int], T]
             results[rank] = work(rank)
         except BaseException as error:  # re-raised below, in the caller's thread
             errors.append(error)
-            groups[rank].state.barrier.abort()
+            groups[rank].state.abort()
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(len(groups))]
     for t in threads:
@@ -326,16 +379,22 @@ def run_on_threads(groups: list[ThreadedSequenceGroup], work: Callable[[int], T]
 class ReplayGroup(SequenceGroup):
     """Returns, in order, the tensors a recorded run delivered to this rank: one rank's work alone."""
 
-    def __init__(self, rank: int, size: int, delivered: list[torch.Tensor | None]):
+    def __init__(self, rank: int, size: int, delivered: list[torch.Tensor | None], root: ReplayGroup | None = None):
         self.rank, self.size = rank, size
         self.delivered = delivered
         self.position = 0
+        self.root = root  # subgroups replay from the same list, in the order the recorded run issued
+
+    def subgroup(self, partition: Partition) -> SequenceGroup:
+        part = own_part(partition, self.rank)
+        return ReplayGroup(part.index(self.rank), len(part), self.delivered, root=self.root or self)
 
     def _next(self) -> torch.Tensor | None:
-        if self.position >= len(self.delivered):
+        owner = self.root or self
+        if owner.position >= len(self.delivered):
             raise GroupError("replay: more collectives than the recorded run issued")
-        value = self.delivered[self.position]
-        self.position += 1
+        value = self.delivered[owner.position]
+        owner.position += 1
         return value
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,10 +415,13 @@ class ReplayGroup(SequenceGroup):
 class RecordingGroup(SequenceGroup):
     """Wraps a group and keeps every tensor it delivers to this rank, for a `ReplayGroup` later."""
 
-    def __init__(self, inner: SequenceGroup):
+    def __init__(self, inner: SequenceGroup, delivered: list[torch.Tensor | None] | None = None):
         self.inner = inner
         self.rank, self.size = inner.rank, inner.size
-        self.delivered: list[torch.Tensor | None] = []
+        self.delivered: list[torch.Tensor | None] = [] if delivered is None else delivered
+
+    def subgroup(self, partition: Partition) -> SequenceGroup:
+        return RecordingGroup(self.inner.subgroup(partition), self.delivered)
 
     def _keep(self, value: torch.Tensor | None) -> torch.Tensor | None:
         self.delivered.append(value)

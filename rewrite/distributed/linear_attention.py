@@ -99,3 +99,53 @@ def sp_linear_attention(
         )
         outs.append(o)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def sp_packed_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    *,
+    decay: str,
+    scale: float,
+    starts: torch.Tensor,
+    group: SequenceGroup,
+    layout: str = "contiguous",
+    strategy: str = "lasp2",
+    scan_blocks: int = 4,
+) -> torch.Tensor:
+    """Causal linear attention of packed sequences (one row, `starts` [1, Ll] True at each sequence start)
+    split contiguously over the ranks, a sequence possibly crossing rank boundaries.
+
+    A rank's chunk summary is the state of its last sequence piece (from that piece's start) and a decay
+    product that is 0 when a sequence starts inside the rank (the state resets there), so the usual prefix
+    (`lasp2` / `allscan`) gives each rank the state its first piece continues from; it flows only into
+    that piece (none when the rank's first token starts a sequence). One kernel call with the rank's
+    local `cu_seqlens` then computes every piece.
+    """
+    from rewrite.kernels.linear_attention import linear_attention  # loaded on first use
+
+    if layout != "contiguous":
+        raise GroupError(f"packed sequences under sequence parallelism need the contiguous layout, not {layout!r}")
+    if q.shape[0] != 1 or starts.shape[0] != 1:
+        raise GroupError(f"packed sequences come in one row (batch 1), got batch {q.shape[0]}")
+    if strategy not in LINEAR_STRATEGIES:
+        raise GroupError(f"unknown linear-mixer strategy {strategy!r} (supported: {', '.join(LINEAR_STRATEGIES)})")
+    length = q.shape[1]
+    begins = [int(i) for i in torch.nonzero(starts[0]).reshape(-1).tolist()]
+    last = begins[-1] if begins else 0
+    state, decay_product = chunk_state(k[:, last:], v[:, last:], _segment_gate(g, decay, last, length - last), decay)
+    decay_product = decay_product * (0.0 if begins else 1.0)  # a start inside the rank cuts every earlier state
+    if strategy == "allscan":
+        incoming = allscan_prefix(state, decay_product, group, scan_blocks, layout)
+    else:
+        incoming = lasp2_prefix(state[None], decay_product[None], [group.rank], group)[0]
+    continues = not (begins and begins[0] == 0)
+    bounds = [0, *(i for i in begins if i > 0), length]
+    # zero-weight use when the first token starts a sequence: every rank joins the prefix's backward
+    initial = torch.cat([incoming * (1.0 if continues else 0.0),
+                         incoming.new_zeros(len(bounds) - 2, *incoming.shape[1:])])
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    o, _ = linear_attention(q, k, v, g, decay=decay, scale=scale, initial_state=initial, cu_seqlens=cu_seqlens)
+    return o

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from rewrite.distributed.collectives import shift
 from rewrite.distributed.groups import GroupError, SequenceGroup
 from rewrite.distributed.layout import segments
-from rewrite.distributed.linear_attention import sp_linear_attention
+from rewrite.distributed.linear_attention import sp_linear_attention, sp_packed_linear_attention
 from rewrite.distributed.state_prefix import allscan_prefix, lasp2_prefix
 
 TOKENWISE_OPS = ("rms_norm", "rms_norm_backward")
@@ -116,10 +116,12 @@ def sp_short_conv(
 class SequenceParallelKernels(TorchFunctionMode):
     """Inside this mode, the project's token-mixing kernel ops run over the whole split sequence."""
 
-    def __init__(self, group: SequenceGroup, *, layout: str, strategy: str, scan_blocks: int, layer: str = ""):
+    def __init__(self, group: SequenceGroup, *, layout: str, strategy: str, scan_blocks: int, layer: str = "",
+                 starts: torch.Tensor | None = None):
         super().__init__()
         self.group, self.layout, self.strategy, self.scan_blocks = group, layout, strategy, scan_blocks
         self.layer = layer
+        self.starts = starts  # packed sequences: [1, Ll] True where a sequence starts (states restart there)
 
     def _refuse(self, what: str) -> GroupError:
         where = f"{self.layer}: " if self.layer else ""
@@ -127,6 +129,11 @@ class SequenceParallelKernels(TorchFunctionMode):
             f"{where}{what} mixes tokens and has no sequence-parallel form here (supported inside mixers: "
             "linear attention, delta rule, short conv)"
         )
+
+    def _refuse_packed(self, what: str) -> GroupError:
+        where = f"{self.layer}: " if self.layer else ""
+        return GroupError(f"{where}{what} has no sequence-parallel form for packed sequences yet (supported: causal "
+                          "linear attention: linear, retention, gla)")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -148,6 +155,12 @@ class SequenceParallelKernels(TorchFunctionMode):
 
     def _linear_attention(self, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
         _no_packing("linear attention", initial_state, cu_seqlens)
+        if self.starts is not None:
+            if not causal:
+                raise self._refuse_packed("non-causal linear attention")
+            o = sp_packed_linear_attention(q, k, v, g, decay=decay, scale=scale, starts=self.starts, group=self.group,
+                                           layout=self.layout, strategy=self.strategy, scan_blocks=self.scan_blocks)
+            return o, o.new_zeros(0)
         o = sp_linear_attention(q, k, v, g, decay=decay, scale=scale, causal=causal, group=self.group,
                                 layout=self.layout, strategy=self.strategy, scan_blocks=self.scan_blocks)
         # the final state of a split sequence lives on the last rank; mixers under SP do not use it
@@ -155,9 +168,13 @@ class SequenceParallelKernels(TorchFunctionMode):
 
     def _delta_rule(self, q, k, v, beta, g, scale, initial_state, cu_seqlens):
         _no_packing("delta rule", initial_state, cu_seqlens)
+        if self.starts is not None:
+            raise self._refuse_packed("the delta rule")
         return sp_delta_rule(q, k, v, beta, g, scale, group=self.group, layout=self.layout,
                              strategy=self.strategy, scan_blocks=self.scan_blocks)
 
     def _short_conv(self, x, weight, bias, silu, cache, cu_seqlens):
         _no_packing("short conv", cache, cu_seqlens)
+        if self.starts is not None:
+            raise self._refuse_packed("a short conv")
         return sp_short_conv(x, weight, bias, silu, group=self.group, layout=self.layout)

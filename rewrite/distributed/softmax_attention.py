@@ -12,6 +12,12 @@ repeated), `valid` [P, B, Ll] bool marking every rank's real (non-padding) keys 
   online softmax (running log-sum-exp); the next block's transfer runs while the current one is
   computed. Under the zigzag layout causal work is equal on every rank. Its backward passes the
   k / v blocks around again with their gradient accumulators, which arrive home after P steps.
+- **Ulysses x ring** (`ulysses_ring_attention`): P = U x R ranks; Ulysses over each inner group of U
+  consecutive ranks, then the ring over the R ranks holding the same head group (groups larger than
+  the head count; zigzag stays balanced, GQA heads are not repeated).
+
+Packed rows: `starts` [P, B, Ll] (every rank's sequence starts, gathered) keeps attention inside
+each sequence: Ulysses runs the varlen kernel, the ring masks each block by sequence id.
 
 Query rows with no visible key (padding) attend uniformly rather than producing NaN; their outputs
 are meaningless, as they are for the original model.
@@ -70,6 +76,76 @@ def _allowed(valid_q: torch.Tensor | None, valid_k: torch.Tensor | None, causal:
     return allowed | ~allowed.any(-1, keepdim=True)
 
 
+def _inner_order(local: int, first: int, inner: int, size: int, layout: str, device) -> torch.Tensor | None:
+    """Index putting the shards of ranks first .. first+inner-1, concatenated in rank order, into increasing
+    global position (None when they already are); the result is the ring layout's shard of those ranks."""
+    positions = torch.cat([global_positions(local, first + u, size, layout) for u in range(inner)])
+    order = torch.argsort(positions)
+    if torch.equal(order, torch.arange(order.numel())):
+        return None
+    return order.to(device)
+
+
+def _inverse(order: torch.Tensor | None) -> torch.Tensor | None:
+    return None if order is None else torch.argsort(order)
+
+
+def _scatter_heads(x: torch.Tensor, per_rank: int, group: SequenceGroup, order: torch.Tensor | None) -> torch.Tensor:
+    """[B, G*per_rank, Ll, D] -> [B, per_rank, G*Ll, D]: rank j keeps head group j of every rank's shard."""
+    batch, _, local, dim = x.shape
+    size = group.size
+    send = x.reshape(batch, size, per_rank, local, dim).transpose(0, 1)
+    got = all_to_all(send.contiguous(), group)  # [G(src), B, per_rank, Ll, D]
+    full = got.permute(1, 2, 0, 3, 4).reshape(batch, per_rank, size * local, dim)
+    return full if order is None else full.index_select(2, order)
+
+
+def _gather_heads(o: torch.Tensor, group: SequenceGroup, local: int, order: torch.Tensor | None) -> torch.Tensor:
+    """The inverse of `_scatter_heads`: [B, hq, G*Ll, Dv] (positions in `order`) -> [B, G*hq, Ll, Dv]."""
+    back = _inverse(order)
+    if back is not None:
+        o = o.index_select(2, back)
+    batch, hq, _, dv = o.shape
+    size = group.size
+    send = o.reshape(batch, hq, size, local, dv).permute(2, 0, 1, 3, 4)  # [G(dst), B, hq, Ll, Dv]
+    got = all_to_all(send.contiguous(), group)  # [G(src head group), B, hq, Ll, Dv]
+    return got.transpose(0, 1).reshape(batch, size * hq, local, dv)
+
+
+def _kv_to_send(k: torch.Tensor, v: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k / v as sent by the all-to-all: all kv heads, or with fewer kv heads than ranks the one each
+    destination's query heads read (no repeat to the query-head count)."""
+    kv_heads = k.shape[1]
+    if kv_heads >= size:
+        return k, v
+    index = torch.tensor([d * kv_heads // size for d in range(size)], device=k.device)
+    return k.index_select(1, index), v.index_select(1, index)
+
+
+def _full_rows(x: torch.Tensor, first: int, inner: int, order: torch.Tensor | None) -> torch.Tensor:
+    """x [P, B, Ll] (one row per rank) -> [B, inner*Ll]: ranks first .. first+inner-1 in `order`."""
+    rows = x[first: first + inner].permute(1, 0, 2).reshape(x.shape[1], inner * x.shape[2])
+    return rows if order is None else rows.index_select(1, order)
+
+
+def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_ids: torch.Tensor, *, causal: bool,
+                      scale: float | None) -> torch.Tensor:
+    """Attention within each packed sequence of the whole rows (q [B, H, L, D]) by the varlen kernel."""
+    from rewrite.kernels.varlen_attention import varlen_attention  # loaded on first use
+
+    batch, heads, length, _ = q.shape
+    starts = torch.ones_like(seq_ids, dtype=torch.bool)
+    starts[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    offsets = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    cu_seqlens = torch.cat([offsets, offsets.new_tensor([batch * length])]).to(torch.int32)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[-1])
+
+    o = varlen_attention(flat(q), flat(k), flat(v), cu_seqlens, causal=causal, scale=scale)
+    return o.reshape(batch, length, heads, -1).transpose(1, 2)
+
+
 def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,59 +157,150 @@ def ulysses_attention(
     group: SequenceGroup,
     layout: str = "contiguous",
     layer: str = "",
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Ulysses: all-to-all sequence -> heads, attention over the whole sequence, all-to-all back."""
+    """Ulysses: all-to-all sequence -> heads, attention over the whole sequence, all-to-all back.
+
+    `starts` [P, B, Ll] (packed sequences: True where a sequence starts) keeps attention inside each
+    sequence, computed by the varlen kernel.
+    """
     batch, heads, local, dim = q.shape
     kv_heads, size = k.shape[1], group.size
     check_ulysses(heads, kv_heads, size, layer)
     hq, hk = heads // size, kv_heads_sent(kv_heads, size)
-    order = None if layout == "contiguous" else gathered_order(local, size, layout, device=q.device)
-
-    def to_heads(x: torch.Tensor, per_rank: int) -> torch.Tensor:
-        # [B, P*per_rank, Ll, D] -> [B, per_rank, L, D]: rank j keeps head group j of every shard
-        send = x.reshape(batch, size, per_rank, local, x.shape[-1]).transpose(0, 1)
-        got = all_to_all(send.contiguous(), group)  # [P(src), B, per_rank, Ll, D]
-        full = got.permute(1, 2, 0, 3, 4).reshape(batch, per_rank, size * local, x.shape[-1])
-        return full if order is None else full.index_select(2, order)
-
-    if kv_heads >= size:
-        k_send, v_send = k, v
-    else:  # each destination needs one kv head: send that one, not a repeat to the query-head count
-        index = torch.tensor([d * kv_heads // size for d in range(size)], device=k.device)
-        k_send, v_send = k.index_select(1, index), v.index_select(1, index)
-    qf, kf, vf = to_heads(q, hq), to_heads(k_send, hk), to_heads(v_send, hk)
+    order = _inner_order(local, 0, size, size, layout, q.device)
+    k_send, v_send = _kv_to_send(k, v, size)
+    qf, kf, vf = _scatter_heads(q, hq, group, order), _scatter_heads(k_send, hk, group, order), _scatter_heads(
+        v_send, hk, group, order)
     length = size * local
-    valid_full = None
+    if starts is not None:
+        o = _packed_attention(qf, kf, vf, sequence_ids(_full_rows(starts, 0, size, order)), causal=causal,
+                              scale=scale)
+    else:
+        valid_full = None if valid is None else _full_rows(valid, 0, size, order)
+        mask = _allowed(None, valid_full, causal, length, length, q.device)
+        o = F.scaled_dot_product_attention(
+            qf, kf, vf, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=hq != hk
+        )  # [B, hq, L, Dv]
+    return _gather_heads(o, group, local, order)
+
+
+def sequence_ids(starts: torch.Tensor) -> torch.Tensor:
+    """[B, L] int64: the index of each token's packed sequence, from `starts` [B, L] bool in global order."""
+    return torch.cumsum(starts.long(), dim=1)
+
+
+# --- Ulysses x ring ------------------------------------------------------------------------------
+
+
+def ulysses_ring_sizes(heads: int, kv_heads: int, size: int) -> list[int]:
+    """Inner (Ulysses) sizes U for which `size` ranks split into U heads x size/U ring ranks."""
+    return [u for u in ulysses_group_sizes(heads, kv_heads) if size % u == 0]
+
+
+def default_inner_size(heads: int, kv_heads: int, size: int) -> int:
+    """The largest valid inner size below `size` (fewest ring steps), or `size` itself when none is."""
+    sizes = ulysses_ring_sizes(heads, kv_heads, size)
+    below = [u for u in sizes if u < size]
+    return max(below) if below and max(below) > 1 else max(sizes)
+
+
+def check_ulysses_ring(heads: int, kv_heads: int, size: int, inner: int, layer: str = "") -> None:
+    """Raise GroupError unless `size` ranks factor as `inner` Ulysses ranks (dividing the heads) x ring ranks."""
+    valid = ulysses_ring_sizes(heads, kv_heads, size)
+    if inner not in valid:
+        where = f"{layer}: " if layer else ""
+        choices = ", ".join(f"{u} x {size // u}" for u in valid)
+        raise GroupError(
+            f"{where}ulysses_ring with {size} ranks cannot use a Ulysses size of {inner}: it must divide the group "
+            f"size and the {heads} query heads, and divide or be a multiple of the {kv_heads} kv heads (valid "
+            f"ulysses x ring factorisations: {choices})"
+        )
+
+
+def split_group(group: SequenceGroup, inner: int) -> tuple[SequenceGroup, SequenceGroup]:
+    """(inner, outer) subgroups: ranks i*inner .. i*inner+inner-1 form inner group i (Ulysses); ranks with the
+    same index in their inner group form an outer group (ring)."""
+    size = group.size
+    outer = size // inner
+    inner_parts = tuple(tuple(range(i * inner, (i + 1) * inner)) for i in range(outer))
+    outer_parts = tuple(tuple(range(u, size, inner)) for u in range(inner))
+    return group.subgroup(inner_parts), group.subgroup(outer_parts)
+
+
+def ulysses_ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor | None,
+    *,
+    causal: bool,
+    scale: float | None,
+    group: SequenceGroup,
+    inner: int,
+    layout: str = "contiguous",
+    layer: str = "",
+    starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ulysses x ring: heads over `inner` ranks, then ring attention over the size/inner outer ranks.
+
+    An inner all-to-all gives each rank H/U query heads (and its kv heads, not repeated) of the U shards
+    of its inner group; those shards together are the outer (ring) rank's shard of the sequence under
+    the same layout with 2R chunks (zigzag stays balanced), so the ring runs unchanged over them.
+    """
+    batch, heads, local, dim = q.shape
+    kv_heads, size = k.shape[1], group.size
+    check_ulysses_ring(heads, kv_heads, size, inner, layer)
+    inner_group, outer_group = split_group(group, inner)
+    ring_rank, outer = group.rank // inner, size // inner
+    hq, hk = heads // inner, kv_heads_sent(kv_heads, inner)
+    orders = [_inner_order(local, j * inner, inner, size, layout, q.device) for j in range(outer)]
+    order = orders[ring_rank]
+    k_send, v_send = _kv_to_send(k, v, inner)
+    qf, kf, vf = (_scatter_heads(q, hq, inner_group, order), _scatter_heads(k_send, hk, inner_group, order),
+                  _scatter_heads(v_send, hk, inner_group, order))
+    valid_ring = None
     if valid is not None:
-        valid_full = valid.permute(1, 0, 2).reshape(batch, length)
-        if order is not None:
-            valid_full = valid_full.index_select(1, order)
-    mask = _allowed(None, valid_full, causal, length, length, q.device)
-    o = F.scaled_dot_product_attention(
-        qf, kf, vf, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=hq != hk
-    )  # [B, hq, L, Dv]
-    if order is not None:
-        back = torch.cat([global_positions(local, r, size, layout) for r in range(size)]).to(q.device)
-        o = o.index_select(2, back)
-    dv = o.shape[-1]
-    send = o.reshape(batch, hq, size, local, dv).permute(2, 0, 1, 3, 4)  # [P(dst), B, hq, Ll, Dv]
-    got = all_to_all(send.contiguous(), group)  # [P(src head group), B, hq, Ll, Dv]
-    return got.transpose(0, 1).reshape(batch, heads, local, dv)
+        valid_ring = torch.stack([_full_rows(valid, j * inner, inner, orders[j]) for j in range(outer)])
+    seq_ids = None
+    if starts is not None:
+        seq_ids = sequence_ids(_global_rows(starts, layout))
+    scale = dim ** -0.5 if scale is None else float(scale)
+    o = _RingAttention.apply(qf, kf, vf, valid_ring, causal, scale, outer_group, layout, seq_ids)
+    return _gather_heads(o, inner_group, local, order)
+
+
+def _global_rows(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x [P, B, Ll] (every rank's shard) -> [B, P*Ll] in global order."""
+    size, batch, local = x.shape
+    rows = x.permute(1, 0, 2).reshape(batch, size * local)
+    if layout == "contiguous":
+        return rows
+    return rows.index_select(1, gathered_order(local, size, layout, device=x.device))
 
 
 # --- ring ----------------------------------------------------------------------------------------
 
 
-def _pairs(q_segs: list[Segment], k_segs: list[Segment], causal: bool):
+def _pairs(q_segs: list[Segment], k_segs: list[Segment], causal: bool, seq_ids: torch.Tensor | None = None):
     """(q segment, k segment, needs a causal mask) for every pair with at least one visible key."""
     for qs in q_segs:
         for ks in k_segs:
             if causal and ks.start > qs.stop - 1:
                 continue  # every key after every query
+            if seq_ids is not None and not _share_a_sequence(seq_ids, qs, ks):
+                continue
             yield qs, ks, causal and ks.stop - 1 > qs.start
 
 
-def _block_mask(valid_k: torch.Tensor | None, qs: Segment, ks: Segment, causal: bool, device) -> torch.Tensor | None:
+def _share_a_sequence(seq_ids: torch.Tensor, qs: Segment, ks: Segment) -> bool:
+    """Whether some row has a packed sequence holding tokens of both segments (sequence ids rise with position)."""
+    q_ids, k_ids = seq_ids[:, qs.start: qs.stop], seq_ids[:, ks.start: ks.stop]
+    return bool(((k_ids[:, -1] >= q_ids[:, 0]) & (k_ids[:, 0] <= q_ids[:, -1])).any())
+
+
+def _block_mask(valid_k: torch.Tensor | None, qs: Segment, ks: Segment, causal: bool, device,
+                seq_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     mask = None
     if causal:
         qpos = torch.arange(qs.start, qs.stop, device=device)[:, None]
@@ -142,6 +309,9 @@ def _block_mask(valid_k: torch.Tensor | None, qs: Segment, ks: Segment, causal: 
     if valid_k is not None:
         kv = valid_k[:, None, None, ks.local_start: ks.local_start + ks.length]
         mask = kv if mask is None else mask & kv
+    if seq_ids is not None:  # packed sequences: a query sees only keys of its own sequence
+        same = seq_ids[:, None, qs.start: qs.stop, None] == seq_ids[:, None, None, ks.start: ks.stop]
+        mask = same if mask is None else mask & same
     return mask
 
 
@@ -158,7 +328,7 @@ def _reduce_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, valid, causal: bool, scale: float, group: SequenceGroup, layout: str):
+    def forward(ctx, q, k, v, valid, causal: bool, scale: float, group: SequenceGroup, layout: str, seq_ids=None):
         batch, heads, local, _ = q.shape
         groups = heads // k.shape[1]
         rank, size = group.rank, group.size
@@ -175,11 +345,11 @@ class _RingAttention(torch.autograd.Function):
             kb = _expand_heads(kv[..., : k.shape[-1]].float(), groups)
             vb = _expand_heads(kv[..., k.shape[-1]:].float(), groups)
             vk = None if valid is None else valid[src]
-            for qs, ks, diagonal in _pairs(q_segs, segments(local, src, size, layout), causal):
+            for qs, ks, diagonal in _pairs(q_segs, segments(local, src, size, layout), causal, seq_ids):
                 qsl = slice(qs.local_start, qs.local_start + qs.length)
                 ksl = slice(ks.local_start, ks.local_start + ks.length)
                 scores = qf[:, :, qsl] @ kb[:, :, ksl].transpose(-1, -2) * scale
-                mask = _block_mask(vk, qs, ks, diagonal, q.device)
+                mask = _block_mask(vk, qs, ks, diagonal, q.device, seq_ids)
                 if mask is not None:
                     scores = scores.masked_fill(~mask, HIDDEN)
                 block_lse = torch.logsumexp(scores, dim=-1)
@@ -192,13 +362,14 @@ class _RingAttention(torch.autograd.Function):
                 kv = pending.wait()
         ctx.save_for_backward(q, k, v, out, lse, *(() if valid is None else (valid,)))
         ctx.has_valid, ctx.causal, ctx.scale, ctx.group, ctx.layout = valid is not None, causal, scale, group, layout
+        ctx.seq_ids = seq_ids
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, *rest = ctx.saved_tensors
         valid = rest[0] if ctx.has_valid else None
-        group, causal, scale, layout = ctx.group, ctx.causal, ctx.scale, ctx.layout
+        group, causal, scale, layout, seq_ids = ctx.group, ctx.causal, ctx.scale, ctx.layout, ctx.seq_ids
         batch, heads, local, dk_dim = q.shape
         groups = heads // k.shape[1]
         rank, size = group.rank, group.size
@@ -214,11 +385,11 @@ class _RingAttention(torch.autograd.Function):
             vb = _expand_heads(kv[..., dk_dim:].float(), groups)
             vk = None if valid is None else valid[src]
             dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
-            for qs, ks, diagonal in _pairs(q_segs, segments(local, src, size, layout), causal):
+            for qs, ks, diagonal in _pairs(q_segs, segments(local, src, size, layout), causal, seq_ids):
                 qsl = slice(qs.local_start, qs.local_start + qs.length)
                 ksl = slice(ks.local_start, ks.local_start + ks.length)
                 scores = qf[:, :, qsl] @ kb[:, :, ksl].transpose(-1, -2) * scale
-                mask = _block_mask(vk, qs, ks, diagonal, q.device)
+                mask = _block_mask(vk, qs, ks, diagonal, q.device, seq_ids)
                 if mask is not None:
                     scores = scores.masked_fill(~mask, HIDDEN)
                 p = torch.exp(scores - lse[:, :, qsl, None])
@@ -238,7 +409,7 @@ class _RingAttention(torch.autograd.Function):
                 if kv_pending is not None:
                     kv = kv_pending.wait()
         dk, dv = acc[..., :dk_dim].to(k.dtype), acc[..., dk_dim:].to(v.dtype)
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None, None
 
 
 def ring_attention(
@@ -252,9 +423,14 @@ def ring_attention(
     group: SequenceGroup,
     layout: str = "contiguous",
     layer: str = "",
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Ring attention: k / v blocks travel round the ring, merged by online softmax (see the module doc)."""
+    """Ring attention: k / v blocks travel round the ring, merged by online softmax (see the module doc).
+
+    `starts` [P, B, Ll] (packed sequences: True where a sequence starts) keeps attention inside each sequence.
+    """
     if q.shape[1] % k.shape[1]:
         raise GroupError(f"{layer}: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _RingAttention.apply(q, k, v, valid, causal, scale, group, layout)
+    seq_ids = None if starts is None else sequence_ids(_global_rows(starts, layout))
+    return _RingAttention.apply(q, k, v, valid, causal, scale, group, layout, seq_ids)

@@ -3,8 +3,9 @@
 After this pass the module runs on ONE rank's shard of the sequence (`rewrite.distributed.shard_inputs`
 cuts the inputs) and every rank of the group calls it together. The pass rewrites:
 
-- every softmax attention site into `sp_attention` (`ulysses` all-to-all, or `ring` with online
-  softmax); k / v are taken before GQA repetition;
+- every softmax attention site into `sp_attention` (`ulysses` all-to-all, `ring` with online
+  softmax, or `ulysses_ring`: Ulysses over inner groups of `ulysses_size` ranks, ring across them);
+  k / v are taken before GQA repetition;
 - every linear mixer call (from the `mixer` pass, which must run first) into `sp_mixer`, whose
   linear-attention / delta-rule / short-conv kernels run over the whole sequence (`lasp2` or
   `allscan` for the states, halo exchange for convs);
@@ -15,6 +16,8 @@ cuts the inputs) and every rank of the group calls it together. The pass rewrite
 `strategy` names one strategy (for the family it serves; the other family gets `auto`), `auto`,
 or a mapping {softmax: ..., linear: ...}. `auto` picks per layer from `rewrite.distributed.cost`.
 Position ids passed in by the caller must already be global (`shard_inputs` does that).
+With `packed` (an input name such as `position_ids`, restarting at 0 per sequence) the split attention
+and mixers receive that input and keep attention and linear states inside each packed sequence.
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ from rewrite.distributed import cost
 from rewrite.distributed.graph_functions import sp_attention, sp_mixer, sp_positions, sp_take
 from rewrite.distributed.groups import group_size_if_known
 from rewrite.distributed.layout import LAYOUTS
-from rewrite.distributed.softmax_attention import check_ulysses, ulysses_group_sizes
+from rewrite.distributed.softmax_attention import (
+    check_ulysses,
+    check_ulysses_ring,
+    default_inner_size,
+    ulysses_group_sizes,
+    ulysses_ring_sizes,
+)
 from rewrite.distributed.state_prefix import LINEAR_STRATEGIES
 from rewrite.errors import PassError, PlanError
 from rewrite.passes import register_pass
@@ -43,10 +52,12 @@ from rewrite.passes.base import GraphPass, PassContext, PassResult
 
 aten = torch.ops.aten
 
-SOFTMAX_STRATEGIES = ("ulysses", "ring")
+SOFTMAX_STRATEGIES = ("ulysses", "ring", "ulysses_ring")
 STRATEGIES = ["auto", *SOFTMAX_STRATEGIES, *LINEAR_STRATEGIES]
 SUPPORTED_KINDS = ("linear", "retention", "gla", "bidirectional", "gated_deltanet", "mamba2", "lawcat")
 """Mixer kinds whose tokens mix only through kernels with a sequence-parallel form."""
+PACKED_KINDS = ("linear", "retention", "gla")
+"""Mixer kinds with a sequence-parallel form for packed sequences (causal linear attention)."""
 
 
 @dataclass
@@ -56,7 +67,7 @@ class SequenceParallelOptions:
     strategy: Any = field(
         default="auto",
         metadata={
-            "help": "auto, one of ulysses / ring (softmax layers) / lasp2 / allscan (linear layers), or "
+            "help": "auto, one of ulysses / ring / ulysses_ring (softmax layers) / lasp2 / allscan (linear layers), or "
             "{softmax: ..., linear: ...}; a family not named gets auto",
         },
     )
@@ -75,6 +86,18 @@ class SequenceParallelOptions:
         metadata={"help": "ranks in the group, for checks and auto when the group is not initialised yet"},
     )
     scan_blocks: int = field(default=4, metadata={"help": "allscan: blocks each state is pipelined in (>= 1)"})
+    ulysses_size: int | None = field(
+        default=None,
+        metadata={"help": "ulysses_ring: ranks of each inner Ulysses group (divides the group size and fits the "
+                  "heads; the ring runs over group size / ulysses_size ranks); default: the largest valid size below "
+                  "the group size. With auto, the only inner size considered"},
+    )
+    packed: str | None = field(
+        default=None,
+        metadata={"help": "name of the input holding each token's position in its own sequence in a packed row "
+                  "(e.g. position_ids, restarting at 0 at each sequence start); attention and linear states then "
+                  "stay inside each sequence, sequences may cross rank boundaries"},
+    )
     expected_seq: int = field(
         default=32768, metadata={"help": "auto: global sequence length the choice is made for"}
     )
@@ -121,6 +144,10 @@ class SequenceParallelOptions:
             raise PlanError(f"{where}.group", f"must be a group name, got {self.group!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise PlanError(f"{where}.group_size", f"must be an int >= 1, got {self.group_size!r}")
+        if self.ulysses_size is not None and (not isinstance(self.ulysses_size, int) or self.ulysses_size < 1):
+            raise PlanError(f"{where}.ulysses_size", f"must be an int >= 1, got {self.ulysses_size!r}")
+        if self.packed is not None and (not isinstance(self.packed, str) or not self.packed):
+            raise PlanError(f"{where}.packed", f"must be an input name, got {self.packed!r}")
         if not isinstance(self.scan_blocks, int) or self.scan_blocks < 1:
             raise PlanError(f"{where}.scan_blocks", f"must be an int >= 1, got {self.scan_blocks!r}")
         for name in ("expected_seq", "link_gb_per_s", "device_tflops"):
@@ -163,11 +190,15 @@ _ALONG_DIM = {  # ops that read along one dim (argument index of the dim)
 
 def _shard_local_reads(gm: fx.GraphModule, analysis: GraphAnalysis) -> list[str]:
     """Nodes that select or reduce along the sequence dim of an activation: on a split sequence they see
-    only the rank's shard (a pooler taking token 0, a mean over tokens), so their results are per shard."""
+    only the rank's shard (a pooler taking token 0, a mean over tokens), so their results are per shard.
+    Nodes that only build attention masks are left out: masks are local by design."""
     notes = []
+    to_masks = _mask_ancestors(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
+        if node in to_masks and all(u in to_masks or u.target in (sp_attention, sp_mixer) for u in node.users):
+            continue  # masks stay local by design (e.g. packed-sequence boundaries found from the shard's positions)
         src = node.args[0]
         val = tensor_meta(src)
         if val is None or state_name(src) is not None:
@@ -231,16 +262,21 @@ class SequenceParallel(GraphPass):
         for node in gm.graph.nodes:
             if getattr(node.target, "__module__", "") == "rewrite.varlen.runtime":
                 raise PassError(self.name, "the graph holds packed variable-length sequences (the varlen pass); "
-                                "splitting a packed batch over ranks is not supported yet: run sequence_parallel "
-                                "without varlen", node.name, module_path(node))
+                                "the varlen and sequence_parallel passes do not combine: run sequence_parallel "
+                                "without varlen on packed rows (option packed: position_ids)", node.name,
+                                module_path(node))
+        self.positions = self._packed_input(gm)
         analysis = ctx.analysis()
         mixer_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _mixer_kinds()]
         jobs = [self._plan_site(gm, site, analysis) for site in analysis.sites]
         linear_jobs = [self._plan_mixer(n, analysis) for n in mixer_nodes]
-        for site, layer, strategy, why in jobs:  # every site is checked before any is changed
-            self._rewrite_site(gm, site, layer, strategy)
+        for site, layer, (strategy, inner), why in jobs:  # every site is checked before any is changed
+            self._rewrite_site(gm, site, layer, strategy, inner)
             result.matched += 1
-            result.changed.append(f"{layer}: softmax attention -> {strategy}")
+            shown = strategy
+            if inner is not None:
+                shown += f" ({inner} x {self.size // inner})" if self.size is not None else f" (Ulysses size {inner})"
+            result.changed.append(f"{layer}: softmax attention -> {shown}")
             result.messages.append(f"{layer}: {why}")
         for node, layer, kind, strategy, why in linear_jobs:
             self._rewrite_mixer(gm, node, layer, kind, strategy)
@@ -283,10 +319,12 @@ class SequenceParallel(GraphPass):
         shape = cost.AttentionShape(site.q_heads, site.kv_heads, site.head_dim,
                                     int(v.shape[-1]) if v is not None else site.head_dim,
                                     q.element_size(), site.causal)
-        strategy, why = self._softmax_strategy(shape, layer, site)
-        return site, layer, strategy, why
+        strategy, inner, why = self._softmax_strategy(shape, layer, site)
+        return site, layer, (strategy, inner), why
 
-    def _softmax_strategy(self, shape: cost.AttentionShape, layer: str, site: AttentionSite) -> tuple[str, str]:
+    def _softmax_strategy(self, shape: cost.AttentionShape, layer: str,
+                          site: AttentionSite) -> tuple[str, int | None, str]:
+        """(strategy, Ulysses size of ulysses_ring or None, why) for one softmax layer."""
         options: SequenceParallelOptions = self.options
         wanted = self.chosen["softmax"]
         size = self.size
@@ -296,18 +334,34 @@ class SequenceParallel(GraphPass):
                     check_ulysses(shape.heads, shape.kv_heads, size, layer)
                 except Exception as error:
                     raise PassError(self.name, str(error), site.name, site.module_path) from None
-            return "ulysses", "ulysses (asked)"
+            return "ulysses", None, "ulysses (asked)"
         if wanted == "ring":
-            return "ring", "ring (asked)"
+            return "ring", None, "ring (asked)"
+        if wanted == "ulysses_ring":
+            if size is None:
+                return "ulysses_ring", options.ulysses_size, "ulysses_ring (asked; sizes checked at run time)"
+            inner = options.ulysses_size or default_inner_size(shape.heads, shape.kv_heads, size)
+            try:
+                check_ulysses_ring(shape.heads, shape.kv_heads, size, inner, layer)
+            except Exception as error:
+                raise PassError(self.name, str(error), site.name, site.module_path) from None
+            return "ulysses_ring", inner, f"ulysses_ring (asked): {inner} x {size // inner}"
         if size is None:
             raise PlanError("sequence_parallel.group_size", "strategy auto needs the group size: initialise "
                             "torch.distributed before optimizing, or set group_size")
         ok = size in ulysses_group_sizes(shape.heads, shape.kv_heads)
+        inner_sizes: tuple[int, ...] = ()
+        if not ok:  # Ulysses alone cannot split the heads over the group: try heads x ring
+            valid = [u for u in ulysses_ring_sizes(shape.heads, shape.kv_heads, size) if 1 < u < size]
+            if options.ulysses_size is not None:
+                valid = [u for u in valid if u == options.ulysses_size]
+            inner_sizes = tuple(valid)
         choice = cost.choose_softmax(shape, size, options.expected_seq, 1, link_bytes_per_s=options.link_gb_per_s * 1e9,
-                                     flops_per_s=options.device_tflops * 1e12, ulysses_ok=ok)
-        return choice.strategy, f"auto at seq {options.expected_seq}, P {size}: {choice.describe()}"
+                                     flops_per_s=options.device_tflops * 1e12, ulysses_ok=ok, inner_sizes=inner_sizes)
+        return choice.strategy, choice.inner, f"auto at seq {options.expected_seq}, P {size}: {choice.describe()}"
 
-    def _rewrite_site(self, gm: fx.GraphModule, site: AttentionSite, layer: str, strategy: str) -> None:
+    def _rewrite_site(self, gm: fx.GraphModule, site: AttentionSite, layer: str, strategy: str,
+                      inner: int | None) -> None:
         options: SequenceParallelOptions = self.options
         k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
         kwargs: dict[str, Any] = {"causal": site.causal, "scale": site.scale}
@@ -316,10 +370,16 @@ class SequenceParallel(GraphPass):
         if not options.check_masks:
             kwargs["check_mask"] = False
         kwargs.update(strategy=strategy, group=options.group, layout=options.layout, layer=layer)
+        if strategy == "ulysses_ring":
+            kwargs["inner"] = inner
+        if self.positions is not None:
+            kwargs["positions"] = self.positions
         with gm.graph.inserting_before(site.node):
             new = gm.graph.call_function(sp_attention, (site.q, k, v, site.mask), kwargs)
         new.meta = dict(site.node.meta)
         new.meta["rewrite_sequence_parallel"] = strategy
+        if inner is not None:
+            new.meta["rewrite_sequence_parallel_inner"] = inner
         if self.size is not None:
             new.meta["rewrite_sequence_parallel_size"] = self.size
         site.node.replace_all_uses_with(new)
@@ -335,6 +395,12 @@ class SequenceParallel(GraphPass):
             raise PassError(self.name, f"{layer}: mixer kind {kind!r} has no sequence-parallel form (it mixes tokens "
                             f"through a sliding window); supported kinds: {', '.join(SUPPORTED_KINDS)}",
                             node.name, module_path(node))
+        if self.positions is not None and kind not in PACKED_KINDS:
+            raise PassError(self.name, f"{layer}: mixer kind {kind!r} has no sequence-parallel form for packed sequences "
+                            f"yet; supported with packed: {', '.join(PACKED_KINDS)}", node.name, module_path(node))
+        if self.positions is not None and options.layout != "contiguous":
+            raise PlanError("sequence_parallel.layout", "packed sequences through linear mixers need the contiguous "
+                            "layout", ["contiguous"])
         wanted = self.chosen["linear"]
         if wanted != "auto":
             return node, layer, kind, wanted, f"{wanted} (asked)"
@@ -357,12 +423,28 @@ class SequenceParallel(GraphPass):
             kwargs["check_mask"] = False
         kwargs.update(kind=kind, strategy=strategy, group=options.group, layout=options.layout,
                       scan_blocks=options.scan_blocks)
+        if self.positions is not None:
+            kwargs["positions"] = self.positions
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(sp_mixer, tuple(node.args), kwargs)
         new.meta = dict(node.meta)
         new.meta["rewrite_sequence_parallel"] = strategy
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+
+    # --- packed rows ----------------------------------------------------------------------------
+
+    def _packed_input(self, gm: fx.GraphModule) -> fx.Node | None:
+        """The placeholder named by option `packed` (positions restarting per sequence), or None."""
+        options: SequenceParallelOptions = self.options
+        if options.packed is None:
+            return None
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and state_name(n) is None]
+        for node in inputs:
+            if node.name == options.packed or node.target == options.packed:
+                return node
+        raise PlanError("sequence_parallel.packed", f"the captured program has no input {options.packed!r}; capture "
+                        "with it among the example inputs", [str(n.target) for n in inputs])
 
     # --- positions ------------------------------------------------------------------------------
 
