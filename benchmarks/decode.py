@@ -100,7 +100,8 @@ def random_kv(program: Any, batch: int, length: int, device: str, vocab: int) ->
     for cache in state.layers.values():
         for t in (cache.keys, cache.values):
             t[:, :, :length].normal_()
-    state.valid[:, :length] = True
+    state.valid[:, :length] = True  # a softmax program keeps the slot mask
+    state.counts.fill_(length)
     state.length = length
     return state
 
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         for length in [int(x) for x in args.memory_lengths.split(",")]:
             state = prefill(lin_program, 1, length, min(length, args.chunk_tokens), device, vocab)
             sizes = state.nbytes()
-            env[f"linearized state bytes at {length} (recurrent / valid mask)"] = f"{sizes['recurrent']} / {sizes['valid']}"
+            env[f"linearized state bytes at {length} (recurrent / validity)"] = f"{sizes['recurrent']} / {sizes['valid']}"
             env[f"original KV cache bytes at {length}"] = str(kv_bytes(model, 1, length))
             del state
         weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -291,6 +291,7 @@ def test_sliding_window_layers_of_the_model_keep_their_window(family):
     program(ids, torch.arange(11).expand(2, -1), state)
     rings = [layer for layer in state.layers.values() if isinstance(layer, RingKVCache)]
     assert len(rings) == (3 if family == "mistral" else 2) and all(r.keys.shape[2] == 4 for r in rings)
+    assert (state.valid is None) == (family == "mistral")  # only Qwen2's full layer needs the slot mask
     prompt, mask = _ragged(ids)
     batched = om.generate(prompt, mask, max_new_tokens=6)
     alone = om.generate(prompt[:1, 4:], max_new_tokens=6)
@@ -395,6 +396,7 @@ def without_skipped_layers(model, gla_layers: list[int], skipped: list[bool]):
 @pytest.mark.parametrize("plan", ["softmax", "gla", "windowed"])
 def test_routed_token_by_token_logits_equal_the_model_without_the_skipped_layers(plan):
     model, om, ids = routed(plan)
+    assert decode_program(om).signature.slot_mask == (plan != "windowed")  # windowed: row views, no slot mask
     with record_skips() as report:
         got = stepwise_logits(om, ids, prefill=5)
     held = report.calls[0].decisions
@@ -519,16 +521,106 @@ def test_lazy_module_generates_by_capturing_from_the_prompt():
     assert torch.equal(lazy.generate(ids, max_new_tokens=3), greedy_reference(om, ids, 3))
 
 
-def test_decode_state_memory_is_constant_in_context_for_linear_mixers():
-    _, om, ids = optimized("llama", "gla")
+def state_tensors(state) -> dict[str, torch.Tensor]:
+    """Every tensor a decode state holds (its own attributes and every site's), by name."""
+    found = {name: t for name, t in vars(state).items() if isinstance(t, torch.Tensor)}
+    for site, layer in state.layers.items():
+        leaves = torch.utils._pytree.tree_leaves(vars(layer))
+        found.update({f"{site}[{i}]": t for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)})
+    return found
+
+
+def prefill_state(program, ids: torch.Tensor, valid: torch.Tensor | None = None, extra: int = 4):
+    """(state, logits) after one prefill call of `ids` [B, L] (`valid` marks real tokens), closed."""
+    state = program.new_state(ids.shape[0], ids.shape[1] + extra)
+    positions = state.positions(ids.shape[1], valid)
+    state.begin(ids.shape[1], valid)
+    logits = program(ids, positions, state)
+    state.advance()
+    return state, logits
+
+
+def decode_token(program, state, token: torch.Tensor) -> torch.Tensor:
+    """Logits [B, 1, V] of one decode step of `token` [B, 1]."""
+    positions = state.positions(1)
+    state.begin(1)
+    logits = program(token, positions, state)
+    state.advance()
+    return logits
+
+
+def test_linear_mixer_decode_state_is_constant_in_context_length():
+    _, om, _ = optimized("llama", "gla")
     program = decode_program(om)
-    sizes = []
-    for length in (4, 12):
-        state = program.new_state(2, length)
-        state.begin(length)
-        program(ids[:, :length], torch.arange(length).expand(2, -1), state)
-        sizes.append(state.nbytes())
-    assert sizes[0]["recurrent"] == sizes[1]["recurrent"] > 0 and sizes[0]["kv_cache"] == 0
+    assert not program.signature.slot_mask
+    vocab = om.source.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    totals, shapes = [], []
+    for length in (16, 300):
+        ids = torch.randint(0, vocab, (2, length), generator=g)
+        state, _ = prefill_state(program, ids)
+        held = state_tensors(state)
+        sizes = state.nbytes()
+        assert state.valid is None and state.counts.tolist() == [length, length]
+        assert sizes["kv_cache"] == 0 and sizes["recurrent"] > 0
+        assert sum(sizes.values()) == sum(t.nbytes for t in held.values())  # nbytes reports everything held
+        if length == 300:
+            assert not [n for n, t in held.items() if length in t.shape], {n: t.shape for n, t in held.items()}
+        decode_token(program, state, ids[:, -1:])
+        assert sum(state.nbytes().values()) == sum(sizes.values())
+        totals.append(sum(sizes.values()))
+        shapes.append({n: (tuple(t.shape), t.dtype) for n, t in held.items()})
+    assert totals[0] == totals[1] and shapes[0] == shapes[1]
+
+
+def test_a_full_kv_cache_keeps_its_slot_mask_and_grows_with_context():
+    _, om, ids = optimized("llama", "hybrid")
+    program = decode_program(om)
+    assert program.signature.slot_mask
+    small, _ = prefill_state(program, ids[:, :4])
+    large, _ = prefill_state(program, ids)
+    assert large.valid is not None and large.valid.shape == (2, ids.shape[1] + 4)
+    assert sum(large.nbytes().values()) > sum(small.nbytes().values())
+    state = decode_program(optimized("llama", "gla")[1]).new_state(2, 8)
+    with pytest.raises(RewriteError, match="slot mask"):
+        state.kv_cache("layer", torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4))
+
+
+@pytest.mark.parametrize("plan", ["gla", "hybrid", "gated_deltanet"])
+def test_ragged_left_padded_token_by_token_logits_equal_each_prompt_alone(plan):
+    _, om, ids = optimized("llama", plan)
+    program = decode_program(om)
+    _, mask = _ragged(ids)
+    valid = mask.bool()
+    prompt = 7
+    state, first = prefill_state(program, ids[:, :prompt], valid[:, :prompt], extra=ids.shape[1])
+    assert state.counts.tolist() == [prompt - 4, prompt]
+    outs = [first] + [decode_token(program, state, ids[:, t : t + 1]) for t in range(prompt, ids.shape[1])]
+    got = torch.cat(outs, dim=1)
+    assert state.counts.tolist() == [ids.shape[1] - 4, ids.shape[1]]
+    torch.testing.assert_close(got[0, 4:], full_forward(om, ids[:1, 4:])[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[1], full_forward(om, ids[1:])[0], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("plan", ["gla", "hybrid"])
+def test_static_one_token_step_gives_the_eager_logits(plan):
+    """The CUDA-graph step's mode (every buffer fixed), run eagerly on the CPU."""
+    _, om, ids = optimized("llama", plan)
+    program = decode_program(om)
+    _, mask = _ragged(ids)
+    runs = []
+    for static in (False, True):
+        state, _ = prefill_state(program, ids[:, :6], mask[:, :6].bool(), extra=ids.shape[1])
+        if static:
+            state.start_static()
+        before = {n: (tuple(t.shape), t.data_ptr()) for n, t in state_tensors(state).items()}
+        runs.append(torch.cat([decode_token(program, state, ids[:, t : t + 1]) for t in range(6, ids.shape[1])], 1))
+        if static:  # the replayed step reads and writes the same buffers, of the same shapes
+            assert {n: (tuple(t.shape), t.data_ptr()) for n, t in state_tensors(state).items()} == before
+            assert sum(state.nbytes().values()) == sum(t.nbytes for t in state_tensors(state).values())
+            assert (state.valid is None) == (plan == "gla")
+        assert state.counts.tolist() == [ids.shape[1] - 4, ids.shape[1]]
+    torch.testing.assert_close(runs[1], runs[0], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("plan", ["hybrid", "gla"])

@@ -2,8 +2,10 @@
 
 Capturing records the step's kernels once; each replay reruns them on the same memory, which
 removes the per-op launch and Python cost that dominates a small batch's decode step. The state
-switches to `static` mode first: sites attend over every slot (unfilled slots are masked), and the
-slot of the new token lives in a device tensor the loop updates before each replay.
+switches to `static` mode first: sites with a full KV cache attend over every slot (unfilled slots
+are masked), and the slot of the new token lives in a device tensor the loop updates before each
+replay. A program without a full KV cache reads nothing sized by the context, so its step is the
+same work at every context length.
 """
 
 from __future__ import annotations
@@ -33,11 +35,7 @@ class GraphedStep:
 
     def start(self) -> None:
         """Switch the state to static mode (after the prefill, before the first `begin(1)`)."""
-        state = self.state
-        state.slots = torch.full((1,), state.length, dtype=torch.long, device=state.device)
-        state.step_valid = torch.ones(state.batch, 1, dtype=torch.bool, device=state.device)
-        state.padded = False
-        state.static = True
+        self.state.start_static()
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)

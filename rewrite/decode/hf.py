@@ -106,11 +106,11 @@ def hf_generation_model(om: Any) -> Any:
             program = decode_program(om)
             batch, tokens = input_ids.shape
             state = cache.open(program, batch, tokens)
-            if attention_mask is None:
-                attention_mask = torch.ones(batch, state.length + tokens, dtype=torch.long, device=input_ids.device)
-            valid = attention_mask[:, -tokens:].bool()
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens:]
-            state.begin(tokens, None if bool(valid.all()) else valid)
+            valid = None if attention_mask is None else attention_mask[:, -tokens:].to(state.device, torch.bool)
+            if valid is not None and bool(valid.all()):
+                valid = None
+            positions = state.positions(tokens, valid)  # continues each row's real tokens held by the state
+            state.begin(tokens, valid)
             logits = program(input_ids, positions, state)
             state.advance()
             return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})

@@ -81,8 +81,9 @@ def _run(
     """Yield [B] new tokens per step for left-aligned prompts `ids` [B, L] (`valid` marks real tokens)."""
     batch, length = ids.shape
     state = program.new_state(batch, length + max_new_tokens)
-    state.begin(length, None if bool(valid.all()) else valid)
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    prompt_valid = None if bool(valid.all()) else valid
+    positions = state.positions(length, prompt_valid)
+    state.begin(length, prompt_valid)
     logits = program(ids, positions, state)[:, -1]
     state.advance()
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda i, p: program(i, p, state)  # noqa: E731
@@ -92,7 +93,6 @@ def _run(
         graphed = GraphedStep(program, state)
         graphed.start()
         step = graphed
-    next_position = valid.long().sum(-1)
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     for i in range(max_new_tokens):
         token = next_tokens(logits, sampling, generator)
@@ -102,8 +102,9 @@ def _run(
         yield token
         if i == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             return
+        positions = state.positions(1)
         state.begin(1)
-        logits = step(token[:, None], (next_position + i)[:, None])[:, -1]
+        logits = step(token[:, None], positions)[:, -1]
         state.advance()
 
 

@@ -133,9 +133,10 @@ class DecodeProgram:
         return (), {self.ids_keyword: ids, **kwargs}
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
-        """An empty state for `batch` sequences of up to `capacity` tokens (prompt and new ones)."""
+        """An empty state for `batch` sequences of up to `capacity` tokens (prompt and new ones); it keeps
+        a per-slot mask only when a site of the program has a full softmax KV cache."""
         device = next(iter(self.graph_module.parameters()), torch.zeros(0)).device
-        return DecodeState(batch=batch, capacity=capacity, device=device)
+        return DecodeState(batch=batch, capacity=capacity, device=device, slot_mask=self.signature.slot_mask)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
         args, kwargs = self._inputs(ids, positions)

@@ -14,7 +14,9 @@ class DecodeSignature:
     `in_spec` / `out_spec` are the pytree specs the capture used to flatten the call's arguments and
     to rebuild its outputs; `positions_in_graph` lists the `arange` nodes whose positions now
     continue from the state (the model computes positions itself, so all sequences of a batch
-    share them); `routed_layers` the layer-skip routed blocks whose decisions are held from prefill.
+    share them); `routed_layers` the layer-skip routed blocks whose decisions are held from prefill;
+    `slot_mask` whether some site keeps a full softmax KV cache, which needs the state's per-slot
+    mask of real tokens (without one the state holds nothing that grows with the context).
     """
 
     inputs: list[str]
@@ -22,3 +24,4 @@ class DecodeSignature:
     out_spec: Any = None
     positions_in_graph: list[str] = field(default_factory=list)
     routed_layers: list[str] = field(default_factory=list)
+    slot_mask: bool = True

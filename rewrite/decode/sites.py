@@ -83,7 +83,9 @@ cache is a ring of `window` slots.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
     end = decode_state.visible_end()
     key_slots = torch.arange(end, device=q.device)
-    visible = decode_state.valid[:, None, None, :end] & (key_slots <= slots[:, None])
+    valid = decode_state.valid
+    assert valid is not None  # kv_cache refuses a state without its slot mask
+    visible = valid[:, None, None, :end] & (key_slots <= slots[:, None])
     visible = visible | (key_slots == slots[:, None])
     keys, values = decode_state.read_kv(cache, end)
     return _grouped_attention(q, keys, values, visible, scale)

@@ -1,10 +1,13 @@
 """Decode state of one batch: a KV cache per softmax site, a recurrent state per linear mixer site.
 
 The state lives in slots: every token a sequence has seen, padding included, holds one slot, and
-all sequences of a batch advance together (left padding lines their last tokens up). `valid`
-marks the slots that hold real tokens, so padded slots are never attended to. Tensors are
-allocated on first use by the site that owns them and updated in place afterwards, so a captured
-CUDA graph of the decode step reads and writes the same memory on every replay.
+all sequences of a batch advance together (left padding lines their last tokens up). `counts`
+holds each sequence's real tokens so far (its next position) and `step_valid` which of the
+current call's tokens are real. Only a program with a full softmax KV cache also keeps `valid`,
+one entry per slot, so padded slots are never attended to; without one (linear mixers,
+sliding-window rings) nothing in the state grows with the context. Tensors are allocated on first
+use by the site that owns them and updated in place afterwards, so a captured CUDA graph of the
+decode step reads and writes the same memory on every replay.
 
 A routed block (the `layer_skip` pass) runs only some sequences; it sees the state through
 `select_rows(rows)`, a view whose sites read and write only those sequences' rows of the shared
@@ -70,17 +73,21 @@ class RecurrentState:
 class DecodeState:
     """Everything a stateful program carries from one call to the next, for `batch` sequences.
 
-    `capacity` bounds the slots of KV caches (prompt plus new tokens); programs without softmax
-    sites never allocate per-slot memory beyond the `valid` mask.
+    `capacity` bounds the slots of KV caches (prompt plus new tokens). `slot_mask` keeps `valid`
+    [batch, capacity], whether each slot holds a real token, which a full softmax KV cache needs;
+    without it (`valid` is None) the state holds no per-slot memory at all, and its size does not
+    depend on `capacity` or on the tokens seen.
     """
 
     batch: int
     capacity: int
     device: torch.device
     length: int = 0
+    slot_mask: bool = True
+    """Whether to keep `valid`, the per-slot mask of real tokens (full softmax KV caches need it)."""
     layers: dict[str, KVCache | RingKVCache | RecurrentState] = field(default_factory=dict)
     static: bool = False
-    """Set while a CUDA graph of the step is captured or replayed: sites attend over every slot."""
+    """Set while a CUDA graph of the step is captured or replayed: full KV-cache sites attend over every slot."""
     skips: torch.Tensor | None = None
     """[batch, routed blocks] bool on the CPU: the layer-skip decisions made at prefill and held."""
     held: Any = None
@@ -88,15 +95,29 @@ class DecodeState:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
-        self.valid = torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=self.device)
+        self.valid: torch.Tensor | None = (
+            torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=self.device) if self.slot_mask else None
+        )
+        """[batch, capacity] bool: which slots hold real tokens (None without `slot_mask`)."""
+        self.counts = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        """[batch]: real tokens of each sequence so far, the current call's included once `begin` opened it."""
         self.slots = torch.zeros(0, dtype=torch.long, device=self.device)
+        """[tokens]: the slots of the current call."""
         self.step_valid = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
+        """[batch, tokens] bool: which of the current call's tokens are real."""
         self.padded = False
         """Whether the current call holds padded tokens."""
         self.rows: torch.Tensor | None = None
         """On a view from `select_rows`: the sequences it covers (None: all)."""
 
     # -- the loop's side ---------------------------------------------------------------------
+    def positions(self, count: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, count]: the positions of the next call's tokens (before `begin`): each real token
+        continues its sequence's count of real tokens; a padded one takes its neighbour's (unused)."""
+        if valid is None:
+            return self.counts[:, None] + torch.arange(count, device=self.counts.device)
+        return (self.counts[:, None] + valid.long().cumsum(-1) - 1).clamp(min=0)
+
     def begin(self, count: int, valid: torch.Tensor | None = None) -> None:
         """Open a call over `count` new tokens per sequence; `valid` [B, count] bool marks the real
         ones (None: all real, as in decoding)."""
@@ -109,7 +130,9 @@ class DecodeState:
             if count != 1:
                 raise RewriteError(f"a CUDA-graph decode step takes one token per sequence, got {count}")
             self.slots.fill_(self.length)
-            self.valid[:, self.length] = True
+            self.counts += 1
+            if self.valid is not None:
+                self.valid[:, self.length] = True
             return
         if valid is not None and tuple(valid.shape) != (self.batch, count):
             raise RewriteError(f"decode state holds {self.batch} sequences of {count} new tokens, got a mask of "
@@ -118,7 +141,9 @@ class DecodeState:
         self.padded = valid is not None and not bool(valid.all())
         if valid is None:
             valid = torch.ones(self.batch, count, dtype=torch.bool, device=self.device)
-        self.valid[:, self.length : self.length + count] = valid
+        if self.valid is not None:
+            self.valid[:, self.length : self.length + count] = valid
+        self.counts += valid.to(self.device).sum(-1)
         self.step_valid = valid
 
     def grow(self, capacity: int) -> None:
@@ -128,7 +153,8 @@ class DecodeState:
         extra = capacity - self.capacity
         if extra <= 0:
             return
-        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, extra)], dim=1)
+        if self.valid is not None:
+            self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, extra)], dim=1)
         for layer in self.layers.values():
             if isinstance(layer, KVCache):
                 pad = (0, 0, 0, extra)
@@ -136,20 +162,34 @@ class DecodeState:
                 layer.values = torch.nn.functional.pad(layer.values, pad)
         self.capacity = capacity
 
+    def start_static(self) -> None:
+        """Enter static mode (for a CUDA graph of the one-token step, after the prefill): the call's
+        slot and validity become fixed one-token buffers that `begin(1)` updates in place."""
+        self.slots = torch.full((1,), self.length, dtype=torch.long, device=self.device)
+        self.step_valid = torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
+        self.padded = False
+        self.static = True
+
     def advance(self) -> None:
-        """Close the call opened by `begin`: its tokens now belong to the past."""
+        """Close the call opened by `begin`: its tokens now belong to the past. Outside a CUDA graph the
+        call's own `slots` / `step_valid` are dropped, so a prompt's length is not kept."""
         if self.rows is not None:
             raise RewriteError("a row view of a decode state cannot advance; advance the state itself")
         self.length += self.slots.numel()
+        if not self.static:
+            self.slots = self.slots.new_zeros(0)
+            self.step_valid = self.step_valid.new_zeros(self.batch, 0)
+            self.padded = False
 
     # -- row views (routed blocks) ---------------------------------------------------------------
     def select_rows(self, rows: torch.Tensor) -> DecodeState:
-        """A view for the sequences `rows` [R] (ascending): its `valid` / `step_valid` hold those rows,
+        """A view for the sequences `rows` [R] (ascending): its `valid` / `counts` / `step_valid` hold those rows,
         its sites read and write only those rows of the caches and states it shares with this state
         (a state a view allocates first is allocated for the whole batch)."""
         view = copy.copy(self)
         view.rows = rows if self.rows is None else self.rows.index_select(0, rows)
-        view.valid = self.valid.index_select(0, rows)
+        view.valid = None if self.valid is None else self.valid.index_select(0, rows)
+        view.counts = self.counts.index_select(0, rows)
         view.step_valid = self.step_valid.index_select(0, rows)
         return view
 
@@ -200,6 +240,9 @@ class DecodeState:
     def kv_cache(self, site: str, k: torch.Tensor, v: torch.Tensor) -> KVCache:
         """The KV cache of `site`, allocated on first use from the new keys / values [B, Hkv, T, D]."""
         cache = self.layers.get(site)
+        if cache is None and self.valid is None:
+            raise RewriteError(f"decode state of {site}: a full KV cache needs the state's slot mask; this state was "
+                               "made without one (slot_mask=False, for programs without full softmax sites)")
         if cache is None:
             keys = k.new_zeros(self.batch, k.shape[1], self.capacity, k.shape[-1])
             values = v.new_zeros(self.batch, v.shape[1], self.capacity, v.shape[-1])
@@ -253,8 +296,12 @@ class DecodeState:
             old.index_copy_(0, rows, fresh.to(old.dtype))
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held: per kind of state ("kv_cache", "recurrent") and the slot mask ("valid")."""
-        out = {"kv_cache": 0, "recurrent": 0, "valid": self.valid.nbytes}
+        """Bytes held: per kind of state ("kv_cache", "recurrent") and the bookkeeping ("valid": the
+        slot mask if kept, the per-sequence counts, the current call's slots and validity); together,
+        every tensor the state holds."""
+        valid = self.counts.nbytes + self.slots.nbytes + self.step_valid.nbytes
+        valid += 0 if self.valid is None else self.valid.nbytes
+        out = {"kv_cache": 0, "recurrent": 0, "valid": valid}
         for layer in self.layers.values():
             out["recurrent" if isinstance(layer, RecurrentState) else "kv_cache"] += layer.nbytes()
         return out

@@ -379,7 +379,10 @@ class Stateful(GraphPass):
         moved = _continue_positions(gm.graph, state, masks, analysis.dims) + moved_in_bodies
         signature.positions_in_graph = moved
         signature.routed_layers = [c.layer for c in calls]
+        signature.slot_mask = any(j.window is None for j in every_softmax)
         gm.meta["decode"] = signature
+        if not signature.slot_mask:
+            result.messages.append("no full softmax KV cache: the decode state keeps no per-token memory")
         if moved:
             result.messages.append(f"positions computed in the graph continue from the state: {', '.join(moved)}")
         gm.graph.eliminate_dead_code()
