@@ -431,6 +431,12 @@ def test_cli_trains_and_reports(tmp_path, capsys):
     assert status == 0
     text = capsys.readouterr().out
     assert "skipped 50.0% of layer executions" in text
+    status = cli_main(["layer-skip", "report", target, "--routers", str(out / "checkpoints" / "final.pt"),
+                       "--top-k", "1", "--sequences", "3", "--length", "24", "-q"])
+    assert status == 0
+    assert "skipped 50.0% of layer executions" in capsys.readouterr().out
+    status = cli_main(["layer-skip", "report", target, "--top-k", "3", "--sequences", "3", "--length", "24", "-q"])
+    assert status != 0 and "k must lie in [0, 2]" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_model_with_a_small_vocabulary(capsys):
