@@ -1,21 +1,22 @@
 """Layer skipping end to end: train a small byte-level Llama on real text, add routers, train them,
 and compare held-out perplexity with the full model and with a static baseline at the same skip rate.
 
-    python -m examples.layer_skip                 # the evidence run (a few minutes on a CPU)
+    python -m examples.layer_skip                 # the evidence run (about 15 minutes on one CPU thread)
     python -m examples.layer_skip --tiny          # seconds: a smoke run of every step
     python -m examples.layer_skip --out result.json
 
 The text is the Python standard library's own sources (rewrite.text_corpus.ByteCorpus): no download.
 The language model is trained with per-sequence layer drop, so that skipping a layer is something it
-has seen. Evaluation decides from a prompt and scores only the continuation (see
-rewrite.routing.evaluation); the static baseline is the best fixed set of the same number of layers.
+has seen. Routers are trained once per loss in `router_loss` (distill, set_cost). Evaluation decides
+from a prompt and scores only the continuation (see rewrite.routing.evaluation); the static baseline
+is the best fixed set of the same number of layers; per-sequence oracles built from every set's
+losses (`skip_set_losses`) show how much any per-sequence choice could gain.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,9 +26,10 @@ import torch
 
 from rewrite.routing.evaluation import (
     Evaluation,
-    best_static_skip,
+    SkipSetLosses,
     calibrate_threshold,
     continuation_perplexity,
+    skip_set_losses,
 )
 from rewrite.routing.language_model import logits_of, next_token_loss
 from rewrite.routing.training import RouterTrainingConfig, train_routers
@@ -50,14 +52,23 @@ class Settings:
     router_lr: float = 2e-2
     target_skip: float = 0.25
     router_target: float = 0.3
-    router_loss: str = "distill"
+    router_loss: str = "distill,set_cost"
+    """one routed model per loss, comma-separated (rewrite.routing.training.LOSSES)"""
+    set_cost_steps: int = 150
+    label_temperature: float = 0.02
     router_mode: str = "straight_through"
     eval_windows: int = 96
+    spread_windows: int = 256
+    eval_layout: str = "both"
+    """first: the first eval_windows windows of each split; spread: spread evenly over it; both"""
     prompt_length: int = 64
     seed: int = 0
 
 
-TINY = Settings(layers=4, dim=32, heads=2, length=32, batch=4, pretrain_steps=6, router_steps=4, eval_windows=8, prompt_length=16)
+TINY = Settings(
+    layers=4, dim=32, heads=2, length=32, batch=4, pretrain_steps=6, router_steps=4, set_cost_steps=2, eval_windows=8,
+    spread_windows=8, prompt_length=16,
+)
 
 
 def byte_llama(layers: int, dim: int, heads: int) -> torch.nn.Module:
@@ -118,8 +129,58 @@ def pretrain(model: torch.nn.Module, corpus: ByteCorpus, s: Settings, log: bool)
     return losses
 
 
-def _row(name: str, e: Evaluation, full: float) -> dict[str, Any]:
-    return {"variant": name, "perplexity": e.perplexity, "skip_rate": e.skip_rate, "increase": e.perplexity / full - 1}
+def _row(name: str, e: Evaluation | tuple[float, float], full: float, **extra: Any) -> dict[str, Any]:
+    ppl, rate = (e.perplexity, e.skip_rate) if isinstance(e, Evaluation) else e
+    return {"variant": name, "perplexity": ppl, "skip_rate": rate, "increase": ppl / full - 1, **extra}
+
+
+def _distinct(decisions: torch.Tensor) -> int:
+    return len({tuple(r) for r in decisions.int().tolist()})
+
+
+def evaluation_windows(corpus: ByteCorpus, s: Settings, split: str, layout: str) -> torch.Tensor:
+    """Windows of a split: the first `s.eval_windows` ("first": a few files), or `s.spread_windows`
+    spread evenly over the whole split ("spread": every part of it)."""
+    if layout == "first":
+        return corpus.sequential(s.length, split=split, limit=s.eval_windows)
+    windows = corpus.sequential(s.length, split=split)
+    return windows[torch.linspace(0, windows.shape[0] - 1, min(s.spread_windows, windows.shape[0])).round().long()]
+
+
+def oracle_rows(selection: SkipSetLosses, held: SkipSetLosses, s: Settings, n_routed: int) -> tuple[list[dict], dict]:
+    """Static and per-sequence choices of a fixed set of blocks, from every set's losses.
+
+    static: the set best on training text, and the set best on the held-out text (an upper bound for
+    static choices); per-sequence oracles: the set whose skipping hurts the sequence's own prompt
+    least (a decision made on the prompt, as a router's), the same with the training text's mean
+    cost added as a prior (weight chosen on training text), and the set best on the continuation
+    itself (an upper bound for any per-sequence choice of sets).
+    """
+    n = held.continuation.shape[0]
+    full = held.full_perplexity()
+    static = int(selection.continuation.sum(0).argmin())
+    static_held = int(held.continuation.sum(0).argmin())
+    tokens = selection.prompt.shape[0] * (s.prompt_length - 1 + selection.continuation_tokens)
+    prior = (selection.prompt.sum(0) + selection.continuation.sum(0)) / tokens
+
+    def by_prompt(losses: SkipSetLosses, weight: float) -> torch.Tensor:
+        return (losses.prompt / (s.prompt_length - 1) + weight * prior).argmin(1)
+
+    weight = min(PRIOR_WEIGHTS, key=lambda w: selection.perplexity(by_prompt(selection, w)))
+    rate = len(held.combos[0]) / n_routed
+    rows = []
+    for name, choice in [
+        (f"static {list(held.combos[static])} (best on training text)", torch.full((n,), static)),
+        (f"static {list(held.combos[static_held])} (best on the held-out text)", torch.full((n,), static_held)),
+        ("oracle: per sequence, the set cheapest on its prompt", by_prompt(held, 0.0)),
+        (f"oracle: per sequence, prompt cost + {weight:g} x training prior", by_prompt(held, weight)),
+        ("oracle: per sequence, the set cheapest on its continuation (upper bound)", held.continuation.argmin(1)),
+    ]:
+        rows.append(_row(name, (held.perplexity(choice), rate), full, distinct_sets=len(set(choice.tolist()))))
+    return rows, {"static": list(held.combos[static]), "prior_weight": weight}
+
+
+PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
 def run(s: Settings, *, log: bool = True, lm_cache: Path | None = None) -> dict[str, Any]:
@@ -140,55 +201,70 @@ def run(s: Settings, *, log: bool = True, lm_cache: Path | None = None) -> dict[
             lm_cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), lm_cache)
     model.eval()
-    generator = torch.Generator().manual_seed(s.seed + 1)
-    trained = train_routers(
-        model,
-        lambda step: corpus.batches(s.batch, s.length, generator=generator),
-        RouterTrainingConfig(
-            steps=s.router_steps, lr=s.router_lr, target_skip=s.router_target, loss=s.router_loss,
-            mode=s.router_mode, progress=log, log_every=25,
-        ),
-    )
-    om = trained.module
-    windows = corpus.sequential(s.length, split="heldout", limit=s.eval_windows)
-    full = continuation_perplexity(om, windows, s.prompt_length, threshold=math.inf)
     n_skip = round(s.target_skip * s.layers)
-    # the threshold is calibrated on training text to the target rate, as the static layers are chosen there
-    selection = corpus.sequential(s.length, split="train", limit=s.eval_windows)
-    calibrated = calibrate_threshold(om, selection, s.prompt_length, n_skip / s.layers)
-    budget = continuation_perplexity(om, windows, s.prompt_length, budget=n_skip / s.layers)
-    threshold = continuation_perplexity(om, windows, s.prompt_length, threshold=calibrated)
-    default = continuation_perplexity(om, windows, s.prompt_length, threshold=0.5)
-    # the static layers are chosen on training text, as the routers are trained on it ...
-    static_layers, _ = best_static_skip(om, selection, s.prompt_length, n_skip)
-    static = continuation_perplexity(om, windows, s.prompt_length, static_skip=static_layers)
-    # ... and, as an upper bound for any static choice, on the held-out text itself
-    oracle_layers, oracle = best_static_skip(om, windows, s.prompt_length, n_skip)
-    rows = [
-        _row("full model", full, full.perplexity),
-        _row(f"routed, budget {n_skip}/{s.layers} per sequence", budget, full.perplexity),
-        _row(f"routed, threshold {calibrated:.3f} (calibrated)", threshold, full.perplexity),
-        _row("routed, threshold 0.5", default, full.perplexity),
-        _row(f"static {static_layers} (best on training text)", static, full.perplexity),
-        _row(f"static {oracle_layers} (best on the held-out text)", oracle, full.perplexity),
-    ]
-    distinct = {tuple(r) for r in budget.decisions.int().tolist()}
+    routed: dict[str, Any] = {}
+    for loss in s.router_loss.split(","):
+        generator = torch.Generator().manual_seed(s.seed + 1)
+        set_cost = loss == "set_cost"
+        trained = train_routers(
+            model,
+            lambda step, generator=generator: corpus.batches(s.batch, s.length, generator=generator),
+            RouterTrainingConfig(
+                steps=s.set_cost_steps if set_cost else s.router_steps, lr=s.router_lr,
+                target_skip=s.target_skip if set_cost else s.router_target, loss=loss, mode=s.router_mode,
+                prompt_length=s.prompt_length, label_temperature=s.label_temperature, progress=log, log_every=25,
+            ),
+        )
+        routed[loss] = trained
+    layouts = ["first", "spread"] if s.eval_layout == "both" else [s.eval_layout]
+    tables: dict[str, Any] = {}
+    for layout in layouts:
+        windows = evaluation_windows(corpus, s, "heldout", layout)
+        selection = evaluation_windows(corpus, s, "train", layout)
+        any_module = next(iter(routed.values())).module
+        held_losses = skip_set_losses(any_module, windows, s.prompt_length, n_skip)
+        selection_losses = skip_set_losses(any_module, selection, s.prompt_length, n_skip)
+        full = held_losses.full_perplexity()
+        rows = [_row("full model", (full, 0.0), full)]
+        for loss, trained in routed.items():
+            om = trained.module
+            # the threshold is calibrated on training text to the target rate, as the static layers are chosen there
+            calibrated = calibrate_threshold(om, selection, s.prompt_length, n_skip / s.layers)
+            for name, e in [
+                (f"routed ({loss}), top {n_skip}/{s.layers} of the routers on the full prompt",
+                 continuation_perplexity(om, windows, s.prompt_length, top_k=n_skip)),
+                (f"routed ({loss}), budget {n_skip}/{s.layers} in layer order",
+                 continuation_perplexity(om, windows, s.prompt_length, budget=n_skip / s.layers)),
+                (f"routed ({loss}), threshold {calibrated:.3f} (calibrated)",
+                 continuation_perplexity(om, windows, s.prompt_length, threshold=calibrated)),
+                (f"routed ({loss}), threshold 0.5", continuation_perplexity(om, windows, s.prompt_length, threshold=0.5)),
+            ]:
+                rows.append(_row(name, e, full, distinct_sets=_distinct(e.decisions)))
+        static_rows, chosen = oracle_rows(selection_losses, held_losses, s, n_routed=s.layers)
+        rows += static_rows
+        tables[layout] = {"rows": rows, **chosen}
     return {
         "settings": asdict(s),
+        "torch": torch.__version__,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
         "pretrain_losses": losses,
-        "router_history_last": trained.history[-1],
-        "rows": rows,
-        "routed_distinct_layer_sets": len(distinct),
-        "calibrated_threshold": calibrated,
+        "router_history_last": {loss: t.history[-1] for loss, t in routed.items()},
+        "tables": tables,
+        "rows": tables[layouts[0]]["rows"],
         "seconds": time.perf_counter() - began,
     }
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'variant':<52} {'ppl':>8} {'skipped':>8} {'ppl increase':>13}")
-    for r in result["rows"]:
-        print(f"{r['variant']:<52} {r['perplexity']:>8.4f} {r['skip_rate']:>8.1%} {r['increase']:>13.2%}")
-    print(f"routed sequences used {result['routed_distinct_layer_sets']} different layer sets; {result['seconds']:.0f} s")
+    """The results, one table per layout of evaluation windows."""
+    for layout, table in result["tables"].items():
+        print(f"\n{layout} windows:")
+        print(f"{'variant':<72} {'ppl':>8} {'skipped':>8} {'ppl increase':>13} {'sets':>5}")
+        for r in table["rows"]:
+            sets = r.get("distinct_sets", "")
+            print(f"{r['variant']:<72} {r['perplexity']:>8.4f} {r['skip_rate']:>8.1%} {r['increase']:>13.2%} {sets:>5}")
+    print(f"{result['seconds']:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -20,8 +20,14 @@ from rewrite.cli import main as cli_main
 from rewrite.cost_model import estimate
 from rewrite.errors import PassError, PlanError
 from rewrite.routing import RoutedBlock, last_call_probabilities, record_skips, skip_controls
-from rewrite.routing.evaluation import best_static_skip, continuation_perplexity
-from rewrite.routing.training import LoraSettings, RouterTrainingConfig, train_routers
+from rewrite.routing.evaluation import (
+    best_static_skip,
+    continuation_perplexity,
+    router_probabilities,
+    skip_set_losses,
+    top_k_decisions,
+)
+from rewrite.routing.training import LoraSettings, RouterTrainingConfig, set_cost_labels, train_routers
 
 PLAN = {"passes": [{"layer_skip": {}}]}
 
@@ -372,12 +378,45 @@ def test_static_baseline_is_the_best_fixed_layer_set():
     assert full.skip_rate == 0.0
 
 
+def test_skip_set_losses_agree_with_static_evaluation_and_with_the_prompt_alone():
+    model, _ = models.llama(batch=4, length=12)
+    om = train_routers(model, batches, config(steps=1)).module
+    windows = torch.randint(0, 128, (6, 17), generator=torch.Generator().manual_seed(5))
+    losses = skip_set_losses(om, windows, 8, 1, batch_size=4)
+    assert losses.combos == [(0,), (1,)] and losses.continuation_tokens == 9
+    full = continuation_perplexity(om, windows, 8, threshold=math.inf).perplexity
+    assert math.exp(losses.full_continuation.sum().item() / (6 * 9)) == pytest.approx(full, rel=1e-5)
+    for c, combo in enumerate(losses.combos):
+        static = continuation_perplexity(om, windows, 8, static_skip=list(combo)).perplexity
+        assert losses.perplexity(torch.full((6,), c)) == pytest.approx(static, rel=1e-5)
+        # the prompt's loss is that of the prompt run alone: it never sees the continuation
+        mask = torch.zeros(6, 2, dtype=torch.bool)
+        mask[:, list(combo)] = True
+        with torch.no_grad(), skip_controls(skip_mask=mask):
+            logits = om(input_ids=windows[:, :8]).logits
+        alone = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:8], reduction="none").sum(1)
+        torch.testing.assert_close(losses.prompt[:, c], alone, rtol=1e-5, atol=1e-5)
+    per_window_best = losses.continuation.argmin(1)
+    assert losses.perplexity(per_window_best) <= min(losses.perplexity(torch.full((6,), c)) for c in (0, 1))
+    decisions = losses.decisions(per_window_best, 2)
+    assert decisions.shape == (6, 2) and decisions.sum(1).eq(1).all()
+    assert decisions[torch.arange(6), per_window_best].all()
+
+
 def test_example_runs_at_tiny_size(tmp_path):
     result = example.main(["--tiny", "--out", str(tmp_path / "r.json")])
     assert (tmp_path / "r.json").exists()
     rows = {r["variant"].split(",")[0].split(" ")[0]: r for r in result["rows"]}
     assert rows["full"]["skip_rate"] == 0.0 and rows["static"]["skip_rate"] == 0.25
     assert result["rows"][1]["skip_rate"] == 0.25
+    assert set(result["tables"]) == {"first", "spread"}
+    for table in result["tables"].values():
+        by_name = {r["variant"]: r for r in table["rows"]}
+        top_k = [r for name, r in by_name.items() if name.startswith("routed (set_cost), top 1/4")]
+        assert len(top_k) == 1 and top_k[0]["skip_rate"] == 0.25
+        static = [r["perplexity"] for name, r in by_name.items() if name.startswith("static")]
+        upper = by_name["oracle: per sequence, the set cheapest on its continuation (upper bound)"]["perplexity"]
+        assert len(static) == 2 and upper <= min(static) + 1e-9
 
 
 def test_cli_trains_and_reports(tmp_path, capsys):
@@ -392,6 +431,12 @@ def test_cli_trains_and_reports(tmp_path, capsys):
     assert status == 0
     text = capsys.readouterr().out
     assert "skipped 50.0% of layer executions" in text
+    status = cli_main(["layer-skip", "report", target, "--routers", str(out / "checkpoints" / "final.pt"),
+                       "--top-k", "1", "--sequences", "3", "--length", "24", "-q"])
+    assert status == 0
+    assert "skipped 50.0% of layer executions" in capsys.readouterr().out
+    status = cli_main(["layer-skip", "report", target, "--top-k", "3", "--sequences", "3", "--length", "24", "-q"])
+    assert status != 0 and "k must lie in [0, 2]" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_model_with_a_small_vocabulary(capsys):
@@ -451,3 +496,73 @@ def test_skip_cost_loss_fits_routers_to_the_cheapest_blocks_of_each_sequence():
         )
         want = torch.nn.functional.binary_cross_entropy(probs, labels).item()
     assert result.history[0]["quality"] == pytest.approx(want, rel=1e-4)
+
+
+def test_set_cost_labels_are_the_weight_of_the_sets_holding_each_block():
+    combos = [(0, 1), (0, 2), (1, 2)]
+    costs = torch.tensor([[0.1, 0.5, 0.2], [0.3, 0.3, 0.0]])
+    hard = set_cost_labels(costs, combos, 3, 0.0)
+    assert torch.equal(hard, torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
+    soft = set_cost_labels(costs, combos, 3, 0.1)
+    w = torch.softmax(-costs / 0.1, dim=1)
+    want = torch.stack([w[:, 0] + w[:, 1], w[:, 0] + w[:, 2], w[:, 1] + w[:, 2]], 1)
+    torch.testing.assert_close(soft, want)
+    torch.testing.assert_close(soft.sum(1), torch.full((2,), 2.0))
+
+
+def test_set_cost_loss_fits_prompt_routers_to_the_set_cheapest_on_the_continuation():
+    model, example = models.llama(batch=4, length=12)
+    om = optimize(model, example)
+    randomize_routers(om, seed=8)
+    params = {n: p.detach().clone() for n, p in om.named_parameters() if ".router." in n}
+    batch = batches(1)
+    inputs, targets, prompt = batch[:, :-1], batch[:, 1:], 5
+    result = train_routers(
+        om, batch, config(steps=1, loss="set_cost", target_skip=0.5, prompt_length=prompt, label_temperature=0.05)
+    )
+    layers = list(model.model.layers)
+    with torch.no_grad():
+        # the routers read the prompt alone, run with nothing skipped
+        states = model(input_ids=inputs[:, :prompt], use_cache=False, output_hidden_states=True).hidden_states
+        probs = torch.stack(
+            [
+                torch.sigmoid(states[j].mean(1) @ params[f"model.layers.{j}.router.weight"] + params[f"model.layers.{j}.router.bias"])
+                for j in (0, 1)
+            ],
+            1,
+        )
+        costs = []
+        for j in (0, 1):  # k = 1 of 2 blocks: the sets are the single blocks
+            logits = reference_with_skips(model, layers, {"input_ids": inputs}, torch.tensor([[j == 0, j == 1]] * 4))
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            costs.append(ce[:, prompt - 1 :].mean(1))  # the continuation only
+        labels = torch.softmax(-torch.stack(costs, 1) / 0.05, dim=1)
+        want = torch.nn.functional.binary_cross_entropy(probs, labels).item()
+    assert result.history[0]["quality"] == pytest.approx(want, rel=1e-4)
+
+
+def test_set_cost_refuses_a_prompt_that_leaves_no_continuation():
+    model, _ = models.llama(batch=4, length=12)
+    with pytest.raises(ValueError, match="leaves no continuation"):
+        train_routers(model, batches, config(steps=1, loss="set_cost", prompt_length=12))
+    with pytest.raises(ValueError, match="label_temperature"):
+        train_routers(model, batches, config(loss="set_cost", label_temperature=-1.0))
+
+
+def test_top_k_decisions_skip_exactly_the_k_highest_routers_of_each_prompt():
+    model, example = models.llama(batch=4, length=10)
+    om = optimize(model, example)
+    randomize_routers(om, seed=4)
+    prompts = example["input_ids"]
+    probs = router_probabilities(om, prompts)
+    _, report = call(om, {"input_ids": prompts}, threshold=math.inf)
+    torch.testing.assert_close(probs, torch.stack(report.last.probabilities, 1))
+    decisions = top_k_decisions(om, prompts, 1)
+    assert torch.equal(decisions.sum(1), torch.ones(4, dtype=torch.long))
+    assert torch.equal(decisions[:, 1], probs[:, 1] > probs[:, 0])
+    assert torch.equal(top_k_decisions(om, prompts, 2), torch.ones(4, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="k must lie"):
+        top_k_decisions(om, prompts, 3)
+    windows = torch.randint(0, 128, (4, 15), generator=torch.Generator().manual_seed(2))
+    routed = continuation_perplexity(om, windows, 10, top_k=1)
+    assert torch.equal(routed.decisions, top_k_decisions(om, windows[:, :10], 1)) and routed.skip_rate == 0.5

@@ -3,6 +3,7 @@
     rewrite layer-skip train TARGET --steps 200 --target-skip 0.25 --out routed/
     rewrite layer-skip train TARGET --loss distill --lora-rank 8 --checkpoint-every 50 --out routed/
     rewrite layer-skip report TARGET --routers routed/checkpoints/final.pt --budget 0.25
+    rewrite layer-skip report TARGET --routers routed/checkpoints/final.pt --top-k 2
 
 TARGET is a causal LM with a vocabulary of at least 256 tokens (the text is byte-level: the Python
 standard library's own sources), named as for the other commands (`file.py:factory`, `module:factory`).
@@ -21,7 +22,7 @@ import torch
 
 from rewrite.errors import RewriteError
 from rewrite.routing.controls import record_skips, skip_controls
-from rewrite.routing.evaluation import continuation_perplexity
+from rewrite.routing.evaluation import continuation_perplexity, top_k_decisions
 from rewrite.routing.language_model import logits_of, takes_input_ids
 from rewrite.routing.training import (
     LOSSES,
@@ -101,7 +102,7 @@ def cmd_train(args: argparse.Namespace, log: Log) -> int:
 
 
 def cmd_report(args: argparse.Namespace, log: Log) -> int:
-    """Show which routed layers each held-out sequence skips under the given threshold or budget."""
+    """Show which routed layers each held-out sequence skips under the given threshold, budget or top k."""
     import rewrite
     from rewrite.routing.training import DEFAULT_PLAN
 
@@ -113,7 +114,15 @@ def cmd_report(args: argparse.Namespace, log: Log) -> int:
                           example_kwargs={"input_ids": windows} if keyword else None)
     if args.routers:
         load_checkpoint(args.routers, om)
-    with torch.no_grad(), skip_controls(threshold=args.threshold, budget=args.budget), record_skips() as report:
+    mask = None
+    if args.top_k is not None:
+        if args.threshold is not None or args.budget is not None:
+            raise RewriteError("layer-skip report: --top-k ranks the routers; leave out --threshold and --budget")
+        try:
+            mask = top_k_decisions(om, windows, args.top_k)
+        except ValueError as exc:
+            raise RewriteError(str(exc)) from exc
+    with torch.no_grad(), skip_controls(threshold=args.threshold, budget=args.budget, skip_mask=mask), record_skips() as report:
         logits_of(om, windows, keyword=keyword)
     print(report.table())
     print(f"skipped {report.skip_rate():.1%} of layer executions; columns: {', '.join(report.layers)}")
@@ -148,6 +157,7 @@ def add_layer_skip_command(sub: Any, common: argparse.ArgumentParser) -> None:
     report.add_argument("--routers", default=None, help="a checkpoint written by `layer-skip train`")
     report.add_argument("--threshold", type=float, default=None)
     report.add_argument("--budget", type=float, default=None)
+    report.add_argument("--top-k", type=int, default=None, help="skip the k routed layers whose routers rank highest")
     report.add_argument("--sequences", type=int, default=8)
     report.add_argument("--length", type=int, default=128)
     report.set_defaults(run=cmd_report)

@@ -13,6 +13,13 @@ the model actually runs at. quality is one of:
 - `skip_cost`: binary cross-entropy fitting each router to whether its block is among the
   round(target_skip * n) cheapest of the sequence to skip, the cost measured by skipping each block
   alone (one extra forward per routed block, without gradient).
+- `set_cost`: as deployed, the routers see only a prompt (the first `prompt_length` tokens, pooled)
+  and are fitted (binary cross-entropy) to how likely their block belongs to the set of
+  k = round(target_skip * n) blocks whose joint skipping costs the sequence's continuation least:
+  every set of k blocks is skipped in turn (one forward per set, without gradient) and the sets are
+  weighted by softmax(-cost / label_temperature); a block's label is the weight of the sets holding
+  it (they sum to k per sequence). Rank the probabilities per sequence at inference
+  (`rewrite.routing.evaluation.top_k_decisions`).
 
 With `ce` and `distill` blocks run on every row during training; their outputs are mixed by the
 routers' probabilities (`mode="soft"`) or by hard decisions whose gradient is the soft mixture's
@@ -22,6 +29,7 @@ routers' probabilities (`mode="soft"`) or by hard decisions whose gradient is th
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +44,7 @@ from rewrite.errors import RewriteError
 from rewrite.routing.controls import last_call_probabilities, record_skips, skip_controls
 from rewrite.routing.language_model import logits_of, next_token_loss, takes_input_ids
 
-LOSSES = ("ce", "distill", "skip_cost")
+LOSSES = ("ce", "distill", "skip_cost", "set_cost")
 TRAINING_MODES = ("straight_through", "soft")
 DEFAULT_PLAN = {"passes": [{"layer_skip": {}}]}
 
@@ -62,6 +70,10 @@ class RouterTrainingConfig:
     mode: str = "straight_through"
     lora: LoraSettings | None = None
     lora_lr: float = 1e-3
+    prompt_length: int | None = None
+    """set_cost: the tokens the routers see (the rest is the scored continuation); None: half."""
+    label_temperature: float = 0.01
+    """set_cost: softness of the labels, in nats per continuation token (0: the best set only)."""
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     log_every: int = 10
@@ -80,6 +92,10 @@ class RouterTrainingConfig:
             raise ValueError(f"train_routers: unknown mode {self.mode!r} (allowed: {', '.join(TRAINING_MODES)})")
         if self.lr <= 0 or self.lora_lr <= 0:
             raise ValueError("train_routers: learning rates must be > 0")
+        if self.label_temperature < 0:
+            raise ValueError(f"train_routers: label_temperature must be >= 0, got {self.label_temperature}")
+        if self.prompt_length is not None and self.prompt_length < 1:
+            raise ValueError(f"train_routers: prompt_length must be >= 1, got {self.prompt_length}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("train_routers: checkpoint_every needs checkpoint_dir")
 
@@ -196,6 +212,51 @@ def _skip_cost_loss(
     return F.binary_cross_entropy(probs.float(), labels), probs, report
 
 
+def set_cost_labels(costs: torch.Tensor, combos: list[tuple[int, ...]], n_routed: int, temperature: float) -> torch.Tensor:
+    """[B, n_routed] per-block labels from the costs [B, C] of skipping each set `combos[c]`.
+
+    The sets are weighted by softmax(-cost / temperature) per sequence (temperature 0: all weight on
+    the cheapest set); a block's label is the total weight of the sets that hold it.
+    """
+    membership = torch.zeros(len(combos), n_routed, device=costs.device)
+    for c, combo in enumerate(combos):
+        membership[c, list(combo)] = 1.0
+    if temperature == 0:
+        weights = F.one_hot(costs.argmin(1), len(combos)).to(membership.dtype)
+    else:
+        weights = torch.softmax(-costs.float() / temperature, dim=1)
+    return weights @ membership
+
+
+def _set_cost_loss(
+    om: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: RouterTrainingConfig, keyword: bool
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Routers, reading the prompt only, learn which set of k blocks costs the continuation least.
+
+    The probabilities come from the prompt run with nothing skipped; the labels from skipping every set
+    of k blocks over the whole window and measuring the continuation's mean cross-entropy.
+    """
+    prompt = config.prompt_length or inputs.shape[1] // 2
+    if not 0 < prompt < inputs.shape[1]:
+        raise ValueError(f"train_routers: prompt_length {prompt} leaves no continuation in windows of {inputs.shape[1]} inputs")
+    with skip_controls(mode="straight_through", threshold=math.inf), record_skips() as report:
+        logits_of(om, inputs[:, :prompt], keyword=keyword)
+        probs = last_call_probabilities()
+    batch, n_routed = probs.shape
+    k = round(config.target_skip * n_routed)
+    combos = list(itertools.combinations(range(n_routed), k))
+    with torch.no_grad():
+        costs = torch.empty(batch, len(combos), device=inputs.device)
+        for c, combo in enumerate(combos):
+            mask = torch.zeros(batch, n_routed, dtype=torch.bool)
+            mask[:, list(combo)] = True
+            with skip_controls(skip_mask=mask):
+                logits = logits_of(om, inputs, keyword=keyword)
+            costs[:, c] = _per_sequence_loss(logits[:, prompt - 1 :], targets[:, prompt - 1 :])
+        labels = set_cost_labels(costs, combos, n_routed, config.label_temperature)
+    return F.binary_cross_entropy(probs.float(), labels), probs, report
+
+
 def _batch_source(data: torch.Tensor | Callable[[int], torch.Tensor] | Iterator[torch.Tensor]) -> Callable[[int], torch.Tensor]:
     """Batch of a step from a function of the step, an iterator (its next batch), or one tensor used every step."""
     if isinstance(data, torch.Tensor):
@@ -280,6 +341,9 @@ def train_routers(
             if config.loss == "skip_cost":
                 quality, probs, report = _skip_cost_loss(om, inputs, targets, config.target_skip, keyword)
                 used = probs
+            elif config.loss == "set_cost":
+                quality, probs, report = _set_cost_loss(om, inputs, targets, config, keyword)
+                used = probs
             else:
                 with skip_controls(mode=config.mode), record_skips() as report:
                     logits = logits_of(om, inputs, keyword=keyword)
@@ -305,7 +369,7 @@ def train_routers(
                 "quality": quality.item(),
                 "penalty": penalty.item(),
                 "mean_probability": probs.mean().item(),
-                "skip_rate": (probs > 0.5).float().mean().item() if config.loss == "skip_cost" else report.skip_rate(),
+                "skip_rate": (probs > 0.5).float().mean().item() if config.loss in ("skip_cost", "set_cost") else report.skip_rate(),
                 "seconds": time.perf_counter() - began,
             }
             history.append(entry)
