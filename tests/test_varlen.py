@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rewrite
 from examples.models import TARGETS
 from rewrite.errors import PassError, PlanError
+from rewrite.kernels import packed_bounds
 
 FAMILIES = ["bert", "llama", "qwen2", "qwen3", "gpt2"]
 ROPE = {"llama", "qwen2", "qwen3"}  # relative positions: the padded model's offsets do not change real tokens
@@ -304,7 +305,9 @@ def test_each_causal_mixer_packed_matches_the_padded_linearized_llama(kind, monk
     calls = _count_mixer_calls(monkeypatch, kind)
     batch = padded_batch(128, [1, 5, 17, 2], 17, left={1, 3}, seed=11)
     mask = batch["attention_mask"]
-    got = main_output(packed(**batch))
+    with monkeypatch.context() as patch:  # the runtime built cu_seqlens: no kernel reads them back to check
+        patch.setattr(packed_bounds, "read_bounds", _no_host_read)
+        got = main_output(packed(**batch))
     assert calls == [4] * model.config.num_hidden_layers  # one call per layer over the 4 sequences
     want = main_output(padded(**batch, position_ids=restarted_positions(mask)))
     assert_real_tokens_close(got, want, mask)
@@ -314,6 +317,30 @@ def test_each_causal_mixer_packed_matches_the_padded_linearized_llama(kind, monk
     for name, grad in want_grads.items():
         assert grad is not None and got_grads[name] is not None, name
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, k=name: f"{k}: {m}")
+
+
+def _no_host_read(cu_seqlens):
+    raise AssertionError(f"cu_seqlens {cu_seqlens} read back to the host")
+
+
+def test_kernels_check_cu_seqlens_unless_the_caller_built_them(monkeypatch):
+    from rewrite.kernels.linear_attention import linear_attention
+    from rewrite.kernels.short_conv import short_conv
+
+    q = torch.randn(1, 7, 2, 8)
+    bad = torch.tensor([0, 5, 3, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"linear_attention: cu_seqlens must rise from 0 to T = 7"):
+        linear_attention(q, q, q, cu_seqlens=bad)
+    with pytest.raises(ValueError, match=r"short_conv: cu_seqlens must rise from 0 to T = 7"):
+        short_conv(q.flatten(2), torch.randn(16, 4), cu_seqlens=bad)
+    good = torch.tensor([0, 3, 7], dtype=torch.int32)
+    want, _ = linear_attention(q, q, q, cu_seqlens=good)
+    monkeypatch.setattr(packed_bounds, "read_bounds", _no_host_read)
+    with pytest.raises(AssertionError, match="read back"):
+        linear_attention(q, q, q, cu_seqlens=good)
+    with packed_bounds.trusted_cu_seqlens():
+        got, _ = linear_attention(q, q, q, cu_seqlens=good)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_pack_lengths_fills_budgets_and_keeps_every_sequence():

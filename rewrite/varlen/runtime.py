@@ -148,14 +148,17 @@ def packed_mixer(kind: str, cu_seqlens: torch.Tensor, q: torch.Tensor, k: torch.
     """The linear mixer `kind` of the `mixer` pass (SDPA layout, packed [1, H, T, D]) run within each sequence.
 
     A mixer that takes `cu_seqlens` (every built-in kind) gets it: one call over all sequences, whose
-    kernels reset states, conv windows and normalisers at each sequence start. Any other runs once per
+    kernels reset states, conv windows and normalisers at each sequence start, without reading
+    `cu_seqlens` back to the host. Any other runs once per
     sequence on its slice of the tokens, so state never flows from one sequence into the next.
     """
+    from rewrite.kernels.packed_bounds import trusted_cu_seqlens  # loaded on first use
     from rewrite.mixers import KINDS  # the mixer registry, loaded on first use
 
     fn = KINDS[kind].fn
     if mixer_takes_cu_seqlens(kind):
-        return fn(q, k, v, *params, cu_seqlens=cu_seqlens, **kwargs)
+        with trusted_cu_seqlens():  # built (or checked once) by this runtime: the kernels need not read it back
+            return fn(q, k, v, *params, cu_seqlens=cu_seqlens, **kwargs)
     bounds = cu_seqlens.tolist()
     pieces = [fn(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], *params, **kwargs)
               for s, e in zip(bounds, bounds[1:]) if e > s]

@@ -2,6 +2,8 @@
 
 import torch
 
+from rewrite.kernels.packed_bounds import check_bounds
+
 from .op import short_conv_op
 
 ACTIVATIONS = (None, "silu")
@@ -33,10 +35,7 @@ def _check(x, weight, bias, activation, cache, cu_seqlens) -> int:
             _fail("cu_seqlens", f"must be on {x.device}, got {cu_seqlens.device}")
         if x.shape[0] != 1:
             _fail("cu_seqlens", f"needs packed inputs with B == 1, got B = {x.shape[0]}")
-        if not torch.compiler.is_compiling():
-            bounds = cu_seqlens.tolist()
-            if bounds[0] != 0 or bounds[-1] != x.shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
-                _fail("cu_seqlens", f"must rise from 0 to T = {x.shape[1]} without decreasing, got {bounds}")
+        check_bounds("short_conv", cu_seqlens, x.shape[1])
         n = cu_seqlens.shape[0] - 1
     if cache is not None and tuple(cache.shape) != (n, weight.shape[1] - 1, dim):
         _fail("cache", f"must have shape [N, W-1, D] = {[n, weight.shape[1] - 1, dim]}, got {list(cache.shape)}")

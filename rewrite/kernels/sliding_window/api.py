@@ -2,6 +2,8 @@
 
 import torch
 
+from rewrite.kernels.packed_bounds import check_bounds
+
 from .op import sliding_window_decode_op, sliding_window_op
 
 
@@ -35,10 +37,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> None:
         _fail("cu_seqlens", f"must be a 1-D int32/int64 tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device or q.shape[0] != 1:
         _fail("cu_seqlens", f"needs packed inputs with B == 1 on {q.device}, got B = {q.shape[0]} on {cu_seqlens.device}")
-    if not torch.compiler.is_compiling():
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
-            _fail("cu_seqlens", f"must rise from 0 to T = {q.shape[1]} without decreasing, got {bounds}")
+    check_bounds("sliding_window_attention", cu_seqlens, q.shape[1])
 
 
 def sliding_window_attention(
