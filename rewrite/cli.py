@@ -1,4 +1,4 @@
-"""The `rewrite` command: `dump` a model's graph at every stage, `explain` a plan's cost, list `passes`.
+"""The `rewrite` command: `dump` graphs, `explain` a plan's cost, list `passes`, `distill`, `layer-skip`.
 
     rewrite dump llama --plan '{passes: [attention_normalize]}' --stage all --format text
     rewrite dump 'llama?batch=1,length=64' --plan plan.yaml --format svg -o llama.svg
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser = argparse.ArgumentParser(prog="rewrite", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{dump,explain,passes}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{dump,explain,passes,distill,layer-skip}")
 
     dump = sub.add_parser("dump", parents=[common], help="print the graph before/after each pass")
     dump.add_argument("target", help="built-in name, path/file.py:factory or module:factory (?key=value,...)")
