@@ -43,23 +43,18 @@ def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
-def _is_causal_mask(mask: torch.Tensor) -> bool:
-    """Every future key is hidden (more may be: padding, a window)."""
+def _causality(mask: torch.Tensor) -> tuple[bool, bool]:
+    """(every future key is hidden, the mask is exactly the causal mask) of a [..., L, L] mask.
+
+    The first allows more hiding (padding, a window); the second means every earlier key is visible too.
+    """
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
-        return False
+        return False, False
     visible = _visible(mask)
     n = visible.shape[-1]
-    future = torch.ones(n, n, dtype=torch.bool, device=visible.device).triu(1)
-    return not bool((visible & future).any())
-
-
-def _is_exactly_causal_mask(mask: torch.Tensor) -> bool:
-    """The mask is the plain causal mask: every earlier key visible, no later one (no window, no padding)."""
-    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
-        return False
-    n = mask.shape[-1]
-    lower = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
-    return bool((_visible(mask) == lower).all())
+    lower = torch.ones(n, n, dtype=torch.bool, device=visible.device).tril()
+    hides_future = not bool((visible & ~lower).any())
+    return hides_future, hides_future and bool(visible[..., lower].all())
 
 
 def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[str, bool]:
@@ -82,8 +77,7 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
         if isinstance(val, torch.Tensor):
             if negated[node]:
                 val = ~val if val.dtype == torch.bool else val
-            node.meta[CAUSAL_KEY] = _is_causal_mask(val)
-            node.meta[EXACTLY_CAUSAL_KEY] = _is_exactly_causal_mask(val)
+            node.meta[CAUSAL_KEY], node.meta[EXACTLY_CAUSAL_KEY] = _causality(val)
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
             out[node.name] = node.meta[CAUSAL_KEY]
     return out

@@ -1,4 +1,4 @@
-"""The host-side check that packed `cu_seqlens` rise from 0 to T, and a scope that trusts them.
+"""The checks of packed `cu_seqlens` every kernel shares, and a scope that trusts them.
 
 Reading `cu_seqlens` back to the host stalls the device queue. Callers that built `cu_seqlens`
 themselves (the varlen pass's runtime) run the kernels inside `trusted_cu_seqlens()`, so a layer
@@ -41,3 +41,20 @@ def check_bounds(op: str, cu_seqlens: torch.Tensor, total: int) -> None:
     bounds = read_bounds(cu_seqlens)
     if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"{op}: cu_seqlens must rise from 0 to T = {total} without decreasing, got {bounds}")
+
+
+def check_packed(op: str, cu_seqlens: torch.Tensor | None, x: torch.Tensor) -> int:
+    """The number of sequences N of `x` [B, T, ...]; with cu_seqlens, a 1-D int tensor [N + 1] on x's device,
+    B == 1, and bounds [0, ..., T] (see `check_bounds`). Raises ValueError naming `op`."""
+    if cu_seqlens is None:
+        return x.shape[0]
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"{op}: cu_seqlens must be a 1-D int32/int64 tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"{op}: cu_seqlens must be on {x.device}, got {cu_seqlens.device}")
+    if x.shape[0] != 1:
+        raise ValueError(f"{op}: cu_seqlens needs packed inputs with B == 1, got B = {x.shape[0]}")
+    check_bounds(op, cu_seqlens, x.shape[1])
+    return cu_seqlens.shape[0] - 1

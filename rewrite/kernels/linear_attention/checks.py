@@ -2,7 +2,7 @@
 
 import torch
 
-from rewrite.kernels.packed_bounds import check_bounds
+from rewrite.kernels.packed_bounds import check_packed
 
 DECAYS = ("none", "constant", "scalar", "vector")
 FEATURE_MAPS = ("identity", "softmax", "elu", "relu")
@@ -75,19 +75,7 @@ def check_decay(g: torch.Tensor | None, decay: str, q: torch.Tensor, k: torch.Te
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> int:
     """The number of sequences N; with cu_seqlens, B == 1 and cu_seqlens = [0, ..., T] non-decreasing."""
-    if cu_seqlens is None:
-        return q.shape[0]
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-        _fail(
-            "cu_seqlens",
-            f"must be a 1-D int32/int64 tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}",
-        )
-    if cu_seqlens.device != q.device:
-        _fail("cu_seqlens", f"must be on {q.device}, got {cu_seqlens.device}")
-    if q.shape[0] != 1:
-        _fail("cu_seqlens", f"needs packed inputs with B == 1, got B = {q.shape[0]}")
-    check_bounds("linear_attention", cu_seqlens, q.shape[1])
-    return cu_seqlens.shape[0] - 1
+    return check_packed("linear_attention", cu_seqlens, q)
 
 
 def check_state(name: str, state: torch.Tensor | None, n: int, k: torch.Tensor, v: torch.Tensor) -> None:

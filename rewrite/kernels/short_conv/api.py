@@ -2,7 +2,7 @@
 
 import torch
 
-from rewrite.kernels.packed_bounds import check_bounds
+from rewrite.kernels.packed_bounds import check_packed
 
 from .op import short_conv_op
 
@@ -27,16 +27,7 @@ def _check(x, weight, bias, activation, cache, cu_seqlens) -> int:
             _fail(name, f"must be a floating-point tensor on {x.device}, got {t.dtype} on {t.device}")
     if activation not in ACTIVATIONS:
         _fail("activation", f"must be one of {ACTIVATIONS}, got {activation!r}")
-    n = x.shape[0]
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-            _fail("cu_seqlens", f"must be a 1-D int32/int64 tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device != x.device:
-            _fail("cu_seqlens", f"must be on {x.device}, got {cu_seqlens.device}")
-        if x.shape[0] != 1:
-            _fail("cu_seqlens", f"needs packed inputs with B == 1, got B = {x.shape[0]}")
-        check_bounds("short_conv", cu_seqlens, x.shape[1])
-        n = cu_seqlens.shape[0] - 1
+    n = check_packed("short_conv", cu_seqlens, x)
     if cache is not None and tuple(cache.shape) != (n, weight.shape[1] - 1, dim):
         _fail("cache", f"must have shape [N, W-1, D] = {[n, weight.shape[1] - 1, dim]}, got {list(cache.shape)}")
     return n

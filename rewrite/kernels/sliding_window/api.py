@@ -2,7 +2,7 @@
 
 import torch
 
-from rewrite.kernels.packed_bounds import check_bounds
+from rewrite.kernels.packed_bounds import check_packed
 
 from .op import sliding_window_decode_op, sliding_window_op
 
@@ -30,16 +30,6 @@ def _check_window(window: int, sinks: int) -> None:
         _fail("sinks", f"must be an int >= 0, got {sinks!r}")
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> None:
-    if cu_seqlens is None:
-        return
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-        _fail("cu_seqlens", f"must be a 1-D int32/int64 tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device or q.shape[0] != 1:
-        _fail("cu_seqlens", f"needs packed inputs with B == 1 on {q.device}, got B = {q.shape[0]} on {cu_seqlens.device}")
-    check_bounds("sliding_window_attention", cu_seqlens, q.shape[1])
-
-
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -61,7 +51,7 @@ def sliding_window_attention(
     _check_window(window, sinks)
     if k.shape[:2] != q.shape[:2]:
         _fail("k, v", f"must share q's [B, T] = {list(q.shape[:2])}, got {list(k.shape[:2])}")
-    _check_cu_seqlens(cu_seqlens, q)
+    check_packed("sliding_window_attention", cu_seqlens, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return sliding_window_op(q, k, v, window, sinks, scale, cu_seqlens)[0]
 
