@@ -6,7 +6,7 @@ Scenarios (fp16 on CUDA, fp32 on CPU):
   bytetrans BERT-base shape, batch 16, max 1024, mean ~0.6 x max (ByteTransformer's A100 setting)
   llama     Llama-shaped decoder prefill (hidden 2048, 32 q / 8 kv heads), batch 16, max 2048, mean ~0.3 x max
 For each: the padded model, the varlen module with each attention backend (PyTorch's varlen flash where
-present, our Triton kernel), and the ideal (padded time x real tokens / padded tokens). Outputs on real
+present, our Triton kernel, auto), eagerly and replayed from CUDA graphs (`cuda_graphs`), and the ideal (padded time x real tokens / padded tokens). Outputs on real
 tokens are checked against the padded model first. Then the attention kernels alone (forward and
 forward+backward) on the same packed shapes.
 Run: python -m benchmarks.varlen_bert [--scenarios bert,minilm,bytetrans,llama] [--runs 50] [--compile]
@@ -31,6 +31,9 @@ SCENARIOS = {
     "bytetrans": dict(kind="bert", batch=16, max_len=1024, mean=0.6),
     "llama": dict(kind="llama", batch=16, max_len=2048, mean=0.3),
 }
+VARIANTS = [("kernel", "never"), ("torch", "never"), ("auto", "never"), ("kernel", "auto"), ("torch", "auto"),
+            ("auto", "auto")]
+"""(attention backend, cuda_graphs) of the varlen rows: each backend eagerly and replayed from CUDA graphs."""
 TINY = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128}
 
 
@@ -107,20 +110,21 @@ def run_scenario(name: str, spec: dict, args, device: str, dtype: torch.dtype) -
         base.extra.update({"x padded": "1.00", "x ideal": f"{real / padded_tokens:.2f}"})
         rows.append(base)
         ideal_ms = base.median_ms * real / padded_tokens
-        for backend in ("auto", "kernel", "torch"):
-            plan = {"passes": [{"varlen": {"attention_backend": backend}}]}
+        for backend, graphs in VARIANTS:
+            plan = {"passes": [{"varlen": {"attention_backend": backend, "cuda_graphs": graphs}}]}
+            label = f"varlen ({backend}, {'eager' if graphs == 'never' else 'CUDA graphs'})"
             try:
                 om = rewrite.optimize(model, plan, example_kwargs=small)
                 got = om(**inputs).last_hidden_state
+                got = om(**inputs).last_hidden_state  # with graphs: the second call captures and replays
             except Exception as exc:  # noqa: BLE001 - a backend missing here is a row that says so
-                print(f"  {name}: varlen ({backend}) unavailable: {type(exc).__name__}: {str(exc)[:160]}")
+                print(f"  {name}: {label} unavailable: {type(exc).__name__}: {str(exc)[:160]}")
                 print("    " + "".join(traceback.format_exception(exc)[-6:]).replace("\n", "\n    "))
                 continue
             err = relative_error(got, want, inputs["attention_mask"])
             if err > 2e-2:
-                print(f"  WARNING {name}: varlen ({backend}) differs from the padded model on real tokens: {err:.2e}")
-            row = measure(f"varlen ({backend})", functools.partial(om, **inputs), params,
-                          warmup=args.warmup, runs=args.runs)
+                print(f"  WARNING {name}: {label} differs from the padded model on real tokens: {err:.2e}")
+            row = measure(label, functools.partial(om, **inputs), params, warmup=args.warmup, runs=args.runs)
             row.extra.update({"x padded": f"{base.median_ms / row.median_ms:.2f}",
                               "x ideal": f"{ideal_ms / row.median_ms:.2f}", "rel err": f"{err:.1e}"})
             rows.append(row)

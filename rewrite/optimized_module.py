@@ -11,11 +11,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from rewrite.capture import Captured, capture, check_inputs
+from rewrite.capture import Captured, capture, check_inputs, order_kwargs
 from rewrite.errors import RewriteError
 from rewrite.pipeline import PipelineReport, run_pipeline
 from rewrite.plan import Plan
-from rewrite.real_tokens import RealTokens
+from rewrite.real_tokens import RealTokens, program_inputs
 
 
 class _SourceRef:
@@ -129,6 +129,7 @@ class OptimizedModule(torch.nn.Module):
     def _install_graph(self, graph: fx.Graph) -> None:
         gm = fx.GraphModule(self, graph, class_name=self.__class__.__name__ + "Program")
         self.__dict__["_program"] = gm
+        self.__dict__["_replayer"] = None  # graphs of the previous program do not run this one
 
     @property
     def program(self) -> fx.GraphModule:
@@ -179,7 +180,27 @@ class OptimizedModule(torch.nn.Module):
             self._recapture(args, kwargs, reason)
             captured = self.__dict__["_captured"]
         full = {**captured.injected_kwargs, **kwargs}
+        replay = self.report.graph_replay
+        if replay is not None and self.real_tokens is not None and not self.training:
+            return self._replayer_for(replay)(args, full)
         return self.program(*args, **full)
+
+    def _replayer_for(self, policy: Any) -> Any:
+        """The CUDA-graph runner of this program (built on first use; see `rewrite.varlen.graph_replay`)."""
+        from rewrite.varlen.graph_replay import BucketedGraphs
+
+        runner = self.__dict__["_replayer"]
+        if runner is None or runner.policy != policy:
+            captured: Captured = self.__dict__["_captured"]
+            real = self.real_tokens
+            assert real is not None
+
+            def keep(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+                return real.keep(program_inputs(self.graph, args, order_kwargs(kwargs, captured.kwarg_order)))
+
+            runner = BucketedGraphs(self.program, policy, keep)
+            self.__dict__["_replayer"] = runner
+        return runner
 
     def _recapture(self, args: tuple, kwargs: dict[str, Any], reason: str) -> None:
         source = self.source

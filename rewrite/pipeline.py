@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -48,6 +49,11 @@ class PipelineReport:
     def real_tokens(self) -> RealTokens | None:
         """The real-token description the last pass that published one left (None: every value comparable)."""
         return next((r.real_tokens for r in reversed(self.results) if r.real_tokens is not None), None)
+
+    @property
+    def graph_replay(self) -> Any:
+        """How the module's calls may be replayed from CUDA graphs (the last pass that said so; None: eagerly)."""
+        return next((r.graph_replay for r in reversed(self.results) if r.graph_replay is not None), None)
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.fx._pytree import tree_flatten_spec
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,14 @@ class RealTokens:
         return batch[0], (seq[0] if seq else None)
 
 
+def program_inputs(graph: fx.Graph, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+    """The flat inputs (placeholder order) a program with `graph` receives for a call with `args` and `kwargs`."""
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        return list(tree_flatten_spec((tuple(args), kwargs), info.in_spec))
+    return pytree.tree_leaves((tuple(args), kwargs))
+
+
 def select(layout: OutputTokens, shape: Sequence[int], keep: torch.Tensor) -> torch.Tensor:
     """The comparable values of a tensor of `shape` laid out as `layout`, given the real-token mask `keep`."""
     rank = len(shape)
@@ -119,4 +130,4 @@ def select(layout: OutputTokens, shape: Sequence[int], keep: torch.Tensor) -> to
     return ordered.reshape(view).expand(*shape)
 
 
-__all__ = ["OutputTokens", "RealTokens", "select"]
+__all__ = ["OutputTokens", "RealTokens", "program_inputs", "select"]

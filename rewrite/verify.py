@@ -20,12 +20,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.fx._pytree import tree_flatten_spec
 
 from rewrite.analysis.nodes import module_path, op_name
 from rewrite.capture import order_kwargs
 from rewrite.errors import VerificationError
-from rewrite.real_tokens import OutputTokens, RealTokens, select
+from rewrite.real_tokens import OutputTokens, RealTokens, program_inputs, select
 
 
 @dataclass
@@ -210,13 +209,6 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def _flat_inputs(graph: fx.Graph, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
-    info = getattr(graph._codegen, "pytree_info", None)
-    if info is not None and info.in_spec is not None:
-        return list(tree_flatten_spec((tuple(args), kwargs), info.in_spec))
-    return pytree.tree_leaves((tuple(args), kwargs))
-
-
 def _record(root: torch.nn.Module, graph: fx.Graph, flat: list[Any]) -> dict[str, torch.Tensor]:
     plain = fx.Graph()
     plain.graph_copy(graph, {})  # nodes keep their names; default codegen takes flat placeholders
@@ -282,8 +274,8 @@ def find_divergence(
 
     With `real_tokens`, values are compared on real tokens only, packed ones against the captured value's
     real tokens."""
-    flat_ref = _flat_inputs(reference, args, kwargs)
-    flat_new = _flat_inputs(candidate, args, kwargs)
+    flat_ref = program_inputs(reference, args, kwargs)
+    flat_new = program_inputs(candidate, args, kwargs)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         ref_values = _record(root, reference, flat_ref)
@@ -336,7 +328,7 @@ def _real_token_scope(
     if not isinstance(real, RealTokens) or captured is None:
         return None, []
     full = order_kwargs({**captured.injected_kwargs, **kwargs}, captured.kwarg_order)
-    keep = real.keep(_flat_inputs(optimized.graph, args, full))
+    keep = real.keep(program_inputs(optimized.graph, args, full))
     notes = [f"padded positions (padding mask {real.mask_input!r}) are not compared: the padding-free module "
              "holds 0 there"]
     rows = keep.new_ones(keep.shape[0])

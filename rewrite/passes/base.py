@@ -30,6 +30,9 @@ class PassResult:
     real_tokens: RealTokens | None = None
     """Set by a pass whose module differs from the original at padded positions by design (the `varlen`
     pass): which inputs and outputs hold real tokens, for `rewrite.verify` (see `rewrite.real_tokens`)."""
+    graph_replay: Any = None
+    """Set by a pass whose module can be replayed from CUDA graphs (the `varlen` pass's `TokenBuckets`): how
+    the optimized module's calls may be replayed."""
 
     def op_count_diff(self) -> dict[str, int]:
         """Ops whose count changed, with the change (+ added, - removed)."""

@@ -43,6 +43,8 @@ from rewrite.passes import register_pass
 from rewrite.passes.base import GraphPass, PassContext, PassResult
 from rewrite.real_tokens import OutputTokens, RealTokens
 from rewrite.varlen import runtime
+from rewrite.varlen.graph_replay import MODES as REPLAY_MODES
+from rewrite.varlen.graph_replay import TokenBuckets
 from rewrite.varlen.mask_check import MaskUse, prove_packed_masks, prove_padding_masks
 from rewrite.varlen.symbols import TokenDims, TokenSymbols, expr_of, find_symbols
 from rewrite.varlen.walk import PackedGraphWalk, fail, is_sym
@@ -69,8 +71,24 @@ class VarlenOptions:
                           "(Triton on CUDA, reference on CPU), torch, reference", "choices": list(BACKENDS)},
     )
 
+    cuda_graphs: str = field(
+        default="auto",
+        metadata={"help": "replay the module from CUDA graphs (calls without autograd, inputs on CUDA), one per "
+                          "input shape and bucket of real tokens: auto (a shape's second call captures; eager where "
+                          "capture fails), always (raise where it fails), never", "choices": list(REPLAY_MODES)},
+    )
+    token_bucket: int = field(
+        default=256, metadata={"help": "CUDA graphs: real-token counts round up to a multiple of this"})
+    max_graphs: int = field(default=8, metadata={"help": "CUDA graphs kept (least recently used dropped)"})
+
     def validate(self, where: str = PASS) -> None:
         """Raise PlanError naming the first bad field."""
+        if self.cuda_graphs not in REPLAY_MODES:
+            raise PlanError(f"{where}.cuda_graphs", f"unknown mode {self.cuda_graphs!r}", list(REPLAY_MODES))
+        for name in ("token_bucket", "max_graphs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"{where}.{name}", f"must be a positive integer, got {value!r}")
         if not isinstance(self.mask_input, str) or not self.mask_input:
             raise PlanError(f"{where}.mask_input", f"must be an input name or 'auto', got {self.mask_input!r}")
         if self.attention_backend not in BACKENDS:
@@ -296,6 +314,7 @@ class Varlen(GraphPass):
         if rewriter.exits:
             result.messages.append("read the repadded tensor (padded tokens hold 0): " + ", ".join(rewriter.exits))
         result.real_tokens = _real_tokens(graph, padding, facts.pads_are_true, symbols, rewriter.restarts_positions)
+        result.graph_replay = TokenBuckets(options.cuda_graphs, options.token_bucket, options.max_graphs)
         return result
 
     def _replace_mixing(self, graph: fx.Graph, sites: list[AttentionSite], mixers: list[fx.Node],

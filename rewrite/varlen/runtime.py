@@ -7,7 +7,36 @@ transposes and broadcasts of the model run unchanged on packed tensors once thei
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
+
+_CAPACITY: ContextVar[int | None] = ContextVar("varlen_token_capacity", default=None)
+
+
+@contextlib.contextmanager
+def token_capacity(capacity: int) -> Iterator[None]:
+    """Within the block, unpadding makes exactly `capacity` packed tokens (at least the real ones), so every
+    packed size is known without reading the mask: the static shapes a CUDA graph replays.
+
+    The packed tokens past the real ones are filler: copies of a real token that no sequence of
+    `cu_seqlens` holds, so no token mixes with them, and repadding drops them. `max_seqlen` is then the
+    padded length.
+    """
+    if capacity < 0:
+        raise ValueError(f"varlen: the token capacity must be >= 0, got {capacity}")
+    mark = _CAPACITY.set(capacity)
+    try:
+        yield
+    finally:
+        _CAPACITY.reset(mark)
+
+
+def static_capacity() -> int | None:
+    """The packed token count fixed by `token_capacity`, or None when unpadding keeps exactly the real tokens."""
+    return _CAPACITY.get()
 
 
 def padding_keep(mask: torch.Tensor, pads_are_true: bool) -> torch.Tensor:
@@ -25,12 +54,23 @@ def unpad_layout(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, t
     without real tokens is an empty sequence (its outputs are repadded as zeros).
     """
     flat = keep.reshape(-1)
-    indices = flat.nonzero().squeeze(1)
     lengths = keep.sum(dim=1)
     cu_seqlens = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
     cu_seqlens[1:] = lengths.cumsum(0)
-    max_seqlen = lengths.max().item() if keep.shape[0] > 0 else 0
-    positions = (keep.cumsum(dim=1) - 1).reshape(-1).index_select(0, indices)
+    capacity = static_capacity()
+    if capacity is None:
+        indices = flat.nonzero().squeeze(1)
+        max_seqlen = lengths.max().item() if keep.shape[0] > 0 else 0
+        gather = indices
+    else:  # static shapes: filler slots hold index B * L (one past the last token), which repadding drops
+        total = flat.numel()
+        slot = torch.where(flat, flat.long().cumsum(0) - 1, capacity)  # padding goes to a spare slot
+        indices = torch.full((capacity + 1,), total, dtype=torch.long, device=keep.device)
+        indices.scatter_(0, slot, torch.arange(total, device=keep.device))
+        indices = indices[:capacity]
+        max_seqlen = keep.shape[1]
+        gather = indices.clamp(max=max(total - 1, 0))
+    positions = (keep.cumsum(dim=1) - 1).reshape(-1).index_select(0, gather)
     return indices, cu_seqlens, max_seqlen, positions
 
 
@@ -57,8 +97,11 @@ def packed_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.
 
 
 def pack_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """x [B, L, ...] -> [1, T, ...]: the real tokens, row after row."""
-    return x.flatten(0, 1).index_select(0, indices).unsqueeze(0)
+    """x [B, L, ...] -> [1, T, ...]: the real tokens, row after row (then filler, under `token_capacity`)."""
+    rows = x.flatten(0, 1)
+    if static_capacity() is not None:
+        indices = indices.clamp(max=max(rows.shape[0] - 1, 0))  # filler copies the last token
+    return rows.index_select(0, indices).unsqueeze(0)
 
 
 def repad_tokens(
@@ -71,17 +114,19 @@ def repad_tokens(
     one dim of size T at `seq_dim` (the padded tensor then has B * L there, batch outer, or sequence
     outer when `seq_outer`).
     """
+    spare = int(static_capacity() is not None)  # a row past the end takes the filler tokens
     if batch_dim is None:
         if seq_outer:
-            indices = (indices % seq) * batch + indices // seq
+            moved = (indices % seq) * batch + indices // seq
+            indices = torch.where(indices < batch * seq, moved, indices) if spare else moved
         rows = x.movedim(seq_dim, 0)
-        out = rows.new_zeros(batch * seq, *rows.shape[1:]).index_copy(0, indices, rows)
-        return out.movedim(0, seq_dim)
+        out = rows.new_zeros(batch * seq + spare, *rows.shape[1:]).index_copy(0, indices, rows)
+        return out[: batch * seq].movedim(0, seq_dim)
     rows = x.squeeze(batch_dim)
     s = seq_dim - (1 if batch_dim < seq_dim else 0)
     rows = rows.movedim(s, 0)
-    out = rows.new_zeros(batch * seq, *rows.shape[1:]).index_copy(0, indices, rows)
-    out = out.view(batch, seq, *rows.shape[1:])
+    out = rows.new_zeros(batch * seq + spare, *rows.shape[1:]).index_copy(0, indices, rows)
+    out = out[: batch * seq].view(batch, seq, *rows.shape[1:])
     return out.movedim((0, 1), (batch_dim, seq_dim))
 
 
@@ -187,11 +232,17 @@ def segmented_cumsum(x: torch.Tensor, dim: int, cu_seqlens: torch.Tensor, dtype:
                      ) -> torch.Tensor:
     """cumsum of packed `x` along its token dim `dim`, restarting at each sequence of cu_seqlens."""
     total = x.cumsum(dim, dtype=dtype)
-    starts = cu_seqlens[:-1].long()
-    lengths = cu_seqlens[1:].long() - starts
-    before = total.index_select(dim, (starts - 1).clamp(min=0))
-    before = before * (starts > 0).view(*([1] * (dim % x.dim())), -1, *([1] * (x.dim() - dim % x.dim() - 1)))
-    return total - before.repeat_interleave(lengths, dim=dim)
+    tokens = x.shape[dim]
+    bounds = cu_seqlens.long()
+    if bounds.numel() < 2:
+        return total
+    # the sequence of each token (tokens past the last sequence, filler, count as the last one)
+    sequence = torch.searchsorted(bounds[1:], torch.arange(tokens, device=x.device), right=True)
+    start = bounds[:-1].index_select(0, sequence.clamp(max=max(bounds.numel() - 2, 0)))
+    before = total.index_select(dim, (start - 1).clamp(min=0))
+    shape = [1] * x.dim()
+    shape[dim % x.dim()] = tokens
+    return total - before * (start > 0).view(shape)
 
 
 def check_zero_at_padding(
@@ -203,7 +254,8 @@ def check_zero_at_padding(
 
     A cumsum over the tokens of such a value adds only zeros at padding before each real token, so at real
     tokens it equals the cumsum restarted per sequence (RoBERTa's positions, `cumsum(input_ids != pad_id)`).
-    Under tracing (export, Inductor) the check becomes a run-time assert without the details.
+    Under tracing (export, Inductor) and with a static token capacity (CUDA-graph replay) the check becomes a
+    device-side assert without the details.
     """
     from torch._subclasses.fake_tensor import is_fake
 
@@ -211,7 +263,7 @@ def check_zero_at_padding(
     nonzero = nonzero.reshape(*nonzero.shape[:2], -1).any(dim=2)
     before_real = keep.flip(1).cumsum(1).flip(1) > 0  # a real token at or after this position
     bad = nonzero & ~keep & before_real
-    if torch.compiler.is_compiling() or is_fake(bad):
+    if torch.compiler.is_compiling() or is_fake(bad) or static_capacity() is not None:
         torch._assert_async(bad.any().logical_not(), f"varlen: {what}: the counted value must be 0 at padding before "
                             "a real token (put the pad token there, or pass position_ids explicitly)")
         return packed

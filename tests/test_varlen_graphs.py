@@ -1,0 +1,136 @@
+"""Pass `varlen` with static token counts (`token_capacity`) and its CUDA-graph replay (`cuda_graphs`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import main_output
+from test_varlen import _other_family, assert_real_tokens_close, padded_batch, reference_output, roberta_batch
+from torch import nn
+
+import rewrite
+from examples.models import TARGETS
+from rewrite.errors import PlanError
+from rewrite.varlen.runtime import token_capacity
+
+CAPTURE = padded_batch(128, [5, 9, 3], 9, left={2})
+BATCH = padded_batch(128, [3, 10, 1, 7], 10, left={0, 3}, seed=11)  # 21 real tokens of 40
+
+
+def _run_with_capacity(om, batch: dict, capacity: int):
+    with torch.no_grad(), token_capacity(capacity):
+        return main_output(om(**batch))
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("capacity", [21, 32, 40])
+def test_static_capacity_matches_the_padded_model_on_real_tokens(name, capacity):
+    model, _ = TARGETS[name]()
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=CAPTURE)
+    got = _run_with_capacity(om, BATCH, capacity)
+    with torch.no_grad():
+        want = main_output(reference_output(model, name, BATCH))
+    assert_real_tokens_close(got, want, BATCH["attention_mask"])
+    assert got[BATCH["attention_mask"] == 0].abs().max() == 0  # filler tokens are dropped, padding holds 0
+
+
+@pytest.mark.parametrize("name", ["opt", "roberta"])
+def test_static_capacity_with_positions_counted_by_cumsum(name):
+    model = _other_family(name)
+    pad = model.config.pad_token_id
+    capture = roberta_batch(pad, [4, 6, 2], 6, left={1})
+    batch = roberta_batch(pad, [3, 10, 1, 7], 10, left={0, 3}, seed=11)
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=capture)
+    got = _run_with_capacity(om, batch, 30)
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+    assert_real_tokens_close(got, want, batch["attention_mask"])
+
+
+def test_static_capacity_with_a_linearized_model():
+    model, _ = TARGETS["llama"]()
+    plan = {"passes": [{"mixer": {"kind": "gla"}}, "varlen"]}
+    om = rewrite.optimize(model, plan, example_kwargs=CAPTURE)
+    with torch.no_grad():
+        want = main_output(om(**BATCH))
+    got = _run_with_capacity(om, BATCH, 33)
+    assert_real_tokens_close(got, want, BATCH["attention_mask"])
+
+
+def test_static_capacity_with_torch_transformer_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    pad = torch.tensor([[0, 0, 0, 0, 0, 1, 1], [0] * 7, [1, 1, 0, 0, 0, 0, 0]]).bool()
+    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_inputs=(torch.randn(3, 7, 32),),
+                          example_kwargs={"src_key_padding_mask": pad})
+    x = torch.randn(4, 9, 32)
+    pad = torch.zeros(4, 9, dtype=torch.bool)
+    pad[0, 5:], pad[2, :3], pad[3, 1:] = True, True, True
+    with torch.no_grad(), token_capacity(25):
+        got = om(x, src_key_padding_mask=pad)
+    with torch.no_grad():
+        want = model(x, src_key_padding_mask=pad)
+    assert_real_tokens_close(got, want, ~pad)
+
+
+def test_graph_plan_fields_are_checked():
+    model, _ = TARGETS["bert"]()
+    with pytest.raises(PlanError, match=r"varlen\.cuda_graphs.*'sometimes'.*auto"):
+        rewrite.optimize(model, {"passes": [{"varlen": {"cuda_graphs": "sometimes"}}]}, example_kwargs=CAPTURE)
+    with pytest.raises(PlanError, match=r"varlen\.token_bucket.*positive integer"):
+        rewrite.optimize(model, {"passes": [{"varlen": {"token_bucket": 0}}]}, example_kwargs=CAPTURE)
+
+
+def test_cpu_calls_run_eagerly_and_graph_policy_is_published():
+    model, _ = TARGETS["bert"]()
+    om = rewrite.optimize(model, {"passes": [{"varlen": {"token_bucket": 64}}]}, example_kwargs=CAPTURE)
+    assert om.report.graph_replay.bucket == 64
+    with torch.no_grad():
+        om(**BATCH)
+        om(**BATCH)
+    assert om._replayer_for(om.report.graph_replay).replays == 0  # no CUDA here: nothing replayed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_gpu_graph_replay_matches_eager_and_buckets_token_counts(name):
+    model, _ = TARGETS[name]()
+    model = model.to("cuda", torch.float16)
+    plan = {"passes": [{"varlen": {"token_bucket": 32}}]}
+    om = rewrite.optimize(model, plan, example_kwargs={k: v.cuda() for k, v in CAPTURE.items()})
+    eager = rewrite.optimize(model, {"passes": [{"varlen": {"cuda_graphs": "never"}}]},
+                             example_kwargs={k: v.cuda() for k, v in CAPTURE.items()})
+    runner = om._replayer_for(om.report.graph_replay)
+    outs = []
+    with torch.no_grad():
+        for lengths, seed in (([40, 3, 77, 1], 1), ([40, 3, 77, 1], 2), ([50, 9, 60, 2], 3), ([77, 77, 77, 77], 4)):
+            batch = {k: v.cuda() for k, v in padded_batch(128, lengths, 77, left={1}, seed=seed).items()}
+            got, want = main_output(om(**batch)), main_output(eager(**batch))
+            keep = batch["attention_mask"].bool()
+            err = ((got[keep].float() - want[keep].float()).norm() / want[keep].float().norm()).item()
+            assert err < 2e-3, f"{name} {lengths}: relative error {err:.2e}"
+            assert got[~keep].abs().max() == 0 if (~keep).any() else True
+            outs.append(got)
+    # calls 1 and 2: 121 real tokens (bucket 128): eager then captured; call 3: 121 again, replayed;
+    # call 4: 308 real tokens, a new bucket seen once: eager
+    assert runner.replays == 2 and len(runner.graphs) == 1
+    assert outs[0].data_ptr() != outs[1].data_ptr() != outs[2].data_ptr()  # callers own their outputs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_linearized_model_replays_from_the_first_call_with_always():
+    model, _ = TARGETS["llama"]()
+    model = model.to("cuda", torch.float16)
+    capture = {k: v.cuda() for k, v in CAPTURE.items()}
+    plan = {"passes": [{"mixer": {"kind": "gla"}}, {"varlen": {"cuda_graphs": "always"}}]}
+    om = rewrite.optimize(model, plan, example_kwargs=capture)
+    eager = rewrite.optimize(model, {"passes": [{"mixer": {"kind": "gla"}}, {"varlen": {"cuda_graphs": "never"}}]},
+                             example_kwargs=capture)
+    batch = {k: v.cuda() for k, v in BATCH.items()}
+    with torch.no_grad():
+        got, want = main_output(om(**batch)), main_output(eager(**batch))
+    assert om._replayer_for(om.report.graph_replay).replays == 1
+    keep = batch["attention_mask"].bool()
+    err = ((got[keep].float() - want[keep].float()).norm() / want[keep].float().norm()).item()
+    assert err < 2e-3, f"relative error {err:.2e}"
