@@ -67,8 +67,9 @@ class VarlenOptions:
     )
     attention_backend: str = field(
         default="auto",
-        metadata={"help": "varlen attention kernel: auto (PyTorch's flash varlen where it runs, else ours), kernel "
-                          "(Triton on CUDA, reference on CPU), torch, reference", "choices": list(BACKENDS)},
+        metadata={"help": "varlen attention kernel: auto (ours without gradients; with gradients PyTorch's flash "
+                          "varlen where it runs, else ours), kernel (Triton on CUDA, reference on CPU), torch, "
+                          "reference", "choices": list(BACKENDS)},
     )
 
     cuda_graphs: str = field(

@@ -7,9 +7,15 @@ from .reference import varlen_attention_reference
 from .torch_backend import torch_varlen_attention, torch_varlen_available
 
 BACKENDS = ("auto", "kernel", "torch", "reference")
-"""auto: PyTorch's flash kernel where it can run (CUDA, fp16/bf16), else `kernel`;
+"""auto: for calls that need gradients, PyTorch's flash kernel where it can run (CUDA, fp16/bf16), else
+`kernel`; without gradients `kernel` (the faster of the two for whole-model forwards on the H100, see
+BENCHMARKS.md; PyTorch's backward is the faster one);
 kernel: the `rewrite::varlen_attention` op (Triton on CUDA, the reference on CPU);
 torch: PyTorch's kernel or an error; reference: the plain-PyTorch definition on any device."""
+
+
+def _needs_grad(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 def _fail(name: str, message: str) -> None:
@@ -70,7 +76,7 @@ def varlen_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "reference":
         return varlen_attention_reference(q, k, v, cu_seqlens, causal, scale)[0]
-    if backend == "torch" or (backend == "auto" and torch_varlen_available(q)):
+    if backend == "torch" or (backend == "auto" and _needs_grad(q, k, v) and torch_varlen_available(q)):
         if backend == "torch" and not torch_varlen_available(q):
             _fail("backend", "'torch' needs PyTorch's varlen_attn, a CUDA device and fp16/bf16 inputs")
         return torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)
