@@ -6,7 +6,9 @@ bf16, random init. Checks first that token-by-token logits equal the full forwar
 that the CUDA-graph step equals the eager one. Then, per context length and batch:
 
 - linearized: the prompt is prefilled for real (in chunks) and one decode step is timed, replayed
-  from a CUDA graph (and eagerly);
+  from a CUDA graph (and eagerly); with --compile-step also the step compiled by torch.compile
+  (Inductor) and replayed from a CUDA graph (on the CPU: called), after a check that its logits
+  equal the eager step's;
 - original (HF, SDPA, DynamicCache): the KV cache is filled with random keys / values of the context
   length (values do not change the time) and one decode step is timed; where the cache does not fit
   in the free GPU memory the row says so instead of running;
@@ -15,6 +17,7 @@ that the CUDA-graph step equals the eager one. Then, per context length and batc
 Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
 once at the measured copy bandwidth next to the batch-1 decode step.
 Run: python -m benchmarks.decode [--lengths 8192,32768] [--batches 1,64] [--out runs/decode.json] [--tiny]
+[--compile-step]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 import rewrite
 from benchmarks.runner import Measurement, environment, measure, write_results
 from rewrite.decode import decode_program
+from rewrite.decode.compiled import CompiledStep
 from rewrite.decode.cuda_graph import GraphedStep
 
 
@@ -49,8 +53,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check(model: Any, lin: Any, soft: Any, device: str) -> dict[str, str]:
-    """Relative errors of token-by-token decoding against the full forward, and graph vs eager."""
+def check(model: Any, lin: Any, soft: Any, device: str, compile_step: bool = False) -> dict[str, str]:
+    """Relative errors of token-by-token decoding against the full forward, graph vs eager, and (with
+    `compile_step`) the compiled step vs the eager one."""
     out = {}
     ids = torch.randint(0, model.config.vocab_size, (2, 48), device=device)
     for name, om in (("linearized", lin), ("rewrite softmax", soft)):
@@ -76,6 +81,31 @@ def check(model: Any, lin: Any, soft: Any, device: str) -> dict[str, str]:
         eager = lin.generate(ids[:, :32], max_new_tokens=16, cuda_graph="never")
         graphed = lin.generate(ids[:, :32], max_new_tokens=16, cuda_graph="always")
         out["linearized: graph tokens == eager tokens"] = str(bool(torch.equal(eager, graphed)))
+    if compile_step:
+        program = decode_program(lin)
+        logits = [torch.cat(static_steps(program, ids, 32, device, compiled), 1) for compiled in (False, True)]
+        out["linearized: compiled step vs eager step rel err"] = f"{rel_err(logits[1], logits[0]):.1e}"
+    return out
+
+
+def static_steps(program: Any, ids: torch.Tensor, prompt: int, device: str, compiled: bool) -> list[torch.Tensor]:
+    """Logits of one static-mode step per token of `ids` after the first `prompt` (eager, or compiled and,
+    on CUDA, replayed from a CUDA graph)."""
+    batch = ids.shape[0]
+    state = program.new_state(batch, ids.shape[1])
+    state.begin(prompt)
+    program(ids[:, :prompt], torch.arange(prompt, device=device).expand(batch, -1), state)
+    state.advance()
+    state.start_static()
+    if compiled and device == "cuda":
+        step: Any = GraphedStep(program, state, compiled=True)
+    else:
+        step = CompiledStep(program, state) if compiled else (lambda i, p: program(i, p, state))
+    out = []
+    for t in range(prompt, ids.shape[1]):
+        state.begin(1)
+        out.append(step(ids[:, t : t + 1], torch.full((batch, 1), t, device=device)).clone())
+        state.advance()
     return out
 
 
@@ -106,11 +136,17 @@ def random_kv(program: Any, batch: int, length: int, device: str, vocab: int) ->
     return state
 
 
-def time_step(program: Any, state: Any, graphed: bool, device: str, runs: int) -> Measurement:
+def time_step(program: Any, state: Any, graphed: bool, device: str, runs: int,
+              compiled: bool = False) -> Measurement:
+    """One decode step: eager, replayed from a CUDA graph, compiled (static state), or both."""
     ids = torch.zeros(state.batch, 1, dtype=torch.long, device=device)
-    step = GraphedStep(program, state) if graphed else None
-    if step is not None:
+    step: Any = None
+    if graphed:
+        step = GraphedStep(program, state, compiled=compiled)
         step.start()
+    elif compiled:
+        state.start_static()
+        step = CompiledStep(program, state)
 
     def one() -> None:
         state.begin(1)
@@ -214,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=65536, help="prefill tokens per call (batch x chunk)")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="tiny model and lengths (a CPU smoke run)")
+    parser.add_argument("--compile-step", action="store_true",
+                        help="also time the linearized step compiled by torch.compile (Inductor), graphed on CUDA")
     parser.add_argument("--out", default="runs/decode.json")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -231,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     env["optimize + decode programs s"] = f"{time.perf_counter() - t0:.1f}"
     with torch.inference_mode():
-        env.update(check(model, lin, soft, device))
+        env.update(check(model, lin, soft, device, args.compile_step))
         print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
         rows: list[Measurement] = []
         graphs = device == "cuda"
@@ -245,10 +283,15 @@ def main(argv: list[str] | None = None) -> None:
                 except Exception as exc:  # noqa: BLE001 - a failed variant is a row, not the end of the run
                     rows.append(failed("linearized (prefill)", params, exc))
                     state = None
-                variants = [("linearized (graph)", True), ("linearized (eager)", False)] if graphs else [
-                    ("linearized", False)]
-                for name, graphed in variants if state is not None else []:
-                    row = attempt(name, params, time_step, lin_program, state, graphed, device, args.runs)
+                variants = [("linearized (graph)", True, False), ("linearized (eager)", False, False)]
+                if not graphs:
+                    variants = [("linearized", False, False)]
+                if args.compile_step:  # (name, graphed, compiled)
+                    compiled = ("linearized (graph + compiled)", True, True) if graphs else (
+                        "linearized (compiled)", False, True)
+                    variants.insert(1, compiled)
+                for name, graphed, compiled in variants if state is not None else []:
+                    row = attempt(name, params, time_step, lin_program, state, graphed, device, args.runs, compiled)
                     row.extra["state GiB"] = f"{sum(state.nbytes().values()) / 2**30:.3f}"
                     rows.append(with_rate(row, batch))
                     lin_ms = row.median_ms if lin_ms != lin_ms else min(lin_ms, row.median_ms)

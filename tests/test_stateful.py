@@ -656,3 +656,112 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
     eager = om.generate(ids, mask, max_new_tokens=8, cuda_graph="never")
     graphed = om.generate(ids, mask, max_new_tokens=8, cuda_graph="always")
     assert torch.equal(eager, graphed)
+
+
+def _compiled_and_eager_steps(program, ids: torch.Tensor, mask: torch.Tensor, prompt: int, capacity: int, step_of):
+    """Logits [B, steps, V] and the states of a static eager and a compiled decode of `ids` after a
+    prefill of `prompt` tokens (`step_of(program, state)` makes the compiled step)."""
+    logits, states = [], []
+    for compiled in (False, True):
+        state, _ = prefill_state(program, ids[:, :prompt], mask[:, :prompt].bool(), extra=capacity - prompt)
+        state.start_static()
+        run = step_of(program, state) if compiled else (lambda i, p, s=state: program(i, p, s))
+        before = {n: (tuple(t.shape), t.data_ptr()) for n, t in state_tensors(state).items()}
+        outs = []
+        for t in range(prompt, ids.shape[1]):
+            positions = state.positions(1)
+            state.begin(1)
+            outs.append(run(ids[:, t : t + 1], positions).clone())
+            state.advance()
+        assert {n: (tuple(t.shape), t.data_ptr()) for n, t in state_tensors(state).items()} == before
+        logits.append(torch.cat(outs, 1))
+        states.append(state)
+    return logits, states
+
+
+@pytest.mark.parametrize("plan", ["gla", "softmax"])
+def test_compiled_step_gives_the_eager_logits_tokens_and_state(plan):
+    """compile_step: the one-token step compiled by Inductor (CPU) equals the eager static step, and
+    generate's tokens equal the uncompiled ones (gla: recurrent states; softmax: KV caches)."""
+    from rewrite.decode.compiled import CompiledStep
+
+    _, om, ids = optimized("llama", plan)
+    program = decode_program(om)
+    prompt, mask = _ragged(ids)
+    new = 8
+    capacity = ids.shape[1] + new  # generate's capacity below: the KV-cache shapes, so one compilation
+    logits, states = _compiled_and_eager_steps(program, ids, mask, 6, capacity, CompiledStep)
+    torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=RTOL)
+    eager, compiled = state_tensors(states[0]), state_tensors(states[1])
+    assert eager.keys() == compiled.keys() and (states[0].valid is None) == (plan == "gla")
+    for name in eager:  # the compiled step wrote the state in place, as the eager one
+        torch.testing.assert_close(compiled[name], eager[name], atol=ATOL, rtol=RTOL, msg=name)
+    tokens = om.generate(prompt, mask, max_new_tokens=new)
+    assert torch.equal(om.generate(prompt, mask, max_new_tokens=new, compile_step=True), tokens)
+
+
+def test_compile_step_errors_name_the_option_and_the_cause(monkeypatch):
+    from rewrite.decode.compiled import CompiledStep
+    from rewrite.decode.program import DecodeProgram
+    from rewrite.decode.state import DecodeState
+
+    _, om, ids = optimized("llama", "gla")
+    with pytest.raises(ValueError, match=r"compile_step must be one of False, True, got 'yes'"):
+        om.generate(ids, max_new_tokens=1, compile_step="yes")
+    _, routed_om, routed_ids = routed("gla")
+    with pytest.raises(RewriteError, match=r"compile_step=True: .*routed blocks"):
+        routed_om.generate(routed_ids, max_new_tokens=2, compile_step=True)
+    state, _ = prefill_state(decode_program(om), ids)
+    with pytest.raises(RewriteError, match="static mode"):
+        CompiledStep(decode_program(om), state)(ids[:, :1], state.positions(1))
+
+    def steps(program: DecodeProgram) -> None:
+        state, _ = prefill_state(program, ids[:, :6])
+        state.start_static()
+        step = CompiledStep(program, state)
+        for t in range(6, 9):
+            positions = state.positions(1)
+            state.begin(1)
+            step(ids[:, t : t + 1], positions)
+            state.advance()
+
+    recurrent = DecodeState.recurrent
+
+    def reads_length(self, site):  # a site reading a per-step value: every step would recompile
+        assert self.length >= 0
+        return recurrent(self, site)
+
+    monkeypatch.setattr(DecodeState, "recurrent", reads_length)
+    with pytest.raises(RewriteError, match=r"would recompile between two steps(.|\n)*decode_state.length"):
+        steps(DecodeProgram(om.source, om.plan, dict(om.named_parameters())))
+
+    def breaks_the_graph(self, site):
+        torch._dynamo.graph_break()
+        return recurrent(self, site)
+
+    monkeypatch.setattr(DecodeState, "recurrent", breaks_the_graph)
+    with pytest.raises(RewriteError, match="could not compile the decode step of LlamaForCausalLM as one graph"):
+        steps(DecodeProgram(om.source, om.plan, dict(om.named_parameters())))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("plan", ["gla", "hybrid"])
+def test_cuda_graph_of_the_compiled_step_gives_the_eager_logits_and_tokens(plan):
+    from rewrite.decode.cuda_graph import GraphedStep
+
+    model, inputs = TARGETS["llama"]()
+    model = model.cuda()
+    ids = inputs["input_ids"].cuda()
+    om = rewrite.optimize(model, PLANS[plan], example_kwargs={"input_ids": ids})
+    prompt, mask = _ragged(ids)
+    program = decode_program(om)
+
+    def graphed(program, state):
+        step = GraphedStep(program, state, compiled=True)
+        return lambda i, p: step(i, p)
+
+    logits, _ = _compiled_and_eager_steps(program, ids, mask, 6, ids.shape[1] + 8, graphed)
+    torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=RTOL)
+    eager = om.generate(prompt, mask, max_new_tokens=8, cuda_graph="never")
+    assert torch.equal(om.generate(prompt, mask, max_new_tokens=8, cuda_graph="always", compile_step=True), eager)

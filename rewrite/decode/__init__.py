@@ -1,5 +1,6 @@
 """Decoding with an optimized module: state containers, stateful sites, the decode program, the
-generation loop with sampling and streaming, and CUDA-graph replay of the decode step.
+generation loop with sampling and streaming, and CUDA-graph replay and torch.compile of the decode
+step.
 
 `OptimizedModule.generate` is the entry point; `generate` and `stream` here take the module first.
 """

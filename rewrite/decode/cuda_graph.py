@@ -10,6 +10,8 @@ same work at every context length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rewrite.decode.program import DecodeProgram
@@ -20,13 +22,21 @@ from rewrite.errors import RewriteError
 class GraphedStep:
     """Runs `program` on one new token per sequence; the first call warms up eagerly, the second
     captures the graph, later calls replay it. Call `state.begin(1)` before and `state.advance()`
-    after each call, as for the eager program."""
+    after each call, as for the eager program. With `compiled`, the step captured is the program
+    compiled by torch.compile (`rewrite.decode.compiled.CompiledStep`; it compiles at the warm-up)."""
 
-    def __init__(self, program: DecodeProgram, state: DecodeState):
+    def __init__(self, program: DecodeProgram, state: DecodeState, *, compiled: bool = False):
         if state.device.type != "cuda":
             raise RewriteError(f"CUDA graphs need the model on a CUDA device, not {state.device}")
         self.program = program
         self.state = state
+        self.run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        if compiled:
+            from rewrite.decode.compiled import CompiledStep
+
+            self.run = CompiledStep(program, state)
+        else:
+            self.run = lambda ids, positions: program(ids, positions, state)
         self.ids = torch.zeros(state.batch, 1, dtype=torch.long, device=state.device)
         self.positions = torch.zeros_like(self.ids)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -45,13 +55,13 @@ class GraphedStep:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                out = self.program(self.ids, self.positions, self.state)
+                out = self.run(self.ids, self.positions)
             torch.cuda.current_stream().wait_stream(stream)
             return out
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self.program(self.ids, self.positions, self.state)
+                self.logits = self.run(self.ids, self.positions)
         self.graph.replay()
         assert self.logits is not None
         return self.logits

@@ -19,6 +19,7 @@ from rewrite.decode.sampling import Sampling, next_tokens
 from rewrite.errors import RewriteError
 
 CUDA_GRAPH_MODES = ("auto", "always", "never")
+COMPILE_STEP_CHOICES = (False, True)
 
 
 class StepTokens(NamedTuple):
@@ -77,6 +78,7 @@ def _run(
     pad: int,
     generator: torch.Generator | None,
     graphs: bool,
+    compiled: bool,
 ) -> Iterator[torch.Tensor]:
     """Yield [B] new tokens per step for left-aligned prompts `ids` [B, L] (`valid` marks real tokens)."""
     batch, length = ids.shape
@@ -90,9 +92,14 @@ def _run(
     if graphs:
         from rewrite.decode.cuda_graph import GraphedStep
 
-        graphed = GraphedStep(program, state)
+        graphed = GraphedStep(program, state, compiled=compiled)
         graphed.start()
         step = graphed
+    elif compiled:
+        from rewrite.decode.compiled import CompiledStep
+
+        state.start_static()
+        step = CompiledStep(program, state)
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     for i in range(max_new_tokens):
         token = next_tokens(logits, sampling, generator)
@@ -122,6 +129,7 @@ def stream(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     cuda_graph: str | None = None,
+    compile_step: bool = False,
 ) -> Iterator[StepTokens]:
     """Yield the new tokens of each decode step as they are produced (see `generate` for the arguments)."""
     sampling = Sampling(do_sample, temperature, top_k, top_p)
@@ -131,6 +139,9 @@ def stream(
         raise ValueError("input_ids must be an integer tensor [batch, tokens]")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+    if not isinstance(compile_step, bool):
+        raise ValueError(f"compile_step must be one of {', '.join(map(str, COMPILE_STEP_CHOICES))}, "
+                         f"got {compile_step!r}")
     program = decode_program(om)
     mode = cuda_graph or _plan_cuda_graph(om)
     if mode not in CUDA_GRAPH_MODES:
@@ -141,6 +152,9 @@ def stream(
     if mode == "always" and program.routed_layers:
         raise RewriteError("cuda_graph='always': a decode program with layer-skip routed blocks "
                            f"({', '.join(program.routed_layers)}) runs eagerly; CUDA-graph replay of it is not supported")
+    if compile_step and program.routed_layers:
+        raise RewriteError("compile_step=True: a decode program with layer-skip routed blocks "
+                           f"({', '.join(program.routed_layers)}) runs eagerly; compiling its step is not supported")
     graphs = mode != "never" and device.type == "cuda" and not program.routed_layers
     eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     eos = torch.tensor(eos_list, device=device) if eos_list else None
@@ -157,7 +171,8 @@ def stream(
         for rows in groups:
             width = int(lengths[rows].max())
             runner = _run(program, ids[rows, -width:], valid[rows, -width:], max_new_tokens=max_new_tokens,
-                          sampling=sampling, eos=eos, pad=pad, generator=generator, graphs=graphs)
+                          sampling=sampling, eos=eos, pad=pad, generator=generator, graphs=graphs,
+                          compiled=compile_step)
             for token in runner:
                 yield StepTokens(rows, token)
 
@@ -184,6 +199,7 @@ def generate(
     generator: torch.Generator | None = None,
     streamer: Callable[[StepTokens], None] | None = None,
     cuda_graph: str | None = None,
+    compile_step: bool = False,
 ) -> torch.Tensor:
     """Continue each prompt of `input_ids` [B, L] by up to `max_new_tokens` tokens.
 
@@ -193,12 +209,14 @@ def generate(
     Greedy unless `do_sample`; then `temperature`, `top_k`, `top_p` shape the distribution and
     `generator` seeds it. `streamer` receives each step's `StepTokens` as soon as they exist.
     `cuda_graph` ("auto", "always", "never"; default from the plan's `stateful` options) replays the
-    one-token step from a CUDA graph on CUDA.
+    one-token step from a CUDA graph on CUDA. `compile_step` (default False) compiles the one-token
+    step with torch.compile (Inductor, static shapes: once per batch size, and per capacity with a
+    full KV cache) so its elementwise ops fuse; on CUDA the compiled step is what the graph replays.
     """
     steps = stream(
         om, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
-        cuda_graph=cuda_graph,
+        cuda_graph=cuda_graph, compile_step=compile_step,
     )
     fill = pad_token_id if pad_token_id is not None else (
         eos_token_id if isinstance(eos_token_id, int) else (list(eos_token_id)[0] if eos_token_id else 0))

@@ -108,6 +108,7 @@ class DecodeProgram:
         self.signature = signature
         self.injected = captured.injected_kwargs
         self.kwarg_order = captured.kwarg_order
+        self._compiled: torch.nn.Module | None = None
 
     @property
     def positions_in_graph(self) -> bool:
@@ -138,14 +139,26 @@ class DecodeProgram:
         device = next(iter(self.graph_module.parameters()), torch.zeros(0)).device
         return DecodeState(batch=batch, capacity=capacity, device=device, slot_mask=self.signature.slot_mask)
 
+    def compiled_module(self) -> torch.nn.Module:
+        """The graph module compiled by torch.compile (Inductor, one whole graph, static shapes), made on
+        first use and shared by every state; see `rewrite.decode.compiled`."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self.graph_module, backend="inductor", dynamic=False, fullgraph=True)
+        return self._compiled
+
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        return self.run(self.graph_module, ids, positions, state)
+
+    def run(self, module: Any, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Logits of `module` (the graph module or its compiled form) called the program's way on
+        token ids [B, T], positions [B, T] and `state`."""
         args, kwargs = self._inputs(ids, positions)
         kwargs = order_kwargs({**self.injected, **kwargs}, self.kwarg_order)
         if self.signature.in_spec is not None:
             flat = fx_pytree.tree_flatten_spec((args, kwargs), self.signature.in_spec)
         else:
             flat = list(args) + list(kwargs.values())
-        out = self.graph_module(*flat, state)
+        out = module(*flat, state)
         if self.signature.out_spec is not None:
             out = pytree.tree_unflatten(list(out) if isinstance(out, tuple | list) else [out], self.signature.out_spec)
         return _logits(out, self.model_name)

@@ -74,7 +74,8 @@ cache is a ring of `window` slots.
     """
     _check_prefill_mask(decode_state, mask, mask_negated, check_mask, layer or site, window)
     slots = decode_state.slots
-    fresh = decode_state.length == 0 and not decode_state.padded and not decode_state.static
+    # static first: a static step reads no Python value that changes per step (a compiled step would recompile)
+    fresh = not decode_state.static and decode_state.length == 0 and not decode_state.padded
     if window is not None:
         return _windowed_attention(decode_state, q, k, v, site=site, scale=scale, window=window, fresh=fresh)
     cache = decode_state.kv_cache(site, k, v)
