@@ -433,17 +433,23 @@ def test_hand_written_unfused_encoder_matches_with_gradients():
         torch.testing.assert_close(got_grads[key], g, atol=1e-5, rtol=1e-4)
 
 
-def test_torch_transformer_encoder_with_key_padding_mask():
+def torch_encoder_and_batch() -> tuple[nn.Module, rewrite.OptimizedModule, torch.Tensor, torch.Tensor]:
+    """nn.TransformerEncoder, its varlen module, and a batch (x, key padding mask: True = padding)."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
     pad = torch.tensor([[0, 0, 0, 0, 0, 1, 1], [0] * 7, [1, 1, 0, 0, 0, 0, 0]]).bool()
     om = rewrite.optimize(model, {"passes": ["varlen"]}, example_inputs=(torch.randn(3, 7, 32),),
                           example_kwargs={"src_key_padding_mask": pad})
-    assert "True = padding" in om.report.summary()
     x = torch.randn(4, 9, 32)
     pad = torch.zeros(4, 9, dtype=torch.bool)
     pad[0, 5:], pad[2, :3], pad[3, 1:] = True, True, True
+    return model, om, x, pad
+
+
+def test_torch_transformer_encoder_with_key_padding_mask():
+    model, om, x, pad = torch_encoder_and_batch()
+    assert "True = padding" in om.report.summary()
     got, want = om(x, src_key_padding_mask=pad), model(x, src_key_padding_mask=pad)
     assert_real_tokens_close(got, want, ~pad)
     grads = torch.autograd.grad((got * (~pad)[..., None]).sum(), list(model.parameters()))

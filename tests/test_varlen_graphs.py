@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import main_output
-from test_varlen import _other_family, assert_real_tokens_close, padded_batch, reference_output, roberta_batch
-from torch import nn
+from test_varlen import (
+    _other_family,
+    assert_real_tokens_close,
+    padded_batch,
+    reference_output,
+    roberta_batch,
+    torch_encoder_and_batch,
+)
 
 import rewrite
 from examples.models import TARGETS
@@ -58,15 +64,7 @@ def test_static_capacity_with_a_linearized_model():
 
 
 def test_static_capacity_with_torch_transformer_encoder():
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
-    pad = torch.tensor([[0, 0, 0, 0, 0, 1, 1], [0] * 7, [1, 1, 0, 0, 0, 0, 0]]).bool()
-    om = rewrite.optimize(model, {"passes": ["varlen"]}, example_inputs=(torch.randn(3, 7, 32),),
-                          example_kwargs={"src_key_padding_mask": pad})
-    x = torch.randn(4, 9, 32)
-    pad = torch.zeros(4, 9, dtype=torch.bool)
-    pad[0, 5:], pad[2, :3], pad[3, 1:] = True, True, True
+    model, om, x, pad = torch_encoder_and_batch()
     with torch.no_grad(), token_capacity(25):
         got = om(x, src_key_padding_mask=pad)
     with torch.no_grad():
