@@ -9,7 +9,8 @@
    attention it replaced (mean squared error, LoLCATs style): layer-local (each layer fed the
    teacher's inputs) or joint.
 2. Fine-tune (`finetune.py`): LoRA adapters (peft) or every parameter, with next-token cross-entropy,
-   KL divergence to the original model, or mean squared error to its outputs (encoders).
+   KL divergence to the original model, or mean squared error to its outputs (encoders). LoRA
+   adapters are merged into the base weights at the end unless `FinetuneConfig(merge=False)`.
 
 Both stages checkpoint (`checkpoint.py`) and resume where they stopped, with the same result as
 an uninterrupted run. The command line is `rewrite distill` (`cli.py`).

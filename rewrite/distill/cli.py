@@ -6,7 +6,8 @@
 
 Data: `example` repeats the target's example inputs every step; `stdlib-bytes` draws byte-level
 windows of the standard library's sources (for byte-level language models, vocabulary >= 256).
-With --checkpoint, a run that is stopped and started again continues where it stopped.
+With --checkpoint, a run that is stopped and started again continues where it stopped. A LoRA
+fine-tune ends with the adapters merged into the base weights (--no-merge keeps them as layers).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def add_distill_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--loss", type=_losses, default=("ce",), help=f"fine-tune losses, comma-separated: {FINETUNE_LOSSES}")
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--no-merge", action="store_true",
+                   help="lora: keep the adapters as separate layers (default: merge them into the base weights "
+                        "after the last fine-tune step, so the module runs and saves under the model's own names)")
     p.add_argument("--checkpoint", default=None, help="folder for checkpoints (resumes from it)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--no-resume", action="store_true", help="start afresh even if --checkpoint holds one")
@@ -92,7 +96,7 @@ def cmd_distill(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     config = DistillConfig(
         TransferConfig(steps=args.transfer_steps, lr=args.transfer_lr, mode=args.mode),
         FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, method=args.finetune, losses=args.loss,
-                       lora_rank=args.lora_rank),
+                       lora_rank=args.lora_rank, merge=not args.no_merge),
         checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=not args.no_resume,
         progress=not args.quiet,
     )

@@ -34,6 +34,7 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     kl_temperature: float = 1.0
     train_mixers: bool = True  # keep training the mixers' new parameters too
+    merge: bool = True  # lora: fold the adapters into the base weights at the end (no adapter ops left)
 
 
 @dataclass
@@ -67,5 +68,7 @@ class DistillConfig:
             raise PlanError("distill.finetune.method", f"unknown method {f.method!r}", list(FINETUNE_METHODS))
         if not f.losses or any(loss not in FINETUNE_LOSSES for loss in f.losses):
             raise PlanError("distill.finetune.losses", f"unknown or no losses {list(f.losses)!r}", list(FINETUNE_LOSSES))
+        if not isinstance(f.merge, bool):
+            raise PlanError("distill.finetune.merge", f"must be true or false, got {f.merge!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
             raise PlanError("distill.checkpoint_every", f"must be an int >= 1, got {self.checkpoint_every!r}")

@@ -11,9 +11,9 @@ import torch
 
 import rewrite
 from rewrite.distill.config import DistillConfig
-from rewrite.distill.finetune import add_lora, kl_to_teacher, mse_to_teacher, next_token_loss
+from rewrite.distill.finetune import add_lora, kl_to_teacher, merge_lora, mse_to_teacher, next_token_loss
 from rewrite.distill.loop import StageRun, train_stage
-from rewrite.distill.transfer import require_new_parameters, transfer_loss
+from rewrite.distill.transfer import new_parameters, require_new_parameters, transfer_loss
 from rewrite.errors import RewriteError
 
 Data = Callable[[int], Any]
@@ -22,7 +22,11 @@ Data = Callable[[int], Any]
 
 @dataclass
 class DistillResult:
-    """The trained linearized module, the untouched original (the teacher) and the losses per stage."""
+    """The trained linearized module, the untouched original (the teacher) and the losses per stage.
+
+    `lora_parameters` names the LoRA adapters' parameters as they trained; when the fine-tune merged
+    them (`FinetuneConfig.merge`), `module` no longer has them: their products are in the base weights.
+    """
 
     module: rewrite.OptimizedModule
     teacher: torch.nn.Module
@@ -65,7 +69,9 @@ def distill(model: torch.nn.Module, plan: Any, data: Data, config: DistillConfig
 
     `model` itself is not changed: it is the teacher. `data(step)` gives each step's inputs (the
     same inputs for the same step, so a resumed run repeats an uninterrupted one). Training runs in
-    eval mode (no dropout).
+    eval mode (no dropout). After a LoRA fine-tune with `merge` on, the adapters are folded into the
+    base weights and `module` is the merged student optimized again, holding the trained values of
+    the parameters the passes added.
     """
     config = config or DistillConfig()
     config.validate()
@@ -122,10 +128,34 @@ def distill(model: torch.nn.Module, plan: Any, data: Data, config: DistillConfig
             return total
 
         train_stage(run, "finetune", trainable, finetune_step, steps=ft.steps, lr=ft.lr)
+        if lora_names and ft.merge:
+            om = _merged_module(om, student, args, kwargs)
     return DistillResult(om, teacher, run.history, lora_names)
 
 
-def _maybe_new(om: rewrite.OptimizedModule) -> dict[str, torch.nn.Parameter]:
-    from rewrite.distill.transfer import new_parameters
+def _merged_module(om: rewrite.OptimizedModule, student: torch.nn.Module, args: tuple,
+                  kwargs: dict[str, Any]) -> rewrite.OptimizedModule:
+    """`student` with its LoRA adapters merged, optimized again by `om`'s plan on the example inputs,
+    with the values `om` holds for the parameters the passes added.
 
+    `student` is `om`'s source and is changed in place; `om` is stale afterwards (its base weights
+    hold the merged values while it still runs the adapters).
+    """
+    trained = {n: p.detach().clone() for n, p in new_parameters(om).items()}
+    merge_lora(student)
+    merged = rewrite.optimize(student, om.plan, args, example_kwargs=kwargs)
+    merged.train(om.training)
+    added = new_parameters(merged)
+    if added.keys() != trained.keys():
+        raise RewriteError(
+            "merging the LoRA adapters changed the parameters the plan's passes add "
+            f"({sorted(set(trained) ^ set(added))[:3]}); use FinetuneConfig(merge=False)"
+        )
+    with torch.no_grad():
+        for name, p in added.items():
+            p.copy_(trained[name])
+    return merged
+
+
+def _maybe_new(om: rewrite.OptimizedModule) -> dict[str, torch.nn.Parameter]:
     return new_parameters(om)
