@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 import warnings
@@ -15,6 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.utils._pytree as pytree  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 # torch's own pytree code deep-copies LeafSpec objects during export, which warns on every capture.
 _TORCH_NOISE = r".*isinstance\(treespec, LeafSpec\).*"
@@ -130,3 +132,59 @@ def quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+HOST_READ_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static", "masked_select", "equal",
+                 "allclose", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"}
+"""aten ops that read tensor values on the host or whose output shape the values decide: a device sync on a GPU."""
+
+
+class HostReads(TorchDispatchMode):
+    """Records every host read of tensor values made inside it: the ops above, indexing by a boolean
+    mask, and `tolist` / `numpy` / `cpu` / `.to("cpu")` (patched on torch.Tensor while it is active)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+        self._undo: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else []
+        if name in HOST_READ_OPS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def _patch(self, method: str, is_read) -> None:
+        original = getattr(torch.Tensor, method)
+
+        def patched(tensor, *args, **kwargs):
+            if is_read(args, kwargs):
+                self.seen.append(method)
+            return original(tensor, *args, **kwargs)
+
+        setattr(torch.Tensor, method, patched)
+        self._undo.append((method, original))
+
+    def __enter__(self):
+        to_cpu = lambda a, k: any(str(x) == "cpu" for x in (*a, k.get("device")))  # noqa: E731
+        for method, is_read in (("tolist", None), ("numpy", None), ("cpu", None), ("to", to_cpu)):
+            self._patch(method, is_read or (lambda a, k: True))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, original in reversed(self._undo):
+            setattr(torch.Tensor, method, original)
+        return super().__exit__(*exc)
+
+
+class OpCounts(TorchDispatchMode):
+    """Counts the aten ops run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))

@@ -10,7 +10,7 @@ import pytest
 import sympy
 import torch
 import torch.fx as fx
-from conftest import main_output, reference_kwargs, split_example
+from conftest import HostReads, OpCounts, main_output, reference_kwargs, split_example
 
 import rewrite
 from examples import layer_skip as example
@@ -215,6 +215,33 @@ def test_skipped_rows_are_not_computed_and_a_fully_skipped_block_is_not_called()
     calls = count_block_calls(om)
     call(om, example, skip_mask=torch.tensor([[True, True], [False, True], [True, True]]))
     assert calls == {"model.layers.0": [1], "model.layers.1": []}
+
+
+def test_a_held_mask_is_prepared_once_then_calls_read_nothing_and_skipping_nothing_runs_the_unrouted_ops():
+    model, example = models.llama(batch=3, length=1)  # a decode-sized call: one token per sequence
+    om = optimize(model, example)
+    plain = optimize(model, example, {"passes": []})
+    args, kwargs = split_example(example)
+    spread = torch.tensor([[True, False], [False, True], [False, False]])
+
+    def watched(module, watch, mask=None):
+        with torch.no_grad(), skip_controls(skip_mask=mask), watch() as w:
+            module(*args, **kwargs)
+        return w
+
+    for mask in (spread, torch.zeros(3, 2, dtype=torch.bool)):
+        assert watched(om, HostReads, mask).seen  # a new mask is read once (the counter sees it)
+        for _ in range(2):  # the same mask again: prepared already, nothing is read on the host
+            assert watched(om, HostReads, mask).seen == []
+    assert watched(om, OpCounts, torch.zeros(3, 2, dtype=torch.bool)).ops != watched(plain, OpCounts).ops
+    nothing = torch.zeros(3, 2, dtype=torch.bool)
+    watched(om, OpCounts, nothing)
+    assert watched(om, OpCounts, nothing).ops == watched(plain, OpCounts).ops
+    nothing[0, 1] = True  # changed in place: prepared again, and applied
+    got, report = call(om, example, skip_mask=nothing)
+    assert torch.equal(report.decisions, nothing)
+    torch.testing.assert_close(got, reference_with_skips(model, list(model.model.layers), example, nothing),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_decisions_made_at_prefill_hold_during_decode():

@@ -11,13 +11,14 @@ import functools
 
 import pytest
 import torch
+from conftest import HostReads, OpCounts
 from torch import nn
 
 import rewrite
 from examples.models import TARGETS
 from rewrite.decode import decode_program
 from rewrite.decode.sampling import Sampling, filter_logits, next_tokens
-from rewrite.decode.state import RingKVCache
+from rewrite.decode.state import RecurrentState, RingKVCache
 from rewrite.errors import PassError, PlanError, RewriteError
 from rewrite.routing import record_skips, skip_controls
 
@@ -456,48 +457,134 @@ def test_routed_generate_that_skips_nothing_equals_the_unrouted_model_exactly():
     torch.testing.assert_close(logits, stepwise_logits(unrouted, ids, prefill=5), atol=0, rtol=0)
 
 
-def _block_states(state, layer: str) -> list[torch.Tensor]:
-    """Every tensor of the decode state that belongs to routed block `layer`."""
-    found = [value for key, value in state.layers.items() if key.startswith(layer + ".")]
-    assert found, f"no state for {layer} in {list(state.layers)}"
-    return [t for value in found for t in torch.utils._pytree.tree_leaves(vars(value)) if isinstance(t, torch.Tensor)
-            and t.dim() > 0 and t.shape[0] == state.batch]
+def _block_states(state, layer: str) -> dict[str, list[torch.Tensor]]:
+    """The tensors of the decode state that belong to routed block `layer`, per site (none: not stored)."""
+    return {key: [t for t in torch.utils._pytree.tree_leaves(vars(value)) if isinstance(t, torch.Tensor)]
+            for key, value in state.layers.items() if key.startswith(layer + ".")}
 
 
-def test_a_skipped_sequence_never_writes_nor_reads_the_blocks_state():
-    _, om, ids = routed("gla")
+def _prefill_and_decode(program, ids: torch.Tensor, prefill: int = 5, watch=None):
+    """(logits, state, what `watch()` saw in each call) of a prefill then one token per step; `watch` is
+    a context manager factory entered around each program call."""
+    batch, length = ids.shape
+    state = program.new_state(batch, length)
+    positions = torch.arange(length).expand(batch, -1)
+    outs, seen = [], []
+    for start, stop in [(0, prefill), *((t, t + 1) for t in range(prefill, length))]:
+        state.begin(stop - start)
+        if watch is None:
+            outs.append(program(ids[:, start:stop], positions[:, start:stop], state))
+        else:
+            with watch() as w:
+                outs.append(program(ids[:, start:stop], positions[:, start:stop], state))
+            seen.append(w)
+        state.advance()
+    return torch.cat(outs, dim=1), state, seen
+
+
+@pytest.mark.parametrize("plan", ["gla", "windowed"])
+def test_a_routed_blocks_state_holds_its_running_sequences_only_each_as_it_would_alone(plan):
+    _, om, ids = routed(plan)
     program = decode_program(om)
     layers = program.routed_layers
-    assert layers == [f"model.layers.{i}" for i in range(4)]
+    logits, state, _ = _prefill_and_decode(program, ids)
+    _assert_mixed(state.skips)
+    batch = ids.shape[0]
+    for j, layer in enumerate(layers):
+        running = [b for b in range(batch) if not state.skips[b, j]]
+        stored = _block_states(state, layer)
+        if not running:
+            assert not stored, f"{layer} runs no sequence but holds state"
+            continue
+        assert stored, f"no state for {layer} in {list(state.layers)}"
+        for key, tensors in stored.items():  # one row per running sequence (a ring's slot list is shared)
+            assert all(t.shape[0] == len(running) for t in tensors if t.dim() > 1), (key, running)
+    for b in range(batch):  # each sequence alone: same decisions, and the same state in its rows
+        alone_logits, alone, _ = _prefill_and_decode(program, ids[b : b + 1])
+        assert torch.equal(alone.skips[0], state.skips[b])
+        torch.testing.assert_close(alone_logits, logits[b : b + 1], atol=ATOL, rtol=RTOL)
+        for j, layer in enumerate(layers):
+            running = [r for r in range(batch) if not state.skips[r, j]]
+            if b not in running:
+                assert not _block_states(alone, layer)
+                continue
+            for key, tensors in _block_states(alone, layer).items():
+                for mine, theirs in zip(_block_states(state, layer)[key], tensors, strict=True):
+                    if mine.dim() > 1:
+                        mine, theirs = mine[running.index(b)], theirs[0]
+                    torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=RTOL, msg=f"{key}, sequence {b}")
 
-    def run(poison: bool):
-        state = program.new_state(3, ids.shape[1])
-        positions = torch.arange(ids.shape[1]).expand(3, -1)
-        state.begin(5)
-        outs = [program(ids[:, :5], positions[:, :5], state)]
-        state.advance()
-        skipped = [(b, j) for b in range(3) for j in range(4) if state.skips[b, j]]
-        for b, j in skipped:
-            for t in _block_states(state, layers[j]):
-                assert not bool(t[b].any()), f"row {b} skips {layers[j]} but its state was written at prefill"
-                if poison:
-                    t[b] = float("nan") if t.is_floating_point() else -1
-        for t in range(5, ids.shape[1]):
-            state.begin(1)
-            outs.append(program(ids[:, t : t + 1], positions[:, t : t + 1], state))
-            state.advance()
-        return torch.cat(outs, dim=1), state, skipped
 
-    clean, _, skipped = run(poison=False)
-    poisoned, state, _ = run(poison=True)
-    assert skipped
-    torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)  # a poisoned row was never read
-    for b, j in skipped:
-        for t in _block_states(state, layers[j]):
-            if t.is_floating_point():
-                assert bool(t[b].isnan().all()), f"row {b} skips {layers[j]} but its state was written while decoding"
-    running = [(b, j) for b in range(3) for j in range(4) if not state.skips[b, j]]
-    assert all(any(bool(t[b].any()) for t in _block_states(state, layers[j])) for b, j in running)
+def test_a_routed_blocks_state_refuses_rows_other_than_those_it_was_made_for():
+    _, om, ids = routed("gla")
+    program = decode_program(om)
+    _, state, _ = _prefill_and_decode(program, ids, prefill=5)
+    partial = next(j for j in range(state.skips.shape[1]) if 0 < int(state.skips[:, j].sum()) < ids.shape[0])
+    for site in _block_states(state, program.routed_layers[partial]):
+        store = state.layers[site]
+        assert store.routed_rows == ids.shape[0] - int(state.skips[:, partial].sum())
+        for reader in (state, state.select_rows(torch.arange(ids.shape[0]))):  # the whole batch, or other rows
+            with pytest.raises(RewriteError, match="routed block's rows must stay those of the prefill"):
+                reader.recurrent(site) if isinstance(store, RecurrentState) else reader.read_kv(store)
+
+
+@pytest.mark.parametrize("plan", ["gla", "windowed"])
+def test_routed_decode_steps_read_no_tensor_on_the_host(plan):
+    _, om, ids = routed(plan)
+    program = decode_program(om)
+    _, state, seen = _prefill_and_decode(program, ids, watch=HostReads)
+    _assert_mixed(state.skips)
+    prefill, *steps = (w.seen for w in seen)
+    # the counter sees reads: prefill reads each router's decisions (the block needs its row count)
+    assert len(prefill) >= len(program.routed_layers), prefill
+    assert steps == [[]] * len(steps), steps
+
+
+def test_a_routed_decode_step_that_skips_nothing_runs_the_unrouted_programs_ops():
+    model, om, ids = routed("gla")
+    unrouted = rewrite.optimize(model, ROUTED_PLANS["gla"][:1], example_kwargs={"input_ids": ids})
+    with skip_controls(threshold=1.0):  # applies at prefill, held while decoding
+        _, state, routed_steps = _prefill_and_decode(decode_program(om), ids, watch=OpCounts)
+    assert not state.skips.any()
+    _, _, plain_steps = _prefill_and_decode(decode_program(unrouted), ids, watch=OpCounts)
+    assert routed_steps[0].ops != plain_steps[0].ops  # prefill: the routers run (the counter sees them)
+    for routed_step, plain_step in zip(routed_steps[1:], plain_steps[1:], strict=True):
+        assert routed_step.ops == plain_step.ops
+
+
+def _skip_by_identity(model, ids: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """Logits of the original model run one sequence at a time, the layers it skips replaced by the identity."""
+
+    def identity(module, args, kwargs, out):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
+
+    outs = []
+    for b in range(ids.shape[0]):
+        handles = [layer.register_forward_hook(identity, with_kwargs=True)
+                   for layer, skipped in zip(model.model.layers, skip[b].tolist(), strict=True) if skipped]
+        try:
+            outs.append(logits_of(model(input_ids=ids[b : b + 1], use_cache=False)))
+        finally:
+            for h in handles:
+                h.remove()
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("plan", ["softmax", "windowed"])
+def test_decode_with_a_held_skip_mask_equals_each_sequence_alone_with_its_blocks_made_identity(plan):
+    model, om, ids = routed(plan)
+    n = len(model.model.layers)
+    # every block run by some sequences and skipped by others, a different set per sequence
+    skip = torch.tensor([[j % 3 == b for j in range(n)] for b in range(3)])
+    skip[0, n - 1] = True
+    _assert_mixed(skip)
+    with record_skips() as report:
+        with skip_controls(skip_mask=skip):  # applies at prefill, held while decoding
+            got, state, _ = _prefill_and_decode(decode_program(om), ids, prefill=4)
+    assert torch.equal(state.skips, skip)
+    assert all(torch.equal(c.decisions, skip) for c in report.calls) and len(report.calls) == 1 + ids.shape[1] - 4
+    torch.testing.assert_close(got, _skip_by_identity(model, ids, skip), atol=ATOL, rtol=RTOL)
 
 
 def test_routed_blocks_in_a_plan_are_checked_and_soft_decisions_are_refused():

@@ -196,14 +196,16 @@ def continued_positions(decode_state: DecodeState, positions: torch.Tensor) -> t
 
 def held_route(
     decode_state: DecodeState, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, **route_kwargs: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
     """A routed block's decision in a decode program: made by its router from the prompt at prefill
     (the first call of the state; pooled over real tokens only) and held for every later call.
 
-    Same arguments and result as `rewrite.routing.layer_skip_route` with the state first. The
-    decisions are kept in `decode_state.skips`; per-call knobs (`skip_controls`) apply at prefill.
+    Same arguments and result as `rewrite.routing.layer_skip_route` with the state first; the count
+    of running rows is a Python int. The decisions are kept in `decode_state.skips`; per-call knobs
+    (`skip_controls`) apply at prefill. Prefill reads each router's decisions on the host once and
+    prepares them for decoding (`decode_state.held`); a later call reads no tensor on the host.
     """
-    from rewrite.routing.controls import current_controls
+    from rewrite.routing.controls import call_state, current_controls
     from rewrite.routing.runtime import HeldDecisions, layer_skip_route
 
     layer, column, n_routed = route_kwargs["layer"], int(route_kwargs["column"]), int(route_kwargs["n_routed"])
@@ -220,7 +222,15 @@ def held_route(
             raise RewriteError(f"stateful decode at {layer}: the first routed block did not run at prefill")
         valid = decode_state.step_valid if decode_state.padded else None
         skip, order, count = layer_skip_route(hidden, weight, bias, valid=valid, **route_kwargs)
-        decode_state.skips[:, column] = skip.detach().to("cpu", torch.bool)
+        held = call_state().held
+        if held is not None:  # skip_controls(skip_mask=): the decisions are on the host already
+            decided = held.skip[:, column]
+        else:  # the router decided: one read gives the decisions and the running rows' count
+            decided = skip.detach().to("cpu", torch.bool)
+            count = int((~decided).sum())
+        decode_state.skips[:, column] = decided
+        if column == n_routed - 1:  # every decision made: prepare them for the decode steps
+            decode_state.held = HeldDecisions.of(decode_state.skips, hidden.device)
         return skip, order, count
     if decode_state.skips is None:
         raise RewriteError(f"stateful decode at {layer}: no decisions were made at prefill (the state's first call)")

@@ -10,8 +10,11 @@ use by the site that owns them and updated in place afterwards, so a captured CU
 decode step reads and writes the same memory on every replay.
 
 A routed block (the `layer_skip` pass) runs only some sequences; it sees the state through
-`select_rows(rows)`, a view whose sites read and write only those sequences' rows of the shared
-caches and recurrent states. The decisions made at prefill are held in `skips`.
+`select_rows(rows)`, a view whose sites read and write only those sequences' rows. A cache or
+recurrent state that a view allocates first holds that view's rows only (`routed_rows`): a routed
+block's running rows are fixed at prefill, so the block reads and writes its own caches as they
+are, without gathering, and no memory is kept for the sequences that skip it. The decisions made
+at prefill are held in `skips`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class KVCache:
 
     keys: torch.Tensor
     values: torch.Tensor
+    routed_rows: int | None = None
+    """Set when a row view allocated it: it holds that view's rows only, in the view's order."""
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
@@ -49,6 +54,8 @@ class RingKVCache:
     values: torch.Tensor
     slot: torch.Tensor
     valid: torch.Tensor
+    routed_rows: int | None = None
+    """Set when a row view allocated it: it holds that view's rows only, in the view's order."""
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.slot.nbytes + self.valid.nbytes
@@ -59,6 +66,8 @@ class RecurrentState:
     """The recurrent state of one linear mixer site (a tensor or a tuple of tensors, kind-specific)."""
 
     value: Any
+    routed_rows: int | None = None
+    """Set when a row view allocated it: it holds that view's rows only, in the view's order."""
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in pytree.tree_leaves(self.value) if isinstance(t, torch.Tensor))
@@ -67,6 +76,10 @@ class RecurrentState:
         """Write `new` into the held tensors (same structure, shapes and dtypes)."""
         for old, fresh in zip(pytree.tree_leaves(self.value), pytree.tree_leaves(new), strict=True):
             old.copy_(fresh)
+
+
+_ROW_FIELDS = ("valid", "counts", "step_valid")
+"""The per-sequence fields a row view gathers from the state it views (on first read)."""
 
 
 @dataclass
@@ -183,24 +196,54 @@ class DecodeState:
 
     # -- row views (routed blocks) ---------------------------------------------------------------
     def select_rows(self, rows: torch.Tensor) -> DecodeState:
-        """A view for the sequences `rows` [R] (ascending): its `valid` / `counts` / `step_valid` hold those rows,
-        its sites read and write only those rows of the caches and states it shares with this state
-        (a state a view allocates first is allocated for the whole batch)."""
+        """A view for the sequences `rows` [R] (ascending): its `valid` / `counts` / `step_valid` hold those
+        rows (gathered when first read), its sites read and write only those rows.
+
+        A cache or recurrent state the view allocates holds only its R rows, and every later view
+        reaching it must cover the same rows (a routed block's running rows, fixed at prefill); a
+        view of other size reaching it is refused. One the whole state allocated is gathered and
+        scattered by row.
+        """
         view = copy.copy(self)
         view.rows = rows if self.rows is None else self.rows.index_select(0, rows)
-        view.valid = None if self.valid is None else self.valid.index_select(0, rows)
-        view.counts = self.counts.index_select(0, rows)
-        view.step_valid = self.step_valid.index_select(0, rows)
+        for name in _ROW_FIELDS:
+            view.__dict__.pop(name, None)
+        view._row_source = (self, rows)
         return view
+
+    def __getattr__(self, name: str) -> Any:
+        """A view's `valid` / `counts` / `step_valid`, gathered from the state it views on first read."""
+        source = self.__dict__.get("_row_source")
+        if name not in _ROW_FIELDS or source is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        parent, rows = source
+        whole = getattr(parent, name)
+        value = None if whole is None else whole.index_select(0, rows)
+        self.__dict__[name] = value
+        return value
 
     def _mine(self, t: torch.Tensor) -> torch.Tensor:
         """This view's rows of a whole-batch tensor (dim 0)."""
         return t if self.rows is None else t.index_select(0, self.rows)
 
+    def _own_rows(self) -> int | None:
+        """What a store this state allocates records as `routed_rows`: None for the whole state, a view's row count."""
+        return None if self.rows is None else int(self.rows.shape[0])
+
+    def _owns(self, store: KVCache | RingKVCache | RecurrentState) -> bool:
+        """Whether `store` holds exactly this state's rows, in order (read and written as it is)."""
+        if store.routed_rows is None:
+            return self.rows is None
+        if self.rows is None or self.rows.shape[0] != store.routed_rows:
+            reader = "the whole batch" if self.rows is None else f"{self.rows.shape[0]} rows"
+            raise RewriteError(f"decode state: a cache kept for the {store.routed_rows} running rows of a routed block "
+                               f"is reached by {reader}; a routed block's rows must stay those of the prefill")
+        return True
+
     def write_kv(self, cache: KVCache | RingKVCache, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys / values [R, Hkv, T, D] of this view's rows at cache positions `index` [T]."""
         k, v = k.to(cache.keys.dtype), v.to(cache.values.dtype)
-        if self.rows is None:
+        if self._owns(cache):
             cache.keys.index_copy_(2, index, k)
             cache.values.index_copy_(2, index, v)
             return
@@ -214,15 +257,17 @@ class DecodeState:
         keys, values = cache.keys, cache.values
         if end is not None:
             keys, values = keys[:, :, :end], values[:, :, :end]
+        if self._owns(cache):
+            return keys, values
         return self._mine(keys), self._mine(values)
 
     def ring_valid(self, ring: RingKVCache) -> torch.Tensor:
         """This view's rows of the ring's validity [R, size]."""
-        return self._mine(ring.valid)
+        return ring.valid if self._owns(ring) else self._mine(ring.valid)
 
     def write_ring_valid(self, ring: RingKVCache, index: torch.Tensor, valid: torch.Tensor) -> None:
         """Mark ring entries `index` [T] of this view's rows real or not (`valid` [R, T])."""
-        if self.rows is None:
+        if self._owns(ring):
             ring.valid.index_copy_(1, index, valid)
         else:
             ring.valid.index_put_((self.rows[:, None], index[None, :]), valid)
@@ -244,9 +289,10 @@ class DecodeState:
             raise RewriteError(f"decode state of {site}: a full KV cache needs the state's slot mask; this state was "
                                "made without one (slot_mask=False, for programs without full softmax sites)")
         if cache is None:
-            keys = k.new_zeros(self.batch, k.shape[1], self.capacity, k.shape[-1])
-            values = v.new_zeros(self.batch, v.shape[1], self.capacity, v.shape[-1])
-            cache = self.layers[site] = KVCache(keys, values)
+            rows = self.batch if self.rows is None else k.shape[0]
+            keys = k.new_zeros(rows, k.shape[1], self.capacity, k.shape[-1])
+            values = v.new_zeros(rows, v.shape[1], self.capacity, v.shape[-1])
+            cache = self.layers[site] = KVCache(keys, values, self._own_rows())
         if not isinstance(cache, KVCache):
             raise RewriteError(f"decode state of {site} is a {type(cache).__name__}, not a KV cache")
         return cache
@@ -255,11 +301,13 @@ class DecodeState:
         """The ring cache of `size` slots of `site`, allocated on first use from keys / values [B, Hkv, T, D]."""
         cache = self.layers.get(site)
         if cache is None:
+            rows = self.batch if self.rows is None else k.shape[0]
             cache = self.layers[site] = RingKVCache(
-                k.new_zeros(self.batch, k.shape[1], size, k.shape[-1]),
-                v.new_zeros(self.batch, v.shape[1], size, v.shape[-1]),
+                k.new_zeros(rows, k.shape[1], size, k.shape[-1]),
+                v.new_zeros(rows, v.shape[1], size, v.shape[-1]),
                 torch.full((size,), -1, dtype=torch.long, device=k.device),
-                torch.zeros(self.batch, size, dtype=torch.bool, device=k.device),
+                torch.zeros(rows, size, dtype=torch.bool, device=k.device),
+                self._own_rows(),
             )
         if not isinstance(cache, RingKVCache):
             raise RewriteError(f"decode state of {site} is a {type(cache).__name__}, not a ring cache")
@@ -270,28 +318,26 @@ class DecodeState:
         state = self.layers.get(site)
         if state is not None and not isinstance(state, RecurrentState):
             raise RewriteError(f"decode state of {site} is a {type(state).__name__}, not a recurrent state")
-        if state is None or self.rows is None:
+        if state is None or self._owns(state):
             return state
         return RecurrentState(pytree.tree_map(lambda t: self._mine(t) if isinstance(t, torch.Tensor) else t,
                                               state.value))
 
     def set_recurrent(self, site: str, value: Any) -> None:
-        """Store the new recurrent state of `site` (in place once it exists). On a view, only its rows
-        are written; every tensor of a recurrent state holds the batch in its first dim."""
+        """Store the new recurrent state of `site` (in place once it exists); a view's first store holds
+        its rows only. On a view reaching a whole-batch state, only its rows are written; every tensor
+        of a recurrent state holds the batch in its first dim."""
         state = self.layers.get(site)
-        if self.rows is None:
-            if state is None:
-                self.layers[site] = RecurrentState(value)
-            else:
-                assert isinstance(state, RecurrentState)
-                state.update(value)
-            return
         if state is None:
-            whole = pytree.tree_map(
-                lambda t: t.new_zeros(self.batch, *t.shape[1:]) if isinstance(t, torch.Tensor) else t, value)
-            state = self.layers[site] = RecurrentState(whole)
-        assert isinstance(state, RecurrentState)
+            self.layers[site] = RecurrentState(value, self._own_rows())
+            return
+        if not isinstance(state, RecurrentState):
+            raise RewriteError(f"decode state of {site} is a {type(state).__name__}, not a recurrent state")
+        if self._owns(state):
+            state.update(value)
+            return
         rows = self.rows
+        assert rows is not None
         for old, fresh in zip(pytree.tree_leaves(state.value), pytree.tree_leaves(value), strict=True):
             old.index_copy_(0, rows, fresh.to(old.dtype))
 

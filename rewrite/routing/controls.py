@@ -107,6 +107,7 @@ class CallState:
     """Running state of one forward call (budget counters, the record being written)."""
 
     skipped_so_far: torch.Tensor | None = None
+    """[B] blocks skipped so far per sequence (made by the first block routed under a budget)."""
     record: SkipRecord | None = None
     held: Any = None
     """The held decisions of this call, prepared once (rewrite.routing.runtime.HeldDecisions)."""
@@ -164,10 +165,10 @@ def current_controls() -> SkipControls:
     return _CONTROLS.get() or _DEFAULT_CONTROLS
 
 
-def begin_call(batch: int, device: torch.device) -> CallState:
+def begin_call() -> CallState:
     """Start the state of a new forward call (at its first routed block)."""
     report = _REPORT.get()
-    state = CallState(skipped_so_far=torch.zeros(batch, dtype=torch.int64, device=device))
+    state = CallState()
     if report is not None:
         state.record = SkipRecord()
         report.calls.append(state.record)

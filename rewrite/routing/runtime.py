@@ -7,18 +7,20 @@ A routed block `i` reads, in the graph:
     hidden_out = <RoutedBlock for block i>(skip_i, order_i, count_i, hidden, *other inputs)
 
 `skip_i` [B] is the skip weight (0 or 1 in hard mode, the probability in training modes), `order_i`
-[B] lists the rows that run first and `count_i` counts them. A decode program holds prefill's
+[B] lists the rows that run first and `count_i` counts them: a device tensor when the routers decide
+(the block reads it, one device sync), a Python int when decisions are held. A decode program holds prefill's
 decisions by passing them as `held` (see `rewrite.routing.graph` for how another pass finds and
 rewires these nodes); `valid` makes the router pool over real tokens only (a left-padded prompt).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx as fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from rewrite.kernels.router import route
 from rewrite.routing.controls import begin_call, call_state, current_controls
@@ -39,22 +41,61 @@ def routes_from_mask(skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 @dataclass(frozen=True)
 class HeldDecisions:
-    """A call's held [B, n_routed] decisions, prepared once so that no block launches work to route."""
+    """A call's held [B, n_routed] decisions, prepared once so that routing a block launches no work
+    and reads nothing from the device.
 
-    skip: torch.Tensor  # bool, on the device
-    weights: torch.Tensor  # float 0 / 1, on the device
-    orders: torch.Tensor  # [B, n_routed]: running rows first, per column
-    counts: torch.Tensor  # [n_routed] running rows per column, on the host
+    Per routed block j, `column(j)` gives the skip weight (float 0 / 1, on the device), the rows in
+    running-first order (on the device) and the number of running rows as a Python int, so a block
+    knows on the host whether none, some or all of its rows run.
+    """
+
+    skip: torch.Tensor  # [B, n_routed] bool, on the host
+    weights: torch.Tensor  # [n_routed, B] float 0 / 1, on the device
+    orders: torch.Tensor  # [n_routed, B] int64, on the device: per block, running rows first, each part ascending
+    counts: tuple[int, ...]  # running rows per block
+    _columns: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        columns = tuple(
+            (self.skip[:, j], self.weights[j], self.orders[j], count) for j, count in enumerate(self.counts)
+        )
+        object.__setattr__(self, "_columns", columns)  # the views every call takes, made once
 
     @classmethod
     def of(cls, mask: torch.Tensor, device: torch.device) -> HeldDecisions:
-        on_device = mask.to(device, non_blocking=True)
-        orders = torch.argsort(on_device.to(torch.int8), dim=0, stable=True)
-        return cls(on_device, on_device.float(), orders, (~mask.cpu()).sum(0))
+        """Prepare [B, n_routed] bool decisions for a call on `device` (reads `mask` on the host once;
+        a mask already on the host needs no device sync)."""
+        host = mask.detach().to("cpu", torch.bool, copy=True)
+        orders = torch.argsort(host.to(torch.int8), dim=0, stable=True).t().contiguous()
+        counts = tuple((~host).sum(0).tolist())
+        weights = host.t().to(torch.float32)
+        if torch.device(device).type == "cuda":  # pinned: the copies below do not wait for the device
+            orders, weights = orders.pin_memory(), weights.pin_memory()
+        return cls(host, weights.to(device, non_blocking=True), orders.to(device, non_blocking=True), counts)
 
-    def column(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(skip, weight, order, count) of routed block j; count is a host tensor (launching needs no sync)."""
-        return self.skip[:, j], self.weights[:, j], self.orders[:, j], self.counts[j]
+    @classmethod
+    def cached(cls, mask: torch.Tensor, device: torch.device) -> HeldDecisions:
+        """`of(mask, device)`, reused while the same `mask` tensor is passed again unchanged."""
+        if mask.is_inference():  # no version counter to tell an in-place change: prepared every call
+            return cls.of(mask, device)
+        key = (torch.device(device), mask._version)
+        hit = _HELD_CACHE.get(mask)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        held = cls.of(mask, device)
+        _HELD_CACHE[mask] = (key, held)
+        return held
+
+    def column(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(skip decisions on the host, skip weight, order, count) of routed block j; the last three are
+        the block's route triple."""
+        return self._columns[j]
+
+
+_HELD_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""skip_mask tensor -> ((device, version), HeldDecisions): a mask passed call after call is prepared once."""
 
 
 def _as_rows(hidden: torch.Tensor, batch_dim: int, seq_dim: int) -> torch.Tensor:
@@ -89,19 +130,20 @@ def layer_skip_route(
     budget: float | None,
     valid: torch.Tensor | None = None,
     held: torch.Tensor | HeldDecisions | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
     """Decide, for each sequence, whether the routed block `layer` runs (see the module docstring).
 
     `held` ([B, n_routed] bool, or those prepared as HeldDecisions) are decisions to apply instead of
     the routers and of `skip_controls(skip_mask=)`; `valid` ([B, L] bool) restricts the router's
-    pooling to the tokens it marks.
+    pooling to the tokens it marks. With decisions held (or `skip_mask`), the count is a Python int
+    and routing reads nothing from the device; the routers' count is a device tensor, which the block
+    reads once (one sync per block).
     """
     controls = current_controls()
     batch = hidden.shape[batch_dim]
-    state = begin_call(batch, hidden.device) if column == 0 else call_state()
+    state = begin_call() if column == 0 else call_state()
     threshold = controls.threshold if controls.threshold is not None else threshold
     budget = controls.budget if controls.budget is not None else budget
-    prob: torch.Tensor | None = None
     mask = held if held is not None else controls.skip_mask
     if mask is not None:
         shape = tuple(mask.skip.shape if isinstance(mask, HeldDecisions) else mask.shape)
@@ -111,40 +153,46 @@ def layer_skip_route(
                 f"layer skip: {what} shape {shape} but {layer} needs [batch, routed blocks] = [{batch}, {n_routed}]"
             )
         if state.held is None:
-            state.held = mask if isinstance(mask, HeldDecisions) else HeldDecisions.of(mask, hidden.device)
-        skip, weight_out, order, count = state.held.column(column)
+            state.held = mask if isinstance(mask, HeldDecisions) else HeldDecisions.cached(mask, hidden.device)
+        decided, weight_out, order, active = state.held.column(column)
+        if state.record is not None:
+            state.record.layers.append(layer)
+            state.record.skipped.append(decided)
+            state.record.probabilities.append(None)
+        return weight_out, order, active
+    rows = _as_rows(hidden, batch_dim, seq_dim)
+    if valid is not None:
+        rows = _pool_real(rows, valid)
+    count: torch.Tensor
+    if budget is None and controls.mode == "hard":
+        prob, order, count = route(rows, weight, bias, float(threshold))
+        skip = prob > threshold
     else:
-        rows = _as_rows(hidden, batch_dim, seq_dim)
-        if valid is not None:
-            rows = _pool_real(rows, valid)
-        if budget is None and controls.mode == "hard":
-            prob, order, count = route(rows, weight, bias, float(threshold))
-            skip = prob > threshold
-        else:
-            prob, _, _ = route(rows, weight, bias, float(threshold))
-            skip = prob.detach() > threshold
-            if budget is not None:
-                quota = round(float(budget) * n_routed)
-                remaining = quota - state.skipped_so_far
-                skip = (remaining > 0) & (skip | (remaining >= n_routed - column))
-            order, count = compact(skip)
-        if controls.mode == "soft":
-            weight_out = prob
-        elif controls.mode == "straight_through":
-            weight_out = skip.to(prob.dtype) + prob - prob.detach()
-        else:
-            weight_out = skip.to(prob.dtype)
-        if controls.mode != "hard":
-            state.probabilities.append(prob)
-            state.weights.append(weight_out)
-            order = torch.arange(batch, device=hidden.device)
-            count = torch.tensor(batch, device=hidden.device)
-    if budget is not None and mask is None:
-        state.skipped_so_far = state.skipped_so_far + skip.to(torch.int64)
+        prob, _, _ = route(rows, weight, bias, float(threshold))
+        skip = prob.detach() > threshold
+        if budget is not None:
+            if state.skipped_so_far is None:
+                state.skipped_so_far = torch.zeros(batch, dtype=torch.int64, device=hidden.device)
+            quota = round(float(budget) * n_routed)
+            remaining = quota - state.skipped_so_far
+            skip = (remaining > 0) & (skip | (remaining >= n_routed - column))
+            state.skipped_so_far = state.skipped_so_far + skip.to(torch.int64)
+        order, count = compact(skip)
+    if controls.mode == "soft":
+        weight_out = prob
+    elif controls.mode == "straight_through":
+        weight_out = skip.to(prob.dtype) + prob - prob.detach()
+    else:
+        weight_out = skip.to(prob.dtype)
+    if controls.mode != "hard":
+        state.probabilities.append(prob)
+        state.weights.append(weight_out)
+        order = torch.arange(batch, device=hidden.device)
+        count = torch.tensor(batch, device=hidden.device)
     if state.record is not None:
         state.record.layers.append(layer)
         state.record.skipped.append(skip.detach().cpu())
-        state.record.probabilities.append(None if prob is None else prob.detach().cpu())
+        state.record.probabilities.append(prob.detach().cpu())
     return weight_out, order, count
 
 
@@ -196,7 +244,7 @@ class RoutedBlock:
         return node
 
     def __call__(
-        self, skip: torch.Tensor, order: torch.Tensor, count: torch.Tensor, hidden: torch.Tensor, *others: Any
+        self, skip: torch.Tensor, order: torch.Tensor, count: torch.Tensor | int, hidden: torch.Tensor, *others: Any
     ) -> torch.Tensor:
         mode = current_controls().mode
         batch = hidden.shape[self.batch_dim]
@@ -206,7 +254,7 @@ class RoutedBlock:
             shape[self.batch_dim] = batch
             weight = skip.to(out.dtype).reshape(shape)
             return out + weight * (hidden - out)
-        active = int(count)
+        active = count if isinstance(count, int) else int(count)
         if active == 0:
             return hidden
         if active == batch:
