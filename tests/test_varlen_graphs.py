@@ -117,6 +117,21 @@ def test_gpu_graph_replay_matches_eager_and_buckets_token_counts(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_graph_captured_under_inference_mode_replays_under_no_grad():
+    model, _ = TARGETS["bert"]()
+    model = model.to("cuda", torch.float16)
+    om = rewrite.optimize(model, {"passes": [{"varlen": {"cuda_graphs": "always"}}]},
+                          example_kwargs={k: v.cuda() for k, v in CAPTURE.items()})
+    batch = {k: v.cuda() for k, v in BATCH.items()}
+    with torch.inference_mode():
+        first = main_output(om(**batch))
+    with torch.no_grad():
+        second = main_output(om(**batch))
+    assert om._replayer_for(om.report.graph_replay).replays == 2
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_linearized_model_replays_from_the_first_call_with_always():
     model, _ = TARGETS["llama"]()
     model = model.to("cuda", torch.float16)

@@ -102,7 +102,8 @@ class BucketedGraphs:
         return bool(tensors) and all(t.is_cuda for t in tensors)
 
     def _capture(self, key: tuple, flat: list[Any], spec: pytree.TreeSpec, capacity: int) -> _Graph | None:
-        inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
+        with torch.inference_mode(False):  # plain tensors: later calls may copy into them outside inference mode
+            inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
         args, kwargs = pytree.tree_unflatten(inputs, spec)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
