@@ -3,9 +3,12 @@
 1. A padded batch of sentences of very different lengths runs through the optimized module, which
    unpads once, runs every layer on the real tokens only, and repads the outputs; they match the
    original model on every real token.
-2. The same sentences packed into one row by `rewrite.packing` (position_ids restart per sentence)
+2. With a static token count (`token_capacity`: the real tokens, then filler), every shape is fixed
+   by the padded batch, which is what lets the module replay from CUDA graphs; on CUDA the eager and
+   replayed modules are timed side by side.
+3. The same sentences packed into one row by `rewrite.packing` (position_ids restart per sentence)
    run with no padding at all and give the same sentence embeddings.
-Run: python -m examples.padding_free [--tiny]
+Run: python -m examples.padding_free [--tiny] [--device cuda]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 import rewrite
 from rewrite.packing import PackedCollator
+from rewrite.varlen.runtime import token_capacity
 
 SENTENCES = [
     "Padding wastes compute on tokens that do not exist.",
@@ -76,11 +80,13 @@ def timed(fn, runs: int = 5) -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the pretrained MiniLM")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     model, tokenize = build(args.tiny)
+    model = model.to(args.device)
     token_lists = [tokenize(s) for s in SENTENCES]
-    batch = padded(token_lists)
+    batch = {k: v.to(args.device) for k, v in padded(token_lists).items()}
     mask = batch["attention_mask"]
     real = int(mask.sum())
     print(f"{len(SENTENCES)} sentences, {real} real tokens in a padded batch of {mask.numel()} "
@@ -99,7 +105,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         varlen_ms = timed(lambda: om(**batch))
     print(f"padded {padded_ms:.1f} ms, padding-free {varlen_ms:.1f} ms (this machine, {want.device})")
 
+    capacity = real + 7
+    with torch.no_grad(), token_capacity(capacity):
+        static = om(**batch).last_hidden_state
+    static_error = (static[keep] - got[keep]).abs().max().item()
+    print(f"static token count ({capacity} packed tokens, shapes fixed as a CUDA graph needs) vs eager: "
+          f"{static_error:.2e}")
+    if want.device.type == "cuda":
+        eager = rewrite.optimize(model, {"passes": [{"varlen": {"cuda_graphs": "never"}}]}, example_kwargs=batch)
+        with torch.no_grad():
+            eager_ms, graphs_ms = timed(lambda: eager(**batch)), timed(lambda: om(**batch))
+        print(f"padding-free eager {eager_ms:.2f} ms, replayed from a CUDA graph {graphs_ms:.2f} ms")
+
     packed = PackedCollator()([{"input_ids": torch.tensor(t)} for t in token_lists])
+    packed = {k: v.to(args.device) for k, v in packed.items()}
     packed_om = rewrite.optimize(model, {"passes": ["varlen"]},
                                  example_kwargs={"input_ids": packed["input_ids"],
                                                  "position_ids": packed["position_ids"]})
@@ -109,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     packed_embeddings = torch.stack([row[s:e].mean(0) for s, e in zip(bounds, bounds[1:])])
     packed_error = (packed_embeddings - mean_pool(want, mask)).abs().max().item()
     print(f"packed row of {row.shape[0]} tokens, no padding; sentence embeddings vs padded model: {packed_error:.2e}")
-    return {"padded_error": padded_error, "packed_error": packed_error, "real_fraction": real / mask.numel()}
+    return {"padded_error": padded_error, "static_error": static_error, "packed_error": packed_error,
+            "real_fraction": real / mask.numel()}
 
 
 if __name__ == "__main__":
