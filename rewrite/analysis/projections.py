@@ -18,6 +18,13 @@ _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
 _NORM_HINTS = ("aten.rsqrt", "aten.layer_norm", "aten.rms_norm", "aten.pow")
 
 
+def looks_like_rope(ops: set[str]) -> bool:
+    """Whether ops (`op_name`s) computed between a projection and its use look like a rotary embedding:
+    rotate-half or rotate-every-two (a negation and a concatenation or stack) or complex multiplication."""
+    rotate_half = "aten.neg" in ops and bool(ops & {"aten.cat", "aten.stack"})
+    return rotate_half or bool(ops & {"aten.view_as_complex", "aten.view_as_real", "aten.polar"})
+
+
 @dataclass
 class Projection:
     """The linear layer a q/k/v tensor comes from."""
@@ -31,8 +38,8 @@ class Projection:
 
     @property
     def has_rope(self) -> bool:
-        """Rotary embedding between projection and use (rotate-half: a negation and a concatenation)."""
-        return {"aten.neg", "aten.cat"} <= set(self.through) or "aten.view_as_complex" in self.through
+        """Rotary embedding between projection and use (see `looks_like_rope`)."""
+        return looks_like_rope(set(self.through))
 
     @property
     def has_norm(self) -> bool:

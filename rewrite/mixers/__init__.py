@@ -5,7 +5,8 @@ is causal, the new parameters it needs per site, the keyword arguments it takes 
 options, and its recurrent step for decoding. Adding a kind is one module plus one entry in `KINDS`.
 
 Every kind's function is `fn(q, k, v, *new_parameters, mask=..., scale=..., layer=..., **kwargs)`
-and every step is `step(q, k, v, *new_parameters, state=..., scale=..., **kwargs) -> (o, new_state)`,
+(with `teacher_qk=(q, k)`, the q and k attention transfer's softmax teacher reads when they are not the
+mixer's own, see `transfer`) and every step is `step(q, k, v, *new_parameters, state=..., scale=..., **kwargs) -> (o, new_state)`,
 both in SDPA layout (q [B, H, L, D], k / v [B, Hkv, L, D]). The parameters come in the order of
 `MixerKind.parameters`; a learned feature map's (q, k) weights come last.
 """
@@ -73,6 +74,7 @@ class MixerKind:
     feature_maps: bool = True  # takes the pass's feature_map (and its learned weights)
     normalizable: bool = True  # takes the pass's normalize
     step: Callable[..., tuple[torch.Tensor, Any]] | None = None  # recurrent step for decoding
+    rope: str = "keep"  # default of the pass's `rope`: read q / k after the rotary embedding (keep) or before (drop)
 
 
 def _placed(tensors: dict[str, torch.Tensor], shape: SiteShape) -> dict[str, torch.Tensor]:
@@ -171,6 +173,7 @@ KINDS: dict[str, MixerKind] = {
     "mamba2": MixerKind(
         "mamba2", mamba2_mixer, True, "Mamba-2 SSM initialised from attention (v->x, k->B, q->C) with new dt / A / conv",
         parameters=_mamba2_parameters, feature_maps=False, normalizable=False, step=mamba2_mixer_step,
+        rope="drop",  # Mamba-in-the-Llama: no rotary embedding in the Mamba layers
     ),
     "lawcat": MixerKind(
         "lawcat", lawcat_mixer, True, "causal short conv on q and k, then normalised gated linear attention",
@@ -193,4 +196,7 @@ KINDS: dict[str, MixerKind] = {
 }
 """Every mixer kind by name."""
 
-__all__ = ["KINDS", "LEARNED_FEATURE_MAPS", "POSITIVE_FEATURE_MAPS", "MixerKind", "SiteShape"]
+ROPE_CHOICES = ["keep", "drop"]
+"""How a mixer reads q and k of a site with a rotary embedding: as the site sees them, or before the rotation."""
+
+__all__ = ["KINDS", "LEARNED_FEATURE_MAPS", "POSITIVE_FEATURE_MAPS", "ROPE_CHOICES", "MixerKind", "SiteShape"]

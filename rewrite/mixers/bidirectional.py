@@ -21,6 +21,7 @@ def bidirectional_mixer(
     check_mask: bool = True,
     layer: str = "",
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """o_t = scale * phi(q_t) sum_s phi(k_s)^T v_s over every real key s (normalised if asked).
 
@@ -33,4 +34,5 @@ def bidirectional_mixer(
     valid = padding_validity(mask, q.shape[0], causal=False, negated=mask_negated, check=check_mask, layer=layer)
     out = mix(q, k, v, causal=False, scale=scale, feature_map=feature_map, normalize=normalize, valid=valid,
               feature_weights=weights, cu_seqlens=cu_seqlens)
-    return observe(out, q, k, v, valid=valid, causal=False, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
+    return observe(out, q, k, v, valid=valid, causal=False, scale=scale, layer=layer, cu_seqlens=cu_seqlens,
+                   teacher_qk=teacher_qk)

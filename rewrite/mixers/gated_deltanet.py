@@ -69,6 +69,7 @@ def gated_deltanet_mixer(
     check_mask: bool = True,
     layer: str = "",
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Gated delta rule in SDPA layout: q [B, H, L, D], k / v [B, Hkv, L, D] -> o [B, H, L, Dv].
 
@@ -84,7 +85,7 @@ def gated_deltanet_mixer(
     qk, kk, beta, g = delta_inputs(q, k, beta_weight, beta_bias, gate_weight, gate_bias, feature_map, weights, valid)
     o, _ = delta_rule(qk, kk, v.transpose(1, 2), beta, g, scale=default_scale(q, scale), cu_seqlens=cu_seqlens)
     return observe(o.transpose(1, 2), q, k, v, valid=valid, causal=True, scale=scale, layer=layer,
-                   cu_seqlens=cu_seqlens)
+                   cu_seqlens=cu_seqlens, teacher_qk=teacher_qk)
 
 
 def gated_deltanet_mixer_step(

@@ -43,6 +43,7 @@ def gla_mixer(
     check_mask: bool = True,
     layer: str = "",
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """S_t = diag(exp(g_t)) S_{t-1} + phi(k_t)^T v_t, o_t = scale * phi(q_t) S_t, g_t from k_t.
 
@@ -57,7 +58,8 @@ def gla_mixer(
         q, k, v, g=g, decay=gate, causal=True, scale=scale, feature_map=feature_map, normalize=normalize,
         valid=valid, feature_weights=weights, cu_seqlens=cu_seqlens,
     )
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens,
+                   teacher_qk=teacher_qk)
 
 
 def gla_mixer_step(

@@ -79,6 +79,7 @@ def hybrid_swa_mixer(
     check_mask: bool = True,
     layer: str = "",
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Window softmax plus linear attention beyond the window, one normalisation; SDPA layout, linear_logit [H].
 
@@ -111,7 +112,8 @@ def hybrid_swa_mixer(
         _delayed(g, window, positions), decay=gate, scale=1.0, cu_seqlens=cu_seqlens,
     )
     out = _combine(o_w, lse, lin.transpose(1, 2), linear_logit)
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens,
+                   teacher_qk=teacher_qk)
 
 
 def hybrid_swa_mixer_step(

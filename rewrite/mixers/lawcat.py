@@ -53,6 +53,7 @@ def lawcat_mixer(
     check_mask: bool = True,
     layer: str = "",
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q' = conv(q), k' = conv(k), then `gla` on (q', k', v); SDPA layout in and out.
 
@@ -68,7 +69,8 @@ def lawcat_mixer(
     g = mask_log_decay(key_gate(kc, gate, gate_normalizer), valid)
     out = mix(qc, kc, v, g=g, decay=gate, causal=True, scale=scale, feature_map=feature_map, normalize=normalize,
               valid=valid, feature_weights=weights, cu_seqlens=cu_seqlens)
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens,
+                   teacher_qk=teacher_qk)
 
 
 def lawcat_mixer_step(

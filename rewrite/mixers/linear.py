@@ -21,6 +21,7 @@ def linear_mixer(
     check_mask: bool = True,
     layer: str = "",
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """o_t = scale * sum_{s <= t} (phi(q_t) . phi(k_s)) v_s over real keys (normalised if asked).
 
@@ -33,7 +34,8 @@ def linear_mixer(
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
     out = mix(q, k, v, causal=True, scale=scale, feature_map=feature_map, normalize=normalize, valid=valid,
               feature_weights=weights, cu_seqlens=cu_seqlens)
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens,
+                   teacher_qk=teacher_qk)
 
 
 def linear_mixer_step(

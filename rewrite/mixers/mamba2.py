@@ -96,6 +96,7 @@ def mamba2_mixer(
     check_mask: bool = True,
     layer: str = "",
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mamba-2 SSM in SDPA layout: q (C) [B, H, L, D], k (B) / v (x) [B, Hkv, L, D] -> o [B, H, L, D].
 
@@ -114,7 +115,8 @@ def mamba2_mixer(
     x, b, c, g = _ssm(xbc, kv_heads, heads, k.shape[-1], dt_weight, dt_bias, a_log, valid)
     o, _ = linear_attention(c, b, x, g, decay="scalar", scale=default_scale(q, scale), cu_seqlens=cu_seqlens)
     o = _skip(o, x, skip).transpose(1, 2)
-    return observe(o, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
+    return observe(o, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens,
+                   teacher_qk=teacher_qk)
 
 
 def mamba2_mixer_step(

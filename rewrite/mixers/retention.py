@@ -44,6 +44,7 @@ def retention_mixer(
     check_mask: bool = True,
     layer: str = "",
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """o_t = scale * sum_{s <= t} gamma^(t - s) (phi(q_t) . phi(k_s)) v_s, gamma per kv head.
 
@@ -64,7 +65,8 @@ def retention_mixer(
         q, k, v, g=g, decay=decay, causal=True, scale=scale, feature_map=feature_map, normalize=normalize,
         valid=valid, feature_weights=weights, cu_seqlens=cu_seqlens,
     )
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens,
+                   teacher_qk=teacher_qk)
 
 
 def retention_mixer_step(

@@ -1,7 +1,8 @@
 """Attention transfer: while recording, every mixer also computes the softmax attention it replaces.
 
 Inside `record_transfer()`, each mixer call (in eager mode) computes the softmax attention of its
-own q, k, v (the teacher, with the site's scale, causality and key padding) and stores the mean
+own q, k, v (the teacher, with the site's scale, causality and key padding; with the site's rotated q
+and k, `teacher_qk`, where the mixer reads them before the rotary embedding) and stores the mean
 squared error between its output and the teacher's over real query tokens, under the layer's name.
 With `teacher_forcing=True` the mixer then returns the teacher's output, so every layer sees the
 inputs the original model would give it (layer-local transfer in one forward pass); otherwise it
@@ -37,6 +38,9 @@ class TransferRecord:
             )
         return torch.stack(list(self.losses.values())).sum()
 
+
+TEACHER_KWARG = "teacher_qk"
+"""The mixers' keyword argument holding the teacher's (q, k); only attention transfer reads it."""
 
 _ACTIVE: ContextVar[TransferRecord | None] = ContextVar("rewrite_transfer_record", default=None)
 
@@ -94,10 +98,13 @@ def observe(
     scale: float | None,
     layer: str,
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """What a mixer returns: `out`, or (teacher forcing) its softmax teacher; records the error.
 
     cu_seqlens: packed sequences (B == 1); the teacher then attends within each sequence.
+    teacher_qk: the q and k the teacher attends with when they differ from the mixer's own (the site's
+    rotated q and k when the mixer reads them before the rotary embedding); default: q and k.
     """
     if torch.compiler.is_compiling() or type(out) is not torch.Tensor:  # traced or compiled: nothing to record
         return out
@@ -105,7 +112,8 @@ def observe(
     if record is None:
         return out
     with torch.no_grad():
-        teacher = softmax_teacher(q, k, v, valid=valid, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
+        tq, tk = teacher_qk if teacher_qk is not None else (q, k)
+        teacher = softmax_teacher(tq, tk, v, valid=valid, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
     err = (out.float() - teacher.float()).pow(2).mean(dim=(1, 3))  # [B, L]
     if valid is not None:
         weights = valid.to(err.dtype)

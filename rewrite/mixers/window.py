@@ -110,6 +110,7 @@ def sliding_window_mixer(
     check_mask: bool = True,
     layer: str = "",
     cu_seqlens: torch.Tensor | None = None,
+    teacher_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Query t attends (softmax) to keys (t - window, t] and the first `sinks` keys; SDPA layout.
 
@@ -118,7 +119,8 @@ def sliding_window_mixer(
     check_packed(q, mask, cu_seqlens, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
     out = window_attention(q, k, v, window=window, sinks=sinks, scale=scale, valid=valid, cu_seqlens=cu_seqlens)
-    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens)
+    return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens,
+                   teacher_qk=teacher_qk)
 
 
 def sliding_window_mixer_step(

@@ -15,6 +15,13 @@ shape [B, H, L, Dv]; the q/k/v producers and the output projection stay as they 
 - Masks: only causal and key-padding masks are carried (see `rewrite.mixers.masks` for the exact
   rule); a mask computed from model parameters (a learned position bias) is refused here, and any
   other mask is checked when it is evaluated in eager mode.
+- RoPE (option `rope`): `keep` gives the mixer q and k as the site sees them (rotated); `drop` gives
+  it the tensors that enter the rotary embedding (after QK-norm where the model normalises first), the
+  rotation found structurally (`rewrite.analysis.rotary`) and undone in the graph, while attention
+  transfer's teacher still reads the rotated ones (`teacher_qk`). Default: `drop` for `mamba2`
+  (Mamba-in-the-Llama), `keep` otherwise. With `drop`, a site whose q / k show no rotary embedding is
+  left as it is with a message; one whose rotation is not of the recognised form is an error naming
+  the layer.
 - Scale: the mixers use the site's softmax scale (1/sqrt(head dim) when the site has none), so with
   identity features and no decay o_t = scale * sum_{s <= t} (q_t . k_s) v_s.
 - Cross-attention (queries and keys of different lengths) is left alone and reported.
@@ -30,10 +37,19 @@ import torch.fx as fx
 from rewrite.analysis import AttentionSite, Block, GraphAnalysis
 from rewrite.analysis.graph_utils import erase_unused, erase_unused_computation, walk_inputs
 from rewrite.analysis.nodes import is_op, tensor_meta
+from rewrite.analysis.rotary import Rotary, find_rotary, rotary_traces, unrotated
 from rewrite.analysis.shapes import to_expr
 from rewrite.errors import PassError, PlanError
-from rewrite.mixers import KINDS, LEARNED_FEATURE_MAPS, POSITIVE_FEATURE_MAPS, MixerKind, SiteShape
+from rewrite.mixers import (
+    KINDS,
+    LEARNED_FEATURE_MAPS,
+    POSITIVE_FEATURE_MAPS,
+    ROPE_CHOICES,
+    MixerKind,
+    SiteShape,
+)
 from rewrite.mixers.common import FEATURE_MAPS
+from rewrite.mixers.transfer import TEACHER_KWARG
 from rewrite.passes import register_pass
 from rewrite.passes.base import GraphPass, PassContext, PassResult
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
@@ -110,6 +126,13 @@ class MixerOptions:
     dt_max: float = field(default=0.1, metadata={"help": "mamba2: largest initial step dt (>= dt_min)"})
     a_min: float = field(default=1.0, metadata={"help": "mamba2: smallest initial decay rate -A (> 0)"})
     a_max: float = field(default=16.0, metadata={"help": "mamba2: largest initial decay rate -A (>= a_min)"})
+    rope: str | None = field(
+        default=None,
+        metadata={
+            "help": "keep: the mixer reads q and k after the rotary embedding, as the site sees them; drop: "
+            "before it (the rotation undone in the graph); default: drop for mamba2, keep for the other kinds",
+        },
+    )
     check_masks: bool = field(
         default=True,
         metadata={"help": "check in eager mode that each mask is causal / key padding (costs one pass over it)"},
@@ -132,6 +155,8 @@ class MixerOptions:
             raise PlanError(f"{where}.decay_min", f"must lie in (0, 1), got {self.decay_min!r}")
         if not self.decay_min <= self.decay_max < 1:
             raise PlanError(f"{where}.decay_max", f"must lie in [decay_min, 1), got {self.decay_max!r}")
+        if self.rope is not None and self.rope not in ROPE_CHOICES:
+            raise PlanError(f"{where}.rope", f"unknown rope handling {self.rope!r}", ROPE_CHOICES)
         if self.gate not in ("vector", "scalar"):
             raise PlanError(f"{where}.gate", f"unknown gate {self.gate!r}", ["vector", "scalar"])
         if not self.gate_normalizer > 0:
@@ -188,6 +213,7 @@ class _Job:
     layer: str
     kind: MixerKind
     shape: SiteShape
+    rotary: tuple[Rotary, Rotary] | None = None  # (q's, k's) rotations to undo (rope: drop)
 
 
 def _layer_name(site: AttentionSite, block: Block | None) -> str:
@@ -332,6 +358,40 @@ def _mask_carries_padding(site: AttentionSite, kind: MixerKind) -> bool:
     return not (kind.causal and site.mask_shape_only and site.mask_exactly_causal)
 
 
+def _rotary_to_drop(site: AttentionSite, layer: str, kind: MixerKind, options: MixerOptions,
+                    messages: list[str]) -> tuple[Rotary, Rotary] | None:
+    """The rotations of q and of the k the mixer reads, when the site's `rope` is `drop` and both are found.
+
+    None (with a message) when neither q nor k shows a rotary embedding; an error naming the layer when
+    one does but its rotation is not matched.
+    """
+    if (options.rope or kind.rope) != "drop":
+        return None
+    k = site.kv_repeat_source[0] if site.kv_repeat_source is not None else site.k
+    q_rot, k_rot = find_rotary(site.q), find_rotary(k)
+    if q_rot is not None and k_rot is not None:
+        return q_rot, k_rot
+    rotated = [
+        name for name, node, rot, proj in (("q", site.q, q_rot, site.q_projection), ("k", k, k_rot, site.k_projection))
+        if rot is None and rotary_traces(node, proj)
+    ]
+    if q_rot is None and k_rot is None and not rotated:
+        messages.append(f"{layer}: rope: drop found no rotary embedding on q or k; the mixer reads them as they are")
+        return None
+    unmatched = rotated or [name for name, rot in (("q", q_rot), ("k", k_rot)) if rot is None]
+    default = f" ({kind.name} drops RoPE by default)" if options.rope is None else ""
+    verb = "is" if len(unmatched) == 1 else "are"
+    raise PassError(
+        "mixer",
+        f"{layer}: rope: drop{default} needs q and k before their rotary embedding, but "
+        f"{' and '.join(unmatched)} {verb} not rotated in the recognised form x * cos + rotate_half(x) * sin "
+        "(full or partial, as Hugging Face models write it; complex multiplication or interleaved pairs are "
+        "not undone); set rope: keep to read them as the site sees them",
+        site.name,
+        site.module_path,
+    )
+
+
 def _rewrite(gm: fx.GraphModule, ctx: PassContext, job: _Job, options: MixerOptions) -> list[str]:
     """Put the mixer call in place of the attention node; returns the new parameters' names."""
     site, kind = job.site, job.kind
@@ -339,8 +399,14 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, job: _Job, options: MixerOpti
         ctx.add_parameter(site.module_path, name, init)
         for name, init in kind.parameters(job.shape, options).items()
     ]
+    q = site.q
     k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
+    graph = gm.graph
     kwargs: dict = {}
+    if job.rotary is not None:
+        with graph.inserting_before(site.node):
+            kwargs[TEACHER_KWARG] = (q, k)  # attention transfer's teacher: the original, rotated q and k
+            q, k = unrotated(graph, job.rotary[0]), unrotated(graph, job.rotary[1])
     if _mask_carries_padding(site, kind):
         kwargs["mask"] = site.mask
         if site.mask_negated:
@@ -354,10 +420,9 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext, job: _Job, options: MixerOpti
         kwargs["normalize"] = options.normalized
     kwargs.update(kind.kwargs(options))
     kwargs["layer"] = job.layer
-    graph = gm.graph
     with graph.inserting_before(site.node):
         params = [graph.get_attr(name) for name in added]
-        new = graph.call_function(kind.fn, (site.q, k, v, *params), kwargs)
+        new = graph.call_function(kind.fn, (q, k, v, *params), kwargs)
     new.meta = dict(site.node.meta)
     new.meta["rewrite_mixer"] = kind.name
     site.node.replace_all_uses_with(new)
@@ -396,10 +461,14 @@ class Mixer(GraphPass):
                 result.messages.append(f"left {layer} as softmax: cross-attention (queries and keys differ in length)")
                 continue
             _check_site(gm, site, layer)
-            jobs.append(_Job(site, layer, _choose_kind(options, site, layer), _site_shape(site, layer)))
+            kind = _choose_kind(options, site, layer)
+            rotary = _rotary_to_drop(site, layer, kind, options, result.messages)
+            jobs.append(_Job(site, layer, kind, _site_shape(site, layer), rotary))
         for job in jobs:  # every site is checked before any is changed
             result.added_parameters.extend(_rewrite(gm, ctx, job, options))
             result.changed.append(f"{job.layer}: {job.kind.name}")
+            if job.rotary is not None:
+                result.messages.append(f"{job.layer}: q and k read before the rotary embedding (rope: drop)")
             if job.site.dropout_p:
                 result.messages.append(f"{job.layer}: attention dropout p={job.site.dropout_p} dropped (no scores)")
         dropped = [j.site.mask for j in jobs if isinstance(j.site.mask, fx.Node) and not _mask_carries_padding(j.site, j.kind)]

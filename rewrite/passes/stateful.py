@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims, analyze
-from rewrite.analysis.graph_utils import ancestors, erase_unused
+from rewrite.analysis.graph_utils import ancestors, erase_unused, erase_unused_computation
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.decode.program_meta import DecodeSignature
@@ -280,9 +280,14 @@ def _thread(
         if isinstance(site.mask, fx.Node):
             masks.append(site.mask)
         changed.append(f"{job.layer}: kv cache" + (f" (window {job.window})" if job.window else ""))
+    from rewrite.mixers.transfer import TEACHER_KWARG  # loaded on first use, as the mixers are
+
+    teachers: list[fx.Node] = []
     for job in mixers:
         node = job.node
-        kwargs = {"site": job.key, "kind": job.kind, **node.kwargs}
+        # decoding records no attention transfer: the teacher's rotated q / k (rope: drop) need not be computed
+        kwargs = {"site": job.key, "kind": job.kind, **{k: v for k, v in node.kwargs.items() if k != TEACHER_KWARG}}
+        teachers += [t for t in node.kwargs.get(TEACHER_KWARG) or () if isinstance(t, fx.Node)]
         with graph.inserting_before(node):
             new = graph.call_function(stateful_mixer, (state, *node.args), kwargs)
         new.meta = dict(node.meta)
@@ -292,6 +297,7 @@ def _thread(
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         changed.append(f"{job.layer}: {job.kind} state")
+    erase_unused_computation(graph, teachers)  # with the metadata asserts that would keep the rotation alive
     return changed, masks
 
 
