@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -105,13 +106,21 @@ def _half(node, which: int) -> fx.Node | None:
     return None
 
 
-def _rotate_half_input(node) -> fx.Node | None:
-    """x when `node` is cat(-x2, x1) of x's two halves along the last dim."""
+def _last_dim_cat_of_two(node) -> tuple[Any, Any] | None:
+    """The two parts when `node` concatenates two tensors along its last dim."""
     if not is_op(node, aten.cat.default):
         return None
     parts = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if not isinstance(parts, list | tuple) or len(parts) != 2 or not _is_last_dim(node, dim):
+        return None
+    return parts[0], parts[1]
+
+
+def _rotate_half_input(node) -> fx.Node | None:
+    """x when `node` is cat(-x2, x1) of x's two halves along the last dim."""
+    parts = _last_dim_cat_of_two(node)
+    if parts is None:
         return None
     neg, first = parts
     if not is_op(neg, aten.neg.default):
@@ -145,11 +154,8 @@ def _rotation(node) -> Rotary | None:
     full = _full_rotation(node)
     if full is not None:
         return Rotary(input=full[0], rotation=node, cos=full[1], sin=full[2])
-    if not is_op(node, aten.cat.default):
-        return None
-    parts = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if not isinstance(parts, list | tuple) or len(parts) != 2 or not _is_last_dim(node, dim):
+    parts = _last_dim_cat_of_two(node)
+    if parts is None:
         return None
     rotated, rest = _full_rotation(parts[0]), _slice_of(parts[1])
     if rotated is None or rest is None:
