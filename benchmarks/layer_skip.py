@@ -14,7 +14,9 @@ exactly the fraction it names:
 ideal ms = none - x * (none - all); `of ideal` = (none - measured) / (none - ideal), the share of the
 ideal saving obtained (goal: >= 0.8). Skipped variants are checked against the original model run
 with the same blocks replaced by the identity, per sequence. The decode-sized step is one token per
-sequence with held decisions (a full decode also needs the `stateful` pass for its KV cache).
+sequence with held decisions and no cache; the real decode step runs the `stateful` program of the
+causal LM after a prefill of `--decode-context` tokens (KV caches, decisions held from the prefill),
+next to the unrouted program's step.
 The fused router kernel is timed against its PyTorch reference as well.
 
 Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fractions 0.25,0.5] --out runs/layer_skip.json
@@ -23,6 +25,7 @@ Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fracti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import warnings
 
@@ -151,6 +154,76 @@ def time_shape(model, om, batch: int, length: int, fractions: list[float], runs:
     return rows
 
 
+def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: list[float], runs: int, device: str,
+                dtype: torch.dtype) -> list[Measurement]:
+    """One real decode step (KV caches filled by a prefill of `context` tokens, decisions held from it) of the
+    routed causal LM, per skip variant, next to the same step of the unrouted program."""
+    import transformers
+
+    from rewrite.decode import decode_program
+
+    base = build_model(layers, hidden, device, dtype)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(base.config).to(device=device, dtype=dtype).eval()
+    lm.model.load_state_dict(base.state_dict())
+    del base
+    example = {"input_ids": torch.randint(0, 32000, (2, 64), device=device)}
+    programs = {
+        "unrouted": decode_program(rewrite.optimize(lm, ["attention_normalize", "stateful"], example_kwargs=example)),
+        "routed": decode_program(rewrite.optimize(lm, ["attention_normalize", "layer_skip", "stateful"],
+                                                  example_kwargs=example)),
+    }
+    prompt = torch.randint(0, 32000, (batch, context), device=device)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    variants = {"none": torch.zeros(batch, layers, dtype=torch.bool), "all": torch.ones(batch, layers, dtype=torch.bool)}
+    for f in fractions:
+        variants[f"f={f} spread"] = spread_mask(batch, layers, f)
+        variants[f"f={f} shared"] = shared_mask(batch, layers, f)
+    params = {"B": batch, "context": context}
+    rows: list[Measurement] = []
+    timed: dict[str, float] = {}
+    steps: dict[str, torch.Tensor] = {}
+
+    def prefilled(program, mask):
+        state = program.new_state(batch, context + 4 * (runs + 8))
+        state.begin(context)
+        with skip_controls(skip_mask=mask) if mask is not None else contextlib.nullcontext():
+            program(prompt, torch.arange(context, device=device).expand(batch, -1), state)
+        state.advance()
+        return state
+
+    def step(program, state):
+        state.begin(1)
+        out = program(token, torch.full((batch, 1), state.length, device=device), state)
+        state.advance()
+        return out
+
+    with torch.inference_mode():
+        for name, mask in [("unrouted", None), *variants.items()]:
+            program = programs["unrouted" if mask is None else "routed"]
+            state = prefilled(program, mask)
+            steps[name] = step(program, state)
+            row = measure(f"decode step (KV cache) {name}", functools.partial(step, program, state), params,
+                          warmup=3, runs=runs)
+            if mask is not None:
+                row.extra["skipped"] = f"{mask.float().mean().item():.0%}"
+            timed[name] = row.median_ms
+            rows.append(row)
+            del state
+    err = relative_error(steps["none"], steps["unrouted"])
+    if err > 1e-3:
+        FAILURES.append(f"decode step: routed with nothing skipped differs from the unrouted program ({err:.2e})")
+    for row in rows:
+        name = row.name.removeprefix("decode step (KV cache) ")
+        if name.startswith("f="):
+            fraction = float(name.split()[0].removeprefix("f="))
+            ideal = timed["none"] - fraction * (timed["none"] - timed["all"])
+            saved, ideal_saved = timed["none"] - row.median_ms, timed["none"] - ideal
+            row.extra["ideal ms"] = f"{ideal:.3f}"
+            row.extra["of ideal"] = f"{saved / ideal_saved:.2f}" if ideal_saved > 0 else "n/a"
+    return rows
+
+
 def time_router(batch: int, length: int, hidden: int, device: str, dtype: torch.dtype, runs: int) -> list[Measurement]:
     x = torch.randn(batch, length, hidden, device=device, dtype=dtype)
     w = torch.randn(hidden, device=device, dtype=dtype) / hidden**0.5
@@ -173,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--decode-batch", type=int, default=32)
     parser.add_argument("--fractions", default="0.25,0.5")
+    parser.add_argument("--decode-context", type=int, default=2048, help="prompt tokens before the timed decode step")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=10)
@@ -190,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     for length in (int(x) for x in args.lengths.split(",")):
         rows += time_shape(model, om, args.batch, length, fractions, args.runs, "prefill", not args.no_check)
     rows += time_shape(model, om, args.decode_batch, 1, fractions, max(args.runs, 30), "decode step", not args.no_check)
+    rows += time_decode(args.layers, args.hidden, args.decode_batch, args.decode_context, fractions, max(args.runs, 30),
+                        device, dtype)
     rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype, args.runs)
     print(write_results(args.out, "Layer skipping: latency against the ideal saving", rows, environment()))
     if FAILURES:
