@@ -51,6 +51,11 @@ class PipelineReport:
         return next((r.real_tokens for r in reversed(self.results) if r.real_tokens is not None), None)
 
     @property
+    def added_parameters(self) -> list[str]:
+        """Names of the parameters the passes added (mixer gates and feature maps, routers), in pass order."""
+        return [n for r in self.results for n in r.added_parameters]
+
+    @property
     def graph_replay(self) -> Any:
         """How the module's calls may be replayed from CUDA graphs (the last pass that said so; None: eagerly)."""
         return next((r.graph_replay for r in reversed(self.results) if r.graph_replay is not None), None)

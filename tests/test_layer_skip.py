@@ -377,12 +377,41 @@ def test_resuming_from_a_checkpoint_gives_the_same_routers(tmp_path):
 
 def test_lora_with_distillation_trains_adapters_and_routers():
     model, _ = models.llama(batch=4, length=12)
-    result = train_routers(model, batches, config(steps=3, loss="distill", lora=LoraSettings(rank=2, target_modules=["q_proj"])))
+    lora = LoraSettings(rank=2, target_modules=["q_proj"], merge=False)
+    result = train_routers(model, batches, config(steps=3, loss="distill", lora=lora))
     names = result.trained_parameters
     assert any("lora_B" in n for n in names) and any(".router." in n for n in names)
     assert result.history[0]["quality"] == pytest.approx(0.0, abs=1e-6)  # nothing skipped yet: equal to the teacher
     lora_b = [p for n, p in result.module.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_merged_lora_routers_compute_what_the_adapters_did():
+    runs = {}
+    for merge in (False, True):
+        model, _ = models.llama(batch=4, length=12)
+        lora = LoraSettings(rank=2, target_modules=["q_proj", "v_proj"], merge=merge)
+        runs[merge] = train_routers(model, batches, config(steps=3, loss="distill", lora=lora)).module
+    unmerged, merged = runs[False], runs[True]
+    names = [n for n, _ in merged.named_parameters()]
+    assert not [n for n in names if "lora_" in n or "base_layer" in n] and "lora" not in merged.code
+    assert [n for n, _ in unmerged.named_parameters() if "lora_B" in n]
+    adapters = dict(unmerged.named_parameters())
+    for name, value in merged.named_parameters():
+        if ".router." in name:  # the routers keep their trained values
+            torch.testing.assert_close(value, adapters[name], atol=0, rtol=0)
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(9))
+    mask = torch.tensor([[True, False], [False, True], [False, False]])  # fixed decisions: rows skip different blocks
+    with torch.no_grad(), skip_controls(skip_mask=mask[:, : _routed(merged)]):
+        got, want = main_output(merged(input_ids=ids)), main_output(unmerged(input_ids=ids))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    original = dict(models.llama(batch=4, length=12)[0].named_parameters())
+    changed = [n for n, p in merged.named_parameters() if n in original and not torch.equal(p, original[n])]
+    assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)  # only adapted weights
+
+
+def _routed(om) -> int:
+    return sum(1 for n, _ in om.named_parameters() if ".router." in n and n.endswith("weight"))
 
 
 def test_bad_training_settings_are_named():

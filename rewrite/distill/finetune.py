@@ -48,27 +48,6 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float) -> list[str]:
     return [n for n, _ in model.named_parameters() if "lora_" in n]
 
 
-def merge_lora(model: torch.nn.Module) -> list[str]:
-    """Fold every LoRA adapter of `model` into its base weight (W += scaling * B @ A, peft's `merge`) in
-    place and put each base layer back where its adapted layer was, so parameters carry the model's own
-    names again. Returns the names of the merged layers.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name, layer in layers:
-        if not name:
-            raise RewriteError("cannot merge LoRA adapters put on the root module itself")
-        try:
-            with torch.no_grad():
-                layer.merge(safe_merge=True)
-        except ValueError as exc:  # peft's safe_merge: the merged weight is not finite
-            raise RewriteError(f"cannot merge the LoRA adapter of {name}: {exc}") from exc
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, leaf, layer.get_base_layer())
-    return [name for name, _ in layers]
-
-
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy of logits [B, L, V] at position t against ids[t + 1] over real tokens."""
     if logits.dim() != 3 or ids.shape != logits.shape[:2]:

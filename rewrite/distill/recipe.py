@@ -11,10 +11,11 @@ import torch
 
 import rewrite
 from rewrite.distill.config import DistillConfig
-from rewrite.distill.finetune import add_lora, kl_to_teacher, merge_lora, mse_to_teacher, next_token_loss
+from rewrite.distill.finetune import add_lora, kl_to_teacher, mse_to_teacher, next_token_loss
 from rewrite.distill.loop import StageRun, train_stage
 from rewrite.distill.transfer import new_parameters, require_new_parameters, transfer_loss
 from rewrite.errors import RewriteError
+from rewrite.lora import optimize_merged
 
 Data = Callable[[int], Any]
 """Inputs of training step `step`: a dict of keyword arguments or a tuple of positional ones."""
@@ -129,32 +130,8 @@ def distill(model: torch.nn.Module, plan: Any, data: Data, config: DistillConfig
 
         train_stage(run, "finetune", trainable, finetune_step, steps=ft.steps, lr=ft.lr)
         if lora_names and ft.merge:
-            om = _merged_module(om, student, args, kwargs)
+            om = optimize_merged(om, student, args, kwargs, keep_adapters_hint="use FinetuneConfig(merge=False)")
     return DistillResult(om, teacher, run.history, lora_names)
-
-
-def _merged_module(om: rewrite.OptimizedModule, student: torch.nn.Module, args: tuple,
-                  kwargs: dict[str, Any]) -> rewrite.OptimizedModule:
-    """`student` with its LoRA adapters merged, optimized again by `om`'s plan on the example inputs,
-    with the values `om` holds for the parameters the passes added.
-
-    `student` is `om`'s source and is changed in place; `om` is stale afterwards (its base weights
-    hold the merged values while it still runs the adapters).
-    """
-    trained = {n: p.detach().clone() for n, p in new_parameters(om).items()}
-    merge_lora(student)
-    merged = rewrite.optimize(student, om.plan, args, example_kwargs=kwargs)
-    merged.train(om.training)
-    added = new_parameters(merged)
-    if added.keys() != trained.keys():
-        raise RewriteError(
-            "merging the LoRA adapters changed the parameters the plan's passes add "
-            f"({sorted(set(trained) ^ set(added))[:3]}); use FinetuneConfig(merge=False)"
-        )
-    with torch.no_grad():
-        for name, p in added.items():
-            p.copy_(trained[name])
-    return merged
 
 
 def _maybe_new(om: rewrite.OptimizedModule) -> dict[str, torch.nn.Parameter]:

@@ -15,9 +15,8 @@ def new_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     report = getattr(module, "report", None)
     if report is None:
         raise RewriteError("attention transfer needs an OptimizedModule (from rewrite.optimize)")
-    names = [n for r in report.results for n in r.added_parameters]
     params = dict(module.named_parameters())
-    return {n: params[n] for n in names if n in params}
+    return {n: params[n] for n in report.added_parameters if n in params}
 
 
 def require_new_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -67,7 +67,8 @@ def cmd_train(args: argparse.Namespace, log: Log) -> int:
     out = Path(args.out)
     lora = None
     if args.lora_rank:
-        lora = LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank, target_modules=args.lora_targets.split(","))
+        lora = LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank, target_modules=args.lora_targets.split(","),
+                            merge=not args.no_merge)
     config = RouterTrainingConfig(
         steps=args.steps, lr=args.lr, target_skip=args.target_skip, loss=args.loss, mode=args.mode, lora=lora,
         checkpoint_dir=str(out / "checkpoints"), checkpoint_every=args.checkpoint_every, progress=not args.quiet,
@@ -143,6 +144,8 @@ def add_layer_skip_command(sub: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--mode", choices=TRAINING_MODES, default="straight_through")
     train.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank too (0: none)")
     train.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    train.add_argument("--no-merge", action="store_true",
+                       help="keep the LoRA adapters separate (default: fold them into the base weights after training)")
     train.add_argument("--batch", type=int, default=8)
     train.add_argument("--length", type=int, default=128)
     train.add_argument("--eval-windows", type=int, default=32)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from rewrite.errors import RewriteError
+from rewrite.lora import optimize_merged
 from rewrite.routing.controls import last_call_probabilities, record_skips, skip_controls
 from rewrite.routing.language_model import logits_of, next_token_loss, takes_input_ids
 
@@ -56,6 +57,9 @@ class LoraSettings:
     rank: int = 8
     alpha: float = 16.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge: bool = True
+    """After training, fold the adapters into the base weights and return the merged model optimized again
+    (the model's own parameter names, no adapter matmuls; the routers keep their trained values)."""
 
 
 @dataclass
@@ -92,6 +96,8 @@ class RouterTrainingConfig:
             raise ValueError(f"train_routers: unknown mode {self.mode!r} (allowed: {', '.join(TRAINING_MODES)})")
         if self.lr <= 0 or self.lora_lr <= 0:
             raise ValueError("train_routers: learning rates must be > 0")
+        if self.lora is not None and not isinstance(self.lora.merge, bool):
+            raise ValueError(f"train_routers: lora.merge must be true or false, got {self.lora.merge!r}")
         if self.label_temperature < 0:
             raise ValueError(f"train_routers: label_temperature must be >= 0, got {self.label_temperature}")
         if self.prompt_length is not None and self.prompt_length < 1:
@@ -296,6 +302,7 @@ def train_routers(
         start = int(torch.load(str(resume_from), map_location="cpu", weights_only=False)["step"])
     first = batch_of(start)
     teacher = None
+    example = None
     if hasattr(model, "program"):
         if config.lora is not None:
             raise RewriteError("train_routers: LoRA needs the original model, not an optimized module")
@@ -387,4 +394,7 @@ def train_routers(
             p.requires_grad_(frozen.get(n, True))
     if config.checkpoint_dir:
         checkpoints.append(save_checkpoint(Path(config.checkpoint_dir) / "final.pt", om, optimizer, config.steps, config))
+    if config.lora is not None and config.lora.merge:
+        om = optimize_merged(om, model, () if example is not None else (first[:, :-1],), example or {},
+                             keep_adapters_hint="use LoraSettings(merge=False)")
     return RouterTrainingResult(om, history, checkpoints, list(trainable))
