@@ -172,12 +172,15 @@ def lm_experiment(args: argparse.Namespace) -> dict[str, Any]:
         batch = corpus.batches(args.batch, args.length, generator=torch.Generator().manual_seed(step))
         return {"input_ids": batch[:, :-1]}
 
-    for kind in args.kinds:
+    for kind, rope in ((kind, rope) for kind in args.kinds for rope in args.rope):
         options: dict[str, Any] = {"kind": kind}
         if kind in FEATURE_MAP_KINDS:
             options["feature_map"] = args.feature_map
         if kind == "hybrid_swa":
             options.update(window, linear_weight=args.linear_weight)
+        if rope != "default":
+            options["rope"] = rope
+        label = kind if rope == "default" else f"{kind} (rope {rope})"
         plan = [{"mixer": options}]
         untrained = perplexity(rewrite.optimize(copy.deepcopy(teacher), plan, example_kwargs=example), windows)
         config = DistillConfig(
@@ -188,10 +191,10 @@ def lm_experiment(args: argparse.Namespace) -> dict[str, Any]:
         t1 = time.perf_counter()
         result = distill(teacher, plan, data, config)
         ppl = perplexity(result.module, windows)
-        rows.append({"variant": f"{kind} + recipe", "ppl": ppl, "gap": ppl - teacher_ppl,
+        rows.append({"variant": f"{label} + recipe", "ppl": ppl, "gap": ppl - teacher_ppl,
                      "ppl_before_recipe": untrained, "seconds": round(time.perf_counter() - t1, 1)})
         if not args.quiet:
-            print(f"{kind}: ppl {untrained:.3f} -> {ppl:.3f} (teacher {teacher_ppl:.3f})", flush=True)
+            print(f"{label}: ppl {untrained:.3f} -> {ppl:.3f} (teacher {teacher_ppl:.3f})", flush=True)
     return {
         "teacher": f"byte-level Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
                    f"trained {args.teacher_steps} steps x {args.batch} x {args.length} bytes "
@@ -240,6 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     # byte-level LM
     p.add_argument("--kinds", type=lambda s: s.split(","), default=list(ALL_KINDS))
+    p.add_argument("--rope", type=lambda s: s.split(","), default=["default"],
+                   help="mixer rope settings to run each kind with (keep, drop; default: the kind's own)")
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
