@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import mamba2_reference
 from torch import nn
 
 import rewrite
@@ -58,37 +59,6 @@ def linear_reference(q, k, v, scale, valid, params):
     length = q.shape[2]
     keep = torch.ones(length, length, dtype=torch.bool).tril() & valid[:, None, None, :]
     return (scale * (q @ k.transpose(-1, -2)) * keep) @ v
-
-
-def mamba2_reference(q, k, v, scale, valid, params):
-    """Mamba-2 from attention (x = v, B = k, C = q): causal depthwise conv over [x, B, C], then
-    h_t = exp(-dt_t exp(a_log)) h_{t-1} + dt_t B_t^T x_t, y_t = scale * C_t h_t + skip * x_t; padded
-    tokens enter the conv as zeros and leave the state alone."""
-    conv, dt_w, dt_b, a_log, skip = (p.double() for p in params)
-    q, k, v = q.double(), k.double(), v.double()
-    batch, heads, length, dim = q.shape
-    kv_heads, groups = k.shape[1], heads // k.shape[1]
-    width = conv.shape[1]
-    out = torch.zeros(batch, heads, length, v.shape[-1], dtype=torch.float64)
-    for b in range(batch):
-        xbc = torch.cat([t[b].transpose(0, 1).flatten(1) for t in (v, k, q)], dim=-1) * valid[b, :, None]
-        y = torch.zeros_like(xbc)
-        for t in range(length):
-            for j in range(width):
-                if t - width + 1 + j >= 0:
-                    y[t] += conv[:, j] * xbc[t - width + 1 + j]
-        x = y[:, : kv_heads * v.shape[-1]].view(length, kv_heads, -1)
-        bm = y[:, kv_heads * v.shape[-1] : kv_heads * (v.shape[-1] + dim)].view(length, kv_heads, dim)
-        c = y[:, kv_heads * (v.shape[-1] + dim) :].view(length, heads, dim)
-        state = torch.zeros(kv_heads, dim, v.shape[-1], dtype=torch.float64)
-        for t in range(length):
-            for h in range(kv_heads):
-                if valid[b, t]:
-                    dt = F.softplus(x[t, h] @ dt_w[h] + dt_b[h])
-                    state[h] = torch.exp(-dt * torch.exp(a_log[h])) * state[h] + dt * torch.outer(bm[t, h], x[t, h])
-            for hq in range(heads):
-                out[b, hq, t] = scale * c[t, hq] @ state[hq // groups] + skip[hq] * x[t, hq // groups]
-    return out.to(q.dtype if q.dtype != torch.float64 else torch.float64)
 
 
 REFERENCES = {"linear": linear_reference, "mamba2": mamba2_reference}
