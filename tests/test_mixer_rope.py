@@ -153,15 +153,9 @@ def test_mixer_reads_q_and_k_before_or_after_rope_as_asked(family, kind, rope):
     assert not torch.allclose(other, want, atol=1e-3)  # the rotation matters on these inputs
 
 
-def test_mamba2_drops_rope_by_default_and_other_kinds_keep_it():
-    model, inputs, default = optimized("llama", {"kind": "mamba2"})
-    _, _, dropped = optimized("llama", {"kind": "mamba2", "rope": "drop"})
-    assert default.report.results[0].messages == dropped.report.results[0].messages
-    assert any("rope: drop" in m for m in default.report.results[0].messages)
-    with torch.no_grad():
-        torch.testing.assert_close(main_tensor(default(**inputs)), main_tensor(dropped(**inputs)), atol=0, rtol=0)
-    for kind in ("gla", "gated_deltanet"):
-        _, _, plain = optimized("llama", {"kind": kind})
+def test_every_kind_keeps_rope_by_default():
+    for kind in ("mamba2", "gla", "gated_deltanet"):
+        _, inputs, plain = optimized("llama", {"kind": kind})
         _, _, kept = optimized("llama", {"kind": kind, "rope": "keep"})
         assert not plain.report.results[0].messages
         with torch.no_grad():  # unchanged from before the option existed: the same graph, the same outputs
@@ -187,7 +181,7 @@ def test_drop_feeds_the_mixer_the_qk_norm_output_and_the_teacher_the_rotated_q_a
 
 def test_models_without_rope_are_left_as_they_are_with_a_message():
     model, inputs = TARGETS["gpt2"]()
-    dropped = rewrite.optimize(model, [{"mixer": {"kind": "mamba2"}}], example_kwargs=inputs)
+    dropped = rewrite.optimize(model, [{"mixer": {"kind": "mamba2", "rope": "drop"}}], example_kwargs=inputs)
     kept = rewrite.optimize(model, [{"mixer": {"kind": "mamba2", "rope": "keep"}}], example_kwargs=inputs)
     messages = dropped.report.results[0].messages
     assert messages == [f"layer {i} (transformer.h.{i}.attn): rope: drop found no rotary embedding on q or k; "
@@ -289,7 +283,7 @@ def test_a_handwritten_rotate_half_rotary_is_found_and_undone(rope):
 @pytest.mark.parametrize("style", ["interleaved", "matrix", "complex"])
 def test_a_rotary_of_another_form_is_refused_naming_the_layer(style):
     model, ids = rotary_lm(style)
-    for options in ({"kind": "linear", "rope": "drop"}, {"kind": "mamba2"}):
+    for options in ({"kind": "linear", "rope": "drop"}, {"kind": "mamba2", "rope": "drop"}):
         refused = r"layer 0 \(layers\.0\): rope: drop.*are not rotated in the recognised form.*rope: keep"
         with pytest.raises(PassError, match=refused):
             rewrite.optimize(model, [{"mixer": options}], (ids,))
@@ -305,7 +299,7 @@ def test_a_rotary_of_another_form_is_refused_naming_the_layer(style):
 def test_attention_transfer_teaches_from_the_rotated_q_and_k(family):
     """Layer-local transfer returns each layer's softmax teacher: with rope dropped, that is still the
     original model's attention (the rotated q and k), so the forward equals the original model's."""
-    model, inputs, om = optimized(family, {"kind": "mamba2"})
+    model, inputs, om = optimized(family, {"kind": "mamba2", "rope": "drop"})
     valid = inputs["attention_mask"].bool()
     with torch.no_grad(), record_transfer(teacher_forcing=True) as record:
         got = main_tensor(om(**inputs))

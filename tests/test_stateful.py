@@ -86,6 +86,7 @@ PLANS = {
     "lawcat": [{"mixer": {"kind": "lawcat"}}],
     "hybrid_swa": [{"mixer": {"kind": "hybrid_swa", "window": 4, "sinks": 1}}],
     "mamba2_keep_rope": [{"mixer": {"kind": "mamba2", "rope": "keep"}}],
+    "mamba2_drop_rope": [{"mixer": {"kind": "mamba2", "rope": "drop"}}],
     "hybrid_drop_rope": [{"mixer": {"kind": "gla", "layers": [0], "rope": "drop"}}],
 }
 
@@ -136,19 +137,20 @@ def test_other_mixer_kinds_decode_like_their_full_forward(kind):
     assert torch.equal(batched[0, 4:], om.generate(prompt[:1, 4:], max_new_tokens=3)[0])
 
 
-@pytest.mark.parametrize("family,plan", [("qwen3", "mamba2"), ("qwen3", "hybrid_drop_rope"), ("llama", "mamba2_keep_rope")])
+@pytest.mark.parametrize("family,plan", [("qwen3", "mamba2_drop_rope"), ("qwen3", "hybrid_drop_rope"),
+                                         ("llama", "mamba2_keep_rope")])
 def test_mixers_reading_q_and_k_before_rope_decode_like_their_full_forward(family, plan):
-    """mamba2 drops RoPE by default; the hybrid keeps a softmax layer whose positions must continue while its
+    """mamba2 with RoPE dropped; the hybrid keeps a softmax layer whose positions must continue while its
     neighbour reads q and k before the rotation. Decoding carries no attention-transfer teacher."""
     _, om, ids = optimized(family, plan)
     dropped = [m for m in om.report.results[0].messages if "before the rotary embedding" in m]
-    assert len(dropped) == (0 if plan.endswith("keep_rope") else 2 if plan == "mamba2" else 1)
+    assert len(dropped) == (0 if plan.endswith("keep_rope") else 2 if plan.startswith("mamba2") else 1)
     torch.testing.assert_close(stepwise_logits(om, ids, prefill=5), full_forward(om, ids), atol=ATOL, rtol=RTOL)
     program = decode_program(om)
     mixers = [n for n in program.graph_module.graph.nodes if n.meta.get("rewrite_mixer")]
     assert mixers and not any("teacher_qk" in n.kwargs for n in mixers)
     trig = [n for n in program.graph_module.graph.nodes if n.target in (torch.ops.aten.cos.default, torch.ops.aten.sin.default)]
-    assert (trig == []) == (plan == "mamba2")  # no layer left that reads rotated q / k: the rotary is gone
+    assert (trig == []) == (plan == "mamba2_drop_rope")  # no layer left that reads rotated q / k: the rotary is gone
     prompt, mask = _ragged(ids)
     batched = om.generate(prompt, mask, max_new_tokens=3)
     alone = om.generate(prompt[:1, 4:], max_new_tokens=3)

@@ -173,8 +173,7 @@ KINDS: dict[str, MixerKind] = {
     "mamba2": MixerKind(
         "mamba2", mamba2_mixer, True, "Mamba-2 SSM initialised from attention (v->x, k->B, q->C) with new dt / A / conv",
         parameters=_mamba2_parameters, feature_maps=False, normalizable=False, step=mamba2_mixer_step,
-        rope="drop",  # Mamba-in-the-Llama: no rotary embedding in the Mamba layers
-    ),
+    ),  # rope stays "keep": on our byte-level LM the recipe recovered more with RoPE kept (BENCHMARKS.md)
     "lawcat": MixerKind(
         "lawcat", lawcat_mixer, True, "causal short conv on q and k, then normalised gated linear attention",
         parameters=with_feature_map_parameters(_lawcat_parameters), kwargs=_gla_kwargs, step=lawcat_mixer_step,
