@@ -181,7 +181,7 @@ class OptimizedModule(torch.nn.Module):
             captured = self.__dict__["_captured"]
         full = {**captured.injected_kwargs, **kwargs}
         replay = self.report.graph_replay
-        if replay is not None and self.real_tokens is not None and not self.training:
+        if replay is not None and not self.training:
             return self._replayer_for(replay)(args, full)
         return self.program(*args, **full)
 
@@ -192,13 +192,11 @@ class OptimizedModule(torch.nn.Module):
         runner = self.__dict__["_replayer"]
         if runner is None or runner.policy != policy:
             captured: Captured = self.__dict__["_captured"]
-            real = self.real_tokens
-            assert real is not None
 
-            def keep(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-                return real.keep(program_inputs(self.graph, args, order_kwargs(kwargs, captured.kwarg_order)))
+            def flat_inputs(args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+                return program_inputs(self.graph, args, order_kwargs(kwargs, captured.kwarg_order))
 
-            runner = BucketedGraphs(self.program, policy, keep)
+            runner = BucketedGraphs(self.program, policy, flat_inputs, self.real_tokens)
             self.__dict__["_replayer"] = runner
         return runner
 

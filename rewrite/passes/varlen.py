@@ -383,6 +383,12 @@ class Varlen(GraphPass):
             result.messages.append("per-sequence positions: " + ", ".join(rewriter.positions_rewritten))
         if rewriter.exits:
             result.messages.append("read the packed row as a whole: " + ", ".join(rewriter.exits))
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        options: VarlenOptions = self.options
+        result.graph_replay = TokenBuckets(
+            options.cuda_graphs, options.token_bucket, options.max_graphs,
+            packed="position_ids" if source.name in POSITION_NAMES else "cu_seqlens",
+            packed_source=placeholders.index(source), token_input=placeholders.index(token_inputs[0]))
         return result
 
 

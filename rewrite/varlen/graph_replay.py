@@ -7,7 +7,9 @@ packs exactly C tokens instead (the real ones, then filler no sequence holds), s
 same padded shape and any T <= C runs the same kernels on the same shapes: one CUDA graph serves a
 whole bucket of token counts. A call reads T (one small device-to-host copy, as eager unpadding
 does), rounds it up to a multiple of the bucket, copies the inputs into the graph's input buffers,
-replays, and returns copies of the outputs.
+replays, and returns copies of the outputs. Already-packed input (a [1, T] row with cu_seqlens or
+restarting position_ids) has no padding: its shapes are fixed by T (and, for position_ids, by the
+sequence count, read back per call), and one graph serves each.
 """
 
 from __future__ import annotations
@@ -41,6 +43,24 @@ class TokenBuckets:
     mode: str = "auto"
     bucket: int = 256
     max_graphs: int = 8
+    packed: str | None = None
+    """Already-packed input: "cu_seqlens" or "position_ids" (None: a padded batch with a padding mask)."""
+    packed_source: int | None = None
+    """Flat input index of the packed input's cu_seqlens or position_ids."""
+    token_input: int | None = None
+    """Flat input index of a packed [1, T, ...] token input."""
+
+    def sizes(self, flat_inputs: list[Any], real_tokens: Any) -> tuple[int, int, int | None]:
+        """(real tokens, most tokens, sequences) of a call with these flat inputs (the sequence count only
+        for restarting position_ids, where it fixes the layout's shape)."""
+        if self.packed is None:
+            keep = real_tokens.keep(flat_inputs)
+            return int(keep.sum()), keep.numel(), None  # the one read back per call (as eager unpadding)
+        assert self.token_input is not None and self.packed_source is not None
+        total = int(flat_inputs[self.token_input].shape[1])
+        if self.packed == "position_ids":
+            return total, total, int((flat_inputs[self.packed_source] == 0).sum())
+        return total, total, None
 
 
 @dataclass
@@ -53,14 +73,18 @@ class _Graph:
 class BucketedGraphs:
     """Calls `program(*args, **kwargs)`, from a CUDA graph where `policy` allows (see the module docstring).
 
-    keep(args, kwargs) gives the [batch, seq] real-token mask of a call's inputs.
+    flat_inputs(args, kwargs) gives a call's inputs in the program's placeholder order; `real_tokens`
+    (a `RealTokens`) tells a padded batch's real tokens.
     """
 
     def __init__(self, program: Callable[..., Any], policy: TokenBuckets,
-                 keep: Callable[[tuple, dict[str, Any]], torch.Tensor]):
+                 flat_inputs: Callable[[tuple, dict[str, Any]], list[Any]], real_tokens: Any = None):
+        if policy.packed is None and real_tokens is None:
+            raise RewriteError("varlen graph replay of a padded batch needs the module's real-token description")
         self.program = program
         self.policy = policy
-        self.keep = keep
+        self.flat_inputs = flat_inputs
+        self.real_tokens = real_tokens
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.seen: set[tuple] = set()
         self.pool: Any = None
@@ -71,10 +95,9 @@ class BucketedGraphs:
         flat, spec = pytree.tree_flatten((args, kwargs))
         if not self._eligible(flat):
             return self.program(*args, **kwargs)
-        keep = self.keep(args, kwargs)
-        real = int(keep.sum())  # the one read back per call (eager unpadding reads as much)
-        capacity = min(-(-max(real, 1) // self.policy.bucket) * self.policy.bucket, keep.numel())
-        key = (spec, tuple(_describe(x) for x in flat), capacity)
+        real, most, sequences = self.policy.sizes(self.flat_inputs(args, kwargs), self.real_tokens)
+        capacity = min(-(-max(real, 1) // self.policy.bucket) * self.policy.bucket, most)
+        key = (spec, tuple(_describe(x) for x in flat), capacity, sequences)
         entry = self.graphs.get(key)
         if entry is None:
             if self.policy.mode == "auto" and key not in self.seen:
@@ -82,7 +105,7 @@ class BucketedGraphs:
                     self.seen.clear()
                 self.seen.add(key)
                 return self.program(*args, **kwargs)
-            entry = self._capture(key, flat, spec, capacity)
+            entry = self._capture(key, flat, spec, capacity, sequences)
             if entry is None:
                 return self.program(*args, **kwargs)
         self.graphs.move_to_end(key)
@@ -101,7 +124,8 @@ class BucketedGraphs:
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         return bool(tensors) and all(t.is_cuda for t in tensors)
 
-    def _capture(self, key: tuple, flat: list[Any], spec: pytree.TreeSpec, capacity: int) -> _Graph | None:
+    def _capture(self, key: tuple, flat: list[Any], spec: pytree.TreeSpec, capacity: int,
+                 sequences: int | None) -> _Graph | None:
         with torch.inference_mode(False):  # plain tensors: later calls may copy into them outside inference mode
             inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
         args, kwargs = pytree.tree_unflatten(inputs, spec)
@@ -111,10 +135,10 @@ class BucketedGraphs:
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), token_capacity(capacity):  # warm-up: kernels built, memory settled
+            with torch.cuda.stream(stream), token_capacity(capacity, sequences):  # warm-up: kernels built
                 self.program(*args, **kwargs)
             torch.cuda.current_stream().wait_stream(stream)
-            with token_capacity(capacity), torch.cuda.graph(graph, pool=self.pool):
+            with token_capacity(capacity, sequences), torch.cuda.graph(graph, pool=self.pool):
                 outputs = self.program(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a program that cannot be captured runs eagerly, or says why
             torch.cuda.synchronize()

@@ -13,30 +13,53 @@ from contextvars import ContextVar
 
 import torch
 
-_CAPACITY: ContextVar[int | None] = ContextVar("varlen_token_capacity", default=None)
+_CAPACITY: ContextVar[tuple[int, int | None] | None] = ContextVar("varlen_token_capacity", default=None)
 
 
 @contextlib.contextmanager
-def token_capacity(capacity: int) -> Iterator[None]:
-    """Within the block, unpadding makes exactly `capacity` packed tokens (at least the real ones), so every
-    packed size is known without reading the mask: the static shapes a CUDA graph replays.
+def token_capacity(capacity: int, sequences: int | None = None) -> Iterator[None]:
+    """Within the block, every packed size is fixed without reading a tensor on the host: the static shapes a
+    CUDA graph replays.
 
-    The packed tokens past the real ones are filler: copies of a real token that no sequence of
-    `cu_seqlens` holds, so no token mixes with them, and repadding drops them. `max_seqlen` is then the
-    padded length.
+    Padded input: unpadding makes exactly `capacity` packed tokens (at least the real ones). The packed
+    tokens past the real ones are filler: copies of a real token that no sequence of `cu_seqlens` holds,
+    so no token mixes with them, and repadding drops them. `max_seqlen` is then the padded length.
+    Already-packed input: `max_seqlen` is the row's length, the checks of the sequence boundaries run on
+    the device, and restarting `position_ids` must hold exactly `sequences` sequences.
     """
-    if capacity < 0:
-        raise ValueError(f"varlen: the token capacity must be >= 0, got {capacity}")
-    mark = _CAPACITY.set(capacity)
+    if capacity < 0 or (sequences is not None and sequences < 0):
+        raise ValueError(f"varlen: the token capacity and sequence count must be >= 0, got {capacity}, {sequences}")
+    mark = _CAPACITY.set((capacity, sequences))
     try:
         yield
     finally:
         _CAPACITY.reset(mark)
 
 
+def _checks_on_device() -> bool:
+    """Whether a check must stay on the device (a CUDA graph being captured, or tracing) instead of raising."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def static_capacity() -> int | None:
     """The packed token count fixed by `token_capacity`, or None when unpadding keeps exactly the real tokens."""
-    return _CAPACITY.get()
+    static = _CAPACITY.get()
+    return None if static is None else static[0]
+
+
+def _static_sequences() -> int:
+    static = _CAPACITY.get()
+    if static is None or static[1] is None:
+        raise ValueError("varlen: a static layout of restarting position_ids needs their sequence count "
+                         "(token_capacity(tokens, sequences=N))")
+    return static[1]
+
+
+def _positions_in_sequences(bounds: torch.Tensor, total: int) -> torch.Tensor:
+    """[T] position of each token within its sequence of `bounds` [N + 1] (int64), with static shapes."""
+    tokens = torch.arange(total, device=bounds.device)
+    sequence = torch.searchsorted(bounds[1:], tokens, right=True).clamp(max=max(bounds.numel() - 2, 0))
+    return tokens - bounds[:-1].index_select(0, sequence) if bounds.numel() > 1 else tokens
 
 
 def padding_keep(mask: torch.Tensor, pads_are_true: bool) -> torch.Tensor:
@@ -83,6 +106,17 @@ def packed_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.
     if positions.dim() != 1 or (position_ids.dim() == 2 and position_ids.shape[0] != 1):
         raise ValueError(f"varlen: packed position_ids must be [1, T], got shape {tuple(position_ids.shape)}")
     total = positions.shape[0]
+    if static_capacity() is not None:
+        starts = torch.nonzero_static(positions == 0, size=_static_sequences(), fill_value=total).squeeze(1)
+        bounds = torch.cat([starts.new_zeros(1), starts[1:], starts.new_full((1,), total)])
+        expected = _positions_in_sequences(bounds, total)
+        ok = (expected == positions.to(expected.dtype)).all() & (starts[:1] == 0).all()
+        message = "varlen: packed position_ids must count 0, 1, 2, ... within each sequence"
+        if _checks_on_device():
+            torch._assert_async(ok, message)
+        elif not bool(ok):
+            raise ValueError(message)
+        return bounds.to(torch.int32), total, positions
     starts = (positions == 0).nonzero().squeeze(1)
     if total > 0 and (starts.numel() == 0 or int(starts[0]) != 0):
         raise ValueError("varlen: packed position_ids must start each sequence at 0 (the first token's is not 0)")
@@ -182,6 +216,13 @@ def cu_seqlens_layout(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tenso
     """(cu_seqlens int32, max_seqlen, positions [T]) of packed tokens whose sequences cu_seqlens [N + 1] gives."""
     bounds = cu_seqlens.reshape(-1).to(torch.int64)
     lengths = bounds[1:] - bounds[:-1]
+    if static_capacity() is not None and bounds.numel() >= 2:
+        ok = (bounds[0] == 0) & (bounds[-1] == total) & (lengths >= 0).all()
+        if _checks_on_device():
+            torch._assert_async(ok, f"varlen: cu_seqlens must rise from 0 to the {total} packed tokens")
+        elif not bool(ok):
+            raise ValueError(f"varlen: cu_seqlens must rise from 0 to the {total} packed tokens, got {bounds.tolist()}")
+        return bounds.to(torch.int32), total, _positions_in_sequences(bounds, total)
     if bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != total or bool((lengths < 0).any()):
         raise ValueError(f"varlen: cu_seqlens must rise from 0 to the {total} packed tokens, got {bounds.tolist()}")
     positions = torch.arange(total, device=bounds.device) - torch.repeat_interleave(bounds[:-1], lengths)
