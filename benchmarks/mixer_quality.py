@@ -157,7 +157,8 @@ def lm_experiment(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     teacher = train_teacher(args, corpus)
     teacher_time = "loaded from cache" if cached else f"{time.perf_counter() - t0:.0f} s"
-    windows = corpus.sequential(args.eval_length, split="heldout", limit=args.eval_windows)
+    held = corpus.sequential(args.eval_length, split="heldout", limit=args.eval_windows * 2)
+    windows, validation = held[: args.eval_windows], held[args.eval_windows :]  # disjoint: test, then validation
     example = {"input_ids": windows[:2, :-1]}
     teacher_ppl = perplexity(teacher, windows)
     rows: list[dict[str, Any]] = [{"variant": "teacher (softmax attention)", "ppl": teacher_ppl, "gap": 0.0}]
@@ -183,23 +184,31 @@ def lm_experiment(args: argparse.Namespace) -> dict[str, Any]:
         label = kind if rope == "default" else f"{kind} (rope {rope})"
         plan = [{"mixer": options}]
         untrained = perplexity(rewrite.optimize(copy.deepcopy(teacher), plan, example_kwargs=example), windows)
-        config = DistillConfig(
-            TransferConfig(steps=args.transfer_steps, lr=args.transfer_lr, mode="layer"),
-            FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, method="full", losses=("kl",)),
-            progress=not args.quiet,
-        )
         t1 = time.perf_counter()
-        result = distill(teacher, plan, data, config)
+        candidates = []
+        for lr in args.finetune_lrs or [args.finetune_lr]:  # chosen on the validation windows, never the test ones
+            config = DistillConfig(
+                TransferConfig(steps=args.transfer_steps, lr=args.transfer_lr, mode="layer"),
+                FinetuneConfig(steps=args.finetune_steps, lr=lr, method="full", losses=("kl",)),
+                progress=not args.quiet,
+            )
+            result = distill(teacher, plan, data, config)
+            candidates.append((perplexity(result.module, validation) if args.finetune_lrs else 0.0, lr, result))
+        _, lr, result = min(candidates, key=lambda c: c[0])
         ppl = perplexity(result.module, windows)
-        rows.append({"variant": f"{label} + recipe", "ppl": ppl, "gap": ppl - teacher_ppl,
-                     "ppl_before_recipe": untrained, "seconds": round(time.perf_counter() - t1, 1)})
+        row = {"variant": f"{label} + recipe", "ppl": ppl, "gap": ppl - teacher_ppl, "ppl_before_recipe": untrained,
+               "seconds": round(time.perf_counter() - t1, 1)}
+        if args.finetune_lrs:
+            row["fine-tune lr (chosen on validation)"] = lr
+        rows.append(row)
         if not args.quiet:
             print(f"{label}: ppl {untrained:.3f} -> {ppl:.3f} (teacher {teacher_ppl:.3f})", flush=True)
     return {
         "teacher": f"byte-level Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
                    f"trained {args.teacher_steps} steps x {args.batch} x {args.length} bytes "
                    f"({teacher_time})",
-        "eval": f"{windows.shape[0]} held-out windows of {args.eval_length} bytes",
+        "eval": f"{windows.shape[0]} held-out windows of {args.eval_length} bytes"
+                + (f" (fine-tune lr chosen on the next {validation.shape[0]})" if args.finetune_lrs else ""),
         "recipe": f"transfer {args.transfer_steps} steps (layer-local), KL fine-tune {args.finetune_steps} steps "
                   f"(full), batch {args.batch} x {args.length}; feature map {args.feature_map}; hybrid_swa starts "
                   f"at linear weight {args.linear_weight}",
@@ -245,6 +254,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kinds", type=lambda s: s.split(","), default=list(ALL_KINDS))
     p.add_argument("--rope", type=lambda s: s.split(","), default=["default"],
                    help="mixer rope settings to run each kind with (keep, drop; default: the kind's own)")
+    p.add_argument("--finetune-lrs", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                   help="fine-tune learning rates to try per kind; the one with the lowest perplexity on held-out "
+                        "windows disjoint from the test windows is kept")
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
