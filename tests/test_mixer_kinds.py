@@ -555,3 +555,20 @@ def test_packed_attention_transfer_teaches_within_each_sequence():
                                                      scale=SCALE) for s, e in zip(bounds, bounds[1:])], dim=2)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert set(record.losses) == {"l0"} and record.losses["l0"].item() > 0
+
+
+def test_quality_benchmark_chooses_the_fine_tune_lr_on_windows_apart_from_the_test_ones(monkeypatch):
+    from benchmarks import mixer_quality
+
+    seen: list[int] = []
+    perplexity = mixer_quality.perplexity
+
+    def recorded(module, windows):
+        seen.append(windows.data_ptr())
+        return perplexity(module, windows)
+
+    monkeypatch.setattr(mixer_quality, "perplexity", recorded)
+    result = mixer_quality.main(["--tiny", "--part", "lm", "--quiet", "--kinds", "gla", "--finetune-lrs", "1e-3,1e-4"])
+    row = next(r for r in result["lm"]["rows"] if r["variant"] == "gla + recipe")
+    assert row["fine-tune lr (chosen on validation)"] in (1e-3, 1e-4) and math.isfinite(row["ppl"])
+    assert len(set(seen)) == 2  # the test windows and, apart from them, the validation windows
