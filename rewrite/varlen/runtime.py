@@ -55,11 +55,17 @@ def _static_sequences() -> int:
     return static[1]
 
 
+def _sequence_starts(bounds: torch.Tensor, total: int) -> torch.Tensor:
+    """[T] first token of each token's sequence of `bounds` [N + 1] (int64, N >= 1), with static shapes; tokens
+    past the last sequence (filler) count as the last one's."""
+    sequence = torch.searchsorted(bounds[1:], torch.arange(total, device=bounds.device), right=True)
+    return bounds[:-1].index_select(0, sequence.clamp(max=bounds.numel() - 2))
+
+
 def _positions_in_sequences(bounds: torch.Tensor, total: int) -> torch.Tensor:
     """[T] position of each token within its sequence of `bounds` [N + 1] (int64), with static shapes."""
     tokens = torch.arange(total, device=bounds.device)
-    sequence = torch.searchsorted(bounds[1:], tokens, right=True).clamp(max=max(bounds.numel() - 2, 0))
-    return tokens - bounds[:-1].index_select(0, sequence) if bounds.numel() > 1 else tokens
+    return tokens - _sequence_starts(bounds, total) if bounds.numel() > 1 else tokens
 
 
 def padding_keep(mask: torch.Tensor, pads_are_true: bool) -> torch.Tensor:
@@ -277,9 +283,7 @@ def segmented_cumsum(x: torch.Tensor, dim: int, cu_seqlens: torch.Tensor, dtype:
     bounds = cu_seqlens.long()
     if bounds.numel() < 2:
         return total
-    # the sequence of each token (tokens past the last sequence, filler, count as the last one)
-    sequence = torch.searchsorted(bounds[1:], torch.arange(tokens, device=x.device), right=True)
-    start = bounds[:-1].index_select(0, sequence.clamp(max=max(bounds.numel() - 2, 0)))
+    start = _sequence_starts(bounds, tokens)
     before = total.index_select(dim, (start - 1).clamp(min=0))
     shape = [1] * x.dim()
     shape[dim % x.dim()] = tokens
