@@ -93,7 +93,8 @@ class BucketedGraphs:
 
     def __call__(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         flat, spec = pytree.tree_flatten((args, kwargs))
-        if not self._eligible(flat):
+        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        if not self._eligible(tensors):
             return self.program(*args, **kwargs)
         real, most, sequences = self.policy.sizes(self.flat_inputs(args, kwargs), self.real_tokens)
         capacity = min(-(-max(real, 1) // self.policy.bucket) * self.policy.bucket, most)
@@ -109,19 +110,17 @@ class BucketedGraphs:
             if entry is None:
                 return self.program(*args, **kwargs)
         self.graphs.move_to_end(key)
-        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         for static, given in zip(entry.inputs, tensors, strict=True):
             static.copy_(given)
         entry.graph.replay()
         self.replays += 1
         return pytree.tree_map_only(torch.Tensor, torch.clone, entry.outputs)
 
-    def _eligible(self, flat: list[Any]) -> bool:
+    def _eligible(self, tensors: list[torch.Tensor]) -> bool:
         if self.policy.mode == "never" or self.failed is not None or torch.is_grad_enabled():
             return False
         if torch.compiler.is_compiling() or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
             return False
-        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         return bool(tensors) and all(t.is_cuda for t in tensors)
 
     def _capture(self, key: tuple, flat: list[Any], spec: pytree.TreeSpec, capacity: int,
