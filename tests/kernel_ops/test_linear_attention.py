@@ -120,6 +120,23 @@ def on_device(inputs: dict, device) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", TRITON_CASES, ids=str)
 def test_triton_forward_and_backward_match_naive(case, dtype):
+    check_triton_against_naive(case, dtype)
+
+
+@pytest.mark.parametrize("strength", [0.5, 2.0, 8.0])
+@pytest.mark.parametrize("path", ["masked", "batched", "whole"])
+def test_triton_vector_fast_paths(path, strength, monkeypatch):
+    """Each implementation of the vector decay's in-chunk products (`triton_gated.SUB_PRODUCTS`), forward
+    and backward. Log-decays down to -0.5 per token spread by < 40 over a 64-token chunk (the whole-chunk
+    form, where it is on); down to -2, by > 40 over a chunk but < 40 over a 16-token sub-chunk (the
+    sub-chunk form); down to -8, by > 40 over a sub-chunk (the exact per-pair form)."""
+    gated = triton_module("triton_gated")
+    monkeypatch.setattr(gated, "SUB_PRODUCTS", {"forward": path, "backward": path})
+    case = Case("vector", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16, decay_strength=strength)
+    check_triton_against_naive(case, torch.float32)
+
+
+def check_triton_against_naive(case: Case, dtype: torch.dtype) -> None:
     forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
     x = make_inputs(case, dtype, kernel_device())
     args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])

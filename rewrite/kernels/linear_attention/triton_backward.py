@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import new_empty
-from . import triton_forward
+from . import triton_forward, triton_gated
 from .triton_common import block, chunk_log_decay, chunk_of_program, sequence_rows
 from .triton_forward import _load_tile, chunk_states, precision, prepare, scan_states, scan_terms
 from .triton_gated import lower_apply, sub_chunk, upper_apply, upper_scores
@@ -125,6 +125,7 @@ def _chunk_dqk_kernel(
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
+    PATH: tl.constexpr,
 ):
     i_c, i_k, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
@@ -179,8 +180,8 @@ def _chunk_dqk_kernel(
             dk_acc += tl.dot(dscores_t * pair_t, q.to(tl.float32), input_precision=F32_PRECISION)
         if MODE == 2:
             dq = dq * tl.exp(b)
-            dq += lower_apply(dscores, kf, b, C, SUB, F32_PRECISION)
-            dk_acc += upper_apply(dscores_t, q.to(tl.float32), b, C, SUB, F32_PRECISION)
+            dq += lower_apply(dscores, kf, b, C, SUB, F32_PRECISION, PATH)
+            dk_acc += upper_apply(dscores_t, q.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
         q_dq += q.to(tl.float32) * dq
         offs = rows.to(tl.int64)[:, None] * (heads * dk) + h * dk + kcols[None, :]
         mask = row_mask[:, None] & (kcols < dk)[None, :]
@@ -239,6 +240,7 @@ def _chunk_dv_kernel(
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
+    PATH: tl.constexpr,
 ):
     i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
@@ -263,7 +265,7 @@ def _chunk_dv_kernel(
                 b, to_end, b_last = chunk_log_decay(
                     g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST
                 )
-                scores_t += upper_scores(k.to(tl.float32), q.to(tl.float32), b, C, SUB, F32_PRECISION)
+                scores_t += upper_scores(k.to(tl.float32), q.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
             else:
                 scores_t += tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if MODE == 1:
@@ -411,7 +413,7 @@ def chunk_backward(
     dk_ = new_empty(k.shape, dtype=k.dtype, device=device)
     dv_ = new_empty(v.shape, dtype=v.dtype, device=device)
     common = dict(C=chunks.chunk, SUB=sub_chunk(chunks.chunk), MODE=mode, CONST=const, VARLEN=chunks.varlen)
-    common.update(PRECISION=prec, F32_PRECISION=prec)
+    common.update(PRECISION=prec, F32_PRECISION=prec, PATH=triton_gated.path("backward"))
     bk, bv, warps = DQK_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
     # per key dim for "vector"; else summed over each K tile's columns in the kernel

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import new_empty
+from . import triton_gated
 from .triton_common import Chunks, block, check_head_dims, chunk_log_decay, chunk_of_program, sequence_rows
 from .triton_gated import lower_scores, sub_chunk
 
@@ -272,6 +273,7 @@ def _chunk_output_kernel(
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
+    PATH: tl.constexpr,
 ):
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
@@ -295,7 +297,7 @@ def _chunk_output_kernel(
         if MODE == 2:
             b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
             o += tl.dot((q * tl.exp(b)).to(q.dtype), state, input_precision=PRECISION)
-            scores += lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION)
+            scores += lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
         else:
             o += tl.dot(q, state, input_precision=PRECISION)
             scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -504,6 +506,7 @@ def chunk_forward(
         VARLEN=chunks.varlen,
         PRECISION=precision(q.dtype),
         F32_PRECISION=precision(q.dtype),
+        PATH=triton_gated.path("forward"),
         num_warps=warps,
     )
     return o, ht

@@ -15,12 +15,39 @@ bounded by the spread of b over s) and b's min for the upper forms. When the spr
 LIMIT (log-decays summing below -LIMIT within SUB tokens) that factor could overflow, so the
 exact per-pair form runs instead (a loop over the chunk's rows; slow, but only for such gates).
 Exponents are clamped only where the product is masked out, so no inf or NaN is formed.
+
+Implementations of the fast path, chosen per launch by the PATH constexpr (the launchers read
+`SUB_PRODUCTS`, so they can be timed side by side in one process):
+- 0 masked (v4): per sub-chunk s, a full [C, BK] x [BK, C] (or [C, C] x [C, BK]) product with the
+  rows outside s zeroed, and two [C, BK] exps: 4x the needed product work, 2 * C / SUB exps per element.
+- 1 batched (v5): the chunk viewed as [C / SUB, SUB, BK]; the per-sub-chunk references are
+  [C / SUB, BK] reductions, the row side's factor is one exp per element, and all sub-chunk products
+  are one batched dot ([C / SUB, SUB, BK] x [C / SUB, BK, C]): no zeroed rows. The other side's
+  factor still depends on the sub-chunk ([C / SUB, C, BK]: C / SUB exps per element).
+- 2 whole (v5): when b spreads by at most LIMIT over the whole chunk (in this K tile), the reference
+  is b's max (min) over the whole chunk: one exp per element on each side and one plain
+  [C, BK] x [BK, C] dot, as for a scalar decay; else the batched form; else the exact form.
+All use the same kind of factors (exp(b - ref) <= 1 on one side, exp(ref - b) <= exp(LIMIT) on the
+other), the same clamps and the same sub-chunk LIMIT test for the exact form, so they agree up to
+float rounding. The whole-chunk test holds for typical gates (e.g. logsigmoid(x) / 16) and fails
+for strong ones (a mean log-decay below -40 / 64 per token), which then take the sub-chunk forms.
 """
 
 import triton
 import triton.language as tl
 
 LIMIT = tl.constexpr(40.0)  # exp(40) ~ 2e17: safe in float32 / tf32 operands of a dot
+
+# Fast-path implementation (the PATH constexpr) of the forward output kernel ("forward") and of the
+# backward's dq/dk and dv kernels ("backward"): "masked" (v4), "batched" or "whole" (v5; see above).
+# Read at every launch, so benchmarks.linear_attention --sweep times them side by side.
+PATHS = {"masked": 0, "batched": 1, "whole": 2}
+SUB_PRODUCTS = {"forward": "whole", "backward": "whole"}
+
+
+def path(part: str) -> int:
+    """The PATH constexpr for `part` ("forward" or "backward") under the current SUB_PRODUCTS."""
+    return PATHS[SUB_PRODUCTS[part]]
 
 
 @triton.jit
@@ -53,7 +80,51 @@ def _col(p, j, C: tl.constexpr):
 
 
 @triton.jit
-def lower_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
+def _lower_scores_exact(x, y, b, C: tl.constexpr):
+    """The exact per-pair form (a loop over the chunk's rows), for gates past the fast path's limit."""
+    idx = tl.arange(0, C)
+    out = tl.zeros([C, C], dtype=tl.float32)
+    for j in range(0, C):
+        yj, bj = _row(y, j, C), _row(b, j, C)
+        col = tl.sum(x * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.0)), axis=1)
+        out = tl.where((idx == j)[None, :], col[:, None], out)
+    return out
+
+
+@triton.jit
+def _upper_scores_exact(x, y, b, C: tl.constexpr):
+    """The exact per-pair form (a loop over the chunk's rows), for gates past the fast path's limit."""
+    idx = tl.arange(0, C)
+    out = tl.zeros([C, C], dtype=tl.float32)
+    for c in range(0, C):
+        yc, bc = _row(y, c, C), _row(b, c, C)
+        col = tl.sum(x * yc[None, :] * tl.exp(tl.minimum(bc[None, :] - b, 0.0)), axis=1)
+        out = tl.where((idx == c)[None, :], col[:, None], out)
+    return out
+
+
+@triton.jit
+def _lower_apply_exact(p, y, b, C: tl.constexpr):
+    """The exact per-pair form (a loop over the chunk's rows), for gates past the fast path's limit."""
+    out = tl.zeros_like(y)
+    for j in range(0, C):
+        yj, bj = _row(y, j, C), _row(b, j, C)
+        out += _col(p, j, C)[:, None] * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.0))
+    return out
+
+
+@triton.jit
+def _upper_apply_exact(p, y, b, C: tl.constexpr):
+    """The exact per-pair form (a loop over the chunk's rows), for gates past the fast path's limit."""
+    out = tl.zeros_like(y)
+    for c in range(0, C):
+        yc, bc = _row(y, c, C), _row(b, c, C)
+        out += _col(p, c, C)[:, None] * yc[None, :] * tl.exp(tl.minimum(bc[None, :] - b, 0.0))
+    return out
+
+
+@triton.jit
+def _lower_scores_masked(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     idx = tl.arange(0, C)
     out = tl.zeros([C, C], dtype=tl.float32)
     if fast_path_ok(b, C, SUB):
@@ -63,15 +134,12 @@ def lower_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.cons
             ys = tl.where((idx < (s + 1) * SUB)[:, None], y * tl.exp(tl.minimum(hi[None, :] - b, LIMIT)), 0.0)
             out += tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
     else:
-        for j in range(0, C):
-            yj, bj = _row(y, j, C), _row(b, j, C)
-            col = tl.sum(x * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.0)), axis=1)
-            out = tl.where((idx == j)[None, :], col[:, None], out)
+        out = _lower_scores_exact(x, y, b, C)
     return out
 
 
 @triton.jit
-def upper_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
+def _upper_scores_masked(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     idx = tl.arange(0, C)
     out = tl.zeros([C, C], dtype=tl.float32)
     if fast_path_ok(b, C, SUB):
@@ -81,15 +149,12 @@ def upper_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.cons
             ys = tl.where((idx >= s * SUB)[:, None], y * tl.exp(tl.minimum(b - lo[None, :], LIMIT)), 0.0)
             out += tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
     else:
-        for c in range(0, C):
-            yc, bc = _row(y, c, C), _row(b, c, C)
-            col = tl.sum(x * yc[None, :] * tl.exp(tl.minimum(bc[None, :] - b, 0.0)), axis=1)
-            out = tl.where((idx == c)[None, :], col[:, None], out)
+        out = _upper_scores_exact(x, y, b, C)
     return out
 
 
 @triton.jit
-def lower_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
+def _lower_apply_masked(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     idx = tl.arange(0, C)
     out = tl.zeros_like(y)
     if fast_path_ok(b, C, SUB):
@@ -99,14 +164,12 @@ def lower_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.const
             scale = tl.where(in_s[:, None], tl.exp(tl.minimum(b - hi[None, :], 0.0)), 0.0)
             out += scale * tl.dot(p, ys, input_precision=PRECISION)
     else:
-        for j in range(0, C):
-            yj, bj = _row(y, j, C), _row(b, j, C)
-            out += _col(p, j, C)[:, None] * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.0))
+        out = _lower_apply_exact(p, y, b, C)
     return out
 
 
 @triton.jit
-def upper_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
+def _upper_apply_masked(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     idx = tl.arange(0, C)
     out = tl.zeros_like(y)
     if fast_path_ok(b, C, SUB):
@@ -116,9 +179,147 @@ def upper_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.const
             scale = tl.where(in_s[:, None], tl.exp(tl.minimum(lo[None, :] - b, 0.0)), 0.0)
             out += scale * tl.dot(p, ys, input_precision=PRECISION)
     else:
-        for c in range(0, C):
-            yc, bc = _row(y, c, C), _row(b, c, C)
-            out += _col(p, c, C)[:, None] * yc[None, :] * tl.exp(tl.minimum(bc[None, :] - b, 0.0))
+        out = _upper_apply_exact(p, y, b, C)
+    return out
+
+
+@triton.jit
+def _blocks(b, C: tl.constexpr, SUB: tl.constexpr):
+    """(b as [C / SUB, SUB, BK], its max and min over each sub-chunk [C / SUB, BK], fast path ok)."""
+    b3 = tl.reshape(b, [C // SUB, SUB, b.shape[1]])
+    hi = tl.max(b3, axis=1)
+    lo = tl.min(b3, axis=1)
+    ok = tl.max(tl.max(hi - lo, axis=1), axis=0) <= LIMIT
+    return b3, hi, lo, ok
+
+
+@triton.jit
+def _upto(C: tl.constexpr, SUB: tl.constexpr):
+    """[C / SUB, C]: row j of the chunk is before the end of sub-chunk s."""
+    return tl.arange(0, C)[None, :] < (tl.arange(0, C // SUB)[:, None] + 1) * SUB
+
+
+@triton.jit
+def _from(C: tl.constexpr, SUB: tl.constexpr):
+    """[C / SUB, C]: row j of the chunk is at or after the start of sub-chunk s."""
+    return tl.arange(0, C)[None, :] >= tl.arange(0, C // SUB)[:, None] * SUB
+
+
+@triton.jit
+def _whole(hi, lo, WHOLE: tl.constexpr):
+    """(b's max and min over the whole chunk [BK], whether its spread is within LIMIT); False without WHOLE."""
+    top = tl.max(hi, axis=0)
+    bot = tl.min(lo, axis=0)
+    if WHOLE:
+        ok = tl.max(top - bot, axis=0) <= LIMIT
+    else:
+        ok = False
+    return top, bot, ok
+
+
+@triton.jit
+def _lower_scores_batched(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+    b3, hi, lo, ok = _blocks(b, C, SUB)
+    top, bot, whole = _whole(hi, lo, WHOLE)
+    if whole:
+        xs = x * tl.exp(tl.minimum(b - top[None, :], 0.0))
+        ys = y * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
+        out = tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
+    elif ok:
+        xs = tl.reshape(x, [C // SUB, SUB, x.shape[1]]) * tl.exp(tl.minimum(b3 - hi[:, None, :], 0.0))
+        ys = y[None, :, :] * tl.exp(tl.minimum(hi[:, None, :] - b[None, :, :], LIMIT))
+        ys = tl.where(_upto(C, SUB)[:, :, None], ys, 0.0)
+        out = tl.reshape(tl.dot(xs, tl.permute(ys, (0, 2, 1)), input_precision=PRECISION), [C, C])
+    else:
+        out = _lower_scores_exact(x, y, b, C)
+    return out
+
+
+@triton.jit
+def _upper_scores_batched(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+    b3, hi, lo, ok = _blocks(b, C, SUB)
+    top, bot, whole = _whole(hi, lo, WHOLE)
+    if whole:
+        xs = x * tl.exp(tl.minimum(bot[None, :] - b, 0.0))
+        ys = y * tl.exp(tl.minimum(b - bot[None, :], LIMIT))
+        out = tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
+    elif ok:
+        xs = tl.reshape(x, [C // SUB, SUB, x.shape[1]]) * tl.exp(tl.minimum(lo[:, None, :] - b3, 0.0))
+        ys = y[None, :, :] * tl.exp(tl.minimum(b[None, :, :] - lo[:, None, :], LIMIT))
+        ys = tl.where(_from(C, SUB)[:, :, None], ys, 0.0)
+        out = tl.reshape(tl.dot(xs, tl.permute(ys, (0, 2, 1)), input_precision=PRECISION), [C, C])
+    else:
+        out = _upper_scores_exact(x, y, b, C)
+    return out
+
+
+@triton.jit
+def _lower_apply_batched(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+    b3, hi, lo, ok = _blocks(b, C, SUB)
+    top, bot, whole = _whole(hi, lo, WHOLE)
+    if whole:
+        ys = y * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
+        out = tl.dot(p, ys, input_precision=PRECISION) * tl.exp(tl.minimum(b - top[None, :], 0.0))
+    elif ok:
+        ys = y[None, :, :] * tl.exp(tl.minimum(hi[:, None, :] - b[None, :, :], LIMIT))
+        ys = tl.where(_upto(C, SUB)[:, :, None], ys, 0.0)
+        out3 = tl.dot(tl.reshape(p, [C // SUB, SUB, C]), ys, input_precision=PRECISION)
+        out = tl.reshape(out3 * tl.exp(tl.minimum(b3 - hi[:, None, :], 0.0)), [C, y.shape[1]])
+    else:
+        out = _lower_apply_exact(p, y, b, C)
+    return out
+
+
+@triton.jit
+def _upper_apply_batched(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+    b3, hi, lo, ok = _blocks(b, C, SUB)
+    top, bot, whole = _whole(hi, lo, WHOLE)
+    if whole:
+        ys = y * tl.exp(tl.minimum(b - bot[None, :], LIMIT))
+        out = tl.dot(p, ys, input_precision=PRECISION) * tl.exp(tl.minimum(bot[None, :] - b, 0.0))
+    elif ok:
+        ys = y[None, :, :] * tl.exp(tl.minimum(b[None, :, :] - lo[:, None, :], LIMIT))
+        ys = tl.where(_from(C, SUB)[:, :, None], ys, 0.0)
+        out3 = tl.dot(tl.reshape(p, [C // SUB, SUB, C]), ys, input_precision=PRECISION)
+        out = tl.reshape(out3 * tl.exp(tl.minimum(lo[:, None, :] - b3, 0.0)), [C, y.shape[1]])
+    else:
+        out = _upper_apply_exact(p, y, b, C)
+    return out
+
+
+@triton.jit
+def lower_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
+    if PATH == 0:
+        out = _lower_scores_masked(x, y, b, C, SUB, PRECISION)
+    else:
+        out = _lower_scores_batched(x, y, b, C, SUB, PRECISION, PATH == 2)
+    return out
+
+
+@triton.jit
+def upper_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
+    if PATH == 0:
+        out = _upper_scores_masked(x, y, b, C, SUB, PRECISION)
+    else:
+        out = _upper_scores_batched(x, y, b, C, SUB, PRECISION, PATH == 2)
+    return out
+
+
+@triton.jit
+def lower_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
+    if PATH == 0:
+        out = _lower_apply_masked(p, y, b, C, SUB, PRECISION)
+    else:
+        out = _lower_apply_batched(p, y, b, C, SUB, PRECISION, PATH == 2)
+    return out
+
+
+@triton.jit
+def upper_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
+    if PATH == 0:
+        out = _upper_apply_masked(p, y, b, C, SUB, PRECISION)
+    else:
+        out = _upper_apply_batched(p, y, b, C, SUB, PRECISION, PATH == 2)
     return out
 
 
