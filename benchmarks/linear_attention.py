@@ -3,8 +3,10 @@
 bf16, H=16, D=128, B=1 at L in {2K, 8K, 32K, 128K}, plus B=4 at L=8K; forward and forward+backward.
 In order: first-call time of each decay kind, each in a fresh subprocess with an empty Triton
 cache (so it includes every compile); a check of each decay kind on the GPU against a float64
-reference; kernel launches per call; the timing table; optionally (--sweep) launch-shape variants.
+reference; kernel launches per call; the timing table; optionally (--sweep) the SWEEP variants
+(the previous implementation of the vector decay's in-chunk products, launch shapes) at --sweep-lengths.
 Run: python -m benchmarks.linear_attention [--lengths 2048,8192] [--out runs/linear_attention.json]
+Old vs new only: python -m benchmarks.linear_attention --sweep-only --decays vector [--sweep-breakdown]
 """
 
 from __future__ import annotations
@@ -92,26 +94,48 @@ def check_against_fp64(lengths=(1000, 2048), decays=("none", "constant", "scalar
     lines = []
     for decay in decays:
         for t in lengths:
-            q, k, v, g = _inputs(1, t, decay, True)
-            o = linear_attention(q, k, v, g, decay=decay)[0]
-            do = torch.randn_like(o)
-            o.backward(do)
-            ref_args = [x.detach().double().cpu().requires_grad_(True) for x in (q, k, v)]
-            rg = g.detach().double().cpu().requires_grad_(True) if g is not None else None
-            ro = linear_attention(*ref_args, rg, decay=decay)[0]
-            ro.backward(do.double().cpu())
-            errs = {"o": _rel(o, ro)}
-            for name, a, r in zip("qkv", (q, k, v), ref_args):
-                errs["d" + name] = _rel(a.grad, r.grad)
-            if g is not None:
-                errs["dg"] = _rel(g.grad, rg.grad)
-            worst = max(errs.values())
-            lines.append(
-                f"check {decay:8s} L={t:5d} "
-                + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
-                + ("  OK" if worst < 1e-2 else "  FAIL")
-            )
+            torch.manual_seed(t)
+            errs = _errors_vs_fp64(_inputs(1, t, decay, True), decay)
+            lines.append(f"check {decay:8s} L={t:5d} {_format_errors(errs)}")
     return lines
+
+
+def _errors_vs_fp64(inputs, decay: str, reference=None) -> dict:
+    """{output or gradient: relative error vs the float64 CPU run}; `reference` reuses that run's
+    (o, grads), as returned in the "ref" entry."""
+    q, k, v, g = inputs
+    o = linear_attention(q, k, v, g, decay=decay)[0]
+    gen = torch.Generator(device=o.device).manual_seed(0)
+    do = torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype)
+    o.backward(do)
+    leaves = [x for x in (q, k, v, g) if x is not None]
+    if reference is None:
+        ref_args = [x.detach().double().cpu().requires_grad_(True) for x in leaves]
+        ro = linear_attention(*ref_args[:3], ref_args[3] if g is not None else None, decay=decay)[0]
+        ro.backward(do.double().cpu())
+        reference = (ro.detach(), [r.grad for r in ref_args])
+    errs = {"o": _rel(o, reference[0])}
+    for name, a, r in zip(("dq", "dk", "dv", "dg"), leaves, reference[1]):
+        errs[name] = _rel(a.grad, r)
+        a.grad = None
+    errs["ref"] = reference
+    return errs
+
+
+def _format_errors(errs: dict) -> str:
+    vals = {k: v for k, v in errs.items() if k != "ref"}
+    worst = max(vals.values())
+    return " ".join(f"{k}={v:.1e}" for k, v in vals.items()) + ("  OK" if worst < 1e-2 else "  FAIL")
+
+
+def _sweep_check_inputs(length: int = 1000) -> dict:
+    """Vector-decay inputs for the per-variant check: the benchmark's gates (log-decay ~ -0.03 per
+    token: the whole-chunk form) and strong ones (~ -0.8 per token, spread > 40 over a 64-token chunk
+    and < 40 over 16 tokens: the sub-chunk form)."""
+    torch.manual_seed(0)
+    q, k, v, g = _inputs(1, length, "vector", True)
+    strong = F.logsigmoid(torch.randn_like(g)).detach().requires_grad_(True)
+    return {"typical gates": (q, k, v, g), "strong gates": (q, k, v, strong)}
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -214,15 +238,22 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (row.median_ms * 1e-3)
 
 
-# launch-shape variants for --sweep: (module attribute, value) pairs applied in turn
+# variants for --sweep: (module attribute, value) pairs applied in turn (a dict value updates the
+# module's dict). "base" is the default; "v4 in-chunk (masked)" is the v4 implementation of the
+# vector decay's in-chunk products (triton_gated.SUB_PRODUCTS), so old and new are timed in one run.
+_V4 = {"forward": "masked", "backward": "masked"}
 SWEEP = {
     "base": [],
-    "v3 states (no scan)": [("triton_forward", "SCAN", False)],
-    "scan 64x32": [("triton_forward", "SCAN_TILES", (64, 32))],
-    "scan 32x64 terms w8": [("triton_forward", "SCAN_TILES", (32, 64)), ("triton_forward", "TERM_WARPS", 8)],
-    "scan 16x32": [("triton_forward", "SCAN_TILES", (16, 32))],
-    "dqk bk128 w8": [("triton_backward", "DQK_TILES", {1: (128, 64, 8), 2: (64, 64, 8)})],
-    "dqk bk64 w8": [("triton_backward", "DQK_TILES", {1: (64, 64, 8), 2: (32, 64, 8)})],
+    "v4 in-chunk (masked)": [("triton_gated", "SUB_PRODUCTS", _V4)],
+    "v5 batched only": [("triton_gated", "SUB_PRODUCTS", {"forward": "batched", "backward": "batched"})],
+    "v5 fwd, v4 bwd": [("triton_gated", "SUB_PRODUCTS", {"backward": "masked"})],
+    "v5 out 32x128 w8": [("triton_forward", "OUTPUT_TILES", {2: (32, 128, 8)})],
+    "v5 out 16x64 w4": [("triton_forward", "OUTPUT_TILES", {2: (16, 64, 4)})],
+    "v5 out 64x64 w8": [("triton_forward", "OUTPUT_TILES", {2: (64, 64, 8)})],
+    "v4 out 32x128 w8": [("triton_gated", "SUB_PRODUCTS", _V4), ("triton_forward", "OUTPUT_TILES", {2: (32, 128, 8)})],
+    "v5 dqk w8": [("triton_backward", "DQK_TILES", {2: (32, 64, 8)})],
+    "v5 dv w8": [("triton_backward", "DV_TILES", {2: (32, 64, 8)})],
+    "v3 states (no scan)": [("triton_forward", "SCAN_MODES", ())],
 }
 
 
@@ -239,11 +270,21 @@ def _apply_variant(changes) -> list:
     return undo
 
 
-def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar")) -> list[str]:
+def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown: bool = False) -> list[str]:
+    """Each SWEEP variant's fwd and fwd+bwd time (the first shape only for decays other than vector);
+    with `breakdown`, also its per-kernel GPU times for vector fwd+bwd at the first shape."""
     lines = []
+    checks = _sweep_check_inputs() if "vector" in decays else {}
+    references = {}
     for name, changes in SWEEP.items():
-        undo = _apply_variant(changes)
+        undo = []
         try:
+            undo = _apply_variant(changes)
+            for label, inputs in checks.items():  # every variant's vector results vs float64
+                errs = _errors_vs_fp64(inputs, "vector", references.get(label))
+                references[label] = errs["ref"]
+                lines.append(f"sweep {name:20s} check vector {label} L=1000: {_format_errors(errs)}")
+                print(lines[-1], flush=True)
             for decay in decays:
                 for b, t in shapes if decay == "vector" else shapes[:1]:
                     q, k, v, g = _inputs(b, t, decay, True)
@@ -255,6 +296,10 @@ def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar")) -> list[s
                         f"sweep {name:20s} {decay:7s} B={b} L={t:6d} fwd {fwd.median_ms:7.3f} "
                         f"fwd+bwd {both.median_ms:7.3f} ms"
                     )
+                    print(lines[-1], flush=True)
+            if breakdown and "vector" in decays:
+                for line in kernel_breakdown("vector", *shapes[0]):
+                    lines.append(f"sweep {name:20s} {line}")
                     print(lines[-1], flush=True)
         except Exception as exc:
             lines.append(f"sweep {name}: {type(exc).__name__}: {str(exc)[:300]}")
@@ -274,7 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-fla", action="store_true")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--no-table", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="time the launch-shape variants in SWEEP")
+    parser.add_argument("--sweep", action="store_true", help="time the variants in SWEEP (old vs new, launch shapes)")
+    parser.add_argument("--sweep-lengths", default="8192,32768", help="B=1 lengths the sweep times")
+    parser.add_argument("--sweep-breakdown", action="store_true", help="per-kernel GPU times of each variant")
+    parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no first call, check or table)")
     parser.add_argument("--diagnose", action="store_true", help="dv diagnosis and per-kernel breakdowns only")
     parser.add_argument("--first-call-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -283,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
         first_call_child(decay, int(length))
         return
     decays = args.decays.split(",")
+    sweep_shapes = tuple((1, int(x)) for x in args.sweep_lengths.split(","))
+    swept = tuple(d for d in decays if d != "none")  # no variant changes the no-decay kernels
+    run_sweep = functools.partial(sweep, sweep_shapes, swept, args.sweep_breakdown)
+    if args.sweep_only:
+        print("\n".join(run_sweep()))
+        return
     if args.diagnose:
         diag = diagnose_dv()
         for decay, b, t, bwd in (
@@ -291,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
             ("vector", 1, 8192, True),
         ):
             print("\n".join(kernel_breakdown(decay, b, t, bwd)), flush=True)
-        sweep_lines = sweep() if args.sweep else []
+        sweep_lines = run_sweep() if args.sweep else []
         print("\n".join(diag + sweep_lines))
         return
     first_call = {d: first_call_seconds(d) for d in decays}  # before anything compiles here
@@ -304,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"launches {decay:8s} fwd {fwd_n}  fwd+bwd {both_n}", flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    sweep_lines = sweep() if args.sweep else []
+    sweep_lines = run_sweep() if args.sweep else []
     if args.no_table:
         return
     fla = {}
