@@ -296,8 +296,9 @@ def _chunk_output_kernel(
         state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(q.dtype)
         if MODE == 2:
             b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
-            o += tl.dot((q * tl.exp(b)).to(q.dtype), state, input_precision=PRECISION)
-            scores += lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
+            part, qd = lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
+            scores += part
+            o += tl.dot(qd.to(q.dtype), state, input_precision=PRECISION)
         else:
             o += tl.dot(q, state, input_precision=PRECISION)
             scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)

@@ -206,10 +206,10 @@ def _from(C: tl.constexpr, SUB: tl.constexpr):
 
 
 @triton.jit
-def _whole(hi, lo, WHOLE: tl.constexpr):
+def _whole(b, WHOLE: tl.constexpr):
     """(b's max and min over the whole chunk [BK], whether its spread is within LIMIT); False without WHOLE."""
-    top = tl.max(hi, axis=0)
-    bot = tl.min(lo, axis=0)
+    top = tl.max(b, axis=0)
+    bot = tl.min(b, axis=0)
     if WHOLE:
         ok = tl.max(top - bot, axis=0) <= LIMIT
     else:
@@ -218,14 +218,9 @@ def _whole(hi, lo, WHOLE: tl.constexpr):
 
 
 @triton.jit
-def _lower_scores_batched(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+def _lower_scores_sub(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     b3, hi, lo, ok = _blocks(b, C, SUB)
-    top, bot, whole = _whole(hi, lo, WHOLE)
-    if whole:
-        xs = x * tl.exp(tl.minimum(b - top[None, :], 0.0))
-        ys = y * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
-        out = tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
-    elif ok:
+    if ok:
         xs = tl.reshape(x, [C // SUB, SUB, x.shape[1]]) * tl.exp(tl.minimum(b3 - hi[:, None, :], 0.0))
         ys = y[None, :, :] * tl.exp(tl.minimum(hi[:, None, :] - b[None, :, :], LIMIT))
         ys = tl.where(_upto(C, SUB)[:, :, None], ys, 0.0)
@@ -236,14 +231,9 @@ def _lower_scores_batched(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION
 
 
 @triton.jit
-def _upper_scores_batched(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+def _upper_scores_sub(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     b3, hi, lo, ok = _blocks(b, C, SUB)
-    top, bot, whole = _whole(hi, lo, WHOLE)
-    if whole:
-        xs = x * tl.exp(tl.minimum(bot[None, :] - b, 0.0))
-        ys = y * tl.exp(tl.minimum(b - bot[None, :], LIMIT))
-        out = tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
-    elif ok:
+    if ok:
         xs = tl.reshape(x, [C // SUB, SUB, x.shape[1]]) * tl.exp(tl.minimum(lo[:, None, :] - b3, 0.0))
         ys = y[None, :, :] * tl.exp(tl.minimum(b[None, :, :] - lo[:, None, :], LIMIT))
         ys = tl.where(_from(C, SUB)[:, :, None], ys, 0.0)
@@ -254,13 +244,9 @@ def _upper_scores_batched(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION
 
 
 @triton.jit
-def _lower_apply_batched(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+def _lower_apply_sub(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     b3, hi, lo, ok = _blocks(b, C, SUB)
-    top, bot, whole = _whole(hi, lo, WHOLE)
-    if whole:
-        ys = y * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
-        out = tl.dot(p, ys, input_precision=PRECISION) * tl.exp(tl.minimum(b - top[None, :], 0.0))
-    elif ok:
+    if ok:
         ys = y[None, :, :] * tl.exp(tl.minimum(hi[:, None, :] - b[None, :, :], LIMIT))
         ys = tl.where(_upto(C, SUB)[:, :, None], ys, 0.0)
         out3 = tl.dot(tl.reshape(p, [C // SUB, SUB, C]), ys, input_precision=PRECISION)
@@ -271,13 +257,9 @@ def _lower_apply_batched(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION:
 
 
 @triton.jit
-def _upper_apply_batched(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr):
+def _upper_apply_sub(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     b3, hi, lo, ok = _blocks(b, C, SUB)
-    top, bot, whole = _whole(hi, lo, WHOLE)
-    if whole:
-        ys = y * tl.exp(tl.minimum(b - bot[None, :], LIMIT))
-        out = tl.dot(p, ys, input_precision=PRECISION) * tl.exp(tl.minimum(bot[None, :] - b, 0.0))
-    elif ok:
+    if ok:
         ys = y[None, :, :] * tl.exp(tl.minimum(b[None, :, :] - lo[:, None, :], LIMIT))
         ys = tl.where(_from(C, SUB)[:, :, None], ys, 0.0)
         out3 = tl.dot(tl.reshape(p, [C // SUB, SUB, C]), ys, input_precision=PRECISION)
@@ -289,37 +271,60 @@ def _upper_apply_batched(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION:
 
 @triton.jit
 def lower_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
-    if PATH == 0:
-        out = _lower_scores_masked(x, y, b, C, SUB, PRECISION)
+    """(lower_scores(x, y), x * exp(b)): the second for the forward's state term, which the whole-chunk
+    form gets from its own factor (x * exp(b - top) * exp(top): no second [C, BK] exp)."""
+    top, bot, whole = _whole(b, PATH == 2)
+    if whole:
+        xs = x * tl.exp(tl.minimum(b - top[None, :], 0.0))
+        ys = y * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
+        out = tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
+        xd = xs * tl.exp(top)[None, :]
     else:
-        out = _lower_scores_batched(x, y, b, C, SUB, PRECISION, PATH == 2)
-    return out
+        if PATH == 0:
+            out = _lower_scores_masked(x, y, b, C, SUB, PRECISION)
+        else:
+            out = _lower_scores_sub(x, y, b, C, SUB, PRECISION)
+        xd = x * tl.exp(b)
+    return out, xd
 
 
 @triton.jit
 def upper_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
-    if PATH == 0:
+    top, bot, whole = _whole(b, PATH == 2)
+    if whole:
+        xs = x * tl.exp(tl.minimum(bot[None, :] - b, 0.0))
+        ys = y * tl.exp(tl.minimum(b - bot[None, :], LIMIT))
+        out = tl.dot(xs, tl.trans(ys), input_precision=PRECISION)
+    elif PATH == 0:
         out = _upper_scores_masked(x, y, b, C, SUB, PRECISION)
     else:
-        out = _upper_scores_batched(x, y, b, C, SUB, PRECISION, PATH == 2)
+        out = _upper_scores_sub(x, y, b, C, SUB, PRECISION)
     return out
 
 
 @triton.jit
 def lower_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
-    if PATH == 0:
+    top, bot, whole = _whole(b, PATH == 2)
+    if whole:
+        ys = y * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
+        out = tl.dot(p, ys, input_precision=PRECISION) * tl.exp(tl.minimum(b - top[None, :], 0.0))
+    elif PATH == 0:
         out = _lower_apply_masked(p, y, b, C, SUB, PRECISION)
     else:
-        out = _lower_apply_batched(p, y, b, C, SUB, PRECISION, PATH == 2)
+        out = _lower_apply_sub(p, y, b, C, SUB, PRECISION)
     return out
 
 
 @triton.jit
 def upper_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
-    if PATH == 0:
+    top, bot, whole = _whole(b, PATH == 2)
+    if whole:
+        ys = y * tl.exp(tl.minimum(b - bot[None, :], LIMIT))
+        out = tl.dot(p, ys, input_precision=PRECISION) * tl.exp(tl.minimum(bot[None, :] - b, 0.0))
+    elif PATH == 0:
         out = _upper_apply_masked(p, y, b, C, SUB, PRECISION)
     else:
-        out = _upper_apply_batched(p, y, b, C, SUB, PRECISION, PATH == 2)
+        out = _upper_apply_sub(p, y, b, C, SUB, PRECISION)
     return out
 
 
