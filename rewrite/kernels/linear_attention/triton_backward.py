@@ -149,43 +149,74 @@ def _chunk_dqk_kernel(
     state_base = (i_c.to(tl.int64) * kv_heads + hk) * dk * dv
     dk_acc = tl.zeros([C, BK], dtype=tl.float32)
     q_dq = tl.zeros([C, BK], dtype=tl.float32)
+    # v5 vector decay (PATH != 0): dq's part first, then dk's, each with its own pass over V
+    # (do and v loaded twice), so the two [C, C] score gradients are never live together
+    SPLIT: tl.constexpr = MODE == 2 and PATH != 0
     for j in range(0, group):
         h = hk * group + j
         q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
-        dq = tl.zeros([C, BK], dtype=tl.float32)
-        dscores = tl.zeros([C, C], dtype=tl.float32)
-        dscores_t = tl.zeros([C, C], dtype=tl.float32)
-        for i_v in range(0, tl.cdiv(dv, BV)):
-            vcols = i_v * BV + tl.arange(0, BV)
-            do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
-            v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-            state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
-            state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-            state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
-            if MODE == 0:
-                dq += tl.dot(do, tl.trans(state.to(do.dtype)), input_precision=PRECISION)
-            else:
+        if SPLIT:
+            qf = q.to(tl.float32)
+            dq = tl.zeros([C, BK], dtype=tl.float32)
+            dscores = tl.zeros([C, C], dtype=tl.float32)
+            for i_v in range(0, tl.cdiv(dv, BV)):
+                vcols = i_v * BV + tl.arange(0, BV)
+                do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+                v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+                state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
+                state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+                state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
                 dq += tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
-            dscores += tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            dscores_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dq = dq * scale
-        dscores = tl.where(causal, dscores * scale, 0.0)
-        dscores_t = tl.where(causal_t, dscores_t * scale, 0.0)
-        if MODE == 0:
-            dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION)
-            dk_acc += tl.dot(dscores_t.to(q.dtype), q, input_precision=PRECISION)
-        if MODE == 1:
-            dq = dq * tl.exp(b)[:, None]
-            dq += tl.dot(dscores * pair, kf, input_precision=F32_PRECISION)
-            dk_acc += tl.dot(dscores_t * pair_t, q.to(tl.float32), input_precision=F32_PRECISION)
-        if MODE == 2:
-            dq = dq * tl.exp(b)
-            dq += lower_apply(dscores, kf, b, C, SUB, F32_PRECISION, PATH)
-            dk_acc += upper_apply(dscores_t, q.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
-        q_dq += q.to(tl.float32) * dq
-        offs = rows.to(tl.int64)[:, None] * (heads * dk) + h * dk + kcols[None, :]
-        mask = row_mask[:, None] & (kcols < dk)[None, :]
-        tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=mask)
+                dscores += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dscores = tl.where(causal, dscores * scale, 0.0)
+            dq = dq * scale * tl.exp(b) + lower_apply(dscores, kf, b, C, SUB, F32_PRECISION, PATH)
+            q_dq += qf * dq
+            offs = rows.to(tl.int64)[:, None] * (heads * dk) + h * dk + kcols[None, :]
+            mask = row_mask[:, None] & (kcols < dk)[None, :]
+            tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=mask)
+            dscores_t = tl.zeros([C, C], dtype=tl.float32)
+            for i_v in range(0, tl.cdiv(dv, BV)):
+                vcols = i_v * BV + tl.arange(0, BV)
+                do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+                v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+                dscores_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dscores_t = tl.where(causal_t, dscores_t * scale, 0.0)
+            dk_acc += upper_apply(dscores_t, qf, b, C, SUB, F32_PRECISION, PATH)
+        else:  # v4 order: both score gradients from one pass over V
+            dq = tl.zeros([C, BK], dtype=tl.float32)
+            dscores = tl.zeros([C, C], dtype=tl.float32)
+            dscores_t = tl.zeros([C, C], dtype=tl.float32)
+            for i_v in range(0, tl.cdiv(dv, BV)):
+                vcols = i_v * BV + tl.arange(0, BV)
+                do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+                v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+                state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
+                state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+                state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
+                if MODE == 0:
+                    dq += tl.dot(do, tl.trans(state.to(do.dtype)), input_precision=PRECISION)
+                else:
+                    dq += tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
+                dscores += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                dscores_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dq = dq * scale
+            dscores = tl.where(causal, dscores * scale, 0.0)
+            dscores_t = tl.where(causal_t, dscores_t * scale, 0.0)
+            if MODE == 0:
+                dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION)
+                dk_acc += tl.dot(dscores_t.to(q.dtype), q, input_precision=PRECISION)
+            if MODE == 1:
+                dq = dq * tl.exp(b)[:, None]
+                dq += tl.dot(dscores * pair, kf, input_precision=F32_PRECISION)
+                dk_acc += tl.dot(dscores_t * pair_t, q.to(tl.float32), input_precision=F32_PRECISION)
+            if MODE == 2:
+                dq = dq * tl.exp(b)
+                dq += lower_apply(dscores, kf, b, C, SUB, F32_PRECISION, PATH)
+                dk_acc += upper_apply(dscores_t, q.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
+            q_dq += q.to(tl.float32) * dq
+            offs = rows.to(tl.int64)[:, None] * (heads * dk) + h * dk + kcols[None, :]
+            mask = row_mask[:, None] & (kcols < dk)[None, :]
+            tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=mask)
     dk_end = tl.zeros([C, BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(dv, BV)):
         vcols = i_v * BV + tl.arange(0, BV)
@@ -200,6 +231,8 @@ def _chunk_dqk_kernel(
     if MODE == 1:
         dk_end = dk_end * tl.exp(to_end)[:, None]
     if MODE == 2:
+        if SPLIT:  # recomputed here (g reloaded) rather than kept live through the heads loop
+            b_again, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
         dk_end = dk_end * tl.exp(to_end)
     dk_acc += dk_end
     offs = rows.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
