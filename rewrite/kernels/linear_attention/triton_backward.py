@@ -126,7 +126,13 @@ def _chunk_dqk_kernel(
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
     PATH: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
+    """dq (stored per q head), dk and the log-decay gradient terms of one chunk, K tile and kv head.
+
+    SPLIT (v5 vector decay, PATH != 0): per q head dq's part first, then dk's, each with its own pass
+    over V (do and v loaded twice), so the two [C, C] score gradients are never live together.
+    """
     i_c, i_k, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
@@ -149,9 +155,6 @@ def _chunk_dqk_kernel(
     state_base = (i_c.to(tl.int64) * kv_heads + hk) * dk * dv
     dk_acc = tl.zeros([C, BK], dtype=tl.float32)
     q_dq = tl.zeros([C, BK], dtype=tl.float32)
-    # v5 vector decay (PATH != 0): dq's part first, then dk's, each with its own pass over V
-    # (do and v loaded twice), so the two [C, C] score gradients are never live together
-    SPLIT: tl.constexpr = MODE == 2 and PATH != 0
     for j in range(0, group):
         h = hk * group + j
         q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
@@ -475,6 +478,7 @@ def chunk_backward(
         scale,
         BK=bk,
         BV=bv,
+        SPLIT=mode == 2 and common["PATH"] != 0,
         num_warps=warps,
         **common,
     )
