@@ -11,6 +11,11 @@ from rewrite.analysis.blocks import Block, find_blocks
 from rewrite.analysis.graph_view import to_networkx
 from rewrite.analysis.projections import Projection, find_projection
 from rewrite.analysis.shapes import BATCH, SEQ, SymbolicDims, infer_dims
+from rewrite.analysis.unrecognized_attention import (
+    SUPPORTED_FORMS,
+    UnrecognizedAttention,
+    find_unrecognized_attention,
+)
 
 
 @dataclass
@@ -21,6 +26,7 @@ class GraphAnalysis:
     blocks: list[Block]
     dims: SymbolicDims
     notes: list[str] = field(default_factory=list)
+    unrecognized: list[UnrecognizedAttention] = field(default_factory=list)
 
     def block_of(self, site: AttentionSite) -> Block | None:
         for block in self.blocks:
@@ -34,21 +40,25 @@ def analyze(gm: fx.GraphModule) -> GraphAnalysis:
     sites = find_attention_sites(gm)
     blocks = find_blocks(gm, sites)
     dims = infer_dims(gm, sites)
-    return GraphAnalysis(sites=sites, blocks=blocks, dims=dims)
+    unrecognized = find_unrecognized_attention(gm, sites)
+    return GraphAnalysis(sites=sites, blocks=blocks, dims=dims, unrecognized=unrecognized)
 
 
 __all__ = [
     "BATCH",
     "SEQ",
+    "SUPPORTED_FORMS",
     "AttentionSite",
     "Block",
     "GraphAnalysis",
     "Projection",
     "SymbolicDims",
+    "UnrecognizedAttention",
     "analyze",
     "find_attention_sites",
     "find_blocks",
     "find_projection",
+    "find_unrecognized_attention",
     "infer_dims",
     "to_networkx",
 ]

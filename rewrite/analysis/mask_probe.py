@@ -18,9 +18,36 @@ import torch.fx as fx
 from rewrite.analysis.attention_sites import find_attention_sites
 from rewrite.analysis.graph_utils import ancestors, subgraph_module, walk_inputs
 
+aten = torch.ops.aten
+
 CAUSAL_KEY = "rewrite_mask_causal"
 EXACTLY_CAUSAL_KEY = "rewrite_mask_exactly_causal"
 SHAPE_ONLY_KEY = "rewrite_mask_shape_only"
+UNSEEN_WINDOW_KEY = "rewrite_mask_unseen_window"
+"""Node metadata: a window-like constant of the mask graph too large for the example to show its effect."""
+
+_OFFSET_OPS = (
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor,
+    aten.lt.Scalar, aten.le.Scalar, aten.gt.Scalar, aten.ge.Scalar, aten.tril.default, aten.triu.default,
+)
+"""Ops through which an integer constant becomes a distance between query and key positions."""
+
+
+def window_constant(masks: list[fx.Node]) -> int:
+    """The largest integer constant that offsets or compares positions in the graphs building `masks`
+    (a sliding window, a band, a chunk size), or 0 when there is none.
+
+    A mask whose graph holds such a constant W can differ from a causal / padding mask only between
+    positions at least W apart, so a probe must be longer than W + 1 tokens to see what it is.
+    """
+    largest = 0
+    for node in ancestors(masks):
+        if node.op != "call_function" or node.target not in _OFFSET_OPS:
+            continue
+        for arg in node.args[1:]:
+            if isinstance(arg, int) and not isinstance(arg, bool):
+                largest = max(largest, abs(arg))
+    return largest
 
 
 def _reads_input_values(mask: fx.Node) -> bool:
@@ -78,6 +105,11 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
             if negated[node]:
                 val = ~val if val.dtype == torch.bool else val
             node.meta[CAUSAL_KEY], node.meta[EXACTLY_CAUSAL_KEY] = _causality(val)
+            window = window_constant([node])
+            if val.dim() >= 1 and val.shape[-1] < window + 2:
+                # a window longer than the example: what the example shows says nothing about longer inputs
+                node.meta[EXACTLY_CAUSAL_KEY] = False
+                node.meta[UNSEEN_WINDOW_KEY] = window
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
             out[node.name] = node.meta[CAUSAL_KEY]
     return out

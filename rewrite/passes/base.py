@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 
-from rewrite.analysis import GraphAnalysis, analyze
+from rewrite.analysis import SUPPORTED_FORMS, GraphAnalysis, analyze
 from rewrite.analysis.nodes import op_name
+from rewrite.errors import PassError
 from rewrite.real_tokens import RealTokens
 
 
@@ -46,6 +48,29 @@ class PassResult:
             parts.append(f"added {len(self.added_parameters)} parameters")
         parts.append(f"{self.seconds * 1000:.1f} ms")
         return ", ".join(parts)
+
+
+def refuse_unrecognized_attention(
+    pass_name: str,
+    analysis: GraphAnalysis,
+    nodes: Iterable[fx.Node] | None = None,
+    *,
+    action: str = "rewrite",
+    layer: str | None = None,
+) -> None:
+    """Raise a PassError naming the first softmax (within `nodes`, or anywhere in the graph) that
+    weights values like attention but matches no supported form; `layer` names where it sits."""
+    inside = None if nodes is None else {id(n) for n in nodes}
+    for found in analysis.unrecognized:
+        if inside is None or id(found.node) in inside:
+            where = layer or found.module_path or "<root>"
+            raise PassError(
+                pass_name,
+                f"cannot {action} the attention of {where}: {found.reason}. Supported attention forms: "
+                f"{SUPPORTED_FORMS}",
+                found.node.name,
+                found.module_path,
+            )
 
 
 def op_counts(gm: fx.GraphModule) -> Counter:

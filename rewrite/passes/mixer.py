@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from rewrite.analysis import AttentionSite, Block, GraphAnalysis
+from rewrite.analysis import SUPPORTED_FORMS, AttentionSite, Block, GraphAnalysis
 from rewrite.analysis.graph_utils import erase_unused, erase_unused_computation, walk_inputs
-from rewrite.analysis.nodes import is_op, tensor_meta
+from rewrite.analysis.nodes import tensor_meta
 from rewrite.analysis.rotary import Rotary, find_rotary, rotary_traces, unrotated
 from rewrite.analysis.shapes import to_expr
 from rewrite.errors import PassError, PlanError
@@ -51,7 +51,7 @@ from rewrite.mixers import (
 from rewrite.mixers.common import FEATURE_MAPS
 from rewrite.mixers.transfer import TEACHER_KWARG
 from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
+from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
 
 aten = torch.ops.aten
@@ -245,34 +245,24 @@ def _reads_parameter(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
-def _softcapped_softmax(node: fx.Node, depth: int = 6) -> bool:
-    """Whether a softmax's scores come from a matmul through tanh (logit softcapping)."""
-    seen_tanh = False
-    frontier = [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
-    for _ in range(depth):
-        nxt = []
-        for cur in frontier:
-            if is_op(cur, aten.tanh.default):
-                seen_tanh = True
-            if is_op(cur, *_MATMUL) and seen_tanh:
-                return True
-            nxt.extend(n for n in cur.all_input_nodes if n.op == "call_function")
-        frontier = nxt
-    return False
+def _check_block(block: Block, analysis: GraphAnalysis) -> None:
+    """Refuse softmaxes that mix tokens in a selected block but match no attention form (softcapping,
+    ALiBi, relative position biases): leaving them would leave that attention un-rewritten."""
+    refuse_unrecognized_attention(
+        "mixer", analysis, block.nodes, action="linearize", layer=f"layer {block.index} ({block.path})"
+    )
 
 
-def _check_block(block: Block, sites: list[AttentionSite]) -> None:
-    """Refuse attention forms the analysis did not turn into sites (softcapping) in a selected block."""
-    chained = {n for s in sites for n in s.chain}
-    for node in block.nodes:
-        if is_op(node, *_SOFTMAX) and node not in chained and _softcapped_softmax(node):
-            raise PassError(
-                "mixer",
-                f"layer {block.index} ({block.path}) applies logit softcapping (tanh) before softmax; "
-                "the linear mixers cannot model it",
-                node=node.name,
-                module_path=block.path,
-            )
+def _check_whole_graph(gm: fx.GraphModule, analysis: GraphAnalysis, options: MixerOptions) -> None:
+    """With no attention site found at all: refuse, unless mixers are all that is left (an earlier
+    `mixer` entry of the plan replaced every site)."""
+    refuse_unrecognized_attention("mixer", analysis, action="linearize")
+    if any(n.meta.get("rewrite_mixer") for n in gm.graph.nodes) or options.layers not in ("all", "*", None):
+        return
+    raise PassError(
+        "mixer",
+        f"found no attention to replace in {type(gm).__name__}. Supported attention forms: {SUPPORTED_FORMS}",
+    )
 
 
 def _site_shape(site: AttentionSite, layer: str) -> SiteShape:
@@ -446,7 +436,9 @@ class Mixer(GraphPass):
         selected_blocks = _selected_blocks(options, analysis)
         jobs: list[_Job] = []
         for block in selected_blocks:
-            _check_block(block, block.sites)
+            _check_block(block, analysis)
+        if not analysis.blocks:
+            _check_whole_graph(gm, analysis, options)
         for site in analysis.sites:
             block = analysis.block_of(site)
             if block is None:

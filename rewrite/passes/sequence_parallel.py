@@ -48,7 +48,7 @@ from rewrite.distributed.softmax_attention import (
 from rewrite.distributed.state_prefix import LINEAR_STRATEGIES
 from rewrite.errors import PassError, PlanError
 from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
+from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
 
 aten = torch.ops.aten
 
@@ -267,6 +267,7 @@ class SequenceParallel(GraphPass):
                                 module_path(node))
         self.positions = self._packed_input(gm)
         analysis = ctx.analysis()
+        refuse_unrecognized_attention(self.name, analysis, action="split")
         mixer_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _mixer_kinds()]
         jobs = [self._plan_site(gm, site, analysis) for site in analysis.sites]
         linear_jobs = [self._plan_mixer(n, analysis) for n in mixer_nodes]

@@ -40,7 +40,7 @@ from rewrite.decode.sites import continued_positions, held_route, stateful_atten
 from rewrite.decode.steps import kind_step
 from rewrite.errors import PassError, PlanError, RewriteError
 from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
+from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
 from rewrite.routing.graph import (
     RoutedCall,
     add_block_input,
@@ -189,6 +189,7 @@ def _collect(
     """The sites of one graph (the program or a routed block's body) with every check made."""
     from rewrite.mixers import KINDS
 
+    refuse_unrecognized_attention("stateful", analysis, action="carry a KV cache for")
     softmax = []
     for site in analysis.sites:
         layer = _layer_label(site, analysis)

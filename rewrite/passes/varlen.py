@@ -40,7 +40,7 @@ from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PlanError
 from rewrite.kernels.varlen_attention.api import BACKENDS
 from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
+from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
 from rewrite.real_tokens import OutputTokens, RealTokens
 from rewrite.varlen import runtime
 from rewrite.varlen.graph_replay import MODES as REPLAY_MODES
@@ -239,7 +239,9 @@ class Varlen(GraphPass):
         self.plan_kernels = ctx.kernels
         result = PassResult(self.name)
         graph = gm.graph
-        sites = ctx.analysis().sites
+        analysis = ctx.analysis()
+        refuse_unrecognized_attention(self.name, analysis, action="unpad")
+        sites = analysis.sites
         user_inputs = [p for p in graph.nodes if p.op == "placeholder" and not p.meta.get("state_name")
                        and tensor_meta(p) is not None]
         symbols = find_symbols(user_inputs)

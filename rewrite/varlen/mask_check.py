@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from rewrite.analysis import AttentionSite
 from rewrite.analysis.graph_utils import ancestor_placeholders, subgraph_module
+from rewrite.analysis.mask_probe import window_constant
 from rewrite.analysis.nodes import tensor_meta
 from rewrite.errors import PassError
 from rewrite.varlen.symbols import TokenSymbols, expr_of
@@ -29,6 +30,30 @@ PATTERN = (
     (0, 1, 1, 0, 1, 0),
 )
 """Rows of the probe: 1 = real token."""
+PATTERN_LENGTH = len(PATTERN[0])
+MAX_PROBE_LENGTH = 8194
+"""The longest probe run to see a window-like constant of the mask graph (2 x L x L mask values)."""
+
+
+def _padding_probes(masked: list[MaskUse]) -> list[torch.Tensor]:
+    """The padding patterns to run: PATTERN, plus two long rows (full, right-padded) when the mask graph
+    holds a window-like constant too large for PATTERN's rows to show."""
+    probes = [torch.tensor(PATTERN, dtype=torch.bool)]
+    window = window_constant([s.mask for s in masked])
+    length = window + 2
+    if length <= PATTERN_LENGTH:
+        return probes
+    if length > MAX_PROBE_LENGTH:
+        site = masked[0]
+        raise PassError(
+            "varlen",
+            f"the attention masks are built with the constant {window} (a sliding window or band?); proving them "
+            f"key padding needs a probe of {length} tokens, over the {MAX_PROBE_LENGTH} the pass runs",
+            site.name, site.module_path or "<root>",
+        )
+    long = torch.ones(2, length, dtype=torch.bool)
+    long[1, length - 3:] = False
+    return [*probes, long]
 
 HIDDEN_BELOW = -1e4
 """An additive mask value at or below this hides its key."""
@@ -116,41 +141,49 @@ def prove_padding_masks(
 ) -> MaskFacts:
     """Run the mask graph on the probe; raise PassError naming the first site whose mask is not key padding."""
     masked = [s for s in sites if isinstance(s.mask, fx.Node)]
-    keep = torch.tensor(PATTERN, dtype=torch.bool)
-    batch, seq = keep.shape
+    probes = _padding_probes(masked)
     placeholders = {p for s in masked for p in ancestor_placeholders(s.mask)}
     device = _probe_device(placeholders)
     failures: list[str] = []
     for pads_are_true in (False, True):
-        inputs: dict[fx.Node, object] = {}
-        for node in placeholders:
-            val = tensor_meta(node)
-            if val is None:
-                inputs[node] = _size_value(node, symbols, batch, seq)
-                continue
-            if node is padding:
-                marks = ~keep if pads_are_true else keep
-                inputs[node] = marks.to(device=device, dtype=val.dtype)
-                continue
-            inputs[node] = torch.zeros(_concrete_shape(node, symbols, batch, seq), dtype=val.dtype, device=device)
-        try:
-            values = _evaluate(gm, [s.mask for s in masked], inputs)
-        except Exception as exc:  # noqa: BLE001 - any failure means the masks are not built from this input alone
-            failures.append(f"running the mask graph failed: {type(exc).__name__}: {exc}")
-            continue
         causal: dict[str, bool] = {}
         problem = None
-        for site, value in zip(masked, values):
-            verdict = _judge(value, site, keep)
-            if isinstance(verdict, str):
-                problem = (site, verdict)
+        for keep in probes:
+            batch, seq = keep.shape
+            inputs: dict[fx.Node, object] = {}
+            for node in placeholders:
+                val = tensor_meta(node)
+                if val is None:
+                    inputs[node] = _size_value(node, symbols, batch, seq)
+                elif node is padding:
+                    marks = ~keep if pads_are_true else keep
+                    inputs[node] = marks.to(device=device, dtype=val.dtype)
+                else:
+                    inputs[node] = torch.zeros(_concrete_shape(node, symbols, batch, seq), dtype=val.dtype,
+                                               device=device)
+            try:
+                values = _evaluate(gm, [s.mask for s in masked], inputs)
+            except Exception as exc:  # noqa: BLE001 - any failure means the masks are not built from this input alone
+                problem = (None, f"running the mask graph failed: {type(exc).__name__}: {exc}")
                 break
-            causal[site.name] = verdict
+            for site, value in zip(masked, values):
+                verdict = _judge(value, site, keep)
+                if isinstance(verdict, str) or causal.get(site.name, verdict) != verdict:
+                    problem = (site, verdict if isinstance(verdict, str) else
+                               f"it is {'causal' if causal[site.name] else 'not causal'} on a {PATTERN_LENGTH}-token "
+                               f"probe and {'causal' if verdict else 'not causal'} on a {seq}-token one")
+                    break
+                causal[site.name] = verdict
+            if problem is not None:
+                break
         if problem is None:
             for site in sites:
                 if site.mask is None:
                     causal[site.name] = site.is_causal
             return MaskFacts(pads_are_true, causal)
+        if problem[0] is None:
+            failures.append(problem[1])
+            continue
         failures.append(f"{problem[0].name} ({problem[0].module_path or '<root>'}): {problem[1]}")
     site = masked[0] if masked else None
     raise PassError(
@@ -204,7 +237,14 @@ def prove_packed_masks(
     causal = {s.name: s.is_causal for s in sites if s.mask is None}
     if not masked:
         return causal
-    pos = torch.tensor([PACKED_POSITIONS])
+    window = window_constant([s.mask for s in masked])
+    longest = max(PACKED_POSITIONS) + 1
+    extra = tuple(range(window + 2)) if window + 2 > longest else ()
+    if len(PACKED_POSITIONS) + len(extra) > MAX_PROBE_LENGTH:
+        raise PassError("varlen", f"the attention masks are built with the constant {window} (a sliding window or "
+                        f"band?); proving them per-sequence needs a probe longer than the {MAX_PROBE_LENGTH} "
+                        "tokens the pass runs", masked[0].name, masked[0].module_path)
+    pos = torch.tensor([PACKED_POSITIONS + extra])
     seq = pos.shape[1]
     segment = (pos[0] == 0).cumsum(0)
     same = segment[:, None] == segment[None, :]

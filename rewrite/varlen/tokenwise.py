@@ -100,6 +100,14 @@ def _aligned(out: TokenDims, out_rank: int, inp: TokenDims, in_rank: int) -> boo
     return True
 
 
+def _stacked_aligned(out: TokenDims, inp: TokenDims, dim: int) -> bool:
+    """Whether stacking at `dim` (of the result) keeps the operand's token dims where the result has them."""
+    def moved(d: int | None) -> int | None:
+        return None if d is None else d + (d >= dim)
+
+    return inp.merged == out.merged and moved(inp.seq) == out.seq and moved(inp.batch) == out.batch
+
+
 def _reshape_rule(node: fx.Node, symbols: TokenSymbols, inp: TokenDims) -> str | None:
     """A reshape commutes with packing when the sizes before batch and before sequence stay the same."""
     out = _dims(symbols, node)
@@ -118,6 +126,15 @@ def _reshape_rule(node: fx.Node, symbols: TokenSymbols, inp: TokenDims) -> str |
             return None
         problem = f"the reshape moves sizes across the {'batch' if moved[0] == 'batch' else 'sequence'} dim"
     return problem
+
+
+def _table_lookup(node: fx.Node, symbols: TokenSymbols) -> bool:
+    """Whether aten.index reads its first operand at one index tensor whose token dims lead the result."""
+    indices = node.args[1]
+    if len(indices) != 1 or not isinstance(indices[0], fx.Node):
+        return False
+    index_dims, out = _dims(symbols, indices[0]), _dims(symbols, node)
+    return isinstance(index_dims, TokenDims) and isinstance(out, TokenDims) and out == index_dims
 
 
 def check(node: fx.Node, symbols: TokenSymbols, kind_of: KindOf) -> str | None:
@@ -155,13 +172,16 @@ def _check(node: fx.Node, symbols: TokenSymbols, kind_of: KindOf) -> str | None:
         return None
     if is_op(node, aten.cat.default, aten.stack.default):
         tensors = node.args[0]
-        dim = _arg(node, 1, "dim", 0)
+        out_rank = _rank(node)
+        dim = _norm_dim(_arg(node, 1, "dim", 0), out_rank)
+        stacked = is_op(node, aten.stack.default)
         for t in tensors:
             if kind_of(t) in ("token", "positional"):
                 d = _dims(symbols, t)
-                if not isinstance(d, TokenDims) or not _aligned(out, _rank(node), d, _rank(t)):
+                if not isinstance(d, TokenDims) or not (
+                    _stacked_aligned(out, d, dim) if stacked else _aligned(out, out_rank, d, _rank(t))
+                ):
                     return f"its operand {t.name!r} does not line up with the result's token dims"
-        out_rank = _rank(node)
         return "it joins along the tokens" if _touches(out, [dim], out_rank) else None
     if is_op(node, aten.addmm.default):
         x = node.args[1]
@@ -174,6 +194,8 @@ def _check(node: fx.Node, symbols: TokenSymbols, kind_of: KindOf) -> str | None:
             return None
         if is_op(node, aten.gather.default, aten.index_select.default) and kind_of(node.args[0]) == "free":
             return None  # a constant table read at per-token indices
+        if is_op(node, aten.index.Tensor) and kind_of(node.args[0]) == "free" and _table_lookup(node, symbols):
+            return None  # table[position_ids]: a constant table read at per-token indices
         if is_op(node, *MATMULS) and kind_of(node.args[0]) == "free":
             other = _dims(symbols, node.args[1])
             if isinstance(other, TokenDims) and _rank(node.args[1]) >= 2:
@@ -204,8 +226,13 @@ def _check(node: fx.Node, symbols: TokenSymbols, kind_of: KindOf) -> str | None:
             return "it reduces over every dim, tokens included"
         return "it reduces over the tokens" if _touches(first_dims, dims, rank) else None
     if is_op(node, *SPLITS):
-        dim = _arg(node, 2, "dim", 0)
+        dim = _arg(node, 1, "dim", 0) if is_op(node, aten.unbind.int) else _arg(node, 2, "dim", 0)
         return "it splits along the tokens" if _touches(first_dims, [dim], rank) else None
+    if is_op(node, aten.repeat_interleave.self_int):
+        dim = _arg(node, 2, "dim")
+        if dim is None:
+            return "it repeats the flattened tensor, tokens included"
+        return "it repeats along the tokens" if _touches(first_dims, [dim], rank) else None
     if is_op(node, aten.slice.Tensor):
         dim = _arg(node, 1, "dim", 0)
         if not _touches(first_dims, [dim], rank):

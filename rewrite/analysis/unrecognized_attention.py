@@ -1,0 +1,117 @@
+"""Softmaxes that weight values like attention but match no supported attention form.
+
+Such a softmax mixes tokens, so a pass that rewrites attention (mixer, varlen, stateful, sequence
+parallel) must not leave it running as if nothing were there: it is reported with what the scores
+are made of (a learned bias such as ALiBi or a relative position bias, logit softcapping, ...) so the
+pass can refuse naming the layer and the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from rewrite.analysis.attention_sites import AttentionSite
+from rewrite.analysis.nodes import is_op, module_path, tensor_meta
+
+aten = torch.ops.aten
+
+_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
+_MATMUL = (aten.matmul.default, aten.bmm.default)
+_PASS_THROUGH = (
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.to.dtype_layout,
+    aten.type_as.default,
+    aten.dropout.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.contiguous.default,
+    aten.clone.default,
+)
+_SCORE_DEPTH = 8
+
+SUPPORTED_FORMS = (
+    "scaled_dot_product_attention, or softmax(q @ k^T * scale [+ mask]) @ v with the mask a padding "
+    "and / or causal mask"
+)
+
+
+@dataclass(frozen=True)
+class UnrecognizedAttention:
+    """A softmax over the last dim whose output weights values, outside every attention site."""
+
+    node: fx.Node
+    module_path: str
+    reason: str
+
+    def describe(self) -> str:
+        """One line naming the node, its module and why it is not a supported attention form."""
+        where = self.module_path or "<root>"
+        return f"softmax {self.node.name} in {where}: {self.reason}"
+
+
+def _weights_values(softmax: fx.Node) -> bool:
+    """Whether the softmax output reaches (through casts, dropout, reshapes) a matmul's first operand."""
+    frontier = [softmax]
+    for _ in range(_SCORE_DEPTH):
+        nxt = []
+        for cur in frontier:
+            for user in cur.users:
+                if is_op(user, *_MATMUL) and user.args[0] is cur:
+                    return True
+                if is_op(user, *_PASS_THROUGH):
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
+def _score_ops(softmax: fx.Node) -> set:
+    """The aten ops found walking back from the softmax's scores to their matmul (a few steps)."""
+    ops: set = set()
+    frontier = [a for a in softmax.args[:1] if isinstance(a, fx.Node)]
+    for _ in range(_SCORE_DEPTH):
+        nxt = []
+        for cur in frontier:
+            if cur.op != "call_function":
+                continue
+            ops.add(cur.target)
+            if is_op(cur, *_MATMUL):
+                continue
+            nxt.extend(n for n in cur.all_input_nodes)
+        frontier = nxt
+    return ops
+
+
+def _reason(softmax: fx.Node) -> str:
+    ops = _score_ops(softmax)
+    if aten.tanh.default in ops:
+        return "the scores pass through tanh (logit softcapping), which no supported attention form models"
+    if aten.baddbmm.default in ops:
+        return ("the scores are baddbmm(bias, q, k^T) with a scale or bias the analysis does not model (ALiBi "
+                "or another learned position bias)")
+    if sum(1 for op in ops if op in (aten.add.Tensor, aten.add_.Tensor)) >= 2:
+        return ("more than one term is added to q @ k^T (a relative position bias or another learned bias "
+                "next to the mask)")
+    if not ops & set(_MATMUL):
+        return "the scores do not come from a matmul of queries and keys within a few ops"
+    names = ", ".join(sorted(str(getattr(op, "__name__", op)) for op in ops))
+    return f"the scores are built by ops the analysis does not recognise as attention ({names})"
+
+
+def find_unrecognized_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[UnrecognizedAttention]:
+    """Every last-dim softmax that weights values but belongs to no attention site, in graph order."""
+    chained = {id(n) for s in sites for n in s.chain}
+    found = []
+    for node in gm.graph.nodes:
+        if not is_op(node, *_SOFTMAX) or id(node) in chained:
+            continue
+        val = tensor_meta(node)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if val is None or dim not in (-1, val.dim() - 1) or not _weights_values(node):
+            continue
+        found.append(UnrecognizedAttention(node, module_path(node), _reason(node)))
+    return found

@@ -1,0 +1,146 @@
+"""Families the passes were not designed around: each either rewrites correctly (checked against the
+Hugging Face model itself) or is refused with an error that names the module and the reason.
+
+Covers interleaved rotary embeddings read from a position table (GPT-J) or built by
+repeat_interleave (Cohere), ALiBi (BLOOM), relative position bias (MPNet), logit softcapping
+(Gemma 2), sliding-window masks wider than the example (Mistral, ModernBERT), and a model with no
+attention at all.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rewrite
+from rewrite.errors import PassError
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+
+
+def _decoder_config(cls, **extra):
+    return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+               max_position_embeddings=256, **extra)
+
+
+def gptj():
+    return transformers.GPTJForCausalLM(transformers.GPTJConfig(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, rotary_dim=8, bos_token_id=1,
+        eos_token_id=2))
+
+
+def cohere():
+    return transformers.CohereForCausalLM(_decoder_config(transformers.CohereConfig, num_key_value_heads=2,
+                                                          bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def bloom():
+    return transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4,
+                                                                  vocab_size=VOCAB))
+
+
+def mpnet():
+    return transformers.MPNetModel(transformers.MPNetConfig(hidden_size=64, intermediate_size=128,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            vocab_size=VOCAB))
+
+
+def gemma2():
+    return transformers.Gemma2ForCausalLM(_decoder_config(transformers.Gemma2Config, num_key_value_heads=2,
+                                                          head_dim=16))
+
+
+def mistral_window(window: int):
+    return transformers.MistralForCausalLM(_decoder_config(transformers.MistralConfig, num_key_value_heads=2,
+                                                           sliding_window=window))
+
+
+def modernbert():
+    return transformers.ModernBertModel(transformers.ModernBertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        global_attn_every_n_layers=2, local_attention=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        cls_token_id=1, sep_token_id=2))
+
+
+def build(factory):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return factory().eval()
+
+
+def right_padded(lengths: list[int], width: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("factory", [gptj, cohere], ids=["gptj", "cohere"])
+def test_interleaved_rotary_families_run_padding_free(factory):
+    model = build(factory)
+    batch = right_padded([12, 7], 12)
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=batch)
+    with torch.no_grad():
+        want, got = model(**batch).logits, om(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("factory", [gptj, cohere], ids=["gptj", "cohere"])
+def test_interleaved_rotary_families_generate_like_hugging_face(factory):
+    model = build(factory)
+    prompt = right_padded([9], 9)["input_ids"]
+    om = rewrite.optimize(model, ["stateful"], example_kwargs={"input_ids": prompt})
+    want = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(om.generate(prompt, max_new_tokens=6), want)
+
+
+@pytest.mark.parametrize(
+    ("factory", "plan", "module", "reason"),
+    [
+        (bloom, [{"mixer": {}}], "transformer.h.0.self_attention", "ALiBi"),
+        (bloom, ["varlen"], "transformer.h.0.self_attention", "ALiBi"),
+        (bloom, ["stateful"], "transformer.h.0.self_attention", "ALiBi"),
+        (mpnet, [{"mixer": {}}], "encoder.layer.0.attention.attn", "relative position bias"),
+        (mpnet, ["varlen"], "encoder.layer.0.attention.attn", "relative position bias"),
+        (gemma2, ["varlen"], "model.layers.0.self_attn", "softcapping"),
+        (gemma2, ["stateful"], "model.layers.0.self_attn", "softcapping"),
+    ],
+    ids=["bloom-mixer", "bloom-varlen", "bloom-stateful", "mpnet-mixer", "mpnet-varlen", "gemma2-varlen",
+         "gemma2-stateful"],
+)
+def test_unsupported_attention_is_refused_naming_the_module(factory, plan, module, reason):
+    model = build(factory)
+    batch = right_padded([8, 5], 8)
+    with pytest.raises(PassError, match=reason) as info:
+        rewrite.optimize(model, plan, example_kwargs=batch)
+    assert info.value.module_path == module
+    assert "Supported attention forms" in str(info.value)
+
+
+def test_mixer_on_a_model_without_attention_is_refused():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    with pytest.raises(PassError, match="found no attention to replace"):
+        rewrite.optimize(model, [{"mixer": {}}], (torch.randn(2, 5, 16),))
+
+
+def test_window_longer_than_the_example_is_not_taken_for_causal():
+    """A sliding window of 8 cannot be seen on a 6-token example; normalizing attention must keep it."""
+    model = build(lambda: mistral_window(8))
+    om = rewrite.optimize(model, ["attention_normalize"], example_kwargs={"input_ids": torch.randint(3, VOCAB, (2, 6))})
+    longer = torch.randint(3, VOCAB, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(om(input_ids=longer).logits, model(input_ids=longer).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("factory", [lambda: mistral_window(8), modernbert], ids=["mistral", "modernbert"])
+def test_varlen_refuses_window_masks_its_short_probe_would_miss(factory):
+    model = build(factory)
+    with pytest.raises(PassError, match="cannot prove the attention masks are key padding"):
+        rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([6, 4], 6))
