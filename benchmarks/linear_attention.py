@@ -270,13 +270,19 @@ def _apply_variant(changes) -> list:
     return undo
 
 
-def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown: bool = False) -> list[str]:
-    """Each SWEEP variant's fwd and fwd+bwd time (the first shape only for decays other than vector);
-    with `breakdown`, also its per-kernel GPU times for vector fwd+bwd at the first shape."""
+def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown: bool = False,
+          variants: list[str] | None = None) -> list[str]:
+    """Each SWEEP variant's (or each of `variants`') fwd and fwd+bwd time (the first shape only for decays
+    other than vector); with `breakdown`, also its per-kernel GPU times for vector fwd+bwd at the first shape."""
+    unknown = sorted(set(variants or ()) - set(SWEEP))
+    if unknown:
+        raise SystemExit(f"unknown sweep variants {unknown}; choose from {list(SWEEP)}")
     lines = []
     checks = _sweep_check_inputs() if "vector" in decays else {}
     references = {}
     for name, changes in SWEEP.items():
+        if variants and name not in variants:
+            continue
         undo = []
         try:
             undo = _apply_variant(changes)
@@ -323,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-lengths", default="8192,32768", help="B=1 lengths the sweep times")
     parser.add_argument("--sweep-breakdown", action="store_true", help="per-kernel GPU times of each variant")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no first call, check or table)")
+    parser.add_argument("--sweep-variants", help="comma-separated SWEEP names to time (default: all)")
     parser.add_argument("--diagnose", action="store_true", help="dv diagnosis and per-kernel breakdowns only")
     parser.add_argument("--first-call-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -333,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     decays = args.decays.split(",")
     sweep_shapes = tuple((1, int(x)) for x in args.sweep_lengths.split(","))
     swept = tuple(d for d in decays if d != "none")  # no variant changes the no-decay kernels
-    run_sweep = functools.partial(sweep, sweep_shapes, swept, args.sweep_breakdown)
+    variants = args.sweep_variants.split(",") if args.sweep_variants else None
+    run_sweep = functools.partial(sweep, sweep_shapes, swept, args.sweep_breakdown, variants)
     if args.sweep_only:
         print("\n".join(run_sweep()))
         return
