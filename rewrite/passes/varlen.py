@@ -145,15 +145,21 @@ def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[
     return masked_causal[site.name]
 
 
-def _replace_site(graph: fx.Graph, site: AttentionSite, causal: bool, layout: dict[str, fx.Node], backend: str
-                  ) -> fx.Node:
+def _replace_site(graph: fx.Graph, site: AttentionSite, causal: bool, layout: dict[str, fx.Node], backend: str,
+                  window: int | None = None) -> fx.Node:
+    """Varlen attention in place of the site: `packed_attention`, or `packed_window_attention` for a causal sliding
+    window of `window` keys."""
     k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
+    dropout = {"dropout_p": site.dropout_p} if site.dropout_p else {}
     with graph.inserting_before(site.node):
-        new = graph.call_function(
-            runtime.packed_attention, (site.q, k, v, layout["cu_seqlens"], layout["max_seqlen"]),
-            {"causal": causal, "scale": site.scale, "backend": backend,
-             **({"dropout_p": site.dropout_p} if site.dropout_p else {})},
-        )
+        if window is None:
+            new = graph.call_function(
+                runtime.packed_attention, (site.q, k, v, layout["cu_seqlens"], layout["max_seqlen"]),
+                {"causal": causal, "scale": site.scale, "backend": backend, **dropout})
+        else:
+            new = graph.call_function(
+                runtime.packed_window_attention, (site.q, k, v, layout["cu_seqlens"], layout["max_seqlen"]),
+                {"window": window, "scale": site.scale, "backend": backend, **dropout})
     new.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(new)
     for node in dict.fromkeys([site.node, *reversed(site.chain)]):
@@ -267,23 +273,31 @@ class Varlen(GraphPass):
             if node.kwargs.get("mask") is None:
                 raise fail("this mixer reads no attention mask, so on padded rows it mixes in padding; a "
                             "padding-free module cannot match the padded one", node)
+            if node.name in facts.window:
+                raise fail(f"this mixer reads a sliding-window mask ({facts.window[node.name]} keys); packed mixers "
+                            "take key-padding masks only", node)
         result.matched = len(sites) + len(mixers)
 
         body = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
         with graph.inserting_before(body):
             keep = graph.call_function(runtime.padding_keep, (padding, facts.pads_are_true))
-            unpadded = graph.call_function(runtime.unpad_layout, (keep,))
+            checked = keep
+            if facts.window_in_slots:  # windows counted between row slots: rows must have no holes
+                where = ", ".join(sorted({module_path(s.node) or "<root>" for s in sites
+                                          if s.name in facts.window_in_slots}))
+                checked = graph.call_function(runtime.contiguous_rows, (keep, f"attention at {where}"))
+            unpadded = graph.call_function(runtime.unpad_layout, (checked,))
             layout = {name: graph.call_function(operator.getitem, (unpadded, i))
                       for i, name in enumerate(("indices", "cu_seqlens", "max_seqlen"))}
             packed_inputs = {p: graph.call_function(runtime.pack_tokens, (p, layout["indices"])) for p in token_inputs}
-        own = {keep, unpadded, *layout.values()}
+        own = {keep, checked, unpadded, *layout.values()}
         for p, packed in packed_inputs.items():
             packed.meta["val"] = p.meta["val"]
             for user in list(p.users):
                 if user not in own and user is not packed and not is_sym(user):
                     user.replace_input_with(p, packed)
 
-        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result)
+        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result, facts.window)
         _remove_dead_code(graph)
 
         with graph.inserting_before(layout["max_seqlen"].next):  # what the walk needs, made after dead-code removal
@@ -321,17 +335,22 @@ class Varlen(GraphPass):
         return result
 
     def _replace_mixing(self, graph: fx.Graph, sites: list[AttentionSite], mixers: list[fx.Node],
-                        causal: dict[str, bool], layout: dict[str, fx.Node], result: PassResult) -> set[fx.Node]:
-        """Put varlen attention / packed (or per-sequence) mixers in place of every token-mixing node."""
+                        causal: dict[str, bool], layout: dict[str, fx.Node], result: PassResult,
+                        windows: dict[str, int] | None = None) -> set[fx.Node]:
+        """Put varlen attention (sliding-window attention for sites in `windows`) / packed (or per-sequence) mixers
+        in place of every token-mixing node."""
+        windows = windows or {}
         options: VarlenOptions = self.options
         backend = options.attention_backend
         if backend == "auto":  # the plan's `kernels` field: reference everywhere, or our Triton kernel on CUDA
             backend = {"reference": "reference", "triton": "kernel"}.get(self.plan_kernels, "auto")
         mixing = set()
         for site in sites:
-            mixing.add(_replace_site(graph, site, causal[site.name], layout, backend))
-            result.changed.append(f"{site.name} ({site.module_path or '<root>'}): varlen "
-                                  f"{'causal' if causal[site.name] else 'bidirectional'} attention")
+            window = windows.get(site.name)
+            mixing.add(_replace_site(graph, site, causal[site.name], layout, backend, window))
+            how = (f"causal sliding-window ({window} keys)" if window is not None else
+                   "causal" if causal[site.name] else "bidirectional")
+            result.changed.append(f"{site.name} ({site.module_path or '<root>'}): varlen {how} attention")
         for node in mixers:
             where = f"{node.name} ({module_path(node) or '<root>'})"
             kind = node.meta["rewrite_mixer"]
@@ -352,8 +371,12 @@ class Varlen(GraphPass):
             if tensor_meta(p).shape[0] != 1:
                 raise fail(f"packed input {p.name!r} must hold one row [1, T]; pass several sequences back to "
                             f"back and mark them with {source.name!r}", p)
-        facts = prove_packed_masks(gm, uses, source if source.name in POSITION_NAMES else None, symbols)
+        facts, windows = prove_packed_masks(gm, uses, source if source.name in POSITION_NAMES else None, symbols)
         causal = {site.name: _check_site(site, symbols, facts, False) for site in sites}
+        for node in mixers:
+            if node.name in windows:
+                raise fail(f"this mixer reads a sliding-window mask ({windows[node.name]} keys); packed mixers "
+                            "take key-padding masks only", node)
         result.matched = len(sites) + len(mixers)
         body = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
         with graph.inserting_before(body):
@@ -365,7 +388,7 @@ class Varlen(GraphPass):
             layout = {name: graph.call_function(operator.getitem, (unpacked, i))
                       for i, name in enumerate(("cu_seqlens", "max_seqlen"))}
         own = {unpacked, total, *layout.values()}
-        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result)
+        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result, windows)
         _remove_dead_code(graph)
         with graph.inserting_after(layout["max_seqlen"]):
             layout["positions"] = graph.call_function(operator.getitem, (unpacked, 2))

@@ -9,7 +9,7 @@ attention_mask) or True marks padding (`key_padding_mask`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 import torch
@@ -36,13 +36,18 @@ MAX_PROBE_LENGTH = 8194
 
 
 def _padding_probes(masked: list[MaskUse]) -> list[torch.Tensor]:
-    """The padding patterns to run: PATTERN, plus two long rows (full, right-padded) when the mask graph
-    holds a window-like constant too large for PATTERN's rows to show."""
+    """The padding patterns to run: PATTERN, plus three long rows (full, right-padded, one hole in the middle) when
+    the mask graph holds a window-like constant W >= 2.
+
+    The long rows (W + 2 tokens, at least PATTERN_LENGTH + 2) show a window wider than PATTERN's rows, and the
+    holed one tells a window counted between row slots (Hugging Face's, over cache positions) from one counted
+    between real tokens: the two differ at the query after the hole (W <= L // 2 + 1) or at the last query.
+    """
     probes = [torch.tensor(PATTERN, dtype=torch.bool)]
     window = window_constant([s.mask for s in masked])
-    length = window + 2
-    if length <= PATTERN_LENGTH:
+    if window < 2:
         return probes
+    length = max(window + 2, PATTERN_LENGTH + 2)
     if length > MAX_PROBE_LENGTH:
         site = masked[0]
         raise PassError(
@@ -51,8 +56,9 @@ def _padding_probes(masked: list[MaskUse]) -> list[torch.Tensor]:
             f"key padding needs a probe of {length} tokens, over the {MAX_PROBE_LENGTH} the pass runs",
             site.name, site.module_path or "<root>",
         )
-    long = torch.ones(2, length, dtype=torch.bool)
+    long = torch.ones(3, length, dtype=torch.bool)
     long[1, length - 3:] = False
+    long[2, length // 2] = False
     return [*probes, long]
 
 HIDDEN_BELOW = -1e4
@@ -77,11 +83,26 @@ class MaskUse:
 
 @dataclass(frozen=True)
 class MaskFacts:
-    """What the probe proved: the padding input's polarity and each site's causality (by site node name)."""
+    """What the probe proved: the padding input's polarity and each site's causality and window (by site node name).
+
+    `window[name] = W`: the site's mask is causal key padding restricted to the last W keys (the query included),
+    what `rewrite::sliding_window_attention(window=W)` computes per sequence. `window_in_slots` names the windowed
+    sites whose mask counts that distance between the row's slots (Hugging Face counts it between cache positions)
+    rather than between its real tokens: the two agree exactly on rows whose real tokens are contiguous (left or
+    right padding), which the module checks at run time.
+    """
 
     pads_are_true: bool
     causal: dict[str, bool]
+    window: dict[str, int] = field(default_factory=dict)
+    window_in_slots: frozenset[str] = frozenset()
 
+
+@dataclass(frozen=True)
+class _Verdict:
+    causal: bool
+    window: int | None = None
+    in_slots: bool = False
 
 def _visible(mask: torch.Tensor, negated: bool) -> torch.Tensor | None:
     """Bool visibility of a mask, or None if a float mask holds values that are neither 0 nor hidden (a bias)."""
@@ -139,16 +160,18 @@ def _probe_device(placeholders: set[fx.Node]) -> torch.device:
 def prove_padding_masks(
     gm: fx.GraphModule, sites: list[MaskUse], padding: fx.Node, symbols: TokenSymbols
 ) -> MaskFacts:
-    """Run the mask graph on the probe; raise PassError naming the first site whose mask is not key padding."""
+    """Run the mask graph on the probe; raise PassError naming the first site whose mask is neither key padding
+    (optionally causal) nor causal key padding within a sliding window."""
     masked = [s for s in sites if isinstance(s.mask, fx.Node)]
     probes = _padding_probes(masked)
     placeholders = {p for s in masked for p in ancestor_placeholders(s.mask)}
     device = _probe_device(placeholders)
     failures: list[str] = []
+    failing: MaskUse | None = None
     for pads_are_true in (False, True):
-        causal: dict[str, bool] = {}
+        seen: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         problem = None
-        for keep in probes:
+        for index, keep in enumerate(probes):
             batch, seq = keep.shape
             inputs: dict[fx.Node, object] = {}
             for node in placeholders:
@@ -167,38 +190,59 @@ def prove_padding_masks(
                 problem = (None, f"running the mask graph failed: {type(exc).__name__}: {exc}")
                 break
             for site, value in zip(masked, values):
-                verdict = _judge(value, site, keep)
-                if isinstance(verdict, str) or causal.get(site.name, verdict) != verdict:
-                    problem = (site, verdict if isinstance(verdict, str) else
-                               f"it is {'causal' if causal[site.name] else 'not causal'} on a {PATTERN_LENGTH}-token "
-                               f"probe and {'causal' if verdict else 'not causal'} on a {seq}-token one")
+                key = _mask_key(site)
+                if len(seen.get(key, ())) > index:
+                    continue  # another site reads the same mask the same way (layers share their mask)
+                vis = _visibility(value, site, keep)
+                if isinstance(vis, str):
+                    problem = (site, vis)
                     break
-                causal[site.name] = verdict
+                seen.setdefault(key, []).append((vis, keep))
             if problem is not None:
                 break
+        verdicts: dict[tuple, _Verdict | str] = {}
         if problem is None:
+            for site in masked:
+                key = _mask_key(site)
+                if key not in verdicts:
+                    verdicts[key] = _judge(seen[key], site)
+                if isinstance(verdicts[key], str):
+                    problem = (site, verdicts[key])
+                    break
+        if problem is None:
+            found = {s.name: verdicts[_mask_key(s)] for s in masked}
+            causal = {name: v.causal for name, v in found.items()}
             for site in sites:
                 if site.mask is None:
                     causal[site.name] = site.is_causal
-            return MaskFacts(pads_are_true, causal)
+            return MaskFacts(pads_are_true, causal, {name: v.window for name, v in found.items() if v.window},
+                             frozenset(name for name, v in found.items() if v.in_slots))
+        reading = "True = padding" if pads_are_true else "1 = real token"
         if problem[0] is None:
-            failures.append(problem[1])
+            failures.append(f"with {reading}: {problem[1]}")
             continue
-        failures.append(f"{problem[0].name} ({problem[0].module_path or '<root>'}): {problem[1]}")
-    site = masked[0] if masked else None
+        failing = failing or problem[0]
+        failures.append(f"with {reading}: {problem[0].name} ({problem[0].module_path or '<root>'}): {problem[1]}")
+    site = failing or (masked[0] if masked else None)
     raise PassError(
         "varlen",
         f"cannot prove the attention masks are key padding of input {padding.name!r} "
         f"(with 1 = real token, or True = padding): {'; '.join(failures)}. The varlen pass supports masks "
-        "that hide padded keys, optionally with causality; other masks (windows, biases, blocks) are not "
-        "token-wise once packed",
+        "that hide padded keys, optionally with causality, and causal sliding windows (each real query sees the "
+        "last W real keys of its row, itself included, counted between real tokens, or between row slots on rows "
+        "without holes); other masks (bidirectional windows, biases, blocks) are not token-wise once packed",
         site.name if site else None,
         (site.module_path or "<root>") if site else None,
     )
 
 
-def _judge(value: torch.Tensor, site: MaskUse, keep: torch.Tensor) -> bool | str:
-    """True (causal key padding), False (key padding) or why the mask is neither."""
+def _mask_key(site: MaskUse) -> tuple:
+    """Sites that read the same mask node the same way get the same verdict."""
+    return (site.mask, site.mask_negated, site.is_causal)
+
+
+def _visibility(value: torch.Tensor, site: MaskUse, keep: torch.Tensor) -> torch.Tensor | str:
+    """[batch, heads, seq, seq] bool: which keys each query sees (the site's own causality applied), or why none."""
     vis = _visible(value, site.mask_negated)
     if vis is None:
         return "the additive mask holds bias values (neither 0 nor -inf)"
@@ -210,15 +254,57 @@ def _judge(value: torch.Tensor, site: MaskUse, keep: torch.Tensor) -> bool | str
     vis = vis.expand(batch, vis.shape[1], seq, seq)
     if site.is_causal:
         vis = vis & torch.ones(seq, seq, dtype=torch.bool).tril()
-    rows = keep[:, None, :, None]
-    pad_keys = keep[:, None, None, :].expand_as(vis)
-    causal_keys = pad_keys & torch.ones(seq, seq, dtype=torch.bool).tril()
-    if not bool(((vis != causal_keys) & rows).any()):
-        return True
-    if not bool(((vis != pad_keys) & rows).any()):
-        return False
-    return "on real queries it shows keys other than the real (earlier) tokens of the same row"
+    return vis
 
+
+def _window_keys(keep: torch.Tensor, window: int, in_slots: bool) -> torch.Tensor:
+    """[batch, 1, seq, seq]: the real keys at or before each query and fewer than `window` from it, counted in
+    row slots or in real tokens (positions in the packed sequence)."""
+    seq = keep.shape[1]
+    pos = torch.arange(seq).expand_as(keep) if in_slots else keep.long().cumsum(1) - 1
+    near = (pos[:, :, None] - pos[:, None, :]) < window
+    tril = torch.ones(seq, seq, dtype=torch.bool).tril()
+    return (keep[:, None, :] & tril & near)[:, None]
+
+
+def _judge(seen: list[tuple[torch.Tensor, torch.Tensor]], site: MaskUse) -> _Verdict | str:
+    """What the mask is on every probe (real queries only): causal key padding, key padding, causal key padding
+    within a sliding window of W keys, or why it is none of them."""
+
+    def shows(expected) -> bool:
+        return not any(bool(((vis != expected(keep)) & keep[:, None, :, None]).any()) for vis, keep in seen)
+
+    def tril(keep: torch.Tensor) -> torch.Tensor:
+        return torch.ones(keep.shape[1], keep.shape[1], dtype=torch.bool).tril()
+
+    def real(keep: torch.Tensor) -> torch.Tensor:
+        return keep[:, None, :, None] & keep[:, None, None, :]
+
+    if shows(lambda keep: keep[:, None, None, :] & tril(keep)):
+        return _Verdict(True)
+    if shows(lambda keep: keep[:, None, None, :]):
+        return _Verdict(False)
+    later = any(bool((vis & ~tril(keep) & real(keep)).any()) for vis, keep in seen)
+    hidden = any(bool((~vis & tril(keep) & real(keep)).any()) for vis, keep in seen)
+    if later and hidden:
+        return ("on real queries it shows later keys yet hides some earlier real keys of the row: a bidirectional "
+                "(local) window, as in ModernBERT's local layers; varlen lowers only causal windows (the "
+                "sliding-window kernel is causal)")
+    if later or not hidden:
+        return "on real queries it shows keys other than the real (earlier) tokens of the same row"
+    window = max(int((vis & keep[:, None, :, None]).sum(-1).max()) for vis, keep in seen)
+    by_tokens = window >= 1 and shows(lambda keep: _window_keys(keep, window, in_slots=False))
+    by_slots = window >= 1 and shows(lambda keep: _window_keys(keep, window, in_slots=True))
+    if not (by_tokens or by_slots):
+        return ("on real queries it hides earlier real keys of the same row, but not as a causal sliding window "
+                "(each query seeing the last W real keys of its row, itself included, W counted between real tokens "
+                "or between row slots)")
+    constant = window_constant([site.mask]) if site.mask is not None else 0
+    if window not in (constant, constant + 1):
+        return (f"it shows a causal sliding window of {window} keys on the probe, but the window-like constant of "
+                f"its graph is {constant}, so the probe does not prove the window is the same on longer rows")
+    # a window the probe cannot tell apart both ways is taken as counted in slots (checked at run time)
+    return _Verdict(True, window, in_slots=by_slots)
 
 PACKED_POSITIONS = (0, 1, 2, 0, 1, 0, 0, 1, 2, 3)
 """Positions of the packed probe: sequences of 3, 2, 1 and 4 tokens in one row."""
@@ -226,17 +312,19 @@ PACKED_POSITIONS = (0, 1, 2, 0, 1, 0, 0, 1, 2, 3)
 
 def prove_packed_masks(
     gm: fx.GraphModule, sites: list[MaskUse], positions: fx.Node | None, symbols: TokenSymbols
-) -> dict[str, bool]:
-    """Causality of each site for already-packed input; raise PassError for masks that are neither per-sequence
-    (built from restarting `positions`) nor a plain causal / full mask over the row.
+) -> tuple[dict[str, bool], dict[str, int]]:
+    """(causality, sliding window) of each site for already-packed input; raise PassError for masks that are neither
+    per-sequence (built from restarting `positions`), per-sequence causal within a sliding window of W keys, nor a
+    plain causal / full mask over the row.
 
     A plain mask over the whole row is what a model that does not know about packing builds; the varlen
     kernel then keeps each sequence to itself, which is what packing asks for.
     """
     masked = [s for s in sites if isinstance(s.mask, fx.Node)]
     causal = {s.name: s.is_causal for s in sites if s.mask is None}
+    windows: dict[str, int] = {}
     if not masked:
-        return causal
+        return causal, windows
     window = window_constant([s.mask for s in masked])
     longest = max(PACKED_POSITIONS) + 1
     extra = tuple(range(window + 2)) if window + 2 > longest else ()
@@ -279,12 +367,19 @@ def prove_packed_masks(
                 if bool((vis == candidate).all()):
                     verdict = is_causal
                     break
+            if verdict is None:  # a causal window within each sequence (slots and tokens agree in a packed row)
+                window = int(vis.sum(-1).max())
+                near = (torch.arange(seq)[:, None] - torch.arange(seq)[None, :]) < window
+                constant = window_constant([site.mask])
+                if window in (constant, constant + 1) and bool((vis == (same & tril & near)).all()):
+                    verdict = True
+                    windows[site.name] = window
         if verdict is None:
             raise PassError(
                 "varlen",
-                "the attention mask on packed input is neither per-sequence (from restarting position ids) nor a "
-                "plain causal or full mask; the varlen pass cannot keep it",
+                "the attention mask on packed input is neither per-sequence (from restarting position ids, optionally "
+                "within a causal sliding window) nor a plain causal or full mask; the varlen pass cannot keep it",
                 site.name, site.module_path,
             )
         causal[site.name] = verdict
-    return causal
+    return causal, windows

@@ -202,11 +202,79 @@ def packed_attention(
     return o.transpose(0, 1).unsqueeze(0)
 
 
-def _attention_per_sequence(q, k, v, cu_seqlens, causal: bool, scale: float | None, dropout_p: float):
+def packed_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    window: int,
+    scale: float | None,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Causal sliding-window attention per sequence on packed tensors (SDPA's layout, q [1, H, T, D], k / v
+    [1, Hkv, T, D] -> o [1, H, T, Dv]): each query sees the last `window` keys of its own sequence, itself included.
+
+    Runs `rewrite::sliding_window_attention` with cu_seqlens (the PyTorch reference on CPU, Triton on CUDA);
+    backend "reference" runs the reference on any device. With attention dropout each sequence runs through SDPA
+    with the window as a mask.
+    """
+    from rewrite.kernels.packed_bounds import trusted_cu_seqlens  # loaded on first use
+    from rewrite.kernels.sliding_window.api import sliding_window_attention
+    from rewrite.kernels.sliding_window.reference import sliding_window_reference
+
+    if dropout_p > 0:
+        return _attention_per_sequence(q, k, v, cu_seqlens, True, scale, dropout_p, window=window)
+    qt, kt, vt = (x.squeeze(0).transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, T, heads, D]
+    if backend == "reference":
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        o = sliding_window_reference(qt, kt, vt, window, 0, scale, cu_seqlens)[0]
+    else:
+        with trusted_cu_seqlens():  # built by unpad_layout / the packed layouts: no host read to check it
+            o = sliding_window_attention(qt, kt, vt, window, scale=scale, cu_seqlens=cu_seqlens)
+    return o.transpose(1, 2)
+
+
+def contiguous_rows(keep: torch.Tensor, what: str) -> torch.Tensor:
+    """`keep` [B, L], once every row's real tokens are checked to be one run (left or right padding, no holes).
+
+    A sliding window counted between row slots (Hugging Face counts it between cache positions) equals the window
+    counted between the packed tokens only on such rows. Raises ValueError naming the first row with a hole; under
+    tracing and with a static token capacity (CUDA-graph replay) it is a device-side assert without the details.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    before = torch.cat([keep.new_zeros(keep.shape[0], 1), keep[:, :-1]], dim=1)
+    runs = (keep & ~before).sum(dim=1)
+    bad = runs > 1
+    message = (f"varlen: {what} counts its sliding window between row slots, which equals the window over the packed "
+               "tokens only when each row's real tokens are contiguous (left or right padding)")
+    if torch.compiler.is_compiling() or is_fake(bad) or static_capacity() is not None:
+        torch._assert_async(bad.any().logical_not(), message)
+        return keep
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{message}; row {row} has padding between real tokens (attention_mask "
+                         f"{keep[row].int().tolist()}). Pad on the left or on the right only")
+    return keep
+
+
+def _attention_per_sequence(q, k, v, cu_seqlens, causal: bool, scale: float | None, dropout_p: float,
+                            window: int | None = None):
     bounds = cu_seqlens.tolist()
     gqa = q.shape[1] != k.shape[1]
+
+    def mask(length: int) -> torch.Tensor | None:
+        if window is None:
+            return None
+        t = torch.arange(length, device=q.device)
+        return (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window)
+
     pieces = [torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa)
+        q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], attn_mask=mask(e - s), dropout_p=dropout_p,
+        is_causal=causal and window is None, scale=scale, enable_gqa=gqa)
         for s, e in zip(bounds, bounds[1:]) if e > s]
     if not pieces:
         return q.new_zeros(*q.shape[:-1], v.shape[-1])

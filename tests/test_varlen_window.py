@@ -1,0 +1,231 @@
+"""Pass `varlen` on causal sliding-window masks (Mistral, Qwen2's windowed layers), against the Hugging Face model.
+
+The mask probe finds each site's window W (the last W keys, the query included) and whether it is counted
+between row slots (Hugging Face, over cache positions) or between real tokens; such sites run
+`rewrite::sliding_window_attention` with cu_seqlens. Bidirectional windows (ModernBERT) stay refused.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import parameter_grads
+from torch import nn
+
+import rewrite
+from rewrite.errors import PassError
+from rewrite.kernels.sliding_window.reference import visible
+from rewrite.varlen import runtime
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+
+
+def build(factory):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return factory().eval()
+
+
+def _decoder(cls, model_cls, **extra):
+    return model_cls(cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, **extra))
+
+
+def mistral(window: int):
+    return _decoder(transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=window)
+
+
+def qwen2_mixed(window: int = 4):
+    """Layer 0 full causal attention, layers 1 and 2 a sliding window (max_window_layers=1)."""
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=256, use_sliding_window=True, sliding_window=window,
+        max_window_layers=1))
+
+
+def modernbert():
+    return transformers.ModernBertModel(transformers.ModernBertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        global_attn_every_n_layers=2, local_attention=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        cls_token_id=1, sep_token_id=2))
+
+
+def padded(lengths: list[int], width: int, left: set[int] = frozenset(), seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if row in left:
+            mask[row, width - n:] = 1
+        else:
+            mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def changed(om: rewrite.OptimizedModule) -> list[str]:
+    return [c for r in om.report.results for c in r.changed]
+
+
+def assert_real_close(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> None:
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 4, 8])
+def test_sliding_window_op_sees_what_hugging_face_sliding_window_sees(window):
+    """window=W in the op means the last W keys, the query included: HF's `kv_idx > q_idx - W` with causality."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    fn = sliding_window_causal_mask_function(window)
+    length = 12
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    hf = fn(torch.tensor(0), torch.tensor(0), q, k).expand(length, length)
+    assert torch.equal(visible(length, window, 0, torch.device("cpu")), hf)
+
+
+@pytest.fixture(scope="module")
+def mistral_modules():
+    """Mistral with windows 4 and 8, each captured on a 6-token batch (shorter than the window 8)."""
+    built = {}
+    for window in (4, 8):
+        model = build(lambda w=window: mistral(w))
+        built[window] = (model, rewrite.optimize(model, ["varlen"], example_kwargs=padded([6, 4], 6)))
+    return built
+
+
+@pytest.mark.parametrize("window", [4, 8])
+@pytest.mark.parametrize("left", [set(), {0, 2, 4}], ids=["right", "left"])
+def test_mistral_sliding_window_runs_padding_free(mistral_modules, window, left):
+    model, om = mistral_modules[window]
+    assert all(f"sliding-window ({window} keys)" in c for c in changed(om)) and len(changed(om)) == 2
+    # rows longer and shorter than the window, a one-token row, left or right padding
+    batch = padded([2, 19, 5, 1, 11], 19, left=left, seed=1)
+    with torch.no_grad():
+        got, want = om(**batch).logits, model(**batch).logits
+    assert_real_close(got, want, batch["attention_mask"])
+    pads = ~batch["attention_mask"].bool()
+    assert not got[pads].any()
+
+
+def test_mistral_sliding_window_gradients_match(mistral_modules):
+    model, om = mistral_modules[4]
+    batch = padded([9, 3, 12], 12, left={1}, seed=2)
+    mask = batch["attention_mask"]
+    got = parameter_grads(om, om(**batch).logits, mask)
+    want = parameter_grads(model, model(**batch).logits, mask)
+    assert got.keys() == want.keys()
+    for key, g in want.items():
+        if g is None:
+            assert got[key] is None or not got[key].any(), key
+            continue
+        torch.testing.assert_close(got[key], g, atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_window_counted_between_slots_refuses_rows_with_holes_at_run_time(mistral_modules):
+    """HF counts the window between cache positions: on a row with padding between real tokens that is not the
+    window over the packed tokens, so the module checks rows are contiguous."""
+    _, om = mistral_modules[4]
+    batch = padded([7, 9], 9, seed=3)
+    batch["attention_mask"][1, 3] = 0
+    with pytest.raises(ValueError, match="row 1 has padding between real tokens"):
+        om(**batch)
+
+
+def gemma2_unsoftcapped():
+    """Gemma 2 without logit softcapping (softcapped, it is refused): layer 0 sliding, layer 1 full."""
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, sliding_window=4, attn_logit_softcapping=None,
+        final_logit_softcapping=None))
+
+
+def gemma3_text():
+    """Gemma 3 text: local (sliding) layers 0 and 2, global layer 1."""
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, sliding_window=4, sliding_window_pattern=2))
+
+
+@pytest.mark.parametrize(("factory", "windowed"), [(qwen2_mixed, [False, True, True]),
+                                                   (gemma2_unsoftcapped, [True, False]),
+                                                   (gemma3_text, [True, False, True])],
+                         ids=["qwen2", "gemma2-no-softcap", "gemma3"])
+def test_per_layer_windows_full_causal_and_sliding(factory, windowed):
+    model = build(factory)
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=padded([6, 4], 6))
+    lines = changed(om)
+    assert len(lines) == len(windowed)
+    for layer, (line, window) in enumerate(zip(lines, windowed)):
+        assert f"model.layers.{layer}.self_attn" in line
+        assert line.endswith("varlen causal sliding-window (4 keys) attention" if window else "varlen causal attention")
+    batch = padded([11, 3, 8], 11, left={2}, seed=4)
+    with torch.no_grad():
+        got, want = om(**batch).logits, model(**batch).logits
+    assert_real_close(got, want, batch["attention_mask"])
+
+
+def test_packed_position_ids_keep_the_window_within_each_sequence(mistral_modules):
+    model, _ = mistral_modules[4]
+    lengths = [3, 9, 6]
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        om = rewrite.optimize(model, ["varlen"], example_kwargs={"input_ids": ids, "position_ids": pos})
+    assert all("sliding-window (4 keys)" in c for c in changed(om))
+    lengths = [10, 2, 7, 5]
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(6))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = om(input_ids=ids, position_ids=pos).logits
+        want = torch.cat([model(input_ids=part).logits for part in ids.split(lengths, 1)], 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class TokenWindow(nn.Module):
+    """A window counted between real tokens (positions = cumsum(mask) - 1): token-wise once packed, holes too."""
+
+    def __init__(self, window: int = 3, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.window, self.heads = window, heads
+        self.embed = nn.Embedding(64, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, dim=-1))
+        pos = attention_mask.cumsum(1) - 1
+        distance = pos[:, :, None] - pos[:, None, :]
+        mask = (distance >= 0) & (distance < self.window) & attention_mask.bool()[:, None, :]
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return self.out(o.transpose(1, 2).reshape(b, t, c))
+
+
+def test_window_counted_between_real_tokens_needs_no_contiguous_rows():
+    model = build(TokenWindow)
+    batch = padded([5, 3], 6)
+    batch["input_ids"] %= 64
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=batch)
+    assert "sliding-window (3 keys)" in changed(om)[0]
+    assert runtime.contiguous_rows.__name__ not in om.code
+    batch = padded([7, 9, 2], 9, seed=7)
+    batch["input_ids"] %= 64
+    batch["attention_mask"][1, 2] = 0
+    batch["attention_mask"][1, 5] = 0
+    with torch.no_grad():
+        got, want = om(**batch), model(**batch)
+    assert_real_close(got, want, batch["attention_mask"])
+
+
+def test_bidirectional_local_window_is_refused_naming_the_layer():
+    """ModernBERT's local layers see W / 2 keys on each side: the sliding-window kernel is causal only."""
+    with pytest.raises(PassError, match="bidirectional \\(local\\) window") as info:
+        rewrite.optimize(build(modernbert), ["varlen"], example_kwargs=padded([6, 4], 6))
+    assert info.value.module_path == "layers.1.attn"
