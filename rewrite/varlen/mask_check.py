@@ -257,14 +257,23 @@ def _visibility(value: torch.Tensor, site: MaskUse, keep: torch.Tensor) -> torch
     return vis
 
 
+def _band(length: int, window: int) -> torch.Tensor:
+    """[length, length] bool: key j at or before query i and fewer than `window` before it (no integer L x L temporaries)."""
+    ones = torch.ones(length, length, dtype=torch.bool)
+    return ones.tril() & ~ones.tril(-window)
+
+
 def _window_keys(keep: torch.Tensor, window: int, in_slots: bool) -> torch.Tensor:
     """[batch, 1, seq, seq]: the real keys at or before each query and fewer than `window` from it, counted in
     row slots or in real tokens (positions in the packed sequence)."""
-    seq = keep.shape[1]
-    pos = torch.arange(seq).expand_as(keep) if in_slots else keep.long().cumsum(1) - 1
-    near = (pos[:, :, None] - pos[:, None, :]) < window
-    tril = torch.ones(seq, seq, dtype=torch.bool).tril()
-    return (keep[:, None, :] & tril & near)[:, None]
+    batch, seq = keep.shape
+    if in_slots:
+        return (keep[:, None, :] & _band(seq, window))[:, None]
+    out = torch.zeros(batch, seq, seq, dtype=torch.bool)
+    for row in range(batch):
+        real = keep[row].nonzero().squeeze(1)
+        out[row, real[:, None], real[None, :]] = _band(real.numel(), window)
+    return out[:, None]
 
 
 def _judge(seen: list[tuple[torch.Tensor, torch.Tensor]], site: MaskUse) -> _Verdict | str:
@@ -369,9 +378,8 @@ def prove_packed_masks(
                     break
             if verdict is None:  # a causal window within each sequence (slots and tokens agree in a packed row)
                 window = int(vis.sum(-1).max())
-                near = (torch.arange(seq)[:, None] - torch.arange(seq)[None, :]) < window
                 constant = window_constant([site.mask])
-                if window in (constant, constant + 1) and bool((vis == (same & tril & near)).all()):
+                if window in (constant, constant + 1) and bool((vis == (same & _band(seq, window))).all()):
                     verdict = True
                     windows[site.name] = window
         if verdict is None:
