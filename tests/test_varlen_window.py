@@ -229,3 +229,9 @@ def test_bidirectional_local_window_is_refused_naming_the_layer():
     with pytest.raises(PassError, match="bidirectional \\(local\\) window") as info:
         rewrite.optimize(build(modernbert), ["varlen"], example_kwargs=padded([6, 4], 6))
     assert info.value.module_path == "layers.1.attn"
+
+
+def test_verify_compares_real_tokens_of_a_windowed_model():
+    model = build(lambda: mistral(4))
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=padded([9, 4, 7], 9, left={1}), verify=True)
+    assert om.verification.passed
