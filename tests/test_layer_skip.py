@@ -635,3 +635,14 @@ def test_example_on_the_mixed_corpus_reports_each_kind_in_a_fixed_proportion():
     assert any(n.startswith("static per kind: code") for n in names)
     for rows in [table["rows"], *table["by_kind"].values()]:
         assert rows[0]["increase"] == 0.0 and all(r["skip_rate"] == 0.25 for r in rows if "top 1/4" in r["variant"])
+
+
+def test_kinds_analysis_runs_at_tiny_size():
+    from examples import layer_skip_kinds
+
+    result = layer_skip_kinds.main(["--tiny", "--temperatures", "0.5"])
+    splits = result["sets"]["budget_split"]
+    assert "code 1 + prose 1" in splits and set(splits["code 1 + prose 1"]) == {"train", "heldout"}
+    assert "train prose k=1" in result["sets"]["cheapest"]
+    rows = result["temperatures"]["by_temperature"]["0.5"]
+    assert {"train all", "heldout code", "heldout prose"} <= set(rows)
