@@ -9,6 +9,8 @@
 increase in nats per token over the full model), on training and on held-out windows; and, at 25%
 skipped overall, whether splitting the budget unequally between the kinds (1 + 3 or 3 + 1 blocks
 instead of 2 + 2, each kind's set chosen on its training windows) beats the equal split.
+`--probe`: whether the routers' inputs (each block's input mean-pooled over the prompt) tell prose
+from code: a linear probe per block fitted on training prompts, its accuracy on held-out prompts.
 `temperatures`: set_cost routers trained at each label temperature, their top-k decisions on
 training windows (where a setting may be chosen) and held-out windows, paired against the static
 set best on training text.
@@ -88,6 +90,44 @@ def sets_by_kind(model: torch.nn.Module, corpus: Any, s: ex.Settings, top: int =
     return out
 
 
+def kind_probe(model: torch.nn.Module, corpus: Any, s: ex.Settings) -> list[float]:
+    """Per routed block, the held-out accuracy of a linear probe telling prose from code on the block's
+    input mean-pooled over the prompt (what a router reads), fitted on the training windows' prompts."""
+
+    def pooled(windows: torch.Tensor) -> torch.Tensor:
+        parts = []
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], 32):
+                out = model(input_ids=windows[i : i + 32, : s.prompt_length], output_hidden_states=True)
+                parts.append(torch.stack([h.mean(1) for h in out.hidden_states[: s.layers]], 1))
+        return torch.cat(parts)  # [N, layers, D]: the input of each block
+
+    (train, train_kinds), (held, held_kinds) = (ex.evaluation_windows(corpus, s, split, "spread") for split in ("train", "heldout"))
+    y_train = torch.tensor([k == "prose" for k in train_kinds]).float()
+    y_held = torch.tensor([k == "prose" for k in held_kinds]).float()
+    f_train, f_held = pooled(train), pooled(held)
+    return [_probe(f_train[:, layer], y_train, f_held[:, layer], y_held) for layer in range(s.layers)]
+
+
+def _probe(x: torch.Tensor, y: torch.Tensor, x_held: torch.Tensor, y_held: torch.Tensor) -> float:
+    """Held-out accuracy of an L2-regularised logistic regression on standardised features."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=200)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = ((x - mean) / std) @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + 1e-3 * w.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return ((((x_held - mean) / std) @ w + b > 0).float() == y_held).float().mean().item()
+
+
 def temperatures(model: torch.nn.Module, corpus: Any, s: ex.Settings, values: list[float]) -> dict[str, Any]:
     """set_cost routers per label temperature, top-k against the static set best on training text."""
     n_skip = round(s.target_skip * s.layers)
@@ -131,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lm-cache", type=Path)
     parser.add_argument("--temperatures", default="", help="comma-separated label temperatures (empty: skip)")
     parser.add_argument("--no-sets", action="store_true", help="skip the per-kind sets analysis")
+    parser.add_argument("--probe", action="store_true", help="linear probe: do the routers' inputs tell the kinds apart?")
     parser.add_argument("--spread-windows", type=int, default=512)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -142,6 +183,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"settings": asdict(s), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if not args.no_sets:
         result["sets"] = sets_by_kind(model, corpus, s)
+    if args.probe:
+        result["kind_probe_accuracy"] = kind_probe(model, corpus, s)
+        print("held-out accuracy of a linear probe (prose vs code) per block input:",
+              " ".join(f"{a:.3f}" for a in result["kind_probe_accuracy"]))
     if args.temperatures:
         result["temperatures"] = temperatures(model, corpus, s, [float(t) for t in args.temperatures.split(",")])
     for name, rows in result.get("sets", {}).get("cheapest", {}).items():

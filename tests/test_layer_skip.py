@@ -640,7 +640,8 @@ def test_example_on_the_mixed_corpus_reports_each_kind_in_a_fixed_proportion():
 def test_kinds_analysis_runs_at_tiny_size():
     from examples import layer_skip_kinds
 
-    result = layer_skip_kinds.main(["--tiny", "--temperatures", "0.5"])
+    result = layer_skip_kinds.main(["--tiny", "--temperatures", "0.5", "--probe"])
+    assert len(result["kind_probe_accuracy"]) == 4
     splits = result["sets"]["budget_split"]
     assert "code 1 + prose 1" in splits and set(splits["code 1 + prose 1"]) == {"train", "heldout"}
     assert "train prose k=1" in result["sets"]["cheapest"]
