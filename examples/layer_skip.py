@@ -5,7 +5,9 @@ and compare held-out perplexity with the full model and with a static baseline a
     python -m examples.layer_skip --tiny          # seconds: a smoke run of every step
     python -m examples.layer_skip --out result.json
 
-The text is the Python standard library's own sources (rewrite.text_corpus.ByteCorpus): no download.
+The text is the Python standard library's own sources (rewrite.text_corpus.ByteCorpus): no download;
+`--corpus mixed` adds the Python reference documentation (English prose, `pydoc_data.topics`), each
+window one kind, half of each, and reports every table also per kind.
 The language model is trained with per-sequence layer drop, so that skipping a layer is something it
 has seen. Routers are trained once per loss in `router_loss` (distill, set_cost). Evaluation decides
 from a prompt and scores only the continuation (see rewrite.routing.evaluation); the static baseline
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +28,6 @@ from typing import Any
 import torch
 
 from rewrite.routing.evaluation import (
-    Evaluation,
     SkipSetLosses,
     calibrate_threshold,
     continuation_perplexity,
@@ -33,7 +35,7 @@ from rewrite.routing.evaluation import (
 )
 from rewrite.routing.language_model import logits_of, next_token_loss
 from rewrite.routing.training import RouterTrainingConfig, train_routers
-from rewrite.text_corpus import VOCAB_SIZE, ByteCorpus
+from rewrite.text_corpus import MIXED_RATIO, VOCAB_SIZE, ByteCorpus
 
 
 @dataclass
@@ -63,6 +65,8 @@ class Settings:
     """first: the first eval_windows windows of each split; spread: spread evenly over it; both"""
     prompt_length: int = 64
     seed: int = 0
+    corpus: str = "code"
+    """code: the standard library's sources; mixed: those and the reference documentation (prose)"""
 
 
 TINY = Settings(
@@ -129,35 +133,84 @@ def pretrain(model: torch.nn.Module, corpus: ByteCorpus, s: Settings, log: bool)
     return losses
 
 
-def _row(name: str, e: Evaluation | tuple[float, float], full: float, **extra: Any) -> dict[str, Any]:
-    ppl, rate = (e.perplexity, e.skip_rate) if isinstance(e, Evaluation) else e
-    return {"variant": name, "perplexity": ppl, "skip_rate": rate, "increase": ppl / full - 1, **extra}
+@dataclass
+class Variant:
+    """One way of choosing skips, evaluated per held-out window."""
+
+    name: str
+    losses: torch.Tensor
+    """[N] summed next-token loss of each window's continuation"""
+    decisions: torch.Tensor
+    """[N, n_routed] bool"""
 
 
 def _distinct(decisions: torch.Tensor) -> int:
     return len({tuple(r) for r in decisions.int().tolist()})
 
 
-def evaluation_windows(corpus: ByteCorpus, s: Settings, split: str, layout: str) -> torch.Tensor:
-    """Windows of a split: the first `s.eval_windows` ("first": a few files), or `s.spread_windows`
-    spread evenly over the whole split ("spread": every part of it)."""
-    if layout == "first":
-        return corpus.sequential(s.length, split=split, limit=s.eval_windows)
-    windows = corpus.sequential(s.length, split=split)
-    return windows[torch.linspace(0, windows.shape[0] - 1, min(s.spread_windows, windows.shape[0])).round().long()]
+def _paired(diff: torch.Tensor, draws: int = 2000) -> list[float]:
+    """Mean of per-window differences and its 95% bootstrap interval (fixed seed)."""
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, diff.numel(), (draws, diff.numel()), generator=generator)
+    means = diff[picks].mean(1)
+    return [diff.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()]
 
 
-def oracle_rows(selection: SkipSetLosses, held: SkipSetLosses, s: Settings, n_routed: int) -> tuple[list[dict], dict]:
-    """Static and per-sequence choices of a fixed set of blocks, from every set's losses.
+def table_rows(variants: list[Variant], index: torch.Tensor, tokens: int, static: Variant) -> list[dict[str, Any]]:
+    """Rows over the windows `index`: perplexity, skip rate and increase over the full model (variants[0]),
+    distinct skip sets, and the per-window difference from `static` (nats per continuation token: mean
+    and 95% bootstrap interval; negative is better than static)."""
+    full = math.exp(variants[0].losses[index].sum().item() / (index.numel() * tokens))
+    rows = []
+    for v in variants:
+        ppl = math.exp(v.losses[index].sum().item() / (index.numel() * tokens))
+        row: dict[str, Any] = {"variant": v.name, "perplexity": ppl, "skip_rate": v.decisions[index].float().mean().item(),
+                               "increase": ppl / full - 1}
+        if v is not variants[0]:
+            row["distinct_sets"] = _distinct(v.decisions[index])
+            if v is not static:
+                row["vs_static"] = _paired((v.losses[index] - static.losses[index]) / tokens)
+        rows.append(row)
+    return rows
+
+
+def _counts(total: int, mix: tuple[float, ...]) -> list[int]:
+    counts = [round(m * total) for m in mix[:-1]]
+    return [*counts, total - sum(counts)]
+
+
+def evaluation_windows(corpus: ByteCorpus, s: Settings, split: str, layout: str) -> tuple[torch.Tensor, list[str]]:
+    """Windows of a split and the kind of each: the first `s.eval_windows` ("first": a few documents),
+    or `s.spread_windows` spread evenly over the whole split ("spread": every part of it). With several
+    kinds each kind gets its share of the windows by the corpus's mixing ratio, taken from its own
+    stream the same way (a fixed proportion, code windows first)."""
+    total = s.eval_windows if layout == "first" else s.spread_windows
+    kinds = corpus.kinds
+    counts = _counts(total, corpus.mix) if corpus.mix is not None else [total]
+    parts = []
+    for kind, count in zip(kinds, counts, strict=True):
+        if layout == "first":
+            parts.append(corpus.sequential(s.length, split=split, limit=count, kind=kind))
+            continue
+        windows = corpus.sequential(s.length, split=split, kind=kind)
+        parts.append(windows[torch.linspace(0, windows.shape[0] - 1, min(count, windows.shape[0])).round().long()])
+    return torch.cat(parts), [k for k, p in zip(kinds, parts, strict=True) for _ in range(p.shape[0])]
+
+
+def oracle_choices(
+    selection: SkipSetLosses, held: SkipSetLosses, s: Settings, selection_kinds: list[str], held_kinds: list[str]
+) -> tuple[list[tuple[str, torch.Tensor]], dict]:
+    """Static and per-sequence choices of a fixed set of blocks (an index into `held.combos` per window).
 
     static: the set best on training text, and the set best on the held-out text (an upper bound for
-    static choices); per-sequence oracles: the set whose skipping hurts the sequence's own prompt
-    least (a decision made on the prompt, as a router's), the same with the training text's mean
-    cost added as a prior (weight chosen on training text), and the set best on the continuation
-    itself (an upper bound for any per-sequence choice of sets).
+    static choices); with several kinds of text, the set best on each kind's training text applied to
+    windows of that kind (the kind known: what a router that only tells the kinds apart could do);
+    per-sequence oracles: the set whose skipping hurts the sequence's own prompt least (a decision made
+    on the prompt, as a router's), the same with the training text's mean cost added as a prior
+    (weight chosen on training text), and the set best on the continuation itself (an upper bound for
+    any per-sequence choice of sets).
     """
     n = held.continuation.shape[0]
-    full = held.full_perplexity()
     static = int(selection.continuation.sum(0).argmin())
     static_held = int(held.continuation.sum(0).argmin())
     tokens = selection.prompt.shape[0] * (s.prompt_length - 1 + selection.continuation_tokens)
@@ -167,20 +220,39 @@ def oracle_rows(selection: SkipSetLosses, held: SkipSetLosses, s: Settings, n_ro
         return (losses.prompt / (s.prompt_length - 1) + weight * prior).argmin(1)
 
     weight = min(PRIOR_WEIGHTS, key=lambda w: selection.perplexity(by_prompt(selection, w)))
-    rate = len(held.combos[0]) / n_routed
-    rows = []
-    for name, choice in [
+    choices = [
         (f"static {list(held.combos[static])} (best on training text)", torch.full((n,), static)),
         (f"static {list(held.combos[static_held])} (best on the held-out text)", torch.full((n,), static_held)),
+    ]
+    chosen: dict[str, Any] = {"static": list(held.combos[static]), "prior_weight": weight}
+    kinds = sorted(set(held_kinds))
+    if len(kinds) > 1:
+        per_kind = {}
+        for kind in kinds:
+            rows = torch.tensor([k == kind for k in selection_kinds])
+            per_kind[kind] = int(selection.continuation[rows].sum(0).argmin())
+        name = ", ".join(f"{k} {list(held.combos[c])}" for k, c in per_kind.items())
+        choices.append((f"static per kind: {name} (each best on its kind's training text)",
+                        torch.tensor([per_kind[k] for k in held_kinds])))
+        chosen["static_per_kind"] = {k: list(held.combos[c]) for k, c in per_kind.items()}
+    choices += [
         ("oracle: per sequence, the set cheapest on its prompt", by_prompt(held, 0.0)),
         (f"oracle: per sequence, prompt cost + {weight:g} x training prior", by_prompt(held, weight)),
         ("oracle: per sequence, the set cheapest on its continuation (upper bound)", held.continuation.argmin(1)),
-    ]:
-        rows.append(_row(name, (held.perplexity(choice), rate), full, distinct_sets=len(set(choice.tolist()))))
-    return rows, {"static": list(held.combos[static]), "prior_weight": weight}
+    ]
+    return choices, chosen
 
 
 PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+CORPORA = {"code": ("code",), "mixed": ("code", "prose")}
+
+
+def load_corpus(name: str) -> ByteCorpus:
+    """`code`: the standard library's sources; `mixed`: those and the reference documentation (prose),
+    each window one kind, half of them of each (rewrite.text_corpus.MIXED_RATIO)."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
+    return ByteCorpus.load() if name == "code" else ByteCorpus.load(kinds=CORPORA[name], mix=MIXED_RATIO)
 
 
 def run(s: Settings, *, log: bool = True, lm_cache: Path | None = None) -> dict[str, Any]:
@@ -190,7 +262,7 @@ def run(s: Settings, *, log: bool = True, lm_cache: Path | None = None) -> dict[
     """
     torch.manual_seed(s.seed)
     began = time.perf_counter()
-    corpus = ByteCorpus.load()
+    corpus = load_corpus(s.corpus)
     model = byte_llama(s.layers, s.dim, s.heads)
     if lm_cache is not None and lm_cache.exists():
         model.load_state_dict(torch.load(lm_cache, map_location="cpu"))
@@ -219,13 +291,14 @@ def run(s: Settings, *, log: bool = True, lm_cache: Path | None = None) -> dict[
     layouts = ["first", "spread"] if s.eval_layout == "both" else [s.eval_layout]
     tables: dict[str, Any] = {}
     for layout in layouts:
-        windows = evaluation_windows(corpus, s, "heldout", layout)
-        selection = evaluation_windows(corpus, s, "train", layout)
+        windows, held_kinds = evaluation_windows(corpus, s, "heldout", layout)
+        selection, selection_kinds = evaluation_windows(corpus, s, "train", layout)
         any_module = next(iter(routed.values())).module
         held_losses = skip_set_losses(any_module, windows, s.prompt_length, n_skip)
         selection_losses = skip_set_losses(any_module, selection, s.prompt_length, n_skip)
-        full = held_losses.full_perplexity()
-        rows = [_row("full model", (full, 0.0), full)]
+        tokens = held_losses.continuation_tokens
+        nothing = torch.zeros(windows.shape[0], s.layers, dtype=torch.bool)
+        variants = [Variant("full model", held_losses.full_continuation, nothing)]
         for loss, trained in routed.items():
             om = trained.module
             # the threshold is calibrated on training text to the target rate, as the static layers are chosen there
@@ -239,15 +312,32 @@ def run(s: Settings, *, log: bool = True, lm_cache: Path | None = None) -> dict[
                  continuation_perplexity(om, windows, s.prompt_length, threshold=calibrated)),
                 (f"routed ({loss}), threshold 0.5", continuation_perplexity(om, windows, s.prompt_length, threshold=0.5)),
             ]:
-                rows.append(_row(name, e, full, distinct_sets=_distinct(e.decisions)))
-        static_rows, chosen = oracle_rows(selection_losses, held_losses, s, n_routed=s.layers)
-        rows += static_rows
-        tables[layout] = {"rows": rows, **chosen}
+                assert e.window_losses is not None
+                variants.append(Variant(name, e.window_losses, e.decisions))
+        choices, chosen = oracle_choices(selection_losses, held_losses, s, selection_kinds, held_kinds)
+        static_at = len(variants)
+        for name, choice in choices:
+            picked = held_losses.continuation.gather(1, choice.long()[:, None]).squeeze(1)
+            variants.append(Variant(name, picked, held_losses.decisions(choice, s.layers)))
+        static = variants[static_at]
+        everything = torch.arange(windows.shape[0])
+        table: dict[str, Any] = {"rows": table_rows(variants, everything, tokens, static), **chosen}
+        kinds = sorted(set(held_kinds), key=corpus.kinds.index)
+        if len(kinds) > 1:
+            table["windows"] = {k: held_kinds.count(k) for k in kinds}
+            table["by_kind"] = {
+                k: table_rows(variants, torch.tensor([i for i, w in enumerate(held_kinds) if w == k]), tokens, static)
+                for k in kinds
+            }
+        tables[layout] = table
     return {
         "settings": asdict(s),
         "torch": torch.__version__,
         "device": "cpu",
         "threads": torch.get_num_threads(),
+        "corpus": {"kinds": list(corpus.kinds), "mix": list(corpus.mix or (1.0,)),
+                   "train_bytes": list(corpus.train_sizes or (corpus.train.numel(),)),
+                   "heldout_bytes": list(corpus.heldout_sizes or (corpus.heldout.numel(),))},
         "pretrain_losses": losses,
         "router_history_last": {loss: t.history[-1] for loss, t in routed.items()},
         "tables": tables,
@@ -257,13 +347,17 @@ def run(s: Settings, *, log: bool = True, lm_cache: Path | None = None) -> dict[
 
 
 def print_table(result: dict[str, Any]) -> None:
-    """The results, one table per layout of evaluation windows."""
+    """The results, one table per layout of evaluation windows (and per kind of text when mixed)."""
     for layout, table in result["tables"].items():
-        print(f"\n{layout} windows:")
-        print(f"{'variant':<72} {'ppl':>8} {'skipped':>8} {'ppl increase':>13} {'sets':>5}")
-        for r in table["rows"]:
-            sets = r.get("distinct_sets", "")
-            print(f"{r['variant']:<72} {r['perplexity']:>8.4f} {r['skip_rate']:>8.1%} {r['increase']:>13.2%} {sets:>5}")
+        parts = [("", table["rows"])] + [(f", {k} windows only", rows) for k, rows in table.get("by_kind", {}).items()]
+        for suffix, rows in parts:
+            counts = ", ".join(f"{k} {n}" for k, n in table["windows"].items()) if "windows" in table else ""
+            print(f"\n{layout} windows{suffix}" + (f" (of {counts})" if counts and not suffix else "") + ":")
+            print(f"{'variant':<80} {'ppl':>8} {'skipped':>8} {'increase':>9} {'sets':>5} {'vs static [95%]':>26}")
+            for r in rows:
+                sets = r.get("distinct_sets", "")
+                vs = "{:+.4f} [{:+.4f}, {:+.4f}]".format(*r["vs_static"]) if "vs_static" in r else ""
+                print(f"{r['variant']:<80} {r['perplexity']:>8.4f} {r['skip_rate']:>8.1%} {r['increase']:>9.2%} {sets:>5} {vs:>26}")
     print(f"{result['seconds']:.0f} s")
 
 

@@ -622,3 +622,28 @@ def test_top_k_decisions_skip_exactly_the_k_highest_routers_of_each_prompt():
     windows = torch.randint(0, 128, (4, 15), generator=torch.Generator().manual_seed(2))
     routed = continuation_perplexity(om, windows, 10, top_k=1)
     assert torch.equal(routed.decisions, top_k_decisions(om, windows[:, :10], 1)) and routed.skip_rate == 0.5
+
+
+def test_example_on_the_mixed_corpus_reports_each_kind_in_a_fixed_proportion():
+    result = example.main(["--tiny", "--corpus", "mixed", "--eval-layout", "spread"])
+    assert result["corpus"]["kinds"] == ["code", "prose"] and result["corpus"]["mix"] == [0.5, 0.5]
+    table = result["tables"]["spread"]
+    assert table["windows"] == {"code": 4, "prose": 4}
+    assert set(table["by_kind"]) == {"code", "prose"}
+    names = [r["variant"] for r in table["rows"]]
+    assert [r["variant"] for r in table["by_kind"]["prose"]] == names
+    assert any(n.startswith("static per kind: code") for n in names)
+    for rows in [table["rows"], *table["by_kind"].values()]:
+        assert rows[0]["increase"] == 0.0 and all(r["skip_rate"] == 0.25 for r in rows if "top 1/4" in r["variant"])
+
+
+def test_kinds_analysis_runs_at_tiny_size():
+    from examples import layer_skip_kinds
+
+    result = layer_skip_kinds.main(["--tiny", "--temperatures", "0.5", "--probe"])
+    assert len(result["kind_probe_accuracy"]) == 4
+    splits = result["sets"]["budget_split"]
+    assert "code 1 + prose 1" in splits and set(splits["code 1 + prose 1"]) == {"train", "heldout"}
+    assert "train prose k=1" in result["sets"]["cheapest"]
+    rows = result["temperatures"]["by_temperature"]["0.5"]
+    assert {"train all", "heldout code", "heldout prose"} <= set(rows)

@@ -24,6 +24,8 @@ class Evaluation:
     perplexity: float
     skip_rate: float
     decisions: torch.Tensor  # [N, n_routed] bool
+    window_losses: torch.Tensor | None = None
+    """[N] summed next-token loss of each window's continuation (for per-window comparisons and subsets)."""
 
 
 def routed_blocks(module: torch.nn.Module, sample: torch.Tensor) -> list[str]:
@@ -56,7 +58,7 @@ def continuation_perplexity(
     keyword = takes_input_ids(module)
     device = next(module.parameters()).device
     n_routed = len(routed_blocks(module, windows[:1, :prompt_length].to(device)))
-    total, count, all_decisions = 0.0, 0, []
+    total, count, all_decisions, all_losses = 0.0, 0, [], []
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
         if static_skip is not None:
@@ -75,8 +77,10 @@ def continuation_perplexity(
         total += next_token_loss(scored, targets).item() * targets.numel()
         count += targets.numel()
         all_decisions.append(decisions.cpu())
+        per_token = torch.nn.functional.cross_entropy(scored.float().transpose(1, 2), targets, reduction="none")
+        all_losses.append(per_token.sum(1).cpu())
     decisions = torch.cat(all_decisions)
-    return Evaluation(math.exp(total / count), decisions.float().mean().item(), decisions)
+    return Evaluation(math.exp(total / count), decisions.float().mean().item(), decisions, torch.cat(all_losses))
 
 
 def router_probabilities(module: torch.nn.Module, prompts: torch.Tensor) -> torch.Tensor:
