@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import parameter_grads
+from test_varlen import padded_batch
 from torch import nn
 
 import rewrite
@@ -56,15 +57,7 @@ def modernbert():
 
 
 def padded(lengths: list[int], width: int, left: set[int] = frozenset(), seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        if row in left:
-            mask[row, width - n:] = 1
-        else:
-            mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_batch(VOCAB, lengths, width, left=left, seed=seed)
 
 
 def changed(om: rewrite.OptimizedModule) -> list[str]:
