@@ -239,20 +239,22 @@ def copy_bandwidth() -> float:
 
 
 # variants for --sweep: (module attribute, value) pairs applied in turn (a dict value updates the
-# module's dict). "base" is the default; "v4 in-chunk (masked)" is the v4 implementation of the
-# vector decay's in-chunk products (triton_gated.SUB_PRODUCTS), so old and new are timed in one run.
-_V4 = {"forward": "masked", "backward": "masked"}
+# module's dict). "base" is the default (v4 in-chunk products until v5 is checked on the GPU); the
+# "v5 ..." variants select the v5 in-chunk products (triton_gated.SUB_PRODUCTS), so old and new are
+# timed in one run.
+_V5 = ("triton_gated", "SUB_PRODUCTS", {"forward": "whole", "backward": "whole"})
 SWEEP = {
     "base": [],
-    "v4 in-chunk (masked)": [("triton_gated", "SUB_PRODUCTS", _V4)],
+    "v4 in-chunk (masked)": [("triton_gated", "SUB_PRODUCTS", {"forward": "masked", "backward": "masked"})],
+    "v5 whole": [_V5],
     "v5 batched only": [("triton_gated", "SUB_PRODUCTS", {"forward": "batched", "backward": "batched"})],
-    "v5 fwd, v4 bwd": [("triton_gated", "SUB_PRODUCTS", {"backward": "masked"})],
-    "v5 out 32x128 w8": [("triton_forward", "OUTPUT_TILES", {2: (32, 128, 8)})],
-    "v5 out 16x64 w4": [("triton_forward", "OUTPUT_TILES", {2: (16, 64, 4)})],
-    "v5 out 64x64 w8": [("triton_forward", "OUTPUT_TILES", {2: (64, 64, 8)})],
-    "v4 out 32x128 w8": [("triton_gated", "SUB_PRODUCTS", _V4), ("triton_forward", "OUTPUT_TILES", {2: (32, 128, 8)})],
-    "v5 dqk w8": [("triton_backward", "DQK_TILES", {2: (32, 64, 8)})],
-    "v5 dv w8": [("triton_backward", "DV_TILES", {2: (32, 64, 8)})],
+    "v5 fwd v4 bwd": [("triton_gated", "SUB_PRODUCTS", {"forward": "whole", "backward": "masked"})],
+    "v5 out 32x128 w8": [_V5, ("triton_forward", "OUTPUT_TILES", {2: (32, 128, 8)})],
+    "v5 out 16x64 w4": [_V5, ("triton_forward", "OUTPUT_TILES", {2: (16, 64, 4)})],
+    "v5 out 64x64 w8": [_V5, ("triton_forward", "OUTPUT_TILES", {2: (64, 64, 8)})],
+    "v4 out 32x128 w8": [("triton_forward", "OUTPUT_TILES", {2: (32, 128, 8)})],
+    "v5 dqk w8": [_V5, ("triton_backward", "DQK_TILES", {2: (32, 64, 8)})],
+    "v5 dv w8": [_V5, ("triton_backward", "DV_TILES", {2: (32, 64, 8)})],
     "v3 states (no scan)": [("triton_forward", "SCAN_MODES", ())],
 }
 
