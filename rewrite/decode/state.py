@@ -79,6 +79,9 @@ class RecurrentState:
 
 
 _ROW_FIELDS = ("valid", "counts", "step_valid")
+
+SLOT_BUCKET = 256
+"""Eager decode steps attend over the filled KV-cache slots rounded up to a multiple of this."""
 """The per-sequence fields a row view gathers from the state it views (on first read)."""
 
 
@@ -279,8 +282,13 @@ class DecodeState:
         return self.slots.numel()
 
     def visible_end(self) -> int:
-        """Slots a site attends over: those filled so far (every slot under a CUDA graph)."""
-        return self.capacity if self.static else self.length + self.tokens
+        """Slots a site attends over: those filled so far, rounded up to a multiple of `SLOT_BUCKET`
+        (unfilled slots are masked), so consecutive eager steps share one attention shape and kernels
+        that specialise on shapes are not rebuilt per step; every slot under a CUDA graph."""
+        if self.static:
+            return self.capacity
+        filled = self.length + self.tokens
+        return min(self.capacity, -(-filled // SLOT_BUCKET) * SLOT_BUCKET)
 
     def kv_cache(self, site: str, k: torch.Tensor, v: torch.Tensor) -> KVCache:
         """The KV cache of `site`, allocated on first use from the new keys / values [B, Hkv, T, D]."""
