@@ -2,7 +2,7 @@
 Hugging Face model itself) or is refused with an error that names the module and the reason.
 
 Covers interleaved rotary embeddings read from a position table (GPT-J) or built by
-repeat_interleave (Cohere), ALiBi (BLOOM), relative position bias (MPNet), logit softcapping
+repeat_interleave (Cohere), partial rotary (GPT-NeoX, Phi), multi-query attention (Falcon, Gemma), ALiBi (BLOOM), relative position bias (MPNet), logit softcapping
 (Gemma 2), sliding-window masks wider than the example (Mistral runs padding-free, ModernBERT's
 bidirectional window is refused), and a model with no attention at all.
 """
@@ -37,6 +37,38 @@ def gptj():
 def cohere():
     return transformers.CohereForCausalLM(_decoder_config(transformers.CohereConfig, num_key_value_heads=2,
                                                           bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def gpt_neox():
+    return transformers.GPTNeoXForCausalLM(_decoder_config(transformers.GPTNeoXConfig, rotary_pct=0.25,
+                                                           bos_token_id=1, eos_token_id=2))
+
+
+def gemma():
+    return transformers.GemmaForCausalLM(_decoder_config(transformers.GemmaConfig, num_key_value_heads=1,
+                                                         head_dim=16))
+
+
+def falcon():
+    return transformers.FalconForCausalLM(transformers.FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, multi_query=True,
+        new_decoder_architecture=False, bos_token_id=1, eos_token_id=2))
+
+
+def phi():
+    return transformers.PhiForCausalLM(_decoder_config(transformers.PhiConfig, partial_rotary_factor=0.5,
+                                                       bos_token_id=1, eos_token_id=2))
+
+
+def olmo2():
+    return transformers.Olmo2ForCausalLM(_decoder_config(transformers.Olmo2Config, num_key_value_heads=2,
+                                                         bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+DECODERS = {"gptj": gptj, "cohere": cohere, "gpt_neox": gpt_neox, "gemma": gemma, "falcon": falcon, "phi": phi,
+            "olmo2": olmo2}
+"""Decoders with RoPE variants the passes were not written around (interleaved, partial, parallel
+blocks, multi-query, QK-norm after the projections)."""
 
 
 def bloom():
@@ -81,9 +113,9 @@ def right_padded(lengths: list[int], width: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("factory", [gptj, cohere], ids=["gptj", "cohere"])
-def test_interleaved_rotary_families_run_padding_free(factory):
-    model = build(factory)
+@pytest.mark.parametrize("name", DECODERS)
+def test_decoder_families_run_padding_free(name):
+    model = build(DECODERS[name])
     batch = right_padded([12, 7], 12)
     om = rewrite.optimize(model, ["varlen"], example_kwargs=batch)
     with torch.no_grad():
@@ -92,9 +124,9 @@ def test_interleaved_rotary_families_run_padding_free(factory):
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("factory", [gptj, cohere], ids=["gptj", "cohere"])
-def test_interleaved_rotary_families_generate_like_hugging_face(factory):
-    model = build(factory)
+@pytest.mark.parametrize("name", DECODERS)
+def test_decoder_families_generate_like_hugging_face(name):
+    model = build(DECODERS[name])
     prompt = right_padded([9], 9)["input_ids"]
     om = rewrite.optimize(model, ["stateful"], example_kwargs={"input_ids": prompt})
     want = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
