@@ -101,6 +101,18 @@ def parameter_grads(
     return {n: g for (n, _), g in zip(named, grads)}
 
 
+def assert_grads_close(got: dict[str, torch.Tensor | None], want: dict[str, torch.Tensor | None], *,
+                       atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Same parameters, and each gradient within tolerance (a parameter the reference leaves without a
+    gradient may have none or an all-zero one)."""
+    assert got.keys() == want.keys()
+    for key, g in want.items():
+        if g is None:
+            assert got[key] is None or not got[key].any(), key
+            continue
+        torch.testing.assert_close(got[key], g, atol=atol, rtol=rtol, msg=lambda m, k=key: f"{k}: {m}")
+
+
 def _real(leaf: Any, mask: torch.Tensor | None) -> Any:
     if mask is None or not isinstance(leaf, torch.Tensor) or leaf.dim() < 2:
         return leaf

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import main_output, parameter_grads, reference_kwargs
+from conftest import assert_grads_close, main_output, parameter_grads, reference_kwargs
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -81,12 +81,7 @@ def test_gradients_match_padded_model(name, optimized):
     mask = batch["attention_mask"]
     got = parameter_grads(om, main_output(om(**batch)), mask)
     want = parameter_grads(model, main_output(reference_output(model, name, batch)), mask)
-    assert got.keys() == want.keys()
-    for key, g in want.items():
-        if g is None:
-            assert got[key] is None or not got[key].any(), key
-            continue
-        torch.testing.assert_close(got[key], g, atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+    assert_grads_close(got, want)
 
 
 def test_padded_positions_are_zero_and_pooler_matches_on_right_padding(optimized):
