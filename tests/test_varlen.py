@@ -385,6 +385,7 @@ def test_padding_free_example_runs_at_tiny_size():
     assert result["padded_error"] < 1e-5
     assert result["static_error"] < 1e-5
     assert result["packed_error"] < 1e-5
+    assert result["window_error"] < 1e-5
     assert result["real_fraction"] < 0.5
 
 
