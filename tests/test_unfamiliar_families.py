@@ -183,3 +183,13 @@ def test_varlen_sees_windows_wider_than_the_example():
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
     with pytest.raises(PassError, match="cannot prove the attention masks are key padding.*bidirectional"):
         rewrite.optimize(build(modernbert), ["varlen"], example_kwargs=right_padded([6, 4], 6))
+
+
+def test_shared_layer_calls_are_named_apart():
+    """ALBERT runs one layer module for every layer: each call is its own site and the report says which."""
+    model = build(lambda: transformers.AlbertModel(transformers.AlbertConfig(
+        embedding_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB)))
+    om = rewrite.optimize(model, [{"mixer": {}}], example_kwargs=right_padded([8, 5], 8))
+    changed = next(r for r in om.report.results if r.name == "mixer").changed
+    assert [c.split(": ")[0].rsplit(", ", 1)[-1] for c in changed] == ["call 1 of 2)", "call 2 of 2)"]

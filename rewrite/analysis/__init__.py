@@ -34,6 +34,19 @@ class GraphAnalysis:
                 return block
         return None
 
+    def site_label(self, site: AttentionSite) -> str:
+        """How messages name a site: `layer I (module path)`, with the call's number when one module
+        runs several times in a block (ALBERT's shared layer), or the module path outside blocks."""
+        path = site.module_path or "<root>"
+        block = self.block_of(site)
+        if block is None:
+            return path
+        calls = [s for s in block.sites if s.module_path == site.module_path]
+        if len(calls) > 1:
+            number = next(i for i, s in enumerate(calls) if s is site) + 1
+            path = f"{path}, call {number} of {len(calls)}"
+        return f"layer {block.index} ({path})"
+
 
 def analyze(gm: fx.GraphModule) -> GraphAnalysis:
     """Analyze `gm` afresh (cheap: linear in the number of nodes)."""

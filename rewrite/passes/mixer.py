@@ -216,11 +216,6 @@ class _Job:
     rotary: tuple[Rotary, Rotary] | None = None  # (q's, k's) rotations to undo (rope: drop)
 
 
-def _layer_name(site: AttentionSite, block: Block | None) -> str:
-    path = site.module_path or "<root>"
-    return f"layer {block.index} ({path})" if block is not None else path
-
-
 def _selected_blocks(options: MixerOptions, analysis: GraphAnalysis) -> list[Block]:
     paths = [b.path for b in analysis.blocks]
     try:
@@ -447,7 +442,7 @@ class Mixer(GraphPass):
                 selected = any(b is block for b in selected_blocks)
             if not selected:
                 continue
-            layer = _layer_name(site, block)
+            layer = analysis.site_label(site)
             result.matched += 1
             if _is_cross_attention(site):
                 result.messages.append(f"left {layer} as softmax: cross-attention (queries and keys differ in length)")

@@ -109,12 +109,6 @@ class _MixerJob:
     key: str
 
 
-def _layer_label(site: AttentionSite, analysis: GraphAnalysis) -> str:
-    block = analysis.block_of(site)
-    path = site.module_path or "<root>"
-    return f"layer {block.index} ({path})" if block is not None else path
-
-
 def _check_softmax_site(site: AttentionSite, layer: str) -> None:
     def refuse(why: str) -> PassError:
         return PassError("stateful", f"{layer}: {why}", site.name, site.module_path)
@@ -192,7 +186,7 @@ def _collect(
     refuse_unrecognized_attention("stateful", analysis, action="carry a KV cache for")
     softmax = []
     for site in analysis.sites:
-        layer = _layer_label(site, analysis)
+        layer = analysis.site_label(site)
         _check_softmax_site(site, layer)
         block = analysis.block_of(site)
         window = options.sliding_window if block is not None and block.path in windowed else None
