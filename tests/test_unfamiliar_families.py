@@ -193,3 +193,59 @@ def test_shared_layer_calls_are_named_apart():
     om = rewrite.optimize(model, [{"mixer": {}}], example_kwargs=right_padded([8, 5], 8))
     changed = next(r for r in om.report.results if r.name == "mixer").changed
     assert [c.split(": ")[0].rsplit(", ", 1)[-1] for c in changed] == ["call 1 of 2)", "call 2 of 2)"]
+
+
+class _HandwrittenAttention(nn.Module):
+    """Self-attention as people write it by hand: einsum scores, or matmul scores with softmax in float32."""
+
+    def __init__(self, form: str, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.form, self.heads = form, heads
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        keep = mask[:, None, None, :].bool()
+        if self.form == "einsum":
+            scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / (dim // self.heads) ** 0.5
+            o = torch.einsum("bhqk,bhkd->bhqd", scores.masked_fill(~keep, float("-inf")).softmax(-1), v)
+        else:
+            scores = (q @ k.transpose(-1, -2)) * (dim // self.heads) ** -0.5 + (1.0 - keep.to(q.dtype)) * -1e9
+            o = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        return self.out(o.transpose(1, 2).reshape(batch, length, dim))
+
+
+class _HandwrittenEncoder(nn.Module):
+    def __init__(self, form: str, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.layers = nn.ModuleList([_HandwrittenAttention(form) for _ in range(layers)])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = x + layer(x, attention_mask)
+        return x
+
+
+@pytest.mark.parametrize("form", ["einsum", "float32_softmax"])
+def test_handwritten_attention_forms_are_found_and_rewritten(form):
+    model = build(lambda: _HandwrittenEncoder(form))
+    batch = right_padded([10, 6], 10)
+    normalized = rewrite.optimize(model, ["attention_normalize"], example_kwargs=batch, verify=True)
+    assert len(normalized.report.results[-1].changed) == 2
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=batch)
+    other = right_padded([7, 12, 3], 12)
+    with torch.no_grad():
+        want, got = model(**other), om(**other)
+    real = other["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    linear = rewrite.optimize(model, [{"mixer": {}}], example_kwargs=batch)
+    assert [c.split(": ")[1] for c in linear.report.results[-1].changed] == ["bidirectional", "bidirectional"]
+
+
+def test_mixer_on_blocks_without_attention_is_refused():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3)])
+    with pytest.raises(PassError, match="found no attention to replace in the selected layers"):
+        rewrite.optimize(model, [{"mixer": {}}], (torch.randn(2, 5, 16),))

@@ -151,6 +151,9 @@ def _unfused_site(softmax: fx.Node) -> AttentionSite | None:
     mask = None
     scale: float | None = None
     scores = x
+    while is_op(scores, *_CASTS):  # softmax(scores.float()): the cast is part of the chain
+        chain.append(scores)
+        scores = scores.args[0]
     # mask: scores + mask (either operand), or baddbmm(mask, q, kT)
     if is_op(scores, aten.add.Tensor):
         a, b = scores.args[0], scores.args[1]
@@ -185,10 +188,12 @@ def _unfused_site(softmax: fx.Node) -> AttentionSite | None:
         mask, q, kt = scores.args[0], scores.args[1], scores.args[2]
     elif is_op(scores, *_MATMUL):
         q, kt = scores.args[0], scores.args[1]
+    elif _einsum_operands(scores, "scores") is not None:
+        q, kt = _einsum_operands(scores, "scores")
     else:
         return None
     chain.append(scores)
-    k = _untranspose(kt)
+    k = kt if is_op(scores, aten.einsum.default) else _untranspose(kt)
     if k is None:
         return None
     if scale is None and is_op(q, aten.mul.Tensor) and _scalar(q.args[1]) is not None:
@@ -223,6 +228,12 @@ def _unfused_site(softmax: fx.Node) -> AttentionSite | None:
             chain.append(nxt)
             site_node = nxt
             v = nxt.args[1]
+            break
+        applied = _einsum_operands(nxt, "apply")
+        if applied is not None and applied[0] is cur:
+            chain.append(nxt)
+            site_node = nxt
+            v = applied[1]
             break
         problem = f"softmax output feeds {nxt.name} ({nxt.target}), not a matmul with values"
         break
@@ -262,7 +273,32 @@ def _leads_to_matmul(node) -> bool:
         return False
     if is_op(node, aten.mul.Tensor, aten.div.Tensor):
         return any(_leads_to_matmul(a) for a in node.args[:2] if isinstance(a, fx.Node))
-    return is_op(node, *_MATMUL, aten.baddbmm.default)
+    return is_op(node, *_MATMUL, aten.baddbmm.default) or _einsum_operands(node, "scores") is not None
+
+
+def _einsum_operands(node, form: str) -> tuple[fx.Node, fx.Node] | None:
+    """The two operands of an einsum that is `x @ y^T` over the last dim ("scores": "...qd,...kd->...qk")
+    or `p @ v` ("apply": "...qk,...kd->...qd") with the same leading batch letters; else None."""
+    if not is_op(node, aten.einsum.default) or len(node.args) < 2 or len(node.args[1]) != 2:
+        return None
+    equation = str(node.args[0]).replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if not (len(a) == len(b) == len(out) >= 2 and a[:-2] == b[:-2] == out[:-2]):
+        return None
+    if form == "scores":
+        ok = a[-1] == b[-1] and a[-1] not in out and a[-2] != b[-2] and out[-2:] == a[-2] + b[-2]
+    else:
+        ok = a[-1] == b[-2] and a[-1] not in out and out[-2:] == a[-2] + b[-1] and a[-2] != b[-1]
+    x, y = node.args[1]
+    if not ok or not isinstance(x, fx.Node) or not isinstance(y, fx.Node):
+        return None
+    return x, y
 
 
 def _untranspose(kt: fx.Node) -> fx.Node | None:

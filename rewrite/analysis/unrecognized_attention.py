@@ -63,6 +63,8 @@ def _weights_values(softmax: fx.Node) -> bool:
             for user in cur.users:
                 if is_op(user, *_MATMUL) and user.args[0] is cur:
                     return True
+                if is_op(user, aten.einsum.default) and len(user.args) > 1 and user.args[1][0] is cur:
+                    return True
                 if is_op(user, *_PASS_THROUGH):
                     nxt.append(user)
         frontier = nxt

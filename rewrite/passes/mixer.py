@@ -248,15 +248,15 @@ def _check_block(block: Block, analysis: GraphAnalysis) -> None:
     )
 
 
-def _check_whole_graph(gm: fx.GraphModule, analysis: GraphAnalysis, options: MixerOptions) -> None:
-    """With no attention site found at all: refuse, unless mixers are all that is left (an earlier
-    `mixer` entry of the plan replaced every site)."""
-    refuse_unrecognized_attention("mixer", analysis, action="linearize")
-    if any(n.meta.get("rewrite_mixer") for n in gm.graph.nodes) or options.layers not in ("all", "*", None):
+def _check_something_matched(gm: fx.GraphModule, options: MixerOptions) -> None:
+    """Refuse a mixer entry that found no attention in its layers, unless mixers are what is there
+    (an earlier `mixer` entry of the plan replaced those sites)."""
+    if any(n.meta.get("rewrite_mixer") for n in gm.graph.nodes):
         return
     raise PassError(
         "mixer",
-        f"found no attention to replace in {type(gm).__name__}. Supported attention forms: {SUPPORTED_FORMS}",
+        f"found no attention to replace in the selected layers ({options.layers!r}) of {type(gm).__name__}. "
+        f"Supported attention forms: {SUPPORTED_FORMS}",
     )
 
 
@@ -433,7 +433,7 @@ class Mixer(GraphPass):
         for block in selected_blocks:
             _check_block(block, analysis)
         if not analysis.blocks:
-            _check_whole_graph(gm, analysis, options)
+            refuse_unrecognized_attention("mixer", analysis, action="linearize")
         for site in analysis.sites:
             block = analysis.block_of(site)
             if block is None:
@@ -451,6 +451,8 @@ class Mixer(GraphPass):
             kind = _choose_kind(options, site, layer)
             rotary = _rotary_to_drop(site, layer, kind, options, result.messages)
             jobs.append(_Job(site, layer, kind, _site_shape(site, layer), rotary))
+        if result.matched == 0:
+            _check_something_matched(gm, options)
         for job in jobs:  # every site is checked before any is changed
             result.added_parameters.extend(_rewrite(gm, ctx, job, options))
             result.changed.append(f"{job.layer}: {job.kind.name}")
