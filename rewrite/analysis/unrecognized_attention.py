@@ -35,8 +35,8 @@ _PASS_THROUGH = (
 _SCORE_DEPTH = 8
 
 SUPPORTED_FORMS = (
-    "scaled_dot_product_attention, or softmax(q @ k^T * scale [+ mask]) @ v with the mask a padding "
-    "and / or causal mask"
+    "scaled_dot_product_attention, or softmax(q @ k^T * scale [+ mask]) @ v (matmul, bmm or einsum) with "
+    "the mask a padding and / or causal mask"
 )
 
 
