@@ -156,6 +156,12 @@ def test_unsupported_attention_is_refused_naming_the_module(factory, plan, modul
     assert "Supported attention forms" in str(info.value)
 
 
+def test_normalize_reports_the_attention_it_leaves():
+    om = rewrite.optimize(build(bloom), ["attention_normalize"], example_kwargs=right_padded([8, 5], 8))
+    assert om.report.results[-1].changed == []
+    assert any("transformer.h.0.self_attention" in m and "ALiBi" in m for m in om.report.results[-1].messages)
+
+
 def test_mixer_on_a_model_without_attention_is_refused():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
     with pytest.raises(PassError, match="found no attention to replace"):
@@ -166,6 +172,7 @@ def test_window_longer_than_the_example_is_not_taken_for_causal():
     """A sliding window of 8 cannot be seen on a 6-token example; normalizing attention must keep it."""
     model = build(lambda: mistral_window(8))
     om = rewrite.optimize(model, ["attention_normalize"], example_kwargs={"input_ids": torch.randint(3, VOCAB, (2, 6))})
+    assert all("mask kept" in c and "at least 10 tokens" in c for c in om.report.results[-1].changed)
     longer = torch.randint(3, VOCAB, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(om(input_ids=longer).logits, model(input_ids=longer).logits, atol=1e-5, rtol=1e-5)

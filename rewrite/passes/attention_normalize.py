@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite
+from rewrite.analysis.mask_probe import UNSEEN_WINDOW_KEY
 from rewrite.analysis.nodes import is_op
 from rewrite.ir_ops import SDPA, attention
 from rewrite.passes import register_pass
@@ -93,7 +94,13 @@ class AttentionNormalize(GraphPass):
             if self.options.causal_masks and site.mask is not None and site.mask_exactly_causal and site.mask_shape_only:
                 _use_is_causal(site.node, site)
                 note = " (causal mask -> is_causal)"
+            elif isinstance(site.mask, fx.Node) and site.mask.meta.get(UNSEEN_WINDOW_KEY):
+                window = site.mask.meta[UNSEEN_WINDOW_KEY]
+                note = (f" (mask kept: its graph offsets positions by up to {window}, more than the example shows; "
+                        f"an example of at least {window + 2} tokens lets the pass tell whether it is causal)")
             result.changed.append(where + note)
+        for found in ctx.analysis().unrecognized:
+            result.messages.append(f"left {found.describe()}")
         gm.graph.lint()
         ctx.invalidate()
         return result
