@@ -246,9 +246,11 @@ def _visibility(value: torch.Tensor, site: MaskUse, keep: torch.Tensor) -> torch
     vis = _visible(value, site.mask_negated)
     if vis is None:
         return "the additive mask holds bias values (neither 0 nor -inf)"
+    batch, seq = keep.shape
+    if vis.dim() == 3 and vis.shape[0] > batch and vis.shape[0] % batch == 0:
+        vis = vis.view(batch, -1, *vis.shape[1:])  # heads folded into the batch dim ([B * H, L, L], bmm form)
     while vis.dim() < 4:
         vis = vis.unsqueeze(0)
-    batch, seq = keep.shape
     if vis.shape[0] not in (1, batch) or vis.shape[-1] != seq or vis.shape[-2] not in (1, seq):
         return f"mask of shape {tuple(vis.shape)} does not fit [batch, heads, seq, seq]"
     vis = vis.expand(batch, vis.shape[1], seq, seq)
