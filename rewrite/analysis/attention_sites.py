@@ -14,9 +14,9 @@ from rewrite.ir_ops import SDPA, attention
 
 aten = torch.ops.aten
 
-_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
-_MATMUL = (aten.matmul.default, aten.bmm.default)
-_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
+SOFTMAX_OPS = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
+MATMUL_OPS = (aten.matmul.default, aten.bmm.default)
+CAST_OPS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
 _DROPOUT = (aten.dropout.default, aten.native_dropout.default)
 _ASSERTS = (aten._assert_tensor_metadata.default,)
 
@@ -151,7 +151,7 @@ def _unfused_site(softmax: fx.Node) -> AttentionSite | None:
     mask = None
     scale: float | None = None
     scores = x
-    while is_op(scores, *_CASTS):  # softmax(scores.float()): the cast is part of the chain
+    while is_op(scores, *CAST_OPS):  # softmax(scores.float()): the cast is part of the chain
         chain.append(scores)
         scores = scores.args[0]
     # mask: scores + mask (either operand), or baddbmm(mask, q, kT)
@@ -186,10 +186,10 @@ def _unfused_site(softmax: fx.Node) -> AttentionSite | None:
         if scores.kwargs.get("beta", 1) != 1 or scores.kwargs.get("alpha", 1) != 1:
             return None
         mask, q, kt = scores.args[0], scores.args[1], scores.args[2]
-    elif is_op(scores, *_MATMUL):
+    elif is_op(scores, *MATMUL_OPS):
         q, kt = scores.args[0], scores.args[1]
-    elif _einsum_operands(scores, "scores") is not None:
-        q, kt = _einsum_operands(scores, "scores")
+    elif (operands := _einsum_operands(scores, "scores")) is not None:
+        q, kt = operands
     else:
         return None
     chain.append(scores)
@@ -211,7 +211,7 @@ def _unfused_site(softmax: fx.Node) -> AttentionSite | None:
             problem = "attention probabilities are used outside attention (returned as weights?)"
             break
         nxt = users[0]
-        if is_op(nxt, *_CASTS):
+        if is_op(nxt, *CAST_OPS):
             chain.append(nxt)
             cur = nxt
             continue
@@ -224,7 +224,7 @@ def _unfused_site(softmax: fx.Node) -> AttentionSite | None:
             if is_op(nxt, aten.native_dropout.default):
                 return None
             continue
-        if is_op(nxt, *_MATMUL) and nxt.args[0] is cur:
+        if is_op(nxt, *MATMUL_OPS) and nxt.args[0] is cur:
             chain.append(nxt)
             site_node = nxt
             v = nxt.args[1]
@@ -273,7 +273,7 @@ def _leads_to_matmul(node) -> bool:
         return False
     if is_op(node, aten.mul.Tensor, aten.div.Tensor):
         return any(_leads_to_matmul(a) for a in node.args[:2] if isinstance(a, fx.Node))
-    return is_op(node, *_MATMUL, aten.baddbmm.default) or _einsum_operands(node, "scores") is not None
+    return is_op(node, *MATMUL_OPS, aten.baddbmm.default) or _einsum_operands(node, "scores") is not None
 
 
 def _einsum_operands(node, form: str) -> tuple[fx.Node, fx.Node] | None:
@@ -328,7 +328,7 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             sites.append(_fused_site(node, "sdpa"))
         elif is_op(node, attention):
             sites.append(_fused_site(node, "canonical"))
-        elif is_op(node, *_SOFTMAX):
+        elif is_op(node, *SOFTMAX_OPS):
             site = _unfused_site(node)
             if site is not None:
                 sites.append(site)

@@ -13,18 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from rewrite.analysis.attention_sites import AttentionSite
+from rewrite.analysis.attention_sites import CAST_OPS, MATMUL_OPS, SOFTMAX_OPS, AttentionSite
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 
 aten = torch.ops.aten
 
-_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
-_MATMUL = (aten.matmul.default, aten.bmm.default)
 _PASS_THROUGH = (
-    aten.to.dtype,
-    aten._to_copy.default,
-    aten.to.dtype_layout,
-    aten.type_as.default,
+    *CAST_OPS,
     aten.dropout.default,
     aten.view.default,
     aten.reshape.default,
@@ -61,7 +56,7 @@ def _weights_values(softmax: fx.Node) -> bool:
         nxt = []
         for cur in frontier:
             for user in cur.users:
-                if is_op(user, *_MATMUL) and user.args[0] is cur:
+                if is_op(user, *MATMUL_OPS) and user.args[0] is cur:
                     return True
                 if is_op(user, aten.einsum.default) and len(user.args) > 1 and user.args[1][0] is cur:
                     return True
@@ -81,7 +76,7 @@ def _score_ops(softmax: fx.Node) -> set:
             if cur.op != "call_function":
                 continue
             ops.add(cur.target)
-            if is_op(cur, *_MATMUL):
+            if is_op(cur, *MATMUL_OPS):
                 continue
             nxt.extend(n for n in cur.all_input_nodes)
         frontier = nxt
@@ -98,7 +93,7 @@ def _reason(softmax: fx.Node) -> str:
     if sum(1 for op in ops if op in (aten.add.Tensor, aten.add_.Tensor)) >= 2:
         return ("more than one term is added to q @ k^T (a relative position bias or another learned bias "
                 "next to the mask)")
-    if not ops & set(_MATMUL):
+    if not ops & set(MATMUL_OPS):
         return "the scores do not come from a matmul of queries and keys within a few ops"
     names = ", ".join(sorted(str(getattr(op, "__name__", op)) for op in ops))
     return f"the scores are built by ops the analysis does not recognise as attention ({names})"
@@ -109,7 +104,7 @@ def find_unrecognized_attention(gm: fx.GraphModule, sites: list[AttentionSite]) 
     chained = {id(n) for s in sites for n in s.chain}
     found = []
     for node in gm.graph.nodes:
-        if not is_op(node, *_SOFTMAX) or id(node) in chained:
+        if not is_op(node, *SOFTMAX_OPS) or id(node) in chained:
             continue
         val = tensor_meta(node)
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")

@@ -79,10 +79,10 @@ class RecurrentState:
 
 
 _ROW_FIELDS = ("valid", "counts", "step_valid")
+"""The per-sequence fields a row view gathers from the state it views (on first read)."""
 
 SLOT_BUCKET = 256
 """Eager decode steps attend over the filled KV-cache slots rounded up to a multiple of this."""
-"""The per-sequence fields a row view gathers from the state it views (on first read)."""
 
 
 @dataclass

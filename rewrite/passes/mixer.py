@@ -54,14 +54,10 @@ from rewrite.passes import register_pass
 from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
 
-aten = torch.ops.aten
-
 KIND_CHOICES = ["auto", *KINDS]
 CAUSAL_DEFAULT = "gla"
 """The kind `auto` picks for causal sites (non-causal sites get `bidirectional`)."""
 
-_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
-_MATMUL = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default)
 
 
 @dataclass

@@ -145,6 +145,14 @@ def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[
     return masked_causal[site.name]
 
 
+def _refuse_windowed_mixers(mixers: list[fx.Node], windows: dict[str, int]) -> None:
+    """Packed mixers take key-padding masks only: refuse one whose mask the probe found to be a sliding window."""
+    for node in mixers:
+        if node.name in windows:
+            raise fail(f"this mixer reads a sliding-window mask ({windows[node.name]} keys); packed mixers take "
+                       "key-padding masks only", node)
+
+
 def _replace_site(graph: fx.Graph, site: AttentionSite, causal: bool, layout: dict[str, fx.Node], backend: str,
                   window: int | None = None) -> fx.Node:
     """Varlen attention in place of the site: `packed_attention`, or `packed_window_attention` for a causal sliding
@@ -152,14 +160,10 @@ def _replace_site(graph: fx.Graph, site: AttentionSite, causal: bool, layout: di
     k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
     dropout = {"dropout_p": site.dropout_p} if site.dropout_p else {}
     with graph.inserting_before(site.node):
-        if window is None:
-            new = graph.call_function(
-                runtime.packed_attention, (site.q, k, v, layout["cu_seqlens"], layout["max_seqlen"]),
-                {"causal": causal, "scale": site.scale, "backend": backend, **dropout})
-        else:
-            new = graph.call_function(
-                runtime.packed_window_attention, (site.q, k, v, layout["cu_seqlens"], layout["max_seqlen"]),
-                {"window": window, "scale": site.scale, "backend": backend, **dropout})
+        target, form = ((runtime.packed_attention, {"causal": causal}) if window is None
+                        else (runtime.packed_window_attention, {"window": window}))
+        new = graph.call_function(target, (site.q, k, v, layout["cu_seqlens"], layout["max_seqlen"]),
+                                  {**form, "scale": site.scale, "backend": backend, **dropout})
     new.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(new)
     for node in dict.fromkeys([site.node, *reversed(site.chain)]):
@@ -273,9 +277,7 @@ class Varlen(GraphPass):
             if node.kwargs.get("mask") is None:
                 raise fail("this mixer reads no attention mask, so on padded rows it mixes in padding; a "
                             "padding-free module cannot match the padded one", node)
-            if node.name in facts.window:
-                raise fail(f"this mixer reads a sliding-window mask ({facts.window[node.name]} keys); packed mixers "
-                            "take key-padding masks only", node)
+        _refuse_windowed_mixers(mixers, facts.window)
         result.matched = len(sites) + len(mixers)
 
         body = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
@@ -373,10 +375,7 @@ class Varlen(GraphPass):
                             f"back and mark them with {source.name!r}", p)
         facts, windows = prove_packed_masks(gm, uses, source if source.name in POSITION_NAMES else None, symbols)
         causal = {site.name: _check_site(site, symbols, facts, False) for site in sites}
-        for node in mixers:
-            if node.name in windows:
-                raise fail(f"this mixer reads a sliding-window mask ({windows[node.name]} keys); packed mixers "
-                            "take key-padding masks only", node)
+        _refuse_windowed_mixers(mixers, windows)
         result.matched = len(sites) + len(mixers)
         body = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
         with graph.inserting_before(body):

@@ -48,18 +48,38 @@ def _padding_probes(masked: list[MaskUse]) -> list[torch.Tensor]:
     if window < 2:
         return probes
     length = max(window + 2, PATTERN_LENGTH + 2)
-    if length > MAX_PROBE_LENGTH:
-        site = masked[0]
-        raise PassError(
-            "varlen",
-            f"the attention masks are built with the constant {window} (a sliding window or band?); proving them "
-            f"key padding needs a probe of {length} tokens, over the {MAX_PROBE_LENGTH} the pass runs",
-            site.name, site.module_path or "<root>",
-        )
+    _check_probe_length(length, window, masked[0], "key padding")
     long = torch.ones(3, length, dtype=torch.bool)
     long[1, length - 3:] = False
     long[2, length // 2] = False
     return [*probes, long]
+
+def _check_probe_length(length: int, window: int, site: MaskUse, proof: str) -> None:
+    """Refuse a window-like constant whose probe would be longer than MAX_PROBE_LENGTH tokens."""
+    if length > MAX_PROBE_LENGTH:
+        raise PassError(
+            "varlen",
+            f"the attention masks are built with the constant {window} (a sliding window or band?); proving them "
+            f"{proof} needs a probe of {length} tokens, over the {MAX_PROBE_LENGTH} the pass runs",
+            site.name, site.module_path or "<root>",
+        )
+
+
+def _probe_inputs(placeholders: set[fx.Node], symbols: TokenSymbols, batch: int, seq: int, device: torch.device,
+                  given: fx.Node | None, value: torch.Tensor) -> dict[fx.Node, object]:
+    """Inputs of the mask graph for a [batch, seq] probe: `value` for the `given` input, the probe's sizes for size
+    inputs, zeros for every other tensor input."""
+    inputs: dict[fx.Node, object] = {}
+    for node in placeholders:
+        val = tensor_meta(node)
+        if val is None:
+            inputs[node] = _size_value(node, symbols, batch, seq)
+        elif node is given:
+            inputs[node] = value.to(device=device, dtype=val.dtype)
+        else:
+            inputs[node] = torch.zeros(_concrete_shape(node, symbols, batch, seq), dtype=val.dtype, device=device)
+    return inputs
+
 
 HIDDEN_BELOW = -1e4
 """An additive mask value at or below this hides its key."""
@@ -173,17 +193,7 @@ def prove_padding_masks(
         problem = None
         for index, keep in enumerate(probes):
             batch, seq = keep.shape
-            inputs: dict[fx.Node, object] = {}
-            for node in placeholders:
-                val = tensor_meta(node)
-                if val is None:
-                    inputs[node] = _size_value(node, symbols, batch, seq)
-                elif node is padding:
-                    marks = ~keep if pads_are_true else keep
-                    inputs[node] = marks.to(device=device, dtype=val.dtype)
-                else:
-                    inputs[node] = torch.zeros(_concrete_shape(node, symbols, batch, seq), dtype=val.dtype,
-                                               device=device)
+            inputs = _probe_inputs(placeholders, symbols, batch, seq, device, padding, ~keep if pads_are_true else keep)
             try:
                 values = _evaluate(gm, [s.mask for s in masked], inputs)
             except Exception as exc:  # noqa: BLE001 - any failure means the masks are not built from this input alone
@@ -336,43 +346,27 @@ def prove_packed_masks(
     windows: dict[str, int] = {}
     if not masked:
         return causal, windows
-    window = window_constant([s.mask for s in masked])
+    constant = window_constant([s.mask for s in masked])
     longest = max(PACKED_POSITIONS) + 1
-    extra = tuple(range(window + 2)) if window + 2 > longest else ()
-    if len(PACKED_POSITIONS) + len(extra) > MAX_PROBE_LENGTH:
-        raise PassError("varlen", f"the attention masks are built with the constant {window} (a sliding window or "
-                        f"band?); proving them per-sequence needs a probe longer than the {MAX_PROBE_LENGTH} "
-                        "tokens the pass runs", masked[0].name, masked[0].module_path)
+    extra = tuple(range(constant + 2)) if constant + 2 > longest else ()
+    _check_probe_length(len(PACKED_POSITIONS) + len(extra), constant, masked[0], "per-sequence")
     pos = torch.tensor([PACKED_POSITIONS + extra])
     seq = pos.shape[1]
     segment = (pos[0] == 0).cumsum(0)
     same = segment[:, None] == segment[None, :]
     tril = torch.ones(seq, seq, dtype=torch.bool).tril()
-    inputs: dict[fx.Node, object] = {}
     placeholders = {p for s in masked for p in ancestor_placeholders(s.mask)}
-    device = _probe_device(placeholders)
-    for node in placeholders:
-        val = tensor_meta(node)
-        if val is None:
-            inputs[node] = _size_value(node, symbols, 1, seq)
-        elif node is positions:
-            inputs[node] = pos.to(device=device, dtype=val.dtype)
-        else:
-            inputs[node] = torch.zeros(_concrete_shape(node, symbols, 1, seq), dtype=val.dtype, device=device)
+    inputs = _probe_inputs(placeholders, symbols, 1, seq, _probe_device(placeholders), positions, pos)
     try:
         values = _evaluate(gm, [s.mask for s in masked], inputs)
     except Exception as exc:  # noqa: BLE001 - the masks need inputs other than the packed ones
         raise PassError("varlen", f"cannot run the attention masks on a packed probe: {type(exc).__name__}: {exc}",
                         masked[0].name, masked[0].module_path) from exc
+    whole_row = torch.ones(1, seq, dtype=torch.bool)
     for site, value in zip(masked, values):
-        vis = _visible(value, site.mask_negated)
+        vis = _visibility(value, site, whole_row)
         verdict = None
-        if vis is not None:
-            while vis.dim() < 4:
-                vis = vis.unsqueeze(0)
-            vis = vis.expand(1, vis.shape[1], seq, seq)
-            if site.is_causal:
-                vis = vis & tril
+        if not isinstance(vis, str):
             for candidate, is_causal in ((same & tril, True), (same, False), (tril, True),
                                          (torch.ones_like(tril), False)):
                 if bool((vis == candidate).all()):
@@ -380,8 +374,8 @@ def prove_packed_masks(
                     break
             if verdict is None:  # a causal window within each sequence (slots and tokens agree in a packed row)
                 window = int(vis.sum(-1).max())
-                constant = window_constant([site.mask])
-                if window in (constant, constant + 1) and bool((vis == (same & _band(seq, window))).all()):
+                site_constant = window_constant([site.mask])
+                if window in (site_constant, site_constant + 1) and bool((vis == (same & _band(seq, window))).all()):
                     verdict = True
                     windows[site.name] = window
         if verdict is None:
