@@ -239,9 +239,9 @@ def copy_bandwidth() -> float:
 
 
 # variants for --sweep: (module attribute, value) pairs applied in turn (a dict value updates the
-# module's dict). "base" is the default (v4 in-chunk products until v5 is checked on the GPU); the
-# "v5 ..." variants select the v5 in-chunk products (triton_gated.SUB_PRODUCTS), so old and new are
-# timed in one run.
+# module's dict). "base" is the default (v5 "whole" in-chunk products, 8-warp dq/dk tiles for the vector
+# decay); the "v4 ..." variants select the v4 in-chunk products (triton_gated.SUB_PRODUCTS), so old and
+# new are timed in one run.
 _V5 = ("triton_gated", "SUB_PRODUCTS", {"forward": "whole", "backward": "whole"})
 SWEEP = {
     "base": [],

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from rewrite.analysis.graph_utils import eliminate_dead_code
 from rewrite.errors import PlanError
 from rewrite.lower import lower
 from rewrite.passes import PASSES
@@ -105,7 +106,7 @@ def run_pipeline(
         result.op_counts_before = before
         result.op_counts_after = op_counts(gm)
         ctx.invalidate()
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.recompile()
         report.results.append(result)
         if result.matched == 0:

@@ -71,6 +71,39 @@ DECODERS = {"gptj": gptj, "cohere": cohere, "gpt_neox": gpt_neox, "gemma": gemma
 blocks, multi-query, QK-norm after the projections)."""
 
 
+def qwen2_moe():
+    """Builds its sliding-window mask next to the full one even where no layer reads it."""
+    return transformers.Qwen2MoeForCausalLM(_decoder_config(
+        transformers.Qwen2MoeConfig, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0))
+
+
+def deepseek_v3():
+    """Multi-head latent attention (keys assembled in place from a latent and a shared rotary part) and
+    experts behind group-limited routing."""
+    return transformers.DeepseekV3ForCausalLM(_decoder_config(
+        transformers.DeepseekV3Config, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, first_k_dense_replace=1, n_group=1, topk_group=1, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0))
+
+
+MIXTURES = {"qwen2_moe": qwen2_moe, "deepseek_v3": deepseek_v3}
+"""Mixture-of-experts decoders."""
+
+
+@pytest.mark.parametrize("name", MIXTURES)
+def test_mixture_of_experts_decoders_generate_like_hugging_face(name):
+    """Hugging Face stops at the model's eos id (DeepSeek's greedy continuation here reaches it); so must
+    om.generate without being told."""
+    model = build(MIXTURES[name])
+    prompt = right_padded([9], 9)["input_ids"]
+    om = rewrite.optimize(model, ["stateful"], example_kwargs={"input_ids": prompt})
+    want = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(om.generate(prompt, max_new_tokens=12), want)
+
+
 def bloom():
     return transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4,
                                                                   vocab_size=VOCAB))

@@ -113,8 +113,29 @@ def erase_unused_computation(graph: fx.Graph, roots: list[fx.Node]) -> None:
     erase_unused(graph, computed)
 
 
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """`graph.eliminate_dead_code()`, also erasing values whose only readers are metadata asserts.
+
+    torch.export asserts the dtype and device of some values (`aten._assert_tensor_metadata`); such an
+    assert counts as a side effect, so a computation nothing else reads any more (a mask builder no
+    attention uses) would stay in the graph and still run, and may fail on inputs of another shape.
+    """
+    while True:
+        graph.eliminate_dead_code()
+        dead = [
+            n for n in graph.nodes
+            if n.op == "call_function" and n.users and all(is_op(u, aten._assert_tensor_metadata.default) for u in n.users)
+        ]
+        if not dead:
+            return
+        for node in dead:
+            for user in list(node.users):
+                graph.erase_node(user)
+
+
 __all__ = [
     "Inputs",
+    "eliminate_dead_code",
     "ancestor_placeholders",
     "ancestors",
     "descendants",

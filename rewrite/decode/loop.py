@@ -50,6 +50,21 @@ def decode_program(om: Any) -> DecodeProgram:
     return program
 
 
+def stop_ids(om: Any, eos_token_id: int | list[int] | None, pad_token_id: int | None) -> tuple[list[int], int]:
+    """(eos ids, pad id) a generation uses: the arguments, else the source model's generation config
+    (as Hugging Face's `generate` does); pass `eos_token_id=[]` to never stop early. The pad id
+    defaults to the model's pad id, else the first eos id, else 0."""
+    source = om.source
+    config = getattr(source, "generation_config", None) or getattr(source, "config", None)
+    if eos_token_id is None and config is not None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if pad_token_id is None and config is not None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id or []]
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    return eos, int(pad)
+
+
 def _left_aligned(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids / mask with each row's real tokens moved to the end (padding first)."""
     real = mask.bool()
@@ -156,9 +171,8 @@ def stream(
         raise RewriteError("compile_step=True: a decode program with layer-skip routed blocks "
                            f"({', '.join(program.routed_layers)}) runs eagerly; compiling its step is not supported")
     graphs = mode != "never" and device.type == "cuda" and not program.routed_layers
-    eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    eos_list, pad = stop_ids(om, eos_token_id, pad_token_id)
     eos = torch.tensor(eos_list, device=device) if eos_list else None
-    pad = pad_token_id if pad_token_id is not None else (eos_list[0] if eos_list else 0)
     ids = input_ids.to(device)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
     ids, valid = _left_aligned(ids, mask, pad)
@@ -205,7 +219,9 @@ def generate(
 
     Returns [B, L + n]: the prompts left-aligned (padding first, `attention_mask` 0 marks padding on
     either side) followed by the new tokens; a row that produced an `eos_token_id` is filled with
-    `pad_token_id` (default: the first eos id) after it, and generation stops once every row has.
+    `pad_token_id` after it, and generation stops once every row has. Both default to the source
+    model's generation config where it has one, as in Hugging Face's `generate` (pad: else the first
+    eos id, else 0); `eos_token_id=[]` never stops early.
     Greedy unless `do_sample`; then `temperature`, `top_k`, `top_p` shape the distribution and
     `generator` seeds it. `streamer` receives each step's `StepTokens` as soon as they exist.
     `cuda_graph` ("auto", "always", "never"; default from the plan's `stateful` options) replays the
@@ -218,8 +234,7 @@ def generate(
         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
         cuda_graph=cuda_graph, compile_step=compile_step,
     )
-    fill = pad_token_id if pad_token_id is not None else (
-        eos_token_id if isinstance(eos_token_id, int) else (list(eos_token_id)[0] if eos_token_id else 0))
+    _, fill = stop_ids(om, eos_token_id, pad_token_id)
     per_row: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
     device = input_ids.device
     for step in steps:

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims, analyze
-from rewrite.analysis.graph_utils import ancestors, erase_unused, erase_unused_computation
+from rewrite.analysis.graph_utils import ancestors, eliminate_dead_code, erase_unused, erase_unused_computation
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.decode.program_meta import DecodeSignature
@@ -318,7 +318,7 @@ def _thread_body(body: _Body, state: fx.Node) -> tuple[list[str], list[str], lis
     changed, masks = _thread(module.graph, inner, body.softmax, body.mixers)
     moved = _continue_positions(module.graph, inner, masks, body.analysis.dims)
     outer = [outer_value(body.call, n) for n in ancestors(masks) if n.op == "placeholder"]
-    module.graph.eliminate_dead_code()
+    eliminate_dead_code(module.graph)
     module.graph.lint()
     module.recompile()
     return changed, moved, [n for n in outer if isinstance(n, fx.Node)]

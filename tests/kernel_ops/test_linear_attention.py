@@ -297,8 +297,14 @@ def test_bad_cu_seqlens_values():
 
 
 @gpu
-@pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
-def test_cuda_bfloat16_against_float64(decay):
+@pytest.mark.parametrize(
+    "decay,path",
+    [("none", None), ("constant", None), ("scalar", None)] + [("vector", p) for p in ("masked", "batched", "whole")],
+)
+def test_cuda_bfloat16_against_float64(decay, path, monkeypatch):
+    if path is not None:
+        gated = triton_module("triton_gated")
+        monkeypatch.setattr(gated, "SUB_PRODUCTS", {"forward": path, "backward": path})
     case = Case(decay, batch=2, length=300, heads=8, kv_heads=2, dk=128, dv=96)
     x = make_inputs(case, torch.bfloat16, "cuda")
     o, final, leaves = run_public(case, x, leaves=True)

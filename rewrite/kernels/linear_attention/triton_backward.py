@@ -23,7 +23,7 @@ from .triton_gated import lower_apply, sub_chunk, upper_apply, upper_scores
 # (BK, BV, num_warps) per decay mode for the dq/dk kernel and the dv kernel. The dv kernel's
 # in-chunk part came out wrong on H200 / triton 3.6 with BK 64 or 128 and 4 warps at K=100, V=32
 # (fp16 and bf16; right with BK 32, or with 8 warps; NOTES.md): keep BK 32 there.
-DQK_TILES = {0: (64, 64, 4), 1: (64, 64, 8), 2: (32, 64, 4)}
+DQK_TILES = {0: (64, 64, 4), 1: (64, 64, 8), 2: (32, 64, 8)}  # vector: 8 warps from the 2026-12-06 H100 sweep
 DV_TILES = {0: (32, 64, 4), 1: (32, 64, 4), 2: (32, 64, 4)}
 DSTATE_TILES = (64, 32)
 CUMSUM_TILE = (4096, 16)  # elements per step and most columns per program of the dg reverse cumsum
