@@ -3,8 +3,8 @@ Hugging Face model itself) or is refused with an error that names the module and
 
 Covers interleaved rotary embeddings read from a position table (GPT-J) or built by
 repeat_interleave (Cohere), partial rotary (GPT-NeoX, Phi), multi-query attention (Falcon, Gemma), ALiBi (BLOOM), relative position bias (MPNet), logit softcapping
-(Gemma 2), sliding-window masks wider than the example (Mistral runs padding-free, ModernBERT's
-bidirectional window is refused), and a model with no attention at all.
+(Gemma 2), sliding-window masks wider than the example (Mistral's causal window and ModernBERT's
+bidirectional local window run padding-free), and a model with no attention at all.
 """
 
 from __future__ import annotations
@@ -126,9 +126,10 @@ def mistral_window(window: int):
 
 
 def modernbert():
+    """Layer 0 global, layer 1 local: keys at most 4 slots from the query (local_attention 8)."""
     return transformers.ModernBertModel(transformers.ModernBertConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-        global_attn_every_n_layers=2, local_attention=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         cls_token_id=1, sep_token_id=2))
 
 
@@ -213,7 +214,8 @@ def test_window_longer_than_the_example_is_not_taken_for_causal():
 
 def test_varlen_sees_windows_wider_than_the_example():
     """A causal window of 8 on a 6-token example: the long probe finds it, and sites run sliding-window attention
-    (tests/test_varlen_window.py checks those in detail); ModernBERT's bidirectional window stays refused."""
+    (tests/test_varlen_window.py checks those in detail); so does ModernBERT's bidirectional local window (4 keys
+    on each side), which runs the sliding-window kernel with a lookahead."""
     model = build(lambda: mistral_window(8))
     om = rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([6, 4], 6))
     batch = right_padded([20, 9], 20)
@@ -221,8 +223,15 @@ def test_varlen_sees_windows_wider_than_the_example():
         want, got = model(**batch).logits, om(**batch).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
-    with pytest.raises(PassError, match="cannot prove the attention masks are key padding.*bidirectional"):
-        rewrite.optimize(build(modernbert), ["varlen"], example_kwargs=right_padded([6, 4], 6))
+    model = build(modernbert)
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([6, 4], 6), verify=True)
+    assert om.verification.passed
+    assert om.report.results[-1].changed[1].endswith("sliding-window (4 keys before, 4 after) attention")
+    batch = right_padded([20, 9, 3], 20)
+    with torch.no_grad():
+        want, got = model(**batch).last_hidden_state, om(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
 def test_shared_layer_calls_are_named_apart():

@@ -1,8 +1,10 @@
-"""Pass `varlen` on causal sliding-window masks (Mistral, Qwen2's windowed layers), against the Hugging Face model.
+"""Pass `varlen` on sliding-window masks, causal (Mistral, Qwen2's windowed layers) and bidirectional (ModernBERT's
+local layers), against the Hugging Face model.
 
-The mask probe finds each site's window W (the last W keys, the query included) and whether it is counted
-between row slots (Hugging Face, over cache positions) or between real tokens; such sites run
-`rewrite::sliding_window_attention` with cu_seqlens. Bidirectional windows (ModernBERT) stay refused.
+The mask probe finds each site's window W (the last W keys, the query included), its lookahead A (the next A keys;
+0 for a causal window) and whether they are counted between row slots (Hugging Face, over cache positions) or
+between real tokens; such sites run `rewrite::sliding_window_attention` with cu_seqlens (and the lookahead). A
+window the probe cannot tie to a constant of the mask graph stays refused.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ def qwen2_mixed(window: int = 4):
         max_window_layers=1))
 
 
-def modernbert():
+def modernbert(local_attention: int = 8):
+    """Layer 0 global attention, layers 1 and 2 local: each query sees keys at most local_attention / 2 slots away."""
     return transformers.ModernBertModel(transformers.ModernBertConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-        global_attn_every_n_layers=2, local_attention=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        cls_token_id=1, sep_token_id=2))
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB,
+        global_attn_every_n_layers=3, local_attention=local_attention, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, cls_token_id=1, sep_token_id=2))
 
 
 def padded(lengths: list[int], width: int, left: set[int] = frozenset(), seed: int = 0) -> dict[str, torch.Tensor]:
@@ -212,11 +215,159 @@ def test_window_counted_between_real_tokens_needs_no_contiguous_rows():
     assert_real_close(got, want, batch["attention_mask"])
 
 
-def test_bidirectional_local_window_is_refused_naming_the_layer():
-    """ModernBERT's local layers see W / 2 keys on each side: the sliding-window kernel is causal only."""
-    with pytest.raises(PassError, match="bidirectional \\(local\\) window") as info:
-        rewrite.optimize(build(modernbert), ["varlen"], example_kwargs=padded([6, 4], 6))
-    assert info.value.module_path == "layers.1.attn"
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_op_lookahead_sees_what_hugging_face_bidirectional_window_sees(window):
+    """ModernBERT's |q - k| <= w is the op's window w + 1 (the query included) with lookahead w."""
+    from transformers.masking_utils import sliding_window_bidirectional_overlay
+
+    fn = sliding_window_bidirectional_overlay(window)
+    length = 12
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    hf = fn(torch.tensor(0), torch.tensor(0), q, k).expand(length, length)
+    assert torch.equal(visible(length, window + 1, 0, torch.device("cpu"), lookahead=window), hf)
+
+
+@pytest.fixture(scope="module")
+def modernbert_modules():
+    """ModernBERT with local windows 4 and 8 (2 and 4 keys on each side), each captured on a 6-token batch."""
+    built = {}
+    for local in (4, 8):
+        model = build(lambda w=local: modernbert(w))
+        built[local] = (model, rewrite.optimize(model, ["varlen"], example_kwargs=padded([6, 4], 6)))
+    return built
+
+
+@pytest.mark.parametrize("local", [4, 8])
+@pytest.mark.parametrize("left", [set(), {0, 2, 4}], ids=["right", "left"])
+def test_modernbert_local_window_runs_padding_free(modernbert_modules, local, left):
+    model, om = modernbert_modules[local]
+    half = local // 2
+    assert changed(om) == [
+        "scaled_dot_product_attention (layers.0.attn): varlen bidirectional attention",
+        *(f"scaled_dot_product_attention_{i} (layers.{i}.attn): varlen bidirectional sliding-window ({half} keys "
+          f"before, {half} after) attention" for i in (1, 2))]
+    # rows longer and shorter than the window (local + 1 keys), a one-token row, left or right padding
+    batch = padded([2, 19, 5, 1, 11], 19, left=left, seed=1)
+    with torch.no_grad():
+        got, want = om(**batch).last_hidden_state, model(**batch).last_hidden_state
+    assert_real_close(got, want, batch["attention_mask"])
+    assert not got[~batch["attention_mask"].bool()].any()
+
+
+def test_modernbert_local_window_gradients_match(modernbert_modules):
+    model, om = modernbert_modules[4]
+    batch = padded([9, 3, 12], 12, left={1}, seed=2)
+    mask = batch["attention_mask"]
+    got = parameter_grads(om, om(**batch).last_hidden_state, mask)
+    want = parameter_grads(model, model(**batch).last_hidden_state, mask)
+    assert_grads_close(got, want)
+
+
+def test_modernbert_window_counted_between_slots_refuses_rows_with_holes_at_run_time(modernbert_modules):
+    _, om = modernbert_modules[4]
+    batch = padded([7, 9], 9, seed=3)
+    batch["attention_mask"][1, 3] = 0
+    with pytest.raises(ValueError, match="row 1 has padding between real tokens"):
+        om(**batch)
+
+
+def test_modernbert_verify_compares_real_tokens():
+    model = build(lambda: modernbert(4))
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=padded([9, 4, 7], 9, left={1}), verify=True)
+    assert om.verification.passed
+
+
+def test_modernbert_packed_position_ids_keep_the_window_within_each_sequence(modernbert_modules):
+    """ModernBERT builds its local mask over the whole row, not from position_ids; the kernel keeps each sequence to
+    itself, as running the sequences one by one does."""
+    model, _ = modernbert_modules[4]
+    lengths = [3, 9, 6]
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        om = rewrite.optimize(model, ["varlen"], example_kwargs={"input_ids": ids, "position_ids": pos})
+    assert [c.endswith("varlen bidirectional sliding-window (2 keys before, 2 after) attention")
+            for c in changed(om)] == [False, True, True]
+    lengths = [10, 2, 7, 1, 5]
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(6))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = om(input_ids=ids, position_ids=pos).last_hidden_state
+        want = torch.cat([model(input_ids=part).last_hidden_state for part in ids.split(lengths, 1)], 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_window_attention_with_lookahead_agrees_with_per_sequence_sdpa():
+    """The op path, the reference backend and the per-sequence SDPA path (taken under attention dropout, here at
+    p = 0) apply the same window and lookahead within each sequence."""
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 17, 8, generator=g)
+    k, v = torch.randn(1, 2, 17, 8, generator=g), torch.randn(1, 2, 17, 8, generator=g)
+    cu = torch.tensor([0, 1, 7, 17], dtype=torch.int32)
+    kernel = runtime.packed_window_attention(q, k, v, cu, 10, window=3, scale=None, lookahead=2)
+    reference = runtime.packed_window_attention(q, k, v, cu, 10, window=3, scale=None, lookahead=2,
+                                                backend="reference")
+    sdpa = runtime._attention_per_sequence(q, k, v, cu, False, None, 0.0, window=3, lookahead=2)
+    torch.testing.assert_close(kernel, reference)
+    torch.testing.assert_close(kernel, sdpa, atol=1e-6, rtol=1e-5)
+
+
+class TokenBand(nn.Module):
+    """A window of `before` keys before each query and `after` keys after it, counted between real tokens (positions
+    = cumsum(mask) - 1); with `hidden_reach` the bound is a tensor the probe cannot read as a constant."""
+
+    def __init__(self, before: int = 3, after: int = 1, dim: int = 32, heads: int = 4, hidden_reach: bool = False):
+        super().__init__()
+        self.before, self.after, self.heads, self.hidden_reach = before, after, heads, hidden_reach
+        self.register_buffer("reach", torch.tensor(before))
+        self.embed = nn.Embedding(64, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, dim=-1))
+        pos = attention_mask.cumsum(1) - 1
+        distance = pos[:, :, None] - pos[:, None, :]  # query - key
+        if self.hidden_reach:
+            band = distance.abs() <= self.reach
+        else:
+            band = (distance >= -self.after) & (distance <= self.before)
+        mask = band & attention_mask.bool()[:, None, :]
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return self.out(o.transpose(1, 2).reshape(b, t, c))
+
+
+def token_band_batch(lengths: list[int], width: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    batch = padded(lengths, width, seed=seed)
+    batch["input_ids"] %= 64
+    return batch
+
+
+def test_asymmetric_window_counted_between_real_tokens_runs_on_rows_with_holes():
+    model = build(TokenBand)
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=token_band_batch([5, 3], 6))
+    assert changed(om)[0].endswith("varlen bidirectional sliding-window (3 keys before, 1 after) attention")
+    assert runtime.contiguous_rows.__name__ not in om.code
+    batch = token_band_batch([7, 9, 2], 9, seed=7)
+    batch["attention_mask"][1, 2] = 0
+    batch["attention_mask"][1, 5] = 0
+    with torch.no_grad():
+        got, want = om(**batch), model(**batch)
+    assert_real_close(got, want, batch["attention_mask"])
+
+
+def test_bidirectional_window_the_probe_cannot_prove_is_refused_naming_the_site():
+    """|distance| <= a tensor buffer: the probe sees a window of 3 on each side, but the mask graph's only
+    window-like constant is the 1 of cumsum(mask) - 1, so nothing says the window is the same on longer rows."""
+    with pytest.raises(PassError, match="bidirectional sliding window \\(3 keys before the query, 3 after\\) on "
+                                        "the probe, but the window-like constant of its graph is 1") as info:
+        rewrite.optimize(build(lambda: TokenBand(hidden_reach=True)), ["varlen"],
+                         example_kwargs=token_band_batch([5, 3], 6))
+    assert info.value.node == "scaled_dot_product_attention"
+    assert info.value.module_path == "<root>"
 
 
 def test_verify_compares_real_tokens_of_a_windowed_model():

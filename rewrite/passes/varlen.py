@@ -8,8 +8,9 @@ position-table slices over the sequence become per-token positions), and repads 
 packed values leave the graph.
 
 What the pass proves before it changes anything:
-- each attention mask is key padding of one padding-mask input, optionally causal (the mask
-  graph is run on a probe with right, left, full, one-token and holed rows);
+- each attention mask is key padding of one padding-mask input, optionally causal or within a
+  sliding window, causal or bidirectional (the mask graph is run on a probe with right, left, full,
+  one-token and holed rows, and rows longer than a window constant of the mask graph);
 - every op that touches packed tokens is token-wise (`rewrite.varlen.tokenwise`); an op that is
   not, and that feeds attention, is an error naming the node and module; one that only reads the
   final states (a pooler taking the first token) reads the repadded tensor instead.
@@ -154,14 +155,15 @@ def _refuse_windowed_mixers(mixers: list[fx.Node], windows: dict[str, int]) -> N
 
 
 def _replace_site(graph: fx.Graph, site: AttentionSite, causal: bool, layout: dict[str, fx.Node], backend: str,
-                  window: int | None = None) -> fx.Node:
-    """Varlen attention in place of the site: `packed_attention`, or `packed_window_attention` for a causal sliding
-    window of `window` keys."""
+                  window: int | None = None, lookahead: int = 0) -> fx.Node:
+    """Varlen attention in place of the site: `packed_attention`, or `packed_window_attention` for a sliding window
+    of `window` keys up to the query and `lookahead` after it (0: causal)."""
     k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
     dropout = {"dropout_p": site.dropout_p} if site.dropout_p else {}
     with graph.inserting_before(site.node):
+        ahead = {"lookahead": lookahead} if lookahead else {}
         target, form = ((runtime.packed_attention, {"causal": causal}) if window is None
-                        else (runtime.packed_window_attention, {"window": window}))
+                        else (runtime.packed_window_attention, {"window": window, **ahead}))
         new = graph.call_function(target, (site.q, k, v, layout["cu_seqlens"], layout["max_seqlen"]),
                                   {**form, "scale": site.scale, "backend": backend, **dropout})
     new.meta = dict(site.node.meta)
@@ -299,7 +301,7 @@ class Varlen(GraphPass):
                 if user not in own and user is not packed and not is_sym(user):
                     user.replace_input_with(p, packed)
 
-        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result, facts.window)
+        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result, facts.window, facts.lookahead)
         _remove_dead_code(graph)
 
         with graph.inserting_before(layout["max_seqlen"].next):  # what the walk needs, made after dead-code removal
@@ -338,20 +340,23 @@ class Varlen(GraphPass):
 
     def _replace_mixing(self, graph: fx.Graph, sites: list[AttentionSite], mixers: list[fx.Node],
                         causal: dict[str, bool], layout: dict[str, fx.Node], result: PassResult,
-                        windows: dict[str, int] | None = None) -> set[fx.Node]:
-        """Put varlen attention (sliding-window attention for sites in `windows`) / packed (or per-sequence) mixers
-        in place of every token-mixing node."""
-        windows = windows or {}
+                        windows: dict[str, int] | None = None,
+                        lookaheads: dict[str, int] | None = None) -> set[fx.Node]:
+        """Put varlen attention (sliding-window attention for sites in `windows`, looking ahead `lookaheads` keys
+        where given) / packed (or per-sequence) mixers in place of every token-mixing node."""
+        windows, lookaheads = windows or {}, lookaheads or {}
         options: VarlenOptions = self.options
         backend = options.attention_backend
         if backend == "auto":  # the plan's `kernels` field: reference everywhere, or our Triton kernel on CUDA
             backend = {"reference": "reference", "triton": "kernel"}.get(self.plan_kernels, "auto")
         mixing = set()
         for site in sites:
-            window = windows.get(site.name)
-            mixing.add(_replace_site(graph, site, causal[site.name], layout, backend, window))
-            how = (f"causal sliding-window ({window} keys)" if window is not None else
-                   "causal" if causal[site.name] else "bidirectional")
+            window, lookahead = windows.get(site.name), lookaheads.get(site.name, 0)
+            mixing.add(_replace_site(graph, site, causal[site.name], layout, backend, window, lookahead))
+            how = "causal" if causal[site.name] else "bidirectional"
+            if window is not None:
+                how += (f" sliding-window ({window - 1} keys before, {lookahead} after)" if lookahead
+                        else f" sliding-window ({window} keys)")
             result.changed.append(f"{site.name} ({site.module_path or '<root>'}): varlen {how} attention")
         for node in mixers:
             where = f"{node.name} ({module_path(node) or '<root>'})"
@@ -373,7 +378,8 @@ class Varlen(GraphPass):
             if tensor_meta(p).shape[0] != 1:
                 raise fail(f"packed input {p.name!r} must hold one row [1, T]; pass several sequences back to "
                             f"back and mark them with {source.name!r}", p)
-        facts, windows = prove_packed_masks(gm, uses, source if source.name in POSITION_NAMES else None, symbols)
+        facts, windows, lookaheads = prove_packed_masks(gm, uses, source if source.name in POSITION_NAMES else None,
+                                                        symbols)
         causal = {site.name: _check_site(site, symbols, facts, False) for site in sites}
         _refuse_windowed_mixers(mixers, windows)
         result.matched = len(sites) + len(mixers)
@@ -387,7 +393,7 @@ class Varlen(GraphPass):
             layout = {name: graph.call_function(operator.getitem, (unpacked, i))
                       for i, name in enumerate(("cu_seqlens", "max_seqlen"))}
         own = {unpacked, total, *layout.values()}
-        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result, windows)
+        mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result, windows, lookaheads)
         _remove_dead_code(graph)
         with graph.inserting_after(layout["max_seqlen"]):
             layout["positions"] = graph.call_function(operator.getitem, (unpacked, 2))

@@ -1,10 +1,11 @@
-"""Prove that every attention mask is key padding (plus causality) of one padding-mask input.
+"""Prove that every attention mask is key padding (plus causality, or a sliding window) of one padding-mask input.
 
 The graph that builds the masks is run on a padding pattern with right and left padding, a full
 row, a one-token row and a row with holes. A site's mask is accepted when, on every real query,
-it shows exactly the real keys (all of them, or those up to the query when causal) and nothing
-else. The padding input's polarity is found the same way: 1 marks real tokens (Hugging Face's
-attention_mask) or True marks padding (`key_padding_mask`).
+it shows exactly the real keys (all of them, those up to the query when causal, or those within a
+window around the query, causal or bidirectional) and nothing else. The padding input's polarity
+is found the same way: 1 marks real tokens (Hugging Face's attention_mask) or True marks padding
+(`key_padding_mask`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ def _padding_probes(masked: list[MaskUse]) -> list[torch.Tensor]:
     """The padding patterns to run: PATTERN, plus three long rows (full, right-padded, one hole in the middle) when
     the mask graph holds a window-like constant W >= 2.
 
-    The long rows (W + 2 tokens, at least PATTERN_LENGTH + 2) show a window wider than PATTERN's rows, and the
-    holed one tells a window counted between row slots (Hugging Face's, over cache positions) from one counted
-    between real tokens: the two differ at the query after the hole (W <= L // 2 + 1) or at the last query.
+    The long rows (W + 2 tokens, at least PATTERN_LENGTH + 2) show a window wider than PATTERN's rows on both
+    sides of a query, and the holed one tells a window counted between row slots (Hugging Face's, over cache
+    positions) from one counted between real tokens: the two differ at the query after the hole (W <= L // 2 + 1)
+    or at the last query (and, for a window that looks ahead, at the first query).
     """
     probes = [torch.tensor(PATTERN, dtype=torch.bool)]
     window = window_constant([s.mask for s in masked])
@@ -105,17 +107,19 @@ class MaskUse:
 class MaskFacts:
     """What the probe proved: the padding input's polarity and each site's causality and window (by site node name).
 
-    `window[name] = W`: the site's mask is causal key padding restricted to the last W keys (the query included),
-    what `rewrite::sliding_window_attention(window=W)` computes per sequence. `window_in_slots` names the windowed
-    sites whose mask counts that distance between the row's slots (Hugging Face counts it between cache positions)
-    rather than between its real tokens: the two agree exactly on rows whose real tokens are contiguous (left or
-    right padding), which the module checks at run time.
+    `window[name] = W`: the site's mask is key padding restricted to the last W keys (the query included) and the
+    next `lookahead[name]` keys (0 when absent: causal), what `rewrite::sliding_window_attention(window=W,
+    lookahead=A)` computes per sequence; a site with a lookahead is not causal. `window_in_slots` names the
+    windowed sites whose mask counts those distances between the row's slots (Hugging Face counts them between
+    cache positions) rather than between its real tokens: the two agree exactly on rows whose real tokens are
+    contiguous (left or right padding), which the module checks at run time.
     """
 
     pads_are_true: bool
     causal: dict[str, bool]
     window: dict[str, int] = field(default_factory=dict)
     window_in_slots: frozenset[str] = frozenset()
+    lookahead: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class _Verdict:
     causal: bool
     window: int | None = None
     in_slots: bool = False
+    lookahead: int = 0
 
 def _visible(mask: torch.Tensor, negated: bool) -> torch.Tensor | None:
     """Bool visibility of a mask, or None if a float mask holds values that are neither 0 nor hidden (a bias)."""
@@ -181,7 +186,7 @@ def prove_padding_masks(
     gm: fx.GraphModule, sites: list[MaskUse], padding: fx.Node, symbols: TokenSymbols
 ) -> MaskFacts:
     """Run the mask graph on the probe; raise PassError naming the first site whose mask is neither key padding
-    (optionally causal) nor causal key padding within a sliding window."""
+    (optionally causal) nor key padding within a sliding window, causal or bidirectional, that the probe proves."""
     masked = [s for s in sites if isinstance(s.mask, fx.Node)]
     probes = _padding_probes(masked)
     placeholders = {p for s in masked for p in ancestor_placeholders(s.mask)}
@@ -226,7 +231,8 @@ def prove_padding_masks(
                 if site.mask is None:
                     causal[site.name] = site.is_causal
             return MaskFacts(pads_are_true, causal, {name: v.window for name, v in found.items() if v.window},
-                             frozenset(name for name, v in found.items() if v.in_slots))
+                             frozenset(name for name, v in found.items() if v.in_slots),
+                             {name: v.lookahead for name, v in found.items() if v.lookahead})
         reading = "True = padding" if pads_are_true else "1 = real token"
         if problem[0] is None:
             failures.append(f"with {reading}: {problem[1]}")
@@ -238,9 +244,10 @@ def prove_padding_masks(
         "varlen",
         f"cannot prove the attention masks are key padding of input {padding.name!r} "
         f"(with 1 = real token, or True = padding): {'; '.join(failures)}. The varlen pass supports masks "
-        "that hide padded keys, optionally with causality, and causal sliding windows (each real query sees the "
-        "last W real keys of its row, itself included, counted between real tokens, or between row slots on rows "
-        "without holes); other masks (bidirectional windows, biases, blocks) are not token-wise once packed",
+        "that hide padded keys, optionally with causality, and sliding windows, causal or bidirectional (each real "
+        "query sees the last W real keys of its row, itself included, and the next A, counted between real tokens, "
+        "or between row slots on rows without holes); other masks (biases, blocks, windows the probe cannot tie "
+        "to a constant of the mask graph) are not token-wise once packed",
         site.name if site else None,
         (site.module_path or "<root>") if site else None,
     )
@@ -269,28 +276,29 @@ def _visibility(value: torch.Tensor, site: MaskUse, keep: torch.Tensor) -> torch
     return vis
 
 
-def _band(length: int, window: int) -> torch.Tensor:
-    """[length, length] bool: key j at or before query i and fewer than `window` before it (no integer L x L temporaries)."""
+def _band(length: int, window: int, lookahead: int = 0) -> torch.Tensor:
+    """[length, length] bool: key j fewer than `window` before query i (i itself included) or at most `lookahead`
+    after it (no integer L x L temporaries)."""
     ones = torch.ones(length, length, dtype=torch.bool)
-    return ones.tril() & ~ones.tril(-window)
+    return ones.tril(lookahead) & ~ones.tril(-window)
 
 
-def _window_keys(keep: torch.Tensor, window: int, in_slots: bool) -> torch.Tensor:
-    """[batch, 1, seq, seq]: the real keys at or before each query and fewer than `window` from it, counted in
-    row slots or in real tokens (positions in the packed sequence)."""
+def _window_keys(keep: torch.Tensor, window: int, in_slots: bool, lookahead: int = 0) -> torch.Tensor:
+    """[batch, 1, seq, seq]: the real keys fewer than `window` before each query (itself included) or at most
+    `lookahead` after it, counted in row slots or in real tokens (positions in the packed sequence)."""
     batch, seq = keep.shape
     if in_slots:
-        return (keep[:, None, :] & _band(seq, window))[:, None]
+        return (keep[:, None, :] & _band(seq, window, lookahead))[:, None]
     out = torch.zeros(batch, seq, seq, dtype=torch.bool)
     for row in range(batch):
         real = keep[row].nonzero().squeeze(1)
-        out[row, real[:, None], real[None, :]] = _band(real.numel(), window)
+        out[row, real[:, None], real[None, :]] = _band(real.numel(), window, lookahead)
     return out[:, None]
 
 
 def _judge(seen: list[tuple[torch.Tensor, torch.Tensor]], site: MaskUse) -> _Verdict | str:
-    """What the mask is on every probe (real queries only): causal key padding, key padding, causal key padding
-    within a sliding window of W keys, or why it is none of them."""
+    """What the mask is on every probe (real queries only): causal key padding, key padding, key padding within a
+    sliding window of W keys up to the query and A after it (A = 0: causal), or why it is none of them."""
 
     def shows(expected) -> bool:
         return not any(bool(((vis != expected(keep)) & keep[:, None, :, None]).any()) for vis, keep in seen)
@@ -307,25 +315,30 @@ def _judge(seen: list[tuple[torch.Tensor, torch.Tensor]], site: MaskUse) -> _Ver
         return _Verdict(False)
     later = any(bool((vis & ~tril(keep) & real(keep)).any()) for vis, keep in seen)
     hidden = any(bool((~vis & tril(keep) & real(keep)).any()) for vis, keep in seen)
-    if later and hidden:
-        return ("on real queries it shows later keys yet hides some earlier real keys of the row: a bidirectional "
-                "(local) window, as in ModernBERT's local layers; varlen lowers only causal windows (the "
-                "sliding-window kernel is causal)")
-    if later or not hidden:
+    hidden_later = later and any(bool((~vis & ~tril(keep) & real(keep)).any()) for vis, keep in seen)
+    if not (hidden or hidden_later):
         return "on real queries it shows keys other than the real (earlier) tokens of the same row"
-    window = max(int((vis & keep[:, None, :, None]).sum(-1).max()) for vis, keep in seen)
-    by_tokens = window >= 1 and shows(lambda keep: _window_keys(keep, window, in_slots=False))
-    by_slots = window >= 1 and shows(lambda keep: _window_keys(keep, window, in_slots=True))
+    # the widest reach seen on a real query: real keys up to it (itself included), and real keys after it
+    window = max(int((vis & real(keep) & tril(keep)).sum(-1).max()) for vis, keep in seen)
+    lookahead = max(int((vis & real(keep) & ~tril(keep)).sum(-1).max()) for vis, keep in seen)
+    shape = (f"a bidirectional sliding window ({window - 1} keys before the query, {lookahead} after)" if later
+             else f"a causal sliding window of {window} keys")
+    by_tokens = window >= 1 and shows(lambda keep: _window_keys(keep, window, False, lookahead))
+    by_slots = window >= 1 and shows(lambda keep: _window_keys(keep, window, True, lookahead))
     if not (by_tokens or by_slots):
+        if later:
+            return ("on real queries it shows later keys and hides some real keys of the same row, but not as a "
+                    "sliding window (each query seeing the last W real keys of its row, itself included, and the "
+                    "next A, counted between real tokens or between row slots)")
         return ("on real queries it hides earlier real keys of the same row, but not as a causal sliding window "
                 "(each query seeing the last W real keys of its row, itself included, W counted between real tokens "
                 "or between row slots)")
     constant = window_constant([site.mask]) if site.mask is not None else 0
-    if window not in (constant, constant + 1):
-        return (f"it shows a causal sliding window of {window} keys on the probe, but the window-like constant of "
-                f"its graph is {constant}, so the probe does not prove the window is the same on longer rows")
+    if max(window - 1, lookahead) not in (constant - 1, constant):
+        return (f"it shows {shape} on the probe, but the window-like constant of its graph is {constant}, so the "
+                "probe does not prove the window is the same on longer rows")
     # a window the probe cannot tell apart both ways is taken as counted in slots (checked at run time)
-    return _Verdict(True, window, in_slots=by_slots)
+    return _Verdict(not later, window, in_slots=by_slots, lookahead=lookahead)
 
 PACKED_POSITIONS = (0, 1, 2, 0, 1, 0, 0, 1, 2, 3)
 """Positions of the packed probe: sequences of 3, 2, 1 and 4 tokens in one row."""
@@ -333,10 +346,11 @@ PACKED_POSITIONS = (0, 1, 2, 0, 1, 0, 0, 1, 2, 3)
 
 def prove_packed_masks(
     gm: fx.GraphModule, sites: list[MaskUse], positions: fx.Node | None, symbols: TokenSymbols
-) -> tuple[dict[str, bool], dict[str, int]]:
-    """(causality, sliding window) of each site for already-packed input; raise PassError for masks that are neither
-    per-sequence (built from restarting `positions`), per-sequence causal within a sliding window of W keys, nor a
-    plain causal / full mask over the row.
+) -> tuple[dict[str, bool], dict[str, int], dict[str, int]]:
+    """(causality, sliding window W, lookahead A) of each site for already-packed input (windowed sites only in
+    the last two); raise PassError for masks that are neither per-sequence (built from restarting `positions`),
+    per-sequence within a sliding window of W keys up to the query and A after it (A = 0: causal), nor a plain
+    causal / full / windowed mask over the row.
 
     A plain mask over the whole row is what a model that does not know about packing builds; the varlen
     kernel then keeps each sequence to itself, which is what packing asks for.
@@ -344,8 +358,9 @@ def prove_packed_masks(
     masked = [s for s in sites if isinstance(s.mask, fx.Node)]
     causal = {s.name: s.is_causal for s in sites if s.mask is None}
     windows: dict[str, int] = {}
+    lookaheads: dict[str, int] = {}
     if not masked:
-        return causal, windows
+        return causal, windows, lookaheads
     constant = window_constant([s.mask for s in masked])
     longest = max(PACKED_POSITIONS) + 1
     extra = tuple(range(constant + 2)) if constant + 2 > longest else ()
@@ -372,18 +387,24 @@ def prove_packed_masks(
                 if bool((vis == candidate).all()):
                     verdict = is_causal
                     break
-            if verdict is None:  # a causal window within each sequence (slots and tokens agree in a packed row)
-                window = int(vis.sum(-1).max())
+            if verdict is None:  # a window within each sequence or over the row (slots and tokens agree here)
+                window = int((vis & tril).sum(-1).max())
+                lookahead = int((vis & ~tril).sum(-1).max())
+                band = _band(seq, window, lookahead)
                 site_constant = window_constant([site.mask])
-                if window in (site_constant, site_constant + 1) and bool((vis == (same & _band(seq, window))).all()):
-                    verdict = True
+                if window >= 1 and max(window - 1, lookahead) in (site_constant - 1, site_constant) and (
+                        bool((vis == (same & band)).all()) or bool((vis == band).all())):
+                    verdict = lookahead == 0
                     windows[site.name] = window
+                    if lookahead:
+                        lookaheads[site.name] = lookahead
         if verdict is None:
             raise PassError(
                 "varlen",
                 "the attention mask on packed input is neither per-sequence (from restarting position ids, optionally "
-                "within a causal sliding window) nor a plain causal or full mask; the varlen pass cannot keep it",
+                "within a causal or bidirectional sliding window) nor a plain causal, full or windowed mask; the "
+                "varlen pass cannot keep it",
                 site.name, site.module_path,
             )
         causal[site.name] = verdict
-    return causal, windows
+    return causal, windows, lookaheads

@@ -213,9 +213,11 @@ def packed_window_attention(
     scale: float | None,
     backend: str = "auto",
     dropout_p: float = 0.0,
+    lookahead: int = 0,
 ) -> torch.Tensor:
-    """Causal sliding-window attention per sequence on packed tensors (SDPA's layout, q [1, H, T, D], k / v
-    [1, Hkv, T, D] -> o [1, H, T, Dv]): each query sees the last `window` keys of its own sequence, itself included.
+    """Sliding-window attention per sequence on packed tensors (SDPA's layout, q [1, H, T, D], k / v [1, Hkv, T, D]
+    -> o [1, H, T, Dv]): each query sees the last `window` keys of its own sequence, itself included, and the next
+    `lookahead` keys of it (0: causal; > 0: a bidirectional window such as ModernBERT's local layers).
 
     Runs `rewrite::sliding_window_attention` with cu_seqlens (the PyTorch reference on CPU, Triton on CUDA);
     backend "reference" runs the reference on any device. With attention dropout each sequence runs through SDPA
@@ -226,14 +228,15 @@ def packed_window_attention(
     from rewrite.kernels.sliding_window.reference import sliding_window_reference
 
     if dropout_p > 0:
-        return _attention_per_sequence(q, k, v, cu_seqlens, True, scale, dropout_p, window=window)
+        return _attention_per_sequence(q, k, v, cu_seqlens, lookahead == 0, scale, dropout_p, window=window,
+                                       lookahead=lookahead)
     qt, kt, vt = (x.squeeze(0).transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, T, heads, D]
     if backend == "reference":
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        o = sliding_window_reference(qt, kt, vt, window, 0, scale, cu_seqlens)[0]
+        o = sliding_window_reference(qt, kt, vt, window, 0, scale, cu_seqlens, lookahead)[0]
     else:
         with trusted_cu_seqlens():  # built by unpad_layout / the packed layouts: no host read to check it
-            o = sliding_window_attention(qt, kt, vt, window, scale=scale, cu_seqlens=cu_seqlens)
+            o = sliding_window_attention(qt, kt, vt, window, scale=scale, cu_seqlens=cu_seqlens, lookahead=lookahead)
     return o.transpose(1, 2)
 
 
@@ -262,7 +265,7 @@ def contiguous_rows(keep: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _attention_per_sequence(q, k, v, cu_seqlens, causal: bool, scale: float | None, dropout_p: float,
-                            window: int | None = None):
+                            window: int | None = None, lookahead: int = 0):
     bounds = cu_seqlens.tolist()
     gqa = q.shape[1] != k.shape[1]
 
@@ -270,7 +273,7 @@ def _attention_per_sequence(q, k, v, cu_seqlens, causal: bool, scale: float | No
         if window is None:
             return None
         t = torch.arange(length, device=q.device)
-        return (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window)
+        return (t[None, :] <= t[:, None] + lookahead) & (t[:, None] - t[None, :] < window)
 
     pieces = [torch.nn.functional.scaled_dot_product_attention(
         q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], attn_mask=mask(e - s), dropout_p=dropout_p,

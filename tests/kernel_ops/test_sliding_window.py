@@ -1,4 +1,5 @@
-"""rewrite::sliding_window_*: op vs a per-query loop, Triton launchers, varlen, sinks, decode, opcheck, compile."""
+"""rewrite::sliding_window_*: op vs a per-query loop, Triton launchers, varlen, sinks, lookahead (bidirectional
+windows) against a dense-mask float64 attention, decode, opcheck, compile."""
 
 import pytest
 import torch
@@ -171,22 +172,141 @@ def test_opcheck():
     o, lse = torch.ops.rewrite.sliding_window_attention(q, k, v, 5, 0, 0.25, None)
     torch.library.opcheck(torch.ops.rewrite.sliding_window_attention_backward,
                           (torch.randn_like(o), q, k, v, o, lse, 5, 0, 0.25, None))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch.library.opcheck(torch.ops.rewrite.sliding_window_attention, (*leaves, 3, 1, 0.25, None, 2))
+    o, lse = torch.ops.rewrite.sliding_window_attention(q, k, v, 3, 1, 0.25, None, 2)
+    torch.library.opcheck(torch.ops.rewrite.sliding_window_attention_backward,
+                          (torch.randn_like(o), q, k, v, o, lse, 3, 1, 0.25, None, 2))
     torch.library.opcheck(torch.ops.rewrite.sliding_window_decode,
                           (q[:, :1], k[:, :6], v[:, :6], torch.tensor([3, 9]), 0.25))
 
 
 class Block(torch.nn.Module):
+    def __init__(self, lookahead: int = 0):
+        super().__init__()
+        self.lookahead = lookahead
+
     def forward(self, q, k, v):
-        return sliding_window_attention(q * 2, k, v, 6, sinks=1) + 1
+        return sliding_window_attention(q * 2, k, v, 6, sinks=1, lookahead=self.lookahead) + 1
 
 
-def test_compile_fullgraph_without_graph_breaks():
+@pytest.mark.parametrize("lookahead", [0, 3])
+def test_compile_fullgraph_without_graph_breaks(lookahead):
     q, k, v, _ = make_inputs(torch.float32, "cpu")
     q.requires_grad_()
-    compiled = torch.compile(Block(), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(Block(lookahead), fullgraph=True, backend="aot_eager")
     out = compiled(q, k, v)
     out.sum().backward()
-    assert_close(out, Block()(q, k, v), 1e-6)
+    assert_close(out, Block(lookahead)(q, k, v), 1e-6)
+
+
+def dense_attention(q, k, v, window, sinks, lookahead, scale, cu_seqlens):
+    """Softmax attention in float64 over the whole [B, T] batch with an explicit dense [T, T] mask: query t sees key
+    s of its own sequence iff s - t <= lookahead and (t - s < window or s < sinks), positions counted from the
+    sequence start. Returns (o [B, T, H, V], lse [B, T, H]); differentiable (autograd gives the gradients)."""
+    batch, length, heads, _ = q.shape
+    group = heads // k.shape[2]
+    bounds = [0, length] if cu_seqlens is None else cu_seqlens.tolist()
+    start = torch.zeros(length, dtype=torch.long)
+    seq = torch.full((length,), -1, dtype=torch.long)
+    for i, (s, e) in enumerate(zip(bounds, bounds[1:])):
+        start[s:e], seq[s:e] = s, i
+    pos = torch.arange(length) - start
+    t, s = pos[:, None], pos[None, :]
+    same = (seq[:, None] == seq[None, :]) & (seq[:, None] >= 0)
+    mask = same & (s - t <= lookahead) & ((t - s < window) | (s < sinks))
+    qd = q.double().transpose(1, 2)  # [B, H, T, K]
+    kd = k.double().transpose(1, 2).repeat_interleave(group, 1)
+    vd = v.double().transpose(1, 2).repeat_interleave(group, 1)
+    scores = (scale * qd @ kd.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ vd).transpose(1, 2), scores.logsumexp(-1).transpose(1, 2)
+
+
+def dense_gradients(do, q, k, v, window, sinks, lookahead, scale, cu_seqlens):
+    """(dq, dk, dv) of `dense_attention` given do, by autograd in float64."""
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o, _ = dense_attention(*leaves, window, sinks, lookahead, scale, cu_seqlens)
+    return torch.autograd.grad(o, leaves, do.double())
+
+
+# (shape, window, sinks, lookahead): odd lengths, lengths off the block grid, short varlen sequences, GQA, sinks,
+# a lookahead longer than the sequences, ModernBERT's symmetric |t - s| <= w (window w + 1, lookahead w)
+LOOKAHEAD_CASES = [
+    dict(shape=dict(batch=2, length=19, heads=4, kv_heads=2), window=5, sinks=0, lookahead=4),
+    dict(shape=dict(batch=1, length=37, heads=2, kv_heads=1, dk=24, dv=8, cu_seqlens=[0, 1, 2, 5, 5, 20, 37]),
+         window=3, sinks=0, lookahead=2),
+    dict(shape=dict(batch=1, length=33, heads=3, kv_heads=1, cu_seqlens=[0, 2, 33]), window=4, sinks=2, lookahead=1),
+    dict(shape=dict(batch=2, length=13, heads=2, kv_heads=2), window=2, sinks=0, lookahead=40),
+    dict(shape=dict(batch=1, length=41, heads=2, kv_heads=1, cu_seqlens=[0, 1, 4, 41]), window=1, sinks=3,
+         lookahead=17),
+]
+
+
+@pytest.mark.parametrize("case", LOOKAHEAD_CASES)
+def test_op_with_lookahead_matches_dense_mask(case):
+    q, k, v, cu = make_inputs(torch.float64, "cpu", **case["shape"])
+    args = (case["window"], case["sinks"], case["lookahead"], 0.4, cu)
+    do = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = sliding_window_attention(*leaves, case["window"], sinks=case["sinks"], scale=0.4, cu_seqlens=cu,
+                                 lookahead=case["lookahead"])
+    grads = torch.autograd.grad(o, leaves, do)
+    assert_close(o, dense_attention(q, k, v, *args)[0], 1e-12, "o")
+    for name, a, e in zip(("dq", "dk", "dv"), grads, dense_gradients(do, q, k, v, *args)):
+        assert_close(a, e, 1e-12, name)
+
+
+def test_lookahead_zero_is_the_causal_op():
+    q, k, v, cu = make_inputs(torch.float64, "cpu", **CASES[1]["shape"])
+    causal = sliding_window_attention(q, k, v, 4, sinks=2, scale=0.3, cu_seqlens=cu)
+    assert torch.equal(sliding_window_attention(q, k, v, 4, sinks=2, scale=0.3, cu_seqlens=cu, lookahead=0), causal)
+    assert torch.equal(torch.ops.rewrite.sliding_window_attention(q, k, v, 4, 2, 0.3, cu)[0], causal)
+
+
+@pytest.mark.parametrize("lookahead", [-1, 1.5, True, None])
+def test_lookahead_must_be_a_non_negative_int(lookahead):
+    q, k, v, _ = make_inputs(torch.float32, "cpu")
+    with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
+        sliding_window_attention(q, k, v, 4, lookahead=lookahead)
+
+
+# windows and lookaheads of several blocks (unmasked blocks on both sides of the query block) beside the small ones
+TRITON_LOOKAHEAD_CASES = [*LOOKAHEAD_CASES[:3], LOOKAHEAD_CASES[4],
+                          dict(shape=dict(batch=1, length=101, heads=2, kv_heads=1, cu_seqlens=[0, 3, 101]), window=35,
+                               sinks=0, lookahead=40)]
+
+
+@pytest.mark.parametrize("blocks", BLOCKS[:2])
+@pytest.mark.parametrize("case", TRITON_LOOKAHEAD_CASES)
+def test_triton_forward_with_lookahead_matches_dense_mask(case, blocks):
+    launchers = load_launchers(FORWARD)
+    w, s, a = case["window"], case["sinks"], case["lookahead"]
+    check_launcher(
+        lambda q, k, v, cu: launchers.sliding_window_forward(q, k, v, w, s, 0.3, cu, **blocks, lookahead=a),
+        lambda q, k, v, cu: dense_attention(q, k, v, w, s, a, 0.3, cu),
+        lambda dtype, device: make_inputs(dtype, device, **case["shape"]),
+        trials=1,
+    )
+
+
+@pytest.mark.parametrize("blocks", BACKWARD_BLOCKS)
+@pytest.mark.parametrize("case", TRITON_LOOKAHEAD_CASES)
+def test_triton_backward_with_lookahead_matches_dense_mask(case, blocks):
+    launchers = load_launchers(BACKWARD)
+    w, s, a = case["window"], case["sinks"], case["lookahead"]
+
+    def inputs(dtype, device):
+        q, k, v, cu = make_inputs(dtype, device, **case["shape"])
+        o, lse = sliding_window_reference(q, k, v, w, s, 0.3, cu, a)
+        return torch.randn_like(o), q, k, v, o, lse.float(), cu
+
+    check_launcher(
+        lambda do, q, k, v, o, lse, cu: launchers.sliding_window_backward(do, q, k, v, o, lse, w, s, 0.3, cu,
+                                                                          **blocks, lookahead=a),
+        lambda do, q, k, v, o, lse, cu: dense_gradients(do, q, k, v, w, s, a, 0.3, cu),
+        inputs,
+        trials=1,
+    )
 
 
 @gpu
@@ -208,3 +328,20 @@ def test_cuda_bfloat16_against_float64():
                                          torch.tensor([2000], device=q.device), 512, sinks=4)
     full, _ = sliding_window_reference(*[x[:, :2001] for x in d], 512, 4, 128**-0.5, None)
     assert_close(step, full[:, 2000:2001], 1e-2, "decode step")
+
+
+@gpu
+def test_cuda_bfloat16_with_lookahead_against_float64():
+    """ModernBERT's local window (64 keys each side) at length, through the Triton kernels."""
+    q, k, v, cu = make_inputs(torch.bfloat16, kernel_device(), batch=1, length=3000, heads=8, kv_heads=8, dk=64,
+                              dv=64, cu_seqlens=[0, 1, 40, 1200, 2999, 3000])
+    do = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = sliding_window_attention(*leaves, 65, cu_seqlens=cu, lookahead=64)
+    grads = torch.autograd.grad(o, leaves, do)
+    d = [x.double() for x in (q, k, v)]
+    o64, _ = sliding_window_reference(*d, 65, 0, 64**-0.5, cu, 64)
+    grads64 = sliding_window_backward_reference(do.double(), *d, 65, 0, 64**-0.5, cu, 64)
+    assert_close(o, o64, 1e-2, "o")
+    for name, a, e in zip(("dq", "dk", "dv"), grads, grads64):
+        assert_close(a, e, 1e-2, name)

@@ -1,4 +1,5 @@
-"""Sliding-window softmax attention (causal, GQA, varlen, sink tokens) and its ring-buffer decode step."""
+"""Sliding-window softmax attention (causal or with a lookahead, GQA, varlen, sink tokens) and its ring-buffer
+decode step (causal)."""
 
 from .api import fill_ring_cache, ring_slots, sliding_window_attention, sliding_window_attention_step
 

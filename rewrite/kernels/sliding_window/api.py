@@ -39,21 +39,27 @@ def sliding_window_attention(
     sinks: int = 0,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    lookahead: int = 0,
 ) -> torch.Tensor:
-    """Causal softmax attention where query t sees keys (t - window, t] plus the first `sinks` tokens.
+    """Softmax attention where query t sees keys [t - window + 1, t + lookahead] plus the first `sinks` tokens.
 
-    q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V] -> o [B, T, H, V]; q head h reads kv head
-    h // (H / Hkv). scale defaults to K**-0.5. cu_seqlens [N + 1] packs N sequences into B == 1;
-    positions (and sinks) count from each sequence's start. The CUDA kernel only visits key
-    blocks inside the window (and the sink blocks), so time grows linearly in T.
+    lookahead 0 is causal; lookahead > 0 lets each query also see the next `lookahead` keys (a
+    bidirectional local window, e.g. ModernBERT's |t - s| <= w as window w + 1, lookahead w); sink
+    tokens past t + lookahead stay hidden. q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V] ->
+    o [B, T, H, V]; q head h reads kv head h // (H / Hkv). scale defaults to K**-0.5. cu_seqlens
+    [N + 1] packs N sequences into B == 1; positions (and sinks) count from each sequence's start,
+    and no query sees past its sequence's end. The CUDA kernel only visits key blocks inside the
+    window (and the sink blocks), so time grows linearly in T.
     """
     _check_qkv(q, k, v)
     _check_window(window, sinks)
+    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 0:
+        _fail("lookahead", f"must be an int >= 0, got {lookahead!r}")
     if k.shape[:2] != q.shape[:2]:
         _fail("k, v", f"must share q's [B, T] = {list(q.shape[:2])}, got {list(k.shape[:2])}")
     check_packed("sliding_window_attention", cu_seqlens, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return sliding_window_op(q, k, v, window, sinks, scale, cu_seqlens)[0]
+    return sliding_window_op(q, k, v, window, sinks, scale, cu_seqlens, lookahead)[0]
 
 
 def ring_slots(positions: torch.Tensor, window: int, sinks: int) -> torch.Tensor:

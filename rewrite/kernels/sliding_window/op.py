@@ -32,18 +32,20 @@ def sliding_window_op(
     sinks: int,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    lookahead: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, T, H, V], lse [B, T, H]); see `reference.py` for the definition."""
-    return sliding_window_reference(q, k, v, window, sinks, scale, cu_seqlens)
+    """(o [B, T, H, V], lse [B, T, H]); see `reference.py` for the definition (lookahead 0: causal)."""
+    return sliding_window_reference(q, k, v, window, sinks, scale, cu_seqlens, lookahead)
 
 
 @sliding_window_op.register_kernel("cuda")
-def _forward_cuda(q, k, v, window, sinks, scale, cu_seqlens):
-    return load_triton_module(_FORWARD).sliding_window_forward(q, k, v, window, sinks, scale, cu_seqlens)
+def _forward_cuda(q, k, v, window, sinks, scale, cu_seqlens, lookahead=0):
+    return load_triton_module(_FORWARD).sliding_window_forward(q, k, v, window, sinks, scale, cu_seqlens,
+                                                               lookahead=lookahead)
 
 
 @sliding_window_op.register_fake
-def _forward_fake(q, k, v, window, sinks, scale, cu_seqlens):
+def _forward_fake(q, k, v, window, sinks, scale, cu_seqlens, lookahead=0):
     o = q.new_empty(*q.shape[:-1], v.shape[-1])
     return o, q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
@@ -60,15 +62,16 @@ def sliding_window_backward_op(
     sinks: int,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    lookahead: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `rewrite::sliding_window_attention` given do (o and lse from the forward)."""
-    return sliding_window_backward_reference(do, q, k, v, window, sinks, scale, cu_seqlens)
+    return sliding_window_backward_reference(do, q, k, v, window, sinks, scale, cu_seqlens, lookahead)
 
 
 @sliding_window_backward_op.register_kernel("cuda")
-def _backward_cuda(do, q, k, v, o, lse, window, sinks, scale, cu_seqlens):
+def _backward_cuda(do, q, k, v, o, lse, window, sinks, scale, cu_seqlens, lookahead=0):
     return load_triton_module(_BACKWARD).sliding_window_backward(
-        do, q, k, v, o, lse, window, sinks, scale, cu_seqlens
+        do, q, k, v, o, lse, window, sinks, scale, cu_seqlens, lookahead=lookahead
     )
 
 

@@ -2,9 +2,10 @@
 
 Inside one sequence (local positions), query t sees key s iff
 
-    s <= t  and  (t - s < window  or  s < sinks)
+    s <= t + lookahead  and  (t - s < window  or  s < sinks)
 
-i.e. the last `window` keys (itself included) plus the first `sinks` tokens. With GQA, q head h
+i.e. the last `window` keys (itself included), the next `lookahead` keys (0: causal) and the first
+`sinks` tokens (those up to t + lookahead). With GQA, q head h
 reads kv head h // (H / Hkv). o_t = softmax_s(scale * q_t . k_s) v_s; lse_t = logsumexp_s of the
 same scores (float32, float64 for float64 inputs). Computes in float32 at least; o in q's dtype.
 """
@@ -20,11 +21,11 @@ def _sequences(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[tuple[s
     return [(slice(0, 1), slice(s, e)) for s, e in zip(bounds, bounds[1:])]
 
 
-def visible(length: int, window: int, sinks: int, device: torch.device) -> torch.Tensor:
+def visible(length: int, window: int, sinks: int, device: torch.device, lookahead: int = 0) -> torch.Tensor:
     """Boolean [L, L] mask: entry (t, s) is True when query t sees key s."""
     t = torch.arange(length, device=device)[:, None]
     s = torch.arange(length, device=device)[None, :]
-    return (s <= t) & ((t - s < window) | (s < sinks))
+    return (s <= t + lookahead) & ((t - s < window) | (s < sinks))
 
 
 def _expand(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -32,11 +33,11 @@ def _expand(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.transpose(1, 2).repeat_interleave(group, dim=1)
 
 
-def _probabilities(q, k, window, sinks, scale):
+def _probabilities(q, k, window, sinks, scale, lookahead):
     """(P [B, H, L, L], lse [B, H, L]) for one run of equal-length sequences in the compute dtype."""
     group = q.shape[2] // k.shape[2]
     scores = scale * q.transpose(1, 2) @ _expand(k, group).transpose(-1, -2)
-    scores = scores.masked_fill(~visible(q.shape[1], window, sinks, q.device), float("-inf"))
+    scores = scores.masked_fill(~visible(q.shape[1], window, sinks, q.device, lookahead), float("-inf"))
     lse = scores.logsumexp(-1)
     return (scores - lse[..., None]).exp(), lse
 
@@ -49,6 +50,7 @@ def sliding_window_reference(
     sinks: int,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    lookahead: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T, H, V] in q's dtype, lse [B, T, H]); q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V]."""
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -60,7 +62,7 @@ def sliding_window_reference(
         qs, ks, vs = (x[rows, tokens].to(compute) for x in (q, k, v))
         if qs.shape[1] == 0:
             continue
-        p, lse_s = _probabilities(qs, ks, window, sinks, scale)
+        p, lse_s = _probabilities(qs, ks, window, sinks, scale, lookahead)
         o[rows, tokens] = (p @ _expand(vs, group)).transpose(1, 2)
         lse[rows, tokens] = lse_s.transpose(1, 2)
     return o.to(q.dtype), lse
@@ -81,6 +83,7 @@ def sliding_window_backward_reference(
     sinks: int,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    lookahead: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of `sliding_window_reference`'s o given do.
 
@@ -95,7 +98,7 @@ def sliding_window_backward_reference(
         qs, ks, vs, dos = (x[rows, tokens].to(compute) for x in (q, k, v, do))
         if qs.shape[1] == 0:
             continue
-        p, _ = _probabilities(qs, ks, window, sinks, scale)
+        p, _ = _probabilities(qs, ks, window, sinks, scale, lookahead)
         ve, dot = _expand(vs, group), dos.transpose(1, 2)
         dp = dot @ ve.transpose(-1, -2)
         ds = p * (dp - (dot * (p @ ve)).sum(-1, keepdim=True))

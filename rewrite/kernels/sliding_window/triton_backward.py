@@ -3,9 +3,10 @@
 Two kernels that recompute the probabilities from the saved log-sum-exp: dq per (query block,
 q head) over the same key blocks as the forward pass, which also computes delta_t =
 rowsum(do_t * o_t) for its rows and stores it; then dk and dv per (key block, kv head) over the
-queries that see the block (the next window - 1 + block rows, or to the sequence end for blocks
-that hold sink tokens), summing the G q heads of the group in the program, so no atomics are
-needed. As in the forward, only blocks on the window's edges build the visibility mask.
+queries that see the block (from lookahead rows before it to window - 1 rows after it, or to the
+sequence end for blocks that hold sink tokens), summing the G q heads of the group in the
+program, so no atomics are needed. As in the forward, only blocks on the window's edges build the
+visibility mask.
 """
 
 import torch
@@ -31,15 +32,16 @@ DKDV_BLOCKS = (64, 128, 8, 2)  # of the dk / dv kernel
 
 
 @triton.jit
-def visible_t(k_pos, q_pos, window, sinks):
+def visible_t(k_pos, q_pos, window, sinks, lookahead):
     """[N, M] mask, the transpose of `visible`: key position k_pos is seen by query position q_pos."""
     kp, qp = k_pos[:, None], q_pos[None, :]
-    return (kp <= qp) & ((qp - kp < window) | (kp < sinks))
+    return (kp <= qp + lookahead) & ((qp - kp < window) | (kp < sinks))
 
 
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, k_ptr, v_ptr, start, q_pos, bos, eos, kv_stride, dk, dv, kcols, vcols,
-              window, sinks, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+              window, sinks, lookahead, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+              MASKED: tl.constexpr):
     keys = start + tl.arange(0, BLOCK_N)
     key_mask = keys < eos
     k = load_rows(k_ptr, keys, key_mask, kv_stride * dk, kcols, dk)
@@ -47,7 +49,7 @@ def _dq_block(dq, q, do, lse2, delta, k_ptr, v_ptr, start, q_pos, bos, eos, kv_s
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
-        p = tl.where(visible(q_pos, keys - bos, window, sinks) & key_mask[None, :], p, 0.0)
+        p = tl.where(visible(q_pos, keys - bos, window, sinks, lookahead) & key_mask[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -56,7 +58,7 @@ def _dq_block(dq, q, do, lse2, delta, k_ptr, v_ptr, start, q_pos, bos, eos, kv_s
 @triton.jit
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
-    n_seqs, T, heads, kv_heads, dk, dv, window, sinks, scale, qk_scale,
+    n_seqs, T, heads, kv_heads, dk, dv, window, sinks, lookahead, scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -82,27 +84,27 @@ def _dq_kernel(
     v_ptr += hk * dv
     dq = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
     q_last = tl.minimum(q_first + BLOCK_M, eos) - 1
-    sink_end, lo, hi = key_ranges(q_first, q_last, bos, window, sinks, BLOCK_N)
-    mid_lo, mid_hi = full_blocks(q_first, q_last, lo, window, BLOCK_N)
+    sink_end, lo, hi = key_ranges(q_first, q_last, bos, eos, window, sinks, lookahead, BLOCK_N)
+    mid_lo, mid_hi = full_blocks(q_first, q_last, lo, eos, window, lookahead, BLOCK_N)
     for start in range(bos, sink_end, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                       kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, True)
+                       kcols, vcols, window, sinks, lookahead, qk_scale, BLOCK_N, PRECISION, True)
     for start in range(lo, mid_lo, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                       kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, True)
+                       kcols, vcols, window, sinks, lookahead, qk_scale, BLOCK_N, PRECISION, True)
     for start in range(mid_lo, mid_hi, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                       kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, False)
+                       kcols, vcols, window, sinks, lookahead, qk_scale, BLOCK_N, PRECISION, False)
     for start in range(mid_hi, hi, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                       kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, True)
+                       kcols, vcols, window, sinks, lookahead, qk_scale, BLOCK_N, PRECISION, True)
     offs = rows.to(tl.int64)[:, None] * (heads * dk) + i_h * dk + kcols[None, :]
     tl.store(dq_ptr + offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & (kcols < dk)[None, :])
 
 
 @triton.jit
 def _dkdv_block(d_k, d_v, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, q_start, i_h, k_pos, key_mask, bos, eos,
-                heads, dk, dv, kcols, vcols, window, sinks, qk_scale,
+                heads, dk, dv, kcols, vcols, window, sinks, lookahead, qk_scale,
                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     rows = q_start + tl.arange(0, BLOCK_M)
     row_mask = rows < eos
@@ -113,7 +115,7 @@ def _dkdv_block(d_k, d_v, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, q_start, i_h,
     delta = tl.load(delta_ptr + head_rows, mask=row_mask, other=0.0)
     st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [keys, queries]
     if MASKED:
-        mask = visible_t(k_pos, rows - bos, window, sinks) & row_mask[None, :] & key_mask[:, None]
+        mask = visible_t(k_pos, rows - bos, window, sinks, lookahead) & row_mask[None, :] & key_mask[:, None]
     else:
         mask = row_mask[None, :]
     pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)
@@ -127,7 +129,7 @@ def _dkdv_block(d_k, d_v, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, q_start, i_h,
 @triton.jit
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
-    n_seqs, T, heads, kv_heads, dk, dv, window, sinks, scale, qk_scale,
+    n_seqs, T, heads, kv_heads, dk, dv, window, sinks, lookahead, scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -147,29 +149,32 @@ def _dkdv_kernel(
     d_k = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
     d_v = tl.zeros([BLOCK_N, BV], dtype=tl.float32)
     k_last = tl.minimum(k_first + BLOCK_N, eos) - 1
+    q_lo = tl.maximum(k_first - lookahead, bos)
     q_hi = tl.minimum(k_last + window, eos)
-    # query blocks q_start = k_first + j * BLOCK_M see the whole key block when q_start >= k_first + BLOCK_N - 1
-    # (causal) and q_start + BLOCK_M - 1 < k_first + window (window); blocks with sink keys are all masked
-    mid_lo = tl.minimum(k_first + ((BLOCK_N + BLOCK_M - 2) // BLOCK_M) * BLOCK_M, q_hi)
-    mid_hi = tl.minimum(tl.maximum(k_first + (window // BLOCK_M) * BLOCK_M, mid_lo), q_hi)
+    # query blocks q_start = q_lo + j * BLOCK_M see the whole key block when q_start + lookahead >= k_first +
+    # BLOCK_N - 1 (lookahead) and q_start + BLOCK_M - 1 < k_first + window (window); blocks with sink keys are
+    # all masked
+    ahead = tl.maximum(k_first + BLOCK_N - 1 - lookahead - q_lo, 0)
+    mid_lo = tl.minimum(q_lo + ((ahead + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, q_hi)
+    mid_hi = tl.minimum(tl.maximum(q_lo + ((k_first + window - q_lo) // BLOCK_M) * BLOCK_M, mid_lo), q_hi)
     if k_first - bos < sinks:
         q_hi = eos
         mid_lo = eos
         mid_hi = eos
     for g in range(0, group):
         i_h = hk * group + g
-        for q_start in range(k_first, mid_lo, BLOCK_M):
+        for q_start in range(q_lo, mid_lo, BLOCK_M):
             d_k, d_v = _dkdv_block(d_k, d_v, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, q_start, i_h, k_pos, key_mask,
-                                   bos, eos, heads, dk, dv, kcols, vcols, window, sinks, qk_scale, BLOCK_M,
-                                   PRECISION, True)
+                                   bos, eos, heads, dk, dv, kcols, vcols, window, sinks, lookahead, qk_scale,
+                                   BLOCK_M, PRECISION, True)
         for q_start in range(mid_lo, mid_hi, BLOCK_M):
             d_k, d_v = _dkdv_block(d_k, d_v, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, q_start, i_h, k_pos, key_mask,
-                                   bos, eos, heads, dk, dv, kcols, vcols, window, sinks, qk_scale, BLOCK_M,
-                                   PRECISION, False)
+                                   bos, eos, heads, dk, dv, kcols, vcols, window, sinks, lookahead, qk_scale,
+                                   BLOCK_M, PRECISION, False)
         for q_start in range(mid_hi, q_hi, BLOCK_M):
             d_k, d_v = _dkdv_block(d_k, d_v, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, q_start, i_h, k_pos, key_mask,
-                                   bos, eos, heads, dk, dv, kcols, vcols, window, sinks, qk_scale, BLOCK_M,
-                                   PRECISION, True)
+                                   bos, eos, heads, dk, dv, kcols, vcols, window, sinks, lookahead, qk_scale,
+                                   BLOCK_M, PRECISION, True)
     tile = key_mask[:, None]
     k_offs = keys.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
     v_offs = keys.to(tl.int64)[:, None] * (kv_heads * dv) + hk * dv + vcols[None, :]
@@ -190,10 +195,12 @@ def sliding_window_backward(
     cu_seqlens: torch.Tensor | None,
     dq_blocks: tuple[int, int, int, int] = DQ_BLOCKS,
     dkdv_blocks: tuple[int, int, int, int] = DKDV_BLOCKS,
+    *,
+    lookahead: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in the inputs' dtypes, from the forward's o and lse [B, T, H] (float32).
 
-    dq_blocks / dkdv_blocks: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the two kernels.
+    dq_blocks / dkdv_blocks: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the two kernels; lookahead 0 is causal.
     """
     check_dtype(q)
     q, k, v, do, o = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), o.contiguous()
@@ -205,7 +212,8 @@ def sliding_window_backward(
     dk_ = new_empty(k.shape, dtype=k.dtype, device=k.device)
     dv_ = new_empty(v.shape, dtype=v.dtype, device=v.device)
     common = dict(BK=head_block(dk), BV=head_block(dv), PRECISION=precision(q.dtype), VARLEN=cu_seqlens is not None)
-    sizes = (heads, kv_heads, dk, dv, window, sinks, scale, scale * LOG2E)
+    lookahead = min(lookahead, length)  # no key lies further ahead; keeps index sums in int32
+    sizes = (heads, kv_heads, dk, dv, window, sinks, lookahead, scale, scale * LOG2E)
     bm, bn, warps, stages = dq_blocks
     rows = Layout(batch, length, cu_seqlens, bm, q.device)
     if rows.max_chunks > 0:

@@ -1,10 +1,11 @@
 """Sliding-window attention forward in Triton (flash-attention style); see `reference.py` for the math.
 
 One program per (query block of BM rows, q head). It walks the key blocks that hold the sink
-tokens and then only the key blocks inside the window of its rows, so work per query is
-O(window + sinks) and total time is linear in T. Only the blocks on the window's two edges
-(and the sink blocks) build the visibility mask; the blocks between them are wholly visible to
-every row of the query block and skip it. Softmax runs online in base 2; the row log-sum-exp
+tokens and then only the key blocks inside the window of its rows (from the first row's window
+start to the last row's lookahead, clipped at the sequence end), so work per query is
+O(window + lookahead + sinks) and total time is linear in T. Only the blocks on the window's two
+edges (and the sink blocks) build the visibility mask; the blocks between them are wholly visible
+to every row of the query block and skip it. Softmax runs online in base 2; the row log-sum-exp
 is saved for the backward pass. Tokens are addressed flat (row b * T + t); dense batches need no
 index tables (`Layout`), packed inputs map programs to (sequence, block) through tables.
 """
@@ -32,48 +33,51 @@ def load_rows(ptr, rows, row_mask, row_stride, cols, n_cols):
 
 
 @triton.jit
-def visible(q_pos, k_pos, window, sinks):
+def visible(q_pos, k_pos, window, sinks, lookahead):
     """[M, N] mask: query position q_pos sees key position k_pos (positions local to the sequence)."""
     qp, kp = q_pos[:, None], k_pos[None, :]
-    return (kp <= qp) & ((qp - kp < window) | (kp < sinks))
+    return (kp <= qp + lookahead) & ((qp - kp < window) | (kp < sinks))
 
 
 @triton.jit
-def key_ranges(q_first, q_last, bos, window, sinks, BLOCK_N: tl.constexpr):
+def key_ranges(q_first, q_last, bos, eos, window, sinks, lookahead, BLOCK_N: tl.constexpr):
     """(sink_end, lo, hi): sink key blocks start at bos and stop before sink_end; window blocks run lo..hi.
 
-    lo is q_first's window start rounded down to a block boundary (counted from bos); sink blocks
+    lo is q_first's window start rounded down to a block boundary (counted from bos); hi is one past
+    q_last's last visible key (q_last + lookahead, clipped at the sequence end eos). Sink blocks
     cover [bos, min(bos + sinks, lo)) in whole blocks, which all end at or before lo.
     """
     lo = bos + (tl.maximum(q_first - window + 1 - bos, 0) // BLOCK_N) * BLOCK_N
     sink_end = tl.minimum(bos + sinks, lo)
-    return sink_end, lo, q_last + 1
+    return sink_end, lo, tl.minimum(q_last + lookahead + 1, eos)
 
 
 @triton.jit
-def full_blocks(q_first, q_last, lo, window, BLOCK_N: tl.constexpr):
+def full_blocks(q_first, q_last, lo, eos, window, lookahead, BLOCK_N: tl.constexpr):
     """(mid_lo, mid_hi): window blocks starting in [mid_lo, mid_hi) are seen whole by rows q_first..q_last.
 
     A block [s, s + BLOCK_N) is: inside every row's window when s >= q_last - window + 1, and
-    causal for every row when s + BLOCK_N <= q_first + 1. Blocks from lo up to mid_lo and from
-    mid_hi on need the mask; mid_lo <= mid_hi always, so the three ranges cover lo..hi.
+    within every row's lookahead and the sequence when s + BLOCK_N <= min(q_first + lookahead + 1,
+    eos). Blocks from lo up to mid_lo and from mid_hi on need the mask; lo <= mid_lo <= mid_hi <= hi
+    always, so the three ranges cover lo..hi.
     """
     full_lo = lo + tl.cdiv(tl.maximum(q_last - window + 1 - lo, 0), BLOCK_N) * BLOCK_N
-    causal_end = lo + ((q_first + 1 - lo) // BLOCK_N) * BLOCK_N
-    mid_lo = tl.minimum(full_lo, causal_end)
-    return mid_lo, causal_end
+    ahead_end = lo + ((tl.minimum(q_first + lookahead + 1, eos) - lo) // BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(full_lo, ahead_end)
+    return mid_lo, ahead_end
 
 
 @triton.jit
 def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_stride, dk, dv, kcols, vcols,
-                  window, sinks, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+                  window, sinks, lookahead, qk_scale, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                  MASKED: tl.constexpr):
     keys = start + tl.arange(0, BLOCK_N)
     key_mask = keys < eos
     k = load_rows(k_ptr, keys, key_mask, kv_stride * dk, kcols, dk)
     v = load_rows(v_ptr, keys, key_mask, kv_stride * dv, vcols, dv)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
-        mask = visible(q_pos, keys - bos, window, sinks) & key_mask[None, :]
+        mask = visible(q_pos, keys - bos, window, sinks, lookahead) & key_mask[None, :]
         s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -86,7 +90,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_str
 @triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
-    n_seqs, T, heads, kv_heads, dk, dv, window, sinks, qk_scale,
+    n_seqs, T, heads, kv_heads, dk, dv, window, sinks, lookahead, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -108,20 +112,24 @@ def _forward_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked blocks give p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     q_last = tl.minimum(q_first + BLOCK_M, eos) - 1
-    sink_end, lo, hi = key_ranges(q_first, q_last, bos, window, sinks, BLOCK_N)
-    mid_lo, mid_hi = full_blocks(q_first, q_last, lo, window, BLOCK_N)
+    sink_end, lo, hi = key_ranges(q_first, q_last, bos, eos, window, sinks, lookahead, BLOCK_N)
+    mid_lo, mid_hi = full_blocks(q_first, q_last, lo, eos, window, lookahead, BLOCK_N)
     for start in range(bos, sink_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, True)
+                                      kcols, vcols, window, sinks, lookahead, qk_scale, BLOCK_N, PRECISION,
+                                      True)
     for start in range(lo, mid_lo, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, True)
+                                      kcols, vcols, window, sinks, lookahead, qk_scale, BLOCK_N, PRECISION,
+                                      True)
     for start in range(mid_lo, mid_hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, False)
+                                      kcols, vcols, window, sinks, lookahead, qk_scale, BLOCK_N, PRECISION,
+                                      False)
     for start in range(mid_hi, hi, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
-                                      kcols, vcols, window, sinks, qk_scale, BLOCK_N, PRECISION, True)
+                                      kcols, vcols, window, sinks, lookahead, qk_scale, BLOCK_N, PRECISION,
+                                      True)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     o_offs = rows.to(tl.int64)[:, None] * (heads * dv) + i_h * dv + vcols[None, :]
@@ -159,19 +167,22 @@ def sliding_window_forward(
     block_n: int = BLOCK_N,
     warps: int = WARPS,
     stages: int = STAGES,
+    *,
+    lookahead: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, T, H, V] in q's dtype, lse [B, T, H] float32)."""
+    """(o [B, T, H, V] in q's dtype, lse [B, T, H] float32); lookahead 0 is causal."""
     check_dtype(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, length, heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[-1]
+    lookahead = min(lookahead, length)  # no key lies further ahead; keeps index sums in int32
     layout = Layout(batch, length, cu_seqlens, block_m, q.device)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     lse = new_empty((batch, length, heads), dtype=torch.float32, device=q.device)
     if layout.max_chunks > 0:
         _forward_kernel[(layout.max_chunks, heads)](
             q, k, v, o, lse, *layout.args(lse),
-            heads, kv_heads, dk, dv, window, sinks, scale * LOG2E,
+            heads, kv_heads, dk, dv, window, sinks, lookahead, scale * LOG2E,
             BLOCK_M=block_m, BLOCK_N=block_n, BK=head_block(dk), BV=head_block(dv), VARLEN=layout.varlen,
             PRECISION=precision(q.dtype), num_warps=warps, num_stages=stages,
         )
