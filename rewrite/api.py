@@ -115,7 +115,7 @@ def optimize(
     gm = captured.graph_module
     captured_graph = copy.deepcopy(gm.graph)
     capture_seconds = time.perf_counter() - start
-    report = run_pipeline(gm, plan)
+    report = run_pipeline(gm, plan, source=model)
     report.capture_seconds = capture_seconds
     om = OptimizedModule(gm, captured, plan, report, model, captured_graph=captured_graph)
     if verify:

@@ -112,7 +112,7 @@ def prepare(target: str, plan: Plan, log: Log) -> Prepared:
     log(f"captured {len(gm.graph.nodes)} nodes in {time.perf_counter() - start:.1f} s")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = run_pipeline(gm, plan, keep_stages=True)
+        report = run_pipeline(gm, plan, keep_stages=True, source=model)
     for result in report.results:
         log(f"pass {result.summary()}")
     for w in caught:  # shown even with --quiet: a pass that matched nothing is worth knowing

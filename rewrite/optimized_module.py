@@ -213,7 +213,7 @@ class OptimizedModule(torch.nn.Module):
         gm = captured.graph_module
         existing = dict(self.named_parameters())
         captured_graph = copy.deepcopy(gm.graph)
-        report = run_pipeline(gm, self.plan, existing_state=existing)
+        report = run_pipeline(gm, self.plan, existing_state=existing, source=source)
         _copy_new_attrs(self, gm)
         self.__dict__["_captured"] = captured
         self.__dict__["_captured_graph"] = captured_graph

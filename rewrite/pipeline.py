@@ -91,12 +91,14 @@ def run_pipeline(
     existing_state: dict[str, torch.Tensor] | None = None,
     keep_stages: bool | None = None,
     lower_ops: bool = True,
+    source: torch.nn.Module | None = None,
 ) -> PipelineReport:
-    """Apply `plan` to `gm` in place and lower it; returns the report."""
+    """Apply `plan` to `gm` in place and lower it; returns the report. `source` is the model `gm` was
+    captured from, where there is one: passes may run its submodules to check what the graph cannot show."""
     keep = plan.debug if keep_stages is None else keep_stages
     report = PipelineReport()
     report.stages.append(_snapshot("captured", gm, keep))
-    ctx = PassContext(gm, kernels=plan.kernels, existing_state=existing_state)
+    ctx = PassContext(gm, kernels=plan.kernels, existing_state=existing_state, source=source)
     for spec in plan.enabled_passes:
         pass_obj = PASSES[spec.name](spec.options)
         before = op_counts(gm)

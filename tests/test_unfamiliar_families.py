@@ -89,8 +89,32 @@ def deepseek_v3():
         pad_token_id=0))
 
 
-MIXTURES = {"qwen2_moe": qwen2_moe, "deepseek_v3": deepseek_v3}
-"""Mixture-of-experts decoders."""
+def mixtral():
+    return transformers.MixtralForCausalLM(_decoder_config(
+        transformers.MixtralConfig, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def qwen3_moe():
+    return transformers.Qwen3MoeForCausalLM(_decoder_config(
+        transformers.Qwen3MoeConfig, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+MIXTURES = {"qwen2_moe": qwen2_moe, "deepseek_v3": deepseek_v3, "mixtral": mixtral, "qwen3_moe": qwen3_moe}
+"""Mixture-of-experts decoders (their experts sort the tokens by expert: token-wise as a module, not op by op)."""
+
+
+@pytest.mark.parametrize("name", MIXTURES)
+def test_mixture_of_experts_decoders_run_padding_free(name):
+    model = build(MIXTURES[name])
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
+    assert any("shown token-wise by running them" in m and ".mlp" in m for m in om.report.results[-1].messages)
+    batch = right_padded([12, 7, 3], 12)
+    with torch.no_grad():
+        want, got = model(**batch).logits, om(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", MIXTURES)
@@ -298,3 +322,56 @@ def test_mixer_on_blocks_without_attention_is_refused():
     model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3)])
     with pytest.raises(PassError, match="found no attention to replace in the selected layers"):
         rewrite.optimize(model, [{"mixer": {}}], (torch.randn(2, 5, 16),))
+
+
+class _CappedExperts(nn.Module):
+    """Top-1 experts that take at most `capacity` tokens each, in token order (Switch-style): a token's
+    output depends on how many earlier tokens chose its expert, so the block is not token-wise."""
+
+    def __init__(self, dim: int = 32, experts: int = 2, capacity: int = 3):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts)
+        self.experts = nn.ModuleList([nn.Linear(dim, dim) for _ in range(experts)])
+        self.capacity = capacity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        choice = self.gate(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            chosen = choice == e
+            kept = chosen & (torch.cumsum(chosen.long(), 0) <= self.capacity)
+            out = out + kept[:, None] * expert(flat)
+        return out.reshape(x.shape)
+
+
+class _MoeEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.attn = _HandwrittenAttention("einsum")
+        self.moe = _CappedExperts()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        x = x + self.moe(x)
+        return x + self.attn(x, attention_mask)
+
+
+def test_experts_with_a_capacity_are_refused_naming_the_module():
+    model = build(_MoeEncoder)
+    with pytest.raises(PassError, match="moe: a token's output changes with the other tokens") as info:
+        rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
+    assert info.value.module_path == "moe"
+
+
+def test_the_module_probe_tells_token_wise_from_token_mixing():
+    from rewrite.varlen.module_probe import tokenwise_reason
+
+    class MeanShift(nn.Module):
+        def forward(self, x):
+            return x - x.mean(1, keepdim=True)
+
+    assert tokenwise_reason(nn.Sequential(nn.Linear(8, 8), nn.GELU()), 8) is None
+    assert tokenwise_reason(_CappedExperts(8, capacity=2), 8) == "a token's output changes with the other tokens it runs with"
+    assert tokenwise_reason(MeanShift(), 8) == "its outputs change when the batch's rows are packed into one row"

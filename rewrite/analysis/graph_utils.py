@@ -113,8 +113,26 @@ def erase_unused_computation(graph: fx.Graph, roots: list[fx.Node]) -> None:
     erase_unused(graph, computed)
 
 
+def _writes_unread(node: fx.Node) -> bool:
+    """An in-place op whose result and whose target nothing else reads (dead, though impure): the target is a
+    value the graph computed itself, read by this op alone, and not a view of another value."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or node.users:
+        return False
+    if not target._schema.name.endswith("_") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    written = node.args[0]
+    if written.op != "call_function" or set(written.users) != {node}:
+        return False
+    made_by = written.target
+    if not isinstance(made_by, torch._ops.OpOverload):
+        return False
+    return not any(r.alias_info is not None for r in made_by._schema.returns)  # a view writes through to its base
+
+
 def eliminate_dead_code(graph: fx.Graph) -> None:
-    """`graph.eliminate_dead_code()`, also erasing values whose only readers are metadata asserts.
+    """`graph.eliminate_dead_code()`, also erasing values whose only readers are metadata asserts and in-place
+    writes into values nothing reads.
 
     torch.export asserts the dtype and device of some values (`aten._assert_tensor_metadata`); such an
     assert counts as a side effect, so a computation nothing else reads any more (a mask builder no
@@ -122,15 +140,13 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
     """
     while True:
         graph.eliminate_dead_code()
-        dead = [
-            n for n in graph.nodes
-            if n.op == "call_function" and n.users and all(is_op(u, aten._assert_tensor_metadata.default) for u in n.users)
-        ]
+        dead = [n for n in graph.nodes if is_op(n, aten._assert_tensor_metadata.default)
+                and all(is_op(u, aten._assert_tensor_metadata.default) for u in n.args[0].users)]
+        dead += [n for n in graph.nodes if _writes_unread(n)]
         if not dead:
             return
         for node in dead:
-            for user in list(node.users):
-                graph.erase_node(user)
+            graph.erase_node(node)
 
 
 __all__ = [

@@ -98,7 +98,7 @@ class DecodeProgram:
         finally:
             source.train(was_training)
         gm = captured.graph_module
-        self.report = run_pipeline(gm, _decode_plan(plan, source), existing_state=parameters)
+        self.report = run_pipeline(gm, _decode_plan(plan, source), existing_state=parameters, source=source)
         signature = gm.meta.get("decode")
         if not isinstance(signature, DecodeSignature):
             raise RewriteError(f"{self.model_name} has no attention or mixer site to carry state; generate() has "

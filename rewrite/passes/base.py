@@ -87,10 +87,12 @@ class PassContext:
         *,
         kernels: str = "auto",
         existing_state: dict[str, torch.Tensor] | None = None,
+        source: torch.nn.Module | None = None,
     ):
         self.gm = gm
         self.kernels = kernels
         self.existing_state = existing_state or {}
+        self.source = source  # the model the graph was captured from, where there is one (passes may run its modules)
         self._analysis: GraphAnalysis | None = None
 
     def analysis(self) -> GraphAnalysis:

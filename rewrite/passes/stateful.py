@@ -32,7 +32,12 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims, analyze
-from rewrite.analysis.graph_utils import ancestors, eliminate_dead_code, erase_unused, erase_unused_computation
+from rewrite.analysis.graph_utils import (
+    ancestors,
+    eliminate_dead_code,
+    erase_unused,
+    erase_unused_computation,
+)
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.decode.program_meta import DecodeSignature

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite
-from rewrite.analysis.graph_utils import ancestor_placeholders
+from rewrite.analysis.graph_utils import ancestor_placeholders, eliminate_dead_code
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PlanError
 from rewrite.kernels.varlen_attention.api import BACKENDS
@@ -202,29 +202,6 @@ def _replace_mixer(graph: fx.Graph, node: fx.Node, layout: dict[str, fx.Node]) -
     return new
 
 
-def _writes_unread(node: fx.Node) -> bool:
-    """An in-place op whose result and whose target nothing else reads (dead, though impure)."""
-    target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or node.users:
-        return False
-    if not target._schema.name.endswith("_") or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    return set(node.args[0].users) == {node} and node.args[0].op == "call_function"
-
-
-def _remove_dead_code(graph: fx.Graph) -> None:
-    """Dead code elimination that also drops metadata asserts on values nothing else uses."""
-    while True:
-        graph.eliminate_dead_code()
-        lone = [n for n in graph.nodes if is_op(n, aten._assert_tensor_metadata.default)
-                and all(is_op(u, aten._assert_tensor_metadata.default) for u in n.args[0].users)]
-        lone += [n for n in graph.nodes if _writes_unread(n)]
-        if not lone:
-            return
-        for node in lone:
-            graph.erase_node(node)
-
-
 def _other_sizes(graph: fx.Graph, inputs: list[fx.Node], symbols: TokenSymbols) -> dict[sympy.Symbol, fx.Node]:
     """A size node for every dynamic input dim that is neither batch nor sequence (a feature size, say)."""
     out: dict[sympy.Symbol, fx.Node] = {}
@@ -302,7 +279,7 @@ class Varlen(GraphPass):
                     user.replace_input_with(p, packed)
 
         mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result, facts.window, facts.lookahead)
-        _remove_dead_code(graph)
+        eliminate_dead_code(graph)
 
         with graph.inserting_before(layout["max_seqlen"].next):  # what the walk needs, made after dead-code removal
             layout["positions"] = graph.call_function(operator.getitem, (unpadded, 3))
@@ -312,7 +289,7 @@ class Varlen(GraphPass):
             other_sizes = _other_sizes(graph, user_inputs, symbols)
         own.update({layout["positions"], layout["total"], *padded_sizes, *other_sizes.values()})
         layout["keep"] = keep
-        rewriter = PackedGraphWalk(gm, symbols, layout, padded_sizes, other_sizes)
+        rewriter = PackedGraphWalk(gm, symbols, layout, padded_sizes, other_sizes, ctx.source)
         rewriter.kind.update({n: "sym" for n in own})
         rewriter.kind.update({n: "token" for n in packed_inputs.values()})
         rewriter.kind.update({p: "padded" for p in token_inputs})
@@ -320,7 +297,7 @@ class Varlen(GraphPass):
         if not facts.pads_are_true and padding in packed_inputs:  # 1 = real token: the mask is 0 at padding
             rewriter.zero_at_pads.add(packed_inputs[padding])
         rewriter.run(mixing)
-        _remove_dead_code(graph)
+        eliminate_dead_code(graph)
         graph.lint()
         gm.recompile()
         ctx.invalidate()
@@ -332,6 +309,9 @@ class Varlen(GraphPass):
             result.messages.append("per-sequence positions: " + ", ".join(rewriter.positions_rewritten))
         if rewriter.checked_at_runtime:
             result.messages.append("checked at run time: " + ", ".join(rewriter.checked_at_runtime))
+        if rewriter.token_modules:
+            result.messages.append("run packed as a whole, shown token-wise by running them: "
+                                   + ", ".join(rewriter.token_modules))
         if rewriter.exits:
             result.messages.append("read the repadded tensor (padded tokens hold 0): " + ", ".join(rewriter.exits))
         result.real_tokens = _real_tokens(graph, padding, facts.pads_are_true, symbols, rewriter.restarts_positions)
@@ -394,16 +374,16 @@ class Varlen(GraphPass):
                       for i, name in enumerate(("cu_seqlens", "max_seqlen"))}
         own = {unpacked, total, *layout.values()}
         mixing = self._replace_mixing(graph, sites, mixers, causal, layout, result, windows, lookaheads)
-        _remove_dead_code(graph)
+        eliminate_dead_code(graph)
         with graph.inserting_after(layout["max_seqlen"]):
             layout["positions"] = graph.call_function(operator.getitem, (unpacked, 2))
             layout["total"] = graph.call_function(aten.sym_size.int, (token_inputs[0], 1))
         own.update({layout["positions"], layout["total"]})
-        rewriter = PackedGraphWalk(gm, symbols, layout, None, {})
+        rewriter = PackedGraphWalk(gm, symbols, layout, None, {}, ctx.source)
         rewriter.kind.update({n: "sym" for n in own})
         rewriter.kind.update({p: "token" for p in token_inputs})
         rewriter.run(mixing)
-        _remove_dead_code(graph)
+        eliminate_dead_code(graph)
         graph.lint()
         gm.recompile()
         ctx.invalidate()

@@ -25,9 +25,12 @@ ELEMENTWISE = (
     aten.dropout.default, aten._to_copy.default, aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other,
     aten.type_as.default, aten.contiguous.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
     aten.__and__.Tensor, aten.__or__.Tensor, aten.__xor__.Tensor, aten.empty_like.default, aten.zeros_like.default,
-    aten.ones_like.default, aten.full_like.default, aten.expand.default, aten.expand_as.default,
+    aten.ones_like.default, aten.full_like.default, aten.expand.default, aten.expand_as.default, aten.copy_.default,
 )
-"""Element-wise or broadcasting ops that carry no pointwise tag."""
+"""Element-wise or broadcasting ops that carry no pointwise tag (copy_ writes its broadcast source into a view)."""
+
+NEW_LIKE = (aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default)
+"""Factories that take only dtype and device from their operand (DeepSeek builds keys in such a buffer)."""
 
 RESHAPES = (
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
@@ -203,6 +206,8 @@ def _check(node: fx.Node, symbols: TokenSymbols, kind_of: KindOf) -> str | None:
                 return "the product contracts over the tokens" if _touches(other, [rank - 2], rank) else None
         return "its first operand is not a per-token tensor"
     rank = _rank(first)
+    if is_op(node, *NEW_LIKE):
+        return None  # no value comes from the operand; the result's sizes follow the packed tokens
     if is_op(node, *RESHAPES):
         return _reshape_rule(node, symbols, first_dims)
     if is_op(node, *MOVES):

@@ -12,11 +12,13 @@ from __future__ import annotations
 import sympy
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from rewrite.analysis.graph_utils import ancestors as graph_ancestors
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PassError
 from rewrite.varlen import runtime
+from rewrite.varlen.module_probe import TokenwiseModules
 from rewrite.varlen.symbols import SizeBuilder, TokenDims, TokenSymbols, expr_of
 from rewrite.varlen.tokenwise import SEQ_OUTER, check
 
@@ -47,8 +49,10 @@ class PackedGraphWalk:
     """The walk that classifies every node after unpadding and rewrites sizes, positions and exits."""
 
     def __init__(self, gm: fx.GraphModule, symbols: TokenSymbols, layout: dict[str, fx.Node],
-                 padded_sizes: tuple[fx.Node, fx.Node] | None, other_sizes: dict[sympy.Symbol, fx.Node]):
+                 padded_sizes: tuple[fx.Node, fx.Node] | None, other_sizes: dict[sympy.Symbol, fx.Node],
+                 source: torch.nn.Module | None = None):
         self.gm, self.graph, self.symbols, self.layout = gm, gm.graph, symbols, layout
+        self.modules = TokenwiseModules(gm.graph, symbols, source)
         self.kind: dict[fx.Node, str] = {}
         total = layout["total"]
         packed = {**other_sizes, **{s: 1 for s in symbols.batch}, **{s: total for s in symbols.seq}}
@@ -66,6 +70,8 @@ class PackedGraphWalk:
         self.padded_inputs: dict[fx.Node, fx.Node] = {}  # packed token input -> the padded placeholder it packs
         self.checked_at_runtime: list[str] = []
         self.cumsum_problems: dict[fx.Node, str] = {}  # cumsums over the tokens that could not restart, and why
+        self.token_modules: list[str] = []  # modules shown token-wise by running them, whose nodes run packed
+        self.module_reasons: list[str] = []  # why the modules enclosing the last unproven node were not
 
     def kind_of(self, node: fx.Node) -> str:
         return self.kind.get(node, "free")
@@ -196,6 +202,8 @@ class PackedGraphWalk:
             kinds = {self.kind_of(a) for a in node.all_input_nodes} - {"sym"}
             if node in mixing:
                 self._attention(node)
+            elif self.modules.owner(node) is not None:
+                self._inside_module(node)
             elif self._restart_cumsum(node):
                 pass
             elif kinds & {"token", "positional"}:
@@ -204,6 +212,8 @@ class PackedGraphWalk:
                     self._sizes(node, self.packed, keep_placeholder_sizes=False)
                     self.kind[node] = "token" if "token" in kinds else "positional"
                     self._track_zero_at_pads(node)
+                elif self._tokenwise_module(node):
+                    pass
                 elif node in feeds_mixing and node in self.cumsum_problems:
                     raise fail(
                         "a cumsum over the tokens (positions counted per row, say) restarts per sequence only when "
@@ -213,12 +223,42 @@ class PackedGraphWalk:
                         "feeds attention, so it cannot run on repadded values either. Pass the values as an input "
                         "instead (e.g. position_ids), which the pass packs", node)
                 elif node in feeds_mixing:
+                    modules = "; ".join(self.module_reasons)
                     raise fail(f"cannot prove this op token-wise on packed tokens: {reason}; it feeds attention, "
-                                "so it cannot run on repadded values either", node)
+                                "so it cannot run on repadded values either. No enclosing module was shown token-wise "
+                                f"by running it ({modules or 'none'})", node)
                 else:
                     self._exit(node)
             else:
                 self._classify_source(node, kinds)
+
+    def _tokenwise_module(self, node: fx.Node) -> bool:
+        """Accept `node` as part of an enclosing module shown token-wise by running it (`module_probe`): the
+        module's nodes seen so far must be per-token or constant; those built from sizes alone become packed."""
+        path, self.module_reasons = self.modules.find(node, self.kind_of)
+        if path is None:
+            return False
+        earlier = [n for n in self.modules.members(path) if n in self.kind]
+        for n in earlier:
+            if self.kind[n] == "padded":
+                raise fail(f"module {path} was shown token-wise, but its node {n.name!r} already reads repadded "
+                           "values", n)
+            if self.kind[n] == "unproven":
+                self._sizes(n, self.packed, keep_placeholder_sizes=False)
+                self.kind[n] = "token"
+        self.token_modules.append(path)
+        self._inside_module(node)
+        return True
+
+    def _inside_module(self, node: fx.Node) -> None:
+        """A node of a module shown token-wise: it runs on the packed tokens as the module ran on one packed row."""
+        if any(self.kind_of(a) == "padded" for a in node.all_input_nodes):
+            raise fail(f"this node of the token-wise module {self.modules.owner(node)} reads a repadded value", node)
+        self._sizes(node, self.packed, keep_placeholder_sizes=False)
+        kinds = {self.kind_of(a) for a in node.all_input_nodes}
+        shapes = [v for v in pytree.tree_leaves(node.meta.get("val")) if isinstance(v, torch.Tensor)]
+        seq_shaped = any(self.symbols.mentions_tokens(d) for t in shapes for d in t.shape)
+        self.kind[node] = "token" if kinds & {"token", "positional", "unproven"} or seq_shaped else "free"
 
     def _restart_cumsum(self, node: fx.Node) -> bool:
         """cumsum over the tokens of a value that is 0 at every padded token -> the same cumsum per sequence.
