@@ -72,26 +72,60 @@ def assert_real_close(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor)
     torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("window", [1, 4, 8])
-def test_sliding_window_op_sees_what_hugging_face_sliding_window_sees(window):
-    """window=W in the op means the last W keys, the query included: HF's `kv_idx > q_idx - W` with causality."""
-    from transformers.masking_utils import sliding_window_causal_mask_function
+@pytest.mark.parametrize(("kind", "width"), [("causal", 1), ("causal", 4), ("causal", 8), ("bidirectional", 1),
+                                           ("bidirectional", 2), ("bidirectional", 4)])
+def test_op_window_sees_what_hugging_face_sees(kind, width):
+    """Causal: the op's window=W is the last W keys, the query included (HF's `kv_idx > q_idx - W` with causality).
+    Bidirectional: ModernBERT's |q - k| <= w is the op's window w + 1 with lookahead w."""
+    from transformers import masking_utils
 
-    fn = sliding_window_causal_mask_function(window)
     length = 12
     q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    if kind == "causal":
+        fn, window, lookahead = masking_utils.sliding_window_causal_mask_function(width), width, 0
+    else:
+        fn, window, lookahead = masking_utils.sliding_window_bidirectional_overlay(width), width + 1, width
     hf = fn(torch.tensor(0), torch.tensor(0), q, k).expand(length, length)
-    assert torch.equal(visible(length, window, 0, torch.device("cpu")), hf)
+    assert torch.equal(visible(length, window, 0, torch.device("cpu"), lookahead=lookahead), hf)
+
+
+def captured_per_window(factory, windows: tuple[int, ...]) -> dict[int, tuple]:
+    """(model, its varlen module captured on a 6-token batch, shorter than the widest window) per window."""
+    built = {}
+    for window in windows:
+        model = build(lambda w=window: factory(w))
+        built[window] = (model, rewrite.optimize(model, ["varlen"], example_kwargs=padded([6, 4], 6)))
+    return built
+
+
+WINDOWED_OUTPUT = {"mistral": "logits", "modernbert": "last_hidden_state"}
+"""The output each windowed family is compared on."""
 
 
 @pytest.fixture(scope="module")
 def mistral_modules():
-    """Mistral with windows 4 and 8, each captured on a 6-token batch (shorter than the window 8)."""
-    built = {}
-    for window in (4, 8):
-        model = build(lambda w=window: mistral(w))
-        built[window] = (model, rewrite.optimize(model, ["varlen"], example_kwargs=padded([6, 4], 6)))
-    return built
+    """Mistral with windows 4 and 8."""
+    return captured_per_window(mistral, (4, 8))
+
+
+@pytest.fixture(scope="module")
+def modernbert_modules():
+    """ModernBERT with local windows 4 and 8 (2 and 4 keys on each side)."""
+    return captured_per_window(modernbert, (4, 8))
+
+
+@pytest.fixture(params=list(WINDOWED_OUTPUT))
+def windowed_family(request):
+    """(family name, its modules per window), for the checks both window kinds share."""
+    return request.param, request.getfixturevalue(f"{request.param}_modules")
+
+
+def assert_padding_free(model, om, batch: dict[str, torch.Tensor], output: str) -> None:
+    """The varlen module matches the model on real tokens and writes zeros at padding."""
+    with torch.no_grad():
+        got, want = getattr(om(**batch), output), getattr(model(**batch), output)
+    assert_real_close(got, want, batch["attention_mask"])
+    assert not got[~batch["attention_mask"].bool()].any()
 
 
 @pytest.mark.parametrize("window", [4, 8])
@@ -100,27 +134,23 @@ def test_mistral_sliding_window_runs_padding_free(mistral_modules, window, left)
     model, om = mistral_modules[window]
     assert all(f"sliding-window ({window} keys)" in c for c in changed(om)) and len(changed(om)) == 2
     # rows longer and shorter than the window, a one-token row, left or right padding
-    batch = padded([2, 19, 5, 1, 11], 19, left=left, seed=1)
-    with torch.no_grad():
-        got, want = om(**batch).logits, model(**batch).logits
-    assert_real_close(got, want, batch["attention_mask"])
-    pads = ~batch["attention_mask"].bool()
-    assert not got[pads].any()
+    assert_padding_free(model, om, padded([2, 19, 5, 1, 11], 19, left=left, seed=1), "logits")
 
 
-def test_mistral_sliding_window_gradients_match(mistral_modules):
-    model, om = mistral_modules[4]
+def test_sliding_window_gradients_match(windowed_family):
+    family, modules = windowed_family
+    model, om = modules[4]
     batch = padded([9, 3, 12], 12, left={1}, seed=2)
-    mask = batch["attention_mask"]
-    got = parameter_grads(om, om(**batch).logits, mask)
-    want = parameter_grads(model, model(**batch).logits, mask)
+    mask, output = batch["attention_mask"], WINDOWED_OUTPUT[family]
+    got = parameter_grads(om, getattr(om(**batch), output), mask)
+    want = parameter_grads(model, getattr(model(**batch), output), mask)
     assert_grads_close(got, want)
 
 
-def test_window_counted_between_slots_refuses_rows_with_holes_at_run_time(mistral_modules):
+def test_window_counted_between_slots_refuses_rows_with_holes_at_run_time(windowed_family):
     """HF counts the window between cache positions: on a row with padding between real tokens that is not the
     window over the packed tokens, so the module checks rows are contiguous."""
-    _, om = mistral_modules[4]
+    _, om = windowed_family[1][4]
     batch = padded([7, 9], 9, seed=3)
     batch["attention_mask"][1, 3] = 0
     with pytest.raises(ValueError, match="row 1 has padding between real tokens"):
@@ -160,81 +190,48 @@ def test_per_layer_windows_full_causal_and_sliding(factory, windowed):
     assert_real_close(got, want, batch["attention_mask"])
 
 
-def test_packed_position_ids_keep_the_window_within_each_sequence(mistral_modules):
-    model, _ = mistral_modules[4]
+WINDOWED_LAYERS = {"mistral": [True, True], "modernbert": [False, True, True]}
+"""Which layers of each windowed family's test model have a window (ModernBERT's layer 0 is global)."""
+
+
+def test_packed_position_ids_keep_the_window_within_each_sequence(windowed_family):
+    """Packed sequences (position_ids restarting at 0) attend within their own sequence and window, as running
+    them one by one does; ModernBERT builds its local mask over the whole row, not from position_ids."""
+    family, modules = windowed_family
+    model, _ = modules[4]
     lengths = [3, 9, 6]
     ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         om = rewrite.optimize(model, ["varlen"], example_kwargs={"input_ids": ids, "position_ids": pos})
-    assert all("sliding-window (4 keys)" in c for c in changed(om))
-    lengths = [10, 2, 7, 5]
+    assert ["sliding-window" in c for c in changed(om)] == WINDOWED_LAYERS[family]
+    lengths = [10, 2, 7, 1, 5]
     ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(6))
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    output = WINDOWED_OUTPUT[family]
     with torch.no_grad():
-        got = om(input_ids=ids, position_ids=pos).logits
-        want = torch.cat([model(input_ids=part).logits for part in ids.split(lengths, 1)], 1)
+        got = getattr(om(input_ids=ids, position_ids=pos), output)
+        want = torch.cat([getattr(model(input_ids=part), output) for part in ids.split(lengths, 1)], 1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-class TokenWindow(nn.Module):
-    """A window counted between real tokens (positions = cumsum(mask) - 1): token-wise once packed, holes too."""
-
-    def __init__(self, window: int = 3, dim: int = 32, heads: int = 4):
-        super().__init__()
-        self.window, self.heads = window, heads
-        self.embed = nn.Embedding(64, dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, input_ids, attention_mask):
-        x = self.embed(input_ids)
-        b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, dim=-1))
-        pos = attention_mask.cumsum(1) - 1
-        distance = pos[:, :, None] - pos[:, None, :]
-        mask = (distance >= 0) & (distance < self.window) & attention_mask.bool()[:, None, :]
-        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-        return self.out(o.transpose(1, 2).reshape(b, t, c))
-
-
-def test_window_counted_between_real_tokens_needs_no_contiguous_rows():
-    model = build(TokenWindow)
-    batch = padded([5, 3], 6)
-    batch["input_ids"] %= 64
-    om = rewrite.optimize(model, ["varlen"], example_kwargs=batch)
-    assert "sliding-window (3 keys)" in changed(om)[0]
+@pytest.mark.parametrize(("before", "after", "report"), [
+    (2, 0, "varlen causal sliding-window (3 keys) attention"),
+    (3, 1, "varlen bidirectional sliding-window (3 keys before, 1 after) attention"),
+])
+def test_window_counted_between_real_tokens_runs_on_rows_with_holes(before, after, report):
+    """Counted between real tokens, a window is token-wise once packed: rows need not be contiguous."""
+    model = build(lambda: TokenBand(before, after))
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=token_band_batch([5, 3], 6))
+    assert changed(om)[0].endswith(report)
     assert runtime.contiguous_rows.__name__ not in om.code
-    batch = padded([7, 9, 2], 9, seed=7)
-    batch["input_ids"] %= 64
+    batch = token_band_batch([7, 9, 2], 9, seed=7)
     batch["attention_mask"][1, 2] = 0
     batch["attention_mask"][1, 5] = 0
     with torch.no_grad():
         got, want = om(**batch), model(**batch)
     assert_real_close(got, want, batch["attention_mask"])
-
-
-@pytest.mark.parametrize("window", [1, 2, 4])
-def test_op_lookahead_sees_what_hugging_face_bidirectional_window_sees(window):
-    """ModernBERT's |q - k| <= w is the op's window w + 1 (the query included) with lookahead w."""
-    from transformers.masking_utils import sliding_window_bidirectional_overlay
-
-    fn = sliding_window_bidirectional_overlay(window)
-    length = 12
-    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
-    hf = fn(torch.tensor(0), torch.tensor(0), q, k).expand(length, length)
-    assert torch.equal(visible(length, window + 1, 0, torch.device("cpu"), lookahead=window), hf)
-
-
-@pytest.fixture(scope="module")
-def modernbert_modules():
-    """ModernBERT with local windows 4 and 8 (2 and 4 keys on each side), each captured on a 6-token batch."""
-    built = {}
-    for local in (4, 8):
-        model = build(lambda w=local: modernbert(w))
-        built[local] = (model, rewrite.optimize(model, ["varlen"], example_kwargs=padded([6, 4], 6)))
-    return built
 
 
 @pytest.mark.parametrize("local", [4, 8])
@@ -247,55 +244,13 @@ def test_modernbert_local_window_runs_padding_free(modernbert_modules, local, le
         *(f"scaled_dot_product_attention_{i} (layers.{i}.attn): varlen bidirectional sliding-window ({half} keys "
           f"before, {half} after) attention" for i in (1, 2))]
     # rows longer and shorter than the window (local + 1 keys), a one-token row, left or right padding
-    batch = padded([2, 19, 5, 1, 11], 19, left=left, seed=1)
-    with torch.no_grad():
-        got, want = om(**batch).last_hidden_state, model(**batch).last_hidden_state
-    assert_real_close(got, want, batch["attention_mask"])
-    assert not got[~batch["attention_mask"].bool()].any()
-
-
-def test_modernbert_local_window_gradients_match(modernbert_modules):
-    model, om = modernbert_modules[4]
-    batch = padded([9, 3, 12], 12, left={1}, seed=2)
-    mask = batch["attention_mask"]
-    got = parameter_grads(om, om(**batch).last_hidden_state, mask)
-    want = parameter_grads(model, model(**batch).last_hidden_state, mask)
-    assert_grads_close(got, want)
-
-
-def test_modernbert_window_counted_between_slots_refuses_rows_with_holes_at_run_time(modernbert_modules):
-    _, om = modernbert_modules[4]
-    batch = padded([7, 9], 9, seed=3)
-    batch["attention_mask"][1, 3] = 0
-    with pytest.raises(ValueError, match="row 1 has padding between real tokens"):
-        om(**batch)
+    assert_padding_free(model, om, padded([2, 19, 5, 1, 11], 19, left=left, seed=1), "last_hidden_state")
 
 
 def test_modernbert_verify_compares_real_tokens():
     model = build(lambda: modernbert(4))
     om = rewrite.optimize(model, ["varlen"], example_kwargs=padded([9, 4, 7], 9, left={1}), verify=True)
     assert om.verification.passed
-
-
-def test_modernbert_packed_position_ids_keep_the_window_within_each_sequence(modernbert_modules):
-    """ModernBERT builds its local mask over the whole row, not from position_ids; the kernel keeps each sequence to
-    itself, as running the sequences one by one does."""
-    model, _ = modernbert_modules[4]
-    lengths = [3, 9, 6]
-    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        om = rewrite.optimize(model, ["varlen"], example_kwargs={"input_ids": ids, "position_ids": pos})
-    assert [c.endswith("varlen bidirectional sliding-window (2 keys before, 2 after) attention")
-            for c in changed(om)] == [False, True, True]
-    lengths = [10, 2, 7, 1, 5]
-    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(6))
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
-    with torch.no_grad():
-        got = om(input_ids=ids, position_ids=pos).last_hidden_state
-        want = torch.cat([model(input_ids=part).last_hidden_state for part in ids.split(lengths, 1)], 1)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_window_attention_with_lookahead_agrees_with_per_sequence_sdpa():
@@ -344,19 +299,6 @@ def token_band_batch(lengths: list[int], width: int, seed: int = 0) -> dict[str,
     batch = padded(lengths, width, seed=seed)
     batch["input_ids"] %= 64
     return batch
-
-
-def test_asymmetric_window_counted_between_real_tokens_runs_on_rows_with_holes():
-    model = build(TokenBand)
-    om = rewrite.optimize(model, ["varlen"], example_kwargs=token_band_batch([5, 3], 6))
-    assert changed(om)[0].endswith("varlen bidirectional sliding-window (3 keys before, 1 after) attention")
-    assert runtime.contiguous_rows.__name__ not in om.code
-    batch = token_band_batch([7, 9, 2], 9, seed=7)
-    batch["attention_mask"][1, 2] = 0
-    batch["attention_mask"][1, 5] = 0
-    with torch.no_grad():
-        got, want = om(**batch), model(**batch)
-    assert_real_close(got, want, batch["attention_mask"])
 
 
 def test_bidirectional_window_the_probe_cannot_prove_is_refused_naming_the_site():
