@@ -259,6 +259,22 @@ def test_eos_stops_rows_and_streaming_reports_every_token():
     assert torch.equal(streamed, out[:, ids.shape[1]: ids.shape[1] + streamed.shape[1]])
 
 
+def test_eos_and_pad_default_to_the_models_generation_config():
+    model, om, ids = optimized("llama", "hybrid")
+    free = om.generate(ids, max_new_tokens=6, eos_token_id=[])
+    eos = int(free[0, ids.shape[1] + 1])
+    config = model.generation_config
+    saved = config.eos_token_id, config.pad_token_id
+    config.eos_token_id, config.pad_token_id = eos, 5
+    try:
+        stopped = om.generate(ids, max_new_tokens=6)
+        assert torch.equal(stopped, om.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=5))
+        assert int(stopped[0, ids.shape[1] + 1]) == eos and bool((stopped[0, ids.shape[1] + 2:] == 5).all())
+        assert torch.equal(om.generate(ids, max_new_tokens=6, eos_token_id=[]), free)
+    finally:
+        config.eos_token_id, config.pad_token_id = saved
+
+
 def test_stateful_in_a_plan_checks_sites_and_keeps_the_forward():
     model, om, ids = optimized("llama", "hybrid")
     checked = rewrite.optimize(model, [*PLANS["hybrid"], "stateful"], example_kwargs={"input_ids": ids})
