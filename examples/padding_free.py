@@ -8,9 +8,11 @@
    replayed modules are timed side by side.
 3. The same sentences packed into one row by `rewrite.packing` (position_ids restart per sentence)
    run with no padding at all and give the same sentence embeddings.
-4. A causal LM with a sliding window (a small random Mistral, window 8): left-padded prompts of
-   different lengths run padding-free, each layer one sliding-window attention call over the packed
-   tokens, and the logits match the padded model's on every real token.
+4. Layouts beyond plain attention, each a small random Hugging Face model on prompts of different
+   lengths: a causal sliding window (Mistral, window 8, left-padded prompts), ModernBERT's
+   bidirectional local window (4 keys on each side) and mixture-of-experts blocks (Mixtral, whose
+   experts sort tokens by expert: run packed because running the block shows it token-wise). Each
+   runs padding-free and matches the padded model on every real token.
 Run: python -m examples.padding_free [--tiny] [--device cuda]
 """
 
@@ -131,34 +133,57 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     packed_embeddings = torch.stack([row[s:e].mean(0) for s, e in zip(bounds, bounds[1:])])
     packed_error = (packed_embeddings - mean_pool(want, mask)).abs().max().item()
     print(f"packed row of {row.shape[0]} tokens, no padding; sentence embeddings vs padded model: {packed_error:.2e}")
-    window_error = sliding_window_decoder(args.device)
+    layouts = {name: other_layout(name, args.device) for name in OTHER_LAYOUTS}
     return {"padded_error": padded_error, "static_error": static_error, "packed_error": packed_error,
-            "window_error": window_error, "real_fraction": real / mask.numel()}
+            **{f"{name}_error": error for name, error in layouts.items()}, "real_fraction": real / mask.numel()}
 
 
-def sliding_window_decoder(device: str, window: int = 8) -> float:
-    """Part 4: a random Mistral with a sliding window, left-padded prompts; max |logit difference| on real tokens."""
+def _small(config_class, model_class, **extra):
     import transformers
 
+    config = getattr(transformers, config_class)(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, vocab_size=256, pad_token_id=0, **extra)
+    return getattr(transformers, model_class)(config)
+
+
+OTHER_LAYOUTS = {
+    # name: (builder, left padding, output compared)
+    "window": (lambda: _small("MistralConfig", "MistralForCausalLM", num_key_value_heads=2, sliding_window=8),
+               True, "logits"),
+    "bidirectional_window": (lambda: _small("ModernBertConfig", "ModernBertModel", global_attn_every_n_layers=2,
+                                            local_attention=8, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                            sep_token_id=2), False, "last_hidden_state"),
+    "experts": (lambda: _small("MixtralConfig", "MixtralForCausalLM", num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2), True, "logits"),
+}
+"""Part 4's models: windows counted in row slots want rows without holes, so prompts are padded on one side."""
+
+
+def other_layout(name: str, device: str) -> float:
+    """Part 4: one of OTHER_LAYOUTS padding-free on prompts of 20, 5 and 13 tokens; max |difference| on real tokens."""
+    build_model, left, output = OTHER_LAYOUTS[name]
     torch.manual_seed(0)
-    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                        sliding_window=window)
-    model = transformers.MistralForCausalLM(config).to(device).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model().to(device).eval()
     lengths = [20, 5, 13]
-    ids = torch.randint(1, 256, (len(lengths), max(lengths)), device=device)
+    ids = torch.randint(3, 256, (len(lengths), max(lengths)), device=device)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
-        mask[row, max(lengths) - n:] = 1  # left padding, as generation batches are padded
+        if left:  # as generation batches are padded
+            mask[row, max(lengths) - n:] = 1
+        else:
+            mask[row, :n] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
     om = rewrite.optimize(model, {"passes": ["varlen"]}, example_kwargs=batch)
     with torch.no_grad():
-        want, got = model(**batch).logits, om(**batch).logits
+        want, got = getattr(model(**batch), output), getattr(om(**batch), output)
     keep = mask.bool()
     error = (got[keep] - want[keep]).abs().max().item()
-    windowed = sum("sliding-window" in c for r in om.report.results for c in r.changed)
-    print(f"sliding window of {window}, prompts of {lengths} tokens (left-padded): {windowed} layers run "
-          f"sliding-window attention on packed tokens; max |logit difference| on real tokens {error:.2e}")
+    how = "; ".join(c.split(": ", 1)[1] for c in om.report.results[-1].changed)
+    whole = [m for m in om.report.results[-1].messages if "shown token-wise" in m]
+    print(f"{name.replace('_', ' ')} ({type(model).__name__}), prompts of {lengths} tokens: {how}"
+          + (f"; {whole[0]}" if whole else "") + f"; max |difference| on real tokens {error:.2e}")
     return error
 
 

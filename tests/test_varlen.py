@@ -386,6 +386,8 @@ def test_padding_free_example_runs_at_tiny_size():
     assert result["static_error"] < 1e-5
     assert result["packed_error"] < 1e-5
     assert result["window_error"] < 1e-5
+    assert result["bidirectional_window_error"] < 1e-5
+    assert result["experts_error"] < 1e-5
     assert result["real_fraction"] < 0.5
 
 
