@@ -98,8 +98,20 @@ def handwritten_with_skips(model, ids, skip):
     return torch.cat(outs)
 
 
+def single_head_llama():
+    """One attention head: the rotary cos / sin entering each block are as wide as the hidden state."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
+                                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
+    return transformers.LlamaForCausalLM(config).eval(), {"input_ids": ids}
+
+
 FAMILIES = {
     "llama": (lambda: models.llama(batch=3, length=10), lambda m: m.model.layers),
+    "llama_single_head": (single_head_llama, lambda m: m.model.layers),
     "gpt2": (lambda: models.gpt2(batch=3, length=10), lambda m: m.transformer.h),
     "bert": (lambda: models.bert(batch=3, length=10), lambda m: m.encoder.layer),
     "transformer_encoder": (lambda: models.transformer_encoder(batch=3, length=10), lambda m: m.layers),

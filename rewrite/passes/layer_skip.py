@@ -198,6 +198,29 @@ def _residual_glue(nodes: list[fx.Node], in_any_block: set[fx.Node]) -> list[fx.
     return glue
 
 
+_RESIDUAL_PATH = (torch.ops.aten.add.Tensor, torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default,
+                  torch.ops.aten.to.dtype_layout, torch.ops.aten.clone.default, torch.ops.aten.alias.default,
+                  torch.ops.aten.dropout.default, torch.ops.aten.contiguous.default)
+"""Ops a residual stream passes through unchanged in kind (sums, casts, copies, dropout)."""
+
+
+def _residual_sources(output: fx.Node, inside: set[fx.Node]) -> set[fx.Node]:
+    """Values from outside the block that reach `output` through residual ops only (sums, casts, copies): the
+    block's hidden state, not the tensors it multiplies or normalizes on the way."""
+    found: set[fx.Node] = set()
+    stack, seen = [output], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node not in inside:
+            found.add(node)
+        elif is_op(node, *_RESIDUAL_PATH):
+            stack.extend(node.all_input_nodes)
+    return found
+
+
 def _region(block: Block, dims: SymbolicDims, order: dict[fx.Node, int], in_any_block: set[fx.Node]) -> _Region:
     """The block's region with every check made; raises PassError naming the layer when it does not fit."""
     if not block.path.rsplit(".", 1)[-1].isdigit():
@@ -235,6 +258,9 @@ def _region(block: Block, dims: SymbolicDims, order: dict[fx.Node, int], in_any_
         for a in external
         if a.op != "get_attr" and _shape(dims, a) == out_shape and tensor_meta(a).dtype == out_val.dtype  # type: ignore[union-attr]
     ]
+    if len(candidates) > 1:  # e.g. rotary cos / sin as wide as the hidden state (one head): keep the residual's
+        on_residual = _residual_sources(output, inside)
+        candidates = [a for a in candidates if a in on_residual] or candidates
     if len(candidates) != 1:
         names = ", ".join(a.name for a in candidates) or "none"
         raise _fail(
