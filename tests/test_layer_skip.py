@@ -659,3 +659,23 @@ def test_kinds_analysis_runs_at_tiny_size():
     assert "train prose k=1" in result["sets"]["cheapest"]
     rows = result["temperatures"]["by_temperature"]["0.5"]
     assert {"train all", "heldout code", "heldout prose"} <= set(rows)
+
+
+def test_encoder_decoder_blocks_with_post_norm_route_their_residual_stream():
+    """BART's decoder layers read the encoder's output, as wide as their own hidden state; the hidden state is the
+    input that reaches the block's output through the residual sums and the post-norms."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.BartModel(transformers.BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64, max_position_embeddings=64, pad_token_id=0)).eval()
+    g = torch.Generator().manual_seed(0)
+    example = {"input_ids": torch.randint(3, 64, (3, 9), generator=g),
+               "decoder_input_ids": torch.randint(3, 64, (3, 6), generator=g)}
+    om = optimize(model, example)
+    skip = torch.tensor([[True, False], [False, False], [False, True]])  # the decoder's layers are the blocks
+    got, report = call(om, example, skip_mask=skip)
+    assert torch.equal(report.decisions, skip)
+    want = reference_with_skips(model, list(model.decoder.layers), example, skip)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

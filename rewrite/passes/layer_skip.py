@@ -200,13 +200,14 @@ def _residual_glue(nodes: list[fx.Node], in_any_block: set[fx.Node]) -> list[fx.
 
 _RESIDUAL_PATH = (torch.ops.aten.add.Tensor, torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default,
                   torch.ops.aten.to.dtype_layout, torch.ops.aten.clone.default, torch.ops.aten.alias.default,
-                  torch.ops.aten.dropout.default, torch.ops.aten.contiguous.default)
-"""Ops a residual stream passes through unchanged in kind (sums, casts, copies, dropout)."""
+                  torch.ops.aten.dropout.default, torch.ops.aten.contiguous.default, torch.ops.aten.layer_norm.default,
+                  torch.ops.aten.native_layer_norm.default, torch.ops.aten.rms_norm.default, operator.getitem)
+"""Ops a residual stream passes through (sums, casts, copies, dropout, and the norms of post-norm blocks)."""
 
 
 def _residual_sources(output: fx.Node, inside: set[fx.Node]) -> set[fx.Node]:
-    """Values from outside the block that reach `output` through residual ops only (sums, casts, copies): the
-    block's hidden state, not the tensors it multiplies or normalizes on the way."""
+    """Values from outside the block that reach `output` through residual ops only (sums, casts, copies, norms):
+    the block's hidden state, not the tensors it multiplies or projects on the way."""
     found: set[fx.Node] = set()
     stack, seen = [output], set()
     while stack:
