@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from rewrite.analysis.mask_probe import annotate_mask_causality
 from rewrite.errors import CaptureError
@@ -97,15 +98,24 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
 
 
 @contextlib.contextmanager
-def _capture_context():
-    """Turn off fused fast paths (nn.MultiheadAttention / TransformerEncoder) that hide attention."""
+def _capture_context(model: torch.nn.Module):
+    """Turn off fused fast paths (nn.MultiheadAttention / TransformerEncoder) that hide attention, and the KV
+    cache of a Hugging Face model whose forward takes no `use_cache` (it hands **kwargs to an inner model that
+    reads the config's default, as GraniteMoE does; export cannot take the flag through **kwargs)."""
     mha = torch.backends.mha
     was = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    patch = cached is not None and "use_cache" not in inspect.signature(model.forward).parameters
+    if patch:
+        config.use_cache = False
     try:
         yield
     finally:
         mha.set_fastpath_enabled(was)
+        if patch:
+            config.use_cache = cached
 
 
 def _explain(model: torch.nn.Module, exc: BaseException) -> str:
@@ -154,7 +164,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
             "Pass example_inputs (a tuple of positional arguments) or example_kwargs (a dict)."
         )
     try:
-        with _capture_context(), torch.no_grad():
+        with _capture_context(model), torch.no_grad():
             program = torch.export.export(
                 model, tuple(args), kwargs, dynamic_shapes=_dynamic_shapes(model, tuple(args), kwargs), strict=False
             )
@@ -187,7 +197,7 @@ def fixed_dims(gm: fx.GraphModule, flat: list[Any]) -> list[tuple[int, int, int]
         val = node.meta.get("val")
         if isinstance(leaf, torch.Tensor | TensorSpec) and isinstance(val, torch.Tensor):
             for d, size in enumerate(val.shape):
-                if not isinstance(size, torch.SymInt):
+                if is_concrete_int(size):  # a plain int, or a SymInt export specialized to a constant
                     out.append((i, d, int(size)))
     return out
 

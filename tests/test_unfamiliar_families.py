@@ -375,3 +375,43 @@ def test_the_module_probe_tells_token_wise_from_token_mixing():
     assert tokenwise_reason(nn.Sequential(nn.Linear(8, 8), nn.GELU()), 8) is None
     assert tokenwise_reason(_CappedExperts(8, capacity=2), 8) == "a token's output changes with the other tokens it runs with"
     assert tokenwise_reason(MeanShift(), 8) == "its outputs change when the batch's rows are packed into one row"
+
+
+def granite_moe():
+    """Its forward takes **kwargs instead of use_cache, which the inner model reads from the config."""
+    return transformers.GraniteMoeForCausalLM(_decoder_config(
+        transformers.GraniteMoeConfig, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def jamba():
+    """Mamba layers whose reference selective scan loops over the tokens in Python: the capture fixes the length."""
+    return transformers.JambaForCausalLM(_decoder_config(
+        transformers.JambaConfig, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
+        expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4,
+        mamba_expand=2, mamba_dt_rank=8, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def test_model_taking_kwargs_is_captured_without_its_cache():
+    model = build(granite_moe)
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
+    batch = right_padded([12, 7], 12)
+    with torch.no_grad():
+        want, got = model(**batch).logits, om(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    assert model.config.use_cache  # restored after the capture
+
+
+def test_a_length_fixed_by_the_capture_is_captured_again_or_refused():
+    """The mixer module captures again for another length; padding-free and decode programs, which need any
+    length, are refused saying why."""
+    model = build(jamba)
+    om = rewrite.optimize(model, [{"mixer": {}}], example_kwargs=right_padded([8, 5], 8))
+    with torch.no_grad():
+        assert om(**right_padded([12, 7], 12)).logits.shape[1] == 12
+    with pytest.raises(PassError, match="the model fixed the length while being captured"):
+        rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
+    stateful = rewrite.optimize(model, ["stateful"], example_kwargs=right_padded([8, 5], 8))
+    with pytest.raises(rewrite.RewriteError, match="the capture fixed the token dim"):
+        stateful.generate(right_padded([9], 9)["input_ids"], max_new_tokens=2)

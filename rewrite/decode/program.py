@@ -97,6 +97,12 @@ class DecodeProgram:
             ) from exc
         finally:
             source.train(was_training)
+        fixed = [size for _, dim, size in captured.static_dims if dim == 1]
+        if fixed:
+            raise RewriteError(
+                f"generate() needs {self.model_name} captured for any number of tokens, but the capture fixed the "
+                f"token dim to {fixed[0]} (Python code sized by the tokens, such as a loop over them in a reference "
+                "selective scan); its decode step could not take one token at a time")
         gm = captured.graph_module
         self.report = run_pipeline(gm, _decode_plan(plan, source), existing_state=parameters, source=source)
         signature = gm.meta.get("decode")

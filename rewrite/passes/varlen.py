@@ -235,8 +235,10 @@ class Varlen(GraphPass):
                        and tensor_meta(p) is not None]
         symbols = find_symbols(user_inputs)
         if not symbols.seq:
-            raise fail("no input has a dynamic sequence dim (dim 1 of a [batch, seq, ...] input); capture with "
-                        "inputs of at least two tokens")
+            raise fail("no input has a dynamic sequence dim (dim 1 of a [batch, seq, ...] input): the example had "
+                        "fewer than two tokens, or the model fixed the length while being captured (Python code "
+                        "sized by the tokens, such as a loop over them in a reference selective scan), so the graph "
+                        "holds for that length only")
         mixers = _mixer_nodes(graph)
         if not sites and not mixers:
             raise fail("the model has no attention the pass can find, so nothing tells tokens apart by sequence; "
