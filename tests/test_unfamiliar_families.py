@@ -139,6 +139,13 @@ def mpnet():
                                                             vocab_size=VOCAB))
 
 
+def gpt_oss():
+    """Learned attention sinks: one extra logit per head concatenated to the scores, dropped after the softmax."""
+    return transformers.GptOssForCausalLM(_decoder_config(
+        transformers.GptOssConfig, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"]))
+
+
 def gemma2():
     return transformers.Gemma2ForCausalLM(_decoder_config(transformers.Gemma2Config, num_key_value_heads=2,
                                                           head_dim=16))
@@ -201,9 +208,12 @@ def test_decoder_families_generate_like_hugging_face(name):
         (mpnet, ["varlen"], "encoder.layer.0.attention.attn", "relative position bias"),
         (gemma2, ["varlen"], "model.layers.0.self_attn", "softcapping"),
         (gemma2, ["stateful"], "model.layers.0.self_attn", "softcapping"),
+        (gpt_oss, [{"mixer": {}}], "model.layers.0.self_attn", "attention sinks"),
+        (gpt_oss, ["varlen"], "model.layers.0.self_attn", "attention sinks"),
+        (gpt_oss, ["stateful"], "model.layers.0.self_attn", "attention sinks"),
     ],
     ids=["bloom-mixer", "bloom-varlen", "bloom-stateful", "mpnet-mixer", "mpnet-varlen", "gemma2-varlen",
-         "gemma2-stateful"],
+         "gemma2-stateful", "gpt_oss-mixer", "gpt_oss-varlen", "gpt_oss-stateful"],
 )
 def test_unsupported_attention_is_refused_naming_the_module(factory, plan, module, reason):
     model = build(factory)

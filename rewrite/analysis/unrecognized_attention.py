@@ -26,6 +26,7 @@ _PASS_THROUGH = (
     aten._unsafe_view.default,
     aten.contiguous.default,
     aten.clone.default,
+    aten.slice.Tensor,  # probs[..., :-1]: the sink column dropped (GPT-OSS)
 )
 _SCORE_DEPTH = 8
 
@@ -85,6 +86,9 @@ def _score_ops(softmax: fx.Node) -> set:
 
 def _reason(softmax: fx.Node) -> str:
     ops = _score_ops(softmax)
+    if aten.cat.default in ops:
+        return ("extra logits are concatenated to q @ k^T before the softmax (learned attention sinks, as in "
+                "GPT-OSS), which no supported attention form models")
     if aten.tanh.default in ops:
         return "the scores pass through tanh (logit softcapping), which no supported attention form models"
     if aten.baddbmm.default in ops:
