@@ -271,6 +271,8 @@ def test_eos_and_pad_default_to_the_models_generation_config():
         assert torch.equal(stopped, om.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=5))
         assert int(stopped[0, ids.shape[1] + 1]) == eos and bool((stopped[0, ids.shape[1] + 2:] == 5).all())
         assert torch.equal(om.generate(ids, max_new_tokens=6, eos_token_id=[]), free)
+        as_tensors = om.generate(ids, max_new_tokens=6, eos_token_id=torch.tensor([eos]), pad_token_id=torch.tensor(5))
+        assert torch.equal(as_tensors, stopped)  # tensors, as Hugging Face's generate takes them
     finally:
         config.eos_token_id, config.pad_token_id = saved
 

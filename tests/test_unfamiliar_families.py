@@ -355,12 +355,31 @@ class _CappedExperts(nn.Module):
         return out.reshape(x.shape)
 
 
+class _IndexedExperts(nn.Module):
+    """Top-1 experts dispatched through an index built from the token count (arange), then index_add."""
+
+    def __init__(self, dim: int = 32, experts: int = 2):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts)
+        self.experts = nn.ModuleList([nn.Linear(dim, dim) for _ in range(experts)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        token = torch.arange(flat.shape[0], device=x.device).repeat_interleave(1)
+        choice = self.gate(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            chosen = token[choice == e]
+            out = out.index_add(0, chosen, expert(flat[chosen]))
+        return out.reshape(x.shape)
+
+
 class _MoeEncoder(nn.Module):
-    def __init__(self):
+    def __init__(self, moe: nn.Module | None = None):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, 32)
         self.attn = _HandwrittenAttention("einsum")
-        self.moe = _CappedExperts()
+        self.moe = moe if moe is not None else _CappedExperts()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -368,23 +387,65 @@ class _MoeEncoder(nn.Module):
         return x + self.attn(x, attention_mask)
 
 
-def test_experts_with_a_capacity_are_refused_naming_the_module():
-    model = build(_MoeEncoder)
-    with pytest.raises(PassError, match="moe: a token's output changes with the other tokens") as info:
+@pytest.mark.parametrize("capacity", [3, 16], ids=["below-the-probe-batch", "above-it"])
+def test_experts_with_a_capacity_are_refused_naming_the_module(capacity):
+    model = build(lambda: _MoeEncoder(_CappedExperts(capacity=capacity)))
+    with pytest.raises(PassError, match="moe: (a token's output changes|copies of one token)") as info:
         rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
     assert info.value.module_path == "moe"
 
 
-def test_the_module_probe_tells_token_wise_from_token_mixing():
+def test_experts_dispatched_through_a_token_index_run_padding_free():
+    """The index is built from the token count alone (arange), before the op no rule covers."""
+    model = build(lambda: _MoeEncoder(_IndexedExperts()))
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
+    assert any(m.endswith("shown token-wise by running them: moe") for m in om.report.results[-1].messages)
+    batch = right_padded([7, 30, 3], 30)  # padding before row 1's tokens in the flat order
+    with torch.no_grad():
+        want, got = model(**batch), om(**batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_experts_on_packed_sequences_run_per_sequence():
+    model = build(mixtral)
+    lengths = [5, 3, 4]
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    om = rewrite.optimize(model, ["varlen"], example_kwargs={
+        "input_ids": ids, "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]})
+    lengths = [9, 2, 6, 1]
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = om(input_ids=ids, position_ids=torch.cat([torch.arange(n) for n in lengths])[None]).logits
+        want = torch.cat([model(input_ids=part).logits for part in ids.split(lengths, 1)], 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class _MeanShift(nn.Module):
+    """Mixes a small share of the mean over the tokens into each token."""
+
+    def __init__(self, share: float):
+        super().__init__()
+        self.share = share
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return self.scale * (x + self.share * x.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_module_probe_tells_token_wise_from_token_mixing(dtype):
     from rewrite.varlen.module_probe import tokenwise_reason
 
-    class MeanShift(nn.Module):
-        def forward(self, x):
-            return x - x.mean(1, keepdim=True)
+    def reason(module):
+        return tokenwise_reason(module.to(dtype), 8)
 
-    assert tokenwise_reason(nn.Sequential(nn.Linear(8, 8), nn.GELU()), 8) is None
-    assert tokenwise_reason(_CappedExperts(8, capacity=2), 8) == "a token's output changes with the other tokens it runs with"
-    assert tokenwise_reason(MeanShift(), 8) == "its outputs change when the batch's rows are packed into one row"
+    assert reason(nn.Sequential(nn.Linear(8, 8), nn.GELU())) is None
+    assert reason(_IndexedExperts(8)) is None
+    assert reason(_CappedExperts(8, capacity=2)) == "a token's output changes with the other tokens it runs with"
+    assert reason(_CappedExperts(8, capacity=64)).startswith("copies of one token get different outputs")
+    assert reason(_MeanShift(1.0)) == "its outputs change when the batch's rows are packed into one row"
+    assert reason(_MeanShift(2e-5 if dtype == torch.float32 else 2e-2)) is not None
 
 
 def granite_moe():

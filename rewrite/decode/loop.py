@@ -50,7 +50,8 @@ def decode_program(om: Any) -> DecodeProgram:
     return program
 
 
-def stop_ids(om: Any, eos_token_id: int | list[int] | None, pad_token_id: int | None) -> tuple[list[int], int]:
+def stop_ids(om: Any, eos_token_id: int | list[int] | torch.Tensor | None,
+             pad_token_id: int | torch.Tensor | None) -> tuple[list[int], int]:
     """(eos ids, pad id) a generation uses: the arguments, else the source model's generation config
     (as Hugging Face's `generate` does); pass `eos_token_id=[]` to never stop early. The pad id
     defaults to the model's pad id, else the first eos id, else 0."""
@@ -60,7 +61,11 @@ def stop_ids(om: Any, eos_token_id: int | list[int] | None, pad_token_id: int | 
         eos_token_id = getattr(config, "eos_token_id", None)
     if pad_token_id is None and config is not None:
         pad_token_id = getattr(config, "pad_token_id", None)
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id or []]
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
+    if isinstance(pad_token_id, torch.Tensor):
+        pad_token_id = int(pad_token_id)
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else [int(i) for i in (eos_token_id or [])]
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     return eos, int(pad)
 

@@ -23,53 +23,85 @@ from rewrite.analysis.nodes import module_path, tensor_meta
 from rewrite.varlen.symbols import TokenDims, TokenSymbols
 
 PROBE_BATCH, PROBE_SEQ, PROBE_SUBSET = 2, 5, 6
-"""Random hidden states [PROBE_BATCH, PROBE_SEQ, hidden]; the subset run keeps PROBE_SUBSET of the tokens."""
+"""Random hidden states [PROBE_BATCH, PROBE_SEQ, hidden]; the context run keeps PROBE_SUBSET of the tokens."""
+
+PROBE_REPEATS = 256
+"""The crowd run: one token repeated this many times in one row, so every copy picks the same experts and an
+expert with a capacity below it drops some of them."""
+
+CONTEXT_SCALE = 100.0
+"""The context run scales the other tokens by this much, so a dependence on them shows above rounding."""
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
-"""Relative tolerance between layouts per parameter dtype (else 2e-2, for half precision)."""
+"""Relative tolerance per token between runs, by the dtype the module computes in (else 2e-2, half precision)."""
 
 
 def _rows(value: object, batch: int, seq: int) -> list[torch.Tensor] | str:
-    """Each tensor of a module's output as per-token rows [batch * seq, ...], or why it is not per token."""
+    """Each tensor of a module's output as per-token rows [batch * seq, -1] in float64, or why it is not per token."""
     rows = []
     for t in pytree.tree_leaves(value):
         if not isinstance(t, torch.Tensor):
             continue
         if t.dim() >= 2 and tuple(t.shape[:2]) == (batch, seq):
-            rows.append(t.reshape(batch * seq, *t.shape[2:]))
+            rows.append(t.reshape(batch * seq, -1).double())
         elif t.dim() >= 1 and t.shape[0] == batch * seq:
-            rows.append(t)
+            rows.append(t.reshape(batch * seq, -1).double())
         else:
             return f"an output of shape {tuple(t.shape)} is not per token of input [{batch}, {seq}, ...]"
     return rows if rows else "it returns no tensor"
 
 
-def tokenwise_reason(module: torch.nn.Module, hidden: int) -> str | None:
-    """None if `module(hidden_states)` maps [B, L, hidden] token by token on the probe inputs, else why not."""
-    first = next(iter(module.parameters()), None)
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    device = first.device if first is not None else torch.device("cpu")
+def _differ(got: list[torch.Tensor], want: list[torch.Tensor], tol: float) -> bool:
+    """Whether any token's output differs from the reference by more than `tol` of that token's own magnitude."""
+    for a, b in zip(got, want, strict=True):
+        if a.shape != b.shape:
+            return True
+        scale = b.abs().amax(-1).clamp(min=1e-6)
+        if bool(((a - b).abs().amax(-1) > tol * scale).any()):
+            return True
+    return False
+
+
+def tokenwise_reason(module: torch.nn.Module, hidden: int, dtype: torch.dtype | None = None) -> str | None:
+    """None if `module(hidden_states)` maps [B, L, hidden] token by token on the probe inputs, else why not.
+
+    Four runs: the batch as given; its rows packed into one row; some tokens in a shuffled order next to the
+    other tokens scaled by CONTEXT_SCALE; one token repeated PROBE_REPEATS times. Each token's output must
+    agree across runs. `dtype` is the hidden states' dtype (default: the module's first floating parameter's).
+    """
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    dtype = dtype or (params[0].dtype if params else torch.float32)
+    device = params[0].device if params else torch.device("cpu")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_BATCH, PROBE_SEQ, hidden, generator=g).to(device, dtype)
     total = PROBE_BATCH * PROBE_SEQ
-    subset = torch.randperm(total, generator=g)[:PROBE_SUBSET].to(device)
+    x = torch.randn(PROBE_BATCH, PROBE_SEQ, hidden, generator=g)
+    subset = torch.randperm(total, generator=g)[:PROBE_SUBSET]
+    others = torch.ones(total, dtype=torch.bool)
+    others[subset] = False
+    context = x.reshape(total, hidden).clone()
+    context[others] *= CONTEXT_SCALE
+    context = torch.cat([context[subset], context[others]])[None]  # the kept tokens first, shuffled
+    crowd = x[:1, :1].expand(1, PROBE_REPEATS, hidden)
+    runs = {"given": (x, PROBE_BATCH, PROBE_SEQ), "packed": (x.reshape(1, total, hidden), 1, total),
+            "context": (context, 1, total), "crowd": (crowd, 1, PROBE_REPEATS), "alone": (x[:1, :1], 1, 1)}
+    out: dict[str, list[torch.Tensor]] = {}
     try:
         with torch.no_grad():
-            full = _rows(module(x), PROBE_BATCH, PROBE_SEQ)
-            packed = _rows(module(x.reshape(1, total, hidden)), 1, total)
-            part = _rows(module(x.reshape(total, hidden)[subset][None]), 1, PROBE_SUBSET)
+            for name, (inputs, batch, seq) in runs.items():
+                rows = _rows(module(inputs.to(device, dtype)), batch, seq)
+                if isinstance(rows, str):
+                    return rows
+                out[name] = rows
     except Exception as exc:  # noqa: BLE001 - any failure means the module was not shown token-wise
         return f"calling it on hidden states [batch, seq, {hidden}] failed: {type(exc).__name__}: {exc}"
-    for got in (full, packed, part):
-        if isinstance(got, str):
-            return got
     tol = TOLERANCE.get(dtype, 2e-2)
-    for want, one_row, some in zip(full, packed, part, strict=True):
-        scale = want.abs().max().item() or 1.0
-        if one_row.shape != want.shape or (one_row - want).abs().max().item() > tol * scale:
-            return "its outputs change when the batch's rows are packed into one row"
-        if (some - want[subset]).abs().max().item() > tol * scale:
-            return "a token's output changes with the other tokens it runs with"
+    if _differ(out["packed"], out["given"], tol):
+        return "its outputs change when the batch's rows are packed into one row"
+    if _differ([r[:PROBE_SUBSET] for r in out["context"]], [r[subset] for r in out["given"]], tol):
+        return "a token's output changes with the other tokens it runs with"
+    if _differ(out["crowd"], [r.expand(PROBE_REPEATS, -1) for r in out["alone"]], tol):
+        return ("copies of one token get different outputs when many run together (experts with a capacity "
+                "drop the tokens over it)")
     return None
 
 
@@ -117,7 +149,9 @@ class TokenwiseModules:
             return f"it reads {len(outer)} per-token values from outside, not only its hidden states"
         (hidden,) = outer
         val = tensor_meta(hidden)
-        if kind_of(hidden) != "token" or self.symbols.node_dims(hidden) != TokenDims(0, 1) or val is None:
+        dims = self.symbols.node_dims(hidden)
+        layout = isinstance(dims, TokenDims) and dims.seq == 1 and dims.batch in (0, None) and not dims.merged
+        if kind_of(hidden) != "token" or not layout or val is None or val.dim() != 3:
             return f"its input {hidden.name!r} is not packed hidden states [batch, seq, ...]"
         if self.source is None:
             return "the source model is not at hand to run it (a graph without its nn.Module)"
@@ -127,7 +161,7 @@ class TokenwiseModules:
             return "the source model has no such submodule"
         if module.training:
             return "it is in training mode (dropout or noise would differ between runs)"
-        return tokenwise_reason(module, int(val.shape[-1]))
+        return tokenwise_reason(module, int(val.shape[-1]), val.dtype)
 
 
 def _inside(path: str, module: str) -> bool:

@@ -71,6 +71,7 @@ class PackedGraphWalk:
         self.checked_at_runtime: list[str] = []
         self.cumsum_problems: dict[fx.Node, str] = {}  # cumsums over the tokens that could not restart, and why
         self.token_modules: list[str] = []  # modules shown token-wise by running them, whose nodes run packed
+        self.size_built: dict[fx.Node, tuple] = {}  # padded-side nodes built from sizes alone: their original args
         self.module_reasons: list[str] = []  # why the modules enclosing the last unproven node were not
 
     def kind_of(self, node: fx.Node) -> str:
@@ -240,10 +241,12 @@ class PackedGraphWalk:
             return False
         earlier = [n for n in self.modules.members(path) if n in self.kind]
         for n in earlier:
-            if self.kind[n] == "padded":
-                raise fail(f"module {path} was shown token-wise, but its node {n.name!r} already reads repadded "
-                           "values", n)
-            if self.kind[n] == "unproven":
+            if self.kind[n] == "padded" and n in self.size_built:  # back to its sizes, now the packed ones
+                n.args, n.kwargs = self.size_built.pop(n)
+            elif self.kind[n] == "padded":
+                raise fail(f"module {path} was shown token-wise, but its node {n.name!r} was already placed on "
+                           "the padded side (it reads repadded values or a padded input)", n)
+            if self.kind[n] in ("unproven", "padded"):
                 self._sizes(n, self.packed, keep_placeholder_sizes=False)
                 self.kind[n] = "token"
         self.token_modules.append(path)
@@ -367,6 +370,9 @@ class PackedGraphWalk:
             if isinstance(val, list | tuple) else []
         seq_shaped = any(any(self.symbols.mentions_seq(d) for d in t.shape) for t in shapes)
         if "padded" in kinds or "unproven" in kinds:
+            padded = [a for a in node.all_input_nodes if self.kind_of(a) == "padded"]
+            if all(a in self.size_built for a in padded):  # from sizes alone: a token-wise module may take it back
+                self.size_built[node] = (node.args, node.kwargs)
             self._sizes(node, self.padded, keep_placeholder_sizes=True)
             self.kind[node] = "padded"
         elif not seq_shaped:
