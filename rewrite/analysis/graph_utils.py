@@ -121,6 +121,10 @@ def _writes_unread(node: fx.Node) -> bool:
         return False
     if not target._schema.name.endswith("_") or not node.args or not isinstance(node.args[0], fx.Node):
         return False
+    if torch.Tag.nondeterministic_seeded in target.tags:  # a random draw: erasing it would shift the stream
+        return False
+    if any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments[1:]):
+        return False  # it writes another argument too
     written = node.args[0]
     if written.op != "call_function" or set(written.users) != {node}:
         return False
