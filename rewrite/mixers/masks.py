@@ -85,5 +85,7 @@ def check_mask_form(
         raise PassError(
             "mixer",
             f"at {layer}: the attention mask is not {form} (e.g. a sliding window or a "
-            "block pattern); a linear mixer can carry only causal and key-padding masks"
+            "block pattern); a linear mixer can carry only causal and key-padding masks. Leave this layer out "
+            "with the mixer's `layers` selector (models that alternate sliding-window and full layers keep "
+            "their window layers as they are)"
         )
