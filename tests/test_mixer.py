@@ -395,27 +395,33 @@ def test_returned_attention_probabilities_are_refused():
 
 
 class _BandAttention(nn.Module):
-    """Causal attention restricted to a band of 3 keys (a sliding window): causal, but not carried."""
+    """Causal attention restricted to a band of `width` keys (a sliding window): causal, but not carried."""
 
-    def __init__(self, dim: int = 32, heads: int = 2):
+    def __init__(self, dim: int = 32, heads: int = 2, width: int = 3):
         super().__init__()
-        self.heads = heads
+        self.heads, self.width = heads, width
         self.qkv = nn.Linear(dim, 3 * dim)
 
     def forward(self, x):
         b, t, c = x.shape
         q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, -1))
         i = torch.arange(t)
-        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 3)
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.width)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return o.transpose(1, 2).reshape(b, t, c)
 
 
-def test_sliding_window_mask_is_refused_when_evaluated():
+def test_sliding_window_mask_is_refused_when_the_example_shows_it():
     x = torch.randn(2, 8, 32)
-    om = rewrite.optimize(_Stack(_BandAttention()), [{"mixer": {"kind": "linear"}}], (x,))
+    with pytest.raises(PassError, match=r"layer 0 \(layers\.0\): on the example inputs .*not causal plus key padding"):
+        rewrite.optimize(_Stack(_BandAttention()), [{"mixer": {"kind": "linear"}}], (x,))
+
+
+def test_sliding_window_wider_than_the_example_is_refused_when_evaluated():
+    """A window of 12 is invisible on an 8-token example; the mixer checks the mask on every eager call."""
+    om = rewrite.optimize(_Stack(_BandAttention(width=12)), [{"mixer": {"kind": "linear"}}], (torch.randn(2, 8, 32),))
     with pytest.raises(PassError, match=r"layer 0 \(layers\.0\).*not causal plus key padding"):
-        om(x)
+        om(torch.randn(2, 20, 32))
 
 
 # -- the example -------------------------------------------------------------------------------

@@ -486,3 +486,28 @@ def test_a_length_fixed_by_the_capture_is_captured_again_or_refused():
     stateful = rewrite.optimize(model, ["stateful"], example_kwargs=right_padded([8, 5], 8))
     with pytest.raises(rewrite.RewriteError, match="the capture fixed the token dim"):
         stateful.generate(right_padded([9], 9)["input_ids"], max_new_tokens=2)
+
+
+def cohere2():
+    """Sliding-window layers alternating with full-attention layers."""
+    return transformers.Cohere2ForCausalLM(_decoder_config(
+        transformers.Cohere2Config, num_key_value_heads=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def test_alternating_window_layers_keep_their_window_while_full_layers_are_linearized():
+    """The window layer is refused by a linear mixer, with how to leave it out; left out, it decodes from a ring
+    KV cache next to the linearized full layer, token by token as the full forward predicts."""
+    model = build(cohere2)
+    example = right_padded([8, 5], 8)
+    with pytest.raises(PassError, match="Leave this layer out with the mixer's `layers` selector") as info:
+        rewrite.optimize(model, [{"mixer": {}}], example_kwargs=example)
+    assert info.value.module_path == "model.layers.0.self_attn"
+    linear = rewrite.optimize(model, [{"mixer": {"layers": [1]}}], example_kwargs=example)
+    decoding = rewrite.optimize(model, [{"mixer": {"layers": [1]}}, "stateful"], example_kwargs=example)
+    decoding.load_state_dict(linear.state_dict())
+    prompt = right_padded([9], 9)["input_ids"]
+    tokens = decoding.generate(prompt, max_new_tokens=6, eos_token_id=[])
+    with torch.no_grad():
+        logits = linear(input_ids=tokens).logits
+    assert torch.equal(logits[:, prompt.shape[1] - 1:-1].argmax(-1), tokens[:, prompt.shape[1]:])

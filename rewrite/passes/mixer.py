@@ -13,8 +13,9 @@ shape [B, H, L, Dv]; the q/k/v producers and the output projection stay as they 
   `bidirectional`. A causal kind on a non-causal site, or `bidirectional` on a causal one, is an
   error naming the layer.
 - Masks: only causal and key-padding masks are carried (see `rewrite.mixers.masks` for the exact
-  rule); a mask computed from model parameters (a learned position bias) is refused here, and any
-  other mask is checked when it is evaluated in eager mode.
+  rule); a mask computed from model parameters (a learned position bias), or one the example inputs
+  show to be something else (a window, a block pattern), is refused here, and any other mask is
+  checked when it is evaluated in eager mode.
 - RoPE (option `rope`): `keep` gives the mixer q and k as the site sees them (rotated); `drop` gives
   it the tensors that enter the rotary embedding (after QK-norm where the model normalises first), the
   rotation found structurally (`rewrite.analysis.rotary`) and undone in the graph, while attention
@@ -313,6 +314,16 @@ def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str) -> None:
         return
     if not isinstance(mask, fx.Node):
         raise PassError("mixer", f"{layer}: attention mask {mask!r} is not a tensor", site.name, site.module_path)
+    if site.mask_key_padding is False:  # seen on the example inputs; masks that hide it are checked at run time
+        raise PassError(
+            "mixer",
+            f"{layer}: on the example inputs the attention mask is not {'causal plus ' if site.causal else ''}key "
+            "padding (e.g. a sliding window or a block pattern); a linear mixer can carry only causal and "
+            "key-padding masks. Leave this layer out with the mixer's `layers` selector (models that alternate "
+            "sliding-window and full layers keep their window layers as they are)",
+            site.name,
+            site.module_path,
+        )
     val = tensor_meta(mask)
     if val is not None and val.is_floating_point():
         param = _reads_parameter(gm, mask)
