@@ -59,7 +59,9 @@ def key_validity(mask: torch.Tensor, batch: int, *, causal: bool, negated: bool,
     valid = reduce_mask(mask, batch, negated)
     if check:
         try:
-            check_mask_form(mask, valid, causal, layer, negated)
+            check_mask_form(mask, valid, causal, layer, negated, limit=(
+                "sequence parallelism keeps only which keys are real, so it carries only causal and key-padding "
+                "masks"))
         except PassError as error:
             raise PassError("sequence_parallel", str(error).split(": ", 1)[-1]) from None
     return valid

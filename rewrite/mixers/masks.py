@@ -50,10 +50,19 @@ def _is_concrete(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
+MIXER_LIMIT = (
+    "a linear mixer can carry only causal and key-padding masks. Leave this layer out with the mixer's `layers` "
+    "selector (models that alternate sliding-window and full layers keep their window layers as they are)"
+)
+"""What the mixer can carry and what to do, said when a mask is refused (other callers say their own)."""
+
+
 def check_mask_form(
-    mask: torch.Tensor, valid: torch.Tensor, causal: bool, layer: str, negated: bool = False
+    mask: torch.Tensor, valid: torch.Tensor, causal: bool, layer: str, negated: bool = False,
+    limit: str = MIXER_LIMIT,
 ) -> None:
-    """Raise PassError if `mask` is not causal-plus-key-padding (or key padding) given `valid`.
+    """Raise PassError if `mask` is not causal-plus-key-padding (or key padding) given `valid`; `limit` ends the
+    message (what the caller can carry, what to do).
 
     Only rows of valid queries are compared (padded query rows may be fully hidden or not).
     Skipped while tracing or compiling, where the values are not known.
@@ -66,7 +75,7 @@ def check_mask_form(
             raise PassError(
                 "mixer",
                 f"at {layer}: the attention mask holds additive bias values (neither 0 nor <= "
-                f"{HIDDEN_BELOW:g}); a linear mixer can carry only causal and key-padding masks"
+                f"{HIDDEN_BELOW:g}); {limit}"
             )
     vis = visible(mask, negated)
     while vis.dim() < 4:
@@ -84,8 +93,5 @@ def check_mask_form(
         form = "causal plus key padding" if causal else "key padding"
         raise PassError(
             "mixer",
-            f"at {layer}: the attention mask is not {form} (e.g. a sliding window or a "
-            "block pattern); a linear mixer can carry only causal and key-padding masks. Leave this layer out "
-            "with the mixer's `layers` selector (models that alternate sliding-window and full layers keep "
-            "their window layers as they are)"
+            f"at {layer}: the attention mask is not {form} (e.g. a sliding window or a block pattern); {limit}"
         )

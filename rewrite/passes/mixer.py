@@ -50,6 +50,7 @@ from rewrite.mixers import (
     SiteShape,
 )
 from rewrite.mixers.common import FEATURE_MAPS
+from rewrite.mixers.masks import MIXER_LIMIT
 from rewrite.mixers.transfer import TEACHER_KWARG
 from rewrite.passes import register_pass
 from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
@@ -318,9 +319,7 @@ def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str) -> None:
         raise PassError(
             "mixer",
             f"{layer}: on the example inputs the attention mask is not {'causal plus ' if site.causal else ''}key "
-            "padding (e.g. a sliding window or a block pattern); a linear mixer can carry only causal and "
-            "key-padding masks. Leave this layer out with the mixer's `layers` selector (models that alternate "
-            "sliding-window and full layers keep their window layers as they are)",
+            f"padding (e.g. a sliding window or a block pattern); {MIXER_LIMIT}",
             site.name,
             site.module_path,
         )
