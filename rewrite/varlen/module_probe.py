@@ -8,7 +8,9 @@ its only per-token input, and runs it (`tokenwise_reason`) on random hidden stat
 as given, packed into one row, and a shuffled subset of the tokens in one row. If every token's
 output agrees, the module's nodes run on the packed tokens as a whole (sizes rewritten to the packed
 ones), as the module itself did on the packed row. This is shown on the inputs tried, not proved
-op by op; a module whose tokens compete (expert capacity limits) or that draws random numbers fails.
+op by op; a module whose tokens compete (expert capacity limits) fails. The module runs in eval mode
+for the probe: dropout and router noise act per token, so a module in training mode is judged by its
+eval-mode function.
 """
 
 from __future__ import annotations
@@ -159,9 +161,12 @@ class TokenwiseModules:
             module = self.source.get_submodule(path)
         except AttributeError:
             return "the source model has no such submodule"
-        if module.training:
-            return "it is in training mode (dropout or noise would differ between runs)"
-        return tokenwise_reason(module, int(val.shape[-1]), val.dtype)
+        was_training = module.training
+        module.eval()  # dropout and router noise are per token, but random: the probe compares eval runs
+        try:
+            return tokenwise_reason(module, int(val.shape[-1]), val.dtype)
+        finally:
+            module.train(was_training)
 
 
 def _inside(path: str, module: str) -> bool:
