@@ -625,17 +625,3 @@ def test_cost_model_counts_one_ranks_attention_against_the_whole_sequence() -> N
 
     # at the same shard length, each rank's queries meet keys 4x as long
     assert attention_flops(split, sp_attention) == pytest.approx(4 * attention_flops(whole, SDPA), rel=1e-12)
-
-
-def test_sliding_window_attention_is_refused_naming_the_layer() -> None:
-    """Gemma 3's local layer: the example shows a window, so the pass refuses it before any call."""
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, vocab_size=128, sliding_window=4, layer_types=["sliding_attention", "full_attention"])).eval()
-    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(PassError, match="not causal plus key padding .*sequence parallelism") as info:
-        rewrite.optimize(model, {"passes": [{SP: {"group_size": 2}}]}, example_kwargs={"input_ids": ids})
-    assert info.value.module_path == "model.layers.0.self_attn"

@@ -48,7 +48,6 @@ class AttentionSite:
     mask_is_causal: bool | None = None  # the mask hides every future key (probed on example inputs)
     mask_exactly_causal: bool = False  # the mask is the plain causal mask (no window, no padding) on the probe
     mask_shape_only: bool = False  # the mask depends on input shapes only, never on input values
-    mask_key_padding: bool | None = None  # on the example the mask is key padding (with causality), no window
     mask_negated: bool = False  # the mask marks positions to hide (masked_fill), not to keep
 
     @property
@@ -88,7 +87,6 @@ def _fill_shape_facts(site: AttentionSite) -> None:
         site.mask_is_causal = site.mask.meta.get("rewrite_mask_causal")
         site.mask_exactly_causal = bool(site.mask.meta.get("rewrite_mask_exactly_causal", False))
         site.mask_shape_only = bool(site.mask.meta.get("rewrite_mask_shape_only", False))
-        site.mask_key_padding = site.mask.meta.get("rewrite_mask_key_padding")
     q, k = tensor_meta(site.q), tensor_meta(site.k)
     if q is not None and q.dim() >= 3:
         site.head_dim = _int_or_none(q.shape[-1])

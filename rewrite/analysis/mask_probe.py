@@ -24,9 +24,6 @@ CAUSAL_KEY = "rewrite_mask_causal"
 EXACTLY_CAUSAL_KEY = "rewrite_mask_exactly_causal"
 SHAPE_ONLY_KEY = "rewrite_mask_shape_only"
 UNSEEN_WINDOW_KEY = "rewrite_mask_unseen_window"
-KEY_PADDING_KEY = "rewrite_mask_key_padding"
-"""Node metadata: on the example, the mask shows each real query all real keys (up to itself when it hides the
-future): plain key padding, with or without causality; False for windows, blocks, biases."""
 """Node metadata: a window-like constant of the mask graph too large for the example to show its effect."""
 
 _OFFSET_OPS = (
@@ -73,24 +70,6 @@ def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
-def _is_key_padding(mask: torch.Tensor, causal: bool) -> bool:
-    """Whether each query that sees any key sees exactly the keys some query sees (up to itself when `causal`)."""
-    if mask.is_floating_point() and bool(((mask != 0) & (mask > torch.finfo(mask.dtype).min / 2)).any()):
-        return False  # additive bias values
-    vis = _visible(mask)
-    while vis.dim() < 4:
-        vis = vis.unsqueeze(0)
-    length = vis.shape[-1]
-    if vis.shape[-2] not in (1, length):
-        return False
-    valid = vis.any(dim=-2).any(dim=1)[:, None, None, :]  # [B, 1, 1, Lk]: keys some query sees
-    expected = valid
-    if causal and vis.shape[-2] == length:
-        expected = valid & torch.ones(length, length, dtype=torch.bool, device=vis.device).tril()
-    rows = vis.any(dim=-1, keepdim=True) & valid.transpose(-1, -2) if vis.shape[-2] == length else vis.any(-1, True)
-    return not bool(((vis != expected) & rows).any())
-
-
 def _causality(mask: torch.Tensor) -> tuple[bool, bool]:
     """(every future key is hidden, the mask is exactly the causal mask) of a [..., L, L] mask.
 
@@ -126,7 +105,6 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
             if negated[node]:
                 val = ~val if val.dtype == torch.bool else val
             node.meta[CAUSAL_KEY], node.meta[EXACTLY_CAUSAL_KEY] = _causality(val)
-            node.meta[KEY_PADDING_KEY] = _is_key_padding(val, node.meta[CAUSAL_KEY])
             window = window_constant([node])
             if val.dim() >= 1 and val.shape[-1] < window + 2:
                 # a window longer than the example: what the example shows says nothing about longer inputs

@@ -13,9 +13,9 @@ shape [B, H, L, Dv]; the q/k/v producers and the output projection stay as they 
   `bidirectional`. A causal kind on a non-causal site, or `bidirectional` on a causal one, is an
   error naming the layer.
 - Masks: only causal and key-padding masks are carried (see `rewrite.mixers.masks` for the exact
-  rule); a mask computed from model parameters (a learned position bias), or one the example inputs
-  show to be something else (a window, a block pattern), is refused here, and any other mask is
-  checked when it is evaluated in eager mode.
+  rule); a mask computed from model parameters (a learned position bias) is refused here, and any
+  other mask is checked when it is evaluated in eager mode (a later pass may still replace it: packed
+  sequences reach the mixer as cu_seqlens, not as their block-diagonal mask).
 - RoPE (option `rope`): `keep` gives the mixer q and k as the site sees them (rotated); `drop` gives
   it the tensors that enter the rotary embedding (after QK-norm where the model normalises first), the
   rotation found structurally (`rewrite.analysis.rotary`) and undone in the graph, while attention
@@ -50,7 +50,6 @@ from rewrite.mixers import (
     SiteShape,
 )
 from rewrite.mixers.common import FEATURE_MAPS
-from rewrite.mixers.masks import MIXER_LIMIT
 from rewrite.mixers.transfer import TEACHER_KWARG
 from rewrite.passes import register_pass
 from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
@@ -315,14 +314,6 @@ def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str) -> None:
         return
     if not isinstance(mask, fx.Node):
         raise PassError("mixer", f"{layer}: attention mask {mask!r} is not a tensor", site.name, site.module_path)
-    if site.mask_key_padding is False:  # seen on the example inputs; masks that hide it are checked at run time
-        raise PassError(
-            "mixer",
-            f"{layer}: on the example inputs the attention mask is not {'causal plus ' if site.causal else ''}key "
-            f"padding (e.g. a sliding window or a block pattern); {MIXER_LIMIT}",
-            site.name,
-            site.module_path,
-        )
     val = tensor_meta(mask)
     if val is not None and val.is_floating_point():
         param = _reads_parameter(gm, mask)

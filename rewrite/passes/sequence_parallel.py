@@ -316,11 +316,6 @@ class SequenceParallel(GraphPass):
         if site.mask is not None and not site.is_causal and site.mask_is_causal is None:
             raise PassError(self.name, f"{layer}: cannot tell whether the attention mask is causal (it could not "
                             "be evaluated on the example inputs)", site.name, site.module_path)
-        if site.mask_key_padding is False:  # seen on the example; masks that hide it are checked when evaluated
-            raise PassError(self.name, f"{layer}: on the example inputs the attention mask is not "
-                            f"{'causal plus ' if site.causal else ''}key padding (e.g. a sliding window or a block "
-                            "pattern); sequence parallelism keeps only which keys are real, so it carries only "
-                            "causal and key-padding masks", site.name, site.module_path)
         v = tensor_meta(site.v)
         shape = cost.AttentionShape(site.q_heads, site.kv_heads, site.head_dim,
                                     int(v.shape[-1]) if v is not None else site.head_dim,
