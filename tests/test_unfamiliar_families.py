@@ -532,3 +532,28 @@ def test_experts_in_training_mode_run_padding_free_with_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name, want in grads[0].items():
         torch.testing.assert_close(grads[1][name], want, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def gemma3():
+    """A sliding-window layer next to a full-attention one."""
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=VOCAB, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+@pytest.mark.parametrize("factory", [gemma3, cohere2], ids=["gemma3", "cohere2"])
+def test_padding_free_module_also_generates_like_hugging_face(factory):
+    """A plan with varlen and stateful: the forward runs padding-free, generate() decodes each prompt as Hugging
+    Face does on it alone (the decode program keeps sequences apart itself and leaves varlen out)."""
+    model = build(factory)
+    om = rewrite.optimize(model, ["varlen", "stateful"], example_kwargs=right_padded([8, 5], 8))
+    batch = right_padded([12, 7], 12)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(om(**batch).logits[real], model(**batch).logits[real], atol=1e-5, rtol=1e-5)
+    out = om.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, eos_token_id=[])
+    for row, length in enumerate([12, 7]):
+        alone = model.generate(batch["input_ids"][row:row + 1, :length], max_new_tokens=6, do_sample=False,
+                               eos_token_id=None)
+        assert torch.equal(out[row, -6:], alone[0, length:])

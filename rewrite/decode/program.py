@@ -34,9 +34,15 @@ def model_window(source: torch.nn.Module) -> tuple[int | None, list[int] | str]:
     return window, "all"
 
 
+LAYOUT_PASSES = ("varlen",)
+"""Passes about how a padded or packed batch is laid out, left out of decode programs: the decode state
+already keeps each sequence's real tokens apart (slots, validity), and a padding-free graph would leave the
+stateful pass no attention to thread."""
+
+
 def _decode_plan(plan: Any, source: torch.nn.Module) -> Any:
     """`plan` with the `stateful` pass last and threading (its other options kept; the model's own
-    sliding window filled in when the plan sets none)."""
+    sliding window filled in when the plan sets none), without the LAYOUT_PASSES."""
     from rewrite.passes import PASSES
     from rewrite.plan import PassSpec
 
@@ -44,7 +50,7 @@ def _decode_plan(plan: Any, source: torch.nn.Module) -> Any:
     for spec in plan.enabled_passes:
         if spec.name == "stateful":
             options = spec.options
-        else:
+        elif spec.name not in LAYOUT_PASSES:
             passes.append(spec)
     options = PASSES["stateful"].Options() if options is None else options
     changes: dict[str, Any] = {"thread": True}
