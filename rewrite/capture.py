@@ -67,18 +67,21 @@ def order_kwargs(kwargs: dict[str, Any], order: list[str]) -> dict[str, Any]:
     return dict(sorted(kwargs.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
-def _hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments a Hugging Face model needs to be capturable (no cache objects as outputs)."""
+def _hf_defaults(model: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(keyword arguments a Hugging Face model needs to be capturable: no cache objects as outputs, whether its
+    config's `use_cache` must be switched off instead: a forward that takes no `use_cache` hands **kwargs to an
+    inner model that reads the config's default, as GraniteMoE does; export cannot take the flag through
+    **kwargs)."""
     injected: dict[str, Any] = {}
     config = getattr(model, "config", None)
     if config is None:
-        return injected
+        return injected, False
     params = inspect.signature(model.forward).parameters
     if "use_cache" in params and "use_cache" not in kwargs:
         injected["use_cache"] = False
     if "return_dict" in params and "return_dict" not in kwargs:
         injected["return_dict"] = True
-    return injected
+    return injected, "use_cache" not in params and getattr(config, "use_cache", None) is not None
 
 
 def _dynamic_spec(x: Any) -> Any:
@@ -98,24 +101,21 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
 
 
 @contextlib.contextmanager
-def _capture_context(model: torch.nn.Module):
-    """Turn off fused fast paths (nn.MultiheadAttention / TransformerEncoder) that hide attention, and the KV
-    cache of a Hugging Face model whose forward takes no `use_cache` (it hands **kwargs to an inner model that
-    reads the config's default, as GraniteMoE does; export cannot take the flag through **kwargs)."""
+def _capture_context(model: torch.nn.Module, cache_off_in_config: bool):
+    """Turn off fused fast paths (nn.MultiheadAttention / TransformerEncoder) that hide attention, and, where
+    asked, the Hugging Face config's `use_cache` (see `_hf_defaults`)."""
     mha = torch.backends.mha
     was = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
-    config = getattr(model, "config", None)
-    cached = getattr(config, "use_cache", None)
-    patch = cached is not None and "use_cache" not in inspect.signature(model.forward).parameters
-    if patch:
-        config.use_cache = False
+    cached = model.config.use_cache if cache_off_in_config else None
+    if cache_off_in_config:
+        model.config.use_cache = False
     try:
         yield
     finally:
         mha.set_fastpath_enabled(was)
-        if patch:
-            config.use_cache = cached
+        if cache_off_in_config:
+            model.config.use_cache = cached
 
 
 def _explain(model: torch.nn.Module, exc: BaseException) -> str:
@@ -155,7 +155,7 @@ def _user_line(lines: list[str]) -> str | None:
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> Captured:
     """Export `model` on the example inputs with every tensor dim dynamic where the model allows it."""
     kwargs = dict(kwargs or {})
-    injected = _hf_defaults(model, kwargs)
+    injected, cache_off_in_config = _hf_defaults(model, kwargs)
     kwargs.update(injected)
     kwargs = order_kwargs(kwargs, list(inspect.signature(model.forward).parameters))
     if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs))):
@@ -164,7 +164,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
             "Pass example_inputs (a tuple of positional arguments) or example_kwargs (a dict)."
         )
     try:
-        with _capture_context(model), torch.no_grad():
+        with _capture_context(model, cache_off_in_config), torch.no_grad():
             program = torch.export.export(
                 model, tuple(args), kwargs, dynamic_shapes=_dynamic_shapes(model, tuple(args), kwargs), strict=False
             )

@@ -234,12 +234,12 @@ def generate(
     step with torch.compile (Inductor, static shapes: once per batch size, and per capacity with a
     full KV cache) so its elementwise ops fuse; on CUDA the compiled step is what the graph replays.
     """
+    eos_list, fill = stop_ids(om, eos_token_id, pad_token_id)  # resolved once; stream keeps resolved ids as given
     steps = stream(
         om, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
+        top_k=top_k, top_p=top_p, eos_token_id=eos_list, pad_token_id=fill, generator=generator,
         cuda_graph=cuda_graph, compile_step=compile_step,
     )
-    _, fill = stop_ids(om, eos_token_id, pad_token_id)
     per_row: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
     device = input_ids.device
     for step in steps:

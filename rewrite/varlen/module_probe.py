@@ -44,9 +44,8 @@ def _rows(value: object, batch: int, seq: int) -> list[torch.Tensor] | str:
     for t in pytree.tree_leaves(value):
         if not isinstance(t, torch.Tensor):
             continue
-        if t.dim() >= 2 and tuple(t.shape[:2]) == (batch, seq):
-            rows.append(t.reshape(batch * seq, -1).double())
-        elif t.dim() >= 1 and t.shape[0] == batch * seq:
+        per_token = (t.dim() >= 2 and tuple(t.shape[:2]) == (batch, seq)) or (t.dim() >= 1 and t.shape[0] == batch * seq)
+        if per_token:
             rows.append(t.reshape(batch * seq, -1).double())
         else:
             return f"an output of shape {tuple(t.shape)} is not per token of input [{batch}, {seq}, ...]"
