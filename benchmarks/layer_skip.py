@@ -185,7 +185,7 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     steps: dict[str, torch.Tensor] = {}
 
     def prefilled(program, mask):
-        state = program.new_state(batch, context + 4 * (runs + 8))
+        state = program.new_state(batch, context + 4 * (runs + 8) + 8)
         state.begin(context)
         with skip_controls(skip_mask=mask) if mask is not None else contextlib.nullcontext():
             program(prompt, torch.arange(context, device=device).expand(batch, -1), state)
@@ -198,6 +198,13 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
         state.advance()
         return out
 
+    def graphed_step(graphed, state):
+        state.begin(1)
+        out = graphed(token, torch.full((batch, 1), state.length, device=device))
+        state.advance()
+        return out
+
+    graphs = torch.device(device).type == "cuda"
     with torch.inference_mode():
         for name, mask in [("unrouted", None), *variants.items()]:
             program = programs["unrouted" if mask is None else "routed"]
@@ -210,15 +217,37 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
             timed[name] = row.median_ms
             rows.append(row)
             del state
+            if not graphs:
+                continue
+            from rewrite.decode.cuda_graph import GraphedStep
+
+            state, twin = prefilled(program, mask), prefilled(program, mask)
+            graphed = GraphedStep(program, state)
+            graphed.start()
+            for _ in range(2):  # warm-up, then capture and replay: checked against the eager step
+                got, want = graphed_step(graphed, state), step(program, twin)
+            err = relative_error(got, want)
+            if err > 1e-2:
+                FAILURES.append(f"decode step {name}: the CUDA-graph replay differs from the eager step ({err:.2e})")
+            row = measure(f"decode step (KV cache, CUDA graph) {name}", functools.partial(graphed_step, graphed, state),
+                          params, warmup=3, runs=runs)
+            row.extra["rel err"] = f"{err:.1e}"
+            if mask is not None:
+                row.extra["skipped"] = f"{mask.float().mean().item():.0%}"
+            timed[f"graph {name}"] = row.median_ms
+            rows.append(row)
+            del state, twin, graphed
     err = relative_error(steps["none"], steps["unrouted"])
     if err > 1e-3:
         FAILURES.append(f"decode step: routed with nothing skipped differs from the unrouted program ({err:.2e})")
     for row in rows:
-        name = row.name.removeprefix("decode step (KV cache) ")
+        name = row.name.removeprefix("decode step (KV cache) ").removeprefix("decode step (KV cache, CUDA graph) ")
+        prefix = "graph " if "CUDA graph" in row.name else ""
         if name.startswith("f="):
             fraction = float(name.split()[0].removeprefix("f="))
-            ideal = timed["none"] - fraction * (timed["none"] - timed["all"])
-            saved, ideal_saved = timed["none"] - row.median_ms, timed["none"] - ideal
+            none, floor = timed[prefix + "none"], timed[prefix + "all"]
+            ideal = none - fraction * (none - floor)
+            saved, ideal_saved = none - row.median_ms, none - ideal
             row.extra["ideal ms"] = f"{ideal:.3f}"
             row.extra["of ideal"] = f"{saved / ideal_saved:.2f}" if ideal_saved > 0 else "n/a"
     return rows

@@ -399,16 +399,16 @@ def _llama4():
 
 
 @functools.cache
-def routed(plan_key: str):
+def routed(plan_key: str, device: str = "cpu"):
     """(original model, routed optimized module with spread routers, token ids [3, 10]): a 4-layer
     Llama, or a 3-layer Mistral whose layers see a window of 4 tokens (`windowed`)."""
-    model = _windowed_hf("mistral") if plan_key == "windowed" else _llama4()
-    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(3))
+    model = (_windowed_hf("mistral") if plan_key == "windowed" else _llama4()).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(3)).to(device)
     om = rewrite.optimize(model, ROUTED_PLANS[plan_key], example_kwargs={"input_ids": ids})
     g = torch.Generator().manual_seed(0)
     for name, p in om.named_parameters():  # routers that read the prompt: decisions differ per sequence
         if ".router." in name:
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("bias") else 30.0))
+            p.copy_(torch.randn(p.shape, generator=g).to(device) * (0.5 if name.endswith("bias") else 30.0))
     return model, om, ids
 
 
@@ -787,6 +787,21 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
     assert torch.equal(eager, graphed)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("plan", ["gla", "windowed"])
+def test_cuda_graph_of_a_routed_decode_gives_the_eager_tokens(plan):
+    """Routed blocks replayed from a CUDA graph (eager and compiled step) decode the eager tokens, with
+    decisions that differ per sequence."""
+    _, om, ids = routed(plan, "cuda")
+    prompt, mask = _ragged(ids)
+    with record_skips() as report:
+        eager = om.generate(prompt, mask, max_new_tokens=6, cuda_graph="never")
+    _assert_mixed(report.calls[0].decisions)
+    assert torch.equal(om.generate(prompt, mask, max_new_tokens=6, cuda_graph="always"), eager)
+    assert torch.equal(om.generate(prompt, mask, max_new_tokens=6, cuda_graph="always", compile_step=True), eager)
+
+
 def _compiled_and_eager_steps(program, ids: torch.Tensor, mask: torch.Tensor, prompt: int, capacity: int, step_of):
     """Logits [B, steps, V] and the states of a static eager and a compiled decode of `ids` after a
     prefill of `prompt` tokens (`step_of(program, state)` makes the compiled step)."""
@@ -829,6 +844,26 @@ def test_compiled_step_gives_the_eager_logits_tokens_and_state(plan):
     assert torch.equal(om.generate(prompt, mask, max_new_tokens=new, compile_step=True), tokens)
 
 
+@pytest.mark.parametrize("plan", ["gla", "windowed"])
+def test_routed_static_and_compiled_steps_give_the_eager_logits_and_tokens(plan):
+    """Routed blocks with decisions held from the prefill: the static step (what a CUDA graph captures)
+    and the step compiled by Inductor (CPU) equal the eager decode, and so do generate's tokens."""
+    from rewrite.decode.compiled import CompiledStep
+
+    _, om, ids = routed(plan)
+    program = decode_program(om)
+    prompt, mask = _ragged(ids)
+    state, _ = prefill_state(program, ids[:, :6], mask[:, :6].bool(), extra=ids.shape[1])
+    _assert_mixed(state.skips)
+    eager = torch.cat([decode_token(program, state, ids[:, t : t + 1]) for t in range(6, ids.shape[1])], 1)
+    logits, states = _compiled_and_eager_steps(program, ids, mask, 6, ids.shape[1] + 6, CompiledStep)
+    torch.testing.assert_close(logits[0], eager, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=RTOL)
+    assert torch.equal(states[1].skips, state.skips)
+    tokens = om.generate(prompt, mask, max_new_tokens=6)
+    assert torch.equal(om.generate(prompt, mask, max_new_tokens=6, compile_step=True), tokens)
+
+
 def test_compile_step_errors_name_the_option_and_the_cause(monkeypatch):
     from rewrite.decode.compiled import CompiledStep
     from rewrite.decode.program import DecodeProgram
@@ -837,9 +872,6 @@ def test_compile_step_errors_name_the_option_and_the_cause(monkeypatch):
     _, om, ids = optimized("llama", "gla")
     with pytest.raises(ValueError, match=r"compile_step must be one of False, True, got 'yes'"):
         om.generate(ids, max_new_tokens=1, compile_step="yes")
-    _, routed_om, routed_ids = routed("gla")
-    with pytest.raises(RewriteError, match=r"compile_step=True: .*routed blocks"):
-        routed_om.generate(routed_ids, max_new_tokens=2, compile_step=True)
     state, _ = prefill_state(decode_program(om), ids)
     with pytest.raises(RewriteError, match="static mode"):
         CompiledStep(decode_program(om), state)(ids[:, :1], state.positions(1))

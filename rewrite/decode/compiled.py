@@ -8,7 +8,9 @@ updates (KV-cache writes, recurrent states) are mutations of those inputs, which
 writes back. The project's kernels are torch.library custom ops and stay ops in the graph. In static
 mode the sites read no Python value that changes from one step to the next, so one compilation
 serves every step of a state, and every later state of the same batch size (and capacity, where the
-program keeps a full KV cache: shapes are static).
+program keeps a full KV cache: shapes are static). Layer-skip routed blocks read the decisions held
+from the prefill (how many rows run each block is a Python int): a state with other decisions
+compiles anew.
 
 Compiled with `fullgraph=True` and `dynamic=False`: a graph break, or a recompilation between two
 steps of one state, raises a `RewriteError`; nothing falls back to eager silently. On CUDA the
@@ -57,8 +59,9 @@ class CompiledStep:
                 return self.program.run(self.program.compiled_module(), ids, positions, state)
         except FailOnRecompileLimitHit as exc:
             raise RewriteError(f"compile_step: the decode step of {self.program.model_name} was compiled "
-                               f"{torch._dynamo.config.recompile_limit} times already (once per batch size, and per "
-                               "capacity with a full KV cache), torch._dynamo.config.recompile_limit; raise it to "
+                               f"{torch._dynamo.config.recompile_limit} times already (once per batch size, per capacity "
+                               "with a full KV cache and per set of held layer-skip decisions), "
+                               "torch._dynamo.config.recompile_limit; raise it to "
                                "compile more shapes") from exc
         except TorchDynamoException as exc:
             raise RewriteError(f"compile_step: torch.compile could not compile the decode step of "

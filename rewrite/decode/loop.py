@@ -169,13 +169,7 @@ def stream(
     device = program.new_state(1, 1).device
     if mode == "always" and device.type != "cuda":
         raise RewriteError(f"cuda_graph='always' needs the model on a CUDA device, it is on {device}")
-    if mode == "always" and program.routed_layers:
-        raise RewriteError("cuda_graph='always': a decode program with layer-skip routed blocks "
-                           f"({', '.join(program.routed_layers)}) runs eagerly; CUDA-graph replay of it is not supported")
-    if compile_step and program.routed_layers:
-        raise RewriteError("compile_step=True: a decode program with layer-skip routed blocks "
-                           f"({', '.join(program.routed_layers)}) runs eagerly; compiling its step is not supported")
-    graphs = mode != "never" and device.type == "cuda" and not program.routed_layers
+    graphs = mode != "never" and device.type == "cuda"
     eos_list, pad = stop_ids(om, eos_token_id, pad_token_id)
     eos = torch.tensor(eos_list, device=device) if eos_list else None
     ids = input_ids.to(device)
@@ -231,8 +225,10 @@ def generate(
     `generator` seeds it. `streamer` receives each step's `StepTokens` as soon as they exist.
     `cuda_graph` ("auto", "always", "never"; default from the plan's `stateful` options) replays the
     one-token step from a CUDA graph on CUDA. `compile_step` (default False) compiles the one-token
-    step with torch.compile (Inductor, static shapes: once per batch size, and per capacity with a
-    full KV cache) so its elementwise ops fuse; on CUDA the compiled step is what the graph replays.
+    step with torch.compile (Inductor, static shapes: once per batch size, per capacity with a full
+    KV cache and, with layer-skip routers, per set of decisions held from the prefill) so its
+    elementwise ops fuse; on CUDA the compiled step is what the graph replays. Layer-skip decisions
+    are made at prefill and held, so a routed program's step is as static as any other.
     """
     eos_list, fill = stop_ids(om, eos_token_id, pad_token_id)  # resolved once; stream keeps resolved ids as given
     steps = stream(

@@ -209,6 +209,9 @@ def held_route(
     from rewrite.routing.runtime import HeldDecisions, layer_skip_route
 
     layer, column, n_routed = route_kwargs["layer"], int(route_kwargs["column"]), int(route_kwargs["n_routed"])
+    if decode_state.static and decode_state.held is not None:  # a graphed or compiled step: read no context
+        _, skip, order, count = decode_state.held.column(column)
+        return skip, order, count
     if current_controls().mode != "hard":
         raise RewriteError(f"stateful decode at {layer}: layer skipping decodes with hard decisions only, not mode "
                            f"{current_controls().mode!r}")

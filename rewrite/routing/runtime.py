@@ -246,7 +246,8 @@ class RoutedBlock:
     def __call__(
         self, skip: torch.Tensor, order: torch.Tensor, count: torch.Tensor | int, hidden: torch.Tensor, *others: Any
     ) -> torch.Tensor:
-        mode = current_controls().mode
+        # a Python count comes from held hard decisions (0 / 1 weights): the hard path gives the same values
+        mode = "hard" if isinstance(count, int) else current_controls().mode
         batch = hidden.shape[self.batch_dim]
         if mode != "hard":
             out = self.body(hidden, *others)
