@@ -44,6 +44,13 @@ from .triton_forward import (
     unit_inverse,
 )
 
+# Backward form, read at every call: "v2" (default) recomputes T and T^T by two blocked inverses in the
+# WY kernel and forms dT; "v3" keeps T from the recompute and forms dA = -T^T dU U^T directly
+# (`_dwy_direct_kernel`: no inverse, about a third of the products, no [C, K] dW accumulators).
+BACKWARD_VERSION = "v2"
+# v3 WY kernel launch shape: (BV, warps, stages)
+DWY_DIRECT_TILES = (16, 8, 2)
+
 
 @triton.jit
 def _du_local_kernel(
@@ -283,6 +290,99 @@ def _dwy_kernel(
         tl.store(dg_ptr + gate, dg.to(dg_ptr.dtype.element_ty), mask=row_mask)
 
 
+@triton.jit
+def _dwy_direct_kernel(
+    k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, du_ptr, h_ptr, dh_ptr, t_ptr, dko_ptr, dbo_ptr,
+    dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    n_seqs, T, kv_heads, dk, dv,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The WY part without inverses (v3): T comes from the recompute, dA = -T^T dU U^T directly.
+
+    dT = dW X^T + dU Y^T = dU (Y - X h)^T = dU ((I + A) U)^T, so dA = -T^T dT T^T = -T^T dU U^T,
+    dX = T^T dW = -dY h^T with dY = T^T dU. dA^T = -(U dU^T) T is formed directly (no `tl.trans` of
+    a dot result); T^T is T loaded with swapped indices.
+    """
+    i_c, hk = tl.program_id(0), tl.program_id(1)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    k_mask = row_mask[:, None] & (kcols < dk)[None, :]
+    gate = rows.to(tl.int64) * kv_heads + hk
+    beta, b = chunk_gates(beta_ptr, g_ptr, rows, row_mask, hk, kv_heads, C, HAS_G)
+    i = tl.arange(0, C)
+    t_base = t_ptr + (i_c.to(tl.int64) * kv_heads + hk) * C * C
+    tt = tl.load(t_base + i[None, :] * C + i[:, None])  # T^T
+    h_base = ((first + local).to(tl.int64) * kv_heads + hk) * dk * dv
+    k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+    below, above = i[:, None] > i[None, :], i[:, None] < i[None, :]
+    # pass 1 over V: dU U^T and U dU^T (each other's transpose, both formed directly), then the
+    # gradient through A: e = dA * beta_i exp(b_i - b_j) (strictly lower) plus its transpose from dA^T
+    du_u = tl.zeros([C, C], dtype=tl.float32)
+    u_du = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, dv, BV):
+        vcols = v0 + tl.arange(0, BV)
+        v_mask = row_mask[:, None] & (vcols < dv)[None, :]
+        offs = gate[:, None] * dv + vcols[None, :]
+        u = tl.load(u_ptr + offs, mask=v_mask, other=0.0)
+        du = tl.load(du_ptr + offs, mask=v_mask, other=0.0)
+        du_u += tl.dot(du, tl.trans(u), input_precision=PRECISION)
+        u_du += tl.dot(u, tl.trans(du), input_precision=PRECISION)
+    decay = tl.exp(tl.where(below, b[:, None] - b[None, :], float("-inf")))  # strict
+    da = tl.where(below, -tl.dot(tt, du_u, input_precision=PRECISION), 0.0)
+    p = da * decay * tl.dot(k, tl.trans(k), input_precision=PRECISION)  # dA_ij exp(b_i - b_j) k_i.k_j
+    dbeta = tl.sum(p, axis=1)
+    db_a = beta * tl.sum(p, axis=1) - tl.sum(beta[:, None] * p, axis=0)  # row minus column sums of dA * A
+    e = da * beta[:, None] * decay  # d k_i += e_ij k_j ...
+    t = tl.load(t_base + i[:, None] * C + i[None, :])
+    dat = tl.where(above, -tl.dot(u_du, t, input_precision=PRECISION), 0.0)
+    decay_t = tl.exp(tl.where(above, b[None, :] - b[:, None], float("-inf")))
+    e += dat * beta[None, :] * decay_t  # ... and d k_j += e_ij k_i, as (e^T)_ji formed from dA^T
+    # pass 2 over V: dY = T^T dU, dX = -dY h^T, dKd = U dh'^T, dv, the V part of dbeta
+    dx = tl.zeros([C, BK], dtype=tl.float32)
+    dkd = tl.zeros([C, BK], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, dv, BV):
+        vcols = v0 + tl.arange(0, BV)
+        v_mask = row_mask[:, None] & (vcols < dv)[None, :]
+        offs = gate[:, None] * dv + vcols[None, :]
+        u = tl.load(u_ptr + offs, mask=v_mask, other=0.0)
+        du = tl.load(du_ptr + offs, mask=v_mask, other=0.0)
+        v = tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv).to(tl.float32)
+        s_offs = h_base + kcols[:, None] * dv + vcols[None, :]
+        s_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+        h = tl.load(h_ptr + s_offs, mask=s_mask, other=0.0)
+        dh = tl.load(dh_ptr + s_offs, mask=s_mask, other=0.0)
+        dy = tl.dot(tt, du, input_precision=PRECISION)
+        dx -= tl.dot(dy, tl.trans(h), input_precision=PRECISION)
+        dkd += tl.dot(u, tl.trans(dh), input_precision=PRECISION)
+        hdh += tl.sum(h * dh, axis=1)
+        dbeta += tl.sum(dy * v, axis=1)
+        tl.store(dv_ptr + gate[:, None] * dv + vcols[None, :], (beta[:, None] * dy).to(dv_ptr.dtype.element_ty),
+                 mask=v_mask)
+    is_last = i == C - 1  # padded rows past the sequence end carry b_last too
+    b_last = tl.sum(tl.where(is_last, b, 0.0), axis=0)
+    gamma = tl.exp(b)
+    to_end = tl.exp(b_last - b)
+    xk = tl.sum(dx * k, axis=1)
+    r = to_end * tl.sum(dkd * k, axis=1)  # gradient of b_C - b_j through Kd
+    d_k = tl.load(dko_ptr + gate[:, None] * dk + kcols[None, :], mask=k_mask, other=0.0)
+    d_k += (beta * gamma)[:, None] * dx + to_end[:, None] * dkd + tl.dot(e, k, input_precision=PRECISION)
+    tl.store(dk_ptr + gate[:, None] * dk + kcols[None, :], d_k.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    dbeta += gamma * xk
+    tl.store(dbeta_ptr + gate, dbeta.to(dbeta_ptr.dtype.element_ty), mask=row_mask)
+    if HAS_G:
+        db = tl.load(dbo_ptr + gate, mask=row_mask, other=0.0)
+        db += db_a + beta * gamma * xk - r
+        db += tl.where(is_last, tl.sum(r, axis=0) + tl.exp(b_last) * tl.sum(hdh, axis=0), 0.0)
+        dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db  # sum over i >= t in the chunk
+        tl.store(dg_ptr + gate, dg.to(dg_ptr.dtype.element_ty), mask=row_mask)
+
 def chunk_backward(
     do: torch.Tensor,
     d_final_state: torch.Tensor,
@@ -307,7 +407,13 @@ def chunk_backward(
     prec = precision(q.dtype)
     layout = Layout(batch, length, cu_seqlens, chunk, q.device)
     h0 = None if initial_state is None else initial_state.float()
-    w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk)
+    version = BACKWARD_VERSION
+    if version not in ("v2", "v3"):
+        raise ValueError(f"delta_rule: BACKWARD_VERSION must be 'v2' or 'v3', got {version!r}")
+    t_all = None
+    if version == "v3":
+        t_all = new_empty((layout.max_chunks, kv_heads, chunk, chunk), dtype=torch.float32, device=q.device)
+    w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk, t_out=t_all)
     has_g = g is not None
     bk = head_block(dk, dv)
     bv = max(16, min(64, triton.next_power_of_2(dv)))
@@ -339,7 +445,14 @@ def chunk_backward(
         q, k, w, b_arg, do, du, d_final_state, dh, dh0, args[0], args[1], length, heads, kv_heads, dk, dv, scale,
         BV=bvs, num_warps=4, **common,
     )
-    if layout.max_chunks > 0:
+    if layout.max_chunks > 0 and version == "v3":
+        bv3, warps3, stages3 = DWY_DIRECT_TILES
+        _dwy_direct_kernel[(layout.max_chunks, kv_heads)](
+            k, v, beta, g if has_g else beta, u, du, h, dh, t_all, dko, dbo, d_k, d_v, dbeta,
+            dg if has_g else dbeta, *args, kv_heads, dk, dv, BV=max(16, min(bv, bv3)), num_warps=warps3,
+            num_stages=stages3, **common,
+        )
+    elif layout.max_chunks > 0:
         # BV 16 and two stages keep shared memory under Hopper's 227 KiB at head dim 128: triton 3.6
         # asked 312 KiB for BV 32 with three stages (measured on an H200)
         _dwy_kernel[(layout.max_chunks, kv_heads)](
