@@ -50,20 +50,25 @@ from .triton_forward import (
 BACKWARD_VERSION = "v2"
 # v3 WY kernel launch shape: (BV, warps, stages)
 DWY_DIRECT_TILES = (16, 8, 2)
+# v3 only: the chunk's own state-gradient term scale sum_g (diag(gamma) Q_g)^T dO_g is formed by the parallel
+# dU_local kernel (one more [chunks, Hkv, K, V] float32 buffer) instead of inside the sequential loop
+STATE_TERM_OUTSIDE = True
 
 
 @triton.jit
 def _du_local_kernel(
-    q_ptr, k_ptr, do_ptr, b_ptr, du_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    q_ptr, k_ptr, do_ptr, b_ptr, du_ptr, r_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
     n_seqs, T, heads, kv_heads, dk, dv, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, STATE_TERM: tl.constexpr = False,
 ):
+    """scale sum_g (Q_g K^T * Dc)^T dO_g; with STATE_TERM also the chunk's own term of the state gradient,
+    scale sum_g (diag(gamma) Q_g)^T dO_g [K, BV], stored per chunk for `_dstates_kernel` (v3)."""
     i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     group = heads // kv_heads
     rows = bos + local * C + tl.arange(0, C)
     row_mask = rows < eos
@@ -72,29 +77,40 @@ def _du_local_kernel(
     k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
     i = tl.arange(0, C)
     upper = i[:, None] <= i[None, :]
+    gamma = tl.full([C], 1.0, dtype=tl.float32)
     if HAS_G:
         b = tl.load(b_ptr + rows.to(tl.int64) * kv_heads + hk, mask=row_mask, other=0.0)
         decay_t = tl.exp(tl.where(upper, b[None, :] - b[:, None], float("-inf")))  # [j, i] = exp(b_i - b_j)
+        gamma = tl.exp(b)
     else:
         decay_t = tl.where(upper, 1.0, 0.0)
     acc = tl.zeros([C, BV], dtype=tl.float32)
+    term = tl.zeros([BK, BV], dtype=tl.float32)
     for j in range(0, group):
         i_h = hk * group + j
         q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
         do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * decay_t
         acc += tl.dot(st, do, input_precision=PRECISION)
+        if STATE_TERM:
+            term += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
     offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dv + vcols[None, :]
     tl.store(du_ptr + offs, acc * scale, mask=row_mask[:, None] & (vcols < dv)[None, :])
+    if STATE_TERM:
+        r_offs = (((first + local).to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
+        tl.store(r_ptr + r_offs, term, mask=(kcols < dk)[:, None] & (vcols < dv)[None, :])
 
 
 @triton.jit
 def _dstates_kernel(
-    q_ptr, k_ptr, w_ptr, b_ptr, do_ptr, du_ptr, dht_ptr, dh_ptr, dh0_ptr, bounds_ptr, chunk_start_ptr,
+    q_ptr, k_ptr, w_ptr, b_ptr, do_ptr, du_ptr, dht_ptr, dh_ptr, dh0_ptr, r_ptr, bounds_ptr, chunk_start_ptr,
     T, heads, kv_heads, dk, dv, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, STATE_TERM: tl.constexpr = False,
 ):
+    """Reverse over chunks: dh' per chunk, dU += Kd dh' in place, d initial state. With STATE_TERM the
+    chunk's own term scale sum_g (diag(gamma) Q_g)^T dO_g is read from `r_ptr` (`_du_local_kernel`)
+    instead of formed here, so each sequential step loads no q / dO and runs two products instead of 2 + group."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     seq, hk = i_nh // kv_heads, i_nh % kv_heads
     group = heads // kv_heads
@@ -128,11 +144,15 @@ def _dstates_kernel(
         if HAS_G:
             dh = dh * tl.exp(b_last)
         dh -= tl.dot(tl.trans(w), du, input_precision=PRECISION)
-        for j in range(0, group):
-            i_h = hk * group + j
-            q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
-            do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
-            dh += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
+        if STATE_TERM:
+            dh += tl.load(r_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + state_offs, mask=state_mask,
+                          other=0.0)
+        else:
+            for j in range(0, group):
+                i_h = hk * group + j
+                q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
+                do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
+                dh += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
     tl.store(dh0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, dh, mask=state_mask)
 
 
@@ -432,9 +452,12 @@ def chunk_backward(
     dg = new_empty(g.shape, dtype=g.dtype, device=q.device) if has_g else None
     args = layout.args(w)
     common = dict(C=chunk, BK=bk, HAS_G=has_g, VARLEN=layout.varlen, PRECISION=prec)
+    state_term = version == "v3" and STATE_TERM_OUTSIDE
+    r = new_empty(h.shape, dtype=torch.float32, device=q.device) if state_term else dh
     if layout.max_chunks > 0:
         _du_local_kernel[(layout.max_chunks, triton.cdiv(dv, bv), kv_heads)](
-            q, k, do, b_arg, du, *args, heads, kv_heads, dk, dv, scale, BV=bv, num_warps=4, **common,
+            q, k, do, b_arg, du, r, *args, heads, kv_heads, dk, dv, scale, BV=bv, STATE_TERM=state_term,
+            num_warps=8 if state_term and bk >= 128 else 4, **common,  # the [K, BV] term spills at 4 warps
         )
         _dqk_kernel[(layout.max_chunks, kv_heads)](
             q, k, u, b_arg, h, do, dq, dko, dbo, *args, heads, kv_heads, dk, dv, scale,
@@ -442,8 +465,8 @@ def chunk_backward(
         )
     bvs = state_block(layout.n * kv_heads, dv)
     _dstates_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
-        q, k, w, b_arg, do, du, d_final_state, dh, dh0, args[0], args[1], length, heads, kv_heads, dk, dv, scale,
-        BV=bvs, num_warps=4, **common,
+        q, k, w, b_arg, do, du, d_final_state, dh, dh0, r, args[0], args[1], length, heads, kv_heads, dk, dv, scale,
+        BV=bvs, STATE_TERM=state_term, num_warps=4, **common,
     )
     if layout.max_chunks > 0 and version == "v3":
         bv3, warps3, stages3 = DWY_DIRECT_TILES
