@@ -93,6 +93,7 @@ DELTA_VARIANTS = {
     "v3": [("triton_backward", "BACKWARD_VERSION", "v3")],
     "v3 term in scan": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "STATE_TERM_OUTSIDE", False)],
     "v3 dwy BV32": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (32, 8, 2))],
+    "v3 dwy 1 stage": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 8, 1))],
     "v3 dwy w4": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 4, 2))],
 }
 
