@@ -20,6 +20,8 @@ Kernels (after recomputing W, U, b and the chunk states with the forward's kerne
    dU (in place of 1's output) and d initial state;
 3. `_dqk_kernel` per (chunk, kv head), looping over its q heads: dq, the o-part of dk and of db;
 4. `_dwy_kernel` per (chunk, kv head): the WY part; dk, dv, dbeta, dg.
+With BACKWARD_VERSION "v3", kernel 4 is `_dwy_direct_kernel` (T kept from the recompute, dA = -T^T dU U^T,
+no inverse) and kernel 1 also forms each chunk's own state-gradient term for kernel 2 (STATE_TERM_OUTSIDE).
 Transposed products are computed directly, never as `tl.trans` of a `tl.dot` result (see
 `triton_forward`): the kernels form both T and T^T = (I + A^T)^{-1}, and both dT and dT^T.
 """
