@@ -4,10 +4,13 @@ bf16, B=1, H=16, D=128 at L in {2K, 8K, 32K, 128K}: gated delta rule fwd+bwd; sl
 attention (w = 512, 4096) fwd and fwd+bwd; short causal conv (hidden 4096, width 4) against its
 memory floor. Checks each kernel on the GPU against a float64 run first.
 Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv] [--sweep] [--conv-sweep]
-     [--out runs/delta_conv_swa.json]
+     [--delta-variants [NAMES]] [--delta-breakdown] [--out runs/delta_conv_swa.json]
 --sweep also times the sliding-window kernels at L = 32K under several block configurations
 (forward: BLOCK_M, BLOCK_N, warps, stages; backward: the dq and dk/dv kernels' blocks);
 --conv-sweep times the short-conv forward launcher under several tiles at L = 32K.
+--delta-variants checks each DELTA_VARIANTS entry (old and new delta-rule backward forms, launch
+shapes) against float64 and times its fwd and fwd+bwd at --delta-lengths; with --delta-breakdown, also
+the per-kernel GPU times of one fwd+bwd at the first of those lengths.
 Short conv is timed twice: eager calls synchronised one by one (host time included, as in a
 decode loop) and back to back (`triton.testing.do_bench`, host time hidden as in a model's stream).
 """
@@ -40,12 +43,12 @@ def _rel(a, ref) -> float:
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def checks() -> list[str]:
-    lines = []
-    # gated delta rule
-    q, k, v = (x.requires_grad_() for x in _qkv(1000))
-    beta = torch.rand(1, 1000, H, device="cuda").requires_grad_()
-    g = F.logsigmoid(torch.randn(1, 1000, H, device="cuda") + 4).requires_grad_()
+def delta_check(label: str = "gated_delta_rule", t: int = 1000) -> str:
+    """Gated delta rule output and gradients (bf16, on the GPU) against float64 on the CPU."""
+    torch.manual_seed(0)
+    q, k, v = (x.requires_grad_() for x in _qkv(t))
+    beta = torch.rand(1, t, H, device="cuda").requires_grad_()
+    g = F.logsigmoid(torch.randn(1, t, H, device="cuda") + 4).requires_grad_()
     o = delta_rule(q, k, v, beta, g)[0]
     do = torch.randn_like(o)
     o.backward(do)
@@ -53,7 +56,11 @@ def checks() -> list[str]:
     ro = delta_rule(*refs)[0]
     ro.backward(do.double().cpu())
     errs = {"o": _rel(o, ro), **{f"d{n}": _rel(a.grad, r.grad) for n, a, r in zip(("q", "k", "v", "beta", "g"), (q, k, v, beta, g), refs)}}
-    lines.append("check gated_delta_rule " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + ("  OK" if max(errs.values()) < 1e-2 else "  FAIL"))
+    return f"check {label} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + ("  OK" if max(errs.values()) < 1e-2 else "  FAIL")
+
+
+def checks() -> list[str]:
+    lines = [delta_check()]
     # sliding window
     q, k, v = (x.requires_grad_() for x in _qkv(3000))
     o = sliding_window_attention(q, k, v, 512, sinks=4)
@@ -77,6 +84,101 @@ def checks() -> list[str]:
     errs = {"y": _rel(y, ry), **{f"d{n}": _rel(a.grad, r.grad) for n, a, r in zip(("x", "w", "b"), (x, w, bias), refs)}}
     lines.append("check short_conv       " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + ("  OK" if max(errs.values()) < 1e-2 else "  FAIL"))
     return lines
+
+
+# variants for --delta-variants: (module in rewrite.kernels.delta_rule, attribute, value) changes applied in
+# turn and undone after; "v2" is the default path, so old and new are timed in one run
+DELTA_VARIANTS = {
+    "v2": [],
+    "v3": [("triton_backward", "BACKWARD_VERSION", "v3")],
+    "v3 term in scan": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "STATE_TERM_OUTSIDE", False)],
+    "v3 dwy BV32": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (32, 8, 2))],
+    "v3 dwy 1 stage": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 8, 1))],
+    "v3 dwy w4": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 4, 2))],
+}
+
+
+def _apply_delta_variant(changes) -> list:
+    import importlib
+
+    undo = []
+    for module, attr, value in changes:
+        mod = importlib.import_module(f"rewrite.kernels.delta_rule.{module}")
+        undo.append((mod, attr, getattr(mod, attr)))
+        setattr(mod, attr, value)
+    return undo
+
+
+def _delta_inputs(t: int):
+    q, k, v = (x.requires_grad_() for x in _qkv(t))
+    beta = torch.rand(1, t, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    g = F.logsigmoid(torch.randn(1, t, H, device="cuda") + 4).requires_grad_()
+    return q, k, v, beta, g
+
+
+def _delta(*a):
+    return delta_rule(*a)[0]
+
+
+def delta_breakdown(t: int) -> list[str]:
+    """GPU time per kernel of one delta-rule fwd+bwd (profiler), and the profiled call's wall time."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    step = _fwd_bwd(_delta, _delta_inputs(t))
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    lines = [f"breakdown L={t} fwd+bwd: wall {wall:.3f} ms (profiled), kernels {total:.3f} ms"]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total):
+        lines.append(f"    {e.self_device_time_total / 1e3:8.3f} ms  x{e.count}  {e.key[:90]}")
+    return lines
+
+
+def delta_variants(lengths: list[int], names: list[str] | None, breakdown: bool) -> list[Measurement]:
+    """Each DELTA_VARIANTS entry (or each of `names`): check against float64, then fwd and fwd+bwd times."""
+    unknown = sorted(set(names or ()) - set(DELTA_VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown delta variants {unknown}; choose from {list(DELTA_VARIANTS)}")
+    rows = []
+    for name, changes in DELTA_VARIANTS.items():
+        if names and name not in names:
+            continue
+        undo = []
+        try:
+            undo = _apply_delta_variant(changes)
+            print(delta_check(f"delta variant {name!r}"), flush=True)
+            for t in lengths:
+                args = _delta_inputs(t)
+                runs = 20 if t <= 32768 else 5
+                with torch.no_grad():
+                    fwd = measure(f"delta {name}", functools.partial(_delta, *args), {"L": t, "pass": "fwd"},
+                                  warmup=3, runs=runs)
+                both = measure(f"delta {name}", _fwd_bwd(_delta, args), {"L": t, "pass": "fwd+bwd"}, warmup=2,
+                               runs=runs)
+                rows += [fwd, both]
+                print(f"delta variant {name:14s} L={t:6d} fwd {fwd.median_ms:8.3f}  fwd+bwd {both.median_ms:8.3f}",
+                      flush=True)
+                del args
+                torch.cuda.empty_cache()
+            if breakdown:
+                for line in delta_breakdown(lengths[0]):
+                    print(f"delta variant {name:14s} {line}", flush=True)
+        except Exception as exc:
+            print(f"delta variant {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        finally:
+            for mod, attr, old in undo:
+                setattr(mod, attr, old)
+        torch.cuda.empty_cache()
+    return rows
 
 
 def _conv(x, w, bias):
@@ -214,9 +316,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="delta,swa,conv", help="comma list of delta, swa, conv")
     parser.add_argument("--sweep", action="store_true", help="also time sliding-window block configurations")
     parser.add_argument("--conv-sweep", action="store_true", help="also time short-conv forward tiles at L = 32K")
+    parser.add_argument("--delta-variants", nargs="?", const="", default=None, metavar="NAMES",
+                        help=f"time the delta-rule variants (comma list, default all of {list(DELTA_VARIANTS)}) and stop")
+    parser.add_argument("--delta-lengths", default="8192,32768,131072", help="lengths for --delta-variants")
+    parser.add_argument("--delta-breakdown", action="store_true", help="per-kernel times of each delta variant")
     parser.add_argument("--out", default="runs/delta_conv_swa.json")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
+    if args.delta_variants is not None:
+        names = [n for n in args.delta_variants.split(",") if n] or None
+        rows = delta_variants([int(x) for x in args.delta_lengths.split(",")], names, args.delta_breakdown)
+        print(write_results(args.out, "Gated delta rule variants (bf16, B=1, H=16, D=128)", rows, environment()))
+        return
     for line in checks():
         print(line, flush=True)
     bw = copy_bandwidth()

@@ -20,6 +20,8 @@ Kernels (after recomputing W, U, b and the chunk states with the forward's kerne
    dU (in place of 1's output) and d initial state;
 3. `_dqk_kernel` per (chunk, kv head), looping over its q heads: dq, the o-part of dk and of db;
 4. `_dwy_kernel` per (chunk, kv head): the WY part; dk, dv, dbeta, dg.
+With BACKWARD_VERSION "v3", kernel 4 is `_dwy_direct_kernel` (T kept from the recompute, dA = -T^T dU U^T,
+no inverse) and kernel 1 also forms each chunk's own state-gradient term for kernel 2 (STATE_TERM_OUTSIDE).
 Transposed products are computed directly, never as `tl.trans` of a `tl.dot` result (see
 `triton_forward`): the kernels form both T and T^T = (I + A^T)^{-1}, and both dT and dT^T.
 """
@@ -44,19 +46,31 @@ from .triton_forward import (
     unit_inverse,
 )
 
+# Backward form, read at every call: "v2" (default) recomputes T and T^T by two blocked inverses in the
+# WY kernel and forms dT; "v3" keeps T from the recompute and forms dA = -T^T dU U^T directly
+# (`_dwy_direct_kernel`: no inverse, about a third of the products, no [C, K] dW accumulators).
+BACKWARD_VERSION = "v2"
+# v3 WY kernel launch shape: (BV, warps, stages)
+DWY_DIRECT_TILES = (16, 8, 2)
+# v3 only: the chunk's own state-gradient term scale sum_g (diag(gamma) Q_g)^T dO_g is formed by the parallel
+# dU_local kernel (one more [chunks, Hkv, K, V] float32 buffer) instead of inside the sequential loop
+STATE_TERM_OUTSIDE = True
+
 
 @triton.jit
 def _du_local_kernel(
-    q_ptr, k_ptr, do_ptr, b_ptr, du_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    q_ptr, k_ptr, do_ptr, b_ptr, du_ptr, r_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
     n_seqs, T, heads, kv_heads, dk, dv, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, STATE_TERM: tl.constexpr = False,
 ):
+    """scale sum_g (Q_g K^T * Dc)^T dO_g; with STATE_TERM also the chunk's own term of the state gradient,
+    scale sum_g (diag(gamma) Q_g)^T dO_g [K, BV], stored per chunk for `_dstates_kernel` (v3)."""
     i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     group = heads // kv_heads
     rows = bos + local * C + tl.arange(0, C)
     row_mask = rows < eos
@@ -65,29 +79,40 @@ def _du_local_kernel(
     k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
     i = tl.arange(0, C)
     upper = i[:, None] <= i[None, :]
+    gamma = tl.full([C], 1.0, dtype=tl.float32)
     if HAS_G:
         b = tl.load(b_ptr + rows.to(tl.int64) * kv_heads + hk, mask=row_mask, other=0.0)
         decay_t = tl.exp(tl.where(upper, b[None, :] - b[:, None], float("-inf")))  # [j, i] = exp(b_i - b_j)
+        gamma = tl.exp(b)
     else:
         decay_t = tl.where(upper, 1.0, 0.0)
     acc = tl.zeros([C, BV], dtype=tl.float32)
+    term = tl.zeros([BK, BV], dtype=tl.float32)
     for j in range(0, group):
         i_h = hk * group + j
         q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
         do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * decay_t
         acc += tl.dot(st, do, input_precision=PRECISION)
+        if STATE_TERM:
+            term += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
     offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dv + vcols[None, :]
     tl.store(du_ptr + offs, acc * scale, mask=row_mask[:, None] & (vcols < dv)[None, :])
+    if STATE_TERM:
+        r_offs = (((first + local).to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
+        tl.store(r_ptr + r_offs, term, mask=(kcols < dk)[:, None] & (vcols < dv)[None, :])
 
 
 @triton.jit
 def _dstates_kernel(
-    q_ptr, k_ptr, w_ptr, b_ptr, do_ptr, du_ptr, dht_ptr, dh_ptr, dh0_ptr, bounds_ptr, chunk_start_ptr,
+    q_ptr, k_ptr, w_ptr, b_ptr, do_ptr, du_ptr, dht_ptr, dh_ptr, dh0_ptr, r_ptr, bounds_ptr, chunk_start_ptr,
     T, heads, kv_heads, dk, dv, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, STATE_TERM: tl.constexpr = False,
 ):
+    """Reverse over chunks: dh' per chunk, dU += Kd dh' in place, d initial state. With STATE_TERM the
+    chunk's own term scale sum_g (diag(gamma) Q_g)^T dO_g is read from `r_ptr` (`_du_local_kernel`)
+    instead of formed here, so each sequential step loads no q / dO and runs two products instead of 2 + group."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     seq, hk = i_nh // kv_heads, i_nh % kv_heads
     group = heads // kv_heads
@@ -121,11 +146,15 @@ def _dstates_kernel(
         if HAS_G:
             dh = dh * tl.exp(b_last)
         dh -= tl.dot(tl.trans(w), du, input_precision=PRECISION)
-        for j in range(0, group):
-            i_h = hk * group + j
-            q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
-            do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
-            dh += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
+        if STATE_TERM:
+            dh += tl.load(r_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + state_offs, mask=state_mask,
+                          other=0.0)
+        else:
+            for j in range(0, group):
+                i_h = hk * group + j
+                q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
+                do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
+                dh += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
     tl.store(dh0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, dh, mask=state_mask)
 
 
@@ -283,6 +312,99 @@ def _dwy_kernel(
         tl.store(dg_ptr + gate, dg.to(dg_ptr.dtype.element_ty), mask=row_mask)
 
 
+@triton.jit
+def _dwy_direct_kernel(
+    k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, du_ptr, h_ptr, dh_ptr, t_ptr, dko_ptr, dbo_ptr,
+    dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    n_seqs, T, kv_heads, dk, dv,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The WY part without inverses (v3): T comes from the recompute, dA = -T^T dU U^T directly.
+
+    dT = dW X^T + dU Y^T = dU (Y - X h)^T = dU ((I + A) U)^T, so dA = -T^T dT T^T = -T^T dU U^T,
+    dX = T^T dW = -dY h^T with dY = T^T dU. dA^T = -(U dU^T) T is formed directly (no `tl.trans` of
+    a dot result); T^T is T loaded with swapped indices.
+    """
+    i_c, hk = tl.program_id(0), tl.program_id(1)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    k_mask = row_mask[:, None] & (kcols < dk)[None, :]
+    gate = rows.to(tl.int64) * kv_heads + hk
+    beta, b = chunk_gates(beta_ptr, g_ptr, rows, row_mask, hk, kv_heads, C, HAS_G)
+    i = tl.arange(0, C)
+    t_base = t_ptr + (i_c.to(tl.int64) * kv_heads + hk) * C * C
+    tt = tl.load(t_base + i[None, :] * C + i[:, None])  # T^T
+    h_base = ((first + local).to(tl.int64) * kv_heads + hk) * dk * dv
+    k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+    below, above = i[:, None] > i[None, :], i[:, None] < i[None, :]
+    # pass 1 over V: dU U^T and U dU^T (each other's transpose, both formed directly), then the
+    # gradient through A: e = dA * beta_i exp(b_i - b_j) (strictly lower) plus its transpose from dA^T
+    du_u = tl.zeros([C, C], dtype=tl.float32)
+    u_du = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, dv, BV):
+        vcols = v0 + tl.arange(0, BV)
+        v_mask = row_mask[:, None] & (vcols < dv)[None, :]
+        offs = gate[:, None] * dv + vcols[None, :]
+        u = tl.load(u_ptr + offs, mask=v_mask, other=0.0)
+        du = tl.load(du_ptr + offs, mask=v_mask, other=0.0)
+        du_u += tl.dot(du, tl.trans(u), input_precision=PRECISION)
+        u_du += tl.dot(u, tl.trans(du), input_precision=PRECISION)
+    decay = tl.exp(tl.where(below, b[:, None] - b[None, :], float("-inf")))  # strict
+    da = tl.where(below, -tl.dot(tt, du_u, input_precision=PRECISION), 0.0)
+    p = da * decay * tl.dot(k, tl.trans(k), input_precision=PRECISION)  # dA_ij exp(b_i - b_j) k_i.k_j
+    dbeta = tl.sum(p, axis=1)
+    db_a = beta * tl.sum(p, axis=1) - tl.sum(beta[:, None] * p, axis=0)  # row minus column sums of dA * A
+    e = da * beta[:, None] * decay  # d k_i += e_ij k_j ...
+    t = tl.load(t_base + i[:, None] * C + i[None, :])
+    dat = tl.where(above, -tl.dot(u_du, t, input_precision=PRECISION), 0.0)
+    decay_t = tl.exp(tl.where(above, b[None, :] - b[:, None], float("-inf")))
+    e += dat * beta[None, :] * decay_t  # ... and d k_j += e_ij k_i, as (e^T)_ji formed from dA^T
+    # pass 2 over V: dY = T^T dU, dX = -dY h^T, dKd = U dh'^T, dv, the V part of dbeta
+    dx = tl.zeros([C, BK], dtype=tl.float32)
+    dkd = tl.zeros([C, BK], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, dv, BV):
+        vcols = v0 + tl.arange(0, BV)
+        v_mask = row_mask[:, None] & (vcols < dv)[None, :]
+        offs = gate[:, None] * dv + vcols[None, :]
+        u = tl.load(u_ptr + offs, mask=v_mask, other=0.0)
+        du = tl.load(du_ptr + offs, mask=v_mask, other=0.0)
+        v = tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv).to(tl.float32)
+        s_offs = h_base + kcols[:, None] * dv + vcols[None, :]
+        s_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+        h = tl.load(h_ptr + s_offs, mask=s_mask, other=0.0)
+        dh = tl.load(dh_ptr + s_offs, mask=s_mask, other=0.0)
+        dy = tl.dot(tt, du, input_precision=PRECISION)
+        dx -= tl.dot(dy, tl.trans(h), input_precision=PRECISION)
+        dkd += tl.dot(u, tl.trans(dh), input_precision=PRECISION)
+        hdh += tl.sum(h * dh, axis=1)
+        dbeta += tl.sum(dy * v, axis=1)
+        tl.store(dv_ptr + gate[:, None] * dv + vcols[None, :], (beta[:, None] * dy).to(dv_ptr.dtype.element_ty),
+                 mask=v_mask)
+    is_last = i == C - 1  # padded rows past the sequence end carry b_last too
+    b_last = tl.sum(tl.where(is_last, b, 0.0), axis=0)
+    gamma = tl.exp(b)
+    to_end = tl.exp(b_last - b)
+    xk = tl.sum(dx * k, axis=1)
+    r = to_end * tl.sum(dkd * k, axis=1)  # gradient of b_C - b_j through Kd
+    d_k = tl.load(dko_ptr + gate[:, None] * dk + kcols[None, :], mask=k_mask, other=0.0)
+    d_k += (beta * gamma)[:, None] * dx + to_end[:, None] * dkd + tl.dot(e, k, input_precision=PRECISION)
+    tl.store(dk_ptr + gate[:, None] * dk + kcols[None, :], d_k.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    dbeta += gamma * xk
+    tl.store(dbeta_ptr + gate, dbeta.to(dbeta_ptr.dtype.element_ty), mask=row_mask)
+    if HAS_G:
+        db = tl.load(dbo_ptr + gate, mask=row_mask, other=0.0)
+        db += db_a + beta * gamma * xk - r
+        db += tl.where(is_last, tl.sum(r, axis=0) + tl.exp(b_last) * tl.sum(hdh, axis=0), 0.0)
+        dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db  # sum over i >= t in the chunk
+        tl.store(dg_ptr + gate, dg.to(dg_ptr.dtype.element_ty), mask=row_mask)
+
 def chunk_backward(
     do: torch.Tensor,
     d_final_state: torch.Tensor,
@@ -307,7 +429,13 @@ def chunk_backward(
     prec = precision(q.dtype)
     layout = Layout(batch, length, cu_seqlens, chunk, q.device)
     h0 = None if initial_state is None else initial_state.float()
-    w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk)
+    version = BACKWARD_VERSION
+    if version not in ("v2", "v3"):
+        raise ValueError(f"delta_rule: BACKWARD_VERSION must be 'v2' or 'v3', got {version!r}")
+    t_all = None
+    if version == "v3":
+        t_all = new_empty((layout.max_chunks, kv_heads, chunk, chunk), dtype=torch.float32, device=q.device)
+    w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk, t_out=t_all)
     has_g = g is not None
     bk = head_block(dk, dv)
     bv = max(16, min(64, triton.next_power_of_2(dv)))
@@ -326,9 +454,12 @@ def chunk_backward(
     dg = new_empty(g.shape, dtype=g.dtype, device=q.device) if has_g else None
     args = layout.args(w)
     common = dict(C=chunk, BK=bk, HAS_G=has_g, VARLEN=layout.varlen, PRECISION=prec)
+    state_term = version == "v3" and STATE_TERM_OUTSIDE
+    r = new_empty(h.shape, dtype=torch.float32, device=q.device) if state_term else dh
     if layout.max_chunks > 0:
         _du_local_kernel[(layout.max_chunks, triton.cdiv(dv, bv), kv_heads)](
-            q, k, do, b_arg, du, *args, heads, kv_heads, dk, dv, scale, BV=bv, num_warps=4, **common,
+            q, k, do, b_arg, du, r, *args, heads, kv_heads, dk, dv, scale, BV=bv, STATE_TERM=state_term,
+            num_warps=8 if state_term and bk >= 128 else 4, **common,  # the [K, BV] term spills at 4 warps
         )
         _dqk_kernel[(layout.max_chunks, kv_heads)](
             q, k, u, b_arg, h, do, dq, dko, dbo, *args, heads, kv_heads, dk, dv, scale,
@@ -336,10 +467,17 @@ def chunk_backward(
         )
     bvs = state_block(layout.n * kv_heads, dv)
     _dstates_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
-        q, k, w, b_arg, do, du, d_final_state, dh, dh0, args[0], args[1], length, heads, kv_heads, dk, dv, scale,
-        BV=bvs, num_warps=4, **common,
+        q, k, w, b_arg, do, du, d_final_state, dh, dh0, r, args[0], args[1], length, heads, kv_heads, dk, dv, scale,
+        BV=bvs, STATE_TERM=state_term, num_warps=4, **common,
     )
-    if layout.max_chunks > 0:
+    if layout.max_chunks > 0 and version == "v3":
+        bv3, warps3, stages3 = DWY_DIRECT_TILES
+        _dwy_direct_kernel[(layout.max_chunks, kv_heads)](
+            k, v, beta, g if has_g else beta, u, du, h, dh, t_all, dko, dbo, d_k, d_v, dbeta,
+            dg if has_g else dbeta, *args, kv_heads, dk, dv, BV=max(16, min(bv, bv3)), num_warps=warps3,
+            num_stages=stages3, **common,
+        )
+    elif layout.max_chunks > 0:
         # BV 16 and two stages keep shared memory under Hopper's 227 KiB at head dim 128: triton 3.6
         # asked 312 KiB for BV 32 with three stages (measured on an H200)
         _dwy_kernel[(layout.max_chunks, kv_heads)](

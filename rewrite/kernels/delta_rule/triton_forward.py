@@ -127,10 +127,10 @@ def unit_inverse(a, C: tl.constexpr, SB: tl.constexpr, LOWER: tl.constexpr, PREC
 
 @triton.jit
 def _prepare_kernel(
-    k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, b_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, b_ptr, t_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
     n_seqs, T, kv_heads, dk, dv,
     C: tl.constexpr, SB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, PRECISION: tl.constexpr, STORE_T: tl.constexpr = False,
 ):
     i_c, hk = tl.program_id(0), tl.program_id(1)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
@@ -149,6 +149,8 @@ def _prepare_kernel(
     decay = tl.exp(tl.where(i[:, None] > i[None, :], b[:, None] - b[None, :], float("-inf")))
     a = beta[:, None] * decay * tl.dot(k, tl.trans(k), input_precision=PRECISION)
     t = unit_inverse(a, C, SB, True, PRECISION)
+    if STORE_T:  # T per (flat chunk, kv head) for the backward's direct WY gradient (v3)
+        tl.store(t_ptr + (i_c.to(tl.int64) * kv_heads + hk) * C * C + i[:, None] * C + i[None, :], t)
     w = tl.dot(t, (beta * tl.exp(b))[:, None] * k, input_precision=PRECISION)
     tl.store(w_ptr + gate[:, None] * dk + kcols[None, :], w, mask=row_mask[:, None] & (kcols < dk)[None, :])
     for v0 in range(0, dv, BV):
@@ -253,8 +255,11 @@ def state_block(sequences: int, dv: int) -> int:
     return bv
 
 
-def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: int, store_states: bool = True):
-    """Kernels 1 and 2: (w [rows, Hkv, K], u [rows, Hkv, V] (corrected), b or None, h per chunk, final state)."""
+def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: int, t_out: torch.Tensor | None = None):
+    """Kernels 1 and 2: (w [rows, Hkv, K], u [rows, Hkv, V] (corrected), b or None, h per chunk, final state).
+
+    With `t_out` ([max_chunks, Hkv, C, C] float32), kernel 1 also stores each chunk's T = (I + A)^{-1} there.
+    """
     batch_rows, kv_heads, dk = k.shape[0] * k.shape[1], k.shape[2], k.shape[-1]
     dv = v.shape[-1]
     bk = head_block(dk, dv)
@@ -267,10 +272,10 @@ def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: in
     has_g, has_h0 = g is not None, initial_state is not None
     if layout.max_chunks > 0:
         _prepare_kernel[(layout.max_chunks, kv_heads)](
-            k, v, beta, g if has_g else beta, w, u, b if has_g else w, bounds, chunk_start, table,
-            n, length, kv_heads, dk, dv,
+            k, v, beta, g if has_g else beta, w, u, b if has_g else w, w if t_out is None else t_out,
+            bounds, chunk_start, table, n, length, kv_heads, dk, dv,
             C=chunk, SB=min(SUB, chunk), BK=bk, BV=max(16, min(64, triton.next_power_of_2(dv))), HAS_G=has_g,
-            VARLEN=layout.varlen, PRECISION=prec, num_warps=4,
+            VARLEN=layout.varlen, PRECISION=prec, STORE_T=t_out is not None, num_warps=4,
         )
     bv = state_block(layout.n * kv_heads, dv)
     _states_kernel[(triton.cdiv(dv, bv), layout.n * kv_heads)](
