@@ -9,7 +9,8 @@ Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv]
 (forward: BLOCK_M, BLOCK_N, warps, stages; backward: the dq and dk/dv kernels' blocks);
 --conv-sweep times the short-conv forward launcher under several tiles at L = 32K.
 --delta-variants checks each DELTA_VARIANTS entry (old and new delta-rule backward forms, launch
-shapes) against float64 and times its fwd and fwd+bwd at --delta-lengths; with --delta-breakdown, also
+shapes) against float64 and times its fwd and fwd+bwd at --delta-lengths, after SDPA's fwd+bwd at each
+of those lengths in the same run; with --delta-breakdown, also
 the per-kernel GPU times of one fwd+bwd at the first of those lengths.
 Short conv is timed twice: eager calls synchronised one by one (host time included, as in a
 decode loop) and back to back (`triton.testing.do_bench`, host time hidden as in a model's stream).
@@ -149,6 +150,15 @@ def delta_variants(lengths: list[int], names: list[str] | None, breakdown: bool)
     if unknown:
         raise SystemExit(f"unknown delta variants {unknown}; choose from {list(DELTA_VARIANTS)}")
     rows = []
+    sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True)
+    for t in lengths:  # the anchor, in the same run
+        qh, kh, vh = (x.transpose(1, 2).contiguous().requires_grad_() for x in _qkv(t))
+        both = measure("sdpa flash causal", _fwd_bwd(sdpa, (qh, kh, vh)), {"L": t, "pass": "fwd+bwd"}, warmup=2,
+                       runs=20 if t <= 32768 else 5)
+        rows.append(both)
+        print(f"delta variant {'(sdpa)':14s} L={t:6d} fwd+bwd {both.median_ms:8.3f}", flush=True)
+        del qh, kh, vh
+        torch.cuda.empty_cache()
     for name, changes in DELTA_VARIANTS.items():
         if names and name not in names:
             continue

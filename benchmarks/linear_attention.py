@@ -27,20 +27,22 @@ from benchmarks.runner import Measurement, environment, measure, write_results
 from rewrite.kernels import linear_attention
 
 H, D = 16, 128
+KV_H = H
+"""Query heads, key / value heads and head dim of every timed call (`--sweep-shape` changes them for a sweep)."""
 
 
 def _inputs(b: int, t: int, decay: str, requires_grad: bool):
     dev, dt = "cuda", torch.bfloat16
     q = torch.randn(b, t, H, D, device=dev, dtype=dt) * 0.5
-    k = F.normalize(torch.randn(b, t, H, D, device=dev, dtype=torch.float32), dim=-1).to(dt)
-    v = torch.randn(b, t, H, D, device=dev, dtype=dt)
+    k = F.normalize(torch.randn(b, t, KV_H, D, device=dev, dtype=torch.float32), dim=-1).to(dt)
+    v = torch.randn(b, t, KV_H, D, device=dev, dtype=dt)
     g = None
     if decay == "scalar":
-        g = F.logsigmoid(torch.randn(b, t, H, device=dev) + 4.0)
+        g = F.logsigmoid(torch.randn(b, t, KV_H, device=dev) + 4.0)
     elif decay == "vector":
-        g = F.logsigmoid(torch.randn(b, t, H, D, device=dev) + 4.0)
+        g = F.logsigmoid(torch.randn(b, t, KV_H, D, device=dev) + 4.0)
     elif decay == "constant":
-        g = -torch.rand(H, device=dev) * 0.1
+        g = -torch.rand(KV_H, device=dev) * 0.1
     tensors = [q, k, v] + ([g] if g is not None else [])
     for x in tensors:
         x.requires_grad_(requires_grad)
@@ -256,6 +258,13 @@ SWEEP = {
     "v5 dqk w8": [_V5, ("triton_backward", "DQK_TILES", {2: (32, 64, 8)})],
     "v5 dv w8": [_V5, ("triton_backward", "DV_TILES", {2: (32, 64, 8)})],
     "v3 states (no scan)": [("triton_forward", "SCAN_MODES", ())],
+    # launch shapes for small head dims (D=64, the Llama-shaped model's 32 q / 8 kv heads: --sweep-shape 32,8,64)
+    "out 64x64 w4": [("triton_forward", "OUTPUT_TILES", {2: (64, 64, 4)})],
+    "out 64x32 w4": [("triton_forward", "OUTPUT_TILES", {2: (64, 32, 4)})],
+    "dqk 64x64 w8": [("triton_backward", "DQK_TILES", {2: (64, 64, 8)})],
+    "dqk 64x32 w4": [("triton_backward", "DQK_TILES", {2: (64, 32, 4)})],
+    "scan 32x16": [("triton_forward", "SCAN_TILES", (32, 16))],
+    "scan 16x16": [("triton_forward", "SCAN_TILES", (16, 16))],
 }
 
 
@@ -332,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-breakdown", action="store_true", help="per-kernel GPU times of each variant")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no first call, check or table)")
     parser.add_argument("--sweep-variants", help="comma-separated SWEEP names to time (default: all)")
+    parser.add_argument("--sweep-shape", help="H,HKV,D of the sweep's calls (default 16,16,128; the Llama-shaped "
+                        "model of the mixer benchmark is 32,8,64)")
     parser.add_argument("--diagnose", action="store_true", help="dv diagnosis and per-kernel breakdowns only")
     parser.add_argument("--first-call-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -343,6 +354,11 @@ def main(argv: list[str] | None = None) -> None:
     sweep_shapes = tuple((1, int(x)) for x in args.sweep_lengths.split(","))
     swept = tuple(d for d in decays if d != "none")  # no variant changes the no-decay kernels
     variants = args.sweep_variants.split(",") if args.sweep_variants else None
+    if args.sweep_shape:
+        if not args.sweep_only:
+            raise SystemExit("--sweep-shape changes the shape of the sweep only: pass --sweep-only with it")
+        global H, KV_H, D
+        H, KV_H, D = (int(x) for x in args.sweep_shape.split(","))
     run_sweep = functools.partial(sweep, sweep_shapes, swept, args.sweep_breakdown, variants)
     if args.sweep_only:
         print("\n".join(run_sweep()))

@@ -156,10 +156,13 @@ def check_triton_against_naive(case: Case, dtype: torch.dtype) -> None:
     check_grads(grads, grads_ref, scales, tol, str(case))
 
 
+@pytest.mark.parametrize("programs", [0, 128])
 @pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
-def test_triton_step_chained_equals_chunked_forward(decay):
+def test_triton_step_chained_equals_chunked_forward(decay, programs, monkeypatch):
     step, forward = triton_module("triton_step"), triton_module("triton_forward")
-    case = Case(decay, length=7, heads=4, kv_heads=2, dk=40, dv=24)
+    monkeypatch.setattr(step, "STEP_PROGRAMS", programs)  # 0: one 32-column V tile; 128: 8-column tiles
+    assert step.step_tile(2, 24) == (32 if programs == 0 else 8)
+    case = Case(decay, length=7, heads=6, kv_heads=2, dk=40, dv=24)
     for dtype in (torch.float32, torch.float16):
         x = make_inputs(case, dtype, kernel_device())
         with poisoned():

@@ -18,7 +18,10 @@ def _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer):
         g = log_decay_from_keys(k, decay, key_gate_normalizer)
     checks.check_decay(g, decay, q, k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return apply_feature_map(q, feature_map), apply_feature_map(k, feature_map), g, decay, scale
+    # contiguous here, where torch.compile sees it: the op reads [B, T, heads, D] rows, and a compiled
+    # caller then writes its producer (RoPE, feature map, gate) in that layout instead of copying after it
+    q, k = apply_feature_map(q, feature_map).contiguous(), apply_feature_map(k, feature_map).contiguous()
+    return q, k, None if g is None else g.contiguous(), decay, scale
 
 
 def linear_attention(
@@ -63,7 +66,7 @@ def linear_attention(
     checks.check_state("initial_state", initial_state, n, k, v)
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype(q.dtype))
-    o, final_state = linear_attention_op(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal)
+    o, final_state = linear_attention_op(q, k, v.contiguous(), g, decay, scale, initial_state, cu_seqlens, causal)
     return o, (final_state if output_final_state else None)
 
 
