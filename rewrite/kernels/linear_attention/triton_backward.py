@@ -28,9 +28,10 @@ DV_TILES = {0: (32, 64, 4), 1: (32, 64, 4), 2: (32, 64, 4)}
 # v6 (selectable, not the default): decay modes whose dq, dk and dv come from one kernel per chunk and kv
 # head (`_chunk_dqkv_kernel`) instead of the dq/dk kernel plus the dv kernel; read at every launch.
 # (BK, num_warps) of that kernel per decay mode; V is one tile of up to FUSED_MAX_V columns (wider V
-# takes the two kernels). 8 warps everywhere: the dv kernel's miscompile above was at 4 warps.
+# takes the two kernels). 8 warps everywhere: the dv kernel's miscompile above was at 4 warps. BK 32 for
+# every mode: compiled for sm_90 (local triton 3.9) it spills less than BK 64 (NOTES.md, v6).
 FUSED_DV_MODES: tuple[int, ...] = ()
-FUSED_TILES = {0: (64, 8), 1: (64, 8), 2: (32, 8)}
+FUSED_TILES = {0: (32, 8), 1: (32, 8), 2: (32, 8)}
 FUSED_MAX_V = 128
 DSTATE_TILES = (64, 32)
 CUMSUM_TILE = (4096, 16)  # elements per step and most columns per program of the dg reverse cumsum
