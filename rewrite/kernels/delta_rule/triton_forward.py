@@ -23,6 +23,14 @@ from ..alloc import new_empty
 
 CHUNK = 64
 SUB = 16  # diagonal block of the blocked inverse
+# Sequential state pass, read at every launch: "v2" (default) runs U = U~ - W h and h' = gamma_C h + Kd^T U in
+# the loop (two dependent products per chunk); "light" first forms, for every chunk in parallel, N = -Kd^T W
+# [K, K] and R = Kd^T U~ (`_transition_kernel`), so each sequential step is h' = N h + (gamma_C h + R): one
+# product, its operands independent of h (R prefetched one step ahead from a tile-major buffer, N pipelined);
+# U = U~ - W h then runs in parallel (`_fix_u_kernel`).
+STATE_PASS = "v2"
+# "light" scan launch shape: (warps, stages); the V tile is `state_block`'s
+LIGHT_SCAN = (4, 2)
 
 
 class Layout:
@@ -199,6 +207,134 @@ def _states_kernel(
 
 
 @triton.jit
+def tile_major(ptr, hk, kcols, vcols, flat_chunk, n_chunks_all, n_vtiles, BK: tl.constexpr, BV: tl.constexpr):
+    """Pointers of a [BK, BV'] block in a tile-major [Hkv, V tiles, chunks, BK, BV] buffer (V tile = vcols // BV):
+    one sequential program's (kv head, V tile) reads its chunks' [BK, BV] blocks one after another."""
+    block = (hk * n_vtiles + vcols // BV).to(tl.int64) * n_chunks_all + flat_chunk
+    return ptr + (block[None, :] * BK + kcols[:, None]) * BV + (vcols % BV)[None, :]
+
+
+@triton.jit
+def _transition_kernel(
+    k_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, n_ptr, nt_ptr, r_ptr, a_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
+    n_seqs, T, kv_heads, dk, dv, n_chunks_all,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, STORE_N: tl.constexpr, STORE_NT: tl.constexpr, STORE_R: tl.constexpr,
+):
+    """Everything of one chunk's state step that does not depend on the state ("light" passes), per (chunk, kv head):
+    N = -Kd^T W and / or N^T = -W^T Kd ([BK, BK], zero-padded), gamma_C = exp(b_C) and R = Kd^T U~ (tile-major
+    with the scan's V tile BV, zero-padded), where Kd = diag(exp(b_C - b)) K. Then h' = gamma_C h + N h + R."""
+    i_c, hk = tl.program_id(0), tl.program_id(1)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, _ = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+    _, b = chunk_gates(beta_ptr, g_ptr, rows, row_mask, hk, kv_heads, C, HAS_G)
+    i = tl.arange(0, C)
+    b_last = tl.sum(tl.where(i == C - 1, b, 0.0), axis=0)  # padded rows past the sequence end carry b_last too
+    kd = k * tl.exp(b_last - b)[:, None]
+    w = tile(w_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+    block = (i_c.to(tl.int64) * kv_heads + hk) * BK * BK + kcols[:, None] * BK + kcols[None, :]
+    if STORE_N:
+        tl.store(n_ptr + block, -tl.dot(tl.trans(kd), w, input_precision=PRECISION))
+    if STORE_NT:
+        tl.store(nt_ptr + block, -tl.dot(tl.trans(w), kd, input_precision=PRECISION))
+    if HAS_G:
+        tl.store(a_ptr + i_c.to(tl.int64) * kv_heads + hk, tl.exp(b_last))
+    if STORE_R:
+        n_vtiles = tl.cdiv(dv, BV)
+        for i_v in range(0, n_vtiles):
+            vcols = i_v * BV + tl.arange(0, BV)
+            u = tile(u_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+            r = tl.dot(tl.trans(kd), u, input_precision=PRECISION)
+            tl.store(tile_major(r_ptr, hk, kcols, vcols, i_c, n_chunks_all, n_vtiles, BK, BV), r)
+
+
+@triton.jit
+def _light_scan_kernel(
+    n_ptr, r_ptr, a_ptr, h0_ptr, h_ptr, ht_ptr, bounds_ptr, chunk_start_ptr,
+    T, kv_heads, dk, dv, n_chunks_all,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
+    REVERSE: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per (V tile, sequence x kv head), over the sequence's chunks in order (or reversed): h[c] = S, then
+    S = N_c S + (gamma_c S + R_c): one [BK, BK] x [BK, BV] product per step. N, gamma, R come from
+    `_transition_kernel` (forward states) or N^T and the backward's own terms (state gradients); R and gamma are
+    loaded one step ahead, N is left to the software pipeliner (a contiguous [BK, BK] block per step)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    seq, hk = i_nh // kv_heads, i_nh % kv_heads
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    state_offs = kcols[:, None] * dv + vcols[None, :]
+    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+    local_offs = kcols[:, None] * BV + tl.arange(0, BV)[None, :]
+    mat = kcols[:, None] * BK + kcols[None, :]
+    r_base = (hk * tl.cdiv(dv, BV) + i_v).to(tl.int64) * n_chunks_all + first
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(h0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, mask=state_mask, other=0.0)
+    n_chunks = tl.cdiv(eos - bos, C)
+    if REVERSE:
+        c = n_chunks - 1
+        step = -1
+    else:
+        c = n_chunks * 0
+        step = 1
+    # masks as integer comparisons (0 or 1 chunks left to read): the interpreter rejects scalar-bool masks
+    left = tl.minimum(n_chunks, 1)
+    term = tl.load(r_ptr + (r_base + c) * (BK * BV) + local_offs, mask=local_offs < left * (BK * BV), other=0.0)
+    decay = tl.full([BK], 1.0, dtype=tl.float32)
+    if HAS_G:
+        decay = tl.load(a_ptr + (first + c).to(tl.int64) * kv_heads + hk + kcols * 0, mask=kcols < left * BK,
+                        other=0.0)
+    for ii in range(0, n_chunks):
+        nxt = c + step
+        left = tl.minimum(tl.maximum(n_chunks - 1 - ii, 0), 1)
+        next_term = tl.load(r_ptr + (r_base + nxt) * (BK * BV) + local_offs, mask=local_offs < left * (BK * BV),
+                            other=0.0)
+        next_decay = decay
+        if HAS_G:
+            next_decay = tl.load(a_ptr + (first + nxt).to(tl.int64) * kv_heads + hk + kcols * 0,
+                                 mask=kcols < left * BK, other=0.0)
+        tl.store(h_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + state_offs, state, mask=state_mask)
+        m = tl.load(n_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * BK * BK + mat)
+        state = tl.dot(m, state, acc=state * decay[:, None] + term, input_precision=PRECISION)
+        term = next_term
+        decay = next_decay
+        c = nxt
+    tl.store(ht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, state, mask=state_mask)
+
+
+@triton.jit
+def _fix_u_kernel(
+    w_ptr, u_ptr, h_ptr, bounds_ptr, chunk_start_ptr, table_ptr, n_seqs, T, kv_heads, dk, dv,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """U = U~ - W h in place, per (chunk, V tile, kv head), after the "light" state scan."""
+    i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    w = tile(w_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+    state_offs = (((first + local).to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
+    state = tl.load(h_ptr + state_offs, mask=(kcols < dk)[:, None] & (vcols < dv)[None, :], other=0.0)
+    offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dv + vcols[None, :]
+    tile_mask = row_mask[:, None] & (vcols < dv)[None, :]
+    u = tl.load(u_ptr + offs, mask=tile_mask, other=0.0)
+    tl.store(u_ptr + offs, u - tl.dot(w, state, input_precision=PRECISION), mask=tile_mask)
+
+
+@triton.jit
 def _output_kernel(
     q_ptr, k_ptr, u_ptr, b_ptr, h_ptr, o_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
     n_seqs, T, heads, kv_heads, dk, dv, scale,
@@ -255,11 +391,17 @@ def state_block(sequences: int, dv: int) -> int:
     return bv
 
 
-def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: int, t_out: torch.Tensor | None = None):
+def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: int, t_out: torch.Tensor | None = None,
+              transposed: dict | None = None):
     """Kernels 1 and 2: (w [rows, Hkv, K], u [rows, Hkv, V] (corrected), b or None, h per chunk, final state).
 
     With `t_out` ([max_chunks, Hkv, C, C] float32), kernel 1 also stores each chunk's T = (I + A)^{-1} there.
+    With `transposed` (a dict, for the backward's "light" state-gradient pass), it receives "nt": N^T = -W^T Kd
+    per chunk [max_chunks, Hkv, BK, BK], "a": gamma_C [max_chunks, Hkv] (None without g) and "bv": the V tile.
     """
+    state_pass = STATE_PASS
+    if state_pass not in ("v2", "light"):
+        raise ValueError(f"delta_rule: STATE_PASS must be 'v2' or 'light', got {state_pass!r}")
     batch_rows, kv_heads, dk = k.shape[0] * k.shape[1], k.shape[2], k.shape[-1]
     dv = v.shape[-1]
     bk = head_block(dk, dv)
@@ -270,16 +412,47 @@ def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: in
     ht = new_empty((layout.n, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
     bounds, chunk_start, table, n, length = layout.args(w)
     has_g, has_h0 = g is not None, initial_state is not None
+    bv_wide = max(16, min(64, triton.next_power_of_2(dv)))
     if layout.max_chunks > 0:
         _prepare_kernel[(layout.max_chunks, kv_heads)](
             k, v, beta, g if has_g else beta, w, u, b if has_g else w, w if t_out is None else t_out,
             bounds, chunk_start, table, n, length, kv_heads, dk, dv,
-            C=chunk, SB=min(SUB, chunk), BK=bk, BV=max(16, min(64, triton.next_power_of_2(dv))), HAS_G=has_g,
+            C=chunk, SB=min(SUB, chunk), BK=bk, BV=bv_wide, HAS_G=has_g,
             VARLEN=layout.varlen, PRECISION=prec, STORE_T=t_out is not None, num_warps=4,
         )
     bv = state_block(layout.n * kv_heads, dv)
+    h0 = initial_state.contiguous() if has_h0 else ht
+    light = state_pass == "light"
+    if light or transposed is not None:
+        mats = dict(device=k.device, dtype=torch.float32)
+        n_mat = new_empty((layout.max_chunks, kv_heads, bk, bk), **mats) if light else w
+        nt = new_empty((layout.max_chunks, kv_heads, bk, bk), **mats) if transposed is not None else w
+        r = new_empty((kv_heads * triton.cdiv(dv, bv), layout.max_chunks, bk, bv), **mats) if light else w
+        a = new_empty((layout.max_chunks, kv_heads), **mats) if has_g else None
+        if transposed is not None:
+            transposed.update(nt=nt, a=a, bv=bv)
+        if layout.max_chunks > 0:
+            _transition_kernel[(layout.max_chunks, kv_heads)](
+                k, beta, g if has_g else beta, w, u, n_mat, nt, r, a if has_g else w, bounds, chunk_start, table,
+                n, length, kv_heads, dk, dv, layout.max_chunks, C=chunk, BK=bk, BV=bv, HAS_G=has_g,
+                VARLEN=layout.varlen, PRECISION=prec, STORE_N=light, STORE_NT=transposed is not None,
+                STORE_R=light, num_warps=8 if bk >= 128 else 4,
+            )
+    if light:
+        warps, stages = LIGHT_SCAN
+        _light_scan_kernel[(triton.cdiv(dv, bv), layout.n * kv_heads)](
+            n_mat, r, a if has_g else w, h0, h, ht, bounds, chunk_start, length, kv_heads, dk, dv, layout.max_chunks,
+            C=chunk, BK=bk, BV=bv, HAS_G=has_g, HAS_H0=has_h0, REVERSE=False, VARLEN=layout.varlen, PRECISION=prec,
+            num_warps=warps, num_stages=stages,
+        )
+        if layout.max_chunks > 0:
+            _fix_u_kernel[(layout.max_chunks, triton.cdiv(dv, bv_wide), kv_heads)](
+                w, u, h, bounds, chunk_start, table, n, length, kv_heads, dk, dv, C=chunk, BK=bk, BV=bv_wide,
+                VARLEN=layout.varlen, PRECISION=prec, num_warps=4,
+            )
+        return w, u, b, h, ht
     _states_kernel[(triton.cdiv(dv, bv), layout.n * kv_heads)](
-        k, w, u, b if has_g else w, initial_state.contiguous() if has_h0 else ht, h, ht, bounds, chunk_start,
+        k, w, u, b if has_g else w, h0, h, ht, bounds, chunk_start,
         length, kv_heads, dk, dv, C=chunk, BK=bk, BV=bv, HAS_G=has_g, HAS_H0=has_h0, VARLEN=layout.varlen,
         PRECISION=prec, num_warps=4,
     )
