@@ -31,10 +31,12 @@ import triton
 import triton.language as tl
 
 from ..alloc import new_empty
+from . import triton_forward
 from .triton_forward import (
     CHUNK,
     SUB,
     Layout,
+    _light_scan_kernel,
     chunk_gates,
     chunk_of_program,
     head_block,
@@ -43,6 +45,7 @@ from .triton_forward import (
     sequence_rows,
     state_block,
     tile,
+    tile_major,
     unit_inverse,
 )
 
@@ -55,6 +58,12 @@ DWY_DIRECT_TILES = (16, 8, 2)
 # v3 only: the chunk's own state-gradient term scale sum_g (diag(gamma) Q_g)^T dO_g is formed by the parallel
 # dU_local kernel (one more [chunks, Hkv, K, V] float32 buffer) instead of inside the sequential loop
 STATE_TERM_OUTSIDE = True
+# State-gradient pass, read at every call: "v2" (default) runs dU = dU_local + Kd dh' and
+# dh = gamma_C dh' - W^T dU + R in the sequential loop; "light" (needs v3 with STATE_TERM_OUTSIDE) forms
+# R' = R - W^T dU_local in the parallel dU_local kernel and N^T = -W^T Kd with the recompute, so each sequential step
+# is dh = N^T dh' + (gamma_C dh' + R') (the forward's `_light_scan_kernel`, reversed: one product, operands
+# prefetched), and dU += Kd dh' runs in parallel afterwards (`_fix_du_kernel`).
+DSTATE_PASS = "v2"
 
 
 @triton.jit
@@ -62,10 +71,12 @@ def _du_local_kernel(
     q_ptr, k_ptr, do_ptr, b_ptr, du_ptr, r_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
     n_seqs, T, heads, kv_heads, dk, dv, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, STATE_TERM: tl.constexpr = False,
+    PRECISION: tl.constexpr, STATE_TERM: tl.constexpr = False, w_ptr=None, n_chunks_all=0, LIGHT: tl.constexpr = False,
+    BVS: tl.constexpr = 16,
 ):
     """scale sum_g (Q_g K^T * Dc)^T dO_g; with STATE_TERM also the chunk's own term of the state gradient,
-    scale sum_g (diag(gamma) Q_g)^T dO_g [K, BV], stored per chunk for `_dstates_kernel` (v3)."""
+    scale sum_g (diag(gamma) Q_g)^T dO_g [K, BV], stored per chunk for `_dstates_kernel` (v3). With LIGHT the
+    term is R' = that - W^T dU_local, stored tile-major with the light scan's V tile BVS (zero-padded)."""
     i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
@@ -98,7 +109,13 @@ def _du_local_kernel(
             term += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
     offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dv + vcols[None, :]
     tl.store(du_ptr + offs, acc * scale, mask=row_mask[:, None] & (vcols < dv)[None, :])
-    if STATE_TERM:
+    if LIGHT:
+        w = tile(w_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        term -= tl.dot(tl.trans(w), acc * scale, input_precision=PRECISION)
+        n_vtiles = tl.cdiv(dv, BVS)
+        ptrs = tile_major(r_ptr, hk, kcols, vcols, first + local, n_chunks_all, n_vtiles, BK, BVS)
+        tl.store(ptrs, term, mask=(vcols < n_vtiles * BVS)[None, :])
+    elif STATE_TERM:
         r_offs = (((first + local).to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
         tl.store(r_ptr + r_offs, term, mask=(kcols < dk)[:, None] & (vcols < dv)[None, :])
 
@@ -156,6 +173,37 @@ def _dstates_kernel(
                 do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
                 dh += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
     tl.store(dh0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, dh, mask=state_mask)
+
+
+@triton.jit
+def _fix_du_kernel(
+    k_ptr, b_ptr, du_ptr, dh_ptr, bounds_ptr, chunk_start_ptr, table_ptr, n_seqs, T, kv_heads, dk, dv,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dU = dU_local + Kd dh' in place, per (chunk, V tile, kv head), after the "light" state-gradient scan."""
+    i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    start = bos + local * C
+    rows = start + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    k = tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
+    if HAS_G:
+        last = tl.minimum(start + C, eos) - 1
+        b = tl.load(b_ptr + rows.to(tl.int64) * kv_heads + hk, mask=row_mask, other=0.0)
+        b_last = tl.load(b_ptr + last.to(tl.int64) * kv_heads + hk)
+        k = k * tl.exp(b_last - b)[:, None]
+    state_offs = (((first + local).to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
+    dh = tl.load(dh_ptr + state_offs, mask=(kcols < dk)[:, None] & (vcols < dv)[None, :], other=0.0)
+    offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dv + vcols[None, :]
+    tile_mask = row_mask[:, None] & (vcols < dv)[None, :]
+    du = tl.load(du_ptr + offs, mask=tile_mask, other=0.0)
+    tl.store(du_ptr + offs, du + tl.dot(k, dh, input_precision=PRECISION), mask=tile_mask)
 
 
 @triton.jit
@@ -435,7 +483,15 @@ def chunk_backward(
     t_all = None
     if version == "v3":
         t_all = new_empty((layout.max_chunks, kv_heads, chunk, chunk), dtype=torch.float32, device=q.device)
-    w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk, t_out=t_all)
+    state_term = version == "v3" and STATE_TERM_OUTSIDE
+    dstate_pass = DSTATE_PASS
+    if dstate_pass not in ("v2", "light"):
+        raise ValueError(f"delta_rule: DSTATE_PASS must be 'v2' or 'light', got {dstate_pass!r}")
+    light = dstate_pass == "light"
+    if light and not state_term:
+        raise ValueError("delta_rule: DSTATE_PASS 'light' needs BACKWARD_VERSION 'v3' with STATE_TERM_OUTSIDE")
+    transposed = {} if light else None
+    w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk, t_out=t_all, transposed=transposed)
     has_g = g is not None
     bk = head_block(dk, dv)
     bv = max(16, min(64, triton.next_power_of_2(dv)))
@@ -454,22 +510,39 @@ def chunk_backward(
     dg = new_empty(g.shape, dtype=g.dtype, device=q.device) if has_g else None
     args = layout.args(w)
     common = dict(C=chunk, BK=bk, HAS_G=has_g, VARLEN=layout.varlen, PRECISION=prec)
-    state_term = version == "v3" and STATE_TERM_OUTSIDE
-    r = new_empty(h.shape, dtype=torch.float32, device=q.device) if state_term else dh
+    bvs = state_block(layout.n * kv_heads, dv)
+    if light:
+        r = new_empty((kv_heads * triton.cdiv(dv, bvs), layout.max_chunks, bk, bvs), dtype=torch.float32,
+                      device=q.device)
+    else:
+        r = new_empty(h.shape, dtype=torch.float32, device=q.device) if state_term else dh
     if layout.max_chunks > 0:
         _du_local_kernel[(layout.max_chunks, triton.cdiv(dv, bv), kv_heads)](
             q, k, do, b_arg, du, r, *args, heads, kv_heads, dk, dv, scale, BV=bv, STATE_TERM=state_term,
-            num_warps=8 if state_term and bk >= 128 else 4, **common,  # the [K, BV] term spills at 4 warps
+            num_warps=8 if state_term and bk >= 128 else 4,  # the [K, BV] term spills at 4 warps
+            w_ptr=w, n_chunks_all=layout.max_chunks, LIGHT=light, BVS=bvs, **common,
         )
         _dqk_kernel[(layout.max_chunks, kv_heads)](
             q, k, u, b_arg, h, do, dq, dko, dbo, *args, heads, kv_heads, dk, dv, scale,
             BV=min(bv, 32), num_warps=warps, num_stages=2, **common,
         )
-    bvs = state_block(layout.n * kv_heads, dv)
-    _dstates_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
-        q, k, w, b_arg, do, du, d_final_state, dh, dh0, r, args[0], args[1], length, heads, kv_heads, dk, dv, scale,
-        BV=bvs, STATE_TERM=state_term, num_warps=4, **common,
-    )
+    if light:
+        assert transposed["bv"] == bvs
+        warps_s, stages_s = triton_forward.LIGHT_SCAN  # read at every call
+        _light_scan_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
+            transposed["nt"], r, transposed["a"] if has_g else w, d_final_state, dh, dh0, args[0], args[1], length,
+            kv_heads, dk, dv, layout.max_chunks, C=chunk, BK=bk, BV=bvs, HAS_G=has_g, HAS_H0=True, REVERSE=True,
+            VARLEN=layout.varlen, PRECISION=prec, num_warps=warps_s, num_stages=stages_s,
+        )
+        if layout.max_chunks > 0:
+            _fix_du_kernel[(layout.max_chunks, triton.cdiv(dv, bv), kv_heads)](
+                k, b_arg, du, dh, *args, kv_heads, dk, dv, BV=bv, num_warps=4, **common,
+            )
+    else:
+        _dstates_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
+            q, k, w, b_arg, do, du, d_final_state, dh, dh0, r, args[0], args[1], length, heads, kv_heads, dk, dv,
+            scale, BV=bvs, STATE_TERM=state_term, num_warps=4, **common,
+        )
     if layout.max_chunks > 0 and version == "v3":
         bv3, warps3, stages3 = DWY_DIRECT_TILES
         _dwy_direct_kernel[(layout.max_chunks, kv_heads)](
