@@ -30,7 +30,7 @@ SUB = 16  # diagonal block of the blocked inverse
 # U = U~ - W h then runs in parallel (`_fix_u_kernel`).
 STATE_PASS = "v2"
 # "light" scan launch shape: (warps, stages); the V tile is `state_block`'s
-LIGHT_SCAN = (4, 2)
+LIGHT_SCAN = (8, 2)  # sm_90 compile: 56 registers, 144 KiB shared (N double-buffered)
 
 
 class Layout:
@@ -339,8 +339,10 @@ def _output_kernel(
     q_ptr, k_ptr, u_ptr, b_ptr, h_ptr, o_ptr, bounds_ptr, chunk_start_ptr, table_ptr,
     n_seqs, T, heads, kv_heads, dk, dv, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, w_ptr=None, FIX_U: tl.constexpr = False,
 ):
+    """o = scale (gamma (Q h) + ((Q K^T) * Dc) U); with FIX_U, u_ptr holds U~ and U = U~ - W h is formed here
+    (the "light" forward: no separate `_fix_u_kernel`, one more product per program)."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
@@ -356,6 +358,9 @@ def _output_kernel(
     u = tile(u_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
     state_offs = (((first + local).to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
     state = tl.load(h_ptr + state_offs, mask=(kcols < dk)[:, None] & (vcols < dv)[None, :], other=0.0)
+    if FIX_U:
+        w = tile(w_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        u -= tl.dot(w, state, input_precision=PRECISION)
     i = tl.arange(0, C)
     causal = i[:, None] >= i[None, :]
     inter = tl.dot(q, state, input_precision=PRECISION)
@@ -392,9 +397,10 @@ def state_block(sequences: int, dv: int) -> int:
 
 
 def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: int, t_out: torch.Tensor | None = None,
-              transposed: dict | None = None):
+              transposed: dict | None = None, fix_u: bool = True):
     """Kernels 1 and 2: (w [rows, Hkv, K], u [rows, Hkv, V] (corrected), b or None, h per chunk, final state).
 
+    Under the "light" state pass with `fix_u` False, u is left uncorrected (U~) for a caller that corrects it.
     With `t_out` ([max_chunks, Hkv, C, C] float32), kernel 1 also stores each chunk's T = (I + A)^{-1} there.
     With `transposed` (a dict, for the backward's "light" state-gradient pass), it receives "nt": N^T = -W^T Kd
     per chunk [max_chunks, Hkv, BK, BK], "a": gamma_C [max_chunks, Hkv] (None without g) and "bv": the V tile.
@@ -445,7 +451,7 @@ def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: in
             C=chunk, BK=bk, BV=bv, HAS_G=has_g, HAS_H0=has_h0, REVERSE=False, VARLEN=layout.varlen, PRECISION=prec,
             num_warps=warps, num_stages=stages,
         )
-        if layout.max_chunks > 0:
+        if layout.max_chunks > 0 and fix_u:
             _fix_u_kernel[(layout.max_chunks, triton.cdiv(dv, bv_wide), kv_heads)](
                 w, u, h, bounds, chunk_start, table, n, length, kv_heads, dk, dv, C=chunk, BK=bk, BV=bv_wide,
                 VARLEN=layout.varlen, PRECISION=prec, num_warps=4,
@@ -479,13 +485,14 @@ def chunk_forward(
     kv_heads, dv = k.shape[2], v.shape[-1]
     prec = precision(q.dtype)
     layout = Layout(batch, length, cu_seqlens, chunk, q.device)
-    _, u, b, h, ht = recompute(k, v, beta, g, initial_state, layout, prec, chunk)
+    light = STATE_PASS == "light"  # U = U~ - W h formed by the output kernel
+    w, u, b, h, ht = recompute(k, v, beta, g, initial_state, layout, prec, chunk, fix_u=not light)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     if layout.max_chunks > 0:
         bv = max(16, min(64, triton.next_power_of_2(dv)))
         _output_kernel[(layout.max_chunks, triton.cdiv(dv, bv), heads)](
             q, k, u, b if b is not None else u, h, o, *layout.args(u), heads, kv_heads, dk, dv, scale,
             C=chunk, BK=head_block(dk, dv), BV=bv, HAS_G=g is not None, VARLEN=layout.varlen, PRECISION=prec,
-            num_warps=4,
+            w_ptr=w, FIX_U=light, num_warps=4,
         )
     return o, ht
