@@ -96,6 +96,16 @@ DELTA_VARIANTS = {
     "v3 dwy BV32": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (32, 8, 2))],
     "v3 dwy 1 stage": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 8, 1))],
     "v3 dwy w4": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 4, 2))],
+    # v4: the sequential passes as per-chunk transitions (formed in parallel) plus a one-product scan
+    "v3 + light steps": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_forward", "STATE_PASS", "light"),
+                         ("triton_backward", "DSTATE_PASS", "light")],
+    "v3 + light fwd states": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_forward", "STATE_PASS", "light")],
+    "v3 + light dstates": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DSTATE_PASS", "light")],
+    "v3 + light steps w4": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_forward", "STATE_PASS", "light"),
+                            ("triton_backward", "DSTATE_PASS", "light"), ("triton_forward", "LIGHT_SCAN", (4, 2))],
+    "v3 + light steps 3 stages": [("triton_backward", "BACKWARD_VERSION", "v3"),
+                                  ("triton_forward", "STATE_PASS", "light"), ("triton_backward", "DSTATE_PASS", "light"),
+                                  ("triton_forward", "LIGHT_SCAN", (8, 3))],
 }
 
 

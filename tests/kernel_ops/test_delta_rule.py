@@ -137,9 +137,13 @@ TRITON_RUNS = [(TRITON_CASES[0], 16), (TRITON_CASES[1], 16), (TRITON_CASES[2], 1
                (dict(TRITON_CASES[1], length=82, cu_seqlens=[0, 1, 67, 67, 68, 82]), 64)]
 
 
+@pytest.mark.parametrize("state_pass", ["v2", "light"])
 @pytest.mark.parametrize(("case", "chunk"), TRITON_RUNS)
-def test_triton_forward_matches_naive(case, chunk):
+def test_triton_forward_matches_naive(case, chunk, state_pass, monkeypatch):
+    """The forward with the v2 state pass and with the "light" one (chunk transitions formed in parallel, one product
+    per sequential step, U corrected by the output kernel)."""
     launchers = load_launchers(FORWARD)
+    monkeypatch.setattr(launchers, "STATE_PASS", state_pass)
     check_launcher(
         lambda q, k, v, beta, g, h0, cu: launchers.chunk_forward(q, k, v, beta, g, 0.3, h0, cu, chunk),
         _naive_for_launcher,
@@ -148,19 +152,32 @@ def test_triton_forward_matches_naive(case, chunk):
     )
 
 
-# triton_backward settings: v2 inverts T twice in the WY kernel; v3 reuses T (direct dA), with the chunk's own
-# state-gradient term formed outside the sequential loop (default) or inside it
+# triton_backward settings (names starting "fwd." are triton_forward's): v2 inverts T twice in the WY kernel; v3 reuses
+# T (direct dA), with the chunk's own state-gradient term formed outside the sequential loop (default) or inside it;
+# "light": the recompute's state pass and the state-gradient pass as per-chunk transitions plus a one-product scan;
+# "v3-light-dstates": only the state-gradient pass light (the transition kernel stores N^T alone)
 BACKWARD_VERSIONS = {"v2": {"BACKWARD_VERSION": "v2"}, "v3": {"BACKWARD_VERSION": "v3"},
-                     "v3-term-in-scan": {"BACKWARD_VERSION": "v3", "STATE_TERM_OUTSIDE": False}}
+                     "v3-term-in-scan": {"BACKWARD_VERSION": "v3", "STATE_TERM_OUTSIDE": False},
+                     "v3-light": {"BACKWARD_VERSION": "v3", "DSTATE_PASS": "light", "fwd.STATE_PASS": "light"},
+                     "v3-light-dstates": {"BACKWARD_VERSION": "v3", "DSTATE_PASS": "light"}}
 
 
 def _select_backward(module, version, monkeypatch):
+    forward = load_launchers(FORWARD)
     for name, value in BACKWARD_VERSIONS[version].items():
-        monkeypatch.setattr(module, name, value)
+        if name.startswith("fwd."):
+            monkeypatch.setattr(forward, name[4:], value)
+        else:
+            monkeypatch.setattr(module, name, value)
 
 
-@pytest.mark.parametrize("version", list(BACKWARD_VERSIONS))
-@pytest.mark.parametrize(("case", "chunk"), TRITON_RUNS)
+# every run for each form, except the light state-gradient pass alone: the gated dense case and the varlen
+# case with empty / one-token sequences (chunk 64: four blocks)
+BACKWARD_RUNS = [(version, case, chunk) for version in BACKWARD_VERSIONS for case, chunk in TRITON_RUNS
+                 if version != "v3-light-dstates" or (case, chunk) in (TRITON_RUNS[0], TRITON_RUNS[4])]
+
+
+@pytest.mark.parametrize(("version", "case", "chunk"), BACKWARD_RUNS)
 def test_triton_backward_matches_naive(case, chunk, version, monkeypatch):
     """Every gradient (q, k, v, beta, g, initial state) of the Triton backward against the naive recurrence."""
     launchers = load_launchers(BACKWARD)

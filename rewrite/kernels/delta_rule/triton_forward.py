@@ -493,6 +493,6 @@ def chunk_forward(
         _output_kernel[(layout.max_chunks, triton.cdiv(dv, bv), heads)](
             q, k, u, b if b is not None else u, h, o, *layout.args(u), heads, kv_heads, dk, dv, scale,
             C=chunk, BK=head_block(dk, dv), BV=bv, HAS_G=g is not None, VARLEN=layout.varlen, PRECISION=prec,
-            w_ptr=w, FIX_U=light, num_warps=4,
+            w_ptr=w, FIX_U=light, num_warps=8 if light and head_block(dk, dv) >= 128 else 4,  # FIX_U spills at 4
         )
     return o, ht
