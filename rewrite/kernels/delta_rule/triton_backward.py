@@ -22,6 +22,8 @@ Kernels (after recomputing W, U, b and the chunk states with the forward's kerne
 4. `_dwy_kernel` per (chunk, kv head): the WY part; dk, dv, dbeta, dg.
 With BACKWARD_VERSION "v3", kernel 4 is `_dwy_direct_kernel` (T kept from the recompute, dA = -T^T dU U^T,
 no inverse) and kernel 1 also forms each chunk's own state-gradient term for kernel 2 (STATE_TERM_OUTSIDE).
+With DSTATE_PASS "light" (v3 only), kernel 1 forms R' = that term - W^T dU_local, kernel 2 is the forward's
+one-product `_light_scan_kernel` run in reverse over N^T = -W^T Kd, and `_fix_du_kernel` adds Kd dh' to dU after it.
 Transposed products are computed directly, never as `tl.trans` of a `tl.dot` result (see
 `triton_forward`): the kernels form both T and T^T = (I + A^T)^{-1}, and both dT and dT^T.
 """
