@@ -88,9 +88,9 @@ def checks() -> list[str]:
 
 
 # variants for --delta-variants: (module in rewrite.kernels.delta_rule, attribute, value) changes applied in
-# turn and undone after; "v2" is the default path, so old and new are timed in one run
+# turn and undone after; "v3" is the default path and "v2" the previous one, so old and new are timed in one run
 DELTA_VARIANTS = {
-    "v2": [],
+    "v2": [("triton_backward", "BACKWARD_VERSION", "v2")],
     "v3": [("triton_backward", "BACKWARD_VERSION", "v3")],
     "v3 term in scan": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "STATE_TERM_OUTSIDE", False)],
     "v3 dwy BV32": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (32, 8, 2))],

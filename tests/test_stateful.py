@@ -789,17 +789,29 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("plan", ["gla", "windowed"])
-def test_cuda_graph_of_a_routed_decode_gives_the_eager_tokens(plan):
-    """Routed blocks replayed from a CUDA graph (eager and compiled step) decode the eager tokens, with
-    decisions that differ per sequence."""
+def test_cuda_graph_of_a_routed_decode_gives_the_eager_logits_and_tokens(plan, compiled):
+    """Routed blocks replayed from a CUDA graph (the eager or the compiled step) decode as the eager
+    program does, with decisions that differ per sequence."""
+    from rewrite.decode.cuda_graph import GraphedStep
+
     _, om, ids = routed(plan, "cuda")
+    program = decode_program(om)
     prompt, mask = _ragged(ids)
-    with record_skips() as report:
-        eager = om.generate(prompt, mask, max_new_tokens=6, cuda_graph="never")
-    _assert_mixed(report.calls[0].decisions)
-    assert torch.equal(om.generate(prompt, mask, max_new_tokens=6, cuda_graph="always"), eager)
-    assert torch.equal(om.generate(prompt, mask, max_new_tokens=6, cuda_graph="always", compile_step=True), eager)
+    state, _ = prefill_state(program, ids[:, :6], mask[:, :6].bool(), extra=ids.shape[1])
+    _assert_mixed(state.skips)
+    eager = torch.cat([decode_token(program, state, ids[:, t : t + 1]) for t in range(6, ids.shape[1])], 1)
+
+    def graphed(program, state):
+        step = GraphedStep(program, state, compiled=compiled)
+        return lambda i, p: step(i, p)
+
+    logits, _ = _compiled_and_eager_steps(program, ids, mask, 6, ids.shape[1] + 6, graphed)
+    torch.testing.assert_close(logits[0], eager, atol=ATOL, rtol=RTOL, msg="static step vs eager decode")
+    torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=RTOL, msg="CUDA graph vs static step")
+    tokens = om.generate(prompt, mask, max_new_tokens=6, cuda_graph="never")
+    assert torch.equal(om.generate(prompt, mask, max_new_tokens=6, cuda_graph="always", compile_step=compiled), tokens)
 
 
 def _compiled_and_eager_steps(program, ids: torch.Tensor, mask: torch.Tensor, prompt: int, capacity: int, step_of):

@@ -8,7 +8,6 @@ from ..alloc import new_empty
 from .triton_common import block, check_head_dims, token_log_decay
 from .triton_forward import DECAY_MODE
 
-
 STEP_PROGRAMS = 128
 """The step kernel narrows its V tiles (down to 8 columns) until batch x kv heads x V tiles reaches
 this many programs: a decode step of a small batch is latency-bound, so more, smaller programs finish
