@@ -245,7 +245,6 @@ def copy_bandwidth() -> float:
 # decay); the "v4 ..." variants select the v4 in-chunk products (triton_gated.SUB_PRODUCTS), so old and
 # new are timed in one run.
 _V5 = ("triton_gated", "SUB_PRODUCTS", {"forward": "whole", "backward": "whole"})
-_V6 = ("triton_backward", "FUSED_DV_MODES", (0, 1, 2))
 SWEEP = {
     "base": [],
     "v4 in-chunk (masked)": [("triton_gated", "SUB_PRODUCTS", {"forward": "masked", "backward": "masked"})],
@@ -266,11 +265,6 @@ SWEEP = {
     "dqk 64x32 w4": [("triton_backward", "DQK_TILES", {2: (64, 32, 4)})],
     "scan 32x16": [("triton_forward", "SCAN_TILES", (32, 16))],
     "scan 16x16": [("triton_forward", "SCAN_TILES", (16, 16))],
-    # v6: dq, dk and dv from one backward kernel per chunk and kv head (triton_backward.FUSED_DV_MODES),
-    # for the scalar kinds and the vector decay; then its K tile for the vector decay (default 32, 8 warps)
-    "v6 fused dv": [_V6],
-    "v6 fused dv bk16": [_V6, ("triton_backward", "FUSED_TILES", {2: (16, 8)})],
-    "v6 fused dv bk64": [_V6, ("triton_backward", "FUSED_TILES", {2: (64, 8)})],
 }
 
 
@@ -358,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     decays = args.decays.split(",")
     sweep_shapes = tuple((1, int(x)) for x in args.sweep_lengths.split(","))
-    swept = tuple(decays)  # "none" too: the v6 variants change the no-decay backward
+    swept = tuple(d for d in decays if d != "none")  # no variant changes the no-decay kernels
     variants = args.sweep_variants.split(",") if args.sweep_variants else None
     if args.sweep_shape:
         if not args.sweep_only:

@@ -106,26 +106,7 @@ TRITON_CASES = [
     Case("scalar", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16, decay_strength=8.0),
     # vector states by chunk terms + scan: an empty sequence, several chunks, K and V tiles, GQA
     Case("vector", batch=1, length=150, heads=4, kv_heads=2, dk=72, dv=80, cu_seqlens=(0, 0, 70, 150)),
-    # the widest head dims of the fused backward (four K tiles, V = FUSED_MAX_V), GQA; one token in a chunk
-    Case("vector", batch=1, length=70, heads=2, kv_heads=1, dk=128, dv=128),
-    Case("vector", length=65, heads=3, kv_heads=3, dk=64, dv=64, initial_state=False),
 ]
-
-# backward variants (`triton_backward.FUSED_DV_MODES`): the two-kernel dq/dk + dv path, and v6's fused
-# dq/dk/dv kernel for every decay kind
-BACKWARDS = {"split": (), "fused": (0, 1, 2)}
-
-
-def use_backward(variant: str, monkeypatch) -> None:
-    """Select the backward `variant`; with "fused", fail if the two-kernel path runs (every case here fits)."""
-    backward = triton_module("triton_backward")
-    monkeypatch.setattr(backward, "FUSED_DV_MODES", BACKWARDS[variant])
-    if variant == "fused":
-
-        def split_path_ran(*args, **kwargs):
-            raise AssertionError("the two-kernel backward ran under FUSED_DV_MODES")
-
-        monkeypatch.setattr(backward, "_split_dqkv", split_path_ran)
 
 
 def triton_module(name: str):
@@ -136,25 +117,21 @@ def on_device(inputs: dict, device) -> dict:
     return {n: None if x is None else x.to(device) for n, x in inputs.items()}
 
 
-@pytest.mark.parametrize("backward", list(BACKWARDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", TRITON_CASES, ids=str)
-def test_triton_forward_and_backward_match_naive(case, dtype, backward, monkeypatch):
-    use_backward(backward, monkeypatch)
+def test_triton_forward_and_backward_match_naive(case, dtype):
     check_triton_against_naive(case, dtype)
 
 
-@pytest.mark.parametrize("backward", list(BACKWARDS))
 @pytest.mark.parametrize("strength", [0.5, 2.0, 8.0])
 @pytest.mark.parametrize("path", ["masked", "batched", "whole"])
-def test_triton_vector_fast_paths(path, strength, backward, monkeypatch):
+def test_triton_vector_fast_paths(path, strength, monkeypatch):
     """Each implementation of the vector decay's in-chunk products (`triton_gated.SUB_PRODUCTS`), forward
-    and backward (both backward variants). Log-decays down to -0.5 per token spread by < 40 over a 64-token
-    chunk (the whole-chunk form, where it is on); down to -2, by > 40 over a chunk but < 40 over a 16-token
-    sub-chunk (the sub-chunk form); down to -8, by > 40 over a sub-chunk (the exact per-pair form)."""
+    and backward. Log-decays down to -0.5 per token spread by < 40 over a 64-token chunk (the whole-chunk
+    form, where it is on); down to -2, by > 40 over a chunk but < 40 over a 16-token sub-chunk (the
+    sub-chunk form); down to -8, by > 40 over a sub-chunk (the exact per-pair form)."""
     gated = triton_module("triton_gated")
     monkeypatch.setattr(gated, "SUB_PRODUCTS", {"forward": path, "backward": path})
-    use_backward(backward, monkeypatch)
     case = Case("vector", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16, decay_strength=strength)
     check_triton_against_naive(case, torch.float32)
 
@@ -323,16 +300,14 @@ def test_bad_cu_seqlens_values():
 
 
 @gpu
-@pytest.mark.parametrize("backward", list(BACKWARDS))
 @pytest.mark.parametrize(
     "decay,path",
     [("none", None), ("constant", None), ("scalar", None)] + [("vector", p) for p in ("masked", "batched", "whole")],
 )
-def test_cuda_bfloat16_against_float64(decay, path, backward, monkeypatch):
+def test_cuda_bfloat16_against_float64(decay, path, monkeypatch):
     if path is not None:
         gated = triton_module("triton_gated")
         monkeypatch.setattr(gated, "SUB_PRODUCTS", {"forward": path, "backward": path})
-    use_backward(backward, monkeypatch)
     case = Case(decay, batch=2, length=300, heads=8, kv_heads=2, dk=128, dv=96)
     x = make_inputs(case, torch.bfloat16, "cuda")
     o, final, leaves = run_public(case, x, leaves=True)
@@ -347,28 +322,7 @@ def test_cuda_bfloat16_against_float64(decay, path, backward, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("decay", ["none", "scalar", "vector"])
-def test_cuda_fused_backward_odd_head_dims(decay, monkeypatch):
-    """The fused backward at K=100, V=32 (the shape of the dv kernel's miscompile on Hopper, NOTES.md v3)
-    and at K=128, V=128 (its widest V tile), MHA, bf16 against float64."""
-    use_backward("fused", monkeypatch)
-    for dk, dv in ((100, 32), (128, 128)):
-        case = Case(decay, batch=1, length=300, heads=4, kv_heads=4, dk=dk, dv=dv)
-        x = make_inputs(case, torch.bfloat16, "cuda")
-        o, final, leaves = run_public(case, x, leaves=True)
-        do, dht = torch.randn_like(o), torch.randn_like(final)
-        grads = dict(
-            zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
-        )
-        o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
-        assert_close(o, o_ref, 1e-2, f"o K={dk} V={dv}")
-        check_grads(grads, grads_ref, scales, 1e-2, str(case))
-
-
-@gpu
-@pytest.mark.parametrize("backward", list(BACKWARDS))
-def test_cuda_varlen_long_sequences(backward, monkeypatch):
-    use_backward(backward, monkeypatch)
+def test_cuda_varlen_long_sequences():
     case = dataclasses.replace(
         Case("vector", batch=1, length=1000, cu_seqlens=(0, 1, 2, 500, 1000)), dk=64, dv=64
     )

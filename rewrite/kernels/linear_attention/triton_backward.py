@@ -18,21 +18,13 @@ from ..alloc import new_empty
 from . import triton_forward, triton_gated
 from .triton_common import block, chunk_log_decay, chunk_of_program, sequence_rows
 from .triton_forward import _load_tile, chunk_states, precision, prepare, scan_states, scan_terms
-from .triton_gated import backward_products, lower_apply, sub_chunk, upper_apply, upper_scores
+from .triton_gated import lower_apply, sub_chunk, upper_apply, upper_scores
 
 # (BK, BV, num_warps) per decay mode for the dq/dk kernel and the dv kernel. The dv kernel's
 # in-chunk part came out wrong on H200 / triton 3.6 with BK 64 or 128 and 4 warps at K=100, V=32
 # (fp16 and bf16; right with BK 32, or with 8 warps; NOTES.md): keep BK 32 there.
 DQK_TILES = {0: (64, 64, 4), 1: (64, 64, 8), 2: (32, 64, 8)}  # vector: 8 warps from the 2026-12-06 H100 sweep
 DV_TILES = {0: (32, 64, 4), 1: (32, 64, 4), 2: (32, 64, 4)}
-# v6 (selectable, not the default): decay modes whose dq, dk and dv come from one kernel per chunk and kv
-# head (`_chunk_dqkv_kernel`) instead of the dq/dk kernel plus the dv kernel; read at every launch.
-# (BK, num_warps) of that kernel per decay mode; V is one tile of up to FUSED_MAX_V columns (wider V
-# takes the two kernels). 8 warps everywhere: the dv kernel's miscompile above was at 4 warps. BK 32 for
-# every mode: compiled for sm_90 (local triton 3.9) it spills less than BK 64 (NOTES.md, v6).
-FUSED_DV_MODES: tuple[int, ...] = ()
-FUSED_TILES = {0: (32, 8), 1: (32, 8), 2: (32, 8)}
-FUSED_MAX_V = 128
 DSTATE_TILES = (64, 32)
 CUMSUM_TILE = (4096, 16)  # elements per step and most columns per program of the dg reverse cumsum
 
@@ -341,162 +333,6 @@ def _chunk_dv_kernel(
 
 
 @triton.jit
-def _chunk_dqkv_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    g_ptr,
-    h_ptr,
-    dh_ptr,
-    dq_ptr,
-    dk_ptr,
-    dv_ptr,
-    dlog_ptr,
-    dk_part_ptr,
-    bounds_ptr,
-    chunk_start_ptr,
-    table_ptr,
-    n_seqs,
-    T,
-    heads,
-    kv_heads,
-    dk,
-    dv,
-    scale,
-    C: tl.constexpr,
-    SUB: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    MODE: tl.constexpr,
-    CONST: tl.constexpr,
-    VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
-    F32_PRECISION: tl.constexpr,
-    PATH: tl.constexpr,
-    GROUPED: tl.constexpr,
-):
-    """dq, dk, dv and the log-decay gradient terms of one chunk and kv head (v6, `FUSED_DV_MODES`).
-
-    Per q head: the score gradients ds = do v^T and ds^T = v do^T once over the whole V (one tile,
-    BV >= dv), then per K tile dq (stored), that head's part of dk, and the K tile's part of the
-    transposed scores A^T that dv needs; dv += A^T do after the K loop. The kv head's state terms
-    (dk's v dh^T decayed to the chunk end, dv's decayed k dh) run with the first q head. So the
-    chunk's inputs are read once per q head, and no product is computed twice (the two-kernel path
-    recomputes ds per K tile and A^T per V tile).
-    GROUPED (GQA): dk and the vector decay's dB terms are summed over the q heads through dk_part (a
-    float32 buffer) and dlog, read back by the same program after a barrier; the last head stores dk.
-    """
-    i_c, hk = tl.program_id(0), tl.program_id(1)
-    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
-    if seq >= n_seqs:
-        return
-    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
-    group = heads // kv_heads
-    rows = bos + local * C + tl.arange(0, C)
-    row_mask = rows < eos
-    vcols = tl.arange(0, BV)
-    idx = tl.arange(0, C)
-    causal = idx[:, None] >= idx[None, :]
-    causal_t = idx[:, None] <= idx[None, :]
-    state_base = (i_c.to(tl.int64) * kv_heads + hk) * dk * dv
-    v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-    if MODE == 1:
-        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST)
-        pair = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-        pair_t = tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf")))
-        dlog_rows = tl.zeros([C], dtype=tl.float32)  # the scalar decay's dB: summed over K and q heads
-    dv_acc = tl.zeros([C, BV], dtype=tl.float32)
-    for j in range(0, group):
-        h = hk * group + j
-        do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
-        ds = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PRECISION) * scale, 0.0)
-        ds_t = tl.where(causal_t, tl.dot(v, tl.trans(do), input_precision=PRECISION) * scale, 0.0)
-        if MODE == 1:
-            ds = ds * pair
-            ds_t = ds_t * pair_t
-        scores_t = tl.zeros([C, C], dtype=tl.float32)  # scores_t[r, c] = score of query c on key r
-        for i_k in range(0, tl.cdiv(dk, BK)):
-            kcols = i_k * BK + tl.arange(0, BK)
-            q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
-            k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
-            state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
-            state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-            state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
-            if MODE == 0:
-                dq = tl.dot(do, tl.trans(state.to(do.dtype)), input_precision=PRECISION) * scale
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                dkj = tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-                scores_t += tl.dot(k, tl.trans(q), input_precision=PRECISION)
-            elif MODE == 1:  # float32 operands: dg needs dq and dk exact
-                dq = tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
-                dq = dq * scale * tl.exp(b)[:, None]
-                dq += tl.dot(ds, k.to(tl.float32), input_precision=F32_PRECISION)
-                dkj = tl.dot(ds_t, q.to(tl.float32), input_precision=F32_PRECISION)
-                scores_t += tl.dot(k, tl.trans(q), input_precision=PRECISION)
-            else:
-                b, to_end, b_last = chunk_log_decay(
-                    g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST
-                )
-                dq_in, dkj, part, decay = backward_products(
-                    ds, ds_t, q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION, PATH
-                )
-                dq = tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
-                dq = dq * scale * decay + dq_in
-                scores_t += part
-            if j == 0:  # the kv head's state terms, once
-                dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0)
-                if MODE == 0:
-                    dkj += tl.dot(v, tl.trans(dstate.to(v.dtype)), input_precision=PRECISION)
-                    kd = k
-                else:
-                    end = tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=F32_PRECISION)
-                    if MODE == 1:
-                        dkj += end * tl.exp(to_end)[:, None]
-                        kd = (k * tl.exp(to_end)[:, None]).to(k.dtype)
-                    else:
-                        to_end_exp = tl.exp(to_end)
-                        dkj += end * to_end_exp
-                        kd = (k * to_end_exp).to(k.dtype)
-                dv_acc += tl.dot(kd, dstate.to(k.dtype), input_precision=PRECISION)
-            q_offs = rows.to(tl.int64)[:, None] * (heads * dk) + h * dk + kcols[None, :]
-            k_offs = rows.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
-            mask = row_mask[:, None] & (kcols < dk)[None, :]
-            tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=mask)
-            if MODE == 1:
-                dlog_rows += tl.sum(q.to(tl.float32) * dq - k.to(tl.float32) * dkj, axis=1)
-            if GROUPED:
-                if MODE == 2:
-                    dlog = q.to(tl.float32) * dq - k.to(tl.float32) * dkj
-                    if j > 0:
-                        dlog += tl.load(dlog_ptr + k_offs, mask=mask, other=0.0)
-                    tl.store(dlog_ptr + k_offs, dlog, mask=mask)
-                if j > 0:
-                    dkj += tl.load(dk_part_ptr + k_offs, mask=mask, other=0.0)
-                if j < group - 1:
-                    tl.store(dk_part_ptr + k_offs, dkj, mask=mask)
-                else:
-                    tl.store(dk_ptr + k_offs, dkj.to(dk_ptr.dtype.element_ty), mask=mask)
-            else:
-                tl.store(dk_ptr + k_offs, dkj.to(dk_ptr.dtype.element_ty), mask=mask)
-                if MODE == 2:
-                    tl.store(dlog_ptr + k_offs, q.to(tl.float32) * dq - k.to(tl.float32) * dkj, mask=mask)
-        if MODE == 1:
-            scores_t = scores_t * pair_t
-        else:
-            scores_t = tl.where(causal_t, scores_t, 0.0)
-        dv_acc += tl.dot(scores_t.to(do.dtype), do, input_precision=PRECISION) * scale
-        if GROUPED:  # this head's dk_part / dlog stores are read by other threads for the next head
-            tl.debug_barrier()
-    offs = rows.to(tl.int64)[:, None] * (kv_heads * dv) + hk * dv + vcols[None, :]
-    tl.store(
-        dv_ptr + offs, dv_acc.to(dv_ptr.dtype.element_ty), mask=row_mask[:, None] & (vcols < dv)[None, :]
-    )
-    if MODE == 1:
-        tl.store(dlog_ptr + rows.to(tl.int64) * kv_heads + hk, dlog_rows, mask=row_mask)
-
-
-@triton.jit
 def _reverse_cumsum_kernel(
     x_ptr,
     carry_ptr,
@@ -614,67 +450,6 @@ def chunk_backward(
     dv_ = new_empty(v.shape, dtype=v.dtype, device=device)
     common = dict(C=chunks.chunk, SUB=sub_chunk(chunks.chunk), MODE=mode, CONST=const, VARLEN=chunks.varlen)
     common.update(PRECISION=prec, F32_PRECISION=prec, PATH=triton_gated.path("backward"))
-    if mode in FUSED_DV_MODES and dv <= FUSED_MAX_V:
-        dlog = _fused_dqkv(q, k, v, do, decay_kw, h, dh, dq, dk_, dv_, chunks, scale, common)
-    else:
-        dlog = _split_dqkv(q, k, v, do, decay_kw, h, dh, dq, dk_, dv_, chunks, scale, common)
-    dg = None if mode == 0 else _log_decay_grad(dlog, final, d_final_state, g, decay, chunks)
-    dh0 = None if initial_state is None else dh0.to(initial_state.dtype)
-    return dq, dk_, dv_, dg, dh0
-
-
-def _fused_dqkv(q, k, v, do, decay_kw, h, dh, dq, dk_, dv_, chunks, scale, common) -> torch.Tensor:
-    """dq, dk, dv into the given outputs by `_chunk_dqkv_kernel`; returns dB = sum_g q * dq - k * dk
-    ([B * T, Hkv, K] for "vector", [B * T, Hkv, 1] for the scalar kinds, q as a stand-in without decay)."""
-    batch, length, heads, dk = q.shape
-    kv_heads, dv = k.shape[2], v.shape[-1]
-    mode, device = common["MODE"], q.device
-    bk, warps = FUSED_TILES[mode]
-    bk, bv = block(dk, bk), max(16, triton.next_power_of_2(dv))
-    grouped = heads != kv_heads
-    feat = dk if mode == 2 else 1
-    dlog = new_empty((batch * length, kv_heads, feat), dtype=torch.float32, device=device) if mode else q
-    dk_part = new_empty(k.shape, dtype=torch.float32, device=device) if grouped else dlog
-    bounds, chunk_start, table, n, length = chunks.args(q)
-    _chunk_dqkv_kernel[(chunks.max_chunks, kv_heads)](
-        q,
-        k,
-        v,
-        do,
-        decay_kw["g"],
-        h,
-        dh,
-        dq,
-        dk_,
-        dv_,
-        dlog,
-        dk_part,
-        bounds,
-        chunk_start,
-        table,
-        n,
-        length,
-        heads,
-        kv_heads,
-        dk,
-        dv,
-        scale,
-        BK=bk,
-        BV=bv,
-        GROUPED=grouped,
-        num_warps=warps,
-        **common,
-    )
-    return dlog
-
-
-def _split_dqkv(q, k, v, do, decay_kw, h, dh, dq, dk_, dv_, chunks, scale, common) -> torch.Tensor:
-    """dq, dk (`_chunk_dqk_kernel`) and dv (`_chunk_dv_kernel`) into the given outputs; returns dB as
-    `_fused_dqkv` does (for the scalar kinds one column per K tile of the dq/dk kernel)."""
-    batch, length, heads, dk = q.shape
-    kv_heads, dv = k.shape[2], v.shape[-1]
-    mode, device = common["MODE"], q.device
-    bounds, chunk_start, table, n, length = chunks.args(q)
     bk, bv, warps = DQK_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
     # per key dim for "vector"; else summed over each K tile's columns in the kernel
@@ -731,4 +506,6 @@ def _split_dqkv(q, k, v, do, decay_kw, h, dh, dq, dk_, dv_, chunks, scale, commo
         num_warps=warps,
         **common,
     )
-    return dlog
+    dg = None if mode == 0 else _log_decay_grad(dlog, final, d_final_state, g, decay, chunks)
+    dh0 = None if initial_state is None else dh0.to(initial_state.dtype)
+    return dq, dk_, dv_, dg, dh0

@@ -330,39 +330,5 @@ def upper_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.const
     return out
 
 
-@triton.jit
-def backward_products(
-    ds, ds_t, q, k, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr
-):
-    """(lower_apply(ds, k), upper_apply(ds_t, q), upper_scores(k, q), exp(b)) of one K tile: the in-chunk
-    products of the fused backward (dq's, dk's and dv's), sharing their factors in the whole-chunk form.
-
-    upper_apply and upper_scores use the same two factors (q * exp(b - bot) as the column side,
-    exp(bot - b) on the rows), and exp(b) is lower_apply's row factor times exp(top) (as in
-    `lower_scores`): 4 [C, BK] exps instead of 7. The other forms are the separate functions.
-    """
-    top, bot, whole = _whole(b, PATH == 2)
-    if whole:
-        lo_row = tl.exp(tl.minimum(b - top[None, :], 0.0))
-        ks = k * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
-        dq = tl.dot(ds, ks, input_precision=PRECISION) * lo_row
-        up_row = tl.exp(tl.minimum(bot[None, :] - b, 0.0))
-        qs = q * tl.exp(tl.minimum(b - bot[None, :], LIMIT))
-        dk = tl.dot(ds_t, qs, input_precision=PRECISION) * up_row
-        scores_t = tl.dot(k * up_row, tl.trans(qs), input_precision=PRECISION)
-        decay = lo_row * tl.exp(top)[None, :]
-    elif PATH == 0:
-        dq = _lower_apply_masked(ds, k, b, C, SUB, PRECISION)
-        dk = _upper_apply_masked(ds_t, q, b, C, SUB, PRECISION)
-        scores_t = _upper_scores_masked(k, q, b, C, SUB, PRECISION)
-        decay = tl.exp(b)
-    else:
-        dq = _lower_apply_sub(ds, k, b, C, SUB, PRECISION)
-        dk = _upper_apply_sub(ds_t, q, b, C, SUB, PRECISION)
-        scores_t = _upper_scores_sub(k, q, b, C, SUB, PRECISION)
-        decay = tl.exp(b)
-    return dq, dk, scores_t, decay
-
-
 def sub_chunk(chunk: int) -> int:
     return min(16, chunk)
