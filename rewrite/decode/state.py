@@ -19,7 +19,6 @@ at prefill are held in `skips`.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,9 +76,6 @@ class RecurrentState:
         for old, fresh in zip(pytree.tree_leaves(self.value), pytree.tree_leaves(new), strict=True):
             old.copy_(fresh)
 
-
-_ROW_FIELDS = ("valid", "counts", "step_valid")
-"""The per-sequence fields a row view gathers from the state it views (on first read)."""
 
 SLOT_BUCKET = 256
 """Eager decode steps attend over the filled KV-cache slots rounded up to a multiple of this."""
@@ -207,23 +203,7 @@ class DecodeState:
         view of other size reaching it is refused. One the whole state allocated is gathered and
         scattered by row.
         """
-        view = copy.copy(self)
-        view.rows = rows if self.rows is None else self.rows.index_select(0, rows)
-        for name in _ROW_FIELDS:
-            view.__dict__.pop(name, None)
-        view._row_source = (self, rows)
-        return view
-
-    def __getattr__(self, name: str) -> Any:
-        """A view's `valid` / `counts` / `step_valid`, gathered from the state it views on first read."""
-        source = self.__dict__.get("_row_source")
-        if name not in _ROW_FIELDS or source is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        parent, rows = source
-        whole = getattr(parent, name)
-        value = None if whole is None else whole.index_select(0, rows)
-        self.__dict__[name] = value
-        return value
+        return RowView(self, rows)
 
     def _mine(self, t: torch.Tensor) -> torch.Tensor:
         """This view's rows of a whole-batch tensor (dim 0)."""
@@ -359,3 +339,55 @@ class DecodeState:
         for layer in self.layers.values():
             out["recurrent" if isinstance(layer, RecurrentState) else "kv_cache"] += layer.nbytes()
         return out
+
+
+_UNREAD: Any = object()
+"""A row view's per-sequence field before its first read."""
+
+
+class RowView(DecodeState):
+    """`DecodeState.select_rows(rows)`: the state seen by the sequences `rows` (a routed block's running rows).
+
+    It shares the state's caches and bookkeeping; its per-sequence fields (`valid`, `counts`,
+    `step_valid`) are the state's rows `rows`, gathered when first read. Built attribute by attribute
+    (no copy of the state object), so torch.compile traces it as plain Python.
+    """
+
+    def __init__(self, parent: DecodeState, rows: torch.Tensor):  # no dataclass __init__: nothing allocated
+        self.batch, self.capacity, self.device = parent.batch, parent.capacity, parent.device
+        self.slot_mask, self.layers = parent.slot_mask, parent.layers
+        self.static, self.skips, self.held = parent.static, parent.skips, parent.held
+        self.slots, self.padded = parent.slots, parent.padded
+        self.rows = rows if parent.rows is None else parent.rows.index_select(0, rows)
+        self._parent, self._local_rows = parent, rows
+        self._valid, self._counts, self._step_valid = _UNREAD, _UNREAD, _UNREAD
+
+    @property
+    def length(self) -> int:  # type: ignore[override]
+        """Slots used so far: the state's (read when asked, so a compiled step that never asks does not
+        depend on it)."""
+        return self._parent.length
+
+    def _mine_of_parent(self, whole: torch.Tensor | None) -> torch.Tensor | None:
+        return None if whole is None else whole.index_select(0, self._local_rows)
+
+    @property
+    def valid(self) -> torch.Tensor | None:  # type: ignore[override]
+        """[rows, capacity] bool: which slots hold real tokens, for this view's rows (None without a slot mask)."""
+        if self._valid is _UNREAD:
+            self._valid = self._mine_of_parent(self._parent.valid)
+        return self._valid
+
+    @property
+    def counts(self) -> torch.Tensor:  # type: ignore[override]
+        """[rows]: real tokens of each of this view's sequences so far."""
+        if self._counts is _UNREAD:
+            self._counts = self._mine_of_parent(self._parent.counts)
+        return self._counts
+
+    @property
+    def step_valid(self) -> torch.Tensor:  # type: ignore[override]
+        """[rows, tokens] bool: which of the current call's tokens are real, for this view's rows."""
+        if self._step_valid is _UNREAD:
+            self._step_valid = self._mine_of_parent(self._parent.step_valid)
+        return self._step_valid
