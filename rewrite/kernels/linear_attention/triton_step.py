@@ -97,7 +97,8 @@ def _recurrent_step_kernel(
                  mask=qmask[:, None] & vmask[None, :])
     tl.store(new_state_ptr + state_offs, state, mask=state_mask)
     if NORM != 0:
-        tl.store(new_state_ptr + rows + dv, z, mask=kmask & (i_v == 0))
+        if i_v == 0:
+            tl.store(new_state_ptr + rows + dv, z, mask=kmask)
 
 
 def step_tile(programs: int, dv: int) -> int:
