@@ -196,5 +196,8 @@ def recurrent_step_(
     `normalizer` [B, t, Hkv, K] (None: no normalisation) holds z after each token; the state's
     last column then receives the last z, and o is divided by scale * q z + eps.
     """
+    if not state.is_contiguous() or state.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"recurrent_step_: the state must be contiguous float32 / float64, got {state.dtype} "
+                         f"with strides {tuple(state.stride())}")
     norm = NORM_NONE if normalizer is None else NORM_GIVEN
     return _launch(q, k, v, g, decay, scale, state, state, norm, normalizer, eps)
