@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 
 import pytest
@@ -333,18 +334,26 @@ def _step_case(kind: str, g):
 
 @pytest.mark.parametrize("kind", [*NEW_KINDS, "gla", "retention", "linear"])
 def test_stepping_token_by_token_equals_the_full_sequence(kind):
+    """Also in place (kinds whose step takes `inplace`: the state, once started, is written and returned)."""
     q, k, v, _, g = _inputs(6)
     params, kwargs = _step_case(kind, g)
     mixer = KINDS[kind]
     full = mixer.fn(q, k, v, *params, scale=SCALE, **kwargs)
-    state, outs, t = None, [], 0
-    for width in (1, 1, 3, 1, 2, 1, 1, 1):  # one token and a few tokens per call
-        o, state = mixer.step(q[:, :, t : t + width], k[:, :, t : t + width], v[:, :, t : t + width], *params,
-                              state=state, scale=SCALE, **kwargs)
-        outs.append(o)
-        t += width
-    assert t == L
-    torch.testing.assert_close(torch.cat(outs, dim=2), full, rtol=1e-7, atol=1e-7)
+    in_place = "inplace" in inspect.signature(mixer.step).parameters
+    for inplace in (False, True) if in_place else (False,):
+        state, outs, t = None, [], 0
+        for width in (1, 1, 3, 1, 2, 1, 1, 1):  # one token and a few tokens per call
+            more = {"inplace": True} if inplace and state is not None else {}
+            o, new = mixer.step(q[:, :, t : t + width], k[:, :, t : t + width], v[:, :, t : t + width], *params,
+                                state=state, scale=SCALE, **kwargs, **more)
+            if more:
+                held = torch.utils._pytree.tree_leaves(state)[-1]
+                assert torch.utils._pytree.tree_leaves(new)[-1] is held  # the linear-attention state
+            state = new
+            outs.append(o)
+            t += width
+        assert t == L
+        torch.testing.assert_close(torch.cat(outs, dim=2), full, rtol=1e-7, atol=1e-7)
 
 
 # -- end to end: padding, round trips, options --------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import re
 
 import pytest
 import torch
@@ -78,6 +80,7 @@ def optimized(family: str, plan_key: str):
 PLANS = {
     "softmax": [],
     "gla": [{"mixer": {"kind": "gla"}}],
+    "gla_norm": [{"mixer": {"kind": "gla", "feature_map": "elu1", "normalize": True}}],
     "linear": [{"mixer": {"kind": "linear"}}],
     "retention": [{"mixer": {"kind": "retention"}}],
     "hybrid": [{"mixer": {"kind": "gla", "layers": [0]}}],
@@ -116,7 +119,7 @@ def stepwise_logits(om, ids: torch.Tensor, prefill: int) -> torch.Tensor:
 
 
 STEP_CASES = [
-    ("llama", "softmax"), ("llama", "gla"), ("llama", "hybrid"), ("gpt2", "linear"),
+    ("llama", "softmax"), ("llama", "gla"), ("llama", "gla_norm"), ("llama", "hybrid"), ("gpt2", "linear"),
     ("qwen3", "retention"), ("handwritten", "hybrid"), ("positions", "retention"),
 ]
 
@@ -715,7 +718,7 @@ def test_a_full_kv_cache_keeps_its_slot_mask_and_grows_with_context():
         state.kv_cache("layer", torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4))
 
 
-@pytest.mark.parametrize("plan", ["gla", "hybrid", "gated_deltanet"])
+@pytest.mark.parametrize("plan", ["gla", "gla_norm", "hybrid", "gated_deltanet"])
 def test_ragged_left_padded_token_by_token_logits_equal_each_prompt_alone(plan):
     _, om, ids = optimized("llama", plan)
     program = decode_program(om)
@@ -835,7 +838,7 @@ def _compiled_and_eager_steps(program, ids: torch.Tensor, mask: torch.Tensor, pr
     return logits, states
 
 
-@pytest.mark.parametrize("plan", ["gla", "softmax"])
+@pytest.mark.parametrize("plan", ["gla", "gla_norm", "softmax"])
 def test_compiled_step_gives_the_eager_logits_tokens_and_state(plan):
     """compile_step: the one-token step compiled by Inductor (CPU) equals the eager static step, and
     generate's tokens equal the uncompiled ones (gla: recurrent states; softmax: KV caches)."""
@@ -849,7 +852,7 @@ def test_compiled_step_gives_the_eager_logits_tokens_and_state(plan):
     logits, states = _compiled_and_eager_steps(program, ids, mask, 6, capacity, CompiledStep)
     torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=RTOL)
     eager, compiled = state_tensors(states[0]), state_tensors(states[1])
-    assert eager.keys() == compiled.keys() and (states[0].valid is None) == (plan == "gla")
+    assert eager.keys() == compiled.keys() and (states[0].valid is None) == plan.startswith("gla")
     for name in eager:  # the compiled step wrote the state in place, as the eager one
         torch.testing.assert_close(compiled[name], eager[name], atol=ATOL, rtol=RTOL, msg=name)
     tokens = om.generate(prompt, mask, max_new_tokens=new)
@@ -874,6 +877,87 @@ def test_routed_static_and_compiled_steps_give_the_eager_logits_and_tokens(plan)
     assert torch.equal(states[1].skips, state.skips)
     tokens = om.generate(prompt, mask, max_new_tokens=6)
     assert torch.equal(om.generate(prompt, mask, max_new_tokens=6, compile_step=True), tokens)
+
+
+def _step_code_and_logits(program, ids: torch.Tensor) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
+    """(the `call` of the Inductor code of `program`'s compiled static step, logits [B, 4, V] of 4 steps,
+    the state's tensors) after a prefill of 6 tokens of `ids`."""
+    from torch._inductor.utils import run_and_get_code
+
+    from rewrite.decode.compiled import CompiledStep
+
+    state, _ = prefill_state(program, ids[:, :6], extra=4)
+    state.start_static()
+    step, outs, code = CompiledStep(program, state), [], ""
+    for t in range(6, 10):
+        positions = state.positions(1)
+        state.begin(1)
+        if t == 6:
+            logits, codes = run_and_get_code(step, ids[:, t : t + 1], positions)
+            code = "\n".join(codes)
+        else:
+            logits = step(ids[:, t : t + 1], positions)
+        outs.append(logits.clone())
+        state.advance()
+    return code[code.index("def call("):], torch.cat(outs, 1), state_tensors(state)
+
+
+def _kernels(call: str) -> list[str]:
+    """The kernels an Inductor `call` (CPU) launches: its fused C++ kernels, extern kernels and ops."""
+    starts = ("cpp_fused", "extern_kernels.", "torch.ops.")
+    return [line.strip() for line in call.splitlines() if line.strip().startswith(starts)
+            or " = torch.ops." in line]
+
+
+def test_compiled_normalized_gla_step_writes_its_state_in_place_with_fewer_kernels(monkeypatch):
+    """gla with elu1 and normalize, compiled by Inductor (CPU), batch 1: the step op updates each layer's held
+    state itself (called on the state input, no clone, no copy back) and divides in the kernel (no column of
+    ones for v, no division after it): fewer kernels per layer than the ones-column step that returns a new
+    state (`mixers.common.FUSED_STEP_NORMALIZE`, `decode.steps.INPLACE_STATE` off), with the same logits and
+    states."""
+    import rewrite.decode.steps as decode_steps
+    import rewrite.mixers.common as mixer_common
+    from rewrite.decode.program import DecodeProgram
+
+    _, om, ids = optimized("llama", "gla_norm")
+    ids = ids[:1]
+    layers = om.source.config.num_hidden_layers
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(decode_steps, "INPLACE_STATE", fused)
+        monkeypatch.setattr(mixer_common, "FUSED_STEP_NORMALIZE", fused)
+        results[fused] = _step_code_and_logits(DecodeProgram(om.source, om.plan, dict(om.named_parameters())), ids)
+    call, logits, states = results[True]
+    inplace = [line for line in _kernels(call) if "linear_attention_step_.default(" in line]
+    assert len(inplace) == layers and not re.search(r"clone|\.copy_\(|cpp_fused_copy_", call), call
+    assert "linear_attention_step.default(" not in call
+    # the copy and the division were kernels of their own; CPU Inductor sometimes fuses v's ones column into
+    # a neighbouring kernel (GPU Inductor: its own kernel), so at least 2 per layer here, and no ones column
+    before = results[False][0]
+    assert "new_ones" in before and "new_ones" not in call
+    assert len(_kernels(before)) - len(_kernels(call)) >= 2 * layers
+    torch.testing.assert_close(logits, results[False][1], atol=ATOL, rtol=RTOL)
+    for name, tensor in states.items():
+        torch.testing.assert_close(tensor, results[False][2][name], atol=ATOL, rtol=RTOL, msg=name)
+
+
+def test_in_place_and_fused_normalized_steps_give_the_ones_column_steps_logits(monkeypatch):
+    """Eager decode of gla elu1 + normalize with the state written in place and the division in the kernel,
+    the running key sums computed before the kernel or kept by it: the logits of the step that appends ones
+    to v and returns a new state."""
+    import rewrite.decode.steps as decode_steps
+    import rewrite.mixers.common as mixer_common
+
+    api = importlib.import_module("rewrite.kernels.linear_attention.api")
+    _, om, ids = optimized("llama", "gla_norm")
+    runs = []
+    for fused, precomputed in ((False, "never"), (True, "never"), (True, "always")):
+        monkeypatch.setattr(decode_steps, "INPLACE_STATE", fused)
+        monkeypatch.setattr(mixer_common, "FUSED_STEP_NORMALIZE", fused)
+        monkeypatch.setattr(api, "PRECOMPUTED_NORMALIZER", precomputed)
+        runs.append(stepwise_logits(om, ids, prefill=5))
+    torch.testing.assert_close(runs[1], runs[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(runs[2], runs[0], atol=ATOL, rtol=RTOL)
 
 
 def test_compile_step_errors_name_the_option_and_the_cause(monkeypatch):

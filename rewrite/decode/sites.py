@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from rewrite.decode.state import DecodeState
-from rewrite.decode.steps import can_chunk, chunked_prefill, kind_step, rowwise_prefill, step_kwargs
+from rewrite.decode.steps import (
+    can_chunk,
+    chunked_prefill,
+    kind_step,
+    rowwise_prefill,
+    step_kwargs,
+    writes_in_place,
+)
 from rewrite.errors import RewriteError
 
 
@@ -176,7 +183,10 @@ def stateful_mixer(
         o, new = chunked_prefill(kind, q, k, v, params, site_kwargs,
                                  decode_state.step_valid if padded else None, previous)
     elif not padded:
-        o, new = step(q, k, v, *params, state=previous, **step_kwargs(step, site_kwargs))
+        kwargs = step_kwargs(step, site_kwargs)
+        if previous is not None and writes_in_place(step):  # the kernel writes the held state (a view's: its rows)
+            kwargs["inplace"] = True
+        o, new = step(q, k, v, *params, state=previous, **kwargs)
     elif previous is None:
         o, new = rowwise_prefill(step, q, k, v, params, step_kwargs(step, site_kwargs), decode_state.step_valid)
     else:

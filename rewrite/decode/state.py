@@ -72,9 +72,11 @@ class RecurrentState:
         return sum(t.nbytes for t in pytree.tree_leaves(self.value) if isinstance(t, torch.Tensor))
 
     def update(self, new: Any) -> None:
-        """Write `new` into the held tensors (same structure, shapes and dtypes)."""
+        """Write `new` into the held tensors (same structure, shapes and dtypes); a held tensor that `new`
+        holds itself (a step wrote it in place) is left as it is, so no copy is made."""
         for old, fresh in zip(pytree.tree_leaves(self.value), pytree.tree_leaves(new), strict=True):
-            old.copy_(fresh)
+            if fresh is not old:
+                old.copy_(fresh)
 
 
 SLOT_BUCKET = 256

@@ -36,6 +36,11 @@ CHUNKED_KINDS = {"linear": 0, "retention": 1, "gla": 0}
 SITE_ONLY_KWARGS = ("mask", "mask_negated", "check_mask", "layer")
 """Keyword arguments of a mixer site that its step does not take."""
 
+INPLACE_STATE = True
+"""Whether a decode step whose kind's step takes `inplace` (linear, retention, gla, lawcat) writes the held
+recurrent state in place (the step kernel writes it: no copy of the state per layer and step) instead of
+returning a new state that the decode state copies into its buffer. Same values either way."""
+
 
 def kind_step(kind: str, layer: str) -> Callable[..., tuple[torch.Tensor, Any]]:
     """The recurrent step of mixer kind `kind`; raises naming `layer` when the kind has none."""
@@ -56,6 +61,11 @@ def step_kwargs(step: Callable[..., Any], site_kwargs: dict[str, Any]) -> dict[s
     """The site's keyword arguments that `step` accepts (masks and labels are the site's business)."""
     accepted = inspect.signature(step).parameters
     return {k: v for k, v in site_kwargs.items() if k not in SITE_ONLY_KWARGS and k in accepted}
+
+
+def writes_in_place(step: Callable[..., Any]) -> bool:
+    """Whether `step` can update a given state in place (it takes `inplace`) and INPLACE_STATE is on."""
+    return INPLACE_STATE and "inplace" in inspect.signature(step).parameters
 
 
 def can_chunk(kind: str, params: tuple, site_kwargs: dict[str, Any]) -> bool:

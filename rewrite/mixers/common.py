@@ -204,6 +204,13 @@ def padding_validity(
     return valid
 
 
+FUSED_STEP_NORMALIZE = True
+"""Whether a normalising `mix_step` divides in the step kernel (the state's last column is the running
+sum of phi(k), v gets no column of ones, o no division after the kernel: two fewer kernels per layer
+and step) instead of appending ones to v and dividing the kernel's output. Same state layout and the
+same values (the division happens before rounding to the model's dtype)."""
+
+
 def mix_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -216,18 +223,22 @@ def mix_step(
     feature_map: str = "identity",
     normalize: bool = False,
     feature_weights: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`mix` (causal) for a few new tokens from a recurrent state; returns (o [B, H, t, Dv], new state).
 
     The state is the kernel's [B, Hkv, K', Dv (+ 1 when normalising)] float32 state; None starts
-    from zeros. Inference only.
+    from zeros. inplace: `state` (given) is updated in place and returned (see
+    `linear_attention_step`). Inference only.
     """
     from rewrite.kernels.linear_attention import linear_attention_step  # loaded on first use
 
     scale = default_scale(q, scale)
-    qt, kt, vt, g, kernel_map = _kernel_inputs(q, k, v, g, feature_map, normalize, feature_weights)
-    o, state = linear_attention_step(qt, kt, vt, g, decay=decay, scale=scale, state=state, feature_map=kernel_map)
-    return _normalized(o, normalize).transpose(1, 2), state
+    fused = normalize and FUSED_STEP_NORMALIZE
+    qt, kt, vt, g, kernel_map = _kernel_inputs(q, k, v, g, feature_map, normalize and not fused, feature_weights)
+    o, state = linear_attention_step(qt, kt, vt, g, decay=decay, scale=scale, state=state, feature_map=kernel_map,
+                                     normalize=fused, eps=EPS, inplace=inplace)
+    return (o if fused else _normalized(o, normalize)).transpose(1, 2), state
 
 
 def flatten_heads(x: torch.Tensor) -> torch.Tensor:

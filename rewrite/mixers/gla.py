@@ -73,8 +73,12 @@ def gla_mixer_step(
     scale: float | None = None,
     feature_map: str = "identity",
     normalize: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gla_mixer` for a few new tokens (SDPA layout) from `state`; returns (o, new state)."""
+    """`gla_mixer` for a few new tokens (SDPA layout) from `state`; returns (o, new state).
+
+    inplace: `state` is updated in place and returned (the decode path passes it).
+    """
     weights = split_feature_weights(feature_map, feature_weights, "gla step")
     return mix_step(q, k, v, state, g=key_gate(k, gate, gate_normalizer), decay=gate, scale=scale,
-                    feature_map=feature_map, normalize=normalize, feature_weights=weights)
+                    feature_map=feature_map, normalize=normalize, feature_weights=weights, inplace=inplace)

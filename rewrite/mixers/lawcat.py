@@ -86,11 +86,13 @@ def lawcat_mixer_step(
     scale: float | None = None,
     feature_map: str = "identity",
     normalize: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`lawcat_mixer` for a few new tokens (SDPA layout) from `state`; returns (o, new state).
 
     The state is (q conv cache [B, W-1, H*D], k conv cache [B, W-1, Hkv*D], linear-attention state
-    [B, Hkv, K, Dv (+1)] float32); None starts a sequence. Inference only.
+    [B, Hkv, K, Dv (+1)] float32); None starts a sequence. inplace: the linear-attention state is updated
+    in place (the conv caches are new tensors). Inference only.
     """
     weights = split_feature_weights(feature_map, feature_weights, "lawcat step")
     if state is None:
@@ -103,5 +105,6 @@ def lawcat_mixer_step(
     qc, q_cache = _conv(q, q_conv, q_cache)
     kc, k_cache = _conv(k, k_conv, k_cache)
     o, la_state = mix_step(qc, kc, v, la_state, g=key_gate(kc, gate, gate_normalizer), decay=gate, scale=scale,
-                           feature_map=feature_map, normalize=normalize, feature_weights=weights)
+                           feature_map=feature_map, normalize=normalize, feature_weights=weights,
+                           inplace=inplace and la_state is not None)
     return o, (q_cache, k_cache, la_state)

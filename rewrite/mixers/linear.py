@@ -47,11 +47,13 @@ def linear_mixer_step(
     scale: float | None = None,
     feature_map: str = "identity",
     normalize: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`linear_mixer` for a few new tokens (SDPA layout, t tokens) from `state`; returns (o, new state).
 
-    The state is [B, Hkv, K, Dv (+ 1 when normalising)] float32; None starts a sequence.
+    The state is [B, Hkv, K, Dv (+ 1 when normalising)] float32; None starts a sequence. inplace: `state`
+    is updated in place and returned (the decode path passes it).
     """
     weights = split_feature_weights(feature_map, feature_weights, "linear step")
     return mix_step(q, k, v, state, scale=scale, feature_map=feature_map, normalize=normalize,
-                    feature_weights=weights)
+                    feature_weights=weights, inplace=inplace)

@@ -79,8 +79,12 @@ def retention_mixer_step(
     scale: float | None = None,
     feature_map: str = "identity",
     normalize: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`retention_mixer` for a few new tokens (SDPA layout) from `state`; returns (o, new state)."""
+    """`retention_mixer` for a few new tokens (SDPA layout) from `state`; returns (o, new state).
+
+    inplace: `state` is updated in place and returned (the decode path passes it).
+    """
     weights = split_feature_weights(feature_map, feature_weights, "retention step")
     return mix_step(q, k, v, state, g=F.logsigmoid(decay_logit.float()), decay="constant", scale=scale,
-                    feature_map=feature_map, normalize=normalize, feature_weights=weights)
+                    feature_map=feature_map, normalize=normalize, feature_weights=weights, inplace=inplace)

@@ -5,6 +5,8 @@ The Triton launchers run on CUDA when present, else on CPU tensors in Triton's i
 """
 
 import dataclasses
+import importlib
+import re
 
 import pytest
 import torch
@@ -201,6 +203,135 @@ def test_public_step_chained_equals_linear_attention(decay):
     assert_close(state, final_full, 1e-5, "state")
 
 
+def normalized_step_inputs(case: Case, dtype: torch.dtype, device) -> dict:
+    """`make_inputs` with positive q and k (elu + 1, as a normalising mixer's feature map gives them) and an
+    initial state of V + 1 columns whose last, the running sum of k, is positive too."""
+    x = make_inputs(case, dtype, device)
+    x["q"], x["k"] = apply_feature_map(x["q"], "elu"), apply_feature_map(x["k"], "elu")
+    z = torch.rand_like(x["initial_state"][..., :1]) * 4
+    x["initial_state"] = torch.cat([x["initial_state"], z], dim=-1)
+    return x
+
+
+def normalized_reference(x: dict, decay: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, final state) in float64 by the naive recurrence over v with a column of ones appended, divided
+    by that column's output: the definition of a normalised step."""
+    v = torch.cat([x["v"], torch.ones_like(x["v"][..., :1])], dim=-1).double()
+    g = None if x["g"] is None else x["g"].double()
+    o, final = naive_linear_attention(
+        x["q"].double(), x["k"].double(), v, g, decay=decay, scale=SCALE, initial_state=x["initial_state"].double()
+    )
+    return o[..., :-1] / (o[..., -1:] + eps), final
+
+
+STEP_VARIANTS = ("functional", "inplace", "normalized", "normalized_inplace")
+"""Step launchers: new state or state updated in place (`recurrent_step_`), without normalisation or with
+(the functional kernel keeps the running sum of k itself, the in-place one is given it per token)."""
+
+
+@pytest.mark.parametrize("variant", STEP_VARIANTS)
+@pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
+def test_triton_step_variants_chained_equal_the_naive_recurrence(decay, variant, monkeypatch):
+    """Chained over one and several tokens at a time, each step variant gives the naive recurrence's outputs
+    and state (odd head dims K = 20, V = 12 split into two 8-column tiles, GQA 6 / 2, float32 and float16);
+    an in-place step returns no new state and writes the one it was given. With 8-column tiles every tile
+    of a kv head reads the running sum of k that one of them writes: the interpreter runs programs in
+    order, so a tile reading it after the first wrote it would show here."""
+    from rewrite.kernels.linear_attention.api import running_key_sums
+
+    step = triton_module("triton_step")
+    monkeypatch.setattr(step, "STEP_PROGRAMS", 128)
+    assert step.step_tile(2 * 2, 12) == 8
+    normalize, inplace = variant.startswith("normalized"), variant.endswith("inplace")
+    case = Case(decay, batch=2, length=5, heads=6, kv_heads=2, dk=20, dv=12)
+    eps = 1e-6
+    for dtype in (torch.float32, torch.float16):
+        x = (normalized_step_inputs if normalize else make_inputs)(case, dtype, kernel_device())
+        if normalize:
+            o_ref, final_ref = normalized_reference(on_device(x, "cpu"), decay, eps)
+        else:
+            o_ref, final_ref = naive_linear_attention(
+                *(None if t is None else t.cpu().double() for t in (x["q"], x["k"], x["v"], x["g"])),
+                decay=decay, scale=SCALE, initial_state=x["initial_state"].cpu().double(),
+            )
+        state, outputs = x["initial_state"].clone(), []
+        for start, end in ((0, 1), (1, 4), (4, 5)):
+            g = x["g"] if decay in ("none", "constant") else x["g"][:, start:end]
+            q, k, v = (x[n][:, start:end] for n in ("q", "k", "v"))
+            with poisoned():
+                if inplace:
+                    z = running_key_sums(state, k, g, decay) if normalize else None
+                    held = state
+                    o = step.recurrent_step_(q, k, v, g, decay, SCALE, state, z, eps)
+                    assert state is held
+                else:
+                    o, state = step.recurrent_step(q, k, v, g, decay, SCALE, state, normalize, eps)
+            outputs.append(o)
+        tol = TOLERANCE[dtype]
+        assert_close(torch.cat(outputs, 1).cpu(), o_ref, tol, f"o {dtype}")
+        assert_close(state.cpu(), final_ref, tol, f"state {dtype}")
+
+
+@pytest.mark.parametrize("decay", ["none", "vector"])
+@pytest.mark.parametrize("precomputed", ["always", "never"])
+def test_public_step_normalized_and_inplace_equal_the_ones_column(decay, precomputed, monkeypatch):
+    """linear_attention_step(normalize=True) equals the step over v with a column of ones divided by that
+    column (what the mixers did), token by token, functional and in place (the running sum of k computed
+    before the kernel, or the functional kernel and a copy); GQA, float32 (CPU reference ops)."""
+    api = importlib.import_module("rewrite.kernels.linear_attention.api")
+    monkeypatch.setattr(api, "PRECOMPUTED_NORMALIZER", precomputed)
+    case = Case(decay, batch=2, length=4, heads=4, kv_heads=2, dk=12, dv=6)
+    x = normalized_step_inputs(case, torch.float32, "cpu")
+    ones = torch.cat([x["v"], torch.ones_like(x["v"][..., :1])], dim=-1)
+    functional, held = x["initial_state"].clone(), x["initial_state"].clone()
+    reference = x["initial_state"].clone()
+    for t in range(case.length):
+        g = None if x["g"] is None else x["g"][:, t : t + 1]
+        q, k, v = x["q"][:, t : t + 1], x["k"][:, t : t + 1], x["v"][:, t : t + 1]
+        o_ref, reference = linear_attention_step(q, k, ones[:, t : t + 1], g, scale=SCALE, state=reference)
+        o_ref = o_ref[..., :-1] / (o_ref[..., -1:] + 1e-6)
+        o, functional = linear_attention_step(q, k, v, g, scale=SCALE, state=functional, normalize=True)
+        o_in, out = linear_attention_step(q, k, v, g, scale=SCALE, state=held, normalize=True, inplace=True)
+        assert out is held
+        assert_close(o, o_ref, 1e-5, f"o {t}")
+        assert_close(o_in, o_ref, 1e-5, f"o in place {t}")
+    assert_close(functional, reference, 1e-6, "state")
+    assert_close(held, reference, 1e-6, "state in place")
+    with pytest.raises(ValueError, match="in-place step needs a contiguous"):
+        linear_attention_step(q, k, v, g, scale=SCALE, state=held.transpose(-1, -2).contiguous().mT,
+                              normalize=True, inplace=True)
+    with pytest.raises(ValueError, match=r"V \+ 1\]"):
+        linear_attention_step(q, k, v, g, scale=SCALE, state=held[..., :-1], normalize=True)
+
+
+def test_compiled_inplace_step_writes_the_state_input_without_a_copy():
+    """Under torch.compile (CPU Inductor) the decode path's in-place normalised step runs the mutable op on
+    the state input itself: no clone or copy of the state in the generated code, the running sum of k
+    fused into the kernel computing the feature map, and the eager step's values."""
+    from torch._inductor.utils import run_and_get_code
+
+    def step(q, k, v, g, state):
+        q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+        o, _ = linear_attention_step(q, k, v, g, scale=SCALE, state=state, normalize=True, inplace=True)
+        return o * 2
+
+    case = Case("vector", batch=1, length=1, heads=4, kv_heads=2, dk=8, dv=4)
+    x = normalized_step_inputs(case, torch.float32, "cpu")
+    args = (x["q"], x["k"], x["v"], x["g"])
+    eager_state, state = x["initial_state"].clone(), x["initial_state"].clone()
+    expected = step(*args, eager_state)
+    compiled = torch.compile(step, backend="inductor", fullgraph=True, dynamic=False)
+    o, codes = run_and_get_code(compiled, *args, state)
+    code = "\n".join(codes)
+    call = code[code.index("def call("):]
+    assert "linear_attention_step_.default(" in call
+    assert not re.search(r"clone|\.copy_\(|cpp_fused_copy_", call), call
+    kernels = [line for line in call.splitlines() if line.strip().startswith("cpp_fused")]
+    assert len(kernels) == 2, kernels  # phi(q), phi(k) and z in one kernel; o * 2 in the other
+    assert_close(o, expected, 1e-6, "o")
+    assert_close(state, eager_state, 1e-6, "state")
+
+
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
 @pytest.mark.parametrize("decay", ["scalar", "vector"])
 def test_feature_maps_and_key_gate(feature_map, decay):
@@ -246,6 +377,11 @@ def test_opcheck():
     first_two = [t.detach()[:, :2] for t in plain[:4]]
     step_args = (*first_two, "vector", SCALE, torch.randn(1, 2, 16, 8))
     torch.library.opcheck(torch.ops.rewrite.linear_attention_step, step_args)
+    wide = torch.cat([step_args[-1], torch.rand(1, 2, 16, 1)], dim=-1)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_step, (*step_args[:-1], wide, True, 1e-6))
+    z = torch.rand(1, 2, 2, 16)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_step_, (*step_args, None, 0.0))
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_step_, (*step_args[:-1], wide, z, 1e-6))
 
 
 class Mixer(torch.nn.Module):

@@ -4,7 +4,7 @@ import torch
 
 from . import checks
 from .feature_maps import apply_feature_map, log_decay_from_keys
-from .op import linear_attention_op, linear_attention_step_op, state_dtype
+from .op import linear_attention_op, linear_attention_step_inplace_op, linear_attention_step_op, state_dtype
 
 
 def _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer):
@@ -70,6 +70,39 @@ def linear_attention(
     return o, (final_state if output_final_state else None)
 
 
+PRECOMPUTED_NORMALIZER = "compiled"
+"""When an in-place normalised step (`linear_attention_step(normalize=True, inplace=True)`) computes the
+running key sums z itself, with elementwise ops before the kernel: "compiled" (only under torch.compile,
+which fuses them into the ops producing k and g, so they cost no kernel), "always" or "never". Without
+them the step runs the functional kernel (which keeps z itself) and copies the new state into `state`:
+the in-place kernel cannot keep z, every V tile of a kv head reads it while one of them writes it."""
+PRECOMPUTED_NORMALIZER_CHOICES = ("compiled", "always", "never")
+
+
+def running_key_sums(state: torch.Tensor, k: torch.Tensor, g: torch.Tensor | None, decay: str) -> torch.Tensor:
+    """z after each token, [B, t, Hkv, K] in the state's dtype, from the state's last column (z before the
+    tokens): z_s = exp(g_s) * z_{s-1} + k_s, the decayed running sum of the (feature-mapped) keys."""
+    z = state[..., -1]
+    sums = []
+    for s in range(k.shape[1]):
+        if decay == "constant":
+            z = z * g.exp()[:, None].to(z.dtype)
+        elif decay == "scalar":
+            z = z * g[:, s].exp()[..., None].to(z.dtype)
+        elif decay == "vector":
+            z = z * g[:, s].exp().to(z.dtype)
+        z = z + k[:, s].to(z.dtype)
+        sums.append(z)
+    return torch.stack(sums, dim=1)
+
+
+def _precompute_normalizer() -> bool:
+    choice = PRECOMPUTED_NORMALIZER
+    if choice not in PRECOMPUTED_NORMALIZER_CHOICES:
+        raise ValueError(f"PRECOMPUTED_NORMALIZER must be one of {PRECOMPUTED_NORMALIZER_CHOICES}, got {choice!r}")
+    return choice == "always" or (choice == "compiled" and torch.compiler.is_compiling())
+
+
 def linear_attention_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,6 +114,9 @@ def linear_attention_step(
     state: torch.Tensor | None = None,
     feature_map: str = "identity",
     key_gate_normalizer: float | None = None,
+    normalize: bool = False,
+    eps: float = 1e-6,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a few new tokens per sequence from a state; returns (o [B, t, H, V], new state [B, Hkv, K, V]).
 
@@ -88,10 +124,30 @@ def linear_attention_step(
     q [B, t, H, K], k [B, t, Hkv, K], v [B, t, Hkv, V], g as there with T = t. state None
     starts from zeros. Chaining steps over a sequence gives the `linear_attention` outputs and
     final state. Inference only (no autograd).
+
+    normalize: the state has one more column, [B, Hkv, K, V + 1], the running sum z of phi(k) (what
+    `linear_attention` keeps for v with a column of ones appended), and o = scale * phi(q) S /
+    (scale * phi(q) z + eps), divided in the kernel. inplace: `state` (required, contiguous, float32 /
+    float64 as `linear_attention` keeps it) receives the new state and is returned; the decode path
+    uses it so that no copy of the state follows the kernel.
     """
     checks.check_qkv(q, k, v)
     q, k, g, decay, scale = _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer)
-    checks.check_state("state", state, q.shape[0], k, v)
+    v = v.contiguous()  # where torch.compile sees it, as q and k
+    extra = 1 if normalize else 0
+    checks.check_state("state", state, q.shape[0], k, v, extra)
+    dtype = state_dtype(q.dtype)
+    if inplace:
+        if state is None or state.dtype != dtype or not state.is_contiguous():
+            raise ValueError(f"linear_attention: an in-place step needs a contiguous {dtype} state, got "
+                             f"{None if state is None else (state.dtype, tuple(state.stride()))}")
+        if not normalize or _precompute_normalizer():
+            z = running_key_sums(state, k, g, decay) if normalize else None
+            return linear_attention_step_inplace_op(q, k, v, g, decay, scale, state, z, eps), state
+        o, new_state = linear_attention_step_op(q, k, v, g, decay, scale, state, True, eps)
+        state.copy_(new_state)
+        return o, state
     if state is None:
-        state = q.new_zeros(q.shape[0], k.shape[2], k.shape[-1], v.shape[-1], dtype=state_dtype(q.dtype))
-    return linear_attention_step_op(q, k, v, g, decay, scale, state.to(state_dtype(q.dtype)))
+        shape = (q.shape[0], k.shape[2], k.shape[-1], v.shape[-1] + extra)
+        state = q.new_zeros(shape, dtype=dtype)
+    return linear_attention_step_op(q, k, v, g, decay, scale, state.to(dtype), normalize, eps)

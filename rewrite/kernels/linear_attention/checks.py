@@ -78,13 +78,16 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> int:
     return check_packed("linear_attention", cu_seqlens, q)
 
 
-def check_state(name: str, state: torch.Tensor | None, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """state is None or [N, Hkv, K, V] on the inputs' device."""
+def check_state(
+    name: str, state: torch.Tensor | None, n: int, k: torch.Tensor, v: torch.Tensor, extra: int = 0
+) -> None:
+    """state is None or [N, Hkv, K, V + extra] on the inputs' device (extra 1: a normalised step's z column)."""
     if state is None:
         return
-    expected = (n, k.shape[2], k.shape[-1], v.shape[-1])
+    expected = (n, k.shape[2], k.shape[-1], v.shape[-1] + extra)
     if tuple(state.shape) != expected:
-        _fail(name, f"must have shape [N, Hkv, K, V] = {list(expected)}, got {list(state.shape)}")
+        form = "[N, Hkv, K, V]" if extra == 0 else f"[N, Hkv, K, V + {extra}]"
+        _fail(name, f"must have shape {form} = {list(expected)}, got {list(state.shape)}")
     if not state.is_floating_point() or state.device != k.device:
         _fail(name, f"must be a floating-point tensor on {k.device}, got {state.dtype} on {state.device}")
 

@@ -72,3 +72,36 @@ def naive_linear_attention(
             o[b, t] = scale * torch.einsum("hgk,hkv->hgv", q_t, state).reshape(heads, dv)
         final[n] = state
     return o.to(out_dtype), final
+
+
+def naive_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    decay: str,
+    scale: float,
+    state: torch.Tensor,
+    normalize: bool = False,
+    eps: float = 0.0,
+    normalizer: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode step's definition: (o [B, t, H, V], new state) from `state` [B, Hkv, K, V (+ 1)].
+
+    Without `normalize` this is `naive_linear_attention` from `state`. With it the state's last
+    column is z, the running (decayed) sum of k (the state of a column of ones appended to v), and
+    o = scale * q S / (scale * q z + eps), divided before rounding to q's dtype. `normalizer`
+    [B, t, Hkv, K], if given, is z after each token as the caller computed it: the denominators use
+    it and the new state's last column is its last token's.
+    """
+    if not normalize:
+        return naive_linear_attention(q, k, v, g, decay=decay, scale=scale, initial_state=state)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    o, new_state = naive_linear_attention(q.to(compute), k, ones, g, decay=decay, scale=scale, initial_state=state)
+    den = o[..., -1]
+    if normalizer is not None:
+        z = normalizer.to(compute).repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        den = scale * (q.to(compute) * z).sum(-1)
+        new_state[..., -1] = normalizer[:, -1].to(new_state.dtype)
+    return (o[..., :-1] / (den[..., None] + eps)).to(q.dtype), new_state

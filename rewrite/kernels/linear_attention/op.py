@@ -7,7 +7,7 @@ import torch
 
 from .._triton import load_triton_module
 from .chunked_reference import chunked_backward, chunked_forward
-from .naive import naive_linear_attention
+from .naive import naive_step
 
 _FORWARD = "rewrite.kernels.linear_attention.triton_forward"
 _BACKWARD = "rewrite.kernels.linear_attention.triton_backward"
@@ -139,16 +139,56 @@ def linear_attention_step_op(
     decay: str,
     scale: float,
     state: torch.Tensor,
+    normalize: bool = False,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recurrent decode over a few tokens: (o [B, t, H, V], new state [B, Hkv, K, V]). Inference only."""
-    return naive_linear_attention(q, k, v, g, decay=decay, scale=scale, initial_state=state)
+    """Recurrent decode over a few tokens: (o [B, t, H, V], new state [B, Hkv, K, V (+ 1)]). Inference only.
+
+    With `normalize` the state has one more column, the running sum z of k, and
+    o = scale * q S / (scale * q z + eps) (see `naive_step`).
+    """
+    return naive_step(q, k, v, g, decay, scale, state, normalize, eps)
 
 
 @linear_attention_step_op.register_kernel("cuda")
-def _step_cuda(q, k, v, g, decay, scale, state):
-    return load_triton_module(_STEP).recurrent_step(q, k, v, g, decay, scale, state)
+def _step_cuda(q, k, v, g, decay, scale, state, normalize=False, eps=0.0):
+    return load_triton_module(_STEP).recurrent_step(q, k, v, g, decay, scale, state, normalize, eps)
 
 
 @linear_attention_step_op.register_fake
-def _step_fake(q, k, v, g, decay, scale, state):
+def _step_fake(q, k, v, g, decay, scale, state, normalize=False, eps=0.0):
     return q.new_empty(*q.shape[:-1], v.shape[-1]), torch.empty_like(state)
+
+
+@torch.library.custom_op("rewrite::linear_attention_step_", mutates_args=("state",))
+def linear_attention_step_inplace_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    decay: str,
+    scale: float,
+    state: torch.Tensor,
+    normalizer: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    """`linear_attention_step` writing the new state into `state` (contiguous, float32 / float64); returns o.
+
+    Normalising: `normalizer` [B, t, Hkv, K] holds z (the running sum of k, the state's last column)
+    after each of the t tokens, as the caller computed it; o = scale * q S / (scale * q z + eps) and the
+    state's last column becomes the last z. None: no normalisation (the state has V columns). Used by
+    the decode path, where torch.compile then writes the held state in place (no copy, no clone).
+    """
+    o, new_state = naive_step(q, k, v, g, decay, scale, state, normalizer is not None, eps, normalizer)
+    state.copy_(new_state)
+    return o
+
+
+@linear_attention_step_inplace_op.register_kernel("cuda")
+def _step_inplace_cuda(q, k, v, g, decay, scale, state, normalizer=None, eps=0.0):
+    return load_triton_module(_STEP).recurrent_step_(q, k, v, g, decay, scale, state, normalizer, eps)
+
+
+@linear_attention_step_inplace_op.register_fake
+def _step_inplace_fake(q, k, v, g, decay, scale, state, normalizer=None, eps=0.0):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
