@@ -36,10 +36,11 @@ CHUNKED_KINDS = {"linear": 0, "retention": 1, "gla": 0}
 SITE_ONLY_KWARGS = ("mask", "mask_negated", "check_mask", "layer")
 """Keyword arguments of a mixer site that its step does not take."""
 
-INPLACE_STATE = True
+INPLACE_STATE = False
 """Whether a decode step whose kind's step takes `inplace` (linear, retention, gla, lawcat) writes the held
 recurrent state in place (the step kernel writes it: no copy of the state per layer and step) instead of
-returning a new state that the decode state copies into its buffer. Same values either way."""
+returning a new state that the decode state copies into its buffer. Same values either way. Off until it
+has run on a GPU (checked on the CPU and under the Triton interpreter only)."""
 
 
 def kind_step(kind: str, layer: str) -> Callable[..., tuple[torch.Tensor, Any]]:

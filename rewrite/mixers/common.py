@@ -204,11 +204,12 @@ def padding_validity(
     return valid
 
 
-FUSED_STEP_NORMALIZE = True
+FUSED_STEP_NORMALIZE = False
 """Whether a normalising `mix_step` divides in the step kernel (the state's last column is the running
 sum of phi(k), v gets no column of ones, o no division after the kernel: two fewer kernels per layer
 and step) instead of appending ones to v and dividing the kernel's output. Same state layout and the
-same values (the division happens before rounding to the model's dtype)."""
+same values (the division happens before rounding to the model's dtype). Off until it has run on a GPU
+(checked on the CPU and under the Triton interpreter only)."""
 
 
 def mix_step(
