@@ -88,11 +88,13 @@ def checks() -> list[str]:
 
 
 # variants for --delta-variants: (module in rewrite.kernels.delta_rule, attribute, value) changes applied in
-# turn and undone after; "v3" is the default path and "v2" the previous one, so old and new are timed in one run
+# turn and undone after; the default is "v3 + light dstates", "v3" and "v2" the previous ones, so old and new are
+# timed in one run
 DELTA_VARIANTS = {
-    "v2": [("triton_backward", "BACKWARD_VERSION", "v2")],
-    "v3": [("triton_backward", "BACKWARD_VERSION", "v3")],
-    "v3 term in scan": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "STATE_TERM_OUTSIDE", False)],
+    "v2": [("triton_backward", "BACKWARD_VERSION", "v2"), ("triton_backward", "DSTATE_PASS", "v2")],
+    "v3": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DSTATE_PASS", "v2")],
+    "v3 term in scan": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "STATE_TERM_OUTSIDE", False),
+                        ("triton_backward", "DSTATE_PASS", "v2")],
     "v3 dwy BV32": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (32, 8, 2))],
     "v3 dwy 1 stage": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 8, 1))],
     "v3 dwy w4": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 4, 2))],

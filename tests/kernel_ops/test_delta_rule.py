@@ -156,8 +156,9 @@ def test_triton_forward_matches_naive(case, chunk, state_pass, monkeypatch):
 # T (direct dA), with the chunk's own state-gradient term formed outside the sequential loop (default) or inside it;
 # "light": the recompute's state pass and the state-gradient pass as per-chunk transitions plus a one-product scan;
 # "v3-light-dstates": only the state-gradient pass light (the transition kernel stores N^T alone)
-BACKWARD_VERSIONS = {"v2": {"BACKWARD_VERSION": "v2"}, "v3": {"BACKWARD_VERSION": "v3"},
-                     "v3-term-in-scan": {"BACKWARD_VERSION": "v3", "STATE_TERM_OUTSIDE": False},
+BACKWARD_VERSIONS = {"v2": {"BACKWARD_VERSION": "v2", "DSTATE_PASS": "v2"},
+                     "v3": {"BACKWARD_VERSION": "v3", "DSTATE_PASS": "v2"},
+                     "v3-term-in-scan": {"BACKWARD_VERSION": "v3", "STATE_TERM_OUTSIDE": False, "DSTATE_PASS": "v2"},
                      "v3-light": {"BACKWARD_VERSION": "v3", "DSTATE_PASS": "light", "fwd.STATE_PASS": "light"},
                      "v3-light-dstates": {"BACKWARD_VERSION": "v3", "DSTATE_PASS": "light"}}
 
