@@ -164,11 +164,18 @@ BACKWARD_VERSIONS = {"v2": {"BACKWARD_VERSION": "v2", "DSTATE_PASS": "v2"},
                      "v3-light-dstates": {"BACKWARD_VERSION": "v3", "DSTATE_PASS": "light"}}
 
 
+# the same forms with the forward's buffers kept for the backward ("op." names are op.py's), through the op (GPU tests)
+SAVED_VERSIONS = {f"saved {version}": {**BACKWARD_VERSIONS[version], "op.SAVE_FOR_BACKWARD": True}
+                  for version in ("v3-light-dstates", "v3-light", "v3", "v2")}
+
+
 def _select_backward(module, version, monkeypatch):
     forward = load_launchers(FORWARD)
-    for name, value in BACKWARD_VERSIONS[version].items():
+    for name, value in {**BACKWARD_VERSIONS, **SAVED_VERSIONS}[version].items():
         if name.startswith("fwd."):
             monkeypatch.setattr(forward, name[4:], value)
+        elif name.startswith("op."):
+            monkeypatch.setattr(delta_op, name[3:], value)
         else:
             monkeypatch.setattr(module, name, value)
 
@@ -398,7 +405,7 @@ def test_export_runs_and_matches(save, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("version", list(BACKWARD_VERSIONS))
+@pytest.mark.parametrize("version", [*BACKWARD_VERSIONS, *SAVED_VERSIONS])
 def test_cuda_bfloat16_against_float64(version, monkeypatch):
     _select_backward(load_launchers(BACKWARD), version, monkeypatch)
     inputs = make_inputs(torch.bfloat16, kernel_device(), batch=1, length=700, heads=8, kv_heads=4, dk=128, dv=128,
@@ -420,3 +427,43 @@ def test_cuda_bfloat16_against_float64(version, monkeypatch):
     o_ref, state_ref = naive_delta_rule(*[x[:, :5].double() for x in (q, k, v, beta, g)], initial_state=h0[:1])
     assert_close(o_step, o_ref, 1e-2, "step o")
     assert_close(state, state_ref, 1e-2, "step state")
+
+
+@gpu
+def test_cuda_kept_buffers_memory_and_opcheck(monkeypatch):
+    """SAVE_FOR_BACKWARD on CUDA: no grad -> no memory held after the forward (same as off); with grad -> exactly the
+    kept buffers' bytes (`kept_shapes`, the documented cost), gradients equal to the recompute's; opcheck of the two
+    ops on CUDA (fake shapes against the Triton buffers); the kept buffers equal the recompute's, so the gradients
+    are bitwise those of the recompute."""
+    device = kernel_device()
+    q, k, v, beta, g, h0, cu = make_inputs(torch.bfloat16, device, batch=1, length=300, heads=4, kv_heads=2, dk=64,
+                                           dv=64, cu_seqlens=[0, 1, 150, 299, 300])
+    kept_bytes = sum(4 * torch.Size(shape).numel() for shape in delta_op.kept_shapes(q, k, v, g, cu))
+
+    def held(save, grad):
+        monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", save)
+        leaves = [x.clone().requires_grad_(grad) for x in (q, k, v, beta, g, h0)]
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        o, _ = delta_rule(*leaves[:5], initial_state=leaves[5], cu_seqlens=cu)
+        torch.cuda.synchronize()
+        extra = torch.cuda.memory_allocated() - start - o.numel() * o.element_size()
+        grads = torch.autograd.grad(o, leaves, torch.ones_like(o)) if grad else None
+        return extra, grads
+
+    with torch.no_grad():
+        assert held(True, False)[0] == held(False, False)[0] == 0
+    assert held(True, False)[0] == 0  # grad mode on, nothing requires grad
+    extra_on, grads_on = held(True, True)
+    extra_off, grads_off = held(False, True)
+    assert extra_off == 0 and extra_on >= kept_bytes  # the caching allocator rounds each buffer up (512 B)
+    assert extra_on - kept_bytes <= 5 * 512
+    for name, a, b in zip(NAMES, grads_on, grads_off):
+        assert torch.equal(a, b), name  # the kept buffers are what the recompute forms (same kernels, no atomics)
+    q, k, v, beta, g, h0, _ = make_inputs(torch.float32, device, length=70, dk=16, dv=16)
+    torch.library.opcheck(torch.ops.rewrite.delta_rule_saving,
+                          (*(x.requires_grad_() for x in (q, k, v, beta, g)), 0.3, h0.requires_grad_(), None))
+    o, final, *kept = torch.ops.rewrite.delta_rule_saving(q, k, v, beta, g, 0.3, h0, None)
+    assert all(x.numel() > 0 for x in kept)
+    torch.library.opcheck(torch.ops.rewrite.delta_rule_backward_saved,
+                          (torch.randn_like(o), final.new_empty(0), q, k, v, beta, g, 0.3, h0, None, *kept))
