@@ -451,13 +451,15 @@ def test_cuda_kept_buffers_memory_and_opcheck(monkeypatch):
         grads = torch.autograd.grad(o, leaves, torch.ones_like(o)) if grad else None
         return extra, grads
 
+    held(False, True), held(True, True)  # compiles first
     with torch.no_grad():
         assert held(True, False)[0] == held(False, False)[0] == 0
     assert held(True, False)[0] == 0  # grad mode on, nothing requires grad
     extra_on, grads_on = held(True, True)
     extra_off, grads_off = held(False, True)
-    assert extra_off == 0 and extra_on >= kept_bytes  # the caching allocator rounds each buffer up (512 B)
-    assert extra_on - kept_bytes <= 5 * 512
+    assert extra_off == 0
+    # the caching allocator rounds each of the 5 buffers up (512 B; a block is not split for less than 1 MiB left)
+    assert kept_bytes <= extra_on < kept_bytes + 5 * 2**20
     for name, a, b in zip(NAMES, grads_on, grads_off):
         assert torch.equal(a, b), name  # the kept buffers are what the recompute forms (same kernels, no atomics)
     q, k, v, beta, g, h0, _ = make_inputs(torch.float32, device, length=70, dk=16, dv=16)

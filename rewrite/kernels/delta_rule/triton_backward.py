@@ -14,7 +14,7 @@ Given dO and dh' (the gradient of the state after the chunk):
 and the chain through A_ij = beta_i exp(b_i - b_j) k_i.k_j, X, Y, Kd and gamma_C to k, v, beta and b;
 dg is the in-chunk reverse cumsum of db.
 
-Kernels (after recomputing W, U, b and the chunk states with the forward's kernels 1-2):
+Kernels (after recomputing W, U, b and the chunk states with the forward's kernels 1-2, unless the forward kept them):
 1. `_du_local_kernel` per (chunk, V tile, kv head): scale sum_g (Q_g K^T * Dc)^T dO_g;
 2. `_dstates_kernel` per (V tile, sequence x kv head), reverse over chunks: dh' of every chunk,
    dU (in place of 1's output) and d initial state;
@@ -24,6 +24,8 @@ With BACKWARD_VERSION "v3", kernel 4 is `_dwy_direct_kernel` (T kept from the re
 no inverse) and kernel 1 also forms each chunk's own state-gradient term for kernel 2 (STATE_TERM_OUTSIDE).
 With DSTATE_PASS "light" (v3 only), kernel 1 forms R' = that term - W^T dU_local, kernel 2 is the forward's
 one-product `_light_scan_kernel` run in reverse over N^T = -W^T Kd, and `_fix_du_kernel` adds Kd dh' to dU after it.
+With `saved` (the forward's kept W, U, b, h, T: `op.SAVE_FOR_BACKWARD`), nothing is recomputed; the light pass then
+forms only N^T (`triton_forward.transposed_transitions`).
 Transposed products are computed directly, never as `tl.trans` of a `tl.dot` result (see
 `triton_forward`): the kernels form both T and T^T = (I + A^T)^{-1}, and both dT and dT^T.
 """
