@@ -89,25 +89,32 @@ def checks() -> list[str]:
 
 # variants for --delta-variants: (module in rewrite.kernels.delta_rule, attribute, value) changes applied in
 # turn and undone after; the default is "v3 + light dstates", "v3" and "v2" the previous ones, so old and new are
-# timed in one run
+# timed in one run. Every entry names its backward form, state-gradient pass and whether the forward keeps its
+# buffers for the backward (op.SAVE_FOR_BACKWARD), so a later change of the defaults does not change what it times.
+_RECOMPUTE = ("op", "SAVE_FOR_BACKWARD", False)
+_SAVED = ("op", "SAVE_FOR_BACKWARD", True)
+_V3 = ("triton_backward", "BACKWARD_VERSION", "v3")
+_LIGHT_DSTATES = ("triton_backward", "DSTATE_PASS", "light")
 DELTA_VARIANTS = {
-    "v2": [("triton_backward", "BACKWARD_VERSION", "v2"), ("triton_backward", "DSTATE_PASS", "v2")],
-    "v3": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DSTATE_PASS", "v2")],
-    "v3 term in scan": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "STATE_TERM_OUTSIDE", False),
-                        ("triton_backward", "DSTATE_PASS", "v2")],
-    "v3 dwy BV32": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (32, 8, 2))],
-    "v3 dwy 1 stage": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 8, 1))],
-    "v3 dwy w4": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DWY_DIRECT_TILES", (16, 4, 2))],
+    "v2": [("triton_backward", "BACKWARD_VERSION", "v2"), ("triton_backward", "DSTATE_PASS", "v2"), _RECOMPUTE],
+    "v3": [_V3, ("triton_backward", "DSTATE_PASS", "v2"), _RECOMPUTE],
+    "v3 term in scan": [_V3, ("triton_backward", "STATE_TERM_OUTSIDE", False),
+                        ("triton_backward", "DSTATE_PASS", "v2"), _RECOMPUTE],
+    "v3 dwy BV32": [_V3, ("triton_backward", "DWY_DIRECT_TILES", (32, 8, 2)), _RECOMPUTE],
+    "v3 dwy 1 stage": [_V3, ("triton_backward", "DWY_DIRECT_TILES", (16, 8, 1)), _RECOMPUTE],
+    "v3 dwy w4": [_V3, ("triton_backward", "DWY_DIRECT_TILES", (16, 4, 2)), _RECOMPUTE],
     # v4: the sequential passes as per-chunk transitions (formed in parallel) plus a one-product scan
-    "v3 + light steps": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_forward", "STATE_PASS", "light"),
-                         ("triton_backward", "DSTATE_PASS", "light")],
-    "v3 + light fwd states": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_forward", "STATE_PASS", "light")],
-    "v3 + light dstates": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_backward", "DSTATE_PASS", "light")],
-    "v3 + light steps w4": [("triton_backward", "BACKWARD_VERSION", "v3"), ("triton_forward", "STATE_PASS", "light"),
-                            ("triton_backward", "DSTATE_PASS", "light"), ("triton_forward", "LIGHT_SCAN", (4, 2))],
-    "v3 + light steps 3 stages": [("triton_backward", "BACKWARD_VERSION", "v3"),
-                                  ("triton_forward", "STATE_PASS", "light"), ("triton_backward", "DSTATE_PASS", "light"),
-                                  ("triton_forward", "LIGHT_SCAN", (8, 3))],
+    "v3 + light steps": [_V3, ("triton_forward", "STATE_PASS", "light"), _LIGHT_DSTATES, _RECOMPUTE],
+    "v3 + light fwd states": [_V3, ("triton_forward", "STATE_PASS", "light"), _RECOMPUTE],
+    "v3 + light dstates": [_V3, _LIGHT_DSTATES, _RECOMPUTE],  # the default
+    "v3 + light steps w4": [_V3, ("triton_forward", "STATE_PASS", "light"), _LIGHT_DSTATES,
+                            ("triton_forward", "LIGHT_SCAN", (4, 2)), _RECOMPUTE],
+    "v3 + light steps 3 stages": [_V3, ("triton_forward", "STATE_PASS", "light"), _LIGHT_DSTATES,
+                                  ("triton_forward", "LIGHT_SCAN", (8, 3)), _RECOMPUTE],
+    # v5: the forward keeps W, U, b, h, T for the backward (no recompute there); fwd (no grad) keeps nothing
+    "saved fwd": [_V3, _LIGHT_DSTATES, _SAVED],  # the default with kept buffers
+    "saved fwd + v3 dstates": [_V3, ("triton_backward", "DSTATE_PASS", "v2"), _SAVED],
+    "saved fwd + light steps": [_V3, ("triton_forward", "STATE_PASS", "light"), _LIGHT_DSTATES, _SAVED],
 }
 
 
@@ -131,6 +138,25 @@ def _delta_inputs(t: int):
 
 def _delta(*a):
     return delta_rule(*a)[0]
+
+
+def _delta_memory(args) -> tuple[float, float]:
+    """(MB held from the forward to the backward beyond o, MB peak over one fwd+bwd above the start), one layer."""
+    for a in args:
+        a.grad = None
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = _delta(*args)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - start - out.numel() * out.element_size()
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - start
+    del out
+    for a in args:
+        a.grad = None
+    return held / 2**20, peak / 2**20
 
 
 def delta_breakdown(t: int) -> list[str]:
@@ -186,9 +212,11 @@ def delta_variants(lengths: list[int], names: list[str] | None, breakdown: bool)
                                   warmup=3, runs=runs)
                 both = measure(f"delta {name}", _fwd_bwd(_delta, args), {"L": t, "pass": "fwd+bwd"}, warmup=2,
                                runs=runs)
+                held, peak = _delta_memory(args)
+                both.extra.update(held_after_fwd_mb=held, peak_fwd_bwd_mb=peak)
                 rows += [fwd, both]
-                print(f"delta variant {name:14s} L={t:6d} fwd {fwd.median_ms:8.3f}  fwd+bwd {both.median_ms:8.3f}",
-                      flush=True)
+                print(f"delta variant {name:14s} L={t:6d} fwd {fwd.median_ms:8.3f}  fwd+bwd {both.median_ms:8.3f}"
+                      f"  held after fwd {held:8.1f} MB  peak fwd+bwd {peak:8.1f} MB", flush=True)
                 del args
                 torch.cuda.empty_cache()
             if breakdown:

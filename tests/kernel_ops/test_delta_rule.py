@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from rewrite.kernels.delta_rule import delta_rule, delta_rule_step
+from rewrite.kernels.delta_rule import op as delta_op
 from rewrite.kernels.delta_rule.chunked_reference import autodiff_backward, chunked_backward, chunked_forward
 from rewrite.kernels.delta_rule.naive import naive_delta_rule
 from rewrite.kernels.testing import assert_close, check_launcher, kernel_device, load_launchers
@@ -163,11 +164,18 @@ BACKWARD_VERSIONS = {"v2": {"BACKWARD_VERSION": "v2", "DSTATE_PASS": "v2"},
                      "v3-light-dstates": {"BACKWARD_VERSION": "v3", "DSTATE_PASS": "light"}}
 
 
+# the same forms with the forward's buffers kept for the backward ("op." names are op.py's), through the op (GPU tests)
+SAVED_VERSIONS = {f"saved {version}": {**BACKWARD_VERSIONS[version], "op.SAVE_FOR_BACKWARD": True}
+                  for version in ("v3-light-dstates", "v3-light", "v3", "v2")}
+
+
 def _select_backward(module, version, monkeypatch):
     forward = load_launchers(FORWARD)
-    for name, value in BACKWARD_VERSIONS[version].items():
+    for name, value in {**BACKWARD_VERSIONS, **SAVED_VERSIONS}[version].items():
         if name.startswith("fwd."):
             monkeypatch.setattr(forward, name[4:], value)
+        elif name.startswith("op."):
+            monkeypatch.setattr(delta_op, name[3:], value)
         else:
             monkeypatch.setattr(module, name, value)
 
@@ -201,6 +209,119 @@ def test_triton_backward_matches_naive(case, chunk, version, monkeypatch):
     )
 
 
+class _NotLaunched:
+    """Stands in for a kernel that must not run (the recompute's, when the forward's buffers are kept)."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the backward recomputed what the forward kept")
+
+
+# the forward keeps W, U, b, h, T for the backward (op.SAVE_FOR_BACKWARD): (version, case, chunk, with a d final
+# state; without it the backward gets an empty one). The default backward on the gated GQA case with states, the
+# ungated one and the packed one with empty / one-token sequences and beta up to 2 (chunk 64: four blocks); the light
+# forward state pass (which then keeps a corrected U) on the packed case at chunk 16; "v3" (v2 state-gradient loop) and
+# v2 (inverting WY kernel) on the ungated case
+SAVED_RUNS = [("v3-light-dstates", *TRITON_RUNS[0], True), ("v3-light-dstates", *TRITON_RUNS[2], False),
+              ("v3-light-dstates", *TRITON_RUNS[4], True), ("v3-light", *TRITON_RUNS[1], True),
+              ("v3", *TRITON_RUNS[2], False), ("v2", *TRITON_RUNS[2], True)]
+
+
+@pytest.mark.parametrize(("version", "case", "chunk", "with_dht"), SAVED_RUNS)
+def test_triton_backward_from_saved_forward_matches_naive(case, chunk, version, with_dht, monkeypatch):
+    """Forward with save=True (o, final state checked too), then the backward from the kept buffers, with the
+    recompute's kernels replaced by `_NotLaunched`: every gradient against the naive recurrence."""
+    launchers, forward = load_launchers(BACKWARD), load_launchers(FORWARD)
+    _select_backward(launchers, version, monkeypatch)
+
+    def inputs(dtype, device):
+        q, k, v, beta, g, h0, cu = make_inputs(dtype, device, **case)
+        do, dht = output_grads((q, k, v, beta, g, h0, cu))
+        return do.to(dtype), dht if with_dht else dht.new_zeros(dht.shape), q, k, v, beta, g, h0, cu
+
+    def launcher(do, dht, q, k, v, beta, g, h0, cu):
+        o, final, saved = forward.chunk_forward(q, k, v, beta, g, 0.3, h0, cu, chunk, save=True)
+        with monkeypatch.context() as patch:
+            for name in ("_prepare_kernel", "_states_kernel", "_fix_u_kernel"):
+                patch.setattr(forward, name, _NotLaunched())
+            grads = launchers.chunk_backward(do, dht if with_dht else dht.new_empty(0), q, k, v, beta, g, 0.3, h0,
+                                             cu, chunk, saved=saved)
+        return o, final, *grads
+
+    def reference(do, dht, q, k, v, beta, g, h0, cu):
+        o, final, grads = naive_grads((q, k, v, beta, g, h0, cu), 0.3, do, dht)
+        return o, final, *grads
+
+    check_launcher(launcher, reference, inputs, trials=1)
+
+
+def test_kept_buffers_match_the_fake_shapes():
+    """The buffers chunk_forward(save=True) returns have the shapes the op's fake gives on CUDA (`kept_shapes`,
+    whose bytes are the documented memory cost), dense and packed; without save nothing more is returned."""
+    forward = load_launchers(FORWARD)
+    for case in (TRITON_CASES[0], TRITON_CASES[1]):
+        q, k, v, beta, g, h0, cu = make_inputs(torch.float32, kernel_device(), **case)
+        kept = forward.chunk_forward(q, k, v, beta, g, 0.3, h0, cu, save=True)[2]
+        kept = [x if x is not None else q.new_empty(0) for x in kept]
+        assert [tuple(x.shape) for x in kept] == delta_op.kept_shapes(q, k, v, g, cu)
+        assert all(x.dtype == torch.float32 for x in kept)
+        batch, length, kv_heads, dk, dv = *q.shape[:2], k.shape[2], k.shape[-1], v.shape[-1]
+        per_seq = -(-length // 64)
+        n_c = batch * per_seq if cu is None else per_seq + cu.numel() - 1
+        expected = 4 * kv_heads * (batch * length * (dk + dv + (g is not None)) + n_c * (dk * dv + 64 * 64))
+        assert sum(x.numel() * 4 for x in kept) == expected
+
+
+def _ops_called(fn):
+    """Names of the rewrite:: ops `fn()` dispatches (top level)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        fn()
+    return {name for name in names if name.startswith("rewrite::")}
+
+
+def test_saving_only_when_autograd_needs_it(monkeypatch):
+    """With SAVE_FOR_BACKWARD on, inference (no grad mode, or no input requiring grad) runs rewrite::delta_rule
+    (nothing kept); training runs rewrite::delta_rule_saving; switched off, always rewrite::delta_rule."""
+    q, k, v, beta, g, h0, cu = make_inputs(torch.float32, "cpu", **CASES[1])
+    monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", True)
+    call = lambda: delta_rule(q, k, v, beta, g, initial_state=h0, cu_seqlens=cu)  # noqa: E731
+    assert _ops_called(call) == {"rewrite::delta_rule"}
+    q.requires_grad_()
+    with torch.no_grad():
+        assert _ops_called(call) == {"rewrite::delta_rule"}
+    with torch.inference_mode():
+        assert _ops_called(call) == {"rewrite::delta_rule"}
+    assert _ops_called(call) == {"rewrite::delta_rule_saving"}
+    monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", False)
+    assert _ops_called(call) == {"rewrite::delta_rule"}
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_op_grads_without_final_state(save, monkeypatch):
+    """Only o used: the final state's gradient is not materialised (d final state empty), with and without the kept
+    buffers (on the CPU the reference backward ignores them)."""
+    monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", save)
+    inputs = make_inputs(torch.float64, "cpu", **CASES[1])
+    do, dht = output_grads(inputs)
+    _, _, grads_ref = naive_grads(inputs, 0.3, do, torch.zeros_like(dht))
+    q, k, v, beta, g, h0, cu = inputs
+    leaves = [None if x is None else x.clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
+    o, _ = delta_rule(*leaves[:5], scale=0.3, initial_state=leaves[5], cu_seqlens=cu)
+    present = [x for x in leaves if x is not None]
+    grads = iter(torch.autograd.grad(o, present, do))
+    for name, leaf, expected in zip(NAMES, leaves, grads_ref):
+        if leaf is not None:
+            assert_close(next(grads), expected, 1e-10, name)
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_triton_step_matches_naive(gated):
     launchers = load_launchers(STEP)
@@ -226,6 +347,15 @@ def test_opcheck():
     o, final = torch.ops.rewrite.delta_rule(q, k, v, beta, g, 0.3, h0, None)
     torch.library.opcheck(torch.ops.rewrite.delta_rule_backward,
                           (torch.randn_like(o), torch.randn_like(final), q, k, v, beta, g, 0.3, h0, None))
+    torch.library.opcheck(torch.ops.rewrite.delta_rule_backward,  # d final state empty: zeros
+                          (torch.randn_like(o), final.new_empty(0), q, k, v, beta, g, 0.3, h0, None))
+    # the forward that keeps W, U, b, h, T for the backward (SAVE_FOR_BACKWARD), and the backward taking them
+    torch.library.opcheck(torch.ops.rewrite.delta_rule_saving,
+                          (*(x.clone().requires_grad_() for x in (q, k, v, beta, g)), 0.3, h0.clone().requires_grad_(),
+                           None))
+    kept = torch.ops.rewrite.delta_rule_saving(q, k, v, beta, g, 0.3, h0, None)[2:]
+    torch.library.opcheck(torch.ops.rewrite.delta_rule_backward_saved,
+                          (torch.randn_like(o), torch.randn_like(final), q, k, v, beta, g, 0.3, h0, None, *kept))
     torch.library.opcheck(torch.ops.rewrite.delta_rule_step, (q[:, :2], k[:, :2], v[:, :2], beta[:, :2], g[:, :2], 0.3, h0))
 
 
@@ -235,19 +365,47 @@ class Mixer(torch.nn.Module):
         return o + 1, final
 
 
-def test_compile_fullgraph_without_graph_breaks():
+@pytest.mark.parametrize("save", [False, True])
+def test_compile_fullgraph_without_graph_breaks(save, monkeypatch):
+    monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", save)
     q, k, v, beta, g, _, _ = make_inputs(torch.float32, "cpu", length=9)
     q.requires_grad_()
     compiled = torch.compile(Mixer(), fullgraph=True, backend="aot_eager")
     o, final = compiled(q, k, v, beta, g)
-    (o.sum() + final.sum()).backward()
+    (o.sum() + (0 if save else final.sum())).backward()  # with save: the final state unused (no gradient for it)
+    grad = q.grad
+    q.grad = None
     o_ref, final_ref = Mixer()(q, k, v, beta, g)
+    (o_ref.sum() + (0 if save else final_ref.sum())).backward()
     assert_close(o, o_ref, 1e-6)
     assert_close(final, final_ref, 1e-6)
+    assert_close(grad, q.grad, 1e-6, "dq")
+
+
+class ProjectedMixer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, q, k, v, beta, g):
+        return delta_rule(self.proj(q), k, v, beta, g)[0]
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_export_runs_and_matches(save, monkeypatch):
+    """torch.export of a module whose parameters require grad: with SAVE_FOR_BACKWARD the graph holds
+    rewrite::delta_rule_saving (training), else rewrite::delta_rule; both run and match eager."""
+    monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", save)
+    q, k, v, beta, g, _, _ = make_inputs(torch.float32, "cpu", length=9)
+    module = ProjectedMixer()
+    program = torch.export.export(module, (q, k, v, beta, g))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert ("rewrite.delta_rule_saving.default" in targets) == save
+    assert_close(program.module()(q, k, v, beta, g), module(q, k, v, beta, g), 1e-6)
 
 
 @gpu
-@pytest.mark.parametrize("version", list(BACKWARD_VERSIONS))
+@pytest.mark.parametrize("version", [*BACKWARD_VERSIONS, *SAVED_VERSIONS])
 def test_cuda_bfloat16_against_float64(version, monkeypatch):
     _select_backward(load_launchers(BACKWARD), version, monkeypatch)
     inputs = make_inputs(torch.bfloat16, kernel_device(), batch=1, length=700, heads=8, kv_heads=4, dk=128, dv=128,
@@ -269,3 +427,45 @@ def test_cuda_bfloat16_against_float64(version, monkeypatch):
     o_ref, state_ref = naive_delta_rule(*[x[:, :5].double() for x in (q, k, v, beta, g)], initial_state=h0[:1])
     assert_close(o_step, o_ref, 1e-2, "step o")
     assert_close(state, state_ref, 1e-2, "step state")
+
+
+@gpu
+def test_cuda_kept_buffers_memory_and_opcheck(monkeypatch):
+    """SAVE_FOR_BACKWARD on CUDA: no grad -> no memory held after the forward (same as off); with grad -> exactly the
+    kept buffers' bytes (`kept_shapes`, the documented cost), gradients equal to the recompute's; opcheck of the two
+    ops on CUDA (fake shapes against the Triton buffers); the kept buffers equal the recompute's, so the gradients
+    are bitwise those of the recompute."""
+    device = kernel_device()
+    q, k, v, beta, g, h0, cu = make_inputs(torch.bfloat16, device, batch=1, length=300, heads=4, kv_heads=2, dk=64,
+                                           dv=64, cu_seqlens=[0, 1, 150, 299, 300])
+    kept_bytes = sum(4 * torch.Size(shape).numel() for shape in delta_op.kept_shapes(q, k, v, g, cu))
+
+    def held(save, grad):
+        monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", save)
+        leaves = [x.clone().requires_grad_(grad) for x in (q, k, v, beta, g, h0)]
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        o, _ = delta_rule(*leaves[:5], initial_state=leaves[5], cu_seqlens=cu)
+        torch.cuda.synchronize()
+        extra = torch.cuda.memory_allocated() - start - o.numel() * o.element_size()
+        grads = torch.autograd.grad(o, leaves, torch.ones_like(o)) if grad else None
+        return extra, grads
+
+    held(False, True), held(True, True)  # compiles first
+    with torch.no_grad():
+        assert held(True, False)[0] == held(False, False)[0] == 0
+    assert held(True, False)[0] == 0  # grad mode on, nothing requires grad
+    extra_on, grads_on = held(True, True)
+    extra_off, grads_off = held(False, True)
+    assert extra_off == 0
+    # the caching allocator rounds each of the 5 buffers up (512 B; a block is not split for less than 1 MiB left)
+    assert kept_bytes <= extra_on < kept_bytes + 5 * 2**20
+    for name, a, b in zip(NAMES, grads_on, grads_off):
+        assert torch.equal(a, b), name  # the kept buffers are what the recompute forms (same kernels, no atomics)
+    q, k, v, beta, g, h0, _ = make_inputs(torch.float32, device, length=70, dk=16, dv=16)
+    torch.library.opcheck(torch.ops.rewrite.delta_rule_saving,
+                          (*(x.requires_grad_() for x in (q, k, v, beta, g)), 0.3, h0.requires_grad_(), None))
+    o, final, *kept = torch.ops.rewrite.delta_rule_saving(q, k, v, beta, g, 0.3, h0, None)
+    assert all(x.numel() > 0 for x in kept)
+    torch.library.opcheck(torch.ops.rewrite.delta_rule_backward_saved,
+                          (torch.randn_like(o), final.new_empty(0), q, k, v, beta, g, 0.3, h0, None, *kept))

@@ -3,7 +3,7 @@
 import torch
 
 from ..linear_attention import checks
-from .op import delta_rule_op, delta_rule_step_op, state_dtype
+from .op import delta_rule_forward, delta_rule_step_op, state_dtype
 
 
 def _fail(name: str, message: str) -> None:
@@ -65,7 +65,7 @@ def delta_rule(
     _checked(checks.check_state, "initial_state", initial_state, n, k, v)
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype(q.dtype))
-    o, final = delta_rule_op(q, k, v, beta, g, scale, initial_state, cu_seqlens)
+    o, final = delta_rule_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens)
     return o, (final if output_final_state else None)
 
 

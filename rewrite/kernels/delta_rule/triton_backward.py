@@ -14,7 +14,7 @@ Given dO and dh' (the gradient of the state after the chunk):
 and the chain through A_ij = beta_i exp(b_i - b_j) k_i.k_j, X, Y, Kd and gamma_C to k, v, beta and b;
 dg is the in-chunk reverse cumsum of db.
 
-Kernels (after recomputing W, U, b and the chunk states with the forward's kernels 1-2):
+Kernels (after recomputing W, U, b and the chunk states with the forward's kernels 1-2, unless the forward kept them):
 1. `_du_local_kernel` per (chunk, V tile, kv head): scale sum_g (Q_g K^T * Dc)^T dO_g;
 2. `_dstates_kernel` per (V tile, sequence x kv head), reverse over chunks: dh' of every chunk,
    dU (in place of 1's output) and d initial state;
@@ -24,6 +24,8 @@ With BACKWARD_VERSION "v3", kernel 4 is `_dwy_direct_kernel` (T kept from the re
 no inverse) and kernel 1 also forms each chunk's own state-gradient term for kernel 2 (STATE_TERM_OUTSIDE).
 With DSTATE_PASS "light" (v3 only), kernel 1 forms R' = that term - W^T dU_local, kernel 2 is the forward's
 one-product `_light_scan_kernel` run in reverse over N^T = -W^T Kd, and `_fix_du_kernel` adds Kd dh' to dU after it.
+With `saved` (the forward's kept W, U, b, h, T: `op.SAVE_FOR_BACKWARD`), nothing is recomputed; the light pass then
+forms only N^T (`triton_forward.transposed_transitions`).
 Transposed products are computed directly, never as `tl.trans` of a `tl.dot` result (see
 `triton_forward`): the kernels form both T and T^T = (I + A^T)^{-1}, and both dT and dT^T.
 """
@@ -48,6 +50,7 @@ from .triton_forward import (
     state_block,
     tile,
     tile_major,
+    transposed_transitions,
     unit_inverse,
 )
 
@@ -128,11 +131,13 @@ def _dstates_kernel(
     q_ptr, k_ptr, w_ptr, b_ptr, do_ptr, du_ptr, dht_ptr, dh_ptr, dh0_ptr, r_ptr, bounds_ptr, chunk_start_ptr,
     T, heads, kv_heads, dk, dv, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, STATE_TERM: tl.constexpr = False,
+    PRECISION: tl.constexpr, STATE_TERM: tl.constexpr = False, HAS_DHT: tl.constexpr = True,
+    STORE_DH0: tl.constexpr = True,
 ):
     """Reverse over chunks: dh' per chunk, dU += Kd dh' in place, d initial state. With STATE_TERM the
     chunk's own term scale sum_g (diag(gamma) Q_g)^T dO_g is read from `r_ptr` (`_du_local_kernel`)
-    instead of formed here, so each sequential step loads no q / dO and runs two products instead of 2 + group."""
+    instead of formed here, so each sequential step loads no q / dO and runs two products instead of 2 + group.
+    Without HAS_DHT the d final state is zero (`dht_ptr` unused); without STORE_DH0 `dh0_ptr` is unused."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     seq, hk = i_nh // kv_heads, i_nh % kv_heads
     group = heads // kv_heads
@@ -141,7 +146,9 @@ def _dstates_kernel(
     vcols = i_v * BV + tl.arange(0, BV)
     state_offs = kcols[:, None] * dv + vcols[None, :]
     state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-    dh = tl.load(dht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, mask=state_mask, other=0.0)
+    dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dh += tl.load(dht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, mask=state_mask, other=0.0)
     n_chunks = tl.cdiv(eos - bos, C)
     for ii in range(0, n_chunks):
         c = n_chunks - 1 - ii
@@ -175,7 +182,8 @@ def _dstates_kernel(
                 q = tile(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
                 do = tile(do_ptr + i_h * dv, rows, row_mask, heads * dv, vcols, dv).to(tl.float32)
                 dh += tl.dot(tl.trans(q * (gamma * scale)[:, None]), do, input_precision=PRECISION)
-    tl.store(dh0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, dh, mask=state_mask)
+    if STORE_DH0:
+        tl.store(dh0_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, dh, mask=state_mask)
 
 
 @triton.jit
@@ -468,13 +476,21 @@ def chunk_backward(
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     chunk: int = CHUNK,
+    saved: tuple | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients (dq, dk, dv, dbeta, dg or None, d_initial_state or None) of `chunk_forward`."""
+    """Gradients (dq, dk, dv, dbeta, dg or None, d_initial_state or None) of `chunk_forward`.
+
+    `d_final_state` empty (numel 0) means zeros (nothing loaded). `saved`: the (w, u, b, h, t) that
+    `chunk_forward(..., save=True)` returned for the same inputs; then W, U, b, h and T are not recomputed (no
+    `_prepare_kernel` / state pass here; the "light" state-gradient pass still forms N^T from the kept W).
+    """
     if q.dtype == torch.float64:
         raise ValueError("delta_rule: the Triton kernels take float32/float16/bfloat16, got float64")
     q, k, v, beta, do = (x.contiguous() for x in (q, k, v, beta, do))
     g = None if g is None else g.contiguous()
-    d_final_state = d_final_state.float().contiguous()
+    has_dht = d_final_state.numel() > 0
+    if has_dht:
+        d_final_state = d_final_state.float().contiguous()
     batch, length, heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[-1]
     prec = precision(q.dtype)
@@ -483,9 +499,6 @@ def chunk_backward(
     version = BACKWARD_VERSION
     if version not in ("v2", "v3"):
         raise ValueError(f"delta_rule: BACKWARD_VERSION must be 'v2' or 'v3', got {version!r}")
-    t_all = None
-    if version == "v3":
-        t_all = new_empty((layout.max_chunks, kv_heads, chunk, chunk), dtype=torch.float32, device=q.device)
     state_term = version == "v3" and STATE_TERM_OUTSIDE
     dstate_pass = DSTATE_PASS
     if dstate_pass not in ("v2", "light"):
@@ -493,8 +506,15 @@ def chunk_backward(
     light = dstate_pass == "light"
     if light and not state_term:
         raise ValueError("delta_rule: DSTATE_PASS 'light' needs BACKWARD_VERSION 'v3' with STATE_TERM_OUTSIDE")
-    transposed = {} if light else None
-    w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk, t_out=t_all, transposed=transposed)
+    if saved is not None:
+        w, u, b, h, t_all = saved  # kept by the forward: no recompute
+        transposed = transposed_transitions(k, beta, g, w, dv, layout, prec, chunk) if light else None
+    else:
+        t_all = None
+        if version == "v3":
+            t_all = new_empty((layout.max_chunks, kv_heads, chunk, chunk), dtype=torch.float32, device=q.device)
+        transposed = {} if light else None
+        w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk, t_out=t_all, transposed=transposed)
     has_g = g is not None
     bk = head_block(dk, dv)
     bv = max(16, min(64, triton.next_power_of_2(dv)))
@@ -503,7 +523,9 @@ def chunk_backward(
     b_arg = b if has_g else w
     du = new_empty((rows, kv_heads, dv), dtype=torch.float32, device=q.device)
     dh = new_empty(h.shape, dtype=torch.float32, device=q.device)
-    dh0 = new_empty((layout.n, kv_heads, dk, dv), dtype=torch.float32, device=q.device)
+    has_h0 = initial_state is not None
+    dh0 = new_empty((layout.n, kv_heads, dk, dv), dtype=torch.float32, device=q.device) if has_h0 else dh
+    dht = d_final_state if has_dht else dh
     dq = new_empty(q.shape, dtype=q.dtype, device=q.device)
     dko = new_empty((rows, kv_heads, dk), dtype=torch.float32, device=q.device)
     dbo = new_empty((rows, kv_heads), dtype=torch.float32, device=q.device) if has_g else dko
@@ -533,9 +555,9 @@ def chunk_backward(
         assert transposed["bv"] == bvs
         warps_s, stages_s = triton_forward.LIGHT_SCAN  # read at every call
         _light_scan_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
-            transposed["nt"], r, transposed["a"] if has_g else w, d_final_state, dh, dh0, args[0], args[1], length,
-            kv_heads, dk, dv, layout.max_chunks, C=chunk, BK=bk, BV=bvs, HAS_G=has_g, HAS_H0=True, REVERSE=True,
-            VARLEN=layout.varlen, PRECISION=prec, num_warps=warps_s, num_stages=stages_s,
+            transposed["nt"], r, transposed["a"] if has_g else w, dht, dh, dh0, args[0], args[1], length,
+            kv_heads, dk, dv, layout.max_chunks, C=chunk, BK=bk, BV=bvs, HAS_G=has_g, HAS_H0=has_dht, REVERSE=True,
+            VARLEN=layout.varlen, PRECISION=prec, STORE_LAST=has_h0, num_warps=warps_s, num_stages=stages_s,
         )
         if layout.max_chunks > 0:
             _fix_du_kernel[(layout.max_chunks, triton.cdiv(dv, bv), kv_heads)](
@@ -543,8 +565,8 @@ def chunk_backward(
             )
     else:
         _dstates_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
-            q, k, w, b_arg, do, du, d_final_state, dh, dh0, r, args[0], args[1], length, heads, kv_heads, dk, dv,
-            scale, BV=bvs, STATE_TERM=state_term, num_warps=4, **common,
+            q, k, w, b_arg, do, du, dht, dh, dh0, r, args[0], args[1], length, heads, kv_heads, dk, dv,
+            scale, BV=bvs, STATE_TERM=state_term, HAS_DHT=has_dht, STORE_DH0=has_h0, num_warps=4, **common,
         )
     if layout.max_chunks > 0 and version == "v3":
         bv3, warps3, stages3 = DWY_DIRECT_TILES
@@ -560,5 +582,5 @@ def chunk_backward(
             k, v, beta, g if has_g else beta, u, du, h, dh, dko, dbo, d_k, d_v, dbeta, dg if has_g else dbeta,
             *args, kv_heads, dk, dv, SB=min(SUB, chunk), BV=min(bv, 16), num_warps=warps, num_stages=2, **common,
         )
-    d_h0 = None if initial_state is None else dh0.to(initial_state.dtype)
+    d_h0 = dh0.to(initial_state.dtype) if has_h0 else None
     return dq, d_k, d_v, dbeta, dg, d_h0

@@ -259,12 +259,13 @@ def _light_scan_kernel(
     n_ptr, r_ptr, a_ptr, h0_ptr, h_ptr, ht_ptr, bounds_ptr, chunk_start_ptr,
     T, kv_heads, dk, dv, n_chunks_all,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
-    REVERSE: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    REVERSE: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, STORE_LAST: tl.constexpr = True,
 ):
     """Per (V tile, sequence x kv head), over the sequence's chunks in order (or reversed): h[c] = S, then
     S = N_c S + (gamma_c S + R_c): one [BK, BK] x [BK, BV] product per step. N, gamma, R come from
     `_transition_kernel` (forward states) or N^T and the backward's own terms (state gradients); R and gamma are
-    loaded one step ahead, N is left to the software pipeliner (a contiguous [BK, BK] block per step)."""
+    loaded one step ahead, N is left to the software pipeliner (a contiguous [BK, BK] block per step).
+    Without HAS_H0 the scan starts from zeros; without STORE_LAST the last value is not stored (`ht_ptr` unused)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     seq, hk = i_nh // kv_heads, i_nh % kv_heads
     bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
@@ -307,7 +308,8 @@ def _light_scan_kernel(
         term = next_term
         decay = next_decay
         c = nxt
-    tl.store(ht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, state, mask=state_mask)
+    if STORE_LAST:
+        tl.store(ht_ptr + i_nh.to(tl.int64) * dk * dv + state_offs, state, mask=state_mask)
 
 
 @triton.jit
@@ -465,6 +467,26 @@ def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: in
     return w, u, b, h, ht
 
 
+def transposed_transitions(k, beta, g, w, dv: int, layout: Layout, prec: str, chunk: int) -> dict:
+    """For the backward's "light" state-gradient pass when the forward's W is kept (no recompute): one
+    `_transition_kernel` launch storing only N^T = -W^T Kd [max_chunks, Hkv, BK, BK] and gamma_C [max_chunks, Hkv]
+    (None without g). Returns the dict `recompute(..., transposed=...)` fills: "nt", "a", "bv" (the scan's V tile)."""
+    kv_heads, dk = k.shape[2], k.shape[-1]
+    bk = head_block(dk, dv)
+    bv = state_block(layout.n * kv_heads, dv)
+    nt = new_empty((layout.max_chunks, kv_heads, bk, bk), dtype=torch.float32, device=k.device)
+    a = new_empty((layout.max_chunks, kv_heads), dtype=torch.float32, device=k.device) if g is not None else None
+    if layout.max_chunks > 0:
+        bounds, chunk_start, table, n, length = layout.args(w)
+        _transition_kernel[(layout.max_chunks, kv_heads)](
+            k, beta, beta if g is None else g, w, w, w, nt, w, w if a is None else a, bounds, chunk_start, table,
+            n, length, kv_heads, dk, dv, layout.max_chunks, C=chunk, BK=bk, BV=bv, HAS_G=g is not None,
+            VARLEN=layout.varlen, PRECISION=prec, STORE_N=False, STORE_NT=True, STORE_R=False,
+            num_warps=8 if bk >= 128 else 4,
+        )
+    return dict(nt=nt, a=a, bv=bv)
+
+
 def chunk_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -475,8 +497,14 @@ def chunk_forward(
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     chunk: int = CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked delta rule: (o [B, T, H, V] in q's dtype, final state [N, Hkv, K, V] float32)."""
+    save: bool = False,
+) -> tuple:
+    """Chunked delta rule: (o [B, T, H, V] in q's dtype, final state [N, Hkv, K, V] float32).
+
+    With `save`, also the tuple (w, u, b or None, h, t) that `triton_backward.chunk_backward(..., saved=...)` takes
+    instead of recomputing it: float32 W [B*T, Hkv, K], U (corrected) [B*T, Hkv, V], in-chunk log-decay cumsum b
+    [B*T, Hkv], states before every chunk h [max_chunks, Hkv, K, V] and T = (I + A)^{-1} [max_chunks, Hkv, C, C].
+    """
     if q.dtype == torch.float64:
         raise ValueError("delta_rule: the Triton kernels take float32/float16/bfloat16, got float64")
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
@@ -485,14 +513,19 @@ def chunk_forward(
     kv_heads, dv = k.shape[2], v.shape[-1]
     prec = precision(q.dtype)
     layout = Layout(batch, length, cu_seqlens, chunk, q.device)
-    light = STATE_PASS == "light"  # U = U~ - W h formed by the output kernel
-    w, u, b, h, ht = recompute(k, v, beta, g, initial_state, layout, prec, chunk, fix_u=not light)
+    # "light" state pass: U = U~ - W h formed by the output kernel, unless U is kept for the backward
+    fix_in_output = STATE_PASS == "light" and not save
+    t = new_empty((layout.max_chunks, kv_heads, chunk, chunk), dtype=torch.float32, device=q.device) if save else None
+    w, u, b, h, ht = recompute(k, v, beta, g, initial_state, layout, prec, chunk, t_out=t, fix_u=not fix_in_output)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     if layout.max_chunks > 0:
         bv = max(16, min(64, triton.next_power_of_2(dv)))
         _output_kernel[(layout.max_chunks, triton.cdiv(dv, bv), heads)](
             q, k, u, b if b is not None else u, h, o, *layout.args(u), heads, kv_heads, dk, dv, scale,
             C=chunk, BK=head_block(dk, dv), BV=bv, HAS_G=g is not None, VARLEN=layout.varlen, PRECISION=prec,
-            w_ptr=w, FIX_U=light, num_warps=8 if light and head_block(dk, dv) >= 128 else 4,  # FIX_U spills at 4
+            w_ptr=w, FIX_U=fix_in_output,
+            num_warps=8 if fix_in_output and head_block(dk, dv) >= 128 else 4,  # FIX_U spills at 4
         )
+    if save:
+        return o, ht, (w, u, b, h, t)
     return o, ht
