@@ -265,6 +265,16 @@ SWEEP = {
     "dqk 64x32 w4": [("triton_backward", "DQK_TILES", {2: (64, 32, 4)})],
     "scan 32x16": [("triton_forward", "SCAN_TILES", (32, 16))],
     "scan 16x16": [("triton_forward", "SCAN_TILES", (16, 16))],
+    # v7 (not yet run on a GPU): scans loading 2 / 4 chunks' terms a group ahead (fwd states, bwd states and
+    # state gradients); the vector decay's output kernel per kv head (K in one tile; GQA only); both
+    "scan g2": [("triton_forward", "SCAN_GROUP", 2)],
+    "scan g4": [("triton_forward", "SCAN_GROUP", 4)],
+    "scan g4 32x16": [("triton_forward", "SCAN_GROUP", 4), ("triton_forward", "SCAN_TILES", (32, 16))],
+    "out grouped": [("triton_forward", "OUTPUT_GROUPED", True)],
+    "out grouped bv64": [("triton_forward", "OUTPUT_GROUPED", True), ("triton_forward", "OUTPUT_GROUP_TILES", (64, 8))],
+    "out grouped bv32 w4": [("triton_forward", "OUTPUT_GROUPED", True),
+                            ("triton_forward", "OUTPUT_GROUP_TILES", (32, 4))],
+    "v7 scan g4 + out grouped": [("triton_forward", "SCAN_GROUP", 4), ("triton_forward", "OUTPUT_GROUPED", True)],
 }
 
 

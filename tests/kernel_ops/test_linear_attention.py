@@ -138,6 +138,38 @@ def test_triton_vector_fast_paths(path, strength, monkeypatch):
     check_triton_against_naive(case, torch.float32)
 
 
+V7_VARIANTS = {  # (triton_forward attribute, value) pairs of the v7 launch choices (NOTES.md, v7)
+    "scan g2 + out grouped": {"SCAN_GROUP": 2, "OUTPUT_GROUPED": True},
+    "scan g4 + out grouped bv64": {"SCAN_GROUP": 4, "OUTPUT_GROUPED": True, "OUTPUT_GROUP_TILES": (64, 8)},
+}
+V7_CASES = [
+    # group 4, K = V = 64 (the Llama-shaped model's head dims), short packed sequences and a partial scan group
+    (Case("vector", batch=1, length=150, heads=8, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 3, 150)),
+     torch.float32),
+    # group 3, odd head dims (K = 100 is one 128-wide tile of the grouped kernel), two V tiles at BV 32
+    (Case("vector", length=70, heads=6, kv_heads=2, dk=100, dv=40), torch.float32),
+    # strong gates: the grouped kernel's per-head fallback (sub-chunk and exact forms); K = 32, half precision
+    (Case("vector", batch=1, length=72, heads=4, kv_heads=1, dk=32, dv=16, decay_strength=8.0), torch.float16),
+]
+
+
+@pytest.mark.parametrize(
+    "variant,case,dtype",
+    [("scan g2 + out grouped", *V7_CASES[0]), ("scan g2 + out grouped", *V7_CASES[1]),
+     ("scan g4 + out grouped bv64", *V7_CASES[0]), ("scan g4 + out grouped bv64", *V7_CASES[2])],
+    ids=lambda x: str(x) if isinstance(x, Case) else str(x).replace("torch.", ""),
+)
+def test_triton_v7_variants(variant, case, dtype, monkeypatch):
+    """The v7 scans (2 or 4 chunks loaded a group ahead, forward states and backward states / state
+    gradients) and the per-kv-head output kernel of the vector decay, against the naive recurrence: output,
+    final state and every gradient, NaN-poisoned buffers. The run fails if the grouped kernel did not run."""
+    forward = triton_module("triton_forward")
+    for name, value in V7_VARIANTS[variant].items():
+        monkeypatch.setattr(forward, name, value)
+    assert forward.output_grouped(2, case.heads, case.kv_heads, case.dk)
+    check_triton_against_naive(case, dtype)
+
+
 def check_triton_against_naive(case: Case, dtype: torch.dtype) -> None:
     forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
     x = make_inputs(case, dtype, kernel_device())
@@ -445,6 +477,31 @@ def test_cuda_bfloat16_against_float64(decay, path, monkeypatch):
         gated = triton_module("triton_gated")
         monkeypatch.setattr(gated, "SUB_PRODUCTS", {"forward": path, "backward": path})
     case = Case(decay, batch=2, length=300, heads=8, kv_heads=2, dk=128, dv=96)
+    x = make_inputs(case, torch.bfloat16, "cuda")
+    o, final, leaves = run_public(case, x, leaves=True)
+    do, dht = torch.randn_like(o), torch.randn_like(final)
+    grads = dict(
+        zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
+    )
+    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
+    assert_close(o, o_ref, 1e-2, "o")
+    assert_close(final, final_ref, 1e-2, "final state")
+    check_grads(grads, grads_ref, scales, 1e-2, str(case))
+
+
+@gpu
+@pytest.mark.parametrize("variant", list(V7_VARIANTS))
+@pytest.mark.parametrize("dims", [(64, 64), (100, 32)])
+def test_cuda_v7_variants_bfloat16_against_float64(variant, dims, monkeypatch):
+    """The v7 launch choices on the GPU in bf16 against float64: GQA group 4 at K = V = 64 (the model's
+    shape), and K = 100, V = 32 (the shape of the dv-kernel miscompile) with packed sequences."""
+    forward = triton_module("triton_forward")
+    for name, value in V7_VARIANTS[variant].items():
+        monkeypatch.setattr(forward, name, value)
+    dk, dv = dims
+    cu = None if dk == 64 else (0, 1, 130, 700)
+    case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
+                cu_seqlens=cu)
     x = make_inputs(case, torch.bfloat16, "cuda")
     o, final, leaves = run_public(case, x, leaves=True)
     do, dht = torch.randn_like(o), torch.randn_like(final)

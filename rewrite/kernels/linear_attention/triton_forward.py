@@ -18,7 +18,7 @@ import triton.language as tl
 from ..alloc import new_empty
 from . import triton_gated
 from .triton_common import Chunks, block, check_head_dims, chunk_log_decay, chunk_of_program, sequence_rows
-from .triton_gated import lower_scores, sub_chunk
+from .triton_gated import LIMIT, lower_scores, sub_chunk, whole_chunk
 
 DECAY_MODE = {"none": 0, "constant": 1, "scalar": 1, "vector": 2}
 CHUNK = 64
@@ -30,6 +30,21 @@ STATE_TILES = (64, 32)
 SCAN_MODES = (2,)
 SCAN_TILES = (64, 32)
 TERM_WARPS = 8
+# v7 (not yet run on a GPU): chunks per load of the scan. 1: `_chunk_scan_kernel` (one chunk's term loaded one
+# step ahead: each step waits about one memory latency, ~1 us on the H100, which is the whole scan's time when
+# it has few programs, e.g. 16 at 8 kv heads and K = V = 64). G > 1: `_chunk_scan_group_kernel` loads the
+# terms and decays of G chunks (2, or 4 for any G > 2) at once, a group ahead, so a sequence of n chunks waits
+# about n / G latencies.
+SCAN_GROUP = 1
+SCAN_GROUP_WARPS = 8  # sm_90 compile (triton 3.9), G 4, tiles 64x32: 217 registers at 8 warps, 255 + 568 B spill at 4
+# v7 (not yet run on a GPU): the vector decay's output kernel per kv head (`_chunk_output_group_kernel`), which
+# loads k, g, v and the state tile and computes the in-chunk cumsum and the whole-chunk form's two factors once
+# for the kv head's q heads, instead of once per q head. Used when on, the decay is "vector", the kv head has at
+# least OUTPUT_GROUP_MIN q heads and K fits one tile of at most OUTPUT_GROUP_MAX_K; (BV, num_warps) of its launch.
+OUTPUT_GROUPED = False
+OUTPUT_GROUP_MIN = 2
+OUTPUT_GROUP_MAX_K = 128
+OUTPUT_GROUP_TILES = (32, 8)  # sm_90 compile, K = 64: hot loop 217 registers, no spill; BV 64: 255 + 120 B spill
 
 
 @triton.jit
@@ -247,6 +262,111 @@ def _chunk_scan_kernel(
 
 
 @triton.jit
+def _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks, step,
+               BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr):
+    """(term [BK, BV], decay [BK]) of the chunk at `step` of the scan; past the last chunk a zero term and
+    a decay of one, so the state passes through."""
+    if REVERSE:
+        c = n_chunks - 1 - step
+    else:
+        c = step
+    # masks as integer comparisons (a tensor on each side): the interpreter rejects scalar-bool masks
+    left = tl.minimum(tl.maximum(n_chunks - step, 0), 1)
+    term = tl.load(d_ptr + (d_base + c) * (BK * BV) + local_offs, mask=local_offs < left * (BK * BV), other=0.0)
+    decay = tl.load(a_ptr + (first + c).to(tl.int64) * a_step + a_base, mask=kcols < left * dk, other=1.0)
+    return term, decay
+
+
+@triton.jit
+def _scan_step(state, term, decay, h_ptr, first, kv_heads, hk, dk, dv, tile, mask, n_chunks, step,
+               REVERSE: tl.constexpr):
+    """Store the state before the chunk at `step` (nothing past the last chunk) and return the state after it."""
+    if REVERSE:
+        c = n_chunks - 1 - step
+    else:
+        c = step
+    live = tl.minimum(tl.maximum(n_chunks - step, 0), 1)
+    tl.store(h_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + tile, state, mask=mask & (tile * 0 < live))
+    return state * decay[:, None] + term
+
+
+@triton.jit
+def _chunk_scan_group_kernel(
+    d_ptr,
+    a_ptr,
+    h_ptr,
+    init_ptr,
+    final_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    n_chunks_all,
+    T,
+    kv_heads,
+    dk,
+    dv,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    G: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """`_chunk_scan_kernel` with the terms and decays of G (2 or 4) chunks loaded together, a group ahead:
+    the sequential loop waits on one memory latency per G chunks instead of one per chunk. Each chunk's
+    term is its own [BK, BV] load (same layout as the state: no layout conversion, no extraction)."""
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, hk = i_nh // kv_heads, i_nh % kv_heads
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    kcols = i_k * BK + tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    tile = kcols[:, None] * dv + vcols[None, :]
+    mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+    local_offs = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
+    d_base = ((hk * tl.cdiv(dk, BK) + i_k) * tl.cdiv(dv, BV) + i_v).to(tl.int64) * n_chunks_all + first
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        state += tl.load(init_ptr + i_nh.to(tl.int64) * dk * dv + tile, mask=mask, other=0.0)
+    n_chunks = tl.cdiv(eos - bos, C)
+    if MODE == 1:  # one decay per chunk, read into every row of the tile
+        a_step, a_cols = kv_heads, kcols * 0
+    else:
+        a_step, a_cols = kv_heads * dk, kcols
+    a_base = hk.to(tl.int64) * (a_step // kv_heads) + a_cols
+    t0, d0 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks, 0, BK, BV,
+                        REVERSE)
+    t1, d1 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks, 1, BK, BV,
+                        REVERSE)
+    if G == 4:
+        t2, d2 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks, 2, BK,
+                            BV, REVERSE)
+        t3, d3 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks, 3, BK,
+                            BV, REVERSE)
+    for i in range(0, tl.cdiv(n_chunks, G)):
+        s = i * G
+        n0, e0 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks, s + G,
+                            BK, BV, REVERSE)
+        n1, e1 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks,
+                            s + G + 1, BK, BV, REVERSE)
+        if G == 4:
+            n2, e2 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks,
+                                s + 6, BK, BV, REVERSE)
+            n3, e3 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks,
+                                s + 7, BK, BV, REVERSE)
+        state = _scan_step(state, t0, d0, h_ptr, first, kv_heads, hk, dk, dv, tile, mask, n_chunks, s, REVERSE)
+        state = _scan_step(state, t1, d1, h_ptr, first, kv_heads, hk, dk, dv, tile, mask, n_chunks, s + 1, REVERSE)
+        if G == 4:
+            state = _scan_step(state, t2, d2, h_ptr, first, kv_heads, hk, dk, dv, tile, mask, n_chunks, s + 2,
+                               REVERSE)
+            state = _scan_step(state, t3, d3, h_ptr, first, kv_heads, hk, dk, dv, tile, mask, n_chunks, s + 3,
+                               REVERSE)
+            t2, d2, t3, d3 = n2, e2, n3, e3
+        t0, d0, t1, d1 = n0, e0, n1, e1
+    tl.store(final_ptr + i_nh.to(tl.int64) * dk * dv + tile, state, mask=mask)
+
+
+@triton.jit
 def _chunk_output_kernel(
     q_ptr,
     k_ptr,
@@ -314,6 +434,94 @@ def _chunk_output_kernel(
     tl.store(
         o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & (vcols < dv)[None, :]
     )
+
+
+@triton.jit
+def _chunk_output_group_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    h_ptr,
+    o_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    T,
+    heads,
+    kv_heads,
+    dk,
+    dv,
+    scale,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    CONST: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
+    PATH: tl.constexpr,
+):
+    """`_chunk_output_kernel` for the vector decay with one program per chunk, V tile and kv head, looping
+    over the kv head's q heads; K is one tile (BK >= dk). What depends on the kv head only is done once:
+    the loads of k, g, v and the state tile, the in-chunk cumsum and, in the whole-chunk form, the factors
+    exp(b - top) (query side) and k * exp(top - b) (key side). Per q head that leaves the load of q, two
+    multiplies and the three products: no exp. Chunks past the whole-chunk limit (strong gates) take
+    `lower_scores` per q head in a loop of their own, so the hot loop does not share registers with it."""
+    i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    group = heads // kv_heads
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    b, b_to_end, b_total = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, CONST)
+    top, bot, whole = whole_chunk(b, PATH == 2)
+    state_offs = ((i_c.to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
+    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+    out_mask = row_mask[:, None] & (vcols < dv)[None, :]
+    if whole:  # the hot path: the kv head's factors once, no exp per q head
+        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        row_factor = tl.exp(tl.minimum(b - top[None, :], 0.0))
+        keys = k.to(tl.float32) * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
+        top_factor = tl.exp(top)
+        state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(k.dtype)
+        v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+        for j in range(0, group):
+            h = hk * group + j
+            q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
+            qs = q.to(tl.float32) * row_factor
+            scores = tl.dot(qs, tl.trans(keys), input_precision=F32_PRECISION)
+            o = tl.dot((qs * top_factor[None, :]).to(q.dtype), state, input_precision=PRECISION)
+            scores = tl.where(causal, scores, 0.0)
+            o += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
+            offs = rows.to(tl.int64)[:, None] * (heads * dv) + h * dv + vcols[None, :]
+            tl.store(o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=out_mask)
+    else:  # strong gates (or PATH != 2): `lower_scores` per q head, as `_chunk_output_kernel`
+        for j in range(0, group):
+            h = hk * group + j
+            q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
+            k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+            scores, qd = lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
+            state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(q.dtype)
+            o = tl.dot(qd.to(q.dtype), state, input_precision=PRECISION)
+            scores = tl.where(causal, scores, 0.0)
+            v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+            o += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
+            offs = rows.to(tl.int64)[:, None] * (heads * dv) + h * dv + vcols[None, :]
+            tl.store(o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=out_mask)
+
+
+def output_grouped(mode: int, heads: int, kv_heads: int, dk: int) -> bool:
+    """Whether the forward's outputs come from `_chunk_output_group_kernel` (see OUTPUT_GROUPED)."""
+    return (OUTPUT_GROUPED and mode == 2 and heads // kv_heads >= OUTPUT_GROUP_MIN
+            and dk <= min(OUTPUT_GROUP_MAX_K, 128))
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -434,27 +642,15 @@ def scan_states(terms, decays, mode, chunks, h, init, final, *, reverse):
     kv_heads, dk, dv = h.shape[1:]
     bounds, chunk_start, _, _, length = chunks.args(h)
     bk, bv = terms.shape[-2:]
-    _chunk_scan_kernel[(chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
-        terms,
-        decays,
-        h,
-        final if init is None else init.contiguous(),
-        final,
-        bounds,
-        chunk_start,
-        chunks.max_chunks,
-        length,
-        kv_heads,
-        dk,
-        dv,
-        C=chunks.chunk,
-        BK=bk,
-        BV=bv,
-        MODE=mode,
-        HAS_INIT=init is not None,
-        REVERSE=reverse,
-        VARLEN=chunks.varlen,
-    )
+    grid = (chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))
+    args = (terms, decays, h, final if init is None else init.contiguous(), final, bounds, chunk_start,
+            chunks.max_chunks, length, kv_heads, dk, dv)
+    kw = dict(C=chunks.chunk, BK=bk, BV=bv, MODE=mode, HAS_INIT=init is not None, REVERSE=reverse,
+              VARLEN=chunks.varlen)
+    if SCAN_GROUP > 1:
+        _chunk_scan_group_kernel[grid](*args, G=2 if SCAN_GROUP == 2 else 4, num_warps=SCAN_GROUP_WARPS, **kw)
+    else:
+        _chunk_scan_kernel[grid](*args, **kw)
 
 
 def chunk_forward(
@@ -477,9 +673,19 @@ def chunk_forward(
     h, ht = chunk_states(k, v, decay_kw, initial_state, chunks)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     mode = decay_kw["MODE"]
+    bounds, chunk_start, table, n, length = chunks.args(q)
+    if output_grouped(mode, heads, kv_heads, dk):
+        bv, warps = OUTPUT_GROUP_TILES
+        bv = block(dv, bv)
+        _chunk_output_group_kernel[(chunks.max_chunks, triton.cdiv(dv, bv), kv_heads)](
+            q, k, v, decay_kw["g"], h, o, bounds, chunk_start, table, n, length, heads, kv_heads, dk, dv, scale,
+            C=chunks.chunk, SUB=sub_chunk(chunks.chunk), BK=block(dk, 128), BV=bv, CONST=decay_kw["CONST"],
+            VARLEN=chunks.varlen, PRECISION=precision(q.dtype), F32_PRECISION=precision(q.dtype),
+            PATH=triton_gated.path("forward"), num_warps=warps,
+        )
+        return o, ht
     bk, bv, warps = OUTPUT_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
-    bounds, chunk_start, table, n, length = chunks.args(q)
     grid = (chunks.max_chunks, triton.cdiv(dv, bv), heads)
     _chunk_output_kernel[grid](
         q,

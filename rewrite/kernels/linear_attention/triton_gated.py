@@ -220,6 +220,13 @@ def _whole(b, WHOLE: tl.constexpr):
 
 
 @triton.jit
+def whole_chunk(b, WHOLE: tl.constexpr):
+    """`_whole` for kernels that compute the whole-chunk form's factors once per kv head (v7) and apply
+    them to each q head of the group: (b's max, b's min over the chunk [BK], whether the form holds)."""
+    return _whole(b, WHOLE)
+
+
+@triton.jit
 def _lower_scores_sub(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     b3, hi, lo, ok = _blocks(b, C, SUB)
     if ok:
