@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from benchmarks.linear_attention import copy_bandwidth
 from benchmarks.runner import Measurement, environment, measure, write_results
+from benchmarks.variants import apply_changes, restore
 from rewrite.kernels import delta_rule, short_conv, sliding_window_attention
 
 H, D = 16, 128
@@ -118,17 +119,6 @@ DELTA_VARIANTS = {
 }
 
 
-def _apply_delta_variant(changes) -> list:
-    import importlib
-
-    undo = []
-    for module, attr, value in changes:
-        mod = importlib.import_module(f"rewrite.kernels.delta_rule.{module}")
-        undo.append((mod, attr, getattr(mod, attr)))
-        setattr(mod, attr, value)
-    return undo
-
-
 def _delta_inputs(t: int):
     q, k, v = (x.requires_grad_() for x in _qkv(t))
     beta = torch.rand(1, t, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -202,7 +192,7 @@ def delta_variants(lengths: list[int], names: list[str] | None, breakdown: bool)
             continue
         undo = []
         try:
-            undo = _apply_delta_variant(changes)
+            undo = apply_changes("rewrite.kernels.delta_rule", changes)
             print(delta_check(f"delta variant {name!r}"), flush=True)
             for t in lengths:
                 args = _delta_inputs(t)
@@ -225,8 +215,7 @@ def delta_variants(lengths: list[int], names: list[str] | None, breakdown: bool)
         except Exception as exc:
             print(f"delta variant {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         finally:
-            for mod, attr, old in undo:
-                setattr(mod, attr, old)
+            restore(undo)
         torch.cuda.empty_cache()
     return rows
 

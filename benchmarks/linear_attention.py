@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.runner import Measurement, environment, measure, write_results
+from benchmarks.variants import apply_changes, restore
 from rewrite.kernels import linear_attention
 
 H, D = 16, 128
@@ -278,19 +279,6 @@ SWEEP = {
 }
 
 
-def _apply_variant(changes) -> list:
-    import importlib
-
-    undo = []
-    for module, attr, value in changes:
-        mod = importlib.import_module(f"rewrite.kernels.linear_attention.{module}")
-        old = getattr(mod, attr)
-        new = {**old, **value} if isinstance(old, dict) else value
-        setattr(mod, attr, new)
-        undo.append((mod, attr, old))
-    return undo
-
-
 def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown: bool = False,
           variants: list[str] | None = None) -> list[str]:
     """Each SWEEP variant's (or each of `variants`') fwd and fwd+bwd time (the first shape only for decays
@@ -306,7 +294,7 @@ def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown
             continue
         undo = []
         try:
-            undo = _apply_variant(changes)
+            undo = apply_changes("rewrite.kernels.linear_attention", changes)
             for label, inputs in checks.items():  # every variant's vector results vs float64
                 errs = _errors_vs_fp64(inputs, "vector", references.get(label))
                 references[label] = errs["ref"]
@@ -332,8 +320,7 @@ def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown
             lines.append(f"sweep {name}: {type(exc).__name__}: {str(exc)[:300]}")
             print(lines[-1], flush=True)
         finally:
-            for mod, attr, old in undo:
-                setattr(mod, attr, old)
+            restore(undo)
         torch.cuda.empty_cache()
     return lines
 

@@ -1,0 +1,26 @@
+"""Kernel variants for benchmark sweeps: module constants changed for one timing and restored after."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+Change = tuple[str, str, Any]
+"""(module under the package, attribute, new value); a dict value updates the module's dict."""
+
+
+def apply_changes(package: str, changes: list[Change]) -> list[tuple[Any, str, Any]]:
+    """Set each attribute of `package`.<module> to its new value; returns what `restore` needs."""
+    undo = []
+    for module, attr, value in changes:
+        mod = importlib.import_module(f"{package}.{module}")
+        old = getattr(mod, attr)
+        setattr(mod, attr, {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value)
+        undo.append((mod, attr, old))
+    return undo
+
+
+def restore(undo: list[tuple[Any, str, Any]]) -> None:
+    """Put back the values `apply_changes` replaced."""
+    for mod, attr, old in reversed(undo):
+        setattr(mod, attr, old)

@@ -1,0 +1,28 @@
+"""The benchmarks' variant switch: constants changed for one timing are merged (dicts) and put back."""
+
+from benchmarks.variants import apply_changes, restore
+
+
+def test_variant_changes_merge_dicts_and_are_restored():
+    from rewrite.kernels.linear_attention import triton_backward, triton_gated
+
+    tiles, paths = dict(triton_backward.DQK_TILES), dict(triton_gated.SUB_PRODUCTS)
+    undo = apply_changes("rewrite.kernels.linear_attention", [
+        ("triton_backward", "DQK_TILES", {2: (16, 16, 2)}),
+        ("triton_gated", "SUB_PRODUCTS", {"backward": "batched"}),
+    ])
+    assert triton_backward.DQK_TILES == {**tiles, 2: (16, 16, 2)}
+    assert triton_gated.SUB_PRODUCTS == {**paths, "backward": "batched"}
+    restore(undo)
+    assert triton_backward.DQK_TILES == tiles and triton_gated.SUB_PRODUCTS == paths
+
+
+def test_variant_changes_replace_other_values_and_are_restored():
+    from rewrite.kernels.delta_rule import triton_backward
+
+    version = triton_backward.BACKWARD_VERSION
+    undo = apply_changes("rewrite.kernels.delta_rule", [("triton_backward", "BACKWARD_VERSION", "v2"),
+                                                        ("triton_backward", "BACKWARD_VERSION", "v9")])
+    assert triton_backward.BACKWARD_VERSION == "v9"
+    restore(undo)  # in reverse: the value before the first change comes back
+    assert triton_backward.BACKWARD_VERSION == version
