@@ -17,7 +17,7 @@ that the CUDA-graph step equals the eager one. Then, per context length and batc
 Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
 once at the measured copy bandwidth next to the batch-1 decode step.
 Run: python -m benchmarks.decode [--lengths 8192,32768] [--batches 1,64] [--out runs/decode.json] [--tiny]
-[--compile-step]
+[--compile-step] [--inplace-step]
 """
 
 from __future__ import annotations
@@ -252,8 +252,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny model and lengths (a CPU smoke run)")
     parser.add_argument("--compile-step", action="store_true",
                         help="also time the linearized step compiled by torch.compile (Inductor), graphed on CUDA")
+    parser.add_argument("--inplace-step", action="store_true",
+                        help="write recurrent states in place and normalise inside the step kernel "
+                             "(rewrite.decode.steps.INPLACE_STATE, rewrite.mixers.common.FUSED_STEP_NORMALIZE)")
     parser.add_argument("--out", default="runs/decode.json")
     args = parser.parse_args(argv)
+    if args.inplace_step:
+        from rewrite.decode import steps
+        from rewrite.mixers import common
+
+        steps.INPLACE_STATE, common.FUSED_STEP_NORMALIZE = True, True
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
