@@ -280,6 +280,18 @@ def test_eos_and_pad_default_to_the_models_generation_config():
         config.eos_token_id, config.pad_token_id = saved
 
 
+def test_a_pad_id_outside_the_vocabulary_is_shown_but_not_fed_to_the_model():
+    """A config whose eos / pad id lies outside the vocabulary (a tiny model keeping its tokenizer's ids,
+    as GPT-2's 50256): the output shows that id, the model is fed a real token there (never attended)."""
+    model, om, ids = optimized("llama", "gla")
+    prompt, mask = _ragged(ids)
+    out_of_range = model.config.vocab_size + 7
+    want = om.generate(prompt, mask, max_new_tokens=4, pad_token_id=0)
+    got = om.generate(prompt, mask, max_new_tokens=4, pad_token_id=out_of_range)
+    assert bool((got[0, :4] == out_of_range).all())  # row 0's left padding, as given
+    assert torch.equal(got[:, 4:], want[:, 4:]) and torch.equal(got[1:], want[1:])
+
+
 def test_stateful_in_a_plan_checks_sites_and_keeps_the_forward():
     model, om, ids = optimized("llama", "hybrid")
     checked = rewrite.optimize(model, [*PLANS["hybrid"], "stateful"], example_kwargs={"input_ids": ids})

@@ -70,6 +70,15 @@ def stop_ids(om: Any, eos_token_id: int | list[int] | torch.Tensor | None,
     return eos, int(pad)
 
 
+def _model_pad(om: Any, pad: int) -> int:
+    """The id the model is fed where the output shows `pad` (padded prompt positions, rows that ended):
+    `pad` itself when it is a token of the model's vocabulary, else 0. Those positions are never attended
+    to and their outputs are dropped, so any token serves; a pad id outside the vocabulary (a config's eos
+    of a larger tokenizer) would fail the embedding lookup."""
+    vocab = getattr(getattr(om.source, "config", None), "vocab_size", None)
+    return pad if not isinstance(vocab, int) or 0 <= pad < vocab else 0
+
+
 def _left_aligned(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids / mask with each row's real tokens moved to the end (padding first)."""
     real = mask.bool()
@@ -96,11 +105,13 @@ def _run(
     sampling: Sampling,
     eos: torch.Tensor | None,
     pad: int,
+    feed: int,
     generator: torch.Generator | None,
     graphs: bool,
     compiled: bool,
 ) -> Iterator[torch.Tensor]:
-    """Yield [B] new tokens per step for left-aligned prompts `ids` [B, L] (`valid` marks real tokens)."""
+    """Yield [B] new tokens per step for left-aligned prompts `ids` [B, L] (`valid` marks real tokens);
+    a row that produced an eos id yields `pad` afterwards, and the model is fed `feed` for it."""
     batch, length = ids.shape
     state = program.new_state(batch, length + max_new_tokens)
     prompt_valid = None if bool(valid.all()) else valid
@@ -123,15 +134,18 @@ def _run(
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     for i in range(max_new_tokens):
         token = next_tokens(logits, sampling, generator)
+        fed = token
         if eos is not None:
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            finished = finished | torch.isin(token, eos)
+            done = finished
+            token = torch.where(done, torch.full_like(token, pad), token)
+            fed = token if feed == pad else torch.where(done, torch.full_like(token, feed), token)
+            finished = done | torch.isin(token, eos)
         yield token
         if i == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             return
         positions = state.positions(1)
         state.begin(1)
-        logits = step(token[:, None], positions)[:, -1]
+        logits = step(fed[:, None], positions)[:, -1]
         state.advance()
 
 
@@ -174,7 +188,8 @@ def stream(
     eos = torch.tensor(eos_list, device=device) if eos_list else None
     ids = input_ids.to(device)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
-    ids, valid = _left_aligned(ids, mask, pad)
+    feed = _model_pad(om, pad)
+    ids, valid = _left_aligned(ids, mask, feed)
     lengths = valid.sum(-1)
     if program.positions_in_graph and bool((lengths != lengths[0]).any()):
         groups = [(lengths == n).nonzero().flatten() for n in torch.unique(lengths).tolist()]
@@ -184,7 +199,7 @@ def stream(
         for rows in groups:
             width = int(lengths[rows].max())
             runner = _run(program, ids[rows, -width:], valid[rows, -width:], max_new_tokens=max_new_tokens,
-                          sampling=sampling, eos=eos, pad=pad, generator=generator, graphs=graphs,
+                          sampling=sampling, eos=eos, pad=pad, feed=feed, generator=generator, graphs=graphs,
                           compiled=compile_step)
             for token in runner:
                 yield StepTokens(rows, token)
