@@ -161,6 +161,7 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     import transformers
 
     from rewrite.decode import decode_program
+    from rewrite.decode.cuda_graph import GraphedStep
 
     base = build_model(layers, hidden, device, dtype)
     torch.manual_seed(0)
@@ -219,8 +220,6 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
             del state
             if not graphs:
                 continue
-            from rewrite.decode.cuda_graph import GraphedStep
-
             state, twin = prefilled(program, mask), prefilled(program, mask)
             graphed = GraphedStep(program, state)
             graphed.start()

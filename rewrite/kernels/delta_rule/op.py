@@ -136,6 +136,11 @@ def _backward(ctx, do, d_final_state, *_):
 delta_rule_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _unkept(q: torch.Tensor) -> torch.Tensor:
+    """An empty float32 buffer: one `rewrite::delta_rule_saving` did not keep."""
+    return q.new_empty(0, dtype=torch.float32)
+
+
 @torch.library.custom_op("rewrite::delta_rule_saving", mutates_args=())
 def delta_rule_saving_op(
     q: torch.Tensor,
@@ -153,7 +158,7 @@ def delta_rule_saving_op(
     without g); elsewhere all five are empty [0] (the reference backward recomputes). Training only
     (`SAVE_FOR_BACKWARD`); the autograd backward passes them to `rewrite::delta_rule_backward_saved`."""
     o, final = chunked_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens)
-    return o, final, *(q.new_empty(0, dtype=torch.float32) for _ in range(5))
+    return o, final, *(_unkept(q) for _ in range(5))
 
 
 @delta_rule_saving_op.register_kernel("cuda")
@@ -161,7 +166,7 @@ def _saving_cuda(q, k, v, beta, g, scale, initial_state, cu_seqlens):
     o, final, (w, u, b, h, t) = load_triton_module(_FORWARD).chunk_forward(
         q, k, v, beta, g, scale, initial_state, cu_seqlens, save=True
     )
-    return o, final, w, u, q.new_empty(0, dtype=torch.float32) if b is None else b, h, t
+    return o, final, w, u, _unkept(q) if b is None else b, h, t
 
 
 def kept_shapes(q, k, v, g, cu_seqlens) -> list[tuple]:
@@ -179,7 +184,7 @@ def kept_shapes(q, k, v, g, cu_seqlens) -> list[tuple]:
 def _saving_fake(q, k, v, beta, g, scale, initial_state, cu_seqlens):
     o, final = _forward_fake(q, k, v, beta, g, scale, initial_state, cu_seqlens)
     if q.device.type != "cuda":
-        return o, final, *(q.new_empty(0, dtype=torch.float32) for _ in range(5))
+        return o, final, *(_unkept(q) for _ in range(5))
     return o, final, *(q.new_empty(shape, dtype=torch.float32) for shape in kept_shapes(q, k, v, g, cu_seqlens))
 
 

@@ -351,9 +351,9 @@ def _chunk_scan_group_kernel(
                             s + G + 1, BK, BV, REVERSE)
         if G == 4:
             n2, e2 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks,
-                                s + 6, BK, BV, REVERSE)
+                                s + G + 2, BK, BV, REVERSE)
             n3, e3 = _scan_load(d_ptr, a_ptr, d_base, local_offs, first, a_step, a_base, kcols, dk, n_chunks,
-                                s + 7, BK, BV, REVERSE)
+                                s + G + 3, BK, BV, REVERSE)
         state = _scan_step(state, t0, d0, h_ptr, first, kv_heads, hk, dk, dv, tile, mask, n_chunks, s, REVERSE)
         state = _scan_step(state, t1, d1, h_ptr, first, kv_heads, hk, dk, dv, tile, mask, n_chunks, s + 1, REVERSE)
         if G == 4:
@@ -504,15 +504,15 @@ def _chunk_output_group_kernel(
             offs = rows.to(tl.int64)[:, None] * (heads * dv) + h * dv + vcols[None, :]
             tl.store(o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=out_mask)
     else:  # strong gates (or PATH != 2): `lower_scores` per q head, as `_chunk_output_kernel`
+        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(k.dtype)
+        v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
         for j in range(0, group):
             h = hk * group + j
             q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
-            k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
             scores, qd = lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
-            state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(q.dtype)
             o = tl.dot(qd.to(q.dtype), state, input_precision=PRECISION)
             scores = tl.where(causal, scores, 0.0)
-            v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
             o += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
             offs = rows.to(tl.int64)[:, None] * (heads * dv) + h * dv + vcols[None, :]
             tl.store(o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=out_mask)

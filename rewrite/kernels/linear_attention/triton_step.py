@@ -81,9 +81,10 @@ def _recurrent_step_kernel(
                 z = z * decay
         if MODE == 2:
             g = tl.load(g_ptr + (token * kv_heads + hk) * dk + kcols, mask=kmask, other=0.0).to(tl.float32)
-            state = state * tl.exp(g)[:, None]
+            decays = tl.exp(g)
+            state = state * decays[:, None]
             if NORM == 1:
-                z = z * tl.exp(g)
+                z = z * decays
         state += k[:, None] * v[None, :]
         qf = q.to(tl.float32)
         o = scale * tl.sum(qf[:, :, None] * state[None, :, :], axis=1)
