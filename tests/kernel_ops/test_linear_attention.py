@@ -141,6 +141,8 @@ def test_triton_vector_fast_paths(path, strength, monkeypatch):
 V7_VARIANTS = {  # (triton_forward attribute, value) pairs of the v7 launch choices (NOTES.md, v7)
     "scan g2 + out grouped": {"SCAN_GROUP": 2, "OUTPUT_GROUPED": True},
     "scan g4 + out grouped bv64": {"SCAN_GROUP": 4, "OUTPUT_GROUPED": True, "OUTPUT_GROUP_TILES": (64, 8)},
+    "v5 scan (one chunk ahead, 64x32 tiles)": {"SCAN_GROUP": 1, "SCAN_TILES": (64, 32),
+                                               "SCAN_MIN_PROGRAMS": 0},
 }
 V7_CASES = [
     # group 4, K = V = 64 (the Llama-shaped model's head dims), short packed sequences and a partial scan group
@@ -156,7 +158,8 @@ V7_CASES = [
 @pytest.mark.parametrize(
     "variant,case,dtype",
     [("scan g2 + out grouped", *V7_CASES[0]), ("scan g2 + out grouped", *V7_CASES[1]),
-     ("scan g4 + out grouped bv64", *V7_CASES[0]), ("scan g4 + out grouped bv64", *V7_CASES[2])],
+     ("scan g4 + out grouped bv64", *V7_CASES[0]), ("scan g4 + out grouped bv64", *V7_CASES[2]),
+     ("v5 scan (one chunk ahead, 64x32 tiles)", *V7_CASES[0])],
     ids=lambda x: str(x) if isinstance(x, Case) else str(x).replace("torch.", ""),
 )
 def test_triton_v7_variants(variant, case, dtype, monkeypatch):
@@ -166,7 +169,8 @@ def test_triton_v7_variants(variant, case, dtype, monkeypatch):
     forward = triton_module("triton_forward")
     for name, value in V7_VARIANTS[variant].items():
         monkeypatch.setattr(forward, name, value)
-    assert forward.output_grouped(2, case.heads, case.kv_heads, case.dk)
+    grouped = V7_VARIANTS[variant].get("OUTPUT_GROUPED", False)
+    assert forward.output_grouped(2, case.heads, case.kv_heads, case.dk) == grouped
     check_triton_against_naive(case, dtype)
 
 

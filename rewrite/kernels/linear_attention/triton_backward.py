@@ -24,6 +24,9 @@ from .triton_gated import lower_apply, sub_chunk, upper_apply, upper_scores
 # in-chunk part came out wrong on H200 / triton 3.6 with BK 64 or 128 and 4 warps at K=100, V=32
 # (fp16 and bf16; right with BK 32, or with 8 warps; NOTES.md): keep BK 32 there.
 DQK_TILES = {0: (64, 64, 4), 1: (64, 64, 8), 2: (32, 64, 8)}  # vector: 8 warps from the 2026-12-06 H100 sweep
+# the vector decay's dq/dk tiles at K <= DQK_SMALL_K: H100, H=32 / Hkv=8 / K=V=64, 32K: dq/dk kernel 1.83 vs 2.05 ms
+DQK_SMALL_K = 64
+DQK_TILES_SMALL_K = {2: (64, 64, 8)}
 DV_TILES = {0: (32, 64, 4), 1: (32, 64, 4), 2: (32, 64, 4)}
 DSTATE_TILES = (64, 32)
 CUMSUM_TILE = (4096, 16)  # elements per step and most columns per program of the dg reverse cumsum
@@ -450,7 +453,7 @@ def chunk_backward(
     dv_ = new_empty(v.shape, dtype=v.dtype, device=device)
     common = dict(C=chunks.chunk, SUB=sub_chunk(chunks.chunk), MODE=mode, CONST=const, VARLEN=chunks.varlen)
     common.update(PRECISION=prec, F32_PRECISION=prec, PATH=triton_gated.path("backward"))
-    bk, bv, warps = DQK_TILES[mode]
+    bk, bv, warps = DQK_TILES_SMALL_K[mode] if dk <= DQK_SMALL_K and mode in DQK_TILES_SMALL_K else DQK_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
     # per key dim for "vector"; else summed over each K tile's columns in the kernel
     feat = dk if mode == 2 else triton.cdiv(dk, bk)

@@ -29,13 +29,18 @@ STATE_TILES = (64, 32)
 # the single sequential kernel of v3. (BK, BV) tiles of the scan, warps of the chunk-term kernel.
 SCAN_MODES = (2,)
 SCAN_TILES = (64, 32)
+# smaller scan tiles when SCAN_TILES leave the scan fewer than SCAN_MIN_PROGRAMS programs (sequences x kv heads x
+# tiles): H100, H=32 / Hkv=8 / K=V=64, B=1, 32K (16 programs at 64x32): fwd 0.97 vs 1.16 ms, fwd+bwd 4.96 vs 5.45
+# with 32x16 and SCAN_GROUP 4; H200, H=16 / K=V=128 (128 programs): fwd 2.06 (64x32) vs 2.47 ms (32x16) at 32K
+SCAN_TILES_FEW = (32, 16)
+SCAN_MIN_PROGRAMS = 128
 TERM_WARPS = 8
-# v7 (not yet run on a GPU): chunks per load of the scan. 1: `_chunk_scan_kernel` (one chunk's term loaded one
+# v7: chunks per load of the scan. 1: `_chunk_scan_kernel` (one chunk's term loaded one
 # step ahead: each step waits about one memory latency, ~1 us on the H100, which is the whole scan's time when
 # it has few programs, e.g. 16 at 8 kv heads and K = V = 64). G > 1: `_chunk_scan_group_kernel` loads the
 # terms and decays of G chunks (2, or 4 for any G > 2) at once, a group ahead, so a sequence of n chunks waits
 # about n / G latencies.
-SCAN_GROUP = 1
+SCAN_GROUP = 4  # H200, H=16 / K=V=128, 64x32 tiles: fwd+bwd 3.25 vs 3.47 ms at 8K, 11.50 vs 11.94 at 32K (G 1)
 SCAN_GROUP_WARPS = 8  # sm_90 compile (triton 3.9), G 4, tiles 64x32: 217 registers at 8 warps, 255 + 568 B spill at 4
 # v7 (not yet run on a GPU): the vector decay's output kernel per kv head (`_chunk_output_group_kernel`), which
 # loads k, g, v and the state tile and computes the in-chunk cumsum and the whole-chunk form's two factors once
@@ -592,12 +597,20 @@ def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float3
     return h, ht
 
 
+def scan_tiles(heads: int, dk: int, dv: int) -> tuple[int, int]:
+    """(BK, BV) of the scan's tiles for `heads` (sequences x kv heads) states of [dk, dv]."""
+    bk, bv = block(dk, SCAN_TILES[0]), block(dv, SCAN_TILES[1])
+    if heads * triton.cdiv(dk, bk) * triton.cdiv(dv, bv) >= SCAN_MIN_PROGRAMS:
+        return bk, bv
+    return block(dk, SCAN_TILES_FEW[0]), block(dv, SCAN_TILES_FEW[1])
+
+
 def scan_terms(x, y, decay_kw, chunks, kv_heads, scale, *, query, wide):
     """(every chunk's own state term in the scan's tile-major layout, see `_chunk_contrib_kernel`;
     the per-chunk decays a [chunks, Hkv, K or 1] float32), both for `scan_states`."""
     dk, dv = x.shape[-1], y.shape[-1]
     mode = decay_kw["MODE"]
-    bk, bv = block(dk, SCAN_TILES[0]), block(dv, SCAN_TILES[1])
+    bk, bv = scan_tiles(chunks.n * kv_heads, dk, dv)
     n_k, n_v = triton.cdiv(dk, bk), triton.cdiv(dv, bv)
     terms = new_empty((kv_heads * n_k * n_v, chunks.max_chunks, bk, bv), dtype=torch.float32, device=x.device)
     shape = (chunks.max_chunks, kv_heads, dk if mode == 2 else 1)
