@@ -240,6 +240,19 @@ def bandwidth_gbs(device: str) -> float:
     return 2 * src.nbytes / (row.median_ms / 1e3) / 1e9
 
 
+def inductor_options(text: str) -> dict[str, bool | int | str]:
+    """{name: value} from "name=value,..." (1 / 0 / true / false are booleans, other digits ints)."""
+    options: dict[str, bool | int | str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--step-inductor-options: expected name=value, got {item!r}")
+        low = value.lower()
+        options[name] = (low in ("1", "true")) if low in ("0", "1", "true", "false") else (
+            int(value) if value.isdigit() else value)
+    return options
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,32768")
@@ -255,8 +268,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inplace-step", action="store_true",
                         help="write recurrent states in place and normalise inside the step kernel "
                              "(rewrite.decode.steps.INPLACE_STATE, rewrite.mixers.common.FUSED_STEP_NORMALIZE)")
+    parser.add_argument("--step-inductor-options", default="",
+                        help="Inductor options of the compiled step, e.g. max_autotune=1,coordinate_descent_tuning=1 "
+                             "(rewrite.decode.program.STEP_INDUCTOR_OPTIONS)")
     parser.add_argument("--out", default="runs/decode.json")
     args = parser.parse_args(argv)
+    if args.step_inductor_options:
+        from rewrite.decode import program
+
+        program.STEP_INDUCTOR_OPTIONS = inductor_options(args.step_inductor_options)
     if args.inplace_step:
         from rewrite.decode import steps
         from rewrite.mixers import common
@@ -276,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     lin_program, soft_program = decode_program(lin), decode_program(soft)
     env = environment()
     env["optimize + decode programs s"] = f"{time.perf_counter() - t0:.1f}"
+    if args.inplace_step:
+        env["step"] = "in-place state, normalised in the kernel"
+    if args.step_inductor_options:
+        env["step Inductor options"] = args.step_inductor_options
     with torch.inference_mode():
         env.update(check(model, lin, soft, device, args.compile_step))
         print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)

@@ -26,3 +26,15 @@ def test_variant_changes_replace_other_values_and_are_restored():
     assert triton_backward.BACKWARD_VERSION == "v9"
     restore(undo)  # in reverse: the value before the first change comes back
     assert triton_backward.BACKWARD_VERSION == version
+
+
+def test_decode_benchmark_reads_inductor_options():
+    import pytest
+
+    from benchmarks.decode import inductor_options
+
+    assert inductor_options("max_autotune=1, coordinate_descent_tuning=false,cpp.simdlen=8,x=y") == {
+        "max_autotune": True, "coordinate_descent_tuning": False, "cpp.simdlen": 8, "x": "y"}
+    assert inductor_options("") == {}
+    with pytest.raises(SystemExit, match="expected name=value, got 'max_autotune'"):
+        inductor_options("max_autotune")

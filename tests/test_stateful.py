@@ -1013,6 +1013,21 @@ def test_compile_step_errors_name_the_option_and_the_cause(monkeypatch):
         steps(DecodeProgram(om.source, om.plan, dict(om.named_parameters())))
 
 
+def test_step_inductor_options_reach_inductor(monkeypatch):
+    """STEP_INDUCTOR_OPTIONS go to torch.compile when a program first compiles its step: an option name
+    Inductor does not know is refused by torch, CUDA graphs of Inductor's own are refused by us."""
+    from rewrite.decode import program as program_module
+    from rewrite.decode.program import DecodeProgram
+
+    _, om, _ = optimized("llama", "gla")
+    monkeypatch.setattr(program_module, "STEP_INDUCTOR_OPTIONS", {"not_an_inductor_option": True})
+    with pytest.raises(RuntimeError, match="not_an_inductor_option"):
+        DecodeProgram(om.source, om.plan, dict(om.named_parameters())).compiled_module()
+    monkeypatch.setattr(program_module, "STEP_INDUCTOR_OPTIONS", {"triton.cudagraphs": True})
+    with pytest.raises(ValueError, match="leave triton.cudagraphs off"):
+        DecodeProgram(om.source, om.plan, dict(om.named_parameters())).compiled_module()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("plan", ["gla", "hybrid"])

@@ -34,6 +34,12 @@ def model_window(source: torch.nn.Module) -> tuple[int | None, list[int] | str]:
     return window, "all"
 
 
+STEP_INDUCTOR_OPTIONS: dict[str, Any] = {}
+"""Inductor options of the compiled decode step (`torch.compile(..., options=...)`, e.g. `{"max_autotune": True}`
+or `{"coordinate_descent_tuning": True}`), read when a program first compiles its step; empty: Inductor's
+defaults. CUDA graphs stay the decode loop's own (`GraphedStep`): do not set `triton.cudagraphs` here."""
+
+
 LAYOUT_PASSES = ("varlen",)
 """Passes about how a padded or packed batch is laid out, left out of decode programs: the decode state
 already keeps each sequence's real tokens apart (slots, validity), and a padding-free graph would leave the
@@ -155,7 +161,12 @@ class DecodeProgram:
         """The graph module compiled by torch.compile (Inductor, one whole graph, static shapes), made on
         first use and shared by every state; see `rewrite.decode.compiled`."""
         if self._compiled is None:
-            self._compiled = torch.compile(self.graph_module, backend="inductor", dynamic=False, fullgraph=True)
+            options = dict(STEP_INDUCTOR_OPTIONS) or None
+            if options and options.get("triton.cudagraphs"):
+                raise ValueError("STEP_INDUCTOR_OPTIONS: the decode loop captures the step in its own CUDA graph; "
+                                 "leave triton.cudagraphs off")
+            self._compiled = torch.compile(self.graph_module, backend="inductor", dynamic=False, fullgraph=True,
+                                           options=options)
         return self._compiled
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
