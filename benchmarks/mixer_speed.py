@@ -33,6 +33,7 @@ import torch
 
 import rewrite
 from benchmarks.runner import Measurement, environment, measure, write_results
+from benchmarks.variants import apply_changes, restore
 
 PLANS: dict[str, dict[str, Any]] = {
     "gla": {"passes": [{"mixer": {"kind": "gla", "feature_map": "identity", "normalize": False}}]},
@@ -119,6 +120,15 @@ def _failed_row(name: str, params: dict[str, Any], why: str) -> Measurement:
     return row
 
 
+def kernel_changes(name: str) -> list:
+    """The (module, attribute, value) changes of `benchmarks.linear_attention`'s sweep variant `name`."""
+    from benchmarks.linear_attention import SWEEP
+
+    if name not in SWEEP:
+        raise SystemExit(f"unknown kernel variant {name!r}; choose from {list(SWEEP)}")
+    return SWEEP[name]
+
+
 def main(argv: list[str] | None = None) -> list[Measurement]:
     """Check, time every variant at every length / phase / mode, print the table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,6 +138,9 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     parser.add_argument("--phases", default="prefill,train")
     parser.add_argument("--modes", default="eager,compile")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--kernel-variants", default="",
+                        help="comma-separated names of benchmarks.linear_attention's sweep variants: each adds a row "
+                             "per plan timed with that variant's kernel constants (same model, same compilation)")
     parser.add_argument("--out", default="runs/mixer_speed.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -147,6 +160,10 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         source = copy.deepcopy(original)
         om = rewrite.optimize(source, PLANS[name], example_kwargs=example)
         variants[f"{name} (rewrite)"] = {"model": source, "eager": om, "plan": PLANS[name]}
+        for kernels in filter(None, args.kernel_variants.split(",")):
+            variants[f"{name} (rewrite) [{kernels}]"] = {"model": source, "eager": om, "plan": PLANS[name],
+                                                         "changes": kernel_changes(kernels),
+                                                         "base": f"{name} (rewrite)"}
     modes, phases = args.modes.split(","), args.phases.split(",")
     rows: list[Measurement] = []
     for length in [int(x) for x in args.lengths.split(",")]:
@@ -156,6 +173,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
             for name, v in variants.items():
                 if mode == "eager":
                     compiled[name] = v.get("eager", v["model"])
+                elif "base" in v:  # the kernels' constants are read at each launch: one compilation serves
+                    compiled[name] = compiled[v["base"]]
                 elif "plan" in v:
                     compiled[name] = torch.compile(v["model"], backend="rewrite", options={"plan": v["plan"]})
                 else:
@@ -167,6 +186,7 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                     fn = compiled[name]
                     params = {"L": length, "phase": phase, "mode": mode}
                     run = _prefill(fn, ids) if phase == "prefill" else _train(fn, v["model"], ids)
+                    undo = apply_changes("rewrite.kernels.linear_attention", v.get("changes", []))
                     try:
                         first = _first_call(run)  # compiles in compile mode: kept out of the peak and the timing
                         peak = _peak(run)
@@ -181,6 +201,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                         print(f"{name:28s} L={length:6d} {phase:7s} {mode:7s} failed: {exc!r}"[:300], flush=True)
                         torch.cuda.empty_cache()
                         continue
+                    finally:
+                        restore(undo)
                     row.extra["peak GiB"] = f"{peak:.1f}"
                     row.extra["first call s"] = f"{first:.1f}"
                     if name.startswith("floor"):

@@ -38,3 +38,14 @@ def test_decode_benchmark_reads_inductor_options():
     assert inductor_options("") == {}
     with pytest.raises(SystemExit, match="expected name=value, got 'max_autotune'"):
         inductor_options("max_autotune")
+
+
+def test_mixer_speed_kernel_variants_are_the_sweep_variants():
+    import pytest
+
+    from benchmarks.linear_attention import SWEEP
+    from benchmarks.mixer_speed import kernel_changes
+
+    assert kernel_changes("scan g4 32x16") == SWEEP["scan g4 32x16"]
+    with pytest.raises(SystemExit, match="unknown kernel variant 'no such'"):
+        kernel_changes("no such")
