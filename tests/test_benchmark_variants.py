@@ -26,3 +26,15 @@ def test_variant_changes_replace_other_values_and_are_restored():
     assert triton_backward.BACKWARD_VERSION == "v9"
     restore(undo)  # in reverse: the value before the first change comes back
     assert triton_backward.BACKWARD_VERSION == version
+
+
+def test_linear_attention_sweep_variants_name_existing_constants():
+    """A SWEEP variant naming a constant the kernels do not have would time the default under its name."""
+    import importlib
+
+    from benchmarks.linear_attention import SWEEP
+
+    for name, changes in SWEEP.items():
+        for module, attr, _ in changes:
+            mod = importlib.import_module(f"rewrite.kernels.linear_attention.{module}")
+            assert hasattr(mod, attr), f"sweep variant {name!r}: {module}.{attr} does not exist"
