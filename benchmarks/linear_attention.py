@@ -280,6 +280,10 @@ SWEEP = {
     "out grouped bv32 w4": [("triton_forward", "OUTPUT_GROUPED", True),
                             ("triton_forward", "OUTPUT_GROUP_TILES", (32, 4))],
     "v7 scan g4 + out grouped": [("triton_forward", "SCAN_GROUP", 4), ("triton_forward", "OUTPUT_GROUPED", True)],
+    # v8 (not yet run on a GPU): the dg reverse cumsum as chunk sums, a scan over them, then chunks in parallel
+    "cumsum parallel": [("triton_backward", "CUMSUM_PARALLEL", True)],
+    "cumsum parallel 128 cols": [("triton_backward", "CUMSUM_PARALLEL", True),
+                                 ("triton_backward", "CUMSUM_PARALLEL_COLS", 128)],
 }
 
 

@@ -49,3 +49,15 @@ def test_mixer_speed_kernel_variants_are_the_sweep_variants():
     assert kernel_changes("scan g4 32x16") == SWEEP["scan g4 32x16"]
     with pytest.raises(SystemExit, match="unknown kernel variant 'no such'"):
         kernel_changes("no such")
+
+
+def test_linear_attention_sweep_variants_name_existing_constants():
+    """A SWEEP variant naming a constant the kernels do not have would time the default under its name."""
+    import importlib
+
+    from benchmarks.linear_attention import SWEEP
+
+    for name, changes in SWEEP.items():
+        for module, attr, _ in changes:
+            mod = importlib.import_module(f"rewrite.kernels.linear_attention.{module}")
+            assert hasattr(mod, attr), f"sweep variant {name!r}: {module}.{attr} does not exist"

@@ -174,6 +174,64 @@ def test_triton_v7_variants(variant, case, dtype, monkeypatch):
     check_triton_against_naive(case, dtype)
 
 
+# (batch, length, cu_seqlens) for the dg reverse cumsum: one sequence of 150 rows (two 64-row chunks and 22
+# rows); a dense batch of two; packed sequences with an empty one, two of one row, one of exactly one chunk
+# and one of three chunks (the last partial)
+CUMSUM_LAYOUTS = [(1, 150, None), (2, 70, None), (1, 200, (0, 1, 1, 2, 66, 67, 200))]
+
+
+@pytest.mark.parametrize("heads,feat", [(1, 1), (3, 1), (2, 64), (2, 100)])
+@pytest.mark.parametrize("layout", CUMSUM_LAYOUTS, ids=str)
+def test_parallel_reverse_cumsum(layout, heads, feat):
+    """The v8 parallel dg reverse cumsum (chunk sums, a scan over them, chunks in parallel) against the
+    sequential kernel and against a float64 flip / cumsum per sequence, with a non-zero carry; feature sizes
+    1 (scalar decay), 64 and 100 (vector decay); NaN-poisoned buffers."""
+    backward, common = triton_module("triton_backward"), triton_module("triton_common")
+    batch, length, cu = layout
+    bounds = list(cu) if cu is not None else [b * length for b in range(batch + 1)]
+    device = kernel_device()
+    x = torch.randn(batch * length, heads, feat, device=device)
+    carry = 3 * torch.randn(len(bounds) - 1, heads, feat, device=device)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    chunks = common.Chunks(batch, length, cu_seqlens, 64, device)
+    with poisoned():
+        parallel = backward.reverse_cumsum(x, carry, chunks, parallel=True).cpu()
+        sequential = backward.reverse_cumsum(x, carry, chunks, parallel=False).cpu()
+    xd, cd = x.cpu().double(), carry.cpu().double()
+    expected, magnitude = torch.full_like(xd, float("nan")), torch.full_like(xd, float("nan"))
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        expected[start:end] = xd[start:end].flip(0).cumsum(0).flip(0) + cd[s]
+        magnitude[start:end] = xd[start:end].abs().flip(0).cumsum(0).flip(0) + cd[s].abs()
+    scale = magnitude.max().item()  # a sum with cancellation: its rounding error scales with |terms|
+    assert parallel.dtype == torch.float32 and parallel.shape == x.shape
+    assert_close(parallel, expected, TOLERANCE[torch.float32], "parallel vs float64", scale=scale)
+    assert_close(sequential, expected, TOLERANCE[torch.float32], "sequential vs float64", scale=scale)
+    assert_close(parallel, sequential.double(), TOLERANCE[torch.float32], "parallel vs sequential", scale=scale)
+
+
+CUMSUM_CASES = [
+    Case("vector", batch=1, length=200, heads=4, kv_heads=2, dk=64, dv=16, cu_seqlens=(0, 1, 67, 68, 200)),
+    Case("vector", length=70, heads=2, kv_heads=1, dk=100, dv=16),
+    Case("scalar", batch=1, length=150, heads=2, kv_heads=1, dk=32, dv=16),
+    Case("scalar", batch=1, length=70, dk=16, dv=16, cu_seqlens=(0, 1, 2, 70)),
+    Case("constant", length=70, dk=32, dv=16),
+]
+
+
+@pytest.mark.parametrize("case", CUMSUM_CASES, ids=str)
+def test_triton_parallel_dg_cumsum(case, monkeypatch):
+    """Forward and backward with `triton_backward.CUMSUM_PARALLEL` on against the naive recurrence; the run
+    fails if the sequential dg cumsum ran."""
+    backward = triton_module("triton_backward")
+
+    def sequential(*args):
+        raise AssertionError("the sequential dg reverse cumsum ran with CUMSUM_PARALLEL on")
+
+    monkeypatch.setattr(backward, "CUMSUM_PARALLEL", True)
+    monkeypatch.setattr(backward, "_sequential_reverse_cumsum", sequential)
+    check_triton_against_naive(case, torch.float32)
+
+
 def check_triton_against_naive(case: Case, dtype: torch.dtype) -> None:
     forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
     x = make_inputs(case, dtype, kernel_device())

@@ -30,6 +30,10 @@ DQK_TILES_SMALL_K = {2: (64, 64, 8)}
 DV_TILES = {0: (32, 64, 4), 1: (32, 64, 4), 2: (32, 64, 4)}
 DSTATE_TILES = (64, 32)
 CUMSUM_TILE = (4096, 16)  # elements per step and most columns per program of the dg reverse cumsum
+# v8 (not yet run on a GPU; NOTES.md): the dg reverse cumsum as chunk sums, a short scan over them per
+# sequence, then every chunk's own reverse cumsum plus its offset, instead of one sequential walk
+CUMSUM_PARALLEL = False
+CUMSUM_PARALLEL_COLS = 64  # most columns (kv heads x features, flattened) per program of its two passes
 
 
 @triton.jit
@@ -366,30 +370,136 @@ def _reverse_cumsum_kernel(
         carry += tl.sum(x, axis=0)
 
 
-def _log_decay_grad(dlog, final, d_final, g, decay, chunks):
-    """dg from dB = sum_g q * dq - k * dk ([B * T, Hkv, K]) and the final-state term."""
-    carry = (final * d_final).sum(-1)  # [N, Hkv, K]
-    if decay != "vector":
-        dlog, carry = dlog.sum(-1, keepdim=True), carry.sum(-1, keepdim=True)
-    _, heads, feat = dlog.shape
-    out = new_empty(dlog.shape, dtype=torch.float32, device=dlog.device)
+@triton.jit
+def _chunk_sums_kernel(
+    x_ptr,
+    sums_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    T,
+    width,
+    C: tl.constexpr,
+    BW: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """Parallel reverse cumsum, pass 1: sums[i_c] = the column sums of flat chunk i_c of x [rows, width]."""
+    i_c, i_w = tl.program_id(0), tl.program_id(1)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    rows = bos + local * C + tl.arange(0, C)
+    cols = i_w * BW + tl.arange(0, BW)
+    col_mask = cols < width
+    offs = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=(rows < eos)[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    tl.store(sums_ptr + i_c.to(tl.int64) * width + cols, tl.sum(x, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _chunk_reverse_cumsum_kernel(
+    x_ptr,
+    suffix_ptr,
+    carry_ptr,
+    out_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    T,
+    width,
+    C: tl.constexpr,
+    BW: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """Parallel reverse cumsum, pass 2: chunk i_c's own reverse cumsum plus what follows it in its sequence,
+    suffix[i_c + 1] (carry + the sums of the later chunks), or the carry for a sequence's last chunk."""
+    i_c, i_w = tl.program_id(0), tl.program_id(1)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    rows = bos + local * C + tl.arange(0, C)
+    cols = i_w * BW + tl.arange(0, BW)
+    col_mask = cols < width
+    if local + 1 < tl.cdiv(eos - bos, C):
+        after = tl.load(suffix_ptr + (i_c + 1).to(tl.int64) * width + cols, mask=col_mask, other=0.0)
+    else:
+        after = tl.load(carry_ptr + seq.to(tl.int64) * width + cols, mask=col_mask, other=0.0)
+    offs = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    mask = (rows < eos)[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, after.to(tl.float32)[None, :] + tl.cumsum(x, axis=0, reverse=True), mask=mask)
+
+
+def _sequential_reverse_cumsum(x, carry, chunks):
+    """`reverse_cumsum` by `_reverse_cumsum_kernel`: one program per sequence, kv head and feature tile."""
+    bounds, chunk_start, _, _, length = chunks.args(x)
+    return _walk_reverse_cumsum(x, carry, bounds, chunk_start, chunks.n, length, chunks.chunk, chunks.varlen)
+
+
+def _walk_reverse_cumsum(x, carry, bounds, chunk_start, n, length, chunk, varlen):
+    _, heads, feat = x.shape
+    out = new_empty(x.shape, dtype=torch.float32, device=x.device)
     bf = min(CUMSUM_TILE[1], triton.next_power_of_2(feat))
     rows = max(16, CUMSUM_TILE[0] // bf)
-    bounds, chunk_start, _, _, length = chunks.args(dlog)
-    _reverse_cumsum_kernel[(chunks.n, heads, triton.cdiv(feat, bf))](
-        dlog,
-        carry.contiguous(),
+    _reverse_cumsum_kernel[(n, heads, triton.cdiv(feat, bf))](
+        x,
+        carry,
         out,
         bounds,
         chunk_start,
         length,
         heads,
         feat,
-        C=chunks.chunk,
+        C=chunk,
         ROWS=rows,
         BF=bf,
-        VARLEN=chunks.varlen,
+        VARLEN=varlen,
     )
+    return out
+
+
+def _parallel_reverse_cumsum(x, carry, chunks):
+    """`reverse_cumsum` in three launches, none of which walks a sequence's rows: the column sums of every
+    chunk (C rows of one sequence, `chunks`' table) in parallel; their reverse cumsum per sequence plus the
+    carry, by `_reverse_cumsum_kernel` on the [chunks, width] sums with each sequence's chunk range as its
+    bounds (1/C of the rows); then every chunk's own reverse cumsum plus the part after it, in parallel.
+    Columns are kv heads x features, flattened."""
+    width = x.shape[1] * x.shape[2]
+    bw = min(CUMSUM_PARALLEL_COLS, triton.next_power_of_2(width))
+    bounds, chunk_start, table, n, length = chunks.args(x)
+    grid = (chunks.max_chunks, triton.cdiv(width, bw))
+    common = dict(C=chunks.chunk, BW=bw, VARLEN=chunks.varlen)
+    sums = new_empty((chunks.max_chunks, width), dtype=torch.float32, device=x.device)
+    _chunk_sums_kernel[grid](x, sums, bounds, chunk_start, table, n, length, width, **common)
+    # suffix[c] = carry + the sums of chunks c.. of c's sequence: sequence s covers flat chunks
+    # chunk_start[s]:chunk_start[s + 1] (varlen) or s * NT:(s + 1) * NT (dense, NT chunks per sequence);
+    # rows past the last real chunk (varlen's max_chunks is an upper bound) are neither read nor written
+    suffix = _walk_reverse_cumsum(
+        sums.view(-1, 1, width), carry, chunk_start, chunk_start, n, triton.cdiv(length, chunks.chunk), 1, chunks.varlen
+    ).view(-1, width)
+    out = new_empty(x.shape, dtype=torch.float32, device=x.device)
+    _chunk_reverse_cumsum_kernel[grid](x, suffix, carry, out, bounds, chunk_start, table, n, length, width, **common)
+    return out
+
+
+def reverse_cumsum(x, carry, chunks, parallel: bool):
+    """out [rows, Hkv, F] float32: out_t = carry[n] + sum_{s >= t} x_s over the rows s of t's sequence n.
+
+    x: float32 [B * T, Hkv, F] contiguous; carry: float32 [N, Hkv, F] contiguous; `chunks`: the sequences.
+    """
+    return (_parallel_reverse_cumsum if parallel else _sequential_reverse_cumsum)(x, carry, chunks)
+
+
+def _log_decay_grad(dlog, final, d_final, g, decay, chunks):
+    """dg from dB = sum_g q * dq - k * dk ([B * T, Hkv, K]) and the final-state term."""
+    carry = (final * d_final).sum(-1)  # [N, Hkv, K]
+    if decay != "vector":
+        dlog, carry = dlog.sum(-1, keepdim=True), carry.sum(-1, keepdim=True)
+    out = reverse_cumsum(dlog, carry.contiguous(), chunks, CUMSUM_PARALLEL)
     if decay == "constant":
         return out.sum((0, 2)).to(g.dtype)
     return out.view(g.shape).to(g.dtype)
