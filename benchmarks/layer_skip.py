@@ -154,6 +154,10 @@ def time_shape(model, om, batch: int, length: int, fractions: list[float], runs:
     return rows
 
 
+PREFILL_TOKENS = 65536
+"""Prompt tokens (batch x chunk) per prefill call of the decode timing: long contexts at batch 32 fit."""
+
+
 def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: list[float], runs: int, device: str,
                 dtype: torch.dtype) -> list[Measurement]:
     """One real decode step (KV caches filled by a prefill of `context` tokens, decisions held from it) of the
@@ -185,12 +189,18 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     timed: dict[str, float] = {}
     steps: dict[str, torch.Tensor] = {}
 
+    chunk = max(1, min(context, PREFILL_TOKENS // batch))
+
     def prefilled(program, mask):
+        """The state after the prompt, prefilled `chunk` tokens a call (the routed program's decisions are the
+        held mask: every chunk runs the same blocks per sequence, as one call would)."""
         state = program.new_state(batch, context + 4 * (runs + 8) + 8)
-        state.begin(context)
-        with skip_controls(skip_mask=mask) if mask is not None else contextlib.nullcontext():
-            program(prompt, torch.arange(context, device=device).expand(batch, -1), state)
-        state.advance()
+        for start in range(0, context, chunk):
+            stop = min(context, start + chunk)
+            state.begin(stop - start)
+            with skip_controls(skip_mask=mask) if mask is not None else contextlib.nullcontext():
+                program(prompt[:, start:stop], torch.arange(start, stop, device=device).expand(batch, -1), state)
+            state.advance()
         return state
 
     def step(program, state):
