@@ -143,6 +143,7 @@ V7_VARIANTS = {  # (triton_forward attribute, value) pairs of the v7 launch choi
     "scan g4 + out grouped bv64": {"SCAN_GROUP": 4, "OUTPUT_GROUPED": True, "OUTPUT_GROUP_TILES": (64, 8)},
     "v5 scan (one chunk ahead, 64x32 tiles)": {"SCAN_GROUP": 1, "SCAN_TILES": (64, 32),
                                                "SCAN_MIN_PROGRAMS": 0},
+    "scan for the scalar decay too": {"SCAN_MODES": (1, 2)},
 }
 V7_CASES = [
     # group 4, K = V = 64 (the Llama-shaped model's head dims), short packed sequences and a partial scan group
@@ -159,7 +160,10 @@ V7_CASES = [
     "variant,case,dtype",
     [("scan g2 + out grouped", *V7_CASES[0]), ("scan g2 + out grouped", *V7_CASES[1]),
      ("scan g4 + out grouped bv64", *V7_CASES[0]), ("scan g4 + out grouped bv64", *V7_CASES[2]),
-     ("v5 scan (one chunk ahead, 64x32 tiles)", *V7_CASES[0])],
+     ("v5 scan (one chunk ahead, 64x32 tiles)", *V7_CASES[0]),
+     ("scan for the scalar decay too", dataclasses.replace(V7_CASES[0][0], decay="scalar"), torch.float32),
+     ("scan for the scalar decay too", Case("scalar", length=70, heads=6, kv_heads=2, dk=100, dv=40),
+      torch.float16)],
     ids=lambda x: str(x) if isinstance(x, Case) else str(x).replace("torch.", ""),
 )
 def test_triton_v7_variants(variant, case, dtype, monkeypatch):
@@ -171,7 +175,11 @@ def test_triton_v7_variants(variant, case, dtype, monkeypatch):
         monkeypatch.setattr(forward, name, value)
     grouped = V7_VARIANTS[variant].get("OUTPUT_GROUPED", False)
     assert forward.output_grouped(2, case.heads, case.kv_heads, case.dk) == grouped
+    scans = []
+    scan_states = forward.scan_states
+    monkeypatch.setattr(forward, "scan_states", lambda *a, **kw: scans.append(a[2]) or scan_states(*a, **kw))
     check_triton_against_naive(case, dtype)
+    assert scans and set(scans) == {forward.DECAY_MODE[case.decay]}  # the states came from the scan
 
 
 # (batch, length, cu_seqlens) for the dg reverse cumsum: one sequence of 150 rows (two 64-row chunks and 22
