@@ -262,6 +262,8 @@ SWEEP = {
     # the scalar decay's states by chunk terms + the grouped scan too (v4 found the one-chunk-ahead scan slower
     # for scalar: 0.82 vs 0.76 ms at 8K; the grouped scan is ~1.5x faster at the model shape)
     "scan scalar too": [("triton_forward", "SCAN_MODES", (1, 2))],
+    # the vector decay's in-chunk dq / dk products as three TF32 products in strong-gate chunks (dg's error there)
+    "strong gates tf32x3": [("triton_backward", "STRONG_GATE_PRECISION", "tf32x3")],
     # launch shapes for small head dims (D=64, the Llama-shaped model's 32 q / 8 kv heads: --sweep-shape 32,8,64)
     "out 64x64 w4": [("triton_forward", "OUTPUT_TILES", {2: (64, 64, 4)})],
     "out 64x32 w4": [("triton_forward", "OUTPUT_TILES", {2: (64, 32, 4)})],

@@ -125,6 +125,16 @@ def test_triton_forward_and_backward_match_naive(case, dtype):
     check_triton_against_naive(case, dtype)
 
 
+@pytest.mark.parametrize("path", ["masked", "whole"])
+def test_triton_strong_gate_precision(path, monkeypatch):
+    """The vector decay's dq / dk products with their own input precision in strong-gate chunks
+    (`triton_backward.STRONG_GATE_PRECISION`), in float16 (the switch acts on 16-bit inputs)."""
+    monkeypatch.setattr(triton_module("triton_backward"), "STRONG_GATE_PRECISION", "tf32x3")
+    monkeypatch.setattr(triton_module("triton_gated"), "SUB_PRODUCTS", {"forward": path, "backward": path})
+    case = Case("vector", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16, decay_strength=2.0)
+    check_triton_against_naive(case, torch.float16)
+
+
 @pytest.mark.parametrize("strength", [0.5, 2.0, 8.0])
 @pytest.mark.parametrize("path", ["masked", "batched", "whole"])
 def test_triton_vector_fast_paths(path, strength, monkeypatch):
@@ -556,6 +566,23 @@ def test_cuda_bfloat16_against_float64(decay, path, monkeypatch):
     o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
     assert_close(o, o_ref, 1e-2, "o")
     assert_close(final, final_ref, 1e-2, "final state")
+    check_grads(grads, grads_ref, scales, 1e-2, str(case))
+
+
+@gpu
+def test_cuda_strong_gates_bfloat16_against_float64(monkeypatch):
+    """Strong gates (log-decays down to -2 per token: no chunk takes the whole-chunk form) in bf16 with the
+    in-chunk dq / dk products as three TF32 products: every gradient, dg included, within 1e-2 of float64."""
+    monkeypatch.setattr(triton_module("triton_backward"), "STRONG_GATE_PRECISION", "tf32x3")
+    case = Case("vector", batch=1, length=1000, heads=4, kv_heads=2, dk=128, dv=128, decay_strength=2.0)
+    x = make_inputs(case, torch.bfloat16, "cuda")
+    o, final, leaves = run_public(case, x, leaves=True)
+    do, dht = torch.randn_like(o), torch.randn_like(final)
+    grads = dict(
+        zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
+    )
+    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
+    assert_close(o, o_ref, 1e-2, "o")
     check_grads(grads, grads_ref, scales, 1e-2, str(case))
 
 

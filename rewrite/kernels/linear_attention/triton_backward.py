@@ -29,6 +29,12 @@ DQK_SMALL_K = 64
 DQK_TILES_SMALL_K = {2: (64, 64, 8)}
 DV_TILES = {0: (32, 64, 4), 1: (32, 64, 4), 2: (32, 64, 4)}
 DSTATE_TILES = (64, 32)
+# input precision of the vector decay's in-chunk dq / dk products in chunks whose log-decay spreads too far for the
+# whole-chunk form (strong gates), for 16-bit inputs; None: TF32 as elsewhere. Under an emulation of TF32 rounding
+# (Triton interpreter, float16, strong gates) TF32 there takes dg's error from 2e-4 to 4.4e-3 (the reverse cumsum
+# of q * dq - k * dk cancels), exact float32 products bring it back to 4.6e-4; "tf32x3" (three TF32 products)
+# is the GPU's near-float32 form. Off until timed and checked on a GPU (NOTES.md, "dg on strong gates").
+STRONG_GATE_PRECISION: str | None = None
 CUMSUM_TILE = (4096, 16)  # elements per step and most columns per program of the dg reverse cumsum
 # v8 (not yet run on a GPU; NOTES.md): the dg reverse cumsum as chunk sums, a short scan over them per
 # sequence, then every chunk's own reverse cumsum plus its offset, instead of one sequential walk
@@ -134,6 +140,7 @@ def _chunk_dqk_kernel(
     F32_PRECISION: tl.constexpr,
     PATH: tl.constexpr,
     SPLIT: tl.constexpr,
+    STRONG_PRECISION: tl.constexpr,
 ):
     """dq (stored per q head), dk and the log-decay gradient terms of one chunk, K tile and kv head.
 
@@ -179,7 +186,7 @@ def _chunk_dqk_kernel(
                 dq += tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
                 dscores += tl.dot(do, tl.trans(v), input_precision=PRECISION)
             dscores = tl.where(causal, dscores * scale, 0.0)
-            dq = dq * scale * tl.exp(b) + lower_apply(dscores, kf, b, C, SUB, F32_PRECISION, PATH)
+            dq = dq * scale * tl.exp(b) + lower_apply(dscores, kf, b, C, SUB, F32_PRECISION, PATH, STRONG_PRECISION)
             q_dq += qf * dq
             offs = rows.to(tl.int64)[:, None] * (heads * dk) + h * dk + kcols[None, :]
             mask = row_mask[:, None] & (kcols < dk)[None, :]
@@ -191,7 +198,7 @@ def _chunk_dqk_kernel(
                 v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
                 dscores_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dscores_t = tl.where(causal_t, dscores_t * scale, 0.0)
-            dk_acc += upper_apply(dscores_t, qf, b, C, SUB, F32_PRECISION, PATH)
+            dk_acc += upper_apply(dscores_t, qf, b, C, SUB, F32_PRECISION, PATH, STRONG_PRECISION)
         else:  # v4 order: both score gradients from one pass over V
             dq = tl.zeros([C, BK], dtype=tl.float32)
             dscores = tl.zeros([C, C], dtype=tl.float32)
@@ -221,8 +228,9 @@ def _chunk_dqk_kernel(
                 dk_acc += tl.dot(dscores_t * pair_t, q.to(tl.float32), input_precision=F32_PRECISION)
             if MODE == 2:
                 dq = dq * tl.exp(b)
-                dq += lower_apply(dscores, kf, b, C, SUB, F32_PRECISION, PATH)
-                dk_acc += upper_apply(dscores_t, q.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
+                dq += lower_apply(dscores, kf, b, C, SUB, F32_PRECISION, PATH, STRONG_PRECISION)
+                dk_acc += upper_apply(dscores_t, q.to(tl.float32), b, C, SUB, F32_PRECISION, PATH,
+                                      STRONG_PRECISION)
             q_dq += q.to(tl.float32) * dq
             offs = rows.to(tl.int64)[:, None] * (heads * dk) + h * dk + kcols[None, :]
             mask = row_mask[:, None] & (kcols < dk)[None, :]
@@ -592,6 +600,7 @@ def chunk_backward(
         BK=bk,
         BV=bv,
         SPLIT=mode == 2 and common["PATH"] != 0,
+        STRONG_PRECISION=STRONG_GATE_PRECISION if prec == "tf32" and STRONG_GATE_PRECISION else prec,
         num_warps=warps,
         **common,
     )

@@ -312,28 +312,31 @@ def upper_scores(x, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.cons
 
 
 @triton.jit
-def lower_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
+def lower_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr,
+                STRONG_PRECISION: tl.constexpr):
+    """STRONG_PRECISION: the products' input precision in chunks the whole-chunk form does not hold."""
     top, bot, whole = _whole(b, PATH == 2)
     if whole:
         ys = y * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
         out = tl.dot(p, ys, input_precision=PRECISION) * tl.exp(tl.minimum(b - top[None, :], 0.0))
     elif PATH == 0:
-        out = _lower_apply_masked(p, y, b, C, SUB, PRECISION)
+        out = _lower_apply_masked(p, y, b, C, SUB, STRONG_PRECISION)
     else:
-        out = _lower_apply_sub(p, y, b, C, SUB, PRECISION)
+        out = _lower_apply_sub(p, y, b, C, SUB, STRONG_PRECISION)
     return out
 
 
 @triton.jit
-def upper_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr):
+def upper_apply(p, y, b, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr, PATH: tl.constexpr,
+                STRONG_PRECISION: tl.constexpr):
     top, bot, whole = _whole(b, PATH == 2)
     if whole:
         ys = y * tl.exp(tl.minimum(b - bot[None, :], LIMIT))
         out = tl.dot(p, ys, input_precision=PRECISION) * tl.exp(tl.minimum(bot[None, :] - b, 0.0))
     elif PATH == 0:
-        out = _upper_apply_masked(p, y, b, C, SUB, PRECISION)
+        out = _upper_apply_masked(p, y, b, C, SUB, STRONG_PRECISION)
     else:
-        out = _upper_apply_sub(p, y, b, C, SUB, PRECISION)
+        out = _upper_apply_sub(p, y, b, C, SUB, STRONG_PRECISION)
     return out
 
 
