@@ -39,8 +39,8 @@ SITE_ONLY_KWARGS = ("mask", "mask_negated", "check_mask", "layer")
 INPLACE_STATE = False
 """Whether a decode step whose kind's step takes `inplace` (linear, retention, gla, lawcat) writes the held
 recurrent state in place (the step kernel writes it: no copy of the state per layer and step) instead of
-returning a new state that the decode state copies into its buffer. Same values either way. Off until it
-has run on a GPU (checked on the CPU and under the Triton interpreter only)."""
+returning a new state that the decode state copies into its buffer. Same values either way. Off: with
+`FUSED_STEP_NORMALIZE` it saved 1% of the compiled, graphed batch-1 step on an H100 (inside the spread)."""
 
 
 def kind_step(kind: str, layer: str) -> Callable[..., tuple[torch.Tensor, Any]]:

@@ -208,8 +208,8 @@ FUSED_STEP_NORMALIZE = False
 """Whether a normalising `mix_step` divides in the step kernel (the state's last column is the running
 sum of phi(k), v gets no column of ones, o no division after the kernel: two fewer kernels per layer
 and step) instead of appending ones to v and dividing the kernel's output. Same state layout and the
-same values (the division happens before rounding to the model's dtype). Off until it has run on a GPU
-(checked on the CPU and under the Triton interpreter only)."""
+same values (the division happens before rounding to the model's dtype). Off: with `INPLACE_STATE` it took
+the compiled, graphed batch-1 step on an H100 from 1.307 to 1.292 ms, inside the run-to-run spread."""
 
 
 def mix_step(
