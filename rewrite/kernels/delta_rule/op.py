@@ -22,6 +22,9 @@ _CHUNK = 64  # triton_forward.CHUNK (the fake of `rewrite::delta_rule_saving` sh
 #     4 * Hkv * (L * (K + V + [1 if gated]) + n_c * (K * V + C * C)) bytes
 # (W, U, b; h per chunk, T per chunk): 302 MB at L = 8K and 4.84 GB at 128K for Hkv = 16, K = V = 128.
 SAVE_FOR_BACKWARD = False
+"""Whether the autograd forward keeps W, U, b, h and T for the backward instead of the backward recomputing them:
+H100, B=1, H=16, D=128: fwd+bwd 3.04 vs 3.59 ms at 8K and 43.2 vs 51.3 at 128K, for 288 MB / 4.6 GB held per
+layer between forward and backward (NOTES_delta_swa_conv.md). Read at every call."""
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
