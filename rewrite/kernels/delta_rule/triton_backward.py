@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 from . import triton_forward
 from .triton_forward import (
@@ -517,7 +519,7 @@ def chunk_backward(
         w, u, b, h, _ = recompute(k, v, beta, g, h0, layout, prec, chunk, t_out=t_all, transposed=transposed)
     has_g = g is not None
     bk = head_block(dk, dv)
-    bv = max(16, min(64, triton.next_power_of_2(dv)))
+    bv = max(16, min(64, next_power_of_2(dv)))
     rows = batch * length
     warps = 8 if bk >= 128 else 4
     b_arg = b if has_g else w
@@ -537,12 +539,12 @@ def chunk_backward(
     common = dict(C=chunk, BK=bk, HAS_G=has_g, VARLEN=layout.varlen, PRECISION=prec)
     bvs = state_block(layout.n * kv_heads, dv)
     if light:
-        r = new_empty((kv_heads * triton.cdiv(dv, bvs), layout.max_chunks, bk, bvs), dtype=torch.float32,
+        r = new_empty((kv_heads * cdiv(dv, bvs), layout.max_chunks, bk, bvs), dtype=torch.float32,
                       device=q.device)
     else:
         r = new_empty(h.shape, dtype=torch.float32, device=q.device) if state_term else dh
     if layout.max_chunks > 0:
-        _du_local_kernel[(layout.max_chunks, triton.cdiv(dv, bv), kv_heads)](
+        _du_local_kernel[(layout.max_chunks, cdiv(dv, bv), kv_heads)](
             q, k, do, b_arg, du, r, *args, heads, kv_heads, dk, dv, scale, BV=bv, STATE_TERM=state_term,
             num_warps=8 if state_term and bk >= 128 else 4,  # the [K, BV] term spills at 4 warps
             w_ptr=w, n_chunks_all=layout.max_chunks, LIGHT=light, BVS=bvs, **common,
@@ -554,17 +556,17 @@ def chunk_backward(
     if light:
         assert transposed["bv"] == bvs
         warps_s, stages_s = triton_forward.LIGHT_SCAN  # read at every call
-        _light_scan_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
+        _light_scan_kernel[(cdiv(dv, bvs), layout.n * kv_heads)](
             transposed["nt"], r, transposed["a"] if has_g else w, dht, dh, dh0, args[0], args[1], length,
             kv_heads, dk, dv, layout.max_chunks, C=chunk, BK=bk, BV=bvs, HAS_G=has_g, HAS_H0=has_dht, REVERSE=True,
             VARLEN=layout.varlen, PRECISION=prec, STORE_LAST=has_h0, num_warps=warps_s, num_stages=stages_s,
         )
         if layout.max_chunks > 0:
-            _fix_du_kernel[(layout.max_chunks, triton.cdiv(dv, bv), kv_heads)](
+            _fix_du_kernel[(layout.max_chunks, cdiv(dv, bv), kv_heads)](
                 k, b_arg, du, dh, *args, kv_heads, dk, dv, BV=bv, num_warps=4, **common,
             )
     else:
-        _dstates_kernel[(triton.cdiv(dv, bvs), layout.n * kv_heads)](
+        _dstates_kernel[(cdiv(dv, bvs), layout.n * kv_heads)](
             q, k, w, b_arg, do, du, dht, dh, dh0, r, args[0], args[1], length, heads, kv_heads, dk, dv,
             scale, BV=bvs, STATE_TERM=state_term, HAS_DHT=has_dht, STORE_DH0=has_h0, num_warps=4, **common,
         )

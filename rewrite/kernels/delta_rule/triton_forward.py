@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 
 CHUNK = 64
@@ -40,12 +42,12 @@ class Layout:
     def __init__(self, batch: int, length: int, cu_seqlens: torch.Tensor | None, chunk: int, device):
         self.chunk, self.length, self.varlen = chunk, length, cu_seqlens is not None
         if cu_seqlens is None:
-            self.n, self.max_chunks = batch, batch * triton.cdiv(length, chunk)
+            self.n, self.max_chunks = batch, batch * cdiv(length, chunk)
             self.tables = None
             return
         bounds = cu_seqlens.to(device=device, dtype=torch.int32)
         self.n = bounds.numel() - 1
-        self.max_chunks = triton.cdiv(length, chunk) + self.n  # an upper bound, no host sync
+        self.max_chunks = cdiv(length, chunk) + self.n  # an upper bound, no host sync
         counts = (bounds[1:] - bounds[:-1] + chunk - 1) // chunk
         chunk_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
         ids = torch.arange(self.max_chunks, dtype=torch.int32, device=device)
@@ -387,13 +389,13 @@ def head_block(dk: int, dv: int) -> int:
     """BK: the whole key dim as one tile."""
     if dk > 256 or dv > 256:
         raise ValueError(f"delta_rule: the Triton kernels support head dims up to 256, got K={dk}, V={dv}")
-    return max(16, triton.next_power_of_2(dk))
+    return max(16, next_power_of_2(dk))
 
 
 def state_block(sequences: int, dv: int) -> int:
     """V tile of the sequential state passes: narrow enough for ~128 programs (V columns are independent)."""
-    bv = max(16, min(64, triton.next_power_of_2(dv)))
-    while bv > 16 and sequences * triton.cdiv(dv, bv) < 128:
+    bv = max(16, min(64, next_power_of_2(dv)))
+    while bv > 16 and sequences * cdiv(dv, bv) < 128:
         bv //= 2
     return bv
 
@@ -420,7 +422,7 @@ def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: in
     ht = new_empty((layout.n, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
     bounds, chunk_start, table, n, length = layout.args(w)
     has_g, has_h0 = g is not None, initial_state is not None
-    bv_wide = max(16, min(64, triton.next_power_of_2(dv)))
+    bv_wide = max(16, min(64, next_power_of_2(dv)))
     if layout.max_chunks > 0:
         _prepare_kernel[(layout.max_chunks, kv_heads)](
             k, v, beta, g if has_g else beta, w, u, b if has_g else w, w if t_out is None else t_out,
@@ -435,7 +437,7 @@ def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: in
         mats = dict(device=k.device, dtype=torch.float32)
         n_mat = new_empty((layout.max_chunks, kv_heads, bk, bk), **mats) if light else w
         nt = new_empty((layout.max_chunks, kv_heads, bk, bk), **mats) if transposed is not None else w
-        r = new_empty((kv_heads * triton.cdiv(dv, bv), layout.max_chunks, bk, bv), **mats) if light else w
+        r = new_empty((kv_heads * cdiv(dv, bv), layout.max_chunks, bk, bv), **mats) if light else w
         a = new_empty((layout.max_chunks, kv_heads), **mats) if has_g else None
         if transposed is not None:
             transposed.update(nt=nt, a=a, bv=bv)
@@ -448,18 +450,18 @@ def recompute(k, v, beta, g, initial_state, layout: Layout, prec: str, chunk: in
             )
     if light:
         warps, stages = LIGHT_SCAN
-        _light_scan_kernel[(triton.cdiv(dv, bv), layout.n * kv_heads)](
+        _light_scan_kernel[(cdiv(dv, bv), layout.n * kv_heads)](
             n_mat, r, a if has_g else w, h0, h, ht, bounds, chunk_start, length, kv_heads, dk, dv, layout.max_chunks,
             C=chunk, BK=bk, BV=bv, HAS_G=has_g, HAS_H0=has_h0, REVERSE=False, VARLEN=layout.varlen, PRECISION=prec,
             num_warps=warps, num_stages=stages,
         )
         if layout.max_chunks > 0 and fix_u:
-            _fix_u_kernel[(layout.max_chunks, triton.cdiv(dv, bv_wide), kv_heads)](
+            _fix_u_kernel[(layout.max_chunks, cdiv(dv, bv_wide), kv_heads)](
                 w, u, h, bounds, chunk_start, table, n, length, kv_heads, dk, dv, C=chunk, BK=bk, BV=bv_wide,
                 VARLEN=layout.varlen, PRECISION=prec, num_warps=4,
             )
         return w, u, b, h, ht
-    _states_kernel[(triton.cdiv(dv, bv), layout.n * kv_heads)](
+    _states_kernel[(cdiv(dv, bv), layout.n * kv_heads)](
         k, w, u, b if has_g else w, h0, h, ht, bounds, chunk_start,
         length, kv_heads, dk, dv, C=chunk, BK=bk, BV=bv, HAS_G=has_g, HAS_H0=has_h0, VARLEN=layout.varlen,
         PRECISION=prec, num_warps=4,
@@ -519,8 +521,8 @@ def chunk_forward(
     w, u, b, h, ht = recompute(k, v, beta, g, initial_state, layout, prec, chunk, t_out=t, fix_u=not fix_in_output)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     if layout.max_chunks > 0:
-        bv = max(16, min(64, triton.next_power_of_2(dv)))
-        _output_kernel[(layout.max_chunks, triton.cdiv(dv, bv), heads)](
+        bv = max(16, min(64, next_power_of_2(dv)))
+        _output_kernel[(layout.max_chunks, cdiv(dv, bv), heads)](
             q, k, u, b if b is not None else u, h, o, *layout.args(u), heads, kv_heads, dk, dv, scale,
             C=chunk, BK=head_block(dk, dv), BV=bv, HAS_G=g is not None, VARLEN=layout.varlen, PRECISION=prec,
             w_ptr=w, FIX_U=fix_in_output,

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 
 
@@ -62,11 +64,11 @@ def recurrent_step(
     kv_heads, dv = k.shape[2], v.shape[-1]
     if dk > 256:
         raise ValueError(f"delta_rule: the Triton kernels support head dims up to 256, got K={dk}")
-    bk = max(16, triton.next_power_of_2(dk))
-    bv = max(16, min(32, triton.next_power_of_2(dv)))
+    bk = max(16, next_power_of_2(dk))
+    bv = max(16, min(32, next_power_of_2(dv)))
     o = new_empty((batch, steps, heads, dv), dtype=q.dtype, device=q.device)
     new_state = new_empty(state.shape, dtype=state.dtype, device=q.device)
-    _step_kernel[(triton.cdiv(dv, bv), batch * kv_heads)](
+    _step_kernel[(cdiv(dv, bv), batch * kv_heads)](
         q, k, v, beta, g if g is not None else beta, state, o, new_state,
         steps, heads, kv_heads, dk, dv, scale, BK=bk, BV=bv, HAS_G=g is not None,
     )

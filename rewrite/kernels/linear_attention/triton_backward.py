@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 from . import triton_forward, triton_gated
 from .triton_common import block, chunk_log_decay, chunk_of_program, sequence_rows
@@ -451,9 +453,9 @@ def _sequential_reverse_cumsum(x, carry, chunks):
 def _walk_reverse_cumsum(x, carry, bounds, chunk_start, n, length, chunk, varlen):
     _, heads, feat = x.shape
     out = new_empty(x.shape, dtype=torch.float32, device=x.device)
-    bf = min(CUMSUM_TILE[1], triton.next_power_of_2(feat))
+    bf = min(CUMSUM_TILE[1], next_power_of_2(feat))
     rows = max(16, CUMSUM_TILE[0] // bf)
-    _reverse_cumsum_kernel[(n, heads, triton.cdiv(feat, bf))](
+    _reverse_cumsum_kernel[(n, heads, cdiv(feat, bf))](
         x,
         carry,
         out,
@@ -477,9 +479,9 @@ def _parallel_reverse_cumsum(x, carry, chunks):
     bounds (1/C of the rows); then every chunk's own reverse cumsum plus the part after it, in parallel.
     Columns are kv heads x features, flattened."""
     width = x.shape[1] * x.shape[2]
-    bw = min(CUMSUM_PARALLEL_COLS, triton.next_power_of_2(width))
+    bw = min(CUMSUM_PARALLEL_COLS, next_power_of_2(width))
     bounds, chunk_start, table, n, length = chunks.args(x)
-    grid = (chunks.max_chunks, triton.cdiv(width, bw))
+    grid = (chunks.max_chunks, cdiv(width, bw))
     common = dict(C=chunks.chunk, BW=bw, VARLEN=chunks.varlen)
     sums = new_empty((chunks.max_chunks, width), dtype=torch.float32, device=x.device)
     _chunk_sums_kernel[grid](x, sums, bounds, chunk_start, table, n, length, width, **common)
@@ -487,7 +489,7 @@ def _parallel_reverse_cumsum(x, carry, chunks):
     # chunk_start[s]:chunk_start[s + 1] (varlen) or s * NT:(s + 1) * NT (dense, NT chunks per sequence);
     # rows past the last real chunk (varlen's max_chunks is an upper bound) are neither read nor written
     suffix = _walk_reverse_cumsum(
-        sums.view(-1, 1, width), carry, chunk_start, chunk_start, n, triton.cdiv(length, chunks.chunk), 1, chunks.varlen
+        sums.view(-1, 1, width), carry, chunk_start, chunk_start, n, cdiv(length, chunks.chunk), 1, chunks.varlen
     ).view(-1, width)
     out = new_empty(x.shape, dtype=torch.float32, device=x.device)
     _chunk_reverse_cumsum_kernel[grid](x, suffix, carry, out, bounds, chunk_start, table, n, length, width, **common)
@@ -542,7 +544,7 @@ def chunk_backward(
         scan_states(terms, decays, mode, chunks, dh, d_final_state, dh0, reverse=True)
     else:
         bk, bv = block(dk, DSTATE_TILES[0]), block(dv, DSTATE_TILES[1])
-        _chunk_dstates_kernel[(chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+        _chunk_dstates_kernel[(chunks.n * kv_heads, cdiv(dk, bk), cdiv(dv, bv))](
             q,
             do,
             decay_kw["g"],
@@ -574,9 +576,9 @@ def chunk_backward(
     bk, bv, warps = DQK_TILES_SMALL_K[mode] if dk <= DQK_SMALL_K and mode in DQK_TILES_SMALL_K else DQK_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
     # per key dim for "vector"; else summed over each K tile's columns in the kernel
-    feat = dk if mode == 2 else triton.cdiv(dk, bk)
+    feat = dk if mode == 2 else cdiv(dk, bk)
     dlog = new_empty((batch * length, kv_heads, feat), dtype=torch.float32, device=device) if mode else q
-    _chunk_dqk_kernel[(chunks.max_chunks, triton.cdiv(dk, bk), kv_heads)](
+    _chunk_dqk_kernel[(chunks.max_chunks, cdiv(dk, bk), kv_heads)](
         q,
         k,
         v,
@@ -606,7 +608,7 @@ def chunk_backward(
     )
     bk, bv, warps = DV_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
-    _chunk_dv_kernel[(chunks.max_chunks, triton.cdiv(dv, bv), kv_heads)](
+    _chunk_dv_kernel[(chunks.max_chunks, cdiv(dv, bv), kv_heads)](
         q,
         k,
         do,

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 
 class ChunkLayout:
     """Sequence bounds [N + 1], first chunk of each sequence [N + 1], and (sequence, chunk) per program."""
@@ -17,10 +19,10 @@ class ChunkLayout:
     def __init__(self, batch: int, length: int, cu_seqlens: torch.Tensor | None, chunk: int, device):
         if cu_seqlens is None:
             self.bounds = torch.arange(batch + 1, dtype=torch.int32, device=device) * length
-            self.max_chunks = batch * triton.cdiv(length, chunk)
+            self.max_chunks = batch * cdiv(length, chunk)
         else:
             self.bounds = cu_seqlens.to(device=device, dtype=torch.int32)
-            self.max_chunks = triton.cdiv(length, chunk) + cu_seqlens.numel() - 1  # no host sync needed
+            self.max_chunks = cdiv(length, chunk) + cu_seqlens.numel() - 1  # no host sync needed
         self.n = self.bounds.numel() - 1
         self.chunk = chunk
         counts = (self.bounds[1:] - self.bounds[:-1] + chunk - 1) // chunk
@@ -52,7 +54,7 @@ class Chunks:
             self.n, self.max_chunks = layout.n, layout.max_chunks
             self.tables = (layout.bounds, layout.chunk_start, layout.table)
         else:
-            self.n, self.max_chunks = batch, batch * triton.cdiv(length, chunk)
+            self.n, self.max_chunks = batch, batch * cdiv(length, chunk)
             self.tables = None
 
     def args(self, dummy: torch.Tensor) -> tuple:
@@ -109,7 +111,7 @@ def chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE: tl.con
 
 def block(dim: int, cap: int = 64) -> int:
     """Tile size for a head dim: a power of two in [16, cap]."""
-    return max(16, min(cap, triton.next_power_of_2(dim)))
+    return max(16, min(cap, next_power_of_2(dim)))
 
 
 def check_head_dims(dk: int, dv: int) -> None:

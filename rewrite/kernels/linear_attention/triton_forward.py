@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 from . import triton_gated
 from .triton_common import Chunks, block, check_head_dims, chunk_log_decay, chunk_of_program, sequence_rows
@@ -569,7 +571,7 @@ def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float3
     h = new_empty((chunks.max_chunks, kv_heads, dk, dv), dtype=state_dtype, device=k.device)
     ht = new_empty((chunks.n, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
     bk, bv = block(dk, STATE_TILES[0]), block(dv, STATE_TILES[1])
-    grid = (chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))
+    grid = (chunks.n * kv_heads, cdiv(dk, bk), cdiv(dv, bv))
     _chunk_states_kernel[grid](
         k,
         v,
@@ -600,7 +602,7 @@ def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float3
 def scan_tiles(heads: int, dk: int, dv: int) -> tuple[int, int]:
     """(BK, BV) of the scan's tiles for `heads` (sequences x kv heads) states of [dk, dv]."""
     bk, bv = block(dk, SCAN_TILES[0]), block(dv, SCAN_TILES[1])
-    if heads * triton.cdiv(dk, bk) * triton.cdiv(dv, bv) >= SCAN_MIN_PROGRAMS:
+    if heads * cdiv(dk, bk) * cdiv(dv, bv) >= SCAN_MIN_PROGRAMS:
         return bk, bv
     return block(dk, SCAN_TILES_FEW[0]), block(dv, SCAN_TILES_FEW[1])
 
@@ -611,12 +613,12 @@ def scan_terms(x, y, decay_kw, chunks, kv_heads, scale, *, query, wide):
     dk, dv = x.shape[-1], y.shape[-1]
     mode = decay_kw["MODE"]
     bk, bv = scan_tiles(chunks.n * kv_heads, dk, dv)
-    n_k, n_v = triton.cdiv(dk, bk), triton.cdiv(dv, bv)
+    n_k, n_v = cdiv(dk, bk), cdiv(dv, bv)
     terms = new_empty((kv_heads * n_k * n_v, chunks.max_chunks, bk, bv), dtype=torch.float32, device=x.device)
     shape = (chunks.max_chunks, kv_heads, dk if mode == 2 else 1)
     decays = new_empty(shape, dtype=torch.float32, device=x.device)
     bounds, chunk_start, table, n, length = chunks.args(x)
-    full_v = max(bv, triton.next_power_of_2(dv))
+    full_v = max(bv, next_power_of_2(dv))
     _chunk_contrib_kernel[(chunks.max_chunks, n_k, kv_heads)](
         x,
         y,
@@ -655,7 +657,7 @@ def scan_states(terms, decays, mode, chunks, h, init, final, *, reverse):
     kv_heads, dk, dv = h.shape[1:]
     bounds, chunk_start, _, _, length = chunks.args(h)
     bk, bv = terms.shape[-2:]
-    grid = (chunks.n * kv_heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))
+    grid = (chunks.n * kv_heads, cdiv(dk, bk), cdiv(dv, bv))
     args = (terms, decays, h, final if init is None else init.contiguous(), final, bounds, chunk_start,
             chunks.max_chunks, length, kv_heads, dk, dv)
     kw = dict(C=chunks.chunk, BK=bk, BV=bv, MODE=mode, HAS_INIT=init is not None, REVERSE=reverse,
@@ -690,7 +692,7 @@ def chunk_forward(
     if output_grouped(mode, heads, kv_heads, dk):
         bv, warps = OUTPUT_GROUP_TILES
         bv = block(dv, bv)
-        _chunk_output_group_kernel[(chunks.max_chunks, triton.cdiv(dv, bv), kv_heads)](
+        _chunk_output_group_kernel[(chunks.max_chunks, cdiv(dv, bv), kv_heads)](
             q, k, v, decay_kw["g"], h, o, bounds, chunk_start, table, n, length, heads, kv_heads, dk, dv, scale,
             C=chunks.chunk, SUB=sub_chunk(chunks.chunk), BK=block(dk, 128), BV=bv, CONST=decay_kw["CONST"],
             VARLEN=chunks.varlen, PRECISION=precision(q.dtype), F32_PRECISION=precision(q.dtype),
@@ -699,7 +701,7 @@ def chunk_forward(
         return o, ht
     bk, bv, warps = OUTPUT_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
-    grid = (chunks.max_chunks, triton.cdiv(dv, bv), heads)
+    grid = (chunks.max_chunks, cdiv(dv, bv), heads)
     _chunk_output_kernel[grid](
         q,
         k,

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 from .triton_common import block, check_head_dims, token_log_decay
 from .triton_forward import DECAY_MODE
@@ -105,7 +107,7 @@ def _recurrent_step_kernel(
 def step_tile(programs: int, dv: int) -> int:
     """V columns per program of the step kernel for `programs` (batch x kv heads) rows (see STEP_PROGRAMS)."""
     bv = block(dv, 32)
-    while bv > 8 and programs * triton.cdiv(dv, bv) < STEP_PROGRAMS:
+    while bv > 8 and programs * cdiv(dv, bv) < STEP_PROGRAMS:
         bv //= 2
     return bv
 
@@ -132,7 +134,7 @@ def _launch(
     z = q if normalizer is None else normalizer.contiguous()
     o = new_empty(q.shape[:-1] + (dv,), dtype=q.dtype, device=q.device)
     bv = step_tile(batch * kv_heads, dv)
-    _recurrent_step_kernel[(batch * kv_heads, triton.cdiv(dv, bv))](
+    _recurrent_step_kernel[(batch * kv_heads, cdiv(dv, bv))](
         q,
         k,
         v,
@@ -151,7 +153,7 @@ def _launch(
         eps,
         BK=block(dk, 256),
         BV=bv,
-        BG=triton.next_power_of_2(heads // kv_heads),
+        BG=next_power_of_2(heads // kv_heads),
         MODE=DECAY_MODE[decay],
         NORM=norm,
     )

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 
 
@@ -57,7 +59,7 @@ def _rms_norm_bwd_kernel(
 
 
 def _block(n_cols: int) -> int:
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     if block > 65536:
         raise ValueError(f"rms_norm supports a last dimension of at most 65536, got {n_cols}")
     return block
@@ -86,7 +88,7 @@ def rms_norm_backward(
     else:
         programs = 4
     programs = max(1, min(programs, n_rows))
-    rows_per_program = triton.cdiv(n_rows, programs)
+    rows_per_program = cdiv(n_rows, programs)
     dx = new_empty(x2.shape, dtype=x.dtype, device=x.device)
     dw_partial = new_empty((programs, n_cols), dtype=torch.float32, device=x.device)
     if n_rows == 0:

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 
 MAX_BATCH = 16384
@@ -95,15 +97,15 @@ def route_forward(
     if batch == 0:
         count.zero_()
         return prob, order, count
-    block_d = min(triton.next_power_of_2(dim), 128)
+    block_d = min(next_power_of_2(dim), 128)
     block_l = 16
     if x.is_cuda:
         target = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
     else:
         target = 2
-    chunks = max(1, min(triton.cdiv(length, block_l), triton.cdiv(target, batch)))
-    rows_per_program = triton.cdiv(length, chunks)
-    chunks = triton.cdiv(length, rows_per_program)
+    chunks = max(1, min(cdiv(length, block_l), cdiv(target, batch)))
+    rows_per_program = cdiv(length, chunks)
+    chunks = cdiv(length, rows_per_program)
     partial = new_empty((batch, chunks), dtype=torch.float32, device=x.device)
     _partial_dot_kernel[(batch, chunks)](
         x,
@@ -128,6 +130,6 @@ def route_forward(
         chunks,
         1.0 / length,
         float(threshold),
-        BLOCK_B=max(16, triton.next_power_of_2(batch)),
+        BLOCK_B=max(16, next_power_of_2(batch)),
     )
     return prob, order, count

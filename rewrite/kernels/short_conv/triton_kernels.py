@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 
 BT = 64  # backward tile: rows, channels, warps
@@ -194,7 +196,7 @@ class _Rows:
 
 
 def _grid(rows: _Rows, dim: int, bt: int, bd: int) -> tuple[int, int]:
-    return triton.cdiv(rows.n_rows, bt), triton.cdiv(dim, bd)
+    return cdiv(rows.n_rows, bt), cdiv(dim, bd)
 
 
 def short_conv_forward(
@@ -221,7 +223,7 @@ def short_conv_forward(
         _conv_fwd_kernel[(tiles + rows.n, col_tiles)](
             x2, weight, x2 if bias is None else bias.contiguous(), x2 if cache is None else cache, y, final,
             rows.seq, rows.bounds, rows.n_rows, tiles, rows.length, dim,
-            W=width, WP=max(2, triton.next_power_of_2(width - 1)), BT=bt, BD=bd, HAS_BIAS=bias is not None,
+            W=width, WP=max(2, next_power_of_2(width - 1)), BT=bt, BD=bd, HAS_BIAS=bias is not None,
             HAS_CACHE=cache is not None, SILU=silu, VARLEN=rows.varlen, num_warps=warps,
         )
     return y, final

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 from .triton_forward import LOG2E, check_dtype, head_block, precision
 
@@ -63,7 +65,7 @@ def _decode_kernel(
 
 def _splits(slots: int, programs: int) -> int:
     """Slices of the cache per (row, kv head): enough programs to fill a GPU, at least BLOCK_N slots each."""
-    return max(1, min(triton.cdiv(slots, BLOCK_N), triton.cdiv(256, max(programs, 1))))
+    return max(1, min(cdiv(slots, BLOCK_N), cdiv(256, max(programs, 1))))
 
 
 def sliding_window_decode(
@@ -75,15 +77,15 @@ def sliding_window_decode(
     batch, _, heads, dk = q.shape
     slots, kv_heads, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     n_splits = _splits(slots, batch * kv_heads)
-    per_split = triton.cdiv(triton.cdiv(slots, n_splits), BLOCK_N) * BLOCK_N
-    n_splits = triton.cdiv(slots, per_split)
+    per_split = cdiv(cdiv(slots, n_splits), BLOCK_N) * BLOCK_N
+    n_splits = cdiv(slots, per_split)
     o_part = new_empty((batch, heads, n_splits, dv), dtype=torch.float32, device=q.device)
     lse_part = new_empty((batch, heads, n_splits), dtype=torch.float32, device=q.device)
     group = heads // kv_heads
     _decode_kernel[(batch * kv_heads, n_splits)](
         q, k_cache, v_cache, positions.contiguous(), o_part, lse_part,
         slots, heads, kv_heads, dk, dv, scale * LOG2E, per_split, n_splits,
-        BG=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BK=head_block(dk), BV=head_block(dv),
+        BG=max(16, next_power_of_2(group)), BLOCK_N=BLOCK_N, BK=head_block(dk), BV=head_block(dv),
         PRECISION=precision(q.dtype),
     )
     weights = torch.softmax(lse_part, dim=-1)  # exp(lse_s - logsumexp(lse)); empty slices weigh 0

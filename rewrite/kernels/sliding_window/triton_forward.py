@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import next_power_of_2
+
 from ..alloc import new_empty
 from ..delta_rule.triton_forward import Layout, chunk_of_program, sequence_rows
 
@@ -147,7 +149,7 @@ def head_block(dim: int) -> int:
     """Tile width for a head dim (whole head per tile): a power of two >= 16, at most 256."""
     if dim > 256:
         raise ValueError(f"sliding_window_attention: the Triton kernels support head dims up to 256, got {dim}")
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_power_of_2(dim))
 
 
 def check_dtype(q: torch.Tensor) -> None:

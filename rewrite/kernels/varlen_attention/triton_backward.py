@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv
+
 from ..alloc import new_empty
 from .triton_forward import LOG2E, check_layout, head_block, load_tile, precision, rows_contiguous
 
@@ -155,10 +157,10 @@ def varlen_attention_backward(
         GROUP=heads // kv_heads, DK=dk_dim, DV=dv_dim, BK=head_block(dk_dim), BV=head_block(dv_dim), CAUSAL=causal,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision(q.dtype), num_warps=warps, num_stages=stages,
     )
-    _dkdv_kernel[(triton.cdiv(max_seqlen, block_n), sequences, kv_heads)](
+    _dkdv_kernel[(cdiv(max_seqlen, block_n), sequences, kv_heads)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, *common, **meta
     )
-    _dq_kernel[(triton.cdiv(max_seqlen, block_m), sequences, heads)](
+    _dq_kernel[(cdiv(max_seqlen, block_m), sequences, heads)](
         q, k, v, do, lse, delta, dq, cu_seqlens, *common, **meta
     )
     return dq, dk, dv

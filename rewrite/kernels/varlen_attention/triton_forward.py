@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
 from ..alloc import new_empty
 
 LOG2E = 1.4426950408889634
@@ -88,7 +90,7 @@ def head_block(dim: int) -> int:
     """Tile width for a head dim (whole head per tile): a power of two >= 16, at most 256."""
     if dim > 256:
         raise ValueError(f"varlen_attention: the Triton kernels support head dims up to 256, got {dim}")
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_power_of_2(dim))
 
 
 def check_layout(*tensors: torch.Tensor) -> None:
@@ -125,7 +127,7 @@ def varlen_attention_forward(
     lse = new_empty((heads, total), dtype=torch.float32, device=q.device)
     sequences = cu_seqlens.numel() - 1
     if max_seqlen > 0 and total > 0:
-        grid = (triton.cdiv(max_seqlen, block_m), sequences, heads)
+        grid = (cdiv(max_seqlen, block_m), sequences, heads)
         _forward_kernel[grid](
             q, k, v, o, lse, cu_seqlens,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), total, scale * LOG2E,
