@@ -557,16 +557,7 @@ def test_cuda_bfloat16_against_float64(decay, path, monkeypatch):
         gated = triton_module("triton_gated")
         monkeypatch.setattr(gated, "SUB_PRODUCTS", {"forward": path, "backward": path})
     case = Case(decay, batch=2, length=300, heads=8, kv_heads=2, dk=128, dv=96)
-    x = make_inputs(case, torch.bfloat16, "cuda")
-    o, final, leaves = run_public(case, x, leaves=True)
-    do, dht = torch.randn_like(o), torch.randn_like(final)
-    grads = dict(
-        zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
-    )
-    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
-    assert_close(o, o_ref, 1e-2, "o")
-    assert_close(final, final_ref, 1e-2, "final state")
-    check_grads(grads, grads_ref, scales, 1e-2, str(case))
+    check_public_against_naive(case, torch.bfloat16, 1e-2)
 
 
 @gpu
@@ -575,15 +566,7 @@ def test_cuda_strong_gates_bfloat16_against_float64(monkeypatch):
     in-chunk dq / dk products as three TF32 products: every gradient, dg included, within 1e-2 of float64."""
     monkeypatch.setattr(triton_module("triton_backward"), "STRONG_GATE_PRECISION", "tf32x3")
     case = Case("vector", batch=1, length=1000, heads=4, kv_heads=2, dk=128, dv=128, decay_strength=2.0)
-    x = make_inputs(case, torch.bfloat16, "cuda")
-    o, final, leaves = run_public(case, x, leaves=True)
-    do, dht = torch.randn_like(o), torch.randn_like(final)
-    grads = dict(
-        zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
-    )
-    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
-    assert_close(o, o_ref, 1e-2, "o")
-    check_grads(grads, grads_ref, scales, 1e-2, str(case))
+    check_public_against_naive(case, torch.bfloat16, 1e-2)
 
 
 @gpu
@@ -599,16 +582,7 @@ def test_cuda_v7_variants_bfloat16_against_float64(variant, dims, monkeypatch):
     cu = None if dk == 64 else (0, 1, 130, 700)
     case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
                 cu_seqlens=cu)
-    x = make_inputs(case, torch.bfloat16, "cuda")
-    o, final, leaves = run_public(case, x, leaves=True)
-    do, dht = torch.randn_like(o), torch.randn_like(final)
-    grads = dict(
-        zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
-    )
-    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
-    assert_close(o, o_ref, 1e-2, "o")
-    assert_close(final, final_ref, 1e-2, "final state")
-    check_grads(grads, grads_ref, scales, 1e-2, str(case))
+    check_public_against_naive(case, torch.bfloat16, 1e-2)
 
 
 @gpu
@@ -616,12 +590,18 @@ def test_cuda_varlen_long_sequences():
     case = dataclasses.replace(
         Case("vector", batch=1, length=1000, cu_seqlens=(0, 1, 2, 500, 1000)), dk=64, dv=64
     )
-    x = make_inputs(case, torch.float16, "cuda")
+    check_public_against_naive(case, torch.float16, 5e-3)
+
+
+def check_public_against_naive(case: Case, dtype: torch.dtype, tol: float, device: str = "cuda") -> None:
+    """The public op (output, final state, every gradient) against the naive recurrence in float64."""
+    x = make_inputs(case, dtype, device)
     o, final, leaves = run_public(case, x, leaves=True)
     do, dht = torch.randn_like(o), torch.randn_like(final)
     grads = dict(
         zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
     )
     o_ref, final_ref, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
-    assert_close(o, o_ref, 5e-3, "o")
-    check_grads(grads, grads_ref, scales, 5e-3, str(case))
+    assert_close(o, o_ref, tol, "o")
+    assert_close(final, final_ref, tol, "final state")
+    check_grads(grads, grads_ref, scales, tol, str(case))
