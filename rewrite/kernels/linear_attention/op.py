@@ -21,9 +21,9 @@ _CHUNK = 64  # triton_forward.CHUNK (the fake of `rewrite::linear_attention_savi
 # inference runs `rewrite::linear_attention` and keeps nothing. While saving, the forward computes h as the backward's
 # recompute does (float32 operands with a decay, `wide`), so the gradients are those of the recompute; its output then
 # comes from those states (o differs from the default forward's by rounding only). Extra memory per layer, held from
-# the forward to the backward, for n_c = ceil(L / 64) chunks per sequence (+ N sequences when packed), Hkv kv heads,
-# head dims K, V:   4 * n_c * Hkv * K * V bytes   (float32 h [chunks, Hkv, K, V]; the final state, an output, is
-# kept too): 67 MB at L = 32K, Hkv = 8, K = V = 64; 537 MB at L = 32K, Hkv = 16, K = V = 128.
+# the forward to the backward, for n_c chunks (B * ceil(T / 64), or ceil(T / 64) + N when packed), Hkv kv heads, head
+# dims K, V:   4 * n_c * Hkv * K * V bytes   (float32 h [n_c, Hkv, K, V]; the final state, an output, is kept too):
+# 67 MB at B = 1, T = 32K, Hkv = 8, K = V = 64; 537 MB at B = 1, T = 32K, Hkv = 16, K = V = 128.
 SAVE_STATES = False
 
 
