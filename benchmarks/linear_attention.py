@@ -289,7 +289,27 @@ SWEEP = {
     "cumsum parallel": [("triton_backward", "CUMSUM_PARALLEL", True)],
     "cumsum parallel 128 cols": [("triton_backward", "CUMSUM_PARALLEL", True),
                                  ("triton_backward", "CUMSUM_PARALLEL_COLS", 128)],
+    # v9 (not yet run on a GPU): the forward keeps its chunk states h for the backward, which then skips their
+    # recompute; its lines add the memory held from the forward to the backward (h and the final state)
+    "save states": [("op", "SAVE_STATES", True)],
 }
+
+
+def _saves(changes) -> bool:
+    """Whether a SWEEP variant keeps forward buffers for the backward (its lines report the memory held)."""
+    return any(attr == "SAVE_STATES" and value for _, attr, value in changes)
+
+
+def _held_after_forward(fn: Callable, args: tuple) -> float:
+    """MB allocated by one forward (inputs requiring grad) and still held after it, beyond its output: what
+    autograd keeps for the backward."""
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    out = fn(*args)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - start - out.numel() * out.element_size()
+    del out
+    return held / 2**20
 
 
 def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown: bool = False,
@@ -320,9 +340,10 @@ def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown
                     with torch.no_grad():
                         fwd = measure(name, functools.partial(fn, q, k, v, g), warmup=3, runs=10)
                     both = measure(name, _fwd_bwd(fn, (q, k, v, g)), warmup=2, runs=10)
+                    held = f" held after fwd {_held_after_forward(fn, (q, k, v, g)):8.1f} MB" if _saves(changes) else ""
                     lines.append(
                         f"sweep {name:20s} {decay:7s} B={b} L={t:6d} fwd {fwd.median_ms:7.3f} "
-                        f"fwd+bwd {both.median_ms:7.3f} ms"
+                        f"fwd+bwd {both.median_ms:7.3f} ms{held}"
                     )
                     print(lines[-1], flush=True)
             if breakdown and "vector" in decays:

@@ -61,3 +61,16 @@ def test_linear_attention_sweep_variants_name_existing_constants():
         for module, attr, _ in changes:
             mod = importlib.import_module(f"rewrite.kernels.linear_attention.{module}")
             assert hasattr(mod, attr), f"sweep variant {name!r}: {module}.{attr} does not exist"
+
+
+def test_linear_attention_sweep_reports_memory_for_the_saving_variant():
+    """The "save states" variant switches op.SAVE_STATES on (and is restored), and only variants that keep forward
+    buffers get the held-after-forward column."""
+    from benchmarks.linear_attention import SWEEP, _saves
+    from rewrite.kernels.linear_attention import op
+
+    assert _saves(SWEEP["save states"]) and not _saves(SWEEP["base"]) and not _saves(SWEEP["cumsum parallel"])
+    undo = apply_changes("rewrite.kernels.linear_attention", SWEEP["save states"])
+    assert op.SAVE_STATES is True
+    restore(undo)
+    assert op.SAVE_STATES is False

@@ -558,9 +558,14 @@ def test_short_conv_halo_exchange(layout: str) -> None:
     _split_against_whole(4, layout, conv, _under_sp(conv, "lasp2", layout), inputs, [1, None, None])
 
 
-@pytest.mark.parametrize(("strategy", "layout"), [("allscan", "contiguous"), ("lasp2", "zigzag")])
-def test_delta_rule_chunk_transitions(strategy: str, layout: str) -> None:
+@pytest.mark.parametrize(("strategy", "layout", "save"), [("allscan", "contiguous", False), ("lasp2", "zigzag", False),
+                                                      ("allscan", "contiguous", True)])
+def test_delta_rule_chunk_transitions(strategy: str, layout: str, save: bool, monkeypatch) -> None:
+    """save: the delta rule's SAVE_FOR_BACKWARD on (its `_saving` op takes the split form too)."""
     from rewrite.kernels.delta_rule import delta_rule
+    from rewrite.kernels.delta_rule import op as delta_op
+
+    monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", save)
 
     def rule(q, k, v, beta, g):
         return delta_rule(q, k, v, beta, g)[0]
@@ -571,9 +576,13 @@ def test_delta_rule_chunk_transitions(strategy: str, layout: str) -> None:
     _split_against_whole(4, layout, rule, _under_sp(rule, strategy, layout), [q, k, v, beta, g], [1] * 5)
 
 
-@pytest.mark.parametrize("decay", ["constant", "vector"])
-def test_linear_attention_decays_zigzag(decay: str) -> None:
+@pytest.mark.parametrize(("decay", "save"), [("constant", False), ("vector", False), ("vector", True)])
+def test_linear_attention_decays_zigzag(decay: str, save: bool, monkeypatch) -> None:
+    """save: linear attention's SAVE_STATES on (its `_saving` op takes the split form too)."""
     from rewrite.kernels.linear_attention import linear_attention
+    from rewrite.kernels.linear_attention import op as la_op
+
+    monkeypatch.setattr(la_op, "SAVE_STATES", save)
 
     def attend(q, k, v, g):
         return linear_attention(q, k, v, g, decay=decay)[0]

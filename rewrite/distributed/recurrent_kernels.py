@@ -10,6 +10,8 @@ mode, entered around one mixer call, that runs those ops over the whole split se
   starting state from `state_prefix`, then one kernel call from it;
 - `rewrite.short_conv` -> `sp_short_conv`: the W - 1 inputs before each segment (its halo) come
   from the rank holding them.
+The `_saving` forms of the first two (chosen when a switch keeps forward buffers for the backward) take
+the same split forms and return empty buffers in place of the kept ones.
 
 Any other op of the project's namespace that mixes tokens (sliding-window attention, ...), and
 softmax attention itself, raises an error naming it: nothing is computed over the local shard alone.
@@ -145,6 +147,14 @@ class SequenceParallelKernels(TorchFunctionMode):
                 return self._linear_attention(*args, **kwargs)
             if op == "delta_rule":
                 return self._delta_rule(*args, **kwargs)
+            # the forms that keep the forward's buffers for the backward (linear attention's SAVE_STATES, the delta
+            # rule's SAVE_FOR_BACKWARD): the split sequence's kernels keep nothing; empty buffers stand for them
+            if op == "linear_attention_saving":
+                o, final = self._linear_attention(*args, causal=True, **kwargs)
+                return o, final, o.new_empty(0, dtype=torch.float32)
+            if op == "delta_rule_saving":
+                o, final = self._delta_rule(*args, **kwargs)
+                return (o, final, *(o.new_empty(0, dtype=torch.float32) for _ in range(5)))
             if op == "short_conv":
                 return self._short_conv(*args, **kwargs)
             if op not in TOKENWISE_OPS:

@@ -4,6 +4,7 @@ The Triton launchers run on CUDA when present, else on CPU tensors in Triton's i
 (tiny shapes: the interpreter is slow).
 """
 
+import contextlib
 import dataclasses
 import importlib
 import re
@@ -13,6 +14,7 @@ import torch
 
 from rewrite.kernels import linear_attention, linear_attention_step
 from rewrite.kernels.alloc import poisoned
+from rewrite.kernels.linear_attention import op as la_op
 from rewrite.kernels.linear_attention.feature_maps import apply_feature_map, log_decay_from_keys
 from rewrite.kernels.linear_attention.naive import naive_linear_attention
 from rewrite.kernels.testing import TOLERANCE, assert_close, kernel_device, load_launchers
@@ -270,6 +272,191 @@ def check_triton_against_naive(case: Case, dtype: torch.dtype) -> None:
     check_grads(grads, grads_ref, scales, tol, str(case))
 
 
+# v9: the forward keeps its chunk states h for the backward (op.SAVE_STATES). Every decay kind; packed short
+# sequences (one and two tokens, an empty one); GQA 4 / 2 and 3 / 1; with and without an initial state; a partial
+# last chunk; several chunks, K and V tiles (the scan's layout) for the vector decay
+SAVED_CASES = [
+    Case("none", batch=1, length=70, heads=3, kv_heads=1, dk=32, dv=16, cu_seqlens=(0, 1, 3, 70)),
+    Case("constant", length=40, dk=32, dv=16),
+    Case("scalar", batch=1, length=40, heads=2, kv_heads=2, dk=16, dv=32, cu_seqlens=(0, 2, 3, 40),
+         initial_state=False),
+    Case("vector", length=21, dk=32, dv=40),
+    Case("vector", batch=1, length=150, heads=4, kv_heads=2, dk=72, dv=80, cu_seqlens=(0, 0, 1, 70, 150)),
+]
+
+
+@contextlib.contextmanager
+def triton_ops_here():
+    """The linear-attention ops dispatch to their CUDA implementations (the Triton launchers) on this machine's
+    kernel device: on the CPU (no CUDA here), their CPU kernels are replaced by those functions for the block, so
+    the launchers run in the interpreter behind the ops, the autograd and the SAVE_STATES switch."""
+    if kernel_device().type == "cuda":
+        yield
+        return
+    with torch.library._scoped_library("rewrite", "IMPL") as lib:
+        lib.impl("linear_attention", la_op._forward_cuda, "CPU")
+        lib.impl("linear_attention_backward", la_op._backward_cuda, "CPU")
+        lib.impl("linear_attention_saving", la_op._saving_cuda, "CPU")
+        lib.impl("linear_attention_backward_saved", la_op._backward_saved_cuda, "CPU")
+        yield
+
+
+def count_state_calls(monkeypatch) -> dict:
+    """{"forward": n, "backward": n}: calls of `triton_forward.chunk_states` by the forward launcher and by the
+    backward launcher (its recompute), counted from here on."""
+    forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
+    calls = {"forward": 0, "backward": 0}
+
+    def counting(module, name):
+        original = module.chunk_states
+
+        def states(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "chunk_states", states)
+
+    counting(forward, "forward")
+    counting(backward, "backward")
+    return calls
+
+
+@pytest.mark.parametrize("case", SAVED_CASES, ids=str)
+def test_saved_states_through_the_op_match_naive(case, monkeypatch):
+    """SAVE_STATES on: `linear_attention` with inputs requiring grad runs `rewrite::linear_attention_saving` and its
+    backward `rewrite::linear_attention_backward_saved` (Triton launchers, NaN-poisoned buffers); the backward
+    did not recompute the states (no `chunk_states` call), the forward computed them once; output, final state
+    and every gradient against the naive recurrence (float32)."""
+    monkeypatch.setattr(la_op, "SAVE_STATES", True)
+    calls = count_state_calls(monkeypatch)
+    x = make_inputs(case, torch.float32, kernel_device())
+    with triton_ops_here(), poisoned():
+        out = []
+        ops = ops_called(lambda: out.append(run_public(case, x, leaves=True)))
+        (o, final, leaves), = out
+        assert calls == {"forward": 1, "backward": 0}
+        do, dht = torch.randn_like(o), torch.randn_like(final)
+        grads = dict(
+            zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
+        )
+    assert ops == {"rewrite::linear_attention_saving"}
+    assert calls == {"forward": 1, "backward": 0}, "the backward recomputed the states the forward kept"
+    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, on_device(x, "cpu"), SCALE, do.cpu(), dht.cpu())
+    tol = TOLERANCE[torch.float32]
+    assert_close(o.cpu(), o_ref, tol, "o")
+    assert_close(final.cpu(), final_ref, tol, "final state")
+    check_grads({n: g.cpu() for n, g in grads.items()}, grads_ref, scales, tol, str(case))
+
+
+def test_states_recomputed_through_the_op_when_not_saving(monkeypatch):
+    """SAVE_STATES off (and on, for a non-causal call): `rewrite::linear_attention`, whose backward recomputes the
+    states (one `chunk_states` call in the backward launcher); the gradients still match the naive recurrence."""
+    monkeypatch.setattr(la_op, "SAVE_STATES", False)
+    calls = count_state_calls(monkeypatch)
+    case = SAVED_CASES[3]
+    x = make_inputs(case, torch.float32, kernel_device())
+    with triton_ops_here(), poisoned():
+        out = []
+        assert ops_called(lambda: out.append(run_public(case, x, leaves=True))) == {"rewrite::linear_attention"}
+        (o, final, leaves), = out
+        do, dht = torch.randn_like(o), torch.randn_like(final)
+        grads = dict(
+            zip(leaves, torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values())))
+        )
+    assert calls == {"forward": 1, "backward": 1}
+    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, on_device(x, "cpu"), SCALE, do.cpu(), dht.cpu())
+    tol = TOLERANCE[torch.float32]
+    assert_close(o.cpu(), o_ref, tol, "o")
+    check_grads({n: g.cpu() for n, g in grads.items()}, grads_ref, scales, tol, str(case))
+    monkeypatch.setattr(la_op, "SAVE_STATES", True)
+    noncausal = Case("none", batch=1, length=20, dk=16, dv=8, causal=False)
+    y = make_inputs(noncausal, torch.float32, "cpu")
+    assert ops_called(lambda: run_public(noncausal, y, leaves=True)) == {"rewrite::linear_attention"}
+
+
+@pytest.mark.parametrize("case,dtype", [(SAVED_CASES[4], torch.float16), (SAVED_CASES[2], torch.float16),
+                                        (SAVED_CASES[1], torch.float32)], ids=str)
+def test_triton_kept_states_are_the_backward_recompute(case, dtype):
+    """chunk_forward(save=True) returns h equal, bit for bit, to the states the backward recomputes (its own
+    `chunk_states` call: float32 operands with a decay), and the final state equal to the recompute's; h has the
+    shape the saving op's fake gives on CUDA (`op.kept_shape`, the documented memory cost). Half precision, where
+    the backward's wide products differ from the default forward's."""
+    forward = triton_module("triton_forward")
+    x = make_inputs(case, dtype, kernel_device())
+    args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
+    with poisoned():
+        o, final, h = forward.chunk_forward(*args, save=True)
+        chunks, decay_kw = forward.prepare(x["q"], x["k"], x["g"], case.decay, x["cu_seqlens"])
+        h_bwd, final_bwd = forward.chunk_states(x["k"], x["v"], decay_kw, x["initial_state"], chunks,
+                                                wide=decay_kw["MODE"] != 0)
+    assert tuple(h.shape) == la_op.kept_shape(x["q"], x["k"], x["v"], x["cu_seqlens"]) and h.dtype == torch.float32
+    # rows past the last real chunk (packed: the chunk count is an upper bound) are never written: NaN in both
+    torch.testing.assert_close(h, h_bwd, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(final, final_bwd, rtol=0, atol=0)
+    assert torch.isfinite(final).all()
+    o_ref, final_ref = naive_linear_attention(
+        *(None if t is None else t.cpu().double() for t in (x["q"], x["k"], x["v"], x["g"])),
+        decay=case.decay, scale=SCALE, cu_seqlens=None if x["cu_seqlens"] is None else x["cu_seqlens"].cpu(),
+        initial_state=None if x["initial_state"] is None else x["initial_state"].cpu().double(),
+    )
+    assert_close(o.cpu(), o_ref, TOLERANCE[dtype], "o")
+
+
+def ops_called(fn) -> set:
+    """Names of the rewrite:: ops `fn()` dispatches (top level)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        fn()
+    return {name for name in names if name.startswith("rewrite::")}
+
+
+def test_saving_only_when_autograd_needs_it(monkeypatch):
+    """With SAVE_STATES on, inference (no grad mode, or no input requiring grad) runs rewrite::linear_attention
+    (nothing kept), training runs rewrite::linear_attention_saving and its backward
+    rewrite::linear_attention_backward_saved; switched off, rewrite::linear_attention and its backward."""
+    case = Case("vector", batch=1, length=20, dk=16, dv=8, cu_seqlens=(0, 3, 20))
+    x = make_inputs(case, torch.float32, "cpu")
+    monkeypatch.setattr(la_op, "SAVE_STATES", True)
+    call = lambda: linear_attention(x["q"], x["k"], x["v"], x["g"], cu_seqlens=x["cu_seqlens"])  # noqa: E731
+    assert ops_called(call) == {"rewrite::linear_attention"}
+    x["g"].requires_grad_()
+    with torch.no_grad():
+        assert ops_called(call) == {"rewrite::linear_attention"}
+    with torch.inference_mode():
+        assert ops_called(call) == {"rewrite::linear_attention"}
+    assert ops_called(call) == {"rewrite::linear_attention_saving"}
+    assert ops_called(lambda: call()[0].sum().backward()) == {"rewrite::linear_attention_saving",
+                                                            "rewrite::linear_attention_backward_saved"}
+    monkeypatch.setattr(la_op, "SAVE_STATES", False)
+    assert ops_called(lambda: call()[0].sum().backward()) == {"rewrite::linear_attention",
+                                                            "rewrite::linear_attention_backward"}
+
+
+@pytest.mark.parametrize("used", ["o", "final state"])
+def test_saving_op_grads_with_one_output_used(used, monkeypatch):
+    """SAVE_STATES on, only o or only the final state used: the other's gradient is not materialised by autograd
+    (zeros stand in), and neither is one for the kept states; every gradient matches the naive recurrence
+    (CPU reference ops, float64)."""
+    monkeypatch.setattr(la_op, "SAVE_STATES", True)
+    case = Case("scalar", batch=1, length=30, heads=4, kv_heads=2, dk=8, dv=6, cu_seqlens=(0, 1, 30))
+    x = make_inputs(case, torch.float64, "cpu")
+    o, final, leaves = run_public(case, x, leaves=True)
+    do = torch.randn_like(o) if used == "o" else torch.zeros_like(o)
+    dht = torch.randn_like(final) if used == "final state" else torch.zeros_like(final)
+    target, grad = (o, do) if used == "o" else (final, dht)
+    grads = dict(zip(leaves, torch.autograd.grad(target, list(leaves.values()), grad)))
+    _, _, grads_ref, scales = naive_with_grads(case, x, SCALE, do, dht)
+    check_grads(grads, grads_ref, scales, TOLERANCE[torch.float64], str(case))
+
+
 @pytest.mark.parametrize("programs", [0, 128])
 @pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
 def test_triton_step_chained_equals_chunked_forward(decay, programs, monkeypatch):
@@ -494,6 +681,15 @@ def test_opcheck():
     z = torch.rand(1, 2, 2, 16)
     torch.library.opcheck(torch.ops.rewrite.linear_attention_step_, (*step_args, None, 0.0))
     torch.library.opcheck(torch.ops.rewrite.linear_attention_step_, (*step_args[:-1], wide, z, 1e-6))
+    # the forward that keeps its states for the backward (SAVE_STATES), and the backward taking them
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_saving, plain[:-1])
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_saving, leaf[:-1])
+    o, final, h = torch.ops.rewrite.linear_attention_saving(*plain[:-1])
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_backward_saved, (do, dht, *plain[:-1], h, final))
+    for decay, g in (("none", None), ("constant", -torch.rand(2))):
+        args = (plain[0], plain[1], plain[2], g, decay, SCALE, None, plain[7])  # no initial state
+        o, final, h = torch.ops.rewrite.linear_attention_saving(*args)
+        torch.library.opcheck(torch.ops.rewrite.linear_attention_backward_saved, (do, dht, *args, h, final))
 
 
 class Mixer(torch.nn.Module):
@@ -514,6 +710,50 @@ def test_compile_fullgraph_and_export_keep_the_op():
     exported = torch.export.export(Mixer(), tuple(a.detach() for a in args))
     targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
     assert torch.ops.rewrite.linear_attention.default in targets
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_compile_fullgraph_with_saved_states(save, monkeypatch):
+    """torch.compile(fullgraph=True) with SAVE_STATES on and off: no graph break, forward and backward run,
+    and the output and gradients match eager."""
+    monkeypatch.setattr(la_op, "SAVE_STATES", save)
+    case = Case("vector", batch=1, length=20, dk=16, dv=8, cu_seqlens=(0, 5, 20))
+    x = make_inputs(case, torch.float32, "cpu")
+    args = [x["q"].requires_grad_(), x["k"], x["v"], x["g"].requires_grad_(), x["cu_seqlens"]]
+    compiled = torch.compile(Mixer(), fullgraph=True, backend="aot_eager")
+    o, state = compiled(*args)
+    grads = torch.autograd.grad(o.sum() + state.sum(), [args[0], args[3]])
+    o_eager, state_eager = Mixer()(*args)
+    grads_eager = torch.autograd.grad(o_eager.sum() + state_eager.sum(), [args[0], args[3]])
+    assert_close(o, o_eager, 1e-6, "o")
+    assert_close(state, state_eager, 1e-6, "final state")
+    for name, a, b in zip(("dq", "dg"), grads, grads_eager):
+        assert_close(a, b, 1e-6, name)
+
+
+class ProjectedMixer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, q, k, v, g):
+        return linear_attention(self.proj(q), k, v, g)[0]
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_export_keeps_the_saving_op(save, monkeypatch):
+    """torch.export of a module whose parameters require grad: with SAVE_STATES the graph holds
+    rewrite::linear_attention_saving (training), else rewrite::linear_attention; both run and match eager."""
+    monkeypatch.setattr(la_op, "SAVE_STATES", save)
+    case = Case("scalar", batch=1, length=12, heads=2, kv_heads=2, dk=16, dv=8, initial_state=False)
+    x = make_inputs(case, torch.float32, "cpu")
+    module = ProjectedMixer()
+    inputs = (x["q"], x["k"], x["v"], x["g"])
+    program = torch.export.export(module, inputs)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert ("rewrite.linear_attention_saving.default" in targets) == save
+    assert ("rewrite.linear_attention.default" in targets) != save
+    assert_close(program.module()(*inputs), module(*inputs), 1e-6)
 
 
 @pytest.mark.parametrize(
@@ -605,3 +845,47 @@ def check_public_against_naive(case: Case, dtype: torch.dtype, tol: float, devic
     assert_close(o, o_ref, tol, "o")
     assert_close(final, final_ref, tol, "final state")
     check_grads(grads, grads_ref, scales, tol, str(case))
+
+
+@gpu
+def test_cuda_saved_states_memory_grads_and_opcheck(monkeypatch):
+    """SAVE_STATES on CUDA: no grad -> nothing held after the forward (as off); with grad -> the kept states' bytes
+    (`op.kept_shape`, the documented cost) plus the final state's, and gradients bitwise those of the recompute
+    (the forward computes h with the backward's own call); opcheck of the two ops on CUDA (fake shapes against
+    the Triton buffers)."""
+    case = Case("vector", batch=1, length=300, heads=4, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 150, 299, 300))
+    x = make_inputs(case, torch.bfloat16, "cuda")
+    kept_bytes = 4 * torch.Size(la_op.kept_shape(x["q"], x["k"], x["v"], x["cu_seqlens"])).numel()
+    final_bytes = 4 * case.n * case.kv_heads * case.dk * case.dv
+
+    def held(save, grad):
+        monkeypatch.setattr(la_op, "SAVE_STATES", save)
+        leaves = {n: x[n].clone().requires_grad_(grad) for n in DIFFERENTIABLE}
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        o, _ = linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"], decay=case.decay, scale=SCALE,
+                                initial_state=leaves["initial_state"], cu_seqlens=x["cu_seqlens"])
+        torch.cuda.synchronize()
+        extra = torch.cuda.memory_allocated() - start - o.numel() * o.element_size()
+        grads = torch.autograd.grad(o, list(leaves.values()), torch.ones_like(o)) if grad else None
+        return extra, grads
+
+    held(False, True), held(True, True)  # compiles first
+    with torch.no_grad():
+        assert held(True, False)[0] == held(False, False)[0] == 0
+    assert held(True, False)[0] == 0  # grad mode on, nothing requires grad
+    extra_on, grads_on = held(True, True)
+    extra_off, grads_off = held(False, True)
+    assert extra_off == 0
+    # the caching allocator rounds each of the two buffers up (512 B; a block is not split for less than 1 MiB left)
+    assert kept_bytes + final_bytes <= extra_on < kept_bytes + final_bytes + 2 * 2**20
+    for name, a, b in zip(DIFFERENTIABLE, grads_on, grads_off):
+        assert torch.equal(a, b), name
+    y = make_inputs(Case("scalar", length=70, dk=16, dv=16), torch.float32, "cuda")
+    args = (y["q"], y["k"], y["v"], y["g"], "scalar", SCALE, y["initial_state"], None)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_saving,
+                          tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args))
+    o, final, h = torch.ops.rewrite.linear_attention_saving(*args)
+    assert tuple(h.shape) == la_op.kept_shape(y["q"], y["k"], y["v"], None)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_backward_saved,
+                          (torch.randn_like(o), torch.randn_like(final), *args, h, final))

@@ -4,7 +4,12 @@ import torch
 
 from . import checks
 from .feature_maps import apply_feature_map, log_decay_from_keys
-from .op import linear_attention_op, linear_attention_step_inplace_op, linear_attention_step_op, state_dtype
+from .op import (
+    linear_attention_forward,
+    linear_attention_step_inplace_op,
+    linear_attention_step_op,
+    state_dtype,
+)
 
 
 def _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer):
@@ -66,7 +71,8 @@ def linear_attention(
     checks.check_state("initial_state", initial_state, n, k, v)
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype(q.dtype))
-    o, final_state = linear_attention_op(q, k, v.contiguous(), g, decay, scale, initial_state, cu_seqlens, causal)
+    o, final_state = linear_attention_forward(q, k, v.contiguous(), g, decay, scale, initial_state, cu_seqlens,
+                                              causal)
     return o, (final_state if output_final_state else None)
 
 

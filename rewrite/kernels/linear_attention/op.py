@@ -12,6 +12,19 @@ from .naive import naive_step
 _FORWARD = "rewrite.kernels.linear_attention.triton_forward"
 _BACKWARD = "rewrite.kernels.linear_attention.triton_backward"
 _STEP = "rewrite.kernels.linear_attention.triton_step"
+_CHUNK = 64  # triton_forward.CHUNK (the fake of `rewrite::linear_attention_saving` shapes the kept states with it)
+
+# v9 (not yet run on a GPU; NOTES.md): keep the causal forward's chunk states h for the backward instead of recomputing
+# them there (`triton_forward.chunk_states`: chunk terms + scan for the vector decay, one sequential kernel for the
+# others). Read at every call of `linear_attention`; off by default until timed on a GPU. Used only when autograd will
+# need them (grad mode on and an input requiring grad) and causal (the non-causal path is PyTorch's, with no states):
+# inference runs `rewrite::linear_attention` and keeps nothing. While saving, the forward computes h as the backward's
+# recompute does (float32 operands with a decay, `wide`), so the gradients are those of the recompute; its output then
+# comes from those states (o differs from the default forward's by rounding only). Extra memory per layer, held from
+# the forward to the backward, for n_c chunks (B * ceil(T / 64), or ceil(T / 64) + N when packed), Hkv kv heads, head
+# dims K, V:   4 * n_c * Hkv * K * V bytes   (float32 h [n_c, Hkv, K, V]; the final state, an output, is kept too):
+# 67 MB at B = 1, T = 32K, Hkv = 8, K = V = 64; 537 MB at B = 1, T = 32K, Hkv = 16, K = V = 128.
+SAVE_STATES = False
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,6 +83,10 @@ def linear_attention_backward_op(
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dg, d_initial_state); dg / d_initial_state are empty [0] when g / initial_state are None."""
+    return _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal)
+
+
+def _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
     grads = chunked_backward(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal)
     dq, dk, dv, dg, dh0 = grads
     return dq, dk, dv, _empty_if_none(dg, q), _empty_if_none(dh0, q)
@@ -128,6 +145,144 @@ def _backward(ctx, do, d_final_state):
 
 
 linear_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _unkept(q: torch.Tensor) -> torch.Tensor:
+    """An empty float32 buffer: states `rewrite::linear_attention_saving` did not keep."""
+    return q.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("rewrite::linear_attention_saving", mutates_args=())
+def linear_attention_saving_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    decay: str,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal `rewrite::linear_attention` (o, final state) plus the states its backward would recompute: h, float32.
+
+    On CUDA h is the Triton forward's states before every chunk, [chunks, Hkv, K, V] (`triton_forward.chunk_forward(
+    ..., save=True)`, computed as the backward computes them); elsewhere h is empty [0] (the reference backward
+    recomputes). Training only (`SAVE_STATES`); the autograd backward passes h and the final state to
+    `rewrite::linear_attention_backward_saved`."""
+    o, final = chunked_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, True)
+    return o, final, _unkept(q)
+
+
+@linear_attention_saving_op.register_kernel("cuda")
+def _saving_cuda(q, k, v, g, decay, scale, initial_state, cu_seqlens):
+    return load_triton_module(_FORWARD).chunk_forward(
+        q, k, v, g, decay, scale, initial_state, cu_seqlens, save=True
+    )
+
+
+def kept_shape(q, k, v, cu_seqlens) -> tuple[int, int, int, int]:
+    """Shape of the float32 states h that `rewrite::linear_attention_saving` returns on CUDA (the `Chunks` count:
+    B * ceil(T / 64), or ceil(T / 64) + N when packed). Their bytes are SAVE_STATES' cost."""
+    batch, length = q.shape[:2]
+    per_seq = (length + _CHUNK - 1) // _CHUNK
+    chunks = batch * per_seq if cu_seqlens is None else per_seq + cu_seqlens.shape[0] - 1
+    return chunks, k.shape[2], k.shape[-1], v.shape[-1]
+
+
+@linear_attention_saving_op.register_fake
+def _saving_fake(q, k, v, g, decay, scale, initial_state, cu_seqlens):
+    o, final = _forward_fake(q, k, v, g, decay, scale, initial_state, cu_seqlens, True)
+    if q.device.type != "cuda":
+        return o, final, _unkept(q)
+    return o, final, q.new_empty(kept_shape(q, k, v, cu_seqlens), dtype=torch.float32)
+
+
+def _saving_setup_context(ctx, inputs, output) -> None:
+    q, k, v, g, decay, scale, initial_state, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, output[1], output[2])
+    ctx.mark_non_differentiable(output[2])  # the kept states
+    ctx.set_materialize_grads(False)  # no zeros the size of h for its (absent) gradient
+    ctx.decay, ctx.scale = decay, scale
+
+
+def _saving_backward(ctx, do, d_final_state, _):
+    q, k, v, g, initial_state, cu_seqlens, final, h = ctx.saved_tensors
+    if do is None and d_final_state is None:
+        return None, None, None, None, None, None, None, None
+    if d_final_state is None:
+        d_final_state = torch.zeros_like(final)
+    if do is None:
+        do = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    dq, dk, dv, dg, dh0 = linear_attention_backward_saved_op(
+        do.contiguous(),
+        d_final_state.contiguous(),
+        q,
+        k,
+        v,
+        g,
+        ctx.decay,
+        ctx.scale,
+        initial_state,
+        cu_seqlens,
+        h,
+        final,
+    )
+    dg = None if g is None else dg
+    dh0 = None if initial_state is None else dh0
+    return dq, dk, dv, dg, None, None, dh0, None
+
+
+linear_attention_saving_op.register_autograd(_saving_backward, setup_context=_saving_setup_context)
+
+
+@torch.library.custom_op("rewrite::linear_attention_backward_saved", mutates_args=())
+def linear_attention_backward_saved_op(
+    do: torch.Tensor,
+    d_final_state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    decay: str,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    h: torch.Tensor,
+    final: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal `rewrite::linear_attention_backward` given the states h and the final state that
+    `rewrite::linear_attention_saving` returned (not recomputed on CUDA; ignored by the reference)."""
+    return _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, True)
+
+
+@linear_attention_backward_saved_op.register_kernel("cuda")
+def _backward_saved_cuda(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, h, final):
+    saved = (h, final) if h.dim() == 4 else None
+    grads = load_triton_module(_BACKWARD).chunk_backward(
+        do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, saved=saved
+    )
+    dq, dk, dv, dg, dh0 = grads
+    return dq, dk, dv, _empty_if_none(dg, q), _empty_if_none(dh0, q)
+
+
+@linear_attention_backward_saved_op.register_fake
+def _backward_saved_fake(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, h, final):
+    return _backward_fake(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, True)
+
+
+def saves_states(causal: bool, *inputs: torch.Tensor | None) -> bool:
+    """Whether `linear_attention` runs `rewrite::linear_attention_saving`: SAVE_STATES (read here, at every call),
+    causal, grad mode on and an input requiring grad (so inference keeps nothing)."""
+    return (SAVE_STATES and causal and torch.is_grad_enabled()
+            and any(x is not None and x.requires_grad for x in inputs))
+
+
+def linear_attention_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
+    """(o, final state) by `rewrite::linear_attention`, or by `rewrite::linear_attention_saving` when `saves_states`."""
+    if saves_states(causal, q, k, v, g, initial_state):
+        o, final, _ = linear_attention_saving_op(q, k, v, g, decay, scale, initial_state, cu_seqlens)
+        return o, final
+    return linear_attention_op(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal)
 
 
 @torch.library.custom_op("rewrite::linear_attention_step", mutates_args=())

@@ -526,8 +526,11 @@ def chunk_backward(
     scale: float,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    saved: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (dq, dk, dv, dg, d_initial_state) of `triton_forward.chunk_forward`."""
+    """Gradients (dq, dk, dv, dg, d_initial_state) of `triton_forward.chunk_forward`.
+
+    saved: (h, final state) from `chunk_forward(..., save=True)`, used instead of recomputing them."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     d_final_state = d_final_state.float().contiguous()
     batch, length, heads, dk = q.shape
@@ -535,7 +538,10 @@ def chunk_backward(
     prec, device = precision(q.dtype), q.device
     chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens)
     mode, const = decay_kw["MODE"], decay_kw["CONST"]
-    h, final = chunk_states(k, v, decay_kw, initial_state, chunks, wide=mode != 0)
+    if saved is None:  # chunk_forward(..., save=True) computes its kept states with this same call
+        h, final = chunk_states(k, v, decay_kw, initial_state, chunks, wide=mode != 0)
+    else:
+        h, final = saved
     dh = new_empty(h.shape, dtype=torch.float32, device=device)
     dh0 = new_empty(final.shape, dtype=torch.float32, device=device)
     bounds, chunk_start, table, n, length = chunks.args(q)

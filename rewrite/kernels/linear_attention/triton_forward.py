@@ -677,17 +677,25 @@ def chunk_forward(
     scale: float,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal chunked linear attention: (o [B, T, H, V] in q's dtype, final state [N, Hkv, K, V] float32)."""
+    save: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Causal chunked linear attention: (o [B, T, H, V] in q's dtype, final state [N, Hkv, K, V] float32).
+
+    save: also return the states before every chunk, h [chunks, Hkv, K, V] float32, for the backward
+    (`triton_backward.chunk_backward(..., saved=(h, final))`). They are then computed as the backward's
+    recompute computes them (`wide` with a decay: float32 operands, for dg), so the gradients are unchanged
+    by keeping them; the outputs come from those states (a rounding-level difference from save=False).
+    """
     if q.dtype == torch.float64:
         raise ValueError("linear_attention: the Triton kernels take float32/float16/bfloat16, got float64")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, length, heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[-1]
     chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens)
-    h, ht = chunk_states(k, v, decay_kw, initial_state, chunks)
-    o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     mode = decay_kw["MODE"]
+    # the backward's recompute is chunk_states(..., wide=mode != 0) (triton_backward.chunk_backward)
+    h, ht = chunk_states(k, v, decay_kw, initial_state, chunks, wide=save and mode != 0)
+    o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     bounds, chunk_start, table, n, length = chunks.args(q)
     if output_grouped(mode, heads, kv_heads, dk):
         bv, warps = OUTPUT_GROUP_TILES
@@ -698,7 +706,7 @@ def chunk_forward(
             VARLEN=chunks.varlen, PRECISION=precision(q.dtype), F32_PRECISION=precision(q.dtype),
             PATH=triton_gated.path("forward"), num_warps=warps,
         )
-        return o, ht
+        return (o, ht, h) if save else (o, ht)
     bk, bv, warps = OUTPUT_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
     grid = (chunks.max_chunks, cdiv(dv, bv), heads)
@@ -731,4 +739,4 @@ def chunk_forward(
         PATH=triton_gated.path("forward"),
         num_warps=warps,
     )
-    return o, ht
+    return (o, ht, h) if save else (o, ht)
