@@ -292,6 +292,7 @@ SWEEP = {
     # v9 (not yet run on a GPU): the forward keeps its chunk states h for the backward, which then skips their
     # recompute; its lines add the memory held from the forward to the backward (h and the final state)
     "save states": [("op", "SAVE_STATES", True)],
+    "cumsum parallel + save states": [("triton_backward", "CUMSUM_PARALLEL", True), ("op", "SAVE_STATES", True)],
 }
 
 
