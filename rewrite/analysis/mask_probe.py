@@ -26,9 +26,6 @@ SHAPE_ONLY_KEY = "rewrite_mask_shape_only"
 BIAS_KEY = "rewrite_mask_bias"
 """Node metadata: the (additive) mask holds values that neither keep (0) nor hide a key: a position bias such as
 ALiBi folded into the mask; how it varies is said by `mask_bias_description`."""
-KEY_VALIDITY_KEY = "rewrite_mask_key_validity"
-"""Node metadata: whether the mask, on the example, is key padding or causal plus key padding (one validity bit per
-key, all a linear mixer can carry); False for a sliding window or block pattern the example shows."""
 UNSEEN_WINDOW_KEY = "rewrite_mask_unseen_window"
 """Node metadata: a window-like constant of the mask graph too large for the example to show its effect."""
 
@@ -108,24 +105,6 @@ def mask_bias_description(mask: torch.Tensor) -> str | None:
     return "the attention mask carries an additive bias (values that neither keep a key, 0, nor hide it)"
 
 
-def is_key_validity(mask: torch.Tensor) -> bool:
-    """Whether a [..., Lq, Lk] mask (True / 0 = visible) is key padding, or causal plus key padding: a real query (one
-    whose own key some query sees) sees exactly the valid keys, up to itself if causal (as `rewrite.mixers.masks`
-    checks at run time)."""
-    vis = _visible(mask)
-    while vis.dim() < 4:
-        vis = vis.unsqueeze(0)
-    if vis.shape[-2] == 1:
-        return True
-    length = vis.shape[-1]
-    if vis.shape[-2] != length:
-        return False
-    keys = vis.any(dim=-2).any(dim=1)
-    valid, rows = keys[:, None, None, :], keys[:, None, :, None]  # compare only the rows of real queries
-    lower = torch.ones(length, length, dtype=torch.bool, device=vis.device).tril()
-    return any(not bool(((vis != expected) & rows).any()) for expected in (valid, valid & lower))
-
-
 def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[str, bool]:
     """Evaluate every attention mask on `flat_inputs`; record in node.meta whether it is causal."""
     sites = [s for s in find_attention_sites(gm) if isinstance(s.mask, fx.Node)]
@@ -155,6 +134,5 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
             if not negated[node]:
                 node.meta[BIAS_KEY] = mask_bias_description(val)
-            node.meta[KEY_VALIDITY_KEY] = is_key_validity(val)
             out[node.name] = node.meta[CAUSAL_KEY]
     return out

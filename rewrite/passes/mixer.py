@@ -37,7 +37,7 @@ import torch.fx as fx
 
 from rewrite.analysis import SUPPORTED_FORMS, AttentionSite, Block, GraphAnalysis
 from rewrite.analysis.graph_utils import erase_unused, erase_unused_computation, walk_inputs
-from rewrite.analysis.mask_probe import KEY_VALIDITY_KEY, UNSEEN_WINDOW_KEY
+from rewrite.analysis.mask_probe import UNSEEN_WINDOW_KEY
 from rewrite.analysis.nodes import tensor_meta
 from rewrite.analysis.rotary import Rotary, find_rotary, rotary_traces, unrotated
 from rewrite.analysis.shapes import to_expr
@@ -51,7 +51,6 @@ from rewrite.mixers import (
     SiteShape,
 )
 from rewrite.mixers.common import FEATURE_MAPS
-from rewrite.mixers.masks import MIXER_LIMIT
 from rewrite.mixers.transfer import TEACHER_KWARG
 from rewrite.passes import register_pass
 from rewrite.passes.base import (
@@ -334,14 +333,6 @@ def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str, check_masks
                 site.name,
                 site.module_path,
             )
-    if check_masks and mask.meta.get(KEY_VALIDITY_KEY) is False:
-        raise PassError(
-            "mixer",
-            f"{layer}: the attention mask is not key padding or causal plus key padding on the example inputs "
-            f"(e.g. a sliding window or a block pattern); {MIXER_LIMIT}",
-            site.name,
-            site.module_path,
-        )
     window = mask.meta.get(UNSEEN_WINDOW_KEY)
     if window and check_masks:
         # The example is too short to show the window; the module would refuse the first input that does.
