@@ -101,7 +101,9 @@ def optimize(
 
     With example inputs, captures now and returns an OptimizedModule; without, returns a module
     that captures on its first call. `verify=True` compares the result with `model` on the example
-    inputs and raises VerificationError naming the first diverging node if they differ.
+    inputs (the report is `om.verification`) and raises VerificationError naming the first diverging node
+    if they differ, unless the plan holds a pass that changes the outputs by design (`mixer`): then the
+    report only says how far apart they are.
     """
     if not isinstance(model, torch.nn.Module):
         raise RewriteError(f"optimize() takes an nn.Module, got {type(model).__name__}")
@@ -123,5 +125,19 @@ def optimize(
 
         outcome = run_verify(model, om, args, kwargs, atol=atol, rtol=rtol)
         om.__dict__["verification"] = outcome
-        outcome.raise_if_failed()
+        by_design = _output_changing_passes(plan)
+        if by_design:
+            outcome.notes.append(
+                f"the plan's {', '.join(by_design)} pass changes the model's outputs by design: the differences "
+                "above are reported, not raised")
+        else:
+            outcome.raise_if_failed()
     return om
+
+
+def _output_changing_passes(plan: Plan) -> list[str]:
+    """Names of the plan's enabled passes that change the model's outputs by design (`GraphPass.changes_outputs`)."""
+    from rewrite.passes import PASSES
+
+    names = [spec.name for spec in plan.enabled_passes]
+    return sorted({n for n in names if getattr(PASSES.get(n), "changes_outputs", False)})

@@ -418,11 +418,21 @@ def test_sliding_window_mask_is_refused_when_evaluated():
         om(x)
 
 
-def test_sliding_window_wider_than_the_example_is_refused_when_evaluated():
-    """A window of 12 is invisible on an 8-token example; the mixer checks the mask on every eager call."""
-    om = rewrite.optimize(_Stack(_BandAttention(width=12)), [{"mixer": {"kind": "linear"}}], (torch.randn(2, 8, 32),))
-    with pytest.raises(PassError, match=r"layer 0 \(layers\.0\).*not causal plus key padding"):
-        om(torch.randn(2, 20, 32))
+def test_sliding_window_wider_than_the_example_is_refused_before_any_call():
+    """A window of 12 is invisible on an 8-token example, but its builder offsets positions by 12: the pass refuses
+    the layer at once (the module refused the first input longer than the window). With `check_masks: false` the
+    window is dropped: the layer mixes over the whole prefix, as with a window longer than any input."""
+    example = (torch.randn(2, 8, 32),)
+    with pytest.raises(PassError, match=r"layer 0 \(layers\.0\).*offsets positions by up to 12.*`layers` selector"):
+        rewrite.optimize(_Stack(_BandAttention(width=12)), [{"mixer": {"kind": "linear"}}], example)
+    plan = [{"mixer": {"kind": "linear", "check_masks": False}}]
+    torch.manual_seed(0)
+    narrow = rewrite.optimize(_Stack(_BandAttention(width=12)), plan, example)
+    torch.manual_seed(0)
+    wide = rewrite.optimize(_Stack(_BandAttention(width=1000)), plan, example)
+    x = torch.randn(2, 20, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(x), wide(x), atol=0, rtol=0)
 
 
 # -- the example -------------------------------------------------------------------------------

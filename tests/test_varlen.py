@@ -157,7 +157,7 @@ def test_op_that_is_not_token_wise_is_reported_with_node_and_module():
 
 def test_mask_that_is_not_key_padding_is_refused():
     batch = {"x": torch.randn(2, 5, 8), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
-    with pytest.raises(PassError, match="bias values|not key padding|cannot prove the attention masks"):
+    with pytest.raises(PassError, match="additive bias|bias values|not key padding|cannot prove the attention masks"):
         rewrite.optimize(BiasedMask(), {"passes": ["varlen"]}, example_kwargs=batch)
 
 

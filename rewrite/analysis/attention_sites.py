@@ -49,6 +49,7 @@ class AttentionSite:
     mask_exactly_causal: bool = False  # the mask is the plain causal mask (no window, no padding) on the probe
     mask_shape_only: bool = False  # the mask depends on input shapes only, never on input values
     mask_negated: bool = False  # the mask marks positions to hide (masked_fill), not to keep
+    mask_bias: str | None = None  # what additive bias the mask carries besides padding / causality (probed), if any
 
     @property
     def name(self) -> str:
@@ -87,6 +88,7 @@ def _fill_shape_facts(site: AttentionSite) -> None:
         site.mask_is_causal = site.mask.meta.get("rewrite_mask_causal")
         site.mask_exactly_causal = bool(site.mask.meta.get("rewrite_mask_exactly_causal", False))
         site.mask_shape_only = bool(site.mask.meta.get("rewrite_mask_shape_only", False))
+        site.mask_bias = site.mask.meta.get("rewrite_mask_bias")
     q, k = tensor_meta(site.q), tensor_meta(site.k)
     if q is not None and q.dim() >= 3:
         site.head_dim = _int_or_none(q.shape[-1])

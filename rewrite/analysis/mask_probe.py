@@ -23,6 +23,9 @@ aten = torch.ops.aten
 CAUSAL_KEY = "rewrite_mask_causal"
 EXACTLY_CAUSAL_KEY = "rewrite_mask_exactly_causal"
 SHAPE_ONLY_KEY = "rewrite_mask_shape_only"
+BIAS_KEY = "rewrite_mask_bias"
+"""Node metadata: the (additive) mask holds values that neither keep (0) nor hide a key: a position bias such as
+ALiBi folded into the mask; how it varies is said by `mask_bias_description`."""
 UNSEEN_WINDOW_KEY = "rewrite_mask_unseen_window"
 """Node metadata: a window-like constant of the mask graph too large for the example to show its effect."""
 
@@ -84,6 +87,24 @@ def _causality(mask: torch.Tensor) -> tuple[bool, bool]:
     return hides_future, hides_future and bool(visible[..., lower].all())
 
 
+HIDDEN_BELOW = -1e4
+"""An additive mask value at or below this hides its key (`-inf`, `finfo.min`, the old `-10000.0`)."""
+
+
+def mask_bias_description(mask: torch.Tensor) -> str | None:
+    """What an additive mask adds besides keeping and hiding keys, or None when it only keeps (0) and hides
+    (<= `HIDDEN_BELOW`): an ALiBi-like bias (different per head) or another additive bias."""
+    if mask.dtype == torch.bool or not mask.is_floating_point():
+        return None
+    bias = (mask != 0) & (mask > HIDDEN_BELOW)
+    if not bool(bias.any()):
+        return None
+    if mask.dim() >= 3 and mask.shape[-3] > 1 and not bool((mask == mask[..., :1, :, :]).all()):
+        return ("the attention mask carries an additive bias that differs per head (ALiBi or another position bias "
+                "folded into the mask)")
+    return "the attention mask carries an additive bias (values that neither keep a key, 0, nor hide it)"
+
+
 def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[str, bool]:
     """Evaluate every attention mask on `flat_inputs`; record in node.meta whether it is causal."""
     sites = [s for s in find_attention_sites(gm) if isinstance(s.mask, fx.Node)]
@@ -111,5 +132,7 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
                 node.meta[EXACTLY_CAUSAL_KEY] = False
                 node.meta[UNSEEN_WINDOW_KEY] = window
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
+            if not negated[node]:
+                node.meta[BIAS_KEY] = mask_bias_description(val)
             out[node.name] = node.meta[CAUSAL_KEY]
     return out

@@ -84,6 +84,51 @@ def _score_ops(softmax: fx.Node) -> set:
     return ops
 
 
+def _score_nodes(softmax: fx.Node) -> list[fx.Node]:
+    """The nodes found walking back from the softmax's scores to their matmul (a few steps)."""
+    nodes: list[fx.Node] = []
+    frontier = [a for a in softmax.args[:1] if isinstance(a, fx.Node)]
+    for _ in range(_SCORE_DEPTH):
+        nxt = []
+        for cur in frontier:
+            if cur.op != "call_function" or cur in nodes:
+                continue
+            nodes.append(cur)
+            if not is_op(cur, *MATMUL_OPS):
+                nxt.extend(cur.all_input_nodes)
+        frontier = nxt
+    return nodes
+
+
+def _reaches_matmul(node: fx.Node) -> bool:
+    """Whether `node` is computed from a matmul within a few ops (it carries the scores, not a term added to them)."""
+    frontier = [node]
+    for _ in range(_SCORE_DEPTH):
+        if any(is_op(n, *MATMUL_OPS) for n in frontier):
+            return True
+        frontier = [a for n in frontier if n.op == "call_function" for a in n.all_input_nodes]
+    return False
+
+
+def _adds_per_head_term(softmax: fx.Node) -> bool:
+    """Whether a term that is not the scores and has a head dim (dim -3 of more than one, where a padding or causal
+    mask has 1) is added to the scores: a per-head position bias such as ALiBi."""
+    for node in _score_nodes(softmax):
+        if not is_op(node, aten.add.Tensor, aten.add_.Tensor):
+            continue
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        if len(operands) != 2 or not any(_reaches_matmul(a) for a in operands):
+            continue
+        for term in operands:
+            val = tensor_meta(term)
+            if _reaches_matmul(term) or val is None or val.dim() < 3:
+                continue
+            heads = val.shape[-3]
+            if isinstance(heads, int) and heads > 1:
+                return True
+    return False
+
+
 def _reason(softmax: fx.Node) -> str:
     ops = _score_ops(softmax)
     if aten.cat.default in ops:
@@ -97,6 +142,9 @@ def _reason(softmax: fx.Node) -> str:
     if sum(1 for op in ops if op in (aten.add.Tensor, aten.add_.Tensor)) >= 2:
         return ("more than one term is added to q @ k^T (a relative position bias or another learned bias "
                 "next to the mask)")
+    if _adds_per_head_term(softmax):
+        return ("a term that differs per head is added to q @ k^T (ALiBi or another position bias), which no supported "
+                "attention form models")
     if not ops & set(MATMUL_OPS):
         return "the scores do not come from a matmul of queries and keys within a few ops"
     names = ", ".join(sorted(str(getattr(op, "__name__", op)) for op in ops))

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from rewrite.analysis.mask_probe import HIDDEN_BELOW
 from rewrite.errors import PassError
-
-HIDDEN_BELOW = -1e4
-"""An additive mask value at or below this hides its key."""
 
 
 def visible(mask: torch.Tensor, negated: bool = False) -> torch.Tensor:

@@ -73,6 +73,19 @@ def refuse_unrecognized_attention(
             )
 
 
+def refuse_mask_bias(pass_name: str, site: Any, layer: str, *, action: str = "rewrite") -> None:
+    """Raise a PassError naming the site's layer when its mask carries an additive bias besides padding and
+    causality (probed on the example inputs: ALiBi folded into the mask, as Falcon's ALiBi variant does)."""
+    if site.mask_bias:
+        raise PassError(
+            pass_name,
+            f"cannot {action} the attention of {layer}: {site.mask_bias}, which no supported attention form "
+            f"models. Supported attention forms: {SUPPORTED_FORMS}",
+            site.name,
+            site.module_path,
+        )
+
+
 def op_counts(gm: fx.GraphModule) -> Counter:
     """How many nodes of each op the graph holds (placeholders and output excluded)."""
     return Counter(op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))
@@ -124,6 +137,9 @@ class GraphPass:
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type]
+    changes_outputs: ClassVar[bool] = False
+    """True for a pass that changes what the model computes by design (the `mixer` pass replaces softmax
+    attention): `optimize(..., verify=True)` then reports the difference instead of raising."""
 
     def __init__(self, options: Any | None = None):
         self.options = options if options is not None else self.Options()

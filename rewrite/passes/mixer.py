@@ -37,6 +37,7 @@ import torch.fx as fx
 
 from rewrite.analysis import SUPPORTED_FORMS, AttentionSite, Block, GraphAnalysis
 from rewrite.analysis.graph_utils import erase_unused, erase_unused_computation, walk_inputs
+from rewrite.analysis.mask_probe import UNSEEN_WINDOW_KEY
 from rewrite.analysis.nodes import tensor_meta
 from rewrite.analysis.rotary import Rotary, find_rotary, rotary_traces, unrotated
 from rewrite.analysis.shapes import to_expr
@@ -52,7 +53,13 @@ from rewrite.mixers import (
 from rewrite.mixers.common import FEATURE_MAPS
 from rewrite.mixers.transfer import TEACHER_KWARG
 from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
+from rewrite.passes.base import (
+    GraphPass,
+    PassContext,
+    PassResult,
+    refuse_mask_bias,
+    refuse_unrecognized_attention,
+)
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
 
 KIND_CHOICES = ["auto", *KINDS]
@@ -274,6 +281,7 @@ def _is_cross_attention(site: AttentionSite) -> bool:
 
 
 def _choose_kind(options: MixerOptions, site: AttentionSite, layer: str) -> MixerKind:
+    refuse_mask_bias("mixer", site, layer, action="linearize")
     if site.mask is not None and not site.is_causal and site.mask_is_causal is None:
         raise PassError(
             "mixer",
@@ -306,7 +314,7 @@ def _choose_kind(options: MixerOptions, site: AttentionSite, layer: str) -> Mixe
     return kind
 
 
-def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str) -> None:
+def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str, check_masks: bool = True) -> None:
     if site.problem is not None:
         raise PassError("mixer", f"{layer}: cannot replace this attention: {site.problem}", site.name, site.module_path)
     mask = site.mask
@@ -325,6 +333,19 @@ def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str) -> None:
                 site.name,
                 site.module_path,
             )
+    window = mask.meta.get(UNSEEN_WINDOW_KEY)
+    if window and check_masks:
+        # The example is too short to show the window; the module would refuse the first input that does.
+        raise PassError(
+            "mixer",
+            f"{layer}: the graph that builds its attention mask offsets positions by up to {window}, more than the "
+            "example inputs show: a sliding window of that size hides keys only in longer inputs, and a linear "
+            "mixer can carry only causal and key-padding masks (the module would refuse the first input long "
+            "enough to show the window). Leave this layer out with the mixer's `layers` selector, or set "
+            "`check_masks: false` to linearize it over the whole prefix (its window dropped)",
+            site.name,
+            site.module_path,
+        )
 
 
 def _mask_carries_padding(site: AttentionSite, kind: MixerKind) -> bool:
@@ -419,6 +440,7 @@ class Mixer(GraphPass):
     name = "mixer"
     summary = "replace softmax attention by linear / gated / bidirectional mixers, reusing q/k/v/o weights"
     Options = MixerOptions
+    changes_outputs = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         options: MixerOptions = self.options
@@ -444,7 +466,7 @@ class Mixer(GraphPass):
             if _is_cross_attention(site):
                 result.messages.append(f"left {layer} as softmax: cross-attention (queries and keys differ in length)")
                 continue
-            _check_site(gm, site, layer)
+            _check_site(gm, site, layer, options.check_masks)
             kind = _choose_kind(options, site, layer)
             rotary = _rotary_to_drop(site, layer, kind, options, result.messages)
             jobs.append(_Job(site, layer, kind, _site_shape(site, layer), rotary))

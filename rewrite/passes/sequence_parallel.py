@@ -48,7 +48,13 @@ from rewrite.distributed.softmax_attention import (
 from rewrite.distributed.state_prefix import LINEAR_STRATEGIES
 from rewrite.errors import PassError, PlanError
 from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
+from rewrite.passes.base import (
+    GraphPass,
+    PassContext,
+    PassResult,
+    refuse_mask_bias,
+    refuse_unrecognized_attention,
+)
 
 aten = torch.ops.aten
 
@@ -303,6 +309,7 @@ class SequenceParallel(GraphPass):
         if site.problem is not None:
             raise PassError(self.name, f"{layer}: cannot split this attention: {site.problem}", site.name,
                             site.module_path)
+        refuse_mask_bias(self.name, site, layer, action="split")
         q, k = tensor_meta(site.q), tensor_meta(site.k)
         if q is None or k is None or site.q_heads is None or site.kv_heads is None or site.head_dim is None:
             raise PassError(self.name, f"{layer}: head counts or head dim are not known", site.name, site.module_path)

@@ -45,7 +45,13 @@ from rewrite.decode.sites import continued_positions, held_route, stateful_atten
 from rewrite.decode.steps import kind_step
 from rewrite.errors import PassError, PlanError, RewriteError
 from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
+from rewrite.passes.base import (
+    GraphPass,
+    PassContext,
+    PassResult,
+    refuse_mask_bias,
+    refuse_unrecognized_attention,
+)
 from rewrite.routing.graph import (
     RoutedCall,
     add_block_input,
@@ -120,6 +126,7 @@ def _check_softmax_site(site: AttentionSite, layer: str) -> None:
 
     if site.problem is not None:
         raise refuse(f"cannot carry a KV cache for this attention: {site.problem}")
+    refuse_mask_bias("stateful", site, layer, action="carry a KV cache for")
     q, k = tensor_meta(site.q), tensor_meta(site.k)
     if q is not None and k is not None and q.dim() >= 2 and k.dim() >= 2 and to_expr(q.shape[-2]) != to_expr(k.shape[-2]):
         raise refuse("cross-attention (queries and keys of different lengths) has no self-attention cache to grow")

@@ -41,7 +41,13 @@ from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PlanError
 from rewrite.kernels.varlen_attention.api import BACKENDS
 from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult, refuse_unrecognized_attention
+from rewrite.passes.base import (
+    GraphPass,
+    PassContext,
+    PassResult,
+    refuse_mask_bias,
+    refuse_unrecognized_attention,
+)
 from rewrite.real_tokens import OutputTokens, RealTokens
 from rewrite.varlen import runtime
 from rewrite.varlen.graph_replay import MODES as REPLAY_MODES
@@ -231,6 +237,8 @@ class Varlen(GraphPass):
         analysis = ctx.analysis()
         refuse_unrecognized_attention(self.name, analysis, action="unpad")
         sites = analysis.sites
+        for site in sites:
+            refuse_mask_bias(self.name, site, site.module_path or "<root>", action="unpad")
         user_inputs = [p for p in graph.nodes if p.op == "placeholder" and not p.meta.get("state_name")
                        and tensor_meta(p) is not None]
         symbols = find_symbols(user_inputs)

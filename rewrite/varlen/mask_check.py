@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from rewrite.analysis import AttentionSite
 from rewrite.analysis.graph_utils import ancestor_placeholders, subgraph_module
-from rewrite.analysis.mask_probe import window_constant
+from rewrite.analysis.mask_probe import HIDDEN_BELOW, mask_bias_description, window_constant
 from rewrite.analysis.nodes import tensor_meta
 from rewrite.errors import PassError
 from rewrite.varlen.symbols import TokenSymbols, expr_of
@@ -83,10 +83,6 @@ def _probe_inputs(placeholders: set[fx.Node], symbols: TokenSymbols, batch: int,
     return inputs
 
 
-HIDDEN_BELOW = -1e4
-"""An additive mask value at or below this hides its key."""
-
-
 @dataclass(frozen=True)
 class MaskUse:
     """A node that reads an attention mask: its name, module, the mask and how to read it."""
@@ -128,6 +124,7 @@ class _Verdict:
     window: int | None = None
     in_slots: bool = False
     lookahead: int = 0
+
 
 def _visible(mask: torch.Tensor, negated: bool) -> torch.Tensor | None:
     """Bool visibility of a mask, or None if a float mask holds values that are neither 0 nor hidden (a bias)."""
@@ -262,7 +259,7 @@ def _visibility(value: torch.Tensor, site: MaskUse, keep: torch.Tensor) -> torch
     """[batch, heads, seq, seq] bool: which keys each query sees (the site's own causality applied), or why none."""
     vis = _visible(value, site.mask_negated)
     if vis is None:
-        return "the additive mask holds bias values (neither 0 nor -inf)"
+        return mask_bias_description(value) or "the additive mask holds bias values (neither 0 nor -inf)"
     batch, seq = keep.shape
     if vis.dim() == 3 and vis.shape[0] > batch and vis.shape[0] % batch == 0:
         vis = vis.view(batch, -1, *vis.shape[1:])  # heads folded into the batch dim ([B * H, L, L], bmm form)
