@@ -39,13 +39,14 @@ from rewrite.routing.evaluation import SkipSetLosses, continuation_perplexity, s
 from rewrite.routing.training import RouterTrainingConfig, set_cost_labels, train_routers
 
 
-def pooled_inputs(model: torch.nn.Module, prompts: torch.Tensor, layers: int) -> torch.Tensor:
-    """[N, layers, D]: each block's input mean-pooled over the prompt, nothing skipped (what a router reads)."""
+def pooled_inputs(model: torch.nn.Module, prompts: torch.Tensor, layers: int, last: int = 0) -> torch.Tensor:
+    """[N, layers, D]: each block's input mean-pooled over the prompt, nothing skipped (what a router reads);
+    with `last`, over the prompt's last `last` positions only (the whole prompt still read as context)."""
     parts = []
     with torch.no_grad():
         for i in range(0, prompts.shape[0], 16):
             out = model(input_ids=prompts[i : i + 16], output_hidden_states=True)
-            parts.append(torch.stack([h.mean(1) for h in out.hidden_states[:layers]], 1))
+            parts.append(torch.stack([h[:, -last:].mean(1) for h in out.hidden_states[:layers]], 1))
     return torch.cat(parts)
 
 
@@ -95,24 +96,105 @@ def headroom(losses: SkipSetLosses) -> dict[str, float]:
     return {"median_gap": gap.median().item(), "mean_gap": gap.mean().item()}
 
 
+def ridge_choices(f_train: torch.Tensor, sel: SkipSetLosses, f_held: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per held-out window, the set whose cost a ridge regression predicts lowest: each set's continuation cost
+    (nats per token, less the window's mean over sets) regressed on every block's pooled input (standardised)."""
+    x, xh = f_train.flatten(1), f_held.flatten(1)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z, zh = (x - mean) / std, (xh - mean) / std
+    y = sel.continuation / sel.continuation_tokens
+    y = y - y.mean(1, keepdim=True)
+    w = torch.linalg.solve(z.T @ z + lam * torch.eye(z.shape[1]), z.T @ (y - y.mean(0)))
+    return (zh @ w + y.mean(0)).argmin(1)
+
+
+def subset(losses: SkipSetLosses, index: torch.Tensor) -> SkipSetLosses:
+    """The windows `index` of `losses`."""
+    return SkipSetLosses(losses.combos, losses.prompt[index], losses.continuation[index], losses.full_prompt[index],
+                         losses.full_continuation[index], losses.continuation_tokens)
+
+
+def cross_validated(choose: Any, f_train: torch.Tensor, sel: SkipSetLosses, grid: list[Any], folds: int = 4) -> Any:
+    """The setting of `grid` whose choices cost the training windows least when each fold is chosen for by a
+    fit on the other folds (`choose(f_fit, losses_fit, f_val, setting)` -> a set index per window)."""
+    n = f_train.shape[0]
+    parts = [torch.arange(i, n, folds) for i in range(folds)]
+
+    def cost(setting: Any) -> float:
+        total = 0.0
+        for i, val in enumerate(parts):
+            fit = torch.cat([p for j, p in enumerate(parts) if j != i])
+            choice = choose(f_train[fit], subset(sel, fit), f_train[val], setting)
+            total += sel.continuation[val].gather(1, choice.long()[:, None]).sum().item()
+        return total
+
+    return min(grid, key=cost)
+
+
+LOGISTIC_GRID = [(t, l2) for t in (0.02, 0.1, 0.5) for l2 in (1e-3, 1e-2, 1e-1, 1.0)]
+RIDGE_GRID = [1e1, 1e2, 1e3, 1e4, 1e5]
+
+
+def fitted_choices(
+    f_train: torch.Tensor, sel: SkipSetLosses, f_held: torch.Tensor, n_skip: int, fit: dict[str, float], pooled: str
+) -> tuple[list[tuple[str, torch.Tensor]], dict[str, Any]]:
+    """Held-out choices of routers fitted on the training windows' pooled inputs: the fixed setting, the
+    logistic routers' setting chosen by cross-validation on training windows, and the ridge cost regression."""
+    layers = f_train.shape[1]
+
+    def logistic(f: torch.Tensor, losses: SkipSetLosses, fh: torch.Tensor, setting: tuple[float, float]) -> torch.Tensor:
+        return fitted_router_choices(f, losses, fh, n_skip, *setting)
+
+    def ridge(f: torch.Tensor, losses: SkipSetLosses, fh: torch.Tensor, lam: float) -> torch.Tensor:
+        return ridge_choices(f, losses, fh, lam)
+
+    chosen_l = cross_validated(logistic, f_train, sel, LOGISTIC_GRID)
+    chosen_r = cross_validated(ridge, f_train, sel, RIDGE_GRID)
+    fixed = (fit["temperature"], fit["l2"])
+    rows = [
+        (f"linear routers, set_cost labels (T={fixed[0]:g}, l2={fixed[1]:g}), top {n_skip}/{layers}, {pooled}",
+         logistic(f_train, sel, f_held, fixed)),
+        (f"linear routers, set_cost labels, T={chosen_l[0]:g} l2={chosen_l[1]:g} by 4-fold CV on training, top {n_skip}, {pooled}",
+         logistic(f_train, sel, f_held, chosen_l)),
+        (f"ridge regression of every set's cost, lambda={chosen_r:g} by 4-fold CV on training, {pooled}",
+         ridge(f_train, sel, f_held, chosen_r)),
+    ]
+    return rows, {"logistic_cv": list(chosen_l), "ridge_cv": chosen_r}
+
+
 def prompt_row(
     model: torch.nn.Module, om: torch.nn.Module, s: ex.Settings, held: torch.Tensor, train: torch.Tensor, prompt: int,
-    continuation: int, fit: dict[str, float] | None, log: bool,
+    continuation: int, fit: dict[str, float] | None, log: bool, keep: dict[int, Any] | None = None,
+    reuse: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Static, oracle (and fitted-router) rows at one prompt length; returns the table and its choices."""
     began = time.perf_counter()
     n_skip = round(s.target_skip * s.layers)
     width = prompt + continuation + 1
     h, t = held[:, -width:], train[:, -width:]
-    hl = skip_set_losses(om, h, prompt, n_skip)
-    sl = skip_set_losses(om, t, prompt, n_skip)
+    if reuse is not None:
+        hl, sl = SkipSetLosses(**reuse["held"]), SkipSetLosses(**reuse["train"])
+    else:
+        hl, sl = skip_set_losses(om, h, prompt, n_skip), skip_set_losses(om, t, prompt, n_skip)
     sp = replace(s, prompt_length=prompt)
     choices, chosen = ex.oracle_choices(sl, hl, sp, ["code"] * t.shape[0], ["code"] * h.shape[0])
     if fit is not None:
-        f_train, f_held = pooled_inputs(model, t[:, :prompt], s.layers), pooled_inputs(model, h[:, :prompt], s.layers)
-        for temperature in (fit["temperature"],):
-            picked = fitted_router_choices(f_train, sl, f_held, n_skip, temperature, fit["l2"])
-            choices.append((f"linear routers fitted to set_cost labels (T={temperature:g}), top {n_skip}/{s.layers}", picked))
+        if reuse is not None:
+            f_train, f_held = reuse["f_train"], reuse["f_held"]
+        else:
+            f_train, f_held = pooled_inputs(model, t[:, :prompt], s.layers), pooled_inputs(model, h[:, :prompt], s.layers)
+        if keep is not None:
+            keep[prompt] = {"held": hl, "train": sl, "f_held": f_held, "f_train": f_train}
+        more, settings = fitted_choices(f_train, sl, f_held, n_skip, fit, "mean over the prompt")
+        choices += more
+        chosen["fits"] = {"whole prompt": settings}
+        last = int(fit.get("pool_last", 0))
+        if 0 < last < prompt:
+            f_train = pooled_inputs(model, t[:, :prompt], s.layers, last)
+            f_held = pooled_inputs(model, h[:, :prompt], s.layers, last)
+            more, settings = fitted_choices(f_train, sl, f_held, n_skip, fit, f"mean over its last {last}")
+            choices += more[1:]
+            chosen["fits"][f"last {last}"] = settings
     nothing = torch.zeros(h.shape[0], s.layers, dtype=torch.bool)
     variants = [ex.Variant("full model", hl.full_continuation, nothing)]
     for name, choice in choices:
@@ -127,10 +209,11 @@ def prompt_row(
 
 def routed_rows(
     model: torch.nn.Module, corpus: Any, s: ex.Settings, held: torch.Tensor, train: torch.Tensor, prompt: int,
-    continuation: int, losses: list[str], steps: dict[str, int], log: bool,
+    continuation: int, losses: list[str], steps: dict[str, int], log: bool, static_set: list[int] | None = None,
 ) -> dict[str, Any]:
     """Routers trained through `train_routers` at this prompt length, top k on the held-out windows, against
-    the static set best on the training windows (both evaluated by `continuation_perplexity`)."""
+    the static set best on the training windows (`static_set` if known; both evaluated by
+    `continuation_perplexity`)."""
     n_skip = round(s.target_skip * s.layers)
     width = prompt + continuation + 1
     h, t = held[:, -width:], train[:, -width:]
@@ -148,8 +231,10 @@ def routed_rows(
             ),
         ).module
         if static is None:
-            sl = skip_set_losses(om, t, prompt, n_skip)
-            out["static"] = list(sl.combos[int(sl.continuation.sum(0).argmin())])
+            if static_set is None:
+                sl = skip_set_losses(om, t, prompt, n_skip)
+                static_set = list(sl.combos[int(sl.continuation.sum(0).argmin())])
+            out["static"] = static_set
             static = continuation_perplexity(om, h, prompt, static_skip=out["static"])
             full = continuation_perplexity(om, h, prompt, static_skip=[])
             out["rows"].append({"variant": "full model", "perplexity": full.perplexity})
@@ -190,19 +275,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fit-routers", action="store_true", help="linear routers fitted to set_cost labels")
     parser.add_argument("--fit-temperature", type=float, default=0.02)
     parser.add_argument("--fit-l2", type=float, default=1e-2)
+    parser.add_argument("--pool-last", type=int, default=64, help="fits also on inputs pooled over the prompt's last N")
     parser.add_argument("--train-routers", type=int, default=0, help="prompt length at which to train routers (0: none)")
     parser.add_argument("--router-loss", default="set_cost,distill")
     parser.add_argument("--set-cost-steps", type=int, default=40)
     parser.add_argument("--distill-steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--save-tensors", type=Path, help="with --fit-routers: save every set's losses and the pooled inputs")
+    parser.add_argument("--reuse-tensors", type=Path, help="load those instead of computing them (same LM and windows)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = [int(p) for p in args.prompt_lengths.split(",")]
     if args.tiny:
         prompts, args.continuation, args.held_windows, args.train_windows = [8, 16], 8, 8, 8
-        args.set_cost_steps, args.distill_steps = 2, 2
+        args.set_cost_steps, args.distill_steps, args.pool_last = 2, 2, 4
     base = ex.TINY if args.tiny else ex.Settings()
     longest = max(prompts) + args.continuation
     s = replace(base, length=longest, batch=args.batch if not args.tiny else base.batch, spread_windows=args.held_windows)
@@ -212,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, _ = ex.evaluation_windows(corpus, replace(s, spread_windows=args.train_windows), "train", "spread")
     om = rewrite.optimize(model, {"passes": [{"layer_skip": {}}]},
                           example_kwargs={"input_ids": torch.zeros(2, 16, dtype=torch.long)})
-    fit = {"temperature": args.fit_temperature, "l2": args.fit_l2} if args.fit_routers else None
+    fit = {"temperature": args.fit_temperature, "l2": args.fit_l2, "pool_last": args.pool_last} if args.fit_routers else None
+    reuse = torch.load(args.reuse_tensors, weights_only=False) if args.reuse_tensors else {}
     result: dict[str, Any] = {"settings": asdict(s), "continuation": args.continuation, "held_windows": held.shape[0],
                               "train_windows": train.shape[0], "torch": torch.__version__, "device": "cpu",
                               "threads": torch.get_num_threads(), "fit": fit, "by_prompt": []}
@@ -222,13 +311,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
 
+    keep: dict[int, Any] = {}
     for prompt in prompts:
-        result["by_prompt"].append(prompt_row(model, om, s, held, train, prompt, args.continuation, fit, not args.tiny))
+        result["by_prompt"].append(prompt_row(model, om, s, held, train, prompt, args.continuation, fit, not args.tiny, keep,
+                                               reuse.get(prompt)))
         save()
+        if args.save_tensors:
+            torch.save({p: {k: asdict(v) if isinstance(v, SkipSetLosses) else v for k, v in d.items()} for p, d in keep.items()},
+                       args.save_tensors)
     if args.train_routers:
         steps = {"set_cost": args.set_cost_steps, "distill": args.distill_steps}
+        known = next((t["static"] for t in result["by_prompt"] if t["prompt_length"] == args.train_routers), None)
         result["routers"] = routed_rows(model, corpus, s, held, train, args.train_routers, args.continuation,
-                                        args.router_loss.split(","), steps, not args.tiny)
+                                        args.router_loss.split(","), steps, not args.tiny, known)
         save()
     return result
 
