@@ -50,6 +50,34 @@ def pooled_inputs(model: torch.nn.Module, prompts: torch.Tensor, layers: int, la
     return torch.cat(parts)
 
 
+def update_sizes(model: torch.nn.Module, prompts: torch.Tensor, layers: int) -> torch.Tensor:
+    """[N, layers, 2]: per block, over the prompt run with nothing skipped, the mean relative size of the block's
+    update (|out - in| / |in| per position) and its mean cosine with the input: how much the block changes
+    this text, read at prefill (the blocks run on the prompt anyway)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        y = out if isinstance(out, torch.Tensor) else out[0]
+        d = y - x
+        size = (d.norm(dim=-1) / x.norm(dim=-1)).mean(1)
+        cos = torch.nn.functional.cosine_similarity(d, x, dim=-1).mean(1)
+        seen.append(torch.stack([size, cos], 1))
+
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers[:layers]]
+    parts = []
+    try:
+        with torch.no_grad():
+            for i in range(0, prompts.shape[0], 16):
+                seen.clear()
+                model(input_ids=prompts[i : i + 16])
+                parts.append(torch.stack(seen, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(parts)
+
+
 def fit_router(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logistic regression with soft labels on standardised features: (mean, std, w, b)."""
     mean, std = x.mean(0), x.std(0) + 1e-6
@@ -188,6 +216,11 @@ def prompt_row(
         more, settings = fitted_choices(f_train, sl, f_held, n_skip, fit, "mean over the prompt")
         choices += more
         chosen["fits"] = {"whole prompt": settings}
+        if fit.get("update_sizes"):
+            f_train, f_held = update_sizes(model, t[:, :prompt], s.layers), update_sizes(model, h[:, :prompt], s.layers)
+            more, settings = fitted_choices(f_train, sl, f_held, n_skip, fit, "each block's update size on the prompt")
+            choices += more[1:]
+            chosen["fits"]["update sizes"] = settings
         last = int(fit.get("pool_last", 0))
         if 0 < last < prompt:
             f_train = pooled_inputs(model, t[:, :prompt], s.layers, last)
@@ -275,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fit-routers", action="store_true", help="linear routers fitted to set_cost labels")
     parser.add_argument("--fit-temperature", type=float, default=0.02)
     parser.add_argument("--fit-l2", type=float, default=1e-2)
+    parser.add_argument("--update-sizes", action="store_true", help="fits also on each block's update size on the prompt")
     parser.add_argument("--pool-last", type=int, default=64, help="fits also on inputs pooled over the prompt's last N")
     parser.add_argument("--train-routers", type=int, default=0, help="prompt length at which to train routers (0: none)")
     parser.add_argument("--router-loss", default="set_cost,distill")
@@ -300,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, _ = ex.evaluation_windows(corpus, replace(s, spread_windows=args.train_windows), "train", "spread")
     om = rewrite.optimize(model, {"passes": [{"layer_skip": {}}]},
                           example_kwargs={"input_ids": torch.zeros(2, 16, dtype=torch.long)})
-    fit = {"temperature": args.fit_temperature, "l2": args.fit_l2, "pool_last": args.pool_last} if args.fit_routers else None
+    fit = {"temperature": args.fit_temperature, "l2": args.fit_l2, "pool_last": args.pool_last,
+           "update_sizes": args.update_sizes} if args.fit_routers else None
     reuse = torch.load(args.reuse_tensors, weights_only=False) if args.reuse_tensors else {}
     result: dict[str, Any] = {"settings": asdict(s), "continuation": args.continuation, "held_windows": held.shape[0],
                               "train_windows": train.shape[0], "torch": torch.__version__, "device": "cpu",
