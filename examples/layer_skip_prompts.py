@@ -240,6 +240,15 @@ def prompt_row(
     return table
 
 
+def _set_counts(decisions: torch.Tensor) -> dict[str, int]:
+    """How many windows skip each set of blocks, most common first."""
+    counts: dict[str, int] = {}
+    for row in decisions.int().tolist():
+        key = str([i for i, d in enumerate(row) if d])
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def routed_rows(
     model: torch.nn.Module, corpus: Any, s: ex.Settings, held: torch.Tensor, train: torch.Tensor, prompt: int,
     continuation: int, losses: list[str], steps: dict[str, int], log: bool, static_set: list[int] | None = None,
@@ -280,6 +289,7 @@ def routed_rows(
             "variant": f"routed ({loss}, {steps[loss]} steps), top {n_skip}/{s.layers} on the prompt",
             "perplexity": routed.perplexity, "increase": routed.perplexity / full.perplexity - 1, "skip_rate": routed.skip_rate,
             "distinct_sets": ex._distinct(routed.decisions),
+            "sets": _set_counts(routed.decisions),
             "vs_static": ex._paired((routed.window_losses - static.window_losses) / tokens), "seconds": time.perf_counter() - began,
         })
         if log:
@@ -356,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        args.save_tensors)
     if args.train_routers:
         steps = {"set_cost": args.set_cost_steps, "distill": args.distill_steps}
+        result["router_steps"] = steps
         known = next((t["static"] for t in result["by_prompt"] if t["prompt_length"] == args.train_routers), None)
         result["routers"] = routed_rows(model, corpus, s, held, train, args.train_routers, args.continuation,
                                         args.router_loss.split(","), steps, not args.tiny, known)
