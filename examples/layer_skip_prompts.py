@@ -117,11 +117,21 @@ def fitted_router_choices(
     return combo_index(decisions, sel.combos)
 
 
-def headroom(losses: SkipSetLosses) -> dict[str, float]:
-    """Per window, the gap (nats per continuation token) between its best and second-best set on the continuation."""
-    two = losses.continuation.sort(1).values[:, :2] / losses.continuation_tokens
+def headroom(losses: SkipSetLosses, prompt: int) -> dict[str, float]:
+    """Per window, the gap (nats per continuation token) between its best and second-best set on the continuation;
+    and how well a window's per-set costs on its prompt follow those on its continuation: the correlation of the
+    two after removing each window's mean over sets and each set's mean over windows."""
+    cont = losses.continuation / losses.continuation_tokens
+    two = cont.sort(1).values[:, :2]
     gap = two[:, 1] - two[:, 0]
-    return {"median_gap": gap.median().item(), "mean_gap": gap.mean().item()}
+
+    def centred(x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(1, keepdim=True)
+        return x - x.mean(0)
+
+    a, b = centred(losses.prompt / (prompt - 1)), centred(cont)
+    return {"median_gap": gap.median().item(), "mean_gap": gap.mean().item(),
+            "prompt_continuation_correlation": ((a * b).sum() / (a.norm() * b.norm())).item()}
 
 
 def ridge_choices(f_train: torch.Tensor, sel: SkipSetLosses, f_held: torch.Tensor, lam: float) -> torch.Tensor:
@@ -234,7 +244,7 @@ def prompt_row(
         variants.append(ex.Variant(name, hl.continuation.gather(1, choice.long()[:, None]).squeeze(1), hl.decisions(choice, s.layers)))
     rows = ex.table_rows(variants, torch.arange(h.shape[0]), hl.continuation_tokens, variants[1])
     table = {"prompt_length": prompt, "window_bytes": width, "scored_tokens": hl.continuation_tokens, "rows": rows,
-             **chosen, "headroom": headroom(hl), "seconds": time.perf_counter() - began}
+             **chosen, "headroom": headroom(hl, prompt), "seconds": time.perf_counter() - began}
     if log:
         print_rows(table)
     return table

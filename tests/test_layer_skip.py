@@ -691,6 +691,7 @@ def test_prompt_length_analysis_scores_the_same_continuation_at_every_prompt_len
     for table in tables:
         rows = table["rows"]
         assert rows[0]["variant"] == "full model" and rows[0]["increase"] == 0.0
+        assert -1.0 <= table["headroom"]["prompt_continuation_correlation"] <= 1.0 and table["headroom"]["median_gap"] >= 0
         assert rows[1]["variant"].startswith("static") and "vs_static" not in rows[1]
         assert all(r["skip_rate"] == 0.25 for r in rows[1:])  # exactly 1 of 4 blocks in every window
         fitted = [r["variant"] for r in rows if r["variant"].startswith(("linear routers", "ridge regression"))]
