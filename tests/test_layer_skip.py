@@ -679,3 +679,28 @@ def test_encoder_decoder_blocks_with_post_norm_route_their_residual_stream():
     assert torch.equal(report.decisions, skip)
     want = reference_with_skips(model, list(model.decoder.layers), example, skip)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_length_analysis_scores_the_same_continuation_at_every_prompt_length():
+    from examples import layer_skip_prompts
+
+    result = layer_skip_prompts.main(["--tiny", "--fit-routers", "--update-sizes", "--train-routers", "16", "--router-loss", "set_cost"])
+    tables = result["by_prompt"]
+    assert [t["prompt_length"] for t in tables] == [8, 16]
+    assert [t["window_bytes"] for t in tables] == [17, 25] and {t["scored_tokens"] for t in tables} == {9}
+    for table in tables:
+        rows = table["rows"]
+        assert rows[0]["variant"] == "full model" and rows[0]["increase"] == 0.0
+        assert -1.0 <= table["headroom"]["prompt_continuation_correlation"] <= 1.0 and table["headroom"]["median_gap"] >= 0
+        assert rows[1]["variant"].startswith("static") and "vs_static" not in rows[1]
+        assert all(r["skip_rate"] == 0.25 for r in rows[1:])  # exactly 1 of 4 blocks in every window
+        fitted = [r["variant"] for r in rows if r["variant"].startswith(("linear routers", "ridge regression"))]
+        # fixed setting, cross-validated logistic and ridge on the pooled prompt; the latter two on the last 4 bytes
+        # and on the blocks' update sizes
+        assert len(fitted) == 7 and sum("update size" in v for v in fitted) == 2 and sum("last 4" in v for v in fitted) == 2
+        # each window's cheapest set on its continuation: no choice of one set per window does better
+        best = next(r for r in rows if "cheapest on its continuation" in r["variant"])
+        assert best["perplexity"] == min(r["perplexity"] for r in rows[1:]) and best["vs_static"][2] <= 0
+    routed = result["routers"]["rows"]
+    assert [r["variant"].split(" ")[0] for r in routed] == ["full", "static", "routed"]
+    assert all(r["skip_rate"] == 0.25 and len(r["vs_static"]) == 3 for r in routed[2:])
