@@ -120,15 +120,21 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.final_shape = output[1].shape
 
 
+def _filled_grads(do, d_final_state, q, v, final_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(do, d_final_state) contiguous, zeros for an output whose gradient autograd did not materialise."""
+    if d_final_state is None:
+        d_final_state = q.new_zeros(final_shape, dtype=state_dtype(q.dtype))
+    if do is None:
+        do = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    return do.contiguous(), d_final_state.contiguous()
+
+
 def _backward(ctx, do, d_final_state):
     q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
-    if d_final_state is None:
-        d_final_state = q.new_zeros(ctx.final_shape, dtype=state_dtype(q.dtype))
-    if do is None:
-        do = torch.zeros_like(q[..., :1].expand(*q.shape[:-1], v.shape[-1]))
+    do, d_final_state = _filled_grads(do, d_final_state, q, v, ctx.final_shape)
     dq, dk, dv, dg, dh0 = linear_attention_backward_op(
-        do.contiguous(),
-        d_final_state.contiguous(),
+        do,
+        d_final_state,
         q,
         k,
         v,
@@ -209,13 +215,10 @@ def _saving_backward(ctx, do, d_final_state, _):
     q, k, v, g, initial_state, cu_seqlens, final, h = ctx.saved_tensors
     if do is None and d_final_state is None:
         return None, None, None, None, None, None, None, None
-    if d_final_state is None:
-        d_final_state = torch.zeros_like(final)
-    if do is None:
-        do = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    do, d_final_state = _filled_grads(do, d_final_state, q, v, final.shape)
     dq, dk, dv, dg, dh0 = linear_attention_backward_saved_op(
-        do.contiguous(),
-        d_final_state.contiguous(),
+        do,
+        d_final_state,
         q,
         k,
         v,
