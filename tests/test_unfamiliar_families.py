@@ -533,6 +533,10 @@ def test_alternating_window_layers_keep_their_window_while_full_layers_are_linea
     with pytest.raises(PassError, match="layer 0 .*Leave this layer out with the mixer's `layers` selector"), \
             torch.no_grad():
         everywhere(**example)  # the mask's values are checked when the mixer first sees them
+    decoding_everywhere = rewrite.optimize(model, [{"mixer": {}}, "stateful"], example_kwargs=example)
+    with pytest.raises(rewrite.RewriteError, match="layer 0 .*the attention mask is not causal .*Leave this layer out "
+                       "with the mixer's `layers` selector"):  # not the kept softmax layers' window advice
+        decoding_everywhere.generate(right_padded([9], 9)["input_ids"], max_new_tokens=2)
     linear = rewrite.optimize(model, [{"mixer": {"layers": [1]}}], example_kwargs=example)
     decoding = rewrite.optimize(model, [{"mixer": {"layers": [1]}}, "stateful"], example_kwargs=example)
     decoding.load_state_dict(linear.state_dict())

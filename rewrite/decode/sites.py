@@ -22,10 +22,15 @@ from rewrite.decode.steps import (
     writes_in_place,
 )
 from rewrite.errors import RewriteError
+from rewrite.mixers.masks import MIXER_LIMIT
+
+WINDOW_ADVICE = "a sliding window or a block pattern? set the `stateful` pass's sliding_window / window_layers"
+"""What a kept softmax layer whose prefill mask is not causal can do (a mixer site says the mixer's limit)."""
 
 
 def _check_prefill_mask(
-    state: DecodeState, mask: torch.Tensor | None, negated: bool, check: bool, layer: str, window: int | None = None
+    state: DecodeState, mask: torch.Tensor | None, negated: bool, check: bool, layer: str, window: int | None = None,
+    advice: str = WINDOW_ADVICE,
 ) -> None:
     """In a prefill call, refuse a mask that is not causal among the real tokens (a sliding window,
     a block pattern, an additive bias): the state carries only which slots are real, so any other
@@ -53,8 +58,7 @@ def _check_prefill_mask(
     compared = real[:, None, :, None] & real[:, None, None, :]
     if bool(((vis != causal) & compared).any()):
         form = f"causal within a window of {window} tokens" if window is not None else "causal"
-        raise refuse(f"the attention mask is not {form} among the real tokens (a sliding window or a block "
-                     "pattern? set the `stateful` pass's sliding_window / window_layers)")
+        raise refuse(f"the attention mask is not {form} among the real tokens ({advice})")
 
 
 def stateful_attention(
@@ -173,7 +177,7 @@ def stateful_mixer(
     layer = site_kwargs.get("layer") or site
     _check_prefill_mask(
         decode_state, site_kwargs.get("mask"), bool(site_kwargs.get("mask_negated", False)),
-        bool(site_kwargs.get("check_mask", True)), layer,
+        bool(site_kwargs.get("check_mask", True)), layer, advice=MIXER_LIMIT,
     )
     step = kind_step(kind, layer)
     held = decode_state.recurrent(site)
