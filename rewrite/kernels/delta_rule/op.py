@@ -6,6 +6,7 @@ Low-level: arguments are assumed valid (the public functions in `api.py` check t
 import torch
 
 from .._triton import load_triton_module
+from ..launch_math import chunk_count
 from .chunked_reference import chunked_backward, chunked_forward
 from .naive import naive_delta_rule
 
@@ -177,8 +178,7 @@ def kept_shapes(q, k, v, g, cu_seqlens) -> list[tuple]:
     (`triton_forward.chunk_forward(..., save=True)`; b is [0] without g). Their bytes are SAVE_FOR_BACKWARD's cost."""
     batch, length = q.shape[:2]
     kv_heads, dk, dv = k.shape[2], k.shape[-1], v.shape[-1]
-    rows, per_seq = batch * length, (length + _CHUNK - 1) // _CHUNK
-    chunks = batch * per_seq if cu_seqlens is None else per_seq + cu_seqlens.shape[0] - 1
+    rows, chunks = batch * length, chunk_count(batch, length, cu_seqlens, _CHUNK)
     return [(rows, kv_heads, dk), (rows, kv_heads, dv), (0,) if g is None else (rows, kv_heads),
             (chunks, kv_heads, dk, dv), (chunks, kv_heads, _CHUNK, _CHUNK)]
 

@@ -6,6 +6,7 @@ Low-level: arguments are assumed valid (the public functions in `api.py` check t
 import torch
 
 from .._triton import load_triton_module
+from ..launch_math import chunk_count
 from .chunked_reference import chunked_backward, chunked_forward
 from .naive import naive_step
 
@@ -189,10 +190,7 @@ def _saving_cuda(q, k, v, g, decay, scale, initial_state, cu_seqlens):
 def kept_shape(q, k, v, cu_seqlens) -> tuple[int, int, int, int]:
     """Shape of the float32 states h that `rewrite::linear_attention_saving` returns on CUDA (the `Chunks` count:
     B * ceil(T / 64), or ceil(T / 64) + N when packed). Their bytes are SAVE_STATES' cost."""
-    batch, length = q.shape[:2]
-    per_seq = (length + _CHUNK - 1) // _CHUNK
-    chunks = batch * per_seq if cu_seqlens is None else per_seq + cu_seqlens.shape[0] - 1
-    return chunks, k.shape[2], k.shape[-1], v.shape[-1]
+    return chunk_count(*q.shape[:2], cu_seqlens, _CHUNK), k.shape[2], k.shape[-1], v.shape[-1]
 
 
 @linear_attention_saving_op.register_fake
