@@ -69,19 +69,7 @@ def _weights_values(softmax: fx.Node) -> bool:
 
 def _score_ops(softmax: fx.Node) -> set:
     """The aten ops found walking back from the softmax's scores to their matmul (a few steps)."""
-    ops: set = set()
-    frontier = [a for a in softmax.args[:1] if isinstance(a, fx.Node)]
-    for _ in range(_SCORE_DEPTH):
-        nxt = []
-        for cur in frontier:
-            if cur.op != "call_function":
-                continue
-            ops.add(cur.target)
-            if is_op(cur, *MATMUL_OPS):
-                continue
-            nxt.extend(n for n in cur.all_input_nodes)
-        frontier = nxt
-    return ops
+    return {node.target for node in _score_nodes(softmax)}
 
 
 def _score_nodes(softmax: fx.Node) -> list[fx.Node]:
