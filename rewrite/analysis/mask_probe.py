@@ -91,13 +91,17 @@ HIDDEN_BELOW = -1e4
 """An additive mask value at or below this hides its key (`-inf`, `finfo.min`, the old `-10000.0`)."""
 
 
+def holds_bias(mask: torch.Tensor) -> bool:
+    """Whether an additive float mask holds values that neither keep (0) nor hide (<= `HIDDEN_BELOW`) a key."""
+    return bool(((mask != 0) & (mask > HIDDEN_BELOW)).any())
+
+
 def mask_bias_description(mask: torch.Tensor) -> str | None:
     """What an additive mask adds besides keeping and hiding keys, or None when it only keeps (0) and hides
     (<= `HIDDEN_BELOW`): an ALiBi-like bias (different per head) or another additive bias."""
     if mask.dtype == torch.bool or not mask.is_floating_point():
         return None
-    bias = (mask != 0) & (mask > HIDDEN_BELOW)
-    if not bool(bias.any()):
+    if not holds_bias(mask):
         return None
     if mask.dim() >= 3 and mask.shape[-3] > 1 and not bool((mask == mask[..., :1, :, :]).all()):
         return ("the attention mask carries an additive bias that differs per head (ALiBi or another position bias "

@@ -37,13 +37,14 @@ def _check_prefill_mask(
     pattern would be lost. Padded tokens are the state's business and are not compared."""
     if mask is None or not check or state.static or state.tokens < 2:
         return
-    from rewrite.mixers.masks import HIDDEN_BELOW, visible
+    from rewrite.analysis.mask_probe import holds_bias
+    from rewrite.mixers.masks import visible
 
     def refuse(why: str) -> RewriteError:
         return RewriteError(f"stateful decode at {layer}: {why}; a decode state carries only causal attention "
                             "over real tokens")
 
-    if mask.is_floating_point() and not negated and bool(((mask != 0) & (mask > HIDDEN_BELOW)).any()):
+    if mask.is_floating_point() and not negated and holds_bias(mask):
         raise refuse("the attention mask holds additive bias values (neither 0 nor hidden)")
     vis = visible(mask, negated)
     while vis.dim() < 4:

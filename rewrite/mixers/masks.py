@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.analysis.mask_probe import HIDDEN_BELOW
+from rewrite.analysis.mask_probe import HIDDEN_BELOW, holds_bias
 from rewrite.errors import PassError
 
 
@@ -68,8 +68,7 @@ def check_mask_form(
     if not _is_concrete(mask):
         return
     if mask.is_floating_point() and not negated:
-        bias = (mask != 0) & (mask > HIDDEN_BELOW)
-        if bool(bias.any()):
+        if holds_bias(mask):
             raise PassError(
                 "mixer",
                 f"at {layer}: the attention mask holds additive bias values (neither 0 nor <= "

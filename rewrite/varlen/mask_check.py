@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from rewrite.analysis import AttentionSite
 from rewrite.analysis.graph_utils import ancestor_placeholders, subgraph_module
-from rewrite.analysis.mask_probe import HIDDEN_BELOW, mask_bias_description, window_constant
+from rewrite.analysis.mask_probe import holds_bias, mask_bias_description, window_constant
 from rewrite.analysis.nodes import tensor_meta
 from rewrite.errors import PassError
 from rewrite.varlen.symbols import TokenSymbols, expr_of
@@ -132,7 +132,7 @@ def _visible(mask: torch.Tensor, negated: bool) -> torch.Tensor | None:
         return ~mask if negated else mask
     if negated:
         return mask == 0
-    if bool(((mask != 0) & (mask > HIDDEN_BELOW)).any()):
+    if holds_bias(mask):
         return None
     return mask == 0
 
