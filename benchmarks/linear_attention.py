@@ -293,12 +293,17 @@ SWEEP = {
     # recompute; its lines add the memory held from the forward to the backward (h and the final state)
     "save states": [("op", "SAVE_STATES", True)],
     "cumsum parallel + save states": [("triton_backward", "CUMSUM_PARALLEL", True), ("op", "SAVE_STATES", True)],
+    "cumsum parallel + save states + strong tf32x3": [("triton_backward", "CUMSUM_PARALLEL", True),
+                                                       ("op", "SAVE_STATES", True),
+                                                       ("triton_backward", "STRONG_GATE_PRECISION", "tf32x3")],
+    # the three switches of v8 / v9 / the strong-gate precision are on by default since 2026-12-06 (fourth session);
+    # these variants turn them off again
+    "sequential cumsum": [("triton_backward", "CUMSUM_PARALLEL", False)],
+    "recompute states": [("op", "SAVE_STATES", False)],
+    "strong gates tf32": [("triton_backward", "STRONG_GATE_PRECISION", None)],
+    "before v8 / v9 / tf32x3": [("triton_backward", "CUMSUM_PARALLEL", False), ("op", "SAVE_STATES", False),
+                                ("triton_backward", "STRONG_GATE_PRECISION", None)],
 }
-
-
-def _saves(changes) -> bool:
-    """Whether a SWEEP variant keeps forward buffers for the backward (its lines report the memory held)."""
-    return any(attr == "SAVE_STATES" and value for _, attr, value in changes)
 
 
 def _held_after_forward(fn: Callable, args: tuple) -> float:
@@ -341,7 +346,7 @@ def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown
                     with torch.no_grad():
                         fwd = measure(name, functools.partial(fn, q, k, v, g), warmup=3, runs=10)
                     both = measure(name, _fwd_bwd(fn, (q, k, v, g)), warmup=2, runs=10)
-                    held = f" held after fwd {_held_after_forward(fn, (q, k, v, g)):8.1f} MB" if _saves(changes) else ""
+                    held = f" held after fwd {_held_after_forward(fn, (q, k, v, g)):8.1f} MB"
                     lines.append(
                         f"sweep {name:20s} {decay:7s} B={b} L={t:6d} fwd {fwd.median_ms:7.3f} "
                         f"fwd+bwd {both.median_ms:7.3f} ms{held}"

@@ -10,6 +10,7 @@ causal one can be replaced by SDPA's `is_causal=True`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -69,6 +70,23 @@ def _is_shape_read(node: fx.Node) -> bool:
     return name.startswith("sym_size") or name.startswith("sym_numel") or name.startswith("sym_stride")
 
 
+PROBE_BLOCK_ELEMENTS = 1 << 26
+"""Most mask elements one step of the checks below reads at a time: a [.., L, L] mask is checked in blocks of
+query rows, so the checks hold no [L, L] temporaries (a 128K-token mask is 16 GiB as booleans)."""
+
+
+def _row_blocks(mask: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, mask[..., rows, :]) over blocks of query rows (dim -2) of at most PROBE_BLOCK_ELEMENTS."""
+    rows = mask.shape[-2] if mask.dim() >= 2 else 1
+    per_row = max(1, mask.numel() // max(1, rows))
+    step = max(1, PROBE_BLOCK_ELEMENTS // per_row)
+    if mask.dim() < 2:
+        yield 0, mask
+        return
+    for first in range(0, rows, step):
+        yield first, mask[..., first:first + step, :]
+
+
 def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
@@ -80,11 +98,18 @@ def _causality(mask: torch.Tensor) -> tuple[bool, bool]:
     """
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
         return False, False
-    visible = _visible(mask)
-    n = visible.shape[-1]
-    lower = torch.ones(n, n, dtype=torch.bool, device=visible.device).tril()
-    hides_future = not bool((visible & ~lower).any())
-    return hides_future, hides_future and bool(visible[..., lower].all())
+    n = mask.shape[-1]
+    keys = torch.arange(n, device=mask.device)
+    hides_future, exact = True, True
+    for first, block in _row_blocks(mask):
+        visible = _visible(block)
+        queries = torch.arange(first, first + block.shape[-2], device=mask.device)
+        earlier = keys[None, :] <= queries[:, None]  # the causal mask's rows of this block
+        hides_future = hides_future and not bool((visible & ~earlier).any())
+        if not hides_future:
+            return False, False
+        exact = exact and bool((visible | ~earlier).all())
+    return hides_future, exact
 
 
 HIDDEN_BELOW = -1e4
@@ -93,7 +118,12 @@ HIDDEN_BELOW = -1e4
 
 def holds_bias(mask: torch.Tensor) -> bool:
     """Whether an additive float mask holds values that neither keep (0) nor hide (<= `HIDDEN_BELOW`) a key."""
-    return bool(((mask != 0) & (mask > HIDDEN_BELOW)).any())
+    return any(bool(((block != 0) & (block > HIDDEN_BELOW)).any()) for _, block in _row_blocks(mask))
+
+
+def _differs_per_head(mask: torch.Tensor) -> bool:
+    """Whether a [.., H, L, S] mask's heads (dim -3) hold different values."""
+    return any(bool((block != block[..., :1, :, :]).any()) for _, block in _row_blocks(mask))
 
 
 def mask_bias_description(mask: torch.Tensor) -> str | None:
@@ -103,7 +133,7 @@ def mask_bias_description(mask: torch.Tensor) -> str | None:
         return None
     if not holds_bias(mask):
         return None
-    if mask.dim() >= 3 and mask.shape[-3] > 1 and not bool((mask == mask[..., :1, :, :]).all()):
+    if mask.dim() >= 3 and mask.shape[-3] > 1 and _differs_per_head(mask):
         return ("the attention mask carries an additive bias that differs per head (ALiBi or another position bias "
                 "folded into the mask)")
     return "the attention mask carries an additive bias (values that neither keep a key, 0, nor hide it)"

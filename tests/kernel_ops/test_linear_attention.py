@@ -252,6 +252,20 @@ def test_triton_parallel_dg_cumsum(case, monkeypatch):
     check_triton_against_naive(case, torch.float32)
 
 
+@pytest.mark.parametrize("case", CUMSUM_CASES, ids=str)
+def test_triton_sequential_dg_cumsum(case, monkeypatch):
+    """The same with `CUMSUM_PARALLEL` off (the sequential walk; the default is the parallel form); the run fails
+    if the parallel passes ran."""
+    backward = triton_module("triton_backward")
+
+    def parallel(*args):
+        raise AssertionError("the parallel dg reverse cumsum ran with CUMSUM_PARALLEL off")
+
+    monkeypatch.setattr(backward, "CUMSUM_PARALLEL", False)
+    monkeypatch.setattr(backward, "_parallel_reverse_cumsum", parallel)
+    check_triton_against_naive(case, torch.float32)
+
+
 def check_triton_against_naive(case: Case, dtype: torch.dtype) -> None:
     forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
     x = make_inputs(case, dtype, kernel_device())
