@@ -34,6 +34,7 @@ from rewrite.routing.evaluation import (
     skip_set_losses,
 )
 from rewrite.routing.language_model import logits_of, next_token_loss
+from rewrite.routing.prompt_choice import PRIOR_WEIGHTS
 from rewrite.routing.training import RouterTrainingConfig, train_routers
 from rewrite.text_corpus import MIXED_RATIO, VOCAB_SIZE, ByteCorpus
 
@@ -243,7 +244,6 @@ def oracle_choices(
     return choices, chosen
 
 
-PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 CORPORA = {"code": ("code",), "mixed": ("code", "prose")}
 
 

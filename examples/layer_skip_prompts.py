@@ -14,6 +14,10 @@ the evidence run (the set cheapest on the prompt's own tokens; that with the tra
 as a prior; the set cheapest on the continuation, an upper bound), each paired per window against
 static (nats per continuation token, mean and 95% bootstrap interval).
 
+`--prompt-choice all,8`: the decision of `rewrite.routing.prompt_choice` (each held-out prompt run once per
+candidate set, the set of lowest prompt cost + weighted prior kept; calibrated on the training windows), with
+every set and with the 8 of lowest prior as candidates, scored from the same continuation losses.
+
 `--fit-routers`: linear routers on each block's input mean-pooled over the prompt (what a router
 reads), fitted (L2-regularised logistic regression) to set_cost's labels (the weight of the sets
 holding the block, `set_cost_labels`) on the training windows, ranked top k on held-out prompts;
@@ -36,6 +40,7 @@ import rewrite
 from examples import layer_skip as ex
 from examples.layer_skip_kinds import _model
 from rewrite.routing.evaluation import SkipSetLosses, continuation_perplexity, skip_set_losses
+from rewrite.routing.prompt_choice import calibrate_prompt_choice, choose_skips_by_prompt
 from rewrite.routing.training import RouterTrainingConfig, set_cost_labels, train_routers
 
 
@@ -200,10 +205,26 @@ def fitted_choices(
     return rows, {"logistic_cv": list(chosen_l), "ridge_cv": chosen_r}
 
 
+def library_choices(
+    om: torch.nn.Module, h: torch.Tensor, t: torch.Tensor, prompt: int, n_skip: int, held: SkipSetLosses,
+    candidates: list[int | None],
+) -> list[tuple[str, torch.Tensor]]:
+    """Held-out choices of `rewrite.routing.prompt_choice`: calibrated on the training windows, decided by running
+    each held-out prompt once per candidate set (every set, or the `candidates` of lowest prior)."""
+    rows = []
+    for count in candidates:
+        choice = calibrate_prompt_choice(om, t, prompt, n_skip, candidates=count, weights=ex.PRIOR_WEIGHTS)
+        decided = choose_skips_by_prompt(om, h[:, :prompt], choice)
+        which = "every set" if count is None else f"the {count} sets of lowest prior"
+        rows.append((f"prompt choice (rewrite.routing): {which}, {len(choice.combos)} prompt forwards, "
+                     f"prior weight {choice.weight:g}", combo_index(decided, held.combos)))
+    return rows
+
+
 def prompt_row(
     model: torch.nn.Module, om: torch.nn.Module, s: ex.Settings, held: torch.Tensor, train: torch.Tensor, prompt: int,
     continuation: int, fit: dict[str, float] | None, log: bool, keep: dict[int, Any] | None = None,
-    reuse: dict[str, Any] | None = None,
+    reuse: dict[str, Any] | None = None, candidates: list[int | None] | None = None,
 ) -> dict[str, Any]:
     """Static, oracle (and fitted-router) rows at one prompt length; returns the table and its choices."""
     began = time.perf_counter()
@@ -216,6 +237,8 @@ def prompt_row(
         hl, sl = skip_set_losses(om, h, prompt, n_skip), skip_set_losses(om, t, prompt, n_skip)
     sp = replace(s, prompt_length=prompt)
     choices, chosen = ex.oracle_choices(sl, hl, sp, ["code"] * t.shape[0], ["code"] * h.shape[0])
+    if candidates:
+        choices += library_choices(om, h, t, prompt, n_skip, hl, candidates)
     if fit is not None:
         if reuse is not None:
             f_train, f_held = reuse["f_train"], reuse["f_held"]
@@ -334,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--router-loss", default="set_cost,distill")
     parser.add_argument("--set-cost-steps", type=int, default=40)
     parser.add_argument("--distill-steps", type=int, default=150)
+    parser.add_argument("--prompt-choice", default="",
+                        help="rows of rewrite.routing.prompt_choice: comma-separated candidate counts, 'all' for every set")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--save-tensors", type=Path, help="with --fit-routers: save every set's losses and the pooled inputs")
@@ -367,9 +392,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.out.write_text(json.dumps(result, indent=2))
 
     keep: dict[int, Any] = {}
+    candidates = [None if c == "all" else int(c) for c in filter(None, args.prompt_choice.split(","))]
     for prompt in prompts:
         result["by_prompt"].append(prompt_row(model, om, s, held, train, prompt, args.continuation, fit, not args.tiny, keep,
-                                               reuse.get(prompt)))
+                                               reuse.get(prompt), candidates))
         save()
         if args.save_tensors:
             torch.save({p: {k: asdict(v) if isinstance(v, SkipSetLosses) else v for k, v in d.items()} for p, d in keep.items()},

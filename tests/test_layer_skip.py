@@ -684,7 +684,8 @@ def test_encoder_decoder_blocks_with_post_norm_route_their_residual_stream():
 def test_prompt_length_analysis_scores_the_same_continuation_at_every_prompt_length():
     from examples import layer_skip_prompts
 
-    result = layer_skip_prompts.main(["--tiny", "--fit-routers", "--update-sizes", "--train-routers", "16", "--router-loss", "set_cost"])
+    result = layer_skip_prompts.main(["--tiny", "--fit-routers", "--update-sizes", "--train-routers", "16", "--router-loss", "set_cost",
+                                      "--prompt-choice", "all,2"])
     tables = result["by_prompt"]
     assert [t["prompt_length"] for t in tables] == [8, 16]
     assert [t["window_bytes"] for t in tables] == [17, 25] and {t["scored_tokens"] for t in tables} == {9}
@@ -701,6 +702,12 @@ def test_prompt_length_analysis_scores_the_same_continuation_at_every_prompt_len
         # each window's cheapest set on its continuation: no choice of one set per window does better
         best = next(r for r in rows if "cheapest on its continuation" in r["variant"])
         assert best["perplexity"] == min(r["perplexity"] for r in rows[1:]) and best["vs_static"][2] <= 0
+        # the library's decision with every set as a candidate, run on the prompts alone, is the oracle's with the
+        # training prior computed from the windows' stored losses
+        library = [r for r in rows if r["variant"].startswith("prompt choice")]
+        assert len(library) == 2 and "4 prompt forwards" in library[0]["variant"] and "2 prompt forwards" in library[1]["variant"]
+        oracle = next(r for r in rows if "training prior" in r["variant"])
+        assert library[0]["perplexity"] == pytest.approx(oracle["perplexity"], rel=1e-6)
     routed = result["routers"]["rows"]
     assert [r["variant"].split(" ")[0] for r in routed] == ["full", "static", "routed"]
     assert all(r["skip_rate"] == 0.25 and len(r["vs_static"]) == 3 for r in routed[2:])
