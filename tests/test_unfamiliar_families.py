@@ -166,6 +166,13 @@ def deberta_v2():
         relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16, position_biased_input=False))
 
 
+def deberta_v2_absolute():
+    """No relative attention: plain scaled dot product, but as a bmm over batch and heads merged."""
+    return transformers.DebertaV2Model(transformers.DebertaV2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        relative_attention=False, position_biased_input=True))
+
+
 def gemma2():
     return transformers.Gemma2ForCausalLM(_decoder_config(transformers.Gemma2Config, num_key_value_heads=2,
                                                           head_dim=16))
@@ -236,10 +243,14 @@ def test_decoder_families_generate_like_hugging_face(name):
         (falcon_alibi, ["stateful"], "transformer.h.0.self_attention", "differs per head \\(ALiBi"),
         (mpt, [{"mixer": {}}], "transformer.blocks.0.attn", "differs per head is added to q @ k\\^T \\(ALiBi"),
         (deberta_v2, [{"mixer": {}}], "encoder.layer.0.attention.self", "relative position bias"),
+        (deberta_v2_absolute, [{"mixer": {}}], "encoder.layer.0.attention.self",
+         "3-d bmm over batch and heads merged and reshaped to 4-d scores"),
+        (deberta_v2_absolute, ["varlen"], "encoder.layer.0.attention.self", "batch and heads merged"),
     ],
     ids=["bloom-mixer", "bloom-varlen", "bloom-stateful", "mpnet-mixer", "mpnet-varlen", "gemma2-varlen",
          "gemma2-stateful", "gpt_oss-mixer", "gpt_oss-varlen", "gpt_oss-stateful", "falcon_alibi-mixer",
-         "falcon_alibi-varlen", "falcon_alibi-stateful", "mpt-mixer", "deberta_v2-mixer"],
+         "falcon_alibi-varlen", "falcon_alibi-stateful", "mpt-mixer", "deberta_v2-mixer",
+         "deberta_v2_absolute-mixer", "deberta_v2_absolute-varlen"],
 )
 def test_unsupported_attention_is_refused_naming_the_module(factory, plan, module, reason):
     model = build(factory)
