@@ -74,3 +74,27 @@ def test_mixer_drops_the_plain_causal_mask_of_an_unpadded_batch() -> None:
     want = padded(input_ids=other, attention_mask=torch.ones_like(other))
     got = plain(input_ids=other)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_causal_tells_a_window_from_padding_and_packed_sequences() -> None:
+    """Causal with key padding (either side) and a packed row's block-diagonal causal mask keep every earlier key of
+    the query's own sequence; a band of 3 shown on 8 tokens does not, bool or additive (-1e4 hides, as the mixers
+    read it)."""
+    from rewrite.analysis.mask_probe import sequence_causal
+
+    n = 8
+    i = torch.arange(n)
+    causal = i[None, :] <= i[:, None]
+    real = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [0] * 3 + [1] * 5]).bool()
+    padded = causal & real[:, None, None, :]
+    doc = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    packed = causal & (doc[None, :] == doc[:, None])
+    band = causal & (i[None, :] > i[:, None] - 3)
+    assert sequence_causal(causal) and sequence_causal(padded) and sequence_causal(packed[None, None])
+    assert not sequence_causal(band)
+    assert not sequence_causal(packed & (i[None, :] > i[:, None] - 2))  # a window of 2 inside a 3-token sequence
+    additive = torch.where(band, 0.0, -1e4)
+    assert sequence_causal(torch.where(padded, 0.0, -1e4)) and not sequence_causal(additive)
+    hole = packed.clone()
+    hole[6, 5] = False  # one earlier key of the query's sequence hidden
+    assert not sequence_causal(hole)

@@ -166,6 +166,13 @@ def deberta_v2():
         relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16, position_biased_input=False))
 
 
+def deberta_v2_absolute():
+    """No relative attention: plain scaled dot product, but as a bmm over batch and heads merged."""
+    return transformers.DebertaV2Model(transformers.DebertaV2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        relative_attention=False, position_biased_input=True))
+
+
 def gemma2():
     return transformers.Gemma2ForCausalLM(_decoder_config(transformers.Gemma2Config, num_key_value_heads=2,
                                                           head_dim=16))
@@ -236,10 +243,14 @@ def test_decoder_families_generate_like_hugging_face(name):
         (falcon_alibi, ["stateful"], "transformer.h.0.self_attention", "differs per head \\(ALiBi"),
         (mpt, [{"mixer": {}}], "transformer.blocks.0.attn", "differs per head is added to q @ k\\^T \\(ALiBi"),
         (deberta_v2, [{"mixer": {}}], "encoder.layer.0.attention.self", "relative position bias"),
+        (deberta_v2_absolute, [{"mixer": {}}], "encoder.layer.0.attention.self",
+         "3-d bmm over batch and heads merged and reshaped to 4-d scores"),
+        (deberta_v2_absolute, ["varlen"], "encoder.layer.0.attention.self", "batch and heads merged"),
     ],
     ids=["bloom-mixer", "bloom-varlen", "bloom-stateful", "mpnet-mixer", "mpnet-varlen", "gemma2-varlen",
          "gemma2-stateful", "gpt_oss-mixer", "gpt_oss-varlen", "gpt_oss-stateful", "falcon_alibi-mixer",
-         "falcon_alibi-varlen", "falcon_alibi-stateful", "mpt-mixer", "deberta_v2-mixer"],
+         "falcon_alibi-varlen", "falcon_alibi-stateful", "mpt-mixer", "deberta_v2-mixer",
+         "deberta_v2_absolute-mixer", "deberta_v2_absolute-varlen"],
 )
 def test_unsupported_attention_is_refused_naming_the_module(factory, plan, module, reason):
     model = build(factory)
@@ -525,18 +536,23 @@ def cohere2():
 
 
 def test_alternating_window_layers_keep_their_window_while_full_layers_are_linearized():
-    """The window layer is refused by a linear mixer, with how to leave it out; left out, it decodes from a ring
-    KV cache next to the linearized full layer, token by token as the full forward predicts."""
+    """The window layer is refused by a linear mixer when `optimize` runs, with or without `stateful` (before, only the
+    first call or generate's prefill refused it), saying how to leave it out, while a packed example's block-diagonal
+    causal mask on the full layer is not taken for a window; left out, the window layer decodes from a ring KV cache next to the
+    linearized full layer, token by token as the full forward predicts."""
     model = build(cohere2)
     example = right_padded([8, 5], 8)
-    everywhere = rewrite.optimize(model, [{"mixer": {}}], example_kwargs=example)
-    with pytest.raises(PassError, match="layer 0 .*Leave this layer out with the mixer's `layers` selector"), \
-            torch.no_grad():
-        everywhere(**example)  # the mask's values are checked when the mixer first sees them
-    decoding_everywhere = rewrite.optimize(model, [{"mixer": {}}, "stateful"], example_kwargs=example)
-    with pytest.raises(rewrite.RewriteError, match="layer 0 .*the attention mask is not causal .*Leave this layer out "
-                       "with the mixer's `layers` selector"):  # not the kept softmax layers' window advice
-        decoding_everywhere.generate(right_padded([9], 9)["input_ids"], max_new_tokens=2)
+    for plan in ([{"mixer": {}}], [{"mixer": {}}, "stateful"]):
+        with pytest.raises(PassError, match=r"layer 0 .*hides earlier keys of a query's own sequence.*Leave this layer "
+                                            r"out with the mixer's `layers` selector") as info:
+            rewrite.optimize(model, plan, example_kwargs=example)
+        assert info.value.module_path == "model.layers.0.self_attn"
+    packed = {"input_ids": right_padded([8], 8)["input_ids"],
+              "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1]])}  # two sequences in one row
+    with pytest.raises(PassError, match=r"layer 0 .*hides earlier keys"):
+        rewrite.optimize(model, [{"mixer": {}}], example_kwargs=packed)
+    full_layer = rewrite.optimize(model, [{"mixer": {"layers": [1]}}], example_kwargs=packed)  # block-diagonal mask
+    assert [c.split(": ")[-1] for c in full_layer.report.results[-1].changed] == ["gla"]
     linear = rewrite.optimize(model, [{"mixer": {"layers": [1]}}], example_kwargs=example)
     decoding = rewrite.optimize(model, [{"mixer": {"layers": [1]}}, "stateful"], example_kwargs=example)
     decoding.load_state_dict(linear.state_dict())
@@ -699,3 +715,22 @@ def test_probed_encoders_linearize_and_run_padding_free(name):
         want = linear(**batch).last_hidden_state
         torch.testing.assert_close(packed(**batch).last_hidden_state[real], want[real], atol=1e-5, rtol=1e-5)
         assert torch.equal(routed(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+
+def test_window_layer_linearized_with_check_masks_off_runs_padding_free():
+    """`check_masks: false` drops a window layer's window in the mixer; `varlen` carries that meaning (each sequence
+    mixes over its whole prefix, as in the padded module) and says so, where it refused before. With the checks on,
+    the plan is refused naming the option that would change it."""
+    model = build(cohere2)
+    example = right_padded([8, 5], 8)
+    with pytest.raises(PassError, match="layer 0 .*`check_masks: false`"):
+        rewrite.optimize(model, [{"mixer": {}}, "varlen"], example_kwargs=example)
+    plan = [{"mixer": {"check_masks": False}}]
+    linear = rewrite.optimize(model, plan, example_kwargs=example)
+    packed = rewrite.optimize(model, [*plan, "varlen"], example_kwargs=example)
+    packed.load_state_dict(linear.state_dict())
+    assert any("window of 4 keys dropped" in m and "check_masks: false" in m for m in packed.report.results[-1].messages)
+    batch = right_padded([20, 9], 20)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**batch).logits[real], linear(**batch).logits[real], atol=1e-5, rtol=1e-5)

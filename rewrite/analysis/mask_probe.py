@@ -27,6 +27,10 @@ SHAPE_ONLY_KEY = "rewrite_mask_shape_only"
 BIAS_KEY = "rewrite_mask_bias"
 """Node metadata: the (additive) mask holds values that neither keep (0) nor hide a key: a position bias such as
 ALiBi folded into the mask; how it varies is said by `mask_bias_description`."""
+SEQUENCE_CAUSAL_KEY = "rewrite_mask_sequence_causal"
+"""Node metadata, for a mask that hides every future key: whether, on the example, each real query sees exactly the
+real keys from its sequence's start up to itself, sequences restarting where packed ones do (`sequence_causal`);
+False for a sliding window or block pattern that hides earlier keys of the query's own sequence."""
 UNSEEN_WINDOW_KEY = "rewrite_mask_unseen_window"
 """Node metadata: a window-like constant of the mask graph too large for the example to show its effect."""
 
@@ -139,6 +143,42 @@ def mask_bias_description(mask: torch.Tensor) -> str | None:
     return "the attention mask carries an additive bias (values that neither keep a key, 0, nor hide it)"
 
 
+def sequence_causal(mask: torch.Tensor) -> bool:
+    """Whether a [..., L, L] mask (True / 0 = visible) is causal attention over each sequence's real tokens.
+
+    Real tokens are those that see themselves. Each real query must see exactly the real keys from some first key
+    up to itself, and that first key must be the previous real query's or the query itself: a packed row restarts
+    its sequences (a block-diagonal causal mask), padding hides keys, but nothing hides an earlier key of the
+    query's own sequence. A sliding window of W tokens shown by the example (more than W + 1 tokens) fails: its
+    first key moves on by one per query. (A window of 1 is indistinguishable from sequences of one token.)
+    """
+    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    n = mask.shape[-1]
+    flat = mask.reshape(-1, n, n)
+    keys = torch.arange(n, device=mask.device)
+    real = torch.zeros(flat.shape[0], n, dtype=torch.bool, device=mask.device)
+    first = torch.zeros(flat.shape[0], n, dtype=torch.long, device=mask.device)
+    for start, block in _row_blocks(flat):
+        queries = keys[start:start + block.shape[-2]]
+        seen = block > HIDDEN_BELOW if block.is_floating_point() else block.bool()
+        real[:, queries] = seen[:, torch.arange(len(queries), device=mask.device), queries]
+    for start, block in _row_blocks(flat):
+        queries = keys[start:start + block.shape[-2]]
+        seen = (block > HIDDEN_BELOW if block.is_floating_point() else block.bool()) & real[:, None, :]
+        rows = real[:, queries]
+        firsts = torch.where(seen, keys, n).amin(-1)  # the first visible real key of each query
+        expected = real[:, None, :] & (keys >= firsts[..., None]) & (keys <= queries[:, None])
+        if bool(((seen != expected) & rows[..., None]).any()):
+            return False
+        first[:, queries] = firsts
+    for row_real, row_first in zip(real, first):
+        positions, firsts = keys[row_real], row_first[row_real]
+        if not bool(((firsts[1:] == firsts[:-1]) | (firsts[1:] == positions[1:])).all()):
+            return False
+    return True
+
+
 def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[str, bool]:
     """Evaluate every attention mask on `flat_inputs`; record in node.meta whether it is causal."""
     sites = [s for s in find_attention_sites(gm) if isinstance(s.mask, fx.Node)]
@@ -166,6 +206,9 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
                 node.meta[EXACTLY_CAUSAL_KEY] = False
                 node.meta[UNSEEN_WINDOW_KEY] = window
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
+            if node.meta[CAUSAL_KEY]:
+                shown = val == 0 if negated[node] and val.is_floating_point() else val
+                node.meta[SEQUENCE_CAUSAL_KEY] = node.meta[EXACTLY_CAUSAL_KEY] or sequence_causal(shown)
             if not negated[node]:
                 node.meta[BIAS_KEY] = mask_bias_description(val)
             out[node.name] = node.meta[CAUSAL_KEY]

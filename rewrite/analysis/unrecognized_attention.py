@@ -117,6 +117,29 @@ def _adds_per_head_term(softmax: fx.Node) -> bool:
     return False
 
 
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _merged_heads(softmax: fx.Node) -> str | None:
+    """How the scores are reshaped on their way from a 3-d matmul to the softmax (batch and heads merged for
+    `bmm`, then split again around the mask, as DeBERTa-v2 does), or None when they are not."""
+    for node in _score_nodes(softmax):
+        if not is_op(node, *_RESHAPES) or not is_op(node.args[0], *MATMUL_OPS):
+            continue
+        before, after = tensor_meta(node.args[0]), tensor_meta(node)
+        if before is None or after is None or before.dim() == after.dim():
+            continue
+        matmul = node.args[0]
+        scaled = [a for a in matmul.args[:2] if is_op(a, aten.div.Tensor, aten.mul.Tensor)
+                  and isinstance(a.args[1], fx.Node)]
+        scale = (", the scale a tensor dividing k^T" if scaled else "")
+        return (f"q @ k^T is computed by a {before.dim()}-d {str(getattr(matmul.target, '__name__', matmul.target)).split('.')[0]} over "
+                f"batch and heads merged and reshaped to {after.dim()}-d scores before the mask and softmax (as "
+                f"DeBERTa-v2 computes attention{scale}); the analysis recognises only q, k, v in one layout "
+                "[.., heads, L, D] from q @ k^T through the softmax to the product with v")
+    return None
+
+
 def _reason(softmax: fx.Node) -> str:
     ops = _score_ops(softmax)
     if aten.cat.default in ops:
@@ -135,6 +158,9 @@ def _reason(softmax: fx.Node) -> str:
                 "attention form models")
     if not ops & set(MATMUL_OPS):
         return "the scores do not come from a matmul of queries and keys within a few ops"
+    merged = _merged_heads(softmax)
+    if merged is not None:
+        return merged
     names = ", ".join(sorted(str(getattr(op, "__name__", op)) for op in ops))
     return f"the scores are built by ops the analysis does not recognise as attention ({names})"
 

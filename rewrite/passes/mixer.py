@@ -13,9 +13,11 @@ shape [B, H, L, Dv]; the q/k/v producers and the output projection stay as they 
   `bidirectional`. A causal kind on a non-causal site, or `bidirectional` on a causal one, is an
   error naming the layer.
 - Masks: only causal and key-padding masks are carried (see `rewrite.mixers.masks` for the exact
-  rule); a mask computed from model parameters (a learned position bias) is refused here, and any
-  other mask is checked when it is evaluated in eager mode (a later pass may still replace it: packed
-  sequences reach the mixer as cu_seqlens, not as their block-diagonal mask).
+  rule); a mask computed from model parameters (a learned position bias), one the capture's probe saw
+  hide earlier keys of a query's own sequence (a window or block pattern the example shows), or one
+  built around a window longer than the example is refused here; a packed row's block-diagonal causal
+  mask is accepted (a later pass replaces it by cu_seqlens), and any mask is checked again when it is
+  evaluated in eager mode.
 - RoPE (option `rope`): `keep` gives the mixer q and k as the site sees them (rotated); `drop` gives
   it the tensors that enter the rotary embedding (after QK-norm where the model normalises first), the
   rotation found structurally (`rewrite.analysis.rotary`) and undone in the graph, while attention
@@ -37,7 +39,7 @@ import torch.fx as fx
 
 from rewrite.analysis import SUPPORTED_FORMS, AttentionSite, Block, GraphAnalysis
 from rewrite.analysis.graph_utils import erase_unused, erase_unused_computation, walk_inputs
-from rewrite.analysis.mask_probe import UNSEEN_WINDOW_KEY
+from rewrite.analysis.mask_probe import SEQUENCE_CAUSAL_KEY, UNSEEN_WINDOW_KEY
 from rewrite.analysis.nodes import tensor_meta
 from rewrite.analysis.rotary import Rotary, find_rotary, rotary_traces, unrotated
 from rewrite.analysis.shapes import to_expr
@@ -51,6 +53,7 @@ from rewrite.mixers import (
     SiteShape,
 )
 from rewrite.mixers.common import FEATURE_MAPS
+from rewrite.mixers.masks import MIXER_LIMIT
 from rewrite.mixers.transfer import TEACHER_KWARG
 from rewrite.passes import register_pass
 from rewrite.passes.base import (
@@ -139,7 +142,9 @@ class MixerOptions:
     )
     check_masks: bool = field(
         default=True,
-        metadata={"help": "check in eager mode that each mask is causal / key padding (costs one pass over it)"},
+        metadata={"help": "refuse a layer whose mask is not causal / key padding (a window or block pattern), when "
+                          "the pass runs and on each eager call; false: linearize it over the whole prefix, its "
+                          "window dropped (varlen and stateful then do the same)"},
     )
 
     def validate(self, where: str = "mixer") -> None:
@@ -333,6 +338,17 @@ def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str, check_masks
                 site.name,
                 site.module_path,
             )
+    if check_masks and mask.meta.get(SEQUENCE_CAUSAL_KEY) is False:
+        # Shown by the example, and no later pass carries it for a mixer (varlen and sequence_parallel replace a
+        # packed row's block-diagonal mask by cu_seqlens, which this fact allows, but refuse a window).
+        raise PassError(
+            "mixer",
+            f"{layer}: on the example inputs its attention mask hides earlier keys of a query's own sequence (a "
+            "sliding window or a block pattern, not causal attention with key padding or packed sequences); "
+            f"{MIXER_LIMIT}, or set `check_masks: false` to linearize it over the whole prefix (its window dropped)",
+            site.name,
+            site.module_path,
+        )
     window = mask.meta.get(UNSEEN_WINDOW_KEY)
     if window and check_masks:
         # The example is too short to show the window; the module would refuse the first input that does.

@@ -152,12 +152,22 @@ def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[
     return masked_causal[site.name]
 
 
-def _refuse_windowed_mixers(mixers: list[fx.Node], windows: dict[str, int]) -> None:
-    """Packed mixers take key-padding masks only: refuse one whose mask the probe found to be a sliding window."""
+def _windowed_mixers(mixers: list[fx.Node], windows: dict[str, int], result: PassResult) -> None:
+    """Packed mixers take key-padding masks only: refuse a mixer whose mask the probe found to be a sliding window,
+    unless the mixer was placed with `check_masks: false` (it then mixes over each sequence's whole prefix, its
+    window dropped, in the padded module too, and so does the packed mixer: say so)."""
     for node in mixers:
-        if node.name in windows:
-            raise fail(f"this mixer reads a sliding-window mask ({windows[node.name]} keys); packed mixers take "
-                       "key-padding masks only", node)
+        if node.name not in windows:
+            continue
+        if node.kwargs.get("check_mask", True) is False:
+            result.messages.append(f"{node.kwargs.get('layer') or module_path(node)}: its sliding window of "
+                                   f"{windows[node.name]} keys dropped, as the mixer's `check_masks: false` asked "
+                                   "(the packed mixer mixes over each sequence's whole prefix, as the padded one does)")
+            continue
+        raise fail(f"this mixer reads a sliding-window mask ({windows[node.name]} keys); packed mixers carry "
+                   "causal and key-padding masks only. Leave this layer out with the mixer's `layers` selector, or "
+                   "set the mixer's `check_masks: false` to mix over each sequence's whole prefix (its window "
+                   "dropped, in the padded module too)", node)
 
 
 def _replace_site(graph: fx.Graph, site: AttentionSite, causal: bool, layout: dict[str, fx.Node], backend: str,
@@ -266,7 +276,7 @@ class Varlen(GraphPass):
             if node.kwargs.get("mask") is None:
                 raise fail("this mixer reads no attention mask, so on padded rows it mixes in padding; a "
                             "padding-free module cannot match the padded one", node)
-        _refuse_windowed_mixers(mixers, facts.window)
+        _windowed_mixers(mixers, facts.window, result)
         result.matched = len(sites) + len(mixers)
 
         body = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
@@ -371,7 +381,7 @@ class Varlen(GraphPass):
         facts, windows, lookaheads = prove_packed_masks(gm, uses, source if source.name in POSITION_NAMES else None,
                                                         symbols)
         causal = {site.name: _check_site(site, symbols, facts, False) for site in sites}
-        _refuse_windowed_mixers(mixers, windows)
+        _windowed_mixers(mixers, windows, result)
         result.matched = len(sites) + len(mixers)
         body = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
         with graph.inserting_before(body):
