@@ -238,31 +238,19 @@ CUMSUM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
 @pytest.mark.parametrize("case", CUMSUM_CASES, ids=str)
-def test_triton_parallel_dg_cumsum(case, monkeypatch):
-    """Forward and backward with `triton_backward.CUMSUM_PARALLEL` on against the naive recurrence; the run
-    fails if the sequential dg cumsum ran."""
+def test_triton_dg_cumsum_forms(case, parallel, monkeypatch):
+    """Forward and backward with `triton_backward.CUMSUM_PARALLEL` on (the default) and off against the naive
+    recurrence; the run fails if the other form of the dg reverse cumsum ran."""
     backward = triton_module("triton_backward")
+    other = "_sequential_reverse_cumsum" if parallel else "_parallel_reverse_cumsum"
 
-    def sequential(*args):
-        raise AssertionError("the sequential dg reverse cumsum ran with CUMSUM_PARALLEL on")
+    def forbidden(*args):
+        raise AssertionError(f"{other} ran with CUMSUM_PARALLEL = {parallel}")
 
-    monkeypatch.setattr(backward, "CUMSUM_PARALLEL", True)
-    monkeypatch.setattr(backward, "_sequential_reverse_cumsum", sequential)
-    check_triton_against_naive(case, torch.float32)
-
-
-@pytest.mark.parametrize("case", CUMSUM_CASES, ids=str)
-def test_triton_sequential_dg_cumsum(case, monkeypatch):
-    """The same with `CUMSUM_PARALLEL` off (the sequential walk; the default is the parallel form); the run fails
-    if the parallel passes ran."""
-    backward = triton_module("triton_backward")
-
-    def parallel(*args):
-        raise AssertionError("the parallel dg reverse cumsum ran with CUMSUM_PARALLEL off")
-
-    monkeypatch.setattr(backward, "CUMSUM_PARALLEL", False)
-    monkeypatch.setattr(backward, "_parallel_reverse_cumsum", parallel)
+    monkeypatch.setattr(backward, "CUMSUM_PARALLEL", parallel)
+    monkeypatch.setattr(backward, other, forbidden)
     check_triton_against_naive(case, torch.float32)
 
 
