@@ -280,11 +280,6 @@ SWEEP = {
     "scan g4, 32x16 under 128 programs (default)": [],
     "scan g4 64x32": [("triton_forward", "SCAN_GROUP", 4), ("triton_forward", "SCAN_MIN_PROGRAMS", 0)],
     "v5 scan (g1 64x32)": [("triton_forward", "SCAN_GROUP", 1), ("triton_forward", "SCAN_MIN_PROGRAMS", 0)],
-    "out grouped": [("triton_forward", "OUTPUT_GROUPED", True)],
-    "out grouped bv64": [("triton_forward", "OUTPUT_GROUPED", True), ("triton_forward", "OUTPUT_GROUP_TILES", (64, 8))],
-    "out grouped bv32 w4": [("triton_forward", "OUTPUT_GROUPED", True),
-                            ("triton_forward", "OUTPUT_GROUP_TILES", (32, 4))],
-    "v7 scan g4 + out grouped": [("triton_forward", "SCAN_GROUP", 4), ("triton_forward", "OUTPUT_GROUPED", True)],
     # v8 (not yet run on a GPU): the dg reverse cumsum as chunk sums, a scan over them, then chunks in parallel
     "cumsum parallel": [("triton_backward", "CUMSUM_PARALLEL", True)],
     "cumsum parallel 128 cols": [("triton_backward", "CUMSUM_PARALLEL", True),

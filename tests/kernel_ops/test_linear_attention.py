@@ -151,27 +151,25 @@ def test_triton_vector_fast_paths(path, strength, monkeypatch):
 
 
 V7_VARIANTS = {  # (triton_forward attribute, value) pairs of the v7 launch choices (NOTES.md, v7)
-    "scan g2 + out grouped": {"SCAN_GROUP": 2, "OUTPUT_GROUPED": True},
-    "scan g4 + out grouped bv64": {"SCAN_GROUP": 4, "OUTPUT_GROUPED": True, "OUTPUT_GROUP_TILES": (64, 8)},
+    "scan g2": {"SCAN_GROUP": 2},
     "v5 scan (one chunk ahead, 64x32 tiles)": {"SCAN_GROUP": 1, "SCAN_TILES": (64, 32),
                                                "SCAN_MIN_PROGRAMS": 0},
     "scan for the scalar decay too": {"SCAN_MODES": (1, 2)},
 }
 V7_CASES = [
-    # group 4, K = V = 64 (the Llama-shaped model's head dims), short packed sequences and a partial scan group
+    # K = V = 64 (the Llama-shaped model's head dims), short packed sequences and a partial scan group
     (Case("vector", batch=1, length=150, heads=8, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 3, 150)),
      torch.float32),
-    # group 3, odd head dims (K = 100 is one 128-wide tile of the grouped kernel), two V tiles at BV 32
+    # 3 q heads a kv head, odd head dims (K = 100), two V tiles at BV 32
     (Case("vector", length=70, heads=6, kv_heads=2, dk=100, dv=40), torch.float32),
-    # strong gates: the grouped kernel's per-head fallback (sub-chunk and exact forms); K = 32, half precision
+    # strong gates (sub-chunk and exact forms); K = 32, half precision
     (Case("vector", batch=1, length=72, heads=4, kv_heads=1, dk=32, dv=16, decay_strength=8.0), torch.float16),
 ]
 
 
 @pytest.mark.parametrize(
     "variant,case,dtype",
-    [("scan g2 + out grouped", *V7_CASES[0]), ("scan g2 + out grouped", *V7_CASES[1]),
-     ("scan g4 + out grouped bv64", *V7_CASES[0]), ("scan g4 + out grouped bv64", *V7_CASES[2]),
+    [("scan g2", *V7_CASES[0]), ("scan g2", *V7_CASES[1]), ("scan g2", *V7_CASES[2]),
      ("v5 scan (one chunk ahead, 64x32 tiles)", *V7_CASES[0]),
      ("scan for the scalar decay too", dataclasses.replace(V7_CASES[0][0], decay="scalar"), torch.float32),
      ("scan for the scalar decay too", Case("scalar", length=70, heads=6, kv_heads=2, dk=100, dv=40),
@@ -180,13 +178,11 @@ V7_CASES = [
 )
 def test_triton_v7_variants(variant, case, dtype, monkeypatch):
     """The v7 scans (2 or 4 chunks loaded a group ahead, forward states and backward states / state
-    gradients) and the per-kv-head output kernel of the vector decay, against the naive recurrence: output,
-    final state and every gradient, NaN-poisoned buffers. The run fails if the grouped kernel did not run."""
+    gradients) and the scalar decay's states by the scan, against the naive recurrence: output, final state and
+    every gradient, NaN-poisoned buffers. The run fails if the states did not come from the scan."""
     forward = triton_module("triton_forward")
     for name, value in V7_VARIANTS[variant].items():
         monkeypatch.setattr(forward, name, value)
-    grouped = V7_VARIANTS[variant].get("OUTPUT_GROUPED", False)
-    assert forward.output_grouped(2, case.heads, case.kv_heads, case.dk) == grouped
     scans = []
     scan_states = forward.scan_states
     monkeypatch.setattr(forward, "scan_states", lambda *a, **kw: scans.append(a[2]) or scan_states(*a, **kw))

@@ -20,7 +20,7 @@ from rewrite.kernels.launch_math import cdiv, next_power_of_2
 from ..alloc import new_empty
 from . import triton_gated
 from .triton_common import Chunks, block, check_head_dims, chunk_log_decay, chunk_of_program, sequence_rows
-from .triton_gated import LIMIT, lower_scores, sub_chunk, whole_chunk
+from .triton_gated import lower_scores, sub_chunk
 
 DECAY_MODE = {"none": 0, "constant": 1, "scalar": 1, "vector": 2}
 CHUNK = 64
@@ -44,14 +44,6 @@ TERM_WARPS = 8
 # about n / G latencies.
 SCAN_GROUP = 4  # H200, H=16 / K=V=128, 64x32 tiles: fwd+bwd 3.25 vs 3.47 ms at 8K, 11.50 vs 11.94 at 32K (G 1)
 SCAN_GROUP_WARPS = 8  # sm_90 compile (triton 3.9), G 4, tiles 64x32: 217 registers at 8 warps, 255 + 568 B spill at 4
-# v7 (not yet run on a GPU): the vector decay's output kernel per kv head (`_chunk_output_group_kernel`), which
-# loads k, g, v and the state tile and computes the in-chunk cumsum and the whole-chunk form's two factors once
-# for the kv head's q heads, instead of once per q head. Used when on, the decay is "vector", the kv head has at
-# least OUTPUT_GROUP_MIN q heads and K fits one tile of at most OUTPUT_GROUP_MAX_K; (BV, num_warps) of its launch.
-OUTPUT_GROUPED = False
-OUTPUT_GROUP_MIN = 2
-OUTPUT_GROUP_MAX_K = 128
-OUTPUT_GROUP_TILES = (32, 8)  # sm_90 compile, K = 64: hot loop 217 registers, no spill; BV 64: 255 + 120 B spill
 
 
 @triton.jit
@@ -443,94 +435,6 @@ def _chunk_output_kernel(
     )
 
 
-@triton.jit
-def _chunk_output_group_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    g_ptr,
-    h_ptr,
-    o_ptr,
-    bounds_ptr,
-    chunk_start_ptr,
-    table_ptr,
-    n_seqs,
-    T,
-    heads,
-    kv_heads,
-    dk,
-    dv,
-    scale,
-    C: tl.constexpr,
-    SUB: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    CONST: tl.constexpr,
-    VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
-    F32_PRECISION: tl.constexpr,
-    PATH: tl.constexpr,
-):
-    """`_chunk_output_kernel` for the vector decay with one program per chunk, V tile and kv head, looping
-    over the kv head's q heads; K is one tile (BK >= dk). What depends on the kv head only is done once:
-    the loads of k, g, v and the state tile, the in-chunk cumsum and, in the whole-chunk form, the factors
-    exp(b - top) (query side) and k * exp(top - b) (key side). Per q head that leaves the load of q, two
-    multiplies and the three products: no exp. Chunks past the whole-chunk limit (strong gates) take
-    `lower_scores` per q head in a loop of their own, so the hot loop does not share registers with it."""
-    i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
-    if seq >= n_seqs:
-        return
-    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
-    group = heads // kv_heads
-    rows = bos + local * C + tl.arange(0, C)
-    row_mask = rows < eos
-    kcols = tl.arange(0, BK)
-    vcols = i_v * BV + tl.arange(0, BV)
-    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
-    b, b_to_end, b_total = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, CONST)
-    top, bot, whole = whole_chunk(b, PATH == 2)
-    state_offs = ((i_c.to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
-    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-    out_mask = row_mask[:, None] & (vcols < dv)[None, :]
-    if whole:  # the hot path: the kv head's factors once, no exp per q head
-        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
-        row_factor = tl.exp(tl.minimum(b - top[None, :], 0.0))
-        keys = k.to(tl.float32) * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
-        top_factor = tl.exp(top)
-        state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(k.dtype)
-        v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-        for j in range(0, group):
-            h = hk * group + j
-            q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
-            qs = q.to(tl.float32) * row_factor
-            scores = tl.dot(qs, tl.trans(keys), input_precision=F32_PRECISION)
-            o = tl.dot((qs * top_factor[None, :]).to(q.dtype), state, input_precision=PRECISION)
-            scores = tl.where(causal, scores, 0.0)
-            o += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
-            offs = rows.to(tl.int64)[:, None] * (heads * dv) + h * dv + vcols[None, :]
-            tl.store(o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=out_mask)
-    else:  # strong gates (or PATH != 2): `lower_scores` per q head, as `_chunk_output_kernel`
-        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
-        state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(k.dtype)
-        v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-        for j in range(0, group):
-            h = hk * group + j
-            q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
-            scores, qd = lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
-            o = tl.dot(qd.to(q.dtype), state, input_precision=PRECISION)
-            scores = tl.where(causal, scores, 0.0)
-            o += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
-            offs = rows.to(tl.int64)[:, None] * (heads * dv) + h * dv + vcols[None, :]
-            tl.store(o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=out_mask)
-
-
-def output_grouped(mode: int, heads: int, kv_heads: int, dk: int) -> bool:
-    """Whether the forward's outputs come from `_chunk_output_group_kernel` (see OUTPUT_GROUPED)."""
-    return (OUTPUT_GROUPED and mode == 2 and heads // kv_heads >= OUTPUT_GROUP_MIN
-            and dk <= min(OUTPUT_GROUP_MAX_K, 128))
-
-
 def precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: exact float32 for float32 inputs (no TF32)."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -697,16 +601,6 @@ def chunk_forward(
     h, ht = chunk_states(k, v, decay_kw, initial_state, chunks, wide=save and mode != 0)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     bounds, chunk_start, table, n, length = chunks.args(q)
-    if output_grouped(mode, heads, kv_heads, dk):
-        bv, warps = OUTPUT_GROUP_TILES
-        bv = block(dv, bv)
-        _chunk_output_group_kernel[(chunks.max_chunks, cdiv(dv, bv), kv_heads)](
-            q, k, v, decay_kw["g"], h, o, bounds, chunk_start, table, n, length, heads, kv_heads, dk, dv, scale,
-            C=chunks.chunk, SUB=sub_chunk(chunks.chunk), BK=block(dk, 128), BV=bv, CONST=decay_kw["CONST"],
-            VARLEN=chunks.varlen, PRECISION=precision(q.dtype), F32_PRECISION=precision(q.dtype),
-            PATH=triton_gated.path("forward"), num_warps=warps,
-        )
-        return (o, ht, h) if save else (o, ht)
     bk, bv, warps = OUTPUT_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
     grid = (chunks.max_chunks, cdiv(dv, bv), heads)
