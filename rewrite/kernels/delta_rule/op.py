@@ -7,6 +7,7 @@ import torch
 
 from .._triton import load_triton_module
 from ..launch_math import chunk_count
+from ..saving import backward_will_run
 from .chunked_reference import chunked_backward, chunked_forward
 from .naive import naive_delta_rule
 
@@ -231,8 +232,7 @@ def _backward_saved_fake(do, d_final_state, q, k, v, beta, g, scale, initial_sta
 def saves_for_backward(*inputs: torch.Tensor | None) -> bool:
     """Whether `delta_rule` runs `rewrite::delta_rule_saving`: SAVE_FOR_BACKWARD (read here, at every call), grad mode
     on and an input requiring grad (so inference keeps nothing)."""
-    return (SAVE_FOR_BACKWARD and torch.is_grad_enabled()
-            and any(x is not None and x.requires_grad for x in inputs))
+    return SAVE_FOR_BACKWARD and backward_will_run(*inputs)
 
 
 def delta_rule_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch
 
 from .._triton import load_triton_module
 from ..launch_math import chunk_count
+from ..saving import backward_will_run
 from .chunked_reference import chunked_backward, chunked_forward
 from .naive import naive_step
 
@@ -277,8 +278,7 @@ def _backward_saved_fake(do, d_final_state, q, k, v, g, decay, scale, initial_st
 def saves_states(causal: bool, *inputs: torch.Tensor | None) -> bool:
     """Whether `linear_attention` runs `rewrite::linear_attention_saving`: SAVE_STATES (read here, at every call),
     causal, grad mode on and an input requiring grad (so inference keeps nothing)."""
-    return (SAVE_STATES and causal and torch.is_grad_enabled()
-            and any(x is not None and x.requires_grad for x in inputs))
+    return SAVE_STATES and causal and backward_will_run(*inputs)
 
 
 def linear_attention_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
