@@ -14,10 +14,14 @@ that the CUDA-graph step equals the eager one. Then, per context length and batc
   in the free GPU memory the row says so instead of running;
 - rewrite softmax (the original through the stateful pass, KV cache, CUDA graph), same random fill.
 
+With --fuse-projections, each linearized variant is also timed (on the same state) with the decode
+program whose sibling projections are fused (q / k / v and gate / up read as one weight each;
+rewrite.decode.fuse_projections), after a check that its token-by-token logits equal the full forward.
+
 Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
 once at the measured copy bandwidth next to the batch-1 decode step.
 Run: python -m benchmarks.decode [--lengths 8192,32768] [--batches 1,64] [--out runs/decode.json] [--tiny]
-[--compile-step] [--inplace-step]
+[--compile-step] [--inplace-step] [--fuse-projections]
 """
 
 from __future__ import annotations
@@ -53,13 +57,36 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check(model: Any, lin: Any, soft: Any, device: str, compile_step: bool = False) -> dict[str, str]:
+def fused_program(om: Any) -> Any:
+    """A decode program of `om` with its sibling projections fused, built beside the default one (which
+    `decode_program(om)` keeps returning)."""
+    from rewrite.decode import fuse_projections
+    from rewrite.decode.program import DecodeProgram
+
+    fuse_projections.FUSE_SIBLING_PROJECTIONS = True
+    try:
+        return DecodeProgram(om.source, om.plan, dict(om.named_parameters()))
+    finally:
+        fuse_projections.FUSE_SIBLING_PROJECTIONS = False
+
+
+def fused_name(name: str) -> str:
+    """A variant's name with "fused projections" added ("linearized (graph)" -> "linearized (graph, fused
+    projections)")."""
+    return f"{name[:-1]}, fused projections)" if name.endswith(")") else f"{name} (fused projections)"
+
+
+def check(model: Any, lin: Any, soft: Any, device: str, compile_step: bool = False,
+          fused: Any = None) -> dict[str, str]:
     """Relative errors of token-by-token decoding against the full forward, graph vs eager, and (with
-    `compile_step`) the compiled step vs the eager one."""
+    `compile_step`) the compiled step vs the eager one; with `fused` (a fused-projection program of `lin`)
+    the same for it."""
     out = {}
     ids = torch.randint(0, model.config.vocab_size, (2, 48), device=device)
-    for name, om in (("linearized", lin), ("rewrite softmax", soft)):
-        program = decode_program(om)
+    programs = [("linearized", lin, decode_program(lin)), ("rewrite softmax", soft, decode_program(soft))]
+    if fused is not None:
+        programs.append(("linearized (fused projections)", lin, fused))
+    for name, om, program in programs:
         full = om(input_ids=ids).logits
         state = program.new_state(2, 48)
         state.begin(32)
@@ -85,6 +112,9 @@ def check(model: Any, lin: Any, soft: Any, device: str, compile_step: bool = Fal
         program = decode_program(lin)
         logits = [torch.cat(static_steps(program, ids, 32, device, compiled), 1) for compiled in (False, True)]
         out["linearized: compiled step vs eager step rel err"] = f"{rel_err(logits[1], logits[0]):.1e}"
+        if fused is not None:
+            mine = torch.cat(static_steps(fused, ids, 32, device, True), 1)
+            out["linearized: compiled fused step vs eager step rel err"] = f"{rel_err(mine, logits[0]):.1e}"
     return out
 
 
@@ -268,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inplace-step", action="store_true",
                         help="write recurrent states in place and normalise inside the step kernel "
                              "(rewrite.decode.steps.INPLACE_STATE, rewrite.mixers.common.FUSED_STEP_NORMALIZE)")
+    parser.add_argument("--fuse-projections", action="store_true",
+                        help="also time each linearized variant with sibling projections fused "
+                             "(rewrite.decode.fuse_projections.FUSE_SIBLING_PROJECTIONS)")
     parser.add_argument("--step-inductor-options", default="",
                         help="Inductor options of the compiled step, e.g. max_autotune=1,coordinate_descent_tuning=1 "
                              "(rewrite.decode.program.STEP_INDUCTOR_OPTIONS)")
@@ -294,14 +327,17 @@ def main(argv: list[str] | None = None) -> None:
     lin = rewrite.optimize(model, [{"mixer": {"kind": args.kind, "feature_map": args.feature_map}}, "stateful"], example_kwargs=example)
     soft = rewrite.optimize(model, ["stateful"], example_kwargs=example)
     lin_program, soft_program = decode_program(lin), decode_program(soft)
+    fused = fused_program(lin) if args.fuse_projections else None
     env = environment()
     env["optimize + decode programs s"] = f"{time.perf_counter() - t0:.1f}"
     if args.inplace_step:
         env["step"] = "in-place state, normalised in the kernel"
     if args.step_inductor_options:
         env["step Inductor options"] = args.step_inductor_options
+    if fused is not None:
+        env["fused projection groups"] = str(len(fused.fused.groups))
     with torch.inference_mode():
-        env.update(check(model, lin, soft, device, args.compile_step))
+        env.update(check(model, lin, soft, device, args.compile_step, fused))
         print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
         rows: list[Measurement] = []
         graphs = device == "cuda"
@@ -322,8 +358,11 @@ def main(argv: list[str] | None = None) -> None:
                     compiled = ("linearized (graph + compiled)", True, True) if graphs else (
                         "linearized (compiled)", False, True)
                     variants.insert(1, compiled)
-                for name, graphed, compiled in variants if state is not None else []:
-                    row = attempt(name, params, time_step, lin_program, state, graphed, device, args.runs, compiled)
+                runs = [(name, lin_program, graphed, compiled) for name, graphed, compiled in variants]
+                if fused is not None:  # the same state: the fused program has the same sites
+                    runs += [(fused_name(name), fused, graphed, compiled) for name, graphed, compiled in variants]
+                for name, program, graphed, compiled in runs if state is not None else []:
+                    row = attempt(name, params, time_step, program, state, graphed, device, args.runs, compiled)
                     row.extra["state GiB"] = f"{sum(state.nbytes().values()) / 2**30:.3f}"
                     rows.append(with_rate(row, batch))
                     lin_ms = row.median_ms if lin_ms != lin_ms else min(lin_ms, row.median_ms)
@@ -365,6 +404,11 @@ def main(argv: list[str] | None = None) -> None:
         if batch1:
             best = min(r.median_ms for r in batch1)
             env["batch-1 linearized step / weight read"] = f"{best / floor_ms:.2f}x"
+        for label, fused_rows in (("unfused", False), ("fused projections", True)):
+            mine = [r for r in batch1 if ("fused projections" in r.name) == fused_rows]
+            if fused is not None and mine:
+                env[f"batch-1 linearized step / weight read ({label})"] = (
+                    f"{min(r.median_ms for r in mine) / floor_ms:.2f}x")
     title = f"Decode step, Llama-shaped {'(tiny) ' if args.tiny else ''}model, linearized ({args.kind}) vs original"
     print(write_results(args.out, title, rows, env))
 

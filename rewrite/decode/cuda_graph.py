@@ -48,6 +48,7 @@ class GraphedStep:
         self.state.start_static()
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.program.sync_weights()  # a replay runs no Python of the program: fused weights follow the model here
         self.ids.copy_(ids)
         self.positions.copy_(positions)
         self.calls += 1

@@ -13,6 +13,8 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 from rewrite.capture import capture, order_kwargs
+from rewrite.decode import fuse_projections
+from rewrite.decode.fuse_projections import FusedWeights
 from rewrite.decode.program_meta import DecodeSignature
 from rewrite.decode.state import DecodeState
 from rewrite.errors import CaptureError, RewriteError
@@ -123,6 +125,9 @@ class DecodeProgram:
                                "nothing to decode incrementally")
         # a plain GraphModule over the same state: export's module checks its inputs against the capture's
         self.graph_module: fx.GraphModule = fx.GraphModule(gm, gm.graph, class_name="DecodeProgram")
+        self.fused: FusedWeights | None = None
+        if fuse_projections.FUSE_SIBLING_PROJECTIONS:
+            self.fused = fuse_projections.fuse_sibling_projections(self.graph_module)
         self.signature = signature
         self.injected = captured.injected_kwargs
         self.kwarg_order = captured.kwarg_order
@@ -172,9 +177,18 @@ class DecodeProgram:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
         return self.run(self.graph_module, ids, positions, state)
 
+    def sync_weights(self, everything: bool = False) -> None:
+        """Bring the fused projections' concatenated weights up to date with the model's (see
+        `FusedWeights.sync`); nothing to do without them."""
+        if self.fused is not None:
+            self.fused.sync(everything)
+
     def run(self, module: Any, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """Logits of `module` (the graph module or its compiled form) called the program's way on
-        token ids [B, T], positions [B, T] and `state`."""
+        token ids [B, T], positions [B, T] and `state`. With fused projections, their weights are
+        copied again first where the model's changed (all of them at a state's first call)."""
+        if self.fused is not None:
+            self.fused.sync(everything=state.length == 0)
         args, kwargs = self._inputs(ids, positions)
         kwargs = order_kwargs({**self.injected, **kwargs}, self.kwarg_order)
         if self.signature.in_spec is not None:
