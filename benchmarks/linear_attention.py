@@ -298,6 +298,15 @@ SWEEP = {
     "strong gates tf32": [("triton_backward", "STRONG_GATE_PRECISION", None)],
     "before v8 / v9 / tf32x3": [("triton_backward", "CUMSUM_PARALLEL", False), ("op", "SAVE_STATES", False),
                                 ("triton_backward", "STRONG_GATE_PRECISION", None)],
+    # v10 (not yet run on a GPU): the vector decay's dq / dk by `_chunk_dqk_hoisted_kernel` (decay factors once per
+    # program for all q heads of a kv head, no exp in the head loop, no strong-gate code) plus `_chunk_dqk_kernel`
+    # on the tiles it flags; 64x64 tiles 8 warps (sm_90: 255 regs + 216 B stack vs 1096), 32x64 (233, no stack),
+    # and v / the state loaded per q head instead of once per program
+    "dqk hoisted": [("triton_backward", "DQK_HOISTED", True)],
+    "dqk hoisted 32x64": [("triton_backward", "DQK_HOISTED", True),
+                          ("triton_backward", "DQK_HOISTED_TILES", (32, 64, 8))],
+    "dqk hoisted v per head": [("triton_backward", "DQK_HOISTED", True),
+                               ("triton_backward", "DQK_HOISTED_ONE_V", False)],
 }
 
 

@@ -250,6 +250,68 @@ def test_triton_dg_cumsum_forms(case, parallel, monkeypatch):
     check_triton_against_naive(case, torch.float32)
 
 
+DQK_HOISTED_CASES = [  # log-decays down to -0.5 per token: every chunk in the whole-chunk form
+    # one q head a kv head; K = V = 64 (the model's head dims: V in one tile, v and the state loaded once)
+    (Case("vector", length=70, heads=2, kv_heads=2, dk=64, dv=64, decay_strength=0.5), torch.float32),
+    # 3 q heads a kv head, odd key dim (K = 100: a full and a partial K tile), two V tiles (V = 80 > BV)
+    (Case("vector", length=70, heads=6, kv_heads=2, dk=100, dv=80, decay_strength=0.5), torch.float32),
+    # 4 q heads a kv head, K = V = 64, packed short sequences (one and two tokens) and a partial last chunk
+    (Case("vector", batch=1, length=150, heads=8, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 3, 150),
+          decay_strength=0.5), torch.float32),
+    # strong gates in float16: the full chunk spreads past the whole-chunk limit (flagged, computed by
+    # `_chunk_dqk_kernel` with the strong-gate precision), the 8-token last chunk does not
+    (Case("vector", batch=1, length=72, heads=4, kv_heads=1, dk=32, dv=16, decay_strength=2.0), torch.float16),
+    # log-decays down to -8 per token: the exact per-pair form in the flagged tiles
+    (Case("vector", batch=1, length=72, heads=2, kv_heads=2, dk=32, dv=16, decay_strength=8.0), torch.float16),
+]
+
+
+@pytest.mark.parametrize("one_v", [True, False], ids=["one-v", "v-per-head"])
+@pytest.mark.parametrize("case,dtype", DQK_HOISTED_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_triton_dqk_hoisted(case, dtype, one_v, monkeypatch):
+    """The v10 dq / dk path (`triton_backward.DQK_HOISTED`): the whole-chunk tiles by
+    `_chunk_dqk_hoisted_kernel`, the flagged rest by `_chunk_dqk_kernel`, against the naive recurrence with
+    NaN-poisoned buffers. Fails if the hoisted kernel did not run, if `_chunk_dqk_kernel` ran on anything but
+    the flagged tiles, or if the flags do not match the gates (all whole-chunk for typical gates; both kinds
+    for strong ones: the 64-token chunk flagged)."""
+    backward = triton_module("triton_backward")
+    monkeypatch.setattr(backward, "DQK_HOISTED", True)
+    monkeypatch.setattr(backward, "DQK_HOISTED_ONE_V", one_v)
+    flags = []
+
+    class Launch:
+        def __init__(self, kernel, check):
+            self.kernel, self.check = kernel, check
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                self.check(args, kwargs)
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    def hoisted(args, kwargs):
+        flags.append(args[10])
+
+    def default(args, kwargs):
+        if not kwargs.get("FLAGGED"):
+            raise AssertionError("_chunk_dqk_kernel ran on every tile with DQK_HOISTED on")
+
+    monkeypatch.setattr(backward, "_chunk_dqk_hoisted_kernel", Launch(backward._chunk_dqk_hoisted_kernel, hoisted))
+    monkeypatch.setattr(backward, "_chunk_dqk_kernel", Launch(backward._chunk_dqk_kernel, default))
+    check_triton_against_naive(case, dtype)
+    assert len(flags) == 1
+    bounds = case.cu_seqlens or [b * case.length for b in range(case.batch + 1)]
+    real = sum(-(-(end - start) // 64) for start, end in zip(bounds[:-1], bounds[1:]))
+    flagged = flags[0][:real].cpu()  # packed: the grid's last programs have no chunk (and write no flag)
+    if case.decay_strength == 2.0:  # the 64-token chunk spreads by ~64 > 40, the 8-token one by <= 16
+        assert flagged[0].all() and not flagged[1].any()
+    elif case.decay_strength > 2.0:
+        assert flagged[0].all()
+    else:
+        assert not flagged.any()
+
+
 def check_triton_against_naive(case: Case, dtype: torch.dtype) -> None:
     forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
     x = make_inputs(case, dtype, kernel_device())
@@ -805,6 +867,34 @@ def test_cuda_strong_gates_bfloat16_against_float64(monkeypatch):
     monkeypatch.setattr(triton_module("triton_backward"), "STRONG_GATE_PRECISION", "tf32x3")
     case = Case("vector", batch=1, length=1000, heads=4, kv_heads=2, dk=128, dv=128, decay_strength=2.0)
     check_public_against_naive(case, torch.bfloat16, 1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("strength", [0.5, 2.0])
+@pytest.mark.parametrize("dims", [(64, 64), (100, 32), (128, 128)])
+def test_cuda_dqk_hoisted_bfloat16_against_float64(dims, strength, monkeypatch):
+    """The v10 dq / dk path (`triton_backward.DQK_HOISTED`) in bf16 against float64: typical gates (every tile
+    in the hoisted kernel) and strong ones (log-decays down to -2 per token: the flagged tiles by
+    `_chunk_dqk_kernel`, three TF32 products there); GQA group 4 at K = V = 64, packed sequences at K = 100,
+    V = 32, two V tiles at K = V = 128."""
+    backward = triton_module("triton_backward")
+    monkeypatch.setattr(backward, "DQK_HOISTED", True)
+    monkeypatch.setattr(backward, "STRONG_GATE_PRECISION", "tf32x3")
+    ran = []
+    kernel = backward._chunk_dqk_hoisted_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            ran.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(backward, "_chunk_dqk_hoisted_kernel", Counted())
+    dk, dv = dims
+    cu = (0, 1, 130, 700) if dk == 100 else None
+    case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
+                cu_seqlens=cu, decay_strength=strength)
+    check_public_against_naive(case, torch.bfloat16, 1e-2)
+    assert ran
 
 
 @gpu

@@ -20,7 +20,7 @@ from ..alloc import new_empty
 from . import triton_forward, triton_gated
 from .triton_common import block, chunk_log_decay, chunk_of_program, sequence_rows
 from .triton_forward import _load_tile, chunk_states, precision, prepare, scan_states, scan_terms
-from .triton_gated import lower_apply, sub_chunk, upper_apply, upper_scores
+from .triton_gated import LIMIT, lower_apply, sub_chunk, upper_apply, upper_scores, whole_chunk
 
 # (BK, BV, num_warps) per decay mode for the dq/dk kernel and the dv kernel. The dv kernel's
 # in-chunk part came out wrong on H200 / triton 3.6 with BK 64 or 128 and 4 warps at K=100, V=32
@@ -44,6 +44,15 @@ CUMSUM_TILE = (4096, 16)  # elements per step and most columns per program of th
 # 0.45 -> 0.08 ms, fwd+bwd 4.65 -> 4.27 ms; H=16, D=128 at 8K: 3.40 -> 3.17 ms. False: the sequential walk.
 CUMSUM_PARALLEL = True
 CUMSUM_PARALLEL_COLS = 64  # most columns (kv heads x features, flattened) per program of its two passes
+# v10 (NOTES.md; not yet run on a GPU): the vector decay's dq / dk in two launches when the in-chunk products take
+# the whole-chunk form (triton_gated PATH 2). `_chunk_dqk_hoisted_kernel` handles every (chunk, K tile, kv head)
+# whose log-decay spreads by at most LIMIT: the chunk's decay factors once per program for all q heads of the kv
+# head, no exp in the q-head loop, no sub-chunk or exact code (fewer registers); it flags the others, which
+# `_chunk_dqk_kernel` then computes as before (its programs for unflagged tiles return at once). Both launches
+# use DQK_HOISTED_TILES (the flags are per K tile). False: `_chunk_dqk_kernel` alone, as before.
+DQK_HOISTED = False
+DQK_HOISTED_TILES = (64, 64, 8)  # (BK, BV, num_warps) of both launches
+DQK_HOISTED_ONE_V = True  # V in one tile (V <= BV): v and the state loaded once per program, not per q head
 
 
 @triton.jit
@@ -123,6 +132,7 @@ def _chunk_dqk_kernel(
     dq_ptr,
     dk_ptr,
     dlog_ptr,
+    flags_ptr,
     bounds_ptr,
     chunk_start_ptr,
     table_ptr,
@@ -145,16 +155,22 @@ def _chunk_dqk_kernel(
     PATH: tl.constexpr,
     SPLIT: tl.constexpr,
     STRONG_PRECISION: tl.constexpr,
+    FLAGGED: tl.constexpr,
 ):
     """dq (stored per q head), dk and the log-decay gradient terms of one chunk, K tile and kv head.
 
     SPLIT (v5 vector decay, PATH != 0): per q head dq's part first, then dk's, each with its own pass
     over V (do and v loaded twice), so the two [C, C] score gradients are never live together.
+    FLAGGED: only the (chunk, K tile, kv head) that `_chunk_dqk_hoisted_kernel` flagged (flags_ptr != 0).
     """
     i_c, i_k, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
+    if FLAGGED:
+        flag = tl.load(flags_ptr + (i_c * tl.num_programs(1) + i_k) * kv_heads + hk)
+        if flag == 0:
+            return
     bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     group = heads // kv_heads
     rows = bos + local * C + tl.arange(0, C)
@@ -265,6 +281,131 @@ def _chunk_dqk_kernel(
         dlog_offs = (rows.to(tl.int64) * kv_heads + hk) * n_k + i_k
         tl.store(dlog_ptr + dlog_offs, tl.sum(q_dq - kf * dk_acc, axis=1), mask=row_mask)
     if MODE == 2:
+        tl.store(dlog_ptr + offs, q_dq - kf * dk_acc, mask=mask)
+
+
+@triton.jit
+def _chunk_dqk_hoisted_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    g_ptr,
+    h_ptr,
+    dh_ptr,
+    dq_ptr,
+    dk_ptr,
+    dlog_ptr,
+    flags_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    T,
+    heads,
+    kv_heads,
+    dk,
+    dv,
+    scale,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
+    ONE_V: tl.constexpr,
+):
+    """The vector decay's dq (per q head), dk and log-decay gradient terms of one chunk, K tile and kv head
+    when the chunk's log-decay spreads by at most LIMIT in this K tile (`_chunk_dqk_kernel`'s whole-chunk form,
+    the same products and precisions); flags_ptr gets 0 there, else 1 and nothing else is written.
+
+    The decay factors depend on the kv head only: exp(b - top) and exp(top - b) are computed once and serve
+    every q head's four in-chunk factors and the state term's exp(b) (per-column rescales by exp(top),
+    exp(top - bot) cancel out of the upper form), so the q-head loop has no exp.
+    """
+    i_c, i_k, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    group = heads // kv_heads
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = i_k * BK + tl.arange(0, BK)
+    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
+    top, bot, whole = whole_chunk(b, True)
+    tl.store(flags_ptr + (i_c * tl.num_programs(1) + i_k) * kv_heads + hk, tl.where(whole, 0, 1))
+    if whole:
+        idx = tl.arange(0, C)
+        causal = idx[:, None] >= idx[None, :]
+        causal_t = idx[:, None] <= idx[None, :]
+        # lower forms (reference top): exp(b_i - b_j) = down_i * up_j; upper forms (c >= r):
+        # exp(b_c - b_r) = down_c * up_r, the same two factors (bot's rescales cancel)
+        down = tl.exp(tl.minimum(b - top[None, :], 0.0))  # <= 1
+        up = tl.exp(tl.minimum(top[None, :] - b, LIMIT))  # <= exp(LIMIT)
+        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        keys = k.to(tl.float32) * up
+        state_scale = scale * tl.exp(top)  # exp(b) = down * exp(top)
+        state_base = (i_c.to(tl.int64) * kv_heads + hk) * dk * dv
+        dk_acc = tl.zeros([C, BK], dtype=tl.float32)
+        q_dq = tl.zeros([C, BK], dtype=tl.float32)
+        if ONE_V:  # V in one tile: v and the state (kv head only) loaded once for all q heads
+            vcols = tl.arange(0, BV)
+            v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+            state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
+            state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+            state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
+        for j in range(0, group):
+            h = hk * group + j
+            if ONE_V:
+                do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+                dq = tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
+                dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            else:
+                dq = tl.zeros([C, BK], dtype=tl.float32)
+                dscores = tl.zeros([C, C], dtype=tl.float32)
+                for i_v in range(0, tl.cdiv(dv, BV)):
+                    vcols = i_v * BV + tl.arange(0, BV)
+                    do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+                    v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+                    state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
+                    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+                    state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
+                    dq += tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
+                    dscores += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dscores = tl.where(causal, dscores * scale, 0.0)
+            dq = (dq * state_scale[None, :] + tl.dot(dscores, keys, input_precision=F32_PRECISION)) * down
+            qf = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk).to(tl.float32)
+            q_dq += qf * dq
+            offs = rows.to(tl.int64)[:, None] * (heads * dk) + h * dk + kcols[None, :]
+            tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & (kcols < dk)[None, :])
+            if ONE_V:
+                dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            else:
+                dscores_t = tl.zeros([C, C], dtype=tl.float32)
+                for i_v in range(0, tl.cdiv(dv, BV)):
+                    vcols = i_v * BV + tl.arange(0, BV)
+                    do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+                    v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+                    dscores_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dscores_t = tl.where(causal_t, dscores_t * scale, 0.0)
+            dk_acc += tl.dot(dscores_t, qf * down, input_precision=F32_PRECISION)
+        dk_acc = dk_acc * up
+        dk_end = tl.zeros([C, BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(dv, BV)):
+            vcols = i_v * BV + tl.arange(0, BV)
+            if not ONE_V:
+                v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+            state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
+            state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+            dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0)
+            dk_end += tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=F32_PRECISION)
+        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
+        dk_acc += dk_end * tl.exp(to_end)
+        offs = rows.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
+        mask = row_mask[:, None] & (kcols < dk)[None, :]
+        tl.store(dk_ptr + offs, dk_acc.to(dk_ptr.dtype.element_ty), mask=mask)
+        kf = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk).to(tl.float32)
         tl.store(dlog_ptr + offs, q_dq - kf * dk_acc, mask=mask)
 
 
@@ -581,12 +722,25 @@ def chunk_backward(
     dv_ = new_empty(v.shape, dtype=v.dtype, device=device)
     common = dict(C=chunks.chunk, SUB=sub_chunk(chunks.chunk), MODE=mode, CONST=const, VARLEN=chunks.varlen)
     common.update(PRECISION=prec, F32_PRECISION=prec, PATH=triton_gated.path("backward"))
-    bk, bv, warps = DQK_TILES_SMALL_K[mode] if dk <= DQK_SMALL_K and mode in DQK_TILES_SMALL_K else DQK_TILES[mode]
+    hoisted = DQK_HOISTED and mode == 2 and common["PATH"] == 2
+    if hoisted:
+        bk, bv, warps = DQK_HOISTED_TILES
+    else:
+        bk, bv, warps = DQK_TILES_SMALL_K[mode] if dk <= DQK_SMALL_K and mode in DQK_TILES_SMALL_K else DQK_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
     # per key dim for "vector"; else summed over each K tile's columns in the kernel
     feat = dk if mode == 2 else cdiv(dk, bk)
     dlog = new_empty((batch * length, kv_heads, feat), dtype=torch.float32, device=device) if mode else q
-    _chunk_dqk_kernel[(chunks.max_chunks, cdiv(dk, bk), kv_heads)](
+    grid = (chunks.max_chunks, cdiv(dk, bk), kv_heads)
+    flags = q
+    if hoisted:  # the whole-chunk tiles; the rest flagged for `_chunk_dqk_kernel`
+        flags = torch.empty(grid, dtype=torch.int32, device=device)
+        _chunk_dqk_hoisted_kernel[grid](
+            q, k, v, do, decay_kw["g"], h, dh, dq, dk_, dlog, flags, bounds, chunk_start, table, n, length, heads,
+            kv_heads, dk, dv, scale, C=chunks.chunk, BK=bk, BV=bv, VARLEN=chunks.varlen, PRECISION=prec,
+            F32_PRECISION=prec, ONE_V=DQK_HOISTED_ONE_V and dv <= bv, num_warps=warps,
+        )
+    _chunk_dqk_kernel[grid](
         q,
         k,
         v,
@@ -597,6 +751,7 @@ def chunk_backward(
         dq,
         dk_,
         dlog,
+        flags,
         bounds,
         chunk_start,
         table,
@@ -611,6 +766,7 @@ def chunk_backward(
         BV=bv,
         SPLIT=mode == 2 and common["PATH"] != 0,
         STRONG_PRECISION=STRONG_GATE_PRECISION if prec == "tf32" and STRONG_GATE_PRECISION else prec,
+        FLAGGED=hoisted,
         num_warps=warps,
         **common,
     )
