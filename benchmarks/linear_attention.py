@@ -307,6 +307,10 @@ SWEEP = {
                           ("triton_backward", "DQK_HOISTED_TILES", (32, 64, 8))],
     "dqk hoisted v per head": [("triton_backward", "DQK_HOISTED", True),
                                ("triton_backward", "DQK_HOISTED_ONE_V", False)],
+    # 2 CTAs per SM by a 128-register cap (sm_90 compile: 432 B of spill at 32x64)
+    "dqk hoisted 32x64 maxnreg 128": [("triton_backward", "DQK_HOISTED", True),
+                                      ("triton_backward", "DQK_HOISTED_TILES", (32, 64, 8)),
+                                      ("triton_backward", "DQK_HOISTED_MAXNREG", 128)],
 }
 
 

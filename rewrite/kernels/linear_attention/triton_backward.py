@@ -53,6 +53,9 @@ CUMSUM_PARALLEL_COLS = 64  # most columns (kv heads x features, flattened) per p
 DQK_HOISTED = False
 DQK_HOISTED_TILES = (64, 64, 8)  # (BK, BV, num_warps) of both launches
 DQK_HOISTED_ONE_V = True  # V in one tile (V <= BV): v and the state loaded once per program, not per q head
+# register cap of `_chunk_dqk_hoisted_kernel` (None: the compiler's choice, 233-255 at 8 warps = 1 CTA per SM);
+# 128 at 8 warps lets 2 CTAs share an SM at the price of spills (sm_90 compile: 432 B at 32x64, 864 B at 64x64)
+DQK_HOISTED_MAXNREG: int | None = None
 
 
 @triton.jit
@@ -739,6 +742,7 @@ def chunk_backward(
             q, k, v, do, decay_kw["g"], h, dh, dq, dk_, dlog, flags, bounds, chunk_start, table, n, length, heads,
             kv_heads, dk, dv, scale, C=chunks.chunk, BK=bk, BV=bv, VARLEN=chunks.varlen, PRECISION=prec,
             F32_PRECISION=prec, ONE_V=DQK_HOISTED_ONE_V and dv <= bv, num_warps=warps,
+            **({} if DQK_HOISTED_MAXNREG is None else {"maxnreg": DQK_HOISTED_MAXNREG}),
         )
     _chunk_dqk_kernel[grid](
         q,
