@@ -232,3 +232,16 @@ def mamba2_reference(q, k, v, scale, valid, params):
             for hq in range(heads):
                 out[b, hq, t] = scale * c[t, hq] @ state[hq // groups] + skip[hq] * x[t, hq // groups]
     return out.to(q.dtype if q.dtype != torch.float64 else torch.float64)
+
+
+def stepwise_program_logits(program: Any, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of a decode program over `ids` [B, T]: a prefill of `prefill` tokens, then one step per token."""
+    batch, length = ids.shape
+    state = program.new_state(batch, length)
+    positions = torch.arange(length).expand(batch, -1)
+    outs = []
+    for start, stop in [(0, prefill), *((t, t + 1) for t in range(prefill, length))]:
+        state.begin(stop - start)
+        outs.append(program(ids[:, start:stop], positions[:, start:stop], state))
+        state.advance()
+    return torch.cat(outs, dim=1)

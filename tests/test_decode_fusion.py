@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
+from conftest import stepwise_program_logits
 from torch import nn
 
 import rewrite
@@ -125,15 +126,7 @@ def full_logits(module, ids: torch.Tensor) -> torch.Tensor:
 
 def stepwise(program: DecodeProgram, ids: torch.Tensor, prefill: int = 5) -> torch.Tensor:
     """Logits of a prefill of `prefill` tokens, then one decode step per remaining token."""
-    batch, length = ids.shape
-    state = program.new_state(batch, length)
-    positions = torch.arange(length).expand(batch, -1)
-    outs = []
-    for start, stop in [(0, prefill), *((t, t + 1) for t in range(prefill, length))]:
-        state.begin(stop - start)
-        outs.append(program(ids[:, start:stop], positions[:, start:stop], state))
-        state.advance()
-    return torch.cat(outs, dim=1)
+    return stepwise_program_logits(program, ids, prefill)
 
 
 def greedy(module, ids: torch.Tensor, new: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from conftest import HostReads, OpCounts
+from conftest import HostReads, OpCounts, stepwise_program_logits
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -108,16 +108,7 @@ def full_forward(module, ids: torch.Tensor) -> torch.Tensor:
 
 def stepwise_logits(om, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     """Logits of a prefill of `prefill` tokens, then one decode step per remaining token."""
-    program = decode_program(om)
-    batch, length = ids.shape
-    state = program.new_state(batch, length)
-    positions = torch.arange(length).expand(batch, -1)
-    outs = []
-    for start, stop in [(0, prefill), *((t, t + 1) for t in range(prefill, length))]:
-        state.begin(stop - start)
-        outs.append(program(ids[:, start:stop], positions[:, start:stop], state))
-        state.advance()
-    return torch.cat(outs, dim=1)
+    return stepwise_program_logits(decode_program(om), ids, prefill)
 
 
 STEP_CASES = [
