@@ -91,3 +91,14 @@ def test_checks_hold_no_mask_sized_temporaries(small_blocks):
         mask_probe._causality(causal)
         mask_probe.mask_bias_description(mask)
     assert seen.largest <= block < mask.numel() // 10
+
+
+def test_sequence_causal_reads_a_mask_expanded_over_heads_without_copying_it(small_blocks):
+    """A padded causal mask expanded over 8 heads: the check's answer is that of one head, and no tensor it makes
+    holds the heads' repeats."""
+    visible = _masks()["padded"][:, :1]
+    expanded = visible.expand(1, 8, L, L)
+    with _LargestOutput() as seen:
+        assert mask_probe.sequence_causal(expanded)
+    assert seen.largest < expanded.numel()
+    assert not mask_probe.sequence_causal(_masks()["window"][:, :1].expand(1, 8, L, L))

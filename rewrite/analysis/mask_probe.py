@@ -143,6 +143,13 @@ def mask_bias_description(mask: torch.Tensor) -> str | None:
     return "the attention mask carries an additive bias (values that neither keep a key, 0, nor hide it)"
 
 
+def _distinct_rows(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` with each broadcast leading dim (stride 0: the same [L, S] for every index) cut to size 1, so that
+    flattening its leading dims copies nothing that is only repeated (a mask expanded over heads)."""
+    index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride()[:-2])
+    return mask[index]
+
+
 def sequence_causal(mask: torch.Tensor) -> bool:
     """Whether a [..., L, L] mask (True / 0 = visible) is causal attention over each sequence's real tokens.
 
@@ -155,7 +162,7 @@ def sequence_causal(mask: torch.Tensor) -> bool:
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
         return False
     n = mask.shape[-1]
-    flat = mask.reshape(-1, n, n)
+    flat = _distinct_rows(mask).reshape(-1, n, n)
     keys = torch.arange(n, device=mask.device)
     real = torch.zeros(flat.shape[0], n, dtype=torch.bool, device=mask.device)
     first = torch.zeros(flat.shape[0], n, dtype=torch.long, device=mask.device)
