@@ -80,7 +80,10 @@ query rows, so the checks hold no [L, L] temporaries (a 128K-token mask is 16 Gi
 
 
 def _row_blocks(mask: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, mask[..., rows, :]) over blocks of query rows (dim -2) of at most PROBE_BLOCK_ELEMENTS."""
+    """(first row, mask[..., rows, :]) over blocks of query rows (dim -2) of at most PROBE_BLOCK_ELEMENTS, with
+    broadcast leading dims read once (`_distinct_rows`: the checks ask whether any / every element holds)."""
+    if mask.dim() > 2:
+        mask = _distinct_rows(mask)
     rows = mask.shape[-2] if mask.dim() >= 2 else 1
     per_row = max(1, mask.numel() // max(1, rows))
     step = max(1, PROBE_BLOCK_ELEMENTS // per_row)
@@ -146,8 +149,10 @@ def mask_bias_description(mask: torch.Tensor) -> str | None:
 def _distinct_rows(mask: torch.Tensor) -> torch.Tensor:
     """`mask` with each broadcast leading dim (stride 0: the same [L, S] for every index) cut to size 1, so that
     flattening its leading dims copies nothing that is only repeated (a mask expanded over heads)."""
-    index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride()[:-2])
-    return mask[index]
+    broadcast = [stride == 0 and size > 1 for stride, size in zip(mask.stride()[:-2], mask.shape[:-2])]
+    if not any(broadcast):
+        return mask
+    return mask[tuple(slice(0, 1) if b else slice(None) for b in broadcast)]
 
 
 def sequence_causal(mask: torch.Tensor) -> bool:
