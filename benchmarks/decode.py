@@ -35,6 +35,7 @@ import torch
 
 import rewrite
 from benchmarks.runner import Measurement, environment, measure, write_results
+from benchmarks.variants import apply_changes, restore
 from rewrite.decode import decode_program
 from rewrite.decode.compiled import CompiledStep
 from rewrite.decode.cuda_graph import GraphedStep
@@ -60,14 +61,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def fused_program(om: Any) -> Any:
     """A decode program of `om` with its sibling projections fused, built beside the default one (which
     `decode_program(om)` keeps returning)."""
-    from rewrite.decode import fuse_projections
     from rewrite.decode.program import DecodeProgram
 
-    fuse_projections.FUSE_SIBLING_PROJECTIONS = True
+    undo = apply_changes("rewrite.decode", [("fuse_projections", "FUSE_SIBLING_PROJECTIONS", True)])
     try:
         return DecodeProgram(om.source, om.plan, dict(om.named_parameters()))
     finally:
-        fuse_projections.FUSE_SIBLING_PROJECTIONS = False
+        restore(undo)
 
 
 def fused_name(name: str) -> str:

@@ -33,6 +33,7 @@ import torch
 
 import rewrite
 from benchmarks.runner import Measurement, environment, measure, write_results
+from benchmarks.variants import apply_changes, restore
 from rewrite.kernels.router import route
 from rewrite.kernels.router.reference import route_reference
 from rewrite.routing import skip_controls
@@ -165,7 +166,7 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     CUDA-graph step is timed a second time with its attention cut into parts of that many slots."""
     import transformers
 
-    from rewrite.decode import decode_program, split_attention
+    from rewrite.decode import decode_program
     from rewrite.decode.cuda_graph import GraphedStep
 
     base = build_model(layers, hidden, device, dtype)
@@ -232,7 +233,8 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
             if not graphs:
                 continue
             for split in [None] if split_slots is None else [None, split_slots]:
-                split_attention.SPLIT_SLOTS = split  # read by the states made and the step captured below
+                # read by the states made and the step captured below
+                undo = apply_changes("rewrite.decode", [("split_attention", "SPLIT_SLOTS", split)])
                 try:
                     state, twin = prefilled(program, mask), prefilled(program, mask)
                     graphed = GraphedStep(program, state)
@@ -240,7 +242,7 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
                     for _ in range(2):  # warm-up, then capture and replay: checked against the eager (fused) step
                         got, want = graphed_step(graphed, state), step(program, twin)
                 finally:
-                    split_attention.SPLIT_SLOTS = None
+                    restore(undo)
                 err = relative_error(got, want)
                 how = "CUDA graph" if split is None else f"CUDA graph, split {split}"
                 if err > 1e-2:

@@ -166,18 +166,17 @@ def sequence_causal(mask: torch.Tensor) -> bool:
     """
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
         return False
+    def kept(x: torch.Tensor) -> torch.Tensor:
+        return x > HIDDEN_BELOW if x.is_floating_point() else x.bool()
+
     n = mask.shape[-1]
     flat = _distinct_rows(mask).reshape(-1, n, n)
     keys = torch.arange(n, device=mask.device)
-    real = torch.zeros(flat.shape[0], n, dtype=torch.bool, device=mask.device)
+    real = kept(flat.diagonal(dim1=-2, dim2=-1))  # [rows, n]: the queries that see themselves
     first = torch.zeros(flat.shape[0], n, dtype=torch.long, device=mask.device)
     for start, block in _row_blocks(flat):
         queries = keys[start:start + block.shape[-2]]
-        seen = block > HIDDEN_BELOW if block.is_floating_point() else block.bool()
-        real[:, queries] = seen[:, torch.arange(len(queries), device=mask.device), queries]
-    for start, block in _row_blocks(flat):
-        queries = keys[start:start + block.shape[-2]]
-        seen = (block > HIDDEN_BELOW if block.is_floating_point() else block.bool()) & real[:, None, :]
+        seen = kept(block) & real[:, None, :]
         rows = real[:, queries]
         firsts = torch.where(seen, keys, n).amin(-1)  # the first visible real key of each query
         expected = real[:, None, :] & (keys >= firsts[..., None]) & (keys <= queries[:, None])

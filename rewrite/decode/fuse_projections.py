@@ -130,7 +130,6 @@ class FusedWeights:
     whose shape, dtype or device changed needs a new program: `sync` refuses it.
     """
 
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     sources: list[torch.Tensor] = field(default_factory=list)
     targets: list[torch.Tensor] = field(default_factory=list)
     stamps: list[tuple[int, int]] = field(default_factory=list)
@@ -194,10 +193,8 @@ def fuse_sibling_projections(gm: fx.GraphModule) -> FusedWeights:
                               for m in members]) if has_bias else None
         names = {"weight": f"{BUFFER_PREFIX}_{index}_weight", "bias": f"{BUFFER_PREFIX}_{index}_bias"}
         gm.register_buffer(names["weight"], weight, persistent=False)
-        fused.buffers[names["weight"]] = weight
         if bias is not None:
             gm.register_buffer(names["bias"], bias, persistent=False)
-            fused.buffers[names["bias"]] = bias
         sizes, start = [m.out_features for m in members], 0
         for m, size in zip(members, sizes, strict=True):
             fused.add(m.weight, weight.narrow(dim, start, size))

@@ -191,10 +191,15 @@ class SkipSetLosses:
 
     def decisions(self, choice: torch.Tensor, n_routed: int) -> torch.Tensor:
         """[N, n_routed] bool decisions of a per-window choice of combination."""
-        out = torch.zeros(choice.shape[0], n_routed, dtype=torch.bool)
-        for n, c in enumerate(choice.tolist()):
-            out[n, list(self.combos[c])] = True
-        return out
+        return set_decisions(self.combos, choice, n_routed)
+
+
+def set_decisions(combos: list[tuple[int, ...]], choice: torch.Tensor, n_routed: int) -> torch.Tensor:
+    """[N, n_routed] bool: row n skips the routed blocks `combos[choice[n]]`."""
+    out = torch.zeros(choice.shape[0], n_routed, dtype=torch.bool)
+    for n, c in enumerate(choice.tolist()):
+        out[n, list(combos[c])] = True
+    return out
 
 
 def skip_set_losses(

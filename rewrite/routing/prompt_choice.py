@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from rewrite.routing.controls import skip_controls
-from rewrite.routing.evaluation import routed_blocks, skip_set_losses
+from rewrite.routing.evaluation import set_decisions, skip_set_losses
 from rewrite.routing.language_model import logits_of, takes_input_ids
 
 PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -39,10 +39,7 @@ class PromptChoice:
 
     def decisions(self, choice: torch.Tensor) -> torch.Tensor:
         """[N, n_routed] bool: each row skips `combos[choice[n]]`."""
-        out = torch.zeros(choice.shape[0], self.n_routed, dtype=torch.bool)
-        for n, c in enumerate(choice.tolist()):
-            out[n, list(self.combos[c])] = True
-        return out
+        return set_decisions(self.combos, choice, self.n_routed)
 
 
 def calibrate_prompt_choice(
@@ -80,8 +77,7 @@ def calibrate_prompt_choice(
         return continuation.gather(1, choice[:, None]).sum().item()
 
     weight = min(weights, key=continuation_loss)
-    device = next(module.parameters()).device
-    n_routed = len(routed_blocks(module, windows[:1, :prompt_length].to(device)))
+    n_routed = losses.combos[-1][-1] + 1  # the combinations of range(n_routed) end with its last block
     return PromptChoice([losses.combos[i] for i in keep.tolist()], prior[keep].clone(), float(weight), n_routed)
 
 

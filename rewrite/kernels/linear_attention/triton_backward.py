@@ -403,6 +403,7 @@ def _chunk_dqk_hoisted_kernel(
             state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
             dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0)
             dk_end += tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=F32_PRECISION)
+        # to_end and k recomputed / reloaded here rather than kept live through the q-head loop (registers)
         b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
         dk_acc += dk_end * tl.exp(to_end)
         offs = rows.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
