@@ -447,6 +447,49 @@ def test_sliding_window_wider_than_the_example_is_refused_before_any_call():
         torch.testing.assert_close(narrow(x), wide(x), atol=0, rtol=0)
 
 
+class _PackedBandAttention(_BandAttention):
+    """`_BandAttention` over a row of packed sequences: a query sees keys of its own sequence within the band
+    (`width=None`: every earlier key of its sequence)."""
+
+    def forward(self, x, sequence_ids):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, -1))
+        i = torch.arange(t)
+        band = i[None, :] <= i[:, None]
+        if self.width is not None:
+            band = band & (i[None, :] > i[:, None] - self.width)
+        keep = band & (sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return o.transpose(1, 2).reshape(b, t, c)
+
+
+class _PackedStack(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList([layer])
+
+    def forward(self, x, sequence_ids):
+        return self.layers[0](x, sequence_ids)
+
+
+def test_window_wider_than_every_packed_sequence_is_refused_before_any_call():
+    """A packed row longer than the window whose sequences are all shorter than it shows no window (each query sees
+    its sequence from the start): the pass counts the example's longest sequence, not the row, and refuses the layer
+    at once. A packed example with one sequence longer than the window shows the band and is refused as such; the
+    same packed example without a window passes the probe, and `check_masks: false` linearizes the windowed one."""
+    x = torch.randn(1, 16, 32)
+    short = torch.arange(16).div(4, rounding_mode="floor")[None]  # four sequences of 4 tokens, window 6
+    with pytest.raises(PassError, match=r"layer 0 \(layers\.0\).*offsets positions by up to 6"):
+        rewrite.optimize(_PackedStack(_PackedBandAttention(width=6)), [{"mixer": {"kind": "linear"}}], (x, short))
+    long = (torch.arange(16) >= 12).long()[None]  # a sequence of 12 tokens, then one of 4
+    with pytest.raises(PassError, match=r"layer 0 \(layers\.0\).*hides earlier keys of a query's own sequence"):
+        rewrite.optimize(_PackedStack(_PackedBandAttention(width=6)), [{"mixer": {"kind": "linear"}}], (x, long))
+    rewrite.optimize(_PackedStack(_PackedBandAttention(width=None)), [{"mixer": {"kind": "linear"}}], (x, short))
+    plan = [{"mixer": {"kind": "linear", "check_masks": False}}]
+    om = rewrite.optimize(_PackedStack(_PackedBandAttention(width=6)), plan, (x, short))
+    assert torch.isfinite(om(x, short)).all()
+
+
 # -- the example -------------------------------------------------------------------------------
 
 

@@ -190,6 +190,23 @@ def sequence_causal(mask: torch.Tensor) -> bool:
     return True
 
 
+def most_keys_seen(mask: torch.Tensor) -> int:
+    """The most keys any one real query (one that sees itself, where the mask is square) of a [..., L, S] mask
+    (True / 0 = visible) sees: on a causal mask, the longest stretch of a sequence the example shows (a packed
+    row's longest sequence, not the row)."""
+    if mask.dim() < 2:
+        return int(mask.shape[-1]) if mask.dim() else 1
+    square = mask.shape[-1] == mask.shape[-2]
+    most = 0
+    for first, block in _row_blocks(mask):
+        counts = _visible(block).sum(-1)
+        if square:
+            rows = torch.arange(block.shape[-2], device=mask.device)
+            counts = counts * _visible(block[..., rows, rows + first])
+        most = max(most, int(counts.amax()))
+    return most
+
+
 def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[str, bool]:
     """Evaluate every attention mask on `flat_inputs`; record in node.meta whether it is causal."""
     sites = [s for s in find_attention_sites(gm) if isinstance(s.mask, fx.Node)]
@@ -211,14 +228,15 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
             if negated[node]:
                 val = ~val if val.dtype == torch.bool else val
             node.meta[CAUSAL_KEY], node.meta[EXACTLY_CAUSAL_KEY] = _causality(val)
+            shown = val == 0 if negated[node] and val.is_floating_point() else val
             window = window_constant([node])
-            if val.dim() >= 1 and val.shape[-1] < window + 2:
-                # a window longer than the example: what the example shows says nothing about longer inputs
+            if window and val.dim() >= 1 and most_keys_seen(shown) < window + 2:
+                # a window longer than any sequence of the example (a packed row's sequences counted one by one):
+                # what the example shows says nothing about longer inputs
                 node.meta[EXACTLY_CAUSAL_KEY] = False
                 node.meta[UNSEEN_WINDOW_KEY] = window
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
             if node.meta[CAUSAL_KEY]:
-                shown = val == 0 if negated[node] and val.is_floating_point() else val
                 node.meta[SEQUENCE_CAUSAL_KEY] = node.meta[EXACTLY_CAUSAL_KEY] or sequence_causal(shown)
             if not negated[node]:
                 node.meta[BIAS_KEY] = mask_bias_description(val)
