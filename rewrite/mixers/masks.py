@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.analysis.mask_probe import HIDDEN_BELOW, holds_bias
+from rewrite.analysis.mask_probe import HIDDEN_BELOW, holds_bias, sequence_causal
 from rewrite.errors import PassError
 
 
@@ -87,6 +87,13 @@ def check_mask_form(
     elif causal:
         expected = expected & torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
     if bool(((vis != expected) & rows).any()):
+        if causal and sequence_causal(vis):
+            raise PassError(
+                "mixer",
+                f"at {layer}: the attention mask packs several sequences into one row (block-diagonal causal); the "
+                "mixers carry packed sequences by their boundaries (cu_seqlens): add the `varlen` pass to the plan "
+                "after `mixer`, or give each sequence its own row with key padding",
+            )
         form = "causal plus key padding" if causal else "key padding"
         raise PassError(
             "mixer",
