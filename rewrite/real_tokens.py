@@ -39,14 +39,16 @@ class OutputTokens:
     `batch_dim` None means batch and sequence are merged into one dim at `seq_dim` (batch outer, or
     sequence outer when `seq_outer`).
     kind "rows": a value computed from the repadded tensor (a pooler reading the first slot, say); only
-    rows without padding are comparable. `batch_dim` None means no row is separate: it is comparable
-    only when no row has padding.
+    rows whose `slots` (the sequence slots it reads, negative from the end) are real tokens are comparable,
+    every slot of the row when `slots` is None. `batch_dim` None means no row is separate: it is comparable
+    only when every row is.
     """
 
     kind: Literal["tokens", "rows"]
     batch_dim: int | None
     seq_dim: int | None = None
     seq_outer: bool = False
+    slots: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -114,7 +116,7 @@ def select(layout: OutputTokens, shape: Sequence[int], keep: torch.Tensor) -> to
     rank = len(shape)
     view = [1] * rank
     if layout.kind == "rows":
-        full_rows = keep.all(dim=1)
+        full_rows = keep.all(dim=1) if layout.slots is None else keep[:, list(layout.slots)].all(dim=1)
         if layout.batch_dim is None:
             return full_rows.all().expand(*shape)
         view[layout.batch_dim] = keep.shape[0]

@@ -384,7 +384,12 @@ def verify(
             if mask is None:
                 return None
             layout = scope.real.outputs[index]
-            return mask, "real tokens" if layout.kind == "tokens" else "rows without padding (read the repadded tensor)"
+            if layout.kind == "tokens":
+                return mask, "real tokens"
+            if layout.slots is None:
+                return mask, "rows without padding (read the repadded tensor)"
+            slots = ", ".join(map(str, layout.slots))
+            return mask, f"rows whose slot {slots} is a real token (read there from the repadded tensor)"
     checks, notes = compare_outputs(got, want, atol, rtol, where)
     report = VerifyReport(outputs=checks, atol=atol, rtol=rtol, notes=scope_notes + notes)
     if report.passed:

@@ -633,8 +633,12 @@ def test_verify_compares_real_tokens_only(name, left):
                                          f"of {batch['input_ids'].numel() * report.outputs[0].shape[-1]} values"
     given_positions = any("the original was given position_ids" in note for note in report.notes)
     assert given_positions == bool(left)  # restarted positions equal the padded model's only on right padding
-    if name == "bert":  # the pooler reads the first slot, padding on a left-padded row: rows without padding only
-        assert report.outputs[1].compared.startswith("rows without padding")
+    if name == "bert":  # the pooler reads slot 0: compared on the rows where that slot is a real token
+        first_real = batch["attention_mask"][:, 0].bool()
+        hidden = report.outputs[1].shape[-1]
+        assert report.outputs[1].compared == (f"rows whose slot 0 is a real token (read there from the repadded "
+                                              f"tensor), {int(first_real.sum()) * hidden} of {3 * hidden} values")
+        assert bool(first_real.all()) == (not left)
 
 
 def test_verify_ignores_padded_positions_but_names_a_wrong_real_token(monkeypatch):

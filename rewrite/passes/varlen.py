@@ -444,11 +444,34 @@ def _real_tokens(graph: fx.Graph, padding: fx.Node, pads_are_true: bool, symbols
         elif repads & _ancestors(leaf):
             val = tensor_meta(leaf)
             batch = [d for d, size in enumerate(val.shape) if symbols.kind(size) == "batch"] if val is not None else []
-            outputs[i] = OutputTokens("rows", batch[0] if len(batch) == 1 else None)
+            outputs[i] = OutputTokens("rows", batch[0] if len(batch) == 1 else None,
+                                      slots=_slots_read(leaf, repads))
     return RealTokens(
         mask_input=padding.name, mask_index=placeholders.index(padding), pads_are_true=pads_are_true,
         outputs=outputs, batch_symbols=frozenset(map(str, symbols.batch)),
         seq_symbols=frozenset(map(str, symbols.seq)), restarts_positions=restarts_positions)
+
+
+def _slots_read(leaf: fx.Node, repads: set[fx.Node]) -> tuple[int, ...] | None:
+    """The sequence slots through which `leaf` reads the repadded tensors it depends on, when each such read is a
+    `select` of one constant slot on the repadded tensor's sequence dim (a pooler's first token); None otherwise."""
+    upstream = _ancestors(leaf) | {leaf}
+    slots: set[int] = set()
+    for repad in repads & upstream:
+        padded = tensor_meta(repad)
+        if padded is None or repad.args[4] is None:
+            return None
+        seq_dim = repad.args[5]
+        for user in repad.users:
+            if user not in upstream:
+                continue
+            if user.target is not aten.select.int or user.args[0] is not repad:
+                return None
+            dim, index = user.args[1], user.args[2]
+            if not isinstance(dim, int) or not isinstance(index, int) or dim % padded.dim() != seq_dim % padded.dim():
+                return None
+            slots.add(index)
+    return tuple(sorted(slots)) if slots else None
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
