@@ -99,8 +99,10 @@ def run_pipeline(
     report = PipelineReport()
     report.stages.append(_snapshot("captured", gm, keep))
     ctx = PassContext(gm, kernels=plan.kernels, existing_state=existing_state, source=source)
-    for spec in plan.enabled_passes:
+    enabled = list(plan.enabled_passes)
+    for position, spec in enumerate(enabled):
         pass_obj = PASSES[spec.name](spec.options)
+        ctx.later_passes = tuple(later.name for later in enabled[position + 1:])
         before = op_counts(gm)
         start = time.perf_counter()
         result = pass_obj.run(gm, ctx)

@@ -476,8 +476,8 @@ def test_window_wider_than_every_packed_sequence_is_refused_before_any_call():
     """A packed row longer than the window whose sequences are all shorter than it shows no window (each query sees
     its sequence from the start): the pass counts the example's longest sequence, not the row, and refuses the layer
     at once. A packed example with one sequence longer than the window shows the band and is refused as such; the
-    same packed example without a window passes the probe (the mixer itself then asks for `varlen` to carry the
-    packing), and `check_masks: false` linearizes the windowed one."""
+    same packed example without a window is refused for want of a pass that carries packed sequences (varlen), and
+    `check_masks: false` linearizes the windowed one."""
     x = torch.randn(1, 16, 32)
     short = torch.arange(16).div(4, rounding_mode="floor")[None]  # four sequences of 4 tokens, window 6
     with pytest.raises(PassError, match=r"layer 0 \(layers\.0\).*offsets positions by up to 6"):
@@ -485,9 +485,8 @@ def test_window_wider_than_every_packed_sequence_is_refused_before_any_call():
     long = (torch.arange(16) >= 12).long()[None]  # a sequence of 12 tokens, then one of 4
     with pytest.raises(PassError, match=r"layer 0 \(layers\.0\).*hides earlier keys of a query's own sequence"):
         rewrite.optimize(_PackedStack(_PackedBandAttention(width=6)), [{"mixer": {"kind": "linear"}}], (x, long))
-    om = rewrite.optimize(_PackedStack(_PackedBandAttention(width=None)), [{"mixer": {"kind": "linear"}}], (x, short))
-    with pytest.raises(PassError, match=r"layer 0 \(layers\.0\): .*packs several sequences.*`varlen` pass"):
-        om(x, short)  # eager: the packed mask reaches the mixer, which needs the sequences' boundaries instead
+    with pytest.raises(PassError, match=r"layer 0 \(layers\.0\).*packs several sequences.*no later pass.*varlen"):
+        rewrite.optimize(_PackedStack(_PackedBandAttention(width=None)), [{"mixer": {"kind": "linear"}}], (x, short))
     plan = [{"mixer": {"kind": "linear", "check_masks": False}}]
     om = rewrite.optimize(_PackedStack(_PackedBandAttention(width=6)), plan, (x, short))
     assert torch.isfinite(om(x, short)).all()

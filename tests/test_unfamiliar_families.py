@@ -538,7 +538,7 @@ def cohere2():
 def test_alternating_window_layers_keep_their_window_while_full_layers_are_linearized():
     """The window layer is refused by a linear mixer when `optimize` runs, with or without `stateful` (before, only the
     first call or generate's prefill refused it), saying how to leave it out, while a packed example's block-diagonal
-    causal mask on the full layer is not taken for a window; left out, the window layer decodes from a ring KV cache next to the
+    causal mask on the full layer is not taken for a window (it asks for varlen, which carries it); left out, the window layer decodes from a ring KV cache next to the
     linearized full layer, token by token as the full forward predicts."""
     model = build(cohere2)
     example = right_padded([8, 5], 8)
@@ -551,8 +551,10 @@ def test_alternating_window_layers_keep_their_window_while_full_layers_are_linea
               "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1]])}  # two sequences in one row
     with pytest.raises(PassError, match=r"layer 0 .*hides earlier keys"):
         rewrite.optimize(model, [{"mixer": {}}], example_kwargs=packed)
-    full_layer = rewrite.optimize(model, [{"mixer": {"layers": [1]}}], example_kwargs=packed)  # block-diagonal mask
-    assert [c.split(": ")[-1] for c in full_layer.report.results[-1].changed] == ["gla"]
+    with pytest.raises(PassError, match=r"layer 1 .*packs several sequences into one row.*add one of varlen"):
+        rewrite.optimize(model, [{"mixer": {"layers": [1]}}], example_kwargs=packed)  # block-diagonal, not a window
+    full_layer = rewrite.optimize(model, [{"mixer": {"layers": [1]}}, "varlen"], example_kwargs=packed)
+    assert [c.split(": ")[-1] for c in full_layer.report.results[0].changed] == ["gla"]
     linear = rewrite.optimize(model, [{"mixer": {"layers": [1]}}], example_kwargs=example)
     decoding = rewrite.optimize(model, [{"mixer": {"layers": [1]}}, "stateful"], example_kwargs=example)
     decoding.load_state_dict(linear.state_dict())

@@ -195,6 +195,26 @@ def test_packed_position_ids_never_pad_and_match_each_sequence_alone(name):
         om(input_ids=ids, position_ids=positions + 1)
 
 
+def test_mixer_on_packed_position_ids_needs_a_pass_that_carries_them():
+    """Llama given packed position_ids builds a block-diagonal mask: the mixer alone cannot carry it and is refused
+    when `optimize` runs, naming the layer; followed by varlen, each packed sequence equals that sequence alone."""
+    from rewrite.errors import PassError
+
+    model, _ = TARGETS["llama"]()
+    lengths = [5, 3, 4]
+    ids = torch.randint(1, 128, (1, sum(lengths)), generator=torch.Generator().manual_seed(7))
+    example = {"input_ids": ids, "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+    with pytest.raises(PassError, match=r"layer 0 \(model\.layers\.0\.self_attn\).*packs several sequences.*"
+                                        r"varlen, sequence_parallel after `mixer`"):
+        rewrite.optimize(model, [{"mixer": {"kind": "linear"}}], example_kwargs=example)
+    om = rewrite.optimize(model, [{"mixer": {"kind": "linear"}}, "varlen"], example_kwargs=example)
+    alone = rewrite.optimize(model, [{"mixer": {"kind": "linear"}}], example_kwargs={"input_ids": ids[:, :5]})
+    with torch.no_grad():
+        got = main_output(om(**example))
+        for piece, seq_ids in zip(split_by(got, lengths), split_by(ids, lengths)):
+            torch.testing.assert_close(piece, main_output(alone(input_ids=seq_ids)), atol=1e-5, rtol=1e-5)
+
+
 class CausalLM(nn.Module):
     """A small causal LM that takes `cu_seqlens` but does not use it (the varlen pass does)."""
 

@@ -31,6 +31,9 @@ SEQUENCE_CAUSAL_KEY = "rewrite_mask_sequence_causal"
 """Node metadata, for a mask that hides every future key: whether, on the example, each real query sees exactly the
 real keys from its sequence's start up to itself, sequences restarting where packed ones do (`sequence_causal`);
 False for a sliding window or block pattern that hides earlier keys of the query's own sequence."""
+PACKED_KEY = "rewrite_mask_packed"
+"""Node metadata, for a sequence-causal mask: whether the example's mask restarts a sequence inside a row (a packed
+row's block-diagonal causal mask, which a pass must carry as sequence boundaries)."""
 UNSEEN_WINDOW_KEY = "rewrite_mask_unseen_window"
 """Node metadata: a window-like constant of the mask graph too large for the example to show its effect."""
 
@@ -164,8 +167,28 @@ def sequence_causal(mask: torch.Tensor) -> bool:
     query's own sequence. A sliding window of W tokens shown by the example (more than W + 1 tokens) fails: its
     first key moves on by one per query. (A window of 1 is indistinguishable from sequences of one token.)
     """
-    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+    return _sequence_starts(mask) is not None
+
+
+def packs_sequences(mask: torch.Tensor) -> bool:
+    """Whether a `sequence_causal` mask restarts a sequence inside a row (a packed row's block-diagonal mask): some
+    real query's first visible key comes after its row's first real token."""
+    found = _sequence_starts(mask)
+    if found is None:
         return False
+    real, first = found
+    for row_real, row_first in zip(real, first):
+        starts = row_first[row_real]
+        if starts.numel() and bool((starts != starts[0]).any()):
+            return True
+    return False
+
+
+def _sequence_starts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """([rows, L] real queries, [rows, L] each query's first visible key) of a `sequence_causal` mask, with its
+    leading dims flattened (broadcast ones read once); None when the mask is not sequence-causal."""
+    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+        return None
     def kept(x: torch.Tensor) -> torch.Tensor:
         return x > HIDDEN_BELOW if x.is_floating_point() else x.bool()
 
@@ -181,13 +204,13 @@ def sequence_causal(mask: torch.Tensor) -> bool:
         firsts = torch.where(seen, keys, n).amin(-1)  # the first visible real key of each query
         expected = real[:, None, :] & (keys >= firsts[..., None]) & (keys <= queries[:, None])
         if bool(((seen != expected) & rows[..., None]).any()):
-            return False
+            return None
         first[:, queries] = firsts
     for row_real, row_first in zip(real, first):
         positions, firsts = keys[row_real], row_first[row_real]
         if not bool(((firsts[1:] == firsts[:-1]) | (firsts[1:] == positions[1:])).all()):
-            return False
-    return True
+            return None
+    return real, first
 
 
 def most_keys_seen(mask: torch.Tensor) -> int:
@@ -238,6 +261,7 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
             if node.meta[CAUSAL_KEY]:
                 node.meta[SEQUENCE_CAUSAL_KEY] = node.meta[EXACTLY_CAUSAL_KEY] or sequence_causal(shown)
+                node.meta[PACKED_KEY] = not node.meta[EXACTLY_CAUSAL_KEY] and packs_sequences(shown)
             if not negated[node]:
                 node.meta[BIAS_KEY] = mask_bias_description(val)
             out[node.name] = node.meta[CAUSAL_KEY]

@@ -106,6 +106,7 @@ class PassContext:
         self.kernels = kernels
         self.existing_state = existing_state or {}
         self.source = source  # the model the graph was captured from, where there is one (passes may run its modules)
+        self.later_passes: tuple[str, ...] = ()  # names of the plan's passes that run after the current one
         self._analysis: GraphAnalysis | None = None
 
     def analysis(self) -> GraphAnalysis:

@@ -16,8 +16,8 @@ shape [B, H, L, Dv]; the q/k/v producers and the output projection stay as they 
   rule); a mask computed from model parameters (a learned position bias), one the capture's probe saw
   hide earlier keys of a query's own sequence (a window or block pattern the example shows), or one
   built around a window longer than the example is refused here; a packed row's block-diagonal causal
-  mask is accepted (a later pass replaces it by cu_seqlens), and any mask is checked again when it is
-  evaluated in eager mode.
+  mask is accepted when a later pass of the plan (`varlen`, `sequence_parallel`) replaces it by
+  cu_seqlens and refused otherwise, and any mask is checked again when it is evaluated in eager mode.
 - RoPE (option `rope`): `keep` gives the mixer q and k as the site sees them (rotated); `drop` gives
   it the tensors that enter the rotary embedding (after QK-norm where the model normalises first), the
   rotation found structurally (`rewrite.analysis.rotary`) and undone in the graph, while attention
@@ -39,7 +39,7 @@ import torch.fx as fx
 
 from rewrite.analysis import SUPPORTED_FORMS, AttentionSite, Block, GraphAnalysis
 from rewrite.analysis.graph_utils import erase_unused, erase_unused_computation, walk_inputs
-from rewrite.analysis.mask_probe import SEQUENCE_CAUSAL_KEY, UNSEEN_WINDOW_KEY
+from rewrite.analysis.mask_probe import PACKED_KEY, SEQUENCE_CAUSAL_KEY, UNSEEN_WINDOW_KEY
 from rewrite.analysis.nodes import tensor_meta
 from rewrite.analysis.rotary import Rotary, find_rotary, rotary_traces, unrotated
 from rewrite.analysis.shapes import to_expr
@@ -319,7 +319,13 @@ def _choose_kind(options: MixerOptions, site: AttentionSite, layer: str) -> Mixe
     return kind
 
 
-def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str, check_masks: bool = True) -> None:
+PACKING_CARRIERS = ("varlen", "sequence_parallel")
+"""Passes that replace a packed row's block-diagonal mask by sequence boundaries (cu_seqlens) for the mixers."""
+
+
+def _check_site(
+    gm: fx.GraphModule, site: AttentionSite, layer: str, check_masks: bool = True, packing_carried: bool = False,
+) -> None:
     if site.problem is not None:
         raise PassError("mixer", f"{layer}: cannot replace this attention: {site.problem}", site.name, site.module_path)
     mask = site.mask
@@ -359,6 +365,16 @@ def _check_site(gm: fx.GraphModule, site: AttentionSite, layer: str, check_masks
             "mixer can carry only causal and key-padding masks (the module would refuse the first input long "
             "enough to show the window). Leave this layer out with the mixer's `layers` selector, or set "
             "`check_masks: false` to linearize it over the whole prefix (its window dropped)",
+            site.name,
+            site.module_path,
+        )
+    if check_masks and mask.meta.get(PACKED_KEY) and not packing_carried:
+        raise PassError(
+            "mixer",
+            f"{layer}: on the example inputs its attention mask packs several sequences into one row (block-diagonal "
+            "causal); the mixers carry packed sequences by their boundaries (cu_seqlens), which no later pass of "
+            f"this plan supplies: add one of {', '.join(PACKING_CARRIERS)} after `mixer`, or give each sequence its "
+            "own row with key padding",
             site.name,
             site.module_path,
         )
@@ -482,7 +498,8 @@ class Mixer(GraphPass):
             if _is_cross_attention(site):
                 result.messages.append(f"left {layer} as softmax: cross-attention (queries and keys differ in length)")
                 continue
-            _check_site(gm, site, layer, options.check_masks)
+            _check_site(gm, site, layer, options.check_masks,
+                        packing_carried=any(name in PACKING_CARRIERS for name in ctx.later_passes))
             kind = _choose_kind(options, site, layer)
             rotary = _rotary_to_drop(site, layer, kind, options, result.messages)
             jobs.append(_Job(site, layer, kind, _site_shape(site, layer), rotary))
