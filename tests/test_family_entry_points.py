@@ -143,16 +143,27 @@ def test_compiled_gla_refuses_a_decode_step_over_a_kv_cache() -> None:
     assert "'stateful'" in str(error)
 
 
-@pytest.mark.parametrize("plan", [["varlen"], ["stateful"]])
+@pytest.mark.parametrize("plan", [["varlen"], ["stateful"], [{"layer_skip": {"threshold": 1.0}}]],
+                         ids=["varlen", "stateful", "layer_skip"])
 def test_compiled_decoder_with_its_kv_cache_is_refused_naming_use_cache(plan: list) -> None:
-    """Padding-free and decode programs keep no caller's cache: refused at the layer (varlen failed at a `cat` it
-    could not prove token-wise, naming no cause)."""
-    compiled = _compiled(build(qwen3), plan, [], dynamic=True)
+    """Padding-free and decode programs keep no caller's cache, and a routed block returns one value: refused at the
+    layer, saying to call with use_cache=False (varlen failed at a `cat` it could not prove token-wise and layer_skip
+    at a block with three outputs, neither naming the cause); called so, the routed model equals the original."""
+    model = build(qwen3)
+    batch = right_padded([8, 5], 8)
+    compiled = _compiled(model, plan, [], dynamic=True)
     with pytest.raises(Exception) as info, torch.no_grad():
-        compiled(**right_padded([8, 5], 8))
+        compiled(**batch)
     error = _inner(info.value)
-    assert isinstance(error, PassError) and error.module_path == "model.layers.0.self_attn"
-    assert "keys are joined along the tokens" in str(error) and "use_cache=False" in str(error)
+    assert isinstance(error, PassError) and "use_cache=False" in str(error)
+    if "layer_skip" in plan[0]:
+        assert error.module_path == "model.layers.0" and "a KV cache" in str(error)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = _compiled(model, plan, [], dynamic=True)(**batch, use_cache=False).logits
+            assert torch.equal(got, model(**batch, use_cache=False).logits)
+    else:
+        assert error.module_path == "model.layers.0.self_attn" and "keys are joined along the tokens" in str(error)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
