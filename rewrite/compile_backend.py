@@ -152,6 +152,28 @@ def check_data_dependent_sizes(plan: Plan, example_inputs: Sequence[Any], induct
         "options={'inductor': False}")
 
 
+SYMBOLIC_LENGTH_PASSES = ("varlen",)
+"""Passes whose program must serve any length, so the graph's sizes must be symbolic."""
+
+
+def check_symbolic_sizes(plan: Plan, graph_module: fx.GraphModule) -> None:
+    """Raise RewriteError naming `dynamic=True` when the plan needs symbolic sizes and every input of the graph
+    Dynamo handed over has fixed ones (Dynamo's first graph of a model, unless compiled with `dynamic=True`)."""
+    passes = [spec.name for spec in plan.enabled_passes if spec.name in SYMBOLIC_LENGTH_PASSES]
+    if not passes:
+        return
+    for node in graph_module.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" and STATE_KEY not in node.meta else None
+        if isinstance(value, torch.SymInt) or (
+                isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape)):
+            return
+    raise RewriteError(
+        f"the {' and '.join(passes)} pass makes one program for every sequence length, which needs the length "
+        "symbolic, and Dynamo handed the backend a graph whose input sizes are all fixed (its first graph of a "
+        "model is, unless compiled with dynamic=True): compile with torch.compile(model, backend='rewrite', "
+        "dynamic=True, options=...)")
+
+
 def rewrite_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -163,6 +185,7 @@ def rewrite_backend(
     check_data_dependent_sizes(opts.plan, example_inputs, opts.inductor)
     start = time.perf_counter()
     aten_gm = to_aten_ir(gm, example_inputs)
+    check_symbolic_sizes(opts.plan, aten_gm)
     normalized = time.perf_counter()
     pipeline = run_pipeline(aten_gm, opts.plan, existing_state=opts.parameters)
     pipeline.capture_seconds = normalized - start
@@ -186,4 +209,5 @@ def rewrite_backend(
     return compiled
 
 
-__all__ = ["BackendOptions", "CompileReport", "check_data_dependent_sizes", "last_reports", "rewrite_backend"]
+__all__ = ["BackendOptions", "CompileReport", "check_data_dependent_sizes", "check_symbolic_sizes", "last_reports",
+           "rewrite_backend"]

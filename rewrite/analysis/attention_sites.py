@@ -50,6 +50,7 @@ class AttentionSite:
     mask_shape_only: bool = False  # the mask depends on input shapes only, never on input values
     mask_negated: bool = False  # the mask marks positions to hide (masked_fill), not to keep
     mask_bias: str | None = None  # what additive bias the mask carries besides padding / causality (probed), if any
+    key_concat: fx.Node | None = None  # a cat joining keys from elsewhere along the tokens (a KV cache), if any
 
     @property
     def name(self) -> str:
@@ -104,6 +105,27 @@ def _fill_shape_facts(site: AttentionSite) -> None:
     v_src = site.kv_repeat_source[1] if site.kv_repeat_source else site.v
     site.k_projection = find_projection(k_src)
     site.v_projection = find_projection(v_src)
+    site.key_concat = _key_concat(k_src)
+
+
+_KEY_PASS_THROUGH = (aten.slice.Tensor, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                     aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default, *CAST_OPS)
+
+
+def _key_concat(keys: fx.Node) -> fx.Node | None:
+    """The `cat` along the token dim (-2 of [.., seq, dim]) that the keys are read from, through views, slices and
+    casts: keys of earlier calls joined to this call's, as a Hugging Face KV cache does (`past_key_values`, or
+    `use_cache=True` under torch.compile, where an empty cache is joined to the first call's keys)."""
+    cur = keys
+    while is_op(cur, *_KEY_PASS_THROUGH):
+        cur = cur.args[0]
+    if not is_op(cur, aten.cat.default):
+        return None
+    out = tensor_meta(cur)
+    dim = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("dim", 0)
+    if out is None or out.dim() < 2 or len(cur.args[0]) < 2:
+        return None
+    return cur if dim % out.dim() == out.dim() - 2 else None
 
 
 def _int_or_none(x) -> int | None:

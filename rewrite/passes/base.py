@@ -86,6 +86,23 @@ def refuse_mask_bias(pass_name: str, site: Any, layer: str, *, action: str = "re
         )
 
 
+CACHE_CALL = ("a KV cache: a Hugging Face model called with past_key_values, or with use_cache=True, its default, "
+              "under torch.compile")
+
+
+def refuse_cached_keys(pass_name: str, site: Any, layer: str, *, action: str = "rewrite", remedy: str = "") -> None:
+    """Raise a PassError naming the site's layer when its keys are joined along the tokens to keys from outside
+    this call's projections (a KV cache the caller passes in and gets back), which the pass cannot carry."""
+    if site.key_concat is not None:
+        raise PassError(
+            pass_name,
+            f"cannot {action} the attention of {layer}: its keys are joined along the tokens to keys from elsewhere "
+            f"(at {site.key_concat.name}): {CACHE_CALL}. Call the model with use_cache=False{remedy}",
+            site.name,
+            site.module_path,
+        )
+
+
 def op_counts(gm: fx.GraphModule) -> Counter:
     """How many nodes of each op the graph holds (placeholders and output excluded)."""
     return Counter(op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))

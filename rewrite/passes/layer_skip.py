@@ -32,7 +32,7 @@ from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.cost_model import NodeCost, Shapes, estimate, register_cost
 from rewrite.errors import PassError, PlanError
 from rewrite.passes import register_pass
-from rewrite.passes.base import GraphPass, PassContext, PassResult
+from rewrite.passes.base import CACHE_CALL, GraphPass, PassContext, PassResult
 from rewrite.routing.runtime import InputRule, RoutedBlock, layer_skip_route
 from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
 
@@ -236,10 +236,12 @@ def _region(block: Block, dims: SymbolicDims, order: dict[fx.Node, int], in_any_
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     if len(outputs) != 1:
         names = [n.name for n in outputs] or ["nothing"]
+        cache = any(site.key_concat in outputs for site in block.sites)
         raise _fail(
             block,
             f"{len(outputs)} values leave the block ({', '.join(names)}); routing needs exactly one (its hidden "
-            "state). Blocks that also return attention weights or caches are not supported",
+            "state). Blocks that also return attention weights or caches are not supported"
+            + (f" ({CACHE_CALL}: call the model with use_cache=False)" if cache else ""),
             outputs[0] if outputs else None,
         )
     output = outputs[0]

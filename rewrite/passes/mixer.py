@@ -60,6 +60,7 @@ from rewrite.passes.base import (
     GraphPass,
     PassContext,
     PassResult,
+    refuse_cached_keys,
     refuse_mask_bias,
     refuse_unrecognized_attention,
 )
@@ -496,6 +497,9 @@ class Mixer(GraphPass):
             layer = analysis.site_label(site)
             result.matched += 1
             if _is_cross_attention(site):
+                refuse_cached_keys("mixer", site, layer, action="linearize", remedy=(
+                    ": a linear mixer carries a recurrent state between calls, not keys; decode a linearized model "
+                    "with rewrite.optimize(model, [{'mixer': ...}, 'stateful']).generate(...)"))
                 result.messages.append(f"left {layer} as softmax: cross-attention (queries and keys differ in length)")
                 continue
             _check_site(gm, site, layer, options.check_masks,

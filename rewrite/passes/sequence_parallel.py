@@ -52,6 +52,7 @@ from rewrite.passes.base import (
     GraphPass,
     PassContext,
     PassResult,
+    refuse_cached_keys,
     refuse_mask_bias,
     refuse_unrecognized_attention,
 )
@@ -310,6 +311,7 @@ class SequenceParallel(GraphPass):
             raise PassError(self.name, f"{layer}: cannot split this attention: {site.problem}", site.name,
                             site.module_path)
         refuse_mask_bias(self.name, site, layer, action="split")
+        refuse_cached_keys(self.name, site, layer, action="split")
         q, k = tensor_meta(site.q), tensor_meta(site.k)
         if q is None or k is None or site.q_heads is None or site.kv_heads is None or site.head_dim is None:
             raise PassError(self.name, f"{layer}: head counts or head dim are not known", site.name, site.module_path)

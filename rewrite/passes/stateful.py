@@ -49,6 +49,7 @@ from rewrite.passes.base import (
     GraphPass,
     PassContext,
     PassResult,
+    refuse_cached_keys,
     refuse_mask_bias,
     refuse_unrecognized_attention,
 )
@@ -127,6 +128,8 @@ def _check_softmax_site(site: AttentionSite, layer: str) -> None:
     if site.problem is not None:
         raise refuse(f"cannot carry a KV cache for this attention: {site.problem}")
     refuse_mask_bias("stateful", site, layer, action="carry a KV cache for")
+    refuse_cached_keys("stateful", site, layer, action="carry a KV cache for",
+                       remedy=": the decode program keeps its own cache")
     q, k = tensor_meta(site.q), tensor_meta(site.k)
     if q is not None and k is not None and q.dim() >= 2 and k.dim() >= 2 and to_expr(q.shape[-2]) != to_expr(k.shape[-2]):
         raise refuse("cross-attention (queries and keys of different lengths) has no self-attention cache to grow")

@@ -45,6 +45,7 @@ from rewrite.passes.base import (
     GraphPass,
     PassContext,
     PassResult,
+    refuse_cached_keys,
     refuse_mask_bias,
     refuse_unrecognized_attention,
 )
@@ -249,6 +250,8 @@ class Varlen(GraphPass):
         sites = analysis.sites
         for site in sites:
             refuse_mask_bias(self.name, site, site.module_path or "<root>", action="unpad")
+            refuse_cached_keys(self.name, site, site.module_path or "<root>", action="unpad",
+                               remedy=": a padding-free program returns no cache")
         user_inputs = [p for p in graph.nodes if p.op == "placeholder" and not p.meta.get("state_name")
                        and tensor_meta(p) is not None]
         symbols = find_symbols(user_inputs)
