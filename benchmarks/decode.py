@@ -21,7 +21,7 @@ rewrite.decode.fuse_projections), after a check that its token-by-token logits e
 Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
 once at the measured copy bandwidth next to the batch-1 decode step.
 Run: python -m benchmarks.decode [--lengths 8192,32768] [--batches 1,64] [--out runs/decode.json] [--tiny]
-[--compile-step] [--inplace-step] [--fuse-projections]
+[--compile-step] [--inplace-step] [--fuse-projections] [--profile-step]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import rewrite
-from benchmarks.runner import Measurement, environment, measure, write_results
+from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
 from benchmarks.variants import apply_changes, restore
 from rewrite.decode import decode_program
 from rewrite.decode.compiled import CompiledStep
@@ -167,8 +167,9 @@ def random_kv(program: Any, batch: int, length: int, device: str, vocab: int) ->
 
 
 def time_step(program: Any, state: Any, graphed: bool, device: str, runs: int,
-              compiled: bool = False) -> Measurement:
-    """One decode step: eager, replayed from a CUDA graph, compiled (static state), or both."""
+              compiled: bool = False, profile: bool = False) -> Measurement:
+    """One decode step: eager, replayed from a CUDA graph, compiled (static state), or both; with `profile` (CUDA),
+    its kernels too (printed; their count and time in the row)."""
     ids = torch.zeros(state.batch, 1, dtype=torch.long, device=device)
     step: Any = None
     if graphed:
@@ -187,7 +188,12 @@ def time_step(program: Any, state: Any, graphed: bool, device: str, runs: int,
             program(ids, pos, state)
         state.advance()
 
-    return measure("", one, warmup=3, runs=runs)
+    row = measure("", one, warmup=3, runs=runs)
+    if profile and device == "cuda":
+        lines = kernel_breakdown(f"decode step batch {state.batch}", one, warmup=0, top=40)
+        print("\n".join(lines), flush=True)
+        row.extra["kernels"] = lines[0].split(": ", 1)[1]
+    return row
 
 
 ORIGINAL = "original (HF, SDPA, DynamicCache)"
@@ -304,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-inductor-options", default="",
                         help="Inductor options of the compiled step, e.g. max_autotune=1,coordinate_descent_tuning=1 "
                              "(rewrite.decode.program.STEP_INDUCTOR_OPTIONS)")
+    parser.add_argument("--profile-step", action="store_true",
+                        help="profile one step of each graphed linearized variant: its kernels, their count and time")
     parser.add_argument("--out", default="runs/decode.json")
     args = parser.parse_args(argv)
     if args.step_inductor_options:
@@ -362,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
                 if fused is not None:  # the same state: the fused program has the same sites
                     runs += [(fused_name(name), fused, graphed, compiled) for name, graphed, compiled in variants]
                 for name, program, graphed, compiled in runs if state is not None else []:
-                    row = attempt(name, params, time_step, program, state, graphed, device, args.runs, compiled)
+                    row = attempt(name, params, time_step, program, state, graphed, device, args.runs, compiled,
+                                  args.profile_step and graphed)
                     row.extra["state GiB"] = f"{sum(state.nbytes().values()) / 2**30:.3f}"
                     rows.append(with_rate(row, batch))
                     lin_ms = row.median_ms if lin_ms != lin_ms else min(lin_ms, row.median_ms)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.linear_attention import copy_bandwidth
-from benchmarks.runner import Measurement, environment, measure, write_results
+from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
 from benchmarks.variants import apply_changes, restore
 from rewrite.kernels import delta_rule, short_conv, sliding_window_attention
 
@@ -151,25 +151,7 @@ def _delta_memory(args) -> tuple[float, float]:
 
 def delta_breakdown(t: int) -> list[str]:
     """GPU time per kernel of one delta-rule fwd+bwd (profiler), and the profiled call's wall time."""
-    import time
-
-    from torch.profiler import ProfilerActivity, profile
-
-    step = _fwd_bwd(_delta, _delta_inputs(t))
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1e3
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(e.self_device_time_total for e in events) / 1e3
-    lines = [f"breakdown L={t} fwd+bwd: wall {wall:.3f} ms (profiled), kernels {total:.3f} ms"]
-    for e in sorted(events, key=lambda e: -e.self_device_time_total):
-        lines.append(f"    {e.self_device_time_total / 1e3:8.3f} ms  x{e.count}  {e.key[:90]}")
-    return lines
+    return kernel_breakdown(f"L={t} fwd+bwd", _fwd_bwd(_delta, _delta_inputs(t)))
 
 
 def delta_variants(lengths: list[int], names: list[str] | None, breakdown: bool) -> list[Measurement]:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks import runner
 from benchmarks.runner import Measurement, environment, measure, write_results
 from benchmarks.variants import apply_changes, restore
 from rewrite.kernels import linear_attention
@@ -168,26 +169,10 @@ def launch_counts(decay: str, length: int = 2048) -> tuple[int, int]:
 
 def kernel_breakdown(decay: str, b: int, t: int, backward: bool = True) -> list[str]:
     """GPU time per kernel of one call (profiler), and the call's wall time: what launches cost."""
-    from torch.profiler import ProfilerActivity, profile
-
     q, k, v, g = _inputs(b, t, decay, True)
     fn = _ours(decay)
     step = _fwd_bwd(fn, (q, k, v, g)) if backward else functools.partial(fn, q, k, v, g)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1e3
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(e.self_device_time_total for e in events) / 1e3
-    pass_ = "fwd+bwd" if backward else "fwd"
-    lines = [f"breakdown {decay} B={b} L={t} {pass_}: wall {wall:.3f} ms (profiled), kernels {total:.3f} ms"]
-    for e in sorted(events, key=lambda e: -e.self_device_time_total):
-        lines.append(f"    {e.self_device_time_total / 1e3:8.3f} ms  x{e.count}  {e.key[:90]}")
-    return lines
+    return runner.kernel_breakdown(f"{decay} B={b} L={t} {'fwd+bwd' if backward else 'fwd'}", step)
 
 
 def diagnose_dv() -> list[str]:

@@ -87,6 +87,29 @@ def measure(name: str, fn: Callable[[], Any], params: dict[str, Any] | None = No
     return Measurement(name, params or {}, statistics.median(times), low, high, len(times))
 
 
+def kernel_breakdown(label: str, fn: Callable[[], Any], warmup: int = 3, top: int | None = None) -> list[str]:
+    """GPU time per kernel of one call of `fn` (profiler; CUDA only), with the call's wall time and the number of
+    kernels it launched: where a step's time goes beyond its kernels (launches, gaps). `top` keeps the longest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    events = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
+                    key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    launches = sum(e.count for e in events)
+    lines = [f"breakdown {label}: wall {wall:.3f} ms (profiled), kernels {total:.3f} ms in {launches} launches"]
+    for e in events[:top]:
+        lines.append(f"    {e.self_device_time_total / 1e3:8.3f} ms  x{e.count}  {e.key[:90]}")
+    return lines
+
+
 def write_results(path: str | Path, title: str, rows: list[Measurement], env: dict[str, str] | None = None) -> str:
     """Write JSON next to `path` and return the markdown table (with the environment line)."""
     env = env or environment()
