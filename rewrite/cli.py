@@ -5,8 +5,9 @@
     rewrite explain llama --plan attention_normalize --seq 2048,32k --batch 1
     rewrite passes
 
-TARGET is a built-in name, `path/to/file.py:factory` or `package.module:factory` (see
-rewrite.targets). PLAN is a plan file, inline YAML, or a comma-separated list of pass names.
+TARGET is a built-in name, `path/to/file.py:factory`, `package.module:factory`, or a folder holding
+a Hugging Face config.json (and weights) or such a config file, with synthesized inputs (see
+rewrite.targets and rewrite.hf_targets; `path/to/model?batch=2,length=64,padding=right`). PLAN is a plan file, inline YAML, or a comma-separated list of pass names.
 Errors in the plan, the target or the capture print one message and exit with status 2.
 """
 
@@ -36,10 +37,13 @@ from rewrite.errors import PlanError, RewriteError
 from rewrite.pipeline import PipelineReport, run_pipeline
 from rewrite.plan import Plan
 from rewrite.render import FORMATS, render, select, stage_views
+from rewrite.targets import LoadedTarget, resolve_target
 
 PLAN_SUFFIXES = (".yaml", ".yml", ".toml", ".json", ".py")
 SUFFIX_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".json": "json", ".txt": "text", ".py": "text"}
 Log = Callable[[str], None]
+TARGET_HELP = ("built-in name, path/file.py:factory, module:factory, or a Hugging Face model folder / config.json "
+               "(?key=value,...: the factory's arguments; for a folder batch, length, padding, seed, attn, dtype)")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Prepared:
     gm: torch.fx.GraphModule
     report: PipelineReport
     plan: Plan
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def parse_plan(text: str | None) -> Plan:
@@ -96,13 +101,22 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
+def load_announced(target: str, log: Log, *, uses_example_inputs: bool = True) -> LoadedTarget:
+    """Load the target; its notes (random weights; synthesized inputs, when the command uses them) go to
+    stderr even with --quiet."""
+    log(f"loading target {target}")
+    loaded = resolve_target(target)
+    notes = [*loaded.notes, *([loaded.inputs_note] if uses_example_inputs and loaded.inputs_note else [])]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return loaded
+
+
 def prepare(target: str, plan: Plan, log: Log) -> Prepared:
     """Load the target, capture it and run the plan, keeping every stage's graph."""
-    from rewrite.targets import load_target
-
     start = time.perf_counter()
-    log(f"loading target {target}")
-    model, args, kwargs = load_target(target)
+    loaded = load_announced(target, log)
+    model, args, kwargs = loaded.model, loaded.args, loaded.kwargs
     n_params = sum(p.numel() for p in model.parameters())
     log(f"capturing {type(model).__name__} ({n_params / 1e6:.2f} M parameters)")
     with warnings.catch_warnings(), _quiet_loggers("torch._export", "torch.export", "torch.fx.experimental"):
@@ -120,7 +134,8 @@ def prepare(target: str, plan: Plan, log: Log) -> Prepared:
             print(f"warning: {w.message}", file=sys.stderr)
     if report.lowered:
         log(f"lowered {len(report.lowered)} nodes")
-    return Prepared(target, model, gm, report, plan)
+    notes = [*loaded.notes, *([loaded.inputs_note] if loaded.inputs_note else [])]
+    return Prepared(target, model, gm, report, plan, notes)
 
 
 # --- dump ----------------------------------------------------------------------------------------
@@ -138,7 +153,9 @@ def cmd_dump(args: argparse.Namespace, log: Log) -> int:
     picked = select(views, args.stage)
     log(f"rendering {len(picked)} stage(s) as {fmt}")
     text = render(picked, fmt, results=prepared.report.results, target=args.target,
-                  plan=plan.to_data())
+                  plan=plan.to_data(), target_notes=prepared.notes)
+    if fmt == "text" and prepared.notes:
+        text = "".join(f"# {note}\n" for note in prepared.notes) + text
     _emit(text, args.output, log)
     return 0
 
@@ -244,7 +261,8 @@ def explain_data(prepared: Prepared, lengths: list[int], batch: int) -> dict[str
                 for k, _, _ in QUANTITIES}
 
     return {
-        "target": prepared.target, "plan": prepared.plan.to_data(), "batch": batch, "seq": lengths,
+        "target": prepared.target, "target_notes": prepared.notes, "plan": prepared.plan.to_data(),
+        "batch": batch, "seq": lengths,
         "sites": [{"module": s.module_path, "form": s.form, "q_heads": s.q_heads, "kv_heads": s.kv_heads,
                    "head_dim": s.head_dim, "causal": s.causal, "node": s.name} for s in analysis.sites],
         "blocks": [{"path": b.path, "class": b.cls, **cost_data(b.cost)} for b in cost.blocks],
@@ -269,6 +287,7 @@ def cmd_explain(args: argparse.Namespace, log: Log) -> int:
     passes = ", ".join(p.name for p in plan.enabled_passes) or "(none)"
     lines = [
         f"target: {args.target} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)",
+        *prepared.notes,
         f"plan: {passes}",
         f"formulas in batch and seq; values at batch={args.batch}",
         *_fixed_dim_notes(cost),
@@ -355,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{dump,explain,passes,distill,layer-skip}")
 
     dump = sub.add_parser("dump", parents=[common], help="print the graph before/after each pass")
-    dump.add_argument("target", help="built-in name, path/file.py:factory or module:factory (?key=value,...)")
+    dump.add_argument("target", help=TARGET_HELP)
     dump.add_argument("--plan", default=None, help="plan file, inline YAML, or pass names (default: no passes)")
     dump.add_argument("--stage", default="final", help="captured, a pass name, final (default) or all")
     dump.add_argument("--format", choices=FORMATS, default=None, help="default: from -o's suffix, else text")
@@ -363,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     dump.set_defaults(run=cmd_dump)
 
     explain = sub.add_parser("explain", parents=[common], help="FLOPs, bytes and activation memory of a plan")
-    explain.add_argument("target")
+    explain.add_argument("target", help=TARGET_HELP)
     explain.add_argument("--plan", default=None)
     explain.add_argument("--seq", type=parse_lengths, default=[2048, 32768], help="lengths, e.g. 2048,32k")
     explain.add_argument("--batch", type=int, default=1)

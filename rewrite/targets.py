@@ -4,12 +4,16 @@ A spec is one of:
 
 - a built-in name from `examples.models.TARGETS`: `llama`, `bert`, `gpt2`, ...
 - `path/to/file.py:factory`: a function in a Python file;
-- `package.module:factory`: a function in an importable module.
+- `package.module:factory`: a function in an importable module;
+- a folder holding a Hugging Face `config.json` (and weights, as `save_pretrained` writes them), or
+  the path of such a config file: see `rewrite.hf_targets`. A folder named like a built-in is
+  written as a path (`./llama`).
 
 Each may end with `?key=value,key=value` (`&` also separates) to pass keyword arguments to the
 factory: `llama?batch=4,length=128`. Values are read as YAML scalars (`4` is an int, `true` a
 bool, `sdpa` a string). Quote the spec in a shell: `?` is a glob character.
 
+Hugging Face targets take `?batch=,length=,padding=,seed=,attn=,dtype=` (rewrite.hf_targets).
 A factory returns `(model, example_inputs)`, where example_inputs is a dict of keyword arguments,
 a tuple/list of positional arguments or a single tensor; or `(model, args, kwargs)`.
 """
@@ -21,6 +25,7 @@ import importlib.util
 import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class TargetError(RewriteError):
     """A target spec names nothing loadable, or its factory failed or returned the wrong thing."""
+
+
+@dataclass
+class LoadedTarget:
+    """A target's model, example inputs, and notes on how the model and the inputs were made (Hugging Face folders)."""
+
+    model: torch.nn.Module
+    args: tuple
+    kwargs: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    inputs_note: str = ""
 
 
 def builtin_targets() -> dict[str, Callable[..., Any]]:
@@ -80,9 +96,15 @@ def _resolve(ref: str, spec: str) -> Callable[..., Any]:
         if ref in builtins:
             return builtins[ref]
         names = ", ".join(sorted(builtins)) or "(none: examples/models.py not found)"
+        if "/" in ref or "\\" in ref or ref.lower().endswith(".json"):
+            raise TargetError(
+                f"target {spec!r}: no folder or file {ref!r}; a path target is a local folder holding a Hugging "
+                f"Face config.json (and weights) or such a config file; nothing is downloaded: fetch a hub model "
+                f"first (e.g. `hf download ORG/NAME --local-dir DIR`) or save it with save_pretrained"
+            )
         raise TargetError(
-            f"unknown target {spec!r}: not a built-in name; use path/to/file.py:factory or "
-            f"package.module:factory, or one of: {names}"
+            f"unknown target {spec!r}: not a built-in name or a folder; use a folder holding a Hugging Face "
+            f"config.json, path/to/file.py:factory or package.module:factory, or one of: {names}"
         )
     where, _, attr = ref.rpartition(":")
     if where.endswith(".py") or "/" in where or "\\" in where:
@@ -123,9 +145,15 @@ def _split_inputs(result: Any, spec: str) -> tuple[torch.nn.Module, tuple, dict[
     return model, (inputs,), {}
 
 
-def load_target(spec: str) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:
-    """The model, positional and keyword example inputs named by `spec` (see the module docstring)."""
+def resolve_target(spec: str) -> LoadedTarget:
+    """The model and example inputs named by `spec` (see the module docstring), with notes on how they were made."""
     ref, params = parse_spec(spec)
+    from rewrite.hf_targets import is_hf_reference, load_hf_target
+
+    written_as_builtin = ref in builtin_targets() and not any(sep in ref for sep in "/\\")
+    if not written_as_builtin and is_hf_reference(ref):
+        hf = load_hf_target(ref, params)
+        return LoadedTarget(hf.model, (), hf.kwargs, hf.notes, hf.inputs_note)
     factory = _resolve(ref, spec)
     try:
         inspect.signature(factory).bind(**params)
@@ -134,7 +162,13 @@ def load_target(spec: str) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:
         raise TargetError(f"target {spec!r}: {exc} (the factory takes: {accepted})") from exc
     except ValueError:  # no signature (a builtin): let the call decide
         pass
-    return _split_inputs(factory(**params), spec)
+    return LoadedTarget(*_split_inputs(factory(**params), spec))
 
 
-__all__ = ["TargetError", "builtin_targets", "load_target", "parse_spec"]
+def load_target(spec: str) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:
+    """The model, positional and keyword example inputs named by `spec` (see the module docstring)."""
+    loaded = resolve_target(spec)
+    return loaded.model, loaded.args, loaded.kwargs
+
+
+__all__ = ["LoadedTarget", "TargetError", "builtin_targets", "load_target", "parse_spec", "resolve_target"]

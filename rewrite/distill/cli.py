@@ -40,7 +40,8 @@ def _losses(text: str) -> tuple[str, ...]:
 def add_distill_command(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register `distill` on the `rewrite` command's subparsers."""
     p = sub.add_parser("distill", parents=[common], help="linearize a target and recover its quality (recipe)")
-    p.add_argument("target", help="built-in name, path/file.py:factory or module:factory (?key=value,...)")
+    p.add_argument("target", help="built-in name, path/file.py:factory, module:factory or a Hugging Face model "
+                                  "folder / config.json (?key=value,...)")
     p.add_argument("--plan", required=True, help="plan file, inline YAML, or pass names (with a mixer pass)")
     p.add_argument("--data", choices=DATA_SOURCES, default="example")
     p.add_argument("--batch", type=int, default=8, help="stdlib-bytes: sequences per step")
@@ -88,11 +89,11 @@ def _data(args: argparse.Namespace, model: torch.nn.Module, ex_args: tuple, ex_k
 
 def cmd_distill(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     """Run the recipe on the target; print the losses; optionally save the module."""
-    from rewrite.cli import parse_plan
-    from rewrite.targets import load_target
+    from rewrite.cli import load_announced, parse_plan
 
     plan = parse_plan(args.plan)
-    model, ex_args, ex_kwargs = load_target(args.target)
+    loaded = load_announced(args.target, log, uses_example_inputs=args.data == "example")
+    model, ex_args, ex_kwargs = loaded.model, loaded.args, loaded.kwargs
     config = DistillConfig(
         TransferConfig(steps=args.transfer_steps, lr=args.transfer_lr, mode=args.mode),
         FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, method=args.finetune, losses=args.loss,

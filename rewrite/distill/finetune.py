@@ -54,6 +54,13 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor
         raise RewriteError(
             f"loss 'ce' needs logits [B, L, V] for token ids [B, L], got {tuple(logits.shape)} and {tuple(ids.shape)}"
         )
+    largest = int(ids.max()) if ids.numel() else -1
+    if largest >= logits.shape[-1]:
+        raise RewriteError(
+            f"loss 'ce' needs logits over the vocabulary (a language model's output), but the model's output has "
+            f"{logits.shape[-1]} features and the token ids reach {largest}: an encoder's hidden states are not "
+            f"logits; use --loss kl or mse (match the teacher's outputs), or a model with a language-model head"
+        )
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
     if valid is None:
         return loss.mean()

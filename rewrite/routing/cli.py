@@ -6,7 +6,8 @@
     rewrite layer-skip report TARGET --routers routed/checkpoints/final.pt --top-k 2
 
 TARGET is a causal LM with a vocabulary of at least 256 tokens (the text is byte-level: the Python
-standard library's own sources), named as for the other commands (`file.py:factory`, `module:factory`).
+standard library's own sources), named as for the other commands (`file.py:factory`, `module:factory`,
+a Hugging Face model folder).
 """
 
 from __future__ import annotations
@@ -46,11 +47,10 @@ def _vocab_size(model: torch.nn.Module) -> int | None:
     return embeddings[0].num_embeddings if embeddings else None
 
 
-def _load_lm(spec: str, plan: str | None) -> tuple[torch.nn.Module, Any]:
-    from rewrite.cli import parse_plan
-    from rewrite.targets import load_target
+def _load_lm(spec: str, plan: str | None, log: Log) -> tuple[torch.nn.Module, Any]:
+    from rewrite.cli import load_announced, parse_plan
 
-    model, _args, _kwargs = load_target(spec)
+    model = load_announced(spec, log, uses_example_inputs=False).model  # the text is the byte corpus
     size = _vocab_size(model)
     if size is not None and size < VOCAB_SIZE:
         raise RewriteError(
@@ -61,7 +61,7 @@ def _load_lm(spec: str, plan: str | None) -> tuple[torch.nn.Module, Any]:
 
 def cmd_train(args: argparse.Namespace, log: Log) -> int:
     """Train routers (and LoRA adapters) on the byte corpus; save the module, checkpoints and history."""
-    model, plan = _load_lm(args.target, args.plan)
+    model, plan = _load_lm(args.target, args.plan, log)
     corpus = ByteCorpus.load()
     generator = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
@@ -107,7 +107,7 @@ def cmd_report(args: argparse.Namespace, log: Log) -> int:
     import rewrite
     from rewrite.routing.training import DEFAULT_PLAN
 
-    model, plan = _load_lm(args.target, args.plan)
+    model, plan = _load_lm(args.target, args.plan, log)
     corpus = ByteCorpus.load()
     windows = corpus.sequential(args.length, split="heldout", limit=args.sequences)[:, :-1]
     keyword = takes_input_ids(model)
@@ -135,7 +135,7 @@ def add_layer_skip_command(sub: Any, common: argparse.ArgumentParser) -> None:
     parser = sub.add_parser("layer-skip", parents=[common], help="train layer-skip routers; report decisions")
     inner = parser.add_subparsers(dest="layer_skip_command", required=True, metavar="{train,report}")
     train = inner.add_parser("train", parents=[common], help="train routers on the byte corpus")
-    train.add_argument("target", help="a causal LM: path/file.py:factory or module:factory")
+    train.add_argument("target", help="a causal LM: path/file.py:factory, module:factory or a Hugging Face model folder")
     train.add_argument("--plan", default=None, help="plan with a layer_skip pass (default: every layer)")
     train.add_argument("--steps", type=int, default=200)
     train.add_argument("--lr", type=float, default=1e-2)
