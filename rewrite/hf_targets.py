@@ -188,7 +188,7 @@ def _pretrained_model(cls: Any, folder: Path, config: Any, dtype: str) -> tuple[
             f"({type(exc).__name__}: {reason}); supported: weights saved by save_pretrained for this config"
         ) from exc
     mismatched = [f"{name} (file {tuple(saved)}, config {tuple(built)})"
-                  for name, saved, built in info.get("mismatched_keys") or []]
+                  for name, saved, built in sorted(info.get("mismatched_keys") or [])]
     missing = sorted(info.get("missing_keys") or [])
     if mismatched or missing:
         problems = []
