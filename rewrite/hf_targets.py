@@ -18,6 +18,7 @@ the first, so `varlen` has padding to remove.
 from __future__ import annotations
 
 import contextlib
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,12 +177,14 @@ def _random_model(cls: Any, config: Any, seed: int, dtype: str) -> torch.nn.Modu
 
 
 def _pretrained_model(cls: Any, folder: Path, config: Any, dtype: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from safetensors import SafetensorError
+
     try:
         with _quiet_transformers():
             model, info = cls.from_pretrained(
                 str(folder), config=config, local_files_only=True, trust_remote_code=False,
                 output_loading_info=True, ignore_mismatched_sizes=True, dtype=_dtype(dtype))
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HFTargetError(
             f"target {str(folder)!r}: cannot load the weights in {', '.join(p.name for p in weight_files(folder))} "

@@ -177,6 +177,22 @@ def test_weights_that_do_not_fit_the_config(saved, capsys, tmp_path):
     err = _error(capsys, "explain", str(foreign))
     assert str(foreign) in err and "tensors missing from the files" in err and "lm_head.weight" in err
 
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(saved["root"] / "bert", corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x10" * 64)
+    err = _error(capsys, "dump", str(corrupt))
+    assert str(corrupt) in err and "cannot load the weights in model.safetensors" in err
+
+
+def test_pytorch_bin_weights(saved, tmp_path):
+    folder = tmp_path / "bin"
+    shutil.copytree(saved["root"] / "bert", folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(saved["bert"].state_dict(), folder / "pytorch_model.bin")
+    loaded = resolve_target(str(folder))
+    weight = "encoder.layer.1.attention.self.query.weight"
+    assert torch.equal(loaded.model.state_dict()[weight], saved["bert"].state_dict()[weight])
+    assert f"weights loaded from {folder / 'pytorch_model.bin'}" in loaded.notes[0]
+
 
 def test_bad_options(saved, capsys):
     err = _error(capsys, "dump", f"{saved['root'] / 'bert'}?length=500")
