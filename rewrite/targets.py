@@ -159,7 +159,9 @@ def resolve_target(spec: str) -> LoadedTarget:
         inspect.signature(factory).bind(**params)
     except TypeError as exc:
         accepted = ", ".join(inspect.signature(factory).parameters) or "none"
-        raise TargetError(f"target {spec!r}: {exc} (the factory takes: {accepted})") from exc
+        shadowed = f"; a folder {ref!r} exists too: write ./{ref} to load it" if written_as_builtin and is_hf_reference(
+            ref) else ""
+        raise TargetError(f"target {spec!r}: {exc} (the factory takes: {accepted}){shadowed}") from exc
     except ValueError:  # no signature (a builtin): let the call decide
         pass
     return LoadedTarget(*_split_inputs(factory(**params), spec))

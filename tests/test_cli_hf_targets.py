@@ -221,3 +221,12 @@ def test_layer_skip_on_a_folder(saved, capsys, tmp_path):
     assert code == 0, err
     assert "held-out perplexity" in out and (tmp_path / "checkpoints" / "final.pt").is_file()
     assert "weights loaded from" in err and "inputs:" not in err  # trained on the byte corpus, not the inputs
+
+
+def test_folder_named_like_a_builtin_is_written_as_a_path(saved, capsys, monkeypatch):
+    monkeypatch.chdir(saved["root"])  # holds a folder `qwen3`, also a built-in name
+    err = _error(capsys, "dump", "qwen3?padding=right")
+    assert "unexpected keyword argument 'padding'" in err and "write ./qwen3 to load it" in err
+    loaded = resolve_target("./qwen3")
+    weight = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(loaded.model.state_dict()[weight], saved["qwen3"].state_dict()[weight])
