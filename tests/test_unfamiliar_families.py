@@ -736,3 +736,22 @@ def test_window_layer_linearized_with_check_masks_off_runs_padding_free():
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         torch.testing.assert_close(packed(**batch).logits[real], linear(**batch).logits[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config, cls", [("ViTConfig", "ViTModel"), ("Dinov2Config", "Dinov2Model")])
+def test_vision_encoders_normalize_linearize_and_refuse_padding_free(config, cls):
+    """Vision transformers (patch embeddings, no token ids, no mask): attention_normalize equals the original, the
+    bidirectional mixer replaces every layer with finite outputs, and varlen is refused naming the image input."""
+    cfg = getattr(transformers, config)(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, image_size=32, patch_size=8)
+    model = getattr(transformers, cls)(cfg).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    normalized = rewrite.optimize(model, ["attention_normalize"], (pixels,), verify=True)
+    assert normalized.verification.passed
+    assert normalized.report.results[0].changed and len(normalized.report.results[0].changed) == 2
+    linear = rewrite.optimize(model, [{"mixer": {"kind": "bidirectional"}}], (pixels,))
+    assert [c.split(": ")[-1] for c in linear.report.results[0].changed] == ["bidirectional"] * 2
+    with torch.no_grad():
+        assert torch.isfinite(linear(torch.randn(3, 3, 32, 32)).last_hidden_state).all()
+    with pytest.raises(PassError, match=r"varlen.*no token sequences.*captured inputs: pixel_values \[\w+, 3, \w+, \w+\]"):
+        rewrite.optimize(model, ["varlen"], (pixels,))

@@ -256,10 +256,13 @@ class Varlen(GraphPass):
                        and tensor_meta(p) is not None]
         symbols = find_symbols(user_inputs)
         if not symbols.seq:
+            shown = ", ".join(f"{p.name} {list(tensor_meta(p).shape)}" for p in user_inputs) or "none"
             raise fail("no input has a dynamic sequence dim (dim 1 of a [batch, seq, ...] input): the example had "
                         "fewer than two tokens, or the model fixed the length while being captured (Python code "
                         "sized by the tokens, such as a loop over them in a reference selective scan), so the graph "
-                        "holds for that length only")
+                        "holds for that length only, or the model takes no token sequences (an image model's "
+                        "patches are never padded). Padding-free execution needs token inputs such as input_ids "
+                        f"[batch, seq] with a padding mask or packed positions; the captured inputs: {shown}")
         mixers = _mixer_nodes(graph)
         if not sites and not mixers:
             raise fail("the model has no attention the pass can find, so nothing tells tokens apart by sequence; "
