@@ -6,6 +6,13 @@ from rewrite.kernels.packed_bounds import check_packed
 
 from .op import sliding_window_decode_op, sliding_window_op
 
+BACKEND = "triton"
+"""What `sliding_window_attention` runs. "triton": the `rewrite::sliding_window_attention` op (Triton kernels on
+CUDA, the PyTorch reference on the CPU). "flex": `flex.flex_sliding_window_attention` on every device (compiled
+FlexAttention on CUDA; on the CPU eager FlexAttention, forward only, there to test the switch). "triton" stays the
+default until a GPU measurement shows flex faster (BENCHMARKS.md, sliding window); the decode step is not affected."""
+BACKENDS = ("triton", "flex")
+
 
 def _fail(name: str, message: str) -> None:
     raise ValueError(f"sliding_window_attention: {name} {message}")
@@ -49,7 +56,7 @@ def sliding_window_attention(
     o [B, T, H, V]; q head h reads kv head h // (H / Hkv). scale defaults to K**-0.5. cu_seqlens
     [N + 1] packs N sequences into B == 1; positions (and sinks) count from each sequence's start,
     and no query sees past its sequence's end. The CUDA kernel only visits key blocks inside the
-    window (and the sink blocks), so time grows linearly in T.
+    window (and the sink blocks), so time grows linearly in T. The module's BACKEND picks the kernels.
     """
     _check_qkv(q, k, v)
     _check_window(window, sinks)
@@ -59,6 +66,13 @@ def sliding_window_attention(
         _fail("k, v", f"must share q's [B, T] = {list(q.shape[:2])}, got {list(k.shape[:2])}")
     check_packed("sliding_window_attention", cu_seqlens, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if BACKEND == "flex":
+        from .flex import flex_sliding_window_attention
+
+        return flex_sliding_window_attention(q, k, v, window, sinks=sinks, scale=scale, cu_seqlens=cu_seqlens,
+                                             lookahead=lookahead)
+    if BACKEND != "triton":
+        raise ValueError(f"sliding_window_attention: BACKEND must be one of {BACKENDS}, got {BACKEND!r}")
     return sliding_window_op(q, k, v, window, sinks, scale, cu_seqlens, lookahead)[0]
 
 
