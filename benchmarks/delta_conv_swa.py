@@ -3,11 +3,15 @@
 bf16, B=1, H=16, D=128 at L in {2K, 8K, 32K, 128K}: gated delta rule fwd+bwd; sliding-window
 attention (w = 512, 4096) fwd and fwd+bwd; short causal conv (hidden 4096, width 4) against its
 memory floor. Checks each kernel on the GPU against a float64 run first.
-Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv] [--sweep] [--conv-sweep]
+Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv,flex] [--sweep] [--conv-sweep]
      [--delta-variants [NAMES]] [--delta-breakdown] [--out runs/delta_conv_swa.json]
 --sweep also times the sliding-window kernels at L = 32K under several block configurations
 (forward: BLOCK_M, BLOCK_N, warps, stages; backward: the dq and dk/dv kernels' blocks);
 --conv-sweep times the short-conv forward launcher under several tiles at L = 32K.
+--only ...,flex adds "flex sliding window" rows next to ours: the same attention through compiled FlexAttention
+(`rewrite.kernels.sliding_window.flex`), checked against our op on the GPU first; its rows time the steady
+state and give the first call's seconds (compilation, block mask) as "first call s". Not in the default
+--only: each length and window compiles its own kernels.
 --delta-variants checks each DELTA_VARIANTS entry (old and new delta-rule backward forms, launch
 shapes) against float64 and times its fwd and fwd+bwd at --delta-lengths, after SDPA's fwd+bwd at each
 of those lengths in the same run; with --delta-breakdown, also
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,7 @@ from benchmarks.linear_attention import copy_bandwidth
 from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
 from benchmarks.variants import apply_changes, restore
 from rewrite.kernels import delta_rule, short_conv, sliding_window_attention
+from rewrite.kernels.sliding_window.flex import flex_sliding_window_attention
 
 H, D = 16, 128
 
@@ -59,6 +65,23 @@ def delta_check(label: str = "gated_delta_rule", t: int = 1000) -> str:
     ro.backward(do.double().cpu())
     errs = {"o": _rel(o, ro), **{f"d{n}": _rel(a.grad, r.grad) for n, a, r in zip(("q", "k", "v", "beta", "g"), (q, k, v, beta, g), refs)}}
     return f"check {label} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + ("  OK" if max(errs.values()) < 1e-2 else "  FAIL")
+
+
+def flex_check(t: int = 3000, window: int = 512, sinks: int = 4) -> str:
+    """FlexAttention sliding window (bf16) against our op (bf16), both on the GPU: output and gradients."""
+    torch.manual_seed(0)
+    q, k, v = (x.requires_grad_() for x in _qkv(t))
+    o = sliding_window_attention(q, k, v, window, sinks=sinks)
+    do = torch.randn_like(o)
+    ours = [o, *torch.autograd.grad(o, (q, k, v), do)]
+    try:
+        f = flex_sliding_window_attention(q, k, v, window, sinks=sinks)
+        theirs = [f, *torch.autograd.grad(f, (q, k, v), do)]
+    except Exception as exc:  # noqa: BLE001 - the timed rows record the failure too
+        return f"check flex vs ours     failed: {type(exc).__name__}: {str(exc)[:200]}"
+    errs = {n: _rel(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), theirs, ours)}
+    return "check flex vs ours     " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + (
+        "  OK" if max(errs.values()) < 1e-2 else "  FAIL")
 
 
 def checks() -> list[str]:
@@ -206,6 +229,23 @@ def _conv(x, w, bias):
     return short_conv(x, w, bias, activation="silu")[0]
 
 
+def _first_call(make_step, *args) -> tuple[float, object]:
+    """(seconds of making the step make_step(*args) and running it once, the step): with torch.compile, the
+    compilation."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    step = make_step(*args)
+    step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, step
+
+
+def _failed(name: str, params: dict, exc: BaseException) -> Measurement:
+    """A row for a variant that could not run, saying why (the run goes on)."""
+    return Measurement(name, params, float("nan"), float("nan"), float("nan"), 0,
+                       {"note": f"failed: {type(exc).__name__}: {str(exc)[:160]}"})
+
+
 def _fwd_bwd(fn, args):
     out = fn(*args)
     grad = torch.randn_like(out)
@@ -334,7 +374,7 @@ def conv_sweep(bw: float, t: int = 32768) -> list[Measurement]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192,32768,131072")
-    parser.add_argument("--only", default="delta,swa,conv", help="comma list of delta, swa, conv")
+    parser.add_argument("--only", default="delta,swa,conv", help="comma list of delta, swa, conv, flex")
     parser.add_argument("--sweep", action="store_true", help="also time sliding-window block configurations")
     parser.add_argument("--conv-sweep", action="store_true", help="also time short-conv forward tiles at L = 32K")
     parser.add_argument("--delta-variants", nargs="?", const="", default=None, metavar="NAMES",
@@ -349,7 +389,15 @@ def main(argv: list[str] | None = None) -> None:
         rows = delta_variants([int(x) for x in args.delta_lengths.split(",")], names, args.delta_breakdown)
         print(write_results(args.out, "Gated delta rule variants (bf16, B=1, H=16, D=128)", rows, environment()))
         return
-    for line in checks():
+    env = environment()
+    lines = checks()
+    if "flex" in only:
+        # every length, window and grad mode compiles FlexAttention again: past Dynamo's recompile limit (8) it
+        # would fall back to eager FlexAttention, which forms the whole score matrix
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        lines.append(flex_check())
+        env["check flex vs ours"] = lines[-1].split(maxsplit=4)[-1]
+    for line in lines:
         print(line, flush=True)
     bw = copy_bandwidth()
     rows: list[Measurement] = []
@@ -374,17 +422,38 @@ def main(argv: list[str] | None = None) -> None:
             variants["ours sliding window w=512"] = (functools.partial(sliding_window_attention, window=512), (q, k, v))
             variants["ours sliding window w=4096"] = (functools.partial(sliding_window_attention, window=4096),
                                                       (q, k, v))
+        if "flex" in only:
+            for window in (512, 4096):
+                variants[f"flex sliding window w={window}"] = (
+                    functools.partial(flex_sliding_window_attention, window=window), (q, k, v))
         if chunk_gated_delta_rule is not None and "delta" in only:
             variants["fla chunk_gated_delta_rule"] = (lambda *a: chunk_gated_delta_rule(*a)[0], (q, k, v, g, beta))
         for name, (fn, fargs) in variants.items():
+            compiled = name.startswith("flex")  # first calls compile: timed apart, reported as "first call s"
+            params = {"L": t, "pass": "fwd"}
             try:
                 with torch.no_grad():
-                    fwd = measure(name, functools.partial(fn, *fargs), {"L": t, "pass": "fwd"}, warmup=3, runs=runs)
-                both = measure(name, _fwd_bwd(fn, fargs), {"L": t, "pass": "fwd+bwd"}, warmup=2, runs=runs)
-                rows += [fwd, both]
+                    fwd_step = functools.partial(fn, *fargs)
+                    if compiled:
+                        first, fwd_step = _first_call(functools.partial, fn, *fargs)
+                    fwd = measure(name, fwd_step, params, warmup=3, runs=runs)
+                    if compiled:
+                        fwd.extra["first call s"] = f"{first:.1f}"
+                rows.append(fwd)
+                params = {"L": t, "pass": "fwd+bwd"}
+                if compiled:
+                    first, both_step = _first_call(_fwd_bwd, fn, fargs)
+                else:
+                    both_step = _fwd_bwd(fn, fargs)
+                both = measure(name, both_step, params, warmup=2, runs=runs)
+                if compiled:
+                    both.extra["first call s"] = f"{first:.1f}"
+                rows.append(both)
                 print(f"{name:30s} L={t:6d} fwd {fwd.median_ms:8.3f}  fwd+bwd {both.median_ms:8.3f}", flush=True)
-            except Exception as exc:
-                print(f"{name} L={t}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            except Exception as exc:  # noqa: BLE001 - a failed variant is a row, not the end of the run
+                rows.append(_failed(name, params, exc))
+                print(f"{name} L={t} {params['pass']}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                torch.cuda.empty_cache()
         del q, k, v, qh, kh, vh, beta, g
         torch.cuda.empty_cache()
     # short conv at hidden 4096
@@ -392,7 +461,6 @@ def main(argv: list[str] | None = None) -> None:
         rows += conv_rows(t, bw)
     if args.conv_sweep:
         rows += conv_sweep(bw)
-    env = environment()
     env["copy TB/s"] = f"{bw / 1e12:.2f}"
     print(write_results(args.out, "Gated delta rule, sliding window, short conv (bf16, H=16, D=128)", rows, env))
 
