@@ -230,3 +230,16 @@ def test_folder_named_like_a_builtin_is_written_as_a_path(saved, capsys, monkeyp
     loaded = resolve_target("./qwen3")
     weight = "model.layers.1.mlp.up_proj.weight"
     assert torch.equal(loaded.model.state_dict()[weight], saved["qwen3"].state_dict()[weight])
+
+
+def test_sharded_folder_loads_every_shard(saved, tmp_path):
+    """A checkpoint saved in several shards (an index naming each tensor's file, as large models are published)
+    loads every tensor from its shard."""
+    reference = saved["qwen3"]
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    loaded = resolve_target(str(tmp_path / "sharded"))
+    expected, got = reference.state_dict(), loaded.model.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[key], expected[key]) for key in expected)
+    assert "weights loaded from" in loaded.notes[0]
