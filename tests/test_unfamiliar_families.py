@@ -755,3 +755,26 @@ def test_vision_encoders_normalize_linearize_and_refuse_padding_free(config, cls
         assert torch.isfinite(linear(torch.randn(3, 3, 32, 32)).last_hidden_state).all()
     with pytest.raises(PassError, match=r"varlen.*no token sequences.*captured inputs: pixel_values \[\w+, 3, \w+, \w+\]"):
         rewrite.optimize(model, ["varlen"], (pixels,))
+
+
+def test_encoder_decoder_keeps_cross_attention_and_varlen_refuses_it():
+    """BART: the mixer linearizes encoder self-attention (bidirectional) and decoder self-attention (causal) and leaves
+    cross-attention as softmax, also when the example's encoder and decoder lengths are equal (the capture's lengths
+    are separate symbols); varlen refuses the cross-attention naming its module."""
+    cfg = transformers.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+                                  max_position_embeddings=64)
+    model = transformers.BartModel(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    example = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(3, VOCAB, (2, 10))}
+    om = rewrite.optimize(model, [{"mixer": {}}], example_kwargs=example)
+    result = om.report.results[0]
+    kinds = {next(w.strip("():") for w in line.split() if "layers." in w): line.split(": ")[-1] for line in result.changed}
+    assert kinds == {"encoder.layers.0.self_attn": "bidirectional", "encoder.layers.1.self_attn": "bidirectional",
+                     "decoder.layers.0.self_attn": "gla", "decoder.layers.1.self_attn": "gla"}
+    left = [m for m in result.messages if "cross-attention" in m]
+    assert len(left) == 2 and all("encoder_attn) as softmax" in m for m in left)
+    with pytest.raises(PassError, match=r"decoder\.layers\.0\.encoder_attn.*cross-attention.*encoder-decoder"):
+        rewrite.optimize(model, ["varlen"], example_kwargs=example)

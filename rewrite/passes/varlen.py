@@ -136,6 +136,16 @@ def _ancestor_placeholders(node: fx.Node) -> list[fx.Node]:
     return ancestor_placeholders(node, lambda n: () if is_sym(n) else n.all_input_nodes)
 
 
+def _refuse_cross_attention(site: AttentionSite) -> None:
+    """Raise PassError for a site whose queries and keys come from sequences of different (symbolic) lengths."""
+    q, k = tensor_meta(site.q), tensor_meta(site.k)
+    if q is None or k is None or q.dim() < 2 or k.dim() < 2 or expr_of(q.shape[-2]) == expr_of(k.shape[-2]):
+        return
+    raise fail(f"attention at {site.module_path or '<root>'}: cross-attention (queries and keys from sequences of "
+               "different lengths, as in an encoder-decoder model) is not supported: padding-free execution packs "
+               "one sequence's tokens per row, for self-attention", site.node)
+
+
 def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[str, bool], padded: bool) -> bool:
     """Whether the site is causal; raises PassError for sites the varlen kernel cannot run."""
     where = f"attention at {site.module_path or '<root>'}"
@@ -252,6 +262,8 @@ class Varlen(GraphPass):
             refuse_mask_bias(self.name, site, site.module_path or "<root>", action="unpad")
             refuse_cached_keys(self.name, site, site.module_path or "<root>", action="unpad",
                                remedy=": a padding-free program returns no cache")
+        for site in sites:
+            _refuse_cross_attention(site)
         user_inputs = [p for p in graph.nodes if p.op == "placeholder" and not p.meta.get("state_name")
                        and tensor_meta(p) is not None]
         symbols = find_symbols(user_inputs)
