@@ -1,6 +1,6 @@
 """Dump a model's graph before and after a plan, and explain what it costs, from Python.
 
-Run: python -m examples.dump_and_explain [--target llama] [--plan attention_normalize]
+Run: python -m examples.dump_and_explain [--target llama | path/to/hf_folder] [--plan attention_normalize]
                                          [--seq 2048,32768] [--batch 1] [--out DIR]
 
 The same as `rewrite dump TARGET --stage all` and `rewrite explain TARGET`, written out with the
@@ -26,7 +26,7 @@ from rewrite.targets import load_target
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Capture, rewrite, show the changes and the cost; returns the stage views and cost report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="llama", help="built-in name or file.py:factory (?key=value,...)")
+    parser.add_argument("--target", default="llama", help="built-in name, file.py:factory or a Hugging Face model folder (?key=value,...)")
     parser.add_argument("--plan", default="attention_normalize")
     parser.add_argument("--seq", type=parse_lengths, default=[2048, 32768])
     parser.add_argument("--batch", type=int, default=1)

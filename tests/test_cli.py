@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from rewrite import cli
+from rewrite.render import render_text
 from rewrite.targets import TargetError, load_target, parse_spec
 
 TARGETS = ["llama", "bert", "gpt2", "multihead_attention", "handwritten", "transformer_encoder"]
@@ -180,3 +181,20 @@ def test_dump_and_explain_example(tmp_path, capsys):
     assert [v.name for v in result["views"]] == ["captured", PLAN, "final"]
     assert json.loads((tmp_path / "handwritten.json").read_text())["stages"]
     assert ET.parse(tmp_path / "handwritten.svg").getroot().tag.endswith("svg")
+
+
+def test_dump_and_explain_example_on_a_hugging_face_folder(tmp_path, capsys):
+    """The example takes a saved Hugging Face folder as its target: the mixer's calls replace its attention."""
+    import transformers
+
+    from examples import dump_and_explain
+
+    config = transformers.Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8, vocab_size=100)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "qwen3")
+    result = dump_and_explain.main(["--target", f"{tmp_path / 'qwen3'}?length=32", "--plan",
+                                    "{passes: [{mixer: {kind: gla}}]}", "--seq", "256"])
+    out = capsys.readouterr().out
+    assert "Qwen3ForCausalLM" in out and "seq=256" in out
+    final = result["views"][-1]
+    assert "gla_mixer" in render_text(final) and "scaled_dot_product_attention" not in render_text(final)
