@@ -257,6 +257,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             results["multi_gpu_benchmark"] = traceback.format_exc()
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # no rank closes its connections while another still exchanges (gloo aborts that rank)
         dist.destroy_process_group()
 
 
