@@ -170,13 +170,9 @@ def sequence_causal(mask: torch.Tensor) -> bool:
     return _sequence_starts(mask) is not None
 
 
-def packs_sequences(mask: torch.Tensor) -> bool:
-    """Whether a `sequence_causal` mask restarts a sequence inside a row (a packed row's block-diagonal mask): some
-    real query's first visible key comes after its row's first real token."""
-    found = _sequence_starts(mask)
-    if found is None:
-        return False
-    real, first = found
+def _restarts(real: torch.Tensor, first: torch.Tensor) -> bool:
+    """Whether some row's real queries (`_sequence_starts`) start their sequences at more than one key: a packed row's
+    block-diagonal mask restarts a sequence inside the row."""
     for row_real, row_first in zip(real, first):
         starts = row_first[row_real]
         if starts.numel() and bool((starts != starts[0]).any()):
@@ -260,8 +256,9 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
                 node.meta[UNSEEN_WINDOW_KEY] = window
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
             if node.meta[CAUSAL_KEY]:
-                node.meta[SEQUENCE_CAUSAL_KEY] = node.meta[EXACTLY_CAUSAL_KEY] or sequence_causal(shown)
-                node.meta[PACKED_KEY] = not node.meta[EXACTLY_CAUSAL_KEY] and packs_sequences(shown)
+                starts = None if node.meta[EXACTLY_CAUSAL_KEY] else _sequence_starts(shown)  # one walk for both facts
+                node.meta[SEQUENCE_CAUSAL_KEY] = node.meta[EXACTLY_CAUSAL_KEY] or starts is not None
+                node.meta[PACKED_KEY] = starts is not None and _restarts(*starts)
             if not negated[node]:
                 node.meta[BIAS_KEY] = mask_bias_description(val)
             out[node.name] = node.meta[CAUSAL_KEY]
