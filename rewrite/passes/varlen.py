@@ -459,21 +459,21 @@ def _real_tokens(graph: fx.Graph, padding: fx.Node, pads_are_true: bool, symbols
         if leaf in repads:
             batch_dim, seq_dim = leaf.args[4], leaf.args[5]
             outputs[i] = OutputTokens("tokens", batch_dim, seq_dim, bool(leaf.kwargs.get("seq_outer", False)))
-        elif repads & _ancestors(leaf):
+        elif repads & (upstream := _ancestors(leaf) | {leaf}):
             val = tensor_meta(leaf)
             batch = [d for d, size in enumerate(val.shape) if symbols.kind(size) == "batch"] if val is not None else []
             outputs[i] = OutputTokens("rows", batch[0] if len(batch) == 1 else None,
-                                      slots=_slots_read(leaf, repads))
+                                      slots=_slots_read(upstream, repads))
     return RealTokens(
         mask_input=padding.name, mask_index=placeholders.index(padding), pads_are_true=pads_are_true,
         outputs=outputs, batch_symbols=frozenset(map(str, symbols.batch)),
         seq_symbols=frozenset(map(str, symbols.seq)), restarts_positions=restarts_positions)
 
 
-def _slots_read(leaf: fx.Node, repads: set[fx.Node]) -> tuple[int, ...] | None:
-    """The sequence slots through which `leaf` reads the repadded tensors it depends on, when each such read is a
-    `select` of one constant slot on the repadded tensor's sequence dim (a pooler's first token); None otherwise."""
-    upstream = _ancestors(leaf) | {leaf}
+def _slots_read(upstream: set[fx.Node], repads: set[fx.Node]) -> tuple[int, ...] | None:
+    """The sequence slots through which an output (`upstream`: it and its ancestors) reads the repadded tensors it
+    depends on, when each such read is a `select` of one constant slot on the repadded tensor's sequence dim (a
+    pooler's first token); None otherwise."""
     slots: set[int] = set()
     for repad in repads & upstream:
         padded = tensor_meta(repad)
