@@ -288,6 +288,7 @@ SWEEP = {
     # on the tiles it flags; 64x64 tiles 8 warps (sm_90: 255 regs + 216 B stack vs 1096), 32x64 (233, no stack),
     # and v / the state loaded per q head instead of once per program
     "dqk hoisted": [("triton_backward", "DQK_HOISTED", True)],
+    "dqk per tile": [("triton_backward", "DQK_HOISTED", False)],  # the path before v10
     "dqk hoisted 32x64": [("triton_backward", "DQK_HOISTED", True),
                           ("triton_backward", "DQK_HOISTED_TILES", (32, 64, 8))],
     "dqk hoisted v per head": [("triton_backward", "DQK_HOISTED", True),
