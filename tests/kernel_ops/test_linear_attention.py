@@ -279,17 +279,6 @@ def test_triton_dqk_hoisted(case, dtype, one_v, monkeypatch):
     monkeypatch.setattr(backward, "DQK_HOISTED_ONE_V", one_v)
     flags = []
 
-    class Launch:
-        def __init__(self, kernel, check):
-            self.kernel, self.check = kernel, check
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                self.check(args, kwargs)
-                return self.kernel[grid](*args, **kwargs)
-
-            return launch
-
     def hoisted(args, kwargs):
         flags.append(args[10])
 
@@ -301,15 +290,83 @@ def test_triton_dqk_hoisted(case, dtype, one_v, monkeypatch):
     monkeypatch.setattr(backward, "_chunk_dqk_kernel", Launch(backward._chunk_dqk_kernel, default))
     check_triton_against_naive(case, dtype)
     assert len(flags) == 1
+    check_flags(flags[0], case)
+
+
+class Launch:
+    """A kernel's `kernel[grid](...)` with `check(args, kwargs)` called before each launch."""
+
+    def __init__(self, kernel, check):
+        self.kernel, self.check = kernel, check
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.check(args, kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def check_flags(flags: torch.Tensor, case: Case) -> None:
+    """Flags [chunks, tiles, kv heads] of a hoisted kernel against the gates of a DQK_HOISTED_CASES case."""
     bounds = case.cu_seqlens or [b * case.length for b in range(case.batch + 1)]
     real = sum(-(-(end - start) // 64) for start, end in zip(bounds[:-1], bounds[1:]))
-    flagged = flags[0][:real].cpu()  # packed: the grid's last programs have no chunk (and write no flag)
+    flagged = flags[:real].cpu()  # packed: the grid's last programs have no chunk (and write no flag)
     if case.decay_strength == 2.0:  # the 64-token chunk spreads by ~64 > 40, the 8-token one by <= 16
         assert flagged[0].all() and not flagged[1].any()
     elif case.decay_strength > 2.0:
         assert flagged[0].all()
     else:
         assert not flagged.any()
+
+
+@pytest.mark.parametrize("case,dtype", DQK_HOISTED_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_triton_dv_hoisted(case, dtype, monkeypatch):
+    """The v12 dv path (`triton_backward.DV_HOISTED`): the whole-chunk (chunk, V tile, kv head) programs by
+    `_chunk_dv_hoisted_kernel`, the flagged rest by `_chunk_dv_kernel` with FLAGGED, against the naive recurrence
+    with NaN-poisoned buffers (GQA 1 / 3 / 4, K = V = 64, K = 100 with V = 80 in two V tiles, packed one- and
+    two-token sequences, strong gates in float16 at -2 and -8 per token). Fails if the hoisted kernel did not
+    run, if `_chunk_dv_kernel` ran on anything but the flagged programs, or if the flags do not match the gates."""
+    backward = triton_module("triton_backward")
+    monkeypatch.setattr(backward, "DV_HOISTED", True)
+    flags = []
+
+    def hoisted(args, kwargs):
+        assert kwargs["BK"] >= case.dk  # K in one tile
+        flags.append(args[6])
+
+    def default(args, kwargs):
+        if not kwargs.get("FLAGGED"):
+            raise AssertionError("_chunk_dv_kernel ran on every program with DV_HOISTED on")
+
+    monkeypatch.setattr(backward, "_chunk_dv_hoisted_kernel", Launch(backward._chunk_dv_hoisted_kernel, hoisted))
+    monkeypatch.setattr(backward, "_chunk_dv_kernel", Launch(backward._chunk_dv_kernel, default))
+    check_triton_against_naive(case, dtype)
+    assert len(flags) == 1
+    assert flags[0].shape[1] == -(-case.dv // backward.DV_HOISTED_TILES[1])  # one flag per V tile
+    check_flags(flags[0], case)
+
+
+def test_triton_dv_hoisted_not_past_its_k(monkeypatch):
+    """K above DV_HOISTED_TILES' first entry (K in one tile) or a decay other than the vector one: the per-tile
+    `_chunk_dv_kernel` alone, without FLAGGED."""
+    backward = triton_module("triton_backward")
+    monkeypatch.setattr(backward, "DV_HOISTED", True)
+    monkeypatch.setattr(backward, "DV_HOISTED_TILES", (32, 64, 8))
+    ran = []
+
+    def hoisted(args, kwargs):
+        raise AssertionError("_chunk_dv_hoisted_kernel ran")
+
+    def default(args, kwargs):
+        assert not kwargs["FLAGGED"]
+        ran.append(kwargs["MODE"])
+
+    monkeypatch.setattr(backward, "_chunk_dv_hoisted_kernel", Launch(backward._chunk_dv_hoisted_kernel, hoisted))
+    monkeypatch.setattr(backward, "_chunk_dv_kernel", Launch(backward._chunk_dv_kernel, default))
+    check_triton_against_naive(Case("vector", length=20, heads=2, kv_heads=1, dk=48, dv=16), torch.float32)
+    check_triton_against_naive(Case("scalar", length=20, heads=2, kv_heads=1, dk=16, dv=16), torch.float32)
+    assert ran == [2, 1]
 
 
 def check_triton_against_naive(case: Case, dtype: torch.dtype) -> None:

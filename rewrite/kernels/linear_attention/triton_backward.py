@@ -56,6 +56,17 @@ DQK_HOISTED_ONE_V = True  # V in one tile (V <= BV): v and the state loaded once
 # register cap of `_chunk_dqk_hoisted_kernel` (None: the compiler's choice, 233-255 at 8 warps = 1 CTA per SM);
 # 128 at 8 warps lets 2 CTAs share an SM at the price of spills (sm_90 compile: 432 B at 32x64, 864 B at 64x64)
 DQK_HOISTED_MAXNREG: int | None = None
+# v12 (NOTES.md; not yet run on a GPU): the vector decay's dv in two launches when the in-chunk products take the
+# whole-chunk form (triton_gated PATH 2) and K fits one tile. `_chunk_dv_hoisted_kernel` handles every (chunk,
+# V tile, kv head) whose log-decay spreads by at most LIMIT over all K columns: g's cumsum, the whole-chunk test,
+# the decay factors and the scaled keys once per program for all q heads of the kv head (no exp, no cumsum in the
+# q-head loop); it flags the others, which `_chunk_dv_kernel` then computes as before with its own tiles' BK and
+# warps (DV_TILES) and the hoisted launch's BV (the flags are per V tile). False: `_chunk_dv_kernel` alone.
+DV_HOISTED = False
+# (most K in one tile, BV, num_warps) of the hoisted launch; K above the first: `_chunk_dv_kernel` alone (the
+# factors of several K tiles would have to stay live through the q-head loop). 8 warps: the dv kernel's in-chunk
+# part was miscompiled at BK 64 / 4 warps on H200 / triton 3.6 (see DV_TILES).
+DV_HOISTED_TILES = (128, 64, 8)
 
 
 @triton.jit
@@ -421,6 +432,7 @@ def _chunk_dv_kernel(
     g_ptr,
     dh_ptr,
     dv_ptr,
+    flags_ptr,
     bounds_ptr,
     chunk_start_ptr,
     table_ptr,
@@ -441,11 +453,18 @@ def _chunk_dv_kernel(
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
     PATH: tl.constexpr,
+    FLAGGED: tl.constexpr,
 ):
+    """dv of one chunk, V tile and kv head: the in-chunk part summed over the kv head's q heads, then the state
+    term. FLAGGED: only the (chunk, V tile, kv head) that `_chunk_dv_hoisted_kernel` flagged (flags_ptr != 0)."""
     i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
+    if FLAGGED:
+        flag = tl.load(flags_ptr + (i_c * tl.num_programs(1) + i_v) * kv_heads + hk)
+        if flag == 0:
+            return
     bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     group = heads // kv_heads
     rows = bos + local * C + tl.arange(0, C)
@@ -494,6 +513,84 @@ def _chunk_dv_kernel(
     tl.store(
         dv_ptr + offs, dv_acc.to(dv_ptr.dtype.element_ty), mask=row_mask[:, None] & (vcols < dv)[None, :]
     )
+
+
+@triton.jit
+def _chunk_dv_hoisted_kernel(
+    q_ptr,
+    k_ptr,
+    do_ptr,
+    g_ptr,
+    dh_ptr,
+    dv_ptr,
+    flags_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    T,
+    heads,
+    kv_heads,
+    dk,
+    dv,
+    scale,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
+):
+    """The vector decay's dv of one chunk, V tile and kv head when the chunk's log-decay spreads by at most
+    LIMIT over all K columns (`_chunk_dv_kernel`'s whole-chunk form, the same products and precisions);
+    flags_ptr gets 0 there, else 1 and nothing else is written. K in one tile (BK >= dk).
+
+    The decay factors depend on the kv head only and are computed once for all its q heads: the in-chunk
+    scores^T[r, c] = sum_k k_rk q_ck exp(b_ck - b_rk) (c >= r) = (k * up) (q * down)^T with down = exp(b - top)
+    (<= 1) and up = exp(top - b) (<= exp(LIMIT)), and the state term's keys k * exp(b_last - b) (the suffix
+    sum, as in `_chunk_dv_kernel`). The q-head loop has no exp, no cumsum and no reduction: a load of q and do,
+    one multiply, the TF32 score product, the mask and the bf16 (input dtype) product with do.
+    """
+    i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    group = heads // kv_heads
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
+    top, bot, whole = whole_chunk(b, True)
+    tl.store(flags_ptr + (i_c * tl.num_programs(1) + i_v) * kv_heads + hk, tl.where(whole, 0, 1))
+    if whole:
+        idx = tl.arange(0, C)
+        causal_t = idx[:, None] <= idx[None, :]
+        down = tl.exp(tl.minimum(b - top[None, :], 0.0))  # <= 1
+        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        keys = k.to(tl.float32) * tl.exp(tl.minimum(top[None, :] - b, LIMIT))  # k * up, <= exp(LIMIT) |k|
+        # the state term's keys: k * exp(b_last - b) rounded to the input dtype, as in `_chunk_dv_kernel` (kept
+        # live through the q-head loop in the input dtype rather than k and the float32 suffix sum)
+        k_end = (k * tl.exp(to_end)).to(k.dtype)
+        dv_acc = tl.zeros([C, BV], dtype=tl.float32)
+        for j in range(0, group):
+            h = hk * group + j
+            q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
+            # scores_t[r, c] = score of query c on key r (computed directly, not as a transposed product)
+            scores_t = tl.dot(keys, tl.trans(q.to(tl.float32) * down), input_precision=F32_PRECISION)
+            scores_t = tl.where(causal_t, scores_t, 0.0)
+            do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
+            dv_acc += tl.dot(scores_t.to(do.dtype), do, input_precision=PRECISION)
+        dv_acc = dv_acc * scale
+        state_offs = (i_c.to(tl.int64) * kv_heads + hk) * dk * dv + kcols[:, None] * dv + vcols[None, :]
+        state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+        dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0).to(k.dtype)
+        dv_acc += tl.dot(k_end, dstate, input_precision=PRECISION)
+        offs = rows.to(tl.int64)[:, None] * (kv_heads * dv) + hk * dv + vcols[None, :]
+        tl.store(
+            dv_ptr + offs, dv_acc.to(dv_ptr.dtype.element_ty), mask=row_mask[:, None] & (vcols < dv)[None, :]
+        )
 
 
 @triton.jit
@@ -776,14 +873,27 @@ def chunk_backward(
         **common,
     )
     bk, bv, warps = DV_TILES[mode]
+    dv_hoisted = DV_HOISTED and mode == 2 and common["PATH"] == 2 and dk <= DV_HOISTED_TILES[0]
+    if dv_hoisted:
+        bv = DV_HOISTED_TILES[1]
     bk, bv = block(dk, bk), block(dv, bv)
-    _chunk_dv_kernel[(chunks.max_chunks, cdiv(dv, bv), kv_heads)](
+    grid = (chunks.max_chunks, cdiv(dv, bv), kv_heads)
+    flags = q
+    if dv_hoisted:  # the whole-chunk tiles; the rest flagged for `_chunk_dv_kernel`
+        flags = torch.empty(grid, dtype=torch.int32, device=device)
+        _chunk_dv_hoisted_kernel[grid](
+            q, k, do, decay_kw["g"], dh, dv_, flags, bounds, chunk_start, table, n, length, heads, kv_heads, dk, dv,
+            scale, C=chunks.chunk, BK=block(dk, DV_HOISTED_TILES[0]), BV=bv, VARLEN=chunks.varlen, PRECISION=prec,
+            F32_PRECISION=prec, num_warps=DV_HOISTED_TILES[2],
+        )
+    _chunk_dv_kernel[grid](
         q,
         k,
         do,
         decay_kw["g"],
         dh,
         dv_,
+        flags,
         bounds,
         chunk_start,
         table,
@@ -796,6 +906,7 @@ def chunk_backward(
         scale,
         BK=bk,
         BV=bv,
+        FLAGGED=dv_hoisted,
         num_warps=warps,
         **common,
     )
