@@ -297,6 +297,16 @@ SWEEP = {
     "dqk hoisted 32x64 maxnreg 128": [("triton_backward", "DQK_HOISTED", True),
                                       ("triton_backward", "DQK_HOISTED_TILES", (32, 64, 8)),
                                       ("triton_backward", "DQK_HOISTED_MAXNREG", 128)],
+    # v12 (not yet run on a GPU): the vector decay's dv by `_chunk_dv_hoisted_kernel` (g's cumsum, the whole-chunk
+    # test, the decay factors and the scaled keys once per program for all q heads of a kv head; K in one tile)
+    # plus `_chunk_dv_kernel` on the programs it flags; "bv128": V in one tile up to 128 (the default shape's
+    # V = 128: the scores once per q head instead of once per V tile); "w4": 4 warps (sm_90 at K = 64: 238
+    # registers, no spill: 2 CTAs per SM instead of 1 at 8 warps / 173; check test_cuda_dv_hoisted first: the
+    # dv kernel was miscompiled at BK 64 / 4 warps before)
+    "dv hoisted": [("triton_backward", "DV_HOISTED", True)],
+    "dv hoisted w4": [("triton_backward", "DV_HOISTED", True), ("triton_backward", "DV_HOISTED_TILES", (128, 64, 4))],
+    "dv hoisted bv128": [("triton_backward", "DV_HOISTED", True),
+                         ("triton_backward", "DV_HOISTED_TILES", (128, 128, 8))],
 }
 
 

@@ -955,6 +955,36 @@ def test_cuda_dqk_hoisted_bfloat16_against_float64(dims, strength, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("warps", [8, 4])
+@pytest.mark.parametrize("strength", [0.5, 2.0])
+@pytest.mark.parametrize("dims", [(64, 64), (100, 32), (128, 128)])
+def test_cuda_dv_hoisted_bfloat16_against_float64(dims, strength, warps, monkeypatch):
+    """The v12 dv path (`triton_backward.DV_HOISTED`) in bf16 against float64: typical gates (every program in
+    the hoisted kernel) and strong ones (log-decays down to -2 per token: the flagged programs by
+    `_chunk_dv_kernel`); GQA group 4 at K = V = 64, packed sequences at K = 100, V = 32 (the shape of the dv
+    kernel's miscompile at BK 64 / 4 warps on triton 3.6), K = 128 in one tile with two V tiles at K = V = 128;
+    the default 8 warps and the sweep's "dv hoisted w4"."""
+    backward = triton_module("triton_backward")
+    monkeypatch.setattr(backward, "DV_HOISTED", True)
+    monkeypatch.setattr(backward, "DV_HOISTED_TILES", backward.DV_HOISTED_TILES[:2] + (warps,))
+    ran = []
+    kernel = backward._chunk_dv_hoisted_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            ran.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(backward, "_chunk_dv_hoisted_kernel", Counted())
+    dk, dv = dims
+    cu = (0, 1, 130, 700) if dk == 100 else None
+    case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
+                cu_seqlens=cu, decay_strength=strength)
+    check_public_against_naive(case, torch.bfloat16, 1e-2)
+    assert ran
+
+
+@gpu
 @pytest.mark.parametrize("variant", list(V7_VARIANTS))
 @pytest.mark.parametrize("dims", [(64, 64), (100, 32)])
 def test_cuda_v7_variants_bfloat16_against_float64(variant, dims, monkeypatch):
