@@ -297,6 +297,14 @@ SWEEP = {
     "dqk hoisted 32x64 maxnreg 128": [("triton_backward", "DQK_HOISTED", True),
                                       ("triton_backward", "DQK_HOISTED_TILES", (32, 64, 8)),
                                       ("triton_backward", "DQK_HOISTED_MAXNREG", 128)],
+    # v11 (not yet run on a GPU): the vector decay's forward outputs by `_chunk_output_hoisted_kernel` (one program
+    # per chunk, V tile and kv head, K in one tile: g's cumsum, the decay factors, the keys, v and the state tile
+    # once for the kv head's q heads; no exp in the head loop) plus `_chunk_output_kernel` on the chunks it flags
+    "output hoisted": [("triton_forward", "OUTPUT_HOISTED", True)],
+    # BV 32: twice the programs (8192 at the model shape), the kv-head work redone per V tile; sm_90 compile 188
+    # registers, no spill (BV 64: 204, no spill; either at 4 warps spills: 80 / 216 B)
+    "output hoisted bv32": [("triton_forward", "OUTPUT_HOISTED", True),
+                            ("triton_forward", "OUTPUT_HOISTED_TILES", (32, 8))],
 }
 
 
