@@ -307,6 +307,15 @@ SWEEP = {
     "dv hoisted w4": [("triton_backward", "DV_HOISTED", True), ("triton_backward", "DV_HOISTED_TILES", (128, 64, 4))],
     "dv hoisted bv128": [("triton_backward", "DV_HOISTED", True),
                          ("triton_backward", "DV_HOISTED_TILES", (128, 128, 8))],
+    # v11 (not yet run on a GPU): the vector decay's forward outputs by `_chunk_output_hoisted_kernel` (one program
+    # per chunk, V tile and kv head, K in one tile: g's cumsum, the decay factors, the keys, v and the state tile
+    # once for the kv head's q heads; no exp in the head loop) plus `_chunk_output_kernel` on the chunks it flags
+    "output hoisted": [("triton_forward", "OUTPUT_HOISTED", True)],
+    "dv + output hoisted": [("triton_backward", "DV_HOISTED", True), ("triton_forward", "OUTPUT_HOISTED", True)],
+    # BV 32: twice the programs (8192 at the model shape), the kv-head work redone per V tile; sm_90 compile 188
+    # registers, no spill (BV 64: 204, no spill; either at 4 warps spills: 80 / 216 B)
+    "output hoisted bv32": [("triton_forward", "OUTPUT_HOISTED", True),
+                            ("triton_forward", "OUTPUT_HOISTED_TILES", (32, 8))],
 }
 
 

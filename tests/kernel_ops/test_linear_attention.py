@@ -347,6 +347,45 @@ def test_triton_dv_hoisted(case, dtype, monkeypatch):
     check_flags(flags[0], case)
 
 
+@pytest.mark.parametrize("save", [False, True], ids=["recompute", "save"])
+@pytest.mark.parametrize("case,dtype", DQK_HOISTED_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_triton_output_hoisted(case, dtype, save, monkeypatch):
+    """The v11 forward output path (`triton_forward.OUTPUT_HOISTED`): the whole-chunk chunks by
+    `_chunk_output_hoisted_kernel` (one program per kv head, looping over its q heads), the flagged rest by
+    `_chunk_output_kernel`, against the naive recurrence with NaN-poisoned buffers; with the states as the forward
+    computes them (save False) and as it keeps them for the backward (save True: wide). Fails if the hoisted
+    kernel did not run, if `_chunk_output_kernel` ran on anything but the flagged chunks, or if the flags do not
+    match the gates (none for typical gates; for strong ones the 64-token chunk flagged, the 8-token one not)."""
+    forward = triton_module("triton_forward")
+    monkeypatch.setattr(forward, "OUTPUT_HOISTED", True)
+    flags = []
+
+    def hoisted(args, kwargs):
+        flags.append(args[6])
+
+    def default(args, kwargs):
+        if not kwargs.get("FLAGGED"):
+            raise AssertionError("_chunk_output_kernel ran on every chunk with OUTPUT_HOISTED on")
+
+    monkeypatch.setattr(forward, "_chunk_output_hoisted_kernel", Launch(forward._chunk_output_hoisted_kernel, hoisted))
+    monkeypatch.setattr(forward, "_chunk_output_kernel", Launch(forward._chunk_output_kernel, default))
+    x = make_inputs(case, dtype, kernel_device())
+    args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
+    with poisoned():
+        o, final, *_ = forward.chunk_forward(*args, save=save)
+    cpu = on_device(x, "cpu")
+    o_ref, final_ref = naive_linear_attention(
+        *(cpu[n].double() for n in ("q", "k", "v", "g")), decay=case.decay, scale=SCALE,
+        initial_state=cpu["initial_state"].double(), cu_seqlens=cpu["cu_seqlens"],
+    )
+    tol = TOLERANCE[dtype]
+    assert_close(o.cpu(), o_ref, tol, "o")
+    assert_close(final.cpu(), final_ref, tol, "final state")
+    assert len(flags) == 1
+    assert flags[0].dim() == 2 and flags[0].shape[1] == case.kv_heads  # one flag per (chunk, kv head)
+    check_flags(flags[0], case)
+
+
 def test_triton_dv_hoisted_not_past_its_k(monkeypatch):
     """K above DV_HOISTED_TILES' first entry (K in one tile) or a decay other than the vector one: the per-tile
     `_chunk_dv_kernel` alone, without FLAGGED."""
@@ -976,6 +1015,33 @@ def test_cuda_dv_hoisted_bfloat16_against_float64(dims, strength, warps, monkeyp
             return kernel[grid]
 
     monkeypatch.setattr(backward, "_chunk_dv_hoisted_kernel", Counted())
+    dk, dv = dims
+    cu = (0, 1, 130, 700) if dk == 100 else None
+    case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
+                cu_seqlens=cu, decay_strength=strength)
+    check_public_against_naive(case, torch.bfloat16, 1e-2)
+    assert ran
+
+
+@gpu
+@pytest.mark.parametrize("strength", [0.5, 2.0])
+@pytest.mark.parametrize("dims", [(64, 64), (100, 32), (128, 128)])
+def test_cuda_output_hoisted_bfloat16_against_float64(dims, strength, monkeypatch):
+    """The v11 forward output path (`triton_forward.OUTPUT_HOISTED`) in bf16 against float64 through the public
+    op (states kept for the backward when SAVE_STATES is on): typical gates (every chunk in the hoisted kernel)
+    and strong ones (log-decays down to -2 per token: the flagged chunks by `_chunk_output_kernel`); GQA group 4
+    at K = V = 64, packed sequences at K = 100, V = 32, two V tiles at K = V = 128."""
+    forward = triton_module("triton_forward")
+    monkeypatch.setattr(forward, "OUTPUT_HOISTED", True)
+    ran = []
+    kernel = forward._chunk_output_hoisted_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            ran.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(forward, "_chunk_output_hoisted_kernel", Counted())
     dk, dv = dims
     cu = (0, 1, 130, 700) if dk == 100 else None
     case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,

@@ -20,7 +20,7 @@ from rewrite.kernels.launch_math import cdiv, next_power_of_2
 from ..alloc import new_empty
 from . import triton_gated
 from .triton_common import Chunks, block, check_head_dims, chunk_log_decay, chunk_of_program, sequence_rows
-from .triton_gated import lower_scores, sub_chunk
+from .triton_gated import LIMIT, lower_scores, sub_chunk, whole_chunk
 
 DECAY_MODE = {"none": 0, "constant": 1, "scalar": 1, "vector": 2}
 CHUNK = 64
@@ -44,6 +44,15 @@ TERM_WARPS = 8
 # about n / G latencies.
 SCAN_GROUP = 4  # H200, H=16 / K=V=128, 64x32 tiles: fwd+bwd 3.25 vs 3.47 ms at 8K, 11.50 vs 11.94 at 32K (G 1)
 SCAN_GROUP_WARPS = 8  # sm_90 compile (triton 3.9), G 4, tiles 64x32: 217 registers at 8 warps, 255 + 568 B spill at 4
+# v11 (NOTES.md): the vector decay's outputs in two launches when the in-chunk products take the whole-chunk form
+# (triton_gated PATH 2). `_chunk_output_hoisted_kernel`, one program per (chunk, V tile, kv head) with K in one
+# tile, computes the chunk's decay factors, the decayed keys, v and the state tile once and loops over the q heads
+# of the kv head (no exp, no reduction in the loop); chunks whose log-decay spreads past LIMIT in some key dim are
+# flagged and `_chunk_output_kernel` computes them as before (its programs for unflagged chunks return at once).
+# Read at every call. Off until a GPU times it; K above OUTPUT_HOISTED_MAX_K keeps `_chunk_output_kernel` alone.
+OUTPUT_HOISTED = False
+OUTPUT_HOISTED_TILES = (64, 8)  # (BV, num_warps) of the hoisted kernel; BK is K's power of two
+OUTPUT_HOISTED_MAX_K = 128
 
 
 @triton.jit
@@ -373,6 +382,7 @@ def _chunk_output_kernel(
     g_ptr,
     h_ptr,
     o_ptr,
+    flags_ptr,
     bounds_ptr,
     chunk_start_ptr,
     table_ptr,
@@ -393,13 +403,20 @@ def _chunk_output_kernel(
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
     PATH: tl.constexpr,
+    FLAGGED: tl.constexpr,
 ):
+    """o of one chunk, V tile and q head. FLAGGED: only the (chunk, kv head) that `_chunk_output_hoisted_kernel`
+    flagged (flags_ptr [chunks, Hkv] != 0); the other programs return at once."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     hk = i_h // (heads // kv_heads)
+    if FLAGGED:
+        flag = tl.load(flags_ptr + i_c * kv_heads + hk)
+        if flag == 0:
+            return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
     rows = bos + local * C + tl.arange(0, C)
     row_mask = rows < eos
     vcols = i_v * BV + tl.arange(0, BV)
@@ -433,6 +450,78 @@ def _chunk_output_kernel(
     tl.store(
         o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & (vcols < dv)[None, :]
     )
+
+
+@triton.jit
+def _chunk_output_hoisted_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    h_ptr,
+    o_ptr,
+    flags_ptr,
+    bounds_ptr,
+    chunk_start_ptr,
+    table_ptr,
+    n_seqs,
+    T,
+    heads,
+    kv_heads,
+    dk,
+    dv,
+    scale,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
+):
+    """The vector decay's o for every q head of one kv head, on one chunk and V tile, K in one tile (BK >= dk),
+    when the chunk's log-decay spreads by at most LIMIT in every key dim: `_chunk_output_kernel`'s whole-chunk
+    form with the same products and operand precisions. flags_ptr [chunks, Hkv] gets 0 there (from the first V
+    tile's program), else 1 and no o is written.
+
+    Kv-head-only work once per program: g's cumsum, the whole-chunk test, down = exp(b - top) (<= 1), the keys
+    k * exp(top - b), exp(top) (the state term's exp(b) = down * exp(top)), v and the state tile. Per q head:
+    o = ((q * down * exp(top)) h + causal((q * down) keys^T) v) * scale, no exp and no reduction.
+    """
+    i_c, i_v, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
+    if seq >= n_seqs:
+        return
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    group = heads // kv_heads
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
+    top, bot, whole = whole_chunk(b, True)
+    if i_v == 0:
+        tl.store(flags_ptr + i_c * kv_heads + hk, tl.where(whole, 0, 1))
+    if whole:
+        causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+        down = tl.exp(tl.minimum(b - top[None, :], 0.0))
+        k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
+        keys = k.to(tl.float32) * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
+        state_top = tl.exp(top)
+        v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
+        state_offs = ((i_c.to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
+        state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+        state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(q_ptr.dtype.element_ty)
+        o_mask = row_mask[:, None] & (vcols < dv)[None, :]
+        for j in range(0, group):
+            h = hk * group + j
+            q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
+            qs = q.to(tl.float32) * down
+            scores = tl.dot(qs, tl.trans(keys), input_precision=F32_PRECISION)
+            scores = tl.where(causal, scores, 0.0)
+            o = tl.dot((qs * state_top[None, :]).to(q.dtype), state, input_precision=PRECISION)
+            o += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
+            offs = rows.to(tl.int64)[:, None] * (heads * dv) + h * dv + vcols[None, :]
+            tl.store(o_ptr + offs, (o * scale).to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -601,6 +690,19 @@ def chunk_forward(
     h, ht = chunk_states(k, v, decay_kw, initial_state, chunks, wide=save and mode != 0)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     bounds, chunk_start, table, n, length = chunks.args(q)
+    path = triton_gated.path("forward")
+    prec = precision(q.dtype)
+    hoisted = OUTPUT_HOISTED and mode == 2 and path == 2 and dk <= OUTPUT_HOISTED_MAX_K
+    flags = q
+    if hoisted:  # the whole-chunk chunks; the rest flagged for `_chunk_output_kernel`
+        bv, warps = OUTPUT_HOISTED_TILES
+        bk, bv = max(16, next_power_of_2(dk)), block(dv, bv)
+        flags = torch.empty((chunks.max_chunks, kv_heads), dtype=torch.int32, device=q.device)
+        _chunk_output_hoisted_kernel[(chunks.max_chunks, cdiv(dv, bv), kv_heads)](
+            q, k, v, decay_kw["g"], h, o, flags, bounds, chunk_start, table, n, length, heads, kv_heads, dk, dv,
+            scale, C=chunks.chunk, BK=bk, BV=bv, VARLEN=chunks.varlen, PRECISION=prec, F32_PRECISION=prec,
+            num_warps=warps,
+        )
     bk, bv, warps = OUTPUT_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
     grid = (chunks.max_chunks, cdiv(dv, bv), heads)
@@ -611,6 +713,7 @@ def chunk_forward(
         decay_kw["g"],
         h,
         o,
+        flags,
         bounds,
         chunk_start,
         table,
@@ -628,9 +731,10 @@ def chunk_forward(
         MODE=mode,
         CONST=decay_kw["CONST"],
         VARLEN=chunks.varlen,
-        PRECISION=precision(q.dtype),
-        F32_PRECISION=precision(q.dtype),
-        PATH=triton_gated.path("forward"),
+        PRECISION=prec,
+        F32_PRECISION=prec,
+        PATH=path,
+        FLAGGED=hoisted,
         num_warps=warps,
     )
     return (o, ht, h) if save else (o, ht)
