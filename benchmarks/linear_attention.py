@@ -231,6 +231,8 @@ def copy_bandwidth() -> float:
 # decay); the "v4 ..." variants select the v4 in-chunk products (triton_gated.SUB_PRODUCTS), so old and
 # new are timed in one run.
 _V5 = ("triton_gated", "SUB_PRODUCTS", {"forward": "whole", "backward": "whole"})
+_DV_ANY_K = ("triton_backward", "DV_HOISTED_MAX_K", 128)  # the hoisted dv for every K its tile takes
+_OUTPUT_ANY_K = ("triton_forward", "OUTPUT_HOISTED_MAX_K", 128)  # the hoisted output for every K up to 128
 SWEEP = {
     "base": [],
     "v4 in-chunk (masked)": [("triton_gated", "SUB_PRODUCTS", {"forward": "masked", "backward": "masked"})],
@@ -297,25 +299,27 @@ SWEEP = {
     "dqk hoisted 32x64 maxnreg 128": [("triton_backward", "DQK_HOISTED", True),
                                       ("triton_backward", "DQK_HOISTED_TILES", (32, 64, 8)),
                                       ("triton_backward", "DQK_HOISTED_MAXNREG", 128)],
-    # v12 (not yet run on a GPU): the vector decay's dv by `_chunk_dv_hoisted_kernel` (g's cumsum, the whole-chunk
-    # test, the decay factors and the scaled keys once per program for all q heads of a kv head; K in one tile)
-    # plus `_chunk_dv_kernel` on the programs it flags; "bv128": V in one tile up to 128 (the default shape's
-    # V = 128: the scores once per q head instead of once per V tile); "w4": 4 warps (sm_90 at K = 64: 238
-    # registers, no spill: 2 CTAs per SM instead of 1 at 8 warps / 173; check test_cuda_dv_hoisted first: the
-    # dv kernel was miscompiled at BK 64 / 4 warps before)
-    "dv hoisted": [("triton_backward", "DV_HOISTED", True)],
-    "dv hoisted w4": [("triton_backward", "DV_HOISTED", True), ("triton_backward", "DV_HOISTED_TILES", (128, 64, 4))],
-    "dv hoisted bv128": [("triton_backward", "DV_HOISTED", True),
-                         ("triton_backward", "DV_HOISTED_TILES", (128, 128, 8))],
-    # v11 (not yet run on a GPU): the vector decay's forward outputs by `_chunk_output_hoisted_kernel` (one program
-    # per chunk, V tile and kv head, K in one tile: g's cumsum, the decay factors, the keys, v and the state tile
-    # once for the kv head's q heads; no exp in the head loop) plus `_chunk_output_kernel` on the chunks it flags
-    "output hoisted": [("triton_forward", "OUTPUT_HOISTED", True)],
-    "dv + output hoisted": [("triton_backward", "DV_HOISTED", True), ("triton_forward", "OUTPUT_HOISTED", True)],
+    # v12: the vector decay's dv by `_chunk_dv_hoisted_kernel` (g's cumsum, the whole-chunk test, the decay
+    # factors and the scaled keys once per program for all q heads of a kv head; K in one tile) plus
+    # `_chunk_dv_kernel` on the programs it flags; on by default for K <= 64 (DV_HOISTED_MAX_K), these variants take
+    # it to every K of the tile (128); "bv128": V in one tile up to 128 (the default shape's V = 128); "w4": 4 warps
+    # (sm_90 at K = 64: 238 registers, no spill; check test_cuda_dv_hoisted first: the dv kernel was miscompiled at
+    # BK 64 / 4 warps before)
+    "dv hoisted": [_DV_ANY_K],
+    "dv per tile": [("triton_backward", "DV_HOISTED", False)],  # the path before v12
+    "dv hoisted w4": [_DV_ANY_K, ("triton_backward", "DV_HOISTED_TILES", (128, 64, 4))],
+    "dv hoisted bv128": [_DV_ANY_K, ("triton_backward", "DV_HOISTED_TILES", (128, 128, 8))],
+    # v11: the vector decay's forward outputs by `_chunk_output_hoisted_kernel` (one program per chunk, V tile and
+    # kv head, K in one tile: g's cumsum, the decay factors, the keys, v and the state tile once for the kv head's
+    # q heads; no exp in the head loop) plus `_chunk_output_kernel` on the chunks it flags; on by default for
+    # K <= 64 (OUTPUT_HOISTED_MAX_K), these variants take it to K <= 128
+    "output hoisted": [_OUTPUT_ANY_K],
+    "output per head": [("triton_forward", "OUTPUT_HOISTED", False)],  # the path before v11
+    "dv + output hoisted": [_DV_ANY_K, _OUTPUT_ANY_K],
+    "before v11 / v12": [("triton_backward", "DV_HOISTED", False), ("triton_forward", "OUTPUT_HOISTED", False)],
     # BV 32: twice the programs (8192 at the model shape), the kv-head work redone per V tile; sm_90 compile 188
     # registers, no spill (BV 64: 204, no spill; either at 4 warps spills: 80 / 216 B)
-    "output hoisted bv32": [("triton_forward", "OUTPUT_HOISTED", True),
-                            ("triton_forward", "OUTPUT_HOISTED_TILES", (32, 8))],
+    "output hoisted bv32": [_OUTPUT_ANY_K, ("triton_forward", "OUTPUT_HOISTED_TILES", (32, 8))],
 }
 
 

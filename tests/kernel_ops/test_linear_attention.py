@@ -329,6 +329,7 @@ def test_triton_dv_hoisted(case, dtype, monkeypatch):
     run, if `_chunk_dv_kernel` ran on anything but the flagged programs, or if the flags do not match the gates."""
     backward = triton_module("triton_backward")
     monkeypatch.setattr(backward, "DV_HOISTED", True)
+    monkeypatch.setattr(backward, "DV_HOISTED_MAX_K", 128)  # every K the hoisted tile takes, past the default 64
     flags = []
 
     def hoisted(args, kwargs):
@@ -358,6 +359,7 @@ def test_triton_output_hoisted(case, dtype, save, monkeypatch):
     match the gates (none for typical gates; for strong ones the 64-token chunk flagged, the 8-token one not)."""
     forward = triton_module("triton_forward")
     monkeypatch.setattr(forward, "OUTPUT_HOISTED", True)
+    monkeypatch.setattr(forward, "OUTPUT_HOISTED_MAX_K", 128)  # every K the hoisted kernel takes, past the default 64
     flags = []
 
     def hoisted(args, kwargs):
@@ -391,6 +393,7 @@ def test_triton_dv_hoisted_not_past_its_k(monkeypatch):
     `_chunk_dv_kernel` alone, without FLAGGED."""
     backward = triton_module("triton_backward")
     monkeypatch.setattr(backward, "DV_HOISTED", True)
+    monkeypatch.setattr(backward, "DV_HOISTED_MAX_K", 128)  # every K the hoisted tile takes, past the default 64
     monkeypatch.setattr(backward, "DV_HOISTED_TILES", (32, 64, 8))
     ran = []
 
@@ -1005,6 +1008,7 @@ def test_cuda_dv_hoisted_bfloat16_against_float64(dims, strength, warps, monkeyp
     the default 8 warps and the sweep's "dv hoisted w4"."""
     backward = triton_module("triton_backward")
     monkeypatch.setattr(backward, "DV_HOISTED", True)
+    monkeypatch.setattr(backward, "DV_HOISTED_MAX_K", 128)  # every K the hoisted tile takes, past the default 64
     monkeypatch.setattr(backward, "DV_HOISTED_TILES", backward.DV_HOISTED_TILES[:2] + (warps,))
     ran = []
     kernel = backward._chunk_dv_hoisted_kernel
@@ -1033,6 +1037,7 @@ def test_cuda_output_hoisted_bfloat16_against_float64(dims, strength, monkeypatc
     at K = V = 64, packed sequences at K = 100, V = 32, two V tiles at K = V = 128."""
     forward = triton_module("triton_forward")
     monkeypatch.setattr(forward, "OUTPUT_HOISTED", True)
+    monkeypatch.setattr(forward, "OUTPUT_HOISTED_MAX_K", 128)  # every K the hoisted kernel takes, past the default 64
     ran = []
     kernel = forward._chunk_output_hoisted_kernel
 

@@ -56,13 +56,16 @@ DQK_HOISTED_ONE_V = True  # V in one tile (V <= BV): v and the state loaded once
 # register cap of `_chunk_dqk_hoisted_kernel` (None: the compiler's choice, 233-255 at 8 warps = 1 CTA per SM);
 # 128 at 8 warps lets 2 CTAs share an SM at the price of spills (sm_90 compile: 432 B at 32x64, 864 B at 64x64)
 DQK_HOISTED_MAXNREG: int | None = None
-# v12 (NOTES.md; not yet run on a GPU): the vector decay's dv in two launches when the in-chunk products take the
+# v12 (NOTES.md; H100, H=32 / Hkv=8 / K=V=64: dv 0.155 -> 0.112 + 0.003 ms at 8K): the vector decay's dv in two launches when the in-chunk products take the
 # whole-chunk form (triton_gated PATH 2) and K fits one tile. `_chunk_dv_hoisted_kernel` handles every (chunk,
 # V tile, kv head) whose log-decay spreads by at most LIMIT over all K columns: g's cumsum, the whole-chunk test,
 # the decay factors and the scaled keys once per program for all q heads of the kv head (no exp, no cumsum in the
 # q-head loop); it flags the others, which `_chunk_dv_kernel` then computes as before with its own tiles' BK and
 # warps (DV_TILES) and the hoisted launch's BV (the flags are per V tile). False: `_chunk_dv_kernel` alone.
-DV_HOISTED = False
+DV_HOISTED = True
+# most K the hoisted launch takes by default: K <= 64 was checked on a GPU (2026-12-06); K up to the tile's 128
+# passes the interpreter tests and waits for `test_cuda_dv_hoisted_bfloat16_against_float64` on a GPU
+DV_HOISTED_MAX_K = 64
 # (most K in one tile, BV, num_warps) of the hoisted launch; K above the first: `_chunk_dv_kernel` alone (the
 # factors of several K tiles would have to stay live through the q-head loop). 8 warps: the dv kernel's in-chunk
 # part was miscompiled at BK 64 / 4 warps on H200 / triton 3.6 (see DV_TILES).
@@ -873,7 +876,7 @@ def chunk_backward(
         **common,
     )
     bk, bv, warps = DV_TILES[mode]
-    dv_hoisted = DV_HOISTED and mode == 2 and common["PATH"] == 2 and dk <= DV_HOISTED_TILES[0]
+    dv_hoisted = DV_HOISTED and mode == 2 and common["PATH"] == 2 and dk <= min(DV_HOISTED_TILES[0], DV_HOISTED_MAX_K)
     if dv_hoisted:
         bv = DV_HOISTED_TILES[1]
     bk, bv = block(dk, bk), block(dv, bv)
