@@ -266,31 +266,66 @@ DQK_HOISTED_CASES = [  # log-decays down to -0.5 per token: every chunk in the w
 ]
 
 
-@pytest.mark.parametrize("one_v", [True, False], ids=["one-v", "v-per-head"])
+def watch_hoisted_kernels(monkeypatch, case: Case, one_v: bool = True) -> dict[str, list]:
+    """Turn on every hoisted kernel of the vector decay (v10 dq / dk, v11 outputs, v12 dv) for every K their tiles
+    take, and record each one's flags; fail if a per-tile / per-head kernel runs on anything but flagged programs."""
+    forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
+    for module, name, value in [(backward, "DQK_HOISTED", True), (backward, "DQK_HOISTED_ONE_V", one_v),
+                                (backward, "DV_HOISTED", True), (backward, "DV_HOISTED_MAX_K", 128),
+                                (forward, "OUTPUT_HOISTED", True), (forward, "OUTPUT_HOISTED_MAX_K", 128)]:
+        monkeypatch.setattr(module, name, value)
+    flags = {"dqk": [], "dv": [], "output": []}
+
+    def hoisted(kind, flag_arg, one_k_tile=False):
+        def check(args, kwargs):
+            if one_k_tile:
+                assert kwargs["BK"] >= case.dk  # K in one tile
+            flags[kind].append(args[flag_arg])
+        return check
+
+    def only_flagged(kernel):
+        def check(args, kwargs):
+            if not kwargs.get("FLAGGED"):
+                raise AssertionError(f"{kernel} ran on every program with its hoisted form on")
+        return check
+
+    for module, kernel, check in [
+        (backward, "_chunk_dqk_hoisted_kernel", hoisted("dqk", 10)),
+        (backward, "_chunk_dv_hoisted_kernel", hoisted("dv", 6, one_k_tile=True)),
+        (forward, "_chunk_output_hoisted_kernel", hoisted("output", 6)),
+        (backward, "_chunk_dqk_kernel", only_flagged("_chunk_dqk_kernel")),
+        (backward, "_chunk_dv_kernel", only_flagged("_chunk_dv_kernel")),
+        (forward, "_chunk_output_kernel", only_flagged("_chunk_output_kernel")),
+    ]:
+        monkeypatch.setattr(module, kernel, Launch(getattr(module, kernel), check))
+    return flags
+
+
 @pytest.mark.parametrize("case,dtype", DQK_HOISTED_CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_triton_dqk_hoisted(case, dtype, one_v, monkeypatch):
-    """The v10 dq / dk path (`triton_backward.DQK_HOISTED`): the whole-chunk tiles by
-    `_chunk_dqk_hoisted_kernel`, the flagged rest by `_chunk_dqk_kernel`, against the naive recurrence with
-    NaN-poisoned buffers. Fails if the hoisted kernel did not run, if `_chunk_dqk_kernel` ran on anything but
-    the flagged tiles, or if the flags do not match the gates (all whole-chunk for typical gates; both kinds
-    for strong ones: the 64-token chunk flagged)."""
-    backward = triton_module("triton_backward")
-    monkeypatch.setattr(backward, "DQK_HOISTED", True)
-    monkeypatch.setattr(backward, "DQK_HOISTED_ONE_V", one_v)
-    flags = []
-
-    def hoisted(args, kwargs):
-        flags.append(args[10])
-
-    def default(args, kwargs):
-        if not kwargs.get("FLAGGED"):
-            raise AssertionError("_chunk_dqk_kernel ran on every tile with DQK_HOISTED on")
-
-    monkeypatch.setattr(backward, "_chunk_dqk_hoisted_kernel", Launch(backward._chunk_dqk_hoisted_kernel, hoisted))
-    monkeypatch.setattr(backward, "_chunk_dqk_kernel", Launch(backward._chunk_dqk_kernel, default))
+def test_triton_hoisted_kernels(case, dtype, monkeypatch):
+    """The vector decay's hoisted kernels (v10 dq / dk, v11 outputs, v12 dv: the whole-chunk programs by the
+    hoisted kernels, the flagged rest by the per-tile / per-head kernels with FLAGGED) against the naive recurrence
+    with NaN-poisoned buffers (GQA 1 / 3 / 4, K = V = 64, K = 100 with V = 80 in two V tiles, packed one- and
+    two-token sequences, strong gates in float16 at -2 and -8 per token). Fails if a hoisted kernel did not run,
+    if a per-tile kernel ran on anything but the flagged programs, or if the flags do not match the gates (none
+    for typical gates; for strong ones the 64-token chunk flagged, the 8-token one not)."""
+    flags = watch_hoisted_kernels(monkeypatch, case)
     check_triton_against_naive(case, dtype)
-    assert len(flags) == 1
-    check_flags(flags[0], case)
+    assert [len(f) for f in flags.values()] == [1, 1, 1]
+    backward = triton_module("triton_backward")
+    assert flags["dv"][0].shape[1] == -(-case.dv // backward.DV_HOISTED_TILES[1])  # one flag per V tile
+    assert flags["output"][0].dim() == 2 and flags["output"][0].shape[1] == case.kv_heads  # per (chunk, kv head)
+    for kind in flags:
+        check_flags(flags[kind][0], case)
+
+
+def test_triton_dqk_hoisted_v_per_head(monkeypatch):
+    """The v10 dq / dk kernel with v and the state loaded per q head (`DQK_HOISTED_ONE_V` off), at GQA 4 with
+    packed short sequences, against the naive recurrence."""
+    case, dtype = DQK_HOISTED_CASES[2]
+    flags = watch_hoisted_kernels(monkeypatch, case, one_v=False)
+    check_triton_against_naive(case, dtype)
+    check_flags(flags["dqk"][0], case)
 
 
 class Launch:
@@ -321,60 +356,16 @@ def check_flags(flags: torch.Tensor, case: Case) -> None:
 
 
 @pytest.mark.parametrize("case,dtype", DQK_HOISTED_CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_triton_dv_hoisted(case, dtype, monkeypatch):
-    """The v12 dv path (`triton_backward.DV_HOISTED`): the whole-chunk (chunk, V tile, kv head) programs by
-    `_chunk_dv_hoisted_kernel`, the flagged rest by `_chunk_dv_kernel` with FLAGGED, against the naive recurrence
-    with NaN-poisoned buffers (GQA 1 / 3 / 4, K = V = 64, K = 100 with V = 80 in two V tiles, packed one- and
-    two-token sequences, strong gates in float16 at -2 and -8 per token). Fails if the hoisted kernel did not
-    run, if `_chunk_dv_kernel` ran on anything but the flagged programs, or if the flags do not match the gates."""
-    backward = triton_module("triton_backward")
-    monkeypatch.setattr(backward, "DV_HOISTED", True)
-    monkeypatch.setattr(backward, "DV_HOISTED_MAX_K", 128)  # every K the hoisted tile takes, past the default 64
-    flags = []
-
-    def hoisted(args, kwargs):
-        assert kwargs["BK"] >= case.dk  # K in one tile
-        flags.append(args[6])
-
-    def default(args, kwargs):
-        if not kwargs.get("FLAGGED"):
-            raise AssertionError("_chunk_dv_kernel ran on every program with DV_HOISTED on")
-
-    monkeypatch.setattr(backward, "_chunk_dv_hoisted_kernel", Launch(backward._chunk_dv_hoisted_kernel, hoisted))
-    monkeypatch.setattr(backward, "_chunk_dv_kernel", Launch(backward._chunk_dv_kernel, default))
-    check_triton_against_naive(case, dtype)
-    assert len(flags) == 1
-    assert flags[0].shape[1] == -(-case.dv // backward.DV_HOISTED_TILES[1])  # one flag per V tile
-    check_flags(flags[0], case)
-
-
-@pytest.mark.parametrize("save", [False, True], ids=["recompute", "save"])
-@pytest.mark.parametrize("case,dtype", DQK_HOISTED_CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_triton_output_hoisted(case, dtype, save, monkeypatch):
-    """The v11 forward output path (`triton_forward.OUTPUT_HOISTED`): the whole-chunk chunks by
-    `_chunk_output_hoisted_kernel` (one program per kv head, looping over its q heads), the flagged rest by
-    `_chunk_output_kernel`, against the naive recurrence with NaN-poisoned buffers; with the states as the forward
-    computes them (save False) and as it keeps them for the backward (save True: wide). Fails if the hoisted
-    kernel did not run, if `_chunk_output_kernel` ran on anything but the flagged chunks, or if the flags do not
-    match the gates (none for typical gates; for strong ones the 64-token chunk flagged, the 8-token one not)."""
+def test_triton_output_hoisted_from_kept_states(case, dtype, monkeypatch):
+    """The v11 forward output path from the states the forward keeps for the backward (`save=True`: computed
+    wide), against the naive recurrence with NaN-poisoned buffers; the hoisted and flagged launches as in
+    `test_triton_hoisted_kernels` (which runs the forward without keeping states)."""
+    flags = watch_hoisted_kernels(monkeypatch, case)
     forward = triton_module("triton_forward")
-    monkeypatch.setattr(forward, "OUTPUT_HOISTED", True)
-    monkeypatch.setattr(forward, "OUTPUT_HOISTED_MAX_K", 128)  # every K the hoisted kernel takes, past the default 64
-    flags = []
-
-    def hoisted(args, kwargs):
-        flags.append(args[6])
-
-    def default(args, kwargs):
-        if not kwargs.get("FLAGGED"):
-            raise AssertionError("_chunk_output_kernel ran on every chunk with OUTPUT_HOISTED on")
-
-    monkeypatch.setattr(forward, "_chunk_output_hoisted_kernel", Launch(forward._chunk_output_hoisted_kernel, hoisted))
-    monkeypatch.setattr(forward, "_chunk_output_kernel", Launch(forward._chunk_output_kernel, default))
     x = make_inputs(case, dtype, kernel_device())
     args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
     with poisoned():
-        o, final, *_ = forward.chunk_forward(*args, save=save)
+        o, final, _ = forward.chunk_forward(*args, save=True)
     cpu = on_device(x, "cpu")
     o_ref, final_ref = naive_linear_attention(
         *(cpu[n].double() for n in ("q", "k", "v", "g")), decay=case.decay, scale=SCALE,
@@ -383,9 +374,8 @@ def test_triton_output_hoisted(case, dtype, save, monkeypatch):
     tol = TOLERANCE[dtype]
     assert_close(o.cpu(), o_ref, tol, "o")
     assert_close(final.cpu(), final_ref, tol, "final state")
-    assert len(flags) == 1
-    assert flags[0].dim() == 2 and flags[0].shape[1] == case.kv_heads  # one flag per (chunk, kv head)
-    check_flags(flags[0], case)
+    assert len(flags["output"]) == 1
+    check_flags(flags["output"][0], case)
 
 
 def test_triton_dv_hoisted_not_past_its_k(monkeypatch):
