@@ -16,7 +16,8 @@ ideal saving obtained (goal: >= 0.8). Skipped variants are checked against the o
 with the same blocks replaced by the identity, per sequence. The decode-sized step is one token per
 sequence with held decisions and no cache; the real decode step runs the `stateful` program of the
 causal LM after a prefill of `--decode-context` tokens (KV caches, decisions held from the prefill),
-next to the unrouted program's step.
+next to the unrouted program's step. A decode step's attention alone (the fused SDPA call over a full
+KV cache of `--decode-context` slots) is timed at all, 3/4, 1/2 and 1/4 of the decode batch's rows.
 The fused router kernel is timed against its PyTorch reference as well.
 
 Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fractions 0.25,0.5] --out runs/layer_skip.json
@@ -33,7 +34,6 @@ import torch
 
 import rewrite
 from benchmarks.runner import Measurement, environment, measure, write_results
-from benchmarks.variants import apply_changes, restore
 from rewrite.kernels.router import route
 from rewrite.kernels.router.reference import route_reference
 from rewrite.routing import skip_controls
@@ -160,10 +160,9 @@ PREFILL_TOKENS = 65536
 
 
 def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: list[float], runs: int, device: str,
-                dtype: torch.dtype, split_slots: int | None = None) -> list[Measurement]:
+                dtype: torch.dtype) -> list[Measurement]:
     """One real decode step (KV caches filled by a prefill of `context` tokens, decisions held from it) of the
-    routed causal LM, per skip variant, next to the same step of the unrouted program; with `split_slots`, the
-    CUDA-graph step is timed a second time with its attention cut into parts of that many slots."""
+    routed causal LM, per skip variant, next to the same step of the unrouted program."""
     import transformers
 
     from rewrite.decode import decode_program
@@ -232,37 +231,28 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
             del state
             if not graphs:
                 continue
-            for split in [None] if split_slots is None else [None, split_slots]:
-                # read by the states made and the step captured below
-                undo = apply_changes("rewrite.decode", [("split_attention", "SPLIT_SLOTS", split)])
-                try:
-                    state, twin = prefilled(program, mask), prefilled(program, mask)
-                    graphed = GraphedStep(program, state)
-                    graphed.start()
-                    for _ in range(2):  # warm-up, then capture and replay: checked against the eager (fused) step
-                        got, want = graphed_step(graphed, state), step(program, twin)
-                finally:
-                    restore(undo)
-                err = relative_error(got, want)
-                how = "CUDA graph" if split is None else f"CUDA graph, split {split}"
-                if err > 1e-2:
-                    FAILURES.append(f"decode step {name} ({how}): the replay differs from the eager step ({err:.2e})")
-                row = measure(f"decode step (KV cache, {how}) {name}", functools.partial(graphed_step, graphed, state),
-                              params, warmup=3, runs=runs)
-                row.extra["rel err"] = f"{err:.1e}"
-                if mask is not None:
-                    row.extra["skipped"] = f"{mask.float().mean().item():.0%}"
-                timed[f"graph {name}" if split is None else f"split {name}"] = row.median_ms
-                if split is not None:
-                    row.extra["vs unsplit"] = f"{row.median_ms / timed[f'graph {name}']:.2f}x"
-                rows.append(row)
-                del state, twin, graphed
+            state, twin = prefilled(program, mask), prefilled(program, mask)
+            graphed = GraphedStep(program, state)
+            graphed.start()
+            for _ in range(2):  # warm-up, then capture and replay: checked against the eager step
+                got, want = graphed_step(graphed, state), step(program, twin)
+            err = relative_error(got, want)
+            if err > 1e-2:
+                FAILURES.append(f"decode step {name} (CUDA graph): the replay differs from the eager step ({err:.2e})")
+            row = measure(f"decode step (KV cache, CUDA graph) {name}", functools.partial(graphed_step, graphed, state),
+                          params, warmup=3, runs=runs)
+            row.extra["rel err"] = f"{err:.1e}"
+            if mask is not None:
+                row.extra["skipped"] = f"{mask.float().mean().item():.0%}"
+            timed[f"graph {name}"] = row.median_ms
+            rows.append(row)
+            del state, twin, graphed
     err = relative_error(steps["none"], steps["unrouted"])
     if err > 1e-3:
         FAILURES.append(f"decode step: routed with nothing skipped differs from the unrouted program ({err:.2e})")
     for row in rows:
         name = row.name.split(") ", 1)[1]
-        prefix = "split " if "split" in row.name else "graph " if "CUDA graph" in row.name else ""
+        prefix = "graph " if "CUDA graph" in row.name else ""
         if name.startswith("f="):
             fraction = float(name.split()[0].removeprefix("f="))
             none, floor = timed[prefix + "none"], timed[prefix + "all"]
@@ -273,37 +263,25 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     return rows
 
 
-def time_decode_attention(batch: int, context: int, hidden: int, runs: int, device: str, dtype: torch.dtype,
-                          split_slots: int | None) -> list[Measurement]:
+def time_decode_attention(batch: int, context: int, hidden: int, runs: int, device: str,
+                          dtype: torch.dtype) -> list[Measurement]:
     """A decode step's attention alone over a full KV cache of `context` slots (the model's heads), for all,
-    3/4, 1/2 and 1/4 of `batch` rows: the fused SDPA call, and with `split_slots` the split attention."""
+    3/4, 1/2 and 1/4 of `batch` rows: the fused SDPA call a routed block makes for its running rows (whether its
+    time follows the rows; docs/layer_skip.md, "Decode: where a partly skipped block's time goes")."""
     from rewrite.decode.sites import _grouped_attention
-    from rewrite.decode.split_attention import split_attention
 
     heads, kv_heads = hidden // 64, max(1, hidden // 256)  # build_model's
     dim = hidden // heads
-    slots = context if split_slots is None else -(-context // split_slots) * split_slots
     rows_out: list[Measurement] = []
     for rows in sorted({batch, batch * 3 // 4, batch // 2, max(1, batch // 4)}, reverse=True):
         q = torch.randn(rows, heads, 1, dim, device=device, dtype=dtype)
-        keys, values = (torch.randn(rows, kv_heads, slots, dim, device=device, dtype=dtype) for _ in range(2))
-        visible = torch.ones(rows, 1, 1, slots, dtype=torch.bool, device=device)
-        visible[..., context:] = False
+        keys, values = (torch.randn(rows, kv_heads, context, dim, device=device, dtype=dtype) for _ in range(2))
+        visible = torch.ones(rows, 1, 1, context, dtype=torch.bool, device=device)
         params = {"rows": rows, "context": context}
         fused = measure("decode attention: fused SDPA", functools.partial(_grouped_attention, q, keys, values, visible,
                                                                          None), params, warmup=3, runs=runs)
         fused.extra["cache GB"] = f"{2 * keys.nbytes / 1e9:.2f}"
         rows_out.append(fused)
-        if split_slots is not None:
-            want = _grouped_attention(q, keys, values, visible, None)
-            err = relative_error(split_attention(q, keys, values, visible, None, split_slots), want)
-            if err > 1e-2:
-                FAILURES.append(f"split attention ({rows} rows) differs from the fused SDPA call ({err:.2e})")
-            split = measure(f"decode attention: split {split_slots}", functools.partial(
-                split_attention, q, keys, values, visible, None, split_slots), params, warmup=3, runs=runs)
-            split.extra["rel err"] = f"{err:.1e}"
-            split.extra["vs fused"] = f"{split.median_ms / fused.median_ms:.2f}x"
-            rows_out.append(split)
         del q, keys, values
     return rows_out
 
@@ -335,9 +313,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-check", action="store_true", help="skip the per-sequence reference check")
-    parser.add_argument("--split-slots", type=int, default=None,
-                        help="also time the CUDA-graph decode step and the attention alone with the attention cut "
-                             "into parts of this many KV-cache slots (rewrite.decode.split_attention)")
     parser.add_argument("--out", default="runs/layer_skip.json")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -352,9 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         rows += time_shape(model, om, args.batch, length, fractions, args.runs, "prefill", not args.no_check)
     rows += time_shape(model, om, args.decode_batch, 1, fractions, max(args.runs, 30), "decode step", not args.no_check)
     rows += time_decode_attention(args.decode_batch, args.decode_context, args.hidden, max(args.runs, 30), device,
-                                  dtype, args.split_slots)
+                                  dtype)
     rows += time_decode(args.layers, args.hidden, args.decode_batch, args.decode_context, fractions, max(args.runs, 30),
-                        device, dtype, args.split_slots)
+                        device, dtype)
     rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype, args.runs)
     print(write_results(args.out, "Layer skipping: latency against the ideal saving", rows, environment()))
     if FAILURES:

@@ -650,76 +650,37 @@ def _static_decode(program, ids: torch.Tensor, prompt: int, watch=None):
     return torch.cat(outs, 1), state, seen
 
 
-def test_split_attention_equals_attention_over_the_visible_slots():
-    from rewrite.decode.split_attention import split_attention
-
-    g = torch.Generator().manual_seed(0)
-    batch, heads, kv_heads, slots, dim = 3, 6, 2, 12, 8
-    q = torch.randn(batch, heads, 1, dim, generator=g)
-    k, v = torch.randn(batch, kv_heads, slots, dim, generator=g), torch.randn(batch, kv_heads, slots, dim, generator=g)
-    visible = torch.rand(batch, 1, 1, slots, generator=g) < 0.5
-    visible[..., 7] = True  # the query's own slot
-    visible[1, ..., 4:] = False  # a part with no visible slot but in another row
-    visible[1, ..., 7] = True
-    want = torch.zeros(batch, heads, 1, dim, dtype=torch.float64)
-    for b in range(batch):  # one sequence and query head at a time, in float64
-        for h in range(heads):
-            seen = visible[b, 0, 0]
-            keys, values = k[b, h // (heads // kv_heads), seen].double(), v[b, h // (heads // kv_heads), seen].double()
-            want[b, h, 0] = torch.softmax(q[b, h, 0].double() @ keys.T * 0.3, -1) @ values
-    for part in (1, 4, 12):
-        got = split_attention(q, k, v, visible, 0.3, part)
-        torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=RTOL, msg=f"part {part}")
-    with pytest.raises(ValueError, match="12 slots are not a whole number of parts of 5"):
-        split_attention(q, k, v, visible, 0.3, 5)
-
-
-def test_routed_static_steps_with_split_attention_equal_each_sequence_alone_with_its_blocks_made_identity(
-    monkeypatch,
-):
-    """Split attention on (parts of 4 slots): the static steps of a routed decode, where blocks run part of the
-    batch, give the logits of each sequence alone with the layers it skips made the identity, and the state's
-    capacity is a whole number of parts."""
-    import rewrite.decode.split_attention as split
-
+def test_routed_static_steps_over_a_full_kv_cache_equal_each_sequence_alone_with_its_blocks_made_identity():
+    """The static steps of a routed decode over full KV caches, where blocks run part of the batch, give the
+    logits of each sequence alone with the layers it skips made the identity."""
     model, om, ids = routed("softmax")
     program = decode_program(om)
     skip = torch.tensor([[j % 3 == b for j in range(4)] for b in range(3)])
     _assert_mixed(skip)
     default, _, _ = _static_decode(program, ids, 4)
-    monkeypatch.setattr(split, "SPLIT_SLOTS", 4)
     with skip_controls(skip_mask=skip):  # applies at prefill, held while decoding
         got, state, _ = _static_decode(program, ids, 4)
-    assert torch.equal(state.skips, skip) and state.capacity == 12  # 10 slots asked: 3 parts of 4
+    assert torch.equal(state.skips, skip) and state.capacity == 10  # the slots asked, not rounded
     torch.testing.assert_close(got, _skip_by_identity(model, ids, skip), atol=ATOL, rtol=RTOL)
-    monkeypatch.setattr(split, "SPLIT_SLOTS", None)
-    with skip_controls(skip_mask=skip):
-        unsplit, _, _ = _static_decode(program, ids, 4)
-    torch.testing.assert_close(got, unsplit, atol=ATOL, rtol=RTOL)
-    assert not torch.equal(unsplit, default)  # the decisions skip something
+    assert not torch.equal(got, default)  # the decisions skip something
 
 
-class _Products(TorchDispatchMode):
-    """The batched matrix products (batch, rows, inner, columns) and the SDPA calls' key shapes run inside it."""
+class _AttentionCalls(TorchDispatchMode):
+    """The key shapes of the SDPA calls run inside it."""
 
     def __init__(self):
         super().__init__()
-        self.products, self.sdpa = [], []
+        self.sdpa = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.bmm.default:
-            self.products.append((*args[0].shape, args[1].shape[-1]))
-        elif "scaled_dot_product" in str(func):
+        if "scaled_dot_product" in str(func):
             self.sdpa.append(tuple(args[1].shape))
         return func(*args, **(kwargs or {}))
 
 
-def test_a_static_steps_split_attention_cuts_each_blocks_cache_into_parts_of_its_running_rows(monkeypatch):
-    """The pieces of a static step's attention: unsplit, one SDPA per block over [running rows, kv heads, every
-    slot]; split, the values are weighted in [running rows x kv heads x parts] products of `part` slots each, so
-    the number of pieces follows the rows a block runs and no piece grows with the context."""
-    import rewrite.decode.split_attention as split
-
+def test_a_static_steps_attention_is_one_sdpa_per_block_over_its_running_rows_and_every_slot():
+    """The pieces of a static step's attention: one SDPA per block over [running rows, kv heads, every slot],
+    so its work follows the rows a block runs (no cache gathered, no row rounded up)."""
     _, om, ids = routed("softmax")
     program = decode_program(om)
     skip = torch.tensor([[j % 3 == b and j < 3 for j in range(4)] for b in range(3)])
@@ -727,16 +688,8 @@ def test_a_static_steps_split_attention_cuts_each_blocks_cache_into_parts_of_its
     assert running == [2, 2, 2, 3]  # the last block runs every sequence
     kv_heads, dim = 2, 16
     with skip_controls(skip_mask=skip):
-        _, state, seen = _static_decode(program, ids, 4, watch=_Products)
+        _, state, seen = _static_decode(program, ids, 4, watch=_AttentionCalls)
     assert [s.sdpa for s in seen] == [[(r, kv_heads, state.capacity, dim) for r in running]] * len(seen)
-    monkeypatch.setattr(split, "SPLIT_SLOTS", 4)
-    with skip_controls(skip_mask=skip):
-        _, state, seen = _static_decode(program, ids, 4, watch=_Products)
-    parts = state.capacity // 4
-    for step in seen:
-        assert step.sdpa == []
-        weighting = [p for p in step.products if p[-1] == dim and p[-2] != dim]  # weights @ values
-        assert weighting == [(r * kv_heads * parts, 2, 4, dim) for r in running], step.products
 
 
 def test_routed_blocks_in_a_plan_are_checked_and_soft_decisions_are_refused():

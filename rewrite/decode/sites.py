@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rewrite.decode.split_attention import part_slots, split_attention
 from rewrite.decode.state import DecodeState
 from rewrite.decode.steps import (
     can_chunk,
@@ -102,9 +101,6 @@ cache is a ring of `window` slots.
     visible = valid[:, None, None, :end] & (key_slots <= slots[:, None])
     visible = visible | (key_slots == slots[:, None])
     keys, values = decode_state.read_kv(cache, end)
-    part = part_slots()
-    if part is not None and decode_state.static and q.shape[2] == 1:  # every slot: a whole number of parts
-        return split_attention(q, keys, values, visible, scale, part)
     return _grouped_attention(q, keys, values, visible, scale)
 
 

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from rewrite.decode.split_attention import rounded_capacity
 from rewrite.errors import RewriteError
 
 
@@ -88,8 +87,7 @@ SLOT_BUCKET = 256
 class DecodeState:
     """Everything a stateful program carries from one call to the next, for `batch` sequences.
 
-    `capacity` bounds the slots of KV caches (prompt plus new tokens; rounded up to a whole number of
-    parts where `split_attention.SPLIT_SLOTS` splits full KV caches). `slot_mask` keeps `valid`
+    `capacity` bounds the slots of KV caches (prompt plus new tokens). `slot_mask` keeps `valid`
     [batch, capacity], whether each slot holds a real token, which a full softmax KV cache needs;
     without it (`valid` is None) the state holds no per-slot memory at all, and its size does not
     depend on `capacity` or on the tokens seen.
@@ -111,8 +109,6 @@ class DecodeState:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
-        if self.slot_mask:  # a full KV cache read in parts: every cache a whole number of parts
-            self.capacity = rounded_capacity(self.capacity)
         self.valid: torch.Tensor | None = (
             torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=self.device) if self.slot_mask else None
         )
@@ -168,7 +164,6 @@ class DecodeState:
         """Enlarge every slot buffer to `capacity` slots, keeping their content (not under a CUDA graph)."""
         if self.static:
             raise RewriteError("a decode state cannot grow while a CUDA graph replays it")
-        capacity = rounded_capacity(capacity) if self.slot_mask else capacity
         extra = capacity - self.capacity
         if extra <= 0:
             return
