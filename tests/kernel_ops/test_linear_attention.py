@@ -959,90 +959,25 @@ def test_cuda_strong_gates_bfloat16_against_float64(monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("dv_warps", [8, 4])
 @pytest.mark.parametrize("strength", [0.5, 2.0])
 @pytest.mark.parametrize("dims", [(64, 64), (100, 32), (128, 128)])
-def test_cuda_dqk_hoisted_bfloat16_against_float64(dims, strength, monkeypatch):
-    """The v10 dq / dk path (`triton_backward.DQK_HOISTED`) in bf16 against float64: typical gates (every tile
-    in the hoisted kernel) and strong ones (log-decays down to -2 per token: the flagged tiles by
-    `_chunk_dqk_kernel`, three TF32 products there); GQA group 4 at K = V = 64, packed sequences at K = 100,
-    V = 32, two V tiles at K = V = 128."""
+def test_cuda_hoisted_kernels_bfloat16_against_float64(dims, strength, dv_warps, monkeypatch):
+    """The hoisted kernels (v10 dq / dk, v11 outputs, v12 dv) in bf16 against float64 through the public op:
+    typical gates (every program in the hoisted kernels) and strong ones (log-decays down to -2 per token: the
+    flagged programs by the per-tile kernels, three TF32 products there); GQA group 4 at K = V = 64, packed
+    sequences at K = 100, V = 32 (the shape of the dv kernel's miscompile at BK 64 / 4 warps on triton 3.6), two
+    V tiles at K = V = 128; the hoisted dv at the default 8 warps and at the sweep's 4 ("dv hoisted w4")."""
+    dk, dv = dims
+    cu = (0, 1, 130, 700) if dk == 100 else None
+    case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
+                cu_seqlens=cu, decay_strength=strength)
+    flags = watch_hoisted_kernels(monkeypatch, case)
     backward = triton_module("triton_backward")
-    monkeypatch.setattr(backward, "DQK_HOISTED", True)
     monkeypatch.setattr(backward, "STRONG_GATE_PRECISION", "tf32x3")
-    ran = []
-    kernel = backward._chunk_dqk_hoisted_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            ran.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(backward, "_chunk_dqk_hoisted_kernel", Counted())
-    dk, dv = dims
-    cu = (0, 1, 130, 700) if dk == 100 else None
-    case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
-                cu_seqlens=cu, decay_strength=strength)
+    monkeypatch.setattr(backward, "DV_HOISTED_TILES", backward.DV_HOISTED_TILES[:2] + (dv_warps,))
     check_public_against_naive(case, torch.bfloat16, 1e-2)
-    assert ran
-
-
-@gpu
-@pytest.mark.parametrize("warps", [8, 4])
-@pytest.mark.parametrize("strength", [0.5, 2.0])
-@pytest.mark.parametrize("dims", [(64, 64), (100, 32), (128, 128)])
-def test_cuda_dv_hoisted_bfloat16_against_float64(dims, strength, warps, monkeypatch):
-    """The v12 dv path (`triton_backward.DV_HOISTED`) in bf16 against float64: typical gates (every program in
-    the hoisted kernel) and strong ones (log-decays down to -2 per token: the flagged programs by
-    `_chunk_dv_kernel`); GQA group 4 at K = V = 64, packed sequences at K = 100, V = 32 (the shape of the dv
-    kernel's miscompile at BK 64 / 4 warps on triton 3.6), K = 128 in one tile with two V tiles at K = V = 128;
-    the default 8 warps and the sweep's "dv hoisted w4"."""
-    backward = triton_module("triton_backward")
-    monkeypatch.setattr(backward, "DV_HOISTED", True)
-    monkeypatch.setattr(backward, "DV_HOISTED_MAX_K", 128)  # every K the hoisted tile takes, past the default 64
-    monkeypatch.setattr(backward, "DV_HOISTED_TILES", backward.DV_HOISTED_TILES[:2] + (warps,))
-    ran = []
-    kernel = backward._chunk_dv_hoisted_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            ran.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(backward, "_chunk_dv_hoisted_kernel", Counted())
-    dk, dv = dims
-    cu = (0, 1, 130, 700) if dk == 100 else None
-    case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
-                cu_seqlens=cu, decay_strength=strength)
-    check_public_against_naive(case, torch.bfloat16, 1e-2)
-    assert ran
-
-
-@gpu
-@pytest.mark.parametrize("strength", [0.5, 2.0])
-@pytest.mark.parametrize("dims", [(64, 64), (100, 32), (128, 128)])
-def test_cuda_output_hoisted_bfloat16_against_float64(dims, strength, monkeypatch):
-    """The v11 forward output path (`triton_forward.OUTPUT_HOISTED`) in bf16 against float64 through the public
-    op (states kept for the backward when SAVE_STATES is on): typical gates (every chunk in the hoisted kernel)
-    and strong ones (log-decays down to -2 per token: the flagged chunks by `_chunk_output_kernel`); GQA group 4
-    at K = V = 64, packed sequences at K = 100, V = 32, two V tiles at K = V = 128."""
-    forward = triton_module("triton_forward")
-    monkeypatch.setattr(forward, "OUTPUT_HOISTED", True)
-    monkeypatch.setattr(forward, "OUTPUT_HOISTED_MAX_K", 128)  # every K the hoisted kernel takes, past the default 64
-    ran = []
-    kernel = forward._chunk_output_hoisted_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            ran.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(forward, "_chunk_output_hoisted_kernel", Counted())
-    dk, dv = dims
-    cu = (0, 1, 130, 700) if dk == 100 else None
-    case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
-                cu_seqlens=cu, decay_strength=strength)
-    check_public_against_naive(case, torch.bfloat16, 1e-2)
-    assert ran
+    assert all(flags.values()), {kind: len(f) for kind, f in flags.items()}
 
 
 @gpu
