@@ -1,0 +1,150 @@
+"""Decode attention over a full KV cache in Triton: split-KV ("flash decoding") with GQA grouping.
+
+Programs run over (batch row x kv head, slice of cache slots), so their count scales with the rows
+that run (a layer-skip router that drops rows drops programs). Each program takes the G q heads that
+share its kv head times the T new queries as the G*T rows of one tile, so k / v are read once per
+group. Slot s is visible to query t of row b when visible[b, 0, t, s]; a tile of slots that no query
+of the program sees is skipped without loading k / v (unfilled cache slots cost only the mask read).
+Each slice writes its normalised partial output and log-sum-exp (base 2); a second kernel merges the
+slices with a log-sum-exp weighting and writes o in q's dtype. A query that sees no slot gets zeros.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from rewrite.kernels.launch_math import cdiv, next_power_of_2
+
+from ..alloc import new_empty
+
+LOG2E = 1.4426950408889634
+BLOCK_N = 64
+TARGET_PROGRAMS = 1024  # split programs to aim for (several waves on a 132-SM H100); not yet tuned on a GPU
+MAX_SPLITS = 64
+MERGE_CHUNK = 16
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
+    slots, heads, kv_heads, count, dk, dv, qk_scale, slots_per_split, n_splits,
+    BM: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    b, hk = (i_bh // kv_heads).to(tl.int64), (i_bh % kv_heads).to(tl.int64)
+    group = heads // kv_heads
+    r = tl.arange(0, BM)
+    r_mask = r < group * count
+    head = hk * group + r // count
+    t = r % count
+    kcols, vcols = tl.arange(0, BK), tl.arange(0, BV)
+    q_offs = b * sq_b + head[:, None] * sq_h + t[:, None] * sq_t + kcols[None, :]
+    q = tl.load(q_ptr + q_offs, mask=r_mask[:, None] & (kcols < dk)[None, :], other=0.0)
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    m_base = m_ptr + b * sm_b + t[:, None] * sm_t
+    first = i_s * slots_per_split
+    last = tl.minimum(first + slots_per_split, slots)
+    acc = tl.zeros([BM, BV], dtype=tl.float32)
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    for start in range(first, last, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_mask = keys < last
+        seen = tl.load(m_base + keys[None, :].to(tl.int64) * sm_s, mask=r_mask[:, None] & key_mask[None, :], other=0)
+        seen = seen != 0
+        if tl.max(tl.max(seen.to(tl.int32), axis=1), axis=0) > 0:
+            k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_s + kcols[None, :],
+                        mask=key_mask[:, None] & (kcols < dk)[None, :], other=0.0)
+            v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_s + vcols[None, :],
+                        mask=key_mask[:, None] & (vcols < dv)[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    part = ((b * heads + head) * count + t) * n_splits + i_s
+    tl.store(o_ptr + part[:, None] * dv + vcols[None, :], acc / l_safe[:, None],
+             mask=r_mask[:, None] & (vcols < dv)[None, :])
+    tl.store(lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=r_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    o_part_ptr, lse_ptr, o_ptr, n_splits, dv,
+    BS: tl.constexpr, CHUNK: tl.constexpr, BV: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # (b, head, t) flattened, as o [B, H, T, Dv] is laid out
+    sp = tl.arange(0, BS)
+    lse = tl.load(lse_ptr + row * n_splits + sp, mask=sp < n_splits, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.exp2(lse - top), axis=0)
+    vcols = tl.arange(0, BV)
+    acc = tl.zeros([BV], dtype=tl.float32)
+    for c in range(0, n_splits, CHUNK):
+        cs = c + tl.arange(0, CHUNK)
+        c_mask = cs < n_splits
+        w = tl.exp2(tl.load(lse_ptr + row * n_splits + cs, mask=c_mask, other=float("-inf")) - top)
+        part = tl.load(o_part_ptr + (row * n_splits + cs)[:, None] * dv + vcols[None, :],
+                       mask=c_mask[:, None] & (vcols < dv)[None, :], other=0.0)
+        acc += tl.sum(tl.where(c_mask[:, None], w[:, None] * part, 0.0), axis=0)
+    o = acc / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + row * dv + vcols, o.to(o_ptr.dtype.element_ty), mask=vcols < dv)
+
+
+def head_block(dim: int) -> int:
+    """Tile width for a head dim (whole head per tile): a power of two >= 16, at most 256."""
+    if dim > 256:
+        raise ValueError(f"kv_cache_attention: the Triton kernel supports head dims up to 256, got {dim}")
+    return max(16, next_power_of_2(dim))
+
+
+def split_count(slots: int, programs: int) -> tuple[int, int]:
+    """(slices, slots per slice) of the cache per (row, kv head): about TARGET_PROGRAMS programs in all, at most
+    MAX_SPLITS slices, each a multiple of BLOCK_N slots."""
+    n = max(1, min(cdiv(slots, BLOCK_N), MAX_SPLITS, cdiv(TARGET_PROGRAMS, max(programs, 1))))
+    per_split = cdiv(cdiv(max(slots, 1), n), BLOCK_N) * BLOCK_N
+    return cdiv(max(slots, 1), per_split), per_split
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def kv_cache_attention_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """o [B, H, T, Dv] for q [B, H, T, D] over keys / values [B, Hkv, S, D|Dv] (any strides) where visible
+    (bool, broadcastable to [B, 1, T, S]) is True."""
+    if q.dtype == torch.float64:
+        raise ValueError("kv_cache_attention: the Triton kernel takes float32/float16/bfloat16, got float64")
+    q, keys, values = _unit_last(q), _unit_last(keys), _unit_last(values)
+    batch, heads, count, dk = q.shape
+    kv_heads, slots, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    mask = visible.expand(batch, 1, count, slots).view(torch.uint8)
+    o = new_empty((batch, heads, count, dv), dtype=q.dtype, device=q.device)
+    if o.numel() == 0:
+        return o
+    n_splits, per_split = split_count(slots, batch * kv_heads)
+    o_part = new_empty((batch, heads, count, n_splits, dv), dtype=torch.float32, device=q.device)
+    lse_part = new_empty((batch, heads, count, n_splits), dtype=torch.float32, device=q.device)
+    group = heads // kv_heads
+    bv = head_block(dv)
+    _split_kernel[(batch * kv_heads, n_splits)](
+        q, keys, values, mask, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
+        slots, heads, kv_heads, count, dk, dv, scale * LOG2E, per_split, n_splits,
+        BM=max(16, next_power_of_2(group * count)), BLOCK_N=BLOCK_N, BK=head_block(dk), BV=bv,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    _merge_kernel[(batch * heads * count,)](
+        o_part, lse_part, o, n_splits, dv, BS=max(16, next_power_of_2(n_splits)), CHUNK=MERGE_CHUNK, BV=bv,
+    )
+    return o
