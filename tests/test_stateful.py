@@ -1097,3 +1097,40 @@ def test_cuda_graph_of_the_compiled_step_gives_the_eager_logits_and_tokens(plan)
     torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=RTOL)
     eager = om.generate(prompt, mask, max_new_tokens=8, cuda_graph="never")
     assert torch.equal(om.generate(prompt, mask, max_new_tokens=8, cuda_graph="always", compile_step=True), eager)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_static_steps_with_the_kv_cache_attention_kernel_give_the_logits_of_sdpa(monkeypatch, path):
+    """sites.KV_CACHE_ATTENTION_KERNEL on: the routed static steps' attention over full KV caches runs the split-KV
+    op (its CPU reference, or its Triton kernel in Triton's interpreter) and gives the logits of SDPA."""
+    from rewrite.decode import sites
+    from rewrite.kernels.testing import load_launchers
+
+    _, om, ids = routed("softmax")
+    program = decode_program(om)
+    skip = torch.tensor([[j % 3 == b and j < 3 for j in range(4)] for b in range(3)])
+    with skip_controls(skip_mask=skip):
+        expected, _, _ = _static_decode(program, ids, 4)
+    calls = []
+    if path == "triton":
+        launchers = load_launchers("rewrite.kernels.kv_cache_attention.triton_decode")
+
+        def kernel(q, keys, values, visible, scale):
+            calls.append(tuple(keys.shape))
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            return launchers.kv_cache_attention_decode(q, keys, values, visible, scale)
+    else:
+        op = sites.kv_cache_attention
+
+        def kernel(q, keys, values, visible, scale):
+            calls.append(tuple(keys.shape))
+            return op(q, keys, values, visible, scale)
+    monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_KERNEL", True)
+    monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sites, "kv_cache_attention", kernel)
+    with skip_controls(skip_mask=skip):
+        got, state, seen = _static_decode(program, ids, 4, watch=_AttentionCalls)
+    steps = ids.shape[1] - 4
+    assert [s.sdpa for s in seen] == [[]] * steps  # no step's attention is SDPA (the prefill's may be)
+    assert len(calls) >= 4 * steps and all(shape[2] == state.capacity for shape in calls[-4 * steps:])
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)

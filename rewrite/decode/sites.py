@@ -22,10 +22,21 @@ from rewrite.decode.steps import (
     writes_in_place,
 )
 from rewrite.errors import RewriteError
+from rewrite.kernels.kv_cache_attention import kv_cache_attention
 from rewrite.mixers.masks import MIXER_LIMIT
 
 WINDOW_ADVICE = "a sliding window or a block pattern? set the `stateful` pass's sliding_window / window_layers"
 """What a kept softmax layer whose prefill mask is not causal can do (a mixer site says the mixer's limit)."""
+
+KV_CACHE_ATTENTION_KERNEL = False
+"""When True, `_grouped_attention` (decode attention over a KV cache, full or ring) runs the split-KV Triton op
+`rewrite::kv_cache_attention` on the devices in KV_CACHE_ATTENTION_DEVICES instead of SDPA with a boolean mask:
+its programs are (row x kv head x slice of slots), so its time follows the rows a routed block runs. Off until a
+GPU times it (`python -m benchmarks.layer_skip`, the "decode attention: split-KV kernel" rows)."""
+KV_CACHE_ATTENTION_DEVICES = ("cuda",)
+"""Device types the switch applies on (tests add "cpu", where the op runs its PyTorch reference)."""
+KV_CACHE_ATTENTION_MAX_ROWS = 64
+"""Most q heads per kv head x new tokens the op takes (one tile of rows per program): decode steps, not prompts."""
 
 
 def _check_prefill_mask(
@@ -109,6 +120,8 @@ def _grouped_attention(
 ) -> torch.Tensor:
     """SDPA of q [B, H, T, D] over keys / values [B, Hkv, S, D] with visible [B, 1, T, S]; the query
     heads of one kv head attend together, so the cache is never copied per query head."""
+    if _kv_cache_kernel_applies(q, keys, values):
+        return kv_cache_attention(q, keys, values, visible, scale)
     batch, heads, count, _ = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     groups = heads // kv_heads
@@ -117,6 +130,18 @@ def _grouped_attention(
         visible = visible.expand(batch, groups, count, slots).reshape(batch, 1, groups * count, slots)
     o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible, scale=scale)
     return o.reshape(batch, heads, count, values.shape[-1])
+
+
+def _kv_cache_kernel_applies(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether KV_CACHE_ATTENTION_KERNEL sends this attention to the split-KV op: switch on, a listed device, one
+    dtype the kernel takes, head dims it tiles, a decode step's few queries, no gradient asked (forward only)."""
+    if not KV_CACHE_ATTENTION_KERNEL or q.device.type not in KV_CACHE_ATTENTION_DEVICES:
+        return False
+    if not (q.dtype == keys.dtype == values.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if max(q.shape[-1], values.shape[-1]) > 256 or q.shape[1] // keys.shape[1] * q.shape[2] > KV_CACHE_ATTENTION_MAX_ROWS:
+        return False
+    return not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, keys, values)))
 
 
 def _windowed_attention(
