@@ -17,10 +17,13 @@ with the same blocks replaced by the identity, per sequence. The decode-sized st
 sequence with held decisions and no cache; the real decode step runs the `stateful` program of the
 causal LM after a prefill of `--decode-context` tokens (KV caches, decisions held from the prefill),
 next to the unrouted program's step. A decode step's attention alone (the fused SDPA call over a full
-KV cache of `--decode-context` slots) is timed at all, 3/4, 1/2 and 1/4 of the decode batch's rows.
+KV cache of `--decode-context` slots) is timed at all, 3/4, 1/2 and 1/4 of the decode batch's rows, next to
+the split-KV kernel `rewrite::kv_cache_attention` on the same inputs (GPU only; what
+`rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL` switches the decode sites to), with its error against SDPA.
 The fused router kernel is timed against its PyTorch reference as well.
 
 Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fractions 0.25,0.5] --out runs/layer_skip.json
+(`--kv-cache-kernel`: the real decode steps use the split-KV kernel, to time the whole step with it.)
 """
 
 from __future__ import annotations
@@ -267,8 +270,10 @@ def time_decode_attention(batch: int, context: int, hidden: int, runs: int, devi
                           dtype: torch.dtype) -> list[Measurement]:
     """A decode step's attention alone over a full KV cache of `context` slots (the model's heads), for all,
     3/4, 1/2 and 1/4 of `batch` rows: the fused SDPA call a routed block makes for its running rows (whether its
-    time follows the rows; docs/layer_skip.md, "Decode: where a partly skipped block's time goes")."""
+    time follows the rows; docs/layer_skip.md, "Decode: where a partly skipped block's time goes"), and on a GPU
+    the split-KV kernel `rewrite::kv_cache_attention` on the same inputs (rel err against the SDPA output)."""
     from rewrite.decode.sites import _grouped_attention
+    from rewrite.kernels.kv_cache_attention import kv_cache_attention
 
     heads, kv_heads = hidden // 64, max(1, hidden // 256)  # build_model's
     dim = hidden // heads
@@ -282,6 +287,17 @@ def time_decode_attention(batch: int, context: int, hidden: int, runs: int, devi
                                                                          None), params, warmup=3, runs=runs)
         fused.extra["cache GB"] = f"{2 * keys.nbytes / 1e9:.2f}"
         rows_out.append(fused)
+        if device == "cuda":  # on the CPU the op is its PyTorch reference: nothing to time
+            want = _grouped_attention(q, keys, values, visible, None)
+            err = relative_error(kv_cache_attention(q, keys, values, visible), want)
+            if err > 2e-2:
+                FAILURES.append(f"split-KV decode attention differs from SDPA at {rows} rows (rel err {err:.2e})")
+            split = measure("decode attention: split-KV kernel", functools.partial(kv_cache_attention, q, keys, values,
+                                                                                  visible), params, warmup=3, runs=runs)
+            split.extra["cache GB"] = fused.extra["cache GB"]
+            split.extra["rel err"] = f"{err:.1e}"
+            split.extra["speed-up vs SDPA"] = f"{fused.median_ms / split.median_ms:.2f}x"
+            rows_out.append(split)
         del q, keys, values
     return rows_out
 
@@ -314,7 +330,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-check", action="store_true", help="skip the per-sequence reference check")
     parser.add_argument("--out", default="runs/layer_skip.json")
+    parser.add_argument("--kv-cache-kernel", action="store_true",
+                        help="decode steps attend over their KV caches with the split-KV kernel "
+                             "(rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL) instead of SDPA")
     args = parser.parse_args(argv)
+    if args.kv_cache_kernel:
+        from rewrite.decode import sites
+
+        sites.KV_CACHE_ATTENTION_KERNEL = True
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
