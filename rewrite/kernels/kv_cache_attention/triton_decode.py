@@ -4,7 +4,8 @@ Programs run over (batch row x kv head, slice of cache slots), so their count sc
 that run (a layer-skip router that drops rows drops programs). Each program takes the G q heads that
 share its kv head times the T new queries as the G*T rows of one tile, so k / v are read once per
 group. Slot s is visible to query t of row b when visible[b, 0, t, s]; a tile of slots that no query
-of the program sees is skipped without loading k / v (unfilled cache slots cost only the mask read).
+of the program sees is skipped without loading k / v (unfilled cache slots cost only the mask read;
+SKIP_EMPTY_TILES).
 Each slice writes its normalised partial output and log-sum-exp (base 2); a second kernel merges the
 slices with a log-sum-exp weighting and writes o in q's dtype. A query that sees no slot gets zeros.
 """
@@ -22,6 +23,27 @@ BLOCK_N = 64
 TARGET_PROGRAMS = 1024  # split programs to aim for (several waves on a 132-SM H100); not yet tuned on a GPU
 MAX_SPLITS = 64
 MERGE_CHUNK = 16
+SKIP_EMPTY_TILES = True
+"""Skip the k / v loads of a tile no query sees (a data-dependent branch in the slot loop; False: a plain loop that
+the compiler may pipeline better over a full cache). Not yet compared on a GPU."""
+
+
+@triton.jit
+def _tile(q, k_base, v_base, keys, key_mask, seen, kcols, vcols, sk_s, sv_s, dk, dv, qk_scale, acc, m_i, l_i,
+          PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) with one tile of BLOCK_N slots."""
+    k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_s + kcols[None, :],
+                mask=key_mask[:, None] & (kcols < dk)[None, :], other=0.0)
+    v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_s + vcols[None, :],
+                mask=key_mask[:, None] & (vcols < dv)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -30,6 +52,7 @@ def _split_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
     slots, heads, kv_heads, count, dk, dv, qk_scale, slots_per_split, n_splits,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,
 ):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     b, hk = (i_bh // kv_heads).to(tl.int64), (i_bh % kv_heads).to(tl.int64)
@@ -54,19 +77,13 @@ def _split_kernel(
         key_mask = keys < last
         seen = tl.load(m_base + keys[None, :].to(tl.int64) * sm_s, mask=r_mask[:, None] & key_mask[None, :], other=0)
         seen = seen != 0
-        if tl.max(tl.max(seen.to(tl.int32), axis=1), axis=0) > 0:
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * sk_s + kcols[None, :],
-                        mask=key_mask[:, None] & (kcols < dk)[None, :], other=0.0)
-            v = tl.load(v_base + keys[:, None].to(tl.int64) * sv_s + vcols[None, :],
-                        mask=key_mask[:, None] & (vcols < dv)[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(seen, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        if SKIP_EMPTY:
+            if tl.max(tl.max(seen.to(tl.int32), axis=1), axis=0) > 0:
+                acc, m_i, l_i = _tile(q, k_base, v_base, keys, key_mask, seen, kcols, vcols, sk_s, sv_s, dk, dv,
+                                      qk_scale, acc, m_i, l_i, PRECISION)
+        else:
+            acc, m_i, l_i = _tile(q, k_base, v_base, keys, key_mask, seen, kcols, vcols, sk_s, sv_s, dk, dv,
+                                  qk_scale, acc, m_i, l_i, PRECISION)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     part = ((b * heads + head) * count + t) * n_splits + i_s
     tl.store(o_ptr + part[:, None] * dv + vcols[None, :], acc / l_safe[:, None],
@@ -142,7 +159,7 @@ def kv_cache_attention_decode(
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         slots, heads, kv_heads, count, dk, dv, scale * LOG2E, per_split, n_splits,
         BM=max(16, next_power_of_2(group * count)), BLOCK_N=BLOCK_N, BK=head_block(dk), BV=bv,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SKIP_EMPTY=SKIP_EMPTY_TILES,
     )
     _merge_kernel[(batch * heads * count,)](
         o_part, lse_part, o, n_splits, dv, BS=max(16, next_power_of_2(n_splits)), CHUNK=MERGE_CHUNK, BV=bv,
