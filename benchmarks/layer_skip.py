@@ -23,7 +23,7 @@ the split-KV kernel `rewrite::kv_cache_attention` on the same inputs (GPU only; 
 The fused router kernel is timed against its PyTorch reference as well.
 
 Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fractions 0.25,0.5] --out runs/layer_skip.json
-(`--kv-cache-kernel`: the real decode steps use the split-KV kernel, to time the whole step with it.)
+(`--kv-cache-kernel`: each graphed real decode step also with the split-KV kernel, side by side with SDPA's.)
 """
 
 from __future__ import annotations
@@ -163,11 +163,14 @@ PREFILL_TOKENS = 65536
 
 
 def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: list[float], runs: int, device: str,
-                dtype: torch.dtype) -> list[Measurement]:
+                dtype: torch.dtype, kv_cache_kernel: bool = False) -> list[Measurement]:
     """One real decode step (KV caches filled by a prefill of `context` tokens, decisions held from it) of the
-    routed causal LM, per skip variant, next to the same step of the unrouted program."""
+    routed causal LM, per skip variant, next to the same step of the unrouted program; with `kv_cache_kernel`,
+    each graphed step also with the decode sites' attention by the split-KV kernel
+    (`rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL`), side by side with SDPA's."""
     import transformers
 
+    import rewrite.decode.sites as sites
     from rewrite.decode import decode_program
     from rewrite.decode.cuda_graph import GraphedStep
 
@@ -234,28 +237,39 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
             del state
             if not graphs:
                 continue
-            state, twin = prefilled(program, mask), prefilled(program, mask)
-            graphed = GraphedStep(program, state)
-            graphed.start()
-            for _ in range(2):  # warm-up, then capture and replay: checked against the eager step
-                got, want = graphed_step(graphed, state), step(program, twin)
-            err = relative_error(got, want)
-            if err > 1e-2:
-                FAILURES.append(f"decode step {name} (CUDA graph): the replay differs from the eager step ({err:.2e})")
-            row = measure(f"decode step (KV cache, CUDA graph) {name}", functools.partial(graphed_step, graphed, state),
-                          params, warmup=3, runs=runs)
-            row.extra["rel err"] = f"{err:.1e}"
-            if mask is not None:
-                row.extra["skipped"] = f"{mask.float().mean().item():.0%}"
-            timed[f"graph {name}"] = row.median_ms
-            rows.append(row)
-            del state, twin, graphed
+            for kernel in [False, True] if kv_cache_kernel else [False]:
+                how, key = ("CUDA graph, split-KV kernel", "kernel") if kernel else ("CUDA graph", "graph")
+                state, twin = prefilled(program, mask), prefilled(program, mask)
+                before, sites.KV_CACHE_ATTENTION_KERNEL = sites.KV_CACHE_ATTENTION_KERNEL, kernel
+                try:
+                    graphed = GraphedStep(program, state)
+                    graphed.start()
+                    for _ in range(2):  # warm-up, then capture and replay: checked against the eager (SDPA) step
+                        got = graphed_step(graphed, state)
+                        sites.KV_CACHE_ATTENTION_KERNEL = before
+                        want = step(program, twin)
+                        sites.KV_CACHE_ATTENTION_KERNEL = kernel
+                    err = relative_error(got, want)
+                    if err > 1e-2:
+                        FAILURES.append(f"decode step {name} ({how}): the replay differs from the eager step ({err:.2e})")
+                    row = measure(f"decode step (KV cache, {how}) {name}", functools.partial(graphed_step, graphed, state),
+                                  params, warmup=3, runs=runs)
+                finally:
+                    sites.KV_CACHE_ATTENTION_KERNEL = before
+                row.extra["rel err"] = f"{err:.1e}"
+                if mask is not None:
+                    row.extra["skipped"] = f"{mask.float().mean().item():.0%}"
+                timed[f"{key} {name}"] = row.median_ms
+                if kernel:
+                    row.extra["vs SDPA"] = f"{row.median_ms / timed[f'graph {name}']:.2f}x"
+                rows.append(row)
+                del state, twin, graphed
     err = relative_error(steps["none"], steps["unrouted"])
     if err > 1e-3:
         FAILURES.append(f"decode step: routed with nothing skipped differs from the unrouted program ({err:.2e})")
     for row in rows:
         name = row.name.split(") ", 1)[1]
-        prefix = "graph " if "CUDA graph" in row.name else ""
+        prefix = "kernel " if "split-KV kernel" in row.name else "graph " if "CUDA graph" in row.name else ""
         if name.startswith("f="):
             fraction = float(name.split()[0].removeprefix("f="))
             none, floor = timed[prefix + "none"], timed[prefix + "all"]
@@ -331,13 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the per-sequence reference check")
     parser.add_argument("--out", default="runs/layer_skip.json")
     parser.add_argument("--kv-cache-kernel", action="store_true",
-                        help="decode steps attend over their KV caches with the split-KV kernel "
-                             "(rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL) instead of SDPA")
+                        help="also time each graphed decode step with its attention over the KV caches by the split-KV "
+                             "kernel (rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL), next to SDPA's")
     args = parser.parse_args(argv)
-    if args.kv_cache_kernel:
-        from rewrite.decode import sites
-
-        sites.KV_CACHE_ATTENTION_KERNEL = True
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -352,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += time_decode_attention(args.decode_batch, args.decode_context, args.hidden, max(args.runs, 30), device,
                                   dtype)
     rows += time_decode(args.layers, args.hidden, args.decode_batch, args.decode_context, fractions, max(args.runs, 30),
-                        device, dtype)
+                        device, dtype, args.kv_cache_kernel)
     rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype, args.runs)
     print(write_results(args.out, "Layer skipping: latency against the ideal saving", rows, environment()))
     if FAILURES:
