@@ -17,6 +17,7 @@ import triton.language as tl
 from rewrite.kernels.launch_math import cdiv, next_power_of_2
 
 from ..alloc import new_empty
+from ..online_softmax import online_softmax_update
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64
@@ -38,12 +39,7 @@ def _tile(q, k_base, v_base, keys, key_mask, seen, kcols, vcols, sk_s, sv_s, dk,
                 mask=key_mask[:, None] & (vcols < dv)[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     s = tl.where(seen, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return online_softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
 
 @triton.jit

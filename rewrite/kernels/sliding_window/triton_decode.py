@@ -13,6 +13,7 @@ import triton.language as tl
 from rewrite.kernels.launch_math import cdiv, next_power_of_2
 
 from ..alloc import new_empty
+from ..online_softmax import online_softmax_update
 from .triton_forward import LOG2E, check_dtype, head_block, precision
 
 BLOCK_N = 64
@@ -49,12 +50,7 @@ def _decode_kernel(
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(key_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, PRECISION)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     part = (b.to(tl.int64) * heads + head) * n_splits + i_s
     o_mask = g_mask[:, None] & (vcols < dv)[None, :]

@@ -18,6 +18,7 @@ from rewrite.kernels.launch_math import next_power_of_2
 
 from ..alloc import new_empty
 from ..delta_rule.triton_forward import Layout, chunk_of_program, sequence_rows
+from ..online_softmax import online_softmax_update
 
 LOG2E = 1.4426950408889634
 # defaults from the H200 sweep in benchmarks/delta_conv_swa.py --sweep (bf16, D=128, w=512 and 4096)
@@ -81,12 +82,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_str
     if MASKED:
         mask = visible(q_pos, keys - bos, window, sinks, lookahead) & key_mask[None, :]
         s = tl.where(mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return online_softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
 
 @triton.jit
