@@ -1,4 +1,4 @@
-"""Integer helpers for computing launch grids, tile sizes and chunk counts on the host.
+"""Helpers for computing launch grids, tile sizes, chunk counts and dot precisions on the host.
 
 `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in recent Triton releases: each host call
 unwraps its arguments through Triton's machinery (about 2 us on a busy CPU core), and a linear-attention
@@ -22,3 +22,18 @@ def chunk_count(batch: int, length: int, cu_seqlens, chunk: int) -> int:
     covers each sequence's partial last chunk."""
     per_seq = cdiv(length, chunk)
     return batch * per_seq if cu_seqlens is None else per_seq + cu_seqlens.shape[0] - 1
+
+
+def head_tile(dim: int, op: str) -> int:
+    """Tile width for an attention head dim (the whole head per tile): a power of two >= 16, at most 256; `op`
+    names the caller in the error."""
+    if dim > 256:
+        raise ValueError(f"{op}: the Triton kernels support head dims up to 256, got {dim}")
+    return max(16, next_power_of_2(dim))
+
+
+def dot_precision(dtype) -> str:
+    """tl.dot input precision: exact float32 for float32 inputs (no TF32), TF32 (unused) for 16-bit ones."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"

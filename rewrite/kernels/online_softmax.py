@@ -3,6 +3,9 @@
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634
+"""Scores are scaled by scale * LOG2E so that the kernels exponentiate with exp2."""
+
 
 @triton.jit
 def online_softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):

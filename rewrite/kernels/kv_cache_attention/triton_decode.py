@@ -14,12 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from rewrite.kernels.launch_math import cdiv, next_power_of_2
+from rewrite.kernels.launch_math import cdiv, dot_precision, head_tile, next_power_of_2
 
 from ..alloc import new_empty
-from ..online_softmax import online_softmax_update
+from ..online_softmax import LOG2E, online_softmax_update
 
-LOG2E = 1.4426950408889634
 BLOCK_N = 64
 TARGET_PROGRAMS = 1024  # split programs to aim for (several waves on a 132-SM H100); not yet tuned on a GPU
 MAX_SPLITS = 64
@@ -111,12 +110,6 @@ def _merge_kernel(
     tl.store(o_ptr + row * dv + vcols, o.to(o_ptr.dtype.element_ty), mask=vcols < dv)
 
 
-def head_block(dim: int) -> int:
-    """Tile width for a head dim (whole head per tile): a power of two >= 16, at most 256."""
-    if dim > 256:
-        raise ValueError(f"kv_cache_attention: the Triton kernel supports head dims up to 256, got {dim}")
-    return max(16, next_power_of_2(dim))
-
 
 def split_count(slots: int, programs: int) -> tuple[int, int]:
     """(slices, slots per slice) of the cache per (row, kv head): about TARGET_PROGRAMS programs in all, at most
@@ -148,14 +141,14 @@ def kv_cache_attention_decode(
     o_part = new_empty((batch, heads, count, n_splits, dv), dtype=torch.float32, device=q.device)
     lse_part = new_empty((batch, heads, count, n_splits), dtype=torch.float32, device=q.device)
     group = heads // kv_heads
-    bv = head_block(dv)
+    bv = head_tile(dv, "kv_cache_attention")
     _split_kernel[(batch * kv_heads, n_splits)](
         q, keys, values, mask, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         slots, heads, kv_heads, count, dk, dv, scale * LOG2E, per_split, n_splits,
-        BM=max(16, next_power_of_2(group * count)), BLOCK_N=BLOCK_N, BK=head_block(dk), BV=bv,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SKIP_EMPTY=SKIP_EMPTY_TILES,
+        BM=max(16, next_power_of_2(group * count)), BLOCK_N=BLOCK_N, BK=head_tile(dk, "kv_cache_attention"), BV=bv,
+        PRECISION=dot_precision(q.dtype), SKIP_EMPTY=SKIP_EMPTY_TILES,
     )
     _merge_kernel[(batch * heads * count,)](
         o_part, lse_part, o, n_splits, dv, BS=max(16, next_power_of_2(n_splits)), CHUNK=MERGE_CHUNK, BV=bv,

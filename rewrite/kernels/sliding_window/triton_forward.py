@@ -14,13 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from rewrite.kernels.launch_math import next_power_of_2
+from rewrite.kernels.launch_math import dot_precision, head_tile
 
 from ..alloc import new_empty
 from ..delta_rule.triton_forward import Layout, chunk_of_program, sequence_rows
-from ..online_softmax import online_softmax_update
+from ..online_softmax import LOG2E, online_softmax_update
 
-LOG2E = 1.4426950408889634
 # defaults from the H200 sweep in benchmarks/delta_conv_swa.py --sweep (bf16, D=128, w=512 and 4096)
 BLOCK_M = 64
 BLOCK_N = 64
@@ -137,15 +136,13 @@ def _forward_kernel(
 
 
 def precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact float32 for float32 inputs (no TF32)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot input precision of sliding_window_attention's kernels."""
+    return dot_precision(dtype)
 
 
 def head_block(dim: int) -> int:
-    """Tile width for a head dim (whole head per tile): a power of two >= 16, at most 256."""
-    if dim > 256:
-        raise ValueError(f"sliding_window_attention: the Triton kernels support head dims up to 256, got {dim}")
-    return max(16, next_power_of_2(dim))
+    """Tile width for a head dim of sliding_window_attention's kernels."""
+    return head_tile(dim, "sliding_window_attention")
 
 
 def check_dtype(q: torch.Tensor) -> None:

@@ -11,11 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from rewrite.kernels.launch_math import cdiv, next_power_of_2
+from rewrite.kernels.launch_math import cdiv, dot_precision, head_tile
 
 from ..alloc import new_empty
+from ..online_softmax import LOG2E
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 BLOCK_M = 64
 BLOCK_N = 64
@@ -82,15 +82,13 @@ def _forward_kernel(
 
 
 def precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact float32 for float32 inputs (no TF32)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot input precision of varlen_attention's kernels."""
+    return dot_precision(dtype)
 
 
 def head_block(dim: int) -> int:
-    """Tile width for a head dim (whole head per tile): a power of two >= 16, at most 256."""
-    if dim > 256:
-        raise ValueError(f"varlen_attention: the Triton kernels support head dims up to 256, got {dim}")
-    return max(16, next_power_of_2(dim))
+    """Tile width for a head dim of varlen_attention's kernels."""
+    return head_tile(dim, "varlen_attention")
 
 
 def check_layout(*tensors: torch.Tensor) -> None:
