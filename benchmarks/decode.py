@@ -27,6 +27,7 @@ Run: python -m benchmarks.decode [--lengths 8192,32768] [--batches 1,64] [--out 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 import warnings
 from typing import Any
@@ -68,6 +69,22 @@ def fused_program(om: Any) -> Any:
         return DecodeProgram(om.source, om.plan, dict(om.named_parameters()))
     finally:
         restore(undo)
+
+
+def optioned_program(om: Any, text: str, fused: bool) -> Any:
+    """A decode program of `om` built beside the default one, whose step compiles with the Inductor options
+    `text` ("name=value,...") and, with `fused`, sibling projections fused."""
+    from rewrite.decode import program as program_module
+
+    program_module.STEP_INDUCTOR_OPTIONS = inductor_options(text)
+    return fused_program(om) if fused else decode_program_copy(om)
+
+
+def decode_program_copy(om: Any) -> Any:
+    """A decode program of `om` built beside the one `decode_program(om)` returns (its own compiled step)."""
+    from rewrite.decode.program import DecodeProgram
+
+    return DecodeProgram(om.source, om.plan, dict(om.named_parameters()))
 
 
 def fused_name(name: str) -> str:
@@ -310,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-inductor-options", default="",
                         help="Inductor options of the compiled step, e.g. max_autotune=1,coordinate_descent_tuning=1 "
                              "(rewrite.decode.program.STEP_INDUCTOR_OPTIONS)")
+    parser.add_argument("--step-inductor-variants", default="",
+                        help="';'-separated Inductor option sets (each as --step-inductor-options): the compiled, "
+                             "graphed linearized step (fused when --fuse-projections) timed once more per set")
     parser.add_argument("--profile-step", action="store_true",
                         help="profile one step of each graphed linearized variant: its kernels, their count and time")
     parser.add_argument("--out", default="runs/decode.json")
@@ -323,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
         from rewrite.mixers import common
 
         steps.INPLACE_STATE, common.FUSED_STEP_NORMALIZE = True, True
+    option_sets = [part.strip() for part in args.step_inductor_variants.split(";") if part.strip()]
+    for text in option_sets:
+        inductor_options(text)  # a malformed set fails before the model is built
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -366,11 +389,17 @@ def main(argv: list[str] | None = None) -> None:
                     compiled = ("linearized (graph + compiled)", True, True) if graphs else (
                         "linearized (compiled)", False, True)
                     variants.insert(1, compiled)
-                runs = [(name, lin_program, graphed, compiled) for name, graphed, compiled in variants]
+                runs: list[tuple[str, Any, bool, bool]] = [
+                    (name, lambda: lin_program, graphed, compiled) for name, graphed, compiled in variants]
                 if fused is not None:  # the same state: the fused program has the same sites
-                    runs += [(fused_name(name), fused, graphed, compiled) for name, graphed, compiled in variants]
-                for name, program, graphed, compiled in runs if state is not None else []:
-                    row = attempt(name, params, time_step, program, state, graphed, device, args.runs, compiled,
+                    runs += [(fused_name(name), lambda: fused, graphed, compiled)
+                             for name, graphed, compiled in variants]
+                for text in option_sets:  # a fresh program each: made when timed, then dropped
+                    how = "graph + compiled" if graphs else "compiled"
+                    runs.append((f"linearized ({how}{', fused projections' if fused else ''}) [{text}]",
+                                 functools.partial(optioned_program, lin, text, fused is not None), graphs, True))
+                for name, make_program, graphed, compiled in runs if state is not None else []:
+                    row = attempt(name, params, time_step, make_program(), state, graphed, device, args.runs, compiled,
                                   args.profile_step and graphed)
                     row.extra["state GiB"] = f"{sum(state.nbytes().values()) / 2**30:.3f}"
                     rows.append(with_rate(row, batch))
