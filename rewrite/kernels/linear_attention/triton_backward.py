@@ -18,9 +18,18 @@ from rewrite.kernels.launch_math import cdiv, next_power_of_2
 
 from ..alloc import new_empty
 from . import triton_forward, triton_gated
-from .triton_common import block, chunk_log_decay, chunk_of_program, sequence_rows
+from .triton_common import (
+    block,
+    chunk_log_decay,
+    chunk_of_program,
+    chunk_rows,
+    hoisted_decay,
+    sequence_rows,
+    whole_chunk_down,
+    whole_chunk_up,
+)
 from .triton_forward import _load_tile, chunk_states, precision, prepare, scan_states, scan_terms
-from .triton_gated import LIMIT, lower_apply, sub_chunk, upper_apply, upper_scores, whole_chunk
+from .triton_gated import lower_apply, sub_chunk, upper_apply, upper_scores
 
 # (BK, BV, num_warps) per decay mode for the dq/dk kernel and the dv kernel. The dv kernel's
 # in-chunk part came out wrong on H200 / triton 3.6 with BK 64 or 128 and 4 warps at K=100, V=32
@@ -70,6 +79,21 @@ DV_HOISTED_MAX_K = 64
 # factors of several K tiles would have to stay live through the q-head loop). 8 warps: the dv kernel's in-chunk
 # part was miscompiled at BK 64 / 4 warps on H200 / triton 3.6 (see DV_TILES).
 DV_HOISTED_TILES = (128, 64, 8)
+
+
+@triton.jit
+def _tile_flag(flags_ptr, i_c, i_t, hk, kv_heads):
+    """Where a hoisted kernel writes, and the flagged per-tile kernel reads, the flag of (chunk i_c, K or V tile
+    i_t, kv head hk): flags [chunks, tiles, Hkv], tiles = the launch's grid dim 1 (both launches use the same)."""
+    return flags_ptr + (i_c * tl.num_programs(1) + i_t) * kv_heads + hk
+
+
+@triton.jit
+def _state_tile(ptr, state_base, kcols, vcols, dk, dv):
+    """The [BK, BV] tile (kcols, vcols) of the [K, V] state (or state gradient) at ptr + state_base."""
+    state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
+    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+    return tl.load(ptr + state_offs, mask=state_mask, other=0.0)
 
 
 @triton.jit
@@ -185,13 +209,10 @@ def _chunk_dqk_kernel(
     if seq >= n_seqs:
         return
     if FLAGGED:
-        flag = tl.load(flags_ptr + (i_c * tl.num_programs(1) + i_k) * kv_heads + hk)
+        flag = tl.load(_tile_flag(flags_ptr, i_c, i_k, hk, kv_heads))
         if flag == 0:
             return
-    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
-    group = heads // kv_heads
-    rows = bos + local * C + tl.arange(0, C)
-    row_mask = rows < eos
+    rows, row_mask, group = chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C, VARLEN)
     kcols = i_k * BK + tl.arange(0, BK)
     idx = tl.arange(0, C)
     causal = idx[:, None] >= idx[None, :]
@@ -217,9 +238,7 @@ def _chunk_dqk_kernel(
                 vcols = i_v * BV + tl.arange(0, BV)
                 do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
                 v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-                state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
-                state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-                state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
+                state = _state_tile(h_ptr, state_base, kcols, vcols, dk, dv)
                 dq += tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
                 dscores += tl.dot(do, tl.trans(v), input_precision=PRECISION)
             dscores = tl.where(causal, dscores * scale, 0.0)
@@ -244,9 +263,7 @@ def _chunk_dqk_kernel(
                 vcols = i_v * BV + tl.arange(0, BV)
                 do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
                 v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-                state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
-                state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-                state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
+                state = _state_tile(h_ptr, state_base, kcols, vcols, dk, dv)
                 if MODE == 0:
                     dq += tl.dot(do, tl.trans(state.to(do.dtype)), input_precision=PRECISION)
                 else:
@@ -276,9 +293,7 @@ def _chunk_dqk_kernel(
     for i_v in range(0, tl.cdiv(dv, BV)):
         vcols = i_v * BV + tl.arange(0, BV)
         v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-        state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
-        state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-        dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0)
+        dstate = _state_tile(dh_ptr, state_base, kcols, vcols, dk, dv)
         if MODE == 0:
             dk_end += tl.dot(v, tl.trans(dstate.to(v.dtype)), input_precision=PRECISION)
         else:
@@ -344,22 +359,18 @@ def _chunk_dqk_hoisted_kernel(
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
-    group = heads // kv_heads
-    rows = bos + local * C + tl.arange(0, C)
-    row_mask = rows < eos
+    rows, row_mask, group = chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C, VARLEN)
     kcols = i_k * BK + tl.arange(0, BK)
-    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
-    top, bot, whole = whole_chunk(b, True)
-    tl.store(flags_ptr + (i_c * tl.num_programs(1) + i_k) * kv_heads + hk, tl.where(whole, 0, 1))
+    b, to_end, top, whole = hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk)
+    tl.store(_tile_flag(flags_ptr, i_c, i_k, hk, kv_heads), tl.where(whole, 0, 1))
     if whole:
         idx = tl.arange(0, C)
         causal = idx[:, None] >= idx[None, :]
         causal_t = idx[:, None] <= idx[None, :]
         # lower forms (reference top): exp(b_i - b_j) = down_i * up_j; upper forms (c >= r):
         # exp(b_c - b_r) = down_c * up_r, the same two factors (bot's rescales cancel)
-        down = tl.exp(tl.minimum(b - top[None, :], 0.0))  # <= 1
-        up = tl.exp(tl.minimum(top[None, :] - b, LIMIT))  # <= exp(LIMIT)
+        down = whole_chunk_down(b, top)  # <= 1
+        up = whole_chunk_up(b, top)  # <= exp(LIMIT)
         k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
         keys = k.to(tl.float32) * up
         state_scale = scale * tl.exp(top)  # exp(b) = down * exp(top)
@@ -369,9 +380,7 @@ def _chunk_dqk_hoisted_kernel(
         if ONE_V:  # V in one tile: v and the state (kv head only) loaded once for all q heads
             vcols = tl.arange(0, BV)
             v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-            state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
-            state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-            state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
+            state = _state_tile(h_ptr, state_base, kcols, vcols, dk, dv)
         for j in range(0, group):
             h = hk * group + j
             if ONE_V:
@@ -385,9 +394,7 @@ def _chunk_dqk_hoisted_kernel(
                     vcols = i_v * BV + tl.arange(0, BV)
                     do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
                     v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-                    state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
-                    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-                    state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0)
+                    state = _state_tile(h_ptr, state_base, kcols, vcols, dk, dv)
                     dq += tl.dot(do.to(tl.float32), tl.trans(state), input_precision=F32_PRECISION)
                     dscores += tl.dot(do, tl.trans(v), input_precision=PRECISION)
             dscores = tl.where(causal, dscores * scale, 0.0)
@@ -413,9 +420,7 @@ def _chunk_dqk_hoisted_kernel(
             vcols = i_v * BV + tl.arange(0, BV)
             if not ONE_V:
                 v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
-            state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
-            state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-            dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0)
+            dstate = _state_tile(dh_ptr, state_base, kcols, vcols, dk, dv)
             dk_end += tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=F32_PRECISION)
         # to_end and k recomputed / reloaded here rather than kept live through the q-head loop (registers)
         b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
@@ -465,13 +470,10 @@ def _chunk_dv_kernel(
     if seq >= n_seqs:
         return
     if FLAGGED:
-        flag = tl.load(flags_ptr + (i_c * tl.num_programs(1) + i_v) * kv_heads + hk)
+        flag = tl.load(_tile_flag(flags_ptr, i_c, i_v, hk, kv_heads))
         if flag == 0:
             return
-    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
-    group = heads // kv_heads
-    rows = bos + local * C + tl.arange(0, C)
-    row_mask = rows < eos
+    rows, row_mask, group = chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C, VARLEN)
     vcols = i_v * BV + tl.arange(0, BV)
     idx = tl.arange(0, C)
     causal_t = idx[:, None] <= idx[None, :]
@@ -508,9 +510,7 @@ def _chunk_dv_kernel(
         if MODE == 2:
             b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
             k = (k * tl.exp(to_end)).to(k.dtype)
-        state_offs = state_base + kcols[:, None] * dv + vcols[None, :]
-        state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-        dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0).to(k.dtype)
+        dstate = _state_tile(dh_ptr, state_base, kcols, vcols, dk, dv).to(k.dtype)
         dv_acc += tl.dot(k, dstate, input_precision=PRECISION)
     offs = rows.to(tl.int64)[:, None] * (kv_heads * dv) + hk * dv + vcols[None, :]
     tl.store(
@@ -558,21 +558,17 @@ def _chunk_dv_hoisted_kernel(
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
-    group = heads // kv_heads
-    rows = bos + local * C + tl.arange(0, C)
-    row_mask = rows < eos
+    rows, row_mask, group = chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C, VARLEN)
     kcols = tl.arange(0, BK)
     vcols = i_v * BV + tl.arange(0, BV)
-    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
-    top, bot, whole = whole_chunk(b, True)
-    tl.store(flags_ptr + (i_c * tl.num_programs(1) + i_v) * kv_heads + hk, tl.where(whole, 0, 1))
+    b, to_end, top, whole = hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk)
+    tl.store(_tile_flag(flags_ptr, i_c, i_v, hk, kv_heads), tl.where(whole, 0, 1))
     if whole:
         idx = tl.arange(0, C)
         causal_t = idx[:, None] <= idx[None, :]
-        down = tl.exp(tl.minimum(b - top[None, :], 0.0))  # <= 1
+        down = whole_chunk_down(b, top)  # <= 1
         k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
-        keys = k.to(tl.float32) * tl.exp(tl.minimum(top[None, :] - b, LIMIT))  # k * up, <= exp(LIMIT) |k|
+        keys = k.to(tl.float32) * whole_chunk_up(b, top)  # k * up, <= exp(LIMIT) |k|
         # the state term's keys: k * exp(b_last - b) rounded to the input dtype, as in `_chunk_dv_kernel` (kept
         # live through the q-head loop in the input dtype rather than k and the float32 suffix sum)
         k_end = (k * tl.exp(to_end)).to(k.dtype)
@@ -586,9 +582,8 @@ def _chunk_dv_hoisted_kernel(
             do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
             dv_acc += tl.dot(scores_t.to(do.dtype), do, input_precision=PRECISION)
         dv_acc = dv_acc * scale
-        state_offs = (i_c.to(tl.int64) * kv_heads + hk) * dk * dv + kcols[:, None] * dv + vcols[None, :]
-        state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-        dstate = tl.load(dh_ptr + state_offs, mask=state_mask, other=0.0).to(k.dtype)
+        state_base = (i_c.to(tl.int64) * kv_heads + hk) * dk * dv
+        dstate = _state_tile(dh_ptr, state_base, kcols, vcols, dk, dv).to(k.dtype)
         dv_acc += tl.dot(k_end, dstate, input_precision=PRECISION)
         offs = rows.to(tl.int64)[:, None] * (kv_heads * dv) + hk * dv + vcols[None, :]
         tl.store(

@@ -12,6 +12,8 @@ import triton.language as tl
 
 from rewrite.kernels.launch_math import cdiv, next_power_of_2
 
+from .triton_gated import LIMIT, whole_chunk
+
 
 class ChunkLayout:
     """Sequence bounds [N + 1], first chunk of each sequence [N + 1], and (sequence, chunk) per program."""
@@ -91,6 +93,18 @@ def sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C: tl.constexpr, VARLEN: 
 
 
 @triton.jit
+def chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C: tl.constexpr, VARLEN: tl.constexpr):
+    """(rows [C], row mask [C], q heads per kv head) of chunk `local` of sequence `seq`, as `chunk_of_program` gave
+    them; call it after the kernel's `seq >= n_seqs` exit (with VARLEN, `sequence_rows` reads bounds[seq + 1]).
+    The group division sits between the bounds and the rows as the kernels had it (same op order, same SASS)."""
+    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
+    group = heads // kv_heads
+    rows = bos + local * C + tl.arange(0, C)
+    row_mask = rows < eos
+    return rows, row_mask, group
+
+
+@triton.jit
 def chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE: tl.constexpr, CONST: tl.constexpr):
     """(in-chunk inclusive cumsum b of the log-decay, b_last - b as a suffix sum, chunk total), float32.
 
@@ -107,6 +121,27 @@ def chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE: tl.con
         offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dk + kcols[None, :]
         g = tl.load(g_ptr + offs, mask=row_mask[:, None] & (kcols < dk)[None, :], other=0.0).to(tl.float32)
     return tl.cumsum(g, axis=0), tl.cumsum(g, axis=0, reverse=True) - g, tl.sum(g, axis=0)
+
+
+@triton.jit
+def hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk):
+    """The GQA-hoisted kernels' vector decay on one chunk, kv head and K tile: (b, the in-chunk cumsum [C, BK];
+    to_end, b_last - b [C, BK]; top, b's max over the chunk [BK]; whether the whole-chunk form holds)."""
+    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
+    top, bot, whole = whole_chunk(b, True)
+    return b, to_end, top, whole
+
+
+@triton.jit
+def whole_chunk_down(b, top):
+    """The whole-chunk form's row-side decay factor (reference top = b's max): exp(b - top) <= 1."""
+    return tl.exp(tl.minimum(b - top[None, :], 0.0))
+
+
+@triton.jit
+def whole_chunk_up(b, top):
+    """The whole-chunk form's other factor: exp(top - b) <= exp(LIMIT), so exp(b_i - b_j) = down_i * up_j."""
+    return tl.exp(tl.minimum(top[None, :] - b, LIMIT))
 
 
 def block(dim: int, cap: int = 64) -> int:

@@ -19,8 +19,19 @@ from rewrite.kernels.launch_math import cdiv, next_power_of_2
 
 from ..alloc import new_empty
 from . import triton_gated
-from .triton_common import Chunks, block, check_head_dims, chunk_log_decay, chunk_of_program, sequence_rows
-from .triton_gated import LIMIT, lower_scores, sub_chunk, whole_chunk
+from .triton_common import (
+    Chunks,
+    block,
+    check_head_dims,
+    chunk_log_decay,
+    chunk_of_program,
+    chunk_rows,
+    hoisted_decay,
+    sequence_rows,
+    whole_chunk_down,
+    whole_chunk_up,
+)
+from .triton_gated import lower_scores, sub_chunk
 
 DECAY_MODE = {"none": 0, "constant": 1, "scalar": 1, "vector": 2}
 CHUNK = 64
@@ -418,9 +429,7 @@ def _chunk_output_kernel(
         flag = tl.load(flags_ptr + i_c * kv_heads + hk)
         if flag == 0:
             return
-    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
-    rows = bos + local * C + tl.arange(0, C)
-    row_mask = rows < eos
+    rows, row_mask, group = chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C, VARLEN)
     vcols = i_v * BV + tl.arange(0, BV)
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     o = tl.zeros([C, BV], dtype=tl.float32)
@@ -493,21 +502,17 @@ def _chunk_output_hoisted_kernel(
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
     if seq >= n_seqs:
         return
-    bos, eos, first = sequence_rows(seq, bounds_ptr, chunk_start_ptr, T, C, VARLEN)
-    group = heads // kv_heads
-    rows = bos + local * C + tl.arange(0, C)
-    row_mask = rows < eos
+    rows, row_mask, group = chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C, VARLEN)
     kcols = tl.arange(0, BK)
     vcols = i_v * BV + tl.arange(0, BV)
-    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
-    top, bot, whole = whole_chunk(b, True)
+    b, to_end, top, whole = hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk)
     if i_v == 0:
         tl.store(flags_ptr + i_c * kv_heads + hk, tl.where(whole, 0, 1))
     if whole:
         causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
-        down = tl.exp(tl.minimum(b - top[None, :], 0.0))
+        down = whole_chunk_down(b, top)
         k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
-        keys = k.to(tl.float32) * tl.exp(tl.minimum(top[None, :] - b, LIMIT))
+        keys = k.to(tl.float32) * whole_chunk_up(b, top)
         state_top = tl.exp(top)
         v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
         state_offs = ((i_c.to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
