@@ -24,7 +24,7 @@ The fused router kernel is timed against its PyTorch reference as well.
 
 Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fractions 0.25,0.5] --out runs/layer_skip.json
 (`--kv-cache-kernel`: each graphed real decode step both with SDPA and with the split-KV kernel, side by side;
-without it, with the sites' default.)
+without it, with the sites' default; `--compile-step`: each real decode step also compiled by Inductor.)
 """
 
 from __future__ import annotations
@@ -165,15 +165,18 @@ PREFILL_TOKENS = 65536
 
 
 def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: list[float], runs: int, device: str,
-                dtype: torch.dtype, kv_cache_kernel: bool = False) -> list[Measurement]:
+                dtype: torch.dtype, kv_cache_kernel: bool = False, compile_step: bool = False) -> list[Measurement]:
     """One real decode step (KV caches filled by a prefill of `context` tokens, decisions held from it) of the
     routed causal LM, per skip variant, next to the same step of the unrouted program; with `kv_cache_kernel`,
     each graphed step also with the decode sites' attention by the split-KV kernel
-    (`rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL`), side by side with SDPA's (else with the sites' default)."""
+    (`rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL`), side by side with SDPA's (else with the sites' default);
+    with `compile_step`, each step also compiled by Inductor (graphed on CUDA), where the running rows' gathers and
+    scatters can fuse with their neighbours."""
     import transformers
 
     import rewrite.decode.sites as sites
     from rewrite.decode import decode_program
+    from rewrite.decode.compiled import CompiledStep
     from rewrite.decode.cuda_graph import GraphedStep
 
     base = build_model(layers, hidden, device, dtype)
@@ -237,34 +240,42 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
             timed[name] = row.median_ms
             rows.append(row)
             del state
-            if not graphs:
-                continue
-            for kernel in [False, True] if kv_cache_kernel else [sites.KV_CACHE_ATTENTION_KERNEL]:
-                how, key = ("CUDA graph, split-KV kernel", "kernel") if kernel else ("CUDA graph, SDPA", "graph")
+            modes = [] if not graphs else [  # (how, key, split-KV kernel, compiled)
+                ("CUDA graph, split-KV kernel", "kernel", True, False) if kernel else
+                ("CUDA graph, SDPA", "graph", False, False)
+                for kernel in ([False, True] if kv_cache_kernel else [sites.KV_CACHE_ATTENTION_KERNEL])]
+            if compile_step:
+                default = sites.KV_CACHE_ATTENTION_KERNEL
+                modes.append(("CUDA graph + compiled" if graphs else "compiled", "compiled", default, True))
+            for how, key, kernel, compiled in modes:
                 state, twin, sdpa_twin = (prefilled(program, mask) for _ in range(3))
                 before, sites.KV_CACHE_ATTENTION_KERNEL = sites.KV_CACHE_ATTENTION_KERNEL, kernel
                 try:
-                    graphed = GraphedStep(program, state)
-                    graphed.start()
+                    if graphs:
+                        graphed = GraphedStep(program, state, compiled=compiled)
+                        graphed.start()
+                    else:  # the CPU: the compiled step called each time
+                        state.start_static()
+                        graphed = CompiledStep(program, state)
                     for _ in range(2):  # warm-up, then capture and replay: checked against the same eager step
                         got, want = graphed_step(graphed, state), step(program, twin)
                         sites.KV_CACHE_ATTENTION_KERNEL = False
                         sdpa = step(program, sdpa_twin)
                         sites.KV_CACHE_ATTENTION_KERNEL = kernel
                     err = relative_error(got, want)
-                    if err > 1e-2:
+                    if err > 1e-2 and not compiled:  # a compiled step's own bf16 rounding is reported, not checked
                         FAILURES.append(f"decode step {name} ({how}): the replay differs from the eager step ({err:.2e})")
                     row = measure(f"decode step (KV cache, {how}) {name}", functools.partial(graphed_step, graphed, state),
                                   params, warmup=3, runs=runs)
                 finally:
                     sites.KV_CACHE_ATTENTION_KERNEL = before
                 row.extra["rel err"] = f"{err:.1e}"
-                if kernel:  # bf16 rounding of another attention kernel, carried through the layers
+                if kernel and graphs and not compiled:  # bf16 rounding of another attention kernel, carried through the layers
                     row.extra["vs SDPA step"] = f"{relative_error(got, sdpa):.1e}"
                 if mask is not None:
                     row.extra["skipped"] = f"{mask.float().mean().item():.0%}"
                 timed[f"{key} {name}"] = row.median_ms
-                if kernel:
+                if kernel and not compiled and f"graph {name}" in timed:
                     row.extra["vs SDPA"] = f"{row.median_ms / timed[f'graph {name}']:.2f}x"
                 rows.append(row)
                 del state, twin, sdpa_twin, graphed
@@ -273,7 +284,8 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
         FAILURES.append(f"decode step: routed with nothing skipped differs from the unrouted program ({err:.2e})")
     for row in rows:
         name = row.name.split(") ", 1)[1]
-        prefix = "kernel " if "split-KV kernel" in row.name else "graph " if "CUDA graph" in row.name else ""
+        prefix = ("compiled " if "compiled" in row.name else "kernel " if "split-KV kernel" in row.name
+                  else "graph " if "CUDA graph" in row.name else "")
         if name.startswith("f="):
             fraction = float(name.split()[0].removeprefix("f="))
             none, floor = timed[prefix + "none"], timed[prefix + "all"]
@@ -359,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-kernel", action="store_true",
                         help="time each graphed decode step both with SDPA and with the split-KV kernel over the KV "
                              "caches (rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL; without it, the sites' default)")
+    parser.add_argument("--compile-step", action="store_true",
+                        help="also time each real decode step compiled by Inductor (graphed on CUDA)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -374,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += time_decode_attention(args.decode_batch, args.decode_context, args.hidden, max(args.runs, 30), device,
                                   dtype)
     rows += time_decode(args.layers, args.hidden, args.decode_batch, args.decode_context, fractions, max(args.runs, 30),
-                        device, dtype, args.kv_cache_kernel)
+                        device, dtype, args.kv_cache_kernel, args.compile_step)
     rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype, args.runs)
     print(write_results(args.out, "Layer skipping: latency against the ideal saving", rows, environment()))
     if FAILURES:
