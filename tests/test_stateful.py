@@ -1100,15 +1100,19 @@ def test_cuda_graph_of_the_compiled_step_gives_the_eager_logits_and_tokens(plan)
 
 
 @pytest.mark.parametrize("path", ["reference", "triton"])
-def test_static_steps_with_the_kv_cache_attention_kernel_give_the_logits_of_sdpa(monkeypatch, path):
-    """sites.KV_CACHE_ATTENTION_KERNEL on: the routed static steps' attention over full KV caches runs the split-KV
-    op (its CPU reference, or its Triton kernel in Triton's interpreter) and gives the logits of SDPA."""
+@pytest.mark.parametrize("plan", ["softmax", "windowed"])
+def test_static_steps_with_the_kv_cache_attention_kernel_give_the_logits_of_sdpa(monkeypatch, path, plan):
+    """sites.KV_CACHE_ATTENTION_KERNEL on: the routed static steps' attention over full KV caches (Llama) or ring
+    caches (Mistral, a window of 4) runs the split-KV op (its CPU reference, or its Triton kernel in Triton's
+    interpreter) and gives the logits of SDPA."""
     from rewrite.decode import sites
     from rewrite.kernels.testing import load_launchers
 
-    _, om, ids = routed("softmax")
+    model, om, ids = routed(plan)
     program = decode_program(om)
-    skip = torch.tensor([[j % 3 == b and j < 3 for j in range(4)] for b in range(3)])
+    layers = model.config.num_hidden_layers
+    skip = torch.tensor([[j % 3 == b and j < 3 for j in range(layers)] for b in range(3)])
+    monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_KERNEL", False)  # the expected logits: SDPA
     with skip_controls(skip_mask=skip):
         expected, _, _ = _static_decode(program, ids, 4)
     calls = []
@@ -1131,6 +1135,7 @@ def test_static_steps_with_the_kv_cache_attention_kernel_give_the_logits_of_sdpa
     with skip_controls(skip_mask=skip):
         got, state, seen = _static_decode(program, ids, 4, watch=_AttentionCalls)
     steps = ids.shape[1] - 4
+    slots = state.capacity if plan == "softmax" else model.config.sliding_window  # a ring holds the window
     assert [s.sdpa for s in seen] == [[]] * steps  # no step's attention is SDPA (the prefill's may be)
-    assert len(calls) >= 4 * steps and all(shape[2] == state.capacity for shape in calls[-4 * steps:])
+    assert len(calls) >= layers * steps and all(shape[2] == slots for shape in calls[-layers * steps:])
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
