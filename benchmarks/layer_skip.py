@@ -24,7 +24,8 @@ The fused router kernel is timed against its PyTorch reference as well.
 
 Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fractions 0.25,0.5] --out runs/layer_skip.json
 (`--kv-cache-kernel`: each graphed real decode step both with SDPA and with the split-KV kernel, side by side;
-without it, with the sites' default; `--compile-step`: each real decode step also compiled by Inductor.)
+without it, with the sites' default; `--compile-step`: each real decode step also compiled by Inductor;
+`--profile-step`: each graphed step's kernels printed.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 import rewrite
-from benchmarks.runner import Measurement, environment, measure, write_results
+from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
 from rewrite.kernels.router import route
 from rewrite.kernels.router.reference import route_reference
 from rewrite.routing import skip_controls
@@ -165,13 +166,14 @@ PREFILL_TOKENS = 65536
 
 
 def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: list[float], runs: int, device: str,
-                dtype: torch.dtype, kv_cache_kernel: bool = False, compile_step: bool = False) -> list[Measurement]:
+                dtype: torch.dtype, kv_cache_kernel: bool = False, compile_step: bool = False,
+                profile_step: bool = False) -> list[Measurement]:
     """One real decode step (KV caches filled by a prefill of `context` tokens, decisions held from it) of the
     routed causal LM, per skip variant, next to the same step of the unrouted program; with `kv_cache_kernel`,
     each graphed step also with the decode sites' attention by the split-KV kernel
     (`rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL`), side by side with SDPA's (else with the sites' default);
     with `compile_step`, each step also compiled by Inductor (graphed on CUDA), where the running rows' gathers and
-    scatters can fuse with their neighbours."""
+    scatters can fuse with their neighbours; with `profile_step` (CUDA), each replay's kernels are printed too."""
     import transformers
 
     import rewrite.decode.sites as sites
@@ -267,6 +269,11 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
                         FAILURES.append(f"decode step {name} ({how}): the replay differs from the eager step ({err:.2e})")
                     row = measure(f"decode step (KV cache, {how}) {name}", functools.partial(graphed_step, graphed, state),
                                   params, warmup=3, runs=runs)
+                    if profile_step and graphs:  # where a replay's time goes: its kernels, their count and time
+                        lines = kernel_breakdown(f"decode step (KV cache, {how}) {name}",
+                                                 functools.partial(graphed_step, graphed, state), warmup=0, top=25)
+                        print("\n".join(lines), flush=True)
+                        row.extra["kernels"] = lines[0].split(": ", 1)[1]
                 finally:
                     sites.KV_CACHE_ATTENTION_KERNEL = before
                 row.extra["rel err"] = f"{err:.1e}"
@@ -373,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
                              "caches (rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL; without it, the sites' default)")
     parser.add_argument("--compile-step", action="store_true",
                         help="also time each real decode step compiled by Inductor (graphed on CUDA)")
+    parser.add_argument("--profile-step", action="store_true",
+                        help="profile one replay of each graphed real decode step: its kernels, their count and time")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -388,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += time_decode_attention(args.decode_batch, args.decode_context, args.hidden, max(args.runs, 30), device,
                                   dtype)
     rows += time_decode(args.layers, args.hidden, args.decode_batch, args.decode_context, fractions, max(args.runs, 30),
-                        device, dtype, args.kv_cache_kernel, args.compile_step)
+                        device, dtype, args.kv_cache_kernel, args.compile_step, args.profile_step)
     rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype, args.runs)
     print(write_results(args.out, "Layer skipping: latency against the ideal saving", rows, environment()))
     if FAILURES:
