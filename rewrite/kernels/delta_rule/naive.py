@@ -56,13 +56,20 @@ def naive_delta_rule(
         state = torch.zeros(kv_heads, dk, dv, dtype=compute, device=q.device)
         if initial_state is not None:
             state = initial_state[n].to(compute).clone()
-        for t in range(start, end):
-            if g is not None:
-                state = state * g[b, t].exp()[:, None, None]
-            k_t = k[b, t]  # [Hkv, K]
-            error = v[b, t] - torch.einsum("hk,hkv->hv", k_t, state)
-            state = state + beta[b, t][:, None, None] * k_t[:, :, None] * error[:, None, :]
-            q_t = q[b, t].view(kv_heads, group, dk)
-            o[b, t] = scale * torch.einsum("hgk,hkv->hgv", q_t, state).reshape(heads, dv)
+        # each sequence's tokens sliced once and unbound, its outputs stacked and written once (not per token):
+        # the same values, with autograd graphs whose size does not grow with the length times the tensors' size
+        outs = []
+        gs = [None] * (end - start) if g is None else g[b, start:end].unbind(0)
+        tokens = zip(q[b, start:end].unbind(0), k[b, start:end].unbind(0), v[b, start:end].unbind(0),
+                     beta[b, start:end].unbind(0), gs, strict=True)
+        for q_t, k_t, v_t, beta_t, g_t in tokens:  # k_t: [Hkv, K]
+            if g_t is not None:
+                state = state * g_t.exp()[:, None, None]
+            error = v_t - torch.einsum("hk,hkv->hv", k_t, state)
+            state = state + beta_t[:, None, None] * k_t[:, :, None] * error[:, None, :]
+            q_t = q_t.view(kv_heads, group, dk)
+            outs.append(scale * torch.einsum("hgk,hkv->hgv", q_t, state).reshape(heads, dv))
+        if outs:
+            o[b, start:end] = torch.stack(outs)
         final[n] = state
     return o.to(out_dtype), final

@@ -21,15 +21,16 @@ def sequence_bounds(batch: int, length: int, cu_seqlens: torch.Tensor | None) ->
     return [(0, bounds[n], bounds[n + 1]) for n in range(len(bounds) - 1)]
 
 
-def log_decay_at(g: torch.Tensor | None, decay: str, b: int, t: int) -> torch.Tensor | None:
-    """The log-decay applied at token (b, t), broadcastable to [Hkv, K, 1]; None for no decay."""
+def log_decays(g: torch.Tensor | None, decay: str, b: int, start: int, end: int) -> list[torch.Tensor | None]:
+    """The log-decay applied at each token of row b's tokens start:end, broadcastable to [Hkv, K, 1]; None for
+    no decay. (Sliced per sequence and unbound: autograd then has one node per sequence where indexing every
+    token would give each token's gradient the size of the whole `g`.)"""
     if decay == "none":
-        return None
+        return [None] * (end - start)
     if decay == "constant":
-        return g[:, None, None]
-    if decay == "scalar":
-        return g[b, t][:, None, None]
-    return g[b, t][:, :, None]
+        return [g[:, None, None] for _ in range(start, end)]
+    tokens = g[b, start:end].unbind(0)
+    return [x[:, None, None] if decay == "scalar" else x[:, :, None] for x in tokens]
 
 
 def naive_linear_attention(
@@ -62,14 +63,20 @@ def naive_linear_attention(
             state = initial_state[n].to(compute).clone()
         if not causal:
             state = state + torch.einsum("thk,thv->hkv", k[b, start:end], v[b, start:end])
-        for t in range(start, end):
+        # each sequence's tokens sliced once and unbound, its outputs stacked and written once (not per token):
+        # the same values, with autograd graphs whose size does not grow with the length times the tensors' size
+        outs = []
+        tokens = zip(q[b, start:end].unbind(0), k[b, start:end].unbind(0), v[b, start:end].unbind(0),
+                     log_decays(g, decay, b, start, end), strict=True)
+        for q_t, k_t, v_t, log_decay in tokens:
             if causal:
-                log_decay = log_decay_at(g, decay, b, t)
                 if log_decay is not None:
                     state = state * log_decay.exp()
-                state = state + k[b, t][:, :, None] * v[b, t][:, None, :]
-            q_t = q[b, t].view(kv_heads, group, dk)
-            o[b, t] = scale * torch.einsum("hgk,hkv->hgv", q_t, state).reshape(heads, dv)
+                state = state + k_t[:, :, None] * v_t[:, None, :]
+            q_t = q_t.view(kv_heads, group, dk)
+            outs.append(scale * torch.einsum("hgk,hkv->hgv", q_t, state).reshape(heads, dv))
+        if outs:
+            o[b, start:end] = torch.stack(outs)
         final[n] = state
     return o.to(out_dtype), final
 
