@@ -10,6 +10,11 @@ from typing import Any
 
 import torch
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # pytest-xdist workers share the cores: one torch thread pool each of its share (two pools of all the cores
+    # oversubscribe them, and small ops then wait on each other's threads)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 if not torch.cuda.is_available():
     # Triton reads this when a kernel is decorated, so it must be set before any kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
