@@ -40,6 +40,7 @@ import torch
 
 import rewrite
 from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
+from benchmarks.variants import apply_changes, restore
 from rewrite.kernels.router import route
 from rewrite.kernels.router.reference import route_reference
 from rewrite.routing import skip_controls
@@ -303,12 +304,33 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     return rows
 
 
+KV_KERNEL_CONSTANTS = ("BLOCK_N", "TARGET_PROGRAMS", "MAX_SPLITS", "MERGE_CHUNK", "NUM_WARPS", "NUM_STAGES",
+                       "SKIP_EMPTY_TILES")
+"""The split-KV kernel's launch constants (`rewrite.kernels.kv_cache_attention.triton_decode`) a variant may set."""
+
+
+def kv_kernel_variants(text: str) -> list[tuple[str, list[tuple[str, str, Any]]]]:
+    """[(label, changes)] from "NAME=value,NAME=value;..." (`--kv-kernel-variants`), ints and 0 / 1 booleans."""
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        changes = []
+        for pair in filter(None, (p.strip() for p in item.split(","))):
+            name, sep, value = pair.partition("=")
+            if not sep or name not in KV_KERNEL_CONSTANTS or not value.isdigit():
+                raise SystemExit(f"--kv-kernel-variants: expected NAME=integer with NAME one of {KV_KERNEL_CONSTANTS}, "
+                                 f"got {pair!r}")
+            changes.append(("triton_decode", name, bool(int(value)) if name == "SKIP_EMPTY_TILES" else int(value)))
+        variants.append((item, changes))
+    return variants
+
+
 def time_decode_attention(batch: int, context: int, hidden: int, runs: int, device: str,
-                          dtype: torch.dtype) -> list[Measurement]:
+                          dtype: torch.dtype, kernel_variants: str = "") -> list[Measurement]:
     """A decode step's attention alone over a full KV cache of `context` slots (the model's heads), for all,
     3/4, 1/2 and 1/4 of `batch` rows: the fused SDPA call a routed block makes for its running rows (whether its
     time follows the rows; docs/layer_skip.md, "Decode: where a partly skipped block's time goes"), and on a GPU
-    the split-KV kernel `rewrite::kv_cache_attention` on the same inputs (rel err against the SDPA output)."""
+    the split-KV kernel `rewrite::kv_cache_attention` on the same inputs (rel err against the SDPA output), once
+    more per launch variant in `kernel_variants` (`kv_kernel_variants`)."""
     import rewrite.decode.sites as sites
     from rewrite.kernels.kv_cache_attention import kv_cache_attention
 
@@ -343,6 +365,21 @@ def time_decode_attention(batch: int, context: int, hidden: int, runs: int, devi
             split.extra["rel err"] = f"{err:.1e}"
             split.extra["speed-up vs SDPA"] = f"{fused.median_ms / split.median_ms:.2f}x"
             rows_out.append(split)
+            for label, changes in kv_kernel_variants(kernel_variants):
+                undo = apply_changes("rewrite.kernels.kv_cache_attention", changes)
+                try:
+                    err = relative_error(kv_cache_attention(q, keys, values, visible), want)
+                    if err > 2e-2:
+                        FAILURES.append(f"split-KV decode attention [{label}] differs from SDPA at {rows} rows "
+                                        f"(rel err {err:.2e})")
+                    row = measure(f"decode attention: split-KV kernel [{label}]",
+                                  functools.partial(kv_cache_attention, q, keys, values, visible), params, warmup=3,
+                                  runs=runs)
+                finally:
+                    restore(undo)
+                row.extra.update({"cache GB": fused.extra["cache GB"], "rel err": f"{err:.1e}",
+                                  "speed-up vs SDPA": f"{fused.median_ms / row.median_ms:.2f}x"})
+                rows_out.append(row)
         del q, keys, values
     return rows_out
 
@@ -382,7 +419,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time each real decode step compiled by Inductor (graphed on CUDA)")
     parser.add_argument("--profile-step", action="store_true",
                         help="profile one replay of each graphed real decode step: its kernels, their count and time")
+    parser.add_argument("--kv-kernel-variants", default="",
+                        help="';'-separated launch variants of the split-KV kernel timed on the attention rows, e.g. "
+                             "'BLOCK_N=128;TARGET_PROGRAMS=2048,MAX_SPLITS=128;NUM_WARPS=8'")
     args = parser.parse_args(argv)
+    kv_kernel_variants(args.kv_kernel_variants)  # a malformed variant fails before the models are built
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -395,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += time_shape(model, om, args.batch, length, fractions, args.runs, "prefill", not args.no_check)
     rows += time_shape(model, om, args.decode_batch, 1, fractions, max(args.runs, 30), "decode step", not args.no_check)
     rows += time_decode_attention(args.decode_batch, args.decode_context, args.hidden, max(args.runs, 30), device,
-                                  dtype)
+                                  dtype, args.kv_kernel_variants)
     rows += time_decode(args.layers, args.hidden, args.decode_batch, args.decode_context, fractions, max(args.runs, 30),
                         device, dtype, args.kv_cache_kernel, args.compile_step, args.profile_step)
     rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype, args.runs)

@@ -86,6 +86,24 @@ def test_triton_split_counts_agree(monkeypatch, splits, skip_empty):
     assert_close(o, sdpa64(q, keys, values, visible, 0.25), 2e-5)
 
 
+@pytest.mark.parametrize("constants", [
+    {"BLOCK_N": 32, "MERGE_CHUNK": 4},
+    {"BLOCK_N": 128, "TARGET_PROGRAMS": 4096, "MAX_SPLITS": 128, "NUM_WARPS": 8, "NUM_STAGES": 2},
+    {"TARGET_PROGRAMS": 1},
+])
+def test_launch_constants_a_sweep_may_set_keep_the_result(monkeypatch, constants):
+    """The launch constants `benchmarks.layer_skip --kv-kernel-variants` sweeps (tile of slots, programs aimed at,
+    slices, merge chunk, warps / stages) each give the float64 SDPA result (slices of other sizes and counts)."""
+    launchers = load_launchers(DECODE)
+    for name, value in constants.items():
+        monkeypatch.setattr(launchers, name, value)
+    q, keys, values, visible = make_inputs(torch.float32, kernel_device(), heads=4, kv_heads=2, count=2, slots=300,
+                                           pad=(0, 70, 130), ends=(300, 140, 200))
+    with poisoned():
+        o = launchers.kv_cache_attention_decode(q, keys, values, visible, 0.25)
+    assert_close(o, sdpa64(q, keys, values, visible, 0.25), 2e-5)
+
+
 @pytest.mark.parametrize("skip_empty", [True, False])
 def test_fully_masked_query_gives_zeros_like_sdpa(monkeypatch, skip_empty):
     """The decode sites always let a query see its own slot; a query that sees nothing still gets SDPA's zeros."""

@@ -23,6 +23,8 @@ BLOCK_N = 64
 TARGET_PROGRAMS = 1024  # split programs to aim for (several waves on a 132-SM H100); not yet tuned on a GPU
 MAX_SPLITS = 64
 MERGE_CHUNK = 16
+NUM_WARPS = 4  # the split kernel's launch (Triton's defaults); sweep with `benchmarks.layer_skip --kv-kernel-variants`
+NUM_STAGES = 3
 SKIP_EMPTY_TILES = True
 """Skip the k / v loads of a tile no query sees (a data-dependent branch in the slot loop; False: a plain loop that
 the compiler may pipeline better over a full cache). Not yet compared on a GPU."""
@@ -148,7 +150,7 @@ def kv_cache_attention_decode(
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         slots, heads, kv_heads, count, dk, dv, scale * LOG2E, per_split, n_splits,
         BM=max(16, next_power_of_2(group * count)), BLOCK_N=BLOCK_N, BK=head_tile(dk, "kv_cache_attention"), BV=bv,
-        PRECISION=dot_precision(q.dtype), SKIP_EMPTY=SKIP_EMPTY_TILES,
+        PRECISION=dot_precision(q.dtype), SKIP_EMPTY=SKIP_EMPTY_TILES, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     _merge_kernel[(batch * heads * count,)](
         o_part, lse_part, o, n_splits, dv, BS=max(16, next_power_of_2(n_splits)), CHUNK=MERGE_CHUNK, BV=bv,
