@@ -939,6 +939,27 @@ def test_routed_static_and_compiled_steps_give_the_eager_logits_and_tokens(plan)
     assert torch.equal(om.generate(prompt, mask, max_new_tokens=6, compile_step=True), tokens)
 
 
+@pytest.mark.parametrize("plan", ["softmax", "windowed"])
+def test_compiled_routed_step_with_the_kv_cache_attention_op_gives_the_sdpa_logits(monkeypatch, plan):
+    """The split-KV op (the decode sites' default on CUDA; here on the CPU, its reference) inside the routed step
+    compiled by Inductor as one graph (the op in its code): the logits of the eager decode with SDPA, over full and
+    ring KV caches."""
+    from rewrite.decode import sites
+    from rewrite.decode.program import DecodeProgram
+
+    _, om, ids = routed(plan)
+    monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_KERNEL", False)
+    program = DecodeProgram(om.source, om.plan, dict(om.named_parameters()))
+    state, _ = prefill_state(program, ids[:, :6], extra=4)
+    _assert_mixed(state.skips)
+    sdpa = torch.cat([decode_token(program, state, ids[:, t : t + 1]) for t in range(6, 10)], 1)
+    monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_KERNEL", True)
+    monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_DEVICES", ("cuda", "cpu"))
+    code, logits, _ = _step_code_and_logits(DecodeProgram(om.source, om.plan, dict(om.named_parameters())), ids)
+    assert "torch.ops.rewrite.kv_cache_attention" in code
+    torch.testing.assert_close(logits, sdpa, atol=ATOL, rtol=RTOL)
+
+
 def _step_code_and_logits(program, ids: torch.Tensor) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
     """(the `call` of the Inductor code of `program`'s compiled static step, logits [B, 4, V] of 4 steps,
     the state's tensors) after a prefill of 6 tokens of `ids`."""
