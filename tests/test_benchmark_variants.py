@@ -40,6 +40,25 @@ def test_decode_benchmark_reads_inductor_options():
         inductor_options("max_autotune")
 
 
+def test_layer_skip_kv_kernel_variants_name_the_kernels_constants():
+    """`--kv-kernel-variants` sets only launch constants the split-KV kernel has, as ints or booleans."""
+    import pytest
+
+    from benchmarks.layer_skip import KV_KERNEL_CONSTANTS, kv_kernel_variants
+    from rewrite.kernels.kv_cache_attention import triton_decode
+
+    assert all(isinstance(getattr(triton_decode, name), int) for name in KV_KERNEL_CONSTANTS)
+    assert kv_kernel_variants("BLOCK_N=128; TARGET_PROGRAMS=2048,MAX_SPLITS=128;SKIP_EMPTY_TILES=0") == [
+        ("BLOCK_N=128", [("triton_decode", "BLOCK_N", 128)]),
+        ("TARGET_PROGRAMS=2048,MAX_SPLITS=128", [("triton_decode", "TARGET_PROGRAMS", 2048),
+                                                 ("triton_decode", "MAX_SPLITS", 128)]),
+        ("SKIP_EMPTY_TILES=0", [("triton_decode", "SKIP_EMPTY_TILES", False)]),
+    ]
+    for bad in ("BLOCK=64", "BLOCK_N=big", "NUM_WARPS"):
+        with pytest.raises(SystemExit, match="expected NAME=integer"):
+            kv_kernel_variants(bad)
+
+
 def test_mixer_speed_kernel_variants_are_the_sweep_variants():
     import pytest
 
