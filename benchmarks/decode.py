@@ -37,7 +37,7 @@ import torch
 import rewrite
 from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
 from benchmarks.variants import apply_changes, restore
-from rewrite.decode import decode_program
+from rewrite.decode import decode_program, sites
 from rewrite.decode.compiled import CompiledStep
 from rewrite.decode.cuda_graph import GraphedStep
 
@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
                              "graphed linearized step (fused when --fuse-projections) timed once more per set")
     parser.add_argument("--profile-step", action="store_true",
                         help="profile one step of each graphed linearized variant: its kernels, their count and time")
+    parser.add_argument("--sdpa-attention-too", action="store_true",
+                        help="time the softmax program's step with SDPA as well as with the split-KV kernel the decode "
+                             "sites run by default (rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL)")
     parser.add_argument("--out", default="runs/decode.json")
     args = parser.parse_args(argv)
     if args.step_inductor_options:
@@ -416,9 +419,16 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(original)
                 print(rows[-1], flush=True)
                 free = torch.cuda.mem_get_info()[0] if graphs else 1 << 34
-                if kv_bytes(model, batch, length) < 0.6 * free:
-                    row = attempt("rewrite softmax (KV cache)", params, time_random_kv, soft_program, batch, length,
-                                  graphs, device, vocab, args.runs)
+                attentions = [("rewrite softmax (KV cache)", sites.KV_CACHE_ATTENTION_KERNEL)]
+                if args.sdpa_attention_too and sites.KV_CACHE_ATTENTION_KERNEL:
+                    attentions.append(("rewrite softmax (KV cache, SDPA)", False))
+                for name, kernel in attentions if kv_bytes(model, batch, length) < 0.6 * free else []:
+                    undo = apply_changes("rewrite.decode", [("sites", "KV_CACHE_ATTENTION_KERNEL", kernel)])
+                    try:
+                        row = attempt(name, params, time_random_kv, soft_program, batch, length, graphs, device, vocab,
+                                      args.runs)
+                    finally:
+                        restore(undo)
                     rows.append(with_rate(row, batch))
                     print(rows[-1], flush=True)
                 if device == "cuda":
