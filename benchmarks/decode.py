@@ -62,11 +62,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def fused_program(om: Any) -> Any:
     """A decode program of `om` with its sibling projections fused, built beside the default one (which
     `decode_program(om)` keeps returning)."""
-    from rewrite.decode.program import DecodeProgram
-
     undo = apply_changes("rewrite.decode", [("fuse_projections", "FUSE_SIBLING_PROJECTIONS", True)])
     try:
-        return DecodeProgram(om.source, om.plan, dict(om.named_parameters()))
+        return decode_program_copy(om)
     finally:
         restore(undo)
 

@@ -24,6 +24,14 @@ def chunk_count(batch: int, length: int, cu_seqlens, chunk: int) -> int:
     return batch * per_seq if cu_seqlens is None else per_seq + cu_seqlens.shape[0] - 1
 
 
+def slot_splits(slots: int, programs: int, *, block: int, target: int, most: int | None = None) -> tuple[int, int]:
+    """(slices, slots per slice) of a KV cache of `slots` slots for each of `programs` (row, kv head) programs of a
+    split-KV decode kernel: about `target` programs in all, at most `most` slices, each a multiple of `block`."""
+    n = max(1, min(cdiv(slots, block), cdiv(target, max(programs, 1)), most or slots))
+    per_split = cdiv(cdiv(max(slots, 1), n), block) * block
+    return cdiv(max(slots, 1), per_split), per_split
+
+
 def head_tile(dim: int, op: str) -> int:
     """Tile width for an attention head dim (the whole head per tile): a power of two >= 16, at most 256; `op`
     names the caller in the error."""

@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rewrite.kernels.launch_math import cdiv, dot_precision, head_tile, next_power_of_2
+from rewrite.kernels.launch_math import dot_precision, head_tile, next_power_of_2, slot_splits
 
 from ..alloc import new_empty
-from ..online_softmax import LOG2E, online_softmax_update
+from ..online_softmax import LOG2E, online_softmax_finish, online_softmax_start, online_softmax_update
 
 BLOCK_N = 64
 TARGET_PROGRAMS = 1024  # split programs to aim for (several waves on a 132-SM H100); not yet tuned on a GPU
@@ -66,9 +66,7 @@ def _split_kernel(
     m_base = m_ptr + b * sm_b + t[:, None] * sm_t
     first = i_s * slots_per_split
     last = tl.minimum(first + slots_per_split, slots)
-    acc = tl.zeros([BM, BV], dtype=tl.float32)
-    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc, m_i, l_i = online_softmax_start(BM, BV)
     for start in range(first, last, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_mask = keys < last
@@ -81,11 +79,10 @@ def _split_kernel(
         else:
             acc, m_i, l_i = _tile(q, k_base, v_base, keys, key_mask, seen, kcols, vcols, sk_s, sv_s, dk, dv,
                                   qk_scale, acc, m_i, l_i, PRECISION)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o, lse = online_softmax_finish(acc, m_i, l_i)
     part = ((b * heads + head) * count + t) * n_splits + i_s
-    tl.store(o_ptr + part[:, None] * dv + vcols[None, :], acc / l_safe[:, None],
-             mask=r_mask[:, None] & (vcols < dv)[None, :])
-    tl.store(lse_ptr + part, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=r_mask)
+    tl.store(o_ptr + part[:, None] * dv + vcols[None, :], o, mask=r_mask[:, None] & (vcols < dv)[None, :])
+    tl.store(lse_ptr + part, tl.where(l_i > 0, lse, float("-inf")), mask=r_mask)
 
 
 @triton.jit
@@ -116,9 +113,7 @@ def _merge_kernel(
 def split_count(slots: int, programs: int) -> tuple[int, int]:
     """(slices, slots per slice) of the cache per (row, kv head): about TARGET_PROGRAMS programs in all, at most
     MAX_SPLITS slices, each a multiple of BLOCK_N slots."""
-    n = max(1, min(cdiv(slots, BLOCK_N), MAX_SPLITS, cdiv(TARGET_PROGRAMS, max(programs, 1))))
-    per_split = cdiv(cdiv(max(slots, 1), n), BLOCK_N) * BLOCK_N
-    return cdiv(max(slots, 1), per_split), per_split
+    return slot_splits(slots, programs, block=BLOCK_N, target=TARGET_PROGRAMS, most=MAX_SPLITS)
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:

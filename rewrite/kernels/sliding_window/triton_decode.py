@@ -10,13 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from rewrite.kernels.launch_math import cdiv, next_power_of_2
+from rewrite.kernels.launch_math import next_power_of_2, slot_splits
 
 from ..alloc import new_empty
-from ..online_softmax import online_softmax_update
+from ..online_softmax import online_softmax_finish, online_softmax_start, online_softmax_update
 from .triton_forward import LOG2E, check_dtype, head_block, precision
 
 BLOCK_N = 64
+TARGET_PROGRAMS = 256  # split programs to aim for: enough to fill a GPU
 
 
 @triton.jit
@@ -37,9 +38,7 @@ def _decode_kernel(
     t = tl.load(pos_ptr + b).to(tl.int32)
     first = i_s * slots_per_split
     last = tl.minimum(tl.minimum(first + slots_per_split, t + 1), slots)
-    acc = tl.zeros([BG, BV], dtype=tl.float32)
-    m_i = tl.full([BG], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BG], dtype=tl.float32)
+    acc, m_i, l_i = online_softmax_start(BG, BV)
     for start in range(first, last, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_mask = keys < last
@@ -51,17 +50,12 @@ def _decode_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(key_mask[None, :], s, float("-inf"))
         acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, PRECISION)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o, lse2 = online_softmax_finish(acc, m_i, l_i)
     part = (b.to(tl.int64) * heads + head) * n_splits + i_s
     o_mask = g_mask[:, None] & (vcols < dv)[None, :]
-    tl.store(o_ptr + part[:, None] * dv + vcols[None, :], acc / l_safe[:, None], mask=o_mask)
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+    tl.store(o_ptr + part[:, None] * dv + vcols[None, :], o, mask=o_mask)
+    lse = tl.where(l_i > 0, lse2 / 1.4426950408889634, float("-inf"))
     tl.store(lse_ptr + part, lse, mask=g_mask)
-
-
-def _splits(slots: int, programs: int) -> int:
-    """Slices of the cache per (row, kv head): enough programs to fill a GPU, at least BLOCK_N slots each."""
-    return max(1, min(cdiv(slots, BLOCK_N), cdiv(256, max(programs, 1))))
 
 
 def sliding_window_decode(
@@ -72,9 +66,7 @@ def sliding_window_decode(
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     batch, _, heads, dk = q.shape
     slots, kv_heads, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
-    n_splits = _splits(slots, batch * kv_heads)
-    per_split = cdiv(cdiv(slots, n_splits), BLOCK_N) * BLOCK_N
-    n_splits = cdiv(slots, per_split)
+    n_splits, per_split = slot_splits(slots, batch * kv_heads, block=BLOCK_N, target=TARGET_PROGRAMS)
     o_part = new_empty((batch, heads, n_splits, dv), dtype=torch.float32, device=q.device)
     lse_part = new_empty((batch, heads, n_splits), dtype=torch.float32, device=q.device)
     group = heads // kv_heads

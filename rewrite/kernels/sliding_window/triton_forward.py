@@ -18,7 +18,7 @@ from rewrite.kernels.launch_math import dot_precision, head_tile
 
 from ..alloc import new_empty
 from ..delta_rule.triton_forward import Layout, chunk_of_program, sequence_rows
-from ..online_softmax import LOG2E, online_softmax_update
+from ..online_softmax import LOG2E, online_softmax_finish, online_softmax_start, online_softmax_update
 
 # defaults from the H200 sweep in benchmarks/delta_conv_swa.py --sweep (bf16, D=128, w=512 and 4096)
 BLOCK_M = 64
@@ -105,9 +105,7 @@ def _forward_kernel(
     q = load_rows(q_ptr + i_h * dk, rows, row_mask, heads * dk, kcols, dk)
     k_ptr += hk * dk
     v_ptr += hk * dv
-    acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked blocks give p = 0, not NaN
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = online_softmax_start(BLOCK_M, BV)
     q_last = tl.minimum(q_first + BLOCK_M, eos) - 1
     sink_end, lo, hi = key_ranges(q_first, q_last, bos, eos, window, sinks, lookahead, BLOCK_N)
     mid_lo, mid_hi = full_blocks(q_first, q_last, lo, eos, window, lookahead, BLOCK_N)
@@ -127,11 +125,10 @@ def _forward_kernel(
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, start, q_pos, bos, eos, kv_heads, dk, dv,
                                       kcols, vcols, window, sinks, lookahead, qk_scale, BLOCK_N, PRECISION,
                                       True)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    o, lse2 = online_softmax_finish(acc, m_i, l_i)
     o_offs = rows.to(tl.int64)[:, None] * (heads * dv) + i_h * dv + vcols[None, :]
     tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & (vcols < dv)[None, :])
-    lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
+    lse = lse2 / 1.4426950408889634
     tl.store(lse_ptr + rows.to(tl.int64) * heads + i_h, lse, mask=row_mask)
 
 
