@@ -14,6 +14,13 @@ that the CUDA-graph step equals the eager one. Then, per context length and batc
   in the free GPU memory the row says so instead of running;
 - rewrite softmax (the original through the stateful pass, KV cache, CUDA graph), same random fill.
 
+With --sliding-window W the model is Mistral-shaped instead (the same sizes, every layer seeing its last W
+tokens; Llama has no window in transformers): the rewrite softmax rows run over ring caches of W slots
+(the decode sites' `_windowed_attention`; the contexts should pass W so the rings wrap), the original keeps
+HF's sliding-window DynamicCache (its last W - 1 tokens, as generate() does), the "step vs full" checks
+decode past W (a prompt of W + 32 tokens), and the linearized model is built with the mixer pass's
+check_masks off (its linear mixers see the whole prefix: the window is dropped).
+
 With --fuse-projections, each linearized variant is also timed (on the same state) with the decode
 program whose sibling projections are fused (q / k / v and gate / up read as one weight each;
 rewrite.decode.fuse_projections), after a check that its token-by-token logits equal the full forward.
@@ -21,7 +28,7 @@ rewrite.decode.fuse_projections), after a check that its token-by-token logits e
 Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
 once at the measured copy bandwidth next to the batch-1 decode step.
 Run: python -m benchmarks.decode [--lengths 8192,32768] [--batches 1,64] [--out runs/decode.json] [--tiny]
-[--compile-step] [--inplace-step] [--fuse-projections] [--profile-step]
+[--compile-step] [--inplace-step] [--fuse-projections] [--profile-step] [--sdpa-attention-too] [--sliding-window W]
 """
 
 from __future__ import annotations
@@ -40,9 +47,12 @@ from benchmarks.variants import apply_changes, restore
 from rewrite.decode import decode_program, sites
 from rewrite.decode.compiled import CompiledStep
 from rewrite.decode.cuda_graph import GraphedStep
+from rewrite.decode.state import RingKVCache
 
 
-def build_model(tiny: bool, device: str, dtype: torch.dtype) -> Any:
+def build_model(tiny: bool, device: str, dtype: torch.dtype, window: int | None = None) -> Any:
+    """The Llama-shaped model, or with `window` a Mistral-shaped one of the same sizes whose layers see their last
+    `window` tokens."""
     import transformers
 
     size = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
@@ -50,9 +60,26 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype) -> Any:
     if tiny:
         size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=128)
-    cfg = transformers.LlamaConfig(**size, max_position_embeddings=131072, attn_implementation="sdpa")
     torch.manual_seed(0)
+    if window is not None:
+        cfg = transformers.MistralConfig(**size, head_dim=size["hidden_size"] // size["num_attention_heads"],
+                                         sliding_window=window, max_position_embeddings=131072,
+                                         attn_implementation="sdpa")
+        return transformers.MistralForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    cfg = transformers.LlamaConfig(**size, max_position_embeddings=131072, attn_implementation="sdpa")
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def model_window(model: Any) -> int | None:
+    """The model's sliding window (None: full attention)."""
+    return getattr(model.config, "sliding_window", None)
+
+
+def hf_cache(model: Any) -> Any:
+    """An empty DynamicCache as generate() makes it (sliding-window layers keep their last window - 1 tokens)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config) if model_window(model) is not None else DynamicCache()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,40 +122,40 @@ def check(model: Any, lin: Any, soft: Any, device: str, compile_step: bool = Fal
           fused: Any = None) -> dict[str, str]:
     """Relative errors of token-by-token decoding against the full forward, graph vs eager, and (with
     `compile_step`) the compiled step vs the eager one; with `fused` (a fused-projection program of `lin`)
-    the same for it."""
+    the same for it. With a sliding window the prompt passes it, so the ring caches have wrapped."""
     out = {}
-    ids = torch.randint(0, model.config.vocab_size, (2, 48), device=device)
+    prompt = 32 + (model_window(model) or 0)
+    ids = torch.randint(0, model.config.vocab_size, (2, prompt + 16), device=device)
     programs = [("linearized", lin, decode_program(lin)), ("rewrite softmax", soft, decode_program(soft))]
     if fused is not None:
         programs.append(("linearized (fused projections)", lin, fused))
     for name, om, program in programs:
         full = om(input_ids=ids).logits
-        state = program.new_state(2, 48)
-        state.begin(32)
-        steps = [program(ids[:, :32], torch.arange(32, device=device).expand(2, -1), state)]
+        state = program.new_state(2, ids.shape[1])
+        state.begin(prompt)
+        steps = [program(ids[:, :prompt], torch.arange(prompt, device=device).expand(2, -1), state)]
         state.advance()
-        for t in range(32, 48):
+        for t in range(prompt, ids.shape[1]):
             state.begin(1)
             steps.append(program(ids[:, t : t + 1], torch.full((2, 1), t, device=device), state))
             state.advance()
         out[f"{name}: step vs full rel err"] = f"{rel_err(torch.cat(steps, 1), full):.1e}"
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
+    cache = hf_cache(model)
     ref = model(input_ids=ids).logits
-    first = model(input_ids=ids[:, :32], past_key_values=cache, use_cache=True).logits
-    rest = [model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(32, 48)]
+    first = model(input_ids=ids[:, :prompt], past_key_values=cache, use_cache=True).logits
+    rest = [model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            for t in range(prompt, ids.shape[1])]
     out["original: KV cache vs full rel err"] = f"{rel_err(torch.cat([first, *rest], 1), ref):.1e}"
     if device == "cuda":
-        eager = lin.generate(ids[:, :32], max_new_tokens=16, cuda_graph="never")
-        graphed = lin.generate(ids[:, :32], max_new_tokens=16, cuda_graph="always")
+        eager = lin.generate(ids[:, :prompt], max_new_tokens=16, cuda_graph="never")
+        graphed = lin.generate(ids[:, :prompt], max_new_tokens=16, cuda_graph="always")
         out["linearized: graph tokens == eager tokens"] = str(bool(torch.equal(eager, graphed)))
     if compile_step:
         program = decode_program(lin)
-        logits = [torch.cat(static_steps(program, ids, 32, device, compiled), 1) for compiled in (False, True)]
+        logits = [torch.cat(static_steps(program, ids, prompt, device, compiled), 1) for compiled in (False, True)]
         out["linearized: compiled step vs eager step rel err"] = f"{rel_err(logits[1], logits[0]):.1e}"
         if fused is not None:
-            mine = torch.cat(static_steps(fused, ids, 32, device, True), 1)
+            mine = torch.cat(static_steps(fused, ids, prompt, device, True), 1)
             out["linearized: compiled fused step vs eager step rel err"] = f"{rel_err(mine, logits[0]):.1e}"
     return out
 
@@ -167,7 +194,8 @@ def prefill(program: Any, batch: int, length: int, chunk: int, device: str, voca
 
 
 def random_kv(program: Any, batch: int, length: int, device: str, vocab: int) -> Any:
-    """A decode state whose KV caches hold `length` random keys / values (allocated by a 1-token call)."""
+    """A decode state whose KV caches hold `length` random keys / values (allocated by a 1-token call); a ring
+    cache of W slots holds the last W of them."""
     state = program.new_state(batch, length + 256)
     state.begin(1)
     program(torch.zeros(batch, 1, dtype=torch.long, device=device), torch.zeros(batch, 1, dtype=torch.long,
@@ -175,7 +203,13 @@ def random_kv(program: Any, batch: int, length: int, device: str, vocab: int) ->
     for cache in state.layers.values():
         for t in (cache.keys, cache.values):
             t[:, :, :length].normal_()
-    state.valid[:, :length] = True  # a softmax program keeps the slot mask
+        if isinstance(cache, RingKVCache):  # slot s lives at s % W
+            size = cache.keys.shape[2]
+            slots = torch.arange(max(0, length - size), length, device=cache.slot.device)
+            cache.slot.index_copy_(0, slots % size, slots)
+            cache.valid[:, slots % size] = True
+    if state.valid is not None:  # a program with full KV caches keeps the slot mask
+        state.valid[:, :length] = True
     state.counts.fill_(length)
     state.length = length
     return state
@@ -245,15 +279,16 @@ def time_random_kv(program: Any, batch: int, length: int, graphed: bool, device:
 
 
 def kv_bytes(model: Any, batch: int, length: int) -> int:
+    """Bytes of the original's KV cache (bf16) of `length` tokens (with a sliding window: of the window)."""
     cfg = model.config
+    length = min(length, model_window(model) or length)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * head_dim * length * 2
 
 
 def time_original(model: Any, batch: int, length: int, device: str, runs: int) -> Measurement | str:
-    """One HF decode step over a DynamicCache of `length` random keys / values, or why it cannot run."""
-    from transformers import DynamicCache
-
+    """One HF decode step over a DynamicCache of `length` random keys / values, or why it cannot run; with a
+    sliding window, over the sliding layers' last window - 1 of them (the step keeps them at that size)."""
     need = kv_bytes(model, batch, length)
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
@@ -261,17 +296,20 @@ def time_original(model: Any, batch: int, length: int, device: str, runs: int) -
             return f"KV cache {need / 2**30:.1f} GiB does not fit ({free / 2**30:.1f} GiB free)"
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    cache = DynamicCache()
+    window = model_window(model)
+    cache = hf_cache(model)
     try:
         for layer in range(cfg.num_hidden_layers):
-            k = torch.randn(batch, cfg.num_key_value_heads, length, head_dim, device=device, dtype=model.dtype)
+            k = torch.randn(batch, cfg.num_key_value_heads, min(length, window or length), head_dim, device=device,
+                            dtype=model.dtype)
             cache.update(k, torch.randn_like(k), layer)
         ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         pos = torch.full((batch, 1), length, device=device)
 
         def one() -> None:
             model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
-            cache.crop(-1)  # back to `length` tokens
+            if window is None:
+                cache.crop(-1)  # back to `length` tokens
 
         return measure("", one, warmup=2, runs=runs)
     except torch.cuda.OutOfMemoryError:
@@ -333,6 +371,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sdpa-attention-too", action="store_true",
                         help="time the softmax program's step with SDPA as well as with the split-KV kernel the decode "
                              "sites run by default (rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL)")
+    parser.add_argument("--sliding-window", type=int, default=None, metavar="W",
+                        help="a Mistral-shaped model whose layers see their last W tokens: the softmax program's step "
+                             "runs over ring caches of W slots (give contexts longer than W)")
     parser.add_argument("--out", default="runs/decode.json")
     args = parser.parse_args(argv)
     if args.step_inductor_options:
@@ -352,11 +393,17 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.tiny:
         args.lengths, args.batches, args.memory_lengths, args.runs = "64,128", "1,4", "32,256", 3
-    model = build_model(args.tiny, device, dtype)
+    window = args.sliding_window
+    if window is not None and window < 1:
+        raise SystemExit(f"--sliding-window: expected a positive number of tokens, got {window}")
+    model = build_model(args.tiny, device, dtype, window)
     vocab = model.config.vocab_size
     example = {"input_ids": torch.randint(0, vocab, (1, 64), device=device)}
     t0 = time.perf_counter()
-    lin = rewrite.optimize(model, [{"mixer": {"kind": args.kind, "feature_map": args.feature_map}}, "stateful"], example_kwargs=example)
+    mixer = {"kind": args.kind, "feature_map": args.feature_map}
+    if window is not None:  # the window dropped: the linear mixers see the whole prefix
+        mixer["check_masks"] = False
+    lin = rewrite.optimize(model, [{"mixer": mixer}, "stateful"], example_kwargs=example)
     soft = rewrite.optimize(model, ["stateful"], example_kwargs=example)
     lin_program, soft_program = decode_program(lin), decode_program(soft)
     fused = fused_program(lin) if args.fuse_projections else None
@@ -368,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
         env["step Inductor options"] = args.step_inductor_options
     if fused is not None:
         env["fused projection groups"] = str(len(fused.fused.groups))
+    if window is not None:
+        env["sliding window"] = f"{window} tokens (rewrite softmax: ring caches; linearized: window dropped)"
     with torch.inference_mode():
         env.update(check(model, lin, soft, device, args.compile_step, fused))
         print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
@@ -375,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         graphs = device == "cuda"
         for length in [int(x) for x in args.lengths.split(",")]:
             for batch in [int(x) for x in args.batches.split(",")]:
-                params = {"context": length, "batch": batch}
+                params = {"context": length, "batch": batch, **({"window": window} if window is not None else {})}
                 chunk = max(1, min(length, args.chunk_tokens // batch))
                 lin_ms = float("nan")
                 try:
@@ -417,9 +466,10 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(original)
                 print(rows[-1], flush=True)
                 free = torch.cuda.mem_get_info()[0] if graphs else 1 << 34
-                attentions = [("rewrite softmax (KV cache)", sites.KV_CACHE_ATTENTION_KERNEL)]
+                cache = "KV cache" if window is None else "ring KV cache"
+                attentions = [(f"rewrite softmax ({cache})", sites.KV_CACHE_ATTENTION_KERNEL)]
                 if args.sdpa_attention_too and sites.KV_CACHE_ATTENTION_KERNEL:
-                    attentions.append(("rewrite softmax (KV cache, SDPA)", False))
+                    attentions.append((f"rewrite softmax ({cache}, SDPA)", False))
                 for name, kernel in attentions if kv_bytes(model, batch, length) < 0.6 * free else []:
                     undo = apply_changes("rewrite.decode", [("sites", "KV_CACHE_ATTENTION_KERNEL", kernel)])
                     try:
@@ -455,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
             if fused is not None and mine:
                 env[f"batch-1 linearized step / weight read ({label})"] = (
                     f"{min(r.median_ms for r in mine) / floor_ms:.2f}x")
-    title = f"Decode step, Llama-shaped {'(tiny) ' if args.tiny else ''}model, linearized ({args.kind}) vs original"
+    shape = "Llama-shaped" if window is None else f"Mistral-shaped (sliding window {window})"
+    title = f"Decode step, {shape} {'(tiny) ' if args.tiny else ''}model, linearized ({args.kind}) vs original"
     print(write_results(args.out, title, rows, env))
 
 

@@ -93,3 +93,35 @@ def test_linear_attention_sweep_variant_turns_the_default_saving_off_and_restore
     assert op.SAVE_STATES is False
     restore(undo)
     assert op.SAVE_STATES is True
+
+
+def test_decode_benchmark_times_ring_caches_of_a_sliding_window(monkeypatch, tmp_path):
+    """`--tiny --sliding-window 16`: a Mistral-shaped model whose rewrite softmax step runs over ring caches of 16
+    slots (contexts 64 and 128 wrap them), with the split-KV op (its CPU reference here) and with SDPA, checked
+    against the full forward past the window, beside the original's step."""
+    import json
+
+    from benchmarks.decode import main
+    from rewrite.decode import sites
+
+    shapes = []
+    op = sites.kv_cache_attention
+
+    def kernel(q, keys, values, visible, scale):
+        shapes.append(tuple(keys.shape))
+        return op(q, keys, values, visible, scale)
+
+    monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sites, "kv_cache_attention", kernel)
+    out = tmp_path / "decode.json"
+    main(["--tiny", "--sliding-window", "16", "--sdpa-attention-too", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert "sliding window 16" in result["title"]
+    assert float(result["env"]["rewrite softmax: step vs full rel err"]) < 1e-4
+    assert float(result["env"]["original: KV cache vs full rel err"]) < 1e-4
+    rows = {(r["name"], r["params"]["context"], r["params"]["batch"]): r for r in result["rows"]}
+    assert all(r["params"]["window"] == 16 for r in result["rows"])
+    for name in ("rewrite softmax (ring KV cache)", "rewrite softmax (ring KV cache, SDPA)",
+                 "original (HF, SDPA, DynamicCache)", "linearized"):
+        assert all(rows[name, context, batch]["runs"] > 0 for context in (64, 128) for batch in (1, 4)), name
+    assert shapes and all(shape[2] == 16 for shape in shapes)  # the kernel ran over the rings' 16 slots
