@@ -308,8 +308,11 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
 
 
 KV_KERNEL_CONSTANTS = ("BLOCK_N", "TARGET_PROGRAMS", "MAX_SPLITS", "MERGE_CHUNK", "NUM_WARPS", "NUM_STAGES",
-                       "SKIP_EMPTY_TILES")
+                       "SKIP_EMPTY_TILES", "MASK_UNSEEN_KEYS")
 """The split-KV kernel's launch constants (`rewrite.kernels.kv_cache_attention.triton_decode`) a variant may set."""
+
+
+BOOLEAN_CONSTANTS = ("SKIP_EMPTY_TILES", "MASK_UNSEEN_KEYS")
 
 
 def kv_kernel_variants(text: str) -> list[tuple[str, list[tuple[str, str, Any]]]]:
@@ -322,7 +325,7 @@ def kv_kernel_variants(text: str) -> list[tuple[str, list[tuple[str, str, Any]]]
             if not sep or name not in KV_KERNEL_CONSTANTS or not value.isdigit():
                 raise SystemExit(f"--kv-kernel-variants: expected NAME=integer with NAME one of {KV_KERNEL_CONSTANTS}, "
                                  f"got {pair!r}")
-            changes.append(("triton_decode", name, bool(int(value)) if name == "SKIP_EMPTY_TILES" else int(value)))
+            changes.append(("triton_decode", name, bool(int(value)) if name in BOOLEAN_CONSTANTS else int(value)))
         variants.append((item, changes))
     return variants
 

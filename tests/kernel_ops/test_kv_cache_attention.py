@@ -71,13 +71,14 @@ def test_triton_matches_float64_sdpa(case, dtype):
     assert_close(o, sdpa64(q, keys, values, visible, 0.3), TOLERANCE[dtype] * 2)
 
 
-@pytest.mark.parametrize("skip_empty", [True, False])
+@pytest.mark.parametrize("skip_empty,mask_unseen", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_triton_split_counts_agree(monkeypatch, splits, skip_empty):
+def test_triton_split_counts_agree(monkeypatch, splits, skip_empty, mask_unseen):
     """Force one slice or several slices (the log-sum-exp merge) on the same inputs, with and without skipping
-    the tiles no query sees."""
+    the tiles no query sees, and with the slots no query sees left unloaded instead."""
     launchers = load_launchers(DECODE)
     monkeypatch.setattr(launchers, "SKIP_EMPTY_TILES", skip_empty)
+    monkeypatch.setattr(launchers, "MASK_UNSEEN_KEYS", mask_unseen)
     monkeypatch.setattr(launchers, "split_count", lambda slots, programs: (splits, -(-slots // (64 * splits)) * 64))
     q, keys, values, visible = make_inputs(torch.float32, kernel_device(), heads=4, kv_heads=2, count=2, slots=300,
                                            pad=(0, 70, 130), ends=(300, 140, 200))
@@ -104,11 +105,12 @@ def test_launch_constants_a_sweep_may_set_keep_the_result(monkeypatch, constants
     assert_close(o, sdpa64(q, keys, values, visible, 0.25), 2e-5)
 
 
-@pytest.mark.parametrize("skip_empty", [True, False])
-def test_fully_masked_query_gives_zeros_like_sdpa(monkeypatch, skip_empty):
+@pytest.mark.parametrize("skip_empty,mask_unseen", [(True, False), (False, False), (False, True)])
+def test_fully_masked_query_gives_zeros_like_sdpa(monkeypatch, skip_empty, mask_unseen):
     """The decode sites always let a query see its own slot; a query that sees nothing still gets SDPA's zeros."""
     launchers = load_launchers(DECODE)
     monkeypatch.setattr(launchers, "SKIP_EMPTY_TILES", skip_empty)
+    monkeypatch.setattr(launchers, "MASK_UNSEEN_KEYS", mask_unseen)
     q, keys, values, visible = make_inputs(torch.float32, kernel_device(), heads=4, kv_heads=2, count=2, slots=100)
     visible = visible.clone()
     visible[1, :, 0] = False  # row 1, first new query: no slot

@@ -28,6 +28,8 @@ NUM_STAGES = 3
 SKIP_EMPTY_TILES = True
 """Skip the k / v loads of a tile no query sees (a data-dependent branch in the slot loop; False: a plain loop that
 the compiler may pipeline better over a full cache). Not yet compared on a GPU."""
+MASK_UNSEEN_KEYS = False
+"""Without SKIP_EMPTY_TILES: load k / v only for the slots some query sees (masked loads, no branch in the loop)."""
 
 
 @triton.jit
@@ -49,7 +51,7 @@ def _split_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
     slots, heads, kv_heads, count, dk, dv, qk_scale, slots_per_split, n_splits,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, MASK_UNSEEN: tl.constexpr,
 ):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     b, hk = (i_bh // kv_heads).to(tl.int64), (i_bh % kv_heads).to(tl.int64)
@@ -77,7 +79,10 @@ def _split_kernel(
                 acc, m_i, l_i = _tile(q, k_base, v_base, keys, key_mask, seen, kcols, vcols, sk_s, sv_s, dk, dv,
                                       qk_scale, acc, m_i, l_i, PRECISION)
         else:
-            acc, m_i, l_i = _tile(q, k_base, v_base, keys, key_mask, seen, kcols, vcols, sk_s, sv_s, dk, dv,
+            load_mask = key_mask
+            if MASK_UNSEEN:
+                load_mask = key_mask & (tl.max(seen.to(tl.int32), axis=0) > 0)
+            acc, m_i, l_i = _tile(q, k_base, v_base, keys, load_mask, seen, kcols, vcols, sk_s, sv_s, dk, dv,
                                   qk_scale, acc, m_i, l_i, PRECISION)
     o, lse = online_softmax_finish(acc, m_i, l_i)
     part = ((b * heads + head) * count + t) * n_splits + i_s
@@ -145,7 +150,8 @@ def kv_cache_attention_decode(
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         slots, heads, kv_heads, count, dk, dv, scale * LOG2E, per_split, n_splits,
         BM=max(16, next_power_of_2(group * count)), BLOCK_N=BLOCK_N, BK=head_tile(dk, "kv_cache_attention"), BV=bv,
-        PRECISION=dot_precision(q.dtype), SKIP_EMPTY=SKIP_EMPTY_TILES, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        PRECISION=dot_precision(q.dtype), SKIP_EMPTY=SKIP_EMPTY_TILES,
+        MASK_UNSEEN=MASK_UNSEEN_KEYS, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     _merge_kernel[(batch * heads * count,)](
         o_part, lse_part, o, n_splits, dv, BS=max(16, next_power_of_2(n_splits)), CHUNK=MERGE_CHUNK, BV=bv,
