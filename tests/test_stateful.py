@@ -6,6 +6,7 @@ the lazy module's generate."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -1160,3 +1161,135 @@ def test_static_steps_with_the_kv_cache_attention_kernel_give_the_logits_of_sdpa
     assert [s.sdpa for s in seen] == [[]] * steps  # no step's attention is SDPA (the prefill's may be)
     assert len(calls) >= layers * steps and all(shape[2] == slots for shape in calls[-layers * steps:])
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+def _visible_mask_per_site(self, end: int) -> torch.Tensor:
+    """The full KV cache's visible mask as each site built it before it was made once per call: from the
+    (for a row view, gathered) slot mask, a padded query seeing itself by its own term."""
+    key_slots = torch.arange(end, device=self.slots.device)
+    visible = self.valid[:, None, None, :end] & (key_slots <= self.slots[:, None])
+    return visible | (key_slots == self.slots[:, None])
+
+
+def _window_mask_per_site(key_slots, valid, query_slots, window, padded):
+    """The ring's visible mask as built before (the query's own term always added)."""
+    near = (key_slots <= query_slots[:, None]) & (key_slots > query_slots[:, None] - window)
+    return (valid[:, None, None, :] & near) | (key_slots == query_slots[:, None])
+
+
+@functools.cache
+def _unrouted(plan_key: str):
+    """The model of `routed(plan_key)` optimized without layer skipping."""
+    model, _, ids = routed(plan_key)
+    return rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
+
+
+def _ragged_eager_and_static_decode(program, ids: torch.Tensor, skip: torch.Tensor | None, watch=None):
+    """(logits [B, L, V], what `watch()` saw per call) of a left-padded prefill of 6 tokens (row 0 padded by 4),
+    two eager steps, then two static steps (what a CUDA graph captures); `skip` held from the prefill."""
+    _, mask = _ragged(ids)
+    state = program.new_state(ids.shape[0], ids.shape[1])
+    calls = [(0, 6), (6, 7), (7, 8), (8, 9), (9, 10)]
+    outs, seen = [], []
+    for start, stop in calls:
+        if start == 8:
+            state.start_static()
+        valid = mask[:, start:stop].bool() if start == 0 else None
+        positions = state.positions(stop - start, valid)
+        state.begin(stop - start, valid)
+        with (skip_controls(skip_mask=skip) if skip is not None and start == 0 else contextlib.nullcontext(),
+              watch() if watch is not None else contextlib.nullcontext() as w):
+            outs.append(program(ids[:, start:stop], positions, state))
+        seen.append(w)
+        state.advance()
+        assert state._visible is None  # nothing made for a call outlives it
+    return torch.cat(outs, 1), seen
+
+
+@pytest.mark.parametrize("plan", ["softmax", "windowed"])
+@pytest.mark.parametrize("routing", ["unrouted", "routed"])
+def test_decode_masks_made_once_per_call_give_the_per_site_masks_logits_bit_for_bit(monkeypatch, plan, routing):
+    """Full (Llama) and ring (Mistral, sliding window) KV caches, unrouted and routed (every block run by part of
+    the batch): a padded prefill, eager and static steps give bit for bit the logits of masks built per site as
+    before, and the model's own logits (each sequence alone, its skipped blocks made the identity)."""
+    from rewrite.decode import sites
+    from rewrite.decode.state import DecodeState
+
+    model, om, ids = routed(plan)
+    if routing == "unrouted":
+        om = _unrouted(plan)
+    n = len(model.model.layers)
+    skip = torch.tensor([[j % 3 == b for j in range(n)] for b in range(3)]) if routing == "routed" else None
+    program = decode_program(om)
+    got, _ = _ragged_eager_and_static_decode(program, ids, skip)
+    monkeypatch.setattr(DecodeState, "visible_mask", _visible_mask_per_site)
+    monkeypatch.setattr(sites, "_window_mask", _window_mask_per_site)
+    before, _ = _ragged_eager_and_static_decode(program, ids, skip)
+    assert torch.equal(got, before)
+    held = skip if skip is not None else torch.zeros(3, n, dtype=torch.bool)
+    for b, start in enumerate([4, 0, 0]):  # row 0 is left-padded by 4 tokens
+        reference = _skip_by_identity(model, ids[b : b + 1, start:], held[b : b + 1])
+        torch.testing.assert_close(got[b : b + 1, start:], reference, atol=ATOL, rtol=RTOL)
+
+
+def _count_mask_builds(monkeypatch) -> collections.Counter:
+    """A counter of the full KV caches' visible masks made from now on, by kind of state (the state itself, a
+    row view); counted in Python around the makers (eager steps only)."""
+    from rewrite.decode.state import DecodeState, RowView
+
+    made: collections.Counter = collections.Counter()
+    for cls in (DecodeState, RowView):
+        def counted(state, end, make=cls.__dict__["_make_visible"]):
+            made[type(state).__name__] += 1
+            return make(state, end)
+
+        monkeypatch.setattr(cls, "_make_visible", counted)
+    return made
+
+
+def test_a_calls_full_kv_cache_mask_is_made_once_and_a_row_view_takes_its_rows(monkeypatch):
+    """Every call (padded prefill, eager and static steps) makes the state's visible mask once for all its full
+    KV-cache sites; a routed block running part of the batch takes its rows of it (one index_select)."""
+    made = _count_mask_builds(monkeypatch)
+    seen: list[collections.Counter] = []
+
+    @contextlib.contextmanager
+    def watch():
+        made.clear()
+        yield
+        seen.append(collections.Counter(made))
+
+    _, om, ids = routed("softmax")
+    _ragged_eager_and_static_decode(decode_program(_unrouted("softmax")), ids, None, watch=watch)
+    assert seen == [collections.Counter(DecodeState=1)] * 5
+    seen.clear()
+    skip = torch.tensor([[j % 3 == b for j in range(4)] for b in range(3)])  # every block runs 2 of the 3 rows
+    _ragged_eager_and_static_decode(decode_program(om), ids, skip, watch=watch)
+    assert seen == [collections.Counter(DecodeState=1, RowView=4)] * 5
+
+
+def test_a_decode_programs_partly_run_blocks_write_their_rows_into_the_hidden_input_no_one_reads_after():
+    """The decode program reads no routed block's hidden input after the block: a block running part of the batch
+    writes its rows into it (index_copy_, no copy of the whole hidden state); a later reader of it, or of a value it may
+    be, keeps the copy."""
+    import operator
+
+    from rewrite.decode.program import DecodeProgram
+    from rewrite.routing.graph import hidden_free_after, routed_calls
+
+    _, om, ids = routed("softmax")
+    program = decode_program(om)
+    assert [c.block.writes_hidden for c in routed_calls(program.graph_module)] == [True] * 4
+    skip = torch.tensor([[j % 3 == b for j in range(4)] for b in range(3)])  # every block runs 2 of the 3 rows
+    _, seen = _ragged_eager_and_static_decode(program, ids, skip, watch=OpCounts)
+    for counts in seen:
+        assert counts.ops["aten.index_copy.default"] == 0 and counts.ops["aten.index_copy_.default"] >= 4
+    fresh = DecodeProgram(om.source, om.plan, dict(om.named_parameters()))  # a program of its own to change
+    graph = fresh.graph_module.graph
+    calls = routed_calls(fresh.graph_module)
+    hidden = calls[2].node.args[3]  # block 1's result, block 2's input
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        graph.call_function(operator.add, (hidden, 0))  # read after block 2 (dead code counts: it is a reader)
+    # blocks 2 and 3 would write into it (block 3's input is block 2's result, which is its input when no row runs)
+    assert [hidden_free_after(c) for c in calls] == [True, True, False, False]

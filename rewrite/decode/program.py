@@ -196,6 +196,7 @@ class DecodeProgram:
             flat = fx_pytree.tree_flatten_spec((args, kwargs), self.signature.in_spec)
         else:
             flat = list(args) + list(kwargs.values())
+        state.forget_call()  # what a call makes for itself (a visible mask) is made by this call
         out = module(*flat, state)
         if self.signature.out_spec is not None:
             out = pytree.tree_unflatten(list(out) if isinstance(out, tuple | list) else [out], self.signature.out_spec)

@@ -107,13 +107,8 @@ cache is a ring of `window` slots.
     if fresh:  # a fresh, unpadded prompt: plain causal attention over its own keys (the fused kernels apply)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
     end = decode_state.visible_end()
-    key_slots = torch.arange(end, device=q.device)
-    valid = decode_state.valid
-    assert valid is not None  # kv_cache refuses a state without its slot mask
-    visible = valid[:, None, None, :end] & (key_slots <= slots[:, None])
-    visible = visible | (key_slots == slots[:, None])
     keys, values = decode_state.read_kv(cache, end)
-    return _grouped_attention(q, keys, values, visible, scale)
+    return _grouped_attention(q, keys, values, decode_state.visible_mask(end), scale)
 
 
 def _grouped_attention(
@@ -158,21 +153,25 @@ def _windowed_attention(
     elif count == 1:  # decoding: write the token, then attend over the ring
         _ring_write(ring, state, k, v, slots, window)
         keys, values = state.read_kv(ring)
-        return _grouped_attention(q, keys, values, _window_mask(ring.slot, state.ring_valid(ring), slots, window), scale)
+        visible = _window_mask(ring.slot, state.ring_valid(ring), slots, window, state.padded)
+        return _grouped_attention(q, keys, values, visible, scale)
     else:  # a prompt (chunk): the ring's past slots and the chunk's own
         key_slots = torch.cat([ring.slot, slots])
         valid = torch.cat([state.ring_valid(ring), state.step_valid], dim=1)
-        visible = _window_mask(key_slots, valid, slots, window)
+        visible = _window_mask(key_slots, valid, slots, window, state.padded)
         keys, values = state.read_kv(ring)
         o = _grouped_attention(q, torch.cat([keys, k], 2), torch.cat([values, v], 2), visible, scale)
     _ring_write(ring, state, k, v, slots, window)
     return o
 
 
-def _window_mask(key_slots: torch.Tensor, valid: torch.Tensor, query_slots: torch.Tensor, window: int) -> torch.Tensor:
-    """[B, 1, T, S]: a query sees the real keys of the last `window` slots up to its own (and itself)."""
+def _window_mask(key_slots: torch.Tensor, valid: torch.Tensor, query_slots: torch.Tensor, window: int,
+                 padded: bool) -> torch.Tensor:
+    """[B, 1, T, S]: a query sees the real keys of the last `window` slots up to its own (and itself); `padded`:
+    whether the call holds padded queries (a real query's own key is among the real keys already)."""
     near = (key_slots <= query_slots[:, None]) & (key_slots > query_slots[:, None] - window)
-    return (valid[:, None, None, :] & near) | (key_slots == query_slots[:, None])
+    visible = valid[:, None, None, :] & near
+    return visible | (key_slots == query_slots[:, None]) if padded else visible
 
 
 def _ring_write(ring: Any, state: DecodeState, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,

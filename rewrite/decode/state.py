@@ -123,6 +123,8 @@ class DecodeState:
         """Whether the current call holds padded tokens."""
         self.rows: torch.Tensor | None = None
         """On a view from `select_rows`: the sequences it covers (None: all)."""
+        self._visible: tuple[int, torch.Tensor] | None = None
+        """(end, mask) of `visible_mask` in the current call (None: not made yet); every call starts without it."""
 
     # -- the loop's side ---------------------------------------------------------------------
     def positions(self, count: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,6 +169,7 @@ class DecodeState:
         extra = capacity - self.capacity
         if extra <= 0:
             return
+        self.forget_call()
         if self.valid is not None:
             self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, extra)], dim=1)
         for layer in self.layers.values():
@@ -179,6 +182,7 @@ class DecodeState:
     def start_static(self) -> None:
         """Enter static mode (for a CUDA graph of the one-token step, after the prefill): the call's
         slot and validity become fixed one-token buffers that `begin(1)` updates in place."""
+        self.forget_call()
         self.slots = torch.full((1,), self.length, dtype=torch.long, device=self.device)
         self.step_valid = torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
         self.padded = False
@@ -189,11 +193,17 @@ class DecodeState:
         call's own `slots` / `step_valid` are dropped, so a prompt's length is not kept."""
         if self.rows is not None:
             raise RewriteError("a row view of a decode state cannot advance; advance the state itself")
+        self.forget_call()
         self.length += self.slots.numel()
         if not self.static:
             self.slots = self.slots.new_zeros(0)
             self.step_valid = self.step_valid.new_zeros(self.batch, 0)
             self.padded = False
+
+    def forget_call(self) -> None:
+        """Drop what was made for the current call (its visible mask): the next call makes it anew. The loop's
+        `begin` / `advance` and every program call do this, so nothing made for one step serves another."""
+        self._visible = None
 
     # -- row views (routed blocks) ---------------------------------------------------------------
     def select_rows(self, rows: torch.Tensor) -> DecodeState:
@@ -271,6 +281,27 @@ class DecodeState:
             return self.capacity
         filled = self.length + self.tokens
         return min(self.capacity, -(-filled // SLOT_BUCKET) * SLOT_BUCKET)
+
+    def visible_mask(self, end: int) -> torch.Tensor:
+        """[B, 1, T, end] bool: the slots below `end` each of the call's tokens attends to in a full KV cache
+        (the real ones up to its own, and itself); made once per call (per view for a row view)."""
+        made = self._visible
+        if made is not None and made[0] == end:
+            return made[1]
+        mask = self._make_visible(end)
+        self._visible = (end, mask)
+        return mask
+
+    def _make_visible(self, end: int) -> torch.Tensor:
+        valid = self.valid
+        if valid is None:
+            raise RewriteError("decode state: a full KV cache's visible mask needs the state's slot mask (slot_mask=True)")
+        slots = self.slots[:, None]
+        key_slots = torch.arange(end, device=slots.device)
+        visible = valid[:, None, None, :end] & (key_slots <= slots)
+        if self.padded:  # a padded query sees only itself; a real one's own slot is marked valid by `begin` already
+            visible = visible | (key_slots == slots)
+        return visible
 
     def kv_cache(self, site: str, k: torch.Tensor, v: torch.Tensor) -> KVCache:
         """The KV cache of `site`, allocated on first use from the new keys / values [B, Hkv, T, D]."""
@@ -363,12 +394,17 @@ class RowView(DecodeState):
         self.rows = rows if parent.rows is None else parent.rows.index_select(0, rows)
         self._parent, self._local_rows = parent, rows
         self._valid, self._counts, self._step_valid = _UNREAD, _UNREAD, _UNREAD
+        self._visible = None
 
     @property
     def length(self) -> int:  # type: ignore[override]
         """Slots used so far: the state's (read when asked, so a compiled step that never asks does not
         depend on it)."""
         return self._parent.length
+
+    def _make_visible(self, end: int) -> torch.Tensor:
+        """The state's mask of the call (made there if not yet), this view's rows of it."""
+        return self._parent.visible_mask(end).index_select(0, self._local_rows)
 
     def _mine_of_parent(self, whole: torch.Tensor | None) -> torch.Tensor | None:
         return None if whole is None else whole.index_select(0, self._local_rows)

@@ -56,6 +56,7 @@ from rewrite.passes.base import (
 from rewrite.routing.graph import (
     RoutedCall,
     add_block_input,
+    hidden_free_after,
     is_routed_block,
     outer_value,
     replace_route,
@@ -393,6 +394,8 @@ class Stateful(GraphPass):
             replace_route(body.call, held_route, state)
             result.changed.append(f"{body.call.layer}: routed; decision made at prefill and held")
         moved = _continue_positions(gm.graph, state, masks, analysis.dims) + moved_in_bodies
+        for call in calls:  # a decode program reads no block's input after it: its rows are written in place
+            call.block.writes_hidden = hidden_free_after(call)
         signature.positions_in_graph = moved
         signature.routed_layers = [c.layer for c in calls]
         signature.slot_mask = any(j.window is None for j in every_softmax)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from rewrite.routing.runtime import InputRule, RoutedBlock, layer_skip_route
@@ -85,6 +86,38 @@ def routed_calls(gm: fx.GraphModule) -> list[RoutedCall]:
 def is_routed_block(node: fx.Node) -> bool:
     """Whether `node` calls a routed block."""
     return node.op == "call_function" and isinstance(node.target, RoutedBlock)
+
+
+def _fresh(node: fx.Node) -> bool:
+    """Whether `node` is an aten op that returns a new tensor (no view or alias of an input, no mutation)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    schema = target._schema
+    return not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+
+
+def hidden_free_after(call: RoutedCall) -> bool:
+    """Whether the block's hidden input, and every value it may alias, is read by no node after the block.
+
+    A routed block's result may be its hidden input itself (no row ran it), so the chain of routed blocks
+    feeding one another is followed back to a value an aten op made anew; anything else is not known free.
+    """
+    graph = call.node.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    after = order[call.node]
+    node = call.node.args[3]
+    while isinstance(node, fx.Node):
+        if any(order[user] > after for user in node.users):
+            return False
+        if not is_routed_block(node):
+            return _fresh(node)
+        output = next(n for n in node.target.body.graph.nodes if n.op == "output")  # type: ignore[union-attr]
+        result = output.args[0]
+        if not (isinstance(result, fx.Node) and _fresh(result)):  # a block that runs every row returns its body's
+            return False
+        node = node.args[3]
+    return False
 
 
 def outer_value(call: RoutedCall, placeholder: fx.Node) -> fx.Node | Any:

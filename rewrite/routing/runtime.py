@@ -226,6 +226,9 @@ class RoutedBlock:
         self.layer = layer
         self.batch_dim = batch_dim
         self.gatherable = gatherable
+        self.writes_hidden = False
+        """Set by a pass that knows nothing reads the hidden input (or a value it may alias) after the block: a
+        partly run block then writes its running rows into it instead of into a copy (not under autograd)."""
         self.__name__ = "layer_skip_block_" + layer.replace(".", "_")
         self.__qualname__ = self.__name__
 
@@ -278,5 +281,7 @@ class RoutedBlock:
                 inputs.append(value.select_rows(rows))
             else:
                 inputs.append(value)
-        out = self.body(*inputs)
-        return hidden.index_copy(self.batch_dim, rows, out.to(hidden.dtype))
+        out = self.body(*inputs).to(hidden.dtype)
+        if self.writes_hidden and not (torch.is_grad_enabled() and hidden.requires_grad):
+            return hidden.index_copy_(self.batch_dim, rows, out)
+        return hidden.index_copy(self.batch_dim, rows, out)
