@@ -25,7 +25,8 @@ The fused router kernel is timed against its PyTorch reference as well.
 Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fractions 0.25,0.5] --out runs/layer_skip.json
 (`--kv-cache-kernel`: each graphed real decode step both with SDPA and with the split-KV kernel, side by side;
 without it, with the sites' default; `--compile-step`: each real decode step also compiled by Inductor;
-`--profile-step`: each graphed step's kernels printed.)
+`--profile-step`: each graphed step's kernels printed; `--attention-only`: only the decode attention rows and
+`--kv-kernel-variants`' launch sweep.)
 """
 
 from __future__ import annotations
@@ -33,20 +34,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
+import os
 import warnings
 from typing import Any
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # several 17 GB caches come and go
 
-import rewrite
-from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
-from benchmarks.variants import apply_changes, restore
-from rewrite.kernels.router import route
-from rewrite.kernels.router.reference import route_reference
-from rewrite.routing import skip_controls
+import torch  # noqa: E402
+
+import rewrite  # noqa: E402
+from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results  # noqa: E402
+from benchmarks.variants import apply_changes, restore  # noqa: E402
+from rewrite.kernels.router import route  # noqa: E402
+from rewrite.kernels.router.reference import route_reference  # noqa: E402
+from rewrite.routing import skip_controls  # noqa: E402
 
 FAILURES: list[str] = []
 """Correctness checks that failed; the table is still printed, then the script exits with status 1."""
+
+
+def release_memory() -> None:
+    """Free what the last variant's states held (reference cycles included) before the next one prefills."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def build_model(layers: int, hidden: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -242,6 +254,7 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
                 row.extra["skipped"] = f"{mask.float().mean().item():.0%}"
             timed[name] = row.median_ms
             rows.append(row)
+            print(f"{row.name}: {row.median_ms:.3f} ms", flush=True)  # what a later failure would lose
             del state
             modes = [] if not graphs else [  # (how, key, split-KV kernel, compiled)
                 ("CUDA graph, split-KV kernel", "kernel", True, False) if kernel else
@@ -289,7 +302,9 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
                 if kernel and not compiled and f"graph {name}" in timed:
                     row.extra["vs SDPA"] = f"{row.median_ms / timed[f'graph {name}']:.2f}x"
                 rows.append(row)
+                print(f"{row.name}: {row.median_ms:.3f} ms", flush=True)
                 del state, twin, sdpa_twin, graphed
+                release_memory()
     err = relative_error(steps["none"], steps["unrouted"])
     if err > 1e-3:
         FAILURES.append(f"decode step: routed with nothing skipped differs from the unrouted program ({err:.2e})")
@@ -386,6 +401,7 @@ def time_decode_attention(batch: int, context: int, hidden: int, runs: int, devi
                 row.extra.update({"cache GB": fused.extra["cache GB"], "rel err": f"{err:.1e}",
                                   "speed-up vs SDPA": f"{fused.median_ms / row.median_ms:.2f}x"})
                 rows_out.append(row)
+                print(f"{rows} rows [{label}]: {row.median_ms:.3f} ms, {row.extra['speed-up vs SDPA']} SDPA", flush=True)
         del q, keys, values
     return rows_out
 
@@ -428,11 +444,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-kernel-variants", default="",
                         help="';'-separated launch variants of the split-KV kernel timed on the attention rows, e.g. "
                              "'BLOCK_N=128;TARGET_PROGRAMS=2048,MAX_SPLITS=128;NUM_WARPS=8'")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="time only the decode attention rows (SDPA, the split-KV kernel and its variants)")
     args = parser.parse_args(argv)
     kv_kernel_variants(args.kv_kernel_variants)  # a malformed variant fails before the models are built
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.attention_only:
+        rows = time_decode_attention(args.decode_batch, args.decode_context, args.hidden, max(args.runs, 30), device,
+                                     dtype, args.kv_kernel_variants)
+        print(write_results(args.out, "Layer skipping: decode attention", rows, environment()))
+        if FAILURES:
+            raise SystemExit("correctness checks failed:\n  " + "\n  ".join(FAILURES))
+        return
     model = build_model(args.layers, args.hidden, device, dtype)
     example = {"input_ids": torch.randint(0, 32000, (2, 64), device=device)}
     om = rewrite.optimize(model, {"passes": ["attention_normalize", {"layer_skip": {}}]}, example_kwargs=example)

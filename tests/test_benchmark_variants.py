@@ -125,3 +125,23 @@ def test_decode_benchmark_times_ring_caches_of_a_sliding_window(monkeypatch, tmp
                  "original (HF, SDPA, DynamicCache)", "linearized"):
         assert all(rows[name, context, batch]["runs"] > 0 for context in (64, 128) for batch in (1, 4)), name
     assert shapes and all(shape[2] == 16 for shape in shapes)  # the kernel ran over the rings' 16 slots
+
+
+def test_layer_skip_benchmark_runs_tiny_and_checks_skipped_variants(tmp_path):
+    """The layer-skip benchmark at tiny size on the CPU: every variant runs, the per-sequence check against the
+    original model with the skipped blocks made the identity passes (the script exits non-zero otherwise), and the
+    rows it prints as it goes are the ones it writes."""
+    import json
+
+    from benchmarks import layer_skip
+
+    out = tmp_path / "layer_skip.json"
+    layer_skip.FAILURES.clear()
+    layer_skip.main(["--layers", "2", "--hidden", "128", "--lengths", "64", "--batch", "2", "--decode-batch", "4",
+                     "--decode-context", "64", "--fractions", "0.5", "--runs", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    names = {r["name"] for r in rows}
+    for variant in ("none", "all", "f=0.5 spread", "f=0.5 shared"):
+        assert f"prefill {variant}" in names and f"decode step (KV cache) {variant}" in names
+    errors = [float(r["extra"]["rel err"]) for r in rows if r["name"].startswith("prefill f=")]
+    assert errors and max(errors) < 1e-4
