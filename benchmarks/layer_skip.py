@@ -39,7 +39,7 @@ import os
 import warnings
 from typing import Any
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # several 17 GB caches come and go
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 17 GB states come and go: no fragments
 
 import torch  # noqa: E402
 
@@ -55,7 +55,7 @@ FAILURES: list[str] = []
 
 
 def release_memory() -> None:
-    """Free what the last variant's states held (reference cycles included) before the next one prefills."""
+    """Give the last mode's freed states back to the device before the next one prefills (its cache fragments)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
