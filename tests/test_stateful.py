@@ -1232,6 +1232,35 @@ def test_decode_masks_made_once_per_call_give_the_per_site_masks_logits_bit_for_
         torch.testing.assert_close(got[b : b + 1, start:], reference, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("plan", ["softmax", "windowed"])
+@pytest.mark.parametrize("routing", ["unrouted", "routed"])
+def test_a_long_prompts_attention_in_blocks_of_queries_gives_the_whole_calls_logits(monkeypatch, plan, routing):
+    """A prompt whose mask would pass `sites.PROMPT_MASK_ELEMENTS` attends in blocks of queries, each with its own
+    mask (full caches and rings, unrouted and routed): the padded prefill and the steps after it give the logits
+    of one SDPA call per site, and the model's own (each sequence alone, skipped blocks the identity)."""
+    from rewrite.decode import sites
+
+    model, om, ids = routed(plan)
+    if routing == "unrouted":
+        om = _unrouted(plan)
+    n = len(model.model.layers)
+    skip = torch.tensor([[j % 3 == b for j in range(n)] for b in range(3)]) if routing == "routed" else None
+    program = decode_program(om)
+    whole, _ = _ragged_eager_and_static_decode(program, ids, skip)
+    blocks: list[int] = []
+    block_of = sites._query_block
+    monkeypatch.setattr(sites, "_query_block", lambda q, keys: blocks.append(block_of(q, keys)) or blocks[-1])
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    monkeypatch.setattr(sites, "PROMPT_MASK_ELEMENTS", 3 * 2 * (heads // kv_heads) * 16)  # 2 queries of 3 rows
+    blocked, _ = _ragged_eager_and_static_decode(program, ids, skip)
+    assert blocks and min(blocks) < 6  # the 6-token prefill ran in blocks
+    torch.testing.assert_close(blocked, whole)
+    held = skip if skip is not None else torch.zeros(3, n, dtype=torch.bool)
+    for b, start in enumerate([4, 0, 0]):  # row 0 is left-padded by 4 tokens
+        reference = _skip_by_identity(model, ids[b : b + 1, start:], held[b : b + 1])
+        torch.testing.assert_close(blocked[b : b + 1, start:], reference, atol=ATOL, rtol=RTOL)
+
+
 def _count_mask_builds(monkeypatch) -> collections.Counter:
     """A counter of the full KV caches' visible masks made from now on, by kind of state (the state itself, a
     row view); counted in Python around the makers (eager steps only)."""

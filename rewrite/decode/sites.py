@@ -38,6 +38,10 @@ KV_CACHE_ATTENTION_DEVICES = ("cuda",)
 """Device types the switch applies on (tests add "cpu", where the op runs its PyTorch reference)."""
 KV_CACHE_ATTENTION_MAX_ROWS = 64
 """Most q heads per kv head x new tokens the op takes (one tile of rows per program): decode steps, not prompts."""
+PROMPT_MASK_ELEMENTS = 1 << 29
+"""Most elements (rows x q heads per kv head x queries x keys) of the boolean mask one SDPA call of a prompt over a
+KV cache is given: a longer padded or continued prompt attends in blocks of queries, each with its own mask, so
+that no call materialises the whole [B, G*T, S] mask (32 rows of a padded 16K prompt would be 34 GB as bools)."""
 
 
 def _check_prefill_mask(
@@ -108,7 +112,22 @@ cache is a ring of `window` slots.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
     end = decode_state.visible_end()
     keys, values = decode_state.read_kv(cache, end)
-    return _grouped_attention(q, keys, values, decode_state.visible_mask(end), scale)
+    block = _query_block(q, keys)
+    if block >= q.shape[2]:
+        return _grouped_attention(q, keys, values, decode_state.visible_mask(end), scale)
+    return torch.cat([
+        _grouped_attention(q[:, :, start:start + block], keys, values,
+                           decode_state.visible_mask(end, slice(start, start + block)), scale)
+        for start in range(0, q.shape[2], block)
+    ], dim=2)
+
+
+def _query_block(q: torch.Tensor, keys: torch.Tensor) -> int:
+    """Queries per SDPA call of q [B, H, T, D] over keys [B, Hkv, S, D]: all T unless the call's mask would pass
+    PROMPT_MASK_ELEMENTS."""
+    batch, heads, count, _ = q.shape
+    per_query = batch * (heads // keys.shape[1]) * keys.shape[2]
+    return count if per_query * count <= PROMPT_MASK_ELEMENTS else max(1, PROMPT_MASK_ELEMENTS // per_query)
 
 
 def _grouped_attention(
@@ -155,12 +174,17 @@ def _windowed_attention(
         keys, values = state.read_kv(ring)
         visible = _window_mask(ring.slot, state.ring_valid(ring), slots, window, state.padded)
         return _grouped_attention(q, keys, values, visible, scale)
-    else:  # a prompt (chunk): the ring's past slots and the chunk's own
+    else:  # a prompt (chunk): the ring's past slots and the chunk's own, in blocks of queries (PROMPT_MASK_ELEMENTS)
         key_slots = torch.cat([ring.slot, slots])
         valid = torch.cat([state.ring_valid(ring), state.step_valid], dim=1)
-        visible = _window_mask(key_slots, valid, slots, window, state.padded)
         keys, values = state.read_kv(ring)
-        o = _grouped_attention(q, torch.cat([keys, k], 2), torch.cat([values, v], 2), visible, scale)
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        block = _query_block(q, keys)
+        o = torch.cat([
+            _grouped_attention(q[:, :, start:start + block], keys, values,
+                               _window_mask(key_slots, valid, slots[start:start + block], window, state.padded), scale)
+            for start in range(0, count, block)
+        ], dim=2)
     _ring_write(ring, state, k, v, slots, window)
     return o
 

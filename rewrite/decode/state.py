@@ -282,9 +282,12 @@ class DecodeState:
         filled = self.length + self.tokens
         return min(self.capacity, -(-filled // SLOT_BUCKET) * SLOT_BUCKET)
 
-    def visible_mask(self, end: int) -> torch.Tensor:
+    def visible_mask(self, end: int, queries: slice | None = None) -> torch.Tensor:
         """[B, 1, T, end] bool: the slots below `end` each of the call's tokens attends to in a full KV cache
-        (the real ones up to its own, and itself); made once per call (per view for a row view)."""
+        (the real ones up to its own, and itself); made once per call (per view for a row view). With `queries`,
+        only those tokens' rows [B, 1, t, end], made anew (a long prompt's block of queries)."""
+        if queries is not None:
+            return self._make_visible(end, self.slots[queries])
         made = self._visible
         if made is not None and made[0] == end:
             return made[1]
@@ -292,11 +295,11 @@ class DecodeState:
         self._visible = (end, mask)
         return mask
 
-    def _make_visible(self, end: int) -> torch.Tensor:
+    def _make_visible(self, end: int, query_slots: torch.Tensor | None = None) -> torch.Tensor:
         valid = self.valid
         if valid is None:
             raise RewriteError("decode state: a full KV cache's visible mask needs the state's slot mask (slot_mask=True)")
-        slots = self.slots[:, None]
+        slots = (self.slots if query_slots is None else query_slots)[:, None]
         key_slots = torch.arange(end, device=slots.device)
         visible = valid[:, None, None, :end] & (key_slots <= slots)
         if self.padded:  # a padded query sees only itself; a real one's own slot is marked valid by `begin` already
@@ -402,8 +405,11 @@ class RowView(DecodeState):
         depend on it)."""
         return self._parent.length
 
-    def _make_visible(self, end: int) -> torch.Tensor:
-        """The state's mask of the call (made there if not yet), this view's rows of it."""
+    def _make_visible(self, end: int, query_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The state's mask of the call (made there if not yet), this view's rows of it; some queries' mask from
+        this view's rows of the slot mask."""
+        if query_slots is not None:
+            return super()._make_visible(end, query_slots)
         return self._parent.visible_mask(end).index_select(0, self._local_rows)
 
     def _mine_of_parent(self, whole: torch.Tensor | None) -> torch.Tensor | None:
