@@ -184,6 +184,45 @@ def test_generate_greedy_matches_full_forward_loop_and_batches_ragged_prompts(fa
         assert torch.equal(alone, greedy_reference(reference_module, prompt[row : row + 1, start:], 5))
 
 
+@pytest.mark.parametrize("family,plan", [("llama", "hybrid"), ("handwritten", "hybrid"), ("qwen2", "windowed")])
+def test_ragged_prompts_attending_in_blocks_of_queries_generate_each_prompts_tokens(monkeypatch, family, plan):
+    """With `sites.PROMPT_MASK_ELEMENTS` so small that a padded prompt's softmax layers attend a few queries at a
+    time (kept layers of hybrids; Qwen2's full and windowed layers), a padded prefill gives one call's logits and a
+    ragged batch generates each prompt's own greedy tokens."""
+    from rewrite.decode import sites
+
+    if plan == "windowed":
+        model = _windowed_hf(family)
+        ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+        om, reference_module = rewrite.optimize(model, [], example_kwargs={"input_ids": ids}), model
+    else:
+        model, om, ids = optimized(family, plan)
+        reference_module = om
+    prompt, mask = _ragged(ids)
+
+    def padded_prefill_logits():
+        program = decode_program(om)
+        state = program.new_state(2, ids.shape[1])
+        state.begin(ids.shape[1], mask.bool())
+        return program(prompt, (mask.cumsum(-1) - 1).clamp(min=0), state)
+
+    whole = padded_prefill_logits()
+    calls: list[int] = []
+    block_of = sites._query_block
+    monkeypatch.setattr(sites, "_query_block", lambda q, keys: calls.append(block_of(q, keys) < q.shape[2]) or
+                        block_of(q, keys))
+    monkeypatch.setattr(sites, "PROMPT_MASK_ELEMENTS", 64)
+    blocked = padded_prefill_logits()
+    assert any(calls)  # the prefill attended in blocks
+    torch.testing.assert_close(blocked[0, 4:], whole[0, 4:])  # row 0 is left-padded by 4
+    torch.testing.assert_close(blocked[1], whole[1])
+    batched = om.generate(prompt, mask, max_new_tokens=5)
+    for row, start in ((0, 4), (1, 0)):
+        alone = om.generate(prompt[row : row + 1, start:], max_new_tokens=5)
+        assert torch.equal(batched[row, start:], alone[0])
+        assert torch.equal(alone, greedy_reference(reference_module, prompt[row : row + 1, start:], 5))
+
+
 def test_padded_prefill_logits_match_the_original_with_its_mask():
     model, om, ids = optimized("llama", "softmax")
     _, mask = _ragged(ids)
