@@ -26,7 +26,8 @@ Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fracti
 (`--kv-cache-kernel`: each graphed real decode step both with SDPA and with the split-KV kernel, side by side;
 without it, with the sites' default; `--compile-step`: each real decode step also compiled by Inductor;
 `--profile-step`: each graphed step's kernels printed; `--attention-only`: only the decode attention rows and
-`--kv-kernel-variants`' launch sweep.)
+`--kv-kernel-variants`' launch sweep; `--decode-only [--decode-variants "none,all,f=0.5 spread"]`: only those real
+decode steps.)
 """
 
 from __future__ import annotations
@@ -180,13 +181,14 @@ PREFILL_TOKENS = 65536
 
 def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: list[float], runs: int, device: str,
                 dtype: torch.dtype, kv_cache_kernel: bool = False, compile_step: bool = False,
-                profile_step: bool = False) -> list[Measurement]:
+                profile_step: bool = False, only: set[str] | None = None) -> list[Measurement]:
     """One real decode step (KV caches filled by a prefill of `context` tokens, decisions held from it) of the
     routed causal LM, per skip variant, next to the same step of the unrouted program; with `kv_cache_kernel`,
     each graphed step also with the decode sites' attention by the split-KV kernel
     (`rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL`), side by side with SDPA's (else with the sites' default);
     with `compile_step`, each step also compiled by Inductor (graphed on CUDA), where the running rows' gathers and
-    scatters can fuse with their neighbours; with `profile_step` (CUDA), each replay's kernels are printed too."""
+    scatters can fuse with their neighbours; with `profile_step` (CUDA), each replay's kernels are printed too;
+    `only`: the variants to run (default all)."""
     import transformers
 
     import rewrite.decode.sites as sites
@@ -245,6 +247,8 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     graphs = torch.device(device).type == "cuda"
     with torch.inference_mode():
         for name, mask in [("unrouted", None), *variants.items()]:
+            if only is not None and name not in only:
+                continue
             program = programs["unrouted" if mask is None else "routed"]
             state = prefilled(program, mask)
             steps[name] = step(program, state)
@@ -305,14 +309,14 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
                 print(f"{row.name}: {row.median_ms:.3f} ms", flush=True)
                 del state, twin, sdpa_twin, graphed
                 release_memory()
-    err = relative_error(steps["none"], steps["unrouted"])
+    err = relative_error(steps["none"], steps["unrouted"]) if {"none", "unrouted"} <= steps.keys() else 0.0
     if err > 1e-3:
         FAILURES.append(f"decode step: routed with nothing skipped differs from the unrouted program ({err:.2e})")
     for row in rows:
         name = row.name.split(") ", 1)[1]
         prefix = ("compiled " if "compiled" in row.name else "kernel " if "split-KV kernel" in row.name
                   else "graph " if "CUDA graph" in row.name else "")
-        if name.startswith("f="):
+        if name.startswith("f=") and prefix + "none" in timed and prefix + "all" in timed:
             fraction = float(name.split()[0].removeprefix("f="))
             none, floor = timed[prefix + "none"], timed[prefix + "all"]
             ideal = none - fraction * (none - floor)
@@ -444,10 +448,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-kernel-variants", default="",
                         help="';'-separated launch variants of the split-KV kernel timed on the attention rows, e.g. "
                              "'BLOCK_N=128;TARGET_PROGRAMS=2048,MAX_SPLITS=128;NUM_WARPS=8'")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="time only the real decode steps (no prefill, no-cache step, attention rows or router)")
+    parser.add_argument("--decode-variants", default="",
+                        help="comma-separated real decode variants to run (unrouted, none, all, 'f=0.5 spread', "
+                             "'f=0.5 shared'; default all; 'of ideal' needs none and all)")
     parser.add_argument("--attention-only", action="store_true",
                         help="time only the decode attention rows (SDPA, the split-KV kernel and its variants)")
     args = parser.parse_args(argv)
     kv_kernel_variants(args.kv_kernel_variants)  # a malformed variant fails before the models are built
+    fractions = [float(f) for f in args.fractions.split(",")]
+    only = {v.strip() for v in args.decode_variants.split(",") if v.strip()} or None
+    known = {"unrouted", "none", "all"} | {f"f={f} {kind}" for f in fractions for kind in ("spread", "shared")}
+    if only is not None and not only <= known:
+        raise SystemExit(f"--decode-variants: {sorted(only - known)} not among {sorted(known)}")
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -458,19 +472,23 @@ def main(argv: list[str] | None = None) -> None:
         if FAILURES:
             raise SystemExit("correctness checks failed:\n  " + "\n  ".join(FAILURES))
         return
-    model = build_model(args.layers, args.hidden, device, dtype)
-    example = {"input_ids": torch.randint(0, 32000, (2, 64), device=device)}
-    om = rewrite.optimize(model, {"passes": ["attention_normalize", {"layer_skip": {}}]}, example_kwargs=example)
-    fractions = [float(f) for f in args.fractions.split(",")]
     rows: list[Measurement] = []
-    for length in (int(x) for x in args.lengths.split(",")):
-        rows += time_shape(model, om, args.batch, length, fractions, args.runs, "prefill", not args.no_check)
-    rows += time_shape(model, om, args.decode_batch, 1, fractions, max(args.runs, 30), "decode step", not args.no_check)
-    rows += time_decode_attention(args.decode_batch, args.decode_context, args.hidden, max(args.runs, 30), device,
-                                  dtype, args.kv_kernel_variants)
+    if not args.decode_only:
+        model = build_model(args.layers, args.hidden, device, dtype)
+        example = {"input_ids": torch.randint(0, 32000, (2, 64), device=device)}
+        om = rewrite.optimize(model, {"passes": ["attention_normalize", {"layer_skip": {}}]}, example_kwargs=example)
+        for length in (int(x) for x in args.lengths.split(",")):
+            rows += time_shape(model, om, args.batch, length, fractions, args.runs, "prefill", not args.no_check)
+        rows += time_shape(model, om, args.decode_batch, 1, fractions, max(args.runs, 30), "decode step",
+                           not args.no_check)
+        del model, om
+        rows += time_decode_attention(args.decode_batch, args.decode_context, args.hidden, max(args.runs, 30), device,
+                                      dtype, args.kv_kernel_variants)
     rows += time_decode(args.layers, args.hidden, args.decode_batch, args.decode_context, fractions, max(args.runs, 30),
-                        device, dtype, args.kv_cache_kernel, args.compile_step, args.profile_step)
-    rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype, args.runs)
+                        device, dtype, args.kv_cache_kernel, args.compile_step, args.profile_step, only)
+    if not args.decode_only:
+        rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype,
+                            args.runs)
     print(write_results(args.out, "Layer skipping: latency against the ideal saving", rows, environment()))
     if FAILURES:
         raise SystemExit("correctness checks failed:\n  " + "\n  ".join(FAILURES))

@@ -145,3 +145,24 @@ def test_layer_skip_benchmark_runs_tiny_and_checks_skipped_variants(tmp_path):
         assert f"prefill {variant}" in names and f"decode step (KV cache) {variant}" in names
     errors = [float(r["extra"]["rel err"]) for r in rows if r["name"].startswith("prefill f=")]
     assert errors and max(errors) < 1e-4
+
+
+def test_layer_skip_benchmark_runs_the_decode_variants_asked_for(tmp_path):
+    """`--decode-only --decode-variants` times only those real decode steps, with their share of the ideal; an
+    unknown variant is refused before any model is built."""
+    import json
+
+    import pytest
+
+    from benchmarks import layer_skip
+
+    tiny = ["--layers", "2", "--hidden", "128", "--decode-batch", "4", "--decode-context", "64", "--fractions", "0.5",
+            "--runs", "2"]
+    with pytest.raises(SystemExit, match="not among"):
+        layer_skip.main([*tiny, "--decode-variants", "f=0.25 spread", "--out", str(tmp_path / "x.json")])
+    out = tmp_path / "layer_skip.json"
+    layer_skip.FAILURES.clear()
+    layer_skip.main([*tiny, "--decode-only", "--decode-variants", "none,all,f=0.5 spread", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == [f"decode step (KV cache) {v}" for v in ("none", "all", "f=0.5 spread")]
+    assert "of ideal" in rows[-1]["extra"]
