@@ -1202,12 +1202,13 @@ def test_static_steps_with_the_kv_cache_attention_kernel_give_the_logits_of_sdpa
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
 
 
-def _visible_mask_per_site(self, end: int) -> torch.Tensor:
+def _visible_mask_per_site(self, end: int, queries: slice | None = None) -> torch.Tensor:
     """The full KV cache's visible mask as each site built it before it was made once per call: from the
     (for a row view, gathered) slot mask, a padded query seeing itself by its own term."""
-    key_slots = torch.arange(end, device=self.slots.device)
-    visible = self.valid[:, None, None, :end] & (key_slots <= self.slots[:, None])
-    return visible | (key_slots == self.slots[:, None])
+    slots = self.slots if queries is None else self.slots[queries]
+    key_slots = torch.arange(end, device=slots.device)
+    visible = self.valid[:, None, None, :end] & (key_slots <= slots[:, None])
+    return visible | (key_slots == slots[:, None])
 
 
 def _window_mask_per_site(key_slots, valid, query_slots, window, padded):
@@ -1245,6 +1246,26 @@ def _ragged_eager_and_static_decode(program, ids: torch.Tensor, skip: torch.Tens
     return torch.cat(outs, 1), seen
 
 
+def _ragged_case(plan: str, routing: str):
+    """(original model, decode program, ids [3, 10], held skips or None) of `routed(plan)`, unrouted or routed with
+    every block run by part of the batch."""
+    model, om, ids = routed(plan)
+    if routing == "unrouted":
+        om = _unrouted(plan)
+    n = len(model.model.layers)
+    skip = torch.tensor([[j % 3 == b for j in range(n)] for b in range(3)]) if routing == "routed" else None
+    return model, decode_program(om), ids, skip
+
+
+def _assert_each_sequence_is_the_models(model, ids: torch.Tensor, skip: torch.Tensor | None, logits: torch.Tensor):
+    """`logits` of `_ragged_eager_and_static_decode` equal the model's own, each sequence alone (row 0 left-padded by
+    4 tokens), its skipped blocks made the identity."""
+    held = skip if skip is not None else torch.zeros(3, len(model.model.layers), dtype=torch.bool)
+    for b, start in enumerate([4, 0, 0]):
+        reference = _skip_by_identity(model, ids[b : b + 1, start:], held[b : b + 1])
+        torch.testing.assert_close(logits[b : b + 1, start:], reference, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("plan", ["softmax", "windowed"])
 @pytest.mark.parametrize("routing", ["unrouted", "routed"])
 def test_decode_masks_made_once_per_call_give_the_per_site_masks_logits_bit_for_bit(monkeypatch, plan, routing):
@@ -1254,21 +1275,13 @@ def test_decode_masks_made_once_per_call_give_the_per_site_masks_logits_bit_for_
     from rewrite.decode import sites
     from rewrite.decode.state import DecodeState
 
-    model, om, ids = routed(plan)
-    if routing == "unrouted":
-        om = _unrouted(plan)
-    n = len(model.model.layers)
-    skip = torch.tensor([[j % 3 == b for j in range(n)] for b in range(3)]) if routing == "routed" else None
-    program = decode_program(om)
+    model, program, ids, skip = _ragged_case(plan, routing)
     got, _ = _ragged_eager_and_static_decode(program, ids, skip)
     monkeypatch.setattr(DecodeState, "visible_mask", _visible_mask_per_site)
     monkeypatch.setattr(sites, "_window_mask", _window_mask_per_site)
     before, _ = _ragged_eager_and_static_decode(program, ids, skip)
     assert torch.equal(got, before)
-    held = skip if skip is not None else torch.zeros(3, n, dtype=torch.bool)
-    for b, start in enumerate([4, 0, 0]):  # row 0 is left-padded by 4 tokens
-        reference = _skip_by_identity(model, ids[b : b + 1, start:], held[b : b + 1])
-        torch.testing.assert_close(got[b : b + 1, start:], reference, atol=ATOL, rtol=RTOL)
+    _assert_each_sequence_is_the_models(model, ids, skip, got)
 
 
 @pytest.mark.parametrize("plan", ["softmax", "windowed"])
@@ -1279,12 +1292,7 @@ def test_a_long_prompts_attention_in_blocks_of_queries_gives_the_whole_calls_log
     of one SDPA call per site, and the model's own (each sequence alone, skipped blocks the identity)."""
     from rewrite.decode import sites
 
-    model, om, ids = routed(plan)
-    if routing == "unrouted":
-        om = _unrouted(plan)
-    n = len(model.model.layers)
-    skip = torch.tensor([[j % 3 == b for j in range(n)] for b in range(3)]) if routing == "routed" else None
-    program = decode_program(om)
+    model, program, ids, skip = _ragged_case(plan, routing)
     whole, _ = _ragged_eager_and_static_decode(program, ids, skip)
     blocks: list[int] = []
     block_of = sites._query_block
@@ -1294,10 +1302,7 @@ def test_a_long_prompts_attention_in_blocks_of_queries_gives_the_whole_calls_log
     blocked, _ = _ragged_eager_and_static_decode(program, ids, skip)
     assert blocks and min(blocks) < 6  # the 6-token prefill ran in blocks
     torch.testing.assert_close(blocked, whole)
-    held = skip if skip is not None else torch.zeros(3, n, dtype=torch.bool)
-    for b, start in enumerate([4, 0, 0]):  # row 0 is left-padded by 4 tokens
-        reference = _skip_by_identity(model, ids[b : b + 1, start:], held[b : b + 1])
-        torch.testing.assert_close(blocked[b : b + 1, start:], reference, atol=ATOL, rtol=RTOL)
+    _assert_each_sequence_is_the_models(model, ids, skip, blocked)
 
 
 def _count_mask_builds(monkeypatch) -> collections.Counter:
@@ -1307,9 +1312,9 @@ def _count_mask_builds(monkeypatch) -> collections.Counter:
 
     made: collections.Counter = collections.Counter()
     for cls in (DecodeState, RowView):
-        def counted(state, end, make=cls.__dict__["_make_visible"]):
+        def counted(state, end, *queries, make=cls.__dict__["_make_visible"]):
             made[type(state).__name__] += 1
-            return make(state, end)
+            return make(state, end, *queries)
 
         monkeypatch.setattr(cls, "_make_visible", counted)
     return made

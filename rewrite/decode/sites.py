@@ -7,6 +7,7 @@ the state is a Python object; the tensors they compute with go through the kerne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -112,12 +113,20 @@ cache is a ring of `window` slots.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
     end = decode_state.visible_end()
     keys, values = decode_state.read_kv(cache, end)
+    return _attention_in_query_blocks(q, keys, values, lambda queries: decode_state.visible_mask(end, queries), scale)
+
+
+def _attention_in_query_blocks(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask_of: Callable[[slice | None], torch.Tensor],
+    scale: float | None,
+) -> torch.Tensor:
+    """`_grouped_attention` of the call's queries, in blocks of queries where the whole call's mask would pass
+    PROMPT_MASK_ELEMENTS; `mask_of(None)` is the call's mask [B, 1, T, S], `mask_of(queries)` a block's."""
     block = _query_block(q, keys)
     if block >= q.shape[2]:
-        return _grouped_attention(q, keys, values, decode_state.visible_mask(end), scale)
+        return _grouped_attention(q, keys, values, mask_of(None), scale)
     return torch.cat([
-        _grouped_attention(q[:, :, start:start + block], keys, values,
-                           decode_state.visible_mask(end, slice(start, start + block)), scale)
+        _grouped_attention(q[:, :, start:start + block], keys, values, mask_of(slice(start, start + block)), scale)
         for start in range(0, q.shape[2], block)
     ], dim=2)
 
@@ -179,12 +188,12 @@ def _windowed_attention(
         valid = torch.cat([state.ring_valid(ring), state.step_valid], dim=1)
         keys, values = state.read_kv(ring)
         keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
-        block = _query_block(q, keys)
-        o = torch.cat([
-            _grouped_attention(q[:, :, start:start + block], keys, values,
-                               _window_mask(key_slots, valid, slots[start:start + block], window, state.padded), scale)
-            for start in range(0, count, block)
-        ], dim=2)
+        o = _attention_in_query_blocks(
+            q, keys, values,
+            lambda queries: _window_mask(key_slots, valid, slots if queries is None else slots[queries], window,
+                                         state.padded),
+            scale,
+        )
     _ring_write(ring, state, k, v, slots, window)
     return o
 
