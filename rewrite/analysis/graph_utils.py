@@ -126,12 +126,15 @@ def _writes_unread(node: fx.Node) -> bool:
     if any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments[1:]):
         return False  # it writes another argument too
     written = node.args[0]
-    if written.op != "call_function" or set(written.users) != {node}:
+    return set(written.users) == {node} and returns_new_tensor(written)  # a view writes through to its base
+
+
+def returns_new_tensor(node: fx.Node) -> bool:
+    """Whether `node` is an aten op whose results are new tensors (none a view or alias of an argument)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
-    made_by = written.target
-    if not isinstance(made_by, torch._ops.OpOverload):
-        return False
-    return not any(r.alias_info is not None for r in made_by._schema.returns)  # a view writes through to its base
+    return not any(r.alias_info is not None for r in target._schema.returns)
 
 
 def eliminate_dead_code(graph: fx.Graph) -> None:

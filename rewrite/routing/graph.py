@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.fx as fx
 
+from rewrite.analysis.graph_utils import returns_new_tensor
 from rewrite.routing.runtime import InputRule, RoutedBlock, layer_skip_route
 
 
@@ -88,15 +88,6 @@ def is_routed_block(node: fx.Node) -> bool:
     return node.op == "call_function" and isinstance(node.target, RoutedBlock)
 
 
-def _fresh(node: fx.Node) -> bool:
-    """Whether `node` is an aten op that returns a new tensor (no view or alias of an input, no mutation)."""
-    target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-        return False
-    schema = target._schema
-    return not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
-
-
 def hidden_free_after(call: RoutedCall) -> bool:
     """Whether the block's hidden input, and every value it may alias, is read by no node after the block.
 
@@ -111,10 +102,10 @@ def hidden_free_after(call: RoutedCall) -> bool:
         if any(order[user] > after for user in node.users):
             return False
         if not is_routed_block(node):
-            return _fresh(node)
+            return returns_new_tensor(node)
         output = next(n for n in node.target.body.graph.nodes if n.op == "output")  # type: ignore[union-attr]
         result = output.args[0]
-        if not (isinstance(result, fx.Node) and _fresh(result)):  # a block that runs every row returns its body's
+        if not (isinstance(result, fx.Node) and returns_new_tensor(result)):  # what a block running every row returns
             return False
         node = node.args[3]
     return False
