@@ -47,6 +47,7 @@ from benchmarks.variants import apply_changes, restore
 from rewrite.decode import decode_program, sites
 from rewrite.decode.compiled import CompiledStep
 from rewrite.decode.cuda_graph import GraphedStep
+from rewrite.decode.program import model_window
 from rewrite.decode.state import RingKVCache
 
 
@@ -70,16 +71,11 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype, window: int | None 
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
 
-def model_window(model: Any) -> int | None:
-    """The model's sliding window (None: full attention)."""
-    return getattr(model.config, "sliding_window", None)
-
-
 def hf_cache(model: Any) -> Any:
     """An empty DynamicCache as generate() makes it (sliding-window layers keep their last window - 1 tokens)."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config) if model_window(model) is not None else DynamicCache()
+    return DynamicCache(config=model.config) if model_window(model)[0] is not None else DynamicCache()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -124,7 +120,7 @@ def check(model: Any, lin: Any, soft: Any, device: str, compile_step: bool = Fal
     `compile_step`) the compiled step vs the eager one; with `fused` (a fused-projection program of `lin`)
     the same for it. With a sliding window the prompt passes it, so the ring caches have wrapped."""
     out = {}
-    prompt = 32 + (model_window(model) or 0)
+    prompt = 32 + (model_window(model)[0] or 0)
     ids = torch.randint(0, model.config.vocab_size, (2, prompt + 16), device=device)
     programs = [("linearized", lin, decode_program(lin)), ("rewrite softmax", soft, decode_program(soft))]
     if fused is not None:
@@ -281,7 +277,7 @@ def time_random_kv(program: Any, batch: int, length: int, graphed: bool, device:
 def kv_bytes(model: Any, batch: int, length: int) -> int:
     """Bytes of the original's KV cache (bf16) of `length` tokens (with a sliding window: of the window)."""
     cfg = model.config
-    length = min(length, model_window(model) or length)
+    length = min(length, model_window(model)[0] or length)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * head_dim * length * 2
 
@@ -296,7 +292,7 @@ def time_original(model: Any, batch: int, length: int, device: str, runs: int) -
             return f"KV cache {need / 2**30:.1f} GiB does not fit ({free / 2**30:.1f} GiB free)"
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    window = model_window(model)
+    window = model_window(model)[0]
     cache = hf_cache(model)
     try:
         for layer in range(cfg.num_hidden_layers):

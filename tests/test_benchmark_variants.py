@@ -127,6 +127,11 @@ def test_decode_benchmark_times_ring_caches_of_a_sliding_window(monkeypatch, tmp
     assert shapes and all(shape[2] == 16 for shape in shapes)  # the kernel ran over the rings' 16 slots
 
 
+LAYER_SKIP_TINY = ["--layers", "2", "--hidden", "128", "--decode-batch", "4", "--decode-context", "64",
+                   "--fractions", "0.5", "--runs", "2"]
+"""The layer-skip benchmark at a size the CPU runs in seconds."""
+
+
 def test_layer_skip_benchmark_runs_tiny_and_checks_skipped_variants(tmp_path):
     """The layer-skip benchmark at tiny size on the CPU: every variant runs, the per-sequence check against the
     original model with the skipped blocks made the identity passes (the script exits non-zero otherwise), and the
@@ -137,8 +142,7 @@ def test_layer_skip_benchmark_runs_tiny_and_checks_skipped_variants(tmp_path):
 
     out = tmp_path / "layer_skip.json"
     layer_skip.FAILURES.clear()
-    layer_skip.main(["--layers", "2", "--hidden", "128", "--lengths", "64", "--batch", "2", "--decode-batch", "4",
-                     "--decode-context", "64", "--fractions", "0.5", "--runs", "2", "--out", str(out)])
+    layer_skip.main([*LAYER_SKIP_TINY, "--lengths", "64", "--batch", "2", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     names = {r["name"] for r in rows}
     for variant in ("none", "all", "f=0.5 spread", "f=0.5 shared"):
@@ -156,13 +160,11 @@ def test_layer_skip_benchmark_runs_the_decode_variants_asked_for(tmp_path):
 
     from benchmarks import layer_skip
 
-    tiny = ["--layers", "2", "--hidden", "128", "--decode-batch", "4", "--decode-context", "64", "--fractions", "0.5",
-            "--runs", "2"]
     with pytest.raises(SystemExit, match="not among"):
-        layer_skip.main([*tiny, "--decode-variants", "f=0.25 spread", "--out", str(tmp_path / "x.json")])
+        layer_skip.main([*LAYER_SKIP_TINY, "--decode-variants", "f=0.25 spread", "--out", str(tmp_path / "x.json")])
     out = tmp_path / "layer_skip.json"
     layer_skip.FAILURES.clear()
-    layer_skip.main([*tiny, "--decode-only", "--decode-variants", "none,all,f=0.5 spread", "--out", str(out)])
+    layer_skip.main([*LAYER_SKIP_TINY, "--decode-only", "--decode-variants", "none,all,f=0.5 spread", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["name"] for r in rows] == [f"decode step (KV cache) {v}" for v in ("none", "all", "f=0.5 spread")]
     assert "of ideal" in rows[-1]["extra"]
