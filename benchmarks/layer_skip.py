@@ -448,6 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-kernel-variants", default="",
                         help="';'-separated launch variants of the split-KV kernel timed on the attention rows, e.g. "
                              "'BLOCK_N=128;TARGET_PROGRAMS=2048,MAX_SPLITS=128;NUM_WARPS=8'")
+    parser.add_argument("--kv-kernel-set", default="",
+                        help="launch constants of the split-KV kernel for the whole run, e.g. 'BLOCK_N=128,NUM_WARPS=8' "
+                             "(one variant of --kv-kernel-variants' form)")
     parser.add_argument("--decode-only", action="store_true",
                         help="time only the real decode steps (no prefill, no-cache step, attention rows or router)")
     parser.add_argument("--decode-variants", default="",
@@ -457,11 +460,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="time only the decode attention rows (SDPA, the split-KV kernel and its variants)")
     args = parser.parse_args(argv)
     kv_kernel_variants(args.kv_kernel_variants)  # a malformed variant fails before the models are built
+    kernel_set = kv_kernel_variants(args.kv_kernel_set.replace(";", ","))
     fractions = [float(f) for f in args.fractions.split(",")]
     only = {v.strip() for v in args.decode_variants.split(",") if v.strip()} or None
     known = {"unrouted", "none", "all"} | {f"f={f} {kind}" for f in fractions for kind in ("spread", "shared")}
     if only is not None and not only <= known:
         raise SystemExit(f"--decode-variants: {sorted(only - known)} not among {sorted(known)}")
+    undo = apply_changes("rewrite.kernels.kv_cache_attention", kernel_set[0][1]) if kernel_set else []
+    if kernel_set:
+        print(f"split-KV kernel launch for this run: {kernel_set[0][0]}", flush=True)
+    try:
+        run(args, fractions, only)
+    finally:
+        restore(undo)
+
+
+def run(args: argparse.Namespace, fractions: list[float], only: set[str] | None) -> None:
+    """Every measurement `main`'s arguments ask for, written to `args.out` and printed."""
     warnings.filterwarnings("ignore")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -1,5 +1,7 @@
 """The benchmarks' variant switch: constants changed for one timing are merged (dicts) and put back."""
 
+import pytest
+
 from benchmarks.variants import apply_changes, restore
 
 
@@ -29,7 +31,6 @@ def test_variant_changes_replace_other_values_and_are_restored():
 
 
 def test_decode_benchmark_reads_inductor_options():
-    import pytest
 
     from benchmarks.decode import inductor_options
 
@@ -42,8 +43,6 @@ def test_decode_benchmark_reads_inductor_options():
 
 def test_layer_skip_kv_kernel_variants_name_the_kernels_constants():
     """`--kv-kernel-variants` sets only launch constants the split-KV kernel has, as ints or booleans."""
-    import pytest
-
     from benchmarks.layer_skip import KV_KERNEL_CONSTANTS, kv_kernel_variants
     from rewrite.kernels.kv_cache_attention import triton_decode
 
@@ -60,8 +59,6 @@ def test_layer_skip_kv_kernel_variants_name_the_kernels_constants():
 
 
 def test_mixer_speed_kernel_variants_are_the_sweep_variants():
-    import pytest
-
     from benchmarks.linear_attention import SWEEP
     from benchmarks.mixer_speed import kernel_changes
 
@@ -156,8 +153,6 @@ def test_layer_skip_benchmark_runs_the_decode_variants_asked_for(tmp_path):
     unknown variant is refused before any model is built."""
     import json
 
-    import pytest
-
     from benchmarks import layer_skip
 
     with pytest.raises(SystemExit, match="not among"):
@@ -168,3 +163,19 @@ def test_layer_skip_benchmark_runs_the_decode_variants_asked_for(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["name"] for r in rows] == [f"decode step (KV cache) {v}" for v in ("none", "all", "f=0.5 spread")]
     assert "of ideal" in rows[-1]["extra"]
+
+
+def test_layer_skip_kv_kernel_set_holds_for_the_run_and_is_restored(tmp_path, monkeypatch):
+    """`--kv-kernel-set` sets the split-KV kernel's launch constants while the run lasts (the decode steps read
+    them) and puts the defaults back after; a constant the kernel lacks is refused before any model is built."""
+    from benchmarks import layer_skip
+    from rewrite.kernels.kv_cache_attention import triton_decode
+
+    default = triton_decode.BLOCK_N
+    seen = []
+    monkeypatch.setattr(layer_skip, "run", lambda *args: seen.append((triton_decode.BLOCK_N, triton_decode.NUM_WARPS)))
+    layer_skip.main([*LAYER_SKIP_TINY, "--kv-kernel-set", "BLOCK_N=32,NUM_WARPS=8", "--out", str(tmp_path / "x.json")])
+    assert seen == [(32, 8)]
+    assert triton_decode.BLOCK_N == default
+    with pytest.raises(SystemExit, match="BLOCK_M"):
+        layer_skip.main([*LAYER_SKIP_TINY, "--kv-kernel-set", "BLOCK_M=32", "--out", str(tmp_path / "x.json")])
