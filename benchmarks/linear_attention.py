@@ -7,6 +7,8 @@ reference; kernel launches per call; the timing table; optionally (--sweep) the 
 (the previous implementation of the vector decay's in-chunk products, launch shapes) at --sweep-lengths.
 Run: python -m benchmarks.linear_attention [--lengths 2048,8192] [--out runs/linear_attention.json]
 Old vs new only: python -m benchmarks.linear_attention --sweep-only --decays vector [--sweep-breakdown]
+Key gate in the kernels vs in PyTorch: python -m benchmarks.linear_attention --sweep-only --decays "vector keygate"
+--sweep-variants "base,key gate in torch" ("vector keygate": no g input, `key_gate_normalizer` from the keys).
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ from rewrite.kernels import linear_attention
 H, D = 16, 128
 KV_H = H
 """Query heads, key / value heads and head dim of every timed call (`--sweep-shape` changes them for a sweep)."""
+KEY_GATE_DECAY = "vector keygate"
+"""A decay name of this benchmark (with --decays): the vector decay from the keys' gate, `key_gate_normalizer=16` and
+no g input; computed inside the kernels unless the "key gate in torch" sweep variant turns `api.KERNEL_KEY_GATE` off."""
+KEY_GATE_NORMALIZER = 16.0
+
+
+def _decay_kwargs(decay: str) -> dict:
+    """`linear_attention`'s decay keywords for a decay name of this benchmark."""
+    if decay == KEY_GATE_DECAY:
+        return {"decay": "vector", "key_gate_normalizer": KEY_GATE_NORMALIZER}
+    return {"decay": decay}
 
 
 def _inputs(b: int, t: int, decay: str, requires_grad: bool):
@@ -45,6 +58,7 @@ def _inputs(b: int, t: int, decay: str, requires_grad: bool):
         g = F.logsigmoid(torch.randn(b, t, KV_H, D, device=dev) + 4.0)
     elif decay == "constant":
         g = -torch.rand(KV_H, device=dev) * 0.1
+    # KEY_GATE_DECAY: no g; the gate logsigmoid(k) / 16 of these unit-norm keys is about -0.04 per token
     tensors = [q, k, v] + ([g] if g is not None else [])
     for x in tensors:
         x.requires_grad_(requires_grad)
@@ -53,7 +67,7 @@ def _inputs(b: int, t: int, decay: str, requires_grad: bool):
 
 def _ours(decay: str) -> Callable:
     def run(q, k, v, g):
-        return linear_attention(q, k, v, g, decay=decay)[0]
+        return linear_attention(q, k, v, g, **_decay_kwargs(decay))[0]
 
     return run
 
@@ -76,7 +90,7 @@ def first_call_child(decay: str, length: int) -> None:
     q, k, v, g = _inputs(1, length, decay, True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    linear_attention(q, k, v, g, decay=decay)[0].sum().backward()
+    linear_attention(q, k, v, g, **_decay_kwargs(decay))[0].sum().backward()
     torch.cuda.synchronize()
     print(f"FIRST_CALL {decay} {time.perf_counter() - t0:.2f}", flush=True)
 
@@ -108,14 +122,14 @@ def _errors_vs_fp64(inputs, decay: str, reference=None) -> dict:
     """{output or gradient: relative error vs the float64 CPU run}; `reference` reuses that run's
     (o, grads), as returned in the "ref" entry."""
     q, k, v, g = inputs
-    o = linear_attention(q, k, v, g, decay=decay)[0]
+    o = linear_attention(q, k, v, g, **_decay_kwargs(decay))[0]
     gen = torch.Generator(device=o.device).manual_seed(0)
     do = torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype)
     o.backward(do)
     leaves = [x for x in (q, k, v, g) if x is not None]
     if reference is None:
         ref_args = [x.detach().double().cpu().requires_grad_(True) for x in leaves]
-        ro = linear_attention(*ref_args[:3], ref_args[3] if g is not None else None, decay=decay)[0]
+        ro = linear_attention(*ref_args[:3], ref_args[3] if g is not None else None, **_decay_kwargs(decay))[0]
         ro.backward(do.double().cpu())
         reference = (ro.detach(), [r.grad for r in ref_args])
     errs = {"o": _rel(o, reference[0])}
@@ -132,14 +146,20 @@ def _format_errors(errs: dict) -> str:
     return " ".join(f"{k}={v:.1e}" for k, v in vals.items()) + ("  OK" if worst < 1e-2 else "  FAIL")
 
 
-def _sweep_check_inputs(length: int = 1000) -> dict:
-    """Vector-decay inputs for the per-variant check: the benchmark's gates (log-decay ~ -0.03 per
-    token: the whole-chunk form) and strong ones (~ -0.8 per token, spread > 40 over a 64-token chunk
-    and < 40 over 16 tokens: the sub-chunk form)."""
-    torch.manual_seed(0)
-    q, k, v, g = _inputs(1, length, "vector", True)
-    strong = F.logsigmoid(torch.randn_like(g)).detach().requires_grad_(True)
-    return {"typical gates": (q, k, v, g), "strong gates": (q, k, v, strong)}
+def _sweep_check_inputs(decays, length: int = 1000) -> dict:
+    """{label: (decay, inputs)} for the per-variant check. Vector decay: the benchmark's gates (log-decay ~ -0.03
+    per token: the whole-chunk form) and strong ones (~ -0.8 per token, spread > 40 over a 64-token chunk
+    and < 40 over 16 tokens: the sub-chunk form); KEY_GATE_DECAY: the keys' gate."""
+    checks = {}
+    if "vector" in decays:
+        torch.manual_seed(0)
+        q, k, v, g = _inputs(1, length, "vector", True)
+        strong = F.logsigmoid(torch.randn_like(g)).detach().requires_grad_(True)
+        checks.update({"typical gates": ("vector", (q, k, v, g)), "strong gates": ("vector", (q, k, v, strong))})
+    if KEY_GATE_DECAY in decays:
+        torch.manual_seed(0)
+        checks["key gate"] = (KEY_GATE_DECAY, _inputs(1, length, KEY_GATE_DECAY, True))
+    return checks
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -320,6 +340,10 @@ SWEEP = {
     # BV 32: twice the programs (8192 at the model shape), the kv-head work redone per V tile; sm_90 compile 188
     # registers, no spill (BV 64: 204, no spill; either at 4 warps spills: 80 / 216 B)
     "output hoisted bv32": [_OUTPUT_ANY_K, ("triton_forward", "OUTPUT_HOISTED_TILES", (32, 8))],
+    # the vector key gate (`linear_attention(..., key_gate_normalizer=N)`, --decays "vector keygate") computed with
+    # PyTorch ops before the kernels (a float32 [B, T, Hkv, K] log-decay written and read back) instead of inside
+    # them from the raw keys (the default, not yet timed on a GPU); changes nothing for the other decays
+    "key gate in torch": [("api", "KERNEL_KEY_GATE", False)],
 }
 
 
@@ -343,7 +367,7 @@ def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown
     if unknown:
         raise SystemExit(f"unknown sweep variants {unknown}; choose from {list(SWEEP)}")
     lines = []
-    checks = _sweep_check_inputs() if "vector" in decays else {}
+    checks = _sweep_check_inputs(decays)
     references = {}
     for name, changes in SWEEP.items():
         if variants and name not in variants:
@@ -351,13 +375,13 @@ def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown
         undo = []
         try:
             undo = apply_changes("rewrite.kernels.linear_attention", changes)
-            for label, inputs in checks.items():  # every variant's vector results vs float64
-                errs = _errors_vs_fp64(inputs, "vector", references.get(label))
+            for label, (decay, inputs) in checks.items():  # every variant's vector results vs float64
+                errs = _errors_vs_fp64(inputs, decay, references.get(label))
                 references[label] = errs["ref"]
-                lines.append(f"sweep {name:20s} check vector {label} L=1000: {_format_errors(errs)}")
+                lines.append(f"sweep {name:20s} check {decay} {label} L=1000: {_format_errors(errs)}")
                 print(lines[-1], flush=True)
             for decay in decays:
-                for b, t in shapes if decay == "vector" else shapes[:1]:
+                for b, t in shapes if decay in ("vector", KEY_GATE_DECAY) else shapes[:1]:
                     q, k, v, g = _inputs(b, t, decay, True)
                     fn = _ours(decay)
                     with torch.no_grad():

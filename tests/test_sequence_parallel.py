@@ -594,6 +594,22 @@ def test_linear_attention_decays_zigzag(decay: str, save: bool, monkeypatch) -> 
     _split_against_whole(4, "zigzag", attend, _under_sp(attend, "lasp2", "zigzag"), [q, k, v, g], seq_dims)
 
 
+@pytest.mark.parametrize("save", [False, True])
+def test_linear_attention_key_gate_zigzag(save: bool, monkeypatch) -> None:
+    """The vector key gate that the kernels compute from the raw keys (the ops' key_gate): the split form computes
+    it from the raw keys itself; outputs and gradients (the keys' through the attention and the gate) as unsplit."""
+    from rewrite.kernels.linear_attention import linear_attention
+    from rewrite.kernels.linear_attention import op as la_op
+
+    monkeypatch.setattr(la_op, "SAVE_STATES", save)
+
+    def attend(q, k, v):
+        return linear_attention(q, k, v, key_gate_normalizer=4.0, feature_map="elu")[0]
+
+    q, k, v = torch.randn(1, 16, 4, 8), torch.randn(1, 16, 2, 8), torch.randn(1, 16, 2, 8)
+    _split_against_whole(4, "zigzag", attend, _under_sp(attend, "lasp2", "zigzag"), [q, k, v], [1, 1, 1])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("strategy", ["lasp2", "allscan"])

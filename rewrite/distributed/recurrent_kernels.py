@@ -150,7 +150,7 @@ class SequenceParallelKernels(TorchFunctionMode):
             # the forms that keep the forward's buffers for the backward (linear attention's SAVE_STATES, the delta
             # rule's SAVE_FOR_BACKWARD): the split sequence's kernels keep nothing; empty buffers stand for them
             if op == "linear_attention_saving":
-                o, final = self._linear_attention(*args, causal=True, **kwargs)
+                o, final = self._saving_linear_attention(*args, **kwargs)
                 return o, final, o.new_empty(0, dtype=torch.float32)
             if op == "delta_rule_saving":
                 o, final = self._delta_rule(*args, **kwargs)
@@ -163,8 +163,14 @@ class SequenceParallelKernels(TorchFunctionMode):
             raise self._refuse("softmax attention (e.g. an attention-transfer teacher)")
         return func(*args, **kwargs)
 
-    def _linear_attention(self, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
+    def _linear_attention(self, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
         _no_packing("linear attention", initial_state, cu_seqlens)
+        if key_gate:
+            # g holds the raw keys of the vector key gate (computed in the kernels): the split forms take log-decays,
+            # so the gate is computed here with PyTorch ops (autograd reaches the raw keys through it)
+            from rewrite.kernels.linear_attention.feature_maps import log_decay_from_keys
+
+            g = log_decay_from_keys(g, decay, key_gate)
         if self.starts is not None:
             if not causal:
                 raise self._refuse_packed("non-causal linear attention")
@@ -175,6 +181,9 @@ class SequenceParallelKernels(TorchFunctionMode):
                                 layout=self.layout, strategy=self.strategy, scan_blocks=self.scan_blocks)
         # the final state of a split sequence lives on the last rank; mixers under SP do not use it
         return o, o.new_zeros(0)
+
+    def _saving_linear_attention(self, q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate=0.0):
+        return self._linear_attention(q, k, v, g, decay, scale, initial_state, cu_seqlens, True, key_gate)
 
     def _delta_rule(self, q, k, v, beta, g, scale, initial_state, cu_seqlens):
         _no_packing("delta rule", initial_state, cu_seqlens)

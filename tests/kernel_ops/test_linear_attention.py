@@ -14,6 +14,7 @@ import torch
 
 from rewrite.kernels import linear_attention, linear_attention_step
 from rewrite.kernels.alloc import poisoned
+from rewrite.kernels.linear_attention import api as la_api
 from rewrite.kernels.linear_attention import op as la_op
 from rewrite.kernels.linear_attention.feature_maps import apply_feature_map, log_decay_from_keys
 from rewrite.kernels.linear_attention.naive import naive_linear_attention
@@ -810,6 +811,173 @@ def test_feature_maps_and_key_gate(feature_map, decay):
     assert_close(final, final_ref, 1e-6, "final state")
 
 
+# The vector key gate computed inside the kernels (`api.KERNEL_KEY_GATE`, the ops' key_gate): (case, dtype, normalizer,
+# states). An odd length (a partial chunk) with GQA 2 and two V tiles; K = 100 (a partial key tile, the per-head
+# output and per-tile dv kernels) with GQA 3 and no initial state; packed one- and two-token sequences in float16;
+# strong gates (normalizer 1: about -0.8 per token, chunks past the whole-chunk limit, so the flagged per-tile
+# kernels and the sub-chunk / exact forms run); the sequential states kernels (`SCAN_MODES` empty: the forward's
+# `_chunk_states_kernel`, the backward's `_chunk_dstates_kernel`)
+KEY_GATE_CASES = [
+    (Case("vector", length=21, dk=32, dv=40), torch.float32, 16.0, "scan"),
+    (Case("vector", batch=1, length=80, heads=3, kv_heads=1, dk=100, dv=24, initial_state=False), torch.float32,
+     16.0, "scan"),
+    (Case("vector", batch=1, length=70, heads=4, kv_heads=2, dk=32, dv=16, cu_seqlens=(0, 1, 3, 70)),
+     torch.float16, 16.0, "scan"),
+    (Case("vector", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16), torch.float32, 1.0, "scan"),
+    (Case("vector", length=21, heads=2, kv_heads=1, dk=32, dv=16), torch.float32, 16.0, "sequential"),
+]
+
+
+def key_gate_inputs(case: Case, dtype: torch.dtype, feature_map: str) -> dict:
+    """`make_inputs` plus "raw_k", the raw keys (the gate's source), with k = phi(raw keys) for the attention
+    and g the gate's log-decays computed outside the kernels (float32) from the raw keys."""
+    x = make_inputs(case, dtype, kernel_device())
+    x["raw_k"] = x["k"]
+    x["k"] = apply_feature_map(x["raw_k"], feature_map).contiguous()
+    return x
+
+
+@pytest.mark.parametrize("feature_map", ["identity", "elu"])
+@pytest.mark.parametrize("case,dtype,normalizer,states", KEY_GATE_CASES,
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_triton_key_gate_matches_the_gate_outside(case, dtype, normalizer, states, feature_map, monkeypatch):
+    """The launchers with key_gate (g = the raw keys, the log-decay computed in every kernel that reads g) against
+    the same launchers given g = log_decay_from_keys(raw keys) computed outside, and both against the naive
+    recurrence on that g in float64: output, final state, dq, dk (the attention's keys phi(raw keys)), dv, the
+    log-decay gradient and d initial state, NaN-poisoned buffers. With the elu feature map the gate reads the raw
+    keys while the attention reads phi(k)."""
+    forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
+    if states == "sequential":
+        monkeypatch.setattr(forward, "SCAN_MODES", ())
+    x = key_gate_inputs(case, dtype, feature_map)
+    g_outside = log_decay_from_keys(x["raw_k"], "vector", normalizer)
+    common = (case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
+    results = {}
+    for name, g, key_gate in (("kernel gate", x["raw_k"], normalizer), ("gate outside", g_outside, 0.0)):
+        with poisoned():
+            o, final = forward.chunk_forward(x["q"], x["k"], x["v"], g, *common, key_gate=key_gate)
+        if not results:
+            do, dht = torch.randn_like(o), torch.randn_like(final)
+        with poisoned():
+            grads = backward.chunk_backward(do, dht, x["q"], x["k"], x["v"], g, *common, key_gate=key_gate)
+        dq, dk, dv, dg, dh0 = grads
+        assert dg.dtype == torch.float32 and dg.shape == x["raw_k"].shape
+        grads = {"q": dq, "k": dk, "v": dv, "g": dg, "initial_state": dh0}
+        results[name] = (o, final, {n: t.cpu() for n, t in grads.items() if t is not None})
+    cpu = on_device({**x, "g": log_decay_from_keys(x["raw_k"].double(), "vector", normalizer)}, "cpu")
+    o_ref, final_ref, grads_ref, scales = naive_with_grads(case, cpu, SCALE, do.cpu(), dht.cpu())
+    tol = TOLERANCE[dtype]
+    (o, final, grads), (o_out, final_out, grads_out) = results["kernel gate"], results["gate outside"]
+    assert_close(o.cpu(), o_out.cpu(), tol, "o vs the gate outside")
+    assert_close(final.cpu(), final_out.cpu(), tol, "final state vs the gate outside")
+    check_grads(grads, grads_out, scales, tol, f"{case} vs the gate outside")
+    assert_close(o.cpu(), o_ref, tol, "o")
+    assert_close(final.cpu(), final_ref, tol, "final state")
+    check_grads(grads, grads_ref, scales, tol, str(case))
+
+
+def key_gate_public(leaves: dict, cu_seqlens, feature_map: str, normalizer: float):
+    return linear_attention(leaves["q"], leaves["k"], leaves["v"], scale=SCALE, feature_map=feature_map,
+                            key_gate_normalizer=normalizer, initial_state=leaves["initial_state"],
+                            output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+def gate_outside_is_an_error(*args, **kwargs):
+    raise AssertionError("the vector key gate was computed with PyTorch ops")
+
+
+@pytest.mark.parametrize("save", [True, False], ids=["saving op", "plain op"])
+@pytest.mark.parametrize("feature_map", ["identity", "elu"])
+def test_key_gate_through_the_op_grads_reach_the_raw_keys(feature_map, save, monkeypatch):
+    """`linear_attention(..., key_gate_normalizer=16)` with the gate in the kernels (Triton launchers behind the ops,
+    interpreted here; NaN-poisoned buffers; SAVE_STATES on and off): the raw keys are both the attention's keys
+    (through phi) and the gate's source, so their gradient sums both paths (the ops' backward applies the gate's
+    derivative to the kernels' log-decay gradient). Output, final state and the gradients of q, the raw keys, v and
+    the initial state against float64 autograd through the PyTorch gate (`KERNEL_KEY_GATE` off, reference ops).
+    The gate was not computed with PyTorch ops."""
+    monkeypatch.setattr(la_op, "SAVE_STATES", save)
+    monkeypatch.setattr(la_api, "log_decay_from_keys", gate_outside_is_an_error)
+    monkeypatch.setattr(la_op, "log_decay_from_keys", gate_outside_is_an_error)
+    case = Case("vector", batch=1, length=70, heads=4, kv_heads=2, dk=32, dv=24, cu_seqlens=(0, 2, 5, 70))
+    x = make_inputs(case, torch.float32, kernel_device())
+    names = ("q", "k", "v", "initial_state")
+    leaves = {n: x[n].detach().clone().requires_grad_() for n in names}
+    with triton_ops_here(), poisoned():
+        out = []
+        ops = ops_called(lambda: out.append(key_gate_public(leaves, x["cu_seqlens"], feature_map, 16.0)))
+        (o, final), = out
+        do, dht = torch.randn_like(o), torch.randn_like(final)
+        grads = torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values()))
+    assert ops == {"rewrite::linear_attention_saving" if save else "rewrite::linear_attention"}
+    monkeypatch.undo()
+    monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", False)
+    ref_leaves = {n: x[n].detach().cpu().double().requires_grad_() for n in names}
+    o_ref, final_ref = key_gate_public(ref_leaves, on_device(x, "cpu")["cu_seqlens"], feature_map, 16.0)
+    grads_ref = torch.autograd.grad((o_ref * do.cpu().double()).sum() + (final_ref * dht.cpu().double()).sum(),
+                                    list(ref_leaves.values()))
+    tol = TOLERANCE[torch.float32]
+    assert_close(o.cpu(), o_ref, tol, "o")
+    assert_close(final.cpu(), final_ref, tol, "final state")
+    for name, grad, expected in zip(names, grads, grads_ref):
+        assert_close(grad.cpu(), expected, tol, f"d{name}")
+
+
+@pytest.mark.parametrize("feature_map", ["identity", "elu"])
+def test_key_gate_reference_ops_equal_the_gate_outside(feature_map, monkeypatch):
+    """The ops' CPU reference implementations with key_gate (they convert the raw keys themselves) give, in float64,
+    the outputs and gradients of the PyTorch gate computed before the op (`KERNEL_KEY_GATE` off), including the raw
+    keys' gradient through the attention and the gate, for the plain and the saving ops."""
+    case = Case("vector", batch=1, length=40, heads=4, kv_heads=2, dk=16, dv=8, cu_seqlens=(0, 1, 25, 40))
+    x = make_inputs(case, torch.float64, "cpu")
+    names = ("q", "k", "v", "initial_state")
+    do = torch.randn(1, 40, 4, 8, dtype=torch.float64)
+    dht = torch.randn(3, 2, 16, 8, dtype=torch.float64)
+    results = {}
+    for save in (True, False):
+        monkeypatch.setattr(la_op, "SAVE_STATES", save)
+        for in_kernels in (True, False):
+            monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", in_kernels)
+            leaves = {n: x[n].detach().clone().requires_grad_() for n in names}
+            o, final = key_gate_public(leaves, x["cu_seqlens"], feature_map, 16.0)
+            grads = torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values()))
+            results[save, in_kernels] = (o, final, *grads)
+    labels = ("o", "final state", *(f"d{n}" for n in names))
+    for save in (True, False):
+        for label, a, b in zip(labels, results[save, True], results[save, False]):
+            assert_close(a, b, TOLERANCE[torch.float64], f"{label} (save {save})")
+
+
+class KeyGateMixer(torch.nn.Module):
+    def forward(self, q, k, v, cu_seqlens):
+        o, state = linear_attention(q.sigmoid(), k, v, cu_seqlens=cu_seqlens, output_final_state=True,
+                                    feature_map="elu", key_gate_normalizer=16.0)
+        return o * 2, state
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_compile_fullgraph_with_the_key_gate(save, monkeypatch):
+    """torch.compile(fullgraph=True) of a call with the vector key gate in the kernels (SAVE_STATES on and off): no
+    graph break, forward and backward match eager (q and the raw keys'
+    gradients, the latter through the attention and the gate); the exported op gets key_gate = 16."""
+    monkeypatch.setattr(la_op, "SAVE_STATES", save)
+    case = Case("vector", batch=1, length=20, dk=16, dv=8, cu_seqlens=(0, 5, 20))
+    x = make_inputs(case, torch.float32, "cpu")
+    args = [x["q"].requires_grad_(), x["k"].requires_grad_(), x["v"], x["cu_seqlens"]]
+    compiled = torch.compile(KeyGateMixer(), fullgraph=True, backend="aot_eager")
+    o, state = compiled(*args)
+    grads = torch.autograd.grad(o.sum() + state.sum(), args[:2])
+    o_eager, state_eager = KeyGateMixer()(*args)
+    grads_eager = torch.autograd.grad(o_eager.sum() + state_eager.sum(), args[:2])
+    assert_close(o, o_eager, 1e-6, "o")
+    assert_close(state, state_eager, 1e-6, "final state")
+    for name, a, b in zip(("dq", "dk"), grads, grads_eager):
+        assert_close(a, b, 1e-6, name)
+    exported = torch.export.export(KeyGateMixer(), tuple(a.detach() for a in args))  # inference: the plain op
+    calls = [n for n in exported.graph.nodes
+             if n.op == "call_function" and n.target == torch.ops.rewrite.linear_attention.default]
+    assert len(calls) == 1 and calls[0].args[-1] == 16.0, [n.args for n in calls]
+
+
 def test_opcheck():
     case = Case("vector", length=20, dk=16, dv=8, batch=1, cu_seqlens=(0, 3, 20))
     x = make_inputs(case, torch.float32, "cpu")
@@ -839,6 +1007,17 @@ def test_opcheck():
         args = (plain[0], plain[1], plain[2], g, decay, SCALE, None, plain[7])  # no initial state
         o, final, h = torch.ops.rewrite.linear_attention_saving(*args)
         torch.library.opcheck(torch.ops.rewrite.linear_attention_backward_saved, (do, dht, *args, h, final))
+    # the vector key gate in the kernels: g holds the raw keys (here k itself), key_gate the normalizer
+    gated = (*plain[:3], plain[1], "vector", SCALE, *plain[6:], 16.0)
+    gated_leaf = (*leaf[:3], leaf[1], "vector", SCALE, *leaf[6:], 16.0)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention, gated)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention, gated_leaf)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_backward, (do, dht, *gated))
+    saving = (*gated[:8], 16.0)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_saving, saving)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_saving, (*gated_leaf[:8], 16.0))
+    o, final, h = torch.ops.rewrite.linear_attention_saving(*saving)
+    torch.library.opcheck(torch.ops.rewrite.linear_attention_backward_saved, (do, dht, *gated[:8], h, final, 16.0))
 
 
 class Mixer(torch.nn.Module):
@@ -994,6 +1173,30 @@ def test_cuda_v7_variants_bfloat16_against_float64(variant, dims, monkeypatch):
     case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,
                 cu_seqlens=cu)
     check_public_against_naive(case, torch.bfloat16, 1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("feature_map", ["identity", "elu"])
+def test_cuda_key_gate_bfloat16_against_float64(feature_map, monkeypatch):
+    """The vector key gate in the kernels on the GPU (bf16 raw keys read as g), through the public op with GQA 4 at
+    K = V = 64 and packed sequences: output, final state and the gradients of q, the raw keys (attention and gate),
+    v and the initial state within 1e-2 of float64 autograd through the PyTorch gate (reference ops on the CPU)."""
+    case = Case("vector", batch=1, length=700, heads=8, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 130, 700))
+    x = make_inputs(case, torch.bfloat16, "cuda")
+    names = ("q", "k", "v", "initial_state")
+    leaves = {n: x[n].detach().clone().requires_grad_() for n in names}
+    o, final = key_gate_public(leaves, x["cu_seqlens"], feature_map, 16.0)
+    do, dht = torch.randn_like(o), torch.randn_like(final)
+    grads = torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values()))
+    monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", False)
+    ref_leaves = {n: x[n].detach().cpu().double().requires_grad_() for n in names}
+    o_ref, final_ref = key_gate_public(ref_leaves, x["cu_seqlens"].cpu(), feature_map, 16.0)
+    grads_ref = torch.autograd.grad((o_ref * do.cpu().double()).sum() + (final_ref * dht.cpu().double()).sum(),
+                                    list(ref_leaves.values()))
+    assert_close(o.cpu(), o_ref, 1e-2, "o")
+    assert_close(final.cpu(), final_ref, 1e-2, "final state")
+    for name, grad, expected in zip(names, grads, grads_ref):
+        assert_close(grad.cpu(), expected, 1e-2, f"d{name}")
 
 
 @gpu

@@ -11,22 +11,36 @@ from .op import (
     state_dtype,
 )
 
+KERNEL_KEY_GATE = True
+"""`linear_attention(..., key_gate_normalizer=N)` with decay "vector": True, the chunked kernels compute the
+log-decay logsigmoid(k) / N from the raw keys as they read them (the ops get g = the raw keys and key_gate = N, so
+no float32 [B, T, Hkv, K] log-decay tensor is written and read back; the backward still returns the raw keys'
+gradient through both the attention and the gate); False, the log-decay is computed with PyTorch ops before the
+op (`feature_maps.log_decay_from_keys`), as before. Read at every call. The scalar key gate and the decode steps
+(`linear_attention_step`) always use the PyTorch form. Not yet timed on a GPU (NOTES.md, "Key gate in the kernels")."""
 
-def _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer):
+
+def _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer, kernel_gate=False):
+    """(q, k after the feature map, g, decay, scale, key_gate) for the ops: g holds the raw keys and key_gate the
+    normalizer when `kernel_gate` and the key gate is the vector one, else g holds log-decays and key_gate is 0."""
     checks.check_choice("feature_map", feature_map, checks.FEATURE_MAPS)
     decay = checks.infer_decay(g, decay, key_gate_normalizer is not None)
+    key_gate = 0.0
     if key_gate_normalizer is not None:
         if g is not None:
             raise ValueError("linear_attention: pass either g or key_gate_normalizer, not both")
         if not key_gate_normalizer > 0:
             raise ValueError(f"linear_attention: key_gate_normalizer must be > 0, got {key_gate_normalizer}")
-        g = log_decay_from_keys(k, decay, key_gate_normalizer)
+        if kernel_gate and decay == "vector":
+            g, key_gate = k, float(key_gate_normalizer)  # the raw keys, before the feature map
+        else:
+            g = log_decay_from_keys(k, decay, key_gate_normalizer)
     checks.check_decay(g, decay, q, k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # contiguous here, where torch.compile sees it: the op reads [B, T, heads, D] rows, and a compiled
     # caller then writes its producer (RoPE, feature map, gate) in that layout instead of copying after it
     q, k = apply_feature_map(q, feature_map).contiguous(), apply_feature_map(k, feature_map).contiguous()
-    return q, k, None if g is None else g.contiguous(), decay, scale
+    return q, k, None if g is None else g.contiguous(), decay, scale, key_gate
 
 
 def linear_attention(
@@ -57,12 +71,14 @@ def linear_attention(
     causal=False (decay "none" only): every token sees all tokens of its sequence.
     feature_map ("identity", "softmax", "elu", "relu") is applied to q and k.
     key_gate_normalizer: derive g from the raw keys instead of passing it (see
-    `feature_maps.log_decay_from_keys`); decay defaults to "vector" then.
+    `feature_maps.log_decay_from_keys`); decay defaults to "vector" then. The vector gate is computed
+    inside the kernels from the raw keys (`KERNEL_KEY_GATE`), the scalar one before them.
     """
     checks.check_qkv(q, k, v)
     if not isinstance(causal, bool):
         raise ValueError(f"linear_attention: causal must be a bool, got {causal!r}")
-    q, k, g, decay, scale = _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer)
+    q, k, g, decay, scale, key_gate = _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer,
+                                               KERNEL_KEY_GATE)
     if not causal and decay != "none":
         raise ValueError(
             f'linear_attention: causal=False is defined only for decay="none", got decay="{decay}"'
@@ -72,7 +88,7 @@ def linear_attention(
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype(q.dtype))
     o, final_state = linear_attention_forward(q, k, v.contiguous(), g, decay, scale, initial_state, cu_seqlens,
-                                              causal)
+                                              causal, key_gate)
     return o, (final_state if output_final_state else None)
 
 
@@ -138,7 +154,7 @@ def linear_attention_step(
     uses it so that no copy of the state follows the kernel.
     """
     checks.check_qkv(q, k, v)
-    q, k, g, decay, scale = _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer)
+    q, k, g, decay, scale, _ = _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer)
     v = v.contiguous()  # where torch.compile sees it, as q and k
     extra = 1 if normalize else 0
     checks.check_state("state", state, q.shape[0], k, v, extra)

@@ -9,6 +9,7 @@ from .._triton import load_triton_module
 from ..launch_math import chunk_count
 from ..saving import backward_will_run
 from .chunked_reference import chunked_backward, chunked_forward
+from .feature_maps import log_decay_from_keys
 from .naive import naive_step
 
 _FORWARD = "rewrite.kernels.linear_attention.triton_forward"
@@ -41,6 +42,26 @@ def _empty_if_none(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if x is None else x
 
 
+# The ops' `key_gate` argument: 0.0, g holds log-decays as `naive.py` defines them; > 0 (decay "vector" only), g holds
+# the raw keys [B, T, Hkv, K] (in the keys' dtype) and the log-decay is logsigmoid(g) / key_gate
+# (`feature_maps.log_decay_from_keys`): the Triton kernels compute it from g as they load it, so the float32
+# log-decays are never written to memory; the backward ops then return the gradient w.r.t. those raw keys.
+
+
+def _log_decay(g: torch.Tensor | None, key_gate: float) -> torch.Tensor | None:
+    """The log-decays g stands for: g itself, or the key gate of the raw keys g when key_gate > 0."""
+    return log_decay_from_keys(g, "vector", key_gate) if key_gate else g
+
+
+def _key_gate_grad(d_log_decay: torch.Tensor | None, keys: torch.Tensor, key_gate: float) -> torch.Tensor | None:
+    """d loss / d keys from d loss / d log-decay under the key gate: d logsigmoid(x) / dx = sigmoid(-x), in float32
+    (float64 for float64 keys), returned in the keys' dtype."""
+    if d_log_decay is None:
+        return None
+    wide = torch.promote_types(keys.dtype, torch.float32)
+    return (d_log_decay.to(wide) * torch.sigmoid(-keys.to(wide)) / key_gate).to(keys.dtype)
+
+
 @torch.library.custom_op("rewrite::linear_attention", mutates_args=())
 def linear_attention_op(
     q: torch.Tensor,
@@ -52,20 +73,24 @@ def linear_attention_op(
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     causal: bool,
+    key_gate: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, T, H, V], final state [N, Hkv, K, V]); see `naive.py` for the definition."""
-    return chunked_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal)
+    """(o [B, T, H, V], final state [N, Hkv, K, V]); see `naive.py` for the definition. key_gate > 0: g holds
+    the raw keys of the vector decay's key gate (see `_log_decay`)."""
+    return chunked_forward(q, k, v, _log_decay(g, key_gate), decay, scale, initial_state, cu_seqlens, causal)
 
 
 @linear_attention_op.register_kernel("cuda")
-def _forward_cuda(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
+def _forward_cuda(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
     if not causal:  # two matmuls: PyTorch is already as fast as a custom kernel
-        return chunked_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal)
-    return load_triton_module(_FORWARD).chunk_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens)
+        return chunked_forward(q, k, v, _log_decay(g, key_gate), decay, scale, initial_state, cu_seqlens, causal)
+    return load_triton_module(_FORWARD).chunk_forward(
+        q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate=key_gate
+    )
 
 
 @linear_attention_op.register_fake
-def _forward_fake(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
+def _forward_fake(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
     batch, length, heads, _ = q.shape
     n = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = q.new_empty(batch, length, heads, v.shape[-1])
@@ -86,42 +111,51 @@ def linear_attention_backward_op(
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     causal: bool,
+    key_gate: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dg, d_initial_state); dg / d_initial_state are empty [0] when g / initial_state are None."""
-    return _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal)
+    """(dq, dk, dv, dg, d_initial_state); dg / d_initial_state are empty [0] when g / initial_state are None.
+    key_gate > 0: dg is the gradient w.r.t. the raw keys g (see `_log_decay`)."""
+    return _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal,
+                               key_gate)
 
 
-def _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
-    grads = chunked_backward(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal)
+def _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate):
+    grads = chunked_backward(do, d_final_state, q, k, v, _log_decay(g, key_gate), decay, scale, initial_state,
+                             cu_seqlens, causal)
+    return _op_grads(grads, q, g, key_gate)
+
+
+def _op_grads(grads, q, g, key_gate) -> tuple[torch.Tensor, ...]:
+    """The backward ops' outputs from (dq, dk, dv, d log-decay, d_initial_state): dg w.r.t. the op's g input
+    (the raw keys under the key gate), empty [0] for an absent g or initial state."""
     dq, dk, dv, dg, dh0 = grads
+    if key_gate:
+        dg = _key_gate_grad(dg, g, key_gate)
     return dq, dk, dv, _empty_if_none(dg, q), _empty_if_none(dh0, q)
 
 
 @linear_attention_backward_op.register_kernel("cuda")
-def _backward_cuda(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
+def _backward_cuda(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
     if not causal:
-        grads = chunked_backward(
-            do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal
-        )
-    else:
-        grads = load_triton_module(_BACKWARD).chunk_backward(
-            do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens
-        )
-    dq, dk, dv, dg, dh0 = grads
-    return dq, dk, dv, _empty_if_none(dg, q), _empty_if_none(dh0, q)
+        return _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal,
+                                   key_gate)
+    grads = load_triton_module(_BACKWARD).chunk_backward(
+        do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate=key_gate
+    )
+    return _op_grads(grads, q, g, key_gate)
 
 
 @linear_attention_backward_op.register_fake
-def _backward_fake(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
+def _backward_fake(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
     dg = q.new_empty(0) if g is None else torch.empty_like(g)
     dh0 = q.new_empty(0) if initial_state is None else torch.empty_like(initial_state)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, g, decay, scale, initial_state, cu_seqlens, causal = inputs
+    q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate = inputs
     ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens)
-    ctx.decay, ctx.scale, ctx.causal = decay, scale, causal
+    ctx.decay, ctx.scale, ctx.causal, ctx.key_gate = decay, scale, causal, key_gate
     ctx.final_shape = output[1].shape
 
 
@@ -149,10 +183,11 @@ def _backward(ctx, do, d_final_state):
         initial_state,
         cu_seqlens,
         ctx.causal,
+        ctx.key_gate,
     )
     dg = None if g is None else dg
     dh0 = None if initial_state is None else dh0
-    return dq, dk, dv, dg, None, None, dh0, None, None
+    return dq, dk, dv, dg, None, None, dh0, None, None, None
 
 
 linear_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -173,21 +208,22 @@ def linear_attention_saving_op(
     scale: float,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    key_gate: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal `rewrite::linear_attention` (o, final state) plus the states its backward would recompute: h, float32.
 
     On CUDA h is the Triton forward's states before every chunk, [chunks, Hkv, K, V] (`triton_forward.chunk_forward(
     ..., save=True)`, computed as the backward computes them); elsewhere h is empty [0] (the reference backward
     recomputes). Training only (`SAVE_STATES`); the autograd backward passes h and the final state to
-    `rewrite::linear_attention_backward_saved`."""
-    o, final = chunked_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, True)
+    `rewrite::linear_attention_backward_saved`. key_gate as in `rewrite::linear_attention`."""
+    o, final = chunked_forward(q, k, v, _log_decay(g, key_gate), decay, scale, initial_state, cu_seqlens, True)
     return o, final, _unkept(q)
 
 
 @linear_attention_saving_op.register_kernel("cuda")
-def _saving_cuda(q, k, v, g, decay, scale, initial_state, cu_seqlens):
+def _saving_cuda(q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate=0.0):
     return load_triton_module(_FORWARD).chunk_forward(
-        q, k, v, g, decay, scale, initial_state, cu_seqlens, save=True
+        q, k, v, g, decay, scale, initial_state, cu_seqlens, save=True, key_gate=key_gate
     )
 
 
@@ -198,7 +234,7 @@ def kept_shape(q, k, v, cu_seqlens) -> tuple[int, int, int, int]:
 
 
 @linear_attention_saving_op.register_fake
-def _saving_fake(q, k, v, g, decay, scale, initial_state, cu_seqlens):
+def _saving_fake(q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate=0.0):
     o, final = _forward_fake(q, k, v, g, decay, scale, initial_state, cu_seqlens, True)
     if q.device.type != "cuda":
         return o, final, _unkept(q)
@@ -206,17 +242,17 @@ def _saving_fake(q, k, v, g, decay, scale, initial_state, cu_seqlens):
 
 
 def _saving_setup_context(ctx, inputs, output) -> None:
-    q, k, v, g, decay, scale, initial_state, cu_seqlens = inputs
+    q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate = inputs
     ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, output[1], output[2])
     ctx.mark_non_differentiable(output[2])  # the kept states
     ctx.set_materialize_grads(False)  # no zeros the size of h for its (absent) gradient
-    ctx.decay, ctx.scale = decay, scale
+    ctx.decay, ctx.scale, ctx.key_gate = decay, scale, key_gate
 
 
 def _saving_backward(ctx, do, d_final_state, _):
     q, k, v, g, initial_state, cu_seqlens, final, h = ctx.saved_tensors
     if do is None and d_final_state is None:
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     do, d_final_state = _filled_grads(do, d_final_state, q, v, final.shape)
     dq, dk, dv, dg, dh0 = linear_attention_backward_saved_op(
         do,
@@ -231,10 +267,11 @@ def _saving_backward(ctx, do, d_final_state, _):
         cu_seqlens,
         h,
         final,
+        ctx.key_gate,
     )
     dg = None if g is None else dg
     dh0 = None if initial_state is None else dh0
-    return dq, dk, dv, dg, None, None, dh0, None
+    return dq, dk, dv, dg, None, None, dh0, None, None
 
 
 linear_attention_saving_op.register_autograd(_saving_backward, setup_context=_saving_setup_context)
@@ -254,24 +291,27 @@ def linear_attention_backward_saved_op(
     cu_seqlens: torch.Tensor | None,
     h: torch.Tensor,
     final: torch.Tensor,
+    key_gate: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal `rewrite::linear_attention_backward` given the states h and the final state that
     `rewrite::linear_attention_saving` returned (not recomputed on CUDA; ignored by the reference)."""
-    return _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, True)
+    return _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, True,
+                               key_gate)
 
 
 @linear_attention_backward_saved_op.register_kernel("cuda")
-def _backward_saved_cuda(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, h, final):
+def _backward_saved_cuda(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, h, final,
+                         key_gate=0.0):
     saved = (h, final) if h.dim() == 4 else None
     grads = load_triton_module(_BACKWARD).chunk_backward(
-        do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, saved=saved
+        do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, saved=saved, key_gate=key_gate
     )
-    dq, dk, dv, dg, dh0 = grads
-    return dq, dk, dv, _empty_if_none(dg, q), _empty_if_none(dh0, q)
+    return _op_grads(grads, q, g, key_gate)
 
 
 @linear_attention_backward_saved_op.register_fake
-def _backward_saved_fake(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, h, final):
+def _backward_saved_fake(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, h, final,
+                         key_gate=0.0):
     return _backward_fake(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, True)
 
 
@@ -281,12 +321,13 @@ def saves_states(causal: bool, *inputs: torch.Tensor | None) -> bool:
     return SAVE_STATES and causal and backward_will_run(*inputs)
 
 
-def linear_attention_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal):
-    """(o, final state) by `rewrite::linear_attention`, or by `rewrite::linear_attention_saving` when `saves_states`."""
+def linear_attention_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
+    """(o, final state) by `rewrite::linear_attention`, or by `rewrite::linear_attention_saving` when `saves_states`.
+    key_gate > 0: g holds the raw keys of the vector decay's key gate (see `_log_decay`)."""
     if saves_states(causal, q, k, v, g, initial_state):
-        o, final, _ = linear_attention_saving_op(q, k, v, g, decay, scale, initial_state, cu_seqlens)
+        o, final, _ = linear_attention_saving_op(q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate)
         return o, final
-    return linear_attention_op(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal)
+    return linear_attention_op(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate)
 
 
 @torch.library.custom_op("rewrite::linear_attention_step", mutates_args=())

@@ -117,6 +117,7 @@ def _chunk_dstates_kernel(
     BV: tl.constexpr,
     MODE: tl.constexpr,
     CONST: tl.constexpr,
+    GATE: tl.constexpr,
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
@@ -141,7 +142,7 @@ def _chunk_dstates_kernel(
         rows = bos + c * C + tl.arange(0, C)
         row_mask = rows < eos
         if MODE != 0:
-            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST, GATE)
             if MODE == 1:
                 dstate = dstate * tl.exp(b_last)
             else:
@@ -190,6 +191,7 @@ def _chunk_dqk_kernel(
     BV: tl.constexpr,
     MODE: tl.constexpr,
     CONST: tl.constexpr,
+    GATE: tl.constexpr,
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
@@ -220,7 +222,7 @@ def _chunk_dqk_kernel(
     k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
     kf = k.to(tl.float32)
     if MODE != 0:
-        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST, GATE)
     if MODE == 1:
         pair = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
         pair_t = tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf")))
@@ -302,7 +304,7 @@ def _chunk_dqk_kernel(
         dk_end = dk_end * tl.exp(to_end)[:, None]
     if MODE == 2:
         if SPLIT:  # recomputed here (g reloaded) rather than kept live through the heads loop
-            b_again, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            b_again, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST, GATE)
         dk_end = dk_end * tl.exp(to_end)
     dk_acc += dk_end
     offs = rows.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
@@ -343,6 +345,7 @@ def _chunk_dqk_hoisted_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     VARLEN: tl.constexpr,
+    GATE: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
     ONE_V: tl.constexpr,
@@ -361,7 +364,7 @@ def _chunk_dqk_hoisted_kernel(
         return
     rows, row_mask, group = chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C, VARLEN)
     kcols = i_k * BK + tl.arange(0, BK)
-    b, to_end, top, whole = hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk)
+    b, to_end, top, whole = hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, GATE)
     tl.store(_tile_flag(flags_ptr, i_c, i_k, hk, kv_heads), tl.where(whole, 0, 1))
     if whole:
         idx = tl.arange(0, C)
@@ -423,7 +426,7 @@ def _chunk_dqk_hoisted_kernel(
             dstate = _state_tile(dh_ptr, state_base, kcols, vcols, dk, dv)
             dk_end += tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=F32_PRECISION)
         # to_end and k recomputed / reloaded here rather than kept live through the q-head loop (registers)
-        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
+        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False, GATE)
         dk_acc += dk_end * tl.exp(to_end)
         offs = rows.to(tl.int64)[:, None] * (kv_heads * dk) + hk * dk + kcols[None, :]
         mask = row_mask[:, None] & (kcols < dk)[None, :]
@@ -457,6 +460,7 @@ def _chunk_dv_kernel(
     BV: tl.constexpr,
     MODE: tl.constexpr,
     CONST: tl.constexpr,
+    GATE: tl.constexpr,
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
@@ -487,13 +491,13 @@ def _chunk_dv_kernel(
             k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
             if MODE == 2:
                 b, to_end, b_last = chunk_log_decay(
-                    g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST
+                    g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST, GATE
                 )
                 scores_t += upper_scores(k.to(tl.float32), q.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
             else:
                 scores_t += tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if MODE == 1:
-            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST, GATE)
             scores_t = scores_t * tl.exp(tl.where(causal_t, b[None, :] - b[:, None], float("-inf")))
         else:
             scores_t = tl.where(causal_t, scores_t, 0.0)
@@ -505,10 +509,10 @@ def _chunk_dv_kernel(
         kcols = i_k * BK + tl.arange(0, BK)
         k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
         if MODE == 1:
-            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST, GATE)
             k = (k * tl.exp(to_end)[:, None]).to(k.dtype)
         if MODE == 2:
-            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST, GATE)
             k = (k * tl.exp(to_end)).to(k.dtype)
         dstate = _state_tile(dh_ptr, state_base, kcols, vcols, dk, dv).to(k.dtype)
         dv_acc += tl.dot(k, dstate, input_precision=PRECISION)
@@ -541,6 +545,7 @@ def _chunk_dv_hoisted_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     VARLEN: tl.constexpr,
+    GATE: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
 ):
@@ -561,7 +566,7 @@ def _chunk_dv_hoisted_kernel(
     rows, row_mask, group = chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C, VARLEN)
     kcols = tl.arange(0, BK)
     vcols = i_v * BV + tl.arange(0, BV)
-    b, to_end, top, whole = hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk)
+    b, to_end, top, whole = hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, GATE)
     tl.store(_tile_flag(flags_ptr, i_c, i_v, hk, kv_heads), tl.where(whole, 0, 1))
     if whole:
         idx = tl.arange(0, C)
@@ -746,15 +751,16 @@ def reverse_cumsum(x, carry, chunks, parallel: bool):
     return (_parallel_reverse_cumsum if parallel else _sequential_reverse_cumsum)(x, carry, chunks)
 
 
-def _log_decay_grad(dlog, final, d_final, g, decay, chunks):
-    """dg from dB = sum_g q * dq - k * dk ([B * T, Hkv, K]) and the final-state term."""
+def _log_decay_grad(dlog, final, d_final, g, decay, chunks, key_gate):
+    """dg from dB = sum_g q * dq - k * dk ([B * T, Hkv, K]) and the final-state term, in g's dtype; under the key
+    gate (key_gate > 0, g the raw keys) the gradient w.r.t. the log-decay, float32, in g's shape."""
     carry = (final * d_final).sum(-1)  # [N, Hkv, K]
     if decay != "vector":
         dlog, carry = dlog.sum(-1, keepdim=True), carry.sum(-1, keepdim=True)
     out = reverse_cumsum(dlog, carry.contiguous(), chunks, CUMSUM_PARALLEL)
     if decay == "constant":
         return out.sum((0, 2)).to(g.dtype)
-    return out.view(g.shape).to(g.dtype)
+    return out.view(g.shape) if key_gate else out.view(g.shape).to(g.dtype)
 
 
 def chunk_backward(
@@ -769,17 +775,20 @@ def chunk_backward(
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     saved: tuple[torch.Tensor, torch.Tensor] | None = None,
+    key_gate: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dg, d_initial_state) of `triton_forward.chunk_forward`.
 
-    saved: (h, final state) from `chunk_forward(..., save=True)`, used instead of recomputing them."""
+    saved: (h, final state) from `chunk_forward(..., save=True)`, used instead of recomputing them.
+    key_gate > 0 (decay "vector"): g holds the raw keys, as in `chunk_forward`; dg is then the gradient w.r.t. the
+    log-decay logsigmoid(g) / key_gate (float32, g's shape), not w.r.t. g (the op applies the gate's derivative)."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     d_final_state = d_final_state.float().contiguous()
     batch, length, heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[-1]
     prec, device = precision(q.dtype), q.device
-    chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens)
-    mode, const = decay_kw["MODE"], decay_kw["CONST"]
+    chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens, key_gate)
+    mode, const, gate = decay_kw["MODE"], decay_kw["CONST"], decay_kw["GATE"]
     if saved is None:  # chunk_forward(..., save=True) computes its kept states with this same call
         h, final = chunk_states(k, v, decay_kw, initial_state, chunks, wide=mode != 0)
     else:
@@ -812,6 +821,7 @@ def chunk_backward(
             BV=bv,
             MODE=mode,
             CONST=const,
+            GATE=gate,
             VARLEN=chunks.varlen,
             PRECISION=prec,
             F32_PRECISION=prec,
@@ -819,7 +829,8 @@ def chunk_backward(
     dq = new_empty(q.shape, dtype=q.dtype, device=device)
     dk_ = new_empty(k.shape, dtype=k.dtype, device=device)
     dv_ = new_empty(v.shape, dtype=v.dtype, device=device)
-    common = dict(C=chunks.chunk, SUB=sub_chunk(chunks.chunk), MODE=mode, CONST=const, VARLEN=chunks.varlen)
+    common = dict(C=chunks.chunk, SUB=sub_chunk(chunks.chunk), MODE=mode, CONST=const, GATE=gate,
+                  VARLEN=chunks.varlen)
     common.update(PRECISION=prec, F32_PRECISION=prec, PATH=triton_gated.path("backward"))
     hoisted = DQK_HOISTED and mode == 2 and common["PATH"] == 2
     if hoisted:
@@ -836,7 +847,7 @@ def chunk_backward(
         flags = torch.empty(grid, dtype=torch.int32, device=device)
         _chunk_dqk_hoisted_kernel[grid](
             q, k, v, do, decay_kw["g"], h, dh, dq, dk_, dlog, flags, bounds, chunk_start, table, n, length, heads,
-            kv_heads, dk, dv, scale, C=chunks.chunk, BK=bk, BV=bv, VARLEN=chunks.varlen, PRECISION=prec,
+            kv_heads, dk, dv, scale, C=chunks.chunk, BK=bk, BV=bv, VARLEN=chunks.varlen, GATE=gate, PRECISION=prec,
             F32_PRECISION=prec, ONE_V=DQK_HOISTED_ONE_V and dv <= bv, num_warps=warps,
             **({} if DQK_HOISTED_MAXNREG is None else {"maxnreg": DQK_HOISTED_MAXNREG}),
         )
@@ -881,8 +892,8 @@ def chunk_backward(
         flags = torch.empty(grid, dtype=torch.int32, device=device)
         _chunk_dv_hoisted_kernel[grid](
             q, k, do, decay_kw["g"], dh, dv_, flags, bounds, chunk_start, table, n, length, heads, kv_heads, dk, dv,
-            scale, C=chunks.chunk, BK=block(dk, DV_HOISTED_TILES[0]), BV=bv, VARLEN=chunks.varlen, PRECISION=prec,
-            F32_PRECISION=prec, num_warps=DV_HOISTED_TILES[2],
+            scale, C=chunks.chunk, BK=block(dk, DV_HOISTED_TILES[0]), BV=bv, VARLEN=chunks.varlen, GATE=gate,
+            PRECISION=prec, F32_PRECISION=prec, num_warps=DV_HOISTED_TILES[2],
         )
     _chunk_dv_kernel[grid](
         q,
@@ -908,6 +919,6 @@ def chunk_backward(
         num_warps=warps,
         **common,
     )
-    dg = None if mode == 0 else _log_decay_grad(dlog, final, d_final_state, g, decay, chunks)
+    dg = None if mode == 0 else _log_decay_grad(dlog, final, d_final_state, g, decay, chunks, key_gate)
     dh0 = None if initial_state is None else dh0.to(initial_state.dtype)
     return dq, dk_, dv_, dg, dh0

@@ -105,12 +105,27 @@ def chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C: t
 
 
 @triton.jit
-def chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE: tl.constexpr, CONST: tl.constexpr):
+def key_gate(x, mask, GATE: tl.constexpr):
+    """The key gate's log-decay logsigmoid(x) / GATE in float32 where `mask` holds, 0 elsewhere (rows past
+    the sequence and columns past K add no decay); x: the raw keys, float32."""
+    u = tl.exp(-tl.abs(x))
+    w = 1.0 + u
+    # log(1 + u) with the rounding of 1 + u corrected (u below float32's epsilon: log(1 + u) = u)
+    log1p = tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
+    return tl.where(mask, (tl.minimum(x, 0.0) - log1p) / GATE, 0.0)
+
+
+@triton.jit
+def chunk_log_decay(
+    g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE: tl.constexpr, CONST: tl.constexpr, GATE: tl.constexpr
+):
     """(in-chunk inclusive cumsum b of the log-decay, b_last - b as a suffix sum, chunk total), float32.
 
     The suffix sum keeps the decay to the chunk end exact for the latest tokens (a difference of
     two long prefix sums would lose it to rounding). MODE 1: [C], [C] and a scalar, from g [rows, Hkv] or, with CONST, g [Hkv] for every token.
     MODE 2: [C, BK], [C, BK] and [BK], from g [rows, Hkv, K]. Rows past the sequence add nothing.
+    GATE (MODE 2 only): 0.0, g holds log-decays; > 0, g holds the raw keys and the log-decay is
+    `key_gate`'s logsigmoid(g) / GATE, computed here from the loaded keys.
     """
     if MODE == 1:
         if CONST:
@@ -119,15 +134,19 @@ def chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE: tl.con
             g = tl.load(g_ptr + rows.to(tl.int64) * kv_heads + hk, mask=row_mask, other=0.0).to(tl.float32)
     else:
         offs = (rows.to(tl.int64) * kv_heads + hk)[:, None] * dk + kcols[None, :]
-        g = tl.load(g_ptr + offs, mask=row_mask[:, None] & (kcols < dk)[None, :], other=0.0).to(tl.float32)
+        mask = row_mask[:, None] & (kcols < dk)[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATE > 0:
+            g = key_gate(g, mask, GATE)
     return tl.cumsum(g, axis=0), tl.cumsum(g, axis=0, reverse=True) - g, tl.sum(g, axis=0)
 
 
 @triton.jit
-def hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk):
+def hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, GATE: tl.constexpr):
     """The GQA-hoisted kernels' vector decay on one chunk, kv head and K tile: (b, the in-chunk cumsum [C, BK];
-    to_end, b_last - b [C, BK]; top, b's max over the chunk [BK]; whether the whole-chunk form holds)."""
-    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False)
+    to_end, b_last - b [C, BK]; top, b's max over the chunk [BK]; whether the whole-chunk form holds). GATE as
+    in `chunk_log_decay`."""
+    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, 2, False, GATE)
     top, bot, whole = whole_chunk(b, True)
     return b, to_end, top, whole
 

@@ -93,6 +93,7 @@ def _chunk_states_kernel(
     BV: tl.constexpr,
     MODE: tl.constexpr,
     CONST: tl.constexpr,
+    GATE: tl.constexpr,
     HAS_H0: tl.constexpr,
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -122,7 +123,7 @@ def _chunk_states_kernel(
         if MODE == 0:
             state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
         else:
-            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST, GATE)
             if MODE == 1:
                 k = k * tl.exp(to_end)[:, None]
                 state = state * tl.exp(b_last)
@@ -159,6 +160,7 @@ def _chunk_contrib_kernel(
     BV: tl.constexpr,
     MODE: tl.constexpr,
     CONST: tl.constexpr,
+    GATE: tl.constexpr,
     VARLEN: tl.constexpr,
     SV: tl.constexpr,
     QUERY: tl.constexpr,
@@ -182,7 +184,7 @@ def _chunk_contrib_kernel(
     row_mask = rows < eos
     kcols = i_k * BK + tl.arange(0, BK)
     vcols = tl.arange(0, BV)
-    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+    b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST, GATE)
     if QUERY:
         factor = tl.exp(b)
     else:
@@ -412,6 +414,7 @@ def _chunk_output_kernel(
     BV: tl.constexpr,
     MODE: tl.constexpr,
     CONST: tl.constexpr,
+    GATE: tl.constexpr,
     VARLEN: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
@@ -442,7 +445,7 @@ def _chunk_output_kernel(
         state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
         state = tl.load(h_ptr + state_offs, mask=state_mask, other=0.0).to(q.dtype)
         if MODE == 2:
-            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST)
+            b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, MODE, CONST, GATE)
             part, qd = lower_scores(q.to(tl.float32), k.to(tl.float32), b, C, SUB, F32_PRECISION, PATH)
             scores += part
             o += tl.dot(qd.to(q.dtype), state, input_precision=PRECISION)
@@ -450,7 +453,7 @@ def _chunk_output_kernel(
             o += tl.dot(q, state, input_precision=PRECISION)
             scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MODE == 1:
-        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST)
+        b, to_end, b_last = chunk_log_decay(g_ptr, rows, row_mask, hk, kv_heads, vcols, dk, MODE, CONST, GATE)
         o = o * tl.exp(b)[:, None]
         scores = scores * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
     else:
@@ -486,6 +489,7 @@ def _chunk_output_hoisted_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     VARLEN: tl.constexpr,
+    GATE: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
 ):
@@ -505,7 +509,7 @@ def _chunk_output_hoisted_kernel(
     rows, row_mask, group = chunk_rows(seq, local, bounds_ptr, chunk_start_ptr, T, heads, kv_heads, C, VARLEN)
     kcols = tl.arange(0, BK)
     vcols = i_v * BV + tl.arange(0, BV)
-    b, to_end, top, whole = hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk)
+    b, to_end, top, whole = hoisted_decay(g_ptr, rows, row_mask, hk, kv_heads, kcols, dk, GATE)
     if i_v == 0:
         tl.store(flags_ptr + i_c * kv_heads + hk, tl.where(whole, 0, 1))
     if whole:
@@ -536,20 +540,25 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def decay_args(g: torch.Tensor | None, decay: str, dummy: torch.Tensor) -> dict:
-    """g as the kernels read it (no copy for contiguous g) and its mode flags."""
+def decay_args(g: torch.Tensor | None, decay: str, dummy: torch.Tensor, key_gate: float = 0.0) -> dict:
+    """g as the kernels read it (no copy for contiguous g) and its mode flags. key_gate > 0 (decay "vector"
+    only): g holds the raw keys and the kernels compute the log-decay logsigmoid(g) / key_gate themselves
+    (`triton_common.chunk_log_decay`'s GATE)."""
+    if key_gate and decay != "vector":
+        raise ValueError(f'linear_attention: the in-kernel key gate needs decay "vector", got {decay!r}')
     return {
         "g": dummy if g is None else g.contiguous(),
         "MODE": DECAY_MODE[decay],
         "CONST": decay == "constant",
+        "GATE": float(key_gate),
     }
 
 
-def prepare(q, k, g, decay, cu_seqlens):
+def prepare(q, k, g, decay, cu_seqlens, key_gate=0.0):
     """(chunks, decay arguments) for the chunked kernels."""
     batch, length, _, dk = q.shape
     check_head_dims(dk, k.shape[-1])
-    return Chunks(batch, length, cu_seqlens, CHUNK, q.device), decay_args(g, decay, q)
+    return Chunks(batch, length, cu_seqlens, CHUNK, q.device), decay_args(g, decay, q, key_gate)
 
 
 def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float32, wide=False):
@@ -590,6 +599,7 @@ def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float3
         BV=bv,
         MODE=mode,
         CONST=decay_kw["CONST"],
+        GATE=decay_kw["GATE"],
         HAS_H0=initial_state is not None,
         VARLEN=chunks.varlen,
         PRECISION=precision(k.dtype),
@@ -641,6 +651,7 @@ def scan_terms(x, y, decay_kw, chunks, kv_heads, scale, *, query, wide):
         BV=full_v,
         MODE=mode,
         CONST=decay_kw["CONST"],
+        GATE=decay_kw["GATE"],
         VARLEN=chunks.varlen,
         SV=bv,
         QUERY=query,
@@ -678,6 +689,7 @@ def chunk_forward(
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     save: bool = False,
+    key_gate: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
     """Causal chunked linear attention: (o [B, T, H, V] in q's dtype, final state [N, Hkv, K, V] float32).
 
@@ -685,13 +697,15 @@ def chunk_forward(
     (`triton_backward.chunk_backward(..., saved=(h, final))`). They are then computed as the backward's
     recompute computes them (`wide` with a decay: float32 operands, for dg), so the gradients are unchanged
     by keeping them; the outputs come from those states (a rounding-level difference from save=False).
+    key_gate > 0 (decay "vector"): g holds the raw keys [B, T, Hkv, K] and the log-decay is
+    logsigmoid(g) / key_gate, computed inside the kernels.
     """
     if q.dtype == torch.float64:
         raise ValueError("linear_attention: the Triton kernels take float32/float16/bfloat16, got float64")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, length, heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[-1]
-    chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens)
+    chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens, key_gate)
     mode = decay_kw["MODE"]
     # the backward's recompute is chunk_states(..., wide=mode != 0) (triton_backward.chunk_backward)
     h, ht = chunk_states(k, v, decay_kw, initial_state, chunks, wide=save and mode != 0)
@@ -707,8 +721,8 @@ def chunk_forward(
         flags = torch.empty((chunks.max_chunks, kv_heads), dtype=torch.int32, device=q.device)
         _chunk_output_hoisted_kernel[(chunks.max_chunks, cdiv(dv, bv), kv_heads)](
             q, k, v, decay_kw["g"], h, o, flags, bounds, chunk_start, table, n, length, heads, kv_heads, dk, dv,
-            scale, C=chunks.chunk, BK=bk, BV=bv, VARLEN=chunks.varlen, PRECISION=prec, F32_PRECISION=prec,
-            num_warps=warps,
+            scale, C=chunks.chunk, BK=bk, BV=bv, VARLEN=chunks.varlen, GATE=decay_kw["GATE"], PRECISION=prec,
+            F32_PRECISION=prec, num_warps=warps,
         )
     bk, bv, warps = OUTPUT_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)
@@ -737,6 +751,7 @@ def chunk_forward(
         BV=bv,
         MODE=mode,
         CONST=decay_kw["CONST"],
+        GATE=decay_kw["GATE"],
         VARLEN=chunks.varlen,
         PRECISION=prec,
         F32_PRECISION=prec,
