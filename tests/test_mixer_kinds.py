@@ -224,6 +224,36 @@ def test_lawcat_matches_conv_then_normalised_gated_linear_attention():
     _real_rows(got, want, valid)
 
 
+@pytest.mark.parametrize("feature_map", ["identity", "elu1"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gla_gate_is_the_kernels_own_without_padding(monkeypatch, feature_map, padded):
+    """Without padding the GLA mixer hands the raw keys to the linear-attention op as its vector gate (key_gate =
+    the normaliser, no log-decay tensor made before it); with padding it passes the masked log-decays. Either way
+    the output is the gated recurrence with gates logsigmoid(k) / N from the keys before the feature map."""
+    from rewrite.kernels.linear_attention import api
+
+    q, k, v, valid, _ = _inputs(3)
+    if not padded:
+        valid = torch.ones_like(valid)
+    gates_seen = []
+    forward = api.linear_attention_forward
+
+    def spy(*args):
+        gates_seen.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setattr(api, "linear_attention_forward", spy)
+    got = gla_mixer(q, k, v, mask=_mask(valid) if padded else None, scale=SCALE, feature_map=feature_map,
+                    gate="vector", gate_normalizer=8.0)
+    assert gates_seen == ([0.0] if padded else [8.0])
+    phi = (lambda x: F.elu(x) + 1) if feature_map == "elu1" else (lambda x: x)
+    want = torch.zeros_like(got)
+    for b in range(B):
+        want[b] = _gla_loop(phi(q[b]), phi(k[b]), v[b], F.logsigmoid(k[b].transpose(0, 1)) / 8.0, valid[b],
+                            normalize=False)
+    _real_rows(got, want, valid)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_sliding_window_matches_the_softmax_loop(padded):
     q, k, v, valid, _ = _inputs(3)

@@ -132,6 +132,7 @@ def mix(
     valid: torch.Tensor | None = None,
     feature_weights: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     cu_seqlens: torch.Tensor | None = None,
+    key_gate_normalizer: float | None = None,
 ) -> torch.Tensor:
     """Linear attention in SDPA layout: q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] -> [B, H, L, Dv].
 
@@ -140,17 +141,21 @@ def mix(
     valid [B, L] (bool) marks real tokens: padded ones neither write the state nor decay it.
     g is in the kernel's layout ([Hkv], [B, L, Hkv] or [B, L, Hkv, K]). feature_weights holds the
     (q, k) matrices of a learned feature map. cu_seqlens [N + 1] packs N sequences into B == 1: the
-    state (and the normaliser's running sum) starts from zero at each sequence.
+    state (and the normaliser's running sum) starts from zero at each sequence. key_gate_normalizer (with g
+    None, no padding and no learned feature map): the kernels derive the decay from k themselves
+    (`linear_attention(key_gate_normalizer=)`).
     """
     from rewrite.kernels.linear_attention import linear_attention  # loaded on first use, not with the pass
 
     scale = default_scale(q, scale)
+    if key_gate_normalizer is not None and (valid is not None or feature_map in LEARNED_FEATURE_MAPS):
+        raise ValueError("mix: a key gate derived in the kernels takes neither padding nor a learned feature map")
     qt, kt, vt, g, kernel_map = _kernel_inputs(q, k, v, g, feature_map, normalize, feature_weights)
     if valid is not None:
         vt = vt * valid[:, :, None, None].to(vt.dtype)
     o, _ = linear_attention(
         qt, kt, vt, g, decay=decay, scale=scale, causal=causal,
-        feature_map=kernel_map, cu_seqlens=cu_seqlens,
+        feature_map=kernel_map, cu_seqlens=cu_seqlens, key_gate_normalizer=key_gate_normalizer,
     )
     return _normalized(o, normalize).transpose(1, 2)
 

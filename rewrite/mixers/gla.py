@@ -3,7 +3,9 @@
 The log-gate is `rewrite.kernels.linear_attention`'s key gate: logsigmoid(k) / normalizer per key dim
 ("vector") or logsigmoid(mean_K k) / normalizer per head ("scalar"), from the keys as the attention
 site sees them (after RoPE / QK-norm where the model applies them), before the feature map. A
-learned feature map that widens the keys repeats the per-dim gate over the new dims.
+learned feature map that widens the keys repeats the per-dim gate over the new dims. Without padding
+the vector gate is computed inside the kernels from the keys they read
+(`rewrite.kernels.linear_attention.api.KERNEL_KEY_GATE`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from rewrite.mixers.common import (
+    LEARNED_FEATURE_MAPS,
     check_packed,
     mask_log_decay,
     mix,
@@ -53,10 +56,14 @@ def gla_mixer(
     weights = split_feature_weights(feature_map, feature_weights, layer)
     check_packed(q, mask, cu_seqlens, layer)
     valid = padding_validity(mask, q.shape[0], causal=True, negated=mask_negated, check=check_mask, layer=layer)
-    g = mask_log_decay(key_gate(k, gate, gate_normalizer), valid)
+    # without padding the vector gate is the kernels' own (from the raw keys as they read them): no float32
+    # [B, L, Hkv, D] log-decay is written; padding needs the masked log-decay, a learned map its widened gate
+    in_kernels = valid is None and gate == "vector" and feature_map not in LEARNED_FEATURE_MAPS
+    g = None if in_kernels else mask_log_decay(key_gate(k, gate, gate_normalizer), valid)
     out = mix(
         q, k, v, g=g, decay=gate, causal=True, scale=scale, feature_map=feature_map, normalize=normalize,
         valid=valid, feature_weights=weights, cu_seqlens=cu_seqlens,
+        key_gate_normalizer=gate_normalizer if in_kernels else None,
     )
     return observe(out, q, k, v, valid=valid, causal=True, scale=scale, layer=layer, cu_seqlens=cu_seqlens,
                    teacher_qk=teacher_qk)
