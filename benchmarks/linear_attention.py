@@ -8,7 +8,7 @@ reference; kernel launches per call; the timing table; optionally (--sweep) the 
 Run: python -m benchmarks.linear_attention [--lengths 2048,8192] [--out runs/linear_attention.json]
 Old vs new only: python -m benchmarks.linear_attention --sweep-only --decays vector [--sweep-breakdown]
 Key gate in the kernels vs in PyTorch: python -m benchmarks.linear_attention --sweep-only --decays "vector keygate"
---sweep-variants "base,key gate in torch" ("vector keygate": no g input, `key_gate_normalizer` from the keys).
+--sweep-variants "base,key gate in kernels" ("vector keygate": no g input, `key_gate_normalizer` from the keys).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ KV_H = H
 """Query heads, key / value heads and head dim of every timed call (`--sweep-shape` changes them for a sweep)."""
 KEY_GATE_DECAY = "vector keygate"
 """A decay name of this benchmark (with --decays): the vector decay from the keys' gate, `key_gate_normalizer=16` and
-no g input; computed inside the kernels unless the "key gate in torch" sweep variant turns `api.KERNEL_KEY_GATE` off."""
+no g input; computed with PyTorch ops before the kernels unless the "key gate in kernels" sweep variant turns `api.KERNEL_KEY_GATE`
+on."""
 KEY_GATE_NORMALIZER = 16.0
 
 
@@ -343,7 +344,7 @@ SWEEP = {
     # the vector key gate (`linear_attention(..., key_gate_normalizer=N)`, --decays "vector keygate") computed with
     # PyTorch ops before the kernels (a float32 [B, T, Hkv, K] log-decay written and read back) instead of inside
     # them from the raw keys (the default, not yet timed on a GPU); changes nothing for the other decays
-    "key gate in torch": [("api", "KERNEL_KEY_GATE", False)],
+    "key gate in kernels": [("api", "KERNEL_KEY_GATE", True)],
 }
 
 

@@ -228,7 +228,7 @@ def test_lawcat_matches_conv_then_normalised_gated_linear_attention():
 @pytest.mark.parametrize("padded", [False, True])
 def test_gla_gate_is_the_kernels_own_without_padding(monkeypatch, feature_map, padded):
     """Without padding the GLA mixer hands the raw keys to the linear-attention op as its vector gate (key_gate =
-    the normaliser, no log-decay tensor made before it); with padding it passes the masked log-decays. Either way
+    the normaliser, no log-decay tensor made before it; with `KERNEL_KEY_GATE` on); with padding it passes the masked log-decays. Either way
     the output is the gated recurrence with gates logsigmoid(k) / N from the keys before the feature map."""
     from rewrite.kernels.linear_attention import api
 
@@ -243,6 +243,7 @@ def test_gla_gate_is_the_kernels_own_without_padding(monkeypatch, feature_map, p
         return forward(*args)
 
     monkeypatch.setattr(api, "linear_attention_forward", spy)
+    monkeypatch.setattr(api, "KERNEL_KEY_GATE", True)
     got = gla_mixer(q, k, v, mask=_mask(valid) if padded else None, scale=SCALE, feature_map=feature_map,
                     gate="vector", gate_normalizer=8.0)
     assert gates_seen == ([0.0] if padded else [8.0])

@@ -598,10 +598,12 @@ def test_linear_attention_decays_zigzag(decay: str, save: bool, monkeypatch) -> 
 def test_linear_attention_key_gate_zigzag(save: bool, monkeypatch) -> None:
     """The vector key gate that the kernels compute from the raw keys (the ops' key_gate): the split form computes
     it from the raw keys itself; outputs and gradients (the keys' through the attention and the gate) as unsplit."""
+    from rewrite.kernels.linear_attention import api as la_api
     from rewrite.kernels.linear_attention import linear_attention
     from rewrite.kernels.linear_attention import op as la_op
 
     monkeypatch.setattr(la_op, "SAVE_STATES", save)
+    monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", True)
 
     def attend(q, k, v):
         return linear_attention(q, k, v, key_gate_normalizer=4.0, feature_map="elu")[0]

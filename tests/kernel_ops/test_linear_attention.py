@@ -896,6 +896,7 @@ def test_key_gate_through_the_op_grads_reach_the_raw_keys(feature_map, save, mon
     the initial state against float64 autograd through the PyTorch gate (`KERNEL_KEY_GATE` off, reference ops).
     The gate was not computed with PyTorch ops."""
     monkeypatch.setattr(la_op, "SAVE_STATES", save)
+    monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", True)
     monkeypatch.setattr(la_api, "log_decay_from_keys", gate_outside_is_an_error)
     monkeypatch.setattr(la_op, "log_decay_from_keys", gate_outside_is_an_error)
     case = Case("vector", batch=1, length=70, heads=4, kv_heads=2, dk=32, dv=24, cu_seqlens=(0, 2, 5, 70))
@@ -960,6 +961,7 @@ def test_compile_fullgraph_with_the_key_gate(save, monkeypatch):
     graph break, forward and backward match eager (q and the raw keys'
     gradients, the latter through the attention and the gate); the exported op gets key_gate = 16."""
     monkeypatch.setattr(la_op, "SAVE_STATES", save)
+    monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", True)
     case = Case("vector", batch=1, length=20, dk=16, dv=8, cu_seqlens=(0, 5, 20))
     x = make_inputs(case, torch.float32, "cpu")
     args = [x["q"].requires_grad_(), x["k"].requires_grad_(), x["v"], x["cu_seqlens"]]
@@ -1181,6 +1183,7 @@ def test_cuda_key_gate_bfloat16_against_float64(feature_map, monkeypatch):
     """The vector key gate in the kernels on the GPU (bf16 raw keys read as g), through the public op with GQA 4 at
     K = V = 64 and packed sequences: output, final state and the gradients of q, the raw keys (attention and gate),
     v and the initial state within 1e-2 of float64 autograd through the PyTorch gate (reference ops on the CPU)."""
+    monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", True)
     case = Case("vector", batch=1, length=700, heads=8, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 130, 700))
     x = make_inputs(case, torch.bfloat16, "cuda")
     names = ("q", "k", "v", "initial_state")

@@ -11,13 +11,14 @@ from .op import (
     state_dtype,
 )
 
-KERNEL_KEY_GATE = True
+KERNEL_KEY_GATE = False
 """`linear_attention(..., key_gate_normalizer=N)` with decay "vector": True, the chunked kernels compute the
 log-decay logsigmoid(k) / N from the raw keys as they read them (the ops get g = the raw keys and key_gate = N, so
 no float32 [B, T, Hkv, K] log-decay tensor is written and read back; the backward still returns the raw keys'
 gradient through both the attention and the gate); False, the log-decay is computed with PyTorch ops before the
 op (`feature_maps.log_decay_from_keys`), as before. Read at every call. The scalar key gate and the decode steps
-(`linear_attention_step`) always use the PyTorch form. Not yet timed on a GPU (NOTES.md, "Key gate in the kernels")."""
+(`linear_attention_step`) always use the PyTorch form. Off until it is timed and checked on a GPU (NOTES.md, "Key gate
+in the kernels"; `benchmarks.linear_attention`'s sweep variant "key gate in kernels")."""
 
 
 def _prepare(q, k, g, decay, scale, feature_map, key_gate_normalizer, kernel_gate=False):
@@ -71,8 +72,8 @@ def linear_attention(
     causal=False (decay "none" only): every token sees all tokens of its sequence.
     feature_map ("identity", "softmax", "elu", "relu") is applied to q and k.
     key_gate_normalizer: derive g from the raw keys instead of passing it (see
-    `feature_maps.log_decay_from_keys`); decay defaults to "vector" then. The vector gate is computed
-    inside the kernels from the raw keys (`KERNEL_KEY_GATE`), the scalar one before them.
+    `feature_maps.log_decay_from_keys`); decay defaults to "vector" then. With `KERNEL_KEY_GATE` the vector
+    gate is computed inside the kernels from the raw keys; the scalar one always before them.
     """
     checks.check_qkv(q, k, v)
     if not isinstance(causal, bool):
