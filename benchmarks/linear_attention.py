@@ -341,9 +341,9 @@ SWEEP = {
     # BV 32: twice the programs (8192 at the model shape), the kv-head work redone per V tile; sm_90 compile 188
     # registers, no spill (BV 64: 204, no spill; either at 4 warps spills: 80 / 216 B)
     "output hoisted bv32": [_OUTPUT_ANY_K, ("triton_forward", "OUTPUT_HOISTED_TILES", (32, 8))],
-    # the vector key gate (`linear_attention(..., key_gate_normalizer=N)`, --decays "vector keygate") computed with
-    # PyTorch ops before the kernels (a float32 [B, T, Hkv, K] log-decay written and read back) instead of inside
-    # them from the raw keys (the default, not yet timed on a GPU); changes nothing for the other decays
+    # the vector key gate (`linear_attention(..., key_gate_normalizer=N)`, --decays "vector keygate") computed inside
+    # the kernels from the raw keys instead of with PyTorch ops before them (the default: a float32 [B, T, Hkv, K]
+    # log-decay written and read back); changes nothing for the other decays
     "key gate in kernels": [("api", "KERNEL_KEY_GATE", True)],
 }
 

@@ -886,6 +886,23 @@ def gate_outside_is_an_error(*args, **kwargs):
     raise AssertionError("the vector key gate was computed with PyTorch ops")
 
 
+KEY_GATE_LEAVES = ("q", "k", "v", "initial_state")
+
+
+def check_key_gate_against_float64(x, o, final, grads, do, dht, feature_map, tol, monkeypatch):
+    """o, final and the gradients of KEY_GATE_LEAVES (for the cotangents do, dht) within `tol` of float64 autograd
+    on the CPU through the PyTorch gate (`KERNEL_KEY_GATE` off, reference ops)."""
+    monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", False)
+    ref_leaves = {n: x[n].detach().cpu().double().requires_grad_() for n in KEY_GATE_LEAVES}
+    o_ref, final_ref = key_gate_public(ref_leaves, on_device(x, "cpu")["cu_seqlens"], feature_map, 16.0)
+    grads_ref = torch.autograd.grad((o_ref * do.cpu().double()).sum() + (final_ref * dht.cpu().double()).sum(),
+                                    list(ref_leaves.values()))
+    assert_close(o.cpu(), o_ref, tol, "o")
+    assert_close(final.cpu(), final_ref, tol, "final state")
+    for name, grad, expected in zip(KEY_GATE_LEAVES, grads, grads_ref):
+        assert_close(grad.cpu(), expected, tol, f"d{name}")
+
+
 @pytest.mark.parametrize("save", [True, False], ids=["saving op", "plain op"])
 @pytest.mark.parametrize("feature_map", ["identity", "elu"])
 def test_key_gate_through_the_op_grads_reach_the_raw_keys(feature_map, save, monkeypatch):
@@ -901,8 +918,7 @@ def test_key_gate_through_the_op_grads_reach_the_raw_keys(feature_map, save, mon
     monkeypatch.setattr(la_op, "log_decay_from_keys", gate_outside_is_an_error)
     case = Case("vector", batch=1, length=70, heads=4, kv_heads=2, dk=32, dv=24, cu_seqlens=(0, 2, 5, 70))
     x = make_inputs(case, torch.float32, kernel_device())
-    names = ("q", "k", "v", "initial_state")
-    leaves = {n: x[n].detach().clone().requires_grad_() for n in names}
+    leaves = {n: x[n].detach().clone().requires_grad_() for n in KEY_GATE_LEAVES}
     with triton_ops_here(), poisoned():
         out = []
         ops = ops_called(lambda: out.append(key_gate_public(leaves, x["cu_seqlens"], feature_map, 16.0)))
@@ -911,16 +927,7 @@ def test_key_gate_through_the_op_grads_reach_the_raw_keys(feature_map, save, mon
         grads = torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values()))
     assert ops == {"rewrite::linear_attention_saving" if save else "rewrite::linear_attention"}
     monkeypatch.undo()
-    monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", False)
-    ref_leaves = {n: x[n].detach().cpu().double().requires_grad_() for n in names}
-    o_ref, final_ref = key_gate_public(ref_leaves, on_device(x, "cpu")["cu_seqlens"], feature_map, 16.0)
-    grads_ref = torch.autograd.grad((o_ref * do.cpu().double()).sum() + (final_ref * dht.cpu().double()).sum(),
-                                    list(ref_leaves.values()))
-    tol = TOLERANCE[torch.float32]
-    assert_close(o.cpu(), o_ref, tol, "o")
-    assert_close(final.cpu(), final_ref, tol, "final state")
-    for name, grad, expected in zip(names, grads, grads_ref):
-        assert_close(grad.cpu(), expected, tol, f"d{name}")
+    check_key_gate_against_float64(x, o, final, grads, do, dht, feature_map, TOLERANCE[torch.float32], monkeypatch)
 
 
 @pytest.mark.parametrize("feature_map", ["identity", "elu"])
@@ -1186,20 +1193,11 @@ def test_cuda_key_gate_bfloat16_against_float64(feature_map, monkeypatch):
     monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", True)
     case = Case("vector", batch=1, length=700, heads=8, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 130, 700))
     x = make_inputs(case, torch.bfloat16, "cuda")
-    names = ("q", "k", "v", "initial_state")
-    leaves = {n: x[n].detach().clone().requires_grad_() for n in names}
+    leaves = {n: x[n].detach().clone().requires_grad_() for n in KEY_GATE_LEAVES}
     o, final = key_gate_public(leaves, x["cu_seqlens"], feature_map, 16.0)
     do, dht = torch.randn_like(o), torch.randn_like(final)
     grads = torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values()))
-    monkeypatch.setattr(la_api, "KERNEL_KEY_GATE", False)
-    ref_leaves = {n: x[n].detach().cpu().double().requires_grad_() for n in names}
-    o_ref, final_ref = key_gate_public(ref_leaves, x["cu_seqlens"].cpu(), feature_map, 16.0)
-    grads_ref = torch.autograd.grad((o_ref * do.cpu().double()).sum() + (final_ref * dht.cpu().double()).sum(),
-                                    list(ref_leaves.values()))
-    assert_close(o.cpu(), o_ref, 1e-2, "o")
-    assert_close(final.cpu(), final_ref, 1e-2, "final state")
-    for name, grad, expected in zip(names, grads, grads_ref):
-        assert_close(grad.cpu(), expected, 1e-2, f"d{name}")
+    check_key_gate_against_float64(x, o, final, grads, do, dht, feature_map, 1e-2, monkeypatch)
 
 
 @gpu
