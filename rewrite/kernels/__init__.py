@@ -18,6 +18,7 @@ else:
     from .kv_cache_attention import kv_cache_attention
     from .linear_attention import linear_attention, linear_attention_step
     from .rms_norm import rms_norm
+    from .rotary import rotary_embedding, rotary_embedding_pair
     from .short_conv import short_conv
     from .sliding_window import fill_ring_cache, sliding_window_attention, sliding_window_attention_step
 
@@ -29,6 +30,8 @@ else:
         "linear_attention",
         "linear_attention_step",
         "rms_norm",
+        "rotary_embedding",
+        "rotary_embedding_pair",
         "short_conv",
         "sliding_window_attention",
         "sliding_window_attention_step",
