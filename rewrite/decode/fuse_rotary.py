@@ -97,21 +97,14 @@ def _rotate_half_input(cat: object) -> tuple[fx.Node, list[fx.Node]] | None:
     return x, [cat, neg, neg.args[0], first]
 
 
-def _times(product: object, factor_of: fx.Node | None = None) -> tuple[fx.Node, fx.Node] | None:
-    """(the other factor, `factor_of`) of `aten.mul(a, b)` where one of a, b is `factor_of`; without
-    `factor_of`, (a, b) as they are."""
+def _factors(product: object) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) of `aten.mul(a, b)` of two tensors, else None."""
     if not is_op(product, aten.mul.Tensor) or len(product.args) != 2:
         return None
     a, b = product.args
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
         return None
-    if factor_of is None:
-        return a, b
-    if a is factor_of:
-        return b, a
-    if b is factor_of:
-        return a, b
-    return None
+    return a, b
 
 
 def rotation(add: fx.Node) -> Rotation | None:
@@ -120,18 +113,18 @@ def rotation(add: fx.Node) -> Rotation | None:
     if not is_op(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
         return None
     for cos_term, sin_term in (add.args, add.args[::-1]):
-        rotated_times_sin = _times(sin_term)
-        if rotated_times_sin is None:
+        sin_factors, cos_factors = _factors(sin_term), _factors(cos_term)
+        if sin_factors is None or cos_factors is None:
             continue
-        for rotated, sin in (rotated_times_sin, rotated_times_sin[::-1]):
+        for rotated, sin in (sin_factors, sin_factors[::-1]):
             found = _rotate_half_input(rotated)
             if found is None:
                 continue
             x, rotate_nodes = found
-            cos_and_x = _times(cos_term, x)
-            if cos_and_x is None or cos_and_x[0] is x:
+            others = [f for f in cos_factors if f is not x]
+            if len(others) != 1:  # x * cos, either order (not x * x)
                 continue
-            match = Rotation(add, x, cos_and_x[0], sin, [cos_term, sin_term, *rotate_nodes])
+            match = Rotation(add, x, others[0], sin, [cos_term, sin_term, *rotate_nodes])
             if _fusable(match):
                 return match
     return None
