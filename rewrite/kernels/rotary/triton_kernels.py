@@ -1,7 +1,8 @@
 """Triton kernels for the rotary position embedding (rotate-half form) and their launchers.
 
 One program rotates one row (the last dim) of one tensor. Products are rounded to the output dtype
-before they are added, and the sum rounded again, as PyTorch's separate `mul` and `add` kernels do.
+before they are added, and the sum rounded again, as PyTorch's separate `mul` and `add` kernels do (no
+fused multiply-add: the launches turn floating-point fusion off).
 The launchers run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before this
 module was imported.
 """
@@ -30,7 +31,7 @@ def _round(v, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
 def _rotate_row(
     x_ptr, cos_ptr, sin_ptr, out_ptr, row, n1, n2,
     xs0, xs1, xs2, xs3, cs0, cs1, cs2, cs3, ss0, ss1, ss2, ss3,
-    half, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
+    half, BLOCK: tl.constexpr, COMPUTE: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     i2 = row % n2
     i1 = (row // n2) % n1
@@ -48,23 +49,22 @@ def _rotate_row(
     s2 = tl.load(sin_row + (cols + half) * ss3, mask=mask, other=0.0).to(COMPUTE)
     out_ty = out_ptr.dtype.element_ty
     # rotate_half(x) = cat(-x2, x1): each product rounded to the output dtype, then the sum
-    bf16_bits: tl.constexpr = out_ty == tl.bfloat16
-    y1 = _round(x1 * c1, out_ty, bf16_bits) + _round((-x2) * s1, out_ty, bf16_bits)
-    y2 = _round(x2 * c2, out_ty, bf16_bits) + _round(x1 * s2, out_ty, bf16_bits)
+    y1 = _round(x1 * c1, out_ty, BF16_BITS) + _round((-x2) * s1, out_ty, BF16_BITS)
+    y2 = _round(x2 * c2, out_ty, BF16_BITS) + _round(x1 * s2, out_ty, BF16_BITS)
     out_row = out_ptr + row * (2 * half)
-    tl.store(out_row + cols, _round(y1, out_ty, bf16_bits).to(out_ty), mask=mask)
-    tl.store(out_row + half + cols, _round(y2, out_ty, bf16_bits).to(out_ty), mask=mask)
+    tl.store(out_row + cols, _round(y1, out_ty, BF16_BITS).to(out_ty), mask=mask)
+    tl.store(out_row + half + cols, _round(y2, out_ty, BF16_BITS).to(out_ty), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, n1, n2,
     xs0, xs1, xs2, xs3, cs0, cs1, cs2, cs3, ss0, ss1, ss2, ss3,
-    half, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
+    half, BLOCK: tl.constexpr, COMPUTE: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     _rotate_row(x_ptr, cos_ptr, sin_ptr, out_ptr, row, n1, n2, xs0, xs1, xs2, xs3, cs0, cs1, cs2, cs3,
-                ss0, ss1, ss2, ss3, half, BLOCK, COMPUTE)
+                ss0, ss1, ss2, ss3, half, BLOCK, COMPUTE, BF16_BITS)
 
 
 @triton.jit
@@ -73,15 +73,15 @@ def _rotary_pair_kernel(
     qs0, qs1, qs2, qs3, qcs0, qcs1, qcs2, qcs3, qss0, qss1, qss2, qss3,
     k_ptr, kcos_ptr, ksin_ptr, kout_ptr, k_n1, k_n2,
     ks0, ks1, ks2, ks3, kcs0, kcs1, kcs2, kcs3, kss0, kss1, kss2, kss3,
-    half, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
+    half, BLOCK: tl.constexpr, COMPUTE: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     if pid < q_rows:
         _rotate_row(q_ptr, qcos_ptr, qsin_ptr, qout_ptr, pid, q_n1, q_n2, qs0, qs1, qs2, qs3,
-                    qcs0, qcs1, qcs2, qcs3, qss0, qss1, qss2, qss3, half, BLOCK, COMPUTE)
+                    qcs0, qcs1, qcs2, qcs3, qss0, qss1, qss2, qss3, half, BLOCK, COMPUTE, BF16_BITS)
     else:
         _rotate_row(k_ptr, kcos_ptr, ksin_ptr, kout_ptr, pid - q_rows, k_n1, k_n2, ks0, ks1, ks2, ks3,
-                    kcs0, kcs1, kcs2, kcs3, kss0, kss1, kss2, kss3, half, BLOCK, COMPUTE)
+                    kcs0, kcs1, kcs2, kcs3, kss0, kss1, kss2, kss3, half, BLOCK, COMPUTE, BF16_BITS)
 
 
 def _four_dims(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -123,7 +123,8 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     half, block, compute = _meta(x, out)
     if rows.rows > 0 and half > 0:
         _rotary_kernel[(rows.rows,)](rows.x, rows.cos, rows.sin, out, rows.n1, rows.n2, *rows.args(), half,
-                                     BLOCK=block, COMPUTE=compute)
+                                     BLOCK=block, COMPUTE=compute,
+                                     BF16_BITS=out.dtype == torch.bfloat16, enable_fp_fusion=False)
     return out
 
 
@@ -140,6 +141,7 @@ def rotary_pair_forward(
         _rotary_pair_kernel[(qr.rows + kr.rows,)](
             qr.x, qr.cos, qr.sin, q_out, qr.rows, qr.n1, qr.n2, *qr.args(),
             kr.x, kr.cos, kr.sin, k_out, kr.n1, kr.n2, *kr.args(),
-            half, BLOCK=block, COMPUTE=compute,
+            half, BLOCK=block, COMPUTE=compute, BF16_BITS=q_out.dtype == torch.bfloat16,
+            enable_fp_fusion=False,
         )
     return q_out, k_out
