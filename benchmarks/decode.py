@@ -21,14 +21,16 @@ HF's sliding-window DynamicCache (its last W - 1 tokens, as generate() does), th
 decode past W (a prompt of W + 32 tokens), and the linearized model is built with the mixer pass's
 check_masks off (its linear mixers see the whole prefix: the window is dropped).
 
-With --fuse-projections, each linearized variant is also timed (on the same state) with the decode
-program whose sibling projections are fused (q / k / v and gate / up read as one weight each;
-rewrite.decode.fuse_projections), after a check that its token-by-token logits equal the full forward.
+With --fusions (names from FUSIONS: projections, norms, rotary; --fuse-projections is --fusions projections),
+each linearized variant is also timed (on the same state) with a decode program built with those decode fusions
+on (sibling projections read as one weight, RMSNorms and rotary embeddings as one kernel each; rewrite.decode.
+fuse_projections / fuse_norms / fuse_rotary), after a check that its token-by-token logits equal the full
+forward, and the rewrite softmax step is timed with them too.
 
 Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
 once at the measured copy bandwidth next to the batch-1 decode step.
 Run: python -m benchmarks.decode [--lengths 8192,32768] [--batches 1,64] [--out runs/decode.json] [--tiny]
-[--compile-step] [--inplace-step] [--fuse-projections] [--profile-step] [--sdpa-attention-too] [--sliding-window W]
+[--compile-step] [--inplace-step] [--fusions projections,norms,rotary] [--profile-step] [--sdpa-attention-too] [--sliding-window W]
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch
 
 import rewrite
 from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
-from benchmarks.variants import apply_changes, restore
+from benchmarks.variants import FUSIONS, apply_changes, fusion_names, restore
 from rewrite.decode import decode_program, sites
 from rewrite.decode.compiled import CompiledStep
 from rewrite.decode.cuda_graph import GraphedStep
@@ -82,23 +84,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def fused_program(om: Any) -> Any:
-    """A decode program of `om` with its sibling projections fused, built beside the default one (which
+def fused_program(om: Any, fusions: list[str]) -> Any:
+    """A decode program of `om` built with the decode fusions `fusions` on, beside the default one (which
     `decode_program(om)` keeps returning)."""
-    undo = apply_changes("rewrite.decode", [("fuse_projections", "FUSE_SIBLING_PROJECTIONS", True)])
+    undo = apply_changes("rewrite.decode", [(*FUSIONS[name], True) for name in fusions])
     try:
         return decode_program_copy(om)
     finally:
         restore(undo)
 
 
-def optioned_program(om: Any, text: str, fused: bool) -> Any:
+def optioned_program(om: Any, text: str, fusions: list[str]) -> Any:
     """A decode program of `om` built beside the default one, whose step compiles with the Inductor options
-    `text` ("name=value,...") and, with `fused`, sibling projections fused."""
+    `text` ("name=value,...") and with the decode fusions `fusions` on."""
     from rewrite.decode import program as program_module
 
     program_module.STEP_INDUCTOR_OPTIONS = inductor_options(text)
-    return fused_program(om) if fused else decode_program_copy(om)
+    return fused_program(om, fusions) if fusions else decode_program_copy(om)
 
 
 def decode_program_copy(om: Any) -> Any:
@@ -108,23 +110,31 @@ def decode_program_copy(om: Any) -> Any:
     return DecodeProgram(om.source, om.plan, dict(om.named_parameters()))
 
 
-def fused_name(name: str) -> str:
-    """A variant's name with "fused projections" added ("linearized (graph)" -> "linearized (graph, fused
-    projections)")."""
-    return f"{name[:-1]}, fused projections)" if name.endswith(")") else f"{name} (fused projections)"
+def fused_label(fusions: list[str]) -> str:
+    """How a fused program's rows say which fusions it has: "fused projections", "fused norms + rotary"."""
+    return "fused " + " + ".join(fusions)
+
+
+def fused_name(name: str, fusions: list[str]) -> str:
+    """A variant's name with its fusions added ("linearized (graph)" -> "linearized (graph, fused norms)")."""
+    label = fused_label(fusions)
+    return f"{name[:-1]}, {label})" if name.endswith(")") else f"{name} ({label})"
 
 
 def check(model: Any, lin: Any, soft: Any, device: str, compile_step: bool = False,
-          fused: Any = None) -> dict[str, str]:
+          fused: Any = None, soft_fused: Any = None, label: str = "fused") -> dict[str, str]:
     """Relative errors of token-by-token decoding against the full forward, graph vs eager, and (with
-    `compile_step`) the compiled step vs the eager one; with `fused` (a fused-projection program of `lin`)
-    the same for it. With a sliding window the prompt passes it, so the ring caches have wrapped."""
+    `compile_step`) the compiled step vs the eager one; with `fused` / `soft_fused` (programs of `lin` / `soft`
+    with decode fusions, named by `label`) the same for them. With a sliding window the prompt passes it, so the
+    ring caches have wrapped."""
     out = {}
     prompt = 32 + (model_window(model)[0] or 0)
     ids = torch.randint(0, model.config.vocab_size, (2, prompt + 16), device=device)
     programs = [("linearized", lin, decode_program(lin)), ("rewrite softmax", soft, decode_program(soft))]
     if fused is not None:
-        programs.append(("linearized (fused projections)", lin, fused))
+        programs.append((f"linearized ({label})", lin, fused))
+    if soft_fused is not None:
+        programs.append((f"rewrite softmax ({label})", soft, soft_fused))
     for name, om, program in programs:
         full = om(input_ids=ids).logits
         state = program.new_state(2, ids.shape[1])
@@ -152,7 +162,7 @@ def check(model: Any, lin: Any, soft: Any, device: str, compile_step: bool = Fal
         out["linearized: compiled step vs eager step rel err"] = f"{rel_err(logits[1], logits[0]):.1e}"
         if fused is not None:
             mine = torch.cat(static_steps(fused, ids, prompt, device, True), 1)
-            out["linearized: compiled fused step vs eager step rel err"] = f"{rel_err(mine, logits[0]):.1e}"
+            out[f"linearized: compiled step ({label}) vs eager step rel err"] = f"{rel_err(mine, logits[0]):.1e}"
     return out
 
 
@@ -353,15 +363,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inplace-step", action="store_true",
                         help="write recurrent states in place and normalise inside the step kernel "
                              "(rewrite.decode.steps.INPLACE_STATE, rewrite.mixers.common.FUSED_STEP_NORMALIZE)")
-    parser.add_argument("--fuse-projections", action="store_true",
-                        help="also time each linearized variant with sibling projections fused "
-                             "(rewrite.decode.fuse_projections.FUSE_SIBLING_PROJECTIONS)")
+    parser.add_argument("--fusions", default="",
+                        help="comma-separated decode fusions (projections, norms, rotary): also time each linearized "
+                             "variant and the rewrite softmax step with a program built with them on")
+    parser.add_argument("--fuse-projections", action="store_true", help="the same as --fusions projections")
     parser.add_argument("--step-inductor-options", default="",
                         help="Inductor options of the compiled step, e.g. max_autotune=1,coordinate_descent_tuning=1 "
                              "(rewrite.decode.program.STEP_INDUCTOR_OPTIONS)")
     parser.add_argument("--step-inductor-variants", default="",
                         help="';'-separated Inductor option sets (each as --step-inductor-options): the compiled, "
-                             "graphed linearized step (fused when --fuse-projections) timed once more per set")
+                             "graphed linearized step (with --fusions' fusions) timed once more per set")
     parser.add_argument("--profile-step", action="store_true",
                         help="profile one step of each graphed linearized variant: its kernels, their count and time")
     parser.add_argument("--sdpa-attention-too", action="store_true",
@@ -372,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
                              "runs over ring caches of W slots (give contexts longer than W)")
     parser.add_argument("--out", default="runs/decode.json")
     args = parser.parse_args(argv)
+    fusions = fusion_names(args.fusions)
+    if args.fuse_projections and "projections" not in fusions:
+        fusions.insert(0, "projections")
     if args.step_inductor_options:
         from rewrite.decode import program
 
@@ -402,19 +416,21 @@ def main(argv: list[str] | None = None) -> None:
     lin = rewrite.optimize(model, [{"mixer": mixer}, "stateful"], example_kwargs=example)
     soft = rewrite.optimize(model, ["stateful"], example_kwargs=example)
     lin_program, soft_program = decode_program(lin), decode_program(soft)
-    fused = fused_program(lin) if args.fuse_projections else None
+    fused = fused_program(lin, fusions) if fusions else None
+    soft_fused = fused_program(soft, fusions) if fusions else None
+    label = fused_label(fusions)
     env = environment()
     env["optimize + decode programs s"] = f"{time.perf_counter() - t0:.1f}"
     if args.inplace_step:
         env["step"] = "in-place state, normalised in the kernel"
     if args.step_inductor_options:
         env["step Inductor options"] = args.step_inductor_options
-    if fused is not None:
+    if fused is not None and "projections" in fusions:
         env["fused projection groups"] = str(len(fused.fused.groups))
     if window is not None:
         env["sliding window"] = f"{window} tokens (rewrite softmax: ring caches; linearized: window dropped)"
     with torch.inference_mode():
-        env.update(check(model, lin, soft, device, args.compile_step, fused))
+        env.update(check(model, lin, soft, device, args.compile_step, fused, soft_fused, label))
         print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
         rows: list[Measurement] = []
         graphs = device == "cuda"
@@ -438,12 +454,12 @@ def main(argv: list[str] | None = None) -> None:
                 runs: list[tuple[str, Any, bool, bool]] = [
                     (name, lambda: lin_program, graphed, compiled) for name, graphed, compiled in variants]
                 if fused is not None:  # the same state: the fused program has the same sites
-                    runs += [(fused_name(name), lambda: fused, graphed, compiled)
+                    runs += [(fused_name(name, fusions), lambda: fused, graphed, compiled)
                              for name, graphed, compiled in variants]
                 for text in option_sets:  # a fresh program each: made when timed, then dropped
                     how = "graph + compiled" if graphs else "compiled"
-                    runs.append((f"linearized ({how}{', fused projections' if fused else ''}) [{text}]",
-                                 functools.partial(optioned_program, lin, text, fused is not None), graphs, True))
+                    runs.append((f"linearized ({how}{', ' + label if fused else ''}) [{text}]",
+                                 functools.partial(optioned_program, lin, text, fusions), graphs, True))
                 for name, make_program, graphed, compiled in runs if state is not None else []:
                     row = attempt(name, params, time_step, make_program(), state, graphed, device, args.runs, compiled,
                                   args.profile_step and graphed)
@@ -463,13 +479,16 @@ def main(argv: list[str] | None = None) -> None:
                 print(rows[-1], flush=True)
                 free = torch.cuda.mem_get_info()[0] if graphs else 1 << 34
                 cache = "KV cache" if window is None else "ring KV cache"
-                attentions = [(f"rewrite softmax ({cache})", sites.KV_CACHE_ATTENTION_KERNEL)]
+                attentions = [(f"rewrite softmax ({cache})", sites.KV_CACHE_ATTENTION_KERNEL, soft_program)]
+                if soft_fused is not None:
+                    attentions.append((f"rewrite softmax ({cache}, {label})", sites.KV_CACHE_ATTENTION_KERNEL,
+                                       soft_fused))
                 if args.sdpa_attention_too and sites.KV_CACHE_ATTENTION_KERNEL:
-                    attentions.append((f"rewrite softmax ({cache}, SDPA)", False))
-                for name, kernel in attentions if kv_bytes(model, batch, length) < 0.6 * free else []:
+                    attentions.append((f"rewrite softmax ({cache}, SDPA)", False, soft_program))
+                for name, kernel, program in attentions if kv_bytes(model, batch, length) < 0.6 * free else []:
                     undo = apply_changes("rewrite.decode", [("sites", "KV_CACHE_ATTENTION_KERNEL", kernel)])
                     try:
-                        row = attempt(name, params, time_random_kv, soft_program, batch, length, graphs, device, vocab,
+                        row = attempt(name, params, time_random_kv, program, batch, length, graphs, device, vocab,
                                       args.runs)
                     finally:
                         restore(undo)
@@ -496,10 +515,10 @@ def main(argv: list[str] | None = None) -> None:
         if batch1:
             best = min(r.median_ms for r in batch1)
             env["batch-1 linearized step / weight read"] = f"{best / floor_ms:.2f}x"
-        for label, fused_rows in (("unfused", False), ("fused projections", True)):
-            mine = [r for r in batch1 if ("fused projections" in r.name) == fused_rows]
+        for which, fused_rows in (("unfused", False), (label, True)):
+            mine = [r for r in batch1 if (label in r.name) == fused_rows]
             if fused is not None and mine:
-                env[f"batch-1 linearized step / weight read ({label})"] = (
+                env[f"batch-1 linearized step / weight read ({which})"] = (
                     f"{min(r.median_ms for r in mine) / floor_ms:.2f}x")
     shape = "Llama-shaped" if window is None else f"Mistral-shaped (sliding window {window})"
     title = f"Decode step, {shape} {'(tiny) ' if args.tiny else ''}model, linearized ({args.kind}) vs original"

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 import rewrite  # noqa: E402
 from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results  # noqa: E402
-from benchmarks.variants import apply_changes, restore  # noqa: E402
+from benchmarks.variants import FUSIONS, apply_changes, fusion_names, restore  # noqa: E402
 from rewrite.kernels.router import route  # noqa: E402
 from rewrite.kernels.router.reference import route_reference  # noqa: E402
 from rewrite.routing import skip_controls  # noqa: E402
@@ -458,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
                              "'f=0.5 shared'; default all; 'of ideal' needs none and all)")
     parser.add_argument("--attention-only", action="store_true",
                         help="time only the decode attention rows (SDPA, the split-KV kernel and its variants)")
+    parser.add_argument("--fusions", default="",
+                        help="comma-separated decode fusions (projections, norms, rotary) on for the whole run: the "
+                             "real decode steps' programs are built with them")
     args = parser.parse_args(argv)
     kv_kernel_variants(args.kv_kernel_variants)  # a malformed variant fails before the models are built
     kernel_set = kv_kernel_variants(args.kv_kernel_set.replace(";", ","))
@@ -466,9 +469,13 @@ def main(argv: list[str] | None = None) -> None:
     known = {"unrouted", "none", "all"} | {f"f={f} {kind}" for f in fractions for kind in ("spread", "shared")}
     if only is not None and not only <= known:
         raise SystemExit(f"--decode-variants: {sorted(only - known)} not among {sorted(known)}")
+    fusions = fusion_names(args.fusions)
     undo = apply_changes("rewrite.kernels.kv_cache_attention", kernel_set[0][1]) if kernel_set else []
+    undo += apply_changes("rewrite.decode", [(*FUSIONS[name], True) for name in fusions])
     if kernel_set:
         print(f"split-KV kernel launch for this run: {kernel_set[0][0]}", flush=True)
+    if fusions:
+        print(f"decode fusions for this run: {', '.join(fusions)}", flush=True)
     try:
         run(args, fractions, only)
     finally:

@@ -1,4 +1,4 @@
-"""Kernel variants for benchmark sweeps: module constants changed for one timing and restored after."""
+"""Variants for benchmark runs: module constants (kernel launches, decode fusions) changed for one timing or run and restored after."""
 
 from __future__ import annotations
 
@@ -24,3 +24,20 @@ def restore(undo: list[tuple[Any, str, Any]]) -> None:
     """Put back the values `apply_changes` replaced."""
     for mod, attr, old in reversed(undo):
         setattr(mod, attr, old)
+
+
+FUSIONS = {
+    "projections": ("fuse_projections", "FUSE_SIBLING_PROJECTIONS"),
+    "norms": ("fuse_norms", "FUSE_RMS_NORMS"),
+    "rotary": ("fuse_rotary", "FUSE_ROTARY"),
+}
+"""Decode fusions --fusions may name: (module of rewrite.decode, its switch)."""
+
+
+def fusion_names(text: str) -> list[str]:
+    """The decode fusions of a comma-separated list, checked against FUSIONS."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in FUSIONS]
+    if unknown:
+        raise SystemExit(f"--fusions: unknown {', '.join(unknown)}; choose from {', '.join(FUSIONS)}")
+    return names
