@@ -13,7 +13,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 from rewrite.capture import capture, order_kwargs
-from rewrite.decode import fuse_projections, fuse_rotary
+from rewrite.decode import fuse_norms, fuse_projections, fuse_rotary
 from rewrite.decode.fuse_projections import FusedWeights
 from rewrite.decode.program_meta import DecodeSignature
 from rewrite.decode.state import DecodeState
@@ -129,6 +129,9 @@ class DecodeProgram:
         self.fused: FusedWeights | None = None
         if fuse_projections.FUSE_SIBLING_PROJECTIONS:
             self.fused = fuse_projections.fuse_sibling_projections(self.graph_module)
+        self.fused_norms = 0
+        if fuse_norms.FUSE_RMS_NORMS:
+            self.fused_norms = fuse_norms.fuse_rms_norms(self.graph_module)
         self.fused_rotations = 0
         if fuse_rotary.FUSE_ROTARY:
             self.fused_rotations = fuse_rotary.fuse_rotary_embeddings(self.graph_module)

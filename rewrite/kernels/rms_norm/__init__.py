@@ -1,5 +1,5 @@
 """Fused RMSNorm."""
 
-from .op import rms_norm
+from .op import rms_norm, rms_norm_cast
 
-__all__ = ["rms_norm"]
+__all__ = ["rms_norm", "rms_norm_cast"]

@@ -23,3 +23,17 @@ def rms_norm_backward_reference(
     dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
     dweight = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0)
     return dx.to(x.dtype), dweight.to(weight.dtype)
+
+
+def rms_norm_cast_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, round_normed: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """RMSNorm with a Hugging Face model's cast order: the normalized rows in float32, rounded to x's dtype
+    first when `round_normed`, times (weight + weight_offset) in float32, rounded to `out_dtype`."""
+    xf = x.to(torch.float32)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if round_normed:
+        normed = normed.to(x.dtype).to(torch.float32)
+    scale = weight.to(torch.float32) + weight_offset
+    return (normed * scale).to(out_dtype)

@@ -26,6 +26,34 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, n_cols, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _round_to(value, dtype: tl.constexpr):
+    """float32 `value` rounded to `dtype` to nearest, ties to even. bfloat16 is rounded on the bits: Triton's
+    CPU interpreter truncates float32 -> bfloat16 where GPUs round (both give these bits)."""
+    if dtype == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(value != value, value.to(tl.bfloat16), rounded)
+    else:
+        return value.to(dtype)
+
+
+@triton.jit
+def _rms_norm_cast_fwd_kernel(
+    x_ptr, w_ptr, out_ptr, n_cols, eps, weight_offset, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    if ROUND_NORMED:
+        normed = _round_to(normed, x_ptr.dtype.element_ty).to(tl.float32)
+    scale = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
+    tl.store(out_ptr + row * n_cols + cols, _round_to(normed * scale, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     dy_ptr,
     x_ptr,
@@ -73,6 +101,22 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
     if x2.shape[0] > 0:
         _rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, n_cols, eps, BLOCK=_block(n_cols))
     return y.view(x.shape)
+
+
+def rms_norm_cast_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, round_normed: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """RMSNorm with a Hugging Face model's cast order (see `rms_norm_cast_reference`), one program per row."""
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols).contiguous()
+    out = new_empty(x2.shape, dtype=out_dtype, device=x.device)
+    if x2.shape[0] > 0:
+        _rms_norm_cast_fwd_kernel[(x2.shape[0],)](
+            x2, weight.contiguous(), out, n_cols, eps, weight_offset, ROUND_NORMED=round_normed,
+            BLOCK=_block(n_cols),
+        )
+    return out.view(x.shape)
 
 
 def rms_norm_backward(

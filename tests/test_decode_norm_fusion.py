@@ -1,0 +1,211 @@
+"""Fused RMSNorms in decode programs (`rewrite.decode.fuse_norms`): with the switch on, every Hugging Face
+RMSNorm of the step graph (2 per layer and the final one; Gemma3's 4 per layer; the q / k norms of Qwen3,
+Gemma3 and OLMo2) is one `rewrite::rms_norm_cast` call with the family's cast order, and the program gives
+the unfused program's logits (float32: within 1e-5; on the CPU they are in fact equal, bfloat16 too);
+LayerNorms and near-miss norms are left as they are; the compiled step still takes the whole graph."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+from conftest import stepwise_program_logits
+from test_decode_fusion import phi3
+from test_unfamiliar_families import olmo2
+from torch import nn
+
+import rewrite
+from examples.models import TARGETS
+from rewrite.capture import capture
+from rewrite.decode import decode_program, fuse_norms
+from rewrite.decode.fuse_norms import fuse_rms_norms, rms_norm_matches
+
+transformers = pytest.importorskip("transformers")
+
+aten = torch.ops.aten
+FUSED_OP = torch.ops.rewrite.rms_norm_cast.default
+ATOL, RTOL = 1e-5, 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@contextlib.contextmanager
+def fusing_norms(on: bool = True):
+    """FUSE_RMS_NORMS set to `on` inside the block, put back after it."""
+    before = fuse_norms.FUSE_RMS_NORMS
+    fuse_norms.FUSE_RMS_NORMS = on
+    try:
+        yield
+    finally:
+        fuse_norms.FUSE_RMS_NORMS = before
+
+
+def gemma3(batch: int = 2, length: int = 16):
+    """Hugging Face Gemma3 text decoder (4 norms per layer, q / k norms over the head dim, offset weights), tiny."""
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           vocab_size=128, max_position_embeddings=256, sliding_window=8)
+    ids = torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(0))
+    return transformers.Gemma3ForCausalLM(config).eval(), {"input_ids": ids}
+
+
+def olmo2_target(batch: int = 2, length: int = 16):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = olmo2().eval()
+    return model, {"input_ids": torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(0))}
+
+
+BUILDERS = {"llama": TARGETS["llama"], "qwen3": TARGETS["qwen3"], "phi3": phi3,
+            "gemma3": gemma3, "olmo2": olmo2_target, "gpt2": TARGETS["gpt2"]}
+
+
+@functools.cache
+def built(family: str, dtype: torch.dtype = torch.float32):
+    """(model, optimized module, token ids [2, 16]); norm weights drawn around their neutral value, so that a
+    wrong weight, offset or cast order shows in the logits."""
+    model, inputs = BUILDERS[family]()
+    model = model.to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2
+                        + (0.0 if family == "gemma3" else 1.0))
+    ids = inputs["input_ids"]
+    return model, rewrite.optimize(model, [], example_kwargs={"input_ids": ids}), ids
+
+
+def programs(om):
+    """(unfused program, fused program) of `om`."""
+    with fusing_norms(False):
+        plain = decode_program(om)
+    with fusing_norms(True):
+        fused = decode_program(om)
+    return plain, fused
+
+
+def calls(program) -> list[fx.Node]:
+    return [n for n in program.graph_module.graph.nodes if n.op == "call_function" and n.target is FUSED_OP]
+
+
+def count(program, target) -> int:
+    return sum(1 for n in program.graph_module.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+CASES = [  # (family, dtype, norms, (weight offset, rounds normed rows first) of every call)
+    ("llama", torch.float32, 5, (0.0, True)),
+    ("llama", torch.bfloat16, 5, (0.0, True)),
+    ("qwen3", torch.float32, 2 * 4 + 1, (0.0, True)),
+    ("phi3", torch.float32, 5, (0.0, True)),
+    ("gemma3", torch.float32, 2 * 6 + 1, (1.0, False)),
+    ("gemma3", torch.bfloat16, 2 * 6 + 1, (1.0, False)),
+    ("olmo2", torch.bfloat16, 2 * 4 + 1, (0.0, False)),
+]
+
+
+@pytest.mark.parametrize("family,dtype,norms,variant", CASES, ids=[f"{c[0]}-{str(c[1])[6:]}" for c in CASES])
+def test_every_norm_becomes_one_call_and_decodes_like_the_unfused_program(family, dtype, norms, variant):
+    model, om, ids = built(family, dtype)
+    plain, fused = programs(om)
+    assert plain.fused_norms == 0 and fused.fused_norms == norms
+    assert count(plain, aten.rsqrt.default) == norms
+    assert count(fused, aten.rsqrt.default) == 0 and count(fused, aten.pow.Tensor_Scalar) == 0
+    found = calls(fused)
+    assert len(found) == norms
+    assert {(n.args[3], n.args[4]) for n in found} == {variant}
+    assert all(n.args[5] == dtype and n.meta["val"].dtype == dtype for n in found)
+    state = dict(fused.graph_module.named_parameters())
+    weights = [str(n.args[1].target) for n in found]
+    assert len(set(weights)) == norms and all("norm" in w and w in state for w in weights)
+
+    got = stepwise_program_logits(fused, ids, 5)
+    expected = stepwise_program_logits(plain, ids, 5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(got, model(input_ids=ids, use_cache=False).logits, atol=ATOL, rtol=RTOL)
+    else:  # the CPU implementation of the op is the decomposed norm itself
+        assert torch.equal(got, expected)
+
+
+def test_layer_norms_are_left_alone():
+    """GPT-2's LayerNorms: nothing fused, the same graph."""
+    _, om, ids = built("gpt2")
+    plain, fused = programs(om)
+    assert fused.fused_norms == 0 and fused.code == plain.code
+    torch.testing.assert_close(stepwise_program_logits(fused, ids, 5), stepwise_program_logits(plain, ids, 5))
+
+
+class NearMissNorm(nn.Module):
+    """An RMSNorm written a little differently from every Hugging Face family's; `form` says how."""
+
+    def __init__(self, form: str, dim: int = 16):
+        super().__init__()
+        self.form = form
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "no_float_cast":
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        xf = x.to(torch.float32)
+        if self.form == "eps_clamped":
+            return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).clamp_min(1e-6))).to(x.dtype)
+        variance = xf.pow(2).mean(-1, keepdim=True)
+        normed = xf * torch.rsqrt(variance + 1e-6)
+        if self.form == "normed_read_twice":
+            return self.weight * normed.to(x.dtype) + normed.to(x.dtype)
+        if self.form == "variance_read_twice":
+            return self.weight * normed.to(x.dtype) + variance
+        if self.form == "weight_cast_to_x":  # T5-style: the weight's dtype decides the cast
+            return (self.weight.to(x.dtype) * normed).to(torch.float16)
+        if self.form == "non_state_weight":
+            return x.new_ones(x.shape[-1]) * normed.to(x.dtype)
+        assert self.form == "llama"
+        return self.weight * normed.to(x.dtype)
+
+
+@pytest.mark.parametrize("form", ["no_float_cast", "eps_clamped", "normed_read_twice", "variance_read_twice",
+                                  "weight_cast_to_x", "non_state_weight", "llama"])
+def test_near_miss_norms_are_left_alone(form):
+    """Captured as the decode program is: only the exact Hugging Face chain is fused."""
+    gm = capture(NearMissNorm(form).eval(), (torch.randn(2, 3, 16),)).graph_module
+    x = torch.randn(2, 5, 16)
+    expected, code = gm(x), gm.code
+    fused = fuse_rms_norms(gm)
+    torch.testing.assert_close(gm(x), expected, atol=ATOL, rtol=RTOL)
+    if form == "llama":  # the control: the same capture path does fuse the exact chain
+        assert fused == 1 and "rms_norm_cast" in gm.code and "rsqrt" not in gm.code
+    else:
+        assert fused == 0 and rms_norm_matches(gm) == [] and gm.code == code
+
+
+def test_compiled_step_takes_the_fused_program_whole():
+    """`compile_step=True` (Inductor, fullgraph) with the switch on: the unfused eager program's tokens."""
+    _, om, ids = built("llama")
+    with fusing_norms(False):
+        tokens = om.generate(ids, max_new_tokens=3, eos_token_id=[])
+    with fusing_norms(True):
+        assert decode_program(om).fused_norms == 5
+        assert torch.equal(om.generate(ids, max_new_tokens=3, eos_token_id=[], compile_step=True), tokens)
+
+
+def test_norm_weights_kept_in_float32_give_the_promoted_dtype():
+    """A Llama-style norm on bfloat16 activations with a float32 weight returns float32, as the model does."""
+    module = NearMissNorm("llama").eval()
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    gm = capture(module, (x,)).graph_module
+    expected = gm(x)
+    assert fuse_rms_norms(gm) == 1
+    (call,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is FUSED_OP]
+    assert call.args[3:] == (0.0, True, torch.float32)
+    got = gm(x)
+    assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
