@@ -427,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
         env["step Inductor options"] = args.step_inductor_options
     if fused is not None and "projections" in fusions:
         env["fused projection groups"] = str(len(fused.fused.groups))
+    for name, attr in (("norms", "fused_norms"), ("rotary", "fused_rotations")):
+        if name in fusions:  # how many calls each fused program holds (linearized / rewrite softmax)
+            env[f"fused {name} (linearized / softmax)"] = f"{getattr(fused, attr)} / {getattr(soft_fused, attr)}"
     if window is not None:
         env["sliding window"] = f"{window} tokens (rewrite softmax: ring caches; linearized: window dropped)"
     with torch.inference_mode():

@@ -179,3 +179,25 @@ def test_layer_skip_kv_kernel_set_holds_for_the_run_and_is_restored(tmp_path, mo
     assert triton_decode.BLOCK_N == default
     with pytest.raises(SystemExit, match="BLOCK_M"):
         layer_skip.main([*LAYER_SKIP_TINY, "--kv-kernel-set", "BLOCK_M=32", "--out", str(tmp_path / "x.json")])
+
+
+def test_decode_benchmark_times_programs_with_decode_fusions(tmp_path):
+    """`--tiny --fusions norms,rotary`: the linearized and rewrite softmax programs built with both fusions hold
+    one fused norm per RMSNorm and one rotary call per softmax layer, decode like the full forward, and their
+    steps are timed beside the default programs'."""
+    import json
+
+    from benchmarks.decode import main
+
+    out = tmp_path / "decode.json"
+    main(["--tiny", "--fusions", "norms,rotary", "--out", str(out)])
+    result = json.loads(out.read_text())
+    env = result["env"]
+    layers = 2  # benchmarks.decode's tiny model
+    linearized_norms, softmax_norms = (int(n) for n in env["fused norms (linearized / softmax)"].split(" / "))
+    assert linearized_norms == softmax_norms == 2 * layers + 1
+    assert int(env["fused rotary (linearized / softmax)"].split(" / ")[1]) == layers
+    for name in ("linearized (fused norms + rotary)", "rewrite softmax (fused norms + rotary)"):
+        assert float(env[f"{name}: step vs full rel err"]) < 1e-4, name
+    names = {r["name"] for r in result["rows"] if r["runs"] > 0}
+    assert {"linearized (fused norms + rotary)", "rewrite softmax (KV cache, fused norms + rotary)"} <= names
