@@ -2,7 +2,7 @@
 RMSNorm of the step graph (2 per layer and the final one; Gemma3's 4 per layer; the q / k norms of Qwen3,
 Gemma3 and OLMo2) is one `rewrite::rms_norm_cast` call with the family's cast order, and the program gives
 the unfused program's logits (float32: within 1e-5; on the CPU they are in fact equal, bfloat16 too);
-LayerNorms and near-miss norms are left as they are; the compiled step still takes the whole graph."""
+LayerNorms and near-miss norms are left as they are; the compiled step compiles the norms unfused."""
 
 from __future__ import annotations
 
@@ -188,13 +188,17 @@ def test_near_miss_norms_are_left_alone(form):
         assert fused == 0 and rms_norm_matches(gm) == [] and gm.code == code
 
 
-def test_compiled_step_takes_the_fused_program_whole():
-    """`compile_step=True` (Inductor, fullgraph) with the switch on: the unfused eager program's tokens."""
+def test_compiled_step_compiles_the_norms_unfused():
+    """`compile_step=True` (Inductor, fullgraph) with the switch on: Inductor gets the norms as the model wrote
+    them (it fuses them with their neighbours itself), the eager program keeps its fused calls, and the tokens
+    are the unfused program's."""
     _, om, ids = built("llama")
     with fusing_norms(False):
         tokens = om.generate(ids, max_new_tokens=3, eos_token_id=[])
     with fusing_norms(True):
-        assert decode_program(om).fused_norms == 5
+        program = decode_program(om)
+        assert program.fused_norms == 5 and "rms_norm_cast" in program.graph_module.code
+        assert "rms_norm_cast" not in program.compile_source.code and "rsqrt" in program.compile_source.code
         assert torch.equal(om.generate(ids, max_new_tokens=3, eos_token_id=[], compile_step=True), tokens)
 
 

@@ -2,7 +2,7 @@
 query and key rotations of every layer become one `rewrite::rotary_embedding_pair` call (partial rotary too),
 no rotate-half neg / cat stays, and a prefill plus decode steps give the unfused program's logits bitwise (on
 the CPU the op runs the decomposed expression itself; the Triton kernel's rounding is tested in
-tests/kernel_ops/test_rotary.py); GPT-J's interleaved rotation is left alone; the compiled step works."""
+tests/kernel_ops/test_rotary.py); GPT-J's interleaved rotation is left alone; the compiled step compiles the rotations unfused."""
 
 from __future__ import annotations
 
@@ -168,11 +168,14 @@ def test_rotations_with_other_readers_or_angles_are_fused_alone_or_left():
         assert torch.equal(got, expected)
 
 
-def test_compiled_step_with_fused_rotations():
-    """compile_step=True with the switch on: the step compiles as one graph (fullgraph) through the custom op and
-    gives the eager program's tokens."""
+def test_compiled_step_compiles_the_rotations_unfused():
+    """compile_step=True with the switch on: Inductor gets the rotations as the model wrote them (it fuses them
+    itself), the eager program keeps its fused calls, and the compiled step gives the eager program's tokens."""
     _, om, ids = optimized("llama")
     with fusing_rotary(True):
+        program = decode_program(om)
+        assert "rotary_embedding" in program.graph_module.code
+        assert "rotary_embedding" not in program.compile_source.code and "neg" in program.compile_source.code
         eager = om.generate(ids, max_new_tokens=2, eos_token_id=[])
         compiled = om.generate(ids, max_new_tokens=2, eos_token_id=[], compile_step=True)
     assert torch.equal(compiled, eager)

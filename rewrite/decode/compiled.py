@@ -1,7 +1,7 @@
 """The one-token decode step compiled by torch.compile (Inductor), so that its elementwise ops fuse.
 
-What is compiled is the program's FX graph module (`DecodeProgram.graph_module`), called as the
-program calls it, with a `DecodeState` in static mode (`state.start_static()`, as for a CUDA graph).
+What is compiled is the program's FX graph module (`DecodeProgram.compile_source`: `graph_module` without the
+norm and rotary fusions, which Inductor does itself), called as the program calls it, with a `DecodeState` in static mode (`state.start_static()`, as for a CUDA graph).
 Dynamo traces the sites' Python, the state's methods included, into one graph whose inputs are the
 parameters, the token ids and positions, and every tensor the state holds; the state's in-place
 updates (KV-cache writes, recurrent states) are mutations of those inputs, which the compiled code

@@ -3,6 +3,7 @@ the same plan with `stateful` threading, called with token ids, positions and a 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from typing import Any
@@ -129,10 +130,15 @@ class DecodeProgram:
         self.fused: FusedWeights | None = None
         if fuse_projections.FUSE_SIBLING_PROJECTIONS:
             self.fused = fuse_projections.fuse_sibling_projections(self.graph_module)
-        self.fused_norms = 0
+        self.compile_source: fx.GraphModule = self.graph_module
+        """What `compiled_module` compiles: the program without the norm and rotary fusions, whose chains Inductor
+        fuses itself together with their neighbours (an opaque op call would split those kernels)."""
+        self.fused_norms = self.fused_rotations = 0
+        if fuse_norms.FUSE_RMS_NORMS or fuse_rotary.FUSE_ROTARY:
+            self.compile_source = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph),
+                                                 class_name="DecodeProgram")
         if fuse_norms.FUSE_RMS_NORMS:
             self.fused_norms = fuse_norms.fuse_rms_norms(self.graph_module)
-        self.fused_rotations = 0
         if fuse_rotary.FUSE_ROTARY:
             self.fused_rotations = fuse_rotary.fuse_rotary_embeddings(self.graph_module)
         self.signature = signature
@@ -177,7 +183,7 @@ class DecodeProgram:
             if options and options.get("triton.cudagraphs"):
                 raise ValueError("STEP_INDUCTOR_OPTIONS: the decode loop captures the step in its own CUDA graph; "
                                  "leave triton.cudagraphs off")
-            self._compiled = torch.compile(self.graph_module, backend="inductor", dynamic=False, fullgraph=True,
+            self._compiled = torch.compile(self.compile_source, backend="inductor", dynamic=False, fullgraph=True,
                                            options=options)
         return self._compiled
 
