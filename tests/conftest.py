@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import os
 import warnings
@@ -250,3 +251,15 @@ def stepwise_program_logits(program: Any, ids: torch.Tensor, prefill: int) -> to
         outs.append(program(ids[:, start:stop], positions[:, start:stop], state))
         state.advance()
     return torch.cat(outs, dim=1)
+
+
+@contextlib.contextmanager
+def module_switch(module: Any, name: str, value: Any):
+    """`module.name` set to `value` inside the block, put back after it (a module-level switch such as a decode
+    fusion's)."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)

@@ -5,14 +5,13 @@ or already fused ones, are left alone; the concatenated weights follow the model
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 
 import pytest
 import torch
 import torch.fx as fx
-from conftest import stepwise_program_logits
+from conftest import module_switch, stepwise_program_logits
 from torch import nn
 
 import rewrite
@@ -39,15 +38,9 @@ def _no_grad():
         yield
 
 
-@contextlib.contextmanager
 def fusing(on: bool = True):
     """FUSE_SIBLING_PROJECTIONS set to `on` inside the block, put back after it."""
-    before = fuse_projections.FUSE_SIBLING_PROJECTIONS
-    fuse_projections.FUSE_SIBLING_PROJECTIONS = on
-    try:
-        yield
-    finally:
-        fuse_projections.FUSE_SIBLING_PROJECTIONS = before
+    return module_switch(fuse_projections, "FUSE_SIBLING_PROJECTIONS", on)
 
 
 def phi3(batch: int = 2, length: int = 16):

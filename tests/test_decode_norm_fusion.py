@@ -6,14 +6,13 @@ LayerNorms and near-miss norms are left as they are; the compiled step compiles 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 
 import pytest
 import torch
 import torch.fx as fx
-from conftest import stepwise_program_logits
+from conftest import module_switch, stepwise_program_logits
 from test_decode_fusion import phi3
 from test_unfamiliar_families import olmo2
 from torch import nn
@@ -37,15 +36,9 @@ def _no_grad():
         yield
 
 
-@contextlib.contextmanager
 def fusing_norms(on: bool = True):
     """FUSE_RMS_NORMS set to `on` inside the block, put back after it."""
-    before = fuse_norms.FUSE_RMS_NORMS
-    fuse_norms.FUSE_RMS_NORMS = on
-    try:
-        yield
-    finally:
-        fuse_norms.FUSE_RMS_NORMS = before
+    return module_switch(fuse_norms, "FUSE_RMS_NORMS", on)
 
 
 def gemma3(batch: int = 2, length: int = 16):

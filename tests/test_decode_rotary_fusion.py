@@ -6,14 +6,13 @@ tests/kernel_ops/test_rotary.py); GPT-J's interleaved rotation is left alone; th
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 
 import pytest
 import torch
 import torch.fx as fx
-from conftest import stepwise_program_logits
+from conftest import module_switch, stepwise_program_logits
 from test_decode_fusion import greedy
 
 import rewrite
@@ -34,15 +33,9 @@ def _no_grad():
         yield
 
 
-@contextlib.contextmanager
 def fusing_rotary(on: bool = True):
     """FUSE_ROTARY set to `on` inside the block, put back after it."""
-    before = fuse_rotary.FUSE_ROTARY
-    fuse_rotary.FUSE_ROTARY = on
-    try:
-        yield
-    finally:
-        fuse_rotary.FUSE_ROTARY = before
+    return module_switch(fuse_rotary, "FUSE_ROTARY", on)
 
 
 def tiny(model_class: str, config_class: str, **config) -> torch.nn.Module:
