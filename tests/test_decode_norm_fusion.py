@@ -20,8 +20,10 @@ from torch import nn
 import rewrite
 from examples.models import TARGETS
 from rewrite.capture import capture
-from rewrite.decode import decode_program, fuse_norms
+from rewrite.decode import decode_program, fuse_norms, fuse_rotary
 from rewrite.decode.fuse_norms import fuse_rms_norms, rms_norm_matches
+from rewrite.routing import skip_controls
+from rewrite.routing.graph import routed_calls
 
 transformers = pytest.importorskip("transformers")
 
@@ -206,3 +208,28 @@ def test_norm_weights_kept_in_float32_give_the_promoted_dtype():
     assert call.args[3:] == (0.0, True, torch.float32)
     got = gm(x)
     assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_routed_blocks_fuse_their_norms_and_rotations_and_decode_like_the_unfused_program():
+    """A layer-skip program: the norms and rotations inside each routed block's body are fused too (the body takes
+    the norm weights as inputs), the compiled step's source keeps every body unfused, and with sequences skipping
+    different blocks the fused program's logits equal the unfused program's."""
+    model, _, ids = built("llama")
+    om = rewrite.optimize(model, ["attention_normalize", "layer_skip", "stateful"], example_kwargs={"input_ids": ids})
+    layers = model.config.num_hidden_layers
+    skip = torch.zeros(ids.shape[0], layers, dtype=torch.bool)
+    skip[0, 0] = skip[1, 1] = True  # each block runs part of the batch
+    with fusing_norms(False), module_switch(fuse_rotary, "FUSE_ROTARY", False):
+        plain = decode_program(om)
+    with fusing_norms(True), module_switch(fuse_rotary, "FUSE_ROTARY", True):
+        fused = decode_program(om)
+    assert fused.fused_norms == 2 * layers + 1 and fused.fused_rotations == layers
+    bodies = [call.block.body.code for call in routed_calls(fused.graph_module)]
+    assert len(bodies) == layers
+    assert all("rms_norm_cast" in code and "rotary_embedding_pair" in code and "rsqrt" not in code for code in bodies)
+    compiled_bodies = [call.block.body.code for call in routed_calls(fused.compile_source)]
+    assert all("rms_norm_cast" not in code and "rotary_embedding" not in code for code in compiled_bodies)
+    with skip_controls(skip_mask=skip):
+        got = stepwise_program_logits(fused, ids, 5)
+        expected = stepwise_program_logits(plain, ids, 5)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)

@@ -90,9 +90,19 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _weight(gm: fx.GraphModule, node: object, width: int) -> fx.Node | None:
-    """`node` when it reads a parameter or buffer of `gm` of shape [width] and a dtype the op takes."""
+def _weight_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The tensor a norm's weight node stands for: a parameter or buffer of `gm`, or (in a routed block's body,
+    which takes the block's parameters as inputs) the value an input placeholder carries."""
     tensor = _state_tensor(gm, node)
+    if tensor is None and isinstance(node, fx.Node) and node.op == "placeholder":
+        value = node.meta.get("val")
+        tensor = value if isinstance(value, torch.Tensor) else None
+    return tensor
+
+
+def _weight(gm: fx.GraphModule, node: object, width: int) -> fx.Node | None:
+    """`node` when it is a parameter, buffer or input of `gm` of shape [width] and a dtype the op takes."""
+    tensor = _weight_tensor(gm, node)
     if tensor is None or tuple(tensor.shape) != (width,) or tensor.dtype not in CAST_DTYPES:
         return None
     assert isinstance(node, fx.Node)
@@ -162,7 +172,7 @@ def _llama_tail(gm: fx.GraphModule, normed: fx.Node, tail: fx.Node, x_dtype: tor
     if product is None or not is_op(product, aten.mul.Tensor):
         return None
     weight = _weight(gm, _other(product, tail), width)
-    tensor = _state_tensor(gm, weight)
+    tensor = _weight_tensor(gm, weight)
     if weight is None or tensor is None or _dtype(product) != torch.promote_types(tensor.dtype, x_dtype):
         return None
     return weight, 0.0, True, product, [tail]

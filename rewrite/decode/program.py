@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from rewrite.decode.fuse_projections import FusedWeights
 from rewrite.decode.program_meta import DecodeSignature
 from rewrite.decode.state import DecodeState
 from rewrite.errors import CaptureError, RewriteError
+from rewrite.routing.graph import routed_calls
 
 EXAMPLE_BATCH = 2
 EXAMPLE_LENGTH = 8
@@ -89,6 +91,20 @@ def _logits(out: Any, where: str) -> torch.Tensor:
     return found
 
 
+def _program_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a program's graph over the same parameters whose layer-skip routed blocks have their own bodies."""
+    twin = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="DecodeProgram")
+    for call in routed_calls(twin):
+        call.node.target = call.block.with_body_copy()
+    twin.recompile()
+    return twin
+
+
+def _fuse_with_routed_bodies(gm: fx.GraphModule, fuse: Callable[[fx.GraphModule], int]) -> int:
+    """`fuse` applied to the program and to the body of each layer-skip routed block; how many it fused."""
+    return fuse(gm) + sum(fuse(call.block.body) for call in routed_calls(gm))
+
+
 class DecodeProgram:
     """Calls the threaded program: `(token ids [B, T], positions [B, T], state) -> logits [B, T, V]`."""
 
@@ -135,12 +151,11 @@ class DecodeProgram:
         fuses itself together with their neighbours (an opaque op call would split those kernels)."""
         self.fused_norms = self.fused_rotations = 0
         if fuse_norms.FUSE_RMS_NORMS or fuse_rotary.FUSE_ROTARY:
-            self.compile_source = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph),
-                                                 class_name="DecodeProgram")
+            self.compile_source = _program_copy(self.graph_module)
         if fuse_norms.FUSE_RMS_NORMS:
-            self.fused_norms = fuse_norms.fuse_rms_norms(self.graph_module)
+            self.fused_norms = _fuse_with_routed_bodies(self.graph_module, fuse_norms.fuse_rms_norms)
         if fuse_rotary.FUSE_ROTARY:
-            self.fused_rotations = fuse_rotary.fuse_rotary_embeddings(self.graph_module)
+            self.fused_rotations = _fuse_with_routed_bodies(self.graph_module, fuse_rotary.fuse_rotary_embeddings)
         self.signature = signature
         self.injected = captured.injected_kwargs
         self.kwarg_order = captured.kwarg_order

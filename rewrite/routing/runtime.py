@@ -15,6 +15,7 @@ rewires these nodes); `valid` makes the router pool over real tokens only (a lef
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -234,6 +235,13 @@ class RoutedBlock:
 
     def __repr__(self) -> str:
         return f"RoutedBlock({self.layer})"
+
+    def with_body_copy(self) -> RoutedBlock:
+        """The same block over its own copy of the body's graph: rewriting one leaves the other as it was."""
+        twin = copy.copy(self)
+        twin.body = fx.GraphModule(self.body, copy.deepcopy(self.body.graph))
+        twin.rules = list(self.rules)
+        return twin
 
     def add_input(self, name: str, rule: InputRule) -> fx.Node:
         """Append one input to the body (after the others) that follows the running rows by `rule`;
