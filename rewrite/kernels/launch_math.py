@@ -45,3 +45,8 @@ def dot_precision(dtype) -> str:
     import torch
 
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def row_warps(elements: int, per_warp: int, most: int) -> int:
+    """Warps of a program that handles one row of `elements`: about `per_warp` elements a warp, 1 to `most`."""
+    return max(1, min(most, next_power_of_2(max(elements, 1)) // per_warp))

@@ -1,8 +1,9 @@
 """The host-side launch helpers agree with Triton's own; the split-KV slicing covers every slot once."""
 
+import pytest
 import triton
 
-from rewrite.kernels.launch_math import cdiv, next_power_of_2, slot_splits
+from rewrite.kernels.launch_math import cdiv, next_power_of_2, row_warps, slot_splits
 
 
 def test_cdiv_and_next_power_of_2_match_triton():
@@ -23,3 +24,11 @@ def test_slot_splits_cover_every_slot_once_in_block_multiples():
                 assert n <= (most or n) and (n == 1 or n * programs <= 1024 + programs), (slots, programs, most)
     assert slot_splits(16384, 256, block=64, target=1024) == (4, 4096)
     assert slot_splits(16384, 8, block=64, target=1024, most=64) == (64, 256)
+
+
+@pytest.mark.parametrize("elements,per_warp,most,warps", [
+    (100, 512, 16, 1), (2048, 512, 16, 4), (4096, 512, 16, 8), (65536, 512, 16, 16), (64, 64, 4, 1), (100, 64, 4, 2),
+    (4096, 64, 4, 4),
+])
+def test_row_warps_scales_with_the_row_between_one_and_most(elements, per_warp, most, warps):
+    assert row_warps(elements, per_warp, most) == warps

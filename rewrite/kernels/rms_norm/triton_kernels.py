@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rewrite.kernels.launch_math import cdiv, next_power_of_2
+from rewrite.kernels.launch_math import cdiv, next_power_of_2, row_warps
 
 from ..alloc import new_empty
 
@@ -114,7 +114,7 @@ def rms_norm_cast_forward(
     if x2.shape[0] > 0:
         _rms_norm_cast_fwd_kernel[(x2.shape[0],)](
             x2, weight.contiguous(), out, n_cols, eps, weight_offset, ROUND_NORMED=round_normed,
-            BLOCK=_block(n_cols),
+            BLOCK=_block(n_cols), num_warps=row_warps(n_cols, per_warp=512, most=16),
         )
     return out.view(x.shape)
 

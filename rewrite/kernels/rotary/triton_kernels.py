@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rewrite.kernels.launch_math import next_power_of_2
+from rewrite.kernels.launch_math import next_power_of_2, row_warps
 
 from ..alloc import new_empty
 
@@ -124,7 +124,8 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     if rows.rows > 0 and half > 0:
         _rotary_kernel[(rows.rows,)](rows.x, rows.cos, rows.sin, out, rows.n1, rows.n2, *rows.args(), half,
                                      BLOCK=block, COMPUTE=compute,
-                                     BF16_BITS=out.dtype == torch.bfloat16, enable_fp_fusion=False)
+                                     BF16_BITS=out.dtype == torch.bfloat16, num_warps=row_warps(half, per_warp=64, most=4),
+                                     enable_fp_fusion=False)
     return out
 
 
@@ -142,6 +143,6 @@ def rotary_pair_forward(
             qr.x, qr.cos, qr.sin, q_out, qr.rows, qr.n1, qr.n2, *qr.args(),
             kr.x, kr.cos, kr.sin, k_out, kr.n1, kr.n2, *kr.args(),
             half, BLOCK=block, COMPUTE=compute, BF16_BITS=q_out.dtype == torch.bfloat16,
-            enable_fp_fusion=False,
+            num_warps=row_warps(half, per_warp=64, most=4), enable_fp_fusion=False,
         )
     return q_out, k_out
