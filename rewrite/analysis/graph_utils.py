@@ -167,3 +167,13 @@ __all__ = [
     "subgraph_module",
     "walk_inputs",
 ]
+
+
+def attribute_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The tensor (parameter, buffer or constant of `gm`) a `get_attr` node reads, None for anything else."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value: object = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None

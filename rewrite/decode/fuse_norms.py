@@ -21,9 +21,8 @@ import torch
 import torch.fx as fx
 
 import rewrite.kernels.rms_norm  # noqa: F401  (registers rewrite::rms_norm_cast)
-from rewrite.analysis.graph_utils import erase_unused
+from rewrite.analysis.graph_utils import attribute_tensor, erase_unused
 from rewrite.analysis.nodes import is_op
-from rewrite.decode.fuse_projections import _state_tensor
 from rewrite.kernels.rms_norm.op import CAST_DTYPES
 
 aten = torch.ops.aten
@@ -93,7 +92,7 @@ def _is_number(value: object) -> bool:
 def _weight_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     """The tensor a norm's weight node stands for: a parameter or buffer of `gm`, or (in a routed block's body,
     which takes the block's parameters as inputs) the value an input placeholder carries."""
-    tensor = _state_tensor(gm, node)
+    tensor = attribute_tensor(gm, node)
     if tensor is None and isinstance(node, fx.Node) and node.op == "placeholder":
         value = node.meta.get("val")
         tensor = value if isinstance(value, torch.Tensor) else None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from rewrite.analysis.graph_utils import erase_unused
+from rewrite.analysis.graph_utils import attribute_tensor, erase_unused
 from rewrite.analysis.nodes import is_op
 from rewrite.errors import RewriteError
 
@@ -55,16 +55,6 @@ class Projection:
         return int(self.weight.shape[1] if self.form == "linear" else self.weight.shape[0])
 
 
-def _state_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    """The parameter or buffer a `get_attr` node reads, None for anything else."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value: object = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def projection(gm: fx.GraphModule, node: fx.Node) -> Projection | None:
     """`node` as a linear map by model state (weight, and bias if any, read by `get_attr`), else None."""
     if is_op(node, aten.linear.default):
@@ -81,8 +71,8 @@ def projection(gm: fx.GraphModule, node: fx.Node) -> Projection | None:
         form = "mm"
     else:
         return None
-    weight = _state_tensor(gm, w)
-    bias = _state_tensor(gm, b) if b is not None else None
+    weight = attribute_tensor(gm, w)
+    bias = attribute_tensor(gm, b) if b is not None else None
     if weight is None or weight.dim() != 2 or not isinstance(x, fx.Node) or (b is not None and bias is None):
         return None
     out = weight.shape[0] if form == "linear" else weight.shape[1]

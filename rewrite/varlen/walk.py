@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from rewrite.analysis.graph_utils import ancestors as graph_ancestors
+from rewrite.analysis.graph_utils import attribute_tensor
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PassError
 from rewrite.varlen import runtime
@@ -146,12 +147,8 @@ class PackedGraphWalk:
     def _constant_along(self, table: fx.Node, dim: int) -> bool:
         """Whether a model constant holds the same values at every index of `dim` (a buffer of zeros, say), so
         reading it at restarted positions changes nothing; False when unknown."""
-        if table.op != "get_attr":
-            return False
-        value = self.gm
-        for part in str(table.target).split("."):
-            value = getattr(value, part, None)
-        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[dim] == 0:
+        value = attribute_tensor(self.gm, table)
+        if value is None or value.dim() == 0 or value.shape[dim] == 0:
             return False
         return bool((value == value.narrow(dim, 0, 1)).all())
 
