@@ -1,0 +1,69 @@
+"""The decode-fusion kernels compile for an H100 (sm_90) with the installed Triton, on a machine without a GPU:
+Triton's front end, its passes and ptxas accept every launch form the launchers use (the interpreter, which runs
+the other kernel tests here, checks none of that)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+SCRIPT = r'''
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rewrite.kernels.rms_norm import triton_kernels as norms
+from rewrite.kernels.rotary import triton_kernels as rotary
+
+
+def compile_sm90(kernel, pointers, scalars, constants, options):
+    names = kernel.arg_names
+    signature = {}
+    for name in names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name, pointers["*"])
+        else:
+            signature[name] = scalars.get(name, "i64")
+    unknown = set(signature) - set(names)
+    assert not unknown, unknown
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+compiled = 0
+for x, out in (("*bf16", "*bf16"), ("*fp16", "*fp16"), ("*fp32", "*fp32"), ("*bf16", "*fp32")):
+    for rounds in (True, False):
+        compile_sm90(norms._rms_norm_cast_fwd_kernel, {"x_ptr": x, "out_ptr": out, "*": "*bf16"},
+                     {"n_cols": "i32", "eps": "fp32", "weight_offset": "fp32"},
+                     {"ROUND_NORMED": rounds, "BLOCK": 2048}, {"num_warps": 4})
+        compiled += 1
+for x, angles, bf16 in (("*bf16", "*bf16", True), ("*fp16", "*fp16", False), ("*bf16", "*fp32", False)):
+    for kernel in (rotary._rotary_kernel, rotary._rotary_pair_kernel):
+        pointers = {"*": x}
+        pointers.update({name: angles for name in kernel.arg_names if "cos" in name or "sin" in name})
+        pointers.update({name: ("*bf16" if bf16 else "*fp32" if angles == "*fp32" else x)
+                         for name in kernel.arg_names if "out" in name})
+        compile_sm90(kernel, pointers, {}, {"BLOCK": 64, "COMPUTE": tl.float32, "BF16_BITS": bf16},
+                     {"num_warps": 1, "enable_fp_fusion": False})
+        compiled += 1
+print("compiled", compiled)
+'''
+
+
+def _ptxas() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+@pytest.mark.skipif(not os.path.exists(_ptxas()), reason="this Triton has no CUDA backend with ptxas")
+def test_decode_fusion_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not interpreted
+    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled 14" in result.stdout
