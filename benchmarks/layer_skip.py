@@ -27,7 +27,8 @@ Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fracti
 without it, with the sites' default; `--compile-step`: each real decode step also compiled by Inductor;
 `--profile-step`: each graphed step's kernels printed; `--attention-only`: only the decode attention rows and
 `--kv-kernel-variants`' launch sweep; `--decode-only [--decode-variants "none,all,f=0.5 spread"]`: only those real
-decode steps.)
+decode steps; `--kv-kernel-set`: one launch of the split-KV kernel for the whole run; `--fusions norms,rotary`: the
+real decode steps' programs built with those decode fusions.)
 """
 
 from __future__ import annotations
