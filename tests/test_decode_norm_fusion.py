@@ -1,7 +1,8 @@
 """Fused RMSNorms in decode programs (`rewrite.decode.fuse_norms`): with the switch on, every Hugging Face
 RMSNorm of the step graph (2 per layer and the final one; Gemma3's 4 per layer; the q / k norms of Qwen3,
-Gemma3 and OLMo2) is one `rewrite::rms_norm_cast` call with the family's cast order, and the program gives
-the unfused program's logits (float32: within 1e-5; on the CPU they are in fact equal, bfloat16 too);
+Gemma3 and OLMo2) is one `rewrite::rms_norm_cast` call with the family's cast order, or one
+`rewrite::add_rms_norm_cast` call where the norm reads a residual add, and the program gives the unfused
+program's logits (float32: within 1e-5; on the CPU they are in fact equal, bfloat16 too);
 LayerNorms and near-miss norms are left as they are; the compiled step compiles the norms unfused."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import rewrite
 from examples.models import TARGETS
 from rewrite.capture import capture
 from rewrite.decode import decode_program, fuse_norms, fuse_rotary
-from rewrite.decode.fuse_norms import fuse_rms_norms, rms_norm_matches
+from rewrite.decode.fuse_norms import fuse_rms_norms, fused_residual_adds, rms_norm_matches
 from rewrite.routing import skip_controls
 from rewrite.routing.graph import routed_calls
 
@@ -29,6 +30,7 @@ transformers = pytest.importorskip("transformers")
 
 aten = torch.ops.aten
 FUSED_OP = torch.ops.rewrite.rms_norm_cast.default
+FUSED_ADD_OP = torch.ops.rewrite.add_rms_norm_cast.default
 ATOL, RTOL = 1e-5, 1e-5
 
 
@@ -90,26 +92,49 @@ def programs(om):
 
 
 def calls(program) -> list[fx.Node]:
-    return [n for n in program.graph_module.graph.nodes if n.op == "call_function" and n.target is FUSED_OP]
+    """The fused norm calls of the program, with or without their residual add."""
+    return [n for n in program.graph_module.graph.nodes if n.op == "call_function" and n.target in (FUSED_OP,
+                                                                                                   FUSED_ADD_OP)]
+
+
+def norm_arguments(call: fx.Node) -> tuple:
+    """(weight, eps, weight offset, rounds normed rows first, out dtype) of a fused norm call."""
+    return call.args[-5:]
+
+
+def norm_value(call: fx.Node) -> torch.Tensor:
+    """The example value of the norm a fused call computes."""
+    val = call.meta["val"]
+    return val[1] if call.target is FUSED_ADD_OP else val
 
 
 def count(program, target) -> int:
     return sum(1 for n in program.graph_module.graph.nodes if n.op == "call_function" and n.target is target)
 
 
-CASES = [  # (family, dtype, norms, (weight offset, rounds normed rows first) of every call)
-    ("llama", torch.float32, 5, (0.0, True)),
-    ("llama", torch.bfloat16, 5, (0.0, True)),
-    ("qwen3", torch.float32, 2 * 4 + 1, (0.0, True)),
-    ("phi3", torch.float32, 5, (0.0, True)),
-    ("gemma3", torch.float32, 2 * 6 + 1, (1.0, False)),
-    ("gemma3", torch.bfloat16, 2 * 6 + 1, (1.0, False)),
-    ("olmo2", torch.bfloat16, 2 * 4 + 1, (0.0, False)),
+# Norms that read a residual add, in these 2-layer models: Llama / Qwen3 / Phi-3 (pre-norms) every norm but the
+# first layer's input norm (it reads the embedding), 2 * 2 + 1 - 1 = 4, the q / k norms read projections; Gemma3
+# the pre-feedforward norms, layer 1's input norm and the final norm, 4 (its post-norms read a block's output, layer
+# 0's input norm the scaled embedding); OLMo2 (post-norms only) the final norm alone.
+CASES = [  # (family, dtype, norms, norms with their residual add, (weight offset, rounds normed rows first))
+    ("llama", torch.float32, 5, 4, (0.0, True)),
+    ("llama", torch.bfloat16, 5, 4, (0.0, True)),
+    ("qwen3", torch.float32, 2 * 4 + 1, 4, (0.0, True)),
+    ("phi3", torch.float32, 5, 4, (0.0, True)),
+    ("gemma3", torch.float32, 2 * 6 + 1, 4, (1.0, False)),
+    ("gemma3", torch.bfloat16, 2 * 6 + 1, 4, (1.0, False)),
+    ("olmo2", torch.bfloat16, 2 * 4 + 1, 1, (0.0, False)),
 ]
 
 
-@pytest.mark.parametrize("family,dtype,norms,variant", CASES, ids=[f"{c[0]}-{str(c[1])[6:]}" for c in CASES])
-def test_every_norm_becomes_one_call_and_decodes_like_the_unfused_program(family, dtype, norms, variant):
+def feeds_a_norm(add: fx.Node) -> bool:
+    """Whether an `aten.add` node is read by a fused norm call as its input."""
+    return any(u.op == "call_function" and u.target is FUSED_OP and u.args[0] is add for u in add.users)
+
+
+@pytest.mark.parametrize("family,dtype,norms,adds,variant", CASES,
+                         ids=[f"{c[0]}-{str(c[1])[6:]}" for c in CASES])
+def test_every_norm_becomes_one_call_and_decodes_like_the_unfused_program(family, dtype, norms, adds, variant):
     model, om, ids = built(family, dtype)
     plain, fused = programs(om)
     assert plain.fused_norms == 0 and fused.fused_norms == norms
@@ -117,10 +142,14 @@ def test_every_norm_becomes_one_call_and_decodes_like_the_unfused_program(family
     assert count(fused, aten.rsqrt.default) == 0 and count(fused, aten.pow.Tensor_Scalar) == 0
     found = calls(fused)
     assert len(found) == norms
-    assert {(n.args[3], n.args[4]) for n in found} == {variant}
-    assert all(n.args[5] == dtype and n.meta["val"].dtype == dtype for n in found)
+    assert fused_residual_adds(fused.graph_module) == count(fused, FUSED_ADD_OP) == adds
+    offset_adds = norms if variant[0] else 0  # Gemma's `1.0 + weight.float()`
+    assert count(plain, aten.add.Tensor) - count(fused, aten.add.Tensor) == norms + offset_adds + adds  # + eps
+    assert not any(feeds_a_norm(n) for n in fused.graph_module.graph.nodes if n.target is aten.add.Tensor)
+    assert {tuple(norm_arguments(n)[2:4]) for n in found} == {variant}
+    assert all(norm_arguments(n)[4] == dtype and norm_value(n).dtype == dtype for n in found)
     state = dict(fused.graph_module.named_parameters())
-    weights = [str(n.args[1].target) for n in found]
+    weights = [str(norm_arguments(n)[0].target) for n in found]
     assert len(set(weights)) == norms and all("norm" in w and w in state for w in weights)
 
     got = stepwise_program_logits(fused, ids, 5)
@@ -193,6 +222,7 @@ def test_compiled_step_compiles_the_norms_unfused():
     with fusing_norms(True):
         program = decode_program(om)
         assert program.fused_norms == 5 and "rms_norm_cast" in program.graph_module.code
+        assert "add_rms_norm_cast" not in program.compile_source.code
         assert "rms_norm_cast" not in program.compile_source.code and "rsqrt" in program.compile_source.code
         assert torch.equal(om.generate(ids, max_new_tokens=3, eos_token_id=[], compile_step=True), tokens)
 
@@ -224,6 +254,10 @@ def test_routed_blocks_fuse_their_norms_and_rotations_and_decode_like_the_unfuse
     with fusing_norms(True), module_switch(fuse_rotary, "FUSE_ROTARY", True):
         fused = decode_program(om)
     assert fused.fused_norms == 2 * layers + 1 and fused.fused_rotations == layers
+    # in each body (one layer) the post-attention norm reads the body's residual add; the input norms read the body
+    # input and the final norm a routed block's output
+    body_adds = [fused_residual_adds(call.block.body) for call in routed_calls(fused.graph_module)]
+    assert body_adds == [1] * layers and fused_residual_adds(fused.graph_module) == 0
     bodies = [call.block.body.code for call in routed_calls(fused.graph_module)]
     assert len(bodies) == layers
     assert all("rms_norm_cast" in code and "rotary_embedding_pair" in code and "rsqrt" not in code for code in bodies)

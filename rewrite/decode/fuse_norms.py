@@ -9,23 +9,31 @@ Each such chain whose intermediate values nothing else reads becomes one `rewrit
 - Gemma, Gemma2, Gemma3: `(normed * (1.0 + weight.float())).type_as(x)`;
 - OLMo2: `(weight * normed).to(x.dtype)`.
 
+When the norm's input is a residual add (`aten.add.Tensor` of two tensors of its dtype and shape, as in every
+decoder layer: `hidden = residual + out; residual = hidden; normed = norm(hidden)`), the call is one
+`rewrite::add_rms_norm_cast` instead, which computes the add too: its first output stands for the add where
+anything else reads it, its second for the norm.
+
 Anything else (LayerNorm, a norm with other casts or another eps placement) is left as it is. Off by
 default (`FUSE_RMS_NORMS`): the time it saves has not been measured on a GPU yet.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-import rewrite.kernels.rms_norm  # noqa: F401  (registers rewrite::rms_norm_cast)
+import rewrite.kernels.rms_norm  # noqa: F401  (registers rewrite::rms_norm_cast and rewrite::add_rms_norm_cast)
 from rewrite.analysis.graph_utils import attribute_tensor, erase_unused
 from rewrite.analysis.nodes import is_op
 from rewrite.kernels.rms_norm.op import CAST_DTYPES
 
 aten = torch.ops.aten
+ASSERT_METADATA = aten._assert_tensor_metadata.default
 
 FUSE_RMS_NORMS = False
 """Whether a decode program built from now on fuses its RMSNorms (read when `DecodeProgram` is built;
@@ -37,7 +45,8 @@ class RMSNormMatch:
     """One decomposed RMSNorm of a graph and the arguments of the `rms_norm_cast` call standing for it.
 
     `output` is the node whose value the call replaces; `chain` the pattern's other nodes, erased once
-    nothing reads them (the float32 cast of `x` may stay: other nodes can read it).
+    nothing reads them (the float32 cast of `x` may stay: other nodes can read it). `residual_add` is `x` when
+    it is a residual add the call computes too (an `add_rms_norm_cast` call of the add's two operands), else None.
     """
 
     x: fx.Node
@@ -48,6 +57,7 @@ class RMSNormMatch:
     out_dtype: torch.dtype
     output: fx.Node
     chain: list[fx.Node]
+    residual_add: fx.Node | None = None
 
 
 def _dtype(node: object) -> torch.dtype | None:
@@ -154,8 +164,47 @@ def match_rms_norm(gm: fx.GraphModule, rsqrt: fx.Node) -> RMSNormMatch | None:
     out_dtype = _dtype(output)
     if out_dtype not in CAST_DTYPES:
         return None
-    return RMSNormMatch(x, weight, float(eps), weight_offset, round_normed, out_dtype, output,
-                        chain + more + [xf])
+    chain = chain + more + [xf]
+    return RMSNormMatch(x, weight, float(eps), weight_offset, round_normed, out_dtype, output, chain,
+                        _residual_add(x, xf, chain, output))
+
+
+def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
+    """Whether `node` comes after `anchor` in their graph's order."""
+    current = anchor.next
+    while current.op != "root":
+        if current is node:
+            return True
+        current = current.next
+    return False
+
+
+def _other_readers_of_cast(xf: fx.Node, chain: list[fx.Node]) -> list[fx.Node]:
+    """The readers of the norm's float32 cast `xf` of x outside the norm's `chain` (metadata asserts aside)."""
+    return [reader for reader in _readers(xf) if reader not in chain]
+
+
+def _residual_add(x: fx.Node, xf: fx.Node, chain: list[fx.Node], output: fx.Node) -> fx.Node | None:
+    """`x` when it is `aten.add.Tensor(a, b)` of two tensors of x's dtype and shape (alpha 1, no number) whose
+    value one `add_rms_norm_cast` call placed at the norm's output can stand for: every other reader of x comes
+    after the output, and so does every other reader of the norm's float32 cast of x, which must then be a
+    cast of float32 to itself (x itself: a float32 model's residual is often read through it). None otherwise."""
+    if not is_op(x, aten.add.Tensor) or len(x.args) != 2 or x.kwargs:
+        return None
+    val = x.meta.get("val")
+    through_cast = _other_readers_of_cast(xf, chain)
+    if through_cast and val.dtype != torch.float32:
+        return None
+    for operand in x.args:
+        operand_val = operand.meta.get("val") if isinstance(operand, fx.Node) else None
+        if not isinstance(operand_val, torch.Tensor) or operand_val.dtype != val.dtype:
+            return None
+        if operand_val.dim() != val.dim() or not statically_known_true(sym_eq(operand_val.shape, val.shape)):
+            return None
+    inside = {*chain, output}  # Gemma's output is `type_as(product, x)`
+    if not all(reader in inside or _comes_after(reader, output) for reader in _readers(x) + through_cast):
+        return None
+    return x
 
 
 _Tail = tuple[fx.Node, float, bool, fx.Node, list[fx.Node]]
@@ -225,22 +274,53 @@ def rms_norm_matches(gm: fx.GraphModule) -> list[RMSNormMatch]:
     return [m for m in found if m is not None]
 
 
+def _contiguous_meta(node: fx.Node) -> dict:
+    """`node`'s metadata with its value made contiguous (the fused ops' outputs are)."""
+    meta = dict(node.meta)
+    val = meta.get("val")
+    if isinstance(val, torch.Tensor):
+        meta["val"] = val.new_empty(val.shape)
+    return meta
+
+
 def fuse_rms_norms(gm: fx.GraphModule) -> int:
-    """Replace every match of `rms_norm_matches(gm)` by one `rewrite::rms_norm_cast` call, recompile `gm`,
-    and return how many norms were fused."""
+    """Replace every match of `rms_norm_matches(gm)` by one `rewrite::rms_norm_cast` call, or by one
+    `rewrite::add_rms_norm_cast` call where the match takes its residual add, recompile `gm`, and return how many
+    norms were fused."""
     matches = rms_norm_matches(gm)
     graph = gm.graph
     for m in matches:
-        with graph.inserting_before(m.output):
-            fused = graph.call_function(torch.ops.rewrite.rms_norm_cast.default,
-                                        (m.x, m.weight, m.eps, m.weight_offset, m.round_normed, m.out_dtype))
-        fused.meta = dict(m.output.meta)
-        val = m.output.meta.get("val")
-        if isinstance(val, torch.Tensor):  # the op's output is contiguous
-            fused.meta["val"] = val.new_empty(val.shape)
-        m.output.replace_all_uses_with(fused)
+        options = (m.eps, m.weight_offset, m.round_normed, m.out_dtype)
+        x = m.chain[-1].args[0]  # the input as it is now: an earlier fusion may have taken a shared add
+        add = m.residual_add if m.residual_add is x else None
+        if add is None:
+            with graph.inserting_before(m.output):
+                fused = graph.call_function(torch.ops.rewrite.rms_norm_cast.default, (x, m.weight, *options))
+            fused.meta = _contiguous_meta(m.output)
+            m.output.replace_all_uses_with(fused)
+            erase_unused(graph, [m.output, *reversed(m.chain)])
+            continue
+        with graph.inserting_before(m.output):  # the add's operands as they are now (an earlier fusion's sum)
+            call = graph.call_function(torch.ops.rewrite.add_rms_norm_cast.default, (*add.args, m.weight, *options))
+            total = graph.call_function(operator.getitem, (call, 0))
+            normed = graph.call_function(operator.getitem, (call, 1))
+        total.meta, normed.meta = _contiguous_meta(add), _contiguous_meta(m.output)
+        call.meta = dict(m.output.meta)
+        call.meta["val"] = (total.meta.get("val"), normed.meta.get("val"))
+        xf = m.chain[-1]
+        for reader in _other_readers_of_cast(xf, m.chain):  # a float32 cast of float32: the sum itself
+            reader.replace_input_with(xf, total)
+        m.output.replace_all_uses_with(normed)
         erase_unused(graph, [m.output, *reversed(m.chain)])
+        add.replace_all_uses_with(total, delete_user_cb=lambda user: not is_op(user, ASSERT_METADATA))
+        erase_unused(graph, [add])  # with its metadata asserts
     if matches:
         graph.lint()
         gm.recompile()
     return len(matches)
+
+
+def fused_residual_adds(gm: fx.GraphModule) -> int:
+    """How many norms of `gm`'s graph are fused together with their residual add (`rewrite::add_rms_norm_cast`
+    calls)."""
+    return sum(1 for node in gm.graph.nodes if is_op(node, torch.ops.rewrite.add_rms_norm_cast.default))

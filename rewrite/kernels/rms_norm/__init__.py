@@ -1,5 +1,5 @@
 """Fused RMSNorm."""
 
-from .op import rms_norm, rms_norm_cast
+from .op import add_rms_norm_cast, rms_norm, rms_norm_cast
 
-__all__ = ["rms_norm", "rms_norm_cast"]
+__all__ = ["add_rms_norm_cast", "rms_norm", "rms_norm_cast"]

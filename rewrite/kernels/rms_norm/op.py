@@ -1,10 +1,16 @@
-"""The `rewrite::rms_norm` op (schema, fake, autograd, CPU reference and CUDA Triton implementations) and the
-forward-only `rewrite::rms_norm_cast`, which keeps a Hugging Face model's cast order."""
+"""The `rewrite::rms_norm` op (schema, fake, autograd, CPU reference and CUDA Triton implementations), the
+forward-only `rewrite::rms_norm_cast`, which keeps a Hugging Face model's cast order, and the forward-only
+`rewrite::add_rms_norm_cast`, the residual add before such a norm and the norm in one call."""
 
 import torch
 
 from .._triton import load_triton_module
-from .reference import rms_norm_backward_reference, rms_norm_cast_reference, rms_norm_reference
+from .reference import (
+    add_rms_norm_cast_reference,
+    rms_norm_backward_reference,
+    rms_norm_cast_reference,
+    rms_norm_reference,
+)
 
 _TRITON = "rewrite.kernels.rms_norm.triton_kernels"
 
@@ -78,6 +84,17 @@ CAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The dtypes `rms_norm_cast` takes for x, weight and its output."""
 
 
+def _check_cast_arguments(op: str, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> None:
+    """Raise a ValueError naming `op` when weight is not a [width] vector or a dtype is not one of CAST_DTYPES."""
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"{op}: weight must have shape [{x.shape[-1]}] (the last dimension of x), got {tuple(weight.shape)}"
+        )
+    for name, dtype in (("x", x.dtype), ("weight", weight.dtype), ("out_dtype", out_dtype)):
+        if dtype not in CAST_DTYPES:
+            raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {dtype}")
+
+
 @torch.library.custom_op("rewrite::rms_norm_cast", mutates_args=())
 def rms_norm_cast_op(
     x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, round_normed: bool,
@@ -103,9 +120,9 @@ def _rms_norm_cast_fake(
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
-def _no_backward(ctx, grad: torch.Tensor):
-    raise RuntimeError("rewrite::rms_norm_cast is forward only (it serves decode programs); use rewrite::rms_norm "
-                       "(`rewrite.kernels.rms_norm`) where a gradient is needed")
+def _no_backward(ctx, *grads: torch.Tensor):
+    raise RuntimeError("rewrite::rms_norm_cast and rewrite::add_rms_norm_cast are forward only (they serve decode "
+                       "programs); use rewrite::rms_norm (`rewrite.kernels.rms_norm`) where a gradient is needed")
 
 
 rms_norm_cast_op.register_autograd(_no_backward)
@@ -124,12 +141,51 @@ def rms_norm_cast(
     are `weight_offset=1.0`; OLMo2's (`(weight * normed).to(x.dtype)`) are the defaults.
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"rms_norm_cast: weight must have shape [{x.shape[-1]}] (the last dimension of x), "
-            f"got {tuple(weight.shape)}"
-        )
-    for name, dtype in (("x", x.dtype), ("weight", weight.dtype), ("out_dtype", out_dtype)):
-        if dtype not in CAST_DTYPES:
-            raise ValueError(f"rms_norm_cast: {name} must be float32, float16 or bfloat16, got {dtype}")
+    _check_cast_arguments("rms_norm_cast", x, weight, out_dtype)
     return rms_norm_cast_op(x, weight, float(eps), float(weight_offset), bool(round_normed), out_dtype)
+
+
+@torch.library.custom_op("rewrite::add_rms_norm_cast", mutates_args=())
+def add_rms_norm_cast_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
+    round_normed: bool, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual in x's dtype, `rms_norm_cast` of that sum) (forward only)."""
+    return add_rms_norm_cast_reference(x, residual, weight, eps, weight_offset, round_normed, out_dtype)
+
+
+@add_rms_norm_cast_op.register_kernel("cuda")
+def _add_rms_norm_cast_cuda(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
+    round_normed: bool, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_triton_module(_TRITON).add_rms_norm_cast_forward(x, residual, weight, eps, weight_offset,
+                                                                 round_normed, out_dtype)
+
+
+@add_rms_norm_cast_op.register_fake
+def _add_rms_norm_cast_fake(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
+    round_normed: bool, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
+
+
+add_rms_norm_cast_op.register_autograd(_no_backward)
+
+
+def add_rms_norm_cast(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+    weight_offset: float = 0.0, round_normed: bool = False, out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(total, rms_norm_cast(total, weight, eps, ...))` with `total = x + residual` rounded to x's dtype as
+    `aten.add` rounds it (forward only): a decoder layer's residual add and the norm that reads it, in one call.
+    x and residual must have the same dtype and shape; the other arguments are `rms_norm_cast`'s."""
+    if residual.dtype != x.dtype or residual.shape != x.shape:
+        raise ValueError(
+            f"add_rms_norm_cast: residual must have x's dtype and shape {x.dtype} {tuple(x.shape)}, got "
+            f"{residual.dtype} {tuple(residual.shape)}"
+        )
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    _check_cast_arguments("add_rms_norm_cast", x, weight, out_dtype)
+    return add_rms_norm_cast_op(x, residual, weight, float(eps), float(weight_offset), bool(round_normed), out_dtype)

@@ -37,3 +37,12 @@ def rms_norm_cast_reference(
         normed = normed.to(x.dtype).to(torch.float32)
     scale = weight.to(torch.float32) + weight_offset
     return (normed * scale).to(out_dtype)
+
+
+def add_rms_norm_cast_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
+    round_normed: bool, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual as aten.add gives it in x's dtype, `rms_norm_cast_reference` of that sum)."""
+    total = x + residual
+    return total, rms_norm_cast_reference(total, weight, eps, weight_offset, round_normed, out_dtype)

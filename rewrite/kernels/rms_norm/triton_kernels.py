@@ -39,6 +39,18 @@ def _round_to(value, dtype: tl.constexpr):
 
 
 @triton.jit
+def _rms_norm_cast_row(x, w_ptr, cols, mask, n_cols, eps, weight_offset, x_dtype: tl.constexpr,
+                       out_dtype: tl.constexpr, ROUND_NORMED: tl.constexpr):
+    """One row's `rms_norm_cast` (see `rms_norm_cast_reference`) from its values `x` in float32 (masked lanes 0),
+    rounded to `out_dtype`; `x_dtype` is the dtype the normalized row is rounded to when ROUND_NORMED."""
+    normed = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    if ROUND_NORMED:
+        normed = _round_to(normed, x_dtype).to(tl.float32)
+    scale = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
+    return _round_to(normed * scale, out_dtype)
+
+
+@triton.jit
 def _rms_norm_cast_fwd_kernel(
     x_ptr, w_ptr, out_ptr, n_cols, eps, weight_offset, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -46,11 +58,26 @@ def _rms_norm_cast_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    normed = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    if ROUND_NORMED:
-        normed = _round_to(normed, x_ptr.dtype.element_ty).to(tl.float32)
-    scale = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
-    tl.store(out_ptr + row * n_cols + cols, _round_to(normed * scale, out_ptr.dtype.element_ty), mask=mask)
+    out = _rms_norm_cast_row(x, w_ptr, cols, mask, n_cols, eps, weight_offset, x_ptr.dtype.element_ty,
+                             out_ptr.dtype.element_ty, ROUND_NORMED)
+    tl.store(out_ptr + row * n_cols + cols, out, mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_cast_fwd_kernel(
+    x_ptr, residual_ptr, w_ptr, sum_ptr, out_ptr, n_cols, eps, weight_offset, ROUND_NORMED: tl.constexpr,
+    BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    residual = tl.load(residual_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    total = _round_to(x + residual, x_ptr.dtype.element_ty)
+    tl.store(sum_ptr + row * n_cols + cols, total, mask=mask)
+    out = _rms_norm_cast_row(total.to(tl.float32), w_ptr, cols, mask, n_cols, eps, weight_offset,
+                             x_ptr.dtype.element_ty, out_ptr.dtype.element_ty, ROUND_NORMED)
+    tl.store(out_ptr + row * n_cols + cols, out, mask=mask)
 
 
 @triton.jit
@@ -117,6 +144,24 @@ def rms_norm_cast_forward(
             BLOCK=_block(n_cols), num_warps=row_warps(n_cols, per_warp=512, most=16),
         )
     return out.view(x.shape)
+
+
+def add_rms_norm_cast_forward(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
+    round_normed: bool, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual in x's dtype, `rms_norm_cast` of that sum), one program per row."""
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols).contiguous()
+    residual2 = residual.reshape(-1, n_cols).contiguous()
+    total = new_empty(x2.shape, dtype=x.dtype, device=x.device)
+    out = new_empty(x2.shape, dtype=out_dtype, device=x.device)
+    if x2.shape[0] > 0:
+        _add_rms_norm_cast_fwd_kernel[(x2.shape[0],)](
+            x2, residual2, weight.contiguous(), total, out, n_cols, eps, weight_offset, ROUND_NORMED=round_normed,
+            BLOCK=_block(n_cols), num_warps=row_warps(n_cols, per_warp=512, most=16),
+        )
+    return total.view(x.shape), out.view(x.shape)
 
 
 def rms_norm_backward(
