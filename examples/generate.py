@@ -3,19 +3,29 @@
     python -m examples.generate                   # tiny Llama, layer 0 gla + layer 1 softmax, batched prompts
     python -m examples.generate --kind retention --layers all --sample
     python -m examples.generate --tiny            # what the tests run
+    python -m examples.generate --fusions norms,rotary   # decode-program fusions on, checked against them off
 
 The prompts have different lengths and run as one batch; each row is checked against generating
-it alone, and the tokens stream out as they are produced.
+it alone, and the tokens stream out as they are produced. With --fusions the decode program is built with those
+fusions on (rewrite.decode: sibling projections, RMSNorms, rotary embeddings as single kernels) and its tokens are
+checked against the program without them.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 import rewrite
 from examples.models import TARGETS
+from rewrite.decode import decode_program, fuse_norms, fuse_projections, fuse_rotary
+
+FUSIONS = {"projections": (fuse_projections, "FUSE_SIBLING_PROJECTIONS"), "norms": (fuse_norms, "FUSE_RMS_NORMS"),
+           "rotary": (fuse_rotary, "FUSE_ROTARY")}
+"""Decode-program fusions --fusions may name: the module and its switch."""
 
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "handwritten")
 
@@ -28,7 +38,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new", type=int, default=12, help="new tokens per prompt")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-p 0.9) instead of greedy")
     parser.add_argument("--tiny", action="store_true", help="4 new tokens (quick check)")
-    return parser.parse_args(argv)
+    parser.add_argument("--fusions", default="", help=f"comma-separated decode fusions to turn on ({', '.join(FUSIONS)})")
+    args = parser.parse_args(argv)
+    args.fusions = [name.strip() for name in args.fusions.split(",") if name.strip()]
+    unknown = [name for name in args.fusions if name not in FUSIONS]
+    if unknown:
+        parser.error(f"--fusions: unknown {', '.join(unknown)}; choose from {', '.join(FUSIONS)}")
+    return args
+
+
+def with_fusions(names: list[str], run: Callable[[], Any]) -> Any:
+    """`run()` with the decode fusions `names` on, every switch put back after."""
+    before = {name: getattr(*FUSIONS[name]) for name in names}
+    try:
+        for name in names:
+            setattr(*FUSIONS[name], True)
+        return run()
+    finally:
+        for name, value in before.items():
+            setattr(*FUSIONS[name], value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,10 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     def show(step) -> None:
         print("step:", step.tokens.tolist())
 
-    out = om.generate(ids, mask, streamer=show, **options)
+    out = with_fusions(args.fusions, lambda: om.generate(ids, mask, streamer=show, **options))
     print("generated:\n", out[:, ids.shape[1]:])
     if args.sample:
         return 0
+    if args.fusions:
+        program = with_fusions(args.fusions, lambda: decode_program(om))
+        print(f"fused: {program.fused_norms} norms, {program.fused_rotations} rotations")
+        if not torch.equal(om.generate(ids, mask, **options), out):
+            print(f"the tokens with {', '.join(args.fusions)} fused differ from the unfused program's")
+            return 1
+        print("the fused program's tokens equal the unfused program's")
     for row in range(ids.shape[0]):
         start = int((mask[row] == 0).sum())
         alone = om.generate(ids[row : row + 1, start:], max_new_tokens=new)

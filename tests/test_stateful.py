@@ -878,6 +878,17 @@ def test_generate_example_runs():
     assert example.main(["--tiny"]) == 0
 
 
+def test_generate_example_with_decode_fusions_gives_the_unfused_tokens(capsys):
+    from examples import generate as example
+    from rewrite.decode import fuse_norms, fuse_rotary
+
+    assert example.main(["--tiny", "--fusions", "norms,rotary"]) == 0
+    assert "fused: 5 norms, 2 rotations" in capsys.readouterr().out  # tiny Llama: 2 layers
+    assert not fuse_norms.FUSE_RMS_NORMS and not fuse_rotary.FUSE_ROTARY  # put back
+    with pytest.raises(SystemExit):
+        example.main(["--tiny", "--fusions", "layernorm"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_gives_the_eager_tokens():
     model, inputs = TARGETS["llama"]()
