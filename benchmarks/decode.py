@@ -21,7 +21,7 @@ HF's sliding-window DynamicCache (its last W - 1 tokens, as generate() does), th
 decode past W (a prompt of W + 32 tokens), and the linearized model is built with the mixer pass's
 check_masks off (its linear mixers see the whole prefix: the window is dropped).
 
-With --fusions (names from FUSIONS: projections, norms, rotary; --fuse-projections is --fusions projections),
+With --fusions (names from rewrite.decode.fusion_switches: projections, norms, rotary; --fuse-projections is --fusions projections),
 each linearized variant is also timed (on the same state) with a decode program built with those decode fusions
 on (sibling projections read as one weight, RMSNorms and rotary embeddings as one kernel each; rewrite.decode.
 fuse_projections / fuse_norms / fuse_rotary), after a check that its token-by-token logits equal the full
@@ -45,10 +45,11 @@ import torch
 
 import rewrite
 from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
-from benchmarks.variants import FUSIONS, apply_changes, fusion_names, restore
+from benchmarks.variants import apply_changes, fusion_names, restore
 from rewrite.decode import decode_program, sites
 from rewrite.decode.compiled import CompiledStep
 from rewrite.decode.cuda_graph import GraphedStep
+from rewrite.decode.fusion_switches import fusions_on
 from rewrite.decode.program import model_window
 from rewrite.decode.state import RingKVCache
 
@@ -87,11 +88,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def fused_program(om: Any, fusions: list[str]) -> Any:
     """A decode program of `om` built with the decode fusions `fusions` on, beside the default one (which
     `decode_program(om)` keeps returning)."""
-    undo = apply_changes("rewrite.decode", [(*FUSIONS[name], True) for name in fusions])
-    try:
+    with fusions_on(fusions):
         return decode_program_copy(om)
-    finally:
-        restore(undo)
 
 
 def optioned_program(om: Any, text: str, fusions: list[str]) -> Any:

@@ -47,7 +47,8 @@ import torch  # noqa: E402
 
 import rewrite  # noqa: E402
 from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results  # noqa: E402
-from benchmarks.variants import FUSIONS, apply_changes, fusion_names, restore  # noqa: E402
+from benchmarks.variants import apply_changes, fusion_names, restore  # noqa: E402
+from rewrite.decode.fusion_switches import fusions_on  # noqa: E402
 from rewrite.kernels.router import route  # noqa: E402
 from rewrite.kernels.router.reference import route_reference  # noqa: E402
 from rewrite.routing import skip_controls  # noqa: E402
@@ -472,13 +473,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--decode-variants: {sorted(only - known)} not among {sorted(known)}")
     fusions = fusion_names(args.fusions)
     undo = apply_changes("rewrite.kernels.kv_cache_attention", kernel_set[0][1]) if kernel_set else []
-    undo += apply_changes("rewrite.decode", [(*FUSIONS[name], True) for name in fusions])
     if kernel_set:
         print(f"split-KV kernel launch for this run: {kernel_set[0][0]}", flush=True)
     if fusions:
         print(f"decode fusions for this run: {', '.join(fusions)}", flush=True)
     try:
-        run(args, fractions, only)
+        with fusions_on(fusions):
+            run(args, fractions, only)
     finally:
         restore(undo)
 

@@ -1,4 +1,5 @@
-"""Variants for benchmark runs: module constants (kernel launches, decode fusions) changed for one timing or run and restored after."""
+"""Variants for benchmark runs: module constants (kernel launches) changed for one timing or run and restored
+after, and the decode fusions a --fusions value names."""
 
 from __future__ import annotations
 
@@ -26,18 +27,11 @@ def restore(undo: list[tuple[Any, str, Any]]) -> None:
         setattr(mod, attr, old)
 
 
-FUSIONS = {
-    "projections": ("fuse_projections", "FUSE_SIBLING_PROJECTIONS"),
-    "norms": ("fuse_norms", "FUSE_RMS_NORMS"),
-    "rotary": ("fuse_rotary", "FUSE_ROTARY"),
-}
-"""Decode fusions --fusions may name: (module of rewrite.decode, its switch)."""
-
-
 def fusion_names(text: str) -> list[str]:
-    """The decode fusions of a comma-separated list, checked against FUSIONS."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in FUSIONS]
-    if unknown:
-        raise SystemExit(f"--fusions: unknown {', '.join(unknown)}; choose from {', '.join(FUSIONS)}")
-    return names
+    """The decode fusions of a comma-separated --fusions value (`rewrite.decode.fusion_switches.SWITCHES`)."""
+    from rewrite.decode.fusion_switches import check_names
+
+    try:
+        return check_names(part.strip() for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise SystemExit(f"--fusions: {exc}") from None

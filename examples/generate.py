@@ -14,18 +14,13 @@ checked against the program without them.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
 import rewrite
 from examples.models import TARGETS
-from rewrite.decode import decode_program, fuse_norms, fuse_projections, fuse_rotary
-
-FUSIONS = {"projections": (fuse_projections, "FUSE_SIBLING_PROJECTIONS"), "norms": (fuse_norms, "FUSE_RMS_NORMS"),
-           "rotary": (fuse_rotary, "FUSE_ROTARY")}
-"""Decode-program fusions --fusions may name: the module and its switch."""
+from rewrite.decode import decode_program
+from rewrite.decode.fusion_switches import SWITCHES, check_names, fusions_on
 
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "handwritten")
 
@@ -38,25 +33,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new", type=int, default=12, help="new tokens per prompt")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-p 0.9) instead of greedy")
     parser.add_argument("--tiny", action="store_true", help="4 new tokens (quick check)")
-    parser.add_argument("--fusions", default="", help=f"comma-separated decode fusions to turn on ({', '.join(FUSIONS)})")
+    parser.add_argument("--fusions", default="", help=f"comma-separated decode fusions to turn on ({', '.join(SWITCHES)})")
     args = parser.parse_args(argv)
-    args.fusions = [name.strip() for name in args.fusions.split(",") if name.strip()]
-    unknown = [name for name in args.fusions if name not in FUSIONS]
-    if unknown:
-        parser.error(f"--fusions: unknown {', '.join(unknown)}; choose from {', '.join(FUSIONS)}")
-    return args
-
-
-def with_fusions(names: list[str], run: Callable[[], Any]) -> Any:
-    """`run()` with the decode fusions `names` on, every switch put back after."""
-    before = {name: getattr(*FUSIONS[name]) for name in names}
     try:
-        for name in names:
-            setattr(*FUSIONS[name], True)
-        return run()
-    finally:
-        for name, value in before.items():
-            setattr(*FUSIONS[name], value)
+        args.fusions = check_names(name.strip() for name in args.fusions.split(",") if name.strip())
+    except ValueError as exc:
+        parser.error(f"--fusions: {exc}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     def show(step) -> None:
         print("step:", step.tokens.tolist())
 
-    out = with_fusions(args.fusions, lambda: om.generate(ids, mask, streamer=show, **options))
+    with fusions_on(args.fusions):
+        out = om.generate(ids, mask, streamer=show, **options)
     print("generated:\n", out[:, ids.shape[1]:])
     if args.sample:
         return 0
     if args.fusions:
-        program = with_fusions(args.fusions, lambda: decode_program(om))
+        with fusions_on(args.fusions):
+            program = decode_program(om)
         print(f"fused: {program.fused_norms} norms, {program.fused_rotations} rotations")
         if not torch.equal(om.generate(ids, mask, **options), out):
             print(f"the tokens with {', '.join(args.fusions)} fused differ from the unfused program's")

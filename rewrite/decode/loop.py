@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from rewrite.decode import fuse_norms, fuse_projections, fuse_rotary
+from rewrite.decode import fusion_switches
 from rewrite.decode.program import DecodeProgram
 from rewrite.decode.sampling import Sampling, next_tokens
 from rewrite.errors import RewriteError
@@ -32,15 +32,14 @@ class StepTokens(NamedTuple):
 
 def decode_program(om: Any) -> DecodeProgram:
     """The decode program of optimized module `om` (built on first use, rebuilt after a move or cast or
-    when `fuse_projections.FUSE_SIBLING_PROJECTIONS`, `fuse_norms.FUSE_RMS_NORMS` or `fuse_rotary.FUSE_ROTARY`
-    changes)."""
+    when a decode fusion's switch changes, `fusion_switches.SWITCHES`)."""
     source = om.source
     if source is None:
         raise RewriteError("generate() needs the source model to capture its decode program; load the module "
                            "with rewrite.load(path, model=...)")
     first = next(iter(om.parameters()), None)
     key = (id(om.plan), first.device if first is not None else None, first.dtype if first is not None else None,
-           fuse_projections.FUSE_SIBLING_PROJECTIONS, fuse_norms.FUSE_RMS_NORMS, fuse_rotary.FUSE_ROTARY)
+           fusion_switches.current())
     cached = om.__dict__.get("_decode_program")
     if cached is not None and cached[0] == key:
         return cached[1]
