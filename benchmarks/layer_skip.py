@@ -25,6 +25,7 @@ The fused router kernel is timed against its PyTorch reference as well.
 Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fractions 0.25,0.5] --out runs/layer_skip.json
 (`--kv-cache-kernel`: each graphed real decode step both with SDPA and with the split-KV kernel, side by side;
 without it, with the sites' default; `--compile-step`: each real decode step also compiled by Inductor;
+`--fused-row-gather`: each graphed routed step also with a routed block's gathers by one launch;
 `--profile-step`: each graphed step's kernels printed; `--attention-only`: only the decode attention rows and
 `--kv-kernel-variants`' launch sweep; `--decode-only [--decode-variants "none,all,f=0.5 spread"]`: only those real
 decode steps; `--kv-kernel-set`: one launch of the split-KV kernel for the whole run; `--fusions norms,rotary`: the
@@ -183,17 +184,21 @@ PREFILL_TOKENS = 65536
 
 def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: list[float], runs: int, device: str,
                 dtype: torch.dtype, kv_cache_kernel: bool = False, compile_step: bool = False,
-                profile_step: bool = False, only: set[str] | None = None) -> list[Measurement]:
+                profile_step: bool = False, only: set[str] | None = None,
+                fused_row_gather: bool = False) -> list[Measurement]:
     """One real decode step (KV caches filled by a prefill of `context` tokens, decisions held from it) of the
     routed causal LM, per skip variant, next to the same step of the unrouted program; with `kv_cache_kernel`,
     each graphed step also with the decode sites' attention by the split-KV kernel
     (`rewrite.decode.sites.KV_CACHE_ATTENTION_KERNEL`), side by side with SDPA's (else with the sites' default);
     with `compile_step`, each step also compiled by Inductor (graphed on CUDA), where the running rows' gathers and
-    scatters can fuse with their neighbours; with `profile_step` (CUDA), each replay's kernels are printed too;
+    scatters can fuse with their neighbours; with `fused_row_gather`, each graphed step also with a routed block's
+    gathers made by one `rewrite::gather_rows` launch (`rewrite.routing.runtime.FUSED_ROW_GATHER`); with
+    `profile_step` (CUDA), each replay's kernels are printed too;
     `only`: the variants to run (default all)."""
     import transformers
 
     import rewrite.decode.sites as sites
+    import rewrite.routing.runtime as routing_runtime
     from rewrite.decode import decode_program
     from rewrite.decode.compiled import CompiledStep
     from rewrite.decode.cuda_graph import GraphedStep
@@ -262,18 +267,21 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
             rows.append(row)
             print(f"{row.name}: {row.median_ms:.3f} ms", flush=True)  # what a later failure would lose
             del state
-            modes = [] if not graphs else [  # (how, key, split-KV kernel, compiled)
-                ("CUDA graph, split-KV kernel", "kernel", True, False) if kernel else
-                ("CUDA graph, SDPA", "graph", False, False)
+            modes = [] if not graphs else [  # (how, key, split-KV kernel, compiled, fused row gather)
+                ("CUDA graph, split-KV kernel", "kernel", True, False, False) if kernel else
+                ("CUDA graph, SDPA", "graph", False, False, False)
                 for kernel in ([False, True] if kv_cache_kernel else [sites.KV_CACHE_ATTENTION_KERNEL])]
+            default = sites.KV_CACHE_ATTENTION_KERNEL
+            if fused_row_gather and graphs and mask is not None:  # the unrouted program gathers nothing
+                modes.append(("CUDA graph, fused row gather", "gather", default, False, True))
             if compile_step:
-                default = sites.KV_CACHE_ATTENTION_KERNEL
-                modes.append(("CUDA graph + compiled" if graphs else "compiled", "compiled", default, True))
-            for how, key, kernel, compiled in modes:
+                modes.append(("CUDA graph + compiled" if graphs else "compiled", "compiled", default, True, False))
+            for how, key, kernel, compiled, gather in modes:
                 versus_sdpa = kernel and graphs and not compiled  # the kernel's bf16 difference from SDPA's step
                 state, twin = prefilled(program, mask), prefilled(program, mask)
                 sdpa_twin = prefilled(program, mask) if versus_sdpa else None
                 before, sites.KV_CACHE_ATTENTION_KERNEL = sites.KV_CACHE_ATTENTION_KERNEL, kernel
+                gather_before, routing_runtime.FUSED_ROW_GATHER = routing_runtime.FUSED_ROW_GATHER, gather
                 try:
                     if graphs:
                         graphed = GraphedStep(program, state, compiled=compiled)
@@ -299,6 +307,7 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
                         row.extra["kernels"] = lines[0].split(": ", 1)[1]
                 finally:
                     sites.KV_CACHE_ATTENTION_KERNEL = before
+                    routing_runtime.FUSED_ROW_GATHER = gather_before
                 row.extra["rel err"] = f"{err:.1e}"
                 if versus_sdpa:  # bf16 rounding of another attention kernel, carried through the layers
                     row.extra["vs SDPA step"] = f"{relative_error(got, sdpa):.1e}"
@@ -317,7 +326,7 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     for row in rows:
         name = row.name.split(") ", 1)[1]
         prefix = ("compiled " if "compiled" in row.name else "kernel " if "split-KV kernel" in row.name
-                  else "graph " if "CUDA graph" in row.name else "")
+                  else "gather " if "fused row gather" in row.name else "graph " if "CUDA graph" in row.name else "")
         if name.startswith("f=") and prefix + "none" in timed and prefix + "all" in timed:
             fraction = float(name.split()[0].removeprefix("f="))
             none, floor = timed[prefix + "none"], timed[prefix + "all"]
@@ -460,6 +469,9 @@ def main(argv: list[str] | None = None) -> None:
                              "'f=0.5 shared'; default all; 'of ideal' needs none and all)")
     parser.add_argument("--attention-only", action="store_true",
                         help="time only the decode attention rows (SDPA, the split-KV kernel and its variants)")
+    parser.add_argument("--fused-row-gather", action="store_true",
+                        help="also time each graphed real decode step with a routed block's gathers by one "
+                             "rewrite::gather_rows launch (rewrite.routing.runtime.FUSED_ROW_GATHER)")
     parser.add_argument("--fusions", default="",
                         help="comma-separated decode fusions (projections, norms, rotary) on for the whole run: the "
                              "real decode steps' programs are built with them")
@@ -509,7 +521,8 @@ def run(args: argparse.Namespace, fractions: list[float], only: set[str] | None)
         rows += time_decode_attention(args.decode_batch, args.decode_context, args.hidden, max(args.runs, 30), device,
                                       dtype, args.kv_kernel_variants)
     rows += time_decode(args.layers, args.hidden, args.decode_batch, args.decode_context, fractions, max(args.runs, 30),
-                        device, dtype, args.kv_cache_kernel, args.compile_step, args.profile_step, only)
+                        device, dtype, args.kv_cache_kernel, args.compile_step, args.profile_step, only,
+                        args.fused_row_gather)
     if not args.decode_only:
         rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype,
                             args.runs)

@@ -19,6 +19,7 @@ else:
     from .linear_attention import linear_attention, linear_attention_step
     from .rms_norm import rms_norm
     from .rotary import rotary_embedding, rotary_embedding_pair
+    from .row_gather import gather_rows
     from .short_conv import short_conv
     from .sliding_window import fill_ring_cache, sliding_window_attention, sliding_window_attention_step
 
@@ -26,6 +27,7 @@ else:
         "delta_rule",
         "delta_rule_step",
         "fill_ring_cache",
+        "gather_rows",
         "kv_cache_attention",
         "linear_attention",
         "linear_attention_step",

@@ -13,9 +13,12 @@ _poison = False
 
 
 def new_empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor (NaN-filled while `poisoned()` is active)."""
+    """An uninitialised tensor (while `poisoned()` is active: NaN-filled, or for integer / bool dtypes filled with
+    the dtype's largest value / True)."""
     if _poison:
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+        fill = (float("nan") if dtype.is_floating_point else True if dtype == torch.bool
+                else torch.iinfo(dtype).max)
+        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from rewrite.kernels.router import route
+from rewrite.kernels.row_gather import gather_rows
 from rewrite.routing.controls import begin_call, call_state, current_controls
 
 
@@ -197,6 +198,12 @@ def layer_skip_route(
     return weight_out, order, count
 
 
+FUSED_ROW_GATHER = False
+"""Whether a partly run block gathers its running rows of the hidden state and of every input gathered along dim 0
+by one `rewrite::gather_rows` call (one launch on CUDA) instead of one `index_select` each; not under autograd or
+while compiling (Inductor fuses the gathers itself). Off until timed on a GPU."""
+
+
 @dataclass(frozen=True)
 class InputRule:
     """How one block input follows a smaller batch: gather along `dim`, rescale a size, keep, or
@@ -277,10 +284,10 @@ class RoutedBlock:
             shape[self.batch_dim] = batch
             return torch.where(skip.bool().reshape(shape), hidden, out)
         rows = order[:active]
-        inputs = [hidden.index_select(self.batch_dim, rows)]
+        inputs: list[Any] = [None]
         for rule, value in zip(self.rules, others, strict=True):
             if rule.kind == "gather":
-                inputs.append(value.index_select(rule.dim, rows))
+                inputs.append(None)  # gathered below with the hidden state
             elif rule.kind == "scale":
                 inputs.append(value // batch * active)
             elif rule.kind == "rows":
@@ -289,7 +296,27 @@ class RoutedBlock:
                 inputs.append(value.select_rows(rows))
             else:
                 inputs.append(value)
+        gathered = [(0, hidden, self.batch_dim)] + [
+            (i + 1, value, rule.dim) for i, (rule, value) in enumerate(zip(self.rules, others, strict=True))
+            if rule.kind == "gather"]
+        for position, value in _gather_running_rows(gathered, rows):
+            inputs[position] = value
         out = self.body(*inputs).to(hidden.dtype)
         if self.writes_hidden and not (torch.is_grad_enabled() and hidden.requires_grad):
             return hidden.index_copy_(self.batch_dim, rows, out)
         return hidden.index_copy(self.batch_dim, rows, out)
+
+
+def _gather_running_rows(
+    gathered: list[tuple[int, torch.Tensor, int]], rows: torch.Tensor
+) -> list[tuple[int, torch.Tensor]]:
+    """(position, value's rows `rows` along its dim) for each (position, value, dim) of `gathered`: with
+    FUSED_ROW_GATHER, those along dim 0 by one `gather_rows` call."""
+    fused = (FUSED_ROW_GATHER and not torch.compiler.is_compiling()
+             and not (torch.is_grad_enabled() and any(value.requires_grad for _, value, _ in gathered)))
+    together = [(position, value) for position, value, dim in gathered if fused and dim == 0]
+    out = [(position, value.index_select(dim, rows)) for position, value, dim in gathered
+           if not (fused and dim == 0)]
+    if together:
+        out += list(zip([p for p, _ in together], gather_rows([v for _, v in together], rows), strict=True))
+    return out

@@ -1,0 +1,59 @@
+"""`rewrite.routing.runtime.FUSED_ROW_GATHER`: a partly run routed block gathers its hidden state and its inputs by
+one `rewrite::gather_rows` call, and gives what the per-tensor gathers give (decode programs, training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import OpCounts, module_switch, stepwise_program_logits
+
+import rewrite
+import rewrite.routing.runtime as routing_runtime
+from rewrite.decode import decode_program
+from rewrite.routing import skip_controls
+
+transformers = pytest.importorskip("transformers")
+
+LAYERS = 3
+
+
+def tiny_llama() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval(), torch.randint(0, 96, (4, 9))
+
+
+def spread_skips(batch: int) -> torch.Tensor:
+    """Every block runs a different part of the batch (block 2 the whole of it)."""
+    skip = torch.zeros(batch, LAYERS, dtype=torch.bool)
+    skip[::2, 0] = True
+    skip[1:3, 1] = True
+    return skip
+
+
+def test_decode_program_with_one_gather_launch_a_block_decodes_like_the_per_tensor_gathers():
+    model, ids = tiny_llama()
+    om = rewrite.optimize(model, ["attention_normalize", "layer_skip", "stateful"], example_kwargs={"input_ids": ids})
+    program = decode_program(om)
+    with torch.no_grad(), skip_controls(skip_mask=spread_skips(ids.shape[0])):
+        expected = stepwise_program_logits(program, ids, 5)
+        with module_switch(routing_runtime, "FUSED_ROW_GATHER", True), OpCounts() as counts:
+            got = stepwise_program_logits(program, ids, 5)
+    assert torch.equal(got, expected)
+    steps = 1 + ids.shape[1] - 5  # the prefill and four one-token steps
+    # blocks 0 and 1 run part of the batch: one call each a step; block 2 runs all rows (no gather)
+    assert counts.ops["rewrite.gather_rows.default"] == 2 * steps
+
+
+def test_training_under_autograd_keeps_the_per_tensor_gathers():
+    """The op has no backward: with gradients on, a partly run block gathers as before and gradients flow."""
+    model, ids = tiny_llama()
+    om = rewrite.optimize(model, ["layer_skip"], example_kwargs={"input_ids": ids})
+    om.train()
+    with skip_controls(skip_mask=spread_skips(ids.shape[0]), mode="hard"), OpCounts() as counts:
+        with module_switch(routing_runtime, "FUSED_ROW_GATHER", True):
+            logits = om(input_ids=ids).logits
+    logits.float().pow(2).mean().backward()
+    assert counts.ops["rewrite.gather_rows.default"] == 0 and counts.ops["aten.index_select.default"] > 0
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
