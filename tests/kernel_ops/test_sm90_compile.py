@@ -1,5 +1,5 @@
 """The decode-fusion kernels compile for an H100 (sm_90) with the installed Triton, on a machine without a GPU:
-Triton's front end, its passes and ptxas accept every launch form the launchers use (the interpreter, which runs
+Triton's front end, its passes, libdevice linking and ptxas accept every launch form the launchers use (the interpreter, which runs
 the other kernel tests here, checks none of that)."""
 
 import os
@@ -16,6 +16,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from rewrite.kernels.gated_activation import triton_kernels as gated
 from rewrite.kernels.rms_norm import triton_kernels as norms
 from rewrite.kernels.rotary import triton_kernels as rotary
 
@@ -59,6 +60,11 @@ for x, angles, bf16 in (("*bf16", "*bf16", True), ("*fp16", "*fp16", False), ("*
         compile_sm90(kernel, pointers, {}, {"BLOCK": 64, "COMPUTE": tl.float32, "BF16_BITS": bf16},
                      {"num_warps": 1, "enable_fp_fusion": False})
         compiled += 1
+for x in ("*bf16", "*fp16", "*fp32"):
+    for kind in (0, 1):  # silu, gelu_tanh; libdevice's exp / tanh as on CUDA
+        compile_sm90(gated._gated_activation_kernel, {"*": x}, {"n_cols": "i32"},
+                     {"KIND": kind, "LIBDEVICE": True, "BLOCK": 1024}, {"num_warps": 4, "enable_fp_fusion": False})
+        compiled += 1
 print("compiled", compiled)
 '''
 
@@ -73,4 +79,4 @@ def test_decode_fusion_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 20" in result.stdout
+    assert "compiled 26" in result.stdout
