@@ -21,10 +21,11 @@ HF's sliding-window DynamicCache (its last W - 1 tokens, as generate() does), th
 decode past W (a prompt of W + 32 tokens), and the linearized model is built with the mixer pass's
 check_masks off (its linear mixers see the whole prefix: the window is dropped).
 
-With --fusions (names from rewrite.decode.fusion_switches: projections, norms, rotary; --fuse-projections is --fusions projections),
-each linearized variant is also timed (on the same state) with a decode program built with those decode fusions
-on (sibling projections read as one weight, RMSNorms and rotary embeddings as one kernel each; rewrite.decode.
-fuse_projections / fuse_norms / fuse_rotary), after a check that its token-by-token logits equal the full
+With --fusions (names from rewrite.decode.fusion_switches: projections, norms, rotary, gated_activation;
+--fuse-projections is --fusions projections), each linearized variant is also timed (on the same state) with a
+decode program built with those decode fusions on (sibling projections read as one weight, RMSNorms, rotary
+embeddings and gated MLP activations as one kernel each; rewrite.decode.fuse_projections / fuse_norms / fuse_rotary
+/ fuse_gated_mlp), after a check that its token-by-token logits equal the full
 forward, and the rewrite softmax step is timed with them too.
 
 Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
@@ -425,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         env["step Inductor options"] = args.step_inductor_options
     if fused is not None and "projections" in fusions:
         env["fused projection groups"] = str(len(fused.fused.groups))
-    for name, attr in (("norms", "fused_norms"), ("rotary", "fused_rotations")):
+    for name, attr in (("norms", "fused_norms"), ("rotary", "fused_rotations"),
+                       ("gated_activation", "fused_gated_activations")):
         if name in fusions:  # how many calls each fused program holds (linearized / rewrite softmax)
             env[f"fused {name} (linearized / softmax)"] = f"{getattr(fused, attr)} / {getattr(soft_fused, attr)}"
     if window is not None:

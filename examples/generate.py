@@ -7,8 +7,8 @@
 
 The prompts have different lengths and run as one batch; each row is checked against generating
 it alone, and the tokens stream out as they are produced. With --fusions the decode program is built with those
-fusions on (rewrite.decode: sibling projections, RMSNorms, rotary embeddings as single kernels) and its tokens are
-checked against the program without them.
+fusions on (rewrite.decode: sibling projections, RMSNorms, rotary embeddings, gated MLP activations as single
+kernels) and its tokens are checked against the program without them.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fusions:
         with fusions_on(args.fusions):
             program = decode_program(om)
-        print(f"fused: {program.fused_norms} norms, {program.fused_rotations} rotations")
+        print(f"fused: {program.fused_norms} norms, {program.fused_rotations} rotations, "
+              f"{program.fused_gated_activations} gated activations")
         if not torch.equal(om.generate(ids, mask, **options), out):
             print(f"the tokens with {', '.join(args.fusions)} fused differ from the unfused program's")
             return 1

@@ -15,7 +15,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 from rewrite.capture import capture, order_kwargs
-from rewrite.decode import fuse_norms, fuse_projections, fuse_rotary
+from rewrite.decode import fuse_gated_mlp, fuse_norms, fuse_projections, fuse_rotary
 from rewrite.decode.fuse_projections import FusedWeights
 from rewrite.decode.program_meta import DecodeSignature
 from rewrite.decode.state import DecodeState
@@ -147,15 +147,20 @@ class DecodeProgram:
         if fuse_projections.FUSE_SIBLING_PROJECTIONS:
             self.fused = fuse_projections.fuse_sibling_projections(self.graph_module)
         self.compile_source: fx.GraphModule = self.graph_module
-        """What `compiled_module` compiles: the program without the norm and rotary fusions, whose chains Inductor
-        fuses itself together with their neighbours (an opaque op call would split those kernels)."""
-        self.fused_norms = self.fused_rotations = 0
-        if fuse_norms.FUSE_RMS_NORMS or fuse_rotary.FUSE_ROTARY:
+        """What `compiled_module` compiles: the program without the norm, rotary and gated-activation fusions,
+        whose chains Inductor fuses itself together with their neighbours (an opaque op call would split those
+        kernels)."""
+        self.fused_norms = self.fused_rotations = self.fused_gated_activations = 0
+        gated = fuse_gated_mlp.FUSE_GATED_ACTIVATION
+        if fuse_norms.FUSE_RMS_NORMS or fuse_rotary.FUSE_ROTARY or gated:
             self.compile_source = _program_copy(self.graph_module)
         if fuse_norms.FUSE_RMS_NORMS:
             self.fused_norms = _fuse_with_routed_bodies(self.graph_module, fuse_norms.fuse_rms_norms)
         if fuse_rotary.FUSE_ROTARY:
             self.fused_rotations = _fuse_with_routed_bodies(self.graph_module, fuse_rotary.fuse_rotary_embeddings)
+        if gated:
+            self.fused_gated_activations = _fuse_with_routed_bodies(self.graph_module,
+                                                                    fuse_gated_mlp.fuse_gated_activations)
         self.signature = signature
         self.injected = captured.injected_kwargs
         self.kwarg_order = captured.kwarg_order

@@ -15,6 +15,7 @@ if __name__ != "rewrite.kernels":
     sys.modules[__name__] = importlib.import_module("rewrite.kernels")
 else:
     from .delta_rule import delta_rule, delta_rule_step
+    from .gated_activation import gated_activation
     from .kv_cache_attention import kv_cache_attention
     from .linear_attention import linear_attention, linear_attention_step
     from .rms_norm import rms_norm
@@ -28,6 +29,7 @@ else:
         "delta_rule_step",
         "fill_ring_cache",
         "gather_rows",
+        "gated_activation",
         "kv_cache_attention",
         "linear_attention",
         "linear_attention_step",

@@ -1,6 +1,6 @@
 """The decode-fusion and row-gather kernels compile for an H100 (sm_90) with the installed Triton, on a machine
-without a GPU: Triton's front end, its passes and ptxas accept every launch form the launchers use (the
-interpreter, which runs the other kernel tests here, checks none of that)."""
+without a GPU: Triton's front end, its passes, libdevice linking and ptxas accept every launch form the launchers
+use (the interpreter, which runs the other kernel tests here, checks none of that)."""
 
 import os
 import subprocess
@@ -16,6 +16,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from rewrite.kernels.gated_activation import triton_kernels as gated
 from rewrite.kernels.rms_norm import triton_kernels as norms
 from rewrite.kernels.rotary import triton_kernels as rotary
 from rewrite.kernels.row_gather import triton_kernels as row_gather
@@ -66,6 +67,11 @@ for count in (1, 4):  # a routed block's hidden state (bf16), cos / sin (fp32) a
                   "*": "*bf16"}, {name: "i32" for name in ("width0", "width1", "width2", "width3")},
                  {"COUNT": count, "BLOCK": 2048}, {"num_warps": 8})
     compiled += 1
+for x in ("*bf16", "*fp16", "*fp32"):
+    for kind in (0, 1):  # silu, gelu_tanh; libdevice's exp / tanh as on CUDA
+        compile_sm90(gated._gated_activation_kernel, {"*": x}, {"n_cols": "i32"},
+                     {"KIND": kind, "LIBDEVICE": True, "BLOCK": 1024}, {"num_warps": 4, "enable_fp_fusion": False})
+        compiled += 1
 print("compiled", compiled)
 '''
 
@@ -80,4 +86,4 @@ def test_decode_fusion_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 22" in result.stdout
+    assert "compiled 28" in result.stdout
