@@ -18,22 +18,10 @@ from triton.language.extra import libdevice
 from rewrite.kernels.launch_math import cdiv, next_power_of_2
 
 from ..alloc import new_empty
+from ..rounding import round_to
 
 MOST_BLOCK = 1024
 """Elements of one row a program computes at most (a wide MLP row is split over several programs)."""
-
-
-@triton.jit
-def _round_to(value, dtype: tl.constexpr):
-    """float32 `value` rounded to `dtype` to nearest, ties to even. bfloat16 is rounded on the bits: Triton's
-    CPU interpreter truncates float32 -> bfloat16 where GPUs round (both give these bits)."""
-    if dtype == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(value != value, value.to(tl.bfloat16), rounded)
-    else:
-        return value.to(dtype)
 
 
 @triton.jit
@@ -89,8 +77,8 @@ def _gated_activation_kernel(
     gate = tl.load(gate_ptr + row * gate_row_stride + cols * gate_col_stride, mask=mask, other=0.0)
     up = tl.load(up_ptr + row * up_row_stride + cols * up_col_stride, mask=mask, other=0.0)
     dtype = out_ptr.dtype.element_ty
-    act = _round_to(_activation(gate.to(tl.float32), KIND, LIBDEVICE), dtype)
-    out = _round_to(act.to(tl.float32) * up.to(tl.float32), dtype)
+    act = round_to(_activation(gate.to(tl.float32), KIND, LIBDEVICE), dtype)
+    out = round_to(act.to(tl.float32) * up.to(tl.float32), dtype)
     tl.store(out_ptr + row * n_cols + cols, out, mask=mask)
 
 

@@ -11,6 +11,7 @@ import triton.language as tl
 from rewrite.kernels.launch_math import cdiv, next_power_of_2, row_warps
 
 from ..alloc import new_empty
+from ..rounding import round_to
 
 
 @triton.jit
@@ -26,28 +27,15 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, n_cols, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _round_to(value, dtype: tl.constexpr):
-    """float32 `value` rounded to `dtype` to nearest, ties to even. bfloat16 is rounded on the bits: Triton's
-    CPU interpreter truncates float32 -> bfloat16 where GPUs round (both give these bits)."""
-    if dtype == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(value != value, value.to(tl.bfloat16), rounded)
-    else:
-        return value.to(dtype)
-
-
-@triton.jit
 def _rms_norm_cast_row(x, w_ptr, cols, mask, n_cols, eps, weight_offset, x_dtype: tl.constexpr,
                        out_dtype: tl.constexpr, ROUND_NORMED: tl.constexpr):
     """One row's `rms_norm_cast` (see `rms_norm_cast_reference`) from its values `x` in float32 (masked lanes 0),
     rounded to `out_dtype`; `x_dtype` is the dtype the normalized row is rounded to when ROUND_NORMED."""
     normed = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     if ROUND_NORMED:
-        normed = _round_to(normed, x_dtype).to(tl.float32)
+        normed = round_to(normed, x_dtype).to(tl.float32)
     scale = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
-    return _round_to(normed * scale, out_dtype)
+    return round_to(normed * scale, out_dtype)
 
 
 @triton.jit
@@ -73,7 +61,7 @@ def _add_rms_norm_cast_fwd_kernel(
     mask = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     residual = tl.load(residual_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    total = _round_to(x + residual, x_ptr.dtype.element_ty)
+    total = round_to(x + residual, x_ptr.dtype.element_ty)
     tl.store(sum_ptr + row * n_cols + cols, total, mask=mask)
     out = _rms_norm_cast_row(total.to(tl.float32), w_ptr, cols, mask, n_cols, eps, weight_offset,
                              x_ptr.dtype.element_ty, out_ptr.dtype.element_ty, ROUND_NORMED)
