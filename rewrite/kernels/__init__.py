@@ -16,6 +16,7 @@ if __name__ != "rewrite.kernels":
 else:
     from .delta_rule import delta_rule, delta_rule_step
     from .kv_cache_attention import kv_cache_attention
+    from .kv_cache_write import kv_cache_write_
     from .linear_attention import linear_attention, linear_attention_step
     from .rms_norm import rms_norm
     from .rotary import rotary_embedding, rotary_embedding_pair
@@ -29,6 +30,7 @@ else:
         "fill_ring_cache",
         "gather_rows",
         "kv_cache_attention",
+        "kv_cache_write_",
         "linear_attention",
         "linear_attention_step",
         "rms_norm",

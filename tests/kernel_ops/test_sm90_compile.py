@@ -1,5 +1,5 @@
-"""The decode-fusion and row-gather kernels compile for an H100 (sm_90) with the installed Triton, on a machine
-without a GPU: Triton's front end, its passes and ptxas accept every launch form the launchers use (the
+"""The decode-fusion, row-gather and KV-cache-write kernels compile for an H100 (sm_90) with the installed Triton, on
+a machine without a GPU: Triton's front end, its passes and ptxas accept every launch form the launchers use (the
 interpreter, which runs the other kernel tests here, checks none of that)."""
 
 import os
@@ -16,6 +16,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from rewrite.kernels.kv_cache_write import triton_kernels as kv_write
 from rewrite.kernels.rms_norm import triton_kernels as norms
 from rewrite.kernels.rotary import triton_kernels as rotary
 from rewrite.kernels.row_gather import triton_kernels as row_gather
@@ -66,6 +67,12 @@ for count in (1, 4):  # a routed block's hidden state (bf16), cos / sin (fp32) a
                   "*": "*bf16"}, {name: "i32" for name in ("width0", "width1", "width2", "width3")},
                  {"COUNT": count, "BLOCK": 2048}, {"num_warps": 8})
     compiled += 1
+for new, cache, bits in (("*bf16", "*bf16", False), ("*fp32", "*bf16", True), ("*fp16", "*fp16", False),
+                         ("*fp32", "*fp16", False)):  # a decode step's k / v into its KV cache
+    compile_sm90(kv_write._kv_cache_write_kernel,
+                 {"index_ptr": "*i64", "k_ptr": new, "v_ptr": new, "*": cache}, {},
+                 {"BLOCK": 128, "K_BF16_BITS": bits, "V_BF16_BITS": bits}, {"num_warps": 2})
+    compiled += 1
 print("compiled", compiled)
 '''
 
@@ -80,4 +87,4 @@ def test_decode_fusion_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 22" in result.stdout
+    assert "compiled 26" in result.stdout
