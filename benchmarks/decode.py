@@ -21,11 +21,12 @@ HF's sliding-window DynamicCache (its last W - 1 tokens, as generate() does), th
 decode past W (a prompt of W + 32 tokens), and the linearized model is built with the mixer pass's
 check_masks off (its linear mixers see the whole prefix: the window is dropped).
 
-With --fusions (names from rewrite.decode.fusion_switches: projections, norms, rotary, gated_activation;
---fuse-projections is --fusions projections), each linearized variant is also timed (on the same state) with a
-decode program built with those decode fusions on (sibling projections read as one weight, RMSNorms, rotary
-embeddings and gated MLP activations as one kernel each; rewrite.decode.fuse_projections / fuse_norms / fuse_rotary
-/ fuse_gated_mlp), after a check that its token-by-token logits equal the full
+With --fusions (names from rewrite.decode.fusion_switches: projections, norms, rotary, gated_activation,
+kv_write; --fuse-projections is --fusions projections), each linearized variant is also timed (on the same state)
+with a decode program built with those decode fusions on (sibling projections read as one weight, RMSNorms, rotary
+embeddings and gated MLP activations as one kernel each, a KV-cache site's keys and values written by one launch;
+rewrite.decode.fuse_projections / fuse_norms / fuse_rotary / fuse_gated_mlp, rewrite.decode.state.FUSED_KV_WRITE),
+after a check that its token-by-token logits equal the full
 forward, and the rewrite softmax step is timed with them too.
 
 Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="write recurrent states in place and normalise inside the step kernel "
                              "(rewrite.decode.steps.INPLACE_STATE, rewrite.mixers.common.FUSED_STEP_NORMALIZE)")
     parser.add_argument("--fusions", default="",
-                        help="comma-separated decode fusions (projections, norms, rotary): also time each linearized "
+                        help="comma-separated decode fusions (projections, norms, rotary, kv_write): also time each linearized "
                              "variant and the rewrite softmax step with a program built with them on")
     parser.add_argument("--fuse-projections", action="store_true", help="the same as --fusions projections")
     parser.add_argument("--step-inductor-options", default="",

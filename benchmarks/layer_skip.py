@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time each graphed real decode step with a routed block's gathers by one "
                              "rewrite::gather_rows launch (rewrite.routing.runtime.FUSED_ROW_GATHER)")
     parser.add_argument("--fusions", default="",
-                        help="comma-separated decode fusions (projections, norms, rotary) on for the whole run: the "
+                        help="comma-separated decode fusions (projections, norms, rotary, kv_write) on for the whole run: the "
                              "real decode steps' programs are built with them")
     args = parser.parse_args(argv)
     kv_kernel_variants(args.kv_kernel_variants)  # a malformed variant fails before the models are built

@@ -7,8 +7,8 @@
 
 The prompts have different lengths and run as one batch; each row is checked against generating
 it alone, and the tokens stream out as they are produced. With --fusions the decode program is built with those
-fusions on (rewrite.decode: sibling projections, RMSNorms, rotary embeddings, gated MLP activations as single
-kernels) and its tokens are checked against the program without them.
+fusions on (rewrite.decode: sibling projections, RMSNorms, rotary embeddings, gated MLP activations, KV-cache
+writes as single kernels) and its tokens are checked against the program without them.
 """
 
 from __future__ import annotations

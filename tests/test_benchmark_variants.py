@@ -182,22 +182,23 @@ def test_layer_skip_kv_kernel_set_holds_for_the_run_and_is_restored(tmp_path, mo
 
 
 def test_decode_benchmark_times_programs_with_decode_fusions(tmp_path):
-    """`--tiny --fusions norms,rotary`: the linearized and rewrite softmax programs built with both fusions hold
-    one fused norm per RMSNorm and one rotary call per softmax layer, decode like the full forward, and their
-    steps are timed beside the default programs'."""
+    """`--tiny --fusions norms,rotary,kv_write`: the linearized and rewrite softmax programs built with the fusions
+    hold one fused norm per RMSNorm and one rotary call per softmax layer (and write KV caches by one call), decode
+    like the full forward, and their steps are timed beside the default programs'."""
     import json
 
     from benchmarks.decode import main
 
     out = tmp_path / "decode.json"
-    main(["--tiny", "--fusions", "norms,rotary", "--out", str(out)])
+    main(["--tiny", "--fusions", "norms,rotary,kv_write", "--out", str(out)])
     result = json.loads(out.read_text())
     env = result["env"]
     layers = 2  # benchmarks.decode's tiny model
     linearized_norms, softmax_norms = (int(n) for n in env["fused norms (linearized / softmax)"].split(" / "))
     assert linearized_norms == softmax_norms == 2 * layers + 1
     assert int(env["fused rotary (linearized / softmax)"].split(" / ")[1]) == layers
-    for name in ("linearized (fused norms + rotary)", "rewrite softmax (fused norms + rotary)"):
+    for name in ("linearized (fused norms + rotary + kv_write)", "rewrite softmax (fused norms + rotary + kv_write)"):
         assert float(env[f"{name}: step vs full rel err"]) < 1e-4, name
     names = {r["name"] for r in result["rows"] if r["runs"] > 0}
-    assert {"linearized (fused norms + rotary)", "rewrite softmax (KV cache, fused norms + rotary)"} <= names
+    assert {"linearized (fused norms + rotary + kv_write)",
+            "rewrite softmax (KV cache, fused norms + rotary + kv_write)"} <= names

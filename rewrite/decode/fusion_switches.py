@@ -6,13 +6,14 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from types import ModuleType
 
-from rewrite.decode import fuse_gated_mlp, fuse_norms, fuse_projections, fuse_rotary
+from rewrite.decode import fuse_gated_mlp, fuse_norms, fuse_projections, fuse_rotary, state
 
 SWITCHES: dict[str, tuple[ModuleType, str]] = {
     "projections": (fuse_projections, "FUSE_SIBLING_PROJECTIONS"),
     "norms": (fuse_norms, "FUSE_RMS_NORMS"),
     "rotary": (fuse_rotary, "FUSE_ROTARY"),
     "gated_activation": (fuse_gated_mlp, "FUSE_GATED_ACTIVATION"),
+    "kv_write": (state, "FUSED_KV_WRITE"),
 }
 """Each fusion's name and the (module, attribute) of its switch."""
 

@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 
 from rewrite.capture import capture, order_kwargs
 from rewrite.decode import fuse_gated_mlp, fuse_norms, fuse_projections, fuse_rotary
+from rewrite.decode import state as decode_state
 from rewrite.decode.fuse_projections import FusedWeights
 from rewrite.decode.program_meta import DecodeSignature
 from rewrite.decode.state import DecodeState
@@ -161,6 +162,8 @@ class DecodeProgram:
         if gated:
             self.fused_gated_activations = _fuse_with_routed_bodies(self.graph_module,
                                                                     fuse_gated_mlp.fuse_gated_activations)
+        self.fused_kv_write = decode_state.FUSED_KV_WRITE
+        """Whether the program's KV-cache sites write keys and values by one op call (`DecodeState.fused_kv_write`)."""
         self.signature = signature
         self.injected = captured.injected_kwargs
         self.kwarg_order = captured.kwarg_order
@@ -229,6 +232,7 @@ class DecodeProgram:
         else:
             flat = list(args) + list(kwargs.values())
         state.forget_call()  # what a call makes for itself (a visible mask) is made by this call
+        state.fused_kv_write = self.fused_kv_write
         out = module(*flat, state)
         if self.signature.out_spec is not None:
             out = pytree.tree_unflatten(list(out) if isinstance(out, tuple | list) else [out], self.signature.out_spec)

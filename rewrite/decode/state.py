@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from rewrite.errors import RewriteError
+from rewrite.kernels.kv_cache_write import kv_cache_write_
 
 
 @dataclass
@@ -82,6 +83,12 @@ class RecurrentState:
 SLOT_BUCKET = 256
 """Eager decode steps attend over the filled KV-cache slots rounded up to a multiple of this."""
 
+FUSED_KV_WRITE = False
+"""Whether a decode program built while it is on (read when the program is built, as the other decode fusions'
+switches are: `rewrite.decode.fusion_switches` "kv_write") stores the new keys and values of a cache its state owns
+(full or ring) by one `rewrite::kv_cache_write_` call, one launch on CUDA that casts as well, instead of casting k / v
+and two `index_copy_` (see `DecodeState.fused_kv_write`). Off until timed on a GPU."""
+
 
 @dataclass
 class DecodeState:
@@ -106,6 +113,10 @@ class DecodeState:
     """[batch, routed blocks] bool on the CPU: the layer-skip decisions made at prefill and held."""
     held: Any = None
     """`skips` prepared for the routed blocks (rewrite.routing.runtime.HeldDecisions), made once."""
+    fused_kv_write: bool = False
+    """Whether `write_kv` stores a cache's keys and values by one `rewrite::kv_cache_write_` call (set by the program
+    calling it, from FUSED_KV_WRITE as it was when the program was built); not under autograd or while compiling
+    (Inductor fuses the writes into the kernels that make k / v), nor on a row view reaching a whole-batch cache."""
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -237,6 +248,9 @@ class DecodeState:
 
     def write_kv(self, cache: KVCache | RingKVCache, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys / values [R, Hkv, T, D] of this view's rows at cache positions `index` [T]."""
+        if self._owns(cache) and self._fused_kv_write(k, v):
+            kv_cache_write_(cache.keys, cache.values, index, k, v)
+            return
         k, v = k.to(cache.keys.dtype), v.to(cache.values.dtype)
         if self._owns(cache):
             cache.keys.index_copy_(2, index, k)
@@ -246,6 +260,12 @@ class DecodeState:
         where = (self.rows[:, None, None], heads[None, :, None], index[None, None, :])
         cache.keys.index_put_(where, k)
         cache.values.index_put_(where, v)
+
+    def _fused_kv_write(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether `fused_kv_write` applies to this write: on, not while compiling, no gradient asked (forward only)."""
+        if torch.compiler.is_compiling() or not self.fused_kv_write:
+            return False
+        return not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
 
     def read_kv(self, cache: KVCache | RingKVCache, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This view's rows of the cache's keys and values, up to position `end` (all when None)."""
@@ -393,6 +413,7 @@ class RowView(DecodeState):
         self.batch, self.capacity, self.device = parent.batch, parent.capacity, parent.device
         self.slot_mask, self.layers = parent.slot_mask, parent.layers
         self.static, self.skips, self.held = parent.static, parent.skips, parent.held
+        self.fused_kv_write = parent.fused_kv_write
         self.slots, self.padded = parent.slots, parent.padded
         self.rows = rows if parent.rows is None else parent.rows.index_select(0, rows)
         self._parent, self._local_rows = parent, rows

@@ -17,6 +17,7 @@ else:
     from .delta_rule import delta_rule, delta_rule_step
     from .gated_activation import gated_activation
     from .kv_cache_attention import kv_cache_attention
+    from .kv_cache_write import kv_cache_write_
     from .linear_attention import linear_attention, linear_attention_step
     from .rms_norm import rms_norm
     from .rotary import rotary_embedding, rotary_embedding_pair
@@ -31,6 +32,7 @@ else:
         "gather_rows",
         "gated_activation",
         "kv_cache_attention",
+        "kv_cache_write_",
         "linear_attention",
         "linear_attention_step",
         "rms_norm",

@@ -1,6 +1,6 @@
-"""The decode-fusion and row-gather kernels compile for an H100 (sm_90) with the installed Triton, on a machine
-without a GPU: Triton's front end, its passes, libdevice linking and ptxas accept every launch form the launchers
-use (the interpreter, which runs the other kernel tests here, checks none of that)."""
+"""The decode-fusion, row-gather and KV-cache-write kernels compile for an H100 (sm_90) with the installed Triton, on
+a machine without a GPU: Triton's front end, its passes, libdevice linking and ptxas accept every launch form the
+launchers use (the interpreter, which runs the other kernel tests here, checks none of that)."""
 
 import os
 import subprocess
@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from rewrite.kernels.gated_activation import triton_kernels as gated
+from rewrite.kernels.kv_cache_write import triton_kernels as kv_write
 from rewrite.kernels.rms_norm import triton_kernels as norms
 from rewrite.kernels.rotary import triton_kernels as rotary
 from rewrite.kernels.row_gather import triton_kernels as row_gather
@@ -72,6 +73,12 @@ for x in ("*bf16", "*fp16", "*fp32"):
         compile_sm90(gated._gated_activation_kernel, {"*": x}, {"n_cols": "i32"},
                      {"KIND": kind, "LIBDEVICE": True, "BLOCK": 1024}, {"num_warps": 4, "enable_fp_fusion": False})
         compiled += 1
+for new, cache, bits in (("*bf16", "*bf16", False), ("*fp32", "*bf16", True), ("*fp16", "*fp16", False),
+                         ("*fp32", "*fp16", False)):  # a decode step's k / v into its KV cache
+    compile_sm90(kv_write._kv_cache_write_kernel,
+                 {"index_ptr": "*i64", "k_ptr": new, "v_ptr": new, "*": cache}, {},
+                 {"BLOCK": 128, "K_BF16_BITS": bits, "V_BF16_BITS": bits}, {"num_warps": 2})
+    compiled += 1
 print("compiled", compiled)
 '''
 
@@ -86,4 +93,4 @@ def test_decode_fusion_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 28" in result.stdout
+    assert "compiled 32" in result.stdout
