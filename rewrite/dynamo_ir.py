@@ -32,6 +32,7 @@ SOURCE_KEY = "dynamo_source"
 _ACCESS = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)")
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
 _ROOT = re.compile(r"^[LG]\['([^']*)'\]")
+_COMPILED_MODULE = re.compile(r"^L\['(?:self|fn)'\]|^L\['args'\]\[0\]")  # the compiled module, in nn_module_stack
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,45 @@ def _probe_masks(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     annotate_mask_causality(gm, values)
 
 
+def _where(node: fx.Node) -> str:
+    """`module path, file:line` of a node of Dynamo's graph, as far as its metadata tells."""
+    paths = [_COMPILED_MODULE.match(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    module = next((path.string[path.end():].lstrip(".") for path in reversed(paths) if path is not None), "")
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [line.strip() for line in trace if line.strip().startswith("File ")]
+    outside_torch = [frame for frame in frames if "/torch/" not in frame]  # the model's code, not vmap's
+    place = (outside_torch or frames or [""])[-1].split(", in ")[0]
+    return ", ".join(part for part in (f"module {module!r}" if module else "", place) if part) or "unknown place"
+
+
+def _refuse_function_transforms(gm: fx.GraphModule) -> None:
+    """Raise RewriteError naming the first node of a functorch transform (torch.vmap, jvp; also inside
+    `torch._higher_order_ops.associative_scan`, which Hugging Face's Mamba uses under torch.compile): Dynamo
+    inlines them as level markers around batched tensors, which a retrace into ATen cannot follow (it would
+    leave fake values in the graph as constants and fail on the first call)."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and getattr(target, "__module__", None) == "torch._functorch.predispatch":
+            raise RewriteError(
+                f"the rewrite backend cannot normalize Dynamo's graph: node {node.name!r} "
+                f"({getattr(target, '__name__', target)}, at {_where(node)}) belongs to a functorch transform "
+                "(torch.vmap or jvp, also used by torch._higher_order_ops.associative_scan), which the retrace "
+                "into ATen ops does not support; call that code outside the compiled region, write it without "
+                "the transform (Hugging Face Mamba: config.use_associative_scan=False), or use rewrite.optimize")
+
+
+def _refuse_fake_constants(traced: fx.GraphModule) -> None:
+    """Safety net: a value the retrace lost track of becomes a fake-tensor constant, which fails only when the
+    graph runs; say so now."""
+    for node in traced.graph.nodes:
+        if node.op == "get_attr" and isinstance(getattr(traced, str(node.target), None), FakeTensor):
+            users = ", ".join(sorted(u.name for u in node.users)) or "nothing"
+            raise RewriteError(
+                f"the rewrite backend cannot normalize Dynamo's graph: retracing it into ATen ops lost track of a "
+                f"value (read by {users}, at {_where(node)}), which would be left in the graph as a fake constant; "
+                "the op that made it is not supported by the retrace")
+
+
 def to_aten_ir(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Retrace Dynamo's `gm` into the ATen pre-dispatch IR that `rewrite.optimize`'s passes read.
 
@@ -158,6 +198,7 @@ def to_aten_ir(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
         raise ValueError(
             f"Dynamo graph has {len(placeholders)} inputs but {len(example_inputs)} example inputs"
         )
+    _refuse_function_transforms(gm)
     infos = [describe_input(n) for n in placeholders]
     fake_mode, vals = _fake_inputs(placeholders, example_inputs)
     with torch.fx.traceback.preserve_node_meta(), fake_mode:  # the inputs are fake already: trace "real"
@@ -169,6 +210,7 @@ def to_aten_ir(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
         node.meta[SOURCE_KEY] = info.source
         if info.kind == "state":
             node.meta[STATE_KEY] = info.name
+    _refuse_fake_constants(traced)
     traced.graph.lint()
     traced.recompile()
     _probe_masks(traced, example_inputs)

@@ -245,6 +245,28 @@ def test_bad_plan_raises_plan_error_naming_the_field():
     assert inner.field == "passes[0].attention_normalize.unfusedd"
 
 
+class _VmappedRows(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.vmap(lambda row: row.softmax(-1) * 2)(self.proj(x))
+
+
+def test_functorch_transform_in_the_graph_is_refused_naming_the_module():
+    """torch.vmap (also inside associative_scan, which Hugging Face's Mamba runs under torch.compile) reaches the
+    backend as level markers around batched tensors; the retrace into ATen lost them and left fake tensors in the
+    graph as constants, which failed on the first call deep inside FakeTensorMode. Now a RewriteError says so."""
+    model = torch.nn.Sequential(_VmappedRows())
+    compiled = torch.compile(model, backend="rewrite", options={"plan": NORMALIZE, "inductor": False})
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(2, 3, 8))
+    inner = getattr(info.value, "inner_exception", None) or info.value.__cause__ or info.value
+    assert isinstance(inner, rewrite.RewriteError)
+    assert "functorch transform (torch.vmap" in str(inner) and "at module '0'" in str(inner)
+
+
 def test_unknown_backend_option_raises_plan_error():
     compiled = torch.compile(torch.nn.Linear(4, 4), backend="rewrite", options={"inductr": False})
     with pytest.raises(Exception) as info:

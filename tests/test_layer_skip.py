@@ -331,6 +331,50 @@ def test_skip_mask_of_the_wrong_shape_is_refused():
         call(om, example, skip_mask=torch.zeros(2, 3, dtype=torch.bool))
 
 
+class _InPlaceBlock(torch.nn.Module):
+    """Turns the outside padding mask into an additive one by writing into a tensor it made itself
+    (`torch.zeros_like(mask).masked_fill_(mask, -inf)`, as `nn.MultiheadAttention` does with a bool
+    key_padding_mask); with `into_input`, also writes into a view of its input, which it must not."""
+
+    def __init__(self, into_input: bool = False):
+        super().__init__()
+        self.proj, self.into_input = torch.nn.Linear(16, 16), into_input
+
+    def forward(self, x, pad):
+        bias = torch.zeros_like(pad, dtype=x.dtype).masked_fill_(pad, -1e4)
+        if self.into_input:
+            x[:, 0].add_(1.0)
+        return x + self.proj(x).softmax(-1) * bias.exp()[..., None]
+
+
+class _InPlaceModel(torch.nn.Module):
+    def __init__(self, into_input: bool = False):
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 16)
+        self.layers = torch.nn.ModuleList([_InPlaceBlock(into_input) for _ in range(2)])
+
+    def forward(self, input_ids, attention_mask):
+        x, pad = self.embed(input_ids), attention_mask == 0
+        for layer in self.layers:
+            x = layer(x, pad)
+        return x
+
+
+def test_in_place_write_into_the_blocks_own_tensor_is_routed_and_into_its_input_refused():
+    """Reading an outside value is not writing into it: only the written argument (followed through views)
+    must come from inside the block."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (2, 6))
+    example = {"input_ids": ids, "attention_mask": (torch.arange(6) < torch.tensor([[6], [4]])).long()}
+    model = _InPlaceModel().eval()
+    om = rewrite.optimize(model, PLAN, example_kwargs=example)
+    assert len(om.report.results[-1].changed) == 2
+    with torch.no_grad(), skip_controls(threshold=1.0):
+        assert torch.equal(om(**example), model(**example))
+    with pytest.raises(PassError, match=r"layer 0 .*add_ writes in place into a value from outside the block"):
+        rewrite.optimize(_InPlaceModel(into_input=True).eval(), PLAN, example_kwargs=example)
+
+
 # --- training, evaluation, CLI, example ---------------------------------------------------------
 
 

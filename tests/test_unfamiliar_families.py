@@ -368,6 +368,35 @@ def test_handwritten_attention_forms_are_found_and_rewritten(form):
     assert [c.split(": ")[1] for c in linear.report.results[-1].changed] == ["bidirectional", "bidirectional"]
 
 
+class _TokensFirstEinsum(nn.Module):
+    """Heads kept in [batch, L, heads, D] and scores by einsum('bqhd,bkhd->bhqk'): not a layout a site can take."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, self.heads, 3, dim // self.heads).unbind(3)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (dim // self.heads) ** -0.5
+        scores = scores.masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
+        return self.out(torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(batch, length, dim))
+
+
+def test_einsum_in_another_layout_is_refused_naming_the_equation():
+    """The refusal said the scores did not come from a matmul at all; it names the einsum and the layout now."""
+    model = build(lambda: _HandwrittenEncoder("einsum"))
+    model.layers = nn.ModuleList([_TokensFirstEinsum() for _ in range(2)])
+    batch = right_padded([8, 5], 8)
+    normalized = rewrite.optimize(model, ["attention_normalize"], example_kwargs=batch, verify=True)
+    assert any("layers.0: the scores are einsum('bqhd,bkhd->bhqk')" in m for m in normalized.report.results[-1].messages)
+    for plan in ([{"mixer": {}}], ["varlen"]):
+        with pytest.raises(PassError, match=r"einsum\('bqhd,bkhd->bhqk'\).*\[batch, heads, L, D\]") as info:
+            rewrite.optimize(model, plan, example_kwargs=batch)
+        assert info.value.module_path == "layers.0"
+
+
 def test_mixer_on_blocks_without_attention_is_refused():
     model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3)])
     with pytest.raises(PassError, match="found no attention to replace in the selected layers"):

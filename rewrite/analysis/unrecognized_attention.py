@@ -156,6 +156,12 @@ def _reason(softmax: fx.Node) -> str:
     if _adds_per_head_term(softmax):
         return ("a term that differs per head is added to q @ k^T (ALiBi or another position bias), which no supported "
                 "attention form models")
+    einsums = [n for n in _score_nodes(softmax) if is_op(n, aten.einsum.default)]
+    if einsums and not ops & set(MATMUL_OPS):
+        equation = str(einsums[-1].args[0]).replace(" ", "")
+        return (f"the scores are einsum({equation!r}), not of the form '...qd,...kd->...qk' with q, k, v in one layout "
+                "[.., heads, L, D] (the same leading letters, the tokens and the head dim last), which is the only "
+                "einsum the analysis recognises; permute q, k and v to [batch, heads, L, D] before the einsums")
     if not ops & set(MATMUL_OPS):
         return "the scores do not come from a matmul of queries and keys within a few ops"
     merged = _merged_heads(softmax)

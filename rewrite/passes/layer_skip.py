@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import BATCH, SEQ, Block, SymbolicDims
+from rewrite.analysis.graph_utils import returns_new_tensor
 from rewrite.analysis.nodes import is_op, tensor_meta
 from rewrite.cost_model import NodeCost, Shapes, estimate, register_cost
 from rewrite.errors import PassError, PlanError
@@ -102,9 +103,22 @@ def _shape(dims: SymbolicDims, node: fx.Node) -> list[sympy.Expr] | None:
     return None if val is None else [dims.expr(d) for d in val.shape]
 
 
-def _writes_input(node: fx.Node) -> bool:
+def _written_bases(node: fx.Node, inside: set[fx.Node]) -> list[fx.Node]:
+    """The values an in-place op writes into, each followed back through views (a view writes through to its
+    base) to the first value outside the block or the first value that is not a view; [] for other ops."""
     schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    if schema is None:
+        return []
+    written = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) and not arg.kwarg_only else node.kwargs.get(arg.name)
+        while isinstance(value, fx.Node) and value in inside and not returns_new_tensor(value) and value.args:
+            value = value.args[0]  # a view (or a getitem of a tuple): the tensor it aliases
+        if isinstance(value, fx.Node):
+            written.append(value)
+    return written
 
 
 def _hidden_dims(block: Block, dims: SymbolicDims, hidden: fx.Node) -> tuple[int, int, bool]:
@@ -247,8 +261,9 @@ def _region(block: Block, dims: SymbolicDims, order: dict[fx.Node, int], in_any_
     output = outputs[0]
     external: list[fx.Node] = []
     for n in nodes:
-        if _writes_input(n) and any(a not in inside for a in n.all_input_nodes):
-            raise _fail(block, f"{n.name} writes in place into a value from outside the block", n)
+        outside = [a for a in _written_bases(n, inside) if a not in inside]
+        if outside:
+            raise _fail(block, f"{n.name} writes in place into a value from outside the block ({outside[0].name})", n)
         for a in n.all_input_nodes:
             if a not in inside and a not in external:
                 external.append(a)
