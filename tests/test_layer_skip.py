@@ -324,6 +324,18 @@ def test_model_without_numbered_layers_is_refused_naming_the_module():
         optimize(model, example)
 
 
+def test_block_making_a_value_later_blocks_read_is_refused_naming_its_readers():
+    """T5 computes its relative position bias in the first block and every later block reads it: skipping the first
+    block would leave the others without it."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    model = transformers.T5EncoderModel(config).eval()
+    example = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with pytest.raises(PassError, match=r"layer 0 \(encoder\.block\.0\): 2 values leave the block \(.*read by "
+                                        r"encoder\.block\.1\.layer\.0\.SelfAttention.*position bias"):
+        optimize(model, example)
+
+
 def test_skip_mask_of_the_wrong_shape_is_refused():
     model, example = models.llama(batch=2, length=8)
     om = optimize(model, example)

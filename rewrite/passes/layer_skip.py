@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from rewrite.analysis import BATCH, SEQ, Block, SymbolicDims
 from rewrite.analysis.graph_utils import returns_new_tensor
-from rewrite.analysis.nodes import is_op, tensor_meta
+from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.cost_model import NodeCost, Shapes, estimate, register_cost
 from rewrite.errors import PassError, PlanError
 from rewrite.passes import register_pass
@@ -236,6 +236,13 @@ def _residual_sources(output: fx.Node, inside: set[fx.Node]) -> set[fx.Node]:
     return found
 
 
+def _leaving(node: fx.Node, inside: set[fx.Node]) -> str:
+    """`node`'s name and where its first reader outside the block is (a module path, or the model's code)."""
+    reader = next(u for u in node.users if u not in inside)
+    where = module_path(reader) if reader.op != "output" else ""
+    return f"{node.name}, read by {where or 'the model outside its layers'}" + (" (output)" if reader.op == "output" else "")
+
+
 def _region(block: Block, dims: SymbolicDims, order: dict[fx.Node, int], in_any_block: set[fx.Node]) -> _Region:
     """The block's region with every check made; raises PassError naming the layer when it does not fit."""
     if not block.path.rsplit(".", 1)[-1].isdigit():
@@ -249,12 +256,13 @@ def _region(block: Block, dims: SymbolicDims, order: dict[fx.Node, int], in_any_
     inside = set(nodes)
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     if len(outputs) != 1:
-        names = [n.name for n in outputs] or ["nothing"]
+        names = [_leaving(n, inside) for n in outputs] or ["nothing"]
         cache = any(site.key_concat in outputs for site in block.sites)
         raise _fail(
             block,
-            f"{len(outputs)} values leave the block ({', '.join(names)}); routing needs exactly one (its hidden "
-            "state). Blocks that also return attention weights or caches are not supported"
+            f"{len(outputs)} values leave the block ({'; '.join(names)}); routing needs exactly one (its hidden "
+            "state). Blocks that also return attention weights or caches, or make a value later blocks read (such "
+            "as a position bias computed once in the first block), are not supported"
             + (f" ({CACHE_CALL}: call the model with use_cache=False)" if cache else ""),
             outputs[0] if outputs else None,
         )
