@@ -397,6 +397,25 @@ def test_einsum_in_another_layout_is_refused_naming_the_equation():
         assert info.value.module_path == "layers.0"
 
 
+def gpt_neo():
+    return transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2))
+
+
+def test_where_masked_scores_are_left_and_refused_naming_the_form():
+    """GPT-Neo's eager attention masks q @ k^T by where(causal, scores, min) and then adds the padding mask: the
+    normalize pass leaves it and reports why, and the passes that need it refuse naming the form."""
+    model = build(gpt_neo)
+    batch = right_padded([8, 5], 8)
+    normalized = rewrite.optimize(model, ["attention_normalize"], example_kwargs=batch, verify=True)
+    assert sum("where(condition, scores, fill)" in m for m in normalized.report.results[-1].messages) == 2
+    for plan in ([{"mixer": {}}], ["varlen"]):
+        with pytest.raises(PassError, match=r"where\(condition, scores, fill\).*GPT-Neo") as info:
+            rewrite.optimize(model, plan, example_kwargs=batch)
+        assert info.value.module_path == "transformer.h.0.attn.attention"
+
+
 def test_mixer_on_blocks_without_attention_is_refused():
     model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3)])
     with pytest.raises(PassError, match="found no attention to replace in the selected layers"):
