@@ -4,6 +4,7 @@ of an unpadded Hugging Face batch is dropped, and no [L, L] tensor is left in th
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -98,3 +99,65 @@ def test_sequence_causal_tells_a_window_from_padding_and_packed_sequences() -> N
     hole = packed.clone()
     hole[6, 5] = False  # one earlier key of the query's sequence hidden
     assert not sequence_causal(hole)
+
+
+class ChunkedAttention(nn.Module):
+    """Chunked local attention (as Llama 4's local layers): each query sees the keys of its own chunk of `chunk`
+    tokens up to itself; `divide` builds the mask with `pos // chunk` in the graph, otherwise from a precomputed
+    chunk index buffer sliced to the length (a shape-only mask with no divisor in the graph)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, chunk: int = 4, divide: bool = True):
+        super().__init__()
+        self.heads, self.chunk, self.divide = heads, chunk, divide
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.register_buffer("chunk_of", torch.arange(64) // chunk, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, -1))
+        i = torch.arange(t)
+        which = i // self.chunk if self.divide else self.chunk_of[:t]
+        keep = (i[None, :] <= i[:, None]) & (which[None, :] == which[:, None])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return o.transpose(1, 2).reshape(b, t, c)
+
+
+class PackedAttention(nn.Module):
+    """Causal attention within the sequences `sequence_ids` packs into each row (an input: the example's own packing)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, -1))
+        i = torch.arange(t)
+        keep = (i[None, :] <= i[:, None]) & (sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return o.transpose(1, 2).reshape(b, t, c)
+
+
+def test_chunked_masks_are_told_from_packed_sequences() -> None:
+    """A block-diagonal causal mask whose blocks are the model's chunks (a divisor of positions in its graph, or a
+    mask read from shapes alone) is chunked local attention, refused naming the chunk size; one whose blocks come
+    from the example (sequence ids, even of equal lengths at multiples of 4) is packed sequences. An example too
+    short to cross a chunk keeps the mask (not taken for the causal mask) and is refused as chunked too."""
+    from rewrite.errors import PassError
+
+    x = torch.randn(2, 10, 32)
+    for divide in (True, False):
+        with pytest.raises(PassError, match=r"chunked local attention: each query sees only keys in its own chunk "
+                                            r"of 4 tokens"):
+            rewrite.optimize(ChunkedAttention(divide=divide), [{"mixer": {"kind": "gla"}}], (x,))
+    with pytest.raises(PassError, match=r"cuts positions into chunks of 4 tokens"):
+        rewrite.optimize(ChunkedAttention(), [{"mixer": {"kind": "gla"}}], (x[:, :4],))
+    model = ChunkedAttention()
+    om = rewrite.optimize(model, ["attention_normalize"], (x[:, :4],))
+    assert "mask kept" in om.report.results[0].changed[0]
+    with torch.no_grad():
+        torch.testing.assert_close(om(x), model(x))
+    ids = (torch.arange(8) // 4)[None].expand(2, 8)  # two packed sequences of 4 tokens each
+    with pytest.raises(PassError, match=r"packs several sequences into one row"):
+        rewrite.optimize(PackedAttention(), [{"mixer": {"kind": "gla"}}], (x[:, :8], ids))

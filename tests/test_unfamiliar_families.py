@@ -826,3 +826,40 @@ def test_encoder_decoder_keeps_cross_attention_and_varlen_refuses_it():
     assert len(left) == 2 and all("encoder_attn) as softmax" in m for m in left)
     with pytest.raises(PassError, match=r"decoder\.layers\.0\.encoder_attn.*cross-attention.*encoder-decoder"):
         rewrite.optimize(model, ["varlen"], example_kwargs=example)
+
+
+def llama4():
+    """Llama 4's text model: layers 0-2 chunked local attention (chunks of 4 tokens, RoPE), layer 3 global (NoPE)."""
+    return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+        hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, attention_chunk_size=4,
+        num_local_experts=1, interleave_moe_layer_step=0, moe_layers=[], bos_token_id=1, eos_token_id=2,
+        pad_token_id=0))
+
+
+def test_chunked_local_attention_is_refused_as_chunked_when_optimize_runs():
+    """Llama 4's chunked mask is block-diagonal causal like a packed row, but its blocks are fixed chunks while
+    positions go on: the mixer refuses it as chunked (not as packed sequences, which varlen would then refuse too),
+    padded or not, naming the layer and the layers it could take; stateful refuses it when `optimize` runs, not at
+    generate; left out by the mixer's `layers` selector, the global layer is linearized."""
+    model = build(llama4)
+    chunked = r"layer 0 \(model\.layers\.0\.self_attn\): chunked local attention: each query sees only keys in its " \
+              r"own chunk of 4 tokens"
+    unpadded = {"input_ids": right_padded([12], 12)["input_ids"]}
+    for plan, example in (([{"mixer": {"kind": "gla"}}], right_padded([8, 5], 8)),
+                          ([{"mixer": {"kind": "gla"}}, "varlen"], right_padded([8, 5], 8)),
+                          ([{"mixer": {"kind": "gla"}}], unpadded)):
+        with pytest.raises(PassError, match=chunked + r".*`layers` selector \(here the layers without chunked "
+                                                      r"attention: `layers: \[3\]`\)") as info:
+            rewrite.optimize(model, plan, example_kwargs=example)
+        assert info.value.pass_name == "mixer" and info.value.module_path == "model.layers.0.self_attn"
+    with pytest.raises(PassError, match=chunked + r".*Stateful decode does not support it") as info:
+        rewrite.optimize(model, ["attention_normalize", "stateful"], example_kwargs=right_padded([8, 5], 8))
+    assert info.value.module_path == "model.layers.0.self_attn"
+    with pytest.raises(PassError, match=r"layer 0 .*cuts positions into chunks of 4 tokens"):  # no chunk crossed
+        rewrite.optimize(model, ["stateful"], example_kwargs={"input_ids": unpadded["input_ids"][:, :4]})
+    om = rewrite.optimize(model, [{"mixer": {"kind": "gla", "layers": [3]}}], example_kwargs=right_padded([8, 5], 8))
+    assert [c.split(": ")[-1] for c in om.report.results[0].changed] == ["gla"]
+    batch = right_padded([20, 9], 20)
+    with torch.no_grad():
+        assert torch.isfinite(om(**batch).logits).all()

@@ -50,6 +50,8 @@ class AttentionSite:
     mask_shape_only: bool = False  # the mask depends on input shapes only, never on input values
     mask_negated: bool = False  # the mask marks positions to hide (masked_fill), not to keep
     mask_bias: str | None = None  # what additive bias the mask carries besides padding / causality (probed), if any
+    mask_chunk: int | None = None  # chunked local attention: each query sees only its own chunk of N tokens (probed)
+    mask_unseen_chunk: int | None = None  # the mask graph cuts positions into chunks of N, which the example never crosses
     key_concat: fx.Node | None = None  # a cat joining keys from elsewhere along the tokens (a KV cache), if any
 
     @property
@@ -90,6 +92,8 @@ def _fill_shape_facts(site: AttentionSite) -> None:
         site.mask_exactly_causal = bool(site.mask.meta.get("rewrite_mask_exactly_causal", False))
         site.mask_shape_only = bool(site.mask.meta.get("rewrite_mask_shape_only", False))
         site.mask_bias = site.mask.meta.get("rewrite_mask_bias")
+        site.mask_chunk = site.mask.meta.get("rewrite_mask_chunk")
+        site.mask_unseen_chunk = site.mask.meta.get("rewrite_mask_unseen_chunk")
     q, k = tensor_meta(site.q), tensor_meta(site.k)
     if q is not None and q.dim() >= 3:
         site.head_dim = _int_or_none(q.shape[-1])

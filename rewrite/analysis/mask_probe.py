@@ -36,6 +36,14 @@ PACKED_KEY = "rewrite_mask_packed"
 row's block-diagonal causal mask, which a pass must carry as sequence boundaries)."""
 UNSEEN_WINDOW_KEY = "rewrite_mask_unseen_window"
 """Node metadata: a window-like constant of the mask graph too large for the example to show its effect."""
+CHUNK_KEY = "rewrite_mask_chunk"
+"""Node metadata, for a mask that hides every future key: the chunk size N when the mask is chunked local attention
+(Llama 4's local layers): block-diagonal causal with blocks of N slots at fixed places (multiples of N from the row's
+first real slot, or from slot 0), each real query seeing only the real keys of its own chunk. It is told from a packed
+example's block-diagonal mask (`PACKED_KEY`) by its evidence (`chunk_size`); None when the mask is not chunked."""
+UNSEEN_CHUNK_KEY = "rewrite_mask_unseen_chunk"
+"""Node metadata: a chunk-like divisor of positions in the mask graph (`chunk_constants`) that no sequence of the
+example is long enough to cross: the example shows causal attention, longer inputs would show chunks."""
 
 _OFFSET_OPS = (
     aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor,
@@ -59,6 +67,32 @@ def window_constant(masks: list[fx.Node]) -> int:
             if isinstance(arg, int) and not isinstance(arg, bool):
                 largest = max(largest, abs(arg))
     return largest
+
+
+_CHUNK_OPS = tuple(
+    op for op in (aten.floor_divide.default, aten.floor_divide.Scalar, aten.div.Tensor_mode, aten.div.Scalar_mode,
+                  aten.remainder.Scalar, aten.remainder.Tensor)
+)
+"""Ops through which an integer constant cuts positions into chunks (`pos // N`, `pos % N`)."""
+
+
+def chunk_constants(masks: list[fx.Node]) -> set[int]:
+    """The integer constants (> 1) that positions are divided by (floor) or taken modulo in the graphs building
+    `masks`: the chunk sizes of a chunked local attention mask such as Llama 4's `(k - pad) // N == (q - pad) // N`.
+
+    `window_constant` does not count them: a chunk of N tokens is shown by an example of N + 1 tokens, and a sequence
+    crossing a chunk start looks like two packed sequences (`chunk_size` tells the two apart).
+    """
+    found: set[int] = set()
+    for node in ancestors(masks):
+        if node.op != "call_function" or node.target not in _CHUNK_OPS:
+            continue
+        if node.target in (aten.div.Tensor_mode, aten.div.Scalar_mode) and node.kwargs.get("rounding_mode") != "floor":
+            continue
+        arg = node.args[1] if len(node.args) > 1 else None
+        if isinstance(arg, int) and not isinstance(arg, bool) and arg > 1:
+            found.add(arg)
+    return found
 
 
 def _reads_input_values(mask: fx.Node) -> bool:
@@ -180,6 +214,54 @@ def _restarts(real: torch.Tensor, first: torch.Tensor) -> bool:
     return False
 
 
+def _chunk_pattern(real: torch.Tensor, first: torch.Tensor, size: int) -> bool:
+    """Whether every row's real queries (`_sequence_starts`) start at their chunk of `size` slots: the first real key
+    at or after the chunk start, chunks counted from slot 0 or from the row's first real slot (left padding)."""
+    slots = torch.arange(real.shape[-1], device=real.device)
+    for row_real, row_first in zip(real, first):
+        positions, firsts = slots[row_real], row_first[row_real]
+        if not positions.numel():
+            continue
+        matched = False
+        for origin in {0, int(positions[0])}:
+            starts = origin + torch.div(positions - origin, size, rounding_mode="floor") * size
+            if torch.equal(positions[torch.searchsorted(positions, starts)], firsts):
+                matched = True
+                break
+        if not matched:
+            return False
+    return True
+
+
+def _first_block(real: torch.Tensor, first: torch.Tensor) -> int | None:
+    """The length in slots of the first block of the first row that restarts (where its second block starts)."""
+    for row_real, row_first in zip(real, first):
+        firsts = row_first[row_real]
+        later = firsts[firsts != firsts[0]] if firsts.numel() else firsts
+        if later.numel():
+            return int(later[0])
+    return None
+
+
+def chunk_size(real: torch.Tensor, first: torch.Tensor, constants: set[int], shape_only: bool) -> int | None:
+    """The chunk size N of a block-diagonal causal mask (`_sequence_starts`'s real queries and first keys, some row
+    restarting) when it is chunked local attention, else None (sequences packed by the example).
+
+    Blocks of N slots at multiples of N could also be sequences of N tokens packed by the example; a chunked mask is
+    told by one of two pieces of evidence: its graph divides positions by N (`chunk_constants`), or it reads no input
+    value (a shape-only mask is the same for every input, so its blocks are the model's, not the example's).
+    """
+    candidates = set(constants)
+    if shape_only:
+        block = _first_block(real, first)
+        if block:
+            candidates.add(block)
+    for size in sorted(candidates):
+        if _chunk_pattern(real, first, size):
+            return size
+    return None
+
+
 def _sequence_starts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """([rows, L] real queries, [rows, L] each query's first visible key) of a `sequence_causal` mask, with its
     leading dims flattened (broadcast ones read once); None when the mask is not sequence-causal."""
@@ -226,6 +308,24 @@ def most_keys_seen(mask: torch.Tensor) -> int:
     return most
 
 
+def _chunk_facts(node: fx.Node, shown: torch.Tensor) -> None:
+    """Record on a mask that hides every future key whether it is causal over each sequence's real tokens, whether
+    the example packs sequences into a row, and whether it is chunked local attention (shown or not by the example)."""
+    exact = node.meta[EXACTLY_CAUSAL_KEY]
+    starts = None if exact else _sequence_starts(shown)  # one walk for every fact
+    packed = starts is not None and _restarts(*starts)
+    constants = chunk_constants([node])
+    chunk = chunk_size(*starts, constants, node.meta[SHAPE_ONLY_KEY]) if packed else None
+    node.meta[CHUNK_KEY] = chunk
+    # a chunked mask hides earlier keys of a query's own sequence: not sequence-causal, and not packed
+    node.meta[SEQUENCE_CAUSAL_KEY] = (exact or starts is not None) and chunk is None
+    node.meta[PACKED_KEY] = packed and chunk is None
+    if chunk is None and constants and not packed and most_keys_seen(shown) <= max(constants):
+        # no sequence of the example crosses a chunk of the largest divisor: longer inputs may show chunks
+        node.meta[EXACTLY_CAUSAL_KEY] = False
+        node.meta[UNSEEN_CHUNK_KEY] = max(constants)
+
+
 def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[str, bool]:
     """Evaluate every attention mask on `flat_inputs`; record in node.meta whether it is causal."""
     sites = [s for s in find_attention_sites(gm) if isinstance(s.mask, fx.Node)]
@@ -256,9 +356,7 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
                 node.meta[UNSEEN_WINDOW_KEY] = window
             node.meta[SHAPE_ONLY_KEY] = not _reads_input_values(node)
             if node.meta[CAUSAL_KEY]:
-                starts = None if node.meta[EXACTLY_CAUSAL_KEY] else _sequence_starts(shown)  # one walk for both facts
-                node.meta[SEQUENCE_CAUSAL_KEY] = node.meta[EXACTLY_CAUSAL_KEY] or starts is not None
-                node.meta[PACKED_KEY] = starts is not None and _restarts(*starts)
+                _chunk_facts(node, shown)
             if not negated[node]:
                 node.meta[BIAS_KEY] = mask_bias_description(val)
             out[node.name] = node.meta[CAUSAL_KEY]

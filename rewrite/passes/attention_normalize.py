@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite
-from rewrite.analysis.mask_probe import UNSEEN_WINDOW_KEY
+from rewrite.analysis.mask_probe import CHUNK_KEY, UNSEEN_CHUNK_KEY, UNSEEN_WINDOW_KEY
 from rewrite.analysis.nodes import is_op
 from rewrite.ir_ops import SDPA, attention
 from rewrite.passes import register_pass
@@ -98,6 +98,12 @@ class AttentionNormalize(GraphPass):
                 window = site.mask.meta[UNSEEN_WINDOW_KEY]
                 note = (f" (mask kept: its graph offsets positions by up to {window}, more than the example shows; "
                         f"an example of at least {window + 2} tokens lets the pass tell whether it is causal)")
+            elif isinstance(site.mask, fx.Node) and site.mask.meta.get(UNSEEN_CHUNK_KEY):
+                chunk = site.mask.meta[UNSEEN_CHUNK_KEY]
+                note = (f" (mask kept: its graph cuts positions into chunks of {chunk} tokens, chunked local attention "
+                        f"the example is too short to show; an example of at least {chunk + 1} tokens shows it)")
+            elif isinstance(site.mask, fx.Node) and site.mask.meta.get(CHUNK_KEY):
+                note = f" (mask kept: chunked local attention, chunks of {site.mask.meta[CHUNK_KEY]} tokens)"
             result.changed.append(where + note)
         for found in ctx.analysis().unrecognized:
             result.messages.append(f"left {found.describe()}")

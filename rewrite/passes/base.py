@@ -86,6 +86,34 @@ def refuse_mask_bias(pass_name: str, site: Any, layer: str, *, action: str = "re
         )
 
 
+def chunked_attention(site: Any) -> str | None:
+    """What a site's chunked local attention mask is (probed on the example inputs), or None when it has none."""
+    chunk = getattr(site, "mask_chunk", None)
+    if chunk:
+        return (f"chunked local attention: each query sees only keys in its own chunk of {chunk} tokens (its mask is "
+                f"block-diagonal causal with blocks of {chunk} at fixed positions, as in Llama 4's local layers, not "
+                "sequences the example packs into one row)")
+    unseen = getattr(site, "mask_unseen_chunk", None)
+    if unseen:
+        return (f"chunked local attention: the graph that builds its mask cuts positions into chunks of {unseen} "
+                f"tokens (each query would see only keys in its own chunk), which no sequence of the example inputs "
+                f"is long enough to cross")
+    return None
+
+
+CHUNKED_SUPPORT = ("no pass that rewrites attention supports chunked local attention (mixer, varlen, stateful and "
+                   "sequence_parallel refuse it; attention_normalize keeps its mask)")
+
+
+def refuse_chunked_attention(pass_name: str, site: Any, layer: str, *, action: str = "rewrite",
+                             remedy: str = "") -> None:
+    """Raise a PassError naming the site's layer when its mask is chunked local attention (`chunked_attention`)."""
+    what = chunked_attention(site)
+    if what:
+        raise PassError(pass_name, f"cannot {action} the attention of {layer}: {what}; {CHUNKED_SUPPORT}{remedy}",
+                        site.name, site.module_path)
+
+
 CACHE_CALL = ("a KV cache: a Hugging Face model called with past_key_values, or with use_cache=True, its default, "
               "under torch.compile")
 

@@ -60,7 +60,9 @@ from rewrite.passes.base import (
     GraphPass,
     PassContext,
     PassResult,
+    chunked_attention,
     refuse_cached_keys,
+    refuse_chunked_attention,
     refuse_mask_bias,
     refuse_unrecognized_attention,
 )
@@ -324,8 +326,19 @@ PACKING_CARRIERS = ("varlen", "sequence_parallel")
 """Passes that replace a packed row's block-diagonal mask by sequence boundaries (cu_seqlens) for the mixers."""
 
 
+def _chunk_remedy(analysis: GraphAnalysis) -> str:
+    """What to do about a chunked layer: leave it out with the `layers` selector (naming the layers whose attention is
+    not chunked, when there are some), or drop its chunks with `check_masks: false`."""
+    plain = [i for i, block in enumerate(analysis.blocks) if block.sites and not any(
+        chunked_attention(s) for s in block.sites)]
+    keep = f" (here the layers without chunked attention: `layers: {plain}`)" if plain else ""
+    return (f". Leave this layer out with the mixer's `layers` selector{keep}, or set `check_masks: false` to "
+            "linearize it over the whole prefix (its chunks dropped)")
+
+
 def _check_site(
     gm: fx.GraphModule, site: AttentionSite, layer: str, check_masks: bool = True, packing_carried: bool = False,
+    chunk_remedy: str = "",
 ) -> None:
     if site.problem is not None:
         raise PassError("mixer", f"{layer}: cannot replace this attention: {site.problem}", site.name, site.module_path)
@@ -345,6 +358,8 @@ def _check_site(
                 site.name,
                 site.module_path,
             )
+    if check_masks:  # before the facts below: a chunked mask looks like a block pattern or packed sequences
+        refuse_chunked_attention("mixer", site, layer, action="linearize", remedy=chunk_remedy)
     if check_masks and mask.meta.get(SEQUENCE_CAUSAL_KEY) is False:
         # Shown by the example, and no later pass carries it for a mixer (varlen and sequence_parallel replace a
         # packed row's block-diagonal mask by cu_seqlens, which this fact allows, but refuse a window).
@@ -503,7 +518,8 @@ class Mixer(GraphPass):
                 result.messages.append(f"left {layer} as softmax: cross-attention (queries and keys differ in length)")
                 continue
             _check_site(gm, site, layer, options.check_masks,
-                        packing_carried=any(name in PACKING_CARRIERS for name in ctx.later_passes))
+                        packing_carried=any(name in PACKING_CARRIERS for name in ctx.later_passes),
+                        chunk_remedy=_chunk_remedy(analysis) if chunked_attention(site) else "")
             kind = _choose_kind(options, site, layer)
             rotary = _rotary_to_drop(site, layer, kind, options, result.messages)
             jobs.append(_Job(site, layer, kind, _site_shape(site, layer), rotary))

@@ -53,6 +53,7 @@ from rewrite.passes.base import (
     PassContext,
     PassResult,
     refuse_cached_keys,
+    refuse_chunked_attention,
     refuse_mask_bias,
     refuse_unrecognized_attention,
 )
@@ -311,6 +312,8 @@ class SequenceParallel(GraphPass):
             raise PassError(self.name, f"{layer}: cannot split this attention: {site.problem}", site.name,
                             site.module_path)
         refuse_mask_bias(self.name, site, layer, action="split")
+        refuse_chunked_attention(self.name, site, layer, action="split",
+                                 remedy=". Leave `sequence_parallel` out of the plan for this model")
         refuse_cached_keys(self.name, site, layer, action="split")
         q, k = tensor_meta(site.q), tensor_meta(site.k)
         if q is None or k is None or site.q_heads is None or site.kv_heads is None or site.head_dim is None:

@@ -50,6 +50,7 @@ from rewrite.passes.base import (
     PassContext,
     PassResult,
     refuse_cached_keys,
+    refuse_chunked_attention,
     refuse_mask_bias,
     refuse_unrecognized_attention,
 )
@@ -129,6 +130,10 @@ def _check_softmax_site(site: AttentionSite, layer: str) -> None:
     if site.problem is not None:
         raise refuse(f"cannot carry a KV cache for this attention: {site.problem}")
     refuse_mask_bias("stateful", site, layer, action="carry a KV cache for")
+    refuse_chunked_attention("stateful", site, layer, action="carry a KV cache for", remedy=(
+        ". Stateful decode does not support it: a decode step would have to hide every key before its chunk's start, "
+        "and neither the KV cache (every key) nor a sliding window's ring (the last N keys) does; generate with the "
+        "original model"))
     refuse_cached_keys("stateful", site, layer, action="carry a KV cache for",
                        remedy=": the decode program keeps its own cache")
     q, k = tensor_meta(site.q), tensor_meta(site.k)

@@ -46,6 +46,7 @@ from rewrite.passes.base import (
     PassContext,
     PassResult,
     refuse_cached_keys,
+    refuse_chunked_attention,
     refuse_mask_bias,
     refuse_unrecognized_attention,
 )
@@ -260,6 +261,8 @@ class Varlen(GraphPass):
         sites = analysis.sites
         for site in sites:
             refuse_mask_bias(self.name, site, site.module_path or "<root>", action="unpad")
+            refuse_chunked_attention(self.name, site, site.module_path or "<root>", action="unpad",
+                                     remedy=". Leave `varlen` out of the plan for this model")
             refuse_cached_keys(self.name, site, site.module_path or "<root>", action="unpad",
                                remedy=": a padding-free program returns no cache")
         for site in sites:
