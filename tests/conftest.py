@@ -253,6 +253,21 @@ def stepwise_program_logits(program: Any, ids: torch.Tensor, prefill: int) -> to
     return torch.cat(outs, dim=1)
 
 
+@pytest.fixture
+def no_grad():
+    """The test body without autograd (a module's `pytestmark = pytest.mark.usefixtures("no_grad")`)."""
+    with torch.no_grad():
+        yield
+
+
+def decode_fusion(name: str, on: bool = True):
+    """The decode fusion `name` of `rewrite.decode.fusion_switches` switched to `on` inside the block."""
+    from rewrite.decode.fusion_switches import SWITCHES
+
+    module, attribute = SWITCHES[name]
+    return module_switch(module, attribute, on)
+
+
 @contextlib.contextmanager
 def module_switch(module: Any, name: str, value: Any):
     """`module.name` set to `value` inside the block, put back after it (a module-level switch such as a decode

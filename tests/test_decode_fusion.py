@@ -11,12 +11,12 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
-from conftest import module_switch, stepwise_program_logits
+from conftest import decode_fusion, stepwise_program_logits
 from torch import nn
 
 import rewrite
 from examples.models import TARGETS
-from rewrite.decode import decode_program, fuse_projections
+from rewrite.decode import decode_program
 from rewrite.decode.compiled import CompiledStep
 from rewrite.decode.fuse_projections import (
     BUFFER_PREFIX,
@@ -32,15 +32,11 @@ transformers = pytest.importorskip("transformers")
 ATOL, RTOL = 1e-5, 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def fusing(on: bool = True):
-    """FUSE_SIBLING_PROJECTIONS set to `on` inside the block, put back after it."""
-    return module_switch(fuse_projections, "FUSE_SIBLING_PROJECTIONS", on)
+    return decode_fusion("projections", on)
 
 
 def phi3(batch: int = 2, length: int = 16):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import module_switch, stepwise_program_logits
+from conftest import decode_fusion, stepwise_program_logits
 from test_decode_fusion import greedy
 from test_decode_norm_fusion import gemma3
 from test_decode_rotary_fusion import FAMILIES as ROTARY_FAMILIES
@@ -23,7 +23,7 @@ from torch import nn
 import rewrite
 from rewrite.analysis.nodes import is_op
 from rewrite.capture import capture
-from rewrite.decode import decode_program, fuse_gated_mlp
+from rewrite.decode import decode_program
 from rewrite.decode.fuse_gated_mlp import fuse_gated_activations, gated_activations
 from rewrite.decode.fusion_switches import fusions_on
 from rewrite.routing import skip_controls
@@ -41,15 +41,11 @@ FAMILIES = {  # name -> (tiny model, the activation its MLP uses)
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def fusing_gated(on: bool = True):
-    """FUSE_GATED_ACTIVATION set to `on` inside the block, put back after it."""
-    return module_switch(fuse_gated_mlp, "FUSE_GATED_ACTIVATION", on)
+    return decode_fusion("gated_activation", on)
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import OpCounts, module_switch, stepwise_program_logits
+from conftest import OpCounts, decode_fusion, stepwise_program_logits
 
 import rewrite
 from rewrite.decode import decode_program, fusion_switches
@@ -21,15 +21,11 @@ INDEX_COPY = "aten.index_copy_.default"
 LAYERS = 3
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def fused_writes(on: bool = True):
-    """FUSED_KV_WRITE set to `on` inside the block, put back after it."""
-    return module_switch(decode_state, "FUSED_KV_WRITE", on)
+    return decode_fusion("kv_write", on)
 
 
 def tiny(config_class: str, model_class: str, dtype: torch.dtype = torch.float32, **extra) -> torch.nn.Module:

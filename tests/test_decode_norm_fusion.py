@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
-from conftest import module_switch, stepwise_program_logits
+from conftest import decode_fusion, module_switch, stepwise_program_logits
 from test_decode_fusion import phi3
 from test_unfamiliar_families import olmo2
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 import rewrite
 from examples.models import TARGETS
 from rewrite.capture import capture
-from rewrite.decode import decode_program, fuse_norms, fuse_rotary
+from rewrite.decode import decode_program, fuse_rotary
 from rewrite.decode.fuse_norms import fuse_rms_norms, fused_residual_adds, rms_norm_matches
 from rewrite.routing import skip_controls
 from rewrite.routing.graph import routed_calls
@@ -34,15 +34,11 @@ FUSED_ADD_OP = torch.ops.rewrite.add_rms_norm_cast.default
 ATOL, RTOL = 1e-5, 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def fusing_norms(on: bool = True):
-    """FUSE_RMS_NORMS set to `on` inside the block, put back after it."""
-    return module_switch(fuse_norms, "FUSE_RMS_NORMS", on)
+    return decode_fusion("norms", on)
 
 
 def gemma3(batch: int = 2, length: int = 16):

@@ -12,13 +12,13 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
-from conftest import module_switch, stepwise_program_logits
+from conftest import decode_fusion, stepwise_program_logits
 from test_decode_fusion import greedy
 
 import rewrite
 from examples.models import TARGETS
 from rewrite.analysis.nodes import is_op
-from rewrite.decode import decode_program, fuse_rotary
+from rewrite.decode import decode_program
 from rewrite.decode.fuse_rotary import fuse_rotary_embeddings, rotations
 
 transformers = pytest.importorskip("transformers")
@@ -27,15 +27,11 @@ aten = torch.ops.aten
 LAYERS = 2
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def fusing_rotary(on: bool = True):
-    """FUSE_ROTARY set to `on` inside the block, put back after it."""
-    return module_switch(fuse_rotary, "FUSE_ROTARY", on)
+    return decode_fusion("rotary", on)
 
 
 def tiny(model_class: str, config_class: str, **config) -> torch.nn.Module:
