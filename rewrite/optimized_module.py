@@ -265,6 +265,18 @@ class OptimizedModule(torch.nn.Module):
 
         return save_optimized(self, Path(directory))
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> OptimizedModule:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # its program holds export's local functions and generated classes, which pickle cannot name
+        raise RewriteError(
+            "an OptimizedModule cannot be pickled (torch.save(om)): save it with om.save(folder) and "
+            "rewrite.load(folder[, model=...]), or save om.state_dict()")
+
     def extra_repr(self) -> str:
         names = [p.name for p in self.plan.enabled_passes]
         return f"plan={names}"

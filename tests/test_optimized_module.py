@@ -221,6 +221,24 @@ def test_load_into_a_model_of_another_width_names_the_shapes(saved_gpt2, tmp_pat
         rewrite.load(copy)
 
 
+def test_deepcopy_is_independent_and_pickling_says_to_save() -> None:
+    import copy
+    import io
+
+    model, example = handwritten()
+    om = rewrite.optimize(model, PLAN, example)
+    want = om(*example)
+    twin = copy.deepcopy(om)
+    assert twin.source is not model and twin.source.norm.bias is twin.get_parameter("norm.bias")
+    torch.testing.assert_close(twin(*example), want, rtol=0, atol=0)
+    with torch.no_grad():
+        twin.source.norm.bias.add_(1.0)
+    torch.testing.assert_close(om(*example), want, rtol=0, atol=0)
+    assert not torch.equal(twin(*example), want)
+    with pytest.raises(RewriteError, match=r"cannot be pickled.*om.save"):
+        torch.save(om, io.BytesIO())
+
+
 def test_lazy_module_captures_on_first_call() -> None:
     model, example = handwritten()
     lazy = rewrite.optimize(model, PLAN)
