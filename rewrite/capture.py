@@ -118,6 +118,14 @@ def _capture_context(model: torch.nn.Module, cache_off_in_config: bool):
             model.config.use_cache = cached
 
 
+def _var_keyword_names(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:
+    """Keywords of `kwargs` that the model's forward takes only through its **kwargs."""
+    params = inspect.signature(model.forward).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [name for name in kwargs if name not in params]
+
+
 def _explain(model: torch.nn.Module, exc: BaseException) -> str:
     name = type(model).__name__
     text = str(exc).strip().splitlines()
@@ -171,6 +179,16 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
     except CaptureError:
         raise
     except Exception as exc:  # torch.export raises many types; translate them all
+        through = _var_keyword_names(model, kwargs)
+        if through:  # torch.export cannot match dynamic shapes to keywords that arrive through **kwargs
+            config = " (on a Hugging Face model, set them on the config instead, e.g. model.config." \
+                f"{through[0]} = ...)" if getattr(model, "config", None) is not None else ""
+            raise CaptureError(
+                f"could not capture {type(model).__name__} as a graph: the keyword argument(s) {', '.join(through)} "
+                f"reach its forward only through **kwargs, which torch.export cannot give dynamic shapes "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})\n"
+                f"  what to do: leave them out of the example inputs{config}, or wrap the model in a module "
+                "whose forward names them") from exc
         raise CaptureError(_explain(model, exc)) from exc
     gm = program.module()
     drop_guard_calls(gm)

@@ -183,9 +183,22 @@ def parse_lengths(text: str) -> list[int]:
             out.append(int(item.rstrip("k")) * scale)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a length: {item!r} (use e.g. 2048,32k)") from None
+        if out[-1] < 1:
+            raise argparse.ArgumentTypeError(f"not a length: {item!r} (lengths are >= 1)")
     if not out:
         raise argparse.ArgumentTypeError("give at least one length")
     return out
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def human(x: float, unit: str) -> str:
@@ -385,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("target", help=TARGET_HELP)
     explain.add_argument("--plan", default=None)
     explain.add_argument("--seq", type=parse_lengths, default=[2048, 32768], help="lengths, e.g. 2048,32k")
-    explain.add_argument("--batch", type=int, default=1)
+    explain.add_argument("--batch", type=positive_int, default=1)
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.add_argument("-o", "--output", default=None)
     explain.set_defaults(run=cmd_explain)

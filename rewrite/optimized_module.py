@@ -244,6 +244,12 @@ class OptimizedModule(torch.nn.Module):
             self._install_graph(graph)
             if before != after and self.source is not None:
                 self.__dict__["_needs_capture"] = "the module was moved or cast"
+            elif self.source is None:  # a saved program bakes its dtypes in (metadata asserts, casts)
+                now = sorted(str(p.dtype) for p in self.parameters())
+                saved = self.__dict__.setdefault("_program_dtypes", sorted(str(d) for d in before
+                                                                            if isinstance(d, torch.dtype)))
+                self.__dict__["_needs_capture"] = None if set(now) == set(saved) else (
+                    f"its parameters were cast to {sorted(set(now))} but the saved program runs in {saved}")
         return out
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
@@ -258,6 +264,18 @@ class OptimizedModule(torch.nn.Module):
         from rewrite.serialize import save_optimized
 
         return save_optimized(self, Path(directory))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OptimizedModule:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # its program holds export's local functions and generated classes, which pickle cannot name
+        raise RewriteError(
+            "an OptimizedModule cannot be pickled (torch.save(om)): save it with om.save(folder) and "
+            "rewrite.load(folder[, model=...]), or save om.state_dict()")
 
     def extra_repr(self) -> str:
         names = [p.name for p in self.plan.enabled_passes]

@@ -17,6 +17,7 @@ from rewrite.errors import PlanError
 
 KERNEL_MODES = ["auto", "triton", "reference"]
 TOP_LEVEL_KEYS = ["passes", "kernels", "strict", "debug", "disable"]
+PLAN_SUFFIXES = (".yaml", ".yml", ".toml", ".json", ".py")
 
 
 def _registry():
@@ -77,6 +78,9 @@ class Plan:
             return cls()
         if isinstance(data, list):
             data = {"passes": data}
+        if isinstance(data, str):
+            raise PlanError("<plan>", f"a plan is a mapping or a list of passes, got the string {data!r} "
+                            "(pass names go in a list)")
         if not isinstance(data, dict):
             raise PlanError("<plan>", f"a plan is a mapping or a list of passes, got {type(data).__name__}")
         for key in data:
@@ -89,6 +93,8 @@ class Plan:
         disable = data.get("disable") or []
         if isinstance(disable, str):
             disable = [disable]
+        if not isinstance(disable, list):
+            raise PlanError("disable", f"must be a pass name or a list of pass names, got {disable!r}", sorted(_registry()))
         for key, typ in (("strict", bool), ("debug", bool), ("kernels", str)):
             if key in data and not isinstance(data[key], typ):
                 raise PlanError(key, f"must be a {typ.__name__}, got {data[key]!r}")
@@ -106,30 +112,51 @@ class Plan:
         path = Path(source)
         if not path.exists():
             raise PlanError("<plan>", f"no plan file at {str(path)!r}")
-        text = path.read_text()
+        if not path.is_file():
+            raise PlanError("<plan>", f"{str(path)!r} is not a file")
         suffix = path.suffix.lower()
-        if suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        elif suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        elif suffix == ".py":
-            namespace: dict[str, Any] = {}
-            exec(compile(text, str(path), "exec"), namespace)
-            if "plan" not in namespace:
-                raise PlanError("<plan>", f"{path} defines no variable named 'plan'")
-            data = namespace["plan"]
-        else:
-            raise PlanError("<plan>", f"unknown plan file type {suffix!r}", [".yaml", ".yml", ".toml", ".json", ".py"])
+        if suffix not in PLAN_SUFFIXES:
+            raise PlanError("<plan>", f"unknown plan file type {suffix!r}", list(PLAN_SUFFIXES))
+        try:
+            text = path.read_text()
+            if suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text)
+            elif suffix == ".toml":
+                data = tomllib.loads(text)
+            elif suffix == ".json":
+                data = json.loads(text)
+            else:
+                namespace: dict[str, Any] = {}
+                exec(compile(text, str(path), "exec"), namespace)
+                if "plan" not in namespace:
+                    raise PlanError("<plan>", f"{path} defines no variable named 'plan'")
+                data = namespace["plan"]
+        except PlanError:
+            raise
+        except Exception as exc:  # a parser's or the Python file's own error: say which file and why
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise PlanError("<plan>", f"cannot read {str(path)!r} as a {suffix[1:]} plan: "
+                            f"{type(exc).__name__}: {reason}") from exc
         return cls.from_data(data)
 
     @classmethod
     def parse(cls, text: str) -> Plan:
         """A plan from a file path, or inline YAML/JSON text (`'{passes: [attention_normalize]}'`)."""
-        if Path(text).suffix.lower() in (".yaml", ".yml", ".toml", ".json", ".py") or Path(text).exists():
+        try:
+            is_file = Path(text).suffix.lower() in PLAN_SUFFIXES or bool(text.strip()) and Path(text).exists()
+        except OSError:  # too long to be a path
+            is_file = False
+        if is_file:
             return cls.load(text)
-        return cls.from_data(yaml.safe_load(text))
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            reason = str(exc).splitlines()[0]
+            raise PlanError("<plan>", f"not a plan file and not valid inline YAML ({reason})") from exc
+        if isinstance(data, str):
+            raise PlanError("<plan>", f"{text!r} is not a plan file (no such file, or not a "
+                            f"{'/'.join(PLAN_SUFFIXES)} suffix) and not a plan; pass names go in a list")
+        return cls.from_data(data)
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.to_data(), sort_keys=False)

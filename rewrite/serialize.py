@@ -120,9 +120,16 @@ def save_optimized(om: OptimizedModule, directory: Path) -> Path:
 
 def _read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META_FILE
+    if not directory.is_dir():
+        raise RewriteError(f"{directory} is not a folder (rewrite.load takes the folder OptimizedModule.save wrote)")
     if not path.exists():
         raise RewriteError(f"{directory} holds no {META_FILE}: not a folder written by OptimizedModule.save")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise RewriteError(f"{path} is not readable JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise RewriteError(f"{path} is not the meta.json OptimizedModule.save writes (not a JSON object)")
     if meta.get("format") != FORMAT:
         raise RewriteError(f"{path}: format {meta.get('format')!r}, this version reads format {FORMAT}")
     return meta
@@ -136,6 +143,26 @@ def _user_examples(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     return args, kwargs
 
 
+def _read_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a saved weights file; RewriteError when it is missing or not a safetensors file."""
+    if not path.is_file():
+        raise RewriteError(f"{path.parent} holds no {path.name}: the saved weights are missing")
+    try:
+        return safetensors.torch.load_file(str(path), device=device)
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise RewriteError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_shapes(om: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """RewriteError naming the saved entries whose shapes differ from `om`'s (a model of another config)."""
+    mine = om.state_dict()
+    wrong = [f"{k}: saved {tuple(v.shape)}, model {tuple(mine[k].shape)}"
+             for k, v in state.items() if k in mine and v.shape != mine[k].shape]
+    if wrong:
+        raise RewriteError(f"the weights in {path} do not fit this model ({len(wrong)} shapes differ): "
+                           + "; ".join(wrong[:5]))
+
+
 def _load_with_model(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> OptimizedModule:
     from rewrite.api import optimize
 
@@ -143,7 +170,9 @@ def _load_with_model(directory: Path, model: torch.nn.Module, meta: dict[str, An
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     args, kwargs = _user_examples(meta)
     args, kwargs = pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, (args, kwargs))
+    saved = _read_weights(directory / WEIGHTS_FILE)
     om = optimize(model, plan, args, example_kwargs=kwargs)
+    _check_shapes(om, saved, directory / WEIGHTS_FILE)
     missing, unexpected = safetensors.torch.load_model(om, str(directory / WEIGHTS_FILE), strict=False)
     if missing or unexpected:
         raise RewriteError(
@@ -163,7 +192,11 @@ def _load_program(directory: Path, meta: dict[str, Any]) -> OptimizedModule:
             importlib.import_module(meta["source_module"])
         except ImportError:
             pass
-    gm = torch.export.load(str(path)).module()
+    try:
+        gm = torch.export.load(str(path)).module()
+    except Exception as exc:  # a damaged or foreign file: zipfile / pickle / export errors
+        raise RewriteError(f"{path} is not a readable exported program ({type(exc).__name__}: {exc}); "
+                           "load it with rewrite.load(path, model=...) to rebuild it from the source model") from exc
     drop_guard_calls(gm)
     specs = _specs_from_json(meta["example_inputs"])
     flat_specs = pytree.tree_leaves(specs, is_leaf=lambda x: isinstance(x, TensorSpec))
@@ -219,7 +252,7 @@ def _restore_persistence(om: torch.nn.Module, state_keys: set[str]) -> None:
 
 def _load_weights(om: torch.nn.Module, path: Path, tied: list[list[str]]) -> None:
     """Copy saved tensors into `om` by name; a tied name saved under another name of its group counts."""
-    saved = safetensors.torch.load_file(str(path), device=str(next(om.parameters()).device))
+    saved = _read_weights(path, device=str(next(om.parameters()).device))
     for group in tied:
         present = [n for n in group if n in saved]
         for name in group:
@@ -229,12 +262,16 @@ def _load_weights(om: torch.nn.Module, path: Path, tied: list[list[str]]) -> Non
     missing = [name for name, p in om.named_parameters() if name not in saved]
     if missing:
         raise RewriteError(f"{path} lacks parameters the program reads: {missing[:5]}")
-    om.load_state_dict({k: saved[k] for k in wanted if k in saved}, strict=False)
+    state = {k: saved[k] for k in wanted if k in saved}
+    _check_shapes(om, state, path)
+    om.load_state_dict(state, strict=False)
 
 
 def load_optimized(directory: str | Path, model: torch.nn.Module | None = None) -> OptimizedModule:
     """Load what `save_optimized` wrote: with `model`, optimize it again; without, run the saved program."""
     directory = Path(directory)
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise RewriteError(f"rewrite.load(model=...) takes the source nn.Module, got {type(model).__name__}")
     meta = _read_meta(directory)
     if model is not None:
         return _load_with_model(directory, model, meta)

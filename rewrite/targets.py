@@ -86,8 +86,17 @@ def _load_file(path: Path, name: str) -> Any:
         raise TargetError(f"cannot import {str(path)!r} as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the file's own error: say which file, in one line
+        sys.modules.pop(name, None)
+        raise TargetError(f"importing {str(path)!r} raised {_one_line(exc)}") from exc
     return module
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _resolve(ref: str, spec: str) -> Callable[..., Any]:
@@ -164,7 +173,13 @@ def resolve_target(spec: str) -> LoadedTarget:
         raise TargetError(f"target {spec!r}: {exc} (the factory takes: {accepted}){shadowed}") from exc
     except ValueError:  # no signature (a builtin): let the call decide
         pass
-    return LoadedTarget(*_split_inputs(factory(**params), spec))
+    try:
+        result = factory(**params)
+    except RewriteError:
+        raise
+    except Exception as exc:  # e.g. a ?key=value of the wrong type: one line naming the factory and its arguments
+        raise TargetError(f"target {spec!r}: the factory {ref!r} called with {params} raised {_one_line(exc)}") from exc
+    return LoadedTarget(*_split_inputs(result, spec))
 
 
 def load_target(spec: str) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:

@@ -153,6 +153,21 @@ def test_capture_error_exits_2_without_traceback(capsys, tmp_path):
     assert code == 2 and "could not capture Branchy" in err and "Traceback" not in err
 
 
+def test_failing_target_file_or_factory_exits_2_without_traceback(capsys, tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("raise ImportError('no such dependency')\n")
+    code, _, err = run(capsys, "dump", f"{path}:make", "-q")
+    assert code == 2 and "broken.py" in err and "ImportError: no such dependency" in err and "Traceback" not in err
+    code, _, err = run(capsys, "dump", "handwritten?batch=x", "-q")
+    assert code == 2 and "handwritten" in err and "'batch': 'x'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--batch", "-1"], ["--seq", "0"], ["--seq", "2k,-5"]])
+def test_explain_refuses_non_positive_sizes(capsys, argv):
+    code, out, err = run(capsys, "explain", "handwritten", "-q", *argv)
+    assert code == 2 and out == "" and ">= 1" in err
+
+
 def test_target_specs(tmp_path):
     assert parse_spec("llama?batch=1,length=8&attn=eager") == ("llama", {"batch": 1, "length": 8, "attn": "eager"})
     model, args, kwargs = load_target("examples.models:handwritten?batch=3,length=5")

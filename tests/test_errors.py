@@ -63,6 +63,22 @@ def test_unsupported_output_type_is_explained() -> None:
     assert len(message.splitlines()) < 15
 
 
+class KeywordsThroughKwargs(torch.nn.Module):
+    """A forward that takes a flag only through **kwargs, as Hugging Face models take output_hidden_states."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.fc(x) * (2 if kwargs.get("double") else 1)
+
+
+def test_keyword_through_var_kwargs_is_named() -> None:
+    with pytest.raises(CaptureError, match=r"keyword argument\(s\) double reach its forward only through \*\*kwargs"):
+        rewrite.optimize(KeywordsThroughKwargs(), None, (torch.randn(2, 4),), example_kwargs={"double": True})
+
+
 def test_inputs_without_tensors() -> None:
     with pytest.raises(CaptureError, match="hold no tensor"):
         rewrite.optimize(DataDependent(), None, (3, "x"))

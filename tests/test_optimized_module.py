@@ -155,6 +155,90 @@ def test_save_and_load_round_trip(tmp_path, target) -> None:
         assert torch.equal(p, q), name
 
 
+@pytest.fixture(scope="module")
+def saved_gpt2(tmp_path_factory):
+    """GPT-2 optimized and saved (its program asserts float32 metadata, as Hugging Face programs do)."""
+    model, example = gpt2()
+    om = rewrite.optimize(model, PLAN, example_kwargs=example)
+    return om, example, om.save(tmp_path_factory.mktemp("saved") / "gpt2")
+
+
+def test_loaded_program_cast_to_another_dtype_says_to_load_with_model(saved_gpt2) -> None:
+    om, example, folder = saved_gpt2
+    loaded = rewrite.load(folder)
+    loaded.to(torch.float64)
+    with pytest.raises(RewriteError, match=r"cast to \['torch.float64'\].*runs in \['torch.float32'\].*model="):
+        run(loaded, example)
+    loaded.float()  # back to the saved dtype: runs again
+    assert_outputs_close(run(loaded, example), run(om, example), rtol=0, atol=0)
+
+
+def _damaged_copy(folder, tmp_path, name: str, data: bytes | None):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    if data is None:
+        (copy / name).unlink()
+    else:
+        (copy / name).write_bytes(data)
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [("meta.json", b"{", "not readable JSON"), ("weights.safetensors", None, "holds no weights.safetensors"),
+     ("weights.safetensors", b"garbage", "not a readable safetensors file"),
+     ("program.pt2", b"garbage", "not a readable exported program")],
+)
+def test_damaged_saved_folder_is_a_rewrite_error(saved_gpt2, tmp_path, name, data, message) -> None:
+    _, _, folder = saved_gpt2
+    copy = _damaged_copy(folder, tmp_path, name, data)
+    with pytest.raises(RewriteError, match=message):
+        rewrite.load(copy)
+    if name != "program.pt2":
+        with pytest.raises(RewriteError, match=message):
+            rewrite.load(copy, model=gpt2()[0])
+    with pytest.raises(RewriteError, match="is not a folder"):
+        rewrite.load(copy / "plan.yaml")
+    with pytest.raises(RewriteError, match="takes the source nn.Module"):
+        rewrite.load(copy, model="gpt2")
+
+
+def test_load_into_a_model_of_another_width_names_the_shapes(saved_gpt2, tmp_path) -> None:
+    import safetensors.torch
+    import transformers
+
+    _, _, folder = saved_gpt2
+    config = gpt2()[0].config
+    config.n_embd = 32
+    with pytest.raises(RewriteError, match=r"shapes differ\): .*saved \(\d+, 64\), model \(\d+, 32\)"):
+        rewrite.load(folder, model=transformers.GPT2LMHeadModel(config).eval())
+    state = safetensors.torch.load_file(str(folder / "weights.safetensors"))
+    state["transformer.ln_f.weight"] = torch.zeros(3)
+    copy = _damaged_copy(folder, tmp_path, "weights.safetensors", safetensors.torch.save(state))
+    with pytest.raises(RewriteError, match=r"transformer.ln_f.weight: saved \(3,\), model \(64,\)"):
+        rewrite.load(copy)
+
+
+def test_deepcopy_is_independent_and_pickling_says_to_save() -> None:
+    import copy
+    import io
+
+    model, example = handwritten()
+    om = rewrite.optimize(model, PLAN, example)
+    want = om(*example)
+    twin = copy.deepcopy(om)
+    assert twin.source is not model and twin.source.norm.bias is twin.get_parameter("norm.bias")
+    torch.testing.assert_close(twin(*example), want, rtol=0, atol=0)
+    with torch.no_grad():
+        twin.source.norm.bias.add_(1.0)
+    torch.testing.assert_close(om(*example), want, rtol=0, atol=0)
+    assert not torch.equal(twin(*example), want)
+    with pytest.raises(RewriteError, match=r"cannot be pickled.*om.save"):
+        torch.save(om, io.BytesIO())
+
+
 def test_lazy_module_captures_on_first_call() -> None:
     model, example = handwritten()
     lazy = rewrite.optimize(model, PLAN)

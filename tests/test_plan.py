@@ -260,3 +260,33 @@ def test_disabled_pass_does_not_run() -> None:
     assert om.report.results == []
     assert om.plan.enabled_passes == []
     assert any("softmax" in str(n.target) for n in om.graph.nodes)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text", "parser"),
+    [(".yaml", "passes: [attention_normalize\n", "ParserError"), (".toml", "passes = [\n", "TOMLDecodeError"),
+     (".json", '{"passes": [}', "JSONDecodeError"), (".py", "plan = {'passes': [}\n", "SyntaxError"),
+     (".py", "raise RuntimeError('boom')\n", "RuntimeError")],
+)
+def test_unreadable_plan_file_is_a_plan_error_naming_the_file(tmp_path, suffix, text, parser) -> None:
+    path = tmp_path / f"plan{suffix}"
+    path.write_text(text)
+    for read in (Plan.load, Plan.parse):
+        with pytest.raises(PlanError) as info:
+            read(str(path))
+        assert info.value.field == "<plan>" and str(path) in str(info.value) and parser in str(info.value)
+
+
+def test_folder_bad_inline_yaml_and_bare_pass_name_are_plan_errors(tmp_path) -> None:
+    with pytest.raises(PlanError, match="is not a file"):
+        Plan.parse(str(tmp_path))
+    with pytest.raises(PlanError, match="not valid inline YAML"):
+        Plan.parse("{passes: [attention_normalize")
+    with pytest.raises(PlanError, match="pass names go in a list"):
+        Plan.parse("attention_normalize")
+    assert Plan.parse("").passes == []
+
+
+def test_disable_of_another_type_is_a_plan_error() -> None:
+    err = _error({"disable": 3})
+    assert err.field == "disable" and "attention_normalize" in err.allowed
