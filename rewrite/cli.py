@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from rewrite.analysis import GraphAnalysis, analyze
 from rewrite.capture import capture
@@ -62,20 +61,7 @@ def parse_plan(text: str | None) -> Plan:
     """A plan from a file path, inline YAML/JSON, or `pass_a,pass_b`; PlanError when it is not one."""
     if text is None or not text.strip():
         return Plan()
-    try:
-        is_file = Path(text).suffix.lower() in PLAN_SUFFIXES or Path(text).exists()
-    except OSError:  # too long to be a path
-        is_file = False
-    if is_file:
-        return Plan.load(text)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        reason = str(exc).splitlines()[0]
-        raise PlanError("<plan>", f"not a plan file and not valid inline YAML ({reason})") from exc
-    if isinstance(data, str):
-        data = [name.strip() for name in data.split(",") if name.strip()]
-    return Plan.from_data(data)
+    return Plan.parse(text, comma_names=True)
 
 
 def stage_labels(plan: Plan) -> list[str]:

@@ -140,8 +140,9 @@ class Plan:
         return cls.from_data(data)
 
     @classmethod
-    def parse(cls, text: str) -> Plan:
-        """A plan from a file path, or inline YAML/JSON text (`'{passes: [attention_normalize]}'`)."""
+    def parse(cls, text: str, *, comma_names: bool = False) -> Plan:
+        """A plan from a file path, or inline YAML/JSON text (`'{passes: [attention_normalize]}'`); with
+        `comma_names`, also `pass_a,pass_b` (the CLI's short form)."""
         try:
             is_file = Path(text).suffix.lower() in PLAN_SUFFIXES or bool(text.strip()) and Path(text).exists()
         except OSError:  # too long to be a path
@@ -153,7 +154,9 @@ class Plan:
         except yaml.YAMLError as exc:
             reason = str(exc).splitlines()[0]
             raise PlanError("<plan>", f"not a plan file and not valid inline YAML ({reason})") from exc
-        if isinstance(data, str):
+        if isinstance(data, str) and comma_names:
+            data = [name.strip() for name in data.split(",") if name.strip()]
+        elif isinstance(data, str):
             raise PlanError("<plan>", f"{text!r} is not a plan file (no such file, or not a "
                             f"{'/'.join(PLAN_SUFFIXES)} suffix) and not a plan; pass names go in a list")
         return cls.from_data(data)
