@@ -141,6 +141,13 @@ def test_bad_value_type_names_field_and_type() -> None:
     assert "'yes'" in str(err) and "bool" in str(err)
 
 
+def test_sequence_parallel_strategy_field_is_named_with_its_pass_position() -> None:
+    err = _error(["attention_normalize", {"sequence_parallel": {"strategy": "nope"}}])
+    assert err.field == "passes[1].sequence_parallel.strategy" and "ulysses" in str(err)
+    err = _error([{"sequence_parallel": {"strategy": {"softmax": "lasp2"}}}])
+    assert err.field == "passes[0].sequence_parallel.strategy.softmax"
+
+
 def test_bad_choice_and_literal_list_allowed_values(probe) -> None:
     err = _error([{"probe": {"mode": "slow"}}])
     assert err.field == "passes[0].probe.mode"

@@ -115,9 +115,9 @@ class SequenceParallelOptions:
         default=True, metadata={"help": "check in eager mode that each mask is causal / key padding"}
     )
 
-    def strategies(self) -> dict[str, str]:
-        """{'softmax': ..., 'linear': ...} from `strategy`."""
-        where = "sequence_parallel.strategy"
+    def strategies(self, where: str = "sequence_parallel") -> dict[str, str]:
+        """{'softmax': ..., 'linear': ...} from `strategy`; a PlanError names the field under `where`."""
+        where = f"{where}.strategy"
         s = self.strategy
         if isinstance(s, dict):
             unknown = set(s) - {"softmax", "linear"}
@@ -142,7 +142,7 @@ class SequenceParallelOptions:
 
     def validate(self, where: str = "sequence_parallel") -> None:
         """Raise PlanError naming the first bad field."""
-        chosen = self.strategies()
+        chosen = self.strategies(where)
         if self.layout not in LAYOUTS:
             raise PlanError(f"{where}.layout", f"unknown layout {self.layout!r}", list(LAYOUTS))
         if chosen["linear"] == "allscan" and self.layout != "contiguous":
