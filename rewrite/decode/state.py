@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from rewrite.errors import RewriteError
+from rewrite.kernels.forward_only import forward_only_applies
 from rewrite.kernels.kv_cache_write import kv_cache_write_
 
 
@@ -248,11 +249,12 @@ class DecodeState:
 
     def write_kv(self, cache: KVCache | RingKVCache, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys / values [R, Hkv, T, D] of this view's rows at cache positions `index` [T]."""
-        if self._owns(cache) and self._fused_kv_write(k, v):
+        owns = self._owns(cache)
+        if owns and self.fused_kv_write and forward_only_applies(k, v):
             kv_cache_write_(cache.keys, cache.values, index, k, v)
             return
         k, v = k.to(cache.keys.dtype), v.to(cache.values.dtype)
-        if self._owns(cache):
+        if owns:
             cache.keys.index_copy_(2, index, k)
             cache.values.index_copy_(2, index, v)
             return
@@ -260,12 +262,6 @@ class DecodeState:
         where = (self.rows[:, None, None], heads[None, :, None], index[None, None, :])
         cache.keys.index_put_(where, k)
         cache.values.index_put_(where, v)
-
-    def _fused_kv_write(self, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether `fused_kv_write` applies to this write: on, not while compiling, no gradient asked (forward only)."""
-        if torch.compiler.is_compiling() or not self.fused_kv_write:
-            return False
-        return not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
 
     def read_kv(self, cache: KVCache | RingKVCache, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This view's rows of the cache's keys and values, up to position `end` (all when None)."""

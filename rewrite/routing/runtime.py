@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
+from rewrite.kernels.forward_only import forward_only_applies
 from rewrite.kernels.router import route
 from rewrite.kernels.row_gather import gather_rows
 from rewrite.routing.controls import begin_call, call_state, current_controls
@@ -312,8 +313,7 @@ def _gather_running_rows(
 ) -> list[tuple[int, torch.Tensor]]:
     """(position, value's rows `rows` along its dim) for each (position, value, dim) of `gathered`: with
     FUSED_ROW_GATHER, those along dim 0 by one `gather_rows` call."""
-    fused = (FUSED_ROW_GATHER and not torch.compiler.is_compiling()
-             and not (torch.is_grad_enabled() and any(value.requires_grad for _, value, _ in gathered)))
+    fused = FUSED_ROW_GATHER and forward_only_applies(*(value for _, value, _ in gathered))
     together = [(position, value) for position, value, dim in gathered if fused and dim == 0]
     out = [(position, value.index_select(dim, rows)) for position, value, dim in gathered
            if not (fused and dim == 0)]
