@@ -23,11 +23,12 @@ check_masks off (its linear mixers see the whole prefix: the window is dropped).
 
 With --fusions (names from rewrite.decode.fusion_switches: projections, norms, rotary, gated_activation,
 kv_write; --fuse-projections is --fusions projections), each linearized variant is also timed (on the same state)
-with a decode program built with those decode fusions on (sibling projections read as one weight, RMSNorms, rotary
+with a decode program built with exactly those decode fusions (sibling projections read as one weight, RMSNorms, rotary
 embeddings and gated MLP activations as one kernel each, a KV-cache site's keys and values written by one launch;
 rewrite.decode.fuse_projections / fuse_norms / fuse_rotary / fuse_gated_mlp, rewrite.decode.state.FUSED_KV_WRITE),
 after a check that its token-by-token logits equal the full
-forward, and the rewrite softmax step is timed with them too.
+forward, and the rewrite softmax step is timed with them too. The unlabelled programs have no decode fusion (the
+library turns norms, rotary, gated_activation and kv_write on by default).
 
 Also: the linearized decode state's bytes at two context lengths, and the time to read the weights
 once at the measured copy bandwidth next to the batch-1 decode step.
@@ -51,7 +52,7 @@ from benchmarks.variants import apply_changes, fusion_names, restore
 from rewrite.decode import decode_program, sites
 from rewrite.decode.compiled import CompiledStep
 from rewrite.decode.cuda_graph import GraphedStep
-from rewrite.decode.fusion_switches import fusions_on
+from rewrite.decode.fusion_switches import fusions_on, fusions_only
 from rewrite.decode.program import model_window
 from rewrite.decode.state import RingKVCache
 
@@ -349,6 +350,12 @@ def inductor_options(text: str) -> dict[str, bool | int | str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with fusions_only([]):  # the unlabelled programs have no decode fusion; --fusions' programs exactly those
+        run(argv)
+
+
+def run(argv: list[str] | None) -> None:
+    """Every measurement `main`'s arguments ask for, printed and written to --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,32768")
     parser.add_argument("--batches", default="1,64")

@@ -29,7 +29,7 @@ without it, with the sites' default; `--compile-step`: each real decode step als
 `--profile-step`: each graphed step's kernels printed; `--attention-only`: only the decode attention rows and
 `--kv-kernel-variants`' launch sweep; `--decode-only [--decode-variants "none,all,f=0.5 spread"]`: only those real
 decode steps; `--kv-kernel-set`: one launch of the split-KV kernel for the whole run; `--fusions norms,rotary`: the
-real decode steps' programs built with those decode fusions.)
+real decode steps' programs built with exactly those decode fusions; without it, with none.)
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import rewrite  # noqa: E402
 from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results  # noqa: E402
 from benchmarks.variants import apply_changes, fusion_names, restore  # noqa: E402
-from rewrite.decode.fusion_switches import fusions_on  # noqa: E402
+from rewrite.decode.fusion_switches import fusions_only  # noqa: E402
 from rewrite.kernels.router import route  # noqa: E402
 from rewrite.kernels.router.reference import route_reference  # noqa: E402
 from rewrite.routing import skip_controls  # noqa: E402
@@ -473,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time each graphed real decode step with a routed block's gathers by one "
                              "rewrite::gather_rows launch (rewrite.routing.runtime.FUSED_ROW_GATHER)")
     parser.add_argument("--fusions", default="",
-                        help="comma-separated decode fusions (projections, norms, rotary, kv_write) on for the whole run: the "
-                             "real decode steps' programs are built with them")
+                        help="comma-separated decode fusions (projections, norms, rotary, gated_activation, kv_write) for the "
+                             "whole run: the real decode steps' programs are built with exactly these (none without it)")
     args = parser.parse_args(argv)
     kv_kernel_variants(args.kv_kernel_variants)  # a malformed variant fails before the models are built
     kernel_set = kv_kernel_variants(args.kv_kernel_set.replace(";", ","))
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     if fusions:
         print(f"decode fusions for this run: {', '.join(fusions)}", flush=True)
     try:
-        with fusions_on(fusions):
+        with fusions_only(fusions):
             run(args, fractions, only)
     finally:
         restore(undo)

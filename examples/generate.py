@@ -3,12 +3,13 @@
     python -m examples.generate                   # tiny Llama, layer 0 gla + layer 1 softmax, batched prompts
     python -m examples.generate --kind retention --layers all --sample
     python -m examples.generate --tiny            # what the tests run
-    python -m examples.generate --fusions norms,rotary   # decode-program fusions on, checked against them off
+    python -m examples.generate --fusions norms,rotary   # only these decode fusions, checked against none
 
 The prompts have different lengths and run as one batch; each row is checked against generating
-it alone, and the tokens stream out as they are produced. With --fusions the decode program is built with those
-fusions on (rewrite.decode: sibling projections, RMSNorms, rotary embeddings, gated MLP activations, KV-cache
-writes as single kernels) and its tokens are checked against the program without them.
+it alone, and the tokens stream out as they are produced. The decode program is built with the library's default fusions (RMSNorms,
+rotary embeddings, gated MLP activations and KV-cache writes as single kernels); with --fusions, with exactly those
+(names from rewrite.decode.fusion_switches, sibling projections among them; "none" for no fusion), and its tokens
+are checked against the program with no fusion.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import rewrite
 from examples.models import TARGETS
 from rewrite.decode import decode_program
-from rewrite.decode.fusion_switches import SWITCHES, check_names, fusions_on
+from rewrite.decode.fusion_switches import SWITCHES, check_names, defaults_on, fusions_only
 
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "handwritten")
 
@@ -33,12 +34,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new", type=int, default=12, help="new tokens per prompt")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-p 0.9) instead of greedy")
     parser.add_argument("--tiny", action="store_true", help="4 new tokens (quick check)")
-    parser.add_argument("--fusions", default="", help=f"comma-separated decode fusions to turn on ({', '.join(SWITCHES)})")
+    parser.add_argument("--fusions", default=None,
+                        help=f"comma-separated decode fusions to build with ({', '.join(SWITCHES)}; 'none': no fusion; "
+                             "default: the library's defaults), checked against no fusion")
     args = parser.parse_args(argv)
-    try:
-        args.fusions = check_names(name.strip() for name in args.fusions.split(",") if name.strip())
-    except ValueError as exc:
-        parser.error(f"--fusions: {exc}")
+    if args.fusions is not None:
+        names = [name.strip() for name in args.fusions.split(",") if name.strip() and name.strip() != "none"]
+        try:
+            args.fusions = check_names(names)
+        except ValueError as exc:
+            parser.error(f"--fusions: {exc}")
     return args
 
 
@@ -61,18 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     def show(step) -> None:
         print("step:", step.tokens.tolist())
 
-    with fusions_on(args.fusions):
+    fusions = defaults_on() if args.fusions is None else args.fusions
+    with fusions_only(fusions):
         out = om.generate(ids, mask, streamer=show, **options)
+        program = decode_program(om)
     print("generated:\n", out[:, ids.shape[1]:])
+    print(f"decode fusions: {', '.join(fusions) or 'none'} ({program.fused_norms} norms, {program.fused_rotations} "
+          f"rotations, {program.fused_gated_activations} gated activations fused)")
     if args.sample:
         return 0
-    if args.fusions:
-        with fusions_on(args.fusions):
-            program = decode_program(om)
-        print(f"fused: {program.fused_norms} norms, {program.fused_rotations} rotations, "
-              f"{program.fused_gated_activations} gated activations")
-        if not torch.equal(om.generate(ids, mask, **options), out):
-            print(f"the tokens with {', '.join(args.fusions)} fused differ from the unfused program's")
+    if fusions:
+        with fusions_only([]):
+            unfused = om.generate(ids, mask, **options)
+        if not torch.equal(unfused, out):
+            print(f"the tokens with {', '.join(fusions)} fused differ from the unfused program's")
             return 1
         print("the fused program's tokens equal the unfused program's")
     for row in range(ids.shape[0]):

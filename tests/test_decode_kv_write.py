@@ -59,7 +59,8 @@ def one_step_counts(program, ids: torch.Tensor, prefill: int) -> OpCounts:
 def test_llama_writes_each_layers_cache_by_one_call_and_decodes_bitwise_like_the_two_index_copies(dtype):
     model, ids = tiny("LlamaConfig", "LlamaForCausalLM", dtype), token_ids()
     om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
-    unfused = decode_program(om)
+    with fused_writes(False):
+        unfused = decode_program(om)
     with fused_writes():
         fused = decode_program(om)
     assert fused is not unfused and fused.fused_kv_write and not unfused.fused_kv_write
@@ -81,14 +82,21 @@ def test_the_switch_is_read_when_the_program_is_built():
     program when the switch changes."""
     model, ids = tiny("LlamaConfig", "LlamaForCausalLM"), token_ids()
     om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
-    with fusion_switches.fusions_on(["kv_write"]):
-        assert fusion_switches.current()[list(fusion_switches.SWITCHES).index("kv_write")]
-        fused = decode_program(om)
-    assert not decode_state.FUSED_KV_WRITE and decode_program(om) is not fused
-    assert one_step_counts(fused, ids, 5).ops[WRITE] == LAYERS  # the switch off now, the program built with it on
-    unfused = decode_program(om)
+    with fused_writes(False):
+        with fusion_switches.fusions_on(["kv_write"]):
+            assert fusion_switches.current()[list(fusion_switches.SWITCHES).index("kv_write")]
+            fused = decode_program(om)
+        assert not decode_state.FUSED_KV_WRITE and decode_program(om) is not fused
+        assert one_step_counts(fused, ids, 5).ops[WRITE] == LAYERS  # the switch off now, the program built with it on
+        unfused = decode_program(om)
     with fused_writes():
         assert one_step_counts(unfused, ids, 5).ops[WRITE] == 0  # the switch on now, the program built with it off
+
+
+def test_kv_writes_are_fused_by_default():
+    model, ids = tiny("LlamaConfig", "LlamaForCausalLM"), token_ids()
+    om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
+    assert decode_program(om).fused_kv_write and one_step_counts(decode_program(om), ids, 5).ops[WRITE] == LAYERS
 
 
 def test_ring_caches_of_sliding_window_layers_are_written_by_one_call():
@@ -96,7 +104,8 @@ def test_ring_caches_of_sliding_window_layers_are_written_by_one_call():
     the ring; the slots' bookkeeping keeps its own `index_copy_`."""
     model, ids = tiny("MistralConfig", "MistralForCausalLM", sliding_window=4), token_ids(length=11)
     om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
-    unfused = decode_program(om)
+    with fused_writes(False):
+        unfused = decode_program(om)
     with fused_writes():
         fused = decode_program(om)
     expected = stepwise_program_logits(unfused, ids, 6)
@@ -119,7 +128,8 @@ def spread_skips(batch: int) -> torch.Tensor:
 def test_layer_skip_routed_blocks_write_their_own_caches_by_one_call():
     model, ids = tiny("LlamaConfig", "LlamaForCausalLM"), token_ids()
     om = rewrite.optimize(model, ["attention_normalize", "layer_skip", "stateful"], example_kwargs={"input_ids": ids})
-    unfused = decode_program(om)
+    with fused_writes(False):
+        unfused = decode_program(om)
     with fused_writes():
         fused = decode_program(om)
     with skip_controls(skip_mask=spread_skips(ids.shape[0])):
@@ -155,7 +165,8 @@ def test_cuda_graph_decode_with_fused_kv_writes_gives_the_unfused_tokens(family)
         model = tiny("MistralConfig", "MistralForCausalLM", torch.bfloat16, sliding_window=4)
     model, ids = model.cuda(), token_ids().cuda()
     om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
-    expected = om.generate(ids, max_new_tokens=6, eos_token_id=[], cuda_graph="never")
+    with fused_writes(False):
+        expected = om.generate(ids, max_new_tokens=6, eos_token_id=[], cuda_graph="never")
     with fused_writes():
         eager = om.generate(ids, max_new_tokens=6, eos_token_id=[], cuda_graph="never")
         graphed = om.generate(ids, max_new_tokens=6, eos_token_id=[], cuda_graph="always")
@@ -167,4 +178,4 @@ def test_generate_example_with_fused_kv_writes_gives_the_unfused_tokens(capsys):
 
     assert example.main(["--tiny", "--fusions", "kv_write"]) == 0
     assert "the fused program's tokens equal the unfused program's" in capsys.readouterr().out
-    assert not decode_state.FUSED_KV_WRITE  # put back
+    assert decode_state.FUSED_KV_WRITE  # the default put back

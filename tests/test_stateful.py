@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from conftest import HostReads, OpCounts, stepwise_program_logits
+from conftest import HostReads, OpCounts, decode_fusion, stepwise_program_logits
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -630,16 +630,37 @@ def test_routed_decode_steps_read_no_tensor_on_the_host(plan):
     assert steps == [[]] * len(steps), steps
 
 
-def test_a_routed_decode_step_that_skips_nothing_runs_the_unrouted_programs_ops():
+def _routed_and_plain_step_ops(norms_fused: bool) -> tuple[list[OpCounts], list[OpCounts]]:
+    """Op counts of each call of the routed program with nothing skipped and of the unrouted program."""
     model, om, ids = routed("gla")
     unrouted = rewrite.optimize(model, ROUTED_PLANS["gla"][:1], example_kwargs={"input_ids": ids})
-    with skip_controls(threshold=1.0):  # applies at prefill, held while decoding
-        _, state, routed_steps = _prefill_and_decode(decode_program(om), ids, watch=OpCounts)
-    assert not state.skips.any()
-    _, _, plain_steps = _prefill_and_decode(decode_program(unrouted), ids, watch=OpCounts)
+    with decode_fusion("norms", norms_fused):
+        with skip_controls(threshold=1.0):  # applies at prefill, held while decoding
+            _, state, routed_steps = _prefill_and_decode(decode_program(om), ids, watch=OpCounts)
+        assert not state.skips.any()
+        _, _, plain_steps = _prefill_and_decode(decode_program(unrouted), ids, watch=OpCounts)
     assert routed_steps[0].ops != plain_steps[0].ops  # prefill: the routers run (the counter sees them)
-    for routed_step, plain_step in zip(routed_steps[1:], plain_steps[1:], strict=True):
+    return routed_steps[1:], plain_steps[1:]
+
+
+def test_a_routed_decode_step_that_skips_nothing_runs_the_unrouted_programs_ops():
+    routed_steps, plain_steps = _routed_and_plain_step_ops(norms_fused=False)
+    for routed_step, plain_step in zip(routed_steps, plain_steps, strict=True):
         assert routed_step.ops == plain_step.ops
+
+
+def test_with_fused_norms_a_routed_block_boundary_keeps_its_residual_add_apart_from_the_next_norm():
+    # the unrouted program folds a block's residual add into the next block's norm (add_rms_norm_cast); a routed
+    # block runs only its rows, so the add that ends it and the norm that starts the next stay two ops
+    routed_steps, plain_steps = _routed_and_plain_step_ops(norms_fused=True)
+    for routed_step, plain_step in zip(routed_steps, plain_steps, strict=True):
+        more = routed_step.ops.copy()
+        more.subtract(plain_step.ops)
+        changed = {op: n for op, n in more.items() if n and op != "aten._assert_tensor_metadata.default"}
+        boundaries = changed.get("aten.add.Tensor", 0)
+        assert boundaries > 0, changed
+        assert changed == {"aten.add.Tensor": boundaries, "rewrite.rms_norm_cast.default": boundaries,
+                           "rewrite.add_rms_norm_cast.default": -boundaries}
 
 
 def _skip_by_identity(model, ids: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -880,11 +901,20 @@ def test_generate_example_runs():
 
 def test_generate_example_with_decode_fusions_gives_the_unfused_tokens(capsys):
     from examples import generate as example
-    from rewrite.decode import fuse_norms, fuse_rotary
+    from rewrite.decode import fusion_switches
 
+    before = fusion_switches.current()
     assert example.main(["--tiny", "--fusions", "norms,rotary"]) == 0
-    assert "fused: 5 norms, 2 rotations" in capsys.readouterr().out  # tiny Llama: 2 layers
-    assert not fuse_norms.FUSE_RMS_NORMS and not fuse_rotary.FUSE_ROTARY  # put back
+    out = capsys.readouterr().out
+    assert "decode fusions: norms, rotary (5 norms, 2 rotations, 0 gated activations fused)" in out  # 2 layers
+    assert "the fused program's tokens equal the unfused program's" in out
+    assert fusion_switches.current() == before  # put back
+    assert example.main(["--tiny", "--fusions", "none"]) == 0
+    assert "decode fusions: none (0 norms, 0 rotations, 0 gated activations fused)" in capsys.readouterr().out
+    assert example.main(["--tiny"]) == 0  # the library's defaults: norms, rotary and the gated MLP products
+    out = capsys.readouterr().out
+    assert "(5 norms, 2 rotations, 2 gated activations fused)" in out
+    assert "the fused program's tokens equal the unfused program's" in out
     with pytest.raises(SystemExit):
         example.main(["--tiny", "--fusions", "layernorm"])
 

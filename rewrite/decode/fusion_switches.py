@@ -32,15 +32,36 @@ def check_names(names: Iterable[str]) -> list[str]:
     return names
 
 
+def defaults_on() -> list[str]:
+    """The fusions on now (a decode program built now has these)."""
+    return [name for name, on in zip(SWITCHES, current(), strict=True) if on]
+
+
 @contextlib.contextmanager
 def fusions_on(names: Iterable[str]) -> Iterator[None]:
-    """The fusions `names` switched on inside the block, every switch put back after it."""
-    switches = [SWITCHES[name] for name in check_names(names)]
-    before = [(module, name, getattr(module, name)) for module, name in switches]
+    """The fusions `names` switched on inside the block (the others as they are), every switch put back after it."""
+    with _switched({name: True for name in check_names(names)}):
+        yield
+
+
+@contextlib.contextmanager
+def fusions_only(names: Iterable[str]) -> Iterator[None]:
+    """Exactly the fusions `names` on inside the block, every other one off (`[]`: a program with no fusion), every
+    switch put back after it."""
+    wanted = set(check_names(names))
+    with _switched({name: name in wanted for name in SWITCHES}):
+        yield
+
+
+@contextlib.contextmanager
+def _switched(values: dict[str, bool]) -> Iterator[None]:
+    before = [(module, attribute, getattr(module, attribute)) for module, attribute in
+              (SWITCHES[name] for name in values)]
     try:
-        for module, name in switches:
-            setattr(module, name, True)
+        for name, on in values.items():
+            module, attribute = SWITCHES[name]
+            setattr(module, attribute, on)
         yield
     finally:
-        for module, name, value in before:
-            setattr(module, name, value)
+        for module, attribute, value in before:
+            setattr(module, attribute, value)
