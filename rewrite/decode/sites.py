@@ -113,20 +113,24 @@ cache is a ring of `window` slots.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
     end = decode_state.visible_end()
     keys, values = decode_state.read_kv(cache, end)
-    return _attention_in_query_blocks(q, keys, values, lambda queries: decode_state.visible_mask(end, queries), scale)
+    return _attention_in_query_blocks(q, keys, values, lambda queries: decode_state.visible_mask(end, queries), scale,
+                                      slots)
 
 
 def _attention_in_query_blocks(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask_of: Callable[[slice | None], torch.Tensor],
-    scale: float | None,
+    scale: float | None, query_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`_grouped_attention` of the call's queries, in blocks of queries where the whole call's mask would pass
-    PROMPT_MASK_ELEMENTS; `mask_of(None)` is the call's mask [B, 1, T, S], `mask_of(queries)` a block's."""
+    PROMPT_MASK_ELEMENTS; `mask_of(None)` is the call's mask [B, 1, T, S], `mask_of(queries)` a block's. With
+    `query_slots` [T] (ascending cache slots of a full cache's queries), no query sees a slot after its block's last."""
     block = _query_block(q, keys)
     if block >= q.shape[2]:
-        return _grouped_attention(q, keys, values, mask_of(None), scale)
+        last = None if query_slots is None else query_slots[-1:]
+        return _grouped_attention(q, keys, values, mask_of(None), scale, last)
     return torch.cat([
-        _grouped_attention(q[:, :, start:start + block], keys, values, mask_of(slice(start, start + block)), scale)
+        _grouped_attention(q[:, :, start:start + block], keys, values, mask_of(slice(start, start + block)), scale,
+                           None if query_slots is None else query_slots[start:start + block][-1:])
         for start in range(0, q.shape[2], block)
     ], dim=2)
 
@@ -140,12 +144,14 @@ def _query_block(q: torch.Tensor, keys: torch.Tensor) -> int:
 
 
 def _grouped_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float | None
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float | None,
+    last_slot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SDPA of q [B, H, T, D] over keys / values [B, Hkv, S, D] with visible [B, 1, T, S]; the query
-    heads of one kv head attend together, so the cache is never copied per query head."""
+    heads of one kv head attend together, so the cache is never copied per query head. `last_slot` ([1]: no query
+    sees a slot after it, as `visible` already says) lets the split-KV kernel leave the slots after it unread."""
     if _kv_cache_kernel_applies(q, keys, values):
-        return kv_cache_attention(q, keys, values, visible, scale)
+        return kv_cache_attention(q, keys, values, visible, scale, last_slot)
     batch, heads, count, _ = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     groups = heads // kv_heads

@@ -122,6 +122,44 @@ def test_fully_masked_query_gives_zeros_like_sdpa(monkeypatch, skip_empty, mask_
     assert_close(kv_cache_attention_reference(q, keys, values, visible, 0.3), expected, 1e-6, "reference")
 
 
+@pytest.mark.parametrize("skip_empty,mask_unseen", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_slots_after_last_slot_are_neither_seen_nor_read(monkeypatch, splits, skip_empty, mask_unseen):
+    """A cache whose shape is its whole capacity (as under a CUDA graph) filled up to slot 169: the mask lets every
+    query see the unfilled tail too, which holds NaN; with `last_slot` the kernel reads none of it (a NaN read would
+    reach the output through the zero-weighted product) and gives SDPA over the filled slots alone."""
+    launchers = load_launchers(DECODE)
+    monkeypatch.setattr(launchers, "SKIP_EMPTY_TILES", skip_empty)
+    monkeypatch.setattr(launchers, "MASK_UNSEEN_KEYS", mask_unseen)
+    monkeypatch.setattr(launchers, "split_count", lambda slots, programs: (splits, -(-slots // (64 * splits)) * 64))
+    device, filled = kernel_device(), 170
+    q, keys, values, visible = make_inputs(torch.float32, device, heads=4, kv_heads=2, count=2, slots=300,
+                                           pad=(0, 70, 130), ends=(filled, 140, filled))
+    expected = sdpa64(q, keys[:, :, :filled], values[:, :, :filled], visible[..., :filled], 0.25)
+    visible = visible.clone()
+    visible[..., filled:] = True
+    keys[:, :, filled:], values[:, :, filled:] = float("nan"), float("nan")
+    last = torch.tensor([filled - 1], device=device)
+    with poisoned():
+        o = launchers.kv_cache_attention_decode(q, keys, values, visible, 0.25, last)
+    assert_close(o, expected, 2e-5)
+
+
+def test_reference_and_op_take_last_slot():
+    q, keys, values, visible = make_inputs(torch.float32, "cpu", heads=4, kv_heads=2, count=2, slots=120,
+                                           ends=(120, 90, 100))
+    visible = visible.clone()
+    visible[..., 60:] = True  # seen but for last_slot
+    last = torch.tensor([59])
+    expected = sdpa64(q, keys[:, :, :60], values[:, :, :60], visible[..., :60], 0.3)
+    assert_close(kv_cache_attention(q, keys, values, visible, 0.3, last), expected, 1e-6)
+    assert_close(kv_cache_attention(q, keys, values, visible, 0.3, torch.arange(60)[-1:]), expected, 1e-6)
+    with pytest.raises(ValueError, match="last_slot"):
+        kv_cache_attention(q, keys, values, visible, 0.3, torch.tensor([59.0]))
+    with pytest.raises(ValueError, match="last_slot"):
+        kv_cache_attention(q, keys, values, visible, 0.3, torch.tensor([58, 59]))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_reference_matches_float64_sdpa(case):
     q, keys, values, visible = make_inputs(torch.float64, "cpu", **case)
@@ -153,8 +191,9 @@ def test_backward_says_forward_only():
 
 def test_opcheck():
     q, keys, values, visible = make_inputs(torch.float32, "cpu", count=2)
-    torch.library.opcheck(torch.ops.rewrite.kv_cache_attention, (q, keys, values, visible.contiguous(), 0.3),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for last in (None, torch.tensor([100])):
+        torch.library.opcheck(torch.ops.rewrite.kv_cache_attention, (q, keys, values, visible.contiguous(), 0.3, last),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 class Step(torch.nn.Module):

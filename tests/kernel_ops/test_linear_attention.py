@@ -254,8 +254,9 @@ def test_triton_dg_cumsum_forms(case, parallel, monkeypatch):
 DQK_HOISTED_CASES = [  # log-decays down to -0.5 per token: every chunk in the whole-chunk form
     # one q head a kv head; K = V = 64 (the model's head dims: V in one tile, v and the state loaded once)
     (Case("vector", length=70, heads=2, kv_heads=2, dk=64, dv=64, decay_strength=0.5), torch.float32),
-    # 3 q heads a kv head, odd key dim (K = 100: a full and a partial K tile), two V tiles (V = 80 > BV)
-    (Case("vector", length=70, heads=6, kv_heads=2, dk=100, dv=80, decay_strength=0.5), torch.float32),
+    # 3 q heads a kv head, odd key dim (K = 100: a full and a partial K tile), V = 144: three V tiles of the dq / dk
+    # kernels, two of the hoisted dv launch (BV 128 above K = 64)
+    (Case("vector", length=70, heads=6, kv_heads=2, dk=100, dv=144, decay_strength=0.5), torch.float32),
     # 4 q heads a kv head, K = V = 64, packed short sequences (one and two tokens) and a partial last chunk
     (Case("vector", batch=1, length=150, heads=8, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 3, 150),
           decay_strength=0.5), torch.float32),
@@ -306,7 +307,7 @@ def watch_hoisted_kernels(monkeypatch, case: Case, one_v: bool = True) -> dict[s
 def test_triton_hoisted_kernels(case, dtype, monkeypatch):
     """The vector decay's hoisted kernels (v10 dq / dk, v11 outputs, v12 dv: the whole-chunk programs by the
     hoisted kernels, the flagged rest by the per-tile / per-head kernels with FLAGGED) against the naive recurrence
-    with NaN-poisoned buffers (GQA 1 / 3 / 4, K = V = 64, K = 100 with V = 80 in two V tiles, packed one- and
+    with NaN-poisoned buffers (GQA 1 / 3 / 4, K = V = 64, K = 100 with V = 144 in several V tiles, packed one- and
     two-token sequences, strong gates in float16 at -2 and -8 per token). Fails if a hoisted kernel did not run,
     if a per-tile kernel ran on anything but the flagged programs, or if the flags do not match the gates (none
     for typical gates; for strong ones the 64-token chunk flagged, the 8-token one not)."""
@@ -314,7 +315,7 @@ def test_triton_hoisted_kernels(case, dtype, monkeypatch):
     check_triton_against_naive(case, dtype)
     assert [len(f) for f in flags.values()] == [1, 1, 1]
     backward = triton_module("triton_backward")
-    assert flags["dv"][0].shape[1] == -(-case.dv // backward.DV_HOISTED_TILES[1])  # one flag per V tile
+    assert flags["dv"][0].shape[1] == -(-case.dv // backward.dv_hoisted_bv(case.dk))  # one flag per V tile
     assert flags["output"][0].dim() == 2 and flags["output"][0].shape[1] == case.kv_heads  # per (chunk, kv head)
     for kind in flags:
         check_flags(flags[kind][0], case)

@@ -1,4 +1,4 @@
-"""The decode-fusion, row-gather and KV-cache-write kernels compile for an H100 (sm_90) with the installed Triton, on
+"""The decode-fusion, row-gather, KV-cache-write and split-KV decode attention kernels compile for an H100 (sm_90) with the installed Triton, on
 a machine without a GPU: Triton's front end, its passes, libdevice linking and ptxas accept every launch form the
 launchers use (the interpreter, which runs the other kernel tests here, checks none of that)."""
 
@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from rewrite.kernels.gated_activation import triton_kernels as gated
+from rewrite.kernels.kv_cache_attention import triton_decode as kv_attention
 from rewrite.kernels.kv_cache_write import triton_kernels as kv_write
 from rewrite.kernels.rms_norm import triton_kernels as norms
 from rewrite.kernels.rotary import triton_kernels as rotary
@@ -79,6 +80,13 @@ for new, cache, bits in (("*bf16", "*bf16", False), ("*fp32", "*bf16", True), ("
                  {"index_ptr": "*i64", "k_ptr": new, "v_ptr": new, "*": cache}, {},
                  {"BLOCK": 128, "K_BF16_BITS": bits, "V_BF16_BITS": bits}, {"num_warps": 2})
     compiled += 1
+for has_last in (True, False):  # the split-KV decode kernel as the decode sites launch it (bf16, GQA 4)
+    compile_sm90(kv_attention._split_kernel,
+                 {"m_ptr": "*u8", "o_ptr": "*fp32", "lse_ptr": "*fp32", "last_ptr": "*i64" if has_last else "*u8",
+                  "*": "*bf16"}, {"qk_scale": "fp32"},
+                 {"BM": 16, "BLOCK_N": 64, "BK": 64, "BV": 64, "PRECISION": "tf32", "SKIP_EMPTY": False,
+                  "MASK_UNSEEN": False, "HAS_LAST": has_last}, {"num_warps": 4, "num_stages": 3})
+    compiled += 1
 print("compiled", compiled)
 '''
 
@@ -93,4 +101,4 @@ def test_decode_fusion_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 32" in result.stdout
+    assert "compiled 34" in result.stdout

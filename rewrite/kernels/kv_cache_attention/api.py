@@ -10,7 +10,8 @@ def _fail(name: str, message: str) -> None:
 
 
 def kv_cache_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float | None = None,
+    last_slot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of new queries over a KV cache, as SDPA with a boolean mask, GQA without repeating k / v.
 
@@ -21,6 +22,10 @@ def kv_cache_attention(
     decode sites always let a query see its own slot, so that case does not arise there. On CUDA a split-KV
     Triton kernel runs (programs over row x kv head x slice of slots, merged by log-sum-exp); on the CPU the
     PyTorch reference. Forward only (inference): no gradients.
+
+    `last_slot` (optional, one integer on q's device, e.g. a view `slots[-1:]` of the call's query slots): no query
+    sees a slot after it, and the kernel reads no key or value there, so a cache filled up to that slot costs the
+    reads of its filled part even when its shape (fixed under a CUDA graph) is the whole capacity.
     """
     for name, x in (("q", q), ("keys", keys), ("values", values)):
         if x.dim() != 4 or not x.is_floating_point():
@@ -40,5 +45,9 @@ def kv_cache_attention(
         visible = visible.expand(batch, 1, count, slots)
     except RuntimeError:
         _fail("visible", f"must broadcast to [B, 1, T, S] = {[batch, 1, count, slots]}, got {list(visible.shape)}")
+    if last_slot is not None and (last_slot.numel() != 1 or last_slot.dtype not in (torch.int32, torch.int64)
+                                  or last_slot.device != q.device):
+        _fail("last_slot", f"must be one int32 / int64 element on {q.device}, got {last_slot.dtype} "
+                           f"{tuple(last_slot.shape)} on {last_slot.device}")
     scale = dk**-0.5 if scale is None else float(scale)
-    return kv_cache_attention_op(q, keys, values, visible, scale)
+    return kv_cache_attention_op(q, keys, values, visible, scale, None if last_slot is None else last_slot.reshape(1))

@@ -15,19 +15,21 @@ _DECODE = "rewrite.kernels.kv_cache_attention.triton_decode"
 
 @torch.library.custom_op("rewrite::kv_cache_attention", mutates_args=())
 def kv_cache_attention_op(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float,
+    last_slot: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """o [B, H, T, Dv] of q [B, H, T, D] over keys / values [B, Hkv, S, D|Dv] where visible [B, 1, T, S]."""
-    return kv_cache_attention_reference(q, keys, values, visible, scale)
+    """o [B, H, T, Dv] of q [B, H, T, D] over keys / values [B, Hkv, S, D|Dv] where visible [B, 1, T, S] and (with
+    last_slot [1]) the slot is not after last_slot."""
+    return kv_cache_attention_reference(q, keys, values, visible, scale, last_slot)
 
 
 @kv_cache_attention_op.register_kernel("cuda")
-def _cuda(q, keys, values, visible, scale):
-    return load_triton_module(_DECODE).kv_cache_attention_decode(q, keys, values, visible, scale)
+def _cuda(q, keys, values, visible, scale, last_slot=None):
+    return load_triton_module(_DECODE).kv_cache_attention_decode(q, keys, values, visible, scale, last_slot)
 
 
 @kv_cache_attention_op.register_fake
-def _fake(q, keys, values, visible, scale):
+def _fake(q, keys, values, visible, scale, last_slot=None):
     return q.new_empty(*q.shape[:-1], values.shape[-1])
 
 

@@ -3,9 +3,10 @@
 Programs run over (batch row x kv head, slice of cache slots), so their count scales with the rows
 that run (a layer-skip router that drops rows drops programs). Each program takes the G q heads that
 share its kv head times the T new queries as the G*T rows of one tile, so k / v are read once per
-group. Slot s is visible to query t of row b when visible[b, 0, t, s]; a tile of slots that no query
-of the program sees is skipped without loading k / v (unfilled cache slots cost only the mask read;
-SKIP_EMPTY_TILES).
+group. Slot s is visible to query t of row b when visible[b, 0, t, s] (and, with `last_slot`, s is not after it:
+the slots after the last query's are not read at all, so an unfilled cache tail costs nothing, the way a
+cache_seqlens bound does in other decode kernels); optionally a tile of slots that no query of the program sees is
+skipped without loading k / v (SKIP_EMPTY_TILES).
 Each slice writes its normalised partial output and log-sum-exp (base 2); a second kernel merges the
 slices with a log-sum-exp weighting and writes o in q's dtype. A query that sees no slot gets zeros.
 """
@@ -20,14 +21,15 @@ from ..alloc import new_empty
 from ..online_softmax import LOG2E, online_softmax_finish, online_softmax_start, online_softmax_update
 
 BLOCK_N = 64
-TARGET_PROGRAMS = 1024  # split programs to aim for (several waves on a 132-SM H100); not yet tuned on a GPU
+TARGET_PROGRAMS = 1024  # split programs to aim for (several waves on a 132-SM H100); 512-2048 swept 2026-12-07: no better
 MAX_SPLITS = 64
 MERGE_CHUNK = 16
 NUM_WARPS = 4  # the split kernel's launch (Triton's defaults); sweep with `benchmarks.layer_skip --kv-kernel-variants`
 NUM_STAGES = 3
-SKIP_EMPTY_TILES = True
-"""Skip the k / v loads of a tile no query sees (a data-dependent branch in the slot loop; False: a plain loop that
-the compiler may pipeline better over a full cache). Not yet compared on a GPU."""
+SKIP_EMPTY_TILES = False
+"""Skip the k / v loads of a tile no query sees (a data-dependent branch in the slot loop). Off since 2026-12-07: the
+plain loop was faster at every row count of a full 16K cache on an H100 (0.453 / 0.261 ms at 32 / 16 rows against
+0.518 / 0.304, BENCHMARKS.md); the decode sites pass `last_slot`, so an unfilled tail is not read either way."""
 MASK_UNSEEN_KEYS = False
 """Without SKIP_EMPTY_TILES: load k / v only for the slots some query sees (masked loads, no branch in the loop)."""
 
@@ -47,11 +49,11 @@ def _tile(q, k_base, v_base, keys, key_mask, seen, kcols, vcols, sk_s, sv_s, dk,
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr, last_ptr,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
     slots, heads, kv_heads, count, dk, dv, qk_scale, slots_per_split, n_splits,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr, MASK_UNSEEN: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, MASK_UNSEEN: tl.constexpr, HAS_LAST: tl.constexpr,
 ):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     b, hk = (i_bh // kv_heads).to(tl.int64), (i_bh % kv_heads).to(tl.int64)
@@ -68,6 +70,8 @@ def _split_kernel(
     m_base = m_ptr + b * sm_b + t[:, None] * sm_t
     first = i_s * slots_per_split
     last = tl.minimum(first + slots_per_split, slots)
+    if HAS_LAST:  # no query sees a slot after the last query's: its keys are not read
+        last = tl.minimum(last, tl.load(last_ptr).to(tl.int32) + 1)
     acc, m_i, l_i = online_softmax_start(BM, BV)
     for start in range(first, last, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
@@ -126,10 +130,11 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def kv_cache_attention_decode(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float,
+    last_slot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """o [B, H, T, Dv] for q [B, H, T, D] over keys / values [B, Hkv, S, D|Dv] (any strides) where visible
-    (bool, broadcastable to [B, 1, T, S]) is True."""
+    (bool, broadcastable to [B, 1, T, S]) is True and the slot is not after `last_slot` ([1] integer, optional)."""
     if q.dtype == torch.float64:
         raise ValueError("kv_cache_attention: the Triton kernel takes float32/float16/bfloat16, got float64")
     q, keys, values = _unit_last(q), _unit_last(keys), _unit_last(values)
@@ -145,13 +150,13 @@ def kv_cache_attention_decode(
     group = heads // kv_heads
     bv = head_tile(dv, "kv_cache_attention")
     _split_kernel[(batch * kv_heads, n_splits)](
-        q, keys, values, mask, o_part, lse_part,
+        q, keys, values, mask, o_part, lse_part, mask if last_slot is None else last_slot,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         slots, heads, kv_heads, count, dk, dv, scale * LOG2E, per_split, n_splits,
         BM=max(16, next_power_of_2(group * count)), BLOCK_N=BLOCK_N, BK=head_tile(dk, "kv_cache_attention"), BV=bv,
         PRECISION=dot_precision(q.dtype), SKIP_EMPTY=SKIP_EMPTY_TILES,
-        MASK_UNSEEN=MASK_UNSEEN_KEYS, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        MASK_UNSEEN=MASK_UNSEEN_KEYS, HAS_LAST=last_slot is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     _merge_kernel[(batch * heads * count,)](
         o_part, lse_part, o, n_splits, dv, BS=max(16, next_power_of_2(n_splits)), CHUNK=MERGE_CHUNK, BV=bv,
