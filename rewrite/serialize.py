@@ -6,7 +6,10 @@ Layout of the folder:
 - `weights.safetensors`: the module's state dict (tied weights stored once);
 - `program.pt2`: the rewritten program as a `torch.export` program, re-exported on example inputs
   rebuilt from the capture's recorded shapes and dtypes, every dim dynamic where the graph allows;
-- `meta.json`: format version, source class, mode, example input specs, what the capture injected.
+- `routed/<layer>.pt2` (programs with `layer_skip`'s routed blocks): each routed block's body, exported
+  on its own; `program.pt2` then holds stand-in ops for the routers and blocks (`rewrite.routing.saving`);
+- `meta.json`: format version, source class, mode, example input specs, what the capture injected, the
+  routed blocks.
 
 `load_optimized(folder, model)` optimizes `model` again by the saved plan and loads the weights into
 it; `load_optimized(folder)` runs `program.pt2` without the source model (it cannot capture again).
@@ -16,12 +19,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from rewrite.capture import (
@@ -36,12 +41,21 @@ from rewrite.errors import RewriteError
 from rewrite.optimized_module import OptimizedModule, ensure_module
 from rewrite.pipeline import PipelineReport
 from rewrite.plan import Plan
+from rewrite.routing.saving import (
+    SavedBlock,
+    body_examples,
+    export_body,
+    has_routed_blocks,
+    program_for_export,
+    restore_routed_blocks,
+)
 
 FORMAT = 1
 PLAN_FILE = "plan.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 PROGRAM_FILE = "program.pt2"
 META_FILE = "meta.json"
+ROUTED_DIR = "routed"
 
 
 def _specs_to_json(specs: Any) -> dict[str, Any]:
@@ -73,14 +87,27 @@ def _tied_groups(module: torch.nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def _export_program(om: OptimizedModule, captured: Captured) -> torch.export.ExportedProgram:
+def _export_program(om: OptimizedModule, captured: Captured, directory: Path) -> tuple[
+        torch.export.ExportedProgram, list[SavedBlock]]:
+    """The program exported on the capture's example inputs, and its routed blocks (their bodies written
+    under `directory`/routed, see `rewrite.routing.saving`)."""
     device = next((p.device for p in om.parameters()), torch.device("cpu"))
     args, kwargs = examples_from_specs(captured.example_specs, device)
     program = om.program
+    routed: list[SavedBlock] = []
+    if has_routed_blocks(program):
+        examples = body_examples(program, args, kwargs)
+        program, blocks = program_for_export(program)
+        (directory / ROUTED_DIR).mkdir()
+        for block, saved in blocks:
+            torch.export.save(export_body(om.program, block, examples[block.layer]),
+                              str(directory / ROUTED_DIR / saved.file))
+            routed.append(saved)
     with torch.no_grad():
-        return torch.export.export(
+        exported = torch.export.export(
             program, args, kwargs, dynamic_shapes=_dynamic_shapes(program, args, kwargs), strict=False
         )
+    return exported, routed
 
 
 def save_optimized(om: OptimizedModule, directory: Path) -> Path:
@@ -91,12 +118,17 @@ def save_optimized(om: OptimizedModule, directory: Path) -> Path:
     (directory / PLAN_FILE).write_text(om.plan.dump_yaml())
     safetensors.torch.save_model(om, str(directory / WEIGHTS_FILE))
     program_error = None
+    routed: list[SavedBlock] = []
+    shutil.rmtree(directory / ROUTED_DIR, ignore_errors=True)  # a previous save's blocks
     try:
-        torch.export.save(_export_program(om, captured), str(directory / PROGRAM_FILE))
+        exported, routed = _export_program(om, captured, directory)
+        torch.export.save(exported, str(directory / PROGRAM_FILE))
     except Exception as exc:  # the plan and weights are still useful with the source model
         program_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         warnings.warn(f"could not export the program; saved plan and weights only ({program_error})", stacklevel=2)
         (directory / PROGRAM_FILE).unlink(missing_ok=True)
+        shutil.rmtree(directory / ROUTED_DIR, ignore_errors=True)
+        routed = []
     source = om.source
     from rewrite import __version__
 
@@ -113,6 +145,7 @@ def save_optimized(om: OptimizedModule, directory: Path) -> Path:
         "state_keys": list(om.state_dict()),
         "tied": _tied_groups(om),
         "program_error": program_error,
+        "routed_blocks": [block.to_json() for block in routed],
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     return directory
@@ -198,6 +231,8 @@ def _load_program(directory: Path, meta: dict[str, Any]) -> OptimizedModule:
         raise RewriteError(f"{path} is not a readable exported program ({type(exc).__name__}: {exc}); "
                            "load it with rewrite.load(path, model=...) to rebuild it from the source model") from exc
     drop_guard_calls(gm)
+    if meta.get("routed_blocks"):
+        restore_routed_blocks(gm, _load_routed_bodies(directory, meta["routed_blocks"]))
     specs = _specs_from_json(meta["example_inputs"])
     flat_specs = pytree.tree_leaves(specs, is_leaf=lambda x: isinstance(x, TensorSpec))
     args, kwargs = examples_from_specs(specs)
@@ -218,6 +253,28 @@ def _load_program(directory: Path, meta: dict[str, Any]) -> OptimizedModule:
     _restore_persistence(om, set(meta["state_keys"]))
     _load_weights(om, directory / WEIGHTS_FILE, meta["tied"])
     return om
+
+
+def _load_routed_bodies(directory: Path, described: list[dict[str, Any]]) -> dict[str, tuple[SavedBlock, Any]]:
+    """Per routed layer, its description in meta.json and its loaded body; RewriteError naming the layer
+    whose body file is missing or unreadable."""
+    out = {}
+    for data in described:
+        saved = SavedBlock.from_json(data)
+        path = directory / ROUTED_DIR / saved.file
+        if not path.is_file():
+            raise RewriteError(f"{directory} lacks {ROUTED_DIR}/{saved.file}, the body of routed block {saved.layer}; "
+                               "load it with rewrite.load(path, model=...)")
+        try:
+            body = torch.export.load(str(path)).module()
+        except Exception as exc:  # a damaged or foreign file: zipfile / pickle / export errors
+            raise RewriteError(f"{path} (routed block {saved.layer}) is not a readable exported program "
+                               f"({type(exc).__name__}: {exc}); load it with rewrite.load(path, model=...)") from exc
+        drop_guard_calls(body)
+        # a plain GraphModule, without export's input-range check: the body runs on any number of running rows,
+        # fewer than the smallest batch the export allows included, as the saved module's body did
+        out[saved.layer] = (saved, fx.GraphModule(body, body.graph, class_name="RoutedBody"))
+    return out
 
 
 def _restore_ties(om: torch.nn.Module, tied: list[list[str]]) -> None:
