@@ -141,6 +141,23 @@ def test_bad_value_type_names_field_and_type() -> None:
     assert "'yes'" in str(err) and "bool" in str(err)
 
 
+@pytest.mark.parametrize("options", [[], [{"kind": "gla"}], "gla", 0, False, ""])
+def test_options_that_are_not_a_mapping_are_a_plan_error_naming_the_pass(options) -> None:
+    """`{mixer: []}` once read as `{}`: every non-mapping is refused, naming the field and the expected form."""
+    err = _error(["attention_normalize", {"mixer": options}])
+    assert err.field == "passes[1].mixer"
+    assert "mapping of option names to values" in str(err) and repr(options) in str(err)
+    assert "kind" in err.allowed
+    err = _error([PassSpec("mixer", options)])
+    assert err.field == "passes[0].mixer"
+
+
+def test_options_left_empty_are_the_defaults() -> None:
+    """`- mixer:` in YAML (None) and `{mixer: {}}` both mean the pass's default options."""
+    for plan in (Plan.parse("passes: [{mixer: }]"), Plan.from_data([{"mixer": {}}]), Plan.from_data(["mixer"])):
+        assert plan.passes[0].options == PASSES["mixer"].Options()
+
+
 def test_sequence_parallel_strategy_field_is_named_with_its_pass_position() -> None:
     err = _error(["attention_normalize", {"sequence_parallel": {"strategy": "nope"}}])
     assert err.field == "passes[1].sequence_parallel.strategy" and "ulysses" in str(err)
