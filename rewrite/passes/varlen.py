@@ -105,11 +105,12 @@ class VarlenOptions:
             raise PlanError(f"{where}.attention_backend", f"unknown backend {self.attention_backend!r}", list(BACKENDS))
 
 
-def _choose_padding(option: str, token_inputs: list[fx.Node], sites: list[MaskUse]) -> fx.Node:
+def _choose_padding(option: str, token_inputs: list[fx.Node], sites: list[MaskUse], where: str = PASS) -> fx.Node:
+    """The padding-mask input: the one `option` (the plan field `where`.mask_input) names, else the one the masks read."""
     by_name = {p.name: p for p in token_inputs}
     if option != "auto":
         if option not in by_name:
-            raise PlanError(f"{PASS}.mask_input", f"no [batch, seq] input named {option!r}", sorted(by_name))
+            raise PlanError(f"{where}.mask_input", f"no [batch, seq] input named {option!r}", sorted(by_name))
         return by_name[option]
     read: list[fx.Node] = []
     for site in sites:
@@ -122,14 +123,14 @@ def _choose_padding(option: str, token_inputs: list[fx.Node], sites: list[MaskUs
     if len(read) > 1:
         raise fail(
             f"the attention masks read several [batch, seq] inputs ({', '.join(p.name for p in read)}); "
-            f"name the padding mask with the plan field '{PASS}.mask_input'")
+            f"name the padding mask with the plan field '{where}.mask_input'")
     for name in MASK_NAMES:
         if name in by_name:
             return by_name[name]
     raise fail(
         "no padding-mask input found: the model takes no [batch, seq] mask that its attention reads "
         f"(inputs: {', '.join(by_name) or 'none'}); pass the padding mask (e.g. attention_mask) in the example "
-        f"inputs or name it with '{PASS}.mask_input'")
+        f"inputs or name it with '{where}.mask_input'")
 
 
 def _ancestor_placeholders(node: fx.Node) -> list[fx.Node]:
@@ -252,7 +253,7 @@ class Varlen(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         options: VarlenOptions = self.options
-        options.validate()
+        options.validate(self.where(ctx))
         self.plan_kernels = ctx.kernels
         result = PassResult(self.name)
         graph = gm.graph
@@ -290,7 +291,7 @@ class Varlen(GraphPass):
         if not token_inputs:
             raise fail("no input is [batch, seq, ...] with both dims dynamic and no packed input (cu_seqlens or "
                         "restarting position_ids) was given; capture with a padded batch of two or more rows")
-        padding = _choose_padding(options.mask_input, token_inputs, uses)
+        padding = _choose_padding(options.mask_input, token_inputs, uses, self.where(ctx))
         facts = prove_padding_masks(gm, uses, padding, symbols)
         causal = {site.name: _check_site(site, symbols, facts.causal, True) for site in sites}
         for node in mixers:
