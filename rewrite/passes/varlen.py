@@ -35,8 +35,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from rewrite.analysis import AttentionSite
+from rewrite.analysis import AttentionSite, GraphAnalysis
 from rewrite.analysis.graph_utils import ancestor_placeholders, eliminate_dead_code
+from rewrite.analysis.graph_utils import ancestors as graph_ancestors
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PlanError
 from rewrite.kernels.varlen_attention.api import BACKENDS
@@ -165,6 +166,47 @@ def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[
     return masked_causal[site.name]
 
 
+CONVOLUTIONS = (aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
+                aten.conv3d.default, aten.conv3d.padding, aten.convolution.default)
+UNSUPPORTED_REMEDY = (
+    "The varlen pass runs per sequence (cu_seqlens) softmax attention, sliding-window attention and the `mixer` "
+    "pass's mixers; every other op must keep each token apart. Leave `varlen` out of the plan for this model "
+    "(the pass has no `layers` selector: it packs every layer or none)")
+
+
+def _layer_of(node: fx.Node, analysis: GraphAnalysis) -> str:
+    """How messages name the layer holding `node`: `layer I (path)`, else its module path."""
+    for block in analysis.blocks:
+        if node in block.nodes:
+            return f"layer {block.index} ({block.path})"
+    return module_path(node) or "<root>"
+
+
+def _refuse_token_convolutions(graph: fx.Graph, analysis: GraphAnalysis, symbols: TokenSymbols,
+                               mixing: list[fx.Node]) -> None:
+    """Raise PassError naming the layer and module of a convolution over the tokens (LFM2's short conv) that feeds
+    attention: on packed sequences it would mix the end of one sequence into the start of the next."""
+    feeds_mixing = graph_ancestors(a for n in mixing for a in n.all_input_nodes)
+    for node in graph.nodes:
+        if not is_op(node, *CONVOLUTIONS) or node not in feeds_mixing:
+            continue
+        x, w = tensor_meta(node.args[0]), tensor_meta(node.args[1])
+        if x is None or w is None:
+            continue
+        spatial = w.dim() - 2
+        over_tokens = [int(k) for size, k in zip(x.shape[x.dim() - spatial:], w.shape[2:])
+                       if symbols.mentions_seq(size) and int(k) != 1]
+        if not over_tokens:
+            continue
+        path = module_path(node) or "<root>"
+        raise fail(
+            f"{_layer_of(node, analysis)}: a convolution over the tokens (kernel {over_tokens[0]}, module {path}, as a "
+            "short-conv layer) mixes each token with its neighbours, so on packed sequences it would read the end of "
+            "one sequence into the start of the next; it feeds attention, so it cannot run on repadded values either. "
+            "A model's own convolutions have no varlen form here, so short-conv layers are not supported. "
+            + UNSUPPORTED_REMEDY, node)
+
+
 def _windowed_mixers(mixers: list[fx.Node], windows: dict[str, int], result: PassResult) -> None:
     """Packed mixers take key-padding masks only: refuse a mixer whose mask the probe found to be a sliding window,
     unless the mixer was placed with `check_masks: false` (it then mixes over each sequence's whole prefix, its
@@ -283,11 +325,12 @@ class Varlen(GraphPass):
         if not sites and not mixers:
             raise fail("the model has no attention the pass can find, so nothing tells tokens apart by sequence; "
                         "padding-free execution needs varlen attention sites")
+        _refuse_token_convolutions(graph, analysis, symbols, [s.node for s in sites] + mixers)
         uses = [MaskUse.of_site(s) for s in sites] + [_mixer_use(n) for n in mixers]
         token_inputs = [p for p in user_inputs if symbols.node_dims(p) == TokenDims(0, 1)]
         packed_source = _packed_source(user_inputs)
         if packed_source is not None and (options.mask_input == "auto" or not token_inputs):
-            return self._run_packed(gm, ctx, result, sites, mixers, uses, user_inputs, symbols, packed_source)
+            return self._run_packed(gm, ctx, result, analysis, mixers, uses, user_inputs, symbols, packed_source)
         if not token_inputs:
             raise fail("no input is [batch, seq, ...] with both dims dynamic and no packed input (cu_seqlens or "
                         "restarting position_ids) was given; capture with a padded batch of two or more rows")
@@ -331,7 +374,8 @@ class Varlen(GraphPass):
             other_sizes = _other_sizes(graph, user_inputs, symbols)
         own.update({layout["positions"], layout["total"], *padded_sizes, *other_sizes.values()})
         layout["keep"] = keep
-        rewriter = PackedGraphWalk(gm, symbols, layout, padded_sizes, other_sizes, ctx.source)
+        rewriter = PackedGraphWalk(gm, symbols, layout, padded_sizes, other_sizes, ctx.source,
+                                   layer_of=lambda node: _layer_of(node, analysis))
         rewriter.kind.update({n: "sym" for n in own})
         rewriter.kind.update({n: "token" for n in packed_inputs.values()})
         rewriter.kind.update({p: "padded" for p in token_inputs})
@@ -388,11 +432,12 @@ class Varlen(GraphPass):
             result.changed.append(f"{where}: {kind} mixer {how}")
         return mixing
 
-    def _run_packed(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult, sites: list[AttentionSite],
+    def _run_packed(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult, analysis: GraphAnalysis,
                     mixers: list[fx.Node], uses: list[MaskUse], user_inputs: list[fx.Node], symbols: TokenSymbols,
                     source: fx.Node) -> PassResult:
         """Already-packed input ([1, T] tokens, sequences given by cu_seqlens or restarting position_ids)."""
         graph = gm.graph
+        sites = analysis.sites
         token_inputs = [p for p in user_inputs if symbols.node_dims(p) in (TokenDims(None, 1), TokenDims(0, 1))]
         if not token_inputs:
             raise fail("no [1, T] token input found beside the packed sequence boundaries", source)
@@ -421,7 +466,8 @@ class Varlen(GraphPass):
             layout["positions"] = graph.call_function(operator.getitem, (unpacked, 2))
             layout["total"] = graph.call_function(aten.sym_size.int, (token_inputs[0], 1))
         own.update({layout["positions"], layout["total"]})
-        rewriter = PackedGraphWalk(gm, symbols, layout, None, {}, ctx.source)
+        rewriter = PackedGraphWalk(gm, symbols, layout, None, {}, ctx.source,
+                                   layer_of=lambda node: _layer_of(node, analysis))
         rewriter.kind.update({n: "sym" for n in own})
         rewriter.kind.update({p: "token" for p in token_inputs})
         rewriter.run(mixing)
