@@ -99,10 +99,11 @@ def run_pipeline(
     report = PipelineReport()
     report.stages.append(_snapshot("captured", gm, keep))
     ctx = PassContext(gm, kernels=plan.kernels, existing_state=existing_state, source=source)
-    enabled = list(plan.enabled_passes)
-    for position, spec in enumerate(enabled):
+    enabled = [(index, spec) for index, spec in enumerate(plan.passes) if spec.name not in plan.disable]
+    for position, (index, spec) in enumerate(enabled):
         pass_obj = PASSES[spec.name](spec.options)
-        ctx.later_passes = tuple(later.name for later in enabled[position + 1:])
+        ctx.later_passes = tuple(later.name for _, later in enabled[position + 1:])
+        ctx.plan_entry = f"passes[{index}].{spec.name}"
         before = op_counts(gm)
         start = time.perf_counter()
         result = pass_obj.run(gm, ctx)
@@ -116,7 +117,7 @@ def run_pipeline(
         if result.matched == 0:
             message = f"pass {spec.name!r} matched nothing in this model"
             if plan.strict:
-                raise PlanError(f"passes.{spec.name}", message + " (strict: true)")
+                raise PlanError(ctx.plan_entry, message + " (strict: true)")
             warnings.warn(message, stacklevel=3)
         report.stages.append(_snapshot(spec.name, gm, keep))
     if lower_ops:

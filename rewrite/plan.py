@@ -171,22 +171,26 @@ def _parse_pass(entry: Any, index: int) -> PassSpec:
     if isinstance(entry, str):
         name, raw = entry, {}
     elif isinstance(entry, PassSpec):
-        return entry
+        name, raw = entry.name, entry.options
     elif isinstance(entry, dict) and len(entry) == 1:
         name, raw = next(iter(entry.items()))
-        raw = raw or {}
+        raw = {} if raw is None else raw  # `- mixer:` in YAML: the defaults
     elif isinstance(entry, dict) and "name" in entry:
         name = entry["name"]
         raw = {k: v for k, v in entry.items() if k != "name"}
     else:
         raise PlanError(field_name, f"expected a pass name or {{name: {{options}}}}, got {entry!r}")
-    if name not in passes:
+    if not isinstance(name, str) or name not in passes:
         raise PlanError(field_name, f"unknown pass {name!r}", sorted(passes))
     options_cls = passes[name].Options
-    if dataclasses.is_dataclass(raw) and isinstance(raw, options_cls):
-        return PassSpec(name, raw)
+    if isinstance(raw, options_cls):
+        return entry if isinstance(entry, PassSpec) else PassSpec(name, raw)
     if not isinstance(raw, dict):
-        raise PlanError(f"{field_name}.{name}", f"options must be a mapping, got {raw!r}")
+        names = sorted(f.name for f in dataclasses.fields(options_cls))
+        raise PlanError(
+            f"{field_name}.{name}",
+            f"options must be a mapping of option names to values ({{{name}: {{option: value}}}}), a "
+            f"{options_cls.__name__}, or nothing for the defaults; got {type(raw).__name__} {raw!r}", names)
     return PassSpec(name, build_options(options_cls, raw, f"{field_name}.{name}"))
 
 

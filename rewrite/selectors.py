@@ -63,3 +63,34 @@ def select_layers(selector: Selector, layer_paths: Sequence[str]) -> list[int]:
         chosen.extend(i for i, path in enumerate(layer_paths) if fnmatch.fnmatchcase(path, text))
     seen: set[int] = set()
     return [i for i in chosen if not (i in seen or seen.add(i))]
+
+
+def _selects_every_layer(selector: Selector) -> bool:
+    return selector is None or selector in ("all", "*")
+
+
+def describe_layers(layer_paths: Sequence[str]) -> str:
+    """The model's layers as an error message lists them (index: path; long lists shortened)."""
+    if not layer_paths:
+        return "the model has no numbered layers (the analysis finds none holding attention)"
+    shown = [f"{i}: {path}" for i, path in enumerate(layer_paths)]
+    if len(shown) > 8:
+        shown = [*shown[:4], "...", *shown[-2:]]
+    return f"the model's {len(layer_paths)} layers are {', '.join(shown)}"
+
+
+def select_layers_for(selector: Selector, layer_paths: Sequence[str], field: str) -> list[int]:
+    """Indices into `layer_paths` chosen by the plan field `field` (`passes[0].mixer.layers`), as `select_layers`;
+    a PlanError naming the field, the model's layers and the selector forms when the selector is out of range or
+    chooses no layer. `all` (the default) on a model without layers chooses none and is no error."""
+    from rewrite.errors import PlanError
+
+    try:
+        chosen = select_layers(selector, layer_paths)
+    except (IndexError, ValueError) as exc:
+        raise PlanError(field, f"{exc}; {describe_layers(layer_paths)}; a selector is "
+                        f"{describe_selector_syntax()}") from exc
+    if not chosen and not _selects_every_layer(selector):
+        raise PlanError(field, f"{selector!r} selects no layer: {describe_layers(layer_paths)}; a selector is "
+                        f"{describe_selector_syntax()}")
+    return chosen

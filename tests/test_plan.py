@@ -141,6 +141,23 @@ def test_bad_value_type_names_field_and_type() -> None:
     assert "'yes'" in str(err) and "bool" in str(err)
 
 
+@pytest.mark.parametrize("options", [[], [{"kind": "gla"}], "gla", 0, False, ""])
+def test_options_that_are_not_a_mapping_are_a_plan_error_naming_the_pass(options) -> None:
+    """`{mixer: []}` once read as `{}`: every non-mapping is refused, naming the field and the expected form."""
+    err = _error(["attention_normalize", {"mixer": options}])
+    assert err.field == "passes[1].mixer"
+    assert "mapping of option names to values" in str(err) and repr(options) in str(err)
+    assert "kind" in err.allowed
+    err = _error([PassSpec("mixer", options)])
+    assert err.field == "passes[0].mixer"
+
+
+def test_options_left_empty_are_the_defaults() -> None:
+    """`- mixer:` in YAML (None) and `{mixer: {}}` both mean the pass's default options."""
+    for plan in (Plan.parse("passes: [{mixer: }]"), Plan.from_data([{"mixer": {}}]), Plan.from_data(["mixer"])):
+        assert plan.passes[0].options == PASSES["mixer"].Options()
+
+
 def test_sequence_parallel_strategy_field_is_named_with_its_pass_position() -> None:
     err = _error(["attention_normalize", {"sequence_parallel": {"strategy": "nope"}}])
     assert err.field == "passes[1].sequence_parallel.strategy" and "ulysses" in str(err)
@@ -247,7 +264,7 @@ class TinyMLP(torch.nn.Module):
 def test_strict_pass_matching_nothing_raises() -> None:
     with pytest.raises(PlanError) as info:
         rewrite.optimize(TinyMLP(), {"passes": ["attention_normalize"], "strict": True}, torch.randn(2, 8))
-    assert info.value.field == "passes.attention_normalize"
+    assert info.value.field == "passes[0].attention_normalize"
     assert "matched nothing" in str(info.value)
 
 
@@ -297,3 +314,38 @@ def test_folder_bad_inline_yaml_and_bare_pass_name_are_plan_errors(tmp_path) -> 
 def test_disable_of_another_type_is_a_plan_error() -> None:
     err = _error({"disable": 3})
     assert err.field == "disable" and "attention_normalize" in err.allowed
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"layer_skip": {"layers": "decoder.*"}}, "passes[1].layer_skip.layers"),
+        ({"mixer": {"layers": "decoder.*"}}, "passes[1].mixer.layers"),
+        ({"mixer": {"layers": []}}, "passes[1].mixer.layers"),
+        ({"stateful": {"sliding_window": 4, "window_layers": "decoder.*"}}, "passes[1].stateful.window_layers"),
+    ],
+    ids=["layer_skip", "mixer", "mixer-empty-list", "stateful-window_layers"],
+)
+def test_layer_selector_matching_no_layer_is_a_plan_error_in_every_pass(entry, field) -> None:
+    """`layer_skip` once only warned (it matched nothing), `mixer` raised a PassError and `stateful` ignored it: each
+    now names the field with its pass position, the model's layers and the selector forms."""
+    from examples import models
+
+    model, example = models.llama(batch=2, length=8)
+    with pytest.raises(PlanError) as info:
+        rewrite.optimize(model, ["attention_normalize", entry], example_kwargs=example)
+    assert info.value.field == field
+    assert "selects no layer" in str(info.value)
+    assert "0: model.layers.0, 1: model.layers.1" in str(info.value)
+    assert "module-path glob" in str(info.value)
+
+
+def test_layer_selector_out_of_range_names_the_field_with_its_pass_position() -> None:
+    from examples import models
+
+    model, example = models.llama(batch=2, length=8)
+    plan = {"passes": ["attention_normalize", {"mixer": {"layers": 5}}], "disable": ["attention_normalize"]}
+    with pytest.raises(PlanError) as info:
+        rewrite.optimize(model, plan, example_kwargs=example)
+    assert info.value.field == "passes[1].mixer.layers"  # its position in the plan, not among the enabled passes
+    assert "out of range for 2 layers" in str(info.value) and "1: model.layers.1" in str(info.value)

@@ -390,6 +390,22 @@ def test_sliding_window_layers_of_the_model_keep_their_window(family):
     assert torch.equal(alone, greedy_reference(model, prompt[:1, 4:], 6))
 
 
+def test_a_config_whose_layer_types_window_no_layer_decodes_without_a_window():
+    """Qwen2 with `sliding_window` set but every layer full (max_window_layers = the layer count): generate() sets
+    no window, rather than a `window_layers` selector that selects no layer (a PlanError)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, sliding_window=4, use_sliding_window=True,
+                                   max_window_layers=2, attn_implementation="sdpa")
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    assert "sliding_attention" not in cfg.layer_types
+    ids = torch.randint(0, 64, (1, 7))
+    om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
+    assert torch.equal(om.generate(ids, max_new_tokens=4), greedy_reference(model, ids, 4))
+
+
 class BandAttentionLM(nn.Module):
     """A hand-written LM whose unfused attention sees only the last 3 tokens (a band mask)."""
 

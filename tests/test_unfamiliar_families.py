@@ -863,3 +863,37 @@ def test_chunked_local_attention_is_refused_as_chunked_when_optimize_runs():
     batch = right_padded([20, 9], 20)
     with torch.no_grad():
         assert torch.isfinite(om(**batch).logits).all()
+
+
+def lfm2():
+    """Short-conv layers (a causal depthwise conv over the tokens) beside full-attention layers."""
+    return transformers.Lfm2ForCausalLM(_decoder_config(
+        transformers.Lfm2Config, num_key_value_heads=2, layer_types=["conv", "full_attention"], conv_L_cache=3))
+
+
+def diffllama():
+    """Differential attention: two softmax attentions over one q / k, their values tiled over the kv heads by
+    `repeat(1, 2, 1, 1)`, combined per head pair."""
+    return transformers.DiffLlamaForCausalLM(_decoder_config(transformers.DiffLlamaConfig, num_key_value_heads=2))
+
+
+def test_short_conv_layers_are_refused_by_varlen_naming_the_conv():
+    """The refusal once named the padding-mask slice in module `model`; it names the conv layer and says why."""
+    model = build(lfm2)
+    with pytest.raises(PassError, match=r"layer 0 \(model\.layers\.0\): a convolution over the tokens \(kernel 3") \
+            as info:
+        rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
+    assert info.value.module_path == "model.layers.0.conv"
+    assert "short-conv layers are not supported" in str(info.value)
+    assert "Leave `varlen` out of the plan" in str(info.value) and "softmax attention" in str(info.value)
+
+
+def test_differential_attention_runs_padding_free():
+    """The `repeat` that tiles DiffLlama's values over the heads keeps tokens apart (it once stopped the pass)."""
+    model = build(diffllama)
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
+    batch = right_padded([12, 7], 12)
+    with torch.no_grad():
+        want, got = model(**batch).logits, om(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)

@@ -155,6 +155,22 @@ def test_op_that_is_not_token_wise_is_reported_with_node_and_module():
         rewrite.optimize(PerSequenceSummary().eval(), {"passes": ["varlen"]}, example_kwargs=batch)
 
 
+class TiledTokens(nn.Module):
+    """Repeats the sequence before attention (`repeat(1, 2, 1)`): tokens of one row read another copy's."""
+
+    def forward(self, x, attention_mask):
+        x = x.repeat(1, 2, 1)[:, : x.shape[1]] + x
+        b, t, _ = x.shape
+        q = x.view(b, t, 2, -1).transpose(1, 2)
+        return nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=attention_mask[:, None, None, :].bool())
+
+
+def test_repeat_along_the_tokens_is_refused_saying_what_is_supported():
+    batch = {"x": torch.randn(2, 5, 8), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    with pytest.raises(PassError, match=r"node 'repeat'.*it tiles the tokens.*Supported before attention"):
+        rewrite.optimize(TiledTokens(), {"passes": ["varlen"]}, example_kwargs=batch)
+
+
 def test_mask_that_is_not_key_padding_is_refused():
     batch = {"x": torch.randn(2, 5, 8), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
     with pytest.raises(PassError, match="additive bias|bias values|not key padding|cannot prove the attention masks"):

@@ -29,14 +29,16 @@ EXAMPLE_LENGTH = 8
 
 
 def model_window(source: torch.nn.Module) -> tuple[int | None, list[int] | str]:
-    """(sliding window, layers it applies to) from a Hugging Face config, (None, "all") without one."""
+    """(sliding window, layers it applies to) from a Hugging Face config; (None, "all") without one or when its
+    `layer_types` window no layer."""
     config = getattr(source, "config", None)
     window = getattr(config, "sliding_window", None)
     if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
         return None, "all"
     types = getattr(config, "layer_types", None)
     if isinstance(types, list | tuple):
-        return window, [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+        windowed = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+        return (window, windowed) if windowed else (None, "all")  # no layer keeps the window
     return window, "all"
 
 

@@ -152,6 +152,7 @@ class PassContext:
         self.existing_state = existing_state or {}
         self.source = source  # the model the graph was captured from, where there is one (passes may run its modules)
         self.later_passes: tuple[str, ...] = ()  # names of the plan's passes that run after the current one
+        self.plan_entry: str | None = None  # the running pass's entry as PlanErrors name it (`passes[2].mixer`)
         self._analysis: GraphAnalysis | None = None
 
     def analysis(self) -> GraphAnalysis:
@@ -192,6 +193,11 @@ class GraphPass:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def where(self, ctx: PassContext) -> str:
+        """The plan field of this pass's options, as PlanErrors name it: `passes[i].<name>` inside a plan, else
+        the pass name."""
+        return ctx.plan_entry or self.name
 
 
 def option_docs(options_cls: type) -> list[tuple[str, Any, str, list | None]]:

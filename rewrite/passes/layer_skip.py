@@ -35,7 +35,7 @@ from rewrite.errors import PassError, PlanError
 from rewrite.passes import register_pass
 from rewrite.passes.base import CACHE_CALL, GraphPass, PassContext, PassResult
 from rewrite.routing.runtime import InputRule, RoutedBlock, layer_skip_route
-from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
+from rewrite.selectors import Selector, describe_selector_syntax, select_layers_for, validate_selector
 
 ROUTER = "router"
 """Name of the module holding a block's router parameters (`<block path>.router.weight`)."""
@@ -395,14 +395,11 @@ class LayerSkip(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         options: LayerSkipOptions = self.options
-        options.validate()
+        options.validate(self.where(ctx))
         result = PassResult(self.name)
         analysis = ctx.analysis()
         paths = [b.path for b in analysis.blocks]
-        try:
-            selected = [analysis.blocks[i] for i in select_layers(options.layers, paths)]
-        except (IndexError, ValueError) as exc:
-            raise PlanError("layer_skip.layers", f"{exc} (layers: {paths})") from exc
+        selected = [analysis.blocks[i] for i in select_layers_for(options.layers, paths, f"{self.where(ctx)}.layers")]
         selected.sort(key=lambda b: b.index)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         in_any_block = {n for b in analysis.blocks for n in b.nodes}

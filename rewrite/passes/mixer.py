@@ -66,7 +66,7 @@ from rewrite.passes.base import (
     refuse_mask_bias,
     refuse_unrecognized_attention,
 )
-from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
+from rewrite.selectors import Selector, describe_selector_syntax, select_layers_for, validate_selector
 
 KIND_CHOICES = ["auto", *KINDS]
 CAUSAL_DEFAULT = "gla"
@@ -228,12 +228,10 @@ class _Job:
     rotary: tuple[Rotary, Rotary] | None = None  # (q's, k's) rotations to undo (rope: drop)
 
 
-def _selected_blocks(options: MixerOptions, analysis: GraphAnalysis) -> list[Block]:
+def _selected_blocks(options: MixerOptions, analysis: GraphAnalysis, where: str) -> list[Block]:
+    """The blocks the `layers` selector (the plan field `where`.layers) chooses."""
     paths = [b.path for b in analysis.blocks]
-    try:
-        return [analysis.blocks[i] for i in select_layers(options.layers, paths)]
-    except (IndexError, ValueError) as exc:
-        raise PlanError("mixer.layers", f"{exc} (layers: {paths})") from exc
+    return [analysis.blocks[i] for i in select_layers_for(options.layers, paths, f"{where}.layers")]
 
 
 def _reads_parameter(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -492,10 +490,10 @@ class Mixer(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         options: MixerOptions = self.options
-        options.validate()
+        options.validate(self.where(ctx))
         result = PassResult(self.name)
         analysis = ctx.analysis()
-        selected_blocks = _selected_blocks(options, analysis)
+        selected_blocks = _selected_blocks(options, analysis, self.where(ctx))
         jobs: list[_Job] = []
         for block in selected_blocks:
             _check_block(block, analysis)

@@ -263,8 +263,9 @@ class SequenceParallel(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         options: SequenceParallelOptions = self.options
-        options.validate()
-        self.chosen = options.strategies()
+        self.field = self.where(ctx)
+        options.validate(self.field)
+        self.chosen = options.strategies(self.field)
         self.size = options.group_size or group_size_if_known(options.group)
         result = PassResult(self.name)
         for node in gm.graph.nodes:
@@ -360,7 +361,7 @@ class SequenceParallel(GraphPass):
                 raise PassError(self.name, str(error), site.name, site.module_path) from None
             return "ulysses_ring", inner, f"ulysses_ring (asked): {inner} x {size // inner}"
         if size is None:
-            raise PlanError("sequence_parallel.group_size", "strategy auto needs the group size: initialise "
+            raise PlanError(f"{self.field}.group_size", "strategy auto needs the group size: initialise "
                             "torch.distributed before optimizing, or set group_size")
         ok = size in ulysses_group_sizes(shape.heads, shape.kv_heads)
         inner_sizes: tuple[int, ...] = ()
@@ -412,7 +413,7 @@ class SequenceParallel(GraphPass):
             raise PassError(self.name, f"{layer}: mixer kind {kind!r} has no sequence-parallel form for packed sequences "
                             f"yet; supported with packed: {', '.join(PACKED_KINDS)}", node.name, module_path(node))
         if self.positions is not None and options.layout != "contiguous":
-            raise PlanError("sequence_parallel.layout", "packed sequences through linear mixers need the contiguous "
+            raise PlanError(f"{self.field}.layout", "packed sequences through linear mixers need the contiguous "
                             "layout", ["contiguous"])
         wanted = self.chosen["linear"]
         if wanted != "auto":
@@ -456,7 +457,7 @@ class SequenceParallel(GraphPass):
         for node in inputs:
             if node.name == options.packed or node.target == options.packed:
                 return node
-        raise PlanError("sequence_parallel.packed", f"the captured program has no input {options.packed!r}; capture "
+        raise PlanError(f"{self.field}.packed", f"the captured program has no input {options.packed!r}; capture "
                         "with it among the example inputs", [str(n.target) for n in inputs])
 
     # --- positions ------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ from rewrite.routing.graph import (
     routed_calls,
 )
 from rewrite.routing.runtime import InputRule
-from rewrite.selectors import Selector, describe_selector_syntax, select_layers, validate_selector
+from rewrite.selectors import Selector, describe_selector_syntax, select_layers_for, validate_selector
 
 aten = torch.ops.aten
 
@@ -188,14 +188,12 @@ def _block_paths(analysis: GraphAnalysis, calls: list[RoutedCall]) -> list[str]:
     return sorted(index, key=index.__getitem__)
 
 
-def _windowed_blocks(options: StatefulOptions, paths: list[str]) -> set[str]:
-    """Paths of the blocks whose kept softmax layers see only the last `sliding_window` tokens."""
+def _windowed_blocks(options: StatefulOptions, paths: list[str], where: str) -> set[str]:
+    """Paths of the blocks whose kept softmax layers see only the last `sliding_window` tokens (`where`: the plan
+    field of the pass's options)."""
     if options.sliding_window is None:
         return set()
-    try:
-        return {paths[i] for i in select_layers(options.window_layers, paths)}
-    except (IndexError, ValueError) as exc:
-        raise PlanError("stateful.window_layers", f"{exc} (layers: {paths})") from exc
+    return {paths[i] for i in select_layers_for(options.window_layers, paths, f"{where}.window_layers")}
 
 
 def _collect(
@@ -355,7 +353,7 @@ class Stateful(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         options: StatefulOptions = self.options
-        options.validate()
+        options.validate(self.where(ctx))
         result = PassResult(self.name)
         analysis = ctx.analysis()
         _check_no_hidden_graphs(gm)
@@ -365,7 +363,7 @@ class Stateful(GraphPass):
             raise PassError("stateful", str(exc)) from exc
         for call in calls:
             _check_routed(call)
-        windowed = _windowed_blocks(options, _block_paths(analysis, calls))
+        windowed = _windowed_blocks(options, _block_paths(analysis, calls), self.where(ctx))
         taken: set[str] = set()
         softmax, mixers = _collect(gm, analysis, options, windowed, taken)
         bodies = []

@@ -35,8 +35,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from rewrite.analysis import AttentionSite
+from rewrite.analysis import AttentionSite, GraphAnalysis
 from rewrite.analysis.graph_utils import ancestor_placeholders, eliminate_dead_code
+from rewrite.analysis.graph_utils import ancestors as graph_ancestors
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PlanError
 from rewrite.kernels.varlen_attention.api import BACKENDS
@@ -105,11 +106,12 @@ class VarlenOptions:
             raise PlanError(f"{where}.attention_backend", f"unknown backend {self.attention_backend!r}", list(BACKENDS))
 
 
-def _choose_padding(option: str, token_inputs: list[fx.Node], sites: list[MaskUse]) -> fx.Node:
+def _choose_padding(option: str, token_inputs: list[fx.Node], sites: list[MaskUse], where: str = PASS) -> fx.Node:
+    """The padding-mask input: the one `option` (the plan field `where`.mask_input) names, else the one the masks read."""
     by_name = {p.name: p for p in token_inputs}
     if option != "auto":
         if option not in by_name:
-            raise PlanError(f"{PASS}.mask_input", f"no [batch, seq] input named {option!r}", sorted(by_name))
+            raise PlanError(f"{where}.mask_input", f"no [batch, seq] input named {option!r}", sorted(by_name))
         return by_name[option]
     read: list[fx.Node] = []
     for site in sites:
@@ -122,14 +124,14 @@ def _choose_padding(option: str, token_inputs: list[fx.Node], sites: list[MaskUs
     if len(read) > 1:
         raise fail(
             f"the attention masks read several [batch, seq] inputs ({', '.join(p.name for p in read)}); "
-            f"name the padding mask with the plan field '{PASS}.mask_input'")
+            f"name the padding mask with the plan field '{where}.mask_input'")
     for name in MASK_NAMES:
         if name in by_name:
             return by_name[name]
     raise fail(
         "no padding-mask input found: the model takes no [batch, seq] mask that its attention reads "
         f"(inputs: {', '.join(by_name) or 'none'}); pass the padding mask (e.g. attention_mask) in the example "
-        f"inputs or name it with '{PASS}.mask_input'")
+        f"inputs or name it with '{where}.mask_input'")
 
 
 def _ancestor_placeholders(node: fx.Node) -> list[fx.Node]:
@@ -162,6 +164,47 @@ def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[
         raise fail(f"{where} reads no attention mask, so on padded rows it attends to padding; the padded model's "
                     "outputs then depend on the padding and a padding-free module cannot match them", site.node)
     return masked_causal[site.name]
+
+
+CONVOLUTIONS = (aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
+                aten.conv3d.default, aten.conv3d.padding, aten.convolution.default)
+UNSUPPORTED_REMEDY = (
+    "The varlen pass runs per sequence (cu_seqlens) softmax attention, sliding-window attention and the `mixer` "
+    "pass's mixers; every other op must keep each token apart. Leave `varlen` out of the plan for this model "
+    "(the pass has no `layers` selector: it packs every layer or none)")
+
+
+def _layer_of(node: fx.Node, analysis: GraphAnalysis) -> str:
+    """How messages name the layer holding `node`: `layer I (path)`, else its module path."""
+    for block in analysis.blocks:
+        if node in block.nodes:
+            return f"layer {block.index} ({block.path})"
+    return module_path(node) or "<root>"
+
+
+def _refuse_token_convolutions(graph: fx.Graph, analysis: GraphAnalysis, symbols: TokenSymbols,
+                               mixing: list[fx.Node]) -> None:
+    """Raise PassError naming the layer and module of a convolution over the tokens (LFM2's short conv) that feeds
+    attention: on packed sequences it would mix the end of one sequence into the start of the next."""
+    feeds_mixing = graph_ancestors(a for n in mixing for a in n.all_input_nodes)
+    for node in graph.nodes:
+        if not is_op(node, *CONVOLUTIONS) or node not in feeds_mixing:
+            continue
+        x, w = tensor_meta(node.args[0]), tensor_meta(node.args[1])
+        if x is None or w is None:
+            continue
+        spatial = w.dim() - 2
+        over_tokens = [int(k) for size, k in zip(x.shape[x.dim() - spatial:], w.shape[2:])
+                       if symbols.mentions_seq(size) and int(k) != 1]
+        if not over_tokens:
+            continue
+        path = module_path(node) or "<root>"
+        raise fail(
+            f"{_layer_of(node, analysis)}: a convolution over the tokens (kernel {over_tokens[0]}, module {path}, as a "
+            "short-conv layer) mixes each token with its neighbours, so on packed sequences it would read the end of "
+            "one sequence into the start of the next; it feeds attention, so it cannot run on repadded values either. "
+            "A model's own convolutions have no varlen form here, so short-conv layers are not supported. "
+            + UNSUPPORTED_REMEDY, node)
 
 
 def _windowed_mixers(mixers: list[fx.Node], windows: dict[str, int], result: PassResult) -> None:
@@ -252,7 +295,7 @@ class Varlen(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         options: VarlenOptions = self.options
-        options.validate()
+        options.validate(self.where(ctx))
         self.plan_kernels = ctx.kernels
         result = PassResult(self.name)
         graph = gm.graph
@@ -282,15 +325,16 @@ class Varlen(GraphPass):
         if not sites and not mixers:
             raise fail("the model has no attention the pass can find, so nothing tells tokens apart by sequence; "
                         "padding-free execution needs varlen attention sites")
+        _refuse_token_convolutions(graph, analysis, symbols, [s.node for s in sites] + mixers)
         uses = [MaskUse.of_site(s) for s in sites] + [_mixer_use(n) for n in mixers]
         token_inputs = [p for p in user_inputs if symbols.node_dims(p) == TokenDims(0, 1)]
         packed_source = _packed_source(user_inputs)
         if packed_source is not None and (options.mask_input == "auto" or not token_inputs):
-            return self._run_packed(gm, ctx, result, sites, mixers, uses, user_inputs, symbols, packed_source)
+            return self._run_packed(gm, ctx, result, analysis, mixers, uses, user_inputs, symbols, packed_source)
         if not token_inputs:
             raise fail("no input is [batch, seq, ...] with both dims dynamic and no packed input (cu_seqlens or "
                         "restarting position_ids) was given; capture with a padded batch of two or more rows")
-        padding = _choose_padding(options.mask_input, token_inputs, uses)
+        padding = _choose_padding(options.mask_input, token_inputs, uses, self.where(ctx))
         facts = prove_padding_masks(gm, uses, padding, symbols)
         causal = {site.name: _check_site(site, symbols, facts.causal, True) for site in sites}
         for node in mixers:
@@ -330,7 +374,8 @@ class Varlen(GraphPass):
             other_sizes = _other_sizes(graph, user_inputs, symbols)
         own.update({layout["positions"], layout["total"], *padded_sizes, *other_sizes.values()})
         layout["keep"] = keep
-        rewriter = PackedGraphWalk(gm, symbols, layout, padded_sizes, other_sizes, ctx.source)
+        rewriter = PackedGraphWalk(gm, symbols, layout, padded_sizes, other_sizes, ctx.source,
+                                   layer_of=lambda node: _layer_of(node, analysis))
         rewriter.kind.update({n: "sym" for n in own})
         rewriter.kind.update({n: "token" for n in packed_inputs.values()})
         rewriter.kind.update({p: "padded" for p in token_inputs})
@@ -387,11 +432,12 @@ class Varlen(GraphPass):
             result.changed.append(f"{where}: {kind} mixer {how}")
         return mixing
 
-    def _run_packed(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult, sites: list[AttentionSite],
+    def _run_packed(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult, analysis: GraphAnalysis,
                     mixers: list[fx.Node], uses: list[MaskUse], user_inputs: list[fx.Node], symbols: TokenSymbols,
                     source: fx.Node) -> PassResult:
         """Already-packed input ([1, T] tokens, sequences given by cu_seqlens or restarting position_ids)."""
         graph = gm.graph
+        sites = analysis.sites
         token_inputs = [p for p in user_inputs if symbols.node_dims(p) in (TokenDims(None, 1), TokenDims(0, 1))]
         if not token_inputs:
             raise fail("no [1, T] token input found beside the packed sequence boundaries", source)
@@ -420,7 +466,8 @@ class Varlen(GraphPass):
             layout["positions"] = graph.call_function(operator.getitem, (unpacked, 2))
             layout["total"] = graph.call_function(aten.sym_size.int, (token_inputs[0], 1))
         own.update({layout["positions"], layout["total"]})
-        rewriter = PackedGraphWalk(gm, symbols, layout, None, {}, ctx.source)
+        rewriter = PackedGraphWalk(gm, symbols, layout, None, {}, ctx.source,
+                                   layer_of=lambda node: _layer_of(node, analysis))
         rewriter.kind.update({n: "sym" for n in own})
         rewriter.kind.update({p: "token" for p in token_inputs})
         rewriter.run(mixing)

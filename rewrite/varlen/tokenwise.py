@@ -238,6 +238,12 @@ def _check(node: fx.Node, symbols: TokenSymbols, kind_of: KindOf) -> str | None:
         if dim is None:
             return "it repeats the flattened tensor, tokens included"
         return "it repeats along the tokens" if _touches(first_dims, [dim], rank) else None
+    if is_op(node, aten.repeat.default):
+        repeats = list(_arg(node, 1, "repeats") or [])
+        if len(repeats) != rank:
+            return "it tiles the tensor into new leading dims"
+        tiled = [d for d, times in enumerate(repeats) if not (isinstance(times, int) and times == 1)]
+        return "it tiles the tokens" if _touches(first_dims, tiled, rank) else None
     if is_op(node, aten.slice.Tensor):
         dim = _arg(node, 1, "dim", 0)
         if not _touches(first_dims, [dim], rank):

@@ -9,6 +9,8 @@ is an error; one that does not and feeds no attention reads the repadded tensor 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sympy
 import torch
 import torch.fx as fx
@@ -34,6 +36,13 @@ ZERO_KEEPING = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten
                 aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default)
 
 
+SUPPORTED_OPS = (
+    "Supported before attention: ops that keep each token apart (element-wise ops, linear maps, norms, reductions, "
+    "splits and repeats over other dims, views and transposes that keep batch and sequence), position tables and "
+    "aranges over the sequence, cumsums of values that are 0 at padding, and modules shown token-wise by running "
+    "them; leave `varlen` out of the plan for a model with other token-mixing ops")
+
+
 def fail(message: str, node: fx.Node | None = None) -> PassError:
     """A PassError of the varlen pass naming `node` and its module path."""
     if node is None:
@@ -51,8 +60,9 @@ class PackedGraphWalk:
 
     def __init__(self, gm: fx.GraphModule, symbols: TokenSymbols, layout: dict[str, fx.Node],
                  padded_sizes: tuple[fx.Node, fx.Node] | None, other_sizes: dict[sympy.Symbol, fx.Node],
-                 source: torch.nn.Module | None = None):
+                 source: torch.nn.Module | None = None, layer_of: Callable[[fx.Node], str] | None = None):
         self.gm, self.graph, self.symbols, self.layout = gm, gm.graph, symbols, layout
+        self.layer_of = layer_of  # how an error names the layer holding a node (`layer 0 (model.layers.0)`)
         self.modules = TokenwiseModules(gm.graph, symbols, source)
         self.kind: dict[fx.Node, str] = {}
         total = layout["total"]
@@ -222,9 +232,10 @@ class PackedGraphWalk:
                         "instead (e.g. position_ids), which the pass packs", node)
                 elif node in feeds_mixing:
                     modules = "; ".join(self.module_reasons)
-                    raise fail(f"cannot prove this op token-wise on packed tokens: {reason}; it feeds attention, "
-                                "so it cannot run on repadded values either. No enclosing module was shown token-wise "
-                                f"by running it ({modules or 'none'})", node)
+                    layer = self.layer_of(node) if self.layer_of is not None else module_path(node) or "<root>"
+                    raise fail(f"{layer}: cannot prove this op token-wise on packed tokens: {reason}; it feeds "
+                                "attention, so it cannot run on repadded values either. No enclosing module was shown "
+                                f"token-wise by running it ({modules or 'none'}). {SUPPORTED_OPS}", node)
                 else:
                     self._exit(node)
             else:
