@@ -104,9 +104,9 @@ def test_decode_benchmark_times_ring_caches_of_a_sliding_window(monkeypatch, tmp
     shapes = []
     op = sites.kv_cache_attention
 
-    def kernel(q, keys, values, visible, scale):
+    def kernel(q, keys, values, visible, scale, last_slot=None):
         shapes.append(tuple(keys.shape))
-        return op(q, keys, values, visible, scale)
+        return op(q, keys, values, visible, scale, last_slot)
 
     monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(sites, "kv_cache_attention", kernel)

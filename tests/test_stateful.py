@@ -1233,20 +1233,22 @@ def test_static_steps_with_the_kv_cache_attention_kernel_give_the_logits_of_sdpa
     monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_KERNEL", False)  # the expected logits: SDPA
     with skip_controls(skip_mask=skip):
         expected, _, _ = _static_decode(program, ids, 4)
-    calls = []
+    calls, bounds = [], []
     if path == "triton":
         launchers = load_launchers("rewrite.kernels.kv_cache_attention.triton_decode")
 
-        def kernel(q, keys, values, visible, scale):
+        def kernel(q, keys, values, visible, scale, last_slot=None):
             calls.append(tuple(keys.shape))
+            bounds.append(None if last_slot is None else int(last_slot))
             scale = q.shape[-1] ** -0.5 if scale is None else scale
-            return launchers.kv_cache_attention_decode(q, keys, values, visible, scale)
+            return launchers.kv_cache_attention_decode(q, keys, values, visible, scale, last_slot)
     else:
         op = sites.kv_cache_attention
 
-        def kernel(q, keys, values, visible, scale):
+        def kernel(q, keys, values, visible, scale, last_slot=None):
             calls.append(tuple(keys.shape))
-            return op(q, keys, values, visible, scale)
+            bounds.append(None if last_slot is None else int(last_slot))
+            return op(q, keys, values, visible, scale, last_slot)
     monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_KERNEL", True)
     monkeypatch.setattr(sites, "KV_CACHE_ATTENTION_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(sites, "kv_cache_attention", kernel)
@@ -1256,6 +1258,12 @@ def test_static_steps_with_the_kv_cache_attention_kernel_give_the_logits_of_sdpa
     slots = state.capacity if plan == "softmax" else model.config.sliding_window  # a ring holds the window
     assert [s.sdpa for s in seen] == [[]] * steps  # no step's attention is SDPA (the prefill's may be)
     assert len(calls) >= layers * steps and all(shape[2] == slots for shape in calls[-layers * steps:])
+    # a full cache's step reads up to its query's slot (the capacity's unfilled tail unread); a ring has no bound
+    last_steps = bounds[-layers * steps:]
+    if plan == "softmax":
+        assert last_steps == [4 + step for step in range(steps) for _ in range(layers)], last_steps
+    else:
+        assert last_steps == [None] * (layers * steps)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
 
 
