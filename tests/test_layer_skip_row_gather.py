@@ -37,13 +37,41 @@ def test_decode_program_with_one_gather_launch_a_block_decodes_like_the_per_tens
     om = rewrite.optimize(model, ["attention_normalize", "layer_skip", "stateful"], example_kwargs={"input_ids": ids})
     program = decode_program(om)
     with torch.no_grad(), skip_controls(skip_mask=spread_skips(ids.shape[0])):
-        expected = stepwise_program_logits(program, ids, 5)
+        with module_switch(routing_runtime, "FUSED_ROW_GATHER", False):
+            expected = stepwise_program_logits(program, ids, 5)
         with module_switch(routing_runtime, "FUSED_ROW_GATHER", True), OpCounts() as counts:
             got = stepwise_program_logits(program, ids, 5)
     assert torch.equal(got, expected)
     steps = 1 + ids.shape[1] - 5  # the prefill and four one-token steps
     # blocks 0 and 1 run part of the batch: one call each a step; block 2 runs all rows (no gather)
     assert counts.ops["rewrite.gather_rows.default"] == 2 * steps
+
+
+def one_step_counts(program, ids: torch.Tensor, prefill: int) -> OpCounts:
+    state = program.new_state(ids.shape[0], ids.shape[1])
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    state.begin(prefill)
+    program(ids[:, :prefill], positions[:, :prefill], state)
+    state.advance()
+    state.begin(1)
+    with OpCounts() as counts:
+        program(ids[:, prefill:prefill + 1], positions[:, prefill:prefill + 1], state)
+    return counts
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_decode_step_gathers_the_views_visible_mask_in_the_blocks_launch(fused):
+    """A one-token step of a partly run block: with the switch on, the block's decode-state view takes its rows of
+    the step's visible mask from the block's one gather (no index_select left); off, each is one index_select."""
+    model, ids = tiny_llama()
+    om = rewrite.optimize(model, ["attention_normalize", "layer_skip", "stateful"], example_kwargs={"input_ids": ids})
+    program = decode_program(om)
+    with torch.no_grad(), skip_controls(skip_mask=spread_skips(ids.shape[0])):
+        with module_switch(routing_runtime, "FUSED_ROW_GATHER", fused):
+            counts = one_step_counts(program, ids, 8)
+    gathers, selects = counts.ops["rewrite.gather_rows.default"], counts.ops["aten.index_select.default"]
+    # blocks 0 and 1 run part of the batch; each gathers hidden, cos, sin, its mask input and the visible mask
+    assert (gathers, selects) == ((2, 0) if fused else (0, 10))
 
 
 def test_training_under_autograd_keeps_the_per_tensor_gathers():

@@ -219,16 +219,32 @@ class DecodeState:
         self._visible = None
 
     # -- row views (routed blocks) ---------------------------------------------------------------
-    def select_rows(self, rows: torch.Tensor) -> DecodeState:
+    def select_rows(self, rows: torch.Tensor, gathered: list[torch.Tensor] | None = None) -> DecodeState:
         """A view for the sequences `rows` [R] (ascending): its `valid` / `counts` / `step_valid` hold those
-        rows (gathered when first read), its sites read and write only those rows.
+        rows (gathered when first read), its sites read and write only those rows. `gathered`: the rows `rows` of
+        what `row_view_reads()` listed, gathered by the caller (a routed block, with its own inputs in one launch).
 
         A cache or recurrent state the view allocates holds only its R rows, and every later view
         reaching it must cover the same rows (a routed block's running rows, fixed at prefill); a
         view of other size reaching it is refused. One the whole state allocated is gathered and
         scattered by row.
         """
-        return RowView(self, rows)
+        view = RowView(self, rows)
+        if gathered:
+            (mask,) = gathered
+            view._visible = (self.visible_end(), mask)
+        return view
+
+    def row_view_reads(self) -> list[torch.Tensor]:
+        """What a row view of this state reads of the whole batch in a one-token step (batch along dim 0), for a
+        caller that gathers it with its own inputs and hands it to `select_rows(rows, gathered)`: the step's
+        visible mask where the state holds full KV caches (made now if not yet; the full-cache sites share it);
+        nothing for a view, a longer call or a state without full caches."""
+        if self.rows is not None or self.valid is None or self.slots.numel() != 1:
+            return []
+        if not any(isinstance(store, KVCache) for store in self.layers.values()):
+            return []
+        return [self.visible_mask(self.visible_end())]
 
     def _mine(self, t: torch.Tensor) -> torch.Tensor:
         """This view's rows of a whole-batch tensor (dim 0)."""

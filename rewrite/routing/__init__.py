@@ -28,6 +28,7 @@ from rewrite.routing.runtime import (
     InputRule,
     RoutedBlock,
     RowSelectable,
+    SharesRowReads,
     layer_skip_route,
     routes_from_mask,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "RoutedBlock",
     "RoutedCall",
     "RowSelectable",
+    "SharesRowReads",
     "SkipControls",
     "SkipRecord",
     "SkipReport",

@@ -1,4 +1,4 @@
-"""rewrite::gather_rows: the Triton launcher (one launch for up to four tensors of any dtype, expanded and strided
+"""rewrite::gather_rows: the Triton launcher (one launch for up to six tensors of any dtype, expanded and strided
 rows) against rows picked one by one, the op's checks, opcheck and compile."""
 
 import pytest
@@ -32,10 +32,10 @@ def test_launcher_gathers_every_tensor_like_picking_rows(rows):
     launchers = load_launchers(LAUNCHERS)
     device = kernel_device()
     torch.manual_seed(len(rows))
-    values = decode_step_inputs(6, device)
+    values = decode_step_inputs(6, device) + decode_step_inputs(6, device)[:2]
     index = torch.tensor(rows, dtype=torch.long, device=device)
     with poisoned():
-        got = launchers.gather_rows_forward(values, index)  # six tensors: two launches
+        got = launchers.gather_rows_forward(values, index)  # eight tensors: two launches (six, then two)
     for i, (value, out) in enumerate(zip(values, got, strict=True)):
         expected = picked_one_by_one(value, index)
         assert out.is_contiguous() and out.dtype == value.dtype, i

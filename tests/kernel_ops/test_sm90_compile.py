@@ -63,10 +63,10 @@ for x, angles, bf16 in (("*bf16", "*bf16", True), ("*fp16", "*fp16", False), ("*
         compile_sm90(kernel, pointers, {}, {"BLOCK": 64, "COMPUTE": tl.float32, "BF16_BITS": bf16},
                      {"num_warps": 1, "enable_fp_fusion": False})
         compiled += 1
-for count in (1, 4):  # a routed block's hidden state (bf16), cos / sin (fp32) and mask (bytes)
+for count in (1, 5):  # a routed block's hidden state (bf16), cos / sin (fp32), mask and visible mask (bytes)
     compile_sm90(row_gather._gather_rows_kernel,
                  {"rows_ptr": "*i64", "src2_ptr": "*fp32", "dst2_ptr": "*fp32", "src3_ptr": "*u8", "dst3_ptr": "*u8",
-                  "*": "*bf16"}, {name: "i32" for name in ("width0", "width1", "width2", "width3")},
+                  "src4_ptr": "*u8", "dst4_ptr": "*u8", "*": "*bf16"}, {f"width{i}": "i32" for i in range(6)},
                  {"COUNT": count, "BLOCK": 2048}, {"num_warps": 8})
     compiled += 1
 for x in ("*bf16", "*fp16", "*fp32"):

@@ -30,7 +30,7 @@ def _gather_rows_fake(values: list[torch.Tensor], rows: torch.Tensor) -> list[to
 
 def gather_rows(values: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
     """`[v.index_select(0, rows) for v in values]` (each result contiguous), by one kernel launch on CUDA for up to
-    four tensors whose rows are contiguous runs. `rows` [R]: int64 indices into dim 0, which every value shares;
+    six tensors whose rows are contiguous runs. `rows` [R]: int64 indices into dim 0, which every value shares;
     forward only (no autograd)."""
     if rows.dim() != 1 or rows.dtype != torch.long:
         raise ValueError(f"gather_rows: rows must be a 1-D int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")

@@ -1,4 +1,4 @@
-"""Triton kernel that gathers the same rows (dim 0) of up to four tensors at once, and its launcher.
+"""Triton kernel that gathers the same rows (dim 0) of up to six tensors at once, and its launcher.
 
 One program copies one block of columns of one gathered row of every tensor: each tensor is read as rows of
 `width` contiguous elements `stride` apart (stride 0 for a batch dim made by `expand`), whatever its dtype.
@@ -14,8 +14,9 @@ from rewrite.kernels.launch_math import cdiv, next_power_of_2, row_warps
 
 from ..alloc import new_empty
 
-SLOTS = 4
-"""Tensors one launch gathers; more take more launches."""
+SLOTS = 6
+"""Tensors one launch gathers (a routed Llama block's hidden state, cos, sin, mask and its decode view's visible
+mask: five); more take more launches."""
 
 
 @triton.jit
@@ -29,6 +30,7 @@ def _gather_rows_kernel(
     rows_ptr,
     src0_ptr, dst0_ptr, stride0, width0, src1_ptr, dst1_ptr, stride1, width1,
     src2_ptr, dst2_ptr, stride2, width2, src3_ptr, dst3_ptr, stride3, width3,
+    src4_ptr, dst4_ptr, stride4, width4, src5_ptr, dst5_ptr, stride5, width5,
     COUNT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -41,6 +43,10 @@ def _gather_rows_kernel(
         _copy_row(src2_ptr, dst2_ptr, stride2, width2, row, r, cols)
     if COUNT > 3:
         _copy_row(src3_ptr, dst3_ptr, stride3, width3, row, r, cols)
+    if COUNT > 4:
+        _copy_row(src4_ptr, dst4_ptr, stride4, width4, row, r, cols)
+    if COUNT > 5:
+        _copy_row(src5_ptr, dst5_ptr, stride5, width5, row, r, cols)
 
 
 def rows_are_contiguous(t: torch.Tensor) -> bool:
