@@ -91,12 +91,19 @@ def _graph_devices(graph: fx.Graph) -> set[torch.device]:
 
 
 def retarget_device(graph: fx.Graph, device: torch.device) -> None:
-    """Point every op's `device=` argument at `device` (captured graphs bake the capture device in)."""
+    """Point every op's `device=` argument at `device` (captured graphs bake the capture device in), also in the
+    graphs of calls that run a graph of their own (a routed block's `body`, as a loaded program holds it)."""
     for node in graph.nodes:
-        if node.op == "call_function" and isinstance(node.kwargs.get("device"), torch.device):
+        if node.op != "call_function":
+            continue
+        if isinstance(node.kwargs.get("device"), torch.device):
             kwargs = dict(node.kwargs)
             kwargs["device"] = device
             node.kwargs = kwargs
+        body = getattr(node.target, "body", None)
+        if isinstance(body, fx.GraphModule):
+            retarget_device(body.graph, device)
+            body.recompile()
 
 
 class OptimizedModule(torch.nn.Module):

@@ -125,3 +125,19 @@ def test_stand_in_ops_say_what_they_are():
     with pytest.raises(RuntimeError, match="layers.0: rewrite::saved_routed_block only stands for a routed block"):
         torch.ops.rewrite.saved_routed_block(torch.zeros(2), torch.zeros(2, dtype=torch.long),
                                              torch.tensor(2), hidden, [], [], "layers.0")
+
+
+def test_moving_a_loaded_module_retargets_its_routed_bodies(saved):
+    """A loaded body's graph bakes the save device into ops' `device=` (Llama's metadata asserts); `.to()` points
+    them at the new device, as it does the main program's."""
+    _, om, _, folder = saved
+    loaded = rewrite.load(folder)
+
+    def devices(module):
+        graphs = [module.program.graph] + [c.block.body.graph for c in routed_calls(module.program)]
+        return {str(n.kwargs["device"]) for g in graphs for n in g.nodes if isinstance(n.kwargs.get("device"), torch.device)}
+
+    before = devices(loaded)
+    assert before <= {"cpu"}
+    loaded.to("meta")
+    assert devices(loaded) == ({"meta"} if before else set())

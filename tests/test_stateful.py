@@ -15,11 +15,12 @@ import re
 
 import pytest
 import torch
-from conftest import HostReads, OpCounts, decode_fusion, stepwise_program_logits
+from conftest import HostReads, OpCounts, decode_fusion, module_switch, stepwise_program_logits
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rewrite
+import rewrite.routing.runtime as routing_runtime
 from examples.models import TARGETS
 from rewrite.decode import decode_program
 from rewrite.decode.sampling import Sampling, filter_logits, next_tokens
@@ -1387,7 +1388,9 @@ def _count_mask_builds(monkeypatch) -> collections.Counter:
 
 def test_a_calls_full_kv_cache_mask_is_made_once_and_a_row_view_takes_its_rows(monkeypatch):
     """Every call (padded prefill, eager and static steps) makes the state's visible mask once for all its full
-    KV-cache sites; a routed block running part of the batch takes its rows of it (one index_select)."""
+    KV-cache sites; a routed block running part of the batch takes its rows of it: by an index_select of its view
+    (a prompt, or any call with the one-launch row gather off), or, in a one-token step with the gather on, from
+    the block's one gather (`DecodeState.row_view_reads`), so its view makes none."""
     made = _count_mask_builds(monkeypatch)
     seen: list[collections.Counter] = []
 
@@ -1402,8 +1405,13 @@ def test_a_calls_full_kv_cache_mask_is_made_once_and_a_row_view_takes_its_rows(m
     assert seen == [collections.Counter(DecodeState=1)] * 5
     seen.clear()
     skip = torch.tensor([[j % 3 == b for j in range(4)] for b in range(3)])  # every block runs 2 of the 3 rows
-    _ragged_eager_and_static_decode(decode_program(om), ids, skip, watch=watch)
+    with module_switch(routing_runtime, "FUSED_ROW_GATHER", False):
+        _ragged_eager_and_static_decode(decode_program(om), ids, skip, watch=watch)
     assert seen == [collections.Counter(DecodeState=1, RowView=4)] * 5
+    seen.clear()
+    with module_switch(routing_runtime, "FUSED_ROW_GATHER", True):
+        _ragged_eager_and_static_decode(decode_program(om), ids, skip, watch=watch)
+    assert seen == [collections.Counter(DecodeState=1, RowView=4)] + [collections.Counter(DecodeState=1)] * 4
 
 
 def test_a_decode_programs_partly_run_blocks_write_their_rows_into_the_hidden_input_no_one_reads_after():
