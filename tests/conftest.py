@@ -260,6 +260,21 @@ def no_grad():
         yield
 
 
+def one_decode_step_ops(program: Any, ids: torch.Tensor, prefill: int) -> OpCounts:
+    """The ops of one decode step of `program` after a prefill of `prefill` tokens of `ids`."""
+    batch = ids.shape[0]
+    state = program.new_state(batch, ids.shape[1])
+    positions = torch.arange(ids.shape[1]).expand(batch, -1)
+    state.begin(prefill)
+    program(ids[:, :prefill], positions[:, :prefill], state)
+    state.advance()
+    state.begin(1)
+    with OpCounts() as counts:
+        program(ids[:, prefill:prefill + 1], positions[:, prefill:prefill + 1], state)
+    state.advance()
+    return counts
+
+
 def decode_fusion(name: str, on: bool = True):
     """The decode fusion `name` of `rewrite.decode.fusion_switches` switched to `on` inside the block."""
     from rewrite.decode.fusion_switches import SWITCHES

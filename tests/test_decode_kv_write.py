@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import OpCounts, decode_fusion, stepwise_program_logits
+from conftest import OpCounts, decode_fusion, one_decode_step_ops, stepwise_program_logits
 
 import rewrite
 from rewrite.decode import decode_program, fusion_switches
@@ -40,21 +40,6 @@ def token_ids(batch: int = 4, length: int = 9) -> torch.Tensor:
     return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
-def one_step_counts(program, ids: torch.Tensor, prefill: int) -> OpCounts:
-    """The ops of one decode step of `program` after a prefill of `prefill` tokens."""
-    batch = ids.shape[0]
-    state = program.new_state(batch, ids.shape[1])
-    positions = torch.arange(ids.shape[1]).expand(batch, -1)
-    state.begin(prefill)
-    program(ids[:, :prefill], positions[:, :prefill], state)
-    state.advance()
-    state.begin(1)
-    with OpCounts() as counts:
-        program(ids[:, prefill:prefill + 1], positions[:, prefill:prefill + 1], state)
-    state.advance()
-    return counts
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_llama_writes_each_layers_cache_by_one_call_and_decodes_bitwise_like_the_two_index_copies(dtype):
     model, ids = tiny("LlamaConfig", "LlamaForCausalLM", dtype), token_ids()
@@ -70,7 +55,7 @@ def test_llama_writes_each_layers_cache_by_one_call_and_decodes_bitwise_like_the
     assert torch.equal(got, expected)
     steps = 1 + ids.shape[1] - 5  # the prefill and four one-token steps
     assert counts.ops[WRITE] == LAYERS * steps and counts.ops[INDEX_COPY] == 0
-    before, after = one_step_counts(unfused, ids, 5), one_step_counts(fused, ids, 5)
+    before, after = one_decode_step_ops(unfused, ids, 5), one_decode_step_ops(fused, ids, 5)
     assert (before.ops[INDEX_COPY], before.ops[WRITE]) == (2 * LAYERS, 0)
     assert (after.ops[INDEX_COPY], after.ops[WRITE]) == (0, LAYERS)
     assert sum(after.ops.values()) == sum(before.ops.values()) - LAYERS
@@ -87,16 +72,16 @@ def test_the_switch_is_read_when_the_program_is_built():
             assert fusion_switches.current()[list(fusion_switches.SWITCHES).index("kv_write")]
             fused = decode_program(om)
         assert not decode_state.FUSED_KV_WRITE and decode_program(om) is not fused
-        assert one_step_counts(fused, ids, 5).ops[WRITE] == LAYERS  # the switch off now, the program built with it on
+        assert one_decode_step_ops(fused, ids, 5).ops[WRITE] == LAYERS  # the switch off now, the program built with it on
         unfused = decode_program(om)
     with fused_writes():
-        assert one_step_counts(unfused, ids, 5).ops[WRITE] == 0  # the switch on now, the program built with it off
+        assert one_decode_step_ops(unfused, ids, 5).ops[WRITE] == 0  # the switch on now, the program built with it off
 
 
 def test_kv_writes_are_fused_by_default():
     model, ids = tiny("LlamaConfig", "LlamaForCausalLM"), token_ids()
     om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
-    assert decode_program(om).fused_kv_write and one_step_counts(decode_program(om), ids, 5).ops[WRITE] == LAYERS
+    assert decode_program(om).fused_kv_write and one_decode_step_ops(decode_program(om), ids, 5).ops[WRITE] == LAYERS
 
 
 def test_ring_caches_of_sliding_window_layers_are_written_by_one_call():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import OpCounts, module_switch, stepwise_program_logits
+from conftest import OpCounts, module_switch, one_decode_step_ops, stepwise_program_logits
 
 import rewrite
 import rewrite.routing.runtime as routing_runtime
@@ -32,10 +32,15 @@ def spread_skips(batch: int) -> torch.Tensor:
     return skip
 
 
-def test_decode_program_with_one_gather_launch_a_block_decodes_like_the_per_tensor_gathers():
+def routed_llama_program() -> tuple[object, torch.Tensor]:
+    """The decode program of the tiny Llama with every block routed, and its token ids."""
     model, ids = tiny_llama()
     om = rewrite.optimize(model, ["attention_normalize", "layer_skip", "stateful"], example_kwargs={"input_ids": ids})
-    program = decode_program(om)
+    return decode_program(om), ids
+
+
+def test_decode_program_with_one_gather_launch_a_block_decodes_like_the_per_tensor_gathers():
+    program, ids = routed_llama_program()
     with torch.no_grad(), skip_controls(skip_mask=spread_skips(ids.shape[0])):
         with module_switch(routing_runtime, "FUSED_ROW_GATHER", False):
             expected = stepwise_program_logits(program, ids, 5)
@@ -47,28 +52,14 @@ def test_decode_program_with_one_gather_launch_a_block_decodes_like_the_per_tens
     assert counts.ops["rewrite.gather_rows.default"] == 2 * steps
 
 
-def one_step_counts(program, ids: torch.Tensor, prefill: int) -> OpCounts:
-    state = program.new_state(ids.shape[0], ids.shape[1])
-    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
-    state.begin(prefill)
-    program(ids[:, :prefill], positions[:, :prefill], state)
-    state.advance()
-    state.begin(1)
-    with OpCounts() as counts:
-        program(ids[:, prefill:prefill + 1], positions[:, prefill:prefill + 1], state)
-    return counts
-
-
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_decode_step_gathers_the_views_visible_mask_in_the_blocks_launch(fused):
     """A one-token step of a partly run block: with the switch on, the block's decode-state view takes its rows of
     the step's visible mask from the block's one gather (no index_select left); off, each is one index_select."""
-    model, ids = tiny_llama()
-    om = rewrite.optimize(model, ["attention_normalize", "layer_skip", "stateful"], example_kwargs={"input_ids": ids})
-    program = decode_program(om)
+    program, ids = routed_llama_program()
     with torch.no_grad(), skip_controls(skip_mask=spread_skips(ids.shape[0])):
         with module_switch(routing_runtime, "FUSED_ROW_GATHER", fused):
-            counts = one_step_counts(program, ids, 8)
+            counts = one_decode_step_ops(program, ids, 8)
     gathers, selects = counts.ops["rewrite.gather_rows.default"], counts.ops["aten.index_select.default"]
     # blocks 0 and 1 run part of the batch; each gathers hidden, cos, sin, its mask input and the visible mask
     assert (gathers, selects) == ((2, 0) if fused else (0, 10))

@@ -551,14 +551,19 @@ def jamba():
         mamba_expand=2, mamba_dt_rank=8, bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
-def test_model_taking_kwargs_is_captured_without_its_cache():
-    model = build(granite_moe)
+def assert_padding_free_matches(model: torch.nn.Module) -> None:
+    """`varlen` on right-padded prompts gives the model's logits on the real tokens of a batch of other lengths."""
     om = rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
     batch = right_padded([12, 7], 12)
     with torch.no_grad():
         want, got = model(**batch).logits, om(**batch).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_model_taking_kwargs_is_captured_without_its_cache():
+    model = build(granite_moe)
+    assert_padding_free_matches(model)
     assert model.config.use_cache  # restored after the capture
 
 
@@ -891,9 +896,4 @@ def test_short_conv_layers_are_refused_by_varlen_naming_the_conv():
 def test_differential_attention_runs_padding_free():
     """The `repeat` that tiles DiffLlama's values over the heads keeps tokens apart (it once stopped the pass)."""
     model = build(diffllama)
-    om = rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
-    batch = right_padded([12, 7], 12)
-    with torch.no_grad():
-        want, got = model(**batch).logits, om(**batch).logits
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    assert_padding_free_matches(model)
