@@ -124,15 +124,15 @@ def _attention_in_query_blocks(
     """`_grouped_attention` of the call's queries, in blocks of queries where the whole call's mask would pass
     PROMPT_MASK_ELEMENTS; `mask_of(None)` is the call's mask [B, 1, T, S], `mask_of(queries)` a block's. With
     `query_slots` [T] (ascending cache slots of a full cache's queries), no query sees a slot after its block's last."""
+    def last_slot(queries: slice) -> torch.Tensor | None:
+        return None if query_slots is None else query_slots[queries][-1:]
+
     block = _query_block(q, keys)
     if block >= q.shape[2]:
-        last = None if query_slots is None else query_slots[-1:]
-        return _grouped_attention(q, keys, values, mask_of(None), scale, last)
-    return torch.cat([
-        _grouped_attention(q[:, :, start:start + block], keys, values, mask_of(slice(start, start + block)), scale,
-                           None if query_slots is None else query_slots[start:start + block][-1:])
-        for start in range(0, q.shape[2], block)
-    ], dim=2)
+        return _grouped_attention(q, keys, values, mask_of(None), scale, last_slot(slice(None)))
+    blocks = [slice(start, start + block) for start in range(0, q.shape[2], block)]
+    return torch.cat([_grouped_attention(q[:, :, queries], keys, values, mask_of(queries), scale, last_slot(queries))
+                      for queries in blocks], dim=2)
 
 
 def _query_block(q: torch.Tensor, keys: torch.Tensor) -> int:

@@ -229,11 +229,7 @@ class DecodeState:
         view of other size reaching it is refused. One the whole state allocated is gathered and
         scattered by row.
         """
-        view = RowView(self, rows)
-        if gathered:
-            (mask,) = gathered
-            view._visible = (self.visible_end(), mask)
-        return view
+        return RowView(self, rows, visible=(self.visible_end(), *gathered) if gathered else None)
 
     def row_view_reads(self) -> list[torch.Tensor]:
         """What a row view of this state reads of the whole batch in a one-token step (batch along dim 0), for a
@@ -422,7 +418,8 @@ class RowView(DecodeState):
     (no copy of the state object), so torch.compile traces it as plain Python.
     """
 
-    def __init__(self, parent: DecodeState, rows: torch.Tensor):  # no dataclass __init__: nothing allocated
+    def __init__(self, parent: DecodeState, rows: torch.Tensor, visible: tuple[int, torch.Tensor] | None = None):
+        # no dataclass __init__: nothing allocated; `visible`: (end, mask) of the call, its rows gathered already
         self.batch, self.capacity, self.device = parent.batch, parent.capacity, parent.device
         self.slot_mask, self.layers = parent.slot_mask, parent.layers
         self.static, self.skips, self.held = parent.static, parent.skips, parent.held
@@ -431,7 +428,7 @@ class RowView(DecodeState):
         self.rows = rows if parent.rows is None else parent.rows.index_select(0, rows)
         self._parent, self._local_rows = parent, rows
         self._valid, self._counts, self._step_valid = _UNREAD, _UNREAD, _UNREAD
-        self._visible = None
+        self._visible = visible
 
     @property
     def length(self) -> int:  # type: ignore[override]

@@ -321,13 +321,10 @@ class RoutedBlock:
         positions = [0] + [i + 1 for i, rule in enumerate(self.rules) if rule.kind == "gather"]
         for position, value in zip(positions, rows_of[:len(positions)], strict=True):
             inputs[position] = value
-        view_rows = rows_of[len(positions):]
+        view_rows = iter(rows_of[len(positions):])  # each view's reads, in the order they were listed
         for (position, value), read in zip(views, reads, strict=True):
-            if read is None:
-                inputs[position] = value.select_rows(rows)
-            else:
-                inputs[position] = value.select_rows(rows, view_rows[:len(read)])
-                view_rows = view_rows[len(read):]
+            inputs[position] = (value.select_rows(rows) if read is None
+                                else value.select_rows(rows, [next(view_rows) for _ in read]))
         out = self.body(*inputs).to(hidden.dtype)
         if self.writes_hidden and not (torch.is_grad_enabled() and hidden.requires_grad):
             return hidden.index_copy_(self.batch_dim, rows, out)
@@ -338,7 +335,8 @@ def _gather_running_rows(gathered: list[tuple[torch.Tensor, int]], rows: torch.T
     """Each (value, dim) of `gathered` at rows `rows` along its dim, in order: with `fused`, those along dim 0 by one
     `gather_rows` call."""
     together = [i for i, (_, dim) in enumerate(gathered) if fused and dim == 0]
-    out: list[Any] = [None if i in together else value.index_select(dim, rows)
+    taken = set(together)
+    out: list[Any] = [None if i in taken else value.index_select(dim, rows)
                       for i, (value, dim) in enumerate(gathered)]
     if together:
         for i, value in zip(together, gather_rows([gathered[i][0] for i in together], rows), strict=True):
