@@ -20,8 +20,12 @@ from rewrite.kernels.launch_math import dot_precision, head_tile, next_power_of_
 from ..alloc import new_empty
 from ..online_softmax import LOG2E, online_softmax_finish, online_softmax_start, online_softmax_update
 
-BLOCK_N = 64
-TARGET_PROGRAMS = 1024  # split programs to aim for (several waves on a 132-SM H100); 512-2048 swept 2026-12-07: no better
+BLOCK_N = 128
+TARGET_PROGRAMS = 256
+"""Split programs to aim for. With 128-slot tiles and 256 programs (one slice per (row, kv head) at 32 rows x 8 kv
+heads, more as rows drop), a 16K cache took 0.538 / 0.464 / 0.275 / 0.245 ms at 32 / 24 / 16 / 8 rows on an H100
+against 0.543 / 0.480 / 0.335 / 0.245 for 64-slot tiles and 1024 programs, and a 16-layer batch-32 decode step
+7.08 ms against 8.11 (BENCHMARKS.md, 2026-12-07, thirteenth session)."""
 MAX_SPLITS = 64
 MERGE_CHUNK = 16
 NUM_WARPS = 4  # the split kernel's launch (Triton's defaults); sweep with `benchmarks.layer_skip --kv-kernel-variants`
