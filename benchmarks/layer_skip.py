@@ -26,6 +26,7 @@ Run: python -m benchmarks.layer_skip [--batch 8] [--lengths 2048,8192] [--fracti
 (`--kv-cache-kernel`: each graphed real decode step both with SDPA and with the split-KV kernel, side by side;
 without it, with the sites' default; `--compile-step`: each real decode step also compiled by Inductor;
 `--fused-row-gather`: each graphed routed step also with a routed block's gathers by one launch;
+`--fused-row-scatter`: also with those and its residual sum scattered by one launch;
 `--profile-step`: each graphed step's kernels printed; `--attention-only`: only the decode attention rows and
 `--kv-kernel-variants`' launch sweep; `--decode-only [--decode-variants "none,all,f=0.5 spread"]`: only those real
 decode steps; `--kv-kernel-set`: one launch of the split-KV kernel for the whole run; `--fusions norms,rotary`: the
@@ -185,7 +186,7 @@ PREFILL_TOKENS = 65536
 def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: list[float], runs: int, device: str,
                 dtype: torch.dtype, kv_cache_kernel: bool = False, compile_step: bool = False,
                 profile_step: bool = False, only: set[str] | None = None,
-                fused_row_gather: bool = False) -> list[Measurement]:
+                fused_row_gather: bool = False, fused_row_scatter: bool = False) -> list[Measurement]:
     """One real decode step (KV caches filled by a prefill of `context` tokens, decisions held from it) of the
     routed causal LM, per skip variant, next to the same step of the unrouted program; with `kv_cache_kernel`,
     each graphed step also with the decode sites' attention by the split-KV kernel
@@ -193,6 +194,8 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     with `compile_step`, each step also compiled by Inductor (graphed on CUDA), where the running rows' gathers and
     scatters can fuse with their neighbours; with `fused_row_gather`, each graphed step also with a routed block's
     gathers made by one `rewrite::gather_rows` launch (`rewrite.routing.runtime.FUSED_ROW_GATHER`); with
+    `fused_row_scatter`, also with those gathers and the residual sum scattered by one `rewrite::add_rows_into_`
+    launch (`FUSED_ROW_SCATTER`; the other graphed steps scatter by add and `index_copy_`); with
     `profile_step` (CUDA), each replay's kernels are printed too;
     `only`: the variants to run (default all)."""
     import transformers
@@ -267,21 +270,24 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
             rows.append(row)
             print(f"{row.name}: {row.median_ms:.3f} ms", flush=True)  # what a later failure would lose
             del state
-            modes = [] if not graphs else [  # (how, key, split-KV kernel, compiled, fused row gather)
-                ("CUDA graph, split-KV kernel", "kernel", True, False, False) if kernel else
-                ("CUDA graph, SDPA", "graph", False, False, False)
+            modes = [] if not graphs else [  # (how, key, split-KV kernel, compiled, fused row gather, fused scatter)
+                ("CUDA graph, split-KV kernel", "kernel", True, False, False, False) if kernel else
+                ("CUDA graph, SDPA", "graph", False, False, False, False)
                 for kernel in ([False, True] if kv_cache_kernel else [sites.KV_CACHE_ATTENTION_KERNEL])]
             default = sites.KV_CACHE_ATTENTION_KERNEL
             if fused_row_gather and graphs and mask is not None:  # the unrouted program gathers nothing
-                modes.append(("CUDA graph, fused row gather", "gather", default, False, True))
+                modes.append(("CUDA graph, fused row gather", "gather", default, False, True, False))
+            if fused_row_scatter and graphs and mask is not None:
+                modes.append(("CUDA graph, fused row gather and scatter", "scatter", default, False, True, True))
             if compile_step:
-                modes.append(("CUDA graph + compiled" if graphs else "compiled", "compiled", default, True, False))
-            for how, key, kernel, compiled, gather in modes:
+                modes.append(("CUDA graph + compiled" if graphs else "compiled", "compiled", default, True, False, False))
+            for how, key, kernel, compiled, gather, scatter in modes:
                 versus_sdpa = kernel and graphs and not compiled  # the kernel's bf16 difference from SDPA's step
                 state, twin = prefilled(program, mask), prefilled(program, mask)
                 sdpa_twin = prefilled(program, mask) if versus_sdpa else None
                 before, sites.KV_CACHE_ATTENTION_KERNEL = sites.KV_CACHE_ATTENTION_KERNEL, kernel
                 gather_before, routing_runtime.FUSED_ROW_GATHER = routing_runtime.FUSED_ROW_GATHER, gather
+                scatter_before, routing_runtime.FUSED_ROW_SCATTER = routing_runtime.FUSED_ROW_SCATTER, scatter
                 try:
                     if graphs:
                         graphed = GraphedStep(program, state, compiled=compiled)
@@ -308,6 +314,7 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
                 finally:
                     sites.KV_CACHE_ATTENTION_KERNEL = before
                     routing_runtime.FUSED_ROW_GATHER = gather_before
+                    routing_runtime.FUSED_ROW_SCATTER = scatter_before
                 row.extra["rel err"] = f"{err:.1e}"
                 if versus_sdpa:  # bf16 rounding of another attention kernel, carried through the layers
                     row.extra["vs SDPA step"] = f"{relative_error(got, sdpa):.1e}"
@@ -326,7 +333,8 @@ def time_decode(layers: int, hidden: int, batch: int, context: int, fractions: l
     for row in rows:
         name = row.name.split(") ", 1)[1]
         prefix = ("compiled " if "compiled" in row.name else "kernel " if "split-KV kernel" in row.name
-                  else "gather " if "fused row gather" in row.name else "graph " if "CUDA graph" in row.name else "")
+                  else "scatter " if "and scatter" in row.name else "gather " if "fused row gather" in row.name
+                  else "graph " if "CUDA graph" in row.name else "")
         if name.startswith("f=") and prefix + "none" in timed and prefix + "all" in timed:
             fraction = float(name.split()[0].removeprefix("f="))
             none, floor = timed[prefix + "none"], timed[prefix + "all"]
@@ -472,6 +480,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fused-row-gather", action="store_true",
                         help="also time each graphed real decode step with a routed block's gathers by one "
                              "rewrite::gather_rows launch (rewrite.routing.runtime.FUSED_ROW_GATHER)")
+    parser.add_argument("--fused-row-scatter", action="store_true",
+                        help="also time each graphed real decode step with the gathers above and a routed block's "
+                             "residual sum scattered by one rewrite::add_rows_into_ launch "
+                             "(rewrite.routing.runtime.FUSED_ROW_SCATTER)")
     parser.add_argument("--fusions", default="",
                         help="comma-separated decode fusions (projections, norms, rotary, gated_activation, kv_write) for the "
                              "whole run: the real decode steps' programs are built with exactly these (none without it)")
@@ -522,7 +534,7 @@ def run(args: argparse.Namespace, fractions: list[float], only: set[str] | None)
                                       dtype, args.kv_kernel_variants)
     rows += time_decode(args.layers, args.hidden, args.decode_batch, args.decode_context, fractions, max(args.runs, 30),
                         device, dtype, args.kv_cache_kernel, args.compile_step, args.profile_step, only,
-                        args.fused_row_gather)
+                        args.fused_row_gather, args.fused_row_scatter)
     if not args.decode_only:
         rows += time_router(args.batch, max(int(x) for x in args.lengths.split(",")), args.hidden, device, dtype,
                             args.runs)

@@ -1,16 +1,20 @@
 """`rewrite.routing.runtime.FUSED_ROW_GATHER`: a partly run routed block gathers its hidden state and its inputs by
-one `rewrite::gather_rows` call, and gives what the per-tensor gathers give (decode programs, training)."""
+one `rewrite::gather_rows` call, and gives what the per-tensor gathers give (decode programs, training);
+`FUSED_ROW_SCATTER`: in a decode program it writes its residual sum into its rows by one `rewrite::add_rows_into_`
+call, giving what the add and `index_copy_` give."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import OpCounts, module_switch, one_decode_step_ops, stepwise_program_logits
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import rewrite
 import rewrite.routing.runtime as routing_runtime
 from rewrite.decode import decode_program
 from rewrite.routing import skip_controls
+from rewrite.routing.runtime import InputRule, RoutedBlock
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,6 +54,45 @@ def test_decode_program_with_one_gather_launch_a_block_decodes_like_the_per_tens
     steps = 1 + ids.shape[1] - 5  # the prefill and four one-token steps
     # blocks 0 and 1 run part of the batch: one call each a step; block 2 runs all rows (no gather)
     assert counts.ops["rewrite.gather_rows.default"] == 2 * steps
+
+
+def test_decode_program_with_the_fused_scatter_decodes_like_the_add_and_the_index_copy():
+    program, ids = routed_llama_program()
+    with torch.no_grad(), skip_controls(skip_mask=spread_skips(ids.shape[0])):
+        with module_switch(routing_runtime, "FUSED_ROW_SCATTER", False), OpCounts() as unfused:
+            expected = stepwise_program_logits(program, ids, 5)
+        with module_switch(routing_runtime, "FUSED_ROW_SCATTER", True), OpCounts() as fused:
+            got = stepwise_program_logits(program, ids, 5)
+    assert torch.equal(got, expected)
+    partly_run = 2 * (1 + ids.shape[1] - 5)  # blocks 0 and 1, at the prefill and four one-token steps
+    assert unfused.ops["rewrite.add_rows_into_.default"] == 0
+    assert fused.ops["rewrite.add_rows_into_.default"] == partly_run
+    assert fused.ops["aten.index_copy_.default"] == unfused.ops["aten.index_copy_.default"] - partly_run
+    assert fused.ops["aten.add.Tensor"] == unfused.ops["aten.add.Tensor"] - partly_run
+
+
+def test_the_fused_scatter_follows_a_rewritten_body():
+    """A block writing into its hidden input scatters its residual sum by one call; once its body is rewritten to
+    end in something else, by `index_copy_`, with the new body's values."""
+    hidden, weight = torch.randn(5, 2, 6), torch.randn(6)
+    body = make_fx(lambda h, w: h + h * w)(hidden, weight)
+    block = RoutedBlock(body, [InputRule("keep")], layer="layers.0", batch_dim=0, gatherable=True)
+    block.writes_hidden = True
+    rows = torch.tensor([3, 0])
+    order, skip = torch.tensor([3, 0, 1, 2, 4]), torch.ones(5)
+    expected = hidden.clone()
+    expected[rows] = hidden[rows] + hidden[rows] * weight
+    with torch.no_grad(), OpCounts() as counts:
+        got = block(skip, order, 2, hidden.clone(), weight)
+    assert torch.equal(got, expected) and counts.ops["rewrite.add_rows_into_.default"] == 1
+    total = next(n for n in body.graph.nodes if n.target is torch.ops.aten.add.Tensor)
+    total.target = torch.ops.aten.sub.Tensor
+    body.recompile()
+    expected[rows] = hidden[rows] - hidden[rows] * weight
+    with torch.no_grad(), OpCounts() as counts:
+        got = block(skip, order, 2, hidden.clone(), weight)
+    assert torch.equal(got, expected)
+    assert counts.ops["rewrite.add_rows_into_.default"] == 0 and counts.ops["aten.index_copy_.default"] == 1
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -22,10 +22,12 @@ else:
     from .rms_norm import rms_norm
     from .rotary import rotary_embedding, rotary_embedding_pair
     from .row_gather import gather_rows
+    from .row_scatter import add_rows_into_
     from .short_conv import short_conv
     from .sliding_window import fill_ring_cache, sliding_window_attention, sliding_window_attention_step
 
     __all__ = [
+        "add_rows_into_",
         "delta_rule",
         "delta_rule_step",
         "fill_ring_cache",

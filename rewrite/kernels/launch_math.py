@@ -5,6 +5,11 @@ unwraps its arguments through Triton's machinery (about 2 us on a busy CPU core)
 forward and backward makes a few dozen of them. These are the same arithmetic as plain Python.
 """
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 
 def cdiv(x: int, y: int) -> int:
     """ceil(x / y) for positive y."""
@@ -50,3 +55,13 @@ def dot_precision(dtype) -> str:
 def row_warps(elements: int, per_warp: int, most: int) -> int:
     """Warps of a program that handles one row of `elements`: about `per_warp` elements a warp, 1 to `most`."""
     return max(1, min(most, next_power_of_2(max(elements, 1)) // per_warp))
+
+
+def rows_are_contiguous(t: "torch.Tensor") -> bool:
+    """Whether each row t[i] of `t` (dim >= 1) is one contiguous run of elements (rows may be any stride apart)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True

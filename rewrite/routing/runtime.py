@@ -26,6 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from rewrite.kernels.forward_only import forward_only_applies
 from rewrite.kernels.router import route
 from rewrite.kernels.row_gather import gather_rows
+from rewrite.kernels.row_scatter import add_rows_into_
 from rewrite.routing.controls import begin_call, call_state, current_controls
 
 
@@ -206,6 +207,13 @@ instead of one `index_select` each; not under autograd or while compiling (Induc
 default since 2026-12-07: a graphed 16-layer decode step at batch 32 with half the blocks skipped per sequence took
 4.745 ms against 5.280 with the per-tensor gathers on an H100 (BENCHMARKS.md)."""
 
+FUSED_ROW_SCATTER = True
+"""Whether a partly run block that writes its rows into its hidden input (`writes_hidden`: a decode program) and
+whose body ends in the sum of two tensors (the residual add) hands both addends to one `rewrite::add_rows_into_`
+call (one launch on CUDA, the sum rounded as PyTorch's add rounds it) instead of adding them and `index_copy_`-ing
+the sum; not under autograd or while compiling. Not yet timed on a GPU: the profile of a graphed 16-layer batch-32
+step put the blocks' last adds and scatters at 0.024 + 0.047 ms (BENCHMARKS.md, 2026-12-07)."""
+
 
 @dataclass(frozen=True)
 class InputRule:
@@ -251,6 +259,7 @@ class RoutedBlock:
         self.writes_hidden = False
         """Set by a pass that knows nothing reads the hidden input (or a value it may alias) after the block: a
         partly run block then writes its running rows into it instead of into a copy (not under autograd)."""
+        self._addends: tuple[fx.GraphModule, str, fx.GraphModule | None] | None = None  # (body, its code, addends body)
         self.__name__ = "layer_skip_block_" + layer.replace(".", "_")
         self.__qualname__ = self.__name__
 
@@ -325,10 +334,44 @@ class RoutedBlock:
         for (position, value), read in zip(views, reads, strict=True):
             inputs[position] = (value.select_rows(rows) if read is None
                                 else value.select_rows(rows, [next(view_rows) for _ in read]))
-        out = self.body(*inputs).to(hidden.dtype)
-        if self.writes_hidden and not (torch.is_grad_enabled() and hidden.requires_grad):
+        in_place = self.writes_hidden and not (torch.is_grad_enabled() and hidden.requires_grad)
+        scatter_sum = FUSED_ROW_SCATTER and in_place and self.batch_dim == 0 and forward_only_applies(hidden)
+        addends = self._addends_body() if scatter_sum else None
+        if addends is not None:
+            a, b = addends(*inputs)
+            if a.shape == b.shape == (active, *hidden.shape[1:]) and a.dtype == b.dtype == hidden.dtype:
+                return add_rows_into_(hidden, rows, a, b)
+            out = (a + b).to(hidden.dtype)
+        else:
+            out = self.body(*inputs).to(hidden.dtype)
+        if in_place:
             return hidden.index_copy_(self.batch_dim, rows, out)
         return hidden.index_copy(self.batch_dim, rows, out)
+
+    def _addends_body(self) -> fx.GraphModule | None:
+        """The body returning the two addends of its result when that result is `aten.add.Tensor` of two values
+        (else None), made again whenever the body's code changed."""
+        body, code = self.body, self.body.code
+        if self._addends is None or self._addends[0] is not body or self._addends[1] != code:
+            self._addends = (body, code, addends_of_result(body))
+        return self._addends[2]
+
+
+def addends_of_result(body: fx.GraphModule) -> fx.GraphModule | None:
+    """A copy of `body` that returns (a, b) where `body` returns `aten.add.Tensor(a, b)` of two graph values with no
+    alpha; None for any other result."""
+    output = next(n for n in reversed(body.graph.nodes) if n.op == "output")
+    result = output.args[0]
+    if not (isinstance(result, fx.Node) and result.op == "call_function" and result.target is torch.ops.aten.add.Tensor
+            and len(result.args) == 2 and not result.kwargs and len(result.users) == 1
+            and all(isinstance(x, fx.Node) for x in result.args)):
+        return None
+    graph = copy.deepcopy(body.graph)
+    twin_output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    twin_sum = twin_output.args[0]
+    twin_output.args = (tuple(twin_sum.args),)
+    graph.erase_node(twin_sum)
+    return fx.GraphModule(body, graph)
 
 
 def _gather_running_rows(gathered: list[tuple[torch.Tensor, int]], rows: torch.Tensor, fused: bool) -> list[torch.Tensor]:

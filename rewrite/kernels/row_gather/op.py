@@ -3,6 +3,7 @@
 import torch
 
 from .._triton import load_triton_module
+from ..launch_math import rows_are_contiguous
 
 _TRITON = "rewrite.kernels.row_gather.triton_kernels"
 
@@ -16,7 +17,7 @@ def gather_rows_op(values: list[torch.Tensor], rows: torch.Tensor) -> list[torch
 @gather_rows_op.register_kernel("cuda")
 def _gather_rows_cuda(values: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
     launchers = load_triton_module(_TRITON)
-    together = [i for i, v in enumerate(values) if launchers.rows_are_contiguous(v)]
+    together = [i for i, v in enumerate(values) if rows_are_contiguous(v)]
     outs = [v.index_select(0, rows) if i not in together else None for i, v in enumerate(values)]
     for i, out in zip(together, launchers.gather_rows_forward([values[i] for i in together], rows), strict=True):
         outs[i] = out

@@ -10,7 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-from rewrite.kernels.launch_math import cdiv, next_power_of_2, row_warps
+from rewrite.kernels.launch_math import (
+    cdiv,
+    next_power_of_2,
+    row_warps,
+    rows_are_contiguous,  # noqa: F401  (the op picks the tensors it takes by it)
+)
 
 from ..alloc import new_empty
 
@@ -49,23 +54,13 @@ def _gather_rows_kernel(
         _copy_row(src5_ptr, dst5_ptr, stride5, width5, row, r, cols)
 
 
-def rows_are_contiguous(t: torch.Tensor) -> bool:
-    """Whether each row t[i] of `t` (dim >= 1) is one contiguous run of elements (rows may be any stride apart)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _as_bytes_if_bool(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
 def gather_rows_forward(values: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
     """[v.index_select(0, rows) for v in values], contiguous, for tensors whose rows are contiguous runs (see
-    `rows_are_contiguous`), on one device with `rows`; SLOTS tensors a launch."""
+    `launch_math.rows_are_contiguous`), on one device with `rows`; SLOTS tensors a launch."""
     count = rows.shape[0]
     outs = [new_empty((count, *v.shape[1:]), dtype=v.dtype, device=v.device) for v in values]
     if count == 0:
