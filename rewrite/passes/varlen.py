@@ -53,6 +53,7 @@ from rewrite.passes.base import (
 )
 from rewrite.real_tokens import OutputTokens, RealTokens
 from rewrite.varlen import runtime
+from rewrite.varlen.causal_conv import causal_depthwise_conv
 from rewrite.varlen.graph_replay import MODES as REPLAY_MODES
 from rewrite.varlen.graph_replay import TokenBuckets
 from rewrite.varlen.mask_check import MaskUse, prove_packed_masks, prove_padding_masks
@@ -169,9 +170,9 @@ def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[
 CONVOLUTIONS = (aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
                 aten.conv3d.default, aten.conv3d.padding, aten.convolution.default)
 UNSUPPORTED_REMEDY = (
-    "The varlen pass runs per sequence (cu_seqlens) softmax attention, sliding-window attention and the `mixer` "
-    "pass's mixers; every other op must keep each token apart. Leave `varlen` out of the plan for this model "
-    "(the pass has no `layers` selector: it packs every layer or none)")
+    "The varlen pass runs per sequence (cu_seqlens) softmax attention, sliding-window attention, the `mixer` "
+    "pass's mixers and causal depthwise convs; every other op must keep each token apart. Leave `varlen` out of "
+    "the plan for this model (the pass has no `layers` selector: it packs every layer or none)")
 
 
 def _layer_of(node: fx.Node, analysis: GraphAnalysis) -> str:
@@ -184,11 +185,12 @@ def _layer_of(node: fx.Node, analysis: GraphAnalysis) -> str:
 
 def _refuse_token_convolutions(graph: fx.Graph, analysis: GraphAnalysis, symbols: TokenSymbols,
                                mixing: list[fx.Node]) -> None:
-    """Raise PassError naming the layer and module of a convolution over the tokens (LFM2's short conv) that feeds
-    attention: on packed sequences it would mix the end of one sequence into the start of the next."""
+    """Raise PassError naming the layer and module of a convolution over the tokens that feeds attention and that the
+    walk cannot run per sequence (`causal_conv`): on packed sequences it would mix the end of one sequence into the
+    start of the next."""
     feeds_mixing = graph_ancestors(a for n in mixing for a in n.all_input_nodes)
     for node in graph.nodes:
-        if not is_op(node, *CONVOLUTIONS) or node not in feeds_mixing:
+        if not is_op(node, *CONVOLUTIONS) or node not in feeds_mixing or causal_depthwise_conv(node, symbols):
             continue
         x, w = tensor_meta(node.args[0]), tensor_meta(node.args[1])
         if x is None or w is None:
@@ -203,8 +205,9 @@ def _refuse_token_convolutions(graph: fx.Graph, analysis: GraphAnalysis, symbols
             f"{_layer_of(node, analysis)}: a convolution over the tokens (kernel {over_tokens[0]}, module {path}, as a "
             "short-conv layer) mixes each token with its neighbours, so on packed sequences it would read the end of "
             "one sequence into the start of the next; it feeds attention, so it cannot run on repadded values either. "
-            "A model's own convolutions have no varlen form here, so short-conv layers are not supported. "
-            + UNSUPPORTED_REMEDY, node)
+            "The pass runs per sequence only a causal depthwise conv1d (weight [C, 1, K] with K from 2 to 8, "
+            "groups = C, padding K-1 and the first seq outputs kept: a short-conv layer as LFM2 writes it); this "
+            "one is not of that form. " + UNSUPPORTED_REMEDY, node)
 
 
 def _windowed_mixers(mixers: list[fx.Node], windows: dict[str, int], result: PassResult) -> None:
@@ -393,6 +396,8 @@ class Varlen(GraphPass):
             f"packed inputs: {', '.join(p.name for p in token_inputs)}")
         if rewriter.positions_rewritten:
             result.messages.append("per-sequence positions: " + ", ".join(rewriter.positions_rewritten))
+        if rewriter.convs_per_sequence:
+            result.messages.append("causal convs per sequence: " + ", ".join(rewriter.convs_per_sequence))
         if rewriter.checked_at_runtime:
             result.messages.append("checked at run time: " + ", ".join(rewriter.checked_at_runtime))
         if rewriter.token_modules:
@@ -479,6 +484,8 @@ class Varlen(GraphPass):
                                f"{', '.join(p.name for p in token_inputs)}")
         if rewriter.positions_rewritten:
             result.messages.append("per-sequence positions: " + ", ".join(rewriter.positions_rewritten))
+        if rewriter.convs_per_sequence:
+            result.messages.append("causal convs per sequence: " + ", ".join(rewriter.convs_per_sequence))
         if rewriter.exits:
             result.messages.append("read the packed row as a whole: " + ", ".join(rewriter.exits))
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]

@@ -393,3 +393,13 @@ def check_zero_at_padding(
         f"model only where the counted value is 0 at padding before a row's real tokens. Row {row}, position {pos} "
         f"is padding but the value is not 0 there ({held or 'see the inputs'}). Put the pad token at padded "
         "positions (e.g. input_ids[attention_mask == 0] = pad_token_id) or pass position_ids explicitly")
+
+
+def packed_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """`conv1d(x, weight, bias, padding=K-1, groups=C)[..., :T]` of packed x [1, C, T] (weight [C, 1, K]), restarted
+    at each sequence of cu_seqlens: no token reads another sequence's inputs."""
+    from rewrite.kernels.short_conv import short_conv
+
+    y, _ = short_conv(x.transpose(1, 2), weight[:, 0], bias, cu_seqlens=cu_seqlens)
+    return y.transpose(1, 2)

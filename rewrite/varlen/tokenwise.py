@@ -254,7 +254,11 @@ def _check(node: fx.Node, symbols: TokenSymbols, kind_of: KindOf) -> str | None:
             isinstance(end, fx.Node) and isinstance(end.meta.get("val"), torch.SymInt)
             and sympy.simplify(expr_of(end.meta["val"]) - size) == 0
         )
-        if start in (None, 0) and step in (None, 1) and whole_end:
+        whole_start = start in (None, 0) or (  # x[:, -seq:] (LFM2 cuts its mask to the tokens' length so)
+            isinstance(start, fx.Node) and isinstance(start.meta.get("val"), torch.SymInt)
+            and sympy.simplify(expr_of(start.meta["val"]) + size) == 0
+        )
+        if whole_start and step in (None, 1) and whole_end:
             return None
         return "it slices part of the tokens"
     if is_op(node, *PICKS):

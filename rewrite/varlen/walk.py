@@ -21,6 +21,7 @@ from rewrite.analysis.graph_utils import attribute_tensor
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
 from rewrite.errors import PassError
 from rewrite.varlen import runtime
+from rewrite.varlen.causal_conv import causal_depthwise_conv
 from rewrite.varlen.module_probe import TokenwiseModules
 from rewrite.varlen.symbols import SizeBuilder, TokenDims, TokenSymbols, expr_of
 from rewrite.varlen.tokenwise import SEQ_OUTER, check
@@ -77,6 +78,7 @@ class PackedGraphWalk:
         self.zero_at_pads: set[fx.Node] = set()  # values known to be 0 at every padded token
         self.exits: list[str] = []
         self.positions_rewritten: list[str] = []
+        self.convs_per_sequence: list[str] = []  # causal convs over the tokens now restarted at each sequence
         self.restarts_positions = False  # an arange / position table now counts from each row's first real token
         self.padded_inputs: dict[fx.Node, fx.Node] = {}  # packed token input -> the padded placeholder it packs
         self.checked_at_runtime: list[str] = []
@@ -212,7 +214,7 @@ class PackedGraphWalk:
                 self._attention(node)
             elif self.modules.owner(node) is not None:
                 self._inside_module(node)
-            elif self._restart_cumsum(node):
+            elif self._restart_cumsum(node) or self._causal_conv_per_sequence(node):
                 pass
             elif kinds & {"token", "positional"}:
                 reason = check(node, self.symbols, self.kind_of)
@@ -301,6 +303,24 @@ class PackedGraphWalk:
         self.graph.erase_node(node)
         self.kind[new] = "token"
         self.positions_rewritten.append(f"{node.name} ({module_path(new) or '<root>'}): cumsum per sequence")
+        return True
+
+    def _causal_conv_per_sequence(self, node: fx.Node) -> bool:
+        """A causal depthwise conv over the tokens (`causal_conv`) -> the same conv per sequence of the packed
+        tokens; its slice's value is replaced, the conv and the slice left to dead-code elimination."""
+        if not is_op(node, aten.conv1d.default) or self.kind_of(node.args[0]) != "token":
+            return False
+        conv = causal_depthwise_conv(node, self.symbols)
+        if conv is None or any(self.kind_of(a) not in ("free", "sym") for a in (conv.weight, conv.bias) if a):
+            return False
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(runtime.packed_causal_conv1d,
+                                           (conv.x, conv.weight, conv.bias, self.layout["cu_seqlens"]))
+        new.meta = dict(conv.cut.meta)
+        conv.cut.replace_all_uses_with(new)
+        self.kind[node] = self.kind[conv.cut] = "free"  # dead now
+        self.kind[new] = "token"
+        self.convs_per_sequence.append(module_path(node) or "<root>")
         return True
 
     def _checked_zero_at_pads(self, x: fx.Node, cumsum: fx.Node, dims: TokenDims) -> fx.Node | None:
