@@ -32,7 +32,8 @@ class StepTokens(NamedTuple):
 
 def decode_program(om: Any) -> DecodeProgram:
     """The decode program of optimized module `om` (built on first use, rebuilt after a move or cast or
-    when a decode fusion's switch changes, `fusion_switches.SWITCHES`)."""
+    when a decode fusion's switch changes, `fusion_switches.SWITCHES`: then from the capture the last build kept,
+    which only a move or cast makes again)."""
     source = om.source
     if source is None:
         raise RewriteError("generate() needs the source model to capture its decode program; load the module "
@@ -48,7 +49,12 @@ def decode_program(om: Any) -> DecodeProgram:
         if name in mine and (mine[name].device != buf.device or mine[name].dtype != buf.dtype):
             owner, _, leaf = name.rpartition(".")
             (source.get_submodule(owner) if owner else source)._buffers[leaf] = mine[name]
-    program = DecodeProgram(source, om.plan, dict(om.named_parameters()))
+    parameters = dict(om.named_parameters())
+    threaded = om.__dict__.get("_decode_threaded")  # the capture before fusions: switches changed, not captured again
+    if threaded is None or threaded[0] != key[:3]:
+        threaded = (key[:3], None)
+    program = DecodeProgram(source, om.plan, parameters, threaded[1])
+    om.__dict__["_decode_threaded"] = (key[:3], program.threaded)
     om.__dict__["_decode_program"] = (key, program)
     return program
 

@@ -108,44 +108,37 @@ def _fuse_with_routed_bodies(gm: fx.GraphModule, fuse: Callable[[fx.GraphModule]
     return fuse(gm) + sum(fuse(call.block.body) for call in routed_calls(gm))
 
 
+@dataclasses.dataclass(frozen=True)
+class ThreadedCapture:
+    """A language model captured on token ids and threaded with decode state by a plan's pipeline, before any decode
+    fusion: what the programs of one (module, plan, device, dtype) start from, whichever fusions they make."""
+
+    graph_module: fx.GraphModule
+    report: Any
+    signature: DecodeSignature
+    injected: dict[str, Any]
+    kwarg_order: list[str]
+
+
 class DecodeProgram:
     """Calls the threaded program: `(token ids [B, T], positions [B, T], state) -> logits [B, T, V]`."""
 
-    def __init__(self, source: torch.nn.Module, plan: Any, parameters: dict[str, torch.Tensor]):
-        from rewrite.pipeline import run_pipeline
-
+    def __init__(self, source: torch.nn.Module, plan: Any, parameters: dict[str, torch.Tensor],
+                 threaded: ThreadedCapture | None = None):
+        """The program of `source` under `plan` over `parameters`, with the decode fusions their switches ask for;
+        `threaded`: the capture to start from (`thread`; made here when None)."""
         self.model_name = type(source).__name__
         params = inspect.signature(source.forward).parameters
         self.ids_keyword = "input_ids" if "input_ids" in params else None
         self.takes_positions = "position_ids" in params
-        device = next(iter(parameters.values())).device if parameters else torch.device("cpu")
-        ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_LENGTH, dtype=torch.long, device=device)
-        args, kwargs = self._inputs(ids, torch.arange(EXAMPLE_LENGTH, device=device).expand(EXAMPLE_BATCH, -1))
-        was_training = source.training
-        source.train(False)
-        try:
-            captured = capture(source, args, kwargs)
-        except CaptureError as exc:
-            raise RewriteError(
-                f"generate() could not capture {self.model_name} on token ids [batch, tokens]: {exc}. It needs a "
-                "language model taking token ids (as `input_ids` or its first argument) and returning logits"
-            ) from exc
-        finally:
-            source.train(was_training)
-        fixed = [size for _, dim, size in captured.static_dims if dim == 1]
-        if fixed:
-            raise RewriteError(
-                f"generate() needs {self.model_name} captured for any number of tokens, but the capture fixed the "
-                f"token dim to {fixed[0]} (Python code sized by the tokens, such as a loop over them in a reference "
-                "selective scan); its decode step could not take one token at a time")
-        gm = captured.graph_module
-        self.report = run_pipeline(gm, _decode_plan(plan, source), existing_state=parameters, source=source)
-        signature = gm.meta.get("decode")
-        if not isinstance(signature, DecodeSignature):
-            raise RewriteError(f"{self.model_name} has no attention or mixer site to carry state; generate() has "
-                               "nothing to decode incrementally")
-        # a plain GraphModule over the same state: export's module checks its inputs against the capture's
-        self.graph_module: fx.GraphModule = fx.GraphModule(gm, gm.graph, class_name="DecodeProgram")
+        if threaded is None:
+            threaded = self.thread(source, plan, parameters)
+        self.threaded = threaded
+        self.report = threaded.report
+        signature = threaded.signature
+        # a plain GraphModule over the same state (export's module checks its inputs against the capture's), with
+        # its own graph and routed bodies: the fusions below rewrite them, the threaded capture stays as it was
+        self.graph_module: fx.GraphModule = _program_copy(threaded.graph_module)
         self.fused: FusedWeights | None = None
         if fuse_projections.FUSE_SIBLING_PROJECTIONS:
             self.fused = fuse_projections.fuse_sibling_projections(self.graph_module)
@@ -167,9 +160,41 @@ class DecodeProgram:
         self.fused_kv_write = decode_state.FUSED_KV_WRITE
         """Whether the program's KV-cache sites write keys and values by one op call (`DecodeState.fused_kv_write`)."""
         self.signature = signature
-        self.injected = captured.injected_kwargs
-        self.kwarg_order = captured.kwarg_order
+        self.injected = threaded.injected
+        self.kwarg_order = threaded.kwarg_order
         self._compiled: torch.nn.Module | None = None
+
+    def thread(self, source: torch.nn.Module, plan: Any, parameters: dict[str, torch.Tensor]) -> ThreadedCapture:
+        """`source` captured on token ids and threaded with decode state by `plan`'s pipeline, before any fusion."""
+        from rewrite.pipeline import run_pipeline
+
+        device = next(iter(parameters.values())).device if parameters else torch.device("cpu")
+        ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_LENGTH, dtype=torch.long, device=device)
+        args, kwargs = self._inputs(ids, torch.arange(EXAMPLE_LENGTH, device=device).expand(EXAMPLE_BATCH, -1))
+        was_training = source.training
+        source.train(False)
+        try:
+            captured = capture(source, args, kwargs)
+        except CaptureError as exc:
+            raise RewriteError(
+                f"generate() could not capture {self.model_name} on token ids [batch, tokens]: {exc}. It needs a "
+                "language model taking token ids (as `input_ids` or its first argument) and returning logits"
+            ) from exc
+        finally:
+            source.train(was_training)
+        fixed = [size for _, dim, size in captured.static_dims if dim == 1]
+        if fixed:
+            raise RewriteError(
+                f"generate() needs {self.model_name} captured for any number of tokens, but the capture fixed the "
+                f"token dim to {fixed[0]} (Python code sized by the tokens, such as a loop over them in a reference "
+                "selective scan); its decode step could not take one token at a time")
+        gm = captured.graph_module
+        report = run_pipeline(gm, _decode_plan(plan, source), existing_state=parameters, source=source)
+        signature = gm.meta.get("decode")
+        if not isinstance(signature, DecodeSignature):
+            raise RewriteError(f"{self.model_name} has no attention or mixer site to carry state; generate() has "
+                               "nothing to decode incrementally")
+        return ThreadedCapture(gm, report, signature, captured.injected_kwargs, captured.kwarg_order)
 
     @property
     def positions_in_graph(self) -> bool:
