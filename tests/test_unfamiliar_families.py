@@ -834,12 +834,13 @@ def test_encoder_decoder_keeps_cross_attention_and_varlen_refuses_it():
 
 
 def llama4():
-    """Llama 4's text model: layers 0-2 chunked local attention (chunks of 4 tokens, RoPE), layer 3 global (NoPE)."""
+    """Llama 4's text model: layer 0 chunked local attention (chunks of 4 tokens, RoPE), layer 1 global (NoPE: one
+    layer in every `no_rope_layer_interval`, 4 in the released models)."""
     return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
-        hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=4, num_attention_heads=4,
+        hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, attention_chunk_size=4,
-        num_local_experts=1, interleave_moe_layer_step=0, moe_layers=[], bos_token_id=1, eos_token_id=2,
-        pad_token_id=0))
+        no_rope_layer_interval=2, num_local_experts=1, interleave_moe_layer_step=0, moe_layers=[], bos_token_id=1,
+        eos_token_id=2, pad_token_id=0))
 
 
 def test_chunked_local_attention_is_refused_as_chunked_when_optimize_runs():
@@ -855,7 +856,7 @@ def test_chunked_local_attention_is_refused_as_chunked_when_optimize_runs():
                           ([{"mixer": {"kind": "gla"}}, "varlen"], right_padded([8, 5], 8)),
                           ([{"mixer": {"kind": "gla"}}], unpadded)):
         with pytest.raises(PassError, match=chunked + r".*`layers` selector \(here the layers without chunked "
-                                                      r"attention: `layers: \[3\]`\)") as info:
+                                                      r"attention: `layers: \[1\]`\)") as info:
             rewrite.optimize(model, plan, example_kwargs=example)
         assert info.value.pass_name == "mixer" and info.value.module_path == "model.layers.0.self_attn"
     with pytest.raises(PassError, match=chunked + r".*Stateful decode does not support it") as info:
@@ -863,7 +864,7 @@ def test_chunked_local_attention_is_refused_as_chunked_when_optimize_runs():
     assert info.value.module_path == "model.layers.0.self_attn"
     with pytest.raises(PassError, match=r"layer 0 .*cuts positions into chunks of 4 tokens"):  # no chunk crossed
         rewrite.optimize(model, ["stateful"], example_kwargs={"input_ids": unpadded["input_ids"][:, :4]})
-    om = rewrite.optimize(model, [{"mixer": {"kind": "gla", "layers": [3]}}], example_kwargs=right_padded([8, 5], 8))
+    om = rewrite.optimize(model, [{"mixer": {"kind": "gla", "layers": [1]}}], example_kwargs=right_padded([8, 5], 8))
     assert [c.split(": ")[-1] for c in om.report.results[0].changed] == ["gla"]
     batch = right_padded([20, 9], 20)
     with torch.no_grad():
