@@ -26,6 +26,7 @@ from rewrite.decode.fuse_projections import (
 )
 from rewrite.decode.program import DecodeProgram
 from rewrite.errors import RewriteError
+from rewrite.plan import Plan
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,6 +117,12 @@ def full_logits(module, ids: torch.Tensor) -> torch.Tensor:
 def stepwise(program: DecodeProgram, ids: torch.Tensor, prefill: int = 5) -> torch.Tensor:
     """Logits of a prefill of `prefill` tokens, then one decode step per remaining token."""
     return stepwise_program_logits(program, ids, prefill)
+
+
+def model_program(model: nn.Module) -> DecodeProgram:
+    """The decode program of `model` under the fusion switches now: what `decode_program(rewrite.optimize(model, [],
+    ...))` builds (the same source, empty plan and parameters), without capturing the model's forward first."""
+    return DecodeProgram(model, Plan.from_data([]), dict(model.named_parameters()))
 
 
 def greedy(module, ids: torch.Tensor, new: int) -> torch.Tensor:
