@@ -26,6 +26,7 @@ from rewrite.decode.fuse_projections import (
 )
 from rewrite.decode.program import DecodeProgram
 from rewrite.errors import RewriteError
+from rewrite.plan import Plan
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,6 +119,12 @@ def stepwise(program: DecodeProgram, ids: torch.Tensor, prefill: int = 5) -> tor
     return stepwise_program_logits(program, ids, prefill)
 
 
+def model_program(model: nn.Module) -> DecodeProgram:
+    """The decode program of `model` under the fusion switches now: what `decode_program(rewrite.optimize(model, [],
+    ...))` builds (the same source, empty plan and parameters), without capturing the model's forward first."""
+    return DecodeProgram(model, Plan.from_data([]), dict(model.named_parameters()))
+
+
 def greedy(module, ids: torch.Tensor, new: int) -> torch.Tensor:
     """Greedy continuation by re-running the full forward on the whole sequence at every step."""
     for _ in range(new):
@@ -152,10 +159,13 @@ CASES = [  # (family, plan, linear nodes unfused, fused)
 @pytest.mark.parametrize("family,plan,before,after", CASES)
 def test_fused_step_graph_has_fewer_projections_and_decodes_like_the_unfused_program(family, plan, before, after):
     model, om, ids = built(family, plan)
+    # each program generates right after it is built, while `decode_program` still holds it
     with fusing(False):
         plain = decode_program(om)
+        plain_tokens = om.generate(ids, max_new_tokens=4, eos_token_id=[])
     with fusing(True):
         fused = decode_program(om)
+        tokens = om.generate(ids, max_new_tokens=4, eos_token_id=[])
     assert plain.fused is None and fused.fused is not None
     assert len(linear_nodes(plain.graph_module)) == before
     assert len(linear_nodes(fused.graph_module)) == after
@@ -189,10 +199,7 @@ def test_fused_step_graph_has_fewer_projections_and_decodes_like_the_unfused_pro
     got = stepwise(fused, ids)
     torch.testing.assert_close(got, stepwise(plain, ids), atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(got, reference, atol=ATOL, rtol=RTOL)
-    with fusing(True):
-        tokens = om.generate(ids, max_new_tokens=4, eos_token_id=[])
-    with fusing(False):
-        assert torch.equal(tokens, om.generate(ids, max_new_tokens=4, eos_token_id=[]))
+    assert torch.equal(tokens, plain_tokens)
     assert torch.equal(tokens, greedy(model if plan == "softmax" else om, ids, 4))
 
 
@@ -227,12 +234,12 @@ def test_sibling_projections_of_another_dtype_or_in_features_are_left_alone():
 def test_compiled_fused_step_gives_the_unfused_logits_and_tokens():
     """The fused program compiled by Inductor (static step): the unfused eager program's logits and tokens."""
     _, om, ids = built("llama", "gla")
+    with fusing(True):  # the program the llama-gla case built last
+        fused = decode_program(om)
+        compiled_tokens = om.generate(ids, max_new_tokens=4, eos_token_id=[], compile_step=True)
     with fusing(False):
         plain = decode_program(om)
-        tokens = om.generate(ids, max_new_tokens=4, eos_token_id=[])
-    with fusing(True):
-        fused = decode_program(om)
-        assert torch.equal(om.generate(ids, max_new_tokens=4, eos_token_id=[], compile_step=True), tokens)
+        assert torch.equal(compiled_tokens, om.generate(ids, max_new_tokens=4, eos_token_id=[]))
     outs = {}
     for name, program in (("plain", plain), ("fused", fused)):
         state = program.new_state(2, 12)

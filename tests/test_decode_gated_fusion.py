@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from conftest import decode_fusion, stepwise_program_logits
-from test_decode_fusion import greedy
+from test_decode_fusion import greedy, model_program
 from test_decode_norm_fusion import gemma3
 from test_decode_rotary_fusion import FAMILIES as ROTARY_FAMILIES
 from test_decode_rotary_fusion import LAYERS, token_ids
@@ -49,11 +49,16 @@ def fusing_gated(on: bool = True):
 
 
 @functools.cache
+def model_and_ids(family: str, dtype: torch.dtype = torch.float32):
+    """(model, token ids [2, 9]), built once per test session."""
+    builder = FAMILIES[family][0] if family in FAMILIES else ROTARY_FAMILIES[family]
+    return builder().to(dtype), token_ids()
+
+
+@functools.cache
 def optimized(family: str, dtype: torch.dtype = torch.float32):
     """(model, optimized module, token ids [2, 9]), built once per test session."""
-    builder = FAMILIES[family][0] if family in FAMILIES else ROTARY_FAMILIES[family]
-    model = builder().to(dtype)
-    ids = token_ids()
+    model, ids = model_and_ids(family, dtype)
     return model, rewrite.optimize(model, [], example_kwargs={"input_ids": ids}), ids
 
 
@@ -70,16 +75,27 @@ def programs(om):
     return plain, fused
 
 
+def model_programs(model):
+    """(unfused program, fused program) of `model` optimized by the empty plan (`model_program`)."""
+    with fusing_gated(False):
+        plain = model_program(model)
+    with fusing_gated(True):
+        fused = model_program(model)
+    return plain, fused
+
+
+# Qwen3's, Mistral's and Gemma3's MLPs are Llama's and Gemma's code (`down(act(gate(x)) * up(x))`, SiLU and tanh GELU):
+# Llama and Gemma cover that code path, in float32 and bfloat16; Phi-3 its chunked gate_up_proj.
 @pytest.mark.parametrize(
     "family,dtype",
-    [*((f, torch.float32) for f in FAMILIES), ("llama", torch.bfloat16), ("gemma", torch.bfloat16)],
+    [*((f, torch.float32) for f in ("llama", "phi3", "gemma")), ("llama", torch.bfloat16), ("gemma", torch.bfloat16)],
     ids=str,
 )
 def test_every_layers_gated_activation_is_one_call_and_decodes_bitwise_like_the_unfused_program(
     family, dtype
 ):
-    model, om, ids = optimized(family, dtype)
-    plain, fused = programs(om)
+    model, ids = model_and_ids(family, dtype)
+    plain, fused = model_programs(model)
     kind = FAMILIES[family][1]
     activation = aten.silu if kind == "silu" else aten.gelu
     assert plain.fused_gated_activations == 0 and len(calls(plain.graph_module, activation)) == LAYERS
@@ -99,9 +115,20 @@ def test_every_layers_gated_activation_is_one_call_and_decodes_bitwise_like_the_
 @pytest.mark.parametrize("family", ["gpt_neox", "phi"])
 def test_non_gated_mlps_are_left_alone(family):
     """GPT-NeoX's `gelu(dense_h_to_4h(x))` and Phi's tanh GELU written out: nothing fused, the same graph."""
-    _, om, ids = optimized(family)
-    plain, fused = programs(om)
+    model, _ = model_and_ids(family)
+    plain, fused = model_programs(model)
     assert fused.fused_gated_activations == 0 and fused.code == plain.code
+
+
+def test_compiled_step_compiles_the_activations_unfused():
+    _, om, ids = optimized("llama")
+    with fusing_gated(True):
+        program = decode_program(om)
+        assert "gated_activation" in program.graph_module.code
+        assert "gated_activation" not in program.compile_source.code and "silu" in program.compile_source.code
+        eager = om.generate(ids, max_new_tokens=2, eos_token_id=[])
+        compiled = om.generate(ids, max_new_tokens=2, eos_token_id=[], compile_step=True)
+    assert torch.equal(compiled, eager)
 
 
 def test_generate_with_fused_activations_gives_the_full_forwards_tokens():
@@ -124,17 +151,6 @@ def test_with_every_other_fusion_on_the_tokens_are_the_unfused_programs():
         assert program.fused_gated_activations == LAYERS
         tokens = om.generate(ids, max_new_tokens=3, eos_token_id=[])
     assert torch.equal(tokens, greedy(model, ids, 3))
-
-
-def test_compiled_step_compiles_the_activations_unfused():
-    _, om, ids = optimized("llama")
-    with fusing_gated(True):
-        program = decode_program(om)
-        assert "gated_activation" in program.graph_module.code
-        assert "gated_activation" not in program.compile_source.code and "silu" in program.compile_source.code
-        eager = om.generate(ids, max_new_tokens=2, eos_token_id=[])
-        compiled = om.generate(ids, max_new_tokens=2, eos_token_id=[], compile_step=True)
-    assert torch.equal(compiled, eager)
 
 
 def test_routed_blocks_fuse_their_activations_and_decode_like_the_unfused_program():

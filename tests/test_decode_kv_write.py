@@ -5,9 +5,12 @@ casts and `index_copy_` itself; the Triton kernel's writes are tested in tests/k
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import OpCounts, decode_fusion, one_decode_step_ops, stepwise_program_logits
+from test_decode_fusion import model_program
 
 import rewrite
 from rewrite.decode import decode_program, fusion_switches
@@ -40,14 +43,29 @@ def token_ids(batch: int = 4, length: int = 9) -> torch.Tensor:
     return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
+@functools.cache
+def llama():
+    """(tiny float32 Llama, its optimized module, token ids [4, 9]), shared by the tests that only read them; the
+    tests run in an order in which each finds the program it asks for first in `decode_program`'s cache where it
+    can (it keeps the last program built)."""
+    model, ids = tiny("LlamaConfig", "LlamaForCausalLM"), token_ids()
+    return model, rewrite.optimize(model, [], example_kwargs={"input_ids": ids}), ids
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_llama_writes_each_layers_cache_by_one_call_and_decodes_bitwise_like_the_two_index_copies(dtype):
-    model, ids = tiny("LlamaConfig", "LlamaForCausalLM", dtype), token_ids()
-    om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
-    with fused_writes(False):
-        unfused = decode_program(om)
-    with fused_writes():
-        fused = decode_program(om)
+    if dtype == torch.float32:
+        _, om, ids = llama()
+        with fused_writes(False):
+            unfused = decode_program(om)
+        with fused_writes():
+            fused = decode_program(om)
+    else:
+        model, ids = tiny("LlamaConfig", "LlamaForCausalLM", dtype), token_ids()
+        with fused_writes(False):
+            unfused = model_program(model)
+        with fused_writes():
+            fused = model_program(model)
     assert fused is not unfused and fused.fused_kv_write and not unfused.fused_kv_write
     expected = stepwise_program_logits(unfused, ids, 5)
     with OpCounts() as counts:
@@ -61,38 +79,30 @@ def test_llama_writes_each_layers_cache_by_one_call_and_decodes_bitwise_like_the
     assert sum(after.ops.values()) == sum(before.ops.values()) - LAYERS
 
 
-def test_the_switch_is_read_when_the_program_is_built():
-    """As the other decode fusions: a program built with it on writes by the op after the switch is off again (the
-    benchmarks time such programs beside the default one on one state), and `decode_program` rebuilds its cached
-    program when the switch changes."""
-    model, ids = tiny("LlamaConfig", "LlamaForCausalLM"), token_ids()
-    om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
-    with fused_writes(False):
-        with fusion_switches.fusions_on(["kv_write"]):
-            assert fusion_switches.current()[list(fusion_switches.SWITCHES).index("kv_write")]
-            fused = decode_program(om)
-        assert not decode_state.FUSED_KV_WRITE and decode_program(om) is not fused
-        assert one_decode_step_ops(fused, ids, 5).ops[WRITE] == LAYERS  # the switch off now, the program built with it on
-        unfused = decode_program(om)
-    with fused_writes():
-        assert one_decode_step_ops(unfused, ids, 5).ops[WRITE] == 0  # the switch on now, the program built with it off
-
-
 def test_kv_writes_are_fused_by_default():
-    model, ids = tiny("LlamaConfig", "LlamaForCausalLM"), token_ids()
-    om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
+    _, om, ids = llama()
     assert decode_program(om).fused_kv_write and one_decode_step_ops(decode_program(om), ids, 5).ops[WRITE] == LAYERS
+
+
+def test_compiled_step_writes_as_inductor_compiles_it_and_gives_the_eager_tokens():
+    """compile_step=True with the switch on: the compiled step keeps the casts and index_copy_ (Inductor fuses them
+    into the kernels making k / v), the eager step the op; both give the same tokens."""
+    _, om, ids = llama()
+    ids = ids[:2]
+    with fused_writes():
+        eager = om.generate(ids, max_new_tokens=2, eos_token_id=[])
+        compiled = om.generate(ids, max_new_tokens=2, eos_token_id=[], compile_step=True)
+    assert torch.equal(compiled, eager)
 
 
 def test_ring_caches_of_sliding_window_layers_are_written_by_one_call():
     """Mistral with a window of 4: a prompt longer than the window (the ring's last 4 written), then steps that wrap
     the ring; the slots' bookkeeping keeps its own `index_copy_`."""
     model, ids = tiny("MistralConfig", "MistralForCausalLM", sliding_window=4), token_ids(length=11)
-    om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
     with fused_writes(False):
-        unfused = decode_program(om)
+        unfused = model_program(model)
     with fused_writes():
-        fused = decode_program(om)
+        fused = model_program(model)
     expected = stepwise_program_logits(unfused, ids, 6)
     with OpCounts() as counts:
         got = stepwise_program_logits(fused, ids, 6)
@@ -128,15 +138,20 @@ def test_layer_skip_routed_blocks_write_their_own_caches_by_one_call():
     assert counts.ops[INDEX_COPY] == 2 * steps
 
 
-def test_compiled_step_writes_as_inductor_compiles_it_and_gives_the_eager_tokens():
-    """compile_step=True with the switch on: the compiled step keeps the casts and index_copy_ (Inductor fuses them
-    into the kernels making k / v), the eager step the op; both give the same tokens."""
-    model, ids = tiny("LlamaConfig", "LlamaForCausalLM"), token_ids(batch=2)
-    om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
+def test_the_switch_is_read_when_the_program_is_built():
+    """As the other decode fusions: a program built with it on writes by the op after the switch is off again (the
+    benchmarks time such programs beside the default one on one state), and `decode_program` rebuilds its cached
+    program when the switch changes."""
+    _, om, ids = llama()
+    with fused_writes(False):
+        with fusion_switches.fusions_on(["kv_write"]):
+            assert fusion_switches.current()[list(fusion_switches.SWITCHES).index("kv_write")]
+            fused = decode_program(om)
+        assert not decode_state.FUSED_KV_WRITE and decode_program(om) is not fused
+        assert one_decode_step_ops(fused, ids, 5).ops[WRITE] == LAYERS  # the switch off now, the program built with it on
+        unfused = decode_program(om)
     with fused_writes():
-        eager = om.generate(ids, max_new_tokens=2, eos_token_id=[])
-        compiled = om.generate(ids, max_new_tokens=2, eos_token_id=[], compile_step=True)
-    assert torch.equal(compiled, eager)
+        assert one_decode_step_ops(unfused, ids, 5).ops[WRITE] == 0  # the switch on now, the program built with it off
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.fx as fx
 from conftest import decode_fusion, module_switch, stepwise_program_logits
-from test_decode_fusion import phi3
+from test_decode_fusion import model_program, phi3
 from test_unfamiliar_families import olmo2
 from torch import nn
 
@@ -64,9 +64,9 @@ BUILDERS = {"llama": TARGETS["llama"], "qwen3": TARGETS["qwen3"], "phi3": phi3,
 
 
 @functools.cache
-def built(family: str, dtype: torch.dtype = torch.float32):
-    """(model, optimized module, token ids [2, 16]); norm weights drawn around their neutral value, so that a
-    wrong weight, offset or cast order shows in the logits."""
+def model_and_ids(family: str, dtype: torch.dtype = torch.float32):
+    """(model, token ids [2, 16]); norm weights drawn around their neutral value, so that a wrong weight, offset or
+    cast order shows in the logits."""
     model, inputs = BUILDERS[family]()
     model = model.to(dtype)
     with torch.no_grad():
@@ -74,7 +74,13 @@ def built(family: str, dtype: torch.dtype = torch.float32):
             if "norm" in name and p.dim() == 1:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2
                         + (0.0 if family == "gemma3" else 1.0))
-    ids = inputs["input_ids"]
+    return model, inputs["input_ids"]
+
+
+@functools.cache
+def built(family: str, dtype: torch.dtype = torch.float32):
+    """(model, optimized module, token ids [2, 16]) of `model_and_ids`."""
+    model, ids = model_and_ids(family, dtype)
     return model, rewrite.optimize(model, [], example_kwargs={"input_ids": ids}), ids
 
 
@@ -85,6 +91,21 @@ def programs(om):
     with fusing_norms(True):
         fused = decode_program(om)
     return plain, fused
+
+
+def model_programs(family: str, dtype: torch.dtype = torch.float32):
+    """(model, unfused program, fused program, token ids) of `model_and_ids(family, dtype)`: float32 Llama's of its
+    optimized module (`built`), shared with the compiled-step test (`decode_program` keeps the fused one, built
+    last), the others' built from the model by the empty plan (`model_program`)."""
+    if (family, dtype) == ("llama", torch.float32):
+        model, om, ids = built(family, dtype)
+        return model, *programs(om), ids
+    model, ids = model_and_ids(family, dtype)
+    with fusing_norms(False):
+        plain = model_program(model)
+    with fusing_norms(True):
+        fused = model_program(model)
+    return model, plain, fused, ids
 
 
 def calls(program) -> list[fx.Node]:
@@ -131,8 +152,7 @@ def feeds_a_norm(add: fx.Node) -> bool:
 @pytest.mark.parametrize("family,dtype,norms,adds,variant", CASES,
                          ids=[f"{c[0]}-{str(c[1])[6:]}" for c in CASES])
 def test_every_norm_becomes_one_call_and_decodes_like_the_unfused_program(family, dtype, norms, adds, variant):
-    model, om, ids = built(family, dtype)
-    plain, fused = programs(om)
+    model, plain, fused, ids = model_programs(family, dtype)
     assert plain.fused_norms == 0 and fused.fused_norms == norms
     assert count(plain, aten.rsqrt.default) == norms
     assert count(fused, aten.rsqrt.default) == 0 and count(fused, aten.pow.Tensor_Scalar) == 0
@@ -159,8 +179,7 @@ def test_every_norm_becomes_one_call_and_decodes_like_the_unfused_program(family
 
 def test_layer_norms_are_left_alone():
     """GPT-2's LayerNorms: nothing fused, the same graph."""
-    _, om, ids = built("gpt2")
-    plain, fused = programs(om)
+    _, plain, fused, ids = model_programs("gpt2")
     assert fused.fused_norms == 0 and fused.code == plain.code
     torch.testing.assert_close(stepwise_program_logits(fused, ids, 5), stepwise_program_logits(plain, ids, 5))
 
@@ -213,14 +232,14 @@ def test_compiled_step_compiles_the_norms_unfused():
     them (it fuses them with their neighbours itself), the eager program keeps its fused calls, and the tokens
     are the unfused program's."""
     _, om, ids = built("llama")
-    with fusing_norms(False):
-        tokens = om.generate(ids, max_new_tokens=3, eos_token_id=[])
     with fusing_norms(True):
         program = decode_program(om)
         assert program.fused_norms == 5 and "rms_norm_cast" in program.graph_module.code
         assert "add_rms_norm_cast" not in program.compile_source.code
         assert "rms_norm_cast" not in program.compile_source.code and "rsqrt" in program.compile_source.code
-        assert torch.equal(om.generate(ids, max_new_tokens=3, eos_token_id=[], compile_step=True), tokens)
+        compiled = om.generate(ids, max_new_tokens=3, eos_token_id=[], compile_step=True)
+    with fusing_norms(False):
+        assert torch.equal(compiled, om.generate(ids, max_new_tokens=3, eos_token_id=[]))
 
 
 def test_norm_weights_kept_in_float32_give_the_promoted_dtype():

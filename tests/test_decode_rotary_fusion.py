@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.fx as fx
 from conftest import decode_fusion, stepwise_program_logits
-from test_decode_fusion import greedy
+from test_decode_fusion import greedy, model_program
 
 import rewrite
 from examples.models import TARGETS
@@ -60,10 +60,15 @@ def token_ids(length: int = 9) -> torch.Tensor:
 
 
 @functools.cache
+def model_and_ids(family: str, dtype: torch.dtype = torch.float32):
+    """(model, token ids [2, 9]), built once per test session."""
+    return FAMILIES[family]().to(dtype), token_ids()
+
+
+@functools.cache
 def optimized(family: str, dtype: torch.dtype = torch.float32):
     """(model, optimized module, token ids [2, 9]), built once per test session."""
-    model = FAMILIES[family]().to(dtype)
-    ids = token_ids()
+    model, ids = model_and_ids(family, dtype)
     return model, rewrite.optimize(model, [], example_kwargs={"input_ids": ids}), ids
 
 
@@ -77,14 +82,17 @@ def rotate_half_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return negs + [user for n in negs for user in n.users if is_op(user, aten.cat)]
 
 
-@pytest.mark.parametrize("family,dtype", [*((f, torch.float32) for f in FAMILIES), ("llama", torch.bfloat16),
-                                          ("phi", torch.bfloat16)], ids=str)
+# Qwen3's, Mistral's and Gemma's apply_rotary_pos_emb are Llama's code (`q * cos + rotate_half(q) * sin` over the whole
+# head): Llama covers that path in float32 and bfloat16; Phi-3 the slice-and-concatenate form rotating the whole head,
+# Phi (half the head, sliced by the attention) and GPT-NeoX (a quarter, sliced in the function) partial rotary.
+@pytest.mark.parametrize("family,dtype", [*((f, torch.float32) for f in ("llama", "phi3", "phi", "gpt_neox")),
+                                          ("llama", torch.bfloat16), ("phi", torch.bfloat16)], ids=str)
 def test_rotations_fuse_to_one_call_per_layer_and_decode_bitwise_like_the_unfused_program(family, dtype):
-    model, om, ids = optimized(family, dtype)
+    model, ids = model_and_ids(family, dtype)
     with fusing_rotary(False):
-        plain = decode_program(om)
+        plain = model_program(model)
     with fusing_rotary(True):
-        fused = decode_program(om)
+        fused = model_program(model)
     assert plain.fused_rotations == 0 and len(rotate_half_nodes(plain.graph_module)) == 2 * 2 * LAYERS
     assert fused.fused_rotations == LAYERS  # query and key of a layer in one call
     assert len(calls(fused.graph_module, torch.ops.rewrite.rotary_embedding_pair)) == LAYERS
@@ -99,6 +107,19 @@ def test_rotations_fuse_to_one_call_per_layer_and_decode_bitwise_like_the_unfuse
     assert torch.equal(got, stepwise_program_logits(plain, ids, 5))
     if dtype == torch.float32:
         torch.testing.assert_close(got, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_step_compiles_the_rotations_unfused():
+    """compile_step=True with the switch on: Inductor gets the rotations as the model wrote them (it fuses them
+    itself), the eager program keeps its fused calls, and the compiled step gives the eager program's tokens."""
+    _, om, ids = optimized("llama")
+    with fusing_rotary(True):
+        program = decode_program(om)
+        assert "rotary_embedding" in program.graph_module.code
+        assert "rotary_embedding" not in program.compile_source.code and "neg" in program.compile_source.code
+        eager = om.generate(ids, max_new_tokens=2, eos_token_id=[])
+        compiled = om.generate(ids, max_new_tokens=2, eos_token_id=[], compile_step=True)
+    assert torch.equal(compiled, eager)
 
 
 def test_generate_with_fused_rotations_gives_the_full_forwards_tokens():
@@ -116,9 +137,8 @@ def test_interleaved_rotation_of_gptj_is_left_alone():
     config = transformers.GPTJConfig(n_embd=64, n_layer=LAYERS, n_head=4, rotary_dim=8, vocab_size=128,
                                      n_positions=256, bos_token_id=1, eos_token_id=2)
     model = transformers.GPTJForCausalLM(config).eval()
-    om = rewrite.optimize(model, [], example_kwargs={"input_ids": token_ids()})
     with fusing_rotary(True):
-        program = decode_program(om)
+        program = model_program(model)
     assert program.fused_rotations == 0 and rotations(program.graph_module) == []
     assert calls(program.graph_module, torch.ops.rewrite.rotary_embedding_pair) == []
 
@@ -155,16 +175,3 @@ def test_rotations_with_other_readers_or_angles_are_fused_alone_or_left():
     assert len(calls(gm, torch.ops.rewrite.rotary_embedding)) == 2
     for got, expected in zip(gm(*example), want, strict=True):
         assert torch.equal(got, expected)
-
-
-def test_compiled_step_compiles_the_rotations_unfused():
-    """compile_step=True with the switch on: Inductor gets the rotations as the model wrote them (it fuses them
-    itself), the eager program keeps its fused calls, and the compiled step gives the eager program's tokens."""
-    _, om, ids = optimized("llama")
-    with fusing_rotary(True):
-        program = decode_program(om)
-        assert "rotary_embedding" in program.graph_module.code
-        assert "rotary_embedding" not in program.compile_source.code and "neg" in program.compile_source.code
-        eager = om.generate(ids, max_new_tokens=2, eos_token_id=[])
-        compiled = om.generate(ids, max_new_tokens=2, eos_token_id=[], compile_step=True)
-    assert torch.equal(compiled, eager)

@@ -486,7 +486,13 @@ def _assert_mixed(decisions: torch.Tensor) -> None:
 
 def without_skipped_layers(model, gla_layers: list[int], skipped: list[bool]):
     """The original model with the layers a sequence skipped removed (optimized with the same mixer
-    layers when the plan has any): an independent reference for that sequence."""
+    layers when the plan has any): an independent reference for that sequence; built once per model, mixer layers
+    and skip pattern (read only)."""
+    return _without_skipped_layers(model, tuple(gla_layers), tuple(bool(s) for s in skipped))
+
+
+@functools.cache
+def _without_skipped_layers(model, gla_layers: tuple[int, ...], skipped: tuple[bool, ...]):
     kept = [i for i, s in enumerate(skipped) if not s]
     pruned = copy.deepcopy(model)
     pruned.model.layers = nn.ModuleList(pruned.model.layers[i] for i in kept)
@@ -549,9 +555,16 @@ def test_routed_generate_holds_prefill_decisions_and_batches_ragged_prompts():
         assert torch.equal(alone, greedy_reference(reference, alone_prompt, 5))
 
 
+@functools.cache
+def _unrouted_gla():
+    """The model of `routed("gla")` optimized by its plan without layer skipping (read only, shared)."""
+    model, _, ids = routed("gla")
+    return rewrite.optimize(model, ROUTED_PLANS["gla"][:1], example_kwargs={"input_ids": ids})
+
+
 def test_routed_generate_that_skips_nothing_equals_the_unrouted_model_exactly():
     model, om, ids = routed("gla")
-    unrouted = rewrite.optimize(model, ROUTED_PLANS["gla"][:1], example_kwargs={"input_ids": ids})
+    unrouted = _unrouted_gla()
     prompt, mask = _ragged(ids)
     with skip_controls(threshold=1.0), record_skips() as report:
         got = om.generate(prompt, mask, max_new_tokens=6)
@@ -649,8 +662,8 @@ def test_routed_decode_steps_read_no_tensor_on_the_host(plan):
 
 def _routed_and_plain_step_ops(norms_fused: bool) -> tuple[list[OpCounts], list[OpCounts]]:
     """Op counts of each call of the routed program with nothing skipped and of the unrouted program."""
-    model, om, ids = routed("gla")
-    unrouted = rewrite.optimize(model, ROUTED_PLANS["gla"][:1], example_kwargs={"input_ids": ids})
+    _, om, ids = routed("gla")
+    unrouted = _unrouted_gla()
     with decode_fusion("norms", norms_fused):
         with skip_controls(threshold=1.0):  # applies at prefill, held while decoding
             _, state, routed_steps = _prefill_and_decode(decode_program(om), ids, watch=OpCounts)
@@ -910,13 +923,8 @@ def test_hugging_face_generate_drives_the_decode_program(plan, monkeypatch):
     assert om.source.config._attn_implementation == "sdpa"  # the source's config is left alone
 
 
-def test_generate_example_runs():
-    from examples import generate as example
-
-    assert example.main(["--tiny"]) == 0
-
-
-def test_generate_example_with_decode_fusions_gives_the_unfused_tokens(capsys):
+def test_generate_example_runs_and_with_decode_fusions_gives_the_unfused_tokens(capsys):
+    """The example with its defaults (`--tiny` alone runs, was a test of its own), with chosen fusions and none."""
     from examples import generate as example
     from rewrite.decode import fusion_switches
 
