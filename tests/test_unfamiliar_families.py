@@ -883,15 +883,19 @@ def diffllama():
     return transformers.DiffLlamaForCausalLM(_decoder_config(transformers.DiffLlamaConfig, num_key_value_heads=2))
 
 
-def test_short_conv_layers_are_refused_by_varlen_naming_the_conv():
-    """The refusal once named the padding-mask slice in module `model`; it names the conv layer and says why."""
+def test_short_conv_layers_run_padding_free_per_sequence():
+    """LFM2's short conv (a causal depthwise conv over the tokens beside a full-attention layer) runs per sequence
+    of the packed batch (it was refused); the padding-free logits match the padded model's on real tokens, for a
+    batch whose second sequence is shorter than the conv reaches into the first."""
     model = build(lfm2)
-    with pytest.raises(PassError, match=r"layer 0 \(model\.layers\.0\): a convolution over the tokens \(kernel 3") \
-            as info:
-        rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
-    assert info.value.module_path == "model.layers.0.conv"
-    assert "short-conv layers are not supported" in str(info.value)
-    assert "Leave `varlen` out of the plan" in str(info.value) and "softmax attention" in str(info.value)
+    assert_padding_free_matches(model)
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=right_padded([8, 5], 8))
+    assert "causal convs per sequence: model.layers.0.conv" in om.report.results[0].messages
+    batch = right_padded([9, 2], 9)
+    with torch.no_grad():
+        want, got = model(**batch).logits, om(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
 def test_differential_attention_runs_padding_free():
