@@ -164,7 +164,7 @@ V7_CASES = [
     # 3 q heads a kv head, odd head dims (K = 100), two V tiles at BV 32
     (Case("vector", length=70, heads=3, kv_heads=1, dk=100, dv=40), torch.float32),
     # strong gates (sub-chunk and exact forms); K = 32, half precision
-    (Case("vector", batch=1, length=72, heads=4, kv_heads=1, dk=32, dv=16, decay_strength=8.0), torch.float16),
+    (Case("vector", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16, decay_strength=8.0), torch.float16),
 ]
 
 
@@ -264,7 +264,7 @@ DQK_HOISTED_CASES = [  # log-decays down to -0.5 per token: every chunk in the w
     # `_chunk_dqk_kernel` with the strong-gate precision), the 8-token last chunk does not
     (Case("vector", batch=1, length=72, heads=4, kv_heads=1, dk=32, dv=16, decay_strength=2.0), torch.float16),
     # log-decays down to -8 per token: the exact per-pair form in the flagged tiles
-    (Case("vector", batch=1, length=72, heads=2, kv_heads=2, dk=32, dv=16, decay_strength=8.0), torch.float16),
+    (Case("vector", batch=1, length=72, heads=1, kv_heads=1, dk=32, dv=16, decay_strength=8.0), torch.float16),
 ]
 
 
