@@ -109,8 +109,8 @@ TRITON_CASES = [
     # log-decays down to -8 per token: some sub-chunks spread past the fast path's limit
     Case("vector", batch=1, length=72, heads=2, kv_heads=2, dk=32, dv=16, decay_strength=8.0),
     Case("scalar", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16, decay_strength=8.0),
-    # vector states by chunk terms + scan: an empty sequence, several chunks, K and V tiles, GQA
-    Case("vector", batch=1, length=150, heads=4, kv_heads=2, dk=72, dv=80, cu_seqlens=(0, 0, 70, 150)),
+    # vector states by chunk terms + scan: an empty sequence, several chunks, K and V tiles, GQA (2 / 1)
+    Case("vector", batch=1, length=150, heads=2, kv_heads=1, dk=72, dv=80, cu_seqlens=(0, 0, 70, 150)),
 ]
 
 
@@ -159,12 +159,12 @@ V7_VARIANTS = {  # (triton_forward attribute, value) pairs of the v7 launch choi
 }
 V7_CASES = [
     # K = V = 64 (the Llama-shaped model's head dims), short packed sequences and a partial scan group
-    (Case("vector", batch=1, length=150, heads=8, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 3, 150)),
+    (Case("vector", batch=1, length=150, heads=4, kv_heads=1, dk=64, dv=64, cu_seqlens=(0, 1, 3, 150)),
      torch.float32),
     # 3 q heads a kv head, odd head dims (K = 100), two V tiles at BV 32
-    (Case("vector", length=70, heads=6, kv_heads=2, dk=100, dv=40), torch.float32),
+    (Case("vector", length=70, heads=3, kv_heads=1, dk=100, dv=40), torch.float32),
     # strong gates (sub-chunk and exact forms); K = 32, half precision
-    (Case("vector", batch=1, length=72, heads=4, kv_heads=1, dk=32, dv=16, decay_strength=8.0), torch.float16),
+    (Case("vector", batch=1, length=72, heads=2, kv_heads=1, dk=32, dv=16, decay_strength=8.0), torch.float16),
 ]
 
 
@@ -173,7 +173,7 @@ V7_CASES = [
     [("scan g2", *V7_CASES[0]), ("scan g2", *V7_CASES[1]), ("scan g2", *V7_CASES[2]),
      ("v5 scan (one chunk ahead, 64x32 tiles)", *V7_CASES[0]),
      ("scan for the scalar decay too", dataclasses.replace(V7_CASES[0][0], decay="scalar"), torch.float32),
-     ("scan for the scalar decay too", Case("scalar", length=70, heads=6, kv_heads=2, dk=100, dv=40),
+     ("scan for the scalar decay too", Case("scalar", length=70, heads=3, kv_heads=1, dk=100, dv=40),
       torch.float16)],
     ids=lambda x: str(x) if isinstance(x, Case) else str(x).replace("torch.", ""),
 )
@@ -255,16 +255,16 @@ DQK_HOISTED_CASES = [  # log-decays down to -0.5 per token: every chunk in the w
     # one q head a kv head; K = V = 64 (the model's head dims: V in one tile, v and the state loaded once)
     (Case("vector", length=70, heads=2, kv_heads=2, dk=64, dv=64, decay_strength=0.5), torch.float32),
     # 3 q heads a kv head, odd key dim (K = 100: a full and a partial K tile), V = 144: three V tiles of the dq / dk
-    # kernels, two of the hoisted dv launch (BV 128 above K = 64)
-    (Case("vector", length=70, heads=6, kv_heads=2, dk=100, dv=144, decay_strength=0.5), torch.float32),
+    # kernels, two of the hoisted dv launch (BV 128 above K = 64); one sequence (the dense batch of two: case 0)
+    (Case("vector", batch=1, length=70, heads=3, kv_heads=1, dk=100, dv=144, decay_strength=0.5), torch.float32),
     # 4 q heads a kv head, K = V = 64, packed short sequences (one and two tokens) and a partial last chunk
-    (Case("vector", batch=1, length=150, heads=8, kv_heads=2, dk=64, dv=64, cu_seqlens=(0, 1, 3, 150),
+    (Case("vector", batch=1, length=150, heads=4, kv_heads=1, dk=64, dv=64, cu_seqlens=(0, 1, 3, 150),
           decay_strength=0.5), torch.float32),
     # strong gates in float16: the full chunk spreads past the whole-chunk limit (flagged, computed by
     # `_chunk_dqk_kernel` with the strong-gate precision), the 8-token last chunk does not
     (Case("vector", batch=1, length=72, heads=4, kv_heads=1, dk=32, dv=16, decay_strength=2.0), torch.float16),
     # log-decays down to -8 per token: the exact per-pair form in the flagged tiles
-    (Case("vector", batch=1, length=72, heads=2, kv_heads=2, dk=32, dv=16, decay_strength=8.0), torch.float16),
+    (Case("vector", batch=1, length=72, heads=1, kv_heads=1, dk=32, dv=16, decay_strength=8.0), torch.float16),
 ]
 
 
@@ -432,7 +432,7 @@ SAVED_CASES = [
     Case("scalar", batch=1, length=40, heads=2, kv_heads=2, dk=16, dv=32, cu_seqlens=(0, 2, 3, 40),
          initial_state=False),
     Case("vector", length=21, dk=32, dv=40),
-    Case("vector", batch=1, length=150, heads=4, kv_heads=2, dk=72, dv=80, cu_seqlens=(0, 0, 1, 70, 150)),
+    Case("vector", batch=1, length=150, heads=4, kv_heads=2, dk=72, dv=40, cu_seqlens=(0, 0, 1, 70, 150)),
 ]
 
 
