@@ -283,6 +283,15 @@ def decode_fusion(name: str, on: bool = True):
     return module_switch(module, attribute, on)
 
 
+def built_without_and_with(fusion: str, build: Any, target: Any) -> tuple[Any, Any]:
+    """(`build(target)` with the decode fusion `fusion` off, the same with it on): the unfused and fused programs."""
+    with decode_fusion(fusion, False):
+        plain = build(target)
+    with decode_fusion(fusion, True):
+        fused = build(target)
+    return plain, fused
+
+
 @contextlib.contextmanager
 def module_switch(module: Any, name: str, value: Any):
     """`module.name` set to `value` inside the block, put back after it (a module-level switch such as a decode

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import decode_fusion, stepwise_program_logits
+from conftest import built_without_and_with, decode_fusion, stepwise_program_logits
 from test_decode_fusion import greedy, model_program
 from test_decode_norm_fusion import gemma3
 from test_decode_rotary_fusion import FAMILIES as ROTARY_FAMILIES
@@ -68,20 +68,12 @@ def calls(gm: fx.GraphModule, *targets) -> list[fx.Node]:
 
 def programs(om):
     """(unfused program, fused program) of `om`."""
-    with fusing_gated(False):
-        plain = decode_program(om)
-    with fusing_gated(True):
-        fused = decode_program(om)
-    return plain, fused
+    return built_without_and_with("gated_activation", decode_program, om)
 
 
 def model_programs(model):
     """(unfused program, fused program) of `model` optimized by the empty plan (`model_program`)."""
-    with fusing_gated(False):
-        plain = model_program(model)
-    with fusing_gated(True):
-        fused = model_program(model)
-    return plain, fused
+    return built_without_and_with("gated_activation", model_program, model)
 
 
 # Qwen3's, Mistral's and Gemma3's MLPs are Llama's and Gemma's code (`down(act(gate(x)) * up(x))`, SiLU and tanh GELU):

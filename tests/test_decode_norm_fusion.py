@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
-from conftest import decode_fusion, module_switch, stepwise_program_logits
+from conftest import built_without_and_with, decode_fusion, module_switch, stepwise_program_logits
 from test_decode_fusion import model_program, phi3
 from test_unfamiliar_families import olmo2
 from torch import nn
@@ -86,11 +86,7 @@ def built(family: str, dtype: torch.dtype = torch.float32):
 
 def programs(om):
     """(unfused program, fused program) of `om`."""
-    with fusing_norms(False):
-        plain = decode_program(om)
-    with fusing_norms(True):
-        fused = decode_program(om)
-    return plain, fused
+    return built_without_and_with("norms", decode_program, om)
 
 
 def model_programs(family: str, dtype: torch.dtype = torch.float32):
