@@ -50,10 +50,9 @@ def decode_program(om: Any) -> DecodeProgram:
             owner, _, leaf = name.rpartition(".")
             (source.get_submodule(owner) if owner else source)._buffers[leaf] = mine[name]
     parameters = dict(om.named_parameters())
-    threaded = om.__dict__.get("_decode_threaded")  # the capture before fusions: switches changed, not captured again
-    if threaded is None or threaded[0] != key[:3]:
-        threaded = (key[:3], None)
-    program = DecodeProgram(source, om.plan, parameters, threaded[1])
+    kept = om.__dict__.get("_decode_threaded")  # the capture before fusions: switches changed, not captured again
+    threaded = kept[1] if kept is not None and kept[0] == key[:3] else None
+    program = DecodeProgram(source, om.plan, parameters, threaded)
     om.__dict__["_decode_threaded"] = (key[:3], program.threaded)
     om.__dict__["_decode_program"] = (key, program)
     return program

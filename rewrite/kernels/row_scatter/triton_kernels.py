@@ -2,8 +2,8 @@
 
 One program handles one block of columns of one row: a and b are read as contiguous rows of `width` elements, the
 target as rows of `width` contiguous elements `stride` apart; the sum is taken in float32 and rounded once to the
-target's dtype, to nearest, ties to even (as PyTorch's add of two tensors of that dtype rounds). The launcher runs on CUDA tensors, or on CPU
-tensors when TRITON_INTERPRET=1 was set before this module was imported.
+target's dtype, to nearest, ties to even (as PyTorch's add of two tensors of that dtype rounds). The launcher runs
+on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before this module was imported.
 """
 
 import torch
