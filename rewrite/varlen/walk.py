@@ -308,10 +308,8 @@ class PackedGraphWalk:
     def _causal_conv_per_sequence(self, node: fx.Node) -> bool:
         """A causal depthwise conv over the tokens (`causal_conv`) -> the same conv per sequence of the packed
         tokens; its slice's value is replaced, the conv and the slice left to dead-code elimination."""
-        if not is_op(node, aten.conv1d.default) or self.kind_of(node.args[0]) != "token":
-            return False
         conv = causal_depthwise_conv(node, self.symbols)
-        if conv is None or any(self.kind_of(a) not in ("free", "sym") for a in (conv.weight, conv.bias) if a):
+        if conv is None or self.kind_of(conv.x) != "token" or any(self.kind_of(a) not in ("free", "sym") for a in (conv.weight, conv.bias) if a):
             return False
         with self.graph.inserting_before(node):
             new = self.graph.call_function(runtime.packed_causal_conv1d,

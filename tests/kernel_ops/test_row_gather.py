@@ -7,6 +7,7 @@ import torch
 import rewrite.kernels  # noqa: F401  (registers the ops)
 from rewrite.kernels import gather_rows
 from rewrite.kernels.alloc import poisoned
+from rewrite.kernels.launch_math import rows_are_contiguous
 from rewrite.kernels.testing import kernel_device, load_launchers
 
 LAUNCHERS = "rewrite.kernels.row_gather.triton_kernels"
@@ -48,7 +49,7 @@ def test_launcher_reads_rows_that_are_far_apart():
     device = kernel_device()
     whole = torch.randn(7, 3, 40, device=device)
     view = whole[:, 1, 4:20]
-    assert launchers.rows_are_contiguous(view) and view.stride(0) == 120
+    assert rows_are_contiguous(view) and view.stride(0) == 120
     index = torch.tensor([6, 1, 4], dtype=torch.long, device=device)
     with poisoned():
         (got,) = launchers.gather_rows_forward([view], index)
@@ -56,13 +57,12 @@ def test_launcher_reads_rows_that_are_far_apart():
 
 
 def test_rows_are_contiguous_tells_which_tensors_the_kernel_can_read():
-    launchers = load_launchers(LAUNCHERS)
     x = torch.randn(4, 3, 5)
-    assert launchers.rows_are_contiguous(x)
-    assert launchers.rows_are_contiguous(x[:, :1])
-    assert launchers.rows_are_contiguous(torch.randn(1, 5).expand(4, 5))
-    assert not launchers.rows_are_contiguous(x.transpose(1, 2))
-    assert not launchers.rows_are_contiguous(x[:, :, ::2])
+    assert rows_are_contiguous(x)
+    assert rows_are_contiguous(x[:, :1])
+    assert rows_are_contiguous(torch.randn(1, 5).expand(4, 5))
+    assert not rows_are_contiguous(x.transpose(1, 2))
+    assert not rows_are_contiguous(x[:, :, ::2])
 
 
 def test_op_equals_index_select_for_any_layout():

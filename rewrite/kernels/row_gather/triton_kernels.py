@@ -10,12 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rewrite.kernels.launch_math import (
-    cdiv,
-    next_power_of_2,
-    row_warps,
-    rows_are_contiguous,  # noqa: F401  (the op picks the tensors it takes by it)
-)
+from rewrite.kernels.launch_math import cdiv, next_power_of_2, row_warps
 
 from ..alloc import new_empty
 
