@@ -4,6 +4,7 @@
     python -m examples.generate --kind retention --layers all --sample
     python -m examples.generate --tiny            # what the tests run
     python -m examples.generate --fusions norms,rotary   # only these decode fusions, checked against none
+    python -m examples.generate --target lfm2 --layers 1  # LFM2: its short conv (layer 0) decodes from a conv state
 
 The prompts have different lengths and run as one batch; each row is checked against generating
 it alone, and the tokens stream out as they are produced. The decode program is built with the library's default fusions (RMSNorms,
@@ -23,7 +24,7 @@ from examples.models import TARGETS
 from rewrite.decode import decode_program
 from rewrite.decode.fusion_switches import SWITCHES, check_names, defaults_on, fusions_only
 
-DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "handwritten")
+DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "lfm2", "handwritten")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

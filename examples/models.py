@@ -76,6 +76,16 @@ def mistral(batch: int = 2, length: int = 16, attn: str = "sdpa") -> Target:
     return transformers.MistralForCausalLM(cfg).eval(), _ids(128, batch, length)
 
 
+def lfm2(batch: int = 2, length: int = 16, attn: str = "sdpa") -> Target:
+    """Hugging Face LFM2, tiny: layer 0 a short conv (a causal depthwise conv over the tokens), layer 1 attention."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = _tiny_decoder_config(transformers.Lfm2Config, attn_implementation=attn,
+                               layer_types=["conv", "full_attention"], conv_L_cache=3)
+    return transformers.Lfm2ForCausalLM(cfg).eval(), _ids(128, batch, length)
+
+
 def gpt2(batch: int = 2, length: int = 16, attn: str = "sdpa") -> Target:
     """Hugging Face GPT-2 (fused c_attn Conv1D, learned positions), tiny."""
     import transformers
@@ -222,6 +232,7 @@ TARGETS: dict[str, Callable[..., Target]] = {
     "qwen3": qwen3,
     "mistral": mistral,
     "gpt2": gpt2,
+    "lfm2": lfm2,
     "bert": bert,
     "minilm": minilm,
     "transformer_encoder": transformer_encoder,
@@ -231,5 +242,6 @@ TARGETS: dict[str, Callable[..., Target]] = {
 }
 """Named built-in targets for the CLI and tests."""
 
-FAMILIES = [name for name in TARGETS if name != "llama_base"]
-"""Every family the test-suite round-trips."""
+FAMILIES = [name for name in TARGETS if name not in ("llama_base", "lfm2")]
+"""Every family the test-suite round-trips (LFM2, half of whose layers hold no attention, has tests of its own:
+tests/test_unfamiliar_families.py, tests/test_stateful_conv.py)."""

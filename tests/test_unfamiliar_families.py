@@ -13,9 +13,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import stepwise_program_logits
 from torch import nn
 
 import rewrite
+from rewrite.decode import decode_program
 from rewrite.errors import PassError
 
 transformers = pytest.importorskip("transformers")
@@ -896,6 +898,44 @@ def test_short_conv_layers_run_padding_free_per_sequence():
         want, got = model(**batch).logits, om(**batch).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_short_conv_layers_decode_token_by_token_like_hugging_face():
+    """LFM2's short convs keep their last inputs in the decode state (they once read only the new token, silently):
+    prefill then one step per token gives the full forward's logits, and a ragged batch generates each prompt's
+    tokens as Hugging Face generates that prompt alone."""
+    model = build(lfm2)
+    ids = right_padded([10, 10], 10)["input_ids"]
+    om = rewrite.optimize(model, ["stateful"], example_kwargs={"input_ids": ids})
+    assert "layer 0 (model.layers.0.conv): can decode with a conv state (its last 2 inputs)" in \
+        om.report.results[0].messages
+    with torch.no_grad():
+        got = stepwise_program_logits(decode_program(om), ids, 3)
+        torch.testing.assert_close(got, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+        batched = om.generate(ids, mask, max_new_tokens=5)
+        for row, start in ((0, 4), (1, 0)):
+            alone = model.generate(ids[row:row + 1, start:], max_new_tokens=5, do_sample=False, pad_token_id=0)
+            assert torch.equal(batched[row, start:], alone[0])
+
+
+def granite_hybrid():
+    """Mamba2 layers (a causal depthwise conv, then a selective scan over chunks of the tokens) beside attention."""
+    return transformers.GraniteMoeHybridForCausalLM(_decoder_config(
+        transformers.GraniteMoeHybridConfig, num_key_value_heads=2, layer_types=["mamba", "attention"], mamba_n_heads=8,
+        mamba_d_head=16, mamba_expand=2, mamba_d_state=8, num_local_experts=0, shared_intermediate_size=64))
+
+
+def test_a_selective_scan_is_refused_for_decoding_naming_its_module():
+    """GraniteMoeHybrid's Mamba2 reference scan (cumsums over the chunks of the tokens) cannot restart at each
+    decode step: the stateful pass refuses it (its decode once ran, silently wrong, with only the conv carried)."""
+    model = build(granite_hybrid)
+    ids = right_padded([8, 8], 8)["input_ids"]
+    with pytest.raises(PassError, match=r"layer 0 \(model.layers.0.mamba\): a running cumsum along a dim sized by "
+                                        r"the tokens, as a selective scan's") as info:
+        rewrite.optimize(model, ["stateful"], example_kwargs={"input_ids": ids})
+    assert info.value.module_path == "model.layers.0.mamba"
 
 
 def test_differential_attention_runs_padding_free():

@@ -20,6 +20,7 @@ from rewrite.decode import state as decode_state
 from rewrite.decode.fuse_projections import FusedWeights
 from rewrite.decode.program_meta import DecodeSignature
 from rewrite.decode.state import DecodeState
+from rewrite.decode.step_check import PROMPT_TOKENS, check_step_matches_prefill
 from rewrite.errors import CaptureError, RewriteError
 from rewrite.routing.graph import routed_calls
 
@@ -94,6 +95,15 @@ def _logits(out: Any, where: str) -> torch.Tensor:
     return found
 
 
+def _vocab_size(source: torch.nn.Module) -> int:
+    """How many token ids the model embeds (its config's vocab size, else its first embedding's rows; 1 if unknown)."""
+    size = getattr(getattr(source, "config", None), "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    embedding = next((m for m in source.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return embedding.num_embeddings if embedding is not None else 1
+
+
 def _program_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of a program's graph over the same parameters whose layer-skip routed blocks have their own bodies."""
     twin = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="DecodeProgram")
@@ -131,6 +141,7 @@ class DecodeProgram:
         params = inspect.signature(source.forward).parameters
         self.ids_keyword = "input_ids" if "input_ids" in params else None
         self.takes_positions = "position_ids" in params
+        fresh = threaded is None
         if threaded is None:
             threaded = self.thread(source, plan, parameters)
         self.threaded = threaded
@@ -163,6 +174,16 @@ class DecodeProgram:
         self.injected = threaded.injected
         self.kwarg_order = threaded.kwarg_order
         self._compiled: torch.nn.Module | None = None
+        if fresh and not signature.routed_layers:  # a routed prompt one token shorter may route otherwise
+            self._check_step(source)
+
+    def _check_step(self, source: torch.nn.Module) -> None:
+        """Refuse a program whose one-token step computes other values than its prefill (`step_check`)."""
+        device = next(iter(self.graph_module.parameters()), torch.zeros(0)).device
+        vocab = _vocab_size(source)
+        ids = (torch.arange(1, PROMPT_TOKENS + 1, device=device) * 7919 % vocab)[None, :]
+        with torch.no_grad():
+            check_step_matches_prefill(self.threaded.graph_module, self.run, self.new_state, ids, self.model_name)
 
     def thread(self, source: torch.nn.Module, plan: Any, parameters: dict[str, torch.Tensor]) -> ThreadedCapture:
         """`source` captured on token ids and threaded with decode state by `plan`'s pipeline, before any fusion."""

@@ -1,4 +1,4 @@
-"""The functions the `stateful` pass puts in the graph: attention and mixer sites that read and
+"""The functions the `stateful` pass puts in the graph: attention, mixer and causal-conv sites that read and
 write a `DecodeState`, and positions that continue from the tokens already seen.
 
 Each takes the program's `decode_state` input first. They are plain functions (not ops) because
@@ -265,6 +265,34 @@ def stateful_mixer(
         )
     decode_state.set_recurrent(site, new)
     return o
+
+
+def stateful_conv(
+    decode_state: DecodeState,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    site: str,
+    layer: str = "",
+) -> torch.Tensor:
+    """A causal depthwise conv over the new tokens x [B, C, T] (weight [C, 1, K]) that continues from the last K-1
+    inputs `site` holds (zeros before a sequence's first token) and keeps its own last K-1 inputs for the next call.
+
+    The padded tokens of a prompt enter it as zeros: left padding then reads as the zeros before the real tokens'
+    start, so a padded row gets what the row alone would. `layer` names the site in errors.
+    """
+    kernel = weight.shape[-1]
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
+        raise RewriteError(f"stateful decode at {layer or site}: a causal depthwise conv takes x [B, C, T] and a weight "
+                           f"[C, 1, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if decode_state.padded:
+        x = x * decode_state.step_valid[:, None, :].to(x.dtype)
+    held = decode_state.recurrent(site)
+    previous = held.value.to(x.dtype) if held is not None else x.new_zeros(x.shape[0], x.shape[1], kernel - 1)
+    window = torch.cat([previous, x], dim=2)
+    decode_state.set_recurrent(site, window[:, :, window.shape[2] - (kernel - 1):].contiguous())
+    return F.conv1d(window, weight, bias, groups=x.shape[1])
 
 
 def continued_positions(decode_state: DecodeState, positions: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Decode state of one batch: a KV cache per softmax site, a recurrent state per linear mixer site.
+"""Decode state of one batch: a KV cache per softmax site, a recurrent state per linear mixer site and per causal
+conv over the tokens (its last K-1 inputs).
 
 The state lives in slots: every token a sequence has seen, padding included, holds one slot, and
 all sequences of a batch advance together (left padding lines their last tokens up). `counts`
@@ -64,7 +65,8 @@ class RingKVCache:
 
 @dataclass
 class RecurrentState:
-    """The recurrent state of one linear mixer site (a tensor or a tuple of tensors, kind-specific)."""
+    """The recurrent state of one linear mixer site (a tensor or a tuple of tensors, kind-specific) or causal conv
+    site (its last K-1 inputs [B, C, K-1])."""
 
     value: Any
     routed_rows: int | None = None

@@ -1,8 +1,10 @@
 """Pass `stateful`: thread decode state through the graph so one program prefills and generates.
 
 Every remaining softmax attention site becomes `stateful_attention` (a KV cache), every linear mixer
-site the `mixer` pass placed becomes `stateful_mixer` (the kind's recurrent state), and positions the
-model computes from the sequence length (`arange(T)`) continue from the tokens already seen. The
+site the `mixer` pass placed becomes `stateful_mixer` (the kind's recurrent state), every causal depthwise
+conv over the tokens (LFM2's short convs) becomes `stateful_conv` (its last K-1 inputs), and positions the
+model computes from the sequence length (`arange(T)`) continue from the tokens already seen. Any other
+convolution over the tokens is refused, naming its module. The
 state is one extra graph input, `decode_state` (a `rewrite.decode.DecodeState`), updated in place
 by the sites; the program's outputs are unchanged.
 
@@ -32,16 +34,24 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims, analyze
+from rewrite.analysis.causal_conv import KERNELS, CausalConv, causal_depthwise_conv
 from rewrite.analysis.graph_utils import (
     ancestors,
     eliminate_dead_code,
     erase_unused,
     erase_unused_computation,
 )
-from rewrite.analysis.nodes import is_op, tensor_meta
-from rewrite.analysis.shapes import to_expr
+from rewrite.analysis.nodes import is_op, module_path, tensor_meta
+from rewrite.analysis.shapes import SEQ, to_expr
 from rewrite.decode.program_meta import DecodeSignature
-from rewrite.decode.sites import continued_positions, held_route, stateful_attention, stateful_mixer
+from rewrite.decode.sites import (
+    continued_positions,
+    held_route,
+    stateful_attention,
+    stateful_conv,
+    stateful_mixer,
+)
+from rewrite.decode.step_check import CARRIED
 from rewrite.decode.steps import kind_step
 from rewrite.errors import PassError, PlanError, RewriteError
 from rewrite.passes import register_pass
@@ -69,6 +79,9 @@ from rewrite.selectors import Selector, describe_selector_syntax, select_layers_
 aten = torch.ops.aten
 
 CUDA_GRAPH_CHOICES = ["auto", "always", "never"]
+SCANS = (aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default)
+CONVOLUTIONS = (aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
+                aten.conv3d.default, aten.conv3d.padding, aten.convolution.default)
 _ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 
 
@@ -121,6 +134,22 @@ class _MixerJob:
     kind: str
     layer: str
     key: str
+
+
+@dataclass
+class _ConvJob:
+    conv: CausalConv
+    layer: str
+    key: str
+
+
+@dataclass
+class _Jobs:
+    """The sites of one graph (the program or a routed block's body)."""
+
+    softmax: list[_SoftmaxJob]
+    mixers: list[_MixerJob]
+    convs: list[_ConvJob]
 
 
 def _check_softmax_site(site: AttentionSite, layer: str) -> None:
@@ -196,9 +225,71 @@ def _windowed_blocks(options: StatefulOptions, paths: list[str], where: str) -> 
     return {paths[i] for i in select_layers_for(options.window_layers, paths, f"{where}.window_layers")}
 
 
+def _node_label(node: fx.Node, analysis: GraphAnalysis) -> str:
+    """How messages name the layer holding `node`: `layer I (path)`, else its module path."""
+    path = module_path(node) or "<root>"
+    block = next((b for b in analysis.blocks if node in b.nodes), None)
+    return f"layer {block.index} ({path})" if block is not None else path
+
+
+def _last_inputs(conv: CausalConv) -> str:
+    """What a conv's decode state holds, in words."""
+    return "its last input" if conv.kernel == 2 else f"its last {conv.kernel - 1} inputs"
+
+
+def _collect_convs(gm: fx.GraphModule, analysis: GraphAnalysis, taken: set[str]) -> list[_ConvJob]:
+    """The causal depthwise convs over the tokens; any other convolution over the tokens is refused."""
+    jobs = []
+    for node in gm.graph.nodes:
+        if not is_op(node, *CONVOLUTIONS):
+            continue
+        conv = causal_depthwise_conv(node)
+        x = tensor_meta(conv.x if conv is not None else node.args[0])
+        if conv is not None and x is not None and analysis.dims.role_of(x.shape[2]) == "seq" \
+                and not analysis.dims.expr(x.shape[0]).free_symbols & {SEQ}:
+            layer = _node_label(node, analysis)
+            jobs.append(_ConvJob(conv, layer, _unique_key(module_path(node), node, taken)))
+            continue
+        w = tensor_meta(node.args[1])
+        if x is None or w is None:
+            continue
+        spatial = w.dim() - 2
+        over_tokens = [int(k) for size, k in zip(x.shape[x.dim() - spatial:], w.shape[2:])
+                       if analysis.dims.expr(size).free_symbols & {SEQ} and int(k) != 1]
+        if over_tokens:
+            raise PassError(
+                "stateful", f"{_node_label(node, analysis)}: a convolution over the tokens (kernel {over_tokens[0]}) "
+                "mixes each token with its neighbours, and the decode state carries only a causal depthwise conv's "
+                "last inputs: conv1d(x [batch, C, seq], weight [C, 1, K], padding=K-1, groups=C) with its first seq "
+                f"outputs kept, K from {KERNELS.start} to {KERNELS.stop - 1}; this model cannot decode token by token",
+                node.name, module_path(node) or "<root>")
+    return jobs
+
+
+def _refuse_scans_over_tokens(gm: fx.GraphModule, analysis: GraphAnalysis) -> None:
+    """Refuse a floating-point running sum or product along a dim sized by the tokens (a selective scan's, as
+    Mamba2's reference code runs over its chunks): a decode step would restart it at the new token. Integer ones
+    (positions counted from a mask) are left to the positions' own handling."""
+    for node in gm.graph.nodes:
+        if not is_op(node, *SCANS):
+            continue
+        x, val = tensor_meta(node.args[0]), tensor_meta(node)
+        if x is None or val is None or not val.is_floating_point():
+            continue
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(dim, int) or not analysis.dims.expr(x.shape[dim]).free_symbols & {SEQ}:
+            continue
+        raise PassError(
+            "stateful", f"{_node_label(node, analysis)}: a running {node.target.__name__.split('.')[0]} along a dim "
+            "sized by the tokens, as a selective scan's, carries each token "
+            f"into the next, and {CARRIED}; this model cannot decode token by token (generate with the original "
+            "model, or replace the layer's token mixing with the `mixer` pass)",
+            node.name, module_path(node) or "<root>")
+
+
 def _collect(
     gm: fx.GraphModule, analysis: GraphAnalysis, options: StatefulOptions, windowed: set[str], taken: set[str]
-) -> tuple[list[_SoftmaxJob], list[_MixerJob]]:
+) -> _Jobs:
     """The sites of one graph (the program or a routed block's body) with every check made."""
     from rewrite.mixers import KINDS
 
@@ -226,7 +317,8 @@ def _collect(
             raise PassError("stateful", str(exc), node.name) from exc
         path = str(layer.split("(")[-1].rstrip(")")) if "(" in layer else layer
         mixers.append(_MixerJob(node, kind, layer, _unique_key(path, node, taken)))
-    return softmax, mixers
+    _refuse_scans_over_tokens(gm, analysis)
+    return _Jobs(softmax, mixers, _collect_convs(gm, analysis, taken))
 
 
 def _add_state_input(gm: fx.GraphModule) -> tuple[fx.Node, DecodeSignature]:
@@ -272,12 +364,10 @@ def _continue_positions(graph: fx.Graph, state: fx.Node, masks: list[fx.Node], d
     return moved
 
 
-def _thread(
-    graph: fx.Graph, state: fx.Node, softmax: list[_SoftmaxJob], mixers: list[_MixerJob]
-) -> tuple[list[str], list[fx.Node]]:
+def _thread(graph: fx.Graph, state: fx.Node, jobs: _Jobs) -> tuple[list[str], list[fx.Node]]:
     """Replace the sites of `graph` by stateful ones reading `state`; returns (what changed, the masks they read)."""
     changed, masks = [], []
-    for job in softmax:
+    for job in jobs.softmax:
         site = job.site
         k, v = site.kv_repeat_source if site.kv_repeat_source is not None else (site.k, site.v)
         kwargs = {"site": job.key, "scale": site.scale, "layer": job.layer}
@@ -297,7 +387,7 @@ def _thread(
     from rewrite.mixers.transfer import TEACHER_KWARG  # loaded on first use, as the mixers are
 
     teachers: list[fx.Node] = []
-    for job in mixers:
+    for job in jobs.mixers:
         node = job.node
         # decoding records no attention transfer: the teacher's rotated q / k (rope: drop) need not be computed
         kwargs = {"site": job.key, "kind": job.kind, **{k: v for k, v in node.kwargs.items() if k != TEACHER_KWARG}}
@@ -312,6 +402,16 @@ def _thread(
         graph.erase_node(node)
         changed.append(f"{job.layer}: {job.kind} state")
     erase_unused_computation(graph, teachers)  # with the metadata asserts that would keep the rotation alive
+    for job in jobs.convs:
+        conv = job.conv
+        with graph.inserting_before(conv.cut):
+            new = graph.call_function(stateful_conv, (state, conv.x, conv.weight, conv.bias),
+                                      {"site": job.key, "layer": job.layer})
+        new.meta = dict(conv.cut.meta)
+        new.meta["rewrite_stateful"] = "conv state"
+        conv.cut.replace_all_uses_with(new)
+        erase_unused(graph, [conv.cut, conv.cut.args[0]])
+        changed.append(f"{job.layer}: conv state ({_last_inputs(conv)})")
     return changed, masks
 
 
@@ -321,8 +421,7 @@ class _Body:
 
     call: RoutedCall
     analysis: GraphAnalysis
-    softmax: list[_SoftmaxJob]
-    mixers: list[_MixerJob]
+    jobs: _Jobs
 
 
 def _thread_body(body: _Body, state: fx.Node) -> tuple[list[str], list[str], list[fx.Node]]:
@@ -330,11 +429,11 @@ def _thread_body(body: _Body, state: fx.Node) -> tuple[list[str], list[str], lis
 
     Returns (what changed, positions moved inside the body, the outer values the body's masks come from).
     """
-    if not body.softmax and not body.mixers:
+    if not body.jobs.softmax and not body.jobs.mixers and not body.jobs.convs:
         return [], [], []
     inner = add_block_input(body.call, state, "decode_state", InputRule("rows"))
     module = body.call.block.body
-    changed, masks = _thread(module.graph, inner, body.softmax, body.mixers)
+    changed, masks = _thread(module.graph, inner, body.jobs)
     moved = _continue_positions(module.graph, inner, masks, body.analysis.dims)
     outer = [outer_value(body.call, n) for n in ancestors(masks) if n.op == "placeholder"]
     eliminate_dead_code(module.graph)
@@ -365,20 +464,23 @@ class Stateful(GraphPass):
             _check_routed(call)
         windowed = _windowed_blocks(options, _block_paths(analysis, calls), self.where(ctx))
         taken: set[str] = set()
-        softmax, mixers = _collect(gm, analysis, options, windowed, taken)
+        jobs = _collect(gm, analysis, options, windowed, taken)
         bodies = []
         for call in calls:
             body_analysis = analyze(call.block.body)
-            bodies.append(_Body(call, body_analysis, *_collect(call.block.body, body_analysis, options, windowed, taken)))
-        every_softmax = softmax + [j for b in bodies for j in b.softmax]
-        every_mixer = mixers + [j for b in bodies for j in b.mixers]
-        result.matched = len(every_softmax) + len(every_mixer)
+            bodies.append(_Body(call, body_analysis, _collect(call.block.body, body_analysis, options, windowed, taken)))
+        every_softmax = jobs.softmax + [j for b in bodies for j in b.jobs.softmax]
+        every_mixer = jobs.mixers + [j for b in bodies for j in b.jobs.mixers]
+        every_conv = jobs.convs + [j for b in bodies for j in b.jobs.convs]
+        result.matched = len(every_softmax) + len(every_mixer) + len(every_conv)
         if not options.thread:
             result.messages.extend(
                 f"{j.layer}: can decode with a KV cache" + (f" (window {j.window})" if j.window else "")
                 for j in every_softmax
             )
             result.messages.extend(f"{j.layer}: can decode with a {j.kind} state" for j in every_mixer)
+            result.messages.extend(f"{j.layer}: can decode with a conv state ({_last_inputs(j.conv)})"
+                                   for j in every_conv)
             result.messages.extend(
                 f"{c.layer}: routed; decodes with the decision made at prefill, its state kept for the sequences "
                 "that run it" for c in calls
@@ -387,7 +489,7 @@ class Stateful(GraphPass):
         if not result.matched:
             return result
         state, signature = _add_state_input(gm)
-        result.changed, masks = _thread(gm.graph, state, softmax, mixers)
+        result.changed, masks = _thread(gm.graph, state, jobs)
         moved_in_bodies = []
         for body in bodies:
             changed, body_moved, body_masks = _thread_body(body, state)

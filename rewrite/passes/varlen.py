@@ -39,6 +39,7 @@ from rewrite.analysis import AttentionSite, GraphAnalysis
 from rewrite.analysis.graph_utils import ancestor_placeholders, eliminate_dead_code
 from rewrite.analysis.graph_utils import ancestors as graph_ancestors
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
+from rewrite.analysis.shapes import to_expr
 from rewrite.errors import PlanError
 from rewrite.kernels.varlen_attention.api import BACKENDS
 from rewrite.passes import register_pass
@@ -53,11 +54,11 @@ from rewrite.passes.base import (
 )
 from rewrite.real_tokens import OutputTokens, RealTokens
 from rewrite.varlen import runtime
-from rewrite.varlen.causal_conv import causal_depthwise_conv
+from rewrite.varlen.causal_conv import causal_conv_over_tokens
 from rewrite.varlen.graph_replay import MODES as REPLAY_MODES
 from rewrite.varlen.graph_replay import TokenBuckets
 from rewrite.varlen.mask_check import MaskUse, prove_packed_masks, prove_padding_masks
-from rewrite.varlen.symbols import TokenDims, TokenSymbols, expr_of, find_symbols
+from rewrite.varlen.symbols import TokenDims, TokenSymbols, find_symbols
 from rewrite.varlen.walk import PackedGraphWalk, fail, is_sym
 
 aten = torch.ops.aten
@@ -143,7 +144,7 @@ def _ancestor_placeholders(node: fx.Node) -> list[fx.Node]:
 def _refuse_cross_attention(site: AttentionSite) -> None:
     """Raise PassError for a site whose queries and keys come from sequences of different (symbolic) lengths."""
     q, k = tensor_meta(site.q), tensor_meta(site.k)
-    if q is None or k is None or q.dim() < 2 or k.dim() < 2 or expr_of(q.shape[-2]) == expr_of(k.shape[-2]):
+    if q is None or k is None or q.dim() < 2 or k.dim() < 2 or to_expr(q.shape[-2]) == to_expr(k.shape[-2]):
         return
     raise fail(f"attention at {site.module_path or '<root>'}: cross-attention (queries and keys from sequences of "
                "different lengths, as in an encoder-decoder model) is not supported: padding-free execution packs "
@@ -190,7 +191,7 @@ def _refuse_token_convolutions(graph: fx.Graph, analysis: GraphAnalysis, symbols
     start of the next."""
     feeds_mixing = graph_ancestors(a for n in mixing for a in n.all_input_nodes)
     for node in graph.nodes:
-        if not is_op(node, *CONVOLUTIONS) or node not in feeds_mixing or causal_depthwise_conv(node, symbols):
+        if not is_op(node, *CONVOLUTIONS) or node not in feeds_mixing or causal_conv_over_tokens(node, symbols):
             continue
         x, w = tensor_meta(node.args[0]), tensor_meta(node.args[1])
         if x is None or w is None:
@@ -281,7 +282,7 @@ def _other_sizes(graph: fx.Graph, inputs: list[fx.Node], symbols: TokenSymbols) 
     out: dict[sympy.Symbol, fx.Node] = {}
     for node in inputs:
         for dim, size in enumerate(tensor_meta(node).shape):
-            e = expr_of(size)
+            e = to_expr(size)
             if isinstance(e, sympy.Symbol) and e not in symbols.all and e not in out:
                 out[e] = graph.call_function(aten.sym_size.int, (node, dim))
     return out

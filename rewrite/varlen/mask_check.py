@@ -20,8 +20,9 @@ from rewrite.analysis import AttentionSite
 from rewrite.analysis.graph_utils import ancestor_placeholders, subgraph_module
 from rewrite.analysis.mask_probe import holds_bias, mask_bias_description, window_constant
 from rewrite.analysis.nodes import tensor_meta
+from rewrite.analysis.shapes import to_expr
 from rewrite.errors import PassError
-from rewrite.varlen.symbols import TokenSymbols, expr_of
+from rewrite.varlen.symbols import TokenSymbols
 
 PATTERN = (
     (1, 1, 1, 1, 0, 0),
@@ -143,11 +144,11 @@ def _concrete_shape(node: fx.Node, symbols: TokenSymbols, batch: int, seq: int) 
     subs = {**{s: sympy.Integer(batch) for s in symbols.batch}, **{s: sympy.Integer(seq) for s in symbols.seq}}
     shape = []
     for d in val.shape:
-        e = expr_of(d).xreplace(subs)
+        e = to_expr(d).xreplace(subs)
         if not isinstance(e, sympy.Integer) and isinstance(d, torch.SymInt) and d.node.hint is not None:
             e = sympy.Integer(int(d.node.hint))  # another dynamic dim (a feature size): its example value
         if not isinstance(e, sympy.Integer):
-            raise PassError("varlen", f"input {node.name!r} has a dim of size {expr_of(d)} that is neither "
+            raise PassError("varlen", f"input {node.name!r} has a dim of size {to_expr(d)} that is neither "
                             "batch nor sequence length; the mask probe cannot size it", node.name)
         shape.append(int(e))
     return shape
@@ -158,7 +159,7 @@ def _size_value(node: fx.Node, symbols: TokenSymbols, batch: int, seq: int) -> o
     val = node.meta.get("val")
     if isinstance(val, torch.SymInt):
         subs = {**{s: sympy.Integer(batch) for s in symbols.batch}, **{s: sympy.Integer(seq) for s in symbols.seq}}
-        e = expr_of(val).xreplace(subs)
+        e = to_expr(val).xreplace(subs)
         return int(e) if isinstance(e, sympy.Integer) else int(val.node.hint)
     return val
 

@@ -12,10 +12,10 @@ import operator
 from dataclasses import dataclass, field
 
 import sympy
-import torch
 import torch.fx as fx
 
 from rewrite.analysis.nodes import tensor_meta
+from rewrite.analysis.shapes import to_expr
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,6 @@ class TokenDims:
     factored: bool = False
 
 
-def expr_of(x) -> sympy.Expr:
-    """A sympy expression for an int or a SymInt."""
-    if isinstance(x, torch.SymInt):
-        return sympy.sympify(x.node.expr)
-    return sympy.Integer(int(x))
-
-
 @dataclass
 class TokenSymbols:
     """The batch and sequence symbols of a capture."""
@@ -52,7 +45,7 @@ class TokenSymbols:
 
     def kind(self, size) -> str | None:
         """'batch', 'seq', 'merged' (batch * seq), 'batch*' / 'seq*' (times a fixed size) or None for one size."""
-        e = expr_of(size)
+        e = to_expr(size)
         if e in self.batch:
             return "batch"
         if e in self.seq:
@@ -83,25 +76,25 @@ class TokenSymbols:
             elif k in ("seq", "seq*"):
                 out["seq"] = (i, before)
             elif k == "merged":
-                b = next(iter(expr_of(d).free_symbols & self.batch))
-                q = next(iter(expr_of(d).free_symbols & self.seq))
+                b = next(iter(to_expr(d).free_symbols & self.batch))
+                q = next(iter(to_expr(d).free_symbols & self.seq))
                 out["batch"] = (i, before * q if seq_outer else before)
                 out["seq"] = (i, before if seq_outer else before * b)
-            before = before * expr_of(d)
+            before = before * to_expr(d)
         return out
 
     def mentions_tokens(self, size) -> bool:
-        return bool(expr_of(size).free_symbols & self.all)
+        return bool(to_expr(size).free_symbols & self.all)
 
     def mentions_seq(self, size) -> bool:
-        return bool(expr_of(size).free_symbols & self.seq)
+        return bool(to_expr(size).free_symbols & self.seq)
 
     def dims(self, shape) -> TokenDims | None | str:
         """TokenDims of a shape; None when it has no seq dim; a reason string when its token dims are not clean."""
         kinds = [self.kind(d) for d in shape]
         for d, k in zip(shape, kinds):
             if k is None and self.mentions_tokens(d):
-                return f"size {expr_of(d)} mixes the batch / sequence length with other dims"
+                return f"size {to_expr(d)} mixes the batch / sequence length with other dims"
         seqs = [i for i, k in enumerate(kinds) if k in ("seq", "seq*", "merged")]
         batches = [i for i, k in enumerate(kinds) if k in ("batch", "batch*")]
         factored = any(k in ("batch*", "seq*") for k in kinds)
@@ -130,7 +123,7 @@ def find_symbols(placeholders: list[fx.Node]) -> TokenSymbols:
         if val is None or val.dim() < 2:
             continue
         for dim, bucket in ((0, out.batch), (1, out.seq)):
-            e = expr_of(val.shape[dim])
+            e = to_expr(val.shape[dim])
             if isinstance(e, sympy.Symbol):
                 bucket.add(e)
     return out

@@ -17,7 +17,8 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis.nodes import is_op, tensor_meta
-from rewrite.varlen.symbols import TokenDims, TokenSymbols, expr_of
+from rewrite.analysis.shapes import to_expr
+from rewrite.varlen.symbols import TokenDims, TokenSymbols
 
 aten = torch.ops.aten
 
@@ -249,14 +250,14 @@ def _check(node: fx.Node, symbols: TokenSymbols, kind_of: KindOf) -> str | None:
         if not _touches(first_dims, [dim], rank):
             return None
         start, end, step = _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1)
-        size = expr_of(tensor_meta(first).shape[dim])
+        size = to_expr(tensor_meta(first).shape[dim])
         whole_end = end is None or (isinstance(end, int) and end >= 2**62) or (
             isinstance(end, fx.Node) and isinstance(end.meta.get("val"), torch.SymInt)
-            and sympy.simplify(expr_of(end.meta["val"]) - size) == 0
+            and sympy.simplify(to_expr(end.meta["val"]) - size) == 0
         )
         whole_start = start in (None, 0) or (  # x[:, -seq:] (LFM2 cuts its mask to the tokens' length so)
             isinstance(start, fx.Node) and isinstance(start.meta.get("val"), torch.SymInt)
-            and sympy.simplify(expr_of(start.meta["val"]) + size) == 0
+            and sympy.simplify(to_expr(start.meta["val"]) + size) == 0
         )
         if whole_start and step in (None, 1) and whole_end:
             return None

@@ -19,11 +19,12 @@ import torch.utils._pytree as pytree
 from rewrite.analysis.graph_utils import ancestors as graph_ancestors
 from rewrite.analysis.graph_utils import attribute_tensor
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
+from rewrite.analysis.shapes import to_expr
 from rewrite.errors import PassError
 from rewrite.varlen import runtime
-from rewrite.varlen.causal_conv import causal_depthwise_conv
+from rewrite.varlen.causal_conv import causal_conv_over_tokens
 from rewrite.varlen.module_probe import TokenwiseModules
-from rewrite.varlen.symbols import SizeBuilder, TokenDims, TokenSymbols, expr_of
+from rewrite.varlen.symbols import SizeBuilder, TokenDims, TokenSymbols
 from rewrite.varlen.tokenwise import SEQ_OUTER, check
 
 aten = torch.ops.aten
@@ -101,7 +102,7 @@ class PackedGraphWalk:
             if keep_placeholder_sizes and is_op(arg, aten.sym_size.int) and arg.args[0].op == "placeholder":
                 return arg
             try:
-                return builder.build(expr_of(arg.meta["val"]))
+                return builder.build(to_expr(arg.meta["val"]))
             except KeyError as exc:
                 raise fail(f"cannot rewrite size argument {arg.name!r}: {exc.args[0]}", node) from None
 
@@ -111,8 +112,8 @@ class PackedGraphWalk:
     # positions -----------------------------------------------------------------------------------
     def _span(self, start, end) -> int | None:
         """`start` as an int when end - start is the sequence length, else None."""
-        s = expr_of(start.meta["val"]) if is_sym(start) else expr_of(start if start is not None else 0)
-        e = expr_of(end.meta["val"]) if is_sym(end) else expr_of(end)
+        s = to_expr(start.meta["val"]) if is_sym(start) else to_expr(start if start is not None else 0)
+        e = to_expr(end.meta["val"]) if is_sym(end) else to_expr(end)
         if s.free_symbols or (e - s).free_symbols - self.symbols.seq or (e - s) not in self.symbols.seq:
             return None
         return int(s)
@@ -308,7 +309,7 @@ class PackedGraphWalk:
     def _causal_conv_per_sequence(self, node: fx.Node) -> bool:
         """A causal depthwise conv over the tokens (`causal_conv`) -> the same conv per sequence of the packed
         tokens; its slice's value is replaced, the conv and the slice left to dead-code elimination."""
-        conv = causal_depthwise_conv(node, self.symbols)
+        conv = causal_conv_over_tokens(node, self.symbols)
         if conv is None or self.kind_of(conv.x) != "token" or any(self.kind_of(a) not in ("free", "sym") for a in (conv.weight, conv.bias) if a):
             return False
         with self.graph.inserting_before(node):
