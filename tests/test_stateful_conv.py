@@ -126,6 +126,11 @@ def test_a_token_mixer_the_state_does_not_carry_is_refused_at_generate_naming_it
     with pytest.raises(PassError, match=r"ShiftDecoder cannot decode token by token: the value of \w+ \(shift\)") as info:
         om.generate(ids, max_new_tokens=2)
     assert info.value.pass_name == "stateful" and info.value.module_path == "shift"
+    # in bfloat16 rounding could also flip a discrete choice between the two runs: the same finding, as a warning
+    model = model.to(torch.bfloat16)
+    om = rewrite.optimize(model, ["stateful"], (ids,))
+    with pytest.warns(RuntimeWarning, match=r"ShiftDecoder may not decode token by token: the value of \w+ \(shift\)"):
+        om.generate(ids, max_new_tokens=2)
 
 
 def test_routed_blocks_carry_their_convs_for_the_sequences_that_run_them():

@@ -11,6 +11,7 @@ in the error with its module.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +27,22 @@ PROMPT_TOKENS = 6
 """Tokens of the example prompt: its last one is decoded as a step after a prefill of the others."""
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4}
 """Largest difference allowed between a value of the step and of the whole prompt, relative to their largest
-magnitude, per dtype; half-precision dtypes get HALF_TOLERANCE. A token the step does not see changes a value by
-far more (its own order of magnitude)."""
-HALF_TOLERANCE = 5e-2
+magnitude, per dtype on the CPU. A token the step does not see changes a value by far more (its own order of
+magnitude: 0.95 for LFM2's conv without its state)."""
+ACCELERATOR_FLOAT32_TOLERANCE = 2e-2
+"""float32 off the CPU: matmuls and convolutions may run in TF32 (cuDNN's default for convolutions)."""
+HALF_TOLERANCE = 0.2
+"""float16 / bfloat16: a prefill and a step round differently through every layer (the decode benchmark's
+bf16 logits differ by about 2e-2 between them)."""
+
+
+def tolerance(value: torch.Tensor) -> float:
+    """The difference allowed for a value of this dtype and device."""
+    if value.dtype in (torch.float16, torch.bfloat16):
+        return HALF_TOLERANCE
+    if value.dtype == torch.float32 and value.device.type != "cpu":
+        return ACCELERATOR_FLOAT32_TOLERANCE
+    return TOLERANCE.get(value.dtype, HALF_TOLERANCE)
 
 CARRIED = ("the decode state carries softmax attention as KV caches, the `mixer` pass's linear mixers as recurrent "
            "states and causal depthwise convs over the tokens as their last inputs")
@@ -116,7 +130,7 @@ def check_step_matches_prefill(
     model_name: str,
 ) -> None:
     """Raise PassError naming the first op whose value at the last token of `ids` [1, T] differs between the whole
-    prompt and a prefill of T-1 tokens followed by one decode step. `call(module, ids, positions, state)` runs a
+    prompt and a prefill of T-1 tokens followed by one decode step (in half precision, warn instead). `call(module, ids, positions, state)` runs a
     callable taking the program's flat inputs (the program's own way of calling); `new_state(batch, capacity)`."""
     seq = _token_count(gm)
     if seq is None:
@@ -142,15 +156,22 @@ def check_step_matches_prefill(
         a, b = whole.seen.get(node), stepped.seen.get(node)
         if a is None or b is None or a.shape != b.shape:
             continue
-        tolerance = TOLERANCE.get(a.dtype, HALF_TOLERANCE)
         difference = _difference(a, b)
-        if difference > tolerance:
-            path = module_path(node) or "<root>"
-            raise PassError(
-                "stateful",
-                f"{model_name} cannot decode token by token: the value of {node.name} ({path}) at a prompt's last "
-                f"token differs by {difference:.2g} (relative) when that token is decoded as a step after the others "
-                f"are prefilled, so an op up to there mixes tokens in a way the decode state does not carry ({CARRIED}); "
-                "a selective scan or a convolution written in another form, for example. Generate with the original "
-                "model, or replace that layer's token mixing with the `mixer` pass",
-                node.name, path)
+        if difference <= tolerance(a):
+            continue
+        path = module_path(node) or "<root>"
+        found = (f"the value of {node.name} ({path}) at a prompt's last token differs by {difference:.2g} (relative) "
+                 "when that token is decoded as a step after the others are prefilled")
+        if a.dtype in (torch.float16, torch.bfloat16):  # rounding can flip a choice (an expert, a top-k): warn
+            warnings.warn(f"{model_name} may not decode token by token: {found}. In {a.dtype} this can be rounding "
+                          "that flipped a discrete choice (a mixture-of-experts router's top-k) as well as a token "
+                          f"mixer the decode state does not carry ({CARRIED}); check the model's decode in float32",
+                          RuntimeWarning, stacklevel=2)
+            return
+        raise PassError(
+            "stateful",
+            f"{model_name} cannot decode token by token: {found}, so an op up to there mixes tokens in a way the "
+            f"decode state does not carry ({CARRIED}); a selective scan or a convolution written in another form, "
+            "for example. Generate with the original model, or replace that layer's token mixing with the `mixer` "
+            "pass",
+            node.name, path)
