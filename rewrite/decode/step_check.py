@@ -25,10 +25,11 @@ from rewrite.errors import PassError
 
 PROMPT_TOKENS = 6
 """Tokens of the example prompt: its last one is decoded as a step after a prefill of the others."""
-TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4}
+FLOAT_TOLERANCE = 1e-4
 """Largest difference allowed between a value of the step and of the whole prompt, relative to their largest
-magnitude, per dtype on the CPU. A token the step does not see changes a value by far more (its own order of
-magnitude: 0.95 for LFM2's conv without its state)."""
+magnitude, in float32 on the CPU and in float64 (whose values may have been computed in float32 and cast). A token
+the step does not see changes a value by far more (its own order of magnitude: 0.95 for LFM2's conv without its
+state)."""
 ACCELERATOR_FLOAT32_TOLERANCE = 2e-2
 """float32 off the CPU: matmuls and convolutions may run in TF32 (cuDNN's default for convolutions)."""
 HALF_TOLERANCE = 0.2
@@ -42,7 +43,7 @@ def tolerance(value: torch.Tensor) -> float:
         return HALF_TOLERANCE
     if value.dtype == torch.float32 and value.device.type != "cpu":
         return ACCELERATOR_FLOAT32_TOLERANCE
-    return TOLERANCE.get(value.dtype, HALF_TOLERANCE)
+    return FLOAT_TOLERANCE
 
 CARRIED = ("the decode state carries softmax attention as KV caches, the `mixer` pass's linear mixers as recurrent "
            "states and causal depthwise convs over the tokens as their last inputs")
@@ -154,7 +155,7 @@ def check_step_matches_prefill(
 
     for node in gm.graph.nodes:
         a, b = whole.seen.get(node), stepped.seen.get(node)
-        if a is None or b is None or a.shape != b.shape:
+        if a is None or b is None or a.shape != b.shape or a.numel() == 0:
             continue
         difference = _difference(a, b)
         if difference <= tolerance(a):
