@@ -67,6 +67,7 @@ CASES = {
     "transformer_encoder-softmax-ring": _case("transformer_encoder", "ring", "zigzag"),
     "minilm-pretrained-ulysses": _case("minilm", "ulysses"),
     "llama-softmax-ulysses_ring-zigzag": _case("llama", "ulysses_ring", "zigzag", ulysses_size=2),
+    "lfm2-short-conv-ring-zigzag": _case("lfm2", "ring", "zigzag"),  # a causal conv over the tokens: halos
     # packed rows (position_ids restarting per sequence), sequences crossing rank boundaries
     "llama-packed-softmax-ulysses": _case("llama", "ulysses", packed=True),
     "llama-packed-softmax-ring-zigzag": _case("llama", "ring", "zigzag", packed=True),
@@ -93,6 +94,7 @@ THREAD_CASES = [(2, name) for name in (
     "llama-gla-lasp2-zigzag", "llama-softmax-ring-zigzag", "gpt2-softmax-ring-absolute-positions",
     "llama-retention-lasp2", "llama-gated_deltanet-allscan", "bert-bidirectional-lasp2",
     "handwritten-unfused-softmax-ulysses", "transformer_encoder-softmax-ring", "minilm-pretrained-ulysses",
+    "lfm2-short-conv-ring-zigzag",
 )] + [(4, name) for name in (
     "llama-hybrid-auto", "llama-gated_deltanet-lasp2-zigzag", "llama-mamba2-lasp2",
 )]
@@ -429,6 +431,23 @@ def test_auto_takes_ulysses_ring_where_ulysses_cannot_split_the_heads() -> None:
     from rewrite.distributed.graph_functions import sp_attention
 
     assert [n.kwargs["inner"] for n in om.program.graph.nodes if n.target is sp_attention] == [2, 2]
+
+
+def test_convolutions_over_the_tokens_split_only_in_the_causal_depthwise_form() -> None:
+    """A dense conv over the tokens is refused naming its module; LFM2's causal short conv on packed rows too (its
+    halo would read across a sequence start)."""
+    from test_stateful_conv import built
+
+    model, ids = built(3, depthwise=False)
+    with pytest.raises(PassError, match=r"a convolution over the tokens of this form cannot be split along the "
+                                        r"sequence; supported: a causal depthwise conv") as info:
+        rewrite.optimize(model, {"passes": [{SP: {"group_size": 2, "strategy": "ring"}}]}, (ids,))
+    assert info.value.module_path == "conv"
+    model, inputs = TARGETS["lfm2"](batch=1, length=16)
+    packed = {"input_ids": inputs["input_ids"], "position_ids": torch.cat([torch.arange(8), torch.arange(8)])[None]}
+    with pytest.raises(PassError, match="causal conv over the tokens has no sequence-parallel form for packed"):
+        rewrite.optimize(model, {"passes": [{SP: {"group_size": 2, "strategy": "ring", "packed": "position_ids"}}]},
+                         example_kwargs=packed)
 
 
 def test_packed_option_errors_name_the_input_and_the_kind() -> None:

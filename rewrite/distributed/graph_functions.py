@@ -19,7 +19,7 @@ import torch
 
 from rewrite.distributed.groups import GroupError, get_group
 from rewrite.distributed.layout import LAYOUTS, global_positions, segments
-from rewrite.distributed.recurrent_kernels import SequenceParallelKernels
+from rewrite.distributed.recurrent_kernels import SequenceParallelKernels, sp_short_conv
 from rewrite.distributed.softmax_attention import (
     default_inner_size,
     gather_key_validity,
@@ -155,6 +155,21 @@ def sp_attention(
             inner = default_inner_size(q.shape[1], k.shape[1], sg.size)
         return ulysses_ring_attention(q, k, v, valid, inner=inner, **common)
     raise GroupError(f"unknown softmax strategy {strategy!r} (supported: {', '.join(SOFTMAX_STRATEGIES)})")
+
+
+def sp_causal_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    group: str = "world",
+    layout: str = "contiguous",
+) -> torch.Tensor:
+    """A causal depthwise conv over the tokens of this rank's shard x [B, C, T] (weight [C, 1, K]): what
+    `conv1d(x, weight, bias, padding=K-1, groups=C)[..., :T]` of the whole sequence gives this shard, each segment
+    reading the K-1 inputs before it from the rank holding them."""
+    y, _ = sp_short_conv(x.transpose(1, 2), weight[:, 0], bias, False, group=get_group(group), layout=layout)
+    return y.transpose(1, 2)
 
 
 def sp_mixer(

@@ -9,6 +9,8 @@ cuts the inputs) and every rank of the group calls it together. The pass rewrite
 - every linear mixer call (from the `mixer` pass, which must run first) into `sp_mixer`, whose
   linear-attention / delta-rule / short-conv kernels run over the whole sequence (`lasp2` or
   `allscan` for the states, halo exchange for convs);
+- every causal depthwise conv over the tokens (LFM2's short convs) into `sp_causal_conv`, which reads the K-1
+  inputs before the shard from the rank holding them (a conv over the tokens of any other form is refused);
 - every `arange` over the sequence length into the rank's global positions, and every slice
   [0, seq) of a model buffer (position ids, rotary tables) into the rank's rows, so RoPE, absolute
   position embeddings and the masks built from them see global positions.
@@ -30,12 +32,13 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import SEQ, AttentionSite, GraphAnalysis
+from rewrite.analysis.causal_conv import KERNELS, causal_depthwise_conv
 from rewrite.analysis.graph_utils import ancestors, descendants, erase_unused
 from rewrite.analysis.nodes import is_op, module_path, op_name, state_name, tensor_meta
 from rewrite.analysis.shapes import to_expr
 from rewrite.cost_model import NodeCost, Shapes, register_cost
 from rewrite.distributed import cost
-from rewrite.distributed.graph_functions import sp_attention, sp_mixer, sp_positions, sp_take
+from rewrite.distributed.graph_functions import sp_attention, sp_causal_conv, sp_mixer, sp_positions, sp_take
 from rewrite.distributed.groups import group_size_if_known
 from rewrite.distributed.layout import LAYOUTS
 from rewrite.distributed.softmax_attention import (
@@ -161,6 +164,10 @@ class SequenceParallelOptions:
         for name in ("expected_seq", "link_gb_per_s", "device_tflops"):
             if not getattr(self, name) > 0:
                 raise PlanError(f"{where}.{name}", f"must be > 0, got {getattr(self, name)!r}")
+
+
+CONVOLUTIONS = (aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
+                aten.conv3d.default, aten.conv3d.padding, aten.convolution.default)
 
 
 def _layer(site_path: str, analysis: GraphAnalysis, node: fx.Node) -> str:
@@ -293,6 +300,9 @@ class SequenceParallel(GraphPass):
             result.matched += 1
             result.changed.append(f"{layer}: {kind} -> {strategy}")
             result.messages.append(f"{layer}: {why}")
+        for layer in self._rewrite_convs(gm, analysis):
+            result.matched += 1
+            result.changed.append(f"{layer}: causal conv -> halo from the rank before")
         positions = self._rewrite_positions(gm, analysis)
         if positions:
             result.messages.append(f"positions offset per shard at {', '.join(positions)}")
@@ -445,6 +455,47 @@ class SequenceParallel(GraphPass):
         new.meta["rewrite_sequence_parallel"] = strategy
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+
+    # --- convolutions over the tokens -------------------------------------------------------------
+
+    def _rewrite_convs(self, gm: fx.GraphModule, analysis: GraphAnalysis) -> list[str]:
+        """Causal depthwise convs over the tokens -> `sp_causal_conv`; any other conv over the tokens is refused."""
+        options: SequenceParallelOptions = self.options
+        done = []
+        for node in list(gm.graph.nodes):
+            if not is_op(node, *CONVOLUTIONS):
+                continue
+            conv = causal_depthwise_conv(node)
+            x = tensor_meta(conv.x if conv is not None else node.args[0])
+            layer = _layer(module_path(node), analysis, node)
+            if conv is not None and x is not None and _is_seq(analysis, x.shape[2]) \
+                    and not analysis.dims.expr(x.shape[0]).free_symbols & {SEQ}:
+                if self.positions is not None:
+                    raise PassError(self.name, f"{layer}: a causal conv over the tokens has no sequence-parallel form "
+                                    "for packed sequences yet (it would read across a sequence start at a shard's "
+                                    "edge); leave `packed` out or the pass out of the plan", node.name,
+                                    module_path(node))
+                with gm.graph.inserting_before(conv.cut):
+                    new = gm.graph.call_function(sp_causal_conv, (conv.x, conv.weight, conv.bias),
+                                                 {"group": options.group, "layout": options.layout})
+                new.meta = dict(conv.cut.meta)
+                new.meta["rewrite_sequence_parallel"] = "halo"
+                conv.cut.replace_all_uses_with(new)
+                erase_unused(gm.graph, [conv.cut, node])
+                done.append(layer)
+                continue
+            w = tensor_meta(node.args[1])
+            if x is None or w is None:
+                continue
+            spatial = w.dim() - 2
+            if any(analysis.dims.expr(size).free_symbols & {SEQ} and int(k) != 1
+                   for size, k in zip(x.shape[x.dim() - spatial:], w.shape[2:])):
+                raise PassError(self.name, f"{layer}: a convolution over the tokens of this form cannot be split along "
+                                "the sequence; supported: a causal depthwise conv (conv1d(x [batch, C, seq], weight "
+                                f"[C, 1, K], padding=K-1, groups=C) with its first seq outputs kept, K from "
+                                f"{KERNELS.start} to {KERNELS.stop - 1}), whose halo comes from the rank before",
+                                node.name, module_path(node))
+        return done
 
     # --- packed rows ----------------------------------------------------------------------------
 
