@@ -8,6 +8,7 @@ packed sequence, the stateful pass carries its last K-1 inputs from one decode c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,24 @@ from rewrite.analysis.shapes import to_expr
 aten = torch.ops.aten
 KERNELS = range(2, 9)
 """Kernel sizes matched (those of the short-conv kernel, `rewrite::short_conv`)."""
+CONVOLUTIONS = (aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
+                aten.conv3d.default, aten.conv3d.padding, aten.convolution.default)
+SUPPORTED_FORM = ("a causal depthwise conv: conv1d(x [batch, C, seq], weight [C, 1, K], padding=K-1, groups=C) with "
+                  f"its first seq outputs kept, K from {KERNELS.start} to {KERNELS.stop - 1}")
+"""The form of convolution over the tokens the passes carry, in words for their errors."""
+
+
+def kernel_over_tokens(node: fx.Node, over_tokens: Callable[[object], bool]) -> int | None:
+    """The kernel size (above 1) of convolution `node` along a spatial dim whose size `over_tokens` says is sized by
+    the tokens, or None when it is not a convolution or reaches no neighbouring token."""
+    if not is_op(node, *CONVOLUTIONS):
+        return None
+    x, w = tensor_meta(node.args[0]), tensor_meta(node.args[1])
+    if x is None or w is None:
+        return None
+    spatial = w.dim() - 2
+    kernels = [int(k) for size, k in zip(x.shape[x.dim() - spatial:], w.shape[2:]) if over_tokens(size) and int(k) != 1]
+    return kernels[0] if kernels else None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import SEQ, AttentionSite, GraphAnalysis
-from rewrite.analysis.causal_conv import KERNELS, causal_depthwise_conv
+from rewrite.analysis.causal_conv import SUPPORTED_FORM, causal_depthwise_conv, kernel_over_tokens
 from rewrite.analysis.graph_utils import ancestors, descendants, erase_unused
 from rewrite.analysis.nodes import is_op, module_path, op_name, state_name, tensor_meta
 from rewrite.analysis.shapes import to_expr
@@ -164,10 +164,6 @@ class SequenceParallelOptions:
         for name in ("expected_seq", "link_gb_per_s", "device_tflops"):
             if not getattr(self, name) > 0:
                 raise PlanError(f"{where}.{name}", f"must be > 0, got {getattr(self, name)!r}")
-
-
-CONVOLUTIONS = (aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
-                aten.conv3d.default, aten.conv3d.padding, aten.convolution.default)
 
 
 def _layer(site_path: str, analysis: GraphAnalysis, node: fx.Node) -> str:
@@ -463,12 +459,10 @@ class SequenceParallel(GraphPass):
         options: SequenceParallelOptions = self.options
         done = []
         for node in list(gm.graph.nodes):
-            if not is_op(node, *CONVOLUTIONS):
-                continue
             conv = causal_depthwise_conv(node)
-            x = tensor_meta(conv.x if conv is not None else node.args[0])
+            x = tensor_meta(conv.x) if conv is not None else None
             layer = _layer(module_path(node), analysis, node)
-            if conv is not None and x is not None and _is_seq(analysis, x.shape[2]) \
+            if x is not None and _is_seq(analysis, x.shape[2]) \
                     and not analysis.dims.expr(x.shape[0]).free_symbols & {SEQ}:
                 if self.positions is not None:
                     raise PassError(self.name, f"{layer}: a causal conv over the tokens has no sequence-parallel form "
@@ -484,16 +478,9 @@ class SequenceParallel(GraphPass):
                 erase_unused(gm.graph, [conv.cut, node])
                 done.append(layer)
                 continue
-            w = tensor_meta(node.args[1])
-            if x is None or w is None:
-                continue
-            spatial = w.dim() - 2
-            if any(analysis.dims.expr(size).free_symbols & {SEQ} and int(k) != 1
-                   for size, k in zip(x.shape[x.dim() - spatial:], w.shape[2:])):
+            if kernel_over_tokens(node, lambda size: bool(analysis.dims.expr(size).free_symbols & {SEQ})) is not None:
                 raise PassError(self.name, f"{layer}: a convolution over the tokens of this form cannot be split along "
-                                "the sequence; supported: a causal depthwise conv (conv1d(x [batch, C, seq], weight "
-                                f"[C, 1, K], padding=K-1, groups=C) with its first seq outputs kept, K from "
-                                f"{KERNELS.start} to {KERNELS.stop - 1}), whose halo comes from the rank before",
+                                f"the sequence; supported: {SUPPORTED_FORM}, whose halo comes from the rank before",
                                 node.name, module_path(node))
         return done
 

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims, analyze
-from rewrite.analysis.causal_conv import KERNELS, CausalConv, causal_depthwise_conv
+from rewrite.analysis.causal_conv import SUPPORTED_FORM, CausalConv, causal_depthwise_conv, kernel_over_tokens
 from rewrite.analysis.graph_utils import (
     ancestors,
     eliminate_dead_code,
@@ -80,8 +80,6 @@ aten = torch.ops.aten
 
 CUDA_GRAPH_CHOICES = ["auto", "always", "never"]
 SCANS = (aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default)
-CONVOLUTIONS = (aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
-                aten.conv3d.default, aten.conv3d.padding, aten.convolution.default)
 _ARANGE = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 
 
@@ -241,27 +239,19 @@ def _collect_convs(gm: fx.GraphModule, analysis: GraphAnalysis, taken: set[str])
     """The causal depthwise convs over the tokens; any other convolution over the tokens is refused."""
     jobs = []
     for node in gm.graph.nodes:
-        if not is_op(node, *CONVOLUTIONS):
-            continue
         conv = causal_depthwise_conv(node)
-        x = tensor_meta(conv.x if conv is not None else node.args[0])
-        if conv is not None and x is not None and analysis.dims.role_of(x.shape[2]) == "seq" \
+        x = tensor_meta(conv.x) if conv is not None else None
+        if x is not None and analysis.dims.role_of(x.shape[2]) == "seq" \
                 and not analysis.dims.expr(x.shape[0]).free_symbols & {SEQ}:
             layer = _node_label(node, analysis)
             jobs.append(_ConvJob(conv, layer, _unique_key(module_path(node), node, taken)))
             continue
-        w = tensor_meta(node.args[1])
-        if x is None or w is None:
-            continue
-        spatial = w.dim() - 2
-        over_tokens = [int(k) for size, k in zip(x.shape[x.dim() - spatial:], w.shape[2:])
-                       if analysis.dims.expr(size).free_symbols & {SEQ} and int(k) != 1]
-        if over_tokens:
+        kernel = kernel_over_tokens(node, lambda size: bool(analysis.dims.expr(size).free_symbols & {SEQ}))
+        if kernel is not None:
             raise PassError(
-                "stateful", f"{_node_label(node, analysis)}: a convolution over the tokens (kernel {over_tokens[0]}) "
-                "mixes each token with its neighbours, and the decode state carries only a causal depthwise conv's "
-                "last inputs: conv1d(x [batch, C, seq], weight [C, 1, K], padding=K-1, groups=C) with its first seq "
-                f"outputs kept, K from {KERNELS.start} to {KERNELS.stop - 1}; this model cannot decode token by token",
+                "stateful", f"{_node_label(node, analysis)}: a convolution over the tokens (kernel {kernel}) "
+                "mixes each token with its neighbours, and the decode state carries only the last inputs of "
+                f"{SUPPORTED_FORM}; this model cannot decode token by token",
                 node.name, module_path(node) or "<root>")
     return jobs
 

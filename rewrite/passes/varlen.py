@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, GraphAnalysis
+from rewrite.analysis.causal_conv import kernel_over_tokens
 from rewrite.analysis.graph_utils import ancestor_placeholders, eliminate_dead_code
 from rewrite.analysis.graph_utils import ancestors as graph_ancestors
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
@@ -168,8 +169,6 @@ def _check_site(site: AttentionSite, symbols: TokenSymbols, masked_causal: dict[
     return masked_causal[site.name]
 
 
-CONVOLUTIONS = (aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
-                aten.conv3d.default, aten.conv3d.padding, aten.convolution.default)
 UNSUPPORTED_REMEDY = (
     "The varlen pass runs per sequence (cu_seqlens) softmax attention, sliding-window attention, the `mixer` "
     "pass's mixers and causal depthwise convs; every other op must keep each token apart. Leave `varlen` out of "
@@ -191,19 +190,14 @@ def _refuse_token_convolutions(graph: fx.Graph, analysis: GraphAnalysis, symbols
     start of the next."""
     feeds_mixing = graph_ancestors(a for n in mixing for a in n.all_input_nodes)
     for node in graph.nodes:
-        if not is_op(node, *CONVOLUTIONS) or node not in feeds_mixing or causal_conv_over_tokens(node, symbols):
+        if node not in feeds_mixing or causal_conv_over_tokens(node, symbols):
             continue
-        x, w = tensor_meta(node.args[0]), tensor_meta(node.args[1])
-        if x is None or w is None:
-            continue
-        spatial = w.dim() - 2
-        over_tokens = [int(k) for size, k in zip(x.shape[x.dim() - spatial:], w.shape[2:])
-                       if symbols.mentions_seq(size) and int(k) != 1]
-        if not over_tokens:
+        kernel = kernel_over_tokens(node, symbols.mentions_seq)
+        if kernel is None:
             continue
         path = module_path(node) or "<root>"
         raise fail(
-            f"{_layer_of(node, analysis)}: a convolution over the tokens (kernel {over_tokens[0]}, module {path}, as a "
+            f"{_layer_of(node, analysis)}: a convolution over the tokens (kernel {kernel}, module {path}, as a "
             "short-conv layer) mixes each token with its neighbours, so on packed sequences it would read the end of "
             "one sequence into the start of the next; it feeds attention, so it cannot run on repadded values either. "
             "The pass runs per sequence only a causal depthwise conv1d (weight [C, 1, K] with K from 2 to 8, "
