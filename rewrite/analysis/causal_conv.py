@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis.nodes import is_op, tensor_meta
-from rewrite.analysis.shapes import to_expr
+from rewrite.analysis.shapes import SymbolicDims, to_expr
 
 aten = torch.ops.aten
 KERNELS = range(2, 9)
@@ -89,3 +89,13 @@ def causal_depthwise_conv(node: fx.Node) -> CausalConv | None:
     if to_expr(cut_val.shape[2]) != to_expr(x_val.shape[2]):  # the first `seq` outputs: causal, no look-ahead
         return None
     return CausalConv(x, weight, bias if isinstance(bias, fx.Node) else None, kernel, cut)
+
+
+def causal_conv_over_sequence(node: fx.Node, dims: SymbolicDims) -> CausalConv | None:
+    """The causal depthwise conv that `node` starts over the capture's sequence dim (x [batch, C, seq], the batch dim
+    not sized by the tokens), or None."""
+    conv = causal_depthwise_conv(node)
+    x = tensor_meta(conv.x) if conv is not None else None
+    if x is None or dims.role_of(x.shape[2]) != "seq" or dims.mentions_seq(x.shape[0]):
+        return None
+    return conv

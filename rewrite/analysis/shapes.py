@@ -47,6 +47,10 @@ class SymbolicDims:
             return "seq"
         return None
 
+    def mentions_seq(self, x) -> bool:
+        """Whether size `x` (int / SymInt) depends on the sequence length."""
+        return SEQ in self.expr(x).free_symbols
+
     @property
     def free_symbols(self) -> set[sympy.Symbol]:
         return set(self.roles.values())

@@ -179,9 +179,8 @@ class DecodeProgram:
 
     def _check_step(self, source: torch.nn.Module) -> None:
         """Refuse a program whose one-token step computes other values than its prefill (`step_check`)."""
-        device = next(iter(self.graph_module.parameters()), torch.zeros(0)).device
         vocab = _vocab_size(source)
-        ids = (torch.arange(1, PROMPT_TOKENS + 1, device=device) * 7919 % vocab)[None, :]
+        ids = (torch.arange(1, PROMPT_TOKENS + 1, device=self.device) * 7919 % vocab)[None, :]
         with torch.no_grad():
             check_step_matches_prefill(self.threaded.graph_module, self.run, self.new_state, ids, self.model_name)
 
@@ -243,8 +242,12 @@ class DecodeProgram:
     def new_state(self, batch: int, capacity: int) -> DecodeState:
         """An empty state for `batch` sequences of up to `capacity` tokens (prompt and new ones); it keeps
         a per-slot mask only when a site of the program has a full softmax KV cache."""
-        device = next(iter(self.graph_module.parameters()), torch.zeros(0)).device
-        return DecodeState(batch=batch, capacity=capacity, device=device, slot_mask=self.signature.slot_mask)
+        return DecodeState(batch=batch, capacity=capacity, device=self.device, slot_mask=self.signature.slot_mask)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the program's parameters live (the CPU for a program without any)."""
+        return next(iter(self.graph_module.parameters()), torch.zeros(0)).device
 
     def compiled_module(self) -> torch.nn.Module:
         """The graph module compiled by torch.compile (Inductor, one whole graph, static shapes), made on

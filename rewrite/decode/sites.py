@@ -274,18 +274,14 @@ def stateful_conv(
     bias: torch.Tensor | None = None,
     *,
     site: str,
-    layer: str = "",
 ) -> torch.Tensor:
     """A causal depthwise conv over the new tokens x [B, C, T] (weight [C, 1, K]) that continues from the last K-1
     inputs `site` holds (zeros before a sequence's first token) and keeps its own last K-1 inputs for the next call.
 
     The padded tokens of a prompt enter it as zeros: left padding then reads as the zeros before the real tokens'
-    start, so a padded row gets what the row alone would. `layer` names the site in errors.
+    start, so a padded row gets what the row alone would.
     """
     kernel = weight.shape[-1]
-    if x.dim() != 3 or weight.dim() != 3 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
-        raise RewriteError(f"stateful decode at {layer or site}: a causal depthwise conv takes x [B, C, T] and a weight "
-                           f"[C, 1, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     if decode_state.padded:
         x = x * decode_state.step_valid[:, None, :].to(x.dtype)
     held = decode_state.recurrent(site)

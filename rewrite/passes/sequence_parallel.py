@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import SEQ, AttentionSite, GraphAnalysis
-from rewrite.analysis.causal_conv import SUPPORTED_FORM, causal_depthwise_conv, kernel_over_tokens
+from rewrite.analysis.causal_conv import SUPPORTED_FORM, causal_conv_over_sequence, kernel_over_tokens
 from rewrite.analysis.graph_utils import ancestors, descendants, erase_unused
 from rewrite.analysis.nodes import is_op, module_path, op_name, state_name, tensor_meta
 from rewrite.analysis.shapes import to_expr
@@ -459,11 +459,9 @@ class SequenceParallel(GraphPass):
         options: SequenceParallelOptions = self.options
         done = []
         for node in list(gm.graph.nodes):
-            conv = causal_depthwise_conv(node)
-            x = tensor_meta(conv.x) if conv is not None else None
+            conv = causal_conv_over_sequence(node, analysis.dims)
             layer = _layer(module_path(node), analysis, node)
-            if x is not None and _is_seq(analysis, x.shape[2]) \
-                    and not analysis.dims.expr(x.shape[0]).free_symbols & {SEQ}:
+            if conv is not None:
                 if self.positions is not None:
                     raise PassError(self.name, f"{layer}: a causal conv over the tokens has no sequence-parallel form "
                                     "for packed sequences yet (it would read across a sequence start at a shard's "
@@ -478,7 +476,7 @@ class SequenceParallel(GraphPass):
                 erase_unused(gm.graph, [conv.cut, node])
                 done.append(layer)
                 continue
-            if kernel_over_tokens(node, lambda size: bool(analysis.dims.expr(size).free_symbols & {SEQ})) is not None:
+            if kernel_over_tokens(node, analysis.dims.mentions_seq) is not None:
                 raise PassError(self.name, f"{layer}: a convolution over the tokens of this form cannot be split along "
                                 f"the sequence; supported: {SUPPORTED_FORM}, whose halo comes from the rank before",
                                 node.name, module_path(node))

@@ -34,7 +34,12 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis import AttentionSite, GraphAnalysis, SymbolicDims, analyze
-from rewrite.analysis.causal_conv import SUPPORTED_FORM, CausalConv, causal_depthwise_conv, kernel_over_tokens
+from rewrite.analysis.causal_conv import (
+    SUPPORTED_FORM,
+    CausalConv,
+    causal_conv_over_sequence,
+    kernel_over_tokens,
+)
 from rewrite.analysis.graph_utils import (
     ancestors,
     eliminate_dead_code,
@@ -42,7 +47,7 @@ from rewrite.analysis.graph_utils import (
     erase_unused_computation,
 )
 from rewrite.analysis.nodes import is_op, module_path, tensor_meta
-from rewrite.analysis.shapes import SEQ, to_expr
+from rewrite.analysis.shapes import to_expr
 from rewrite.decode.program_meta import DecodeSignature
 from rewrite.decode.sites import (
     continued_positions,
@@ -239,14 +244,12 @@ def _collect_convs(gm: fx.GraphModule, analysis: GraphAnalysis, taken: set[str])
     """The causal depthwise convs over the tokens; any other convolution over the tokens is refused."""
     jobs = []
     for node in gm.graph.nodes:
-        conv = causal_depthwise_conv(node)
-        x = tensor_meta(conv.x) if conv is not None else None
-        if x is not None and analysis.dims.role_of(x.shape[2]) == "seq" \
-                and not analysis.dims.expr(x.shape[0]).free_symbols & {SEQ}:
+        conv = causal_conv_over_sequence(node, analysis.dims)
+        if conv is not None:
             layer = _node_label(node, analysis)
             jobs.append(_ConvJob(conv, layer, _unique_key(module_path(node), node, taken)))
             continue
-        kernel = kernel_over_tokens(node, lambda size: bool(analysis.dims.expr(size).free_symbols & {SEQ}))
+        kernel = kernel_over_tokens(node, analysis.dims.mentions_seq)
         if kernel is not None:
             raise PassError(
                 "stateful", f"{_node_label(node, analysis)}: a convolution over the tokens (kernel {kernel}) "
@@ -267,7 +270,7 @@ def _refuse_scans_over_tokens(gm: fx.GraphModule, analysis: GraphAnalysis) -> No
         if x is None or val is None or not val.is_floating_point():
             continue
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if not isinstance(dim, int) or not analysis.dims.expr(x.shape[dim]).free_symbols & {SEQ}:
+        if not isinstance(dim, int) or not analysis.dims.mentions_seq(x.shape[dim]):
             continue
         raise PassError(
             "stateful", f"{_node_label(node, analysis)}: a running {node.target.__name__.split('.')[0]} along a dim "
@@ -395,8 +398,7 @@ def _thread(graph: fx.Graph, state: fx.Node, jobs: _Jobs) -> tuple[list[str], li
     for job in jobs.convs:
         conv = job.conv
         with graph.inserting_before(conv.cut):
-            new = graph.call_function(stateful_conv, (state, conv.x, conv.weight, conv.bias),
-                                      {"site": job.key, "layer": job.layer})
+            new = graph.call_function(stateful_conv, (state, conv.x, conv.weight, conv.bias), {"site": job.key})
         new.meta = dict(conv.cut.meta)
         new.meta["rewrite_stateful"] = "conv state"
         conv.cut.replace_all_uses_with(new)
