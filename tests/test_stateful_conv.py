@@ -162,3 +162,34 @@ def test_generate_example_decodes_lfm2_with_its_conv_state(capsys):
     out = capsys.readouterr().out
     assert "layer 0 (model.layers.0.conv): can decode with a conv state (its last 2 inputs)" in out
     assert "every row matches its one-by-one generation" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lfm2_decodes_its_conv_state_on_the_gpu_graphed_and_eager():
+    """LFM2 on the GPU (float32): token-by-token logits of the decode program equal HF's full forward; ragged
+    prompts generate the same tokens eager and replayed from a CUDA graph, each prompt's greedy continuation."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, layer_types=["conv", "full_attention", "conv", "conv"], conv_L_cache=3)).eval().cuda()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5)).cuda()
+    om = rewrite.optimize(model, ["stateful"], example_kwargs={"input_ids": ids})
+    program = decode_program(om)
+    state = program.new_state(2, ids.shape[1])
+    positions = torch.arange(ids.shape[1], device="cuda").expand(2, -1)
+    outs = []
+    for start, stop in [(0, 1), *((t, t + 1) for t in range(1, ids.shape[1]))]:
+        state.begin(stop - start)
+        outs.append(program(ids[:, start:stop], positions[:, start:stop], state))
+        state.advance()
+    torch.testing.assert_close(torch.cat(outs, dim=1), model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    eager = om.generate(ids, mask, max_new_tokens=6, cuda_graph="never")
+    assert torch.equal(om.generate(ids, mask, max_new_tokens=6, cuda_graph="always"), eager)
+    for row, start in ((0, 0), (1, 4)):
+        want = greedy_reference(lambda x: model(input_ids=x).logits, ids[row:row + 1, start:], 6)
+        assert torch.equal(eager[row, start:], want[0])
