@@ -3,7 +3,7 @@
 bf16, B=1, H=16, D=128 at L in {2K, 8K, 32K, 128K}: gated delta rule fwd+bwd; sliding-window
 attention (w = 512, 4096) fwd and fwd+bwd; short causal conv (hidden 4096, width 4) against its
 memory floor. Checks each kernel on the GPU against a float64 run first.
-Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv,flex] [--sweep] [--conv-sweep]
+Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv,flex,triton] [--sweep] [--conv-sweep]
      [--delta-variants [NAMES]] [--delta-breakdown] [--out runs/delta_conv_swa.json]
 --sweep also times the sliding-window kernels at L = 32K under several block configurations
 (forward: BLOCK_M, BLOCK_N, warps, stages; backward: the dq and dk/dv kernels' blocks);
@@ -12,6 +12,8 @@ Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv,
 (`rewrite.kernels.sliding_window.flex`), checked against our op on the GPU first; its rows time the steady
 state and give the first call's seconds (compilation, block mask) as "first call s". Not in the default
 --only: each length and window compiles its own kernels.
+--only swa,triton adds rows of the op's other CUDA path: "(Triton)" where it runs PyTorch's flash kernels by
+default, "(flash)" where it runs its Triton kernels by default (`rewrite.kernels.sliding_window.op.FLASH_KERNELS`).
 --delta-variants checks each DELTA_VARIANTS entry (old and new delta-rule backward forms, launch
 shapes) against float64 and times its fwd and fwd+bwd at --delta-lengths, after SDPA's fwd+bwd at each
 of those lengths in the same run; with --delta-breakdown, also
@@ -33,6 +35,7 @@ from benchmarks.linear_attention import copy_bandwidth
 from benchmarks.runner import Measurement, environment, kernel_breakdown, measure, write_results
 from benchmarks.variants import apply_changes, restore
 from rewrite.kernels import delta_rule, short_conv, sliding_window_attention
+from rewrite.kernels.sliding_window import op as sliding_window_ops
 from rewrite.kernels.sliding_window.flex import flex_sliding_window_attention
 
 H, D = 16, 128
@@ -84,18 +87,44 @@ def flex_check(t: int = 3000, window: int = 512, sinks: int = 4) -> str:
         "  OK" if max(errs.values()) < 1e-2 else "  FAIL")
 
 
-def checks() -> list[str]:
-    lines = [delta_check()]
-    # sliding window
-    q, k, v = (x.requires_grad_() for x in _qkv(3000))
-    o = sliding_window_attention(q, k, v, 512, sinks=4)
+def sliding_window_check(label: str, sinks: int, kv_heads: int = H, cu_seqlens: list[int] | None = None,
+                         lookahead: int = 0, flash: bool = False) -> str:
+    """Sliding-window attention (bf16, on the GPU, w = 512) against float64 on the CPU: output and gradients;
+    `flash`: by PyTorch's flash kernels (else the op's Triton kernels)."""
+    before, sliding_window_ops.FLASH_KERNELS = sliding_window_ops.FLASH_KERNELS, flash
+    try:
+        return _sliding_window_errors(label, sinks, kv_heads, cu_seqlens, lookahead)
+    finally:
+        sliding_window_ops.FLASH_KERNELS = before
+
+
+def _sliding_window_errors(label, sinks, kv_heads, cu_seqlens, lookahead) -> str:
+    torch.manual_seed(0)
+    q, k, v = _qkv(3000)
+    k, v = k[:, :, :kv_heads].contiguous(), v[:, :, :kv_heads].contiguous()
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device="cuda")
+    o = sliding_window_attention(q, k, v, 512, sinks=sinks, cu_seqlens=cu, lookahead=lookahead)
     do = torch.randn_like(o)
     o.backward(do)
     refs = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
-    ro = sliding_window_attention(*refs, 512, sinks=4)
+    ro = sliding_window_attention(*refs, 512, sinks=sinks, cu_seqlens=None if cu is None else cu.cpu(),
+                                  lookahead=lookahead)
     ro.backward(do.double().cpu())
     errs = {"o": _rel(o, ro), **{f"d{n}": _rel(a.grad, r.grad) for n, a, r in zip("qkv", (q, k, v), refs)}}
-    lines.append("check sliding_window   " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + ("  OK" if max(errs.values()) < 1e-2 else "  FAIL"))
+    return f"check {label:28s}" + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + (
+        "  OK" if max(errs.values()) < 1e-2 else "  FAIL")
+
+
+def checks() -> list[str]:
+    lines = [delta_check()]
+    lines.append(sliding_window_check("swa sinks (Triton)", sinks=4))
+    for flash in (False, True):
+        kernels = "flash" if flash else "Triton"
+        lines.append(sliding_window_check(f"swa ({kernels})", sinks=0, flash=flash))
+        lines.append(sliding_window_check(f"swa GQA packed ({kernels})", sinks=0, kv_heads=4,
+                                          cu_seqlens=[0, 7, 1100, 1101, 3000], flash=flash))
+        lines.append(sliding_window_check(f"swa lookahead ({kernels})", sinks=0, lookahead=100, flash=flash))
     # short conv
     x = torch.randn(1, 3000, 512, device="cuda", dtype=torch.bfloat16).requires_grad_()
     w = torch.randn(512, 4, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -374,7 +403,7 @@ def conv_sweep(bw: float, t: int = 32768) -> list[Measurement]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192,32768,131072")
-    parser.add_argument("--only", default="delta,swa,conv", help="comma list of delta, swa, conv, flex")
+    parser.add_argument("--only", default="delta,swa,conv", help="comma list of delta, swa, conv, flex, triton")
     parser.add_argument("--sweep", action="store_true", help="also time sliding-window block configurations")
     parser.add_argument("--conv-sweep", action="store_true", help="also time short-conv forward tiles at L = 32K")
     parser.add_argument("--delta-variants", nargs="?", const="", default=None, metavar="NAMES",
@@ -408,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         chunk_gated_delta_rule = None
         print(f"fla chunk_gated_delta_rule unavailable: {type(exc).__name__}: {exc}")
+    flash_default = sliding_window_ops.FLASH_KERNELS
     for t in (int(x) for x in args.lengths.split(",")):
         runs = 20 if t <= 32768 else 5
         q, k, v = (x.requires_grad_() for x in _qkv(t))
@@ -422,6 +452,10 @@ def main(argv: list[str] | None = None) -> None:
             variants["ours sliding window w=512"] = (functools.partial(sliding_window_attention, window=512), (q, k, v))
             variants["ours sliding window w=4096"] = (functools.partial(sliding_window_attention, window=4096),
                                                       (q, k, v))
+        if "swa" in only and "triton" in only:
+            for window in (512, 4096):
+                variants[f"ours sliding window ({'Triton' if flash_default else 'flash'}) w={window}"] = (
+                    functools.partial(sliding_window_attention, window=window), (q, k, v))
         if "flex" in only:
             for window in (512, 4096):
                 variants[f"flex sliding window w={window}"] = (
@@ -431,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, (fn, fargs) in variants.items():
             compiled = name.startswith("flex")  # first calls compile: timed apart, reported as "first call s"
             params = {"L": t, "pass": "fwd"}
+            # "(Triton)": the op's Triton kernels where it would otherwise run PyTorch's flash kernels
+            sliding_window_ops.FLASH_KERNELS = "(Triton)" not in name and (flash_default or "(flash)" in name)
             try:
                 with torch.no_grad():
                     fwd_step = functools.partial(fn, *fargs)
@@ -454,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(_failed(name, params, exc))
                 print(f"{name} L={t} {params['pass']}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 torch.cuda.empty_cache()
+            finally:
+                sliding_window_ops.FLASH_KERNELS = flash_default
         del q, k, v, qh, kh, vh, beta, g
         torch.cuda.empty_cache()
     # short conv at hidden 4096

@@ -26,6 +26,11 @@ def trusted_cu_seqlens() -> Iterator[None]:
         _TRUSTED.reset(token)
 
 
+def cu_seqlens_trusted() -> bool:
+    """Whether the caller is inside `trusted_cu_seqlens()` (kernels then make no host read of cu_seqlens)."""
+    return _TRUSTED.get()
+
+
 def read_bounds(cu_seqlens: torch.Tensor) -> list[int]:
     """`cu_seqlens` on the host (one device sync)."""
     return cu_seqlens.tolist()
@@ -36,7 +41,7 @@ def check_bounds(op: str, cu_seqlens: torch.Tensor, total: int) -> None:
 
     Skipped while compiling and inside `trusted_cu_seqlens()`.
     """
-    if torch.compiler.is_compiling() or _TRUSTED.get():  # compiling first: Dynamo cannot trace a ContextVar
+    if torch.compiler.is_compiling() or cu_seqlens_trusted():  # compiling first: Dynamo cannot trace a ContextVar
         return
     bounds = read_bounds(cu_seqlens)
     if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):

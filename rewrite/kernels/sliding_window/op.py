@@ -7,6 +7,7 @@ import torch
 
 from .._lse_attention import register_lse_attention_autograd
 from .._triton import load_triton_module
+from .flash_window import flash_window_backward, flash_window_forward, flash_window_refusal
 from .reference import (
     sliding_window_backward_reference,
     sliding_window_decode_reference,
@@ -16,6 +17,15 @@ from .reference import (
 _FORWARD = "rewrite.kernels.sliding_window.triton_forward"
 _BACKWARD = "rewrite.kernels.sliding_window.triton_backward"
 _DECODE = "rewrite.kernels.sliding_window.triton_decode"
+
+FLASH_KERNELS = False
+"""Whether the CUDA implementation runs PyTorch's flash-attention kernels (`flash_window.py`) where they take the
+call (no sinks, K == V, float16 / bfloat16, head dim a multiple of 8 up to 256), the Triton kernels elsewhere.
+Both keep the same o and lse, so a forward and a backward may run on either. Off until measured on the GPU."""
+
+
+def _by_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: int) -> bool:
+    return FLASH_KERNELS and flash_window_refusal(q, k, v, sinks) is None
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,6 +50,8 @@ def sliding_window_op(
 
 @sliding_window_op.register_kernel("cuda")
 def _forward_cuda(q, k, v, window, sinks, scale, cu_seqlens, lookahead=0):
+    if _by_flash(q, k, v, sinks):
+        return flash_window_forward(q, k, v, window, scale, cu_seqlens, lookahead)
     return load_triton_module(_FORWARD).sliding_window_forward(q, k, v, window, sinks, scale, cu_seqlens,
                                                                lookahead=lookahead)
 
@@ -70,6 +82,8 @@ def sliding_window_backward_op(
 
 @sliding_window_backward_op.register_kernel("cuda")
 def _backward_cuda(do, q, k, v, o, lse, window, sinks, scale, cu_seqlens, lookahead=0):
+    if _by_flash(q, k, v, sinks):
+        return flash_window_backward(do, q, k, v, o, lse, window, scale, cu_seqlens, lookahead)
     return load_triton_module(_BACKWARD).sliding_window_backward(
         do, q, k, v, o, lse, window, sinks, scale, cu_seqlens, lookahead=lookahead
     )

@@ -1,0 +1,124 @@
+"""Sliding-window attention by PyTorch's flash kernels (`flash_window.py`): which calls they take, the
+log-sum-exp layouts, and on the GPU the op's output and gradients against float64 and against the Triton kernels,
+packed batches, GQA, lookahead, CUDA-graph capture."""
+
+import pytest
+import torch
+
+from rewrite.kernels.packed_bounds import trusted_cu_seqlens
+from rewrite.kernels.sliding_window import op as ops
+from rewrite.kernels.sliding_window import sliding_window_attention
+from rewrite.kernels.sliding_window.flash_window import _lse_to_flash, _lse_to_ours, flash_window_refusal
+from rewrite.kernels.sliding_window.reference import (
+    sliding_window_backward_reference,
+    sliding_window_reference,
+)
+from rewrite.kernels.testing import assert_close
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def qkv(dtype=torch.bfloat16, device="cpu", *, batch=1, length=64, heads=4, kv_heads=2, dk=64, dv=64):
+    return (torch.randn(batch, length, heads, dk, dtype=dtype, device=device),
+            torch.randn(batch, length, kv_heads, dk, dtype=dtype, device=device),
+            torch.randn(batch, length, kv_heads, dv, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize(("inputs", "sinks", "why"), [
+    (dict(dtype=torch.float32), 0, "dtype torch.float32"),
+    (dict(), 4, "4 sink tokens"),
+    (dict(dv=32), 0, "value head dim 32 differs from the key head dim 64"),
+    (dict(dk=100, dv=100), 0, "head dim 100"),
+    (dict(dk=264, dv=264), 0, "head dim 264"),
+    (dict(), 0, "inputs on cpu, not CUDA"),
+], ids=["float32", "sinks", "k-v-dims", "dim-100", "dim-264", "cpu"])
+def test_refusal_says_why_the_flash_kernels_cannot_take_the_call(inputs, sinks, why):
+    assert why in flash_window_refusal(*qkv(**inputs), sinks)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["per-token", "padded-per-sequence"])
+def test_lse_layouts_round_trip(padded):
+    """Ours [total, H] -> the kernels' layout -> ours, for packed sequences of uneven lengths (one empty)."""
+    cu = torch.tensor([0, 3, 3, 10, 11], dtype=torch.int32)
+    ours = torch.randn(11, 4)
+    flash = _lse_to_flash(ours, cu, 7, padded)
+    assert flash.shape == ((4, 4, 7) if padded else (4, 11))
+    if padded:  # sequence 2 (tokens 3..9), offset 5 is token 8
+        assert torch.equal(flash[2, :, 5], ours[8])
+    assert torch.equal(_lse_to_ours(flash, cu, 11), ours)
+
+
+CASES = {  # shape, window, lookahead, cu_seqlens
+    "dense-gqa": (dict(batch=2, length=700, heads=8, kv_heads=2, dk=128, dv=128), 129, 0, None),
+    "packed-short": (dict(length=900, heads=4, kv_heads=4, dk=64, dv=64), 200, 0, [0, 1, 2, 300, 300, 899, 900]),
+    "lookahead": (dict(length=600, heads=4, kv_heads=1, dk=64, dv=64), 65, 64, [0, 37, 600]),
+    "window-past-length": (dict(batch=1, length=300, heads=2, kv_heads=2, dk=32, dv=32), 4096, 0, None),
+    "window-one": (dict(batch=1, length=257, heads=2, kv_heads=1, dk=256, dv=256), 1, 0, None),
+}
+
+
+def _run(q, k, v, do, window, lookahead, cu):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = sliding_window_attention(*leaves, window, cu_seqlens=cu, lookahead=lookahead)
+    return [o, *torch.autograd.grad(o, leaves, do)]
+
+
+@gpu
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_flash_kernels_match_float64_and_the_triton_kernels(case, monkeypatch):
+    shape, window, lookahead, cu_list = case
+    torch.manual_seed(0)
+    q, k, v = qkv(device="cuda", **shape)
+    assert flash_window_refusal(q, k, v, 0) is None
+    cu = None if cu_list is None else torch.tensor(cu_list, dtype=torch.int32, device="cuda")
+    do = torch.randn_like(q[..., : v.shape[-1]])
+    monkeypatch.setattr(ops, "FLASH_KERNELS", True)
+    flash = _run(q, k, v, do, window, lookahead, cu)
+    d = [x.double() for x in (q, k, v)]
+    scale = q.shape[-1] ** -0.5
+    o64, _ = sliding_window_reference(*d, window, 0, scale, cu, lookahead)
+    grads64 = sliding_window_backward_reference(do.double(), *d, window, 0, scale, cu, lookahead)
+    for name, got, want in zip(("o", "dq", "dk", "dv"), flash, (o64, *grads64)):
+        assert_close(got, want, 1e-2, name)
+    monkeypatch.setattr(ops, "FLASH_KERNELS", False)
+    for name, got, want in zip(("o", "dq", "dk", "dv"), flash, _run(q, k, v, do, window, lookahead, cu)):
+        assert_close(got, want, 1e-2, f"{name} (flash vs Triton)")
+
+
+@gpu
+def test_a_triton_forward_and_a_flash_backward_share_o_and_lse(monkeypatch):
+    """The op's lse means the same on both paths: a forward by the Triton kernels, its backward by flash."""
+    torch.manual_seed(1)
+    q, k, v = qkv(device="cuda", length=500)
+    do = torch.randn_like(q)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    monkeypatch.setattr(ops, "FLASH_KERNELS", False)
+    o = sliding_window_attention(*leaves, 100)
+    monkeypatch.setattr(ops, "FLASH_KERNELS", True)
+    grads = torch.autograd.grad(o, leaves, do)
+    d = [x.double() for x in (q, k, v)]
+    for name, got, want in zip(("dq", "dk", "dv"), grads,
+                               sliding_window_backward_reference(do.double(), *d, 100, 0, 64**-0.5, None)):
+        assert_close(got, want, 1e-2, name)
+
+
+@gpu
+def test_packed_call_replays_from_a_cuda_graph(monkeypatch):
+    """Captured with packed sequences (no host read of cu_seqlens while capturing), replayed on new inputs."""
+    torch.manual_seed(2)
+    q, k, v = qkv(device="cuda", length=400)
+    cu = torch.tensor([0, 5, 250, 400], dtype=torch.int32, device="cuda")
+    monkeypatch.setattr(ops, "FLASH_KERNELS", True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sliding_window_attention(q, k, v, 64, cu_seqlens=cu)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), trusted_cu_seqlens():
+        out = sliding_window_attention(q, k, v, 64, cu_seqlens=cu)
+    for x in (q, k, v):
+        x.copy_(torch.randn_like(x))
+    graph.replay()
+    want, _ = sliding_window_reference(*(x.double() for x in (q, k, v)), 64, 0, 64**-0.5, cu)
+    assert_close(out, want, 1e-2, "replayed o")
