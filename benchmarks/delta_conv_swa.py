@@ -12,8 +12,9 @@ Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv,
 (`rewrite.kernels.sliding_window.flex`), checked against our op on the GPU first; its rows time the steady
 state and give the first call's seconds (compilation, block mask) as "first call s". Not in the default
 --only: each length and window compiles its own kernels.
---only swa,triton adds rows of the op's other CUDA path: "(Triton)" where it runs PyTorch's flash kernels by
-default, "(flash)" where it runs its Triton kernels by default (`rewrite.kernels.sliding_window.op.FLASH_KERNELS`).
+--only swa,triton adds rows of the op's other CUDA paths: "(Triton)" with its Triton kernels forward and backward,
+"(flash)" with PyTorch's flash kernels forward and backward (`rewrite.kernels.sliding_window.op.FLASH_FORWARD`,
+`FLASH_BACKWARD`; the plain rows take the op's defaults).
 --delta-variants checks each DELTA_VARIANTS entry (old and new delta-rule backward forms, launch
 shapes) against float64 and times its fwd and fwd+bwd at --delta-lengths, after SDPA's fwd+bwd at each
 of those lengths in the same run; with --delta-breakdown, also
@@ -87,15 +88,23 @@ def flex_check(t: int = 3000, window: int = 512, sinks: int = 4) -> str:
         "  OK" if max(errs.values()) < 1e-2 else "  FAIL")
 
 
+def sliding_window_kernels(forward: bool, backward: bool) -> tuple[bool, bool]:
+    """Set whether the sliding-window op's forward / backward run PyTorch's flash kernels; returns the settings
+    before."""
+    before = sliding_window_ops.FLASH_FORWARD, sliding_window_ops.FLASH_BACKWARD
+    sliding_window_ops.FLASH_FORWARD, sliding_window_ops.FLASH_BACKWARD = forward, backward
+    return before
+
+
 def sliding_window_check(label: str, sinks: int, kv_heads: int = H, cu_seqlens: list[int] | None = None,
-                         lookahead: int = 0, flash: bool = False) -> str:
+                         lookahead: int = 0, flash: tuple[bool, bool] = (False, False)) -> str:
     """Sliding-window attention (bf16, on the GPU, w = 512) against float64 on the CPU: output and gradients;
-    `flash`: by PyTorch's flash kernels (else the op's Triton kernels)."""
-    before, sliding_window_ops.FLASH_KERNELS = sliding_window_ops.FLASH_KERNELS, flash
+    `flash`: (forward, backward) by PyTorch's flash kernels (else the op's Triton kernels)."""
+    before = sliding_window_kernels(*flash)
     try:
         return _sliding_window_errors(label, sinks, kv_heads, cu_seqlens, lookahead)
     finally:
-        sliding_window_ops.FLASH_KERNELS = before
+        sliding_window_kernels(*before)
 
 
 def _sliding_window_errors(label, sinks, kv_heads, cu_seqlens, lookahead) -> str:
@@ -119,8 +128,8 @@ def _sliding_window_errors(label, sinks, kv_heads, cu_seqlens, lookahead) -> str
 def checks() -> list[str]:
     lines = [delta_check()]
     lines.append(sliding_window_check("swa sinks (Triton)", sinks=4))
-    for flash in (False, True):
-        kernels = "flash" if flash else "Triton"
+    for flash in ((False, False), (True, True), (False, True)):
+        kernels = {(False, False): "Triton", (True, True): "flash", (False, True): "Triton+flash"}[flash]
         lines.append(sliding_window_check(f"swa ({kernels})", sinks=0, flash=flash))
         lines.append(sliding_window_check(f"swa GQA packed ({kernels})", sinks=0, kv_heads=4,
                                           cu_seqlens=[0, 7, 1100, 1101, 3000], flash=flash))
@@ -437,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         chunk_gated_delta_rule = None
         print(f"fla chunk_gated_delta_rule unavailable: {type(exc).__name__}: {exc}")
-    flash_default = sliding_window_ops.FLASH_KERNELS
+    defaults = sliding_window_ops.FLASH_FORWARD, sliding_window_ops.FLASH_BACKWARD
     for t in (int(x) for x in args.lengths.split(",")):
         runs = 20 if t <= 32768 else 5
         q, k, v = (x.requires_grad_() for x in _qkv(t))
@@ -453,9 +462,10 @@ def main(argv: list[str] | None = None) -> None:
             variants["ours sliding window w=4096"] = (functools.partial(sliding_window_attention, window=4096),
                                                       (q, k, v))
         if "swa" in only and "triton" in only:
-            for window in (512, 4096):
-                variants[f"ours sliding window ({'Triton' if flash_default else 'flash'}) w={window}"] = (
-                    functools.partial(sliding_window_attention, window=window), (q, k, v))
+            for kernels in ("Triton", "flash"):
+                for window in (512, 4096):
+                    variants[f"ours sliding window ({kernels}) w={window}"] = (
+                        functools.partial(sliding_window_attention, window=window), (q, k, v))
         if "flex" in only:
             for window in (512, 4096):
                 variants[f"flex sliding window w={window}"] = (
@@ -465,8 +475,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, (fn, fargs) in variants.items():
             compiled = name.startswith("flex")  # first calls compile: timed apart, reported as "first call s"
             params = {"L": t, "pass": "fwd"}
-            # "(Triton)": the op's Triton kernels where it would otherwise run PyTorch's flash kernels
-            sliding_window_ops.FLASH_KERNELS = "(Triton)" not in name and (flash_default or "(flash)" in name)
+            # "(Triton)" / "(flash)": the op forward and backward by its Triton / by PyTorch's flash kernels
+            sliding_window_kernels(*((False, False) if "(Triton)" in name else (True, True) if "(flash)" in name
+                                     else defaults))
             try:
                 with torch.no_grad():
                     fwd_step = functools.partial(fn, *fargs)
@@ -491,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name} L={t} {params['pass']}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 torch.cuda.empty_cache()
             finally:
-                sliding_window_ops.FLASH_KERNELS = flash_default
+                sliding_window_kernels(*defaults)
         del q, k, v, qh, kh, vh, beta, g
         torch.cuda.empty_cache()
     # short conv at hidden 4096

@@ -53,8 +53,14 @@ CASES = {  # shape, window, lookahead, cu_seqlens
     "packed-short": (dict(length=900, heads=4, kv_heads=4, dk=64, dv=64), 200, 0, [0, 1, 2, 300, 300, 899, 900]),
     "lookahead": (dict(length=600, heads=4, kv_heads=1, dk=64, dv=64), 65, 64, [0, 37, 600]),
     "window-past-length": (dict(batch=1, length=300, heads=2, kv_heads=2, dk=32, dv=32), 4096, 0, None),
-    "window-one": (dict(batch=1, length=257, heads=2, kv_heads=1, dk=256, dv=256), 1, 0, None),
+    "window-two": (dict(batch=1, length=257, heads=2, kv_heads=1, dk=256, dv=256), 2, 0, None),
 }
+
+
+def _kernels(monkeypatch, forward: bool, backward: bool) -> None:
+    """The op's forward / backward by PyTorch's flash kernels (True) or by the Triton kernels (False)."""
+    monkeypatch.setattr(ops, "FLASH_FORWARD", forward)
+    monkeypatch.setattr(ops, "FLASH_BACKWARD", backward)
 
 
 def _run(q, k, v, do, window, lookahead, cu):
@@ -72,7 +78,7 @@ def test_flash_kernels_match_float64_and_the_triton_kernels(case, monkeypatch):
     assert flash_window_refusal(q, k, v, 0) is None
     cu = None if cu_list is None else torch.tensor(cu_list, dtype=torch.int32, device="cuda")
     do = torch.randn_like(q[..., : v.shape[-1]])
-    monkeypatch.setattr(ops, "FLASH_KERNELS", True)
+    _kernels(monkeypatch, True, True)
     flash = _run(q, k, v, do, window, lookahead, cu)
     d = [x.double() for x in (q, k, v)]
     scale = q.shape[-1] ** -0.5
@@ -80,23 +86,23 @@ def test_flash_kernels_match_float64_and_the_triton_kernels(case, monkeypatch):
     grads64 = sliding_window_backward_reference(do.double(), *d, window, 0, scale, cu, lookahead)
     for name, got, want in zip(("o", "dq", "dk", "dv"), flash, (o64, *grads64)):
         assert_close(got, want, 1e-2, name)
-    monkeypatch.setattr(ops, "FLASH_KERNELS", False)
+    _kernels(monkeypatch, False, False)
     for name, got, want in zip(("o", "dq", "dk", "dv"), flash, _run(q, k, v, do, window, lookahead, cu)):
         assert_close(got, want, 1e-2, f"{name} (flash vs Triton)")
 
 
 @gpu
-def test_a_triton_forward_and_a_flash_backward_share_o_and_lse(monkeypatch):
-    """The op's lse means the same on both paths: a forward by the Triton kernels, its backward by flash."""
+@pytest.mark.parametrize(("forward", "backward"), [(False, True), (True, False)], ids=["triton-flash", "flash-triton"])
+def test_either_backward_follows_either_forward(forward, backward, monkeypatch):
+    """The op's o and lse mean the same on both paths: a forward by one kind of kernel, its backward by the other
+    (Triton forward, flash backward is the default), against float64."""
     torch.manual_seed(1)
     q, k, v = qkv(device="cuda", length=500)
     do = torch.randn_like(q)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    monkeypatch.setattr(ops, "FLASH_KERNELS", False)
-    o = sliding_window_attention(*leaves, 100)
-    monkeypatch.setattr(ops, "FLASH_KERNELS", True)
-    grads = torch.autograd.grad(o, leaves, do)
+    _kernels(monkeypatch, forward, backward)
+    o, *grads = _run(q, k, v, do, 100, 0, None)
     d = [x.double() for x in (q, k, v)]
+    assert_close(o, sliding_window_reference(*d, 100, 0, 64**-0.5, None)[0], 1e-2, "o")
     for name, got, want in zip(("dq", "dk", "dv"), grads,
                                sliding_window_backward_reference(do.double(), *d, 100, 0, 64**-0.5, None)):
         assert_close(got, want, 1e-2, name)
@@ -108,7 +114,7 @@ def test_packed_call_replays_from_a_cuda_graph(monkeypatch):
     torch.manual_seed(2)
     q, k, v = qkv(device="cuda", length=400)
     cu = torch.tensor([0, 5, 250, 400], dtype=torch.int32, device="cuda")
-    monkeypatch.setattr(ops, "FLASH_KERNELS", True)
+    _kernels(monkeypatch, True, True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
