@@ -103,7 +103,9 @@ def optimize(
     that captures on its first call. `verify=True` compares the result with `model` on the example
     inputs (the report is `om.verification`) and raises VerificationError naming the first diverging node
     if they differ, unless the plan holds a pass that changes the outputs by design (`mixer`): then the
-    report only says how far apart they are.
+    report only says how far apart they are. With `stateful` in the plan it also builds the decode program,
+    whose step check raises PassError naming the first value a one-token step computes otherwise than the
+    whole prompt (else the first `generate` would).
     """
     if not isinstance(model, torch.nn.Module):
         raise RewriteError(f"optimize() takes an nn.Module, got {type(model).__name__}")
@@ -132,7 +134,22 @@ def optimize(
                 "above are reported, not raised")
         else:
             outcome.raise_if_failed()
+        if any(spec.name == "stateful" for spec in plan.enabled_passes):
+            outcome.notes.append(_check_decode_step(om))
     return om
+
+
+def _check_decode_step(om: OptimizedModule) -> str:
+    """Build `om`'s decode program, whose step check raises PassError naming the first value a one-token step
+    computes otherwise than the whole prompt; what was checked, as a note of the verification report."""
+    from rewrite.decode.loop import decode_program
+
+    program = decode_program(om)
+    if program.signature.routed_layers:
+        return ("decode: the program routes layers, so its one-token step is not checked against the prefill (a "
+                "prompt one token shorter may route otherwise)")
+    return ("decode: a prompt's last token decoded as one step after a prefill of the others gives the values "
+            "of the whole prompt")
 
 
 def _output_changing_passes(plan: Plan) -> list[str]:

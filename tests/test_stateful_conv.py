@@ -133,6 +133,18 @@ def test_a_token_mixer_the_state_does_not_carry_is_refused_at_generate_naming_it
         om.generate(ids, max_new_tokens=2)
 
 
+def test_verify_checks_the_decode_step_when_the_plan_decodes():
+    """optimize(verify=True) with `stateful` builds the decode program: a conv the state carries passes the step
+    check (a note says so); a token shift is refused there, at optimize, naming its module."""
+    model, ids = built(3)
+    om = rewrite.optimize(model, ["stateful"], (ids,), verify=True)
+    assert "decode: a prompt's last token decoded as one step after a prefill of the others gives the values of the " \
+           "whole prompt" in om.verification.notes
+    torch.manual_seed(0)
+    with pytest.raises(PassError, match=r"ShiftDecoder cannot decode token by token: the value of \w+ \(shift\)"):
+        rewrite.optimize(ShiftDecoder().eval(), ["stateful"], (ids,), verify=True)
+
+
 def test_routed_blocks_carry_their_convs_for_the_sequences_that_run_them():
     """LFM2 with every block routed and decisions held per sequence: a conv inside a routed block keeps the last
     inputs of the rows that run it; token-by-token logits equal the forward program's under the same decisions."""
