@@ -12,9 +12,9 @@ Run: python -m benchmarks.delta_conv_swa [--lengths ...] [--only delta,swa,conv,
 (`rewrite.kernels.sliding_window.flex`), checked against our op on the GPU first; its rows time the steady
 state and give the first call's seconds (compilation, block mask) as "first call s". Not in the default
 --only: each length and window compiles its own kernels.
---only swa,triton adds rows of the op's other CUDA paths: "(Triton)" with its Triton kernels forward and backward,
-"(flash)" with PyTorch's flash kernels forward and backward (`rewrite.kernels.sliding_window.op.FLASH_FORWARD`,
-`FLASH_BACKWARD`; the plain rows take the op's defaults).
+--only swa,triton adds rows of each CUDA path of the op (`KERNEL_PATHS`: its Triton kernels, PyTorch's flash
+kernels, or the Triton forward with the flash backward; `rewrite.kernels.sliding_window.op.FLASH_FORWARD`,
+`FLASH_BACKWARD`); the plain rows take the op's defaults.
 --delta-variants checks each DELTA_VARIANTS entry (old and new delta-rule backward forms, launch
 shapes) against float64 and times its fwd and fwd+bwd at --delta-lengths, after SDPA's fwd+bwd at each
 of those lengths in the same run; with --delta-breakdown, also
@@ -88,6 +88,10 @@ def flex_check(t: int = 3000, window: int = 512, sinks: int = 4) -> str:
         "  OK" if max(errs.values()) < 1e-2 else "  FAIL")
 
 
+KERNEL_PATHS = {"Triton": (False, False), "flash": (True, True), "Triton fwd, flash bwd": (False, True)}
+"""The sliding-window op's CUDA paths --only ...,triton times: (forward by flash, backward by flash)."""
+
+
 def sliding_window_kernels(forward: bool, backward: bool) -> tuple[bool, bool]:
     """Set whether the sliding-window op's forward / backward run PyTorch's flash kernels; returns the settings
     before."""
@@ -121,15 +125,14 @@ def _sliding_window_errors(label, sinks, kv_heads, cu_seqlens, lookahead) -> str
                                   lookahead=lookahead)
     ro.backward(do.double().cpu())
     errs = {"o": _rel(o, ro), **{f"d{n}": _rel(a.grad, r.grad) for n, a, r in zip("qkv", (q, k, v), refs)}}
-    return f"check {label:28s}" + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + (
+    return f"check {label:40s}" + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + (
         "  OK" if max(errs.values()) < 1e-2 else "  FAIL")
 
 
 def checks() -> list[str]:
     lines = [delta_check()]
     lines.append(sliding_window_check("swa sinks (Triton)", sinks=4))
-    for flash in ((False, False), (True, True), (False, True)):
-        kernels = {(False, False): "Triton", (True, True): "flash", (False, True): "Triton+flash"}[flash]
+    for kernels, flash in KERNEL_PATHS.items():
         lines.append(sliding_window_check(f"swa ({kernels})", sinks=0, flash=flash))
         lines.append(sliding_window_check(f"swa GQA packed ({kernels})", sinks=0, kv_heads=4,
                                           cu_seqlens=[0, 7, 1100, 1101, 3000], flash=flash))
@@ -462,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
             variants["ours sliding window w=4096"] = (functools.partial(sliding_window_attention, window=4096),
                                                       (q, k, v))
         if "swa" in only and "triton" in only:
-            for kernels in ("Triton", "flash"):
+            for kernels in KERNEL_PATHS:
                 for window in (512, 4096):
                     variants[f"ours sliding window ({kernels}) w={window}"] = (
                         functools.partial(sliding_window_attention, window=window), (q, k, v))
@@ -475,9 +478,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, (fn, fargs) in variants.items():
             compiled = name.startswith("flex")  # first calls compile: timed apart, reported as "first call s"
             params = {"L": t, "pass": "fwd"}
-            # "(Triton)" / "(flash)": the op forward and backward by its Triton / by PyTorch's flash kernels
-            sliding_window_kernels(*((False, False) if "(Triton)" in name else (True, True) if "(flash)" in name
-                                     else defaults))
+            path = name.partition("(")[2].partition(")")[0] if name.startswith("ours sliding window (") else None
+            sliding_window_kernels(*KERNEL_PATHS.get(path, defaults))
             try:
                 with torch.no_grad():
                     fwd_step = functools.partial(fn, *fargs)

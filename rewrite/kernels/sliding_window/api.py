@@ -12,7 +12,8 @@ CUDA, the PyTorch reference on the CPU). "flex": `flex.flex_sliding_window_atten
 FlexAttention on CUDA; on the CPU eager FlexAttention, forward only, there to test the switch). Measured on an H100
 (BENCHMARKS.md, 2026-12-06 seventh session): flex's forward + backward is 18-24% faster than ours at w = 512 / 4096,
 8K / 32K, our forward as fast or faster, and flex compiles again for each new length (packed batches change it
-every step): "triton" stays the default, "flex" suits fixed-length training. The decode step is not affected."""
+every step): "triton" stays the default, "flex" suits fixed-length training. The decode step is not affected. The op's CUDA
+implementation can also run either half on PyTorch's flash kernels (`op.FLASH_FORWARD`, `op.FLASH_BACKWARD`)."""
 BACKENDS = ("triton", "flex")
 
 
