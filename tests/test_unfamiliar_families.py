@@ -130,6 +130,30 @@ def test_mixture_of_experts_decoders_generate_like_hugging_face(name):
     assert torch.equal(om.generate(prompt, max_new_tokens=12), want)
 
 
+def jetmoe():
+    """Mixture of attention heads: each token's query heads come from its top-k experts, and the attention output
+    is transposed back and viewed per expert, a view only SDPA's output layout ([B, T, H, D] in memory) allows."""
+    return transformers.JetMoeForCausalLM(_decoder_config(
+        transformers.JetMoeConfig, num_key_value_heads=2, kv_channels=16, num_local_experts=4, num_experts_per_tok=2,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def test_fused_decode_ops_keep_the_layout_model_code_views():
+    """JetMoe views the attention output where only SDPA's layout allows it: the decode program's fused rotary and
+    its cached attention over a padded prompt lay their results out as PyTorch's own ops do, so a ragged batch
+    generates each prompt's Hugging Face tokens (a view error before)."""
+    model = build(jetmoe)
+    prompt = right_padded([9], 9)["input_ids"]
+    om = rewrite.optimize(model, ["stateful"], example_kwargs={"input_ids": prompt})
+    ids = torch.cat([prompt, torch.cat([torch.zeros(1, 4, dtype=torch.long), prompt[:, :5]], 1)])
+    mask = (ids != 0).long()
+    mask[0] = 1
+    tokens = om.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    for row, start in ((0, 0), (1, 4)):
+        want = model.generate(ids[row:row + 1, start:], max_new_tokens=6, do_sample=False, eos_token_id=None)
+        assert torch.equal(tokens[row, start:], want[0])
+
+
 def bloom():
     return transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4,
                                                                   vocab_size=VOCAB))

@@ -24,6 +24,7 @@ from rewrite.decode.steps import (
 )
 from rewrite.errors import RewriteError
 from rewrite.kernels.kv_cache_attention import kv_cache_attention
+from rewrite.kernels.layout import in_layout_of
 from rewrite.mixers.masks import MIXER_LIMIT
 
 WINDOW_ADVICE = "a sliding window or a block pattern? set the `stateful` pass's sliding_window / window_layers"
@@ -113,8 +114,9 @@ cache is a ring of `window` slots.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] > k.shape[1])
     end = decode_state.visible_end()
     keys, values = decode_state.read_kv(cache, end)
-    return _attention_in_query_blocks(q, keys, values, lambda queries: decode_state.visible_mask(end, queries), scale,
-                                      slots)
+    o = _attention_in_query_blocks(q, keys, values, lambda queries: decode_state.visible_mask(end, queries), scale,
+                                   slots)
+    return o if q.shape[2] == 1 else in_layout_of(o, q)  # as SDPA lays it out (one token: every layout views alike)
 
 
 def _attention_in_query_blocks(
@@ -200,6 +202,7 @@ def _windowed_attention(
                                          state.padded),
             scale,
         )
+        o = in_layout_of(o, q)  # as SDPA lays it out
     _ring_write(ring, state, k, v, slots, window)
     return o
 

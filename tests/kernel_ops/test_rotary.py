@@ -52,7 +52,7 @@ def test_triton_forward_rounds_like_pytorch(dtype, dim):
     cos, sin = angles(2, 5, dim, dtype, device)
     with poisoned():
         got = launchers.rotary_forward(x, cos, sin)
-    assert got.is_contiguous()
+    assert got.stride() == (x * cos).stride()  # laid out as PyTorch's own product
     assert_bitwise(got, independent_rotary(x, cos, sin), f"{dtype} D={dim}")
 
 
@@ -110,6 +110,25 @@ def test_op_equals_the_decomposed_expression_on_the_cpu():
     q_out, k_out = rotary_embedding_pair(x, k, cos, sin)
     assert_bitwise(q_out, independent_rotary(x, cos, sin), "pair q")
     assert_bitwise(k_out, independent_rotary(k, cos, sin), "pair k")
+
+
+def test_results_are_laid_out_in_memory_as_the_inputs():
+    """As PyTorch lays out `x * cos` (model code may view the result as only that layout allows): q as a transposed
+    [B, T, H, D] and k contiguous, through the launchers, the op on the CPU and its fake."""
+    launchers = load_launchers("rewrite.kernels.rotary.triton_kernels")
+    device = kernel_device()
+    q, k = queries(2, 3, 5, 64, torch.float32, device), torch.randn(2, 1, 5, 64, device=device)
+    cos, sin = angles(2, 5, 64, torch.float32, device)
+    with poisoned():
+        single, (q_out, k_out) = launchers.rotary_forward(q, cos, sin), launchers.rotary_pair_forward(q, k, cos, sin)
+    for name, got, x in (("single", single, q), ("pair q", q_out, q), ("pair k", k_out, k)):
+        assert got.stride() == (x * cos).stride(), name
+        assert_bitwise(got, independent_rotary(x, cos, sin), name)
+    q, k, cos, sin = (t.cpu() for t in (q, k, cos, sin))
+    assert rotary_embedding(q, cos, sin).stride() == (q * cos).stride()
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = torch.ops.rewrite.rotary_embedding_pair(*(mode.from_tensor(t) for t in (q, k, cos, sin)))
+    assert [t.stride() for t in fake] == [(q * cos).stride(), (k * cos).stride()]
 
 
 def test_op_refuses_what_it_cannot_rotate():

@@ -4,19 +4,20 @@ CUDA Triton implementations (forward only)."""
 import torch
 
 from .._triton import load_triton_module
+from ..layout import empty_in_layout_of, in_layout_of
 from .reference import rotary_embedding_reference
 
 _TRITON = "rewrite.kernels.rotary.triton_kernels"
 
 
 def _fake_output(x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape, dtype=torch.result_type(x, cos))
+    return empty_in_layout_of(x, dtype=torch.result_type(x, cos))
 
 
 @torch.library.custom_op("rewrite::rotary_embedding", mutates_args=())
 def rotary_embedding_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, rounded as PyTorch rounds the separate ops."""
-    return rotary_embedding_reference(x, cos, sin)
+    """x * cos + rotate_half(x) * sin, rounded as PyTorch rounds the separate ops, laid out as x."""
+    return in_layout_of(rotary_embedding_reference(x, cos, sin), x)
 
 
 @rotary_embedding_op.register_kernel("cuda")
@@ -34,7 +35,8 @@ def rotary_embedding_pair_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_embedding` of q and of k by the same cos / sin."""
-    return rotary_embedding_reference(q, cos, sin), rotary_embedding_reference(k, cos, sin)
+    return (in_layout_of(rotary_embedding_reference(q, cos, sin), q),
+            in_layout_of(rotary_embedding_reference(k, cos, sin), k))
 
 
 @rotary_embedding_pair_op.register_kernel("cuda")
@@ -72,9 +74,9 @@ def check_rotary_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding in rotate-half form, `x * cos + rotate_half(x) * sin` with
-    `rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])`: x [..., D], cos / sin broadcastable to x. The result
-    (contiguous) has the dtype PyTorch gives `x * cos` and equals the decomposed expression's bitwise in
-    float16 / bfloat16."""
+    `rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])`: x [..., D], cos / sin broadcastable to x. The result is
+    laid out in memory as x (`layout.empty_in_layout_of`: model code may view it as only that layout allows), has the
+    dtype PyTorch gives `x * cos` and equals the decomposed expression's bitwise in float16 / bfloat16."""
     check_rotary_inputs(x, cos, sin)
     return rotary_embedding_op(x, cos, sin)
 

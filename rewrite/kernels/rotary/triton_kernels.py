@@ -14,6 +14,7 @@ import triton.language as tl
 from rewrite.kernels.launch_math import next_power_of_2, row_warps
 
 from ..alloc import new_empty
+from ..layout import in_layout_of, layout_order
 
 
 @triton.jit
@@ -93,9 +94,15 @@ def _four_dims(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class _Rows:
-    """One tensor's launch arguments: input, cos and sin as 4-D views of its shape, and the row count."""
+    """One tensor's launch arguments: input, cos and sin as 4-D views of its shape, and the row count; with its dims
+    ordered as they lie in memory (`layout_order`), so that a contiguous output of that order is laid out as x."""
 
     def __init__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        self.order = layout_order(x)
+        if self.order is not None:
+            cos, sin = cos.expand(x.shape).permute(self.order), sin.expand(x.shape).permute(self.order)
+            x = x.permute(self.order)
+        self.shape = x.shape
         self.x = _four_dims(x, x.shape)
         self.cos = _four_dims(cos, x.shape)
         self.sin = _four_dims(sin, x.shape)
@@ -105,9 +112,16 @@ class _Rows:
     def args(self) -> list:
         return [*self.x.stride(), *self.cos.stride(), *self.sin.stride()]
 
+    def result(self, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The kernel's contiguous `out` (in this object's dim order) in `like`'s shape and layout."""
+        if self.order is not None:
+            out = out.permute(sorted(range(out.dim()), key=self.order.__getitem__))
+        return in_layout_of(out, like)
 
-def _output(x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    return new_empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
+
+def _output(rows: _Rows, x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """The kernel's contiguous output for `rows` (x's dims in memory order)."""
+    return new_empty(rows.shape, dtype=torch.result_type(x, cos), device=x.device)
 
 
 def _meta(x: torch.Tensor, out: torch.Tensor) -> tuple[int, int, object]:
@@ -117,24 +131,25 @@ def _meta(x: torch.Tensor, out: torch.Tensor) -> tuple[int, int, object]:
 
 
 def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, contiguous, in the dtype PyTorch promotes x and cos to."""
-    out = _output(x, cos)
+    """x * cos + rotate_half(x) * sin, laid out as x (`layout.empty_in_layout_of`), in the dtype PyTorch promotes x and
+    cos to."""
     rows = _Rows(x, cos, sin)
+    out = _output(rows, x, cos)
     half, block, compute = _meta(x, out)
     if rows.rows > 0 and half > 0:
         _rotary_kernel[(rows.rows,)](rows.x, rows.cos, rows.sin, out, rows.n1, rows.n2, *rows.args(), half,
                                      BLOCK=block, COMPUTE=compute,
                                      BF16_BITS=out.dtype == torch.bfloat16, num_warps=row_warps(half, per_warp=64, most=4),
                                      enable_fp_fusion=False)
-    return out
+    return rows.result(out, x)
 
 
 def rotary_pair_forward(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_forward` of q and of k by the same cos / sin, in one launch."""
-    q_out, k_out = _output(q, cos), _output(k, cos)
     qr, kr = _Rows(q, cos, sin), _Rows(k, cos, sin)
+    q_out, k_out = _output(qr, q, cos), _output(kr, k, cos)
     half, block, compute = _meta(q, q_out)
     if compute != _meta(k, k_out)[2]:
         return rotary_forward(q, cos, sin), rotary_forward(k, cos, sin)
@@ -145,4 +160,4 @@ def rotary_pair_forward(
             half, BLOCK=block, COMPUTE=compute, BF16_BITS=q_out.dtype == torch.bfloat16,
             num_warps=row_warps(half, per_warp=64, most=4), enable_fp_fusion=False,
         )
-    return q_out, k_out
+    return qr.result(q_out, q), kr.result(k_out, k)
