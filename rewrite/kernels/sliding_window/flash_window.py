@@ -1,7 +1,8 @@
 """Sliding-window attention by PyTorch's own flash-attention kernels, which take a left / right window.
 
 `aten::_flash_attention_forward` / `_backward` (FlashAttention-2 inside PyTorch) visit only the key blocks a
-query block can see, with flash attention's efficiency per score; this file maps the op's arguments onto theirs:
+query block can see (on an H100 their backward beat ours, their forward did not: `op.FLASH_FORWARD`,
+`op.FLASH_BACKWARD`); this file maps the op's arguments onto theirs:
 window w, lookahead a -> (window_size_left, window_size_right) = (w - 1, a), causal when a == 0. Every batch is
 passed in their packed ("varlen") form, a dense [B, T] batch as B sequences of T tokens, so one code path
 serves both. They take no sink tokens and need K == V, a head dim that is a multiple of 8 up to 256, float16 /
