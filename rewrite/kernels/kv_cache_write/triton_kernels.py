@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from rewrite.kernels.launch_math import cdiv, next_power_of_2, row_warps
+from rewrite.kernels.rounding import round_to
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Dtypes of k / v and of the caches the kernel takes (others take the reference path)."""
@@ -20,21 +21,12 @@ MOST_BLOCK = 1024
 
 
 @triton.jit
-def _to_bf16(x):
-    """float32 `x` rounded to bfloat16 (to nearest, ties to even; NaN as 0x7FC0) by integer ops and a bitcast:
-    Triton's interpreter truncates a cast to bfloat16 and flushes its subnormals."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = tl.where(x != x, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
-    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _write_row(src_ptr, dst_ptr, r, h, t, slot, ok, cols, width, s0, s1, s2, s3, c0, c1, c2,
                BF16_BITS: tl.constexpr):
     mask = cols < tl.where(ok, width, 0)  # a slot outside the cache: no column
     x = tl.load(src_ptr + r * s0 + h * s1 + t * s2 + cols * s3, mask=mask)
     if BF16_BITS:
-        x = _to_bf16(x.to(tl.float32))
+        x = round_to(x.to(tl.float32), tl.bfloat16)
     tl.store(dst_ptr + r * c0 + h * c1 + slot * c2 + cols, x.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
