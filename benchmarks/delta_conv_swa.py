@@ -458,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True)
         variants = {"sdpa flash causal": (sdpa, (qh, kh, vh))}
+        paths: dict[str, tuple[bool, bool]] = {}  # the sliding-window op's kernels per variant (else its defaults)
         if "delta" in only:
             variants["ours gated delta rule"] = (lambda *a: delta_rule(*a)[0], (q, k, v, beta, g))
         if "swa" in only:
@@ -465,10 +466,11 @@ def main(argv: list[str] | None = None) -> None:
             variants["ours sliding window w=4096"] = (functools.partial(sliding_window_attention, window=4096),
                                                       (q, k, v))
         if "swa" in only and "triton" in only:
-            for kernels in KERNEL_PATHS:
+            for kernels, flash in KERNEL_PATHS.items():
                 for window in (512, 4096):
-                    variants[f"ours sliding window ({kernels}) w={window}"] = (
-                        functools.partial(sliding_window_attention, window=window), (q, k, v))
+                    name = f"ours sliding window ({kernels}) w={window}"
+                    variants[name] = (functools.partial(sliding_window_attention, window=window), (q, k, v))
+                    paths[name] = flash
         if "flex" in only:
             for window in (512, 4096):
                 variants[f"flex sliding window w={window}"] = (
@@ -478,8 +480,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, (fn, fargs) in variants.items():
             compiled = name.startswith("flex")  # first calls compile: timed apart, reported as "first call s"
             params = {"L": t, "pass": "fwd"}
-            path = name.partition("(")[2].partition(")")[0] if name.startswith("ours sliding window (") else None
-            sliding_window_kernels(*KERNEL_PATHS.get(path, defaults))
+            sliding_window_kernels(*paths.get(name, defaults))
             try:
                 with torch.no_grad():
                     fwd_step = functools.partial(fn, *fargs)

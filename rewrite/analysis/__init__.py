@@ -9,6 +9,7 @@ import torch.fx as fx
 from rewrite.analysis.attention_sites import AttentionSite, find_attention_sites
 from rewrite.analysis.blocks import Block, find_blocks
 from rewrite.analysis.graph_view import to_networkx
+from rewrite.analysis.nodes import module_path
 from rewrite.analysis.projections import Projection, find_projection
 from rewrite.analysis.shapes import BATCH, SEQ, SymbolicDims, infer_dims
 from rewrite.analysis.unrecognized_attention import (
@@ -27,6 +28,23 @@ class GraphAnalysis:
     dims: SymbolicDims
     notes: list[str] = field(default_factory=list)
     unrecognized: list[UnrecognizedAttention] = field(default_factory=list)
+    _block_by_node: dict[fx.Node, Block] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def block_holding(self, node: fx.Node) -> Block | None:
+        """The block whose nodes, as the analysis found them, include `node` (None outside every block)."""
+        if self._block_by_node is None:
+            self._block_by_node = {}
+            for block in self.blocks:  # the first block listing a node holds it
+                for n in block.nodes:
+                    self._block_by_node.setdefault(n, block)
+        return self._block_by_node.get(node)
+
+    def node_label(self, node: fx.Node) -> str:
+        """How messages name the layer holding `node`: `layer I (node's module path)`, or the module path outside
+        blocks (as `site_label` names a site)."""
+        path = module_path(node) or "<root>"
+        block = self.block_holding(node)
+        return f"layer {block.index} ({path})" if block is not None else path
 
     def block_of(self, site: AttentionSite) -> Block | None:
         for block in self.blocks:

@@ -23,6 +23,11 @@ def layout_order(like: torch.Tensor) -> list[int] | None:
     return order
 
 
+def unpermuted(x: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """`x`, whose dims are some tensor's dims taken in `order`, with that tensor's dim order again."""
+    return x.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
 def empty_in_layout_of(like: torch.Tensor, shape: Sequence[int] | None = None, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> torch.Tensor:
     """An uninitialised tensor of `shape` (default like's) whose dims lie in memory in `like`'s order
@@ -31,8 +36,7 @@ def empty_in_layout_of(like: torch.Tensor, shape: Sequence[int] | None = None, *
     order = layout_order(like)
     if order is None:
         return like.new_empty(shape, dtype=dtype, device=device)
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return like.new_empty([shape[d] for d in order], dtype=dtype, device=device).permute(inverse)
+    return unpermuted(like.new_empty([shape[d] for d in order], dtype=dtype, device=device), order)
 
 
 def in_layout_of(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

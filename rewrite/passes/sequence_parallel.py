@@ -167,10 +167,8 @@ class SequenceParallelOptions:
 
 
 def _layer(site_path: str, analysis: GraphAnalysis, node: fx.Node) -> str:
-    for block in analysis.blocks:
-        if any(n is node for n in block.nodes):
-            return f"layer {block.index} ({block.path})"
-    return site_path or "<root>"
+    block = analysis.block_holding(node)
+    return f"layer {block.index} ({block.path})" if block is not None else site_path or "<root>"
 
 
 def _is_seq(analysis: GraphAnalysis, x: Any) -> bool:
@@ -460,8 +458,8 @@ class SequenceParallel(GraphPass):
         done = []
         for node in list(gm.graph.nodes):
             conv = causal_conv_over_sequence(node, analysis.dims)
-            layer = _layer(module_path(node), analysis, node)
             if conv is not None:
+                layer = _layer(module_path(node), analysis, node)
                 if self.positions is not None:
                     raise PassError(self.name, f"{layer}: a causal conv over the tokens has no sequence-parallel form "
                                     "for packed sequences yet (it would read across a sequence start at a shard's "
@@ -477,7 +475,8 @@ class SequenceParallel(GraphPass):
                 done.append(layer)
                 continue
             if kernel_over_tokens(node, analysis.dims.mentions_seq) is not None:
-                raise PassError(self.name, f"{layer}: a convolution over the tokens of this form cannot be split along "
+                raise PassError(self.name, f"{_layer(module_path(node), analysis, node)}: a convolution over the "
+                                "tokens of this form cannot be split along "
                                 f"the sequence; supported: {SUPPORTED_FORM}, whose halo comes from the rank before",
                                 node.name, module_path(node))
         return done

@@ -228,13 +228,6 @@ def _windowed_blocks(options: StatefulOptions, paths: list[str], where: str) -> 
     return {paths[i] for i in select_layers_for(options.window_layers, paths, f"{where}.window_layers")}
 
 
-def _node_label(node: fx.Node, analysis: GraphAnalysis) -> str:
-    """How messages name the layer holding `node`: `layer I (path)`, else its module path."""
-    path = module_path(node) or "<root>"
-    block = next((b for b in analysis.blocks if node in b.nodes), None)
-    return f"layer {block.index} ({path})" if block is not None else path
-
-
 def _last_inputs(conv: CausalConv) -> str:
     """What a conv's decode state holds, in words."""
     return "its last input" if conv.kernel == 2 else f"its last {conv.kernel - 1} inputs"
@@ -246,13 +239,13 @@ def _collect_convs(gm: fx.GraphModule, analysis: GraphAnalysis, taken: set[str])
     for node in gm.graph.nodes:
         conv = causal_conv_over_sequence(node, analysis.dims)
         if conv is not None:
-            layer = _node_label(node, analysis)
+            layer = analysis.node_label(node)
             jobs.append(_ConvJob(conv, layer, _unique_key(module_path(node), node, taken)))
             continue
         kernel = kernel_over_tokens(node, analysis.dims.mentions_seq)
         if kernel is not None:
             raise PassError(
-                "stateful", f"{_node_label(node, analysis)}: a convolution over the tokens (kernel {kernel}) "
+                "stateful", f"{analysis.node_label(node)}: a convolution over the tokens (kernel {kernel}) "
                 "mixes each token with its neighbours, and the decode state carries only the last inputs of "
                 f"{SUPPORTED_FORM}; this model cannot decode token by token",
                 node.name, module_path(node) or "<root>")
@@ -273,7 +266,7 @@ def _refuse_scans_over_tokens(gm: fx.GraphModule, analysis: GraphAnalysis) -> No
         if not isinstance(dim, int) or not analysis.dims.mentions_seq(x.shape[dim]):
             continue
         raise PassError(
-            "stateful", f"{_node_label(node, analysis)}: a running {node.target.__name__.split('.')[0]} along a dim "
+            "stateful", f"{analysis.node_label(node)}: a running {node.target.__name__.split('.')[0]} along a dim "
             "sized by the tokens, as a selective scan's, carries each token "
             f"into the next, and {CARRIED}; this model cannot decode token by token (generate with the original "
             "model, or replace the layer's token mixing with the `mixer` pass)",

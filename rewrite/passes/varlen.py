@@ -177,10 +177,8 @@ UNSUPPORTED_REMEDY = (
 
 def _layer_of(node: fx.Node, analysis: GraphAnalysis) -> str:
     """How messages name the layer holding `node`: `layer I (path)`, else its module path."""
-    for block in analysis.blocks:
-        if node in block.nodes:
-            return f"layer {block.index} ({block.path})"
-    return module_path(node) or "<root>"
+    block = analysis.block_holding(node)
+    return f"layer {block.index} ({block.path})" if block is not None else module_path(node) or "<root>"
 
 
 def _refuse_token_convolutions(graph: fx.Graph, analysis: GraphAnalysis, symbols: TokenSymbols,

@@ -14,7 +14,7 @@ import triton.language as tl
 from rewrite.kernels.launch_math import next_power_of_2, row_warps
 
 from ..alloc import new_empty
-from ..layout import in_layout_of, layout_order
+from ..layout import layout_order, unpermuted
 
 
 @triton.jit
@@ -112,11 +112,10 @@ class _Rows:
     def args(self) -> list:
         return [*self.x.stride(), *self.cos.stride(), *self.sin.stride()]
 
-    def result(self, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The kernel's contiguous `out` (in this object's dim order) in `like`'s shape and layout."""
-        if self.order is not None:
-            out = out.permute(sorted(range(out.dim()), key=self.order.__getitem__))
-        return in_layout_of(out, like)
+    def result(self, out: torch.Tensor) -> torch.Tensor:
+        """The kernel's contiguous `out` (in this object's dim order) in x's dim order: laid out as x
+        (`layout.empty_in_layout_of`, contiguous where x has no `layout_order`)."""
+        return out if self.order is None else unpermuted(out, self.order)
 
 
 def _output(rows: _Rows, x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
@@ -141,7 +140,7 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
                                      BLOCK=block, COMPUTE=compute,
                                      BF16_BITS=out.dtype == torch.bfloat16, num_warps=row_warps(half, per_warp=64, most=4),
                                      enable_fp_fusion=False)
-    return rows.result(out, x)
+    return rows.result(out)
 
 
 def rotary_pair_forward(
@@ -160,4 +159,4 @@ def rotary_pair_forward(
             half, BLOCK=block, COMPUTE=compute, BF16_BITS=q_out.dtype == torch.bfloat16,
             num_warps=row_warps(half, per_warp=64, most=4), enable_fp_fusion=False,
         )
-    return qr.result(q_out, q), kr.result(k_out, k)
+    return qr.result(q_out), kr.result(k_out)
