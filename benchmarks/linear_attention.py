@@ -6,6 +6,7 @@ cache (so it includes every compile); a check of each decay kind on the GPU agai
 reference; kernel launches per call; the timing table; optionally (--sweep) the SWEEP variants
 (the previous implementation of the vector decay's in-chunk products, launch shapes) at --sweep-lengths.
 Run: python -m benchmarks.linear_attention [--lengths 2048,8192] [--out runs/linear_attention.json]
+Host time of a call: python -m benchmarks.linear_attention --host-split --lengths 8192,32768 --decays vector
 Old vs new only: python -m benchmarks.linear_attention --sweep-only --decays vector [--sweep-breakdown]
 Key gate in the kernels vs in PyTorch: python -m benchmarks.linear_attention --sweep-only --decays "vector keygate"
 --sweep-variants "base,key gate in kernels" ("vector keygate": no g input, `key_gate_normalizer` from the keys).
@@ -71,6 +72,16 @@ def _ours(decay: str) -> Callable:
         return linear_attention(q, k, v, g, **_decay_kwargs(decay))[0]
 
     return run
+
+
+def _fla_gla() -> Callable | None:
+    """FLA's `chunk_gla` as (q, k, v, g) -> o, or None (with the reason printed) where it does not import."""
+    try:
+        from fla.ops.gla import chunk_gla
+    except Exception as exc:  # report, do not hide
+        print(f"fla chunk_gla unavailable: {type(exc).__name__}: {exc}")
+        return None
+    return lambda q, k, v, g: chunk_gla(q, k, v, g)[0]
 
 
 def _fwd_bwd(fn: Callable, args: tuple) -> Callable[[], None]:
@@ -407,6 +418,65 @@ def sweep(shapes=((1, 8192), (1, 32768)), decays=("vector", "scalar"), breakdown
     return lines
 
 
+def _graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` captured once in a CUDA graph (its inputs and output gradient fixed): a replay launches its kernels
+    with no host work, so its time is the kernels' plus their gaps on the GPU."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def host_split(decay: str, b: int, t: int, runs: int = 30, fla: Callable | None = None) -> list[str]:
+    """Where one eager fwd+bwd call's time goes: its event-timed wall time, the host's time to enqueue it
+    (perf_counter around the call, the GPU idle at its start), and the same call replayed from a CUDA graph
+    (kernels only); then the host functions that take the most of the enqueue time (cProfile, 20 calls)."""
+    import cProfile
+    import io
+    import pstats
+
+    lines = []
+    for name, fn in (("ours", _ours(decay)), ("fla", fla)):
+        if fn is None:
+            continue
+        q, k, v, g = _inputs(b, t, decay, True)
+        step = _fwd_bwd(fn, (q, k, v, g))
+        eager = measure(name, step, warmup=3, runs=runs)
+        enqueue = []
+        for _ in range(runs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            enqueue.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        try:
+            replay = f"{measure(name, _graphed(step), warmup=3, runs=runs).median_ms:.3f} ms"
+        except Exception as exc:  # report, do not hide
+            replay = f"not captured ({type(exc).__name__}: {str(exc)[:200]})"
+        lines.append(f"host split {name} {decay} B={b} L={t}: eager {eager.median_ms:.3f} ms, host enqueue "
+                     f"{sorted(enqueue)[len(enqueue) // 2]:.3f} ms, graph replay {replay}")
+        print(lines[-1], flush=True)
+        if name == "ours":
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(20):
+                step()
+            profiler.disable()
+            torch.cuda.synchronize()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            lines += [f"host profile (20 calls) {line}" for line in text.getvalue().splitlines() if line.strip()]
+            print("\n".join(lines[-30:]), flush=True)
+        torch.cuda.empty_cache()
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192,32768,131072")
@@ -423,6 +493,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-shape", help="H,HKV,D of the sweep's calls (default 16,16,128; the Llama-shaped "
                         "model of the mixer benchmark is 32,8,64)")
     parser.add_argument("--diagnose", action="store_true", help="dv diagnosis and per-kernel breakdowns only")
+    parser.add_argument("--host-split", action="store_true",
+                        help="only: eager vs host enqueue vs CUDA-graph time of fwd+bwd at --lengths (B=1), with FLA "
+                             "unless --no-fla, and a host profile of ours")
     parser.add_argument("--first-call-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.first_call_child:
@@ -438,6 +511,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--sweep-shape changes the shape of the sweep only: pass --sweep-only with it")
         global H, KV_H, D
         H, KV_H, D = (int(x) for x in args.sweep_shape.split(","))
+    if args.host_split:
+        fla_fn = None if args.no_fla else _fla_gla()
+        for length in args.lengths.split(","):
+            for decay in decays:
+                host_split(decay, 1, int(length), fla=fla_fn if decay == "vector" else None)
+        return
     run_sweep = functools.partial(sweep, sweep_shapes, swept, args.sweep_breakdown, variants)
     if args.sweep_only:
         print("\n".join(run_sweep()))
@@ -467,13 +546,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_table:
         return
     fla = {}
-    if not args.no_fla:
-        try:
-            from fla.ops.gla import chunk_gla
-
-            fla["fla chunk_gla (vector)"] = ("vector", lambda q, k, v, g: chunk_gla(q, k, v, g)[0])
-        except Exception as exc:  # report, do not hide
-            print(f"fla chunk_gla unavailable: {type(exc).__name__}: {exc}")
+    fla_fn = None if args.no_fla else _fla_gla()
+    if fla_fn is not None:
+        fla["fla chunk_gla (vector)"] = ("vector", fla_fn)
     shapes = [(1, int(x)) for x in args.lengths.split(",")] + [(4, 8192)]
     rows: list[Measurement] = []
     for b, t in shapes:
