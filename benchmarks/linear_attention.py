@@ -356,6 +356,8 @@ SWEEP = {
     # the kernels from the raw keys instead of with PyTorch ops before them (the default: a float32 [B, T, Hkv, K]
     # log-decay written and read back); changes nothing for the other decays
     "key gate in kernels": [("api", "KERNEL_KEY_GATE", True)],
+    # eager calls through the custom ops (`op.EAGER_DIRECT` off): the path before the direct one
+    "through the ops": [("op", "EAGER_DIRECT", False)],
 }
 
 
@@ -436,17 +438,24 @@ def _graphed(step: Callable[[], None]) -> Callable[[], None]:
 def host_split(decay: str, b: int, t: int, runs: int = 30, fla: Callable | None = None) -> list[str]:
     """Where one eager fwd+bwd call's time goes: its event-timed wall time, the host's time to enqueue it
     (perf_counter around the call, the GPU idle at its start), and the same call replayed from a CUDA graph
-    (kernels only); then the host functions that take the most of the enqueue time (cProfile, 20 calls)."""
+    (kernels only), for ours (eager calls direct, `op.EAGER_DIRECT`), ours through the custom ops and FLA; the
+    forward's eager time too; then the host functions that take the most of ours' enqueue time (cProfile, 20
+    calls)."""
     import cProfile
     import io
     import pstats
 
     lines = []
-    for name, fn in (("ours", _ours(decay)), ("fla", fla)):
+    ours = _ours(decay)
+    for name, fn, changes in (("ours", ours, []), ("ours through the ops", ours, [("op", "EAGER_DIRECT", False)]),
+                              ("fla", fla, [])):
         if fn is None:
             continue
+        undo = apply_changes("rewrite.kernels.linear_attention", changes)
         q, k, v, g = _inputs(b, t, decay, True)
         step = _fwd_bwd(fn, (q, k, v, g))
+        with torch.no_grad():
+            fwd = measure(name, functools.partial(fn, q, k, v, g), warmup=3, runs=runs)
         eager = measure(name, step, warmup=3, runs=runs)
         enqueue = []
         for _ in range(runs):
@@ -459,8 +468,9 @@ def host_split(decay: str, b: int, t: int, runs: int = 30, fla: Callable | None 
             replay = f"{measure(name, _graphed(step), warmup=3, runs=runs).median_ms:.3f} ms"
         except Exception as exc:  # report, do not hide
             replay = f"not captured ({type(exc).__name__}: {str(exc)[:200]})"
-        lines.append(f"host split {name} {decay} B={b} L={t}: eager {eager.median_ms:.3f} ms, host enqueue "
-                     f"{sorted(enqueue)[len(enqueue) // 2]:.3f} ms, graph replay {replay}")
+        lines.append(f"host split {name} {decay} B={b} L={t}: fwd {fwd.median_ms:.3f} ms; fwd+bwd eager "
+                     f"{eager.median_ms:.3f} ms, host enqueue {sorted(enqueue)[len(enqueue) // 2]:.3f} ms, graph replay "
+                     f"{replay}")
         print(lines[-1], flush=True)
         if name == "ours":
             profiler = cProfile.Profile()
@@ -473,6 +483,7 @@ def host_split(decay: str, b: int, t: int, runs: int = 30, fla: Callable | None 
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
             lines += [f"host profile (20 calls) {line}" for line in text.getvalue().splitlines() if line.strip()]
             print("\n".join(lines[-30:]), flush=True)
+        restore(undo)
         torch.cuda.empty_cache()
     return lines
 

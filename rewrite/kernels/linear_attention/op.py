@@ -5,6 +5,7 @@ Low-level: arguments are assumed valid (the public functions in `api.py` check t
 
 import torch
 
+from .. import eager_direct
 from .._triton import load_triton_module
 from ..launch_math import chunk_count
 from ..saving import backward_will_run
@@ -77,13 +78,17 @@ def linear_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T, H, V], final state [N, Hkv, K, V]); see `naive.py` for the definition. key_gate > 0: g holds
     the raw keys of the vector decay's key gate (see `_log_decay`)."""
+    return _forward_reference(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate)
+
+
+def _forward_reference(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
     return chunked_forward(q, k, v, _log_decay(g, key_gate), decay, scale, initial_state, cu_seqlens, causal)
 
 
 @linear_attention_op.register_kernel("cuda")
 def _forward_cuda(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
     if not causal:  # two matmuls: PyTorch is already as fast as a custom kernel
-        return chunked_forward(q, k, v, _log_decay(g, key_gate), decay, scale, initial_state, cu_seqlens, causal)
+        return _forward_reference(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate)
     return load_triton_module(_FORWARD).chunk_forward(
         q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate=key_gate
     )
@@ -216,6 +221,10 @@ def linear_attention_saving_op(
     ..., save=True)`, computed as the backward computes them); elsewhere h is empty [0] (the reference backward
     recomputes). Training only (`SAVE_STATES`); the autograd backward passes h and the final state to
     `rewrite::linear_attention_backward_saved`. key_gate as in `rewrite::linear_attention`."""
+    return _saving_reference(q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate)
+
+
+def _saving_reference(q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate=0.0):
     o, final = chunked_forward(q, k, v, _log_decay(g, key_gate), decay, scale, initial_state, cu_seqlens, True)
     return o, final, _unkept(q)
 
@@ -295,6 +304,12 @@ def linear_attention_backward_saved_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal `rewrite::linear_attention_backward` given the states h and the final state that
     `rewrite::linear_attention_saving` returned (not recomputed on CUDA; ignored by the reference)."""
+    return _backward_saved_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, h, final,
+                                     key_gate)
+
+
+def _backward_saved_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, h, final,
+                              key_gate=0.0):
     return _backward_reference(do, d_final_state, q, k, v, g, decay, scale, initial_state, cu_seqlens, True,
                                key_gate)
 
@@ -321,12 +336,58 @@ def saves_states(causal: bool, *inputs: torch.Tensor | None) -> bool:
     return SAVE_STATES and causal and backward_will_run(*inputs)
 
 
+# The ops' implementations per device type, for eager calls that run them without the ops (`eager_direct`).
+_FORWARD_IMPL = {"cuda": _forward_cuda, "cpu": _forward_reference}
+_SAVING_IMPL = {"cuda": _saving_cuda, "cpu": _saving_reference}
+_BACKWARD_SAVED_IMPL = {"cuda": _backward_saved_cuda, "cpu": _backward_saved_reference}
+
+
+class _DirectSaving(torch.autograd.Function):
+    """`rewrite::linear_attention_saving` with its autograd, run as one autograd.Function on the ops' device
+    implementations: same kernels and results, without the custom ops' per-call dispatch (`eager_direct`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, decay, scale, cu_seqlens, key_gate):
+        device = q.device.type
+        o, final, h = _SAVING_IMPL[device](q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate)
+        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, final, h)
+        ctx.set_materialize_grads(False)
+        ctx.decay, ctx.scale, ctx.key_gate = decay, scale, key_gate
+        return o, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, d_final_state):
+        q, k, v, g, initial_state, cu_seqlens, final, h = ctx.saved_tensors
+        if do is None and d_final_state is None:
+            return (None,) * 9
+        do, d_final_state = _filled_grads(do, d_final_state, q, v, final.shape)
+        dq, dk, dv, dg, dh0 = _BACKWARD_SAVED_IMPL[q.device.type](
+            do, d_final_state, q, k, v, g, ctx.decay, ctx.scale, initial_state, cu_seqlens, h, final, ctx.key_gate
+        )
+        return dq, dk, dv, None if g is None else dg, None if initial_state is None else dh0, None, None, None, None
+
+
+EAGER_DIRECT = True
+"""Eager calls on plain CUDA tensors run the ops' implementations without the `rewrite::linear_attention*` custom
+ops (`eager_direct.runs_direct`: not under torch.compile / export, no tensor subclass, dispatch or function mode,
+functorch transform or autocast), through `_DirectSaving` when autograd will run a backward. Read at every call."""
+
+
 def linear_attention_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
-    """(o, final state) by `rewrite::linear_attention`, or by `rewrite::linear_attention_saving` when `saves_states`.
+    """(o, final state) by `rewrite::linear_attention`, or by `rewrite::linear_attention_saving` when `saves_states`;
+    an eager call runs the same implementation without the op where `EAGER_DIRECT` allows it.
     key_gate > 0: g holds the raw keys of the vector decay's key gate (see `_log_decay`)."""
-    if saves_states(causal, q, k, v, g, initial_state):
+    saving = saves_states(causal, q, k, v, g, initial_state)
+    direct = EAGER_DIRECT and eager_direct.runs_direct(q, k, v, g, initial_state, cu_seqlens)
+    if saving:
+        if direct:
+            return _DirectSaving.apply(q, k, v, g, initial_state, decay, scale, cu_seqlens, key_gate)
         o, final, _ = linear_attention_saving_op(q, k, v, g, decay, scale, initial_state, cu_seqlens, key_gate)
         return o, final
+    if direct and not backward_will_run(q, k, v, g, initial_state):
+        device = q.device.type
+        return _FORWARD_IMPL[device](q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate)
     return linear_attention_op(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate)
 
 
