@@ -19,15 +19,15 @@ _BACKWARD = "rewrite.kernels.sliding_window.triton_backward"
 _DECODE = "rewrite.kernels.sliding_window.triton_decode"
 
 FLASH_FORWARD = False
-FLASH_BACKWARD = False
+FLASH_BACKWARD = True
 """Whether the CUDA implementation's forward / backward run PyTorch's flash-attention kernels (`flash_window.py`)
 where they take the call (no sinks, K == V, float16 / bfloat16, head dim a multiple of 8 up to 256), the Triton
 kernels elsewhere. Both paths give the same o and lse (natural-log float32), so either backward may follow either
-forward. Measured on an H100 (BENCHMARKS.md, 2026-12-07 fifteenth session; B=1, H=16, D=128, bf16, w = 512 and
-4096, 8K to 128K tokens): the flash backward takes 5-26% less time than ours (fwd+bwd minus fwd of each path), the
-flash forward 1.05-1.51x ours. The combination those numbers favour, our forward with the flash backward
-(`FLASH_BACKWARD = True`), has not run on a GPU yet: both stay off until its GPU test
-(tests/kernel_ops/test_sliding_window_flash.py) passes there and its time is measured."""
+forward. Measured side by side on an H100 (BENCHMARKS.md, 2026-12-07 sixteenth session; B=1, H=16, D=128, bf16,
+w = 512 and 4096, 8K to 128K tokens): our forward with the flash backward (the default) against our kernels for
+both: fwd+bwd 23-24% less time at w = 512 from 32K on, 5-7% at w = 4096, a tie at 8K; the flash forward is
+1.05-1.5x ours, so FLASH_FORWARD stays off. GPU tests of every pairing (tests/kernel_ops/test_sliding_window_flash.py)
+passed there against float64."""
 
 
 def _by_flash(switch: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: int) -> bool:

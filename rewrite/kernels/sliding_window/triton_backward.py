@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ..alloc import new_empty
 from ..delta_rule.triton_forward import Layout, chunk_of_program, sequence_rows
+from ..fitting_blocks import launch_fitting
 from .triton_forward import (
     LOG2E,
     check_dtype,
@@ -214,18 +215,25 @@ def sliding_window_backward(
     common = dict(BK=head_block(dk), BV=head_block(dv), PRECISION=precision(q.dtype), VARLEN=cu_seqlens is not None)
     lookahead = min(lookahead, length)  # no key lies further ahead; keeps index sums in int32
     sizes = (heads, kv_heads, dk, dv, window, sinks, lookahead, scale, scale * LOG2E)
-    bm, bn, warps, stages = dq_blocks
-    rows = Layout(batch, length, cu_seqlens, bm, q.device)
-    if rows.max_chunks > 0:
-        _dq_kernel[(rows.max_chunks, heads)](
-            q, k, v, o, do, lse, delta, dq, *rows.args(lse), *sizes,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
-        )
-    bm, bn, warps, stages = dkdv_blocks
-    keys = Layout(batch, length, cu_seqlens, bn, q.device)
-    if keys.max_chunks > 0:
-        _dkdv_kernel[(keys.max_chunks, kv_heads)](
-            q, k, v, do, lse, delta, dk_, dv_, *keys.args(lse), *sizes,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
-        )
+    def launch_dq(blocks):
+        bm, bn, warps, stages = blocks
+        rows = Layout(batch, length, cu_seqlens, bm, q.device)
+        if rows.max_chunks > 0:
+            _dq_kernel[(rows.max_chunks, heads)](
+                q, k, v, o, do, lse, delta, dq, *rows.args(lse), *sizes,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+            )
+
+    def launch_dkdv(blocks):
+        bm, bn, warps, stages = blocks
+        keys = Layout(batch, length, cu_seqlens, bn, q.device)
+        if keys.max_chunks > 0:
+            _dkdv_kernel[(keys.max_chunks, kv_heads)](
+                q, k, v, do, lse, delta, dk_, dv_, *keys.args(lse), *sizes,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+            )
+
+    case = (common["BK"], common["BV"], q.dtype, q.device)
+    launch_fitting(("sliding_window_dq", dq_blocks, *case), dq_blocks, launch_dq)
+    launch_fitting(("sliding_window_dkdv", dkdv_blocks, *case), dkdv_blocks, launch_dkdv)
     return dq, dk_, dv_

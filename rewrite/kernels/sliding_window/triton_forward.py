@@ -18,6 +18,7 @@ from rewrite.kernels.launch_math import dot_precision, head_tile
 
 from ..alloc import new_empty
 from ..delta_rule.triton_forward import Layout, chunk_of_program, sequence_rows
+from ..fitting_blocks import launch_fitting
 from ..online_softmax import LOG2E, online_softmax_finish, online_softmax_start, online_softmax_update
 
 # defaults from the H200 sweep in benchmarks/delta_conv_swa.py --sweep (bf16, D=128, w=512 and 4096)
@@ -168,14 +169,21 @@ def sliding_window_forward(
     batch, length, heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[-1]
     lookahead = min(lookahead, length)  # no key lies further ahead; keeps index sums in int32
-    layout = Layout(batch, length, cu_seqlens, block_m, q.device)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     lse = new_empty((batch, length, heads), dtype=torch.float32, device=q.device)
-    if layout.max_chunks > 0:
-        _forward_kernel[(layout.max_chunks, heads)](
-            q, k, v, o, lse, *layout.args(lse),
-            heads, kv_heads, dk, dv, window, sinks, lookahead, scale * LOG2E,
-            BLOCK_M=block_m, BLOCK_N=block_n, BK=head_block(dk), BV=head_block(dv), VARLEN=layout.varlen,
-            PRECISION=precision(q.dtype), num_warps=warps, num_stages=stages,
-        )
+    bk, bv = head_block(dk), head_block(dv)
+
+    def launch(blocks):
+        bm, bn, num_warps, num_stages = blocks
+        layout = Layout(batch, length, cu_seqlens, bm, q.device)
+        if layout.max_chunks > 0:
+            _forward_kernel[(layout.max_chunks, heads)](
+                q, k, v, o, lse, *layout.args(lse),
+                heads, kv_heads, dk, dv, window, sinks, lookahead, scale * LOG2E,
+                BLOCK_M=bm, BLOCK_N=bn, BK=bk, BV=bv, VARLEN=layout.varlen,
+                PRECISION=precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+            )
+
+    blocks = (block_m, block_n, warps, stages)
+    launch_fitting(("sliding_window_forward", blocks, bk, bv, q.dtype, q.device), blocks, launch)
     return o, lse
