@@ -368,10 +368,14 @@ class _DirectSaving(torch.autograd.Function):
         return dq, dk, dv, None if g is None else dg, None if initial_state is None else dh0, None, None, None, None
 
 
-EAGER_DIRECT = True
-"""Eager calls on plain CUDA tensors run the ops' implementations without the `rewrite::linear_attention*` custom
-ops (`eager_direct.runs_direct`: not under torch.compile / export, no tensor subclass, dispatch or function mode,
-functorch transform or autocast), through `_DirectSaving` when autograd will run a backward. Read at every call."""
+EAGER_DIRECT = False
+"""True: eager calls on plain CUDA tensors run the ops' implementations without the `rewrite::linear_attention*`
+custom ops (`eager_direct.runs_direct`: not under torch.compile / export, no tensor subclass, dispatch or function
+mode, functorch transform or autocast), through `_DirectSaving` when autograd will run a backward; same kernels,
+same results bit for bit. Read at every call. Off until timed on a GPU: an H100's host profile of an eager fwd+bwd
+at 8K (B=1, H=16, D=128) put about 1 ms a call inside the custom ops' dispatch, where the host's enqueue time (1.8-2.0
+ms) matched the kernels' (1.9 ms); on a CPU the ops cost twice an autograd.Function's host time. NOTES.md, "Host
+time"; `python -m benchmarks.linear_attention --host-split` times both paths."""
 
 
 def linear_attention_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
