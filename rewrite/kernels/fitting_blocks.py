@@ -26,16 +26,17 @@ def _out_of_resources() -> type[Exception]:
     return OutOfResources
 
 
-def shrinking(blocks: Blocks) -> Iterator[Blocks]:
+def shrinking(blocks: Blocks, halve_m: bool = True) -> Iterator[Blocks]:
     """`blocks`, then one pipeline stage fewer at a time, then BLOCK_N and BLOCK_M halved in turn (the larger
-    first) down to `SMALLEST_BLOCK`, with two stages again and at most 4 warps once a block is halved."""
+    first; BLOCK_N only when not `halve_m`, for kernels whose BLOCK_M covers rows they must all hold) down to
+    `SMALLEST_BLOCK`, with two stages again and at most 4 warps once a block is halved."""
     bm, bn, warps, stages = blocks
     yield blocks
     while stages > 1:
         stages -= 1
         yield bm, bn, warps, stages
-    while max(bm, bn) > SMALLEST_BLOCK:
-        if bn >= bm and bn > SMALLEST_BLOCK:
+    while bn > SMALLEST_BLOCK or (halve_m and bm > SMALLEST_BLOCK):
+        if bn > SMALLEST_BLOCK and (bn >= bm or not halve_m):
             bn //= 2
         else:
             bm //= 2
@@ -44,16 +45,16 @@ def shrinking(blocks: Blocks) -> Iterator[Blocks]:
         yield bm, bn, warps, 1
 
 
-def launch_fitting(case: Hashable, blocks: Blocks, launch: Callable[[Blocks], T]) -> T:
-    """`launch(blocks)`'s result for the first of `shrinking(blocks)` the device takes; `case` (the kernel and what
-    decides its resources: head dims, dtype, device) keys the remembered fit. Raises the last `OutOfResources`
-    when none fits."""
+def launch_fitting(case: Hashable, blocks: Blocks, launch: Callable[[Blocks], T], halve_m: bool = True) -> T:
+    """`launch(blocks)`'s result for the first of `shrinking(blocks, halve_m)` the device takes; `case` (the kernel
+    and what decides its resources: head dims, dtype, device) keys the remembered fit. Raises the last
+    `OutOfResources` when none fits."""
     fitted = _FITTED.get(case)
     if fitted is not None:
         return launch(fitted)
     error = _out_of_resources()
     last: Exception | None = None
-    for candidate in shrinking(blocks):
+    for candidate in shrinking(blocks, halve_m):
         try:
             result = launch(candidate)
         except error as exc:

@@ -1,6 +1,7 @@
 """Launch shapes that fit the device (`rewrite.kernels.fitting_blocks`): the ladder of smaller blocks, the remembered
-fit, and the sliding-window launchers falling back when the tuned blocks need more shared memory than the GPU has
-(an H100 refused the dk / dv kernel's tuned blocks at a head dim of 256: 262656 bytes needed, 232448 there)."""
+fit, and the sliding-window and split-KV decode launchers falling back when the tuned blocks need more shared memory
+than the GPU has (an H100 refused the sliding-window dk / dv kernel's tuned blocks at a head dim of 256: 262656 bytes
+needed, 232448 there; an sm_90 compile gives the split-KV decode kernel 274432 bytes at head dim 256)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from rewrite.kernels import fitting_blocks  # noqa: E402
 from rewrite.kernels.fitting_blocks import launch_fitting, shrinking  # noqa: E402
+from rewrite.kernels.kv_cache_attention.reference import kv_cache_attention_reference  # noqa: E402
 from rewrite.kernels.sliding_window.reference import (  # noqa: E402
     sliding_window_backward_reference,
     sliding_window_reference,
@@ -23,6 +25,9 @@ def test_shrinking_drops_stages_then_halves_the_larger_block():
     assert ladder[5:7] == [(64, 32, 4, 2), (64, 32, 4, 1)]
     assert ladder[-2:] == [(16, 16, 4, 2), (16, 16, 4, 1)]
     assert len(ladder) == len(set(ladder))
+    rows_kept = list(shrinking((32, 128, 4, 3), halve_m=False))
+    assert rows_kept[:3] == [(32, 128, 4, 3), (32, 128, 4, 2), (32, 128, 4, 1)]
+    assert {bm for bm, *_ in rows_kept} == {32} and rows_kept[-1] == (32, 16, 4, 1)
 
 
 def _shared_bytes(blocks) -> int:
@@ -50,15 +55,16 @@ def test_launch_fitting_takes_the_first_shape_that_fits_and_remembers_it(monkeyp
         launch_fitting("never", (64, 64, 4, 2), lambda blocks: launch((10**6, 1, 4, 2)))
 
 
-def _refusing(kernel, limit_n: int):
-    """The jitted `kernel` as its launchers index it, refusing (OutOfResources) any BLOCK_N above `limit_n`."""
+def _refusing(kernel, limit_n: int, limit_stages: int = 8):
+    """The jitted `kernel` as its launchers index it, refusing (OutOfResources) any BLOCK_N above `limit_n` or more
+    pipeline stages than `limit_stages`."""
 
     class Refusing:
         arg_names = kernel.arg_names
 
         def __getitem__(self, grid):
             def run(*args, **kwargs):
-                if kwargs["BLOCK_N"] > limit_n:
+                if kwargs["BLOCK_N"] > limit_n or kwargs["num_stages"] > limit_stages:
                     raise OutOfResources(262656, 232448, "shared memory")
                 return kernel[grid](*args, **kwargs)
 
@@ -94,3 +100,25 @@ def test_sliding_window_launchers_fall_back_to_blocks_that_fit(monkeypatch):
                                sliding_window_backward_reference(do.double().cpu(), *d, window, sinks, scale,
                                                                  cu.cpu())):
         assert_close(got.cpu(), want, 1e-4, name)
+
+
+def test_split_kv_decode_launcher_falls_back_to_blocks_that_fit(monkeypatch):
+    """The split-KV decode kernel refused at its tuned 3 stages and 128-slot tiles runs 2 stages and 64-slot tiles
+    (its query rows, BM, never shrink) and matches the reference over a GQA cache with ragged rows."""
+    decode = load_launchers("rewrite.kernels.kv_cache_attention.triton_decode")
+    monkeypatch.setattr(fitting_blocks, "_FITTED", {})
+    monkeypatch.setattr(decode, "_split_kernel", _refusing(decode._split_kernel, 64, 2))
+    device = kernel_device()
+    torch.manual_seed(0)
+    batch, heads, kv_heads, count, slots = 2, 4, 2, 2, 300
+    q = torch.randn(batch, heads, count, 32, device=device)
+    keys, values = (torch.randn(batch, kv_heads, slots, 32, device=device) for _ in range(2))
+    visible = torch.ones(batch, 1, count, slots, dtype=torch.bool, device=device)
+    visible[1, ..., 200:] = False
+    visible[:, :, 0, -1] = False  # the first new token does not see the second
+    o = decode.kv_cache_attention_decode(q, keys, values, visible, 0.3)
+    (fit,) = fitting_blocks._FITTED.values()
+    assert fit[1:] == (64, decode.NUM_WARPS, 2) and fit[0] == 16
+    want = kv_cache_attention_reference(q.double().cpu(), keys.double().cpu(), values.double().cpu(),
+                                        visible.cpu(), 0.3)
+    assert_close(o.cpu(), want, 1e-4, "o")

@@ -18,6 +18,7 @@ import triton.language as tl
 from rewrite.kernels.launch_math import dot_precision, head_tile, next_power_of_2, slot_splits
 
 from ..alloc import new_empty
+from ..fitting_blocks import launch_fitting
 from ..online_softmax import LOG2E, online_softmax_finish, online_softmax_start, online_softmax_update
 
 BLOCK_N = 128
@@ -152,16 +153,23 @@ def kv_cache_attention_decode(
     o_part = new_empty((batch, heads, count, n_splits, dv), dtype=torch.float32, device=q.device)
     lse_part = new_empty((batch, heads, count, n_splits), dtype=torch.float32, device=q.device)
     group = heads // kv_heads
-    bv = head_tile(dv, "kv_cache_attention")
-    _split_kernel[(batch * kv_heads, n_splits)](
-        q, keys, values, mask, o_part, lse_part, mask if last_slot is None else last_slot,
-        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
-        slots, heads, kv_heads, count, dk, dv, scale * LOG2E, per_split, n_splits,
-        BM=max(16, next_power_of_2(group * count)), BLOCK_N=BLOCK_N, BK=head_tile(dk, "kv_cache_attention"), BV=bv,
-        PRECISION=dot_precision(q.dtype), SKIP_EMPTY=SKIP_EMPTY_TILES,
-        MASK_UNSEEN=MASK_UNSEEN_KEYS, HAS_LAST=last_slot is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )
+    bk, bv = head_tile(dk, "kv_cache_attention"), head_tile(dv, "kv_cache_attention")
+
+    def launch(blocks):  # BLOCK_N divides per_split at every size the fallback picks (powers of two <= BLOCK_N)
+        bm, block_n, warps, stages = blocks
+        _split_kernel[(batch * kv_heads, n_splits)](
+            q, keys, values, mask, o_part, lse_part, mask if last_slot is None else last_slot,
+            q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
+            slots, heads, kv_heads, count, dk, dv, scale * LOG2E, per_split, n_splits,
+            BM=bm, BLOCK_N=block_n, BK=bk, BV=bv, PRECISION=dot_precision(q.dtype), SKIP_EMPTY=SKIP_EMPTY_TILES,
+            MASK_UNSEEN=MASK_UNSEEN_KEYS, HAS_LAST=last_slot is not None, num_warps=warps, num_stages=stages,
+        )
+
+    blocks = (max(16, next_power_of_2(group * count)), BLOCK_N, NUM_WARPS, NUM_STAGES)
+    case = ("kv_cache_attention_split", blocks, bk, bv, q.dtype, last_slot is not None, SKIP_EMPTY_TILES,
+            MASK_UNSEEN_KEYS, q.device)
+    launch_fitting(case, blocks, launch, halve_m=False)  # BM holds every query row of a kv head
     _merge_kernel[(batch * heads * count,)](
         o_part, lse_part, o, n_splits, dv, BS=max(16, next_power_of_2(n_splits)), CHUNK=MERGE_CHUNK, BV=bv,
     )
