@@ -101,3 +101,19 @@ def check_launcher(
                 if a is None and e is None:
                     continue
                 assert_close(a, e, tol[dtype], name=f"output {i} ({dtype}, trial {trial})")
+
+
+def rewrite_ops_called(fn: Callable[[], object]) -> set[str]:
+    """Names of the rewrite:: ops that `fn()` dispatches (top level, seen by a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names: list[str] = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        fn()
+    return {name for name in names if name.startswith("rewrite::")}

@@ -8,7 +8,13 @@ from rewrite.kernels.delta_rule import delta_rule, delta_rule_step
 from rewrite.kernels.delta_rule import op as delta_op
 from rewrite.kernels.delta_rule.chunked_reference import autodiff_backward, chunked_backward, chunked_forward
 from rewrite.kernels.delta_rule.naive import naive_delta_rule
-from rewrite.kernels.testing import assert_close, check_launcher, kernel_device, load_launchers
+from rewrite.kernels.testing import (
+    assert_close,
+    check_launcher,
+    kernel_device,
+    load_launchers,
+    rewrite_ops_called,
+)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 FORWARD = "rewrite.kernels.delta_rule.triton_forward"
@@ -271,37 +277,21 @@ def test_kept_buffers_match_the_fake_shapes():
         assert sum(x.numel() * 4 for x in kept) == expected
 
 
-def _ops_called(fn):
-    """Names of the rewrite:: ops `fn()` dispatches (top level)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    names = []
-
-    class Log(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
-    with Log():
-        fn()
-    return {name for name in names if name.startswith("rewrite::")}
-
-
 def test_saving_only_when_autograd_needs_it(monkeypatch):
     """With SAVE_FOR_BACKWARD on, inference (no grad mode, or no input requiring grad) runs rewrite::delta_rule
     (nothing kept); training runs rewrite::delta_rule_saving; switched off, always rewrite::delta_rule."""
     q, k, v, beta, g, h0, cu = make_inputs(torch.float32, "cpu", **CASES[1])
     monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", True)
     call = lambda: delta_rule(q, k, v, beta, g, initial_state=h0, cu_seqlens=cu)  # noqa: E731
-    assert _ops_called(call) == {"rewrite::delta_rule"}
+    assert rewrite_ops_called(call) == {"rewrite::delta_rule"}
     q.requires_grad_()
     with torch.no_grad():
-        assert _ops_called(call) == {"rewrite::delta_rule"}
+        assert rewrite_ops_called(call) == {"rewrite::delta_rule"}
     with torch.inference_mode():
-        assert _ops_called(call) == {"rewrite::delta_rule"}
-    assert _ops_called(call) == {"rewrite::delta_rule_saving"}
+        assert rewrite_ops_called(call) == {"rewrite::delta_rule"}
+    assert rewrite_ops_called(call) == {"rewrite::delta_rule_saving"}
     monkeypatch.setattr(delta_op, "SAVE_FOR_BACKWARD", False)
-    assert _ops_called(call) == {"rewrite::delta_rule"}
+    assert rewrite_ops_called(call) == {"rewrite::delta_rule"}
 
 
 @pytest.mark.parametrize("save", [False, True])

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from rewrite.kernels import eager_direct, linear_attention
 from rewrite.kernels.linear_attention import op as la_op
+from rewrite.kernels.testing import rewrite_ops_called
 
 OPS = ("linear_attention_op", "linear_attention_saving_op", "linear_attention_backward_op",
        "linear_attention_backward_saved_op")
@@ -84,21 +85,6 @@ def test_direct_call_gives_the_ops_results_bit_for_bit(case, used, direct_on_cpu
         assert torch.equal(got, want)
 
 
-def _recorded_ops(fn) -> set:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    names = []
-
-    class Log(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
-    with Log():
-        fn()
-    return {name for name in names if name.startswith("rewrite::")}
-
-
 def test_compilers_tracers_and_modes_keep_the_ops(direct_on_cpu):
     """torch.compile's graph, make_fx's graph and a dispatch mode see the ops; FakeTensors run their fakes; under
     autocast, a function mode and functorch transforms eager calls are not direct."""
@@ -106,7 +92,7 @@ def test_compilers_tracers_and_modes_keep_the_ops(direct_on_cpu):
     x, cu, kw = _inputs(**CASES["vector-packed-h0"])
     leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
     assert eager_direct.runs_direct(*leaves.values(), cu)
-    assert _recorded_ops(lambda: _call(leaves, cu, kw)[0].sum().backward()) == {
+    assert rewrite_ops_called(lambda: _call(leaves, cu, kw)[0].sum().backward()) == {
         "rewrite::linear_attention_saving", "rewrite::linear_attention_backward_saved"}
 
     graphs = []

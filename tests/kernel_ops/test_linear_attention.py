@@ -18,7 +18,7 @@ from rewrite.kernels.linear_attention import api as la_api
 from rewrite.kernels.linear_attention import op as la_op
 from rewrite.kernels.linear_attention.feature_maps import apply_feature_map, log_decay_from_keys
 from rewrite.kernels.linear_attention.naive import naive_linear_attention
-from rewrite.kernels.testing import TOLERANCE, assert_close, kernel_device, load_launchers
+from rewrite.kernels.testing import TOLERANCE, assert_close, kernel_device, load_launchers, rewrite_ops_called
 
 from .linear_attention_cases import DIFFERENTIABLE, Case, make_inputs, naive_with_grads
 
@@ -483,7 +483,7 @@ def test_saved_states_through_the_op_match_naive(case, monkeypatch):
     x = make_inputs(case, torch.float32, kernel_device())
     with triton_ops_here(), poisoned():
         out = []
-        ops = ops_called(lambda: out.append(run_public(case, x, leaves=True)))
+        ops = rewrite_ops_called(lambda: out.append(run_public(case, x, leaves=True)))
         (o, final, leaves), = out
         assert calls == {"forward": 1, "backward": 0}
         do, dht = torch.randn_like(o), torch.randn_like(final)
@@ -508,7 +508,7 @@ def test_states_recomputed_through_the_op_when_not_saving(monkeypatch):
     x = make_inputs(case, torch.float32, kernel_device())
     with triton_ops_here(), poisoned():
         out = []
-        assert ops_called(lambda: out.append(run_public(case, x, leaves=True))) == {"rewrite::linear_attention"}
+        assert rewrite_ops_called(lambda: out.append(run_public(case, x, leaves=True))) == {"rewrite::linear_attention"}
         (o, final, leaves), = out
         do, dht = torch.randn_like(o), torch.randn_like(final)
         grads = dict(
@@ -522,7 +522,7 @@ def test_states_recomputed_through_the_op_when_not_saving(monkeypatch):
     monkeypatch.setattr(la_op, "SAVE_STATES", True)
     noncausal = Case("none", batch=1, length=20, dk=16, dv=8, causal=False)
     y = make_inputs(noncausal, torch.float32, "cpu")
-    assert ops_called(lambda: run_public(noncausal, y, leaves=True)) == {"rewrite::linear_attention"}
+    assert rewrite_ops_called(lambda: run_public(noncausal, y, leaves=True)) == {"rewrite::linear_attention"}
 
 
 @pytest.mark.parametrize("case,dtype", [(SAVED_CASES[4], torch.float16), (SAVED_CASES[2], torch.float16),
@@ -553,22 +553,6 @@ def test_triton_kept_states_are_the_backward_recompute(case, dtype):
     assert_close(o.cpu(), o_ref, TOLERANCE[dtype], "o")
 
 
-def ops_called(fn) -> set:
-    """Names of the rewrite:: ops `fn()` dispatches (top level)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    names = []
-
-    class Log(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
-    with Log():
-        fn()
-    return {name for name in names if name.startswith("rewrite::")}
-
-
 def test_saving_only_when_autograd_needs_it(monkeypatch):
     """With SAVE_STATES on, inference (no grad mode, or no input requiring grad) runs rewrite::linear_attention
     (nothing kept), training runs rewrite::linear_attention_saving and its backward
@@ -577,17 +561,17 @@ def test_saving_only_when_autograd_needs_it(monkeypatch):
     x = make_inputs(case, torch.float32, "cpu")
     monkeypatch.setattr(la_op, "SAVE_STATES", True)
     call = lambda: linear_attention(x["q"], x["k"], x["v"], x["g"], cu_seqlens=x["cu_seqlens"])  # noqa: E731
-    assert ops_called(call) == {"rewrite::linear_attention"}
+    assert rewrite_ops_called(call) == {"rewrite::linear_attention"}
     x["g"].requires_grad_()
     with torch.no_grad():
-        assert ops_called(call) == {"rewrite::linear_attention"}
+        assert rewrite_ops_called(call) == {"rewrite::linear_attention"}
     with torch.inference_mode():
-        assert ops_called(call) == {"rewrite::linear_attention"}
-    assert ops_called(call) == {"rewrite::linear_attention_saving"}
-    assert ops_called(lambda: call()[0].sum().backward()) == {"rewrite::linear_attention_saving",
+        assert rewrite_ops_called(call) == {"rewrite::linear_attention"}
+    assert rewrite_ops_called(call) == {"rewrite::linear_attention_saving"}
+    assert rewrite_ops_called(lambda: call()[0].sum().backward()) == {"rewrite::linear_attention_saving",
                                                             "rewrite::linear_attention_backward_saved"}
     monkeypatch.setattr(la_op, "SAVE_STATES", False)
-    assert ops_called(lambda: call()[0].sum().backward()) == {"rewrite::linear_attention",
+    assert rewrite_ops_called(lambda: call()[0].sum().backward()) == {"rewrite::linear_attention",
                                                             "rewrite::linear_attention_backward"}
 
 
@@ -922,7 +906,7 @@ def test_key_gate_through_the_op_grads_reach_the_raw_keys(feature_map, save, mon
     leaves = {n: x[n].detach().clone().requires_grad_() for n in KEY_GATE_LEAVES}
     with triton_ops_here(), poisoned():
         out = []
-        ops = ops_called(lambda: out.append(key_gate_public(leaves, x["cu_seqlens"], feature_map, 16.0)))
+        ops = rewrite_ops_called(lambda: out.append(key_gate_public(leaves, x["cu_seqlens"], feature_map, 16.0)))
         (o, final), = out
         do, dht = torch.randn_like(o), torch.randn_like(final)
         grads = torch.autograd.grad((o * do).sum() + (final * dht).sum(), list(leaves.values()))

@@ -215,25 +215,23 @@ def sliding_window_backward(
     common = dict(BK=head_block(dk), BV=head_block(dv), PRECISION=precision(q.dtype), VARLEN=cu_seqlens is not None)
     lookahead = min(lookahead, length)  # no key lies further ahead; keeps index sums in int32
     sizes = (heads, kv_heads, dk, dv, window, sinks, lookahead, scale, scale * LOG2E)
-    def launch_dq(blocks):
-        bm, bn, warps, stages = blocks
-        rows = Layout(batch, length, cu_seqlens, bm, q.device)
-        if rows.max_chunks > 0:
-            _dq_kernel[(rows.max_chunks, heads)](
-                q, k, v, o, do, lse, delta, dq, *rows.args(lse), *sizes,
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
-            )
 
-    def launch_dkdv(blocks):
-        bm, bn, warps, stages = blocks
-        keys = Layout(batch, length, cu_seqlens, bn, q.device)
-        if keys.max_chunks > 0:
-            _dkdv_kernel[(keys.max_chunks, kv_heads)](
-                q, k, v, do, lse, delta, dk_, dv_, *keys.args(lse), *sizes,
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
-            )
+    def launcher(kernel, tensors, grid_heads, by_keys):
+        """launch(blocks): `kernel` over query blocks (BLOCK_M rows, dq) or key blocks (BLOCK_N keys, dk / dv)."""
+        def launch(blocks):
+            bm, bn, warps, stages = blocks
+            layout = Layout(batch, length, cu_seqlens, bn if by_keys else bm, q.device)
+            if layout.max_chunks > 0:
+                kernel[(layout.max_chunks, grid_heads)](
+                    *tensors, *layout.args(lse), *sizes,
+                    BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+                )
+
+        return launch
 
     case = (common["BK"], common["BV"], q.dtype, q.device)
-    launch_fitting(("sliding_window_dq", dq_blocks, *case), dq_blocks, launch_dq)
-    launch_fitting(("sliding_window_dkdv", dkdv_blocks, *case), dkdv_blocks, launch_dkdv)
+    launch_fitting(("sliding_window_dq", dq_blocks, *case), dq_blocks,
+                   launcher(_dq_kernel, (q, k, v, o, do, lse, delta, dq), heads, by_keys=False))
+    launch_fitting(("sliding_window_dkdv", dkdv_blocks, *case), dkdv_blocks,
+                   launcher(_dkdv_kernel, (q, k, v, do, lse, delta, dk_, dv_), kv_heads, by_keys=True))
     return dq, dk_, dv_
