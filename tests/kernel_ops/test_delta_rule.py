@@ -144,6 +144,15 @@ TRITON_RUNS = [(TRITON_CASES[0], 16), (TRITON_CASES[1], 16), (TRITON_CASES[2], 1
                (dict(TRITON_CASES[1], length=82, cu_seqlens=[0, 1, 67, 67, 68, 82]), 64)]
 
 
+def test_chunked_kernels_refuse_key_head_dims_their_shared_memory_cannot_hold():
+    """K above 128 (a Gemma-sized 256 would need 589824 bytes of shared memory in the state pass, an H100 has 232448):
+    the launcher refuses before any kernel, naming K and the limit, where a GPU would have refused the launch."""
+    launchers = load_launchers(FORWARD)
+    q, k, v, beta, g, h0, cu = make_inputs(torch.float32, kernel_device(), dk=160, dv=16, length=5)
+    with pytest.raises(ValueError, match=r"key head dims up to 128 .* got K=160"):
+        launchers.chunk_forward(q, k, v, beta, g, 0.3, h0, cu)
+
+
 @pytest.mark.parametrize("state_pass", ["v2", "light"])
 @pytest.mark.parametrize(("case", "chunk"), TRITON_RUNS)
 def test_triton_forward_matches_naive(case, chunk, state_pass, monkeypatch):
