@@ -92,11 +92,13 @@ KERNEL_PATHS = {"Triton": (False, False), "flash": (True, True), "Triton fwd, fl
 """The sliding-window op's CUDA paths --only ...,triton times: (forward by flash, backward by flash)."""
 
 
-def sliding_window_kernels(forward: bool, backward: bool) -> tuple[bool, bool]:
-    """Set whether the sliding-window op's forward / backward run PyTorch's flash kernels; returns the settings
-    before."""
-    before = sliding_window_ops.FLASH_FORWARD, sliding_window_ops.FLASH_BACKWARD
-    sliding_window_ops.FLASH_FORWARD, sliding_window_ops.FLASH_BACKWARD = forward, backward
+def sliding_window_kernels(forward: bool, backward: bool, packed: bool | None = None) -> tuple[bool, bool, bool]:
+    """Set whether the sliding-window op's forward / backward run PyTorch's flash kernels (the backward on packed
+    calls too when `packed`, by default as `backward`); returns the settings before."""
+    ops = sliding_window_ops
+    before = ops.FLASH_FORWARD, ops.FLASH_BACKWARD, ops.FLASH_BACKWARD_PACKED
+    ops.FLASH_FORWARD, ops.FLASH_BACKWARD = forward, backward
+    ops.FLASH_BACKWARD_PACKED = backward if packed is None else packed
     return before
 
 
@@ -449,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         chunk_gated_delta_rule = None
         print(f"fla chunk_gated_delta_rule unavailable: {type(exc).__name__}: {exc}")
-    defaults = sliding_window_ops.FLASH_FORWARD, sliding_window_ops.FLASH_BACKWARD
+    defaults = (sliding_window_ops.FLASH_FORWARD, sliding_window_ops.FLASH_BACKWARD,
+                sliding_window_ops.FLASH_BACKWARD_PACKED)
     for t in (int(x) for x in args.lengths.split(",")):
         runs = 20 if t <= 32768 else 5
         q, k, v = (x.requires_grad_() for x in _qkv(t))
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True)
         variants = {"sdpa flash causal": (sdpa, (qh, kh, vh))}
-        paths: dict[str, tuple[bool, bool]] = {}  # the sliding-window op's kernels per variant (else its defaults)
+        paths: dict[str, tuple[bool, ...]] = {}  # the sliding-window op's kernels per variant (else its defaults)
         if "delta" in only:
             variants["ours gated delta rule"] = (lambda *a: delta_rule(*a)[0], (q, k, v, beta, g))
         if "swa" in only:

@@ -36,6 +36,31 @@ def test_refusal_says_why_the_flash_kernels_cannot_take_the_call(inputs, sinks, 
     assert why in flash_window_refusal(*qkv(**inputs), sinks)
 
 
+@pytest.mark.parametrize(("packed", "packed_switch", "want"), [
+    (False, False, "flash"), (True, False, "ours"), (True, True, "flash")])
+def test_backward_takes_the_flash_kernels_on_dense_calls_and_packed_ones_only_when_switched(
+        packed, packed_switch, want, monkeypatch):
+    """FLASH_BACKWARD (the default) sends dense calls' backward to the flash kernels; packed calls keep ours (no host
+    read of cu_seqlens for the flash kernels' longest sequence) unless FLASH_BACKWARD_PACKED; both implementations
+    stand in as recorders here, the dispatch is the op's CUDA implementation itself."""
+    taken = []
+    monkeypatch.setattr(ops, "FLASH_BACKWARD", True)
+    monkeypatch.setattr(ops, "FLASH_BACKWARD_PACKED", packed_switch)
+    monkeypatch.setattr(ops, "flash_window_refusal", lambda *args: None)
+    monkeypatch.setattr(ops, "flash_window_backward", lambda *args: taken.append("flash"))
+
+    class Ours:
+        @staticmethod
+        def sliding_window_backward(*args, **kwargs):
+            taken.append("ours")
+
+    monkeypatch.setattr(ops, "load_triton_module", lambda name: Ours)
+    q, k, v = qkv()
+    cu = torch.tensor([0, 20, 64], dtype=torch.int32) if packed else None
+    ops._backward_cuda(torch.randn_like(v), q, k, v, v, q[..., 0].float(), 8, 0, 0.125, cu)
+    assert taken == [want]
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["per-token", "padded-per-sequence"])
 def test_lse_layouts_round_trip(padded):
     """Ours [total, H] -> the kernels' layout -> ours, for packed sequences of uneven lengths (one empty)."""
@@ -58,9 +83,10 @@ CASES = {  # shape, window, lookahead, cu_seqlens
 
 
 def _kernels(monkeypatch, forward: bool, backward: bool) -> None:
-    """The op's forward / backward by PyTorch's flash kernels (True) or by the Triton kernels (False)."""
+    """The op's forward / backward by PyTorch's flash kernels (True, packed calls too) or by the Triton kernels."""
     monkeypatch.setattr(ops, "FLASH_FORWARD", forward)
     monkeypatch.setattr(ops, "FLASH_BACKWARD", backward)
+    monkeypatch.setattr(ops, "FLASH_BACKWARD_PACKED", backward)
 
 
 def _run(q, k, v, do, window, lookahead, cu):

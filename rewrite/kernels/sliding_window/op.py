@@ -21,13 +21,21 @@ _DECODE = "rewrite.kernels.sliding_window.triton_decode"
 FLASH_FORWARD = False
 FLASH_BACKWARD = True
 """Whether the CUDA implementation's forward / backward run PyTorch's flash-attention kernels (`flash_window.py`)
-where they take the call (no sinks, K == V, float16 / bfloat16, head dim a multiple of 8 up to 256), the Triton
-kernels elsewhere. Both paths give the same o and lse (natural-log float32), so either backward may follow either
+where they take the call (no sinks, K == V, float16 / bfloat16, head dim a multiple of 8 up to 256; the backward on
+dense batches only unless FLASH_BACKWARD_PACKED), the Triton kernels elsewhere. Both paths give the same o and lse (natural-log float32), so either backward may follow either
 forward. Measured side by side on an H100 (BENCHMARKS.md, 2026-12-07 sixteenth session; B=1, H=16, D=128, bf16,
 w = 512 and 4096, 8K to 128K tokens): our forward with the flash backward (the default) against our kernels for
 both: fwd+bwd 23-24% less time at w = 512 from 32K on, 5-7% at w = 4096, a tie at 8K; the flash forward is
 1.05-1.5x ours, so FLASH_FORWARD stays off. GPU tests of every pairing (tests/kernel_ops/test_sliding_window_flash.py)
 passed there against float64."""
+
+
+FLASH_BACKWARD_PACKED = False
+"""With FLASH_BACKWARD: whether packed calls (cu_seqlens given) take the flash backward too. Off: the flash kernels
+need the longest sequence as a host integer, so outside `trusted_cu_seqlens()` (and at the runtime of a compiled
+graph) each call reads cu_seqlens back, a device sync per layer in the backward, and inside it the whole row bounds
+every sequence, which sizes their grid by the sequence count; neither was timed (the H100 run timed dense batches),
+so packed calls keep our backward, which needs no host value."""
 
 
 def _by_flash(switch: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: int) -> bool:
@@ -88,7 +96,7 @@ def sliding_window_backward_op(
 
 @sliding_window_backward_op.register_kernel("cuda")
 def _backward_cuda(do, q, k, v, o, lse, window, sinks, scale, cu_seqlens, lookahead=0):
-    if _by_flash(FLASH_BACKWARD, q, k, v, sinks):
+    if (cu_seqlens is None or FLASH_BACKWARD_PACKED) and _by_flash(FLASH_BACKWARD, q, k, v, sinks):
         return flash_window_backward(do, q, k, v, o, lse, window, scale, cu_seqlens, lookahead)
     return load_triton_module(_BACKWARD).sliding_window_backward(
         do, q, k, v, o, lse, window, sinks, scale, cu_seqlens, lookahead=lookahead
