@@ -106,6 +106,28 @@ def test_causal_kinds_on_an_encoder_name_the_layer(kind):
         run_pipeline(copy.deepcopy(gm), Plan.from_data([{"mixer": {"kind": kind}}]))
 
 
+def test_gated_deltanet_refuses_key_head_dims_its_cuda_kernels_cannot_hold(monkeypatch):
+    """A CUDA site with head dim 256 (Gemma-sized) is refused for the delta rule by name, with the kinds that can serve
+    it; 128, or any head dim on the CPU (the reference), is taken."""
+    import dataclasses
+
+    from rewrite.mixers import SiteShape
+    from rewrite.passes import mixer as mixer_pass
+
+    refusal = KINDS["gated_deltanet"].refusal
+    assert "key head dim 256 is above the 128" in refusal(SiteShape(4, 2, 256, torch.bfloat16, torch.device("cuda")))
+    assert refusal(SiteShape(4, 2, 128, torch.bfloat16, torch.device("cuda"))) is None
+    assert refusal(SiteShape(4, 2, 256, torch.float32, torch.device("cpu"))) is None
+    site_shape = mixer_pass._site_shape
+    monkeypatch.setattr(mixer_pass, "_site_shape", lambda site, layer: dataclasses.replace(
+        site_shape(site, layer), head_dim=256, device=torch.device("cuda")))
+    gm, _ = captured("llama")
+    with pytest.raises(PassError, match=r"layer 0 \(model\.layers\.0\.self_attn\): kind 'gated_deltanet' cannot serve "
+                                        r"this layer: key head dim 256 .*use another kind \(linear, retention, gla, "):
+        run_pipeline(copy.deepcopy(gm), Plan.from_data([{"mixer": {"kind": "gated_deltanet"}}]))
+    run_pipeline(copy.deepcopy(gm), Plan.from_data([{"mixer": {"kind": "gla"}}]))  # no refusal for the other kinds
+
+
 # -- each kind's math against a naive loop (float64) --------------------------------------------
 
 B, H, HKV, L, D = 2, 4, 2, 11, 8

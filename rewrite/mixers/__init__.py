@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rewrite.kernels.delta_rule.api import chunked_key_dim_refusal
 from rewrite.mixers.bidirectional import bidirectional_mixer
 from rewrite.mixers.common import LEARNED_FEATURE_MAPS, POSITIVE_FEATURE_MAPS, hedgehog_init
 from rewrite.mixers.gated_deltanet import gated_deltanet_mixer, gated_deltanet_mixer_step
@@ -75,6 +76,7 @@ class MixerKind:
     normalizable: bool = True  # takes the pass's normalize
     step: Callable[..., tuple[torch.Tensor, Any]] | None = None  # recurrent step for decoding
     rope: str = "keep"  # default of the pass's `rope`: read q / k after the rotary embedding (keep) or before (drop)
+    refusal: Callable[[SiteShape], str | None] | None = None  # why this kind cannot serve a site of this shape
 
 
 def _placed(tensors: dict[str, torch.Tensor], shape: SiteShape) -> dict[str, torch.Tensor]:
@@ -139,6 +141,10 @@ def _hybrid_parameters(shape: SiteShape, options: Any) -> dict[str, torch.Tensor
     return _placed({"hybrid_linear_logit": torch.logit(weight).expand(shape.heads).clone()}, shape)
 
 
+def _deltanet_refusal(shape: SiteShape) -> str | None:
+    return chunked_key_dim_refusal(shape.head_dim, shape.device)
+
+
 def _gla_kwargs(options: Any) -> dict[str, Any]:
     return {"gate": options.gate, "gate_normalizer": float(options.gate_normalizer)}
 
@@ -168,7 +174,7 @@ KINDS: dict[str, MixerKind] = {
         "gated_deltanet", gated_deltanet_mixer, True,
         "gated delta rule; write strength and decay from the keys through new per-head weights",
         parameters=with_feature_map_parameters(_deltanet_parameters), normalizable=False,
-        step=gated_deltanet_mixer_step,
+        step=gated_deltanet_mixer_step, refusal=_deltanet_refusal,
     ),
     "mamba2": MixerKind(
         "mamba2", mamba2_mixer, True, "Mamba-2 SSM initialised from attention (v->x, k->B, q->C) with new dt / A / conv",

@@ -519,8 +519,15 @@ class Mixer(GraphPass):
                         packing_carried=any(name in PACKING_CARRIERS for name in ctx.later_passes),
                         chunk_remedy=_chunk_remedy(analysis) if chunked_attention(site) else "")
             kind = _choose_kind(options, site, layer)
+            shape = _site_shape(site, layer)
+            refusal = kind.refusal(shape) if kind.refusal is not None else None
+            if refusal is not None:
+                others = ", ".join(name for name, k in KINDS.items() if k.causal == kind.causal and k.refusal is None)
+                raise PassError("mixer", f"{layer}: kind {kind.name!r} cannot serve this layer: {refusal}; use "
+                                f"another kind ({others}) or leave the layer out of `layers`", site.name,
+                                site.module_path)
             rotary = _rotary_to_drop(site, layer, kind, options, result.messages)
-            jobs.append(_Job(site, layer, kind, _site_shape(site, layer), rotary))
+            jobs.append(_Job(site, layer, kind, shape, rotary))
         if result.matched == 0:
             _check_something_matched(gm, options)
         for job in jobs:  # every site is checked before any is changed

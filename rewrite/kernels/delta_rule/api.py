@@ -5,6 +5,20 @@ import torch
 from ..linear_attention import checks
 from .op import delta_rule_forward, delta_rule_step_op, state_dtype
 
+MAX_CHUNKED_KEY_DIM = 128
+"""Largest key head dim of the chunked CUDA kernels: they hold [BK, BK] float32 blocks (the chunk transitions) in
+shared memory with BK the whole key dim; an sm_90 compile (triton 3.6) of the state pass needs 589824 bytes at BK =
+256 (295936 with one stage) against an H100's 232448, 163840 at 128 (as run on the H100s). The CPU reference takes
+any K."""
+
+
+def chunked_key_dim_refusal(key_dim: int, device: torch.device) -> str | None:
+    """Why the chunked kernels cannot take keys of `key_dim` on `device`, or None when they can."""
+    if device.type == "cuda" and key_dim > MAX_CHUNKED_KEY_DIM:
+        return (f"key head dim {key_dim} is above the {MAX_CHUNKED_KEY_DIM} the delta rule's CUDA kernels take (their "
+                "[K, K] float32 chunk blocks would not fit a GPU's shared memory)")
+    return None
+
 
 def _fail(name: str, message: str) -> None:
     raise ValueError(f"delta_rule: {name} {message}")

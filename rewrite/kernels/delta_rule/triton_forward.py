@@ -22,6 +22,7 @@ import triton.language as tl
 from rewrite.kernels.launch_math import cdiv, next_power_of_2
 
 from ..alloc import new_empty
+from .api import MAX_CHUNKED_KEY_DIM
 
 CHUNK = 64
 SUB = 16  # diagonal block of the blocked inverse
@@ -385,17 +386,11 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-MAX_CHUNKED_K = 128
-"""Largest key head dim of the chunked kernels: they hold [BK, BK] float32 blocks (the chunk transitions N) in shared
-memory with BK the whole key dim, and an sm_90 compile (triton 3.6) of the state pass needs 589824 bytes at BK = 256
-(295936 with one stage) against an H100's 232448; 163840 at 128, as run on the H100s."""
-
-
 def head_block(dk: int, dv: int) -> int:
     """BK: the whole key dim as one tile."""
-    if dk > MAX_CHUNKED_K or dv > 256:
+    if dk > MAX_CHUNKED_KEY_DIM or dv > 256:
         raise ValueError(
-            f"delta_rule: the chunked Triton kernels support key head dims up to {MAX_CHUNKED_K} and value head dims "
+            f"delta_rule: the chunked Triton kernels support key head dims up to {MAX_CHUNKED_KEY_DIM} and value head dims "
             f"up to 256, got K={dk}, V={dv} (their [K, K] float32 chunk blocks would not fit a GPU's shared memory); "
             "the CPU reference and the decode step take larger K"
         )
