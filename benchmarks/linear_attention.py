@@ -481,8 +481,9 @@ def host_split(decay: str, b: int, t: int, runs: int = 30, fla: Callable | None 
             torch.cuda.synchronize()
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-            lines += [f"host profile (20 calls) {line}" for line in text.getvalue().splitlines() if line.strip()]
-            print("\n".join(lines[-30:]), flush=True)
+            profile = [f"host profile (20 calls) {line}" for line in text.getvalue().splitlines() if line.strip()]
+            lines += profile
+            print("\n".join(profile), flush=True)
         restore(undo)
         torch.cuda.empty_cache()
     return lines

@@ -39,6 +39,14 @@ class GraphAnalysis:
                     self._block_by_node.setdefault(n, block)
         return self._block_by_node.get(node)
 
+    def block_label(self, node: fx.Node, outside: str | None = None) -> str:
+        """`layer I (the block's path)` for the block holding `node`; outside every block, `outside` when given, else
+        node's module path (`<root>` for none)."""
+        block = self.block_holding(node)
+        if block is not None:
+            return f"layer {block.index} ({block.path})"
+        return (module_path(node) if outside is None else outside) or "<root>"
+
     def node_label(self, node: fx.Node) -> str:
         """How messages name the layer holding `node`: `layer I (node's module path)`, or the module path outside
         blocks (as `site_label` names a site)."""

@@ -166,11 +166,6 @@ class SequenceParallelOptions:
                 raise PlanError(f"{where}.{name}", f"must be > 0, got {getattr(self, name)!r}")
 
 
-def _layer(site_path: str, analysis: GraphAnalysis, node: fx.Node) -> str:
-    block = analysis.block_holding(node)
-    return f"layer {block.index} ({block.path})" if block is not None else site_path or "<root>"
-
-
 def _is_seq(analysis: GraphAnalysis, x: Any) -> bool:
     if isinstance(x, fx.Node):
         x = x.meta.get("val")
@@ -312,7 +307,7 @@ class SequenceParallel(GraphPass):
     # --- softmax attention ----------------------------------------------------------------------
 
     def _plan_site(self, gm: fx.GraphModule, site: AttentionSite, analysis: GraphAnalysis):
-        layer = _layer(site.module_path, analysis, site.node)
+        layer = analysis.block_label(site.node, site.module_path)
         if site.problem is not None:
             raise PassError(self.name, f"{layer}: cannot split this attention: {site.problem}", site.name,
                             site.module_path)
@@ -408,7 +403,7 @@ class SequenceParallel(GraphPass):
     def _plan_mixer(self, node: fx.Node, analysis: GraphAnalysis):
         options: SequenceParallelOptions = self.options
         kind = _mixer_kinds()[node.target]
-        layer = str(node.kwargs.get("layer") or _layer(module_path(node), analysis, node))
+        layer = str(node.kwargs.get("layer") or analysis.block_label(node))
         if kind not in SUPPORTED_KINDS:
             raise PassError(self.name, f"{layer}: mixer kind {kind!r} has no sequence-parallel form (it mixes tokens "
                             f"through a sliding window); supported kinds: {', '.join(SUPPORTED_KINDS)}",
@@ -459,7 +454,7 @@ class SequenceParallel(GraphPass):
         for node in list(gm.graph.nodes):
             conv = causal_conv_over_sequence(node, analysis.dims)
             if conv is not None:
-                layer = _layer(module_path(node), analysis, node)
+                layer = analysis.block_label(node)
                 if self.positions is not None:
                     raise PassError(self.name, f"{layer}: a causal conv over the tokens has no sequence-parallel form "
                                     "for packed sequences yet (it would read across a sequence start at a shard's "
@@ -475,7 +470,7 @@ class SequenceParallel(GraphPass):
                 done.append(layer)
                 continue
             if kernel_over_tokens(node, analysis.dims.mentions_seq) is not None:
-                raise PassError(self.name, f"{_layer(module_path(node), analysis, node)}: a convolution over the "
+                raise PassError(self.name, f"{analysis.block_label(node)}: a convolution over the "
                                 "tokens of this form cannot be split along "
                                 f"the sequence; supported: {SUPPORTED_FORM}, whose halo comes from the rank before",
                                 node.name, module_path(node))

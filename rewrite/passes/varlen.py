@@ -175,12 +175,6 @@ UNSUPPORTED_REMEDY = (
     "the plan for this model (the pass has no `layers` selector: it packs every layer or none)")
 
 
-def _layer_of(node: fx.Node, analysis: GraphAnalysis) -> str:
-    """How messages name the layer holding `node`: `layer I (path)`, else its module path."""
-    block = analysis.block_holding(node)
-    return f"layer {block.index} ({block.path})" if block is not None else module_path(node) or "<root>"
-
-
 def _refuse_token_convolutions(graph: fx.Graph, analysis: GraphAnalysis, symbols: TokenSymbols,
                                mixing: list[fx.Node]) -> None:
     """Raise PassError naming the layer and module of a convolution over the tokens that feeds attention and that the
@@ -195,7 +189,7 @@ def _refuse_token_convolutions(graph: fx.Graph, analysis: GraphAnalysis, symbols
             continue
         path = module_path(node) or "<root>"
         raise fail(
-            f"{_layer_of(node, analysis)}: a convolution over the tokens (kernel {kernel}, module {path}, as a "
+            f"{analysis.block_label(node)}: a convolution over the tokens (kernel {kernel}, module {path}, as a "
             "short-conv layer) mixes each token with its neighbours, so on packed sequences it would read the end of "
             "one sequence into the start of the next; it feeds attention, so it cannot run on repadded values either. "
             "The pass runs per sequence only a causal depthwise conv1d (weight [C, 1, K] with K from 2 to 8, "
@@ -371,7 +365,7 @@ class Varlen(GraphPass):
         own.update({layout["positions"], layout["total"], *padded_sizes, *other_sizes.values()})
         layout["keep"] = keep
         rewriter = PackedGraphWalk(gm, symbols, layout, padded_sizes, other_sizes, ctx.source,
-                                   layer_of=lambda node: _layer_of(node, analysis))
+                                   layer_of=analysis.block_label)
         rewriter.kind.update({n: "sym" for n in own})
         rewriter.kind.update({n: "token" for n in packed_inputs.values()})
         rewriter.kind.update({p: "padded" for p in token_inputs})
@@ -465,7 +459,7 @@ class Varlen(GraphPass):
             layout["total"] = graph.call_function(aten.sym_size.int, (token_inputs[0], 1))
         own.update({layout["positions"], layout["total"]})
         rewriter = PackedGraphWalk(gm, symbols, layout, None, {}, ctx.source,
-                                   layer_of=lambda node: _layer_of(node, analysis))
+                                   layer_of=analysis.block_label)
         rewriter.kind.update({n: "sym" for n in own})
         rewriter.kind.update({p: "token" for p in token_inputs})
         rewriter.run(mixing)
