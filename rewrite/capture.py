@@ -14,6 +14,7 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from rewrite.analysis.mask_probe import annotate_mask_causality
+from rewrite.capture_cache import CAPTURE_CACHE, model_key
 from rewrite.errors import CaptureError
 
 
@@ -160,8 +161,10 @@ def _user_line(lines: list[str]) -> str | None:
     return None
 
 
-def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> Captured:
-    """Export `model` on the example inputs with every tensor dim dynamic where the model allows it."""
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None, *,
+            cache: bool = True) -> Captured:
+    """Export `model` on the example inputs with every tensor dim dynamic where the model allows it; a model of a
+    structure captured before (`rewrite.capture_cache`) gets a copy of that graph unless `cache` is False."""
     kwargs = dict(kwargs or {})
     injected, cache_off_in_config = _hf_defaults(model, kwargs)
     kwargs.update(injected)
@@ -171,6 +174,29 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
             f"could not capture {type(model).__name__}: the example inputs hold no tensor. "
             "Pass example_inputs (a tuple of positional arguments) or example_kwargs (a dict)."
         )
+    flat, in_spec = pytree.tree_flatten((tuple(args), kwargs))
+    keyed = model_key(model, flat, in_spec) if cache and CAPTURE_CACHE.enabled else None
+    gm = CAPTURE_CACHE.lookup(*keyed) if keyed is not None else None
+    if gm is None:
+        gm = _export(model, args, kwargs, cache_off_in_config)
+        if keyed is not None and model_key(model, flat, in_spec) == keyed:  # the trace changed nothing it read
+            CAPTURE_CACHE.store(*keyed, gm)
+    annotate_mask_causality(gm, flat)
+    static_dims = fixed_dims(gm, flat)
+    constants = {i: leaf for i, leaf in enumerate(flat) if not isinstance(leaf, torch.Tensor)}
+    return Captured(
+        graph_module=gm,
+        injected_kwargs=injected,
+        static_dims=static_dims,
+        constants=constants,
+        in_spec=in_spec,
+        kwarg_order=list(kwargs),
+        example_specs=example_specs(tuple(args), kwargs),
+    )
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], cache_off_in_config: bool) -> fx.GraphModule:
+    """`model` exported on the example inputs, as a graph module without export's guard call."""
     try:
         with _capture_context(model, cache_off_in_config), torch.no_grad():
             program = torch.export.export(
@@ -192,19 +218,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
         raise CaptureError(_explain(model, exc)) from exc
     gm = program.module()
     drop_guard_calls(gm)
-    flat, in_spec = pytree.tree_flatten((tuple(args), kwargs))
-    annotate_mask_causality(gm, flat)
-    static_dims = fixed_dims(gm, flat)
-    constants = {i: leaf for i, leaf in enumerate(flat) if not isinstance(leaf, torch.Tensor)}
-    return Captured(
-        graph_module=gm,
-        injected_kwargs=injected,
-        static_dims=static_dims,
-        constants=constants,
-        in_spec=in_spec,
-        kwarg_order=list(kwargs),
-        example_specs=example_specs(tuple(args), kwargs),
-    )
+    return gm
 
 
 def fixed_dims(gm: fx.GraphModule, flat: list[Any]) -> list[tuple[int, int, int]]:
