@@ -356,6 +356,10 @@ SWEEP = {
     # the kernels from the raw keys instead of with PyTorch ops before them (the default: a float32 [B, T, Hkv, K]
     # log-decay written and read back); changes nothing for the other decays
     "key gate in kernels": [("api", "KERNEL_KEY_GATE", True)],
+    # v13: the hoisted kernels' whole-chunk scores from operands rounded to bf16 (one bf16 product instead of a TF32
+    # one; o and dv only). At K = 128 the dv kernel is hoisted by default, the output kernel only with _OUTPUT_ANY_K
+    "scores bf16": [("triton_gated", "SCORE_OPERANDS", "input")],
+    "scores bf16 + output hoisted": [("triton_gated", "SCORE_OPERANDS", "input"), _OUTPUT_ANY_K],
     # eager calls through the custom ops (`op.EAGER_DIRECT` off): the path before the direct one
     "through the ops": [("op", "EAGER_DIRECT", False)],
 }

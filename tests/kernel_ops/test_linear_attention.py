@@ -321,6 +321,25 @@ def test_triton_hoisted_kernels(case, dtype, monkeypatch):
         check_flags(flags[kind][0], case)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_bf16_score_operands_leave_other_dtypes_alone(dtype, monkeypatch):
+    """`triton_gated.SCORE_OPERANDS = "input"` rounds the hoisted kernels' score operands to bfloat16 only: float32
+    inputs and float16 ones (whose range k * exp(top - b) would leave) get the same bits as with "float32"."""
+    case = Case("vector", batch=1, length=70, heads=4, kv_heads=2, dk=64, dv=64, decay_strength=0.5)
+    watch_hoisted_kernels(monkeypatch, case)
+    forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
+    x = make_inputs(case, dtype, kernel_device())
+    args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
+    do = torch.randn(case.batch, case.length, case.heads, case.dv, dtype=dtype, device=kernel_device())
+    results = {}
+    for operands in ("float32", "input"):
+        monkeypatch.setattr(triton_module("triton_gated"), "SCORE_OPERANDS", operands)
+        o, final = forward.chunk_forward(*args)
+        results[operands] = (o, final, *backward.chunk_backward(do, torch.ones_like(final), *args))
+    for a, b in zip(*results.values(), strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_triton_dqk_hoisted_v_per_head(monkeypatch):
     """The v10 dq / dk kernel with v and the state loaded per q head (`DQK_HOISTED_ONE_V` off), at GQA 4 with
     packed short sequences, against the naive recurrence."""
@@ -1132,15 +1151,18 @@ def test_cuda_strong_gates_bfloat16_against_float64(monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("score_operands", ["float32", "input"])
 @pytest.mark.parametrize("dv_warps", [8, 4])
 @pytest.mark.parametrize("strength", [0.5, 2.0])
 @pytest.mark.parametrize("dims", [(64, 64), (100, 32), (128, 128)])
-def test_cuda_hoisted_kernels_bfloat16_against_float64(dims, strength, dv_warps, monkeypatch):
+def test_cuda_hoisted_kernels_bfloat16_against_float64(dims, strength, dv_warps, score_operands, monkeypatch):
     """The hoisted kernels (v10 dq / dk, v11 outputs, v12 dv) in bf16 against float64 through the public op:
     typical gates (every program in the hoisted kernels) and strong ones (log-decays down to -2 per token: the
     flagged programs by the per-tile kernels, three TF32 products there); GQA group 4 at K = V = 64, packed
     sequences at K = 100, V = 32 (the shape of the dv kernel's miscompile at BK 64 / 4 warps on triton 3.6), two
-    V tiles at K = V = 128; the hoisted dv at the default 8 warps and at the sweep's 4 ("dv hoisted w4")."""
+    V tiles at K = V = 128; the hoisted dv at the default 8 warps and at the sweep's 4 ("dv hoisted w4"); the
+    whole-chunk scores from float32 (TF32) operands and from bf16 ones (`triton_gated.SCORE_OPERANDS`)."""
+    monkeypatch.setattr(triton_module("triton_gated"), "SCORE_OPERANDS", score_operands)
     dk, dv = dims
     cu = (0, 1, 130, 700) if dk == 100 else None
     case = Case("vector", batch=1 if cu else 2, length=700 if cu else 300, heads=8, kv_heads=2, dk=dk, dv=dv,

@@ -556,6 +556,7 @@ def _chunk_dv_hoisted_kernel(
     GATE: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
+    LOW_SCORES: tl.constexpr,
 ):
     """The vector decay's dv of one chunk, V tile and kv head when the chunk's log-decay spreads by at most
     LIMIT over all K columns (`_chunk_dv_kernel`'s whole-chunk form, the same products and precisions);
@@ -582,6 +583,10 @@ def _chunk_dv_hoisted_kernel(
         down = whole_chunk_down(b, top)  # <= 1
         k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
         keys = k.to(tl.float32) * whole_chunk_up(b, top)  # k * up, <= exp(LIMIT) |k|
+        if LOW_SCORES:  # `triton_gated.SCORE_OPERANDS`: the bf16 product's keys
+            keys_low = keys.to(k.dtype)
+        else:
+            keys_low = keys
         # the state term's keys: k * exp(b_last - b) rounded to the input dtype, as in `_chunk_dv_kernel` (kept
         # live through the q-head loop in the input dtype rather than k and the float32 suffix sum)
         k_end = (k * tl.exp(to_end)).to(k.dtype)
@@ -590,7 +595,10 @@ def _chunk_dv_hoisted_kernel(
             h = hk * group + j
             q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
             # scores_t[r, c] = score of query c on key r (computed directly, not as a transposed product)
-            scores_t = tl.dot(keys, tl.trans(q.to(tl.float32) * down), input_precision=F32_PRECISION)
+            if LOW_SCORES:
+                scores_t = tl.dot(keys_low, tl.trans((q.to(tl.float32) * down).to(q.dtype)), input_precision=PRECISION)
+            else:
+                scores_t = tl.dot(keys, tl.trans(q.to(tl.float32) * down), input_precision=F32_PRECISION)
             scores_t = tl.where(causal_t, scores_t, 0.0)
             do = _load_tile(do_ptr + h * dv, rows, row_mask, heads * dv, vcols, dv)
             dv_acc += tl.dot(scores_t.to(do.dtype), do, input_precision=PRECISION)
@@ -901,7 +909,8 @@ def chunk_backward(
         _chunk_dv_hoisted_kernel[grid](
             q, k, do, decay_kw["g"], dh, dv_, flags, bounds, chunk_start, table, n, length, heads, kv_heads, dk, dv,
             scale, C=chunks.chunk, BK=block(dk, DV_HOISTED_TILES[0]), BV=bv, VARLEN=chunks.varlen, GATE=gate,
-            PRECISION=prec, F32_PRECISION=prec, num_warps=DV_HOISTED_TILES[2],
+            PRECISION=prec, F32_PRECISION=prec, LOW_SCORES=triton_gated.low_scores(q.dtype),
+            num_warps=DV_HOISTED_TILES[2],
         )
     _chunk_dv_kernel[grid](
         q,

@@ -492,6 +492,7 @@ def _chunk_output_hoisted_kernel(
     GATE: tl.constexpr,
     PRECISION: tl.constexpr,
     F32_PRECISION: tl.constexpr,
+    LOW_SCORES: tl.constexpr,
 ):
     """The vector decay's o for every q head of one kv head, on one chunk and V tile, K in one tile (BK >= dk),
     when the chunk's log-decay spreads by at most LIMIT in every key dim: `_chunk_output_kernel`'s whole-chunk
@@ -517,6 +518,10 @@ def _chunk_output_hoisted_kernel(
         down = whole_chunk_down(b, top)
         k = _load_tile(k_ptr + hk * dk, rows, row_mask, kv_heads * dk, kcols, dk)
         keys = k.to(tl.float32) * whole_chunk_up(b, top)
+        if LOW_SCORES:  # `triton_gated.SCORE_OPERANDS`: the bf16 product's keys
+            keys_low = keys.to(k.dtype)
+        else:
+            keys_low = keys
         state_top = tl.exp(top)
         v = _load_tile(v_ptr + hk * dv, rows, row_mask, kv_heads * dv, vcols, dv)
         state_offs = ((i_c.to(tl.int64) * kv_heads + hk) * dk + kcols[:, None]) * dv + vcols[None, :]
@@ -527,7 +532,10 @@ def _chunk_output_hoisted_kernel(
             h = hk * group + j
             q = _load_tile(q_ptr + h * dk, rows, row_mask, heads * dk, kcols, dk)
             qs = q.to(tl.float32) * down
-            scores = tl.dot(qs, tl.trans(keys), input_precision=F32_PRECISION)
+            if LOW_SCORES:
+                scores = tl.dot(qs.to(q.dtype), tl.trans(keys_low), input_precision=PRECISION)
+            else:
+                scores = tl.dot(qs, tl.trans(keys), input_precision=F32_PRECISION)
             scores = tl.where(causal, scores, 0.0)
             o = tl.dot((qs * state_top[None, :]).to(q.dtype), state, input_precision=PRECISION)
             o += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
@@ -722,7 +730,7 @@ def chunk_forward(
         _chunk_output_hoisted_kernel[(chunks.max_chunks, cdiv(dv, bv), kv_heads)](
             q, k, v, decay_kw["g"], h, o, flags, bounds, chunk_start, table, n, length, heads, kv_heads, dk, dv,
             scale, C=chunks.chunk, BK=bk, BV=bv, VARLEN=chunks.varlen, GATE=decay_kw["GATE"], PRECISION=prec,
-            F32_PRECISION=prec, num_warps=warps,
+            F32_PRECISION=prec, LOW_SCORES=triton_gated.low_scores(q.dtype), num_warps=warps,
         )
     bk, bv, warps = OUTPUT_TILES[mode]
     bk, bv = block(dk, bk), block(dv, bv)

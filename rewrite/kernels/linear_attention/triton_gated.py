@@ -47,6 +47,19 @@ SUB_PRODUCTS = {"forward": "whole", "backward": "whole"}
 # fwd 2.29 vs 3.86 ms and fwd+bwd 12.5 vs 16.4 ms for v4 at L=32K, the same errors against fp64.
 
 
+# Operands of the hoisted kernels' whole-chunk score products, q * exp(b - top) against k * exp(top - b) (v13,
+# a sweep variant until timed): "float32" (TF32 products) or "input" (rounded to the input dtype first, one bf16
+# product, as FLA's intra-chunk kernels do). Only bfloat16 inputs take "input": k * exp(top - b) reaches
+# exp(LIMIT) |k|, past float16's range. The scores feed o and dv only; dq / dk (whose cancellation dg sees) keep
+# float32.
+SCORE_OPERANDS = "float32"
+
+
+def low_scores(dtype) -> bool:
+    """The hoisted kernels' LOW_SCORES constexpr for inputs of `dtype` under the current SCORE_OPERANDS."""
+    return SCORE_OPERANDS == "input" and str(dtype) == "torch.bfloat16"
+
+
 def path(part: str) -> int:
     """The PATH constexpr for `part` ("forward" or "backward") under the current SUB_PRODUCTS."""
     return PATHS[SUB_PRODUCTS[part]]
