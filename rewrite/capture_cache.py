@@ -180,9 +180,24 @@ def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _copy(gm: fx.GraphModule, substitutes: dict[int, torch.Tensor]) -> fx.GraphModule:
+    """A copy of `gm` holding `substitutes[id(t)]` where `gm` holds t, sharing no mutable node metadata with it
+    (a graph's deep copy copies each node's meta dict but shares the lists and dicts inside)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs warn when copied
-        return copy.deepcopy(gm, dict(substitutes))
+        out = copy.deepcopy(gm, dict(substitutes))
+    for node in out.graph.nodes:
+        for key, value in node.meta.items():
+            node.meta[key] = _fresh_containers(value)
+    return out
+
+
+def _fresh_containers(value: Any) -> Any:
+    """`value` with every list and (ordered) dict in it copied; anything else (fake tensors, strings, types) shared."""
+    if type(value) is list:
+        return [_fresh_containers(v) for v in value]
+    if type(value) in (dict, OrderedDict):
+        return type(value)((k, _fresh_containers(v)) for k, v in value.items())
+    return value
 
 
 class CaptureCache:

@@ -199,3 +199,27 @@ def test_switched_off_it_neither_stores_nor_hits():
     capture(Scaled(1.0, True), (x,), {})
     capture(Scaled(1.0, True), (x,), {})
     assert len(CAPTURE_CACHE) == 0 and _hits() == 0
+
+
+def test_optimize_on_a_hit_rewrites_and_runs_like_a_fresh_capture():
+    """A second model of one structure through the whole pipeline (padding-free attention, verified against the
+    model): the rewritten graph and its outputs equal those of the same model optimized with the cache off."""
+    import rewrite
+
+    model_a, example = TARGETS["llama"]()
+    args, kwargs = split_example(example)
+    kwargs = {**kwargs, "attention_mask": torch.ones_like(kwargs["input_ids"])}
+    kwargs["attention_mask"][0, :5] = 0
+    rewrite.optimize(model_a, ["varlen"], args, example_kwargs=kwargs)
+    model_b, _ = TARGETS["llama"]()
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    before = _hits()
+    cached = rewrite.optimize(model_b, ["varlen"], args, example_kwargs=kwargs, verify=True)
+    assert _hits() == before + 1
+    CAPTURE_CACHE.enabled = False
+    fresh = rewrite.optimize(model_b, ["varlen"], args, example_kwargs=kwargs, verify=True)
+    assert cached.code == fresh.code
+    with torch.no_grad():
+        torch.testing.assert_close(cached(*args, **kwargs).logits, fresh(*args, **kwargs).logits, rtol=0, atol=0)
