@@ -2,6 +2,7 @@
 
 from rewrite import ir_ops as _ir_ops  # noqa: F401  (registers the IR's abstract ops)
 from rewrite.api import LazyOptimizedModule, optimize
+from rewrite.capture_cache import CAPTURE_CACHE
 from rewrite.errors import CaptureError, PassError, PlanError, RewriteError, VerificationError
 from rewrite.optimized_module import OptimizedModule
 from rewrite.plan import PassSpec, Plan
@@ -17,6 +18,7 @@ def load(directory, model=None):
 
 
 __all__ = [
+    "CAPTURE_CACHE",
     "CaptureError",
     "LazyOptimizedModule",
     "OptimizedModule",
