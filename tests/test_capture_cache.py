@@ -223,3 +223,15 @@ def test_optimize_on_a_hit_rewrites_and_runs_like_a_fresh_capture():
     assert cached.code == fresh.code
     with torch.no_grad():
         torch.testing.assert_close(cached(*args, **kwargs).logits, fresh(*args, **kwargs).logits, rtol=0, atol=0)
+
+
+def test_capture_reuse_example_runs_at_tiny_size(capsys):
+    from examples import capture_reuse
+
+    first, second = capture_reuse.main(["--target", "llama", "--batch", "2", "--length", "16"])
+    out = capsys.readouterr().out
+    assert "first checkpoint" in out and "(traced)" in out
+    assert "second checkpoint" in out and "(reused the capture)" in out
+    assert first.verification.passed and second.verification.passed
+    assert first.code == second.code
+    assert not any(p is q for p in first.parameters() for q in second.parameters())
