@@ -162,7 +162,7 @@ def model_key(model: torch.nn.Module, flat_inputs: list[Any], in_spec: Any) -> t
         return None
     if any(type(x) is not torch.Tensor for x in flat_inputs if isinstance(x, torch.Tensor)):
         return None
-    globals_read = (torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(), torch.is_grad_enabled())
+    globals_read = (torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled())  # (export runs no_grad)
     return (repr(in_spec), modules, inputs, globals_read), describer.tensors[:model_tensors]
 
 
