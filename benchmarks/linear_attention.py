@@ -451,7 +451,8 @@ def host_split(decay: str, b: int, t: int, runs: int = 30, fla: Callable | None 
 
     lines = []
     ours = _ours(decay)
-    for name, fn, changes in (("ours", ours, []), ("ours through the ops", ours, [("op", "EAGER_DIRECT", False)]),
+    for name, fn, changes in (("ours direct", ours, [("op", "EAGER_DIRECT", True)]),
+                              ("ours through the ops", ours, [("op", "EAGER_DIRECT", False)]),
                               ("fla", fla, [])):
         if fn is None:
             continue
@@ -476,7 +477,7 @@ def host_split(decay: str, b: int, t: int, runs: int = 30, fla: Callable | None 
                      f"{eager.median_ms:.3f} ms, host enqueue {sorted(enqueue)[len(enqueue) // 2]:.3f} ms, graph replay "
                      f"{replay}")
         print(lines[-1], flush=True)
-        if name == "ours":
+        if name == "ours direct":
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(20):

@@ -368,14 +368,14 @@ class _DirectSaving(torch.autograd.Function):
         return dq, dk, dv, None if g is None else dg, None if initial_state is None else dh0, None, None, None, None
 
 
-EAGER_DIRECT = False
+EAGER_DIRECT = True
 """True: eager calls on plain CUDA tensors run the ops' implementations without the `rewrite::linear_attention*`
 custom ops (`eager_direct.runs_direct`: not under torch.compile / export, no tensor subclass, dispatch or function
 mode, functorch transform or autocast), through `_DirectSaving` when autograd will run a backward; same kernels,
-same results bit for bit. Read at every call. Off until timed on a GPU: an H100's host profile of an eager fwd+bwd
-at 8K (B=1, H=16, D=128) put about 1 ms a call inside the custom ops' dispatch, where the host's enqueue time (1.8-2.0
-ms) matched the kernels' (1.9 ms); on a CPU the ops cost twice an autograd.Function's host time. NOTES.md, "Host
-time"; `python -m benchmarks.linear_attention --host-split` times both paths."""
+same results bit for bit. Read at every call. On since its H100 timing (2026-12-07, B=1, H=16, D=128, bf16,
+`python -m benchmarks.linear_attention --host-split`, both paths in one process): eager fwd+bwd 1.56 vs 1.91 ms
+(vector) and 1.10 vs 1.41 ms (no decay) at 2K, 2.27 vs 2.53 and 1.20 vs 1.32 ms at 8K, a tie at 32K where the
+kernels dominate; the host's enqueue time at 8K (vector) 1.68 vs 2.16 ms. NOTES.md, "Host time"."""
 
 
 def linear_attention_forward(q, k, v, g, decay, scale, initial_state, cu_seqlens, causal, key_gate=0.0):
