@@ -14,7 +14,7 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from rewrite.analysis.mask_probe import annotate_mask_causality
-from rewrite.capture_cache import CAPTURE_CACHE, model_key
+from rewrite.capture_cache import CAPTURE_CACHE, model_key, same_key
 from rewrite.errors import CaptureError
 
 
@@ -179,7 +179,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
     gm = CAPTURE_CACHE.lookup(*keyed) if keyed is not None else None
     if gm is None:
         gm = _export(model, args, kwargs, cache_off_in_config)
-        if keyed is not None and model_key(model, flat, in_spec) == keyed:  # the trace changed nothing it read
+        if keyed is not None and same_key(keyed, model_key(model, flat, in_spec)):  # the trace changed nothing
             CAPTURE_CACHE.store(*keyed, gm)
     annotate_mask_causality(gm, flat)
     static_dims = fixed_dims(gm, flat)

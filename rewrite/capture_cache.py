@@ -73,7 +73,7 @@ class _Describer:
     def value(self, value: Any, depth: int = 0) -> Hashable:
         if depth > _DEPTH:
             raise _Undescribable("attributes nested too deeply")
-        if isinstance(value, _SCALARS) and type(value) in _SCALARS:
+        if type(value) in _SCALARS:
             return (type(value), value)
         if isinstance(value, enum.Enum):
             return (type(value), value.name)
@@ -151,6 +151,8 @@ def model_key(model: torch.nn.Module, flat_inputs: list[Any], in_spec: Any) -> t
     where something in the model or inputs cannot be described."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return None
+    if any(type(x) is not torch.Tensor for x in flat_inputs if isinstance(x, torch.Tensor)):
+        return None  # tensor subclasses as inputs
     describer = _Describer()
     try:
         modules = tuple(describer.module(name, m) for name, m in model.named_modules(remove_duplicate=False))
@@ -160,10 +162,15 @@ def model_key(model: torch.nn.Module, flat_inputs: list[Any], in_spec: Any) -> t
         )
     except _Undescribable:
         return None
-    if any(type(x) is not torch.Tensor for x in flat_inputs if isinstance(x, torch.Tensor)):
-        return None
     globals_read = (torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled())  # (export runs no_grad)
     return (repr(in_spec), modules, inputs, globals_read), describer.tensors[:model_tensors]
+
+
+def same_key(before: tuple[Hashable, list[torch.Tensor]], after: tuple[Hashable, list[torch.Tensor]] | None) -> bool:
+    """Whether two `model_key` results describe the same model state: equal keys and the very same tensors (a
+    tensor the trace replaced with an equal-shaped one is a change; tensors are never compared by value)."""
+    return (after is not None and before[0] == after[0] and len(before[1]) == len(after[1])
+            and all(a is b for a, b in zip(before[1], after[1], strict=True)))
 
 
 @dataclasses.dataclass

@@ -118,6 +118,11 @@ def triton_module(name: str):
     return load_launchers(f"rewrite.kernels.linear_attention.{name}")
 
 
+def chunk_args(case: Case, x: dict) -> tuple:
+    """The positional arguments of the Triton launchers' `chunk_forward` (and `chunk_backward` after do, dht)."""
+    return x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"]
+
+
 def on_device(inputs: dict, device) -> dict:
     return {n: None if x is None else x.to(device) for n, x in inputs.items()}
 
@@ -329,7 +334,7 @@ def test_triton_bf16_score_operands_leave_other_dtypes_alone(dtype, monkeypatch)
     watch_hoisted_kernels(monkeypatch, case)
     forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
     x = make_inputs(case, dtype, kernel_device())
-    args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
+    args = chunk_args(case, x)
     do = torch.randn(case.batch, case.length, case.heads, case.dv, dtype=dtype, device=kernel_device())
     results = {}
     for operands in ("float32", "input"):
@@ -384,7 +389,7 @@ def test_triton_output_hoisted_from_kept_states(case, dtype, monkeypatch):
     flags = watch_hoisted_kernels(monkeypatch, case)
     forward = triton_module("triton_forward")
     x = make_inputs(case, dtype, kernel_device())
-    args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
+    args = chunk_args(case, x)
     with poisoned():
         o, final, _ = forward.chunk_forward(*args, save=True)
     cpu = on_device(x, "cpu")
@@ -425,7 +430,7 @@ def test_triton_dv_hoisted_not_past_its_k(monkeypatch):
 def check_triton_against_naive(case: Case, dtype: torch.dtype) -> None:
     forward, backward = triton_module("triton_forward"), triton_module("triton_backward")
     x = make_inputs(case, dtype, kernel_device())
-    args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
+    args = chunk_args(case, x)
     with poisoned():
         o, final = forward.chunk_forward(*args)
     do = torch.randn_like(o)
@@ -553,7 +558,7 @@ def test_triton_kept_states_are_the_backward_recompute(case, dtype):
     the backward's wide products differ from the default forward's."""
     forward = triton_module("triton_forward")
     x = make_inputs(case, dtype, kernel_device())
-    args = (x["q"], x["k"], x["v"], x["g"], case.decay, SCALE, x["initial_state"], x["cu_seqlens"])
+    args = chunk_args(case, x)
     with poisoned():
         o, final, h = forward.chunk_forward(*args, save=True)
         chunks, decay_kw = forward.prepare(x["q"], x["k"], x["g"], case.decay, x["cu_seqlens"])
