@@ -362,6 +362,13 @@ SWEEP = {
     "scores bf16 + output hoisted": [("triton_gated", "SCORE_OPERANDS", "input"), _OUTPUT_ANY_K],
     # eager calls through the custom ops (`op.EAGER_DIRECT` off): the path before the direct one
     "through the ops": [("op", "EAGER_DIRECT", False)],
+    # forward-only calls store their chunk states in float32 (the path before `STATES_IN_INPUT_DTYPE`; fwd rows only)
+    "fwd states float32": [("triton_forward", "STATES_IN_INPUT_DTYPE", False)],
+    # v14: each `_chunk_contrib_kernel` program computes the chunk terms of 2 of the scan's K tiles (K = 128 in one
+    # program at the default shape: v and do loaded once per chunk, half the programs); with 16 warps
+    "contrib 2 K tiles": [("triton_forward", "CONTRIB_K_TILES", 2)],
+    "contrib 2 K tiles w16": [("triton_forward", "CONTRIB_K_TILES", 2), ("triton_forward", "TERM_WARPS", 16)],
+    "contrib w4": [("triton_forward", "TERM_WARPS", 4)],
 }
 
 

@@ -161,6 +161,9 @@ V7_VARIANTS = {  # (triton_forward attribute, value) pairs of the v7 launch choi
     "v5 scan (one chunk ahead, 64x32 tiles)": {"SCAN_GROUP": 1, "SCAN_TILES": (64, 32),
                                                "SCAN_MIN_PROGRAMS": 0},
     "scan for the scalar decay too": {"SCAN_MODES": (1, 2)},
+    # chunk terms of several of the scan's K tiles per program (forward states and backward state gradients)
+    "contrib 2 K tiles": {"CONTRIB_K_TILES": 2},
+    "contrib 4 K tiles": {"CONTRIB_K_TILES": 4},
 }
 V7_CASES = [
     # K = V = 64 (the Llama-shaped model's head dims), short packed sequences and a partial scan group
@@ -178,6 +181,7 @@ V7_CASES = [
     [("scan g2", *V7_CASES[0]), ("scan g2", *V7_CASES[1]), ("scan g2", *V7_CASES[2]),
      ("v5 scan (one chunk ahead, 64x32 tiles)", *V7_CASES[0]),
      ("scan for the scalar decay too", dataclasses.replace(V7_CASES[0][0], decay="scalar"), torch.float32),
+     ("contrib 2 K tiles", *V7_CASES[0]), ("contrib 2 K tiles", *V7_CASES[1]), ("contrib 4 K tiles", *V7_CASES[1]),
      ("scan for the scalar decay too", Case("scalar", length=70, heads=3, kv_heads=1, dk=100, dv=40),
       torch.float16)],
     ids=lambda x: str(x) if isinstance(x, Case) else str(x).replace("torch.", ""),
@@ -185,15 +189,25 @@ V7_CASES = [
 def test_triton_v7_variants(variant, case, dtype, monkeypatch):
     """The v7 scans (2 or 4 chunks loaded a group ahead, forward states and backward states / state
     gradients) and the scalar decay's states by the scan, against the naive recurrence: output, final state and
-    every gradient, NaN-poisoned buffers. The run fails if the states did not come from the scan."""
+    every gradient, NaN-poisoned buffers. The run fails if the states did not come from the scan, or if a
+    "contrib" variant's programs did not each compute several of the scan's K tiles."""
     forward = triton_module("triton_forward")
     for name, value in V7_VARIANTS[variant].items():
         monkeypatch.setattr(forward, name, value)
     scans = []
     scan_states = forward.scan_states
     monkeypatch.setattr(forward, "scan_states", lambda *a, **kw: scans.append(a[2]) or scan_states(*a, **kw))
+    contrib_tiles = []
+    kernel = forward._chunk_contrib_kernel
+
+    class Recorded:  # records each launch's K tiles per program
+        def __getitem__(self, grid):
+            return lambda *a, **kw: contrib_tiles.append(kw["BK"] // kw["SK"]) or kernel[grid](*a, **kw)
+
+    monkeypatch.setattr(forward, "_chunk_contrib_kernel", Recorded())
     check_triton_against_naive(case, dtype)
     assert scans and set(scans) == {forward.DECAY_MODE[case.decay]}  # the states came from the scan
+    assert set(contrib_tiles) == {V7_VARIANTS[variant].get("CONTRIB_K_TILES", 1)}
 
 
 # (batch, length, cu_seqlens) for the dg reverse cumsum: one sequence of 150 rows (two 64-row chunks and 22
@@ -575,6 +589,30 @@ def test_triton_kept_states_are_the_backward_recompute(case, dtype):
         initial_state=None if x["initial_state"] is None else x["initial_state"].cpu().double(),
     )
     assert_close(o.cpu(), o_ref, TOLERANCE[dtype], "o")
+
+
+@pytest.mark.parametrize("case,dtype", [(SAVED_CASES[4], torch.float16), (SAVED_CASES[0], torch.float16),
+                                        (SAVED_CASES[2], torch.float16), (SAVED_CASES[3], torch.float32)], ids=str)
+def test_triton_forward_states_in_the_input_dtype_give_the_same_outputs(case, dtype, monkeypatch):
+    """A forward that keeps nothing stores the states before each chunk in q's dtype (`STATES_IN_INPUT_DTYPE`):
+    outputs and final state equal bit for bit those of float32 storage, and the states buffer is 16-bit for 16-bit
+    inputs (float32 for float32 inputs); NaN-poisoned buffers (vector decay: scan path; none / scalar: the
+    sequential states kernel)."""
+    forward = triton_module("triton_forward")
+    x = make_inputs(case, dtype, kernel_device())
+    stored = []
+    chunk_states = forward.chunk_states
+    monkeypatch.setattr(forward, "chunk_states",
+                        lambda *a, **kw: (lambda out: stored.append(out[0].dtype) or out)(chunk_states(*a, **kw)))
+    results = {}
+    for narrow in (True, False):
+        monkeypatch.setattr(forward, "STATES_IN_INPUT_DTYPE", narrow)
+        with poisoned():
+            results[narrow] = forward.chunk_forward(*chunk_args(case, x))
+    assert stored == [dtype, torch.float32]
+    for got, expected, name in zip(results[True], results[False], ("o", "final state")):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"{name} differs with 16-bit states")
+    assert torch.isfinite(results[True][0]).all()
 
 
 def test_saving_only_when_autograd_needs_it(monkeypatch):

@@ -48,6 +48,9 @@ SCAN_TILES = (64, 32)
 SCAN_TILES_FEW = (32, 16)
 SCAN_MIN_PROGRAMS = 128
 TERM_WARPS = 8
+# the scan's K tiles one `_chunk_contrib_kernel` program computes (a power of two): 1, or more to load each chunk's values (and, for
+# the backward's state gradients, its output gradients) once for several K tiles, with fewer, larger programs
+CONTRIB_K_TILES = 1
 # v7: chunks per load of the scan. 1: `_chunk_scan_kernel` (one chunk's term loaded one
 # step ahead: each step waits about one memory latency, ~1 us on the H100, which is the whole scan's time when
 # it has few programs, e.g. 16 at 8 kv heads and K = V = 64). G > 1: `_chunk_scan_group_kernel` loads the
@@ -66,6 +69,10 @@ SCAN_GROUP_WARPS = 8  # sm_90 compile (triton 3.9), G 4, tiles 64x32: 217 regist
 OUTPUT_HOISTED = True
 OUTPUT_HOISTED_TILES = (64, 8)  # (BV, num_warps) of the hoisted kernel; BK is K's power of two
 OUTPUT_HOISTED_MAX_K = 64
+# forward-only calls (nothing kept for a backward) store the states before each chunk in q's dtype, which is what
+# the output kernels round them to anyway: at 32K, B=1, H=16, K=V=128 in bfloat16, 268 instead of 537 MB written
+# by the scan and read by the output kernel. Read at every call; False stores float32 as before.
+STATES_IN_INPUT_DTYPE = True
 
 
 @triton.jit
@@ -162,6 +169,7 @@ def _chunk_contrib_kernel(
     CONST: tl.constexpr,
     GATE: tl.constexpr,
     VARLEN: tl.constexpr,
+    SK: tl.constexpr,
     SV: tl.constexpr,
     QUERY: tl.constexpr,
     WIDE: tl.constexpr,
@@ -173,7 +181,8 @@ def _chunk_contrib_kernel(
     D_c = scale * sum over the kv head's group of (x * exp(f))^T y on a [BK, V] tile, with f the
     decay to the chunk end (keys, QUERY False) or from the chunk start (queries, QUERY True);
     a_c = exp(b_last), the whole chunk's decay ([K] per kv head, or one number for MODE 1).
-    D is stored tile-major, [Hkv, K tiles, V tiles, chunks, BK, BV]: the scan reads it contiguously.
+    D is stored tile-major, [Hkv, K tiles, V tiles, chunks, SK, SV] in the scan's [SK, SV] tiles: the scan reads
+    it contiguously. A program's K tile (BK) holds one or more of the scan's (SK); its V tile all of V.
     """
     i_c, i_k, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, local = chunk_of_program(i_c, table_ptr, T, C, VARLEN)
@@ -204,12 +213,12 @@ def _chunk_contrib_kernel(
         else:
             acc += tl.dot(tl.trans(xd.to(y.dtype)), y, input_precision=PRECISION)
     base = i_c.to(tl.int64) * kv_heads + hk
-    # the scan's [SK, SV] tiles: this program's K tile is one row of them (BK == SK, BV >= dv)
-    n_sv = tl.cdiv(dv, SV)
-    i_sv = vcols // SV
-    tile = (((hk * tl.cdiv(dk, BK) + i_k) * n_sv + i_sv).to(tl.int64) * n_chunks + i_c) * (BK * SV)
-    offs = tile[None, :] + tl.arange(0, BK)[:, None] * SV + (vcols % SV)[None, :]
-    tl.store(d_ptr + offs, acc * scale, mask=(vcols < n_sv * SV)[None, :])
+    # the scan's [SK, SV] tiles: this program's K tile is BK / SK rows of them (BV >= dv)
+    n_sk, n_sv = tl.cdiv(dk, SK), tl.cdiv(dv, SV)
+    i_sk, i_sv = kcols // SK, vcols // SV
+    tile = (((hk * n_sk + i_sk)[:, None] * n_sv + i_sv[None, :]).to(tl.int64) * n_chunks + i_c) * (SK * SV)
+    offs = tile + (kcols % SK)[:, None] * SV + (vcols % SV)[None, :]
+    tl.store(d_ptr + offs, acc * scale, mask=(kcols < n_sk * SK)[:, None] & (vcols < n_sv * SV)[None, :])
     if MODE == 1:
         if i_k == 0:
             tl.store(a_ptr + base, tl.exp(b_last))
@@ -276,7 +285,8 @@ def _chunk_scan_kernel(
         next_term = tl.load(d_ptr + (d_base + nxt) * (BK * BV) + local_offs, mask=local_offs < left * (BK * BV),
                             other=0.0)
         next_decay = tl.load(a_ptr + (first + nxt).to(tl.int64) * a_step + a_base, mask=kcols < left * dk, other=0.0)
-        tl.store(h_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + tile, state, mask=mask)
+        tl.store(h_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + tile,
+                 state.to(h_ptr.dtype.element_ty), mask=mask)
         state = state * decay[:, None] + term
         term = next_term
         decay = next_decay
@@ -309,7 +319,8 @@ def _scan_step(state, term, decay, h_ptr, first, kv_heads, hk, dk, dv, tile, mas
     else:
         c = step
     live = tl.minimum(tl.maximum(n_chunks - step, 0), 1)
-    tl.store(h_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + tile, state, mask=mask & (tile * 0 < live))
+    tl.store(h_ptr + ((first + c).to(tl.int64) * kv_heads + hk) * dk * dv + tile, state.to(h_ptr.dtype.element_ty),
+             mask=mask & (tile * 0 < live))
     return state * decay[:, None] + term
 
 
@@ -574,13 +585,14 @@ def chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype=torch.float3
 
     wide: decayed keys enter the products as float32 (TF32 for 16-bit inputs), not rounded to k's dtype.
     With a decay, every chunk's own term is computed in parallel first (`_chunk_contrib_kernel`) and
-    only the decay-and-add runs sequentially (`_chunk_scan_kernel`); states are float32 then.
+    only the decay-and-add runs sequentially (`_chunk_scan_kernel`). Either way the running state is float32;
+    state_dtype is only what h is stored in.
     """
     kv_heads, dk, dv = k.shape[2], k.shape[-1], v.shape[-1]
     bounds, chunk_start, table, n, length = chunks.args(k)
     mode = decay_kw["MODE"]
     if mode in SCAN_MODES:
-        h = new_empty((chunks.max_chunks, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
+        h = new_empty((chunks.max_chunks, kv_heads, dk, dv), dtype=state_dtype, device=k.device)
         ht = new_empty((chunks.n, kv_heads, dk, dv), dtype=torch.float32, device=k.device)
         terms, decays = scan_terms(k, v, decay_kw, chunks, kv_heads, 1.0, query=False, wide=wide)
         scan_states(terms, decays, mode, chunks, h, initial_state, ht, reverse=False)
@@ -637,7 +649,8 @@ def scan_terms(x, y, decay_kw, chunks, kv_heads, scale, *, query, wide):
     decays = new_empty(shape, dtype=torch.float32, device=x.device)
     bounds, chunk_start, table, n, length = chunks.args(x)
     full_v = max(bv, next_power_of_2(dv))
-    _chunk_contrib_kernel[(chunks.max_chunks, n_k, kv_heads)](
+    per_program = min(CONTRIB_K_TILES, n_k)  # the scan's K tiles a program computes
+    _chunk_contrib_kernel[(chunks.max_chunks, cdiv(n_k, per_program), kv_heads)](
         x,
         y,
         decay_kw["g"],
@@ -655,12 +668,13 @@ def scan_terms(x, y, decay_kw, chunks, kv_heads, scale, *, query, wide):
         dv,
         float(scale),
         C=chunks.chunk,
-        BK=bk,
+        BK=bk * per_program,
         BV=full_v,
         MODE=mode,
         CONST=decay_kw["CONST"],
         GATE=decay_kw["GATE"],
         VARLEN=chunks.varlen,
+        SK=bk,
         SV=bv,
         QUERY=query,
         WIDE=wide,
@@ -716,7 +730,10 @@ def chunk_forward(
     chunks, decay_kw = prepare(q, k, g, decay, cu_seqlens, key_gate)
     mode = decay_kw["MODE"]
     # the backward's recompute is chunk_states(..., wide=mode != 0) (triton_backward.chunk_backward)
-    h, ht = chunk_states(k, v, decay_kw, initial_state, chunks, wide=save and mode != 0)
+    # the output kernels round the states to q's dtype before their product, so a forward that does not keep them
+    # may store them so (`STATES_IN_INPUT_DTYPE`): the same outputs bit for bit, half the states' bytes for 16-bit q
+    state_dtype = q.dtype if STATES_IN_INPUT_DTYPE and not save else torch.float32
+    h, ht = chunk_states(k, v, decay_kw, initial_state, chunks, state_dtype, wide=save and mode != 0)
     o = new_empty((batch, length, heads, dv), dtype=q.dtype, device=q.device)
     bounds, chunk_start, table, n, length = chunks.args(q)
     path = triton_gated.path("forward")
