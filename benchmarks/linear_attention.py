@@ -369,6 +369,11 @@ SWEEP = {
     "contrib 2 K tiles": [("triton_forward", "CONTRIB_K_TILES", 2)],
     "contrib 2 K tiles w16": [("triton_forward", "CONTRIB_K_TILES", 2), ("triton_forward", "TERM_WARPS", 16)],
     "contrib w4": [("triton_forward", "TERM_WARPS", 4)],
+    # v15: the chunk-term kernel with 1 or 2 pipelining stages (two programs per multiprocessor instead of one)
+    "contrib stages 1": [("triton_forward", "TERM_STAGES", 1)],
+    "contrib stages 2": [("triton_forward", "TERM_STAGES", 2)],
+    "contrib stages 1 + 2 K tiles w16": [("triton_forward", "TERM_STAGES", 1), ("triton_forward", "CONTRIB_K_TILES", 2),
+                                         ("triton_forward", "TERM_WARPS", 16)],
 }
 
 

@@ -51,6 +51,11 @@ TERM_WARPS = 8
 # the scan's K tiles one `_chunk_contrib_kernel` program computes (a power of two): 1, or more to load each chunk's values (and, for
 # the backward's state gradients, its output gradients) once for several K tiles, with fewer, larger programs
 CONTRIB_K_TILES = 1
+# software-pipelining stages of `_chunk_contrib_kernel` (None: Triton's default, 3). Its only loop runs over the q heads
+# of a kv head (once without GQA), so the extra stages are shared-memory buffers with nothing to overlap: sm_90
+# compile (triton 3.9, K = V = 128, 64-row K tiles, 8 warps) 147 registers and 96 KB shared at the default (one
+# program per multiprocessor), 128 registers and 48 KB at 1 stage (two)
+TERM_STAGES = None
 # v7: chunks per load of the scan. 1: `_chunk_scan_kernel` (one chunk's term loaded one
 # step ahead: each step waits about one memory latency, ~1 us on the H100, which is the whole scan's time when
 # it has few programs, e.g. 16 at 8 kv heads and K = V = 64). G > 1: `_chunk_scan_group_kernel` loads the
@@ -681,6 +686,7 @@ def scan_terms(x, y, decay_kw, chunks, kv_heads, scale, *, query, wide):
         PRECISION=precision(x.dtype),
         F32_PRECISION=precision(x.dtype),
         num_warps=TERM_WARPS,
+        **({} if TERM_STAGES is None else {"num_stages": TERM_STAGES}),
     )
     return terms, decays
 
