@@ -15,7 +15,9 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from rewrite.analysis.mask_probe import annotate_mask_causality
 from rewrite.capture_cache import CAPTURE_CACHE, model_key, same_key
+from rewrite.empty_concats import drop_empty_concats
 from rewrite.errors import CaptureError
+from rewrite.score_masks import canonicalize_score_masks
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Captured:
     in_spec: Any = None
     kwarg_order: list[str] = field(default_factory=list)  # keyword names in the order the capture saw them
     example_specs: Any = None  # (args, kwargs) with each tensor replaced by a TensorSpec
+    cache_off_in_config: bool = False  # the trace ran with the Hugging Face config's use_cache switched off
 
 
 @dataclass(frozen=True)
@@ -102,21 +105,32 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
 
 
 @contextlib.contextmanager
+def config_cache_off(model: torch.nn.Module, off: bool):
+    """With `off`, the Hugging Face config's `use_cache` switched off while inside (see `_hf_defaults`): how a
+    capture traced a model whose forward takes no `use_cache`, and so how that model is called to compare with
+    what the capture computes (`rewrite.verify`). Without `off`, nothing changes."""
+    cached = model.config.use_cache if off else None
+    if off:
+        model.config.use_cache = False
+    try:
+        yield
+    finally:
+        if off:
+            model.config.use_cache = cached
+
+
+@contextlib.contextmanager
 def _capture_context(model: torch.nn.Module, cache_off_in_config: bool):
     """Turn off fused fast paths (nn.MultiheadAttention / TransformerEncoder) that hide attention, and, where
     asked, the Hugging Face config's `use_cache` (see `_hf_defaults`)."""
     mha = torch.backends.mha
     was = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
-    cached = model.config.use_cache if cache_off_in_config else None
-    if cache_off_in_config:
-        model.config.use_cache = False
     try:
-        yield
+        with config_cache_off(model, cache_off_in_config):
+            yield
     finally:
         mha.set_fastpath_enabled(was)
-        if cache_off_in_config:
-            model.config.use_cache = cached
 
 
 def _var_keyword_names(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:
@@ -192,6 +206,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
         in_spec=in_spec,
         kwarg_order=list(kwargs),
         example_specs=example_specs(tuple(args), kwargs),
+        cache_off_in_config=cache_off_in_config,
     )
 
 
@@ -218,6 +233,8 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], cache_o
         raise CaptureError(_explain(model, exc)) from exc
     gm = program.module()
     drop_guard_calls(gm)
+    canonicalize_score_masks(gm)  # in-place / chained -inf fills of scores as the one fill the analysis reads
+    drop_empty_concats(gm)  # a cache made inside the forward joins empty tensors to the keys
     return gm
 
 

@@ -37,6 +37,7 @@ class PipelineReport:
     stages: list[Stage] = field(default_factory=list)
     lowered: list[str] = field(default_factory=list)
     capture_seconds: float = 0.0
+    saved_real_tokens: RealTokens | None = None  # a loaded module's: what its passes published when it was saved
 
     def summary(self) -> str:
         lines = [r.summary() for r in self.results]
@@ -48,8 +49,10 @@ class PipelineReport:
 
     @property
     def real_tokens(self) -> RealTokens | None:
-        """The real-token description the last pass that published one left (None: every value comparable)."""
-        return next((r.real_tokens for r in reversed(self.results) if r.real_tokens is not None), None)
+        """The real-token description the last pass that published one left, or a loaded module's saved one (None:
+        every value comparable)."""
+        published = (r.real_tokens for r in reversed(self.results) if r.real_tokens is not None)
+        return next(published, self.saved_real_tokens)
 
     @property
     def added_parameters(self) -> list[str]:

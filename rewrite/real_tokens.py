@@ -63,6 +63,24 @@ class RealTokens:
     seq_symbols: frozenset[str] = frozenset()
     restarts_positions: bool = False
 
+    def to_json(self) -> dict[str, Any]:
+        """This description as JSON data (`from_json` reads it back), for a saved module."""
+        return {
+            "mask_input": self.mask_input, "mask_index": self.mask_index, "pads_are_true": self.pads_are_true,
+            "outputs": {str(i): vars(layout) | {"slots": None if layout.slots is None else list(layout.slots)}
+                        for i, layout in self.outputs.items()},
+            "batch_symbols": sorted(self.batch_symbols), "seq_symbols": sorted(self.seq_symbols),
+            "restarts_positions": self.restarts_positions,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RealTokens:
+        """The description `to_json` wrote."""
+        outputs = {int(i): OutputTokens(**{**layout, "slots": None if layout["slots"] is None else tuple(layout["slots"])})
+                   for i, layout in data["outputs"].items()}
+        return cls(data["mask_input"], int(data["mask_index"]), bool(data["pads_are_true"]), outputs,
+                   frozenset(data["batch_symbols"]), frozenset(data["seq_symbols"]), bool(data["restarts_positions"]))
+
     def keep(self, flat_inputs: Sequence[Any]) -> torch.Tensor:
         """[batch, seq] bool, True at real tokens, from the module's flat inputs."""
         mask = flat_inputs[self.mask_index]

@@ -41,6 +41,7 @@ from rewrite.errors import RewriteError
 from rewrite.optimized_module import OptimizedModule, ensure_module
 from rewrite.pipeline import PipelineReport
 from rewrite.plan import Plan
+from rewrite.real_tokens import RealTokens
 from rewrite.routing.saving import (
     SavedBlock,
     body_examples,
@@ -140,12 +141,14 @@ def save_optimized(om: OptimizedModule, directory: Path) -> Path:
         "source_module": type(source).__module__ if source is not None else None,
         "training": om.training,
         "injected_kwargs": captured.injected_kwargs,
+        "cache_off_in_config": captured.cache_off_in_config,
         "kwarg_order": captured.kwarg_order,
         "example_inputs": _specs_to_json(captured.example_specs),
         "state_keys": list(om.state_dict()),
         "tied": _tied_groups(om),
         "program_error": program_error,
         "routed_blocks": [block.to_json() for block in routed],
+        "real_tokens": None if om.real_tokens is None else om.real_tokens.to_json(),
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     return directory
@@ -244,8 +247,10 @@ def _load_program(directory: Path, meta: dict[str, Any]) -> OptimizedModule:
         in_spec=pytree.tree_flatten((args, kwargs))[1],
         kwarg_order=list(meta["kwarg_order"]),
         example_specs=specs,
+        cache_off_in_config=bool(meta.get("cache_off_in_config", False)),
     )
-    report = PipelineReport()
+    saved_tokens = meta.get("real_tokens")
+    report = PipelineReport(saved_real_tokens=None if saved_tokens is None else RealTokens.from_json(saved_tokens))
     om = OptimizedModule(gm, captured, Plan.load(directory / PLAN_FILE), report, source=None)
     om.train(bool(meta["training"]))
     om.__dict__["_captured_training"] = om.training

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from rewrite.analysis.nodes import module_path, op_name
-from rewrite.capture import order_kwargs
+from rewrite.capture import config_cache_off, order_kwargs
 from rewrite.errors import VerificationError
 from rewrite.real_tokens import OutputTokens, RealTokens, program_inputs, select
 
@@ -373,7 +373,9 @@ def verify(
     injected = dict(captured.injected_kwargs) if captured is not None else {}
     reference_kwargs = {**injected, **kwargs}
     scope, scope_notes = _real_token_scope(original, optimized, captured, tuple(args), kwargs, reference_kwargs)
-    want = _run(original, tuple(args), reference_kwargs, seed)
+    # a model whose forward takes no use_cache was traced with its config's use_cache off: called so here too
+    with config_cache_off(original, captured is not None and captured.cache_off_in_config):
+        want = _run(original, tuple(args), reference_kwargs, seed)
     where = None
     if scope is not None:
         def where(index: int, leaf: torch.Tensor) -> tuple[torch.Tensor, str] | None:

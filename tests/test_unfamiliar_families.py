@@ -3,7 +3,7 @@ Hugging Face model itself) or is refused with an error that names the module and
 
 Covers interleaved rotary embeddings read from a position table (GPT-J) or built by
 repeat_interleave (Cohere), partial rotary (GPT-NeoX, Phi), multi-query attention (Falcon, Gemma), ALiBi (BLOOM), relative position bias (MPNet), logit softcapping
-(Gemma 2), sliding-window masks wider than the example (Mistral's causal window and ModernBERT's
+(Gemma 2), a KV cache built inside the forward (XLM), sliding-window masks wider than the example (Mistral's causal window and ModernBERT's
 bidirectional local window run padding-free), and a model with no attention at all.
 """
 
@@ -19,6 +19,7 @@ from torch import nn
 import rewrite
 from rewrite.decode import decode_program
 from rewrite.errors import PassError
+from rewrite.verify import verify
 
 transformers = pytest.importorskip("transformers")
 
@@ -569,6 +570,37 @@ def granite_moe():
         bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
+def xlm():
+    """Builds a KV cache in every forward (concatenating empty tensors to the keys) and hides scores with an in-place
+    masked_fill_ of a mask expanded to the scores' shape."""
+    config = transformers.XLMConfig(vocab_size=VOCAB, emb_dim=64, n_layers=2, n_heads=4, max_position_embeddings=256)
+    config._attn_implementation = "eager"
+    return transformers.XLMModel(config)
+
+
+def test_encoder_with_a_cache_made_in_its_forward_runs_padding_free():
+    """XLM: the capture drops the empty cache concatenations and makes the in-place fill out of place; padding-free
+    (its mask input named: the mask graph also reads input_ids) equals the model on real tokens, verify passes, and a
+    bidirectional mixer replaces both layers; not naming the mask input is refused naming the plan field."""
+    from rewrite.capture import capture
+
+    model = build(xlm)
+    example = right_padded([8, 5], 8)
+    graph = capture(model, (), example, cache=False).graph_module.graph
+    assert not [n for n in graph.nodes if "cat" in str(n.target) or "masked_fill_" in str(n.target)]
+    with pytest.raises(PassError, match=r"passes\[0\]\.varlen\.mask_input"):
+        rewrite.optimize(model, ["varlen"], example_kwargs=example)
+    plan = [{"varlen": {"mask_input": "attention_mask"}}]
+    om = rewrite.optimize(model, plan, example_kwargs=example, verify=True)
+    batch = right_padded([12, 7], 12)
+    with torch.no_grad():
+        want, got = model(**batch).last_hidden_state, om(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    mixed = rewrite.optimize(model, [{"mixer": {}}], example_kwargs=example)
+    assert [c.split(": ")[-1] for c in mixed.report.results[0].changed] == ["bidirectional"] * 2
+
+
 def jamba():
     """Mamba layers whose reference selective scan loops over the tokens in Python: the capture fixes the length."""
     return transformers.JambaForCausalLM(_decoder_config(
@@ -587,10 +619,24 @@ def assert_padding_free_matches(model: torch.nn.Module) -> None:
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
-def test_model_taking_kwargs_is_captured_without_its_cache():
+def test_model_taking_kwargs_is_captured_without_its_cache(tmp_path):
+    """GraniteMoE's forward takes no use_cache (its inner model reads the config's): the capture switches the config's
+    off and restores it; `verify` calls the original the same way (so it returns no cache the optimized module
+    lacks), also after a save / load round trip, and on left-padded rows compares real tokens only."""
     model = build(granite_moe)
     assert_padding_free_matches(model)
     assert model.config.use_cache  # restored after the capture
+    example = right_padded([8, 5], 8)
+    example["attention_mask"] = example["attention_mask"].flip(1)  # left padding: positions restart per row
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=example, verify=True)
+    with torch.no_grad():
+        assert "cache" in model(**example) or "past_key_values" in model(**example)  # what verify must not compare
+    report = verify(model, om, kwargs=example)
+    assert report.passed and [c.path for c in report.outputs] == ["['logits']"]
+    assert report.outputs[0].compared.startswith("real tokens")
+    om.save(tmp_path / "granite")
+    assert verify(model, rewrite.load(tmp_path / "granite"), kwargs=example).passed
+    assert model.config.use_cache
 
 
 def test_a_length_fixed_by_the_capture_is_captured_again_or_refused():

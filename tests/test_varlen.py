@@ -14,6 +14,7 @@ import rewrite
 from examples.models import TARGETS
 from rewrite.errors import PassError, PlanError
 from rewrite.kernels import packed_bounds
+from rewrite.verify import verify
 
 FAMILIES = ["bert", "llama", "qwen2", "qwen3", "gpt2"]
 ROPE = {"llama", "qwen2", "qwen3"}  # relative positions: the padded model's offsets do not change real tokens
@@ -637,6 +638,13 @@ def test_saved_program_runs_padding_free_without_the_source_model(tmp_path, opti
     with torch.no_grad():
         got, want = loaded(**batch).last_hidden_state, om(**batch).last_hidden_state
     assert_real_tokens_close(got, want, batch["attention_mask"])
+    # the saved real-token description (a per-token output and the pooler's rows read at slot 0) comes back, so
+    # verify compares the loaded module with the original on what it can: real tokens, rows whose slot 0 is real
+    assert loaded.real_tokens == om.real_tokens and any(o.kind == "rows" for o in loaded.real_tokens.outputs.values())
+    report = verify(model, loaded, kwargs=padded_batch(128, [2, 8, 5], 8, left={0}, seed=13))
+    assert report.passed, report
+    assert [o.compared.split(",")[0] for o in report.outputs] == [
+        "real tokens", "rows whose slot 0 is a real token (read there from the repadded tensor)"]
 
 
 def test_training_mode_with_attention_dropout_runs_per_sequence():

@@ -164,6 +164,7 @@ V7_VARIANTS = {  # (triton_forward attribute, value) pairs of the v7 launch choi
     # chunk terms of several of the scan's K tiles per program (forward states and backward state gradients)
     "contrib 2 K tiles": {"CONTRIB_K_TILES": 2},
     "contrib 4 K tiles": {"CONTRIB_K_TILES": 4},
+    "contrib 2 K tiles, 1 stage": {"CONTRIB_K_TILES": 2, "TERM_STAGES": 1},
 }
 V7_CASES = [
     # K = V = 64 (the Llama-shaped model's head dims), short packed sequences and a partial scan group
@@ -182,6 +183,7 @@ V7_CASES = [
      ("v5 scan (one chunk ahead, 64x32 tiles)", *V7_CASES[0]),
      ("scan for the scalar decay too", dataclasses.replace(V7_CASES[0][0], decay="scalar"), torch.float32),
      ("contrib 2 K tiles", *V7_CASES[0]), ("contrib 2 K tiles", *V7_CASES[1]), ("contrib 4 K tiles", *V7_CASES[1]),
+     ("contrib 2 K tiles, 1 stage", *V7_CASES[0]),
      ("scan for the scalar decay too", Case("scalar", length=70, heads=3, kv_heads=1, dk=100, dv=40),
       torch.float16)],
     ids=lambda x: str(x) if isinstance(x, Case) else str(x).replace("torch.", ""),

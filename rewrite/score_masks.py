@@ -1,0 +1,99 @@
+"""Bring the ways hand-written attention hides scores into the one form the attention analysis matches.
+
+The analysis reads an unfused attention whose scores are hidden by one `masked_fill(scores, mask, -inf)`
+(`rewrite.analysis.attention_sites`). Hand-written modules and some Hugging Face models reach the same result
+in two other ways, which this step rewrites before any pass runs, leaving what the program computes unchanged:
+
+- in place: `scores.masked_fill_(mask, -inf)` and later uses of `scores` (XLM, many hand-written modules).
+  The captured graph keeps the mutation as its own node, with the later ops reading `scores`; the mutation
+  becomes an out-of-place `masked_fill` whose later users read it instead. Only where `scores` is a fresh
+  tensor (a matmul or an elementwise op on one) that no view aliases, and where nothing reads `scores` between
+  its computation and the mutation except the mutation itself.
+- chained: `masked_fill(masked_fill(scores, causal, -inf), padding, -inf)` (a causal buffer and a padding mask
+  applied one after the other) becomes one `masked_fill(scores, causal | padding, -inf)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from rewrite.analysis.nodes import is_op
+
+aten = torch.ops.aten
+_VIEW_OPS = (aten.view, aten.reshape, aten.transpose, aten.permute, aten.expand, aten.slice, aten.select,
+             aten.unsqueeze, aten.squeeze, aten.t, aten.as_strided, aten.alias, aten.unflatten, aten.flatten,
+             aten.split, aten.chunk, aten.unbind, aten.narrow, aten.diagonal, aten.view_as, aten.expand_as)
+_FRESH_OPS = (aten.matmul, aten.bmm, aten.mm, aten.einsum, aten.baddbmm, aten.mul, aten.div, aten.add, aten.sub)
+
+
+def _hides(value: object) -> bool:
+    """A fill value that removes a score from the softmax (-inf, or a float32 / bfloat16 lowest value)."""
+    return isinstance(value, int | float) and value <= -1e30
+
+
+def _shape_only(user: fx.Node, scores: fx.Node) -> bool:
+    """Whether `user` reads only the shape of `scores` (its size, or as the shape to expand / view to)."""
+    if is_op(user, aten.sym_size, aten.sym_numel, aten.sym_stride):
+        return True
+    return is_op(user, aten.expand_as, aten.view_as) and user.args[0] is not scores
+
+
+def _functional_in_place_fills(graph: fx.Graph) -> int:
+    """Rewrite `scores.masked_fill_(mask, -inf)` on fresh, unaliased scores as an out-of-place fill."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    changed = 0
+    for node in list(graph.nodes):
+        if not is_op(node, aten.masked_fill_) or len(node.args) < 3 or not _hides(node.args[2]):
+            continue
+        scores = node.args[0]
+        readers = [u for u in scores.users if u is not node and not _shape_only(u, scores)]
+        if not is_op(scores, *_FRESH_OPS) or any(is_op(u, *_VIEW_OPS) for u in readers):
+            continue  # a view would alias the mutated values
+        if any(order[u] < order[node] for u in readers):
+            continue  # read before the mutation too: the two readings see different values
+        later = [u for u in readers if order[u] > order[node]]
+        with graph.inserting_after(node):
+            fill = graph.call_function(aten.masked_fill.Scalar, (scores, node.args[1], node.args[2]))
+        fill.meta = dict(node.meta)
+        for user in later:
+            user.replace_input_with(scores, fill)
+        node.replace_all_uses_with(fill)
+        graph.erase_node(node)
+        changed += 1
+    return changed
+
+
+def _merged_chained_fills(graph: fx.Graph) -> int:
+    """Rewrite `masked_fill(masked_fill(s, a, x), b, x)` with x hiding the score (the inner fill used only there)
+    as one fill with the mask `a | b`."""
+    changed = 0
+    for node in list(graph.nodes):
+        if not is_op(node, aten.masked_fill.Scalar) or not _hides(node.args[2]):
+            continue
+        inner = node.args[0]
+        if not is_op(inner, aten.masked_fill.Scalar) or inner.args[2] != node.args[2] or len(inner.users) != 1:
+            continue  # one fill value for both (a row hidden by both -inf and the lowest float softmaxes differently)
+        with graph.inserting_before(node):
+            either = graph.call_function(aten.logical_or.default, (inner.args[1], node.args[1]))
+            a, b = inner.args[1].meta.get("val"), node.args[1].meta.get("val")
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                either.meta["val"] = torch.logical_or(a, b)
+        node.args = (inner.args[0], either, node.args[2])
+        graph.erase_node(inner)
+        changed += 1
+    return changed
+
+
+def canonicalize_score_masks(gm: fx.GraphModule) -> int:
+    """Rewrite in-place and chained -inf fills of attention scores into one out-of-place fill (see the module
+    docstring); returns how many fills changed. The program computes the same values."""
+    changed = _functional_in_place_fills(gm.graph)
+    changed += _merged_chained_fills(gm.graph)
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+__all__ = ["canonicalize_score_masks"]
