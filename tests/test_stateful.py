@@ -407,6 +407,24 @@ def test_a_config_whose_layer_types_window_no_layer_decodes_without_a_window():
     assert torch.equal(om.generate(ids, max_new_tokens=4), greedy_reference(model, ids, 4))
 
 
+def test_layer_types_longer_than_the_layers_window_only_the_model_s_layers():
+    """A config whose `layer_types` lists more layers than the model builds (shrunk after creation: OLMo 3's list
+    stays 4 long for 2 layers): generate() windows the layers the model has, the last of them sliding, and decodes
+    as Hugging Face's greedy search, rather than a `window_layers` PlanError for a layer the model lacks."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Olmo3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, sliding_window=3,
+                                   layer_types=["full_attention", "sliding_attention"] * 2, attn_implementation="sdpa")
+    cfg.num_hidden_layers = 2
+    model = transformers.Olmo3ForCausalLM(cfg).eval()
+    assert len(model.model.layers) == 2 and len(cfg.layer_types) == 4
+    ids = torch.randint(0, 64, (1, 7))
+    om = rewrite.optimize(model, [], example_kwargs={"input_ids": ids})
+    assert torch.equal(om.generate(ids, max_new_tokens=5), greedy_reference(model, ids, 5))
+
+
 class BandAttentionLM(nn.Module):
     """A hand-written LM whose unfused attention sees only the last 3 tokens (a band mask)."""
 

@@ -38,6 +38,9 @@ def model_window(source: torch.nn.Module) -> tuple[int | None, list[int] | str]:
         return None, "all"
     types = getattr(config, "layer_types", None)
     if isinstance(types, list | tuple):
+        layers = getattr(config, "num_hidden_layers", None)
+        if isinstance(layers, int):
+            types = types[:layers]  # the model reads layer_types[i] for its layers only
         windowed = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
         return (window, windowed) if windowed else (None, "all")  # no layer keeps the window
     return window, "all"
