@@ -11,6 +11,11 @@ in two other ways, which this step rewrites before any pass runs, leaving what t
   its computation and the mutation except the mutation itself.
 - chained: `masked_fill(masked_fill(scores, causal, -inf), padding, -inf)` (a causal buffer and a padding mask
   applied one after the other) becomes one `masked_fill(scores, causal | padding, -inf)`.
+- selected: `where(keep, scores, lowest)` (GPT-Neo's eager attention, the lowest value a constant tensor) becomes
+  `masked_fill(scores, ~keep, lowest)`; followed by an additive mask, `where(keep, scores, lowest) + mask` becomes
+  `scores + where(keep, mask, lowest)`. The latter differs only where `keep` hides a key: `lowest + mask` there
+  against `scores + lowest`, which round to the same lowest float (or -inf) and take no softmax weight whenever the
+  row keeps some key, as a causal or local mask keeps each query's own; a row `keep` hides entirely would differ.
 """
 
 from __future__ import annotations
@@ -85,10 +90,67 @@ def _merged_chained_fills(graph: fx.Graph) -> int:
     return changed
 
 
+_CONSTANT_PATH = (aten.detach_, aten.detach, aten.lift_fresh_copy, aten.clone, aten.alias)
+
+
+def _constant_value(gm: fx.GraphModule, value: object) -> float | None:
+    """The number `value` holds: a Python number, or a one-element constant tensor of the module (reached through
+    detach / lift_fresh_copy / clone), else None."""
+    if isinstance(value, int | float):
+        return float(value)
+    node = value
+    while is_op(node, *_CONSTANT_PATH):
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    tensor = gm
+    for part in str(node.target).split("."):  # a qualified name: submodule path, then the attribute
+        tensor = getattr(tensor, part, None)
+    if not isinstance(tensor, torch.Tensor) or tensor.numel() != 1 or not tensor.is_floating_point():
+        return None
+    return float(tensor.item())
+
+
+def _where_fills(gm: fx.GraphModule) -> int:
+    """Rewrite `where(keep, scores, lowest)` of matmul scores as a masked_fill, or, followed by an additive mask, as
+    the scores plus `where(keep, mask, lowest)` (see the module docstring)."""
+    graph = gm.graph
+    changed = 0
+    for node in list(graph.nodes):
+        if not is_op(node, aten.where.self, aten.where.ScalarOther) or len(node.args) != 3:
+            continue
+        keep, scores, fill = node.args
+        lowest = _constant_value(gm, fill)
+        if lowest is None or not _hides(lowest) or not is_op(scores, *_FRESH_OPS):
+            continue
+        users = list(node.users)
+        add = users[0] if len(users) == 1 and is_op(users[0], aten.add.Tensor) and not users[0].kwargs else None
+        if add is not None:
+            mask = add.args[1] if add.args[0] is node else add.args[0]
+            if not isinstance(mask, fx.Node) or mask is node:
+                continue
+            with graph.inserting_before(add):
+                moved = graph.call_function(node.target, (keep, mask, fill))
+            moved.meta = {k: v for k, v in mask.meta.items() if k == "val"}
+            add.args = (scores, moved)
+        else:
+            with graph.inserting_before(node):
+                hidden = graph.call_function(aten.logical_not.default, (keep,))
+                fill_node = graph.call_function(aten.masked_fill.Scalar, (scores, hidden, lowest))
+            if isinstance(keep.meta.get("val"), torch.Tensor):
+                hidden.meta["val"] = keep.meta["val"].logical_not()
+            fill_node.meta = dict(node.meta)
+            node.replace_all_uses_with(fill_node)
+        graph.erase_node(node)
+        changed += 1
+    return changed
+
+
 def canonicalize_score_masks(gm: fx.GraphModule) -> int:
     """Rewrite in-place and chained -inf fills of attention scores into one out-of-place fill (see the module
     docstring); returns how many fills changed. The program computes the same values."""
     changed = _functional_in_place_fills(gm.graph)
+    changed += _where_fills(gm)
     changed += _merged_chained_fills(gm.graph)
     if changed:
         gm.graph.lint()

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import rewrite
+from rewrite.analysis.attention_sites import find_attention_sites
+from rewrite.analysis.mask_probe import window_constant
 from rewrite.analysis.nodes import is_op
 from rewrite.capture import capture
 from rewrite.errors import PassError
@@ -112,3 +114,46 @@ def test_padding_free_and_mixer_on_chained_fills():
     loss = mixed(**batch([7, 4], 7)).square().mean()
     loss.backward()
     assert all(p.grad is not None for p in mixed.parameters() if p.requires_grad)
+
+
+class TableAttention(nn.Module):
+    """Scores hidden by `where(table[:t, :t], scores, lowest)`, the lowest value a constant tensor (GPT-Neo's form),
+    the keep table a buffer: causal, a band of `band` keys, or an arbitrary pattern."""
+
+    def __init__(self, table: torch.Tensor, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.qkv, self.heads = nn.Linear(dim, 3 * dim), heads
+        self.register_buffer("table", table.view(1, 1, *table.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in self.qkv(x).split(c, 2))
+        scores = q @ k.transpose(-2, -1)
+        lowest = torch.tensor(torch.finfo(scores.dtype).min, dtype=scores.dtype)
+        scores = torch.where(self.table[:, :, :t, :t], scores, lowest)
+        return (F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, c)
+
+
+def _tables(n: int = 16) -> dict[str, torch.Tensor]:
+    rows = torch.arange(n)
+    causal = rows[None, :] <= rows[:, None]
+    pattern = causal.clone()
+    pattern[9, 2] = False  # one hidden key inside the causal triangle: no band
+    return {"causal": causal, "band 5": causal & (rows[:, None] - rows[None, :] < 5), "pattern": pattern}
+
+
+@pytest.mark.parametrize("name,window", [("causal", 0), ("band 5", 5), ("pattern", 16)])
+def test_where_selected_scores_become_a_fill_and_a_table_s_window_is_read(name, window):
+    """where(keep, scores, lowest) becomes one masked_fill computing the same values; the window a mask sliced from a
+    constant table holds is read from the whole table (0 causal, W for a band of W, the table's size for any other
+    pattern), also when the example (6 tokens) is shorter than the band shows."""
+    torch.manual_seed(0)
+    model = TableAttention(_tables()[name]).eval()
+    x = torch.randn(2, 6, 32)
+    gm = capture(model, (x,), cache=False).graph_module
+    assert fills(gm) == ["aten.masked_fill.Scalar"] and not [n for n in gm.graph.nodes if is_op(n, aten.where)]
+    other = torch.randn(3, 11, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(other), model(other), rtol=0, atol=0)
+    (site,) = find_attention_sites(gm)
+    assert window_constant([site.mask]) == window

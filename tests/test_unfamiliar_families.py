@@ -3,7 +3,7 @@ Hugging Face model itself) or is refused with an error that names the module and
 
 Covers interleaved rotary embeddings read from a position table (GPT-J) or built by
 repeat_interleave (Cohere), partial rotary (GPT-NeoX, Phi), multi-query attention (Falcon, Gemma), ALiBi (BLOOM), relative position bias (MPNet), logit softcapping
-(Gemma 2), a KV cache built inside the forward (XLM), sliding-window masks wider than the example (Mistral's causal window and ModernBERT's
+(Gemma 2), a KV cache built inside the forward (XLM), where-selected scores and a window kept in a buffer (GPT-Neo), sliding-window masks wider than the example (Mistral's causal window and ModernBERT's
 bidirectional local window run padding-free), and a model with no attention at all.
 """
 
@@ -424,25 +424,6 @@ def test_einsum_in_another_layout_is_refused_naming_the_equation():
         assert info.value.module_path == "layers.0"
 
 
-def gpt_neo():
-    return transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
-        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-        window_size=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2))
-
-
-def test_where_masked_scores_are_left_and_refused_naming_the_form():
-    """GPT-Neo's eager attention masks q @ k^T by where(causal, scores, min) and then adds the padding mask: the
-    normalize pass leaves it and reports why, and the passes that need it refuse naming the form."""
-    model = build(gpt_neo)
-    batch = right_padded([8, 5], 8)
-    normalized = rewrite.optimize(model, ["attention_normalize"], example_kwargs=batch, verify=True)
-    assert sum("where(condition, scores, fill)" in m for m in normalized.report.results[-1].messages) == 2
-    for plan in ([{"mixer": {}}], ["varlen"]):
-        with pytest.raises(PassError, match=r"where\(condition, scores, fill\).*GPT-Neo") as info:
-            rewrite.optimize(model, plan, example_kwargs=batch)
-        assert info.value.module_path == "transformer.h.0.attn.attention"
-
-
 def test_mixer_on_blocks_without_attention_is_refused():
     model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3)])
     with pytest.raises(PassError, match="found no attention to replace in the selected layers"):
@@ -599,6 +580,42 @@ def test_encoder_with_a_cache_made_in_its_forward_runs_padding_free():
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
     mixed = rewrite.optimize(model, [{"mixer": {}}], example_kwargs=example)
     assert [c.split(": ")[-1] for c in mixed.report.results[0].changed] == ["bidirectional"] * 2
+
+
+def gpt_neo():
+    """Eager attention only: causality by where(causal table, scores, lowest) then the additive padding mask; its local
+    layers keep their window in the [N, N] table (a constant buffer), not in the mask graph's arithmetic."""
+    config = transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, window_size=4,
+                                       attention_types=[[["global", "local"], 1]], max_position_embeddings=256,
+                                       bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    return transformers.GPTNeoForCausalLM(config)
+
+
+def test_gpt_neo_runs_padding_free_linearizes_its_global_layer_and_decodes_with_its_window():
+    """The capture reads GPT-Neo's where-then-add scores as scores + mask (they used to be refused naming the form); the
+    local layer's window (4) comes from the buffer: attention_normalize takes both layers (verify on), padding-free equals the model on real tokens of rows longer than the window (verify on), a mixer takes
+    the global layer and refuses the local one naming it, and generate() keeps the local layer's window (read from
+    window_size / attention_layers) and decodes as Hugging Face's greedy search past the window."""
+    model = build(gpt_neo)
+    example = right_padded([8, 5], 8)
+    normalized = rewrite.optimize(model, ["attention_normalize"], example_kwargs=example, verify=True)
+    assert normalized.report.results[0].changed and len(normalized.report.results[0].changed) == 2
+    om = rewrite.optimize(model, ["varlen"], example_kwargs=example, verify=True)
+    batch = right_padded([12, 7], 12)
+    with torch.no_grad():
+        want, got = model(**batch).logits, om(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(PassError, match=r"layer 1 .*hides earlier keys") as info:
+        rewrite.optimize(model, [{"mixer": {}}], example_kwargs=example)
+    assert info.value.module_path == "transformer.h.1.attn.attention"
+    mixed = rewrite.optimize(model, [{"mixer": {"layers": [0]}}], example_kwargs=example)
+    assert len(mixed.report.results[0].changed) == 1
+    decoding = rewrite.optimize(model, ["stateful"], example_kwargs=example)
+    prompt = right_padded([9], 9)["input_ids"]
+    want = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(decoding.generate(prompt, max_new_tokens=6), want)
 
 
 def jamba():

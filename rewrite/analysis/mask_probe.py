@@ -57,16 +57,43 @@ def window_constant(masks: list[fx.Node]) -> int:
     (a sliding window, a band, a chunk size), or 0 when there is none.
 
     A mask whose graph holds such a constant W can differ from a causal / padding mask only between
-    positions at least W apart, so a probe must be longer than W + 1 tokens to see what it is.
+    positions at least W apart, so a probe must be longer than W + 1 tokens to see what it is. A mask sliced from
+    a square constant table of the module (GPT-Neo's local layers keep their window in a [N, N] buffer) counts the
+    table's window (`_table_window`).
     """
     largest = 0
     for node in ancestors(masks):
+        if node.op == "get_attr":
+            largest = max(largest, _table_window(node))
         if node.op != "call_function" or node.target not in _OFFSET_OPS:
             continue
         for arg in node.args[1:]:
             if isinstance(arg, int) and not isinstance(arg, bool):
                 largest = max(largest, abs(arg))
     return largest
+
+
+def _table_window(node: fx.Node) -> int:
+    """For a constant [.., N, N] table of 0 / 1 (or bool) values: 0 when each row i keeps every column up to i or
+    every column (a causal or a full table), W when row i keeps exactly the columns (i - W, i] (a band of W), else N
+    (a pattern a probe must be longer than the table to see). 0 for other constants."""
+    value = node.graph.owning_module
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != value.shape[-2]:
+        return 0
+    n = value.shape[-1]
+    if n < 2 or not bool(((value == 0) | (value == 1)).all()):
+        return 0
+    table = value.reshape(-1, n, n).bool()
+    rows = torch.arange(n)
+    causal = rows[None, :] <= rows[:, None]
+    if bool((table == causal).all()) or bool(table.all()):
+        return 0
+    widths = table.sum(-1)  # a band keeps min(i + 1, W) columns ending at i
+    width = int(widths.max())
+    band = causal & (rows[:, None] - rows[None, :] < width)
+    return width if bool((table == band).all()) else n
 
 
 _CHUNK_OPS = tuple(

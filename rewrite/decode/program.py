@@ -30,9 +30,13 @@ EXAMPLE_LENGTH = 8
 
 
 def model_window(source: torch.nn.Module) -> tuple[int | None, list[int] | str]:
-    """(sliding window, layers it applies to) from a Hugging Face config; (None, "all") without one or when its
-    `layer_types` window no layer."""
+    """(sliding window, layers it applies to) from a Hugging Face config (`sliding_window` with `layer_types`, or
+    GPT-Neo's `window_size` with `attention_layers`); (None, "all") without one or when it windows no layer."""
     config = getattr(source, "config", None)
+    kinds = getattr(config, "attention_layers", None)  # GPT-Neo: "global" / "local" per layer, window_size
+    if isinstance(kinds, list | tuple) and isinstance(getattr(config, "window_size", None), int):
+        local = [i for i, kind in enumerate(kinds) if kind == "local"]
+        return (config.window_size, local) if local else (None, "all")
     window = getattr(config, "sliding_window", None)
     if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
         return None, "all"
