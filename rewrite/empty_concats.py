@@ -21,7 +21,10 @@ aten = torch.ops.aten
 def _skipped_by_cat(node: object) -> bool:
     """A tensor `torch.cat` ignores: 1-D with no elements."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(val, torch.Tensor) and tuple(val.shape) == (0,)
+    if not isinstance(val, torch.Tensor) or val.dim() != 1:
+        return False
+    size = val.shape[0]
+    return type(size) is int and size == 0  # a symbolic size (even one known to be 0 only at run time) is kept
 
 
 def _mutated(node: fx.Node) -> bool:

@@ -139,7 +139,8 @@ def _tables(n: int = 16) -> dict[str, torch.Tensor]:
     causal = rows[None, :] <= rows[:, None]
     pattern = causal.clone()
     pattern[9, 2] = False  # one hidden key inside the causal triangle: no band
-    return {"causal": causal, "band 5": causal & (rows[:, None] - rows[None, :] < 5), "pattern": pattern}
+    band = causal & (rows[:, None] - rows[None, :] < 5)
+    return {"causal": causal, "band 5": band, "pattern": pattern, "hide future": ~causal, "hide outside band 5": ~band}
 
 
 @pytest.mark.parametrize("name,window", [("causal", 0), ("band 5", 5), ("pattern", 16)])
@@ -157,3 +158,26 @@ def test_where_selected_scores_become_a_fill_and_a_table_s_window_is_read(name, 
         torch.testing.assert_close(gm(other), model(other), rtol=0, atol=0)
     (site,) = find_attention_sites(gm)
     assert window_constant([site.mask]) == window
+
+
+@pytest.mark.parametrize("name,window", [("hide future", 0), ("hide outside band 5", 5)])
+def test_a_table_of_keys_to_hide_is_read_as_its_complement(name, window):
+    """nanoGPT variants keep `triu(ones, 1)` and fill where it is set: the table marks the keys to hide. Its window
+    is its complement's (0 for the strict upper triangle: no window a longer input would show)."""
+    torch.manual_seed(0)
+    model = FillNet().eval()
+    for block in model.blocks:
+        block.causal = _tables(64)[name].view(1, 1, 64, 64).float()
+        block.forward = _hiding_forward(block)
+    captured = capture(model, (), batch([7, 4], 7), cache=False)
+    sites = find_attention_sites(captured.graph_module)
+    assert len(sites) == 2 and {window_constant([s.mask]) for s in sites} == {window}
+
+
+def _hiding_forward(block: FillAttention):
+    def forward(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (y.view(b, t, block.heads, c // block.heads).transpose(1, 2) for y in block.qkv(x).split(c, 2))
+        scores = (q @ k.transpose(-2, -1)).masked_fill(block.causal[:, :, :t, :t] == 1, float("-inf"))
+        return block.out((F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, c))
+    return forward

@@ -74,9 +74,10 @@ def window_constant(masks: list[fx.Node]) -> int:
 
 
 def _table_window(node: fx.Node) -> int:
-    """For a constant [.., N, N] table of 0 / 1 (or bool) values: 0 when each row i keeps every column up to i or
-    every column (a causal or a full table), W when row i keeps exactly the columns (i - W, i] (a band of W), else N
-    (a pattern a probe must be longer than the table to see). 0 for other constants."""
+    """For a constant [.., N, N] table of 0 / 1 (or bool) values, read as the keys to keep or as the keys to hide: 0
+    when each row i keeps every column up to i or every column (a causal or a full table), W when row i keeps exactly
+    the columns (i - W, i] (a band of W), else N (a pattern a probe must be longer than the table to see). 0 for
+    other constants."""
     value = node.graph.owning_module
     for part in str(node.target).split("."):
         value = getattr(value, part, None)
@@ -85,15 +86,15 @@ def _table_window(node: fx.Node) -> int:
     n = value.shape[-1]
     if n < 2 or not bool(((value == 0) | (value == 1)).all()):
         return 0
-    table = value.reshape(-1, n, n).bool()
     rows = torch.arange(n)
     causal = rows[None, :] <= rows[:, None]
-    if bool((table == causal).all()) or bool(table.all()):
-        return 0
-    widths = table.sum(-1)  # a band keeps min(i + 1, W) columns ending at i
-    width = int(widths.max())
-    band = causal & (rows[:, None] - rows[None, :] < width)
-    return width if bool((table == band).all()) else n
+    for table in (value.reshape(-1, n, n).bool(), ~value.reshape(-1, n, n).bool()):  # keep or hide table
+        if bool((table == causal).all()) or bool(table.all()):
+            return 0
+        width = int(table.sum(-1).max())  # a band keeps min(i + 1, W) columns ending at i
+        if bool((table == (causal & (rows[:, None] - rows[None, :] < width))).all()):
+            return width
+    return n
 
 
 _CHUNK_OPS = tuple(
