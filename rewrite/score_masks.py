@@ -131,7 +131,9 @@ def _where_fills(gm: fx.GraphModule) -> int:
                 continue
             with graph.inserting_before(add):
                 moved = graph.call_function(node.target, (keep, mask, fill))
-            moved.meta = {k: v for k, v in mask.meta.items() if k == "val"}
+            vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in (keep, mask, fill)]
+            if all(isinstance(v, torch.Tensor) for v in vals[:2]):
+                moved.meta["val"] = torch.where(*vals)  # the broadcast of keep and the mask
             add.args = (scores, moved)
         else:
             with graph.inserting_before(node):
