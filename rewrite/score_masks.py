@@ -13,9 +13,9 @@ in two other ways, which this step rewrites before any pass runs, leaving what t
   applied one after the other) becomes one `masked_fill(scores, causal | padding, -inf)`.
 - selected: `where(keep, scores, lowest)` (GPT-Neo's eager attention, the lowest value a constant tensor) becomes
   `masked_fill(scores, ~keep, lowest)`; followed by an additive mask, `where(keep, scores, lowest) + mask` becomes
-  `scores + where(keep, mask, lowest)`. The latter differs only where `keep` hides a key: `lowest + mask` there
-  against `scores + lowest`, which round to the same lowest float (or -inf) and take no softmax weight whenever the
-  row keeps some key, as a causal or local mask keeps each query's own; a row `keep` hides entirely would differ.
+  `scores + where(keep, mask, lowest + mask)`. Where `keep` hides a key that is `scores + (lowest + mask)` against
+  `lowest + mask`: equal, since `lowest + mask` is the lowest float or -inf, which absorb any score below 1e31 in
+  float32 and bfloat16 (the only score dtypes this form is rewritten for).
 """
 
 from __future__ import annotations
@@ -127,13 +127,19 @@ def _where_fills(gm: fx.GraphModule) -> int:
         add = users[0] if len(users) == 1 and is_op(users[0], aten.add.Tensor) and not users[0].kwargs else None
         if add is not None:
             mask = add.args[1] if add.args[0] is node else add.args[0]
-            if not isinstance(mask, fx.Node) or mask is node:
+            val = scores.meta.get("val")
+            if not isinstance(mask, fx.Node) or mask is node or not isinstance(val, torch.Tensor):
                 continue
+            if val.dtype not in (torch.float32, torch.bfloat16):
+                continue  # float16's lowest value does not absorb a score
             with graph.inserting_before(add):
-                moved = graph.call_function(node.target, (keep, mask, fill))
+                shifted = graph.call_function(aten.add.Tensor if isinstance(fill, fx.Node) else aten.add.Scalar,
+                                              (mask, fill))
+                moved = graph.call_function(aten.where.self, (keep, mask, shifted))
             vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in (keep, mask, fill)]
             if all(isinstance(v, torch.Tensor) for v in vals[:2]):
-                moved.meta["val"] = torch.where(*vals)  # the broadcast of keep and the mask
+                shifted.meta["val"] = vals[1] + vals[2]
+                moved.meta["val"] = torch.where(vals[0], vals[1], shifted.meta["val"])
             add.args = (scores, moved)
         else:
             with graph.inserting_before(node):

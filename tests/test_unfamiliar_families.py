@@ -599,6 +599,11 @@ def test_gpt_neo_runs_padding_free_linearizes_its_global_layer_and_decodes_with_
     window_size / attention_layers) and decodes as Hugging Face's greedy search past the window."""
     model = build(gpt_neo)
     example = right_padded([8, 5], 8)
+    captured = rewrite.optimize(model, [], example_kwargs=example)  # the rewritten scores, nothing else
+    left = right_padded([12, 7], 12)
+    left["attention_mask"] = left["attention_mask"].flip(1)
+    with torch.no_grad():  # every position, padded query rows included, bit for bit
+        assert torch.equal(captured(**left).logits, model(**left).logits)
     normalized = rewrite.optimize(model, ["attention_normalize"], example_kwargs=example, verify=True)
     assert normalized.report.results[0].changed and len(normalized.report.results[0].changed) == 2
     om = rewrite.optimize(model, ["varlen"], example_kwargs=example, verify=True)
