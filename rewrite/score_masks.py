@@ -108,7 +108,10 @@ def _constant_value(gm: fx.GraphModule, value: object) -> float | None:
         tensor = getattr(tensor, part, None)
     if not isinstance(tensor, torch.Tensor) or tensor.numel() != 1 or not tensor.is_floating_point():
         return None
-    return float(tensor.item())
+    try:
+        return float(tensor.item())
+    except Exception:  # a fake or meta tensor holds no value
+        return None
 
 
 def _where_fills(gm: fx.GraphModule) -> int:

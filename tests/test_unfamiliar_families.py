@@ -621,6 +621,10 @@ def test_gpt_neo_runs_padding_free_linearizes_its_global_layer_and_decodes_with_
     prompt = right_padded([9], 9)["input_ids"]
     want = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(decoding.generate(prompt, max_new_tokens=6), want)
+    # the torch.compile backend does not rewrite the scores: refused there, naming the form
+    compiled = torch.compile(model, backend="rewrite", dynamic=True, options={"plan": [{"mixer": {}}], "inductor": False})
+    with pytest.raises(Exception, match=r"where\(condition, scores, fill\).*torch.compile backend not at all"):
+        compiled(input_ids=example["input_ids"], use_cache=False)
 
 
 def jamba():
