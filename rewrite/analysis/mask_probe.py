@@ -10,6 +10,7 @@ causal one can be replaced by SDPA's `is_causal=True`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,6 +84,21 @@ def _table_window(node: fx.Node) -> int:
         value = getattr(value, part, None)
     if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != value.shape[-2]:
         return 0
+    known = _TABLE_WINDOWS.get(id(value))  # read once per table: every pass asks for every layer's mask
+    if known is not None and known[0]() is value and known[1] == value._version:
+        return known[2]
+    window = _window_of_table(value)
+    key = id(value)
+    _TABLE_WINDOWS[key] = (weakref.ref(value, lambda _, key=key: _TABLE_WINDOWS.pop(key, None)), value._version, window)
+    return window
+
+
+_TABLE_WINDOWS: dict[int, tuple[weakref.ref, int, int]] = {}
+"""Windows of the tables read so far: (the table, its version when read, its window) by the table's id; an entry
+leaves with its table, and a table changed in place since is read again."""
+
+
+def _window_of_table(value: torch.Tensor) -> int:
     n = value.shape[-1]
     if n < 2 or not bool(((value == 0) | (value == 1)).all()):
         return 0
