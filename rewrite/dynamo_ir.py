@@ -24,7 +24,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from rewrite.analysis.mask_probe import annotate_mask_causality
+from rewrite.empty_concats import drop_empty_concats
 from rewrite.errors import RewriteError
+from rewrite.score_masks import canonicalize_score_masks
 
 STATE_KEY = "state_name"
 SOURCE_KEY = "dynamo_source"
@@ -213,6 +215,8 @@ def to_aten_ir(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
     _refuse_fake_constants(traced)
     traced.graph.lint()
     traced.recompile()
+    canonicalize_score_masks(traced)  # the capture's rewrites of hand-written mask forms (rewrite.capture)
+    drop_empty_concats(traced)
     _probe_masks(traced, example_inputs)
     return traced
 

@@ -101,6 +101,10 @@ def _constant_value(gm: fx.GraphModule, value: object) -> float | None:
     node = value
     while is_op(node, *_CONSTANT_PATH):
         node = node.args[0]
+    if is_op(node, aten.scalar_tensor) and isinstance(node.args[0], int | float):
+        return float(node.args[0])  # torch.tensor(number) as a retrace records it
+    if is_op(node, aten.full) and list(node.args[0]) == [] and isinstance(node.args[1], int | float):
+        return float(node.args[1])
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     tensor = gm

@@ -35,6 +35,10 @@ False for a sliding window or block pattern that hides earlier keys of the query
 PACKED_KEY = "rewrite_mask_packed"
 """Node metadata, for a sequence-causal mask: whether the example's mask restarts a sequence inside a row (a packed
 row's block-diagonal causal mask, which a pass must carry as sequence boundaries)."""
+TABLE_WINDOW_KEY = "rewrite_table_window"
+"""Placeholder metadata: the window of the square table the input holds (`table_window`), recorded by
+`annotate_mask_causality` from the example inputs for inputs the masks read (buffers arrive as inputs under
+torch.compile); `window_constant` counts it as it counts a constant table of the module."""
 UNSEEN_WINDOW_KEY = "rewrite_mask_unseen_window"
 """Node metadata: a window-like constant of the mask graph too large for the example to show its effect."""
 CHUNK_KEY = "rewrite_mask_chunk"
@@ -66,6 +70,8 @@ def window_constant(masks: list[fx.Node]) -> int:
     for node in ancestors(masks):
         if node.op == "get_attr":
             largest = max(largest, _table_window(node))
+        if node.op == "placeholder":  # a table that arrives as an input (a buffer under torch.compile)
+            largest = max(largest, node.meta.get(TABLE_WINDOW_KEY, 0))
         if node.op != "call_function" or node.target not in _OFFSET_OPS:
             continue
         for arg in node.args[1:]:
@@ -82,6 +88,11 @@ def _table_window(node: fx.Node) -> int:
     value = node.graph.owning_module
     for part in str(node.target).split("."):
         value = getattr(value, part, None)
+    return table_window(value)
+
+
+def table_window(value: Any) -> int:
+    """`_table_window` of a tensor value (0 for anything that is not a square table)."""
     if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != value.shape[-2]:
         return 0
     known = _TABLE_WINDOWS.get(id(value))  # read once per table: every pass asks for every layer's mask
@@ -380,6 +391,10 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
     if any(n.op == "call_module" for n in ancestors(masks)):
         return {}
     runner, _ = subgraph_module(gm, masks, every_input=True)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in ancestors(masks):
+        if node.op == "placeholder" and node in placeholders and placeholders.index(node) < len(flat_inputs):
+            node.meta[TABLE_WINDOW_KEY] = table_window(flat_inputs[placeholders.index(node)])
     with torch.no_grad():
         try:
             values = runner(*flat_inputs)

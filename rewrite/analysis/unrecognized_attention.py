@@ -169,10 +169,10 @@ def _reason(softmax: fx.Node) -> str:
         return merged
     if any(is_op(n, aten.where.self) and any(_reaches_matmul(a) for a in n.args[1:3] if isinstance(a, fx.Node))
            for n in _score_nodes(softmax)):
-        return ("a mask is applied to q @ k^T by where(condition, scores, fill), which `rewrite.optimize`'s capture "
-                "reads only with a constant lowest fill (-inf or the dtype's lowest float) and the torch.compile "
-                "backend not at all; the supported forms apply a mask by adding it or by masked_fill with -inf (load "
-                "the model with attn_implementation='sdpa' where its family offers it)")
+        return ("a mask is applied to q @ k^T by where(condition, scores, fill) with a fill that is not a constant "
+                "lowest value (-inf or the dtype's lowest float), or in float16 next to an additive mask; the "
+                "supported forms apply a mask by adding it, by masked_fill with -inf, or by where(keep, scores, "
+                "lowest) (load the model with attn_implementation='sdpa' where its family offers it)")
     names = ", ".join(sorted(str(getattr(op, "__name__", op)) for op in ops))
     return f"the scores are built by ops the analysis does not recognise as attention ({names})"
 
