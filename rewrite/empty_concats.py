@@ -4,8 +4,9 @@ Some models build their KV cache in every forward, also when nothing is cached (
 `EncoderDecoderCache` unconditionally): each layer's first update concatenates an empty 1-D tensor (shape (0,))
 with the new keys and values. `torch.cat` skips such tensors, so the concatenation is the keys themselves, but the
 graph shows keys joined "to keys from elsewhere", which the attention analysis takes for a filled KV cache. This
-step rewrites `cat([empty, x], dim)` as `x` where nothing mutates either, leaving what the program computes
-unchanged.
+step rewrites `cat([empty, x], dim)` as `x` where nothing mutates either and the program does not return the
+concatenation (a cache returned to the caller, as a Hugging Face decoder does with use_cache under torch.compile,
+stays visible to the passes, which refuse it), leaving what the program computes unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ def _skipped_by_cat(node: object) -> bool:
     return type(size) is int and size == 0  # a symbolic size (even one known to be 0 only at run time) is kept
 
 
+_PASS_THROUGH = (aten.view, aten.reshape, aten.transpose, aten.permute, aten.contiguous, aten.detach, aten.alias,
+                 aten.clone, aten.unsqueeze, aten.squeeze, aten.expand, aten.slice)
+
+
+def _returned(node: fx.Node) -> bool:
+    """Whether the program returns `node` (or a view of it): a cache the caller keeps, not only attention's keys."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        for user in current.users:
+            if user.op == "output":
+                return True
+            if user not in seen and is_op(user, *_PASS_THROUGH) and user.args and user.args[0] is current:
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
 def _mutated(node: fx.Node) -> bool:
     return any(u.op == "call_function" and str(getattr(u.target, "__name__", u.target)).split(".")[0].endswith("_")
                for u in node.users)
@@ -46,6 +65,8 @@ def drop_empty_concats(gm: fx.GraphModule) -> int:
             continue
         if _mutated(node) or _mutated(kept[0]):
             continue  # the concatenation is a copy: sharing it would let a mutation reach the other
+        if _returned(node):
+            continue  # a cache the program returns (use_cache under torch.compile): the passes must see it
         node.replace_all_uses_with(kept[0])
         gm.graph.erase_node(node)
         changed += 1

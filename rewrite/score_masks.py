@@ -120,7 +120,7 @@ def _constant_value(gm: fx.GraphModule, value: object) -> float | None:
 
 def _where_fills(gm: fx.GraphModule) -> int:
     """Rewrite `where(keep, scores, lowest)` of matmul scores as a masked_fill, or, followed by an additive mask, as
-    the scores plus `where(keep, mask, lowest)` (see the module docstring)."""
+    the scores plus `where(keep, mask, lowest + mask)` (see the module docstring)."""
     graph = gm.graph
     changed = 0
     for node in list(graph.nodes):
@@ -162,8 +162,8 @@ def _where_fills(gm: fx.GraphModule) -> int:
 
 
 def canonicalize_score_masks(gm: fx.GraphModule) -> int:
-    """Rewrite in-place and chained -inf fills of attention scores into one out-of-place fill (see the module
-    docstring); returns how many fills changed. The program computes the same values."""
+    """Rewrite in-place, chained and where-selected fills of attention scores into the forms the analysis reads (see
+    the module docstring); returns how many changed. The program computes the same values."""
     changed = _functional_in_place_fills(gm.graph)
     changed += _where_fills(gm)
     changed += _merged_chained_fills(gm.graph)
