@@ -47,8 +47,8 @@ def _returned(node: fx.Node) -> bool:
 
 
 def _mutated(node: fx.Node) -> bool:
-    return any(u.op == "call_function" and str(getattr(u.target, "__name__", u.target)).split(".")[0].endswith("_")
-               for u in node.users)
+    """Whether an in-place op (its schema name ending in `_`, as `detach_`) takes `node`."""
+    return any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.name.endswith("_") for u in node.users)
 
 
 def drop_empty_concats(gm: fx.GraphModule) -> int:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from rewrite.analysis.attention_sites import hides_score
+from rewrite.analysis.graph_utils import attribute_tensor
 from rewrite.analysis.nodes import is_op
 
 aten = torch.ops.aten
@@ -30,11 +32,6 @@ _VIEW_OPS = (aten.view, aten.reshape, aten.transpose, aten.permute, aten.expand,
              aten.unsqueeze, aten.squeeze, aten.t, aten.as_strided, aten.alias, aten.unflatten, aten.flatten,
              aten.split, aten.chunk, aten.unbind, aten.narrow, aten.diagonal, aten.view_as, aten.expand_as)
 _FRESH_OPS = (aten.matmul, aten.bmm, aten.mm, aten.einsum, aten.baddbmm, aten.mul, aten.div, aten.add, aten.sub)
-
-
-def _hides(value: object) -> bool:
-    """A fill value that removes a score from the softmax (-inf, or a float32 / bfloat16 lowest value)."""
-    return isinstance(value, int | float) and value <= -1e30
 
 
 def _shape_only(user: fx.Node, scores: fx.Node) -> bool:
@@ -49,7 +46,7 @@ def _functional_in_place_fills(graph: fx.Graph) -> int:
     order = {node: i for i, node in enumerate(graph.nodes)}
     changed = 0
     for node in list(graph.nodes):
-        if not is_op(node, aten.masked_fill_) or len(node.args) < 3 or not _hides(node.args[2]):
+        if not is_op(node, aten.masked_fill_) or len(node.args) < 3 or not hides_score(node.args[2]):
             continue
         scores = node.args[0]
         readers = [u for u in scores.users if u is not node and not _shape_only(u, scores)]
@@ -74,7 +71,7 @@ def _merged_chained_fills(graph: fx.Graph) -> int:
     as one fill with the mask `a | b`."""
     changed = 0
     for node in list(graph.nodes):
-        if not is_op(node, aten.masked_fill.Scalar) or not _hides(node.args[2]):
+        if not is_op(node, aten.masked_fill.Scalar) or not hides_score(node.args[2]):
             continue
         inner = node.args[0]
         if not is_op(inner, aten.masked_fill.Scalar) or inner.args[2] != node.args[2] or len(inner.users) != 1:
@@ -105,12 +102,8 @@ def _constant_value(gm: fx.GraphModule, value: object) -> float | None:
         return float(node.args[0])  # torch.tensor(number) as a retrace records it
     if is_op(node, aten.full) and list(node.args[0]) == [] and isinstance(node.args[1], int | float):
         return float(node.args[1])
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    tensor = gm
-    for part in str(node.target).split("."):  # a qualified name: submodule path, then the attribute
-        tensor = getattr(tensor, part, None)
-    if not isinstance(tensor, torch.Tensor) or tensor.numel() != 1 or not tensor.is_floating_point():
+    tensor = attribute_tensor(gm, node)
+    if tensor is None or tensor.numel() != 1 or not tensor.is_floating_point():
         return None
     try:
         return float(tensor.item())
@@ -128,7 +121,7 @@ def _where_fills(gm: fx.GraphModule) -> int:
             continue
         keep, scores, fill = node.args
         lowest = _constant_value(gm, fill)
-        if lowest is None or not _hides(lowest) or not is_op(scores, *_FRESH_OPS):
+        if lowest is None or not hides_score(lowest) or not is_op(scores, *_FRESH_OPS):
             continue
         users = list(node.users)
         add = users[0] if len(users) == 1 and is_op(users[0], aten.add.Tensor) and not users[0].kwargs else None

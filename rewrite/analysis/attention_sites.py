@@ -193,7 +193,7 @@ def _unfused_site(softmax: fx.Node) -> AttentionSite | None:
         else:
             return None
     mask_negated = False
-    if mask is None and is_op(scores, aten.masked_fill.Scalar) and _is_neg_inf(scores.args[2]):
+    if mask is None and is_op(scores, aten.masked_fill.Scalar) and hides_score(scores.args[2]):
         if not _leads_to_matmul(scores.args[0]):
             return None
         chain.append(scores)
@@ -292,7 +292,8 @@ def _unfused_site(softmax: fx.Node) -> AttentionSite | None:
     return site
 
 
-def _is_neg_inf(x) -> bool:
+def hides_score(x) -> bool:
+    """A fill value that removes a score from the softmax: -inf, or a float32 / bfloat16 lowest value."""
     return isinstance(x, int | float) and x <= -1e30
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.analysis.attention_sites import find_attention_sites
-from rewrite.analysis.graph_utils import ancestors, subgraph_module, walk_inputs
+from rewrite.analysis.graph_utils import ancestors, attribute_tensor, subgraph_module, walk_inputs
 
 aten = torch.ops.aten
 
@@ -85,10 +85,7 @@ def _table_window(node: fx.Node) -> int:
     when each row i keeps every column up to i or every column (a causal or a full table), W when row i keeps exactly
     the columns (i - W, i] (a band of W), else N (a pattern a probe must be longer than the table to see). 0 for
     other constants."""
-    value = node.graph.owning_module
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
-    return table_window(value)
+    return table_window(attribute_tensor(node.graph.owning_module, node))
 
 
 def table_window(value: Any) -> int:
@@ -391,10 +388,10 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
     if any(n.op == "call_module" for n in ancestors(masks)):
         return {}
     runner, _ = subgraph_module(gm, masks, every_input=True)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     for node in ancestors(masks):
-        if node.op == "placeholder" and node in placeholders and placeholders.index(node) < len(flat_inputs):
-            node.meta[TABLE_WINDOW_KEY] = table_window(flat_inputs[placeholders.index(node)])
+        if node in position and position[node] < len(flat_inputs):
+            node.meta[TABLE_WINDOW_KEY] = table_window(flat_inputs[position[node]])
     with torch.no_grad():
         try:
             values = runner(*flat_inputs)
