@@ -181,3 +181,20 @@ def _hiding_forward(block: FillAttention):
         scores = (q @ k.transpose(-2, -1)).masked_fill(block.causal[:, :, :t, :t] == 1, float("-inf"))
         return block.out((F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, c))
     return forward
+
+
+def test_a_square_padding_mask_input_is_no_table():
+    """A batch of 4 rows of 4 tokens, right-padded to lengths 4, 3, 2, 1: its [4, 4] 0 / 1 padding mask is an input,
+    not a table of the model, so it holds no window: the masks show none and a mixer replaces both layers."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 60, (4, 4))
+    mask = (torch.arange(4)[None, :] < torch.tensor([4, 3, 2, 1])[:, None]).long()
+    gm = capture(model, (), {"input_ids": ids, "attention_mask": mask}, cache=False).graph_module
+    assert [window_constant([s.mask]) for s in find_attention_sites(gm)] == [0, 0]
+    mixed = rewrite.optimize(model, [{"mixer": {"kind": "gla"}}], example_kwargs={"input_ids": ids, "attention_mask": mask})
+    assert len(mixed.report.results[0].changed) == 2

@@ -36,9 +36,9 @@ PACKED_KEY = "rewrite_mask_packed"
 """Node metadata, for a sequence-causal mask: whether the example's mask restarts a sequence inside a row (a packed
 row's block-diagonal causal mask, which a pass must carry as sequence boundaries)."""
 TABLE_WINDOW_KEY = "rewrite_table_window"
-"""Placeholder metadata: the window of the square table the input holds (`table_window`), recorded by
-`annotate_mask_causality` from the example inputs for inputs the masks read (buffers arrive as inputs under
-torch.compile); `window_constant` counts it as it counts a constant table of the module."""
+"""Placeholder metadata: the window of the square table a state input holds (`table_window`), recorded by
+`annotate_mask_causality` from the example inputs for the buffers the masks read (they arrive as inputs under
+torch.compile, tagged `state_name`); `window_constant` counts it as it counts a constant table of the module."""
 UNSEEN_WINDOW_KEY = "rewrite_mask_unseen_window"
 """Node metadata: a window-like constant of the mask graph too large for the example to show its effect."""
 CHUNK_KEY = "rewrite_mask_chunk"
@@ -389,8 +389,8 @@ def annotate_mask_causality(gm: fx.GraphModule, flat_inputs: list[Any]) -> dict[
         return {}
     runner, _ = subgraph_module(gm, masks, every_input=True)
     position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-    for node in ancestors(masks):
-        if node in position and position[node] < len(flat_inputs):
+    for node in ancestors(masks):  # state only: a user input (a [B, T] padding mask with B == T) is no table
+        if node in position and node.meta.get("state_name") and position[node] < len(flat_inputs):
             node.meta[TABLE_WINDOW_KEY] = table_window(flat_inputs[position[node]])
     with torch.no_grad():
         try:
